@@ -1,0 +1,55 @@
+"""Structured logging: key=value lines, one file per process in the run directory."""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+
+
+class KeyValueFormatter(logging.Formatter):
+    """`ts=... level=... proc=... logger=... msg="..." k=v ...` (values from `extra={"kv": {...}}`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"ts={ts}.{int(record.msecs):03d}Z",
+            f"level={record.levelname.lower()}",
+            f"pid={record.process}",
+            f"logger={record.name}",
+            f"msg={_quote(record.getMessage())}",
+        ]
+        for k, v in getattr(record, "kv", {}).items():
+            parts.append(f"{k}={_quote(v)}")
+        if record.exc_info:
+            parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
+def _quote(v: object) -> str:
+    s = str(v)
+    if s == "" or any(c in s for c in ' "=\n\t'):
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return s
+
+
+def kv(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:
+    """Log `msg` with structured key=value fields."""
+    logger.log(level, msg, extra={"kv": fields})
+
+
+def setup(process_name: str, run_dir: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Configure the root logger for this process: `<run_dir>/<process_name>.log` (append), or stderr."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if run_dir is not None:
+        path = pathlib.Path(run_dir) / f"{process_name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(KeyValueFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    return logging.getLogger(process_name)

@@ -1,0 +1,48 @@
+"""Child-process helpers: children die with their parent (PR_SET_PDEATHSIG), and are ended by PID."""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent thread exits (no orphans)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def vfkeep_argv(*args: str) -> list[str]:
+    """argv that runs the `vfkeep` CLI with the current interpreter."""
+    return [sys.executable, "-m", "vfkeep.cli", *args]
+
+
+def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, str] | None = None,
+          stdout=None, stderr=None, cwd: str | None = None) -> subprocess.Popen:
+    """Start a child that is killed if we die."""
+    return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
+                            cwd=cwd, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
+
+
+def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
+    """End a child by PID: SIGTERM, then SIGKILL after `timeout`; reap it."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    return proc.returncode
+
+
+def open_fd_count(pid: int | None = None) -> int:
+    """Number of open file descriptors of a process (leak checks)."""
+    return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
