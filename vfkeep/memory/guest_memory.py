@@ -1,0 +1,193 @@
+"""Guest memory: one memfd shared by host, devices and worker (DESIGN §2).
+
+Regions, in file order: guest RAM ("VTL0", survives servicing), worker RAM
+("VTL2", poisoned by the host at each servicing) and the private pool
+(persistent DMA allocations). PFN = file offset / 4096 = GPA / 4096 = IOVA / 4096
+in every process, because every process maps the same file from offset 0.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+#: Pattern the host writes over worker RAM at servicing: stale pointers read this.
+POISON = bytes.fromhex("deadbeefbaadf00d") * (PAGE_SIZE // 8)
+
+
+class MemoryError_(Exception):
+    """Base of guest-memory errors."""
+
+
+class OutOfBounds(MemoryError_):
+    """An access outside the guest memory file (or outside the region asked for)."""
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    base_pfn: int
+    pages: int
+
+    @property
+    def end_pfn(self) -> int:
+        return self.base_pfn + self.pages
+
+    @property
+    def gpa(self) -> int:
+        return self.base_pfn << PAGE_SHIFT
+
+    @property
+    def size(self) -> int:
+        return self.pages << PAGE_SHIFT
+
+    def contains_pfn(self, pfn: int, pages: int = 1) -> bool:
+        return pages >= 0 and self.base_pfn <= pfn and pfn + pages <= self.end_pfn
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    """Page counts of the three regions; pool_pages may be 0 (no private pool)."""
+
+    guest_pages: int = 1024
+    worker_pages: int = 4096
+    pool_pages: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("guest_pages", "worker_pages", "pool_pages"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.guest_pages == 0 or self.worker_pages == 0:
+            raise ValueError("guest RAM and worker RAM need at least one page each")
+
+    @property
+    def guest(self) -> Region:
+        return Region("guest", 0, self.guest_pages)
+
+    @property
+    def worker(self) -> Region:
+        return Region("worker", self.guest_pages, self.worker_pages)
+
+    @property
+    def pool(self) -> Region:
+        return Region("pool", self.guest_pages + self.worker_pages, self.pool_pages)
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return (self.guest, self.worker, self.pool)
+
+    @property
+    def total_pages(self) -> int:
+        return self.guest_pages + self.worker_pages + self.pool_pages
+
+    @property
+    def size(self) -> int:
+        return self.total_pages << PAGE_SHIFT
+
+    def to_str(self) -> str:
+        """Compact form for command lines and env: `guest=1024,worker=4096,pool=512`."""
+        return f"guest={self.guest_pages},worker={self.worker_pages},pool={self.pool_pages}"
+
+    @classmethod
+    def from_str(cls, text: str) -> "MemoryLayout":
+        try:
+            fields = dict(part.split("=", 1) for part in text.split(","))
+            return cls(int(fields["guest"]), int(fields["worker"]), int(fields["pool"]))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"bad memory layout {text!r}: expected guest=N,worker=N,pool=N") from e
+
+
+class GuestMemory:
+    """A mapping of the shared guest memory file with bounds-checked access."""
+
+    def __init__(self, fd: int, layout: MemoryLayout, *, owns_fd: bool = True):
+        size = os.fstat(fd).st_size
+        if size < layout.size:
+            raise OutOfBounds(f"memory file is {size} bytes, layout needs {layout.size}")
+        self.fd = fd
+        self.layout = layout
+        self.size = layout.size
+        self._owns_fd = owns_fd
+        self._mmap = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = memoryview(self._mmap)
+
+    @classmethod
+    def create(cls, layout: MemoryLayout, name: str = "vfkeep-guest-memory") -> "GuestMemory":
+        """New zeroed memfd of the layout's size (the host does this once)."""
+        fd = os.memfd_create(name, 0)  # not CLOEXEC-less: children get it through pass_fds
+        os.ftruncate(fd, layout.size)
+        return cls(fd, layout)
+
+    @classmethod
+    def attach(cls, fd: int, layout: MemoryLayout) -> "GuestMemory":
+        """Map an existing memory file (inherited or received fd); the caller keeps its own fd."""
+        return cls(os.dup(fd), layout)
+
+    # -- addressing -------------------------------------------------------------------------
+    def check(self, gpa: int, length: int) -> None:
+        if gpa < 0 or length < 0 or gpa + length > self.size:
+            raise OutOfBounds(f"access [{gpa:#x}, {gpa + length:#x}) outside guest memory of {self.size:#x} bytes")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """Zero-copy writable view of [gpa, gpa+length)."""
+        self.check(gpa, length)
+        return self._view[gpa:gpa + length]
+
+    def page_view(self, pfn: int, pages: int = 1) -> memoryview:
+        return self.view(pfn << PAGE_SHIFT, pages << PAGE_SHIFT)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u32(self, gpa: int) -> int:
+        self.check(gpa, 4)
+        return struct.unpack_from("<I", self._mmap, gpa)[0]
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.check(gpa, 4)
+        struct.pack_into("<I", self._mmap, gpa, value)
+
+    def read_u64(self, gpa: int) -> int:
+        self.check(gpa, 8)
+        return struct.unpack_from("<Q", self._mmap, gpa)[0]
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.check(gpa, 8)
+        struct.pack_into("<Q", self._mmap, gpa, value)
+
+    def region_of(self, pfn: int) -> Region | None:
+        for r in self.layout.regions:
+            if r.contains_pfn(pfn):
+                return r
+        return None
+
+    # -- servicing --------------------------------------------------------------------------
+    def scrub_worker_ram(self) -> None:
+        """Fill worker RAM with the poison pattern; guest RAM and pool are untouched."""
+        r = self.layout.worker
+        for pfn in range(r.base_pfn, r.end_pfn):
+            off = pfn << PAGE_SHIFT
+            self._view[off:off + PAGE_SIZE] = POISON
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._mmap.close()
+        except BufferError:  # a view is still alive somewhere; the mapping dies with the process
+            pass
+        if self._owns_fd:
+            os.close(self.fd)
+            self._owns_fd = False
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
