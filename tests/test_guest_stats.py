@@ -1,0 +1,116 @@
+"""Traffic frames and statistics on synthetic timelines with known loss, duplication, reordering and blackout."""
+import pytest
+
+from vfkeep.guest.stats import (ETHERTYPE, MIN_FRAME, BadFrame, FrameRecord, TrafficStats, blackout, make_frame,
+                                parse_frame, percentile, windowed_delivery)
+
+MS = 1_000_000
+SRC, DST = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+
+
+def test_frame_roundtrip():
+    f = make_frame(123456789, 128, 987654321012, SRC, DST)
+    assert len(f) == 128 and f[:6] == DST and f[6:12] == SRC and int.from_bytes(f[12:14], "big") == ETHERTYPE
+    p = parse_frame(f)
+    assert (p.seq, p.send_ns, p.src_mac, p.dst_mac, p.size) == (123456789, 987654321012, SRC, DST, 128)
+    assert parse_frame(memoryview(f)).seq == 123456789
+
+
+def test_frame_errors():
+    with pytest.raises(ValueError, match="minimum of 60"):
+        make_frame(1, MIN_FRAME - 1, 0, SRC, DST)
+    with pytest.raises(ValueError, match="6 bytes"):
+        make_frame(1, 64, 0, SRC[:5], DST)
+    arp = DST + SRC + b"\x08\x06" + bytes(46)
+    assert parse_frame(arp) is None and parse_frame(b"short") is None
+    f = bytearray(make_frame(7, 64, 5, SRC, DST))
+    f[40] ^= 0xFF  # one flipped padding byte
+    with pytest.raises(BadFrame, match="seq 7: CRC"):
+        parse_frame(bytes(f))
+    poison = make_frame(7, 64, 5, SRC, DST)[:14] + bytes.fromhex("deadbeefbaadf00d") * 6 + bytes(2)
+    with pytest.raises(BadFrame, match="magic"):
+        parse_frame(poison)
+    with pytest.raises(BadFrame, match="shorter"):
+        parse_frame(f[:20])
+
+
+def test_percentile_nearest_rank():
+    v = list(range(1, 101))
+    assert [percentile(v, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert percentile([7], 99) == 7 and percentile([], 50) is None
+
+
+def synthetic():
+    """100 frames sent every 1 ms from t=0, RTT 0.2 ms, except:
+    seqs 40..59 lost (a 20 ms outage), seq 10 delivered twice, seqs 70 and 71 swapped,
+    seq 80 takes 5 ms, and a frame nobody sent (seq 999) arrives."""
+    sent = [(s, s * MS) for s in range(100)]
+    recv = []
+    for s in range(100):
+        if 40 <= s < 60:
+            continue
+        rtt = 5 * MS if s == 80 else MS // 5
+        recv.append((s, s * MS, s * MS + rtt))
+    recv.sort(key=lambda r: r[2])  # arrival order (80 now arrives after 81..84)
+    i = next(k for k, r in enumerate(recv) if r[0] == 70)
+    recv[i], recv[i + 1] = recv[i + 1], recv[i]
+    recv.insert(next(k for k, r in enumerate(recv) if r[0] == 11), (10, 10 * MS, 11 * MS))
+    recv.append((999, 99 * MS, 99 * MS + 1))
+    return sent, recv
+
+
+def test_stats_on_synthetic_timeline():
+    st = TrafficStats.from_records(*synthetic())
+    assert st.sent == 100
+    assert st.received == 80 + 1 + 1
+    assert st.lost == 20 and st.lost_seqs == tuple(range(40, 60))
+    assert st.duplicated == 1
+    assert st.reordered == 2  # 70 after 71, and the slow 80 after 81..84
+    assert st.unknown == 1
+    assert st.rtt_ns["p50"] == MS // 5 and st.rtt_ns["max"] == 5 * MS
+    # 40 (sent at 40 ms) is the first frame nothing answers; deliveries resume with 60 at 60.2 ms.
+    assert (st.blackout_start_ns, st.blackout_end_ns) == (40 * MS, 60 * MS + MS // 5)
+    assert st.blackout_ns == 20 * MS + MS // 5
+    assert len(st.timeline) == 100
+    assert st.timeline[45] == FrameRecord(45, 45 * MS, None)
+    assert st.timeline[10] == FrameRecord(10, 10 * MS, 10 * MS + MS // 5)  # first arrival, not the duplicate
+    d = st.to_dict()
+    assert d["blackout_ms"] == 20.2 and d["lost"] == 20 and d["rtt_ms"]["max"] == 5.0
+
+
+def test_clean_run():
+    sent = [(s, s * MS) for s in range(10)]
+    st = TrafficStats.from_records(sent, [(s, t, t + 100) for s, t in sent])
+    assert (st.lost, st.duplicated, st.reordered, st.unknown) == (0, 0, 0, 0)
+    assert st.blackout_ns == 100  # healthy: one RTT
+    empty = TrafficStats.from_records([], [])
+    assert empty.sent == 0 and empty.blackout_ns == 0 and empty.blackout_start_ns is None
+    assert empty.rtt_ns == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_blackout_edges_and_sender_pauses():
+    # Nothing ever arrives: the whole sending period.
+    assert blackout([0, 5, 10], []) == (0, 10)
+    # The path dies at the end: first send after the last delivery -> last send.
+    assert blackout([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [0.5, 1.5]) == (2, 10)
+    # Slow start: first send -> first delivery.
+    assert blackout([0, 10, 11], [9, 10.5, 11.5]) == (0, 9)
+    # A long gap between deliveries while the sender paused is not a blackout...
+    assert blackout([0, 1, 60, 61], [0.5, 1.5, 60.5, 61.5]) == (0, 0.5)
+    # ...but an outage right after the pause is, from the first send after it.
+    assert blackout([0, 1, 60, 61, 62, 63], [0.5, 1.5, 63.5]) == (60, 63.5)
+    # A send at the same instant as a delivery belongs to the interval that delivery opens.
+    assert blackout([0, 1, 2], [1, 3]) == (1, 3)
+    assert blackout([], [1]) is None
+
+
+def test_windowed_delivery():
+    st = TrafficStats.from_records(*synthetic())
+    bins = windowed_delivery(st.timeline, 10)
+    assert [b.start_ms for b in bins] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert [b.sent for b in bins] == [10] * 10
+    assert [b.lost for b in bins] == [0, 0, 0, 0, 10, 10, 0, 0, 0, 0]
+    assert [b.delivered for b in bins] == [10, 10, 10, 10, 0, 0, 10, 10, 10, 10]  # late 80 still lands in its bin
+    assert windowed_delivery([], 10) == []
+    with pytest.raises(ValueError, match="positive"):
+        windowed_delivery(st.timeline, 0)
