@@ -13,6 +13,12 @@ COMMANDS: dict[str, str] = {
     "layout": "vfkeep.gdma.layout:layout_command",
     "smoke": "vfkeep.vfio_user.smoke:smoke_command",
     "device": "vfkeep.device.main:device_command",
+    "run": "vfkeep.host.commands:run_command",
+    "service": "vfkeep.host.commands:service_command",
+    "inspect": "vfkeep.host.commands:inspect_command",
+    "stop": "vfkeep.host.commands:stop_command",
+    "state": "vfkeep.host.commands:state_group",
+    "worker": "vfkeep.paravisor.worker:worker_command",
 }
 
 

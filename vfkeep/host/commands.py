@@ -1,0 +1,208 @@
+"""Host-side CLI commands (DESIGN §10): run, service, inspect, stop, state decode."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import click
+from rich.console import Console
+
+from .. import log as vlog
+from ..log import kv
+from . import control, render
+from .decode import UndecodableState, decode_file
+from .tamper import TAMPER_MODES
+
+log = logging.getLogger("vfkeep.host")
+
+
+def default_run_dir() -> str:
+    return os.environ.get("VFKEEP_RUN_DIR") or os.path.join(tempfile.gettempdir(), f"vfkeep-{os.getuid()}")
+
+
+def _env_pairs(pairs: tuple[str, ...], option: str) -> dict[str, str]:
+    env = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VAL, got {p!r}", param_hint=option)
+        env[key] = value
+    return env
+
+
+run_dir_option = click.option("--run-dir", default=default_run_dir, show_default="$VFKEEP_RUN_DIR or /tmp/vfkeep-UID",
+                              type=click.Path(file_okay=False), help="directory of the host's sockets, logs, state")
+
+
+@click.command("run")
+@run_dir_option
+@click.option("--detach", is_flag=True, help="no console; serve until `vfkeep stop`")
+@click.option("--nics", type=click.IntRange(0, 64), default=1, show_default=True)
+@click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME")
+@click.option("--pool-pages", type=click.IntRange(0), default=None,
+              help="private pool pages (default: OPENHCL_ENABLE_VTL2_GPA_POOL / ..._CONFIG, else 512)")
+@click.option("--timing", type=click.Choice(["natural", "realistic"]), default="realistic", show_default=True)
+@click.option("--prelaunch/--no-prelaunch", default=True, show_default=True,
+              help="start the next worker before the save request (start-up outside the blackout)")
+@click.option("--worker-cmd", metavar="CMD", help="worker command (default: this vfkeep's `worker`)")
+@click.option("--worker-env", multiple=True, metavar="KEY=VAL", help="extra environment for every worker")
+def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, worker_cmd, worker_env):
+    """Start the VM: guest memory, device processes, rings, worker; console unless --detach."""
+    from .console import HostConsole
+    from .vmm import Host, HostConfig
+
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    vlog.setup("host", run_dir)
+    config = HostConfig(run_dir=run_dir, nics=nics, backend=backend, pool_pages=pool_pages, timing=timing,
+                        prelaunch=prelaunch, worker_cmd=worker_cmd, worker_env=_env_pairs(worker_env, "--worker-env"))
+    stop = threading.Event()
+
+    def on_stop() -> dict:
+        stop.set()
+        if not detach:  # wake the console out of input()
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"stopping": True, "host_pid": os.getpid()}
+
+    def on_signal(signum, frame):
+        stop.set()
+        if not detach:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if detach:
+        signal.signal(signal.SIGINT, on_signal)
+    host = Host(config)
+    server = None
+    try:
+        server = control.ControlServer(run_dir, {
+            "service": host.service, "inspect": host.inspect, "status": host.status, "probe": host.probe,
+            "stop": on_stop})
+        host.start()
+        server.start()
+        click.echo(f"vfkeep host ready: pid {os.getpid()}, run dir {run_dir}", err=detach)
+        kv(log, logging.INFO, "host ready", run_dir=run_dir, detach=detach)
+        if detach:
+            while not stop.is_set():
+                stop.wait(1.0)
+        else:
+            console = HostConsole(host)
+            while not stop.is_set():
+                try:
+                    console.cmdloop()
+                    break
+                except KeyboardInterrupt:
+                    if stop.is_set():
+                        break
+                    console.out.print("^C (quit to stop the VM)")
+                    console.intro = None
+    except (control.HostRefused, KeyboardInterrupt) as e:
+        if isinstance(e, control.HostRefused):
+            raise click.ClickException(str(e)) from None
+    finally:
+        host.stop()
+        if server is not None:
+            server.close()
+
+
+def _call(run_dir: str, op: str, timeout: float | None = None, **args):
+    try:
+        return control.call(os.path.abspath(run_dir), op, timeout=timeout, **args)
+    except (control.HostUnavailable, control.HostRefused) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("service")
+@run_dir_option
+@click.option("--mana-keepalive", is_flag=True, help="host allows MANA keepalive for this servicing")
+@click.option("--nvme-keepalive", "-n", is_flag=True, help="host allows NVMe keepalive for this servicing")
+@click.option("--timeout", type=float, default=None, help="save timeout hint in seconds (default 60)")
+@click.option("--json", "as_json", is_flag=True, help="print the servicing result as JSON")
+@click.option("--test-config", metavar="HOOK", help="VFKEEP_TEST_CONFIG for the current worker's save "
+              "(SERVICING_SAVE_FAIL|SERVICING_SAVE_STUCK|SERVICING_SAVE_CRASH)")
+@click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
+@click.option("--next-worker-cmd", metavar="CMD", help="command of the next worker only")
+@click.option("--nics", "nic_list", metavar="I,J,...", help="NICs configured in the next worker (default: same)")
+@click.option("--tamper", type=click.Choice(TAMPER_MODES), help="test hook: damage the state handed over")
+def service_command(run_dir, mana_keepalive, nvme_keepalive, timeout, as_json, test_config, next_env,
+                    next_worker_cmd, nic_list, tamper):
+    """Service the paravisor of the host in --run-dir and print the servicing result."""
+    nics = None
+    if nic_list is not None:
+        try:
+            nics = [int(x) for x in nic_list.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated NIC indexes, got {nic_list!r}",
+                                     param_hint="--nics") from None
+    result = _call(run_dir, "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive,
+                   timeout=timeout, test_config=test_config, next_env=_env_pairs(next_env, "--next-env"),
+                   next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        render.print_servicing(result, Console())
+    sys.exit(0 if result["ok"] else 1)
+
+
+@click.command("inspect")
+@run_dir_option
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def inspect_command(run_dir, path, as_json):
+    """Live tree of the host, worker, devices and last servicing (PATH selects a sub-tree)."""
+    data = _call(run_dir, "inspect", timeout=30, path=path)
+    if as_json:
+        click.echo(json.dumps(data))
+    elif isinstance(data, (dict, list)):
+        Console().print(render.tree(data, path or "vfkeep"))
+    else:
+        click.echo(data)
+
+
+@click.command("stop")
+@run_dir_option
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the host to exit")
+def stop_command(run_dir, timeout):
+    """Stop the host in --run-dir (NICs shut down, every child ended) and wait for it to exit."""
+    pid = _call(run_dir, "stop", timeout=10)["host_pid"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _running(pid):
+            return
+        time.sleep(0.05)
+    raise click.ClickException(f"host pid {pid} still running after {timeout} s")
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (the host may be the caller's unreaped child)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@click.group("state")
+def state_group():
+    """Saved servicing state."""
+
+
+@state_group.command("decode")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def decode_command(file, as_json):
+    """Pretty-print a ServicingState blob (the host keeps the last one as <run-dir>/servicing_state.bin)."""
+    try:
+        data = decode_file(file)
+    except UndecodableState as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        Console().print(render.tree(data, os.path.basename(file)))

@@ -1,0 +1,190 @@
+"""Interactive host console (OpenVMM's `service-vtl2` and friends): cmd.Cmd + readline history and completion."""
+from __future__ import annotations
+
+import argparse
+import cmd
+import json
+import os
+import shlex
+
+from rich.console import Console
+
+from . import render
+from .vmm import Host, HostError
+
+try:
+    import readline
+except ImportError:  # pragma: no cover - readline exists on Linux builds of CPython
+    readline = None
+
+
+class ConsoleUsage(Exception):
+    """A command line the console cannot parse; the message says why."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors by raising instead of exiting the host."""
+
+    def error(self, message: str):
+        raise ConsoleUsage(f"{self.prog}: {message}\nusage: {self.format_usage().strip()[7:]}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise ConsoleUsage(message or "")
+
+
+def _service_parser() -> _Parser:
+    p = _Parser(prog="service-vtl2", add_help=False,
+                description="Save the worker, replace it, restore; keepalive flags are per request.")
+    p.add_argument("--mana-keepalive", action="store_true", help="host allows MANA keepalive (flag bit 1)")
+    p.add_argument("-n", "--nvme-keepalive", action="store_true", help="host allows NVMe keepalive (flag bit 0)")
+    p.add_argument("--timeout", type=float, metavar="SEC", help="save timeout hint (default 60)")
+    p.add_argument("--test-config", metavar="HOOK", help="VFKEEP_TEST_CONFIG hook for the current worker's save")
+    p.add_argument("--next-env", action="append", default=[], metavar="KEY=VAL", help="env of the next worker")
+    p.add_argument("--worker-cmd", metavar="CMD", help="command of the next worker")
+    return p
+
+
+def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise ConsoleUsage(f"bad KEY=VAL {p!r}")
+        env[key] = value
+    return env
+
+
+class HostConsole(cmd.Cmd):
+    intro = "vfkeep host console. Type help or ? to list commands, quit to stop the VM."
+    prompt = "vfkeep> "
+    commands = ("service-vtl2", "inspect", "status", "probe", "help", "quit")
+
+    def __init__(self, host: Host, console: Console | None = None):
+        super().__init__()
+        self.host = host
+        self.out = console or Console()
+        self._service_parser = _service_parser()
+        self._history = os.path.join(host.run_dir, "console_history")
+        self._inspect_cache: dict | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def preloop(self) -> None:
+        if readline is not None:
+            readline.set_completer_delims(" \t")
+            try:
+                readline.read_history_file(self._history)
+            except OSError:
+                pass
+
+    def postloop(self) -> None:
+        if readline is not None:
+            readline.set_history_length(1000)
+            try:
+                readline.write_history_file(self._history)
+            except OSError:
+                pass
+
+    def parseline(self, line: str):
+        """Commands are hyphenated (`service-vtl2`); cmd.Cmd's method names use underscores."""
+        name, arg, line = super().parseline(line.replace("service-vtl2", "service_vtl2", 1))
+        return name, arg, line
+
+    def completenames(self, text: str, *ignored):
+        return [c for c in self.commands if c.startswith(text)]
+
+    def print_topics(self, header, cmds, cmdlen, maxcol):
+        shown = [c.replace("_", "-") for c in cmds or [] if c not in ("EOF", "exit")]
+        super().print_topics(header, shown, cmdlen, maxcol)
+
+    def emptyline(self) -> bool:
+        return False
+
+    def default(self, line: str) -> None:
+        name = line.split()[0]
+        self.out.print(f"[red]unknown command {name!r}[/red]; commands: {', '.join(self.commands)} (help CMD for more)")
+
+    def onecmd(self, line: str) -> bool:
+        try:
+            return super().onecmd(line)
+        except (ConsoleUsage, HostError) as e:
+            self.out.print(f"[red]{e}[/red]")
+        except Exception as e:  # noqa: BLE001 - the console keeps running
+            self.out.print(f"[red]error:[/red] {e}")
+        return False
+
+    # -- commands ---------------------------------------------------------------------------
+    def do_service_vtl2(self, arg: str) -> None:
+        """service-vtl2 [--mana-keepalive] [-n|--nvme-keepalive] [--timeout SEC] [--test-config HOOK]
+        [--next-env KEY=VAL]... [--worker-cmd CMD]
+        Service the paravisor: save the worker, start the next one, restore. Keepalive is used only
+        where the host flag is given and the worker's configuration enables it."""
+        ns = self._service_parser.parse_args(shlex.split(arg))
+        result = self.host.service(mana_keepalive=ns.mana_keepalive, nvme_keepalive=ns.nvme_keepalive,
+                                   timeout=ns.timeout, test_config=ns.test_config,
+                                   next_env=parse_env_pairs(ns.next_env), next_worker_cmd=ns.worker_cmd)
+        render.print_servicing(result, self.out)
+
+    def complete_service_vtl2(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        flags = [o for a in self._service_parser._actions for o in a.option_strings if o.startswith("--")]
+        return [f for f in flags if f.startswith(text) and f not in line.split()]
+
+    def do_inspect(self, arg: str) -> None:
+        """inspect [PATH] [--json]
+        Live tree: host, worker (pid, version, keepalive modes, per-NIC pdid/db_id/gpa_mkey/queues, pool
+        usage), devices, last servicing. PATH selects a sub-tree, e.g. worker/nics/0."""
+        args = shlex.split(arg)
+        as_json = "--json" in args
+        rest = [a for a in args if a != "--json"]
+        unknown = [a for a in rest if a.startswith("-")]
+        if unknown or len(rest) > 1:
+            raise ConsoleUsage(f"inspect: unexpected {' '.join(unknown or rest[1:])!r}\nusage: inspect [PATH] [--json]")
+        path = rest[0] if rest else None
+        data = self.host.inspect(path)
+        if as_json or not isinstance(data, (dict, list)):
+            self.out.print_json(json.dumps(data)) if isinstance(data, (dict, list)) else self.out.print(data)
+        else:
+            self.out.print(render.tree(data, path or "vfkeep"))
+
+    def complete_inspect(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        if self._inspect_cache is None or not text:
+            self._inspect_cache = self.host.inspect()
+        parent, _, leaf = text.rpartition("/")
+        try:
+            node = self.host.inspect(parent) if parent else self._inspect_cache
+        except HostError:
+            return []
+        keys = list(node) if isinstance(node, dict) else [str(i) for i in range(len(node))] if isinstance(node, list) else []
+        prefix = f"{parent}/" if parent else ""
+        return [prefix + k + ("/" if isinstance(node, dict) and isinstance(node[k], (dict, list)) else "")
+                for k in keys if k.startswith(leaf)]
+
+    def do_status(self, arg: str) -> None:
+        """status
+        Host, worker and device processes at a glance."""
+        if arg.strip():
+            raise ConsoleUsage(f"status takes no arguments, got {arg.strip()!r}")
+        self.out.print(render.tree(self.host.status(), "status"))
+
+    def do_probe(self, arg: str) -> None:
+        """probe [NIC] [COUNT]
+        Push COUNT test frames into NIC's guest tx ring and wait for them on its rx ring."""
+        try:
+            nums = [int(a) for a in shlex.split(arg)]
+        except ValueError:
+            raise ConsoleUsage(f"probe: NIC and COUNT must be integers, got {arg!r}") from None
+        if len(nums) > 2:
+            raise ConsoleUsage("usage: probe [NIC] [COUNT]")
+        r = self.host.probe(*nums)
+        style = "green" if r["ok"] else "red"
+        self.out.print(f"[{style}]nic {r['nic']}: {r['received']}/{r['sent']} frames came back[/{style}]")
+
+    def do_quit(self, arg: str) -> bool:
+        """quit
+        Stop the VM: the worker shuts its NICs down, every child process ends."""
+        return True
+
+    do_exit = do_quit
+
+    def do_EOF(self, arg: str) -> bool:
+        self.out.print()
+        return True

@@ -1,0 +1,64 @@
+"""`vfkeep state decode`: a ServicingState blob as a plain tree (bytes as hex, GUIDs as UUIDs)."""
+from __future__ import annotations
+
+import uuid
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from ..proto import guid_pb2, underhill_pb2
+
+
+class UndecodableState(Exception):
+    """The file is not a ServicingState."""
+
+
+def decode_file(path: str) -> dict:
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        state = underhill_pb2.ServicingState.FromString(blob)
+    except DecodeError as e:
+        raise UndecodableState(f"{path}: not a ServicingState ({len(blob)} bytes): {e}") from None
+    init = state.init_state
+    summary = {
+        "bytes": len(blob),
+        "dma_manager_state (10001)": init.HasField("dma_manager_state"),
+        "mana_state (10003)": (len(init.mana_state.states) if init.HasField("mana_state") else None),
+        "mana_pci_ids": [s.pci_id for s in init.mana_state.states],
+        "pool_allocations": [
+            {"device": s.state.allocated.device_id, "base_pfn": s.base_pfn, "pages": s.size_pages,
+             "tag": s.state.allocated.tag}
+            for s in init.dma_manager_state.private_pool.state if s.state.WhichOneof("variant") == "allocated"],
+    }
+    return {"summary": summary, "state": to_tree(state)}
+
+
+def to_tree(msg: Message) -> dict:
+    """Present fields only, in field-number order, named as in the .proto files."""
+    out = {}
+    for fd, value in msg.ListFields():
+        key = fd.name if fd.number < 10000 else f"{fd.name} ({fd.number})"
+        if fd.label == FieldDescriptor.LABEL_REPEATED:
+            out[key] = [_value(fd, v) for v in value]
+        else:
+            out[key] = _value(fd, value)
+    return out
+
+
+def _value(fd: FieldDescriptor, v):
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        if fd.message_type.full_name == guid_pb2.Guid.DESCRIPTOR.full_name:
+            return _guid(v)
+        return to_tree(v)
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return v.hex()
+    return v
+
+
+def _guid(g) -> str:
+    try:
+        return str(uuid.UUID(fields=(g.data1, g.data2, g.data3, g.data4[0], g.data4[1],
+                                     int.from_bytes(g.data4[2:8], "big"))))
+    except (ValueError, IndexError):
+        return f"invalid guid {g.data1:#x}-{g.data2:#x}-{g.data3:#x}-{g.data4.hex()}"

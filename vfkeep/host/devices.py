@@ -1,0 +1,67 @@
+"""MANA device processes as the host sees them: spawn, control channel, what the device itself saw."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+from .. import proc
+from ..log import kv
+from ..vfio_user.control import control_call
+
+log = logging.getLogger("vfkeep.host.device")
+
+ESTABLISH_HWC = "ESTABLISH_HWC"
+
+
+def pci_id_for(index: int) -> str:
+    """VTL2 PCI address of NIC `index`; Azure gives every VF its own PCI domain."""
+    return f"{0xd186 + index:04x}:00:00.0"
+
+
+class DeviceProcess:
+    def __init__(self, index: int, child: subprocess.Popen, socket: str):
+        self.index = index
+        self.pci_id = pci_id_for(index)
+        self.child = child
+        self.socket = socket
+        self.control = socket + ".ctl"
+
+    @classmethod
+    def spawn(cls, index: int, run_dir: str, backend: str, timing: str) -> "DeviceProcess":
+        """Start the emulator with reset_method=none: its state survives a driver disconnect."""
+        sock = os.path.join(run_dir, f"nic{index}.sock")
+        argv = proc.vfkeep_argv("device", "--socket", sock, "--control", sock + ".ctl", "--reset-method", "none",
+                                "--timing", timing, "--backend", backend, "--run-dir", run_dir,
+                                "--name", f"device-{index}")
+        with open(os.path.join(run_dir, f"device-{index}.stderr"), "ab") as err:
+            child = proc.spawn(argv, stdout=err, stderr=err)
+        kv(log, logging.INFO, "device spawned", index=index, pid=child.pid, socket=sock, backend=backend,
+           timing=timing)
+        return cls(index, child, sock)
+
+    def wait_ready(self, timeout: float) -> None:
+        self.call("get_reset_method", timeout=timeout)
+
+    def call(self, cmd: str, timeout: float = 5.0, **args) -> dict:
+        return control_call(self.control, cmd, timeout=timeout, **args)
+
+    def snapshot(self) -> dict:
+        """The device's own reset counter and command-log position, to diff across a servicing."""
+        counters = self.call("counters")
+        log_entries = self.call("command_log")["entries"]
+        return {"reset_count": counters["reset_count"], "log_len": len(log_entries)}
+
+    def since(self, before: dict) -> dict:
+        """What the device saw since `before`: FLRs and the new command-log entries."""
+        counters = self.call("counters")
+        entries = self.call("command_log")["entries"][before["log_len"]:]
+        return {"device_reset": counters["reset_count"] > before["reset_count"],
+                "hwc_established": any(e.get("name") == ESTABLISH_HWC for e in entries),
+                "commands": [e.get("name") for e in entries]}
+
+    def alive(self) -> bool:
+        return self.child.poll() is None
+
+    def end(self) -> int | None:
+        return proc.end(self.child)

@@ -1,0 +1,38 @@
+"""Test hook: damage the servicing state before handing it to the next worker.
+
+Saved state is untrusted input (DESIGN §6); these are the ways tests prove the worker treats it so.
+"""
+from __future__ import annotations
+
+import logging
+
+from ..log import kv
+from ..memory import MemoryLayout
+from ..proto import underhill_pb2
+
+log = logging.getLogger("vfkeep.host.tamper")
+
+TAMPER_MODES = ("truncate", "corrupt", "mana-pfn-outside-pool", "dma-pfn-outside-pool")
+
+
+def tamper_blob(blob: bytes, mode: str, layout: MemoryLayout) -> bytes:
+    """truncate: cut inside the top-level message; corrupt: an invalid wire type in the first key;
+    mana-pfn-outside-pool: every saved HWC buffer points past the pool; dma-pfn-outside-pool: the
+    pool's last slot claims pages past the pool."""
+    if mode == "truncate":
+        out = blob[:len(blob) // 2]
+    elif mode == "corrupt":
+        out = b"\x0f" + blob[1:]
+    elif mode in ("mana-pfn-outside-pool", "dma-pfn-outside-pool"):
+        state = underhill_pb2.ServicingState.FromString(blob)
+        init = state.init_state
+        if mode == "mana-pfn-outside-pool":
+            for s in init.mana_state.states:
+                s.mana_device.gdma.mem.base_pfn = layout.pool.end_pfn + 16
+        elif init.dma_manager_state.private_pool.state:
+            init.dma_manager_state.private_pool.state[-1].size_pages += 64
+        out = state.SerializeToString()
+    else:
+        raise ValueError(f"unknown tamper mode {mode!r}; known: {', '.join(TAMPER_MODES)}")
+    kv(log, logging.WARNING, "test hook: servicing state tampered", mode=mode, bytes_in=len(blob), bytes_out=len(out))
+    return out

@@ -1,0 +1,452 @@
+"""The host VMM: owns guest memory, device processes, guest channel rings and the worker's lifecycle.
+
+Every operation that starts or ends a child runs on one long-lived actor thread. That serialises
+state changes (only one servicing at a time) and keeps children alive: PR_SET_PDEATHSIG fires when
+the *thread* that spawned a child exits, so children must not be spawned from short-lived
+request threads.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import queue
+import shlex
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .. import __version__, proc
+from ..guest.ring import ChannelLayout, NicChannel
+from ..guest.stats import make_frame, parse_frame
+from ..log import kv
+from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
+from ..memory.pool_config import POOL_CONFIG_ENV, POOL_OVERRIDE_ENV
+from ..paravisor.channel import decode_blob, encode_blob
+from ..paravisor.options import MANA_ENV
+from ..paravisor.vf_manager import NicConfig
+from .devices import DeviceProcess
+from .tamper import tamper_blob
+from .worker_proc import WorkerFailed, WorkerProcess
+
+log = logging.getLogger("vfkeep.host")
+
+STATE_FILE = "servicing_state.bin"
+DEFAULT_TIMEOUT_S = 60.0
+NO_TIMEOUT_HINT_S = 65535  # spec §2.1: a hint this large means "no timeout" ...
+NO_TIMEOUT_S = 200.0       # ... and is replaced by 200 s
+HELLO_TIMEOUT_S = 60.0
+BOOT_TIMEOUT_S = 60.0
+
+
+class HostError(Exception):
+    """A host operation was refused (bad request, busy, stopped)."""
+
+
+@dataclass
+class HostConfig:
+    run_dir: str
+    nics: int = 1
+    backend: str = "loopback"
+    pool_pages: int | None = None
+    timing: str = "realistic"
+    prelaunch: bool = True
+    worker_cmd: str | None = None
+    worker_env: dict[str, str] = field(default_factory=dict)
+    guest_reserve_pages: int = 256
+    worker_pages: int | None = None
+
+    def worker_argv(self, override: str | None = None) -> list[str]:
+        cmd = override or self.worker_cmd
+        return shlex.split(cmd) if cmd else proc.vfkeep_argv("worker")
+
+
+def _timeout(value: float | None) -> float:
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    if value <= 0:
+        raise HostError(f"timeout must be positive, got {value}")
+    return NO_TIMEOUT_S if value >= NO_TIMEOUT_HINT_S else float(value)
+
+
+def _ms(a: float, b: float) -> float:
+    return round((b - a) * 1000, 3)
+
+
+class Host:
+    def __init__(self, config: HostConfig):
+        self.config = config
+        self.run_dir = os.path.abspath(config.run_dir)
+        self.mem: GuestMemory | None = None
+        self.channel_layout: ChannelLayout | None = None
+        self.channels: list[NicChannel] = []
+        self.devices: list[DeviceProcess] = []
+        self.worker: WorkerProcess | None = None
+        self.worker_started: dict | None = None
+        self.configured = list(range(config.nics))
+        self.generation = 0
+        self.last_servicing: dict | None = None
+        self.servicings = 0
+        self.started_at = time.time()
+        self._jobs: queue.Queue = queue.Queue()
+        self._busy = threading.Lock()
+        self._stopped = threading.Event()
+        self._actor = threading.Thread(target=self._run_actor, name="host-actor", daemon=True)
+
+    # -- actor ---------------------------------------------------------------------------------
+    def _run_actor(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                self._supervise()
+                continue
+            if job is None:
+                return
+            fn, args, kwargs, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - delivered to the caller
+                fut.set_exception(e)
+
+    def _submit(self, fn, *args, **kwargs):
+        if self._stopped.is_set():
+            raise HostError("host is stopping")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, args, kwargs, fut))
+        return fut.result()
+
+    def start(self) -> None:
+        """Boot: memory, rings, devices, first worker. Raises if anything fails to come up."""
+        self._actor.start()
+        try:
+            self._submit(self._boot)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """End every child (worker first, with a normal NIC shutdown), then the actor."""
+        if self._stopped.is_set():
+            return
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((self._teardown, (), {}, fut))
+        self._stopped.set()
+        self._jobs.put(None)
+        if self._actor.is_alive():
+            try:
+                fut.result(timeout=30)
+            except Exception as e:  # noqa: BLE001 - teardown is best effort, children end regardless
+                kv(log, logging.ERROR, "teardown failed", error=repr(e))
+            self._actor.join(timeout=30)
+
+    # -- public operations (any thread) --------------------------------------------------------
+    def service(self, **request) -> dict:
+        if not self._busy.acquire(blocking=False):
+            raise HostError("state change already in progress")
+        try:
+            return self._submit(self._service, **request)
+        finally:
+            self._busy.release()
+
+    def inspect(self, path: str | None = None):
+        return _select(self._submit(self._inspect), path)
+
+    def status(self) -> dict:
+        return self._submit(self._status)
+
+    def probe(self, nic: int = 0, count: int = 8, timeout: float = 2.0) -> dict:
+        return self._submit(self._probe, nic, count, timeout)
+
+    # -- boot / teardown -------------------------------------------------------------------------
+    def _boot(self) -> None:
+        cfg = self.config
+        if cfg.nics < 0:
+            raise HostError(f"--nics must be >= 0, got {cfg.nics}")
+        pool = pool_pages_from_env(os.environ) if cfg.pool_pages is None else cfg.pool_pages
+        if cfg.nics:
+            self.channel_layout = ChannelLayout(nics=cfg.nics)
+        ring_pages = self.channel_layout.total_pages if self.channel_layout else 0
+        worker_pages = cfg.worker_pages or 1024 + 512 * cfg.nics
+        layout = MemoryLayout(ring_pages + cfg.guest_reserve_pages, worker_pages, pool)
+        self.mem = GuestMemory.create(layout)
+        kv(log, logging.INFO, "guest memory created", layout=layout.to_str(), bytes=layout.size)
+        for i in range(cfg.nics):
+            self.channels.append(NicChannel.create(self.mem, self.channel_layout, i))
+        for i in range(cfg.nics):
+            self.devices.append(DeviceProcess.spawn(i, self.run_dir, cfg.backend, cfg.timing))
+        for d in self.devices:
+            d.wait_ready(BOOT_TIMEOUT_S)
+        self.worker = self._spawn_worker({})
+        self.worker.wait_hello(HELLO_TIMEOUT_S)
+        started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
+        self.worker_started = started
+        kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
+           paths=",".join(n["restore_path"] for n in started["nics"]))
+
+    def _teardown(self) -> None:
+        if self.worker is not None:
+            if self.worker.alive():
+                try:
+                    self.worker.request({"type": "shutdown"}, 10.0, "bye")
+                except WorkerFailed as e:
+                    kv(log, logging.WARNING, "worker did not shut down cleanly", error=str(e))
+            self.worker.end()
+            self.worker = None
+        for d in self.devices:
+            d.end()
+        for c in self.channels:
+            c.close()
+        if self.mem is not None:
+            self.mem.close()
+        kv(log, logging.INFO, "host stopped", servicings=self.servicings)
+
+    # -- workers ---------------------------------------------------------------------------------
+    def worker_env(self, extra: dict[str, str]) -> dict[str, str]:
+        """The caller's environment, OpenVMM's test-harness defaults where unset, then overrides."""
+        env = dict(os.environ)
+        env.setdefault(MANA_ENV, "host,privatepool")
+        if POOL_OVERRIDE_ENV not in env and POOL_CONFIG_ENV not in env:
+            env[POOL_OVERRIDE_ENV] = str(self.mem.layout.pool_pages)
+        env.update(self.config.worker_env)
+        env.update(extra)
+        return env
+
+    def _spawn_worker(self, extra_env: dict[str, str], worker_cmd: str | None = None,
+                      configured: list[int] | None = None) -> WorkerProcess:
+        self.generation += 1
+        args = ["--run-dir", self.run_dir, "--generation", str(self.generation), "--memfd", str(self.mem.fd),
+                "--memory-layout", self.mem.layout.to_str()]
+        fds = [self.mem.fd]
+        if self.channel_layout is not None:
+            args += ["--channel-layout", self.channel_layout.to_str()]
+        for i in self.configured if configured is None else configured:
+            tx, rx = self.channels[i].bell_fds()
+            args += ["--nic", NicConfig(i, self.devices[i].pci_id, self.devices[i].socket, tx, rx).to_arg()]
+            fds += [tx, rx]
+        return WorkerProcess.spawn(self.config.worker_argv(worker_cmd), args, fds, self.worker_env(extra_env),
+                                   self.generation, self.run_dir)
+
+    def _supervise(self) -> None:
+        """A worker that died outside a servicing is replaced through the fresh path (a NIC is never
+        left dead, DESIGN D4)."""
+        w = self.worker
+        if w is None or self._stopped.is_set() or w.alive():
+            return
+        kv(log, logging.ERROR, "worker died outside servicing, starting a replacement", generation=w.generation,
+           pid=w.pid, exit_status=w.child.returncode)
+        w.end()
+        try:
+            self.worker = self._spawn_worker({})
+            self.worker.wait_hello(HELLO_TIMEOUT_S)
+            self.worker_started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S,
+                                                      "started")
+        except WorkerFailed as e:
+            kv(log, logging.ERROR, "replacement worker failed", error=str(e))
+
+    # -- servicing -------------------------------------------------------------------------------
+    def _service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
+                 test_config: str | None = None, next_env: dict[str, str] | None = None,
+                 next_worker_cmd: str | None = None, nics: list[int] | None = None,
+                 tamper: str | None = None) -> dict:
+        """One servicing (DESIGN §1): prelaunch, save, scrub, hand the blob over, restore; D4 on failure."""
+        timeout_s = _timeout(timeout)
+        if nics is not None:
+            bad = [i for i in nics if not isinstance(i, int) or not 0 <= i < len(self.devices)]
+            if bad:
+                raise HostError(f"nics {bad} out of range [0, {len(self.devices)})")
+        old = self.worker
+        if old is None or not old.alive():
+            raise HostError("no running worker to service")
+        self.servicings += 1
+        before = [d.snapshot() for d in self.devices]
+        errors: list[str] = []
+        next_env = dict(next_env or {})
+        configured = self.configured if nics is None else sorted(set(nics))
+
+        t_pre = time.perf_counter()
+        new = None
+        if self.config.prelaunch:
+            new = self._spawn_worker(next_env, next_worker_cmd, configured)
+            new.wait_hello(HELLO_TIMEOUT_S)
+        prelaunch_ms = _ms(t_pre, time.perf_counter())
+
+        # Save: the old worker stops its relay and saves (spec §2.2).
+        t0 = time.perf_counter()
+        correlation_id = str(uuid.uuid4())
+        blob, saved, save_failed = None, None, None
+        try:
+            saved = old.request({"type": "save", "mana_keepalive": bool(mana_keepalive),
+                                 "nvme_keepalive": bool(nvme_keepalive), "timeout_s": timeout_s,
+                                 "correlation_id": correlation_id, "test_config": test_config},
+                                timeout_s + 1.0, "saved", "save_failed")
+        except WorkerFailed as e:
+            errors.append(f"save: {e}")
+            kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
+        t_saved = time.perf_counter()
+
+        if saved is not None and saved["type"] == "save_failed":
+            # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
+            if new is not None:
+                new.end()
+            result = self._result(False, mana_keepalive, nvme_keepalive, saved["revived"], [], before,
+                                  {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
+                                   "total": _ms(t0, t_saved)}, f"save failed: {saved['error']}")
+            self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old)
+            return result
+        if saved is not None:
+            blob = decode_blob(saved["servicing_state"])
+
+        # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
+        if old.wait_exit(5.0) is None:
+            kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
+        old.end()
+        self.mem.scrub_worker_ram()
+        if blob is not None:
+            with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
+                f.write(blob)
+            if tamper:
+                blob = tamper_blob(blob, tamper, self.mem.layout)
+        if new is None:
+            new = self._spawn_worker(next_env, next_worker_cmd, configured)
+            new.wait_hello(HELLO_TIMEOUT_S)
+        self.worker, self.configured = new, configured
+        started = None
+        t_handoff = time.perf_counter()
+        try:
+            new.send({"type": "start", "servicing_state": encode_blob(blob)})
+            t_handoff = time.perf_counter()
+            started = new.recv(timeout_s, "started")
+        except WorkerFailed as e:
+            # The new worker hung or died before it finished restoring: replace it, same blob.
+            errors.append(f"restore: {e}")
+            kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
+            new.end()
+            self.worker = self._spawn_worker({}, next_worker_cmd, configured)
+            self.worker.wait_hello(HELLO_TIMEOUT_S)
+            started = self.worker.request({"type": "start", "servicing_state": encode_blob(blob)}, timeout_s,
+                                          "started")
+        t_done = time.perf_counter()
+        self.worker_started = started
+        if started.get("error"):
+            errors.append(started["error"])
+        phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
+                  "total": _ms(t0, t_done)}
+        result = self._result(not errors, mana_keepalive, nvme_keepalive, started["nics"],
+                              started["unclaimed_pool_allocations"], before, phases, "; ".join(errors) or None)
+        self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker)
+        return result
+
+    def _result(self, ok: bool, mana: bool, nvme: bool, nics: list[dict], unclaimed: list[dict], before: list[dict],
+                phases: dict, error: str | None) -> dict:
+        """The servicing result of DESIGN §10; device_reset / hwc_established come from the device."""
+        by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before)}
+        out = []
+        for n in nics:
+            dev, snap = by_pci[n["pci_id"]]
+            seen = dev.since(snap)
+            out.append({"pci_id": n["pci_id"], "restore_path": n["restore_path"],
+                        "device_reset": seen["device_reset"], "hwc_established": seen["hwc_established"],
+                        "error": n.get("error")})
+        blackout_ms, frames_lost = self._traffic_window()
+        return {"ok": ok, "mana_keepalive": bool(mana), "nvme_keepalive": bool(nvme), "nics": out,
+                "unclaimed_pool_allocations": unclaimed, "phases_ms": phases, "blackout_ms": blackout_ms,
+                "frames_lost": frames_lost, "error": error}
+
+    def _traffic_window(self) -> tuple[float | None, int | None]:
+        """Blackout and loss across the last servicing, from the guest traffic agent when one runs
+        (none exists yet, so both are null)."""
+        return None, None
+
+    def _record(self, result: dict, *, saved: dict | None, started: dict | None, prelaunch_ms: float,
+                worker: WorkerProcess) -> None:
+        self.last_servicing = {
+            "result": result, "at": time.time(), "prelaunch": self.config.prelaunch, "prelaunch_ms": prelaunch_ms,
+            "worker_generation": worker.generation,
+            "save_outcomes": saved.get("nics") if saved else None,
+            "worker_save_phases_ms": saved.get("phases_ms") if saved else None,
+            "worker_restore_phases_ms": started.get("phases_ms") if started else None,
+        }
+        with open(os.path.join(self.run_dir, "last_servicing.json"), "w") as f:
+            json.dump(self.last_servicing, f, indent=1)
+        kv(log, logging.INFO, "servicing done", ok=result["ok"], total_ms=result["phases_ms"]["total"],
+           paths=",".join(n["restore_path"] for n in result["nics"]), error=result["error"])
+
+    # -- inspection ------------------------------------------------------------------------------
+    def _status(self) -> dict:
+        w = self.worker
+        return {"host_pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
+                "nics": len(self.devices), "configured_nics": list(self.configured),
+                "worker": None if w is None else {"pid": w.pid, "generation": w.generation, "alive": w.alive(),
+                                                   "compat": (w.hello or {}).get("compat")},
+                "devices": [{"pci_id": d.pci_id, "pid": d.child.pid, "alive": d.alive()} for d in self.devices],
+                "servicings": self.servicings,
+                "last_servicing_ok": None if self.last_servicing is None else self.last_servicing["result"]["ok"]}
+
+    def _inspect(self) -> dict:
+        worker = None
+        if self.worker is not None and self.worker.alive():
+            try:
+                worker = self.worker.request({"type": "inspect"}, 10.0, "inspect")["tree"]
+            except WorkerFailed as e:
+                worker = {"error": str(e)}
+        devices = []
+        for d in self.devices:
+            entry = {"pci_id": d.pci_id, "pid": d.child.pid, "socket": d.socket, "alive": d.alive()}
+            try:
+                entry["counters"] = d.call("counters")
+            except Exception as e:  # noqa: BLE001 - a dead device is shown, not fatal
+                entry["error"] = str(e)
+            devices.append(entry)
+        return {"host": {"pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
+                         "prelaunch": self.config.prelaunch, "timing": self.config.timing,
+                         "backend": self.config.backend, "memory": self.mem.layout.to_str(),
+                         "channel": self.channel_layout.to_str() if self.channel_layout else None,
+                         "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}
+                                   for c in self.channels]},
+                "worker": worker, "devices": devices, "last_servicing": self.last_servicing}
+
+    def _probe(self, nic: int, count: int, timeout: float) -> dict:
+        """Act as the guest for a moment: push `count` frames into NIC `nic`'s tx ring and wait for
+        them to come back on its rx ring (loopback backend)."""
+        if not 0 <= nic < len(self.channels):
+            raise HostError(f"nic {nic} out of range [0, {len(self.channels)})")
+        if not 1 <= count <= self.channel_layout.slots:
+            raise HostError(f"count {count} out of range [1, {self.channel_layout.slots}]")
+        ch = self.channels[nic]
+        ch.rx.pop_many(ch.rx.slots)  # stale frames from earlier probes
+        mac = bytes([0x02, 0, 0, 0, 0, nic])
+        base = time.monotonic_ns()
+        frames = [make_frame(base + i, 64, time.monotonic_ns(), mac, mac) for i in range(count)]
+        pushed = ch.tx.push_many(frames)
+        want = {base + i for i in range(pushed)}
+        got: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while want - got and time.monotonic() < deadline:
+            ch.rx.wait(max(0.0, deadline - time.monotonic()))
+            for f in ch.rx.pop_many(ch.rx.slots):
+                parsed = parse_frame(f)
+                if parsed is not None:
+                    got.add(parsed.seq)
+        received = len(want & got)
+        return {"nic": nic, "sent": pushed, "received": received, "ok": received == count}
+
+
+def _select(tree, path: str | None):
+    """Sub-tree at a slash-separated path (`worker/nics/0/pdid`); list items by index."""
+    if not path:
+        return tree
+    node = tree
+    for part in [p for p in path.strip("/").split("/") if p]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            keys = sorted(node) if isinstance(node, dict) else f"0..{len(node) - 1}" if isinstance(node, list) else "none"
+            raise HostError(f"inspect path {path!r}: no {part!r} here (have: {keys})")
+    return node

@@ -1,0 +1,93 @@
+"""One worker process as the host sees it: the child, its channel, its generation."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+
+from .. import proc
+from ..log import kv
+from ..paravisor.channel import Channel, ChannelClosed, ChannelTimeout
+
+log = logging.getLogger("vfkeep.host.worker")
+
+
+class WorkerFailed(Exception):
+    """The worker died, closed its channel, answered wrongly or not in time."""
+
+
+class WorkerProcess:
+    def __init__(self, child: subprocess.Popen, chan: Channel, generation: int, argv: list[str]):
+        self.child = child
+        self.chan = chan
+        self.generation = generation
+        self.argv = argv
+        self.hello: dict | None = None
+        self.spawned_at = time.perf_counter()
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @classmethod
+    def spawn(cls, argv_prefix: list[str], args: list[str], pass_fds: list[int], env: dict[str, str],
+              generation: int, run_dir: str) -> "WorkerProcess":
+        """Start a worker; its end of the channel is inherited as `--channel-fd`."""
+        ours, theirs = Channel.pair()
+        argv = [*argv_prefix, "--channel-fd", str(theirs.fileno()), *args]
+        stderr = open(os.path.join(run_dir, f"worker-{generation}.stderr"), "ab")
+        try:
+            child = proc.spawn(argv, pass_fds=[theirs.fileno(), *pass_fds], env=env, stdout=stderr, stderr=stderr)
+        finally:
+            theirs.close()
+            stderr.close()
+        kv(log, logging.INFO, "worker spawned", generation=generation, pid=child.pid, argv=" ".join(argv))
+        return cls(child, ours, generation, argv)
+
+    def wait_hello(self, timeout: float) -> dict:
+        msg = self.recv(timeout, "hello")
+        self.hello = msg
+        kv(log, logging.INFO, "worker hello", generation=self.generation, pid=self.pid, version=msg.get("version"),
+           compat=msg.get("compat"), startup_ms=round((time.perf_counter() - self.spawned_at) * 1000, 1))
+        return msg
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.chan.send(msg)
+        except ChannelClosed as e:
+            raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
+
+    def recv(self, timeout: float | None, *expected: str) -> dict:
+        """Next message, which must be of one of the `expected` types."""
+        try:
+            msg = self.chan.recv(timeout)
+        except ChannelTimeout:
+            raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout} s") from None
+        except ChannelClosed as e:
+            code = self.child.poll()
+            raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) closed its channel ({e}); "
+                               f"exit status {code}") from None
+        if msg.get("type") not in expected:
+            raise WorkerFailed(f"worker {self.generation} sent {msg.get('type')!r}, expected {'|'.join(expected)}: "
+                               f"{msg.get('error', '')}")
+        return msg
+
+    def request(self, msg: dict, timeout: float | None, *expected: str) -> dict:
+        self.send(msg)
+        return self.recv(timeout, *expected)
+
+    def alive(self) -> bool:
+        return self.child.poll() is None
+
+    def wait_exit(self, timeout: float) -> int | None:
+        try:
+            return self.child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def end(self) -> int | None:
+        """End by PID (SIGTERM, then SIGKILL) and release the channel."""
+        code = proc.end(self.child)
+        self.chan.close()
+        return code

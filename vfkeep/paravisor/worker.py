@@ -1,0 +1,285 @@
+"""`vfkeep worker`: the paravisor process ("VTL2") that the host replaces at every servicing.
+
+Protocol with the host (one `Channel`, documented in docs/internals.md):
+  worker -> host  hello    {pid, version, compat, generation, options}        once imports are done
+  host -> worker  start    {servicing_state: b64|null}  -> started {nics, unclaimed_pool_allocations, error, phases_ms}
+  host -> worker  save     {mana_keepalive, nvme_keepalive, timeout_s, correlation_id, test_config}
+                           -> saved {servicing_state, nics, phases_ms} and exit without resetting kept devices,
+                           or save_failed {error, nics} and keep running (spec §2.4, DESIGN D5)
+  host -> worker  inspect  -> inspect {tree}
+  host -> worker  shutdown -> bye, after a normal shutdown of every NIC (DEREGISTER_DEVICE, DESTROY_HWC)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+import click
+
+from .. import __version__
+from .. import log as vlog
+from ..log import kv
+from ..memory import DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
+from .channel import Channel, ChannelClosed, decode_blob, encode_blob
+from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
+from .servicing import (ServicingStateError, TestConfig, build_servicing_state, decode_servicing_state,
+                        mana_states_by_pci_id, parse_test_config, reference_time, test_config_from_env)
+from .vf_manager import NicConfig, VfManager
+
+log = logging.getLogger("vfkeep.worker")
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+class Worker:
+    """One paravisor generation: DMA manager, one VF manager per NIC, servicing save/restore."""
+
+    def __init__(self, chan: Channel, mem: GuestMemory, nics: list[NicConfig], generation: int,
+                 downlevel: bool, channel_layout: str):
+        self.chan = chan
+        self.mem = mem
+        self.nic_configs = nics
+        self.generation = generation
+        self.downlevel = downlevel
+        self.channel_layout = channel_layout
+        options = WorkerOptions.from_env(os.environ)
+        if downlevel:  # built before MANA keepalive: the variable does not exist for it
+            options = WorkerOptions(KeepAliveConfig.DISABLED, options.nvme_keepalive)
+        self.options = options
+        self.test_config = test_config_from_env(os.environ)
+        self.dma: DmaManager | None = None
+        self.vf_managers: list[VfManager] = []
+        self.restore_info: dict = {}
+        self.last_save_error: str | None = None
+
+    # -- start / restore (spec §3) ------------------------------------------------------------
+    def start(self, msg: dict) -> dict:
+        t_all = time.perf_counter()
+        phases: dict[str, float] = {}
+        blob = decode_blob(msg.get("servicing_state"))
+        if self.test_config is TestConfig.SERVICING_RESTORE_STUCK:
+            kv(log, logging.WARNING, "test hook: hanging before fetching the servicing state")
+            threading.Event().wait()
+        t = time.perf_counter()
+        state, state_error = None, None
+        if blob is not None:
+            try:
+                state = decode_servicing_state(blob, downlevel=self.downlevel)
+            except ServicingStateError as e:
+                state_error = str(e)
+                kv(log, logging.ERROR, "servicing state unusable, every NIC takes the fallback path", error=state_error)
+        phases["decode"] = _ms(t)
+
+        # Step 2: the DMA manager restores before any client exists.
+        t = time.perf_counter()
+        self.dma = DmaManager(self.mem)
+        dma_error = None
+        if state is not None and state.init_state.HasField("dma_manager_state"):
+            try:
+                self.dma.restore(state.init_state.dma_manager_state)
+            except RestoreError as e:
+                dma_error = f"dma manager restore failed: {e}"
+                kv(log, logging.ERROR, "dma manager restore failed; saved NIC state cannot be re-attached",
+                   error=str(e))
+        phases["dma_restore"] = _ms(t)
+
+        # Step 6: per configured NIC, the first saved state with its pci_id.
+        t = time.perf_counter()
+        saved = mana_states_by_pci_id(state)
+        for cfg in self.nic_configs:
+            match = next((s for s in saved if s.pci_id == cfg.pci_id), None)
+            kv(log, logging.INFO, "nic saved state lookup", pci_id=cfg.pci_id, found=match is not None,
+               keepalive_config=self.options.mana_keepalive.canonical)
+            forced = state_error or (dma_error if match is not None else None)
+            self.vf_managers.append(VfManager.create(cfg, self.mem, self.dma, saved=match,
+                                                     keepalive=self.options.mana_keepalive.is_enabled,
+                                                     force_fallback=forced))
+        phases["nics"] = _ms(t)
+        known = {c.pci_id for c in self.nic_configs}
+        for s in saved:
+            if s.pci_id not in known:
+                kv(log, logging.WARNING, "saved state for a NIC that is not configured", pci_id=s.pci_id)
+
+        # Step 7: post-restore validation (DESIGN D3).
+        t = time.perf_counter()
+        error = None
+        unclaimed = []
+        try:
+            unclaimed = [u.__dict__ for u in self.dma.validate_restore()]
+        except UnrestoredAllocations as e:
+            error = str(e)
+            unclaimed = [u.__dict__ for u in e.allocations]
+            kv(log, logging.ERROR, "strict pool validation failed", error=error)
+        phases["validate"] = _ms(t)
+
+        for vf in self.vf_managers:
+            vf.start_relay(self.channel_layout)
+        phases["total"] = _ms(t_all)
+        self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
+                             "state_error": state_error, "dma_error": dma_error,
+                             "unclaimed_pool_allocations": unclaimed, "phases_ms": phases}
+        kv(log, logging.INFO, "worker started", nics=len(self.vf_managers),
+           paths=",".join(vf.restore_path for vf in self.vf_managers), unclaimed=len(unclaimed),
+           total_ms=phases["total"])
+        return {"type": "started", "nics": [vf.restore_report() for vf in self.vf_managers],
+                "unclaimed_pool_allocations": unclaimed, "error": error, "phases_ms": phases}
+
+    # -- save (spec §2.2-2.4) -----------------------------------------------------------------
+    def save(self, msg: dict) -> dict:
+        hook = parse_test_config(msg.get("test_config"), "save request") or self.test_config
+        if hook is TestConfig.SERVICING_SAVE_STUCK:
+            kv(log, logging.WARNING, "test hook: save stuck")
+            threading.Event().wait()
+        t_all = time.perf_counter()
+        phases: dict[str, float] = {}
+        eff = effective_keepalive(self.options, host_mana=bool(msg.get("mana_keepalive")),
+                                  host_nvme=bool(msg.get("nvme_keepalive")), pool_present=self.dma.has_pool)
+        kv(log, logging.INFO, "save requested", host_mana=bool(msg.get("mana_keepalive")),
+           host_nvme=bool(msg.get("nvme_keepalive")), effective_mana=eff.mana, effective_nvme=eff.nvme)
+        vm_stop = reference_time()
+
+        t = time.perf_counter()
+        for vf in self.vf_managers:
+            vf.stop_relay()
+        phases["stop_relay"] = _ms(t)
+
+        # 1: emulation-platform state, before NICs are torn down.
+        nics_emuplat = [vf.emuplat_info() for vf in self.vf_managers]
+        # 2: DMA manager state before MANA state, only when a keepalive mode is effective.
+        t = time.perf_counter()
+        dma_state = self.dma.save() if eff.any else None
+        phases["dma_save"] = _ms(t)
+        # 5: MANA VF managers (destructive), only under effective MANA keepalive.
+        t = time.perf_counter()
+        outcomes, mana_states = [], None
+        if eff.mana and self.vf_managers:
+            mana_states = []
+            for vf in self.vf_managers:
+                outcome, saved = vf.save()
+                outcomes.append({"pci_id": vf.pci_id, "save_outcome": outcome, "error": vf.error})
+                if saved is not None:
+                    mana_states.append(saved)
+            kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(mana_states))
+        else:
+            # 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked.
+            for vf in self.vf_managers:
+                vf.shutdown_for_servicing()
+                outcomes.append({"pci_id": vf.pci_id, "save_outcome": "Shutdown", "error": vf.error})
+        phases["mana_save"] = _ms(t)
+
+        if hook is TestConfig.SERVICING_SAVE_CRASH:
+            kv(log, logging.WARNING, "test hook: crashing after the drivers were saved")
+            logging.shutdown()
+            os._exit(70)
+        if hook is TestConfig.SERVICING_SAVE_FAIL:
+            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", outcomes,
+                                     kept=eff.mana)
+
+        t = time.perf_counter()
+        for h in logging.getLogger().handlers:
+            h.flush()
+        flush_us = int((time.perf_counter() - t) * 1e6)
+        state = build_servicing_state(nics=nics_emuplat, dma_state=dma_state, mana_states=mana_states,
+                                      correlation_id=msg.get("correlation_id"), vm_stop_reference_time=vm_stop,
+                                      flush_logs_us=flush_us)
+        blob = state.SerializeToString()
+        phases["total"] = _ms(t_all)
+        kv(log, logging.INFO, "servicing state saved", bytes=len(blob), dma_state=dma_state is not None,
+           mana_states=-1 if mana_states is None else len(mana_states), total_ms=phases["total"])
+        return {"type": "saved", "servicing_state": encode_blob(blob), "nics": outcomes, "phases_ms": phases}
+
+    def _save_failed(self, error: str, outcomes: list[dict], kept: bool) -> dict:
+        """Spec §2.4 keeps the worker running but leaves saved drivers dead (E5); vfkeep revives them
+        through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
+        kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
+        self.last_save_error = error
+        for vf in self.vf_managers:
+            vf.revive(saved_for_keepalive=kept)
+            vf.start_relay(self.channel_layout)
+        return {"type": "save_failed", "error": error, "nics": outcomes,
+                "revived": [vf.restore_report() for vf in self.vf_managers]}
+
+    # -- other requests -----------------------------------------------------------------------
+    def inspect(self) -> dict:
+        return {
+            "pid": os.getpid(), "version": __version__, "compat": "downlevel" if self.downlevel else "current",
+            "generation": self.generation,
+            "keepalive": {"mana": self.options.mana_keepalive.canonical,
+                          "nvme": self.options.nvme_keepalive.canonical},
+            "test_config": self.test_config.value if self.test_config else None,
+            "pool": self.dma.pool_usage() if self.dma else None,
+            "worker_ram": self.dma.worker_usage() if self.dma else None,
+            "nics": [vf.inspect() for vf in self.vf_managers],
+            "restore": self.restore_info,
+            "last_save_error": self.last_save_error,
+        }
+
+    def shutdown(self) -> None:
+        for vf in self.vf_managers:
+            vf.stop_relay()
+            vf.shutdown()
+
+    def hello(self) -> dict:
+        return {"type": "hello", "pid": os.getpid(), "version": __version__,
+                "compat": "downlevel" if self.downlevel else "current", "generation": self.generation,
+                "keepalive": {"mana": self.options.mana_keepalive.canonical,
+                              "nvme": self.options.nvme_keepalive.canonical}}
+
+    def serve(self) -> int:
+        self.chan.send(self.hello())
+        while True:
+            try:
+                msg = self.chan.recv()
+            except ChannelClosed:
+                kv(log, logging.WARNING, "host closed the channel, exiting")
+                return 1
+            kind = msg.get("type")
+            if kind == "start" and self.dma is None:
+                self.chan.send(self.start(msg))
+            elif kind == "save" and self.dma is not None:
+                reply = self.save(msg)
+                self.chan.send(reply)
+                if reply["type"] == "saved":
+                    # Exit without closing device handles or running finalizers: kept devices must not
+                    # see a teardown (the VFIO handle is "leaked" as in spec §5.2).
+                    kv(log, logging.INFO, "exiting after save")
+                    logging.shutdown()
+                    os._exit(0)
+            elif kind == "inspect":
+                self.chan.send({"type": "inspect", "tree": self.inspect()})
+            elif kind == "shutdown":
+                self.shutdown()
+                self.chan.send({"type": "bye"})
+                kv(log, logging.INFO, "normal shutdown done")
+                return 0
+            else:
+                self.chan.send({"type": "error", "error": f"unexpected message {kind!r} in this state"})
+
+
+@click.command("worker")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--generation", type=int, default=0, show_default=True)
+@click.option("--channel-fd", type=int, required=True, help="host channel socket (inherited)")
+@click.option("--memfd", type=int, required=True, help="guest memory file (inherited)")
+@click.option("--memory-layout", required=True, help="guest=N,worker=N,pool=N")
+@click.option("--channel-layout", default=None, help="nics=N,slots=N,slot_size=N,base=GPA (with NICs)")
+@click.option("--nic", "nics", multiple=True, help="PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD (repeat per NIC)")
+@click.option("--compat", type=click.Choice(["current", "downlevel"]), default="current", show_default=True,
+              help="downlevel: behave like a worker built before MANA keepalive")
+def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channel_layout, nics, compat):
+    """Paravisor worker process (started by `vfkeep run`)."""
+    vlog.setup(f"worker-{generation}", run_dir)
+    try:
+        configs = [NicConfig.parse(i, text) for i, text in enumerate(nics)]
+        mem = GuestMemory.attach(memfd, MemoryLayout.from_str(memory_layout))
+    except ValueError as e:
+        kv(log, logging.ERROR, "bad worker arguments", error=str(e))
+        raise click.BadParameter(str(e)) from e
+    kv(log, logging.INFO, "worker up", generation=generation, compat=compat, nics=len(configs), pid=os.getpid())
+    worker = Worker(Channel.from_fd(channel_fd), mem, configs, generation, compat == "downlevel", channel_layout)
+    sys.exit(worker.serve())
