@@ -1,0 +1,92 @@
+"""Typed driver errors, so the worker can pick a recovery (fallback, FLR, no saved state) by type."""
+from __future__ import annotations
+
+
+class DriverError(Exception):
+    """Base of every MANA/GDMA driver error."""
+
+
+class DeviceMissing(DriverError):
+    """BAR0 reads as all ones: the device is absent or was surprise-removed (gdma spec 3.3)."""
+
+
+class BadRegisterMap(DriverError):
+    """The BAR0 register map fails the checks of gdma spec 3.4."""
+
+
+class SmcError(DriverError):
+    """An SMC mailbox message (ESTABLISH_HWC, DESTROY_HWC, ...) was refused or never answered."""
+
+    def __init__(self, message: str, msg_type: int, status: int | None = None):
+        super().__init__(message)
+        self.msg_type = msg_type
+        self.status = status
+
+
+class HwcError(DriverError):
+    """An HWC request did not complete successfully."""
+
+
+class HwcTimeout(HwcError):
+    """No HWC response within the timeout; the HWC is marked failed."""
+
+    def __init__(self, message: str, request_type: int):
+        super().__init__(message)
+        self.request_type = request_type
+
+
+class HwcFailure(HwcError):
+    """The device answered with a non-zero status (`status` set), or the HWC already failed (`status` None)."""
+
+    def __init__(self, message: str, request_type: int, status: int | None):
+        super().__init__(message)
+        self.request_type = request_type
+        self.status = status
+
+
+class ResetRequestPending(HwcError):
+    """The device asked for a VF reset (EQE 135): every HWC request now fails locally."""
+
+
+class QueueOverflow(DriverError):
+    """The device lapped the consumer of a CQ or EQ (owner count neither old nor current)."""
+
+
+class BringUpError(DriverError):
+    """HWC bring-up events or device answers are missing or inconsistent."""
+
+
+class SaveFailed(DriverError):
+    """The driver cannot be saved; the device must be shut down or reset instead."""
+
+
+class SaveRefusedHwcFailure(SaveFailed):
+    """An earlier HWC request failed or timed out: "cannot save/restore after HWC failure"."""
+
+
+class SaveRefusedResetPending(SaveFailed):
+    """A VF reset request is pending: "cannot save/restore with HWC reset request pending"."""
+
+
+class RestoreError(DriverError):
+    """Saved driver state is malformed or does not match this boot; nothing was written to guest memory."""
+
+
+class RestoredMemoryNotFound(RestoreError):
+    """No re-attached pool block starts at the saved HWC base PFN."""
+
+    def __init__(self, base_pfn: int):
+        super().__init__(f"gdma restored memory not found for base_pfn {base_pfn}")
+        self.base_pfn = base_pfn
+
+
+class VportError(DriverError):
+    """A vport cannot be opened or used."""
+
+
+class BadFrame(VportError, ValueError):
+    """A frame is empty or larger than one packet buffer."""
+
+
+class CreateFailed(DriverError):
+    """Both the NoReset and the FLR attempt of a fresh init failed ("failed to create mana device")."""

@@ -1,0 +1,627 @@
+"""GDMA driver: BAR0, the SMC mailbox, the hardware channel (HWC) and the GDMA requests (gdma spec 3-9).
+
+One `GdmaDriver` owns one device handle. It is built either fresh (`new`: ESTABLISH_HWC and the HWC
+bring-up events) or from saved state (`restore`: re-attach to the HWC the device kept alive). HWC
+requests are serialised by a lock; one request is outstanding at a time, matched positionally.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vfkeep import __version__
+from vfkeep.gdma.constants import (DRV_GD_DRV_CAP_FLAGS1, DRV_GDMA_PROTOCOL_VER, DRV_HWC_CQ_PAGE, DRV_HWC_EQ_PAGE,
+                                   DRV_HWC_MSIX, DRV_HWC_NUM_PAGES, DRV_HWC_REQUEST_PAGE, DRV_HWC_RESPONSE_PAGE,
+                                   DRV_HWC_RQ_PAGE, DRV_HWC_RWQE_PARAMS, DRV_HWC_SQ_PAGE, DRV_HWC_SWQE_PARAMS,
+                                   DRV_HWC_SWQE_SIZE, GDMA_CREATE_DMA_REGION, GDMA_CREATE_QUEUE,
+                                   GDMA_DEREGISTER_DEVICE, GDMA_DESTROY_DMA_REGION, GDMA_DEVICE_MANA,
+                                   GDMA_DISABLE_QUEUE, GDMA_EQ, GDMA_EQE_COMPLETION, GDMA_EQE_HWC_INIT_DATA,
+                                   GDMA_EQE_HWC_INIT_DONE, GDMA_EQE_HWC_INIT_EQ_ID_DB, GDMA_EQE_HWC_RECONFIG_DATA,
+                                   GDMA_EQE_HWC_RESET_REQUEST, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE,
+                                   GDMA_LIST_DEVICES, GDMA_PAGE_TYPE_4K, GDMA_QUERY_MAX_RESOURCES,
+                                   GDMA_REGISTER_DEVICE, GDMA_VERIFY_VF_DRIVER_VERSION, GDMA_CHANGE_MSIX_FOR_EQ,
+                                   DRV_DISABLE_QUEUE_ALLOC_RES_ID, DRV_DMA_REGION_MAX_PAGES, HWC_DATA_CONFIG_HWC_TIMEOUT,
+                                   HWC_DATA_TYPE_HW_VPORT_LINK_CONNECT, HWC_DATA_TYPE_HW_VPORT_LINK_DISCONNECT,
+                                   HWC_DEV_ID, HWC_INIT_DATA_CQID, HWC_INIT_DATA_GPA_MKEY, HWC_INIT_DATA_PDID,
+                                   HWC_INIT_DATA_RQID, HWC_INIT_DATA_SQID, HWC_INTERRUPT_POLL_WAIT_MAX_MS,
+                                   HWC_INTERRUPT_POLL_WAIT_MIN_MS, HWC_POLL_TIMEOUT_IN_MS, HWC_TIMEOUT_DEFAULT_IN_MS,
+                                   HWC_WARNING_INCREASE_IN_MS, HWC_WARNING_TIME_IN_MS, OS_TYPE_OHCL, PAGE_SIZE,
+                                   RWQE_SIZE, SMC_HDR_OFFSET, SMC_MSG_TYPE_DESTROY_HWC,
+                                   SMC_MSG_TYPE_DESTROY_HWC_VERSION, SMC_MSG_TYPE_ESTABLISH_HWC,
+                                   SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION,
+                                   GdmaEqeType, GdmaRequestType, ManaCommandCode)
+from vfkeep.gdma.hwc import GdmaDevId, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRecvWqe, HwcSendWqe
+from vfkeep.gdma.messages import RESP_HDR_SIZE, message_spec, request_header
+from vfkeep.gdma.queues import EqeCompletionData, EqeDataReconfig, EqeVfReset, Sge, WqeParams
+from vfkeep.gdma.regs import (EstablishHwc, RegMap, SmcProtoHdr, SmcReportHwcTimeout, SmcReportHwcTimeoutFlags,
+                              doorbell_page_count, doorbell_shift)
+from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaRegionReq,
+                                  GdmaCreateDmaRegionReqDriver, GdmaCreateQueueReq, GdmaDestroyDmaRegionReq,
+                                  GdmaDisableQueueReq, GdmaGenerateTestEventReq, GdmaListDevicesResp,
+                                  GdmaQueryMaxResourcesResp, GdmaRegisterDeviceResp, GdmaVerifyVerReq)
+from vfkeep.gdma.base import WireStruct
+from vfkeep.log import kv
+from vfkeep.memory import MemoryBlock
+from vfkeep.memory.dma_manager import DmaClient
+
+from .backing import DeviceBacking, Interrupts
+from .errors import (BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
+                     SaveFailed, SaveRefusedHwcFailure, SaveRefusedResetPending, SmcError)
+from .queues import U32, CqEq, DoorbellPage, Wq
+
+log = logging.getLogger("vfkeep.driver.gdma")
+
+ALL_ONES32 = 0xFFFFFFFF
+REGMAP_SIZE = ctypes.sizeof(RegMap)
+SMC_WINDOW_SIZE = 32
+HWC_BUFFER_LEN = DRV_HWC_NUM_PAGES * PAGE_SIZE
+PRODUCT_NAME = b"vfkeep"
+
+
+def request_name(code: int) -> str:
+    for enum_type in (GdmaRequestType, ManaCommandCode):
+        try:
+            return enum_type(code).name
+        except ValueError:
+            pass
+    return hex(code)
+
+
+@dataclass(frozen=True)
+class Bar0Layout:
+    """What the register map says about BAR0 (gdma spec 3.4)."""
+
+    bar0_len: int
+    db_zone_offset: int
+    db_shift: int
+    db_page_count: int
+    shmem_offset: int
+    major_version: int
+
+
+def map_bar0(backing: DeviceBacking) -> Bar0Layout:
+    """Read `RegMap` as ten dword reads and apply the reference driver's checks."""
+    bar0_len = backing.bar0_len
+    if bar0_len < REGMAP_SIZE:
+        raise BadRegisterMap(f"BAR0 is {bar0_len} bytes, the register map needs {REGMAP_SIZE}")
+    words = [backing.read32(off) for off in range(0, REGMAP_SIZE, 4)]
+    if words[0] == ALL_ONES32:
+        raise DeviceMissing("device not present: BAR0 register map reads all ones")
+    regs = RegMap.from_bytes(b"".join(w.to_bytes(4, "little") for w in words))
+    if regs.vf_gdma_sriov_shared_sz != SMC_WINDOW_SIZE:
+        raise BadRegisterMap(f"vf_gdma_sriov_shared_sz is {regs.vf_gdma_sriov_shared_sz}, expected {SMC_WINDOW_SIZE}")
+    start = regs.vf_gdma_sriov_shared_reg_start
+    if start > bar0_len or bar0_len - start < SMC_WINDOW_SIZE:
+        raise BadRegisterMap(f"shared memory window at {start:#x} does not fit BAR0 of {bar0_len:#x} bytes")
+    try:
+        shift = doorbell_shift(regs.vf_db_page_sz)
+    except ValueError as e:
+        raise BadRegisterMap(str(e)) from None
+    if regs.major_version_number not in (0, 1):
+        kv(log, logging.WARNING, "unexpected gdma interface major version", major=regs.major_version_number)
+    return Bar0Layout(bar0_len, regs.vf_db_pages_zone_offset, shift,
+                      doorbell_page_count(bar0_len, regs.vf_db_pages_zone_offset, shift), start,
+                      regs.major_version_number)
+
+
+@dataclass
+class HwcQueues:
+    """The four HWC queues on pages 0-3 of the HWC buffer."""
+
+    eq: CqEq
+    cq: CqEq
+    rq: Wq
+    sq: Wq
+
+
+@dataclass
+class DeviceResources:
+    """QUERY_MAX_RESOURCES answer, kept for capacity decisions."""
+
+    max_sq: int = 0
+    max_rq: int = 0
+    max_cq: int = 0
+    max_eq: int = 0
+    max_msix: int = 0
+
+
+@dataclass
+class EventState:
+    """Asynchronous HWC EQ events the driver has seen and not yet handed on."""
+
+    test_events: int = 0
+    reset_pending: bool = False
+    revoke_vtl0_vf: bool = False
+    link_toggle: list[tuple[int, bool]] = field(default_factory=list)
+
+
+class GdmaDriver:
+    """Owns the device handle, the HWC and its memory; issues GDMA requests and forwards BNIC ones."""
+
+    def __init__(self, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: MemoryBlock):
+        self.backing = backing
+        self.layout = layout
+        self.hwc_mem = hwc_mem
+        self.irq = Interrupts(backing)
+        self._lock = threading.RLock()
+        page = hwc_mem.view
+        self._req_page = page[DRV_HWC_REQUEST_PAGE * PAGE_SIZE:(DRV_HWC_REQUEST_PAGE + 1) * PAGE_SIZE]
+        self._resp_page = page[DRV_HWC_RESPONSE_PAGE * PAGE_SIZE:(DRV_HWC_RESPONSE_PAGE + 1) * PAGE_SIZE]
+        self.hwc: HwcQueues | None = None
+        self.db_id = 0
+        self.pdid = 0
+        self.gpa_mkey = 0
+        self.activity_id = 0
+        self.num_msix = 1
+        self.min_queue_avail = 0
+        self.resources = DeviceResources()
+        self.events = EventState()
+        self.hwc_failure = False
+        self.saved = False
+        self.closed = False
+        self.hwc_timeout_ms = HWC_TIMEOUT_DEFAULT_IN_MS
+        self._warning_ms = HWC_WARNING_TIME_IN_MS
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def new(cls, backing: DeviceBacking, client: DmaClient, *, num_vps: int) -> GdmaDriver:
+        """Fresh init: validate BAR0, ESTABLISH_HWC on a new 6-page buffer, consume the bring-up events,
+        post the first receive WQE and query the device's limits (gdma spec 7.3)."""
+        layout = map_bar0(backing)
+        mem = client.allocate_dma_buffer(HWC_BUFFER_LEN)
+        drv = cls(backing, layout, mem)
+        try:
+            drv._establish_hwc()
+            drv._query_max_resources(num_vps)
+        except BaseException:
+            drv.close()
+            raise
+        return drv
+
+    @classmethod
+    def restore(cls, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: MemoryBlock, *, eq: CqEq, cq: CqEq,
+                rq: Wq, sq: Wq, db_id: int, pdid: int, gpa_mkey: int, activity_id: int, num_msix: int,
+                min_queue_avail: int, link_toggle: list[tuple[int, bool]]) -> GdmaDriver:
+        """Re-attach to an HWC the device kept alive: no ESTABLISH_HWC, no bring-up events, no new receive
+        WQE (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3)."""
+        drv = cls(backing, layout, hwc_mem)
+        drv.hwc = HwcQueues(eq, cq, rq, sq)
+        drv.db_id, drv.pdid, drv.gpa_mkey = db_id, pdid, gpa_mkey
+        drv.activity_id, drv.num_msix, drv.min_queue_avail = activity_id, num_msix, min_queue_avail
+        drv.events.link_toggle = list(link_toggle)
+        drv.irq.map(DRV_HWC_MSIX)
+        eq.arm()
+        cq.arm()
+        kv(log, logging.INFO, "gdma driver restored", eq=eq.id, cq=cq.id, rq=rq.id, sq=sq.id,
+           base_pfn=hwc_mem.base_pfn, activity_id=hex(activity_id))
+        return drv
+
+    def queue_memory(self, page_index: int) -> memoryview:
+        return self.hwc_mem.view[page_index * PAGE_SIZE:(page_index + 1) * PAGE_SIZE]
+
+    def doorbell_page(self, page_id: int) -> DoorbellPage:
+        return DoorbellPage(self.backing, self.layout.db_zone_offset, self.layout.db_shift, page_id,
+                            self.layout.db_page_count)
+
+    # -- SMC mailbox (gdma spec 5) ------------------------------------------------------------
+    def _smc_header(self) -> SmcProtoHdr:
+        value = self.backing.read32(self.layout.shmem_offset + SMC_HDR_OFFSET)
+        if value == ALL_ONES32:
+            raise DeviceMissing("device no longer present: SMC header reads all ones")
+        return SmcProtoHdr.from_int(value)
+
+    def _smc_wait_vf_owner(self, what: str) -> None:
+        deadline = time.monotonic() + HWC_POLL_TIMEOUT_IN_MS / 1000
+        delay = 0.0001
+        while self._smc_header().owner_is_pf:
+            if time.monotonic() >= deadline:
+                raise SmcError(f"{what}: the PF still owns the SMC mailbox after {HWC_POLL_TIMEOUT_IN_MS} ms", 0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def _smc_send(self, msg_type: int, hdr: SmcProtoHdr, payload: bytes | None, what: str) -> None:
+        """Write the payload dwords, then the header (the "go" signal), and wait for a successful reply."""
+        base = self.layout.shmem_offset
+        if payload is not None:
+            for i in range(0, SMC_HDR_OFFSET, 4):
+                self.backing.write32(base + i, int.from_bytes(payload[i:i + 4], "little"))
+        self.backing.write32(base + SMC_HDR_OFFSET, hdr.to_int())
+        deadline = time.monotonic() + HWC_POLL_TIMEOUT_IN_MS / 1000
+        delay = 0.0
+        while True:
+            reply = self._smc_header()
+            if not reply.owner_is_pf and reply.is_response:
+                break
+            if time.monotonic() >= deadline:
+                raise SmcError(f"{what}: no SMC reply within {HWC_POLL_TIMEOUT_IN_MS} ms", msg_type)
+            time.sleep(delay)
+            delay = min(max(delay * 2, 0.0001), 0.01)
+        if reply.status != 0:
+            raise SmcError(f"{what} refused by the device (SMC status {reply.status})", msg_type, reply.status)
+
+    # -- HWC bring-up (gdma spec 7) -----------------------------------------------------------
+    def _establish_hwc(self) -> None:
+        pfns = self.hwc_mem.pfns
+        self.irq.map(DRV_HWC_MSIX)
+        msg = EstablishHwc.build(pfns[DRV_HWC_EQ_PAGE], pfns[DRV_HWC_CQ_PAGE], pfns[DRV_HWC_RQ_PAGE],
+                                 pfns[DRV_HWC_SQ_PAGE], msix=DRV_HWC_MSIX)
+        raw = msg.to_bytes()
+        self._smc_send(SMC_MSG_TYPE_ESTABLISH_HWC, msg.hdr, raw[:SMC_HDR_OFFSET], "ESTABLISH_HWC")
+        eq = CqEq("eq", self.queue_memory(DRV_HWC_EQ_PAGE), 0, None)
+        init = self._consume_init_events(eq)
+        try:
+            doorbell = self.doorbell_page(init["db"])
+        except ValueError as e:
+            raise BringUpError(f"HWC doorbell: {e}") from None
+        eq.bind(init["eq"], doorbell)
+        eq.ack()
+        self.hwc = HwcQueues(
+            eq,
+            CqEq("cq", self.queue_memory(DRV_HWC_CQ_PAGE), init["cq"], doorbell),
+            Wq("rq", self.queue_memory(DRV_HWC_RQ_PAGE), init["rq"], doorbell),
+            Wq("sq", self.queue_memory(DRV_HWC_SQ_PAGE), init["sq"], doorbell),
+        )
+        self.pdid, self.gpa_mkey = init["pdid"], init["gpa_mkey"]
+        self.activity_id = random.getrandbits(16) << 16
+        self._post_receive_wqe()
+        kv(log, logging.INFO, "hwc established", eq=init["eq"], cq=init["cq"], rq=init["rq"], sq=init["sq"],
+           db=init["db"], base_pfn=self.hwc_mem.base_pfn, persistent=self.hwc_mem.persistent)
+
+    def _consume_init_events(self, eq: CqEq) -> dict[str, int]:
+        """Read EQEs 129/130/131 off the not-yet-identified HWC EQ, waiting on vector 0 when it is empty."""
+        init: dict[str, int] = {}
+        deadline = time.monotonic() + HWC_TIMEOUT_DEFAULT_IN_MS / 1000
+        names = {HWC_INIT_DATA_CQID: "cq", HWC_INIT_DATA_RQID: "rq", HWC_INIT_DATA_SQID: "sq",
+                 HWC_INIT_DATA_PDID: "pdid", HWC_INIT_DATA_GPA_MKEY: "gpa_mkey"}
+        interval = HWC_INTERRUPT_POLL_WAIT_MIN_MS / 1000
+        while True:
+            eqe = eq.poll()
+            if eqe is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BringUpError(f"HWC init events incomplete after {HWC_TIMEOUT_DEFAULT_IN_MS} ms: "
+                                       f"have {sorted(init)}")
+                self.irq.wait(DRV_HWC_MSIX, min(interval, remaining))
+                interval = min(interval * 2, HWC_INTERRUPT_POLL_WAIT_MAX_MS / 1000)
+                continue
+            kind = eqe.params.event_type
+            if kind == GDMA_EQE_HWC_INIT_EQ_ID_DB:
+                ids = HwcInitEqIdDb.from_bytes(eqe.data)
+                init["eq"], init["db"] = ids.eq_id, ids.doorbell
+            elif kind == GDMA_EQE_HWC_INIT_DATA:
+                data = HwcInitTypeData.from_bytes(eqe.data)
+                if data.ty in names:
+                    init[names[data.ty]] = data.value
+            elif kind == GDMA_EQE_HWC_INIT_DONE:
+                break
+            else:
+                raise BringUpError(f"unexpected event type {kind} during HWC bring-up")
+        missing = [k for k in ("eq", "db", "cq", "rq", "sq", "pdid", "gpa_mkey") if k not in init]
+        if missing:
+            raise BringUpError(f"HWC init events did not provide {', '.join(missing)}")
+        return init
+
+    def _post_receive_wqe(self) -> None:
+        """One 32-byte receive WQE whose SGE covers the response page (gdma spec 7.4)."""
+        wqe = HwcRecvWqe()
+        wqe.header.params = WqeParams.from_int(DRV_HWC_RWQE_PARAMS)
+        wqe.sge = Sge(address=self.hwc_mem.gpa + DRV_HWC_RESPONSE_PAGE * PAGE_SIZE, mem_key=self.gpa_mkey,
+                      size=PAGE_SIZE)
+        self.hwc.rq.write(wqe.to_bytes())
+        self.hwc.rq.commit(num_rwqe=1)
+
+    def _query_max_resources(self, num_vps: int) -> None:
+        r = self.request(GDMA_QUERY_MAX_RESOURCES, HWC_DEV_ID)
+        self.resources = DeviceResources(r.max_sq, r.max_rq, r.max_cq, r.max_eq, r.max_msix)
+        self.num_msix = max(1, min(num_vps, r.max_msix, self.backing.msix_count))
+        self.min_queue_avail = min(r.max_eq, r.max_sq, r.max_rq)
+
+    # -- events ---------------------------------------------------------------------------------
+    def process_events(self) -> int:
+        """Handle every new HWC EQE, then acknowledge the EQ (arm = 0). Returns the number handled."""
+        with self._lock:
+            eq = self.hwc.eq
+            n = 0
+            while (eqe := eq.poll()) is not None:
+                n += 1
+                self._handle_event(eqe)
+            if n:
+                eq.ack()
+            return n
+
+    def _handle_event(self, eqe) -> None:
+        kind = eqe.params.event_type
+        if kind == GDMA_EQE_COMPLETION:
+            cq_id = EqeCompletionData.from_bytes(eqe.data).cq_id
+            if cq_id != self.hwc.cq.id:
+                kv(log, logging.WARNING, "completion event for an unknown cq on the hwc eq", cq=cq_id)
+        elif kind == GDMA_EQE_TEST_EVENT:
+            self.events.test_events += 1
+        elif kind == GDMA_EQE_HWC_RECONFIG_DATA:
+            data = EqeDataReconfig.from_bytes(eqe.data)
+            value = int.from_bytes(bytes(data.data), "little")
+            if data.data_type == HWC_DATA_CONFIG_HWC_TIMEOUT:
+                kv(log, logging.INFO, "hwc timeout changed by the device", timeout_ms=value)
+                self.hwc_timeout_ms = value
+            elif data.data_type in (HWC_DATA_TYPE_HW_VPORT_LINK_CONNECT, HWC_DATA_TYPE_HW_VPORT_LINK_DISCONNECT):
+                up = data.data_type == HWC_DATA_TYPE_HW_VPORT_LINK_CONNECT
+                kv(log, logging.INFO, "vport link toggled", vport=value, up=up)
+                self.events.link_toggle.append((value, up))
+            else:
+                kv(log, logging.WARNING, "unknown hwc reconfig data type", data_type=data.data_type)
+        elif kind == GDMA_EQE_HWC_RESET_REQUEST:
+            reset = EqeVfReset.from_bytes(eqe.data)
+            kv(log, logging.WARNING, "vf reset requested by the device", revoke_vtl0_vf=reset.revoke_vtl0_vf)
+            self.events.reset_pending = True
+            self.events.revoke_vtl0_vf = bool(reset.revoke_vtl0_vf)
+        else:
+            kv(log, logging.WARNING, "unexpected event on the hwc eq", event_type=kind)
+
+    def take_link_toggles(self) -> list[tuple[int, bool]]:
+        with self._lock:
+            toggles, self.events.link_toggle = self.events.link_toggle, []
+            return toggles
+
+    @property
+    def reset_pending(self) -> bool:
+        return self.events.reset_pending
+
+    def _wait_hwc(self, deadline: float, interval: float) -> float:
+        """Arm the HWC EQ, re-poll it, then sleep on vector 0 for at most `interval` (gdma spec 6.6, 8.4).
+        Returns the next interval."""
+        eq = self.hwc.eq
+        eq.arm()
+        if self.process_events():
+            return interval
+        remaining = deadline - time.monotonic()
+        if remaining > 0 and not self.irq.wait(DRV_HWC_MSIX, min(interval, remaining)):
+            # Nothing arrived: a vanished device would read all ones here instead of hanging until timeout.
+            self._smc_header()
+        return min(interval * 2, HWC_INTERRUPT_POLL_WAIT_MAX_MS / 1000)
+
+    # -- HWC requests (gdma spec 8) -------------------------------------------------------------
+    def request(self, code: int, dev_id: int | GdmaDevId, body: WireStruct | None = None, *,
+                timeout_ms: int | None = None) -> WireStruct | None:
+        """Send one request over the HWC and return the response body (None for empty responses).
+
+        Body and response types come from `vfkeep.gdma.messages`. A non-zero status or a timeout marks
+        the HWC failed; from then on (and while a reset request is pending) requests fail locally.
+        """
+        spec = message_spec(code)
+        name = request_name(code)
+        with self._lock:
+            if self.closed:
+                raise HwcFailure(f"{name}: the gdma driver is closed", code, None)
+            self.process_events()
+            if self.events.reset_pending:
+                raise ResetRequestPending(f"{name}: HWC reset request pending")
+            if self.hwc_failure:
+                raise HwcFailure(f"{name}: cannot use the HWC after an earlier HWC failure", code, None)
+            hwc = self.hwc
+            self.activity_id = (self.activity_id + 1) & U32
+            hdr = request_header(code, dev_id, self.activity_id)
+            req = hdr.to_bytes() + (body.to_bytes() if body is not None else b"")
+            self._req_page[:len(req)] = req
+            self._resp_page[:hdr.resp.msg_size] = bytes(hdr.resp.msg_size)
+
+            wqe = HwcSendWqe()
+            wqe.header.params = WqeParams.from_int(DRV_HWC_SWQE_PARAMS)
+            wqe.oob.flags3.vscq_id = hwc.cq.id
+            wqe.oob.flags4.vsq_id = hwc.sq.id
+            wqe.sge = Sge(address=self.hwc_mem.gpa + DRV_HWC_REQUEST_PAGE * PAGE_SIZE, mem_key=self.gpa_mkey,
+                          size=len(req))
+            if hwc.sq.available < DRV_HWC_SWQE_SIZE or hwc.rq.in_flight < RWQE_SIZE:
+                self.hwc_failure = True
+                raise HwcFailure(f"{name}: HWC queues out of step (sq free {hwc.sq.available}, rq posted "
+                                 f"{hwc.rq.in_flight})", code, None)
+            hwc.sq.write(wqe.to_bytes())
+            hwc.sq.commit()
+
+            start = time.monotonic()
+            self._wait_completions(code, name, start, (timeout_ms or self.hwc_timeout_ms) / 1000)
+            hwc.sq.advance_head(DRV_HWC_SWQE_SIZE)
+            hwc.rq.advance_head(RWQE_SIZE)
+            self._post_receive_wqe()
+            elapsed_ms = (time.monotonic() - start) * 1000
+            if elapsed_ms > self._warning_ms:
+                kv(log, logging.WARNING, "slow hwc response", request=name, elapsed_ms=round(elapsed_ms))
+                self._warning_ms += HWC_WARNING_INCREASE_IN_MS
+                self._report_hwc_timeout(elapsed_ms, last_cmd_failed=False)
+
+            resp = GdmaRespHdr.from_bytes(self._resp_page)
+            if resp.status != 0:
+                self.hwc_failure = True
+                raise HwcFailure(f"{name} failed with status {resp.status}", code, resp.status)
+            body_size = hdr.resp.msg_size - RESP_HDR_SIZE
+            if resp.response.msg_size < body_size:
+                self.hwc_failure = True
+                raise HwcFailure(f"{name}: response of {resp.response.msg_size} bytes is shorter than the "
+                                 f"{body_size}-byte body", code, None)
+            if spec.response is None:
+                return None
+            return spec.response.from_bytes(self._resp_page, RESP_HDR_SIZE)
+
+    def _wait_completions(self, code: int, name: str, start: float, timeout_s: float) -> None:
+        """Wait for the two HWC CQEs (send, then receive) without checking which is which (gdma spec 8.3)."""
+        cq = self.hwc.cq
+        deadline = start + timeout_s
+        interval = HWC_INTERRUPT_POLL_WAIT_MIN_MS / 1000
+        got = 0
+        while got < 2:
+            if cq.poll_offset() is not None:
+                got += 1
+                continue
+            cq.arm()
+            if cq.poll_offset() is not None:
+                got += 1
+                continue
+            self.process_events()
+            if self.events.reset_pending:
+                raise ResetRequestPending(f"{name}: HWC reset request arrived while waiting for the response")
+            if time.monotonic() >= deadline:
+                elapsed_ms = (time.monotonic() - start) * 1000
+                self.hwc_failure = True
+                self._report_hwc_timeout(elapsed_ms, last_cmd_failed=True)
+                raise HwcTimeout(f"{name}: no HWC response within {round(elapsed_ms)} ms", code)
+            interval = self._wait_hwc(deadline, interval)
+
+    def _report_hwc_timeout(self, elapsed_ms: float, *, last_cmd_failed: bool) -> None:
+        """Diagnostic REPORT_HWC_TIMEOUT (gdma spec 5.6); skipped if the PF owns the mailbox or a reset is pending."""
+        if self.events.reset_pending:
+            return
+        try:
+            if self._smc_header().owner_is_pf:
+                return
+            hwc = self.hwc
+            msg = SmcReportHwcTimeout(rq_tail=hwc.rq.tail, sq_tail=hwc.sq.tail, cq_next=hwc.cq.next,
+                                      eq_next=hwc.eq.next)
+            msg.flags_wait = SmcReportHwcTimeoutFlags(wait_ms=min(int(elapsed_ms), (1 << 24) - 1),
+                                                      last_cmd_failed=int(last_cmd_failed))
+            msg.hdr = SmcProtoHdr(msg_type=SMC_MSG_TYPE_REPORT_HWC_TIMEOUT,
+                                  msg_version=SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION)
+            self._smc_send(SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, msg.hdr, msg.to_bytes()[:SMC_HDR_OFFSET],
+                           "REPORT_HWC_TIMEOUT")
+        except (SmcError, DeviceMissing) as e:
+            kv(log, logging.WARNING, "report hwc timeout failed", error=e)
+
+    # -- GDMA requests (gdma spec 9) ------------------------------------------------------------
+    def test_eq(self) -> None:
+        """GENERATE_TEST_EQE on the HWC EQ and wait until one more test event arrives (interrupt path works)."""
+        with self._lock:
+            before = self.events.test_events
+            self.request(GDMA_GENERATE_TEST_EQE, HWC_DEV_ID, GdmaGenerateTestEventReq(queue_index=self.hwc.eq.id))
+            start = time.monotonic()
+            deadline = start + self.hwc_timeout_ms / 1000
+            interval = HWC_INTERRUPT_POLL_WAIT_MIN_MS / 1000
+            while self.events.test_events <= before:
+                if self.process_events():
+                    continue
+                if time.monotonic() >= deadline:
+                    raise HwcTimeout(f"GDMA_GENERATE_TEST_EQE: no test event within {self.hwc_timeout_ms} ms",
+                                     GDMA_GENERATE_TEST_EQE)
+                interval = self._wait_hwc(deadline, interval)
+
+    def verify_vf_driver_version(self) -> None:
+        req = GdmaVerifyVerReq(protocol_ver_min=DRV_GDMA_PROTOCOL_VER, protocol_ver_max=DRV_GDMA_PROTOCOL_VER,
+                               gd_drv_cap_flags1=DRV_GD_DRV_CAP_FLAGS1, os_type=OS_TYPE_OHCL)
+        major, minor, build = (int(p) for p in (__version__.split(".") + ["0", "0"])[:3])
+        req.os_ver_major, req.os_ver_minor, req.os_ver_build = major, minor, build
+        req.os_ver_str1[:len(PRODUCT_NAME)] = list(PRODUCT_NAME)
+        rev = __version__.encode()[:127]
+        req.os_ver_str2[:len(rev)] = list(rev)
+        resp = self.request(GDMA_VERIFY_VF_DRIVER_VERSION, HWC_DEV_ID, req)
+        if resp.gdma_protocol_ver != DRV_GDMA_PROTOCOL_VER:
+            raise BringUpError(f"device speaks gdma protocol {resp.gdma_protocol_ver}, driver needs "
+                               f"{DRV_GDMA_PROTOCOL_VER}")
+
+    def list_devices(self) -> list[GdmaDevId]:
+        resp: GdmaListDevicesResp = self.request(GDMA_LIST_DEVICES, HWC_DEV_ID)
+        count = min(resp.num_of_devs, len(resp.devs))
+        return [GdmaDevId.from_bytes(bytes(resp.devs[i])) for i in range(count)]
+
+    def mana_dev_id(self) -> GdmaDevId:
+        for dev in self.list_devices():
+            if dev.ty == GDMA_DEVICE_MANA:
+                return dev
+        raise BringUpError("LIST_DEVICES reports no MANA device")
+
+    def register_device(self, dev_id: GdmaDevId) -> None:
+        """REGISTER_DEVICE: pdid, gpa_mkey and the data-path doorbell page come from here from now on."""
+        resp: GdmaRegisterDeviceResp = self.request(GDMA_REGISTER_DEVICE, dev_id)
+        if resp.db_id >= self.layout.db_page_count:
+            raise BringUpError(f"REGISTER_DEVICE gave doorbell page {resp.db_id}, BAR0 has "
+                               f"{self.layout.db_page_count}")
+        self.pdid, self.gpa_mkey, self.db_id = resp.pdid, resp.gpa_mkey, resp.db_id
+        kv(log, logging.INFO, "device registered", pdid=resp.pdid, gpa_mkey=resp.gpa_mkey, db_id=resp.db_id)
+
+    def deregister_device(self, dev_id: GdmaDevId, timeout_ms: int) -> None:
+        self.request(GDMA_DEREGISTER_DEVICE, dev_id, timeout_ms=timeout_ms)
+
+    def create_dma_region(self, dev_id: GdmaDevId, block: MemoryBlock, length: int | None = None) -> int:
+        """Describe contiguous DMA memory to the device as at most 16 page addresses (gdma spec 9.11)."""
+        length = block.len if length is None else length
+        pages = (length + PAGE_SIZE - 1) // PAGE_SIZE
+        if pages > DRV_DMA_REGION_MAX_PAGES:
+            raise ValueError(f"dma region of {pages} pages exceeds the {DRV_DMA_REGION_MAX_PAGES}-page limit")
+        body = GdmaCreateDmaRegionReqDriver()
+        body.req = GdmaCreateDmaRegionReq(length=length, offset_in_page=0, gdma_page_type=GDMA_PAGE_TYPE_4K,
+                                          page_count=pages, page_addr_list_len=pages)
+        for i, pfn in enumerate(block.pfns[:pages]):
+            body.page_addr_list[i] = pfn * PAGE_SIZE
+        return self.request(GDMA_CREATE_DMA_REGION, dev_id, body).gdma_region
+
+    def destroy_dma_region(self, dev_id: GdmaDevId, region: int) -> None:
+        self.request(GDMA_DESTROY_DMA_REGION, dev_id, GdmaDestroyDmaRegionReq(gdma_region=region))
+
+    def create_eq(self, dev_id: GdmaDevId, region: int, size: int, msix: int) -> int:
+        """CREATE_QUEUE for an EQ on a DMA region (consumed on success); returns the EQ id."""
+        req = GdmaCreateQueueReq(queue_type=GDMA_EQ, pdid=self.pdid, doorbell_id=self.db_id, gdma_region=region,
+                                 queue_size=size, eq_pci_msix_index=msix)
+        return self.request(GDMA_CREATE_QUEUE, dev_id, req).queue_index
+
+    def disable_eq(self, dev_id: GdmaDevId, eq_id: int) -> None:
+        self.request(GDMA_DISABLE_QUEUE, dev_id, GdmaDisableQueueReq(
+            queue_type=GDMA_EQ, queue_index=eq_id, alloc_res_id_on_creation=DRV_DISABLE_QUEUE_ALLOC_RES_ID))
+
+    def change_msix(self, dev_id: GdmaDevId, eq_id: int, msix: int) -> None:
+        self.irq.map(msix)
+        self.request(GDMA_CHANGE_MSIX_FOR_EQ, dev_id, GdmaChangeMsixVectorIndexForEq(queue_index=eq_id, msix=msix))
+
+    # -- save and teardown (servicing spec 5.3) ------------------------------------------------
+    def check_savable(self) -> None:
+        """Refuse save after an HWC failure or with a reset request pending (looks at new events first)."""
+        with self._lock:
+            if not self.hwc_failure and not self.closed:
+                try:
+                    self.process_events()
+                except DeviceMissing:
+                    self.hwc_failure = True
+            if self.hwc_failure:
+                raise SaveRefusedHwcFailure("cannot save/restore after HWC failure")
+            if self.events.reset_pending:
+                raise SaveRefusedResetPending("cannot save/restore with HWC reset request pending")
+            if not self.hwc_mem.persistent:
+                raise SaveFailed(f"HWC buffer at pfn {self.hwc_mem.base_pfn} is not from the private pool")
+
+    def mark_saved(self) -> None:
+        self.saved = True
+
+    def close(self) -> None:
+        """Teardown by the table of servicing spec 5.3, then release the handle (never a reset from here).
+
+        The HWC buffer is freed unless the driver was saved: then the pool keeps it for the next driver.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            if self.events.reset_pending:
+                kv(log, logging.INFO, "teardown: reset request pending, leaving the hwc to the device reset")
+            elif self.saved:
+                kv(log, logging.INFO, "teardown: driver saved, hwc left running")
+            elif self.hwc_failure:
+                kv(log, logging.INFO, "teardown: hwc failed, not destroying it")
+            elif self.hwc is not None:
+                self._destroy_hwc()
+            try:
+                self.irq.unmap_all()
+            except Exception as e:  # a gone device cannot fail the teardown
+                kv(log, logging.WARNING, "unmapping interrupts failed", error=e)
+            try:
+                self.backing.close()
+            finally:
+                if not self.saved:
+                    self.hwc_mem.free()
+
+    def _destroy_hwc(self) -> None:
+        try:
+            self._smc_wait_vf_owner("DESTROY_HWC")
+            hdr = SmcProtoHdr(msg_type=SMC_MSG_TYPE_DESTROY_HWC, msg_version=SMC_MSG_TYPE_DESTROY_HWC_VERSION)
+            self._smc_send(SMC_MSG_TYPE_DESTROY_HWC, hdr, None, "DESTROY_HWC")
+            kv(log, logging.INFO, "hwc destroyed")
+        except (SmcError, DeviceMissing) as e:
+            kv(log, logging.ERROR, "destroy hwc failed", error=e)

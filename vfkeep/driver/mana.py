@@ -1,0 +1,335 @@
+"""ManaDevice: a GDMA driver plus the MANA (BNIC) device on it, its vports, save and restore.
+
+Entry points for the worker:
+- `ManaDevice.new(backing, dma, pci_id)`: fresh init of a device that has no HWC;
+- `create_fresh(open_device, set_reset_method, dma, pci_id)`: the NoReset -> FLR retry around `new`
+  (servicing spec 6.4);
+- `ManaDevice.restore(backing, dma, pci_id, saved)`: keepalive restore (servicing spec 6.3);
+- `dev.open_vport(i)`, `dev.save()`, `dev.shutdown()`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from vfkeep.gdma.constants import DRV_DEFAULT_LINK_SPEED_BPS, HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS
+from vfkeep.gdma.hwc import GdmaDevId
+from vfkeep.log import kv
+from vfkeep.memory import DmaError, DmaManager
+from vfkeep.memory.dma_manager import DmaClient
+from vfkeep.proto import mana_driver_pb2
+
+from .backing import DeviceBacking
+from .bnic_driver import BnicDriver
+from .errors import BringUpError, CreateFailed, DriverError, RestoreError, RestoredMemoryNotFound
+from .gdma_driver import GdmaDriver, map_bar0
+from .save_restore import check_hwc_block, decode_device_state, restore_gdma, save_gdma, validate_gdma_state
+from .vport import Vport, VportConfig
+
+log = logging.getLogger("vfkeep.driver.mana")
+
+#: VTL2 processors the driver spreads interrupts over: vector 0 carries the HWC, data EQs use the others.
+DEFAULT_NUM_VPS = 2
+
+
+def client_names(pci_id: str) -> tuple[str, str]:
+    """(persistent, ephemeral) DMA client names of a NIC (servicing spec 4)."""
+    return f"nic_{pci_id}", f"nic_{pci_id}_ephemeral"
+
+
+def release_pending_buffers(dma: DmaManager, pci_id: str) -> int:
+    """Attach and free every saved pool allocation of this NIC (spec 6.2 "attach then drop"): for a NIC
+    whose saved state will not be restored. Returns the number of pages freed."""
+    client = dma.new_client(client_names(pci_id)[0], persistent=True)
+    try:
+        blocks = client.attach_pending_buffers()
+        for block in blocks:
+            block.free()
+        return sum(b.pages for b in blocks)
+    finally:
+        client.close()
+
+
+class ManaDevice:
+    """One MANA NIC: its GDMA driver, the MANA device id and configuration, and open vports."""
+
+    def __init__(self, gdma: GdmaDriver, pci_id: str, persistent: DmaClient | None, ephemeral: DmaClient):
+        self.gdma = gdma
+        self.pci_id = pci_id
+        self.persistent = persistent
+        self.ephemeral = ephemeral
+        self.dev_id: GdmaDevId | None = None
+        self.bnic: BnicDriver | None = None
+        self.dev_config = None
+        self.vports: dict[int, Vport] = {}
+        self._link: dict[int, bool] = {}
+        self.closed = False
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def new(cls, backing: DeviceBacking, dma: DmaManager, pci_id: str, *, persistent_hwc: bool | None = None,
+            num_vps: int = DEFAULT_NUM_VPS) -> ManaDevice:
+        """Fresh init (gdma spec 13.1 steps 1-11). The HWC buffer comes from the private pool when
+        `persistent_hwc` (default: whenever there is a pool), which is what makes the device savable.
+        On failure the backing is closed and everything allocated is freed."""
+        if persistent_hwc is None:
+            persistent_hwc = dma.has_pool
+        persistent = ephemeral = None
+        try:
+            persistent, ephemeral = _clients(dma, pci_id, persistent_hwc)
+        except DmaError:
+            backing.close()
+            raise
+        try:
+            gdma = GdmaDriver.new(backing, persistent or ephemeral, num_vps=num_vps)
+        except BaseException:
+            _close_clients(persistent, ephemeral)
+            raise
+        dev = cls(gdma, pci_id, persistent, ephemeral)
+        try:
+            gdma.test_eq()
+            gdma.verify_vf_driver_version()
+            dev.dev_id = gdma.mana_dev_id()
+            gdma.register_device(dev.dev_id)
+            dev._finish_init()
+        except BaseException:
+            dev._abandon()
+            raise
+        kv(log, logging.INFO, "mana device created", pci_id=pci_id, vports=dev.num_vports,
+           hwc_persistent=persistent_hwc)
+        return dev
+
+    @classmethod
+    def restore(cls, backing: DeviceBacking, dma: DmaManager, pci_id: str,
+                saved: mana_driver_pb2.ManaDeviceSavedState | bytes) -> ManaDevice:
+        """Keepalive restore (servicing spec 6.3): validate the saved state, re-attach the HWC buffer from
+        the pool, rebuild the HWC without ESTABLISH_HWC or REGISTER_DEVICE, then continue like a fresh
+        device. On failure the backing is closed, attached pool buffers are freed, and the error is a
+        `RestoreError` (bad state, nothing written) or the driver error that stopped the bring-up."""
+        persistent = ephemeral = None
+        try:
+            state = decode_device_state(saved)
+            if not state.HasField("gdma"):
+                raise RestoreError("saved mana device state has no gdma state")
+            layout = map_bar0(backing)
+            validate_gdma_state(state.gdma, layout, dma.mem.layout.pool, backing.msix_count)
+            try:
+                persistent, ephemeral = _clients(dma, pci_id, True)
+            except DmaError as e:
+                raise RestoreError(f"no persistent dma client for {pci_id}: {e}") from e
+            hwc_mem = _attach_hwc_buffer(persistent, state.gdma.mem.base_pfn)
+        except BaseException:
+            _close_clients(persistent, ephemeral)
+            backing.close()
+            raise
+        try:
+            gdma = restore_gdma(backing, layout, hwc_mem, state.gdma)
+        except BaseException:
+            hwc_mem.free()
+            _close_clients(persistent, ephemeral)
+            backing.close()
+            raise
+        dev = cls(gdma, pci_id, persistent, ephemeral)
+        try:
+            gdma.test_eq()
+            gdma.verify_vf_driver_version()
+            dev.dev_id = gdma.mana_dev_id()
+            dev._finish_init()
+        except BaseException:
+            dev._abandon()
+            raise
+        kv(log, logging.INFO, "mana device restored", pci_id=pci_id, vports=dev.num_vports,
+           base_pfn=hwc_mem.base_pfn, pdid=gdma.pdid, db_id=gdma.db_id)
+        return dev
+
+    def _finish_init(self) -> None:
+        self.bnic = BnicDriver(self.gdma, self.dev_id)
+        self.dev_config = self.bnic.query_dev_config()
+        if self.dev_config.max_num_vports == 0:
+            raise BringUpError("device reports no vports")
+
+    def _abandon(self) -> None:
+        """Drop a half-built device: teardown by the usual table, release the handle and the clients."""
+        self.closed = True
+        try:
+            self.gdma.close()
+        finally:
+            _close_clients(self.persistent, self.ephemeral)
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def num_vports(self) -> int:
+        return self.dev_config.max_num_vports
+
+    @property
+    def link_speed_bps(self) -> int:
+        mbps = self.dev_config.adapter_link_speed_mbps
+        return mbps * 1_000_000 if mbps else DRV_DEFAULT_LINK_SPEED_BPS
+
+    def data_vector(self, vport_index: int) -> int:
+        """MSI-X vector of a vport's EQ: anything but the HWC's vector 0 when there are two or more."""
+        n = self.gdma.num_msix
+        return 1 + vport_index % (n - 1) if n > 1 else 0
+
+    # -- vports ---------------------------------------------------------------------------------
+    def open_vport(self, index: int = 0, config: VportConfig | None = None) -> Vport:
+        """Query the vport, build its EQ and TX/RX queue pairs from ephemeral memory and start traffic."""
+        if self.closed:
+            raise DriverError("mana device is closed")
+        if not 0 <= index < self.num_vports:
+            raise ValueError(f"vport index {index} is not below the device's {self.num_vports} vports")
+        if index in self.vports:
+            raise ValueError(f"vport {index} is already open")
+        vport = Vport(self, index, config or VportConfig())
+        self.vports[index] = vport
+        try:
+            vport._open()
+        except BaseException:
+            vport.close()
+            raise
+        return vport
+
+    def _vport_closed(self, vport: Vport) -> None:
+        if self.vports.get(vport.index) is vport:
+            del self.vports[vport.index]
+
+    def close_vports(self) -> None:
+        for vport in list(self.vports.values()):
+            vport.close()
+
+    # -- events and status ----------------------------------------------------------------------
+    @property
+    def event_fd(self) -> int:
+        """Eventfd of the HWC's vector: readable when the device posted an HWC event (link, reset request)."""
+        return self.gdma.irq.fd(0)
+
+    def poll_events(self) -> list[tuple[int, bool]]:
+        """Handle pending HWC events and deliver link changes; returns them as (vport index, link up)."""
+        if self.closed:
+            return []
+        self.gdma.process_events()
+        toggles = self.gdma.take_link_toggles()
+        for index, up in toggles:
+            self._link[index] = up
+        return toggles
+
+    def link_up(self, vport_index: int) -> bool:
+        self.poll_events()
+        return self._link.get(vport_index, True)
+
+    @property
+    def reset_pending(self) -> bool:
+        return self.gdma.reset_pending
+
+    def query_stats(self) -> dict[str, int]:
+        """Adapter-wide counters (MANA_QUERY_STATS, all of them)."""
+        resp = self.bnic.query_stats()
+        return {name: getattr(resp, name) for name, *_ in resp._fields_ if name != "reported_statistics"}
+
+    # -- save and shutdown ----------------------------------------------------------------------
+    def save(self) -> mana_driver_pb2.ManaDeviceSavedState:
+        """Close the vports (only the HWC survives), save the GDMA driver, release the handle without a reset
+        and without DESTROY_HWC. Refused (SaveFailed subclasses) after an HWC failure or with a reset request
+        pending; the device is then still open and should be shut down."""
+        if self.closed:
+            raise DriverError("mana device is closed")
+        self.close_vports()
+        self.gdma.check_savable()
+        state = mana_driver_pb2.ManaDeviceSavedState(gdma=save_gdma(self.gdma))
+        self.gdma.mark_saved()
+        self.closed = True
+        try:
+            self.gdma.close()
+        finally:
+            _close_clients(self.persistent, self.ephemeral)
+        kv(log, logging.INFO, "mana device state successfully saved for keepalive", pci_id=self.pci_id,
+           base_pfn=state.gdma.mem.base_pfn, activity_id=hex(state.gdma.hwc_activity_id))
+        return state
+
+    def shutdown(self) -> bool:
+        """Normal (non-keepalive) shutdown: vports, DEREGISTER_DEVICE with a 100 ms timeout, DESTROY_HWC
+        (servicing spec 5.3). Returns False if the device was not shut down cleanly; the caller should then
+        switch it to FLR so the next open resets it."""
+        if self.closed:
+            return True
+        self.close_vports()
+        gdma = self.gdma
+        clean = not (gdma.reset_pending or gdma.hwc_failure)
+        if clean:
+            try:
+                gdma.deregister_device(self.dev_id, timeout_ms=HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS)
+            except DriverError as e:
+                clean = False
+                kv(log, logging.ERROR, "deregister device failed", pci_id=self.pci_id, error=e)
+        self.closed = True
+        try:
+            gdma.close()
+        finally:
+            _close_clients(self.persistent, self.ephemeral)
+        kv(log, logging.INFO, "mana device shut down", pci_id=self.pci_id, clean=clean)
+        return clean
+
+
+def _clients(dma: DmaManager, pci_id: str, persistent: bool) -> tuple[DmaClient | None, DmaClient]:
+    p_name, e_name = client_names(pci_id)
+    pclient = dma.new_client(p_name, persistent=True) if persistent else None
+    try:
+        return pclient, dma.new_client(e_name, persistent=False)
+    except BaseException:
+        _close_clients(pclient, None)
+        raise
+
+
+def _close_clients(*clients: DmaClient | None) -> None:
+    for c in clients:
+        if c is not None:
+            c.close()
+
+
+def _attach_hwc_buffer(client: DmaClient, base_pfn: int):
+    """Re-attach this NIC's saved pool buffers, keep the one at `base_pfn`, free the rest (spec 6.2)."""
+    blocks = client.attach_pending_buffers()
+    hwc = next((b for b in blocks if b.base_pfn == base_pfn), None)
+    try:
+        if hwc is None:
+            raise RestoredMemoryNotFound(base_pfn)
+        check_hwc_block(hwc)
+    except RestoreError:
+        for b in blocks:
+            b.free()
+        raise
+    for b in blocks:
+        if b is not hwc:
+            kv(log, logging.INFO, "freeing unused restored buffer", base_pfn=b.base_pfn, pages=b.pages)
+            b.free()
+    return hwc
+
+
+def create_fresh(open_device: Callable[[], DeviceBacking], set_reset_method: Callable[[str], None],
+                 dma: DmaManager, pci_id: str, *, force_flr: bool = False,
+                 **kwargs) -> tuple[ManaDevice, bool]:
+    """Fresh init with the NoReset -> FLR retry of servicing spec 6.4. Returns (device, flr_happened).
+
+    `open_device` opens a new handle (a VfioDevice resets on open when the method is `flr`);
+    `set_reset_method` writes the device's reset method ("none" or "flr"); failing to write it is only a
+    warning. `force_flr` skips the NoReset attempt (DESIGN D2 fallback after a failed restore).
+    """
+    def set_method(method: str) -> None:
+        try:
+            set_reset_method(method)
+        except Exception as e:
+            kv(log, logging.WARNING, "setting reset method failed", pci_id=pci_id, method=method, error=e)
+
+    if not force_flr:
+        set_method("none")
+        try:
+            return ManaDevice.new(open_device(), dma, pci_id, **kwargs), False
+        except (DriverError, OSError) as e:
+            kv(log, logging.WARNING, "fresh init without reset failed; retrying with flr", pci_id=pci_id, error=e)
+    set_method("flr")
+    try:
+        dev = ManaDevice.new(open_device(), dma, pci_id, **kwargs)
+    except (DriverError, OSError) as e:
+        raise CreateFailed(f"failed to create mana device {pci_id}: {e}") from e
+    set_method("none")
+    return dev, True
