@@ -111,9 +111,9 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, w
             server.close()
 
 
-def _call(run_dir: str, op: str, timeout: float | None = None, **args):
+def _call(run_dir: str, op: str, wait: float | None = None, **args):
     try:
-        return control.call(os.path.abspath(run_dir), op, timeout=timeout, **args)
+        return control.call(os.path.abspath(run_dir), op, wait=wait, **args)
     except (control.HostUnavailable, control.HostRefused) as e:
         raise click.ClickException(str(e)) from None
 
@@ -156,7 +156,7 @@ def service_command(run_dir, mana_keepalive, nvme_keepalive, timeout, as_json, t
 @click.option("--json", "as_json", is_flag=True)
 def inspect_command(run_dir, path, as_json):
     """Live tree of the host, worker, devices and last servicing (PATH selects a sub-tree)."""
-    data = _call(run_dir, "inspect", timeout=30, path=path)
+    data = _call(run_dir, "inspect", wait=60, path=path)
     if as_json:
         click.echo(json.dumps(data))
     elif isinstance(data, (dict, list)):
@@ -170,7 +170,7 @@ def inspect_command(run_dir, path, as_json):
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the host to exit")
 def stop_command(run_dir, timeout):
     """Stop the host in --run-dir (NICs shut down, every child ended) and wait for it to exit."""
-    pid = _call(run_dir, "stop", timeout=10)["host_pid"]
+    pid = _call(run_dir, "stop", wait=30)["host_pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _running(pid):

@@ -43,7 +43,7 @@ class ControlServer:
         self.path = socket_path(run_dir)
         if os.path.exists(self.path):
             try:
-                call(run_dir, "status", timeout=2.0)
+                call(run_dir, "status", wait=2.0)
             except HostUnavailable:
                 os.unlink(self.path)  # stale socket of a dead host
             else:
@@ -88,11 +88,12 @@ class ControlServer:
             pass
 
 
-def call(run_dir: str, op: str, timeout: float | None = None, **args) -> Any:
-    """One request to the host in `run_dir`; returns its result or raises HostRefused/HostUnavailable."""
+def call(run_dir: str, op: str, wait: float | None = None, **args) -> Any:
+    """One request to the host in `run_dir` (`wait`: socket timeout, None = forever); returns its result or
+    raises HostRefused/HostUnavailable."""
     path = socket_path(run_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock.settimeout(wait)
     try:
         try:
             sock.connect(path)
@@ -106,7 +107,7 @@ def call(run_dir: str, op: str, timeout: float | None = None, **args) -> Any:
                 raise HostUnavailable(f"host in {run_dir} closed the connection before answering {op!r}")
             buf += chunk
     except socket.timeout:
-        raise HostUnavailable(f"host in {run_dir} did not answer {op!r} within {timeout} s") from None
+        raise HostUnavailable(f"host in {run_dir} did not answer {op!r} within {wait} s") from None
     finally:
         sock.close()
     reply = json.loads(buf)

@@ -36,6 +36,22 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
+DUMP_COLLECTION_S = 0.5
+
+
+def _arm_watchdog(timeout_s: float) -> threading.Timer:
+    """Spec §2.1: die at deadline minus dump-collection time rather than let the host wait forever."""
+    def fire() -> None:
+        kv(log, logging.ERROR, "servicing watchdog fired: save did not finish in time", timeout_s=timeout_s)
+        logging.shutdown()
+        os._exit(71)
+
+    timer = threading.Timer(max(0.0, timeout_s - DUMP_COLLECTION_S), fire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 class Worker:
     """One paravisor generation: DMA manager, one VF manager per NIC, servicing save/restore."""
 
@@ -135,6 +151,13 @@ class Worker:
         if hook is TestConfig.SERVICING_SAVE_STUCK:
             kv(log, logging.WARNING, "test hook: save stuck")
             threading.Event().wait()
+        watchdog = _arm_watchdog(float(msg.get("timeout_s") or 60.0))
+        try:
+            return self._save(msg, hook)
+        finally:
+            watchdog.cancel()
+
+    def _save(self, msg: dict, hook: TestConfig | None) -> dict:
         t_all = time.perf_counter()
         phases: dict[str, float] = {}
         eff = effective_keepalive(self.options, host_mana=bool(msg.get("mana_keepalive")),

@@ -1,0 +1,151 @@
+"""Host mechanics without NICs: result shape, state decode, inspect, D4/D5 hooks, console, bad input."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from servicing_helpers import HostRun
+from vfkeep import proc
+from vfkeep.host import control
+
+RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations", "phases_ms",
+               "blackout_ms", "frames_lost", "error"}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    h = HostRun(tmp_path_factory.mktemp("host0") / "run", nics=0)
+    yield h
+    h.stop()
+
+
+def test_result_shape_and_state_file(host):
+    r = host.service(mana_keepalive=True)
+    assert set(r) == RESULT_KEYS
+    assert r["ok"] and r["error"] is None and r["nics"] == []
+    assert set(r["phases_ms"]) == {"save", "handoff", "restore", "total"}
+    assert r["phases_ms"]["total"] >= r["phases_ms"]["save"]
+    assert r["blackout_ms"] is None and r["frames_lost"] is None
+
+    blob = os.path.join(host.run_dir, "servicing_state.bin")
+    out = host.cli("state", "decode", blob, "--json")
+    assert out.returncode == 0, out.stderr
+    decoded = json.loads(out.stdout)
+    assert decoded["summary"]["dma_manager_state (10001)"] is True  # keepalive effective, no devices
+    assert decoded["summary"]["mana_state (10003)"] is None          # no VF managers: absent, not empty
+    human = host.cli("state", "decode", blob)
+    assert "init_state" in human.stdout and "private_pool" in human.stdout
+
+
+def test_no_keepalive_omits_dma_state(host):
+    r = host.service()
+    assert r["ok"]
+    decoded = json.loads(host.cli("state", "decode", os.path.join(host.run_dir, "servicing_state.bin"),
+                                  "--json").stdout)
+    assert decoded["summary"]["dma_manager_state (10001)"] is False
+
+
+def test_decode_rejects_garbage(host, tmp_path):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\x0f\x00garbage")
+    out = host.cli("state", "decode", str(bad))
+    assert out.returncode != 0 and "not a ServicingState" in out.stderr
+
+
+def test_inspect_paths(host):
+    gen = host.inspect("worker/generation")
+    assert isinstance(gen, int) and gen >= 1
+    assert host.inspect("worker/keepalive") == {"mana": "enabled", "nvme": "disabled"}
+    with pytest.raises(control.HostRefused, match="no 'nope' here"):
+        host.inspect("worker/nope")
+    out = host.cli("inspect", "--run-dir", host.run_dir, "worker/pool")
+    assert out.returncode == 0 and "total_pages" in out.stdout
+
+
+def test_save_stuck_times_out_then_next_servicing_is_fresh_decision(host):
+    """D4: the host gives up after --timeout, ends the worker and starts the next one anyway; D5: the
+    following servicing is decided afresh."""
+    pid = host.inspect("worker/pid")
+    r = host.service(mana_keepalive=True, timeout=1.0, test_config="SERVICING_SAVE_STUCK")
+    assert not r["ok"] and "did not answer within" in r["error"]
+    assert host.inspect("worker/pid") != pid
+    assert host.inspect("worker/restore/servicing_state_bytes") is None  # no state: fresh path
+    assert host.service(mana_keepalive=True)["ok"]
+
+
+def test_save_crash_starts_worker_anyway(host):
+    r = host.service(mana_keepalive=True, test_config="SERVICING_SAVE_CRASH")
+    assert not r["ok"] and "closed its channel" in r["error"]
+    assert host.inspect("worker/restore/servicing_state_bytes") is None
+    assert host.service(mana_keepalive=True)["ok"]
+
+
+def test_save_fail_keeps_worker_running(host):
+    pid = host.inspect("worker/pid")
+    r = host.service(mana_keepalive=True, test_config="SERVICING_SAVE_FAIL")
+    assert not r["ok"] and "SERVICING_SAVE_FAIL" in r["error"]
+    assert host.inspect("worker/pid") == pid
+    assert "SERVICING_SAVE_FAIL" in host.inspect("worker/last_save_error")
+    r = host.service(mana_keepalive=True)  # D5: not sticky
+    assert r["ok"] and host.inspect("worker/pid") != pid
+
+
+def test_restore_stuck_replaced_with_same_state(host):
+    r = host.service(mana_keepalive=True, timeout=1.5, next_env={"VFKEEP_TEST_CONFIG": "SERVICING_RESTORE_STUCK"})
+    assert not r["ok"] and r["error"].startswith("restore:")
+    assert host.inspect("worker/test_config") is None
+    assert host.inspect("worker/restore/servicing_state_bytes") > 0  # the replacement got the blob
+    assert host.service(mana_keepalive=True)["ok"]
+
+
+def test_unknown_test_config_is_ignored(host):
+    r = host.service(mana_keepalive=True, test_config="SERVICING_NONSENSE")
+    assert r["ok"]
+
+
+def test_bad_requests_refused(host):
+    with pytest.raises(control.HostRefused, match="timeout must be positive"):
+        host.service(timeout=-1)
+    with pytest.raises(control.HostRefused, match="bad arguments"):
+        host.service(flavour="x")
+    with pytest.raises(control.HostRefused, match="ops:"):
+        host.call("reboot")
+    out = host.cli("service", "--run-dir", host.run_dir, "--next-env", "NOEQUALS")
+    assert out.returncode == 2 and "KEY=VAL" in out.stderr
+
+
+def test_malformed_env_warns_and_disables(tmp_path):
+    h = HostRun(tmp_path / "run", nics=0, env={"OPENHCL_MANA_KEEP_ALIVE": "1", "OPENHCL_NVME_KEEP_ALIVE": "host, privatepool"})
+    try:
+        assert h.inspect("worker/keepalive") == {"mana": "disabled", "nvme": "disabled"}
+        log = h.worker_log(1)
+        assert "bad keepalive setting" in log and "OPENHCL_MANA_KEEP_ALIVE" in log and "value=1" in log
+        r = h.service(mana_keepalive=True, nvme_keepalive=True)
+        assert r["ok"]
+        decoded = json.loads(h.cli("state", "decode", os.path.join(h.run_dir, "servicing_state.bin"), "--json").stdout)
+        assert decoded["summary"]["dma_manager_state (10001)"] is False  # nothing effective
+    finally:
+        h.stop()
+
+
+def test_console_bad_input_keeps_running(tmp_path):
+    run_dir = tmp_path / "run"
+    script = "\n".join(["frobnicate", "service-vtl2 --bogus", "service-vtl2 --timeout abc", "inspect worker/nope",
+                        "inspect --wat", "status extra", "probe x", "help", "help service-vtl2",
+                        "service-vtl2 --mana-keepalive", "inspect worker/generation", "quit"]) + "\n"
+    r = subprocess.run(proc.vfkeep_argv("run", "--run-dir", str(run_dir), "--nics", "0", "--timing", "natural"),
+                       input=script, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
+    out = r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "unknown command 'frobnicate'" in out
+    assert "unrecognized arguments: --bogus" in out
+    assert "invalid float value: 'abc'" in out
+    assert "no 'nope' here" in out
+    assert "inspect: unexpected '--wat'" in out
+    assert "status takes no arguments" in out
+    assert "NIC and COUNT must be integers" in out
+    assert "service-vtl2" in out and "Service the paravisor" in out
+    assert "servicing ok" in out
+    assert "vfkeep> 2\n" in out
