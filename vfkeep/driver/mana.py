@@ -18,6 +18,7 @@ from vfkeep.log import kv
 from vfkeep.memory import DmaError, DmaManager
 from vfkeep.memory.dma_manager import DmaClient
 from vfkeep.proto import mana_driver_pb2
+from vfkeep.vfio_user import VfioClientError
 
 from .backing import DeviceBacking
 from .bnic_driver import BnicDriver
@@ -30,6 +31,8 @@ log = logging.getLogger("vfkeep.driver.mana")
 
 #: VTL2 processors the driver spreads interrupts over: vector 0 carries the HWC, data EQs use the others.
 DEFAULT_NUM_VPS = 2
+#: What a failed attempt to bring a device up can raise (driver, transport, OS); the retry path catches these.
+DEVICE_ERRORS = (DriverError, VfioClientError, OSError)
 
 
 def client_names(pci_id: str) -> tuple[str, str]:
@@ -324,12 +327,12 @@ def create_fresh(open_device: Callable[[], DeviceBacking], set_reset_method: Cal
         set_method("none")
         try:
             return ManaDevice.new(open_device(), dma, pci_id, **kwargs), False
-        except (DriverError, OSError) as e:
+        except DEVICE_ERRORS as e:
             kv(log, logging.WARNING, "fresh init without reset failed; retrying with flr", pci_id=pci_id, error=e)
     set_method("flr")
     try:
         dev = ManaDevice.new(open_device(), dma, pci_id, **kwargs)
-    except (DriverError, OSError) as e:
+    except DEVICE_ERRORS as e:
         raise CreateFailed(f"failed to create mana device {pci_id}: {e}") from e
     set_method("none")
     return dev, True
