@@ -1,0 +1,90 @@
+"""Test helpers for the driver: the emulator core behind the driver's backing interface, in-process,
+and the emulator as its own process over vfio-user."""
+from __future__ import annotations
+
+import os
+
+from vfkeep.device.core import GdmaDevice
+from vfkeep.device.dma import MappedMemory
+from vfkeep.memory import GuestMemory
+
+
+class EventfdIrqs:
+    """`irq` of the emulator core: raise a vector by writing its eventfd; latch while it has none."""
+
+    def __init__(self):
+        self.fds: dict[int, int] = {}
+        self.latched: set[int] = set()
+
+    def trigger(self, vector: int) -> None:
+        fd = self.fds.get(vector)
+        if fd is None:
+            self.latched.add(vector)
+        else:
+            os.eventfd_write(fd, 1)
+
+
+class InProcessBacking:
+    """`DeviceBacking` straight onto a `GdmaDevice` (no transport); closing is a client disconnect."""
+
+    def __init__(self, device: GdmaDevice, irqs: EventfdIrqs, epoch: int):
+        self.device, self.irqs = device, irqs
+        self.bar0_len = device.bar0.size
+        self.msix_count = 64
+        device.client_connected(epoch)
+
+    def read32(self, offset):
+        return int.from_bytes(self.device.bar0.read(offset, 4), "little")
+
+    def read64(self, offset):
+        return int.from_bytes(self.device.bar0.read(offset, 8), "little")
+
+    def write32(self, offset, value, posted=False):
+        self.device.bar0.write(offset, value.to_bytes(4, "little"))
+
+    def write64(self, offset, value, posted=False):
+        self.device.bar0.write(offset, value.to_bytes(8, "little"))
+
+    def set_irq(self, vector):
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        old = self.irqs.fds.pop(vector, None)
+        if old is not None:
+            os.close(old)
+        self.irqs.fds[vector] = fd
+        if vector in self.irqs.latched:
+            self.irqs.latched.discard(vector)
+            os.eventfd_write(fd, 1)
+        return fd
+
+    def clear_irqs(self):
+        for fd in self.irqs.fds.values():
+            os.close(fd)
+        self.irqs.fds.clear()
+
+    def close(self):
+        self.clear_irqs()
+        self.device.client_disconnected()
+
+
+class InProcessBench:
+    """One emulator core over a guest memory; `connect()` gives a new backing (a new connection epoch)."""
+
+    def __init__(self, mem: GuestMemory, **device_kwargs):
+        self.mem = mem
+        self.irqs = EventfdIrqs()
+        self.device = GdmaDevice(MappedMemory(mem), self.irqs, None, **device_kwargs)
+        self.epoch = 0
+
+    def connect(self, fresh: bool = True) -> InProcessBacking:
+        """Like `VfioDevice.new` (fresh: an flr device is reset on open) or `.restore` (never resets)."""
+        self.epoch += 1
+        backing = InProcessBacking(self.device, self.irqs, self.epoch)
+        if fresh and self.device.reset_method == "flr":
+            self.device.flr("open")
+        return backing
+
+    def set_reset_method(self, method: str) -> None:
+        self.device.reset_method = method
+
+    def log_since(self, seq: int) -> list[str]:
+        return [e["name"] for e in self.device.command_log.since(seq) if e["kind"] != "event"]

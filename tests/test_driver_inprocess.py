@@ -1,0 +1,263 @@
+"""Driver against the emulator core in the same process (no transport): bring-up, data path, save and
+restore, refusals, typed errors. The process-level acceptance tests are in test_driver_process.py."""
+import pytest
+
+from driver_helpers import InProcessBench
+from vfkeep.device import control
+from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
+                                  RestoredMemoryNotFound, RestoreError, SaveRefusedHwcFailure,
+                                  SaveRefusedResetPending, SmcError)
+from vfkeep.driver.mana import ManaDevice, create_fresh
+from vfkeep.driver.vport import VportConfig
+from vfkeep.gdma.constants import MANA_QUERY_STATS
+from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.proto import mana_driver_pb2
+
+LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=64)
+SMALL = VportConfig(tx_wq_size=4096, tx_cq_size=4096, rx_wq_size=4096, rx_cq_size=4096)
+
+FRESH_SEQUENCE = ["SMC_MSG_TYPE_ESTABLISH_HWC", "GDMA_QUERY_MAX_RESOURCES", "GDMA_GENERATE_TEST_EQE",
+                  "GDMA_VERIFY_VF_DRIVER_VERSION", "GDMA_LIST_DEVICES", "GDMA_REGISTER_DEVICE",
+                  "MANA_QUERY_DEV_CONFIG"]
+RESTORE_SEQUENCE = ["GDMA_GENERATE_TEST_EQE", "GDMA_VERIFY_VF_DRIVER_VERSION", "GDMA_LIST_DEVICES",
+                    "MANA_QUERY_DEV_CONFIG"]
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory.create(LAYOUT)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def bench(mem):
+    b = InProcessBench(mem)
+    yield b
+    b.device.close()
+
+
+def frames(n, size=60):
+    return [i.to_bytes(4, "little") * (size // 4) for i in range(n)]
+
+
+def loopback(vport, data):
+    """Send everything, collect everything (the emulator's loopback swaps MACs: compare payloads)."""
+    got, i = [], 0
+    while i < len(data) or len(got) < len(data):
+        i += vport.send(data[i:i + 32])
+        batch = vport.receive(64, timeout=1.0)
+        assert batch or i < len(data), f"stalled at {len(got)} of {len(data)}"
+        got += batch
+    return got
+
+
+def saved_after_bringup(bench, mem):
+    """Fresh device with one vport that passed traffic, saved; returns (state, restored DmaManager)."""
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    loopback(dev.open_vport(0, SMALL), frames(40))
+    state = dev.save()
+    dma_state = dma.save()
+    mem.scrub_worker_ram()
+    new_dma = DmaManager(mem, strict_pool=False)
+    new_dma.restore(dma_state)
+    return state, new_dma
+
+
+def test_fresh_bringup_sequence_and_clean_shutdown(bench, mem):
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    assert bench.log_since(0) == FRESH_SEQUENCE
+    hwc = dev.gdma.hwc
+    assert (hwc.eq.id, hwc.cq.id, hwc.rq.id, hwc.sq.id) == (24, 24, 24, 24)
+    assert dev.gdma.hwc_mem.persistent and LAYOUT.pool.contains_pfn(dev.gdma.hwc_mem.base_pfn, 6)
+    assert dev.num_vports == 1 and dev.link_speed_bps == 200_000_000_000
+    vport = dev.open_vport(0)
+    assert vport.mac == bytes.fromhex("00155d121212")
+    data = frames(700)
+    got = loopback(vport, data)
+    assert [g[12:] for g in got] == [d[12:] for d in data]
+    assert vport.statistics()["rx_frames"] == 700
+    assert dev.query_stats()["hc_out_octets"] == 700 * 60
+    seq = bench.device.command_log.seq
+    assert dev.shutdown() is True
+    assert bench.log_since(seq) == ["MANA_CONFIG_VPORT_RX", "MANA_DESTROY_WQ_OBJ", "MANA_DESTROY_WQ_OBJ",
+                                    "GDMA_DISABLE_QUEUE", "GDMA_DEREGISTER_DEVICE", "SMC_MSG_TYPE_DESTROY_HWC"]
+    assert dma.pool_usage()["allocated_pages"] == 0 and dma.worker_usage()["allocated_pages"] == 0
+    assert not bench.device.state()["hwc_established"]
+
+
+def test_receive_waits_for_interrupt_and_frames_can_be_taken_zero_copy(bench, mem):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    vport = dev.open_vport(0, SMALL)
+    assert vport.receive(8, timeout=0.05) == []  # armed, slept, nothing came
+    assert vport.prepare_wait() is True
+    control.inject_rx(bench.device, 0, (b"\x02" * 6 + b"\x04" * 6 + b"xy" * 30).hex())
+    assert vport.dev.gdma.irq.wait(vport.vector, 1.0)  # the armed queues raised the data vector
+    sizes = []
+    assert vport.receive_into(lambda view: sizes.append(len(view)), 8) == 1 and sizes == [72]
+    dev.shutdown()
+
+
+def test_save_then_restore_without_establish_or_register(bench, mem):
+    state, dma = saved_after_bringup(bench, mem)
+    g = state.gdma
+    assert g.mem.len == 24576 and LAYOUT.pool.contains_pfn(g.mem.base_pfn, 6)
+    assert (g.eq.id, g.cq.id, g.rq.id, g.sq.id) == (24, 24, 24, 24)
+    assert g.rq.head - g.rq.tail == 4096 - 32 and g.sq.head - g.sq.tail == 4096
+    assert g.num_msix == 2 and g.min_queue_avail == 64
+    assert bench.device.state()["hwc_established"] and bench.device.state()["registered"]
+
+    seq = bench.device.command_log.seq
+    blob = mana_driver_pb2.ManaDeviceSavedState.FromString(state.SerializeToString())
+    dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob.SerializeToString())
+    assert bench.log_since(seq) == RESTORE_SEQUENCE
+    first = [e for e in bench.device.command_log.since(seq) if e["kind"] == "hwc"][0]
+    assert first["activity_id"] == (g.hwc_activity_id + 1) & 0xFFFFFFFF
+    assert dma.validate_restore() == []
+    got = loopback(dev.open_vport(0, SMALL), frames(300))
+    assert len(got) == 300
+    names = bench.log_since(seq)
+    assert "SMC_MSG_TYPE_ESTABLISH_HWC" not in names and "GDMA_REGISTER_DEVICE" not in names
+    assert dev.save().gdma.mem.base_pfn == g.mem.base_pfn  # and again, for the next servicing
+
+
+def test_save_refused_after_hwc_failure(bench, mem):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    control.fail_request(bench.device, "QUERY_STATS")
+    with pytest.raises(HwcFailure) as err:
+        dev.query_stats()
+    assert (err.value.request_type, err.value.status) == (MANA_QUERY_STATS, 1)
+    with pytest.raises(HwcFailure, match="earlier HWC failure"):
+        dev.bnic.query_dev_config()
+    with pytest.raises(SaveRefusedHwcFailure, match="cannot save/restore after HWC failure"):
+        dev.save()
+    seq = bench.device.command_log.seq
+    assert dev.shutdown() is False
+    assert bench.log_since(seq) == []  # no DEREGISTER, no DESTROY_HWC after an HWC failure
+
+
+def test_save_refused_with_reset_request_pending(bench, mem):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    vport = dev.open_vport(0, SMALL)
+    control.raise_reset_request(bench.device, revoke_vtl0_vf=True)
+    with pytest.raises(SaveRefusedResetPending, match="reset request pending"):
+        dev.save()
+    assert dev.reset_pending and dev.gdma.events.revoke_vtl0_vf and vport.closed
+    with pytest.raises(ResetRequestPending):
+        dev.bnic.query_dev_config()
+    seq = bench.device.command_log.seq
+    assert dev.shutdown() is False
+    assert bench.log_since(seq) == []
+
+
+def test_link_toggles_are_delivered_and_saved_until_delivered(bench, mem):
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    vport = dev.open_vport(0, SMALL)
+    control.link(bench.device, 0, False)
+    assert vport.link_up is False
+    control.link(bench.device, 0, True)
+    dev.gdma.process_events()  # seen by the driver, not yet delivered
+    state = dev.save()
+    assert [(t.vport_index, t.link_up) for t in state.gdma.link_toggle] == [(0, True)]
+
+
+def test_hwc_timeout_marks_failure_and_reports(bench, mem):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    control.hwc_stall(bench.device)
+    seq = bench.device.command_log.seq
+    with pytest.raises(HwcTimeout) as err:
+        dev.gdma.deregister_device(dev.dev_id, timeout_ms=150)
+    assert "no HWC response" in str(err.value)
+    report = [e for e in bench.device.command_log.since(seq) if e["name"] == "SMC_MSG_TYPE_REPORT_HWC_TIMEOUT"]
+    assert report and report[0]["last_cmd_failed"] == 1 and report[0]["wait_ms"] >= 150
+    assert dev.gdma.hwc_failure
+    with pytest.raises(SaveRefusedHwcFailure):
+        dev.save()
+    dev.shutdown()
+
+
+def test_surprise_removed_device_is_device_missing(bench, mem):
+    control.surprise_removal(bench.device)
+    with pytest.raises(DeviceMissing, match="not present"):
+        ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+
+
+def test_second_establish_is_refused_by_a_device_that_kept_its_hwc(bench, mem):
+    saved_after_bringup(bench, mem)
+    dma = DmaManager(mem, strict_pool=False)
+    with pytest.raises(SmcError, match="ESTABLISH_HWC refused"):
+        ManaDevice.new(bench.connect(fresh=False), dma, "nic1")
+    assert dma.pool_usage()["allocated_pages"] == 0
+
+
+def test_create_fresh_noreset_then_flr(bench, mem):
+    dma = DmaManager(mem, strict_pool=False)
+    dev, flr = create_fresh(bench.connect, bench.set_reset_method, dma, "nic0")
+    assert flr is False and bench.device.counters["reset_count"] == 0
+    dev.save()  # leaves the HWC alive: the next NoReset attempt must fail
+    bench.device.reset_method = "none"
+    dma2 = DmaManager(mem, strict_pool=False)
+    dev, flr = create_fresh(bench.connect, bench.set_reset_method, dma2, "nic1")
+    assert flr is True and bench.device.counters["reset_count"] == 1
+    assert bench.device.reset_method == "none"
+    assert len(loopback(dev.open_vport(0, SMALL), frames(10))) == 10
+    dev.shutdown()
+
+
+def _restore_expecting(bench, mem, mutate, error, match):
+    state, dma = saved_after_bringup(bench, mem)
+    mutate(state.gdma)
+    blob = state.SerializeToString()
+    before = mem.read(0, mem.size)
+    seq = bench.device.command_log.seq
+    with pytest.raises(error, match=match):
+        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob)
+    assert mem.read(0, mem.size) == before, "a refused restore wrote guest memory"
+    assert bench.log_since(seq) == []
+    return dma
+
+
+def test_restore_with_wrong_base_pfn_frees_attached_buffers(bench, mem):
+    dma = _restore_expecting(bench, mem, lambda g: setattr(g.mem, "base_pfn", g.mem.base_pfn + 6),
+                             RestoredMemoryNotFound, r"gdma restored memory not found for base_pfn \d+")
+    usage = dma.pool_usage()
+    assert usage["allocated_pages"] == 0 and usage["pending_pages"] == 0
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda g: setattr(g.mem, "base_pfn", 3), "outside the private pool"),
+    (lambda g: setattr(g.eq, "size", 3000), "eq size 3000 must be a power of two"),
+    (lambda g: setattr(g.cq, "size", 8192), "cq size 8192 must be a power of two in"),
+    (lambda g: setattr(g.rq, "mask", 8191), "rq size 8192"),
+    (lambda g: setattr(g.sq, "id", 1 << 24), "24 bits"),
+])
+def test_restore_with_bad_field_writes_nothing(bench, mem, mutate, match):
+    dma = _restore_expecting(bench, mem, mutate, RestoreError, match)
+    assert dma.pool_usage()["pending_pages"] == 6  # untouched: the worker's fallback attaches and frees them
+
+
+def test_restore_with_truncated_blob(bench, mem):
+    state, dma = saved_after_bringup(bench, mem)
+    blob = state.SerializeToString()
+    before = mem.read(0, mem.size)
+    for cut in (len(blob) - 1, len(blob) // 2, 3):
+        with pytest.raises(RestoreError):
+            ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob[:cut])
+    assert mem.read(0, mem.size) == before
+
+
+def test_restore_without_gdma_state(bench, mem):
+    _, dma = saved_after_bringup(bench, mem)
+    with pytest.raises(RestoreError, match="no gdma state"):
+        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", b"")
+
+
+def test_bringup_errors_are_typed(bench, mem):
+    control.fail_request(bench.device, "VERIFY_VF_DRIVER_VERSION")
+    dma = DmaManager(mem, strict_pool=False)
+    with pytest.raises(HwcFailure, match="GDMA_VERIFY_VF_DRIVER_VERSION failed with status 1"):
+        ManaDevice.new(bench.connect(), dma, "nic0")
+    assert dma.pool_usage()["allocated_pages"] == 0
