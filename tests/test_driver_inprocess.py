@@ -2,7 +2,8 @@
 restore, refusals, typed errors. The process-level acceptance tests are in test_driver_process.py."""
 import pytest
 
-from driver_helpers import InProcessBench
+from driver_helpers import InProcessBench, loopback, same_payloads
+from driver_helpers import numbered_frames as frames
 from vfkeep.device import control
 from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
                                   RestoredMemoryNotFound, RestoreError, SaveRefusedHwcFailure,
@@ -37,21 +38,6 @@ def bench(mem):
     b.device.close()
 
 
-def frames(n, size=60):
-    return [i.to_bytes(4, "little") * (size // 4) for i in range(n)]
-
-
-def loopback(vport, data):
-    """Send everything, collect everything (the emulator's loopback swaps MACs: compare payloads)."""
-    got, i = [], 0
-    while i < len(data) or len(got) < len(data):
-        i += vport.send(data[i:i + 32])
-        batch = vport.receive(64, timeout=1.0)
-        assert batch or i < len(data), f"stalled at {len(got)} of {len(data)}"
-        got += batch
-    return got
-
-
 def saved_after_bringup(bench, mem):
     """Fresh device with one vport that passed traffic, saved; returns (state, restored DmaManager)."""
     dma = DmaManager(mem, strict_pool=False)
@@ -76,10 +62,9 @@ def test_fresh_bringup_sequence_and_clean_shutdown(bench, mem):
     vport = dev.open_vport(0)
     assert vport.mac == bytes.fromhex("00155d121212")
     data = frames(700)
-    got = loopback(vport, data)
-    assert [g[12:] for g in got] == [d[12:] for d in data]
+    assert same_payloads(loopback(vport, data), data)
     assert vport.statistics()["rx_frames"] == 700
-    assert dev.query_stats()["hc_out_octets"] == 700 * 60
+    assert dev.query_stats()["hc_out_octets"] == 700 * 64
     seq = bench.device.command_log.seq
     assert dev.shutdown() is True
     assert bench.log_since(seq) == ["MANA_CONFIG_VPORT_RX", "MANA_DESTROY_WQ_OBJ", "MANA_DESTROY_WQ_OBJ",

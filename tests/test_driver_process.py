@@ -1,0 +1,118 @@
+"""Driver against the MANA emulator in its own process, over vfio-user: fresh bring-up with 10,000 frames,
+and the keepalive proof (servicing spec 12.1) across two real worker processes with a negative control."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from driver_helpers import loopback, numbered_frames, same_payloads
+from vfkeep import proc
+from vfkeep.device.main import start_device
+from vfkeep.driver.mana import ManaDevice
+from vfkeep.driver.vfio_backing import open_vfio
+from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.vfio_user import control_call
+
+LAYOUT = MemoryLayout(guest_pages=16, worker_pages=1024, pool_pages=64)
+WORKER = pathlib.Path(__file__).with_name("driver_worker.py")
+TRIPWIRES = ("SMC_MSG_TYPE_ESTABLISH_HWC", "GDMA_REGISTER_DEVICE")
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory.create(LAYOUT)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def device(tmp_path):
+    """Factory: start `vfkeep device` with extra args; returns its socket path. Ended by PID at teardown."""
+    procs = []
+
+    def start(*args: str) -> str:
+        sock = str(tmp_path / f"nic{len(procs)}.sock")
+        procs.append(start_device(sock, "--run-dir", str(tmp_path), *args))
+        return sock
+
+    yield start
+    for p in procs:
+        proc.end(p)
+
+
+def ctl(sock: str, cmd: str, **args) -> dict:
+    return control_call(sock + ".ctl", cmd, **args)
+
+
+def run_worker(mode: str, mem: GuestMemory, sock: str, out: pathlib.Path, nframes: int) -> dict:
+    child = proc.spawn([sys.executable, str(WORKER), mode, str(mem.fd), LAYOUT.to_str(), sock, str(out),
+                        str(nframes)], pass_fds=[mem.fd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = child.communicate(timeout=30)
+        assert child.returncode == 0, stderr.decode()
+        return json.loads(stdout)
+    finally:
+        proc.end(child)
+
+
+def test_fresh_bringup_10000_frames_and_clean_shutdown(device, mem):
+    sock = device("--reset-method", "none")
+    dev = ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False), "nic0")
+    frames = numbered_frames(10_000)
+    got = loopback(dev.open_vport(0), frames)
+    assert len(got) == 10_000 and same_payloads(got, frames)
+    counters = ctl(sock, "counters")["counters"]
+    assert counters["in_discards_no_wqe"] == 0 and counters["frames_rx"] == 10_000
+    assert dev.shutdown() is True
+    names = [e["name"] for e in ctl(sock, "command_log")["entries"]]
+    assert names[-3:] == ["GDMA_DEREGISTER_DEVICE", "SMC_MSG_TYPE_DESTROY_HWC", "DISCONNECT"]
+    assert ctl(sock, "state")["hwc_established"] is False
+
+
+def save_and_arm_tripwires(device, mem, tmp_path):
+    """Process 1 brings the NIC up and saves; then ESTABLISH_HWC and REGISTER_DEVICE fail from the next
+    connection epoch on, and the host scrubs worker RAM. Returns (socket, saving epoch, log seq)."""
+    sock = device("--reset-method", "none")
+    saved = run_worker("save", mem, sock, tmp_path, 500)
+    assert "error" not in saved, saved
+    assert saved["traffic"] == {"sent": 500, "received": 500, "intact": True}
+    epoch = ctl(sock, "epoch")["epoch"]
+    seq = ctl(sock, "command_log")["last_seq"]
+    assert ctl(sock, "state")["hwc_established"] and ctl(sock, "state")["registered"]
+    for name in TRIPWIRES:
+        ctl(sock, "fail_request", type=name, mode="from_epoch", epoch=epoch + 1)
+    mem.scrub_worker_ram()
+    return sock, epoch, seq, saved
+
+
+def test_keepalive_restore_in_a_new_process(device, mem, tmp_path):
+    sock, epoch, seq, saved = save_and_arm_tripwires(device, mem, tmp_path)
+    restored = run_worker("restore", mem, sock, tmp_path, 1000)
+    assert "error" not in restored, restored
+    assert restored["base_pfn"] == saved["base_pfn"] and restored["unclaimed"] == 0
+    assert restored["traffic"] == {"sent": 1000, "received": 1000, "intact": True}
+    assert restored["clean_shutdown"] is True
+
+    log = ctl(sock, "command_log", since=seq)["entries"]
+    names = [e["name"] for e in log]
+    assert not set(TRIPWIRES) & set(names), "a non-keepalive command ran after the save"
+    assert not any(e["kind"] == "flr" for e in log)
+    assert ctl(sock, "counters")["counters"]["reset_count"] == 0
+    first = [e["name"] for e in log if e["epoch"] == epoch + 1 and e["kind"] == "hwc"][:4]
+    assert first == ["GDMA_GENERATE_TEST_EQE", "GDMA_VERIFY_VF_DRIVER_VERSION", "GDMA_LIST_DEVICES",
+                     "MANA_QUERY_DEV_CONFIG"]
+    assert names[-2:] == ["SMC_MSG_TYPE_DESTROY_HWC", "DISCONNECT"]  # clean shutdown reached the old HWC
+
+
+def test_negative_control_fresh_init_trips_the_wires(device, mem, tmp_path):
+    sock, epoch, seq, _ = save_and_arm_tripwires(device, mem, tmp_path)
+    fresh = run_worker("fresh", mem, sock, tmp_path, 10)
+    assert fresh["freed_pages"] == 6
+    assert fresh["error"]["type"] == "CreateFailed", fresh
+    log = ctl(sock, "command_log", since=seq)["entries"]
+    establish = [e for e in log if e["name"] == "SMC_MSG_TYPE_ESTABLISH_HWC"]
+    assert len(establish) == 2 and all(e["status"] == 1 for e in establish)  # NoReset attempt, then after FLR
+    assert any(e["kind"] == "flr" for e in log)
+    assert ctl(sock, "get_reset_method")["value"] == "flr"  # left for the next open to reset
