@@ -7,7 +7,8 @@ Frame format (an Ethernet II frame, multi-byte payload fields in network byte or
     6      6     source MAC
     12     2     ethertype 0x88B5 (IEEE 802 local experimental)
     14     4     magic 'VFKT'
-    18     4     CRC-32 of the whole frame with this field taken out (catches poison / torn copies)
+    18     4     CRC-32 of the frame from the ethertype on, this field taken out (catches poison / torn
+                 copies; the MACs are left out because the loopback backend swaps them)
     22     8     sequence number
     30     8     send time, CLOCK_MONOTONIC ns (system-wide, comparable across processes)
     38     ...   zero padding up to the requested size (>= 60, the Ethernet minimum without FCS)
@@ -46,7 +47,7 @@ class TrafficFrame:
 
 
 def _crc(frame: bytes | memoryview) -> int:
-    return zlib.crc32(frame[_CRC_OFF + 4:], zlib.crc32(frame[:_CRC_OFF]))
+    return zlib.crc32(frame[_CRC_OFF + 4:], zlib.crc32(frame[12:_CRC_OFF]))
 
 
 def make_frame(seq: int, size: int, now_ns: int, src_mac: bytes, dst_mac: bytes) -> bytes:

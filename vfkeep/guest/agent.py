@@ -1,0 +1,605 @@
+"""Guest traffic agent: one process per NIC that offers paced traffic on the guest channel and measures it.
+
+The agent plays the guest of DESIGN §7: it pushes sequence-numbered, timestamped frames
+(`make_frame`) into the NIC's guest->worker ring at a set rate and size and pops what comes back
+on the worker->guest ring (the loopback backend returns each frame with its MACs swapped). It
+runs across servicings untouched, so its records show exactly what the guest saw while the
+worker was replaced: the blackout, and every frame that never came back.
+
+Records are kept for the whole life of the process, compactly: the send time of seq N is
+`sent_ns[N]` (seqs are consecutive from 0 and never reused, even across stop/start), arrivals are
+three parallel arrays. A frame the tx ring refuses (full) still takes a seq, so it shows up as
+lost — counted by the ring's `dropped_full` and the agent's `tx_ring_full` — never silently.
+
+Control: JSON lines on a UNIX socket, one request per line, one reply per request::
+
+    {"cmd": "start", "rate": 10000, "size": 128}      -> {"ok": true, "rate": ..., "size": ..., "first_seq": N}
+    {"cmd": "stop"}                                    -> {"ok": true, "sent": N}
+    {"cmd": "stats", "since_ns"|"since_mark": .., "until_ns"|"until_mark": .., "settle_ms": 0}
+                                                       -> {"ok": true, TrafficStats.to_dict() fields, "frames_lost",
+                                                           "lost_tx_ring_full", "window", "settled", "rings", "agent"}
+    {"cmd": "timeline", "bin_ms": 10, <window as for stats>}
+                                                       -> {"ok": true, "t0_ns", "bin_ms", "bins": [...], "marks": [...]}
+    {"cmd": "mark", "label": "service-1-start", "t_ns"?: N}  -> {"ok": true, "label": .., "t_ns": ..}
+    {"cmd": "marks"}                                   -> {"ok": true, "marks": [{"label", "t_ns"}, ...]}
+    {"cmd": "status"}                                  -> {"ok": true, "running", "rate", "size", counters, "rings"}
+    {"cmd": "quit"}                                    -> {"ok": true}, then the agent exits 0 (so does SIGTERM)
+
+Any failure is `{"ok": false, "error": "..."}` and the agent carries on. Times are CLOCK_MONOTONIC
+nanoseconds (`time.monotonic_ns()`), comparable across the processes of one machine, so the
+host can mark servicing windows with its own clock.
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import bisect
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from ..log import kv, setup
+from ..memory.guest_memory import GuestMemory, MemoryLayout
+from ..proc import end, spawn
+from .ring import ChannelLayout, NicChannel, RingError
+from .stats import MIN_FRAME, BadFrame, TrafficStats, make_frame, parse_frame, percentile, windowed_delivery
+
+log = logging.getLogger(__name__)
+
+MAX_RATE = 1_000_000
+MAX_REQUEST = 1 << 16
+#: Replies list at most this many lost seqs (the count is always exact).
+MAX_LOST_SEQS = 1000
+RX_BATCH = 512
+#: Per wake-up the sender sends about this much time's worth of frames (Python cannot wake every 20 us).
+BURST_NS = 500_000
+#: Tokens saved up while the sender could not run are capped at this much time's worth of frames (and at
+#: half the ring), so a scheduling hiccup does not turn into a burst that overflows the ring by itself.
+MAX_CATCH_UP_NS = 10_000_000
+#: How often the control server's loop looks for a shutdown request (bounds the exit latency).
+CONTROL_POLL_S = 0.05
+
+# Per-seq fate in `_status`.
+_PENDING, _RECEIVED, _REFUSED = 0, 1, 2
+
+
+def guest_mac(nic: int) -> bytes:
+    """Locally administered MAC of the guest's side of NIC `nic`."""
+    return bytes((0x02, 0x00, 0x00, 0x00, nic & 0xFF, 0x01))
+
+
+def peer_mac(nic: int) -> bytes:
+    """Destination MAC of the agent's frames; the loopback backend swaps it back to `guest_mac`."""
+    return bytes((0x02, 0x00, 0x00, 0x00, nic & 0xFF, 0x02))
+
+
+class AgentError(Exception):
+    """The agent refused a request or could not be reached/started."""
+
+
+class BadRequest(AgentError):
+    """A control request that cannot be served (unknown command, bad argument, unknown mark)."""
+
+
+class TrafficAgent:
+    """Sender thread, receiver thread and the records; the control server calls its public methods."""
+
+    def __init__(self, channel: NicChannel):
+        self.channel = channel
+        self.src, self.dst = guest_mac(channel.nic), peer_mac(channel.nic)
+        self.max_size = min(channel.tx.max_frame, channel.rx.max_frame)
+        self.rate = 0
+        self.size = 0
+        # Sent side: send time by seq, fate by seq. Appended by the sender under _tx_lock.
+        self._sent_ns = array.array("q")
+        self._status = bytearray()
+        self._tx_lock = threading.Lock()
+        # Receive side, in arrival order. Appended by the receiver under _rx_cond (notified per batch).
+        self._rx_seq = array.array("q")
+        self._rx_send_ns = array.array("q")
+        self._rx_ns = array.array("q")
+        self._rx_cond = threading.Condition()
+        self.counters = {"tx_ring_full": 0, "pacing_shortfall": 0, "rx_other": 0, "rx_bad": 0, "rx_unknown_seq": 0}
+        self.errors: list[str] = []
+        self.marks: list[tuple[str, int]] = []
+        self._control_lock = threading.Lock()  # start/stop from concurrent control connections
+        self._sender: threading.Thread | None = None
+        self._halt = threading.Event()
+        self._closing = threading.Event()
+        self._receiver = threading.Thread(target=self._receive_loop, name="agent-rx", daemon=True)
+        self._receiver.start()
+
+    # -- sending -------------------------------------------------------------------------------
+    def start(self, rate: Any, size: Any) -> dict:
+        """Begin (or re-pace) traffic; seqs continue from where the last run stopped."""
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= MAX_RATE:
+            raise BadRequest(f"rate {rate!r} must be a number of frames/s in (0, {MAX_RATE}]")
+        if not isinstance(size, int) or isinstance(size, bool) or not MIN_FRAME <= size <= self.max_size:
+            raise BadRequest(f"size {size!r} must be an integer number of bytes in [{MIN_FRAME}, {self.max_size}] "
+                             f"(the ring slot payload)")
+        with self._control_lock:
+            self._stop_sender()
+            self.rate, self.size = rate, size
+            self._halt = threading.Event()
+            self._sender = threading.Thread(target=self._send_loop, args=(rate, size, self._halt),
+                                            name="agent-tx", daemon=True)
+            first_seq = len(self._sent_ns)
+            self._sender.start()
+        kv(log, logging.INFO, "traffic started", rate=rate, size=size, first_seq=first_seq)
+        return {"rate": rate, "size": size, "first_seq": first_seq}
+
+    def stop(self) -> dict:
+        with self._control_lock:
+            was_running = self._stop_sender()
+            self.rate = 0
+        kv(log, logging.INFO, "traffic stopped", was_running=was_running, sent=len(self._sent_ns))
+        return {"sent": len(self._sent_ns)}
+
+    def _stop_sender(self) -> bool:
+        if self._sender is None:
+            return False
+        self._halt.set()
+        self._sender.join()
+        self._sender = None
+        return True
+
+    def _send_loop(self, rate: float, size: int, halt: threading.Event) -> None:
+        """Token bucket on the monotonic clock: wake about every BURST_NS, send what is due in one push."""
+        burst = max(1, round(rate * BURST_NS / 1e9))
+        depth = max(burst, min(round(rate * MAX_CATCH_UP_NS / 1e9), self.channel.tx.slots // 2))
+        tokens = float(burst)
+        last = time.monotonic_ns()
+        try:
+            while not halt.is_set():
+                now = time.monotonic_ns()
+                tokens += (now - last) * rate / 1e9
+                last = now
+                if tokens > depth:
+                    self.counters["pacing_shortfall"] += int(tokens - depth)
+                    tokens -= int(tokens - depth)
+                n = int(tokens)
+                if n:
+                    self._send_burst(n, size)
+                    tokens -= n
+                if tokens < burst:
+                    halt.wait((burst - tokens) / rate)
+        except Exception as e:  # a dead sender must show in status/stats, not only on stderr
+            self._fail("sender", e)
+
+    def _send_burst(self, n: int, size: int) -> None:
+        seq = len(self._sent_ns)
+        times, frames = [], []
+        for i in range(n):
+            t = time.monotonic_ns()
+            times.append(t)
+            frames.append(make_frame(seq + i, size, t, self.src, self.dst))
+        with self._tx_lock:  # records first: a frame may come back before push_many returns
+            self._sent_ns.extend(times)
+            self._status.extend(bytes(n))
+        accepted = self.channel.tx.push_many(frames)
+        if accepted < n:
+            self._status[seq + accepted:seq + n] = bytes([_REFUSED]) * (n - accepted)
+            self.counters["tx_ring_full"] += n - accepted
+
+    # -- receiving -----------------------------------------------------------------------------
+    def _receive_loop(self) -> None:
+        rx = self.channel.rx
+        try:
+            while not self._closing.is_set():
+                frames = rx.pop_many(RX_BATCH)
+                if not frames:
+                    rx.doorbell.wait(None)  # close() rings it to end the loop
+                    continue
+                now = time.monotonic_ns()
+                self._record_arrivals(frames, now)
+        except Exception as e:  # a dead receiver must show in status/stats, not only on stderr
+            self._fail("receiver", e)
+
+    def _record_arrivals(self, frames: list[bytes], now: int) -> None:
+        seqs, sends = [], []
+        for f in frames:
+            try:
+                p = parse_frame(f)
+            except BadFrame as e:
+                self.counters["rx_bad"] += 1
+                kv(log, logging.WARNING, "damaged frame received", error=e)
+                continue
+            if p is None:
+                self.counters["rx_other"] += 1
+                continue
+            seqs.append(p.seq)
+            sends.append(p.send_ns)
+        status = self._status
+        with self._rx_cond:
+            for seq in seqs:
+                if 0 <= seq < len(status):
+                    status[seq] = _RECEIVED
+                else:
+                    self.counters["rx_unknown_seq"] += 1
+            self._rx_seq.extend(seqs)
+            self._rx_send_ns.extend(sends)
+            self._rx_ns.extend([now] * len(seqs))
+            self._rx_cond.notify_all()
+
+    def _fail(self, who: str, e: Exception) -> None:
+        self.errors.append(f"{who}: {e}")
+        kv(log, logging.ERROR, "traffic thread failed", thread=who, error=e)
+
+    # -- marks and windows ---------------------------------------------------------------------
+    def mark(self, label: Any, t_ns: Any = None) -> dict:
+        if not isinstance(label, str) or not label:
+            raise BadRequest(f"mark label {label!r} must be a non-empty string")
+        if t_ns is None:
+            t_ns = time.monotonic_ns()
+        elif not isinstance(t_ns, int) or isinstance(t_ns, bool) or t_ns < 0:
+            raise BadRequest(f"mark time {t_ns!r} must be CLOCK_MONOTONIC nanoseconds")
+        self.marks.append((label, t_ns))
+        kv(log, logging.INFO, "mark", label=label, t_ns=t_ns)
+        return {"label": label, "t_ns": t_ns}
+
+    def _mark_time(self, label: Any) -> int:
+        for name, t in reversed(self.marks):
+            if name == label:
+                return t
+        raise BadRequest(f"no mark named {label!r} (marks: {sorted({m for m, _ in self.marks})})")
+
+    def _window_bound(self, args: dict, edge: str) -> int | None:
+        ns, label = args.get(f"{edge}_ns"), args.get(f"{edge}_mark")
+        if ns is not None and label is not None:
+            raise BadRequest(f"give {edge}_ns or {edge}_mark, not both")
+        if label is not None:
+            return self._mark_time(label)
+        if ns is not None and (not isinstance(ns, int) or isinstance(ns, bool)):
+            raise BadRequest(f"{edge}_ns {ns!r} must be CLOCK_MONOTONIC nanoseconds")
+        return ns
+
+    def _window(self, args: dict) -> tuple[int, int, int, int, bool]:
+        """(since_ns, until_ns, first seq, end seq, settled) of the frames sent in the window.
+
+        The window ends no later than now. With settle_ms, waits that long at most for frames of
+        the window that are still in flight; frames the tx ring refused are known lost and not waited for.
+        """
+        since = self._window_bound(args, "since")
+        until = self._window_bound(args, "until")
+        settle_ms = args.get("settle_ms", 0)
+        if not isinstance(settle_ms, (int, float)) or isinstance(settle_ms, bool) or not 0 <= settle_ms <= 60_000:
+            raise BadRequest(f"settle_ms {settle_ms!r} must be a number of milliseconds in [0, 60000]")
+        now = time.monotonic_ns()
+        since = 0 if since is None else since
+        until = now if until is None else min(until, now)
+        with self._tx_lock:
+            lo = bisect.bisect_left(self._sent_ns, since)
+            hi = bisect.bisect_right(self._sent_ns, until)
+        status = self._status
+        pos = lo
+
+        def settled() -> bool:
+            nonlocal pos
+            found = status.find(_PENDING, pos, hi)
+            pos = hi if found < 0 else found
+            return found < 0
+
+        with self._rx_cond:
+            done = self._rx_cond.wait_for(settled, timeout=settle_ms / 1000)
+        return since, until, lo, max(lo, hi), done
+
+    def _records(self, lo: int, hi: int) -> tuple[list, list]:
+        """(seq, send_ns) for seqs [lo, hi) and every arrival of those seqs, in arrival order."""
+        sent_ns = self._sent_ns
+        sent = [(seq, sent_ns[seq]) for seq in range(lo, hi)]
+        with self._rx_cond:
+            n = len(self._rx_ns)
+            # An arrival of a frame sent at or after since cannot be earlier than since.
+            start = bisect.bisect_left(self._rx_ns, sent_ns[lo], 0, n) if lo < hi else n
+            received = [(s, t, r) for s, t, r in zip(self._rx_seq[start:n], self._rx_send_ns[start:n],
+                                                     self._rx_ns[start:n]) if lo <= s < hi]
+        return sent, received
+
+    def stats(self, args: dict) -> dict:
+        since, until, lo, hi, settled = self._window(args)
+        st = TrafficStats.from_records(*self._records(lo, hi))
+        out = st.to_dict()
+        out["lost_seqs_truncated"] = len(out["lost_seqs"]) > MAX_LOST_SEQS
+        out["lost_seqs"] = out["lost_seqs"][:MAX_LOST_SEQS]
+        out.update({
+            "frames_lost": st.lost,
+            "lost_tx_ring_full": self._status.count(_REFUSED, lo, hi),
+            "blackout_start_ns": st.blackout_start_ns, "blackout_end_ns": st.blackout_end_ns,
+            "window": {"since_ns": since, "until_ns": until, "first_seq": lo, "end_seq": hi},
+            "settled": settled,
+            "rings": self.rings(),
+            "agent": self.status(),
+        })
+        return out
+
+    def timeline(self, args: dict) -> dict:
+        """Delivery per bin (windowed_delivery) plus the RTT of the frames sent in each bin, for plots."""
+        bin_ms = args.get("bin_ms", 10)
+        if not isinstance(bin_ms, (int, float)) or isinstance(bin_ms, bool) or bin_ms <= 0:
+            raise BadRequest(f"bin_ms {bin_ms!r} must be a positive number of milliseconds")
+        since, until, lo, hi, _ = self._window(args)
+        st = TrafficStats.from_records(*self._records(lo, hi))
+        if not st.timeline:
+            return {"t0_ns": None, "bin_ms": bin_ms, "bins": [], "marks": self.marks_list()}
+        t0 = st.timeline[0].send_ns
+        bins = windowed_delivery(st.timeline, bin_ms)
+        width = bin_ms * 1e6
+        rtts: list[list[int]] = [[] for _ in bins]
+        for r in st.timeline:
+            if r.recv_ns is not None:
+                rtts[int((r.send_ns - t0) // width)].append(r.recv_ns - r.send_ns)
+        out = []
+        for b, rtt in zip(bins, rtts):
+            rtt.sort()
+            out.append({"start_ms": b.start_ms, "sent": b.sent, "delivered": b.delivered, "lost": b.lost,
+                        "rtt_p50_ms": _ms(percentile(rtt, 50)), "rtt_max_ms": _ms(rtt[-1] if rtt else None)})
+        marks = [dict(m, t_ms=(m["t_ns"] - t0) / 1e6) for m in self.marks_list()]
+        return {"t0_ns": t0, "bin_ms": bin_ms, "bins": out, "marks": marks}
+
+    def marks_list(self) -> list[dict]:
+        return [{"label": label, "t_ns": t} for label, t in self.marks]
+
+    def rings(self) -> dict:
+        return {"tx": self.channel.tx.stats().to_dict(), "rx": self.channel.rx.stats().to_dict()}
+
+    def status(self) -> dict:
+        running = self._sender is not None and self._sender.is_alive()
+        return {"running": running, "rate": self.rate, "size": self.size,
+                "sent": len(self._sent_ns), "received": len(self._rx_ns), **self.counters,
+                "errors": list(self.errors)}
+
+    def close(self) -> None:
+        """Stop both threads; the caller closes the channel and memory afterwards."""
+        with self._control_lock:
+            self._stop_sender()
+        self._closing.set()
+        self.channel.rx.doorbell.ring()
+        self._receiver.join()
+
+
+def _ms(ns: int | None) -> float | None:
+    return None if ns is None else ns / 1e6
+
+
+# -- control server ----------------------------------------------------------------------------
+class _Handler(socketserver.StreamRequestHandler):
+    server: "ControlServer"
+
+    def handle(self) -> None:
+        while True:
+            line = self.rfile.readline(MAX_REQUEST + 1)
+            if not line:
+                return
+            if len(line) > MAX_REQUEST:
+                self._reply({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+                return
+            if not line.strip():
+                continue
+            reply = self.server.dispatch(line)
+            if not self._reply(reply) or self.server.quitting.is_set():
+                return
+
+    def _reply(self, reply: dict) -> bool:
+        try:
+            self.wfile.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+            self.wfile.flush()
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """JSON-lines control socket; a thread per connection, so a slow `stats` does not block a `mark`."""
+
+    daemon_threads = True
+
+    def __init__(self, path: str, agent: TrafficAgent, quitting: threading.Event):
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a dead agent
+        super().__init__(path, _Handler)
+        self.path = path
+        self.agent = agent
+        self.quitting = quitting  # set by `quit` (and by the signal handler); main() waits on it
+
+    def dispatch(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return {"ok": False, "error": f"bad JSON: {e}"}
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            return {"ok": False, "error": 'a request is a JSON object with a string "cmd"'}
+        cmd = req.pop("cmd")
+        a = self.agent
+        window = {"since_ns", "until_ns", "since_mark", "until_mark", "settle_ms"}
+        commands = {  # name: (accepted arguments, handler)
+            "start": ({"rate", "size"}, lambda: a.start(req.get("rate"), req.get("size"))),
+            "stop": (set(), a.stop),
+            "stats": (window, lambda: a.stats(req)),
+            "timeline": (window | {"bin_ms"}, lambda: a.timeline(req)),
+            "mark": ({"label", "t_ns"}, lambda: a.mark(req.get("label"), req.get("t_ns"))),
+            "marks": (set(), lambda: {"marks": a.marks_list()}),
+            "status": (set(), lambda: dict(a.status(), rings=a.rings())),
+            "quit": (set(), self._quit),
+        }
+        if cmd not in commands:
+            return {"ok": False, "error": f"unknown command {cmd!r}; known: {sorted(commands)}"}
+        accepted, handler = commands[cmd]
+        if unknown := sorted(set(req) - accepted):
+            return {"ok": False, "error": f"{cmd}: unknown argument(s) {unknown}; accepted: {sorted(accepted)}"}
+        try:
+            return {"ok": True, **handler()}
+        except BadRequest as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # a bug in one request must not take the guest's traffic down
+            kv(log, logging.ERROR, "control request failed", cmd=cmd, error=repr(e))
+            return {"ok": False, "error": f"{cmd} failed: {e!r}"}
+
+    def _quit(self) -> dict:
+        kv(log, logging.INFO, "quit requested")
+        self.quitting.set()
+        return {}
+
+
+# -- client --------------------------------------------------------------------------------------
+class AgentClient:
+    """Blocking client of one agent's control socket (one connection, requests in turn)."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise AgentError(f"cannot reach traffic agent at {path}: {e}") from e
+        self._rfile = self.sock.makefile("rb")
+
+    def call(self, cmd: str, **args: Any) -> dict:
+        """Send one request; the reply without "ok", or AgentError with the agent's message."""
+        req = {"cmd": cmd, **{k: v for k, v in args.items() if v is not None}}
+        try:
+            self.sock.sendall(json.dumps(req).encode() + b"\n")
+            line = self._rfile.readline()
+        except OSError as e:
+            raise AgentError(f"traffic agent at {self.path}: {cmd} failed: {e}") from e
+        if not line:
+            raise AgentError(f"traffic agent at {self.path} closed the connection during {cmd}")
+        reply = json.loads(line)
+        if not reply.pop("ok", False):
+            raise AgentError(reply.get("error", f"{cmd} failed"))
+        return reply
+
+    def start(self, rate: float, size: int = 128) -> dict:
+        return self.call("start", rate=rate, size=size)
+
+    def stop(self) -> dict:
+        return self.call("stop")
+
+    def stats(self, since_ns: int | None = None, until_ns: int | None = None, *, since_mark: str | None = None,
+              until_mark: str | None = None, settle_ms: float = 0) -> dict:
+        return self.call("stats", since_ns=since_ns, until_ns=until_ns, since_mark=since_mark,
+                         until_mark=until_mark, settle_ms=settle_ms)
+
+    def timeline(self, bin_ms: float = 10, since_ns: int | None = None, until_ns: int | None = None, *,
+                 since_mark: str | None = None, until_mark: str | None = None, settle_ms: float = 0) -> dict:
+        return self.call("timeline", bin_ms=bin_ms, since_ns=since_ns, until_ns=until_ns, since_mark=since_mark,
+                         until_mark=until_mark, settle_ms=settle_ms)
+
+    def mark(self, label: str, t_ns: int | None = None) -> int:
+        return self.call("mark", label=label, t_ns=t_ns)["t_ns"]
+
+    def marks(self) -> list[dict]:
+        return self.call("marks")["marks"]
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def quit(self) -> None:
+        self.call("quit")
+
+    def close(self) -> None:
+        self._rfile.close()
+        self.sock.close()
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- process -------------------------------------------------------------------------------------
+def spawn_agent(mem: GuestMemory | int, mem_layout: MemoryLayout, channel_layout: ChannelLayout, nic: int,
+                tx_fd: int, rx_fd: int, control_path: str, run_dir: str | None = None,
+                ready_timeout: float = 10.0) -> subprocess.Popen:
+    """Start the agent for NIC `nic` (it dies with the caller) and return once its control socket listens.
+
+    The agent reports readiness on a pipe, so there is no window in which the socket path does not
+    answer yet; if it dies first, AgentError carries its exit status.
+    """
+    mem_fd = mem.fd if isinstance(mem, GuestMemory) else mem
+    ready_r, ready_w = os.pipe()
+    argv = [sys.executable, "-m", "vfkeep.guest.agent", "--memfd", str(mem_fd), "--layout", mem_layout.to_str(),
+            "--channel", channel_layout.to_str(), "--nic", str(nic), "--tx-fd", str(tx_fd), "--rx-fd", str(rx_fd),
+            "--control", control_path, "--ready-fd", str(ready_w)]
+    if run_dir is not None:
+        argv += ["--run-dir", str(run_dir)]
+    try:
+        proc = spawn(argv, pass_fds=(mem_fd, tx_fd, rx_fd, ready_w))
+    finally:
+        os.close(ready_w)
+    try:
+        readable, _, _ = select.select([ready_r], [], [], ready_timeout)
+        if readable and os.read(ready_r, 64) == b"ready\n":
+            return proc
+    finally:
+        os.close(ready_r)
+    try:
+        rc = proc.wait(ready_timeout) if readable else None  # EOF: the agent is exiting
+    except subprocess.TimeoutExpired:
+        rc = None
+    if rc is None:
+        end(proc)
+        raise AgentError(f"traffic agent for nic {nic} not ready within {ready_timeout}s")
+    raise AgentError(f"traffic agent for nic {nic} exited with status {rc} before listening"
+                     + (f" (see {run_dir}/guest-agent-{nic}.log)" if run_dir else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vfkeep.guest.agent", description=__doc__.split("\n")[0])
+    p.add_argument("--memfd", type=int, required=True, help="inherited guest memory file descriptor")
+    p.add_argument("--layout", required=True, help="MemoryLayout string (guest=N,worker=N,pool=N)")
+    p.add_argument("--channel", required=True, help="ChannelLayout string (nics=N,slots=N,slot_size=N,base=GPA)")
+    p.add_argument("--nic", type=int, required=True)
+    p.add_argument("--tx-fd", type=int, required=True, help="guest->worker doorbell eventfd")
+    p.add_argument("--rx-fd", type=int, required=True, help="worker->guest doorbell eventfd")
+    p.add_argument("--control", required=True, help="UNIX socket path to serve")
+    p.add_argument("--run-dir", help="log to <run-dir>/guest-agent-<nic>.log (default: stderr)")
+    p.add_argument("--ready-fd", type=int, help="write 'ready' here once the control socket listens, then close it")
+    args = p.parse_args(argv)
+
+    setup(f"guest-agent-{args.nic}", args.run_dir)
+    quit_event = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: quit_event.set())
+
+    try:
+        mem = GuestMemory.attach(args.memfd, MemoryLayout.from_str(args.layout))
+        os.close(args.memfd)  # attach keeps its own duplicate
+        channel = NicChannel.attach(mem, ChannelLayout.from_str(args.channel), args.nic, args.tx_fd, args.rx_fd)
+    except (OSError, ValueError, RingError) as e:
+        kv(log, logging.ERROR, "cannot attach to the guest channel", nic=args.nic, error=repr(e))
+        return 2
+    agent = TrafficAgent(channel)
+    server = ControlServer(args.control, agent, quit_event)
+    serve = threading.Thread(target=server.serve_forever, args=(CONTROL_POLL_S,), name="agent-control", daemon=True)
+    serve.start()
+    kv(log, logging.INFO, "traffic agent ready", nic=args.nic, control=args.control, pid=os.getpid(),
+       max_frame=agent.max_size)
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+
+    quit_event.wait()  # a `quit` request or SIGTERM/SIGINT
+    server.shutdown()
+    server.server_close()
+    os.unlink(args.control)
+    agent.close()
+    channel.close()
+    mem.close()
+    kv(log, logging.INFO, "traffic agent exited", **{k: v for k, v in agent.status().items() if k != "errors"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
