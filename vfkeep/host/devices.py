@@ -11,7 +11,8 @@ from ..vfio_user.control import control_call
 
 log = logging.getLogger("vfkeep.host.device")
 
-ESTABLISH_HWC = "ESTABLISH_HWC"
+#: Command-log name of the SMC message (spec gdma.md §5.2).
+ESTABLISH_HWC = "SMC_MSG_TYPE_ESTABLISH_HWC"
 
 
 def pci_id_for(index: int) -> str:
@@ -32,31 +33,29 @@ class DeviceProcess:
         """Start the emulator with reset_method=none: its state survives a driver disconnect."""
         sock = os.path.join(run_dir, f"nic{index}.sock")
         argv = proc.vfkeep_argv("device", "--socket", sock, "--control", sock + ".ctl", "--reset-method", "none",
-                                "--timing", timing, "--backend", backend, "--run-dir", run_dir,
-                                "--name", f"device-{index}")
-        with open(os.path.join(run_dir, f"device-{index}.stderr"), "ab") as err:
+                                "--timing", timing, "--backend", backend, "--run-dir", run_dir)
+        with open(os.path.join(run_dir, f"device-nic{index}.stderr"), "ab") as err:
             child = proc.spawn(argv, stdout=err, stderr=err)
         kv(log, logging.INFO, "device spawned", index=index, pid=child.pid, socket=sock, backend=backend,
            timing=timing)
         return cls(index, child, sock)
 
     def wait_ready(self, timeout: float) -> None:
-        self.call("get_reset_method", timeout=timeout)
+        self.call("ping", timeout=timeout)
 
     def call(self, cmd: str, timeout: float = 5.0, **args) -> dict:
         return control_call(self.control, cmd, timeout=timeout, **args)
 
     def snapshot(self) -> dict:
         """The device's own reset counter and command-log position, to diff across a servicing."""
-        counters = self.call("counters")
-        log_entries = self.call("command_log")["entries"]
-        return {"reset_count": counters["reset_count"], "log_len": len(log_entries)}
+        return {"reset_count": self.call("counters")["counters"]["reset_count"],
+                "log_seq": self.call("command_log", since=1 << 62)["last_seq"]}
 
     def since(self, before: dict) -> dict:
         """What the device saw since `before`: FLRs and the new command-log entries."""
-        counters = self.call("counters")
-        entries = self.call("command_log")["entries"][before["log_len"]:]
-        return {"device_reset": counters["reset_count"] > before["reset_count"],
+        reset_count = self.call("counters")["counters"]["reset_count"]
+        entries = self.call("command_log", since=before["log_seq"])["entries"]
+        return {"device_reset": reset_count > before["reset_count"],
                 "hwc_established": any(e.get("name") == ESTABLISH_HWC for e in entries),
                 "commands": [e.get("name") for e in entries]}
 

@@ -302,7 +302,7 @@ class Host:
             blob = decode_blob(saved["servicing_state"])
 
         # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
-        if old.wait_exit(5.0) is None:
+        if saved is not None and old.wait_exit(5.0) is None:
             kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
         old.end()
         self.mem.scrub_worker_ram()

@@ -87,7 +87,8 @@ def build_servicing_state(*, nics: list[dict], dma_state, mana_states, correlati
         # vfkeep's guest reaches the NIC through the channel rings, never through a VTL0 VF.
         for _ in range(nic["vports"]):
             netvsp.direction_to_vtl0.add(value=False)
-        index_list.entries.add(mac_address=nic["mac"], adapter_index=nic["adapter_index"])
+        if nic["mac"]:
+            index_list.entries.add(mac_address=nic["mac"], adapter_index=nic["adapter_index"])
     init.flush_logs_result.duration_us = flush_logs_us
     if dma_state is not None:
         init.dma_manager_state.CopyFrom(dma_state)

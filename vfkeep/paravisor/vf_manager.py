@@ -1,7 +1,33 @@
-"""Per-NIC VF manager: DMA clients, MANA device + vport, the restore decision table (spec §6.1, DESIGN D2)."""
+"""Per-NIC VF manager: DMA clients, MANA device + vport, net relay, and the restore decision table.
+
+Restore decision (servicing spec §6.1, with vfkeep's DESIGN D2 fallback); S = saved state for this
+pci_id exists, K = this worker's MANA keepalive config is enabled:
+
+  S  K   path
+  no *   fresh init, NoReset -> FLR (HWC buffer from the pool iff K)            restore_path "fresh"
+  yes no attach + free the saved pool buffers, fresh init NoReset -> FLR        restore_path "fresh"
+  yes yes keepalive restore: no ESTABLISH_HWC, no REGISTER_DEVICE              restore_path "keepalive"
+          ... and if that fails: free the buffers, set FLR, reset, fresh init   restore_path "fallback"
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from ..driver.errors import DeviceMissing, DriverError, SaveFailed
+from ..driver.mana import DEVICE_ERRORS, ManaDevice, create_fresh, release_pending_buffers
+from ..driver.vfio_backing import open_vfio, reset_method_setter
+from ..guest.ring import ChannelLayout, NicChannel
+from ..log import kv
+from ..memory import DmaError, DmaManager, GuestMemory
+from ..proto import mana_driver_pb2
+from ..vfio_user import DeviceMissing as TransportGone
+from .net_relay import NetRelay
+
+log = logging.getLogger("vfkeep.worker.vf")
+
+KEEPALIVE, FRESH, FALLBACK = "keepalive", "fresh", "fallback"
 
 
 @dataclass(frozen=True)
@@ -29,4 +55,214 @@ class NicConfig:
 
 
 class VfManager:
-    """Placeholder until the driver lands."""
+    def __init__(self, cfg: NicConfig, mem: GuestMemory, dma: DmaManager):
+        self.cfg = cfg
+        self.pci_id = cfg.pci_id
+        self.mem = mem
+        self.dma = dma
+        self.dev: ManaDevice | None = None
+        self.vport = None
+        self.relay: NetRelay | None = None
+        self.channel: NicChannel | None = None
+        self.restore_path = FRESH
+        self.error: str | None = None
+        self.flr = False
+        self.create_ms = 0.0
+        self.keepalive = False
+        self.set_reset_method = reset_method_setter(cfg.socket)
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
+               force_fallback: str | None) -> "VfManager":
+        """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
+        with its error (and shows as DeviceMissing at the next save)."""
+        vf = cls(cfg, mem, dma)
+        vf.keepalive = keepalive
+        t = time.perf_counter()
+        try:
+            if force_fallback:
+                vf._fallback(force_fallback)
+            elif saved is not None and keepalive:
+                vf._keepalive_restore(saved)
+            elif saved is not None:
+                kv(log, logging.WARNING, "have saved state from keepalive but restoring on an unsupported host",
+                   pci_id=vf.pci_id)
+                vf._release_saved_buffers()
+                vf._fresh(persistent_hwc=False)
+            else:
+                vf._fresh(persistent_hwc=keepalive)
+        except (*DEVICE_ERRORS, DmaError) as e:
+            vf.error = f"{type(e).__name__}: {e}"
+            vf.dev = vf.vport = None
+            kv(log, logging.ERROR, "nic could not be brought up", pci_id=vf.pci_id, error=vf.error)
+        vf.create_ms = round((time.perf_counter() - t) * 1000, 3)
+        return vf
+
+    def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState) -> None:
+        kv(log, logging.INFO, "restoring gdma driver", pci_id=self.pci_id, base_pfn=saved.mana_device.gdma.mem.base_pfn)
+        try:
+            self.dev = ManaDevice.restore(open_vfio(self.cfg.socket, self.mem, restore=True), self.dma, self.pci_id,
+                                          saved.mana_device)
+            self.vport = self.dev.open_vport(0)
+        except (*DEVICE_ERRORS, DmaError) as e:
+            self._drop_device()
+            self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
+            return
+        self.restore_path = KEEPALIVE
+
+    def _fallback(self, reason: str) -> None:
+        """DESIGN D2: free whatever this NIC still has pending in the pool, switch the device to FLR,
+        reset it and fresh-init. Logged as an error; reported with the reason."""
+        kv(log, logging.ERROR, "falling back to fresh init with flr", pci_id=self.pci_id, reason=reason)
+        self.restore_path, self.error = FALLBACK, reason
+        self._release_saved_buffers()
+        self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
+                                          force_flr=True, persistent_hwc=self.dma.has_pool)
+        self.vport = self.dev.open_vport(0)
+
+    def _fresh(self, persistent_hwc: bool) -> None:
+        """Fresh init with the NoReset -> FLR retry (spec 6.4). A config that claims a pool this boot
+        does not have (E6) gets an ephemeral HWC buffer instead of a dead NIC."""
+        if persistent_hwc and not self.dma.has_pool:
+            self.error = "no sources available for private persistent allocations; HWC buffer is ephemeral"
+            kv(log, logging.ERROR, "keepalive config claims a private pool that does not exist", pci_id=self.pci_id)
+            persistent_hwc = False
+        kv(log, logging.INFO, "creating new VFIO device", pci_id=self.pci_id, persistent_hwc=persistent_hwc)
+        self.restore_path = FRESH
+        self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
+                                          persistent_hwc=persistent_hwc)
+        self.vport = self.dev.open_vport(0)
+
+    def _open_fresh(self):
+        return open_vfio(self.cfg.socket, self.mem)
+
+    def _release_saved_buffers(self) -> None:
+        if self.dma.has_pool:
+            pages = release_pending_buffers(self.dma, self.pci_id)
+            if pages:
+                kv(log, logging.INFO, "freed saved pool buffers", pci_id=self.pci_id, pages=pages)
+
+    def _drop_device(self) -> None:
+        """Give up on a device the keepalive restore brought half up (the FLR that follows cleans the rest)."""
+        if self.dev is not None:
+            try:
+                self.dev.shutdown()
+            except DEVICE_ERRORS as e:
+                kv(log, logging.WARNING, "shutting down the half-restored device failed", pci_id=self.pci_id,
+                   error=str(e))
+        self.dev = self.vport = None
+
+    # -- relay ------------------------------------------------------------------------------
+    def start_relay(self, channel_layout: str) -> None:
+        if self.vport is None:
+            return
+        if self.channel is None:
+            self.channel = NicChannel.attach(self.mem, ChannelLayout.from_str(channel_layout), self.cfg.index,
+                                             self.cfg.tx_bell_fd, self.cfg.rx_bell_fd)
+        self.relay = NetRelay(self.channel, self.vport, self.pci_id)
+        self.relay.start()
+
+    def stop_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+
+    # -- save / shutdown --------------------------------------------------------------------
+    def save(self) -> tuple[str, mana_driver_pb2.ManaSavedState | None]:
+        """Spec §5.2 outcomes: Saved (device kept, handle released without reset), SaveFailed (device
+        switched to FLR and released, so it resets), DeviceMissing (nothing to save)."""
+        if self.dev is None or (self.relay is not None and self.relay.device_missing):
+            kv(log, logging.WARNING, "no device to save", pci_id=self.pci_id)
+            return "DeviceMissing", None
+        try:
+            state = self.dev.save()
+        except SaveFailed as e:
+            self.error = f"save failed: {e}"
+            kv(log, logging.ERROR, "mana save failed, resetting the device", pci_id=self.pci_id, error=str(e))
+            self._set_flr_and_release()
+            return "SaveFailed", None
+        except (DeviceMissing, TransportGone) as e:
+            self.error = f"device missing: {e}"
+            kv(log, logging.WARNING, "device vanished during save", pci_id=self.pci_id, error=str(e))
+            return "DeviceMissing", None
+        except DriverError as e:
+            self.error = f"save failed: {e}"
+            self._set_flr_and_release()
+            return "SaveFailed", None
+        return "Saved", mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
+
+    def _set_flr_and_release(self) -> None:
+        try:
+            self.set_reset_method("flr")
+        except Exception as e:  # noqa: BLE001 - spec 5.2: failing to set it is only a warning
+            kv(log, logging.WARNING, "setting reset method failed", pci_id=self.pci_id, error=str(e))
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Normal shutdown (spec 5.3): vports, DEREGISTER_DEVICE, DESTROY_HWC; an unclean one switches the
+        device to FLR so the next open resets it."""
+        if self.dev is None or self.dev.closed:
+            return
+        try:
+            clean = self.dev.shutdown()
+        except DEVICE_ERRORS as e:
+            kv(log, logging.ERROR, "shutdown failed", pci_id=self.pci_id, error=str(e))
+            clean = False
+        if not clean:
+            try:
+                self.set_reset_method("flr")
+            except Exception as e:  # noqa: BLE001 - only a warning
+                kv(log, logging.WARNING, "setting reset method failed", pci_id=self.pci_id, error=str(e))
+
+    def revive(self) -> None:
+        """After a failed servicing (spec §2.4 leaves these NICs dead, E5): bring the NIC back in this
+        worker. A device saved for keepalive still runs its HWC, so it takes the FLR fallback."""
+        t = time.perf_counter()
+        kept = self.dev is not None and self.dev.gdma.saved
+        try:
+            if kept:
+                self.dev.gdma.hwc_mem.free()
+                self.dev = self.vport = None
+                self._fallback("servicing failed after the device was saved")
+            else:
+                self.dev = self.vport = None
+                self._fresh(persistent_hwc=self.keepalive)
+        except (*DEVICE_ERRORS, DmaError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+            self.dev = self.vport = None
+        self.create_ms = round((time.perf_counter() - t) * 1000, 3)
+
+    # -- reporting --------------------------------------------------------------------------
+    def restore_report(self) -> dict:
+        return {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
+                "create_ms": self.create_ms}
+
+    def emuplat_info(self) -> dict:
+        return {"pci_id": self.pci_id, "mac": self.vport.mac if self.vport else b"", "adapter_index": self.cfg.index,
+                "vports": 1 if self.vport else 0}
+
+    def inspect(self) -> dict:
+        out = {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
+               "create_ms": self.create_ms, "device": None}
+        dev = self.dev
+        if dev is not None and not dev.closed:
+            g = dev.gdma
+            out["device"] = {
+                "pdid": g.pdid, "db_id": g.db_id, "gpa_mkey": g.gpa_mkey, "activity_id": hex(g.activity_id),
+                "num_msix": g.num_msix, "hwc_buffer": {"base_pfn": g.hwc_mem.base_pfn, "pages": g.hwc_mem.pages,
+                                                       "persistent": g.hwc_mem.persistent},
+                "hwc_queues": {q: getattr(g.hwc, q).id for q in ("eq", "cq", "rq", "sq")} if g.hwc else None,
+                "reset_pending": g.reset_pending, "hwc_failure": g.hwc_failure,
+            }
+        if self.vport is not None and not self.vport.closed:
+            out["vport"] = {"index": self.vport.index, "handle": self.vport.handle, "mac": self.vport.mac.hex(":"),
+                            **_queue_ids(self.vport), "stats": asdict(self.vport.stats)}
+        if self.relay is not None:
+            out["relay"] = self.relay.inspect()
+        return out
+
+
+def _queue_ids(vport) -> dict:
+    """Data-path queue ids of an open vport, for inspect (read-only: the relay thread owns the queues)."""
+    return {"eq": vport._eq_id, "sq": vport._sq.id, "tx_cq": vport._tx_cq.id, "rq": vport._rq.id,
+            "rx_cq": vport._rx_cq.id}

@@ -191,7 +191,7 @@ class Worker:
         else:
             # 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked.
             for vf in self.vf_managers:
-                vf.shutdown_for_servicing()
+                vf.shutdown()
                 outcomes.append({"pci_id": vf.pci_id, "save_outcome": "Shutdown", "error": vf.error})
         phases["mana_save"] = _ms(t)
 
@@ -200,8 +200,7 @@ class Worker:
             logging.shutdown()
             os._exit(70)
         if hook is TestConfig.SERVICING_SAVE_FAIL:
-            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", outcomes,
-                                     kept=eff.mana)
+            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", outcomes)
 
         t = time.perf_counter()
         for h in logging.getLogger().handlers:
@@ -216,13 +215,13 @@ class Worker:
            mana_states=-1 if mana_states is None else len(mana_states), total_ms=phases["total"])
         return {"type": "saved", "servicing_state": encode_blob(blob), "nics": outcomes, "phases_ms": phases}
 
-    def _save_failed(self, error: str, outcomes: list[dict], kept: bool) -> dict:
+    def _save_failed(self, error: str, outcomes: list[dict]) -> dict:
         """Spec §2.4 keeps the worker running but leaves saved drivers dead (E5); vfkeep revives them
         through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
         kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
         self.last_save_error = error
         for vf in self.vf_managers:
-            vf.revive(saved_for_keepalive=kept)
+            vf.revive()
             vf.start_relay(self.channel_layout)
         return {"type": "save_failed", "error": error, "nics": outcomes,
                 "revived": [vf.restore_report() for vf in self.vf_managers]}
@@ -305,4 +304,9 @@ def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channe
         raise click.BadParameter(str(e)) from e
     kv(log, logging.INFO, "worker up", generation=generation, compat=compat, nics=len(configs), pid=os.getpid())
     worker = Worker(Channel.from_fd(channel_fd), mem, configs, generation, compat == "downlevel", channel_layout)
-    sys.exit(worker.serve())
+    try:
+        code = worker.serve()
+    except Exception:
+        log.critical("worker crashed", exc_info=True)
+        raise
+    sys.exit(code)
