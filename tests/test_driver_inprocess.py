@@ -85,6 +85,19 @@ def test_receive_waits_for_interrupt_and_frames_can_be_taken_zero_copy(bench, me
     dev.shutdown()
 
 
+def test_change_vector_moves_the_data_interrupt(bench, mem):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    vport = dev.open_vport(0, SMALL)
+    assert vport.vector == 1
+    vport.change_vector(0)
+    assert bench.log_since(0)[-1] == "GDMA_CHANGE_MSIX_FOR_EQ"
+    assert vport.prepare_wait() is True
+    control.inject_rx(bench.device, 0, (b"\x02" * 6 + b"\x04" * 6 + b"z" * 50).hex())
+    assert dev.gdma.irq.wait(0, 1.0)
+    assert len(vport.receive(8)) == 1
+    dev.shutdown()
+
+
 def test_save_then_restore_without_establish_or_register(bench, mem):
     state, dma = saved_after_bringup(bench, mem)
     g = state.gdma

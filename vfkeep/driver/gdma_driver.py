@@ -170,9 +170,14 @@ class GdmaDriver:
     @classmethod
     def new(cls, backing: DeviceBacking, client: DmaClient, *, num_vps: int) -> GdmaDriver:
         """Fresh init: validate BAR0, ESTABLISH_HWC on a new 6-page buffer, consume the bring-up events,
-        post the first receive WQE and query the device's limits (gdma spec 7.3)."""
-        layout = map_bar0(backing)
-        mem = client.allocate_dma_buffer(HWC_BUFFER_LEN)
+        post the first receive WQE and query the device's limits (gdma spec 7.3). On failure the backing
+        is closed and the buffer freed."""
+        try:
+            layout = map_bar0(backing)
+            mem = client.allocate_dma_buffer(HWC_BUFFER_LEN)
+        except BaseException:
+            backing.close()
+            raise
         drv = cls(backing, layout, mem)
         try:
             drv._establish_hwc()

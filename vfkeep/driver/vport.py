@@ -339,6 +339,15 @@ class Vport:
             self._eq.ack()
         return n
 
+    def change_vector(self, vector: int) -> None:
+        """Deliver this vport's interrupts on another MSI-X vector (CHANGE_MSIX_FOR_EQ), e.g. another CPU's."""
+        self._check_open()
+        if not 0 <= vector < self.dev.gdma.num_msix:
+            raise ValueError(f"vector {vector} is not below the {self.dev.gdma.num_msix} vectors in use")
+        if vector != self.vector:
+            self.dev.gdma.change_msix(self.dev.dev_id, self._eq_id, vector)
+            self.vector = vector
+
     # -- status ---------------------------------------------------------------------------------
     @property
     def link_up(self) -> bool:
