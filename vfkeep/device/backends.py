@@ -1,0 +1,180 @@
+"""Packet backends: where a vport's transmitted frames go and where received frames come from.
+
+- `loopback` (default): a frame sent on a vport comes back to the same vport
+  with source and destination MAC swapped (like a reflecting switch port).
+- `udp:HOST:PORT`: every transmitted frame is one datagram to HOST:PORT; every
+  datagram received on the local port is one received frame. The local port
+  is `--udp-listen PORT` (0 = an ephemeral port, reported by the `state`
+  control command as `backend.local_port`).
+- `tap:NAME`: a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI, needs
+  CAP_NET_ADMIN); the device brings the interface up.
+
+udp and tap are one wire shared by all vports: a received frame goes to the
+vport whose MAC is its destination, broadcast/multicast to every vport, and
+with a single vport every frame goes to it (see `GdmaDevice.deliver_wire`).
+Readers run on the device's event loop and drain up to `RX_BATCH` frames per
+wake-up. A backend never raises into the data path: send errors are counted
+(`tx_backend_errors`).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import struct
+
+RX_BATCH = 256
+MAX_DATAGRAM = 65535
+SOCKET_BUFFER = 4 << 20
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_UP = 0x1
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+
+
+class BackendError(Exception):
+    """A backend spec that cannot be parsed or opened."""
+
+
+def swap_macs(frame: bytes) -> bytes:
+    if len(frame) < 12:
+        return frame
+    return frame[6:12] + frame[0:6] + frame[12:]
+
+
+class LoopbackBackend:
+    kind = "loopback"
+
+    def attach(self, dev) -> None:
+        self.dev = dev
+
+    def send(self, vport_index: int, frame: bytes) -> None:
+        self.dev.deliver(vport_index, swap_macs(frame))
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+class UdpBackend:
+    kind = "udp"
+
+    def __init__(self, host: str, port: int, listen_port: int = 0):
+        self.peer = (host, port)
+        self.listen_port = listen_port
+        self.sock: socket.socket | None = None
+
+    def attach(self, dev) -> None:
+        self.dev = dev
+        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        try:
+            sock.bind(("127.0.0.1", self.listen_port))
+        except OSError as e:
+            sock.close()
+            raise BackendError(f"cannot bind UDP port {self.listen_port}: {e}") from e
+        sock.setblocking(False)
+        self.listen_port = sock.getsockname()[1]
+        dev.loop.add_reader(sock.fileno(), self._readable)
+
+    def send(self, vport_index: int, frame: bytes) -> None:
+        try:
+            self.sock.sendto(frame, self.peer)
+        except OSError:
+            self.dev.counters["tx_backend_errors"] += 1
+
+    def _readable(self) -> None:
+        for _ in range(RX_BATCH):
+            try:
+                frame = self.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:  # e.g. ECONNREFUSED left by an earlier send
+                self.dev.counters["rx_backend_errors"] += 1
+                return
+            self.dev.deliver_wire(frame)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.dev.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "peer": f"{self.peer[0]}:{self.peer[1]}", "local_port": self.listen_port}
+
+
+class TapBackend:
+    kind = "tap"
+
+    def __init__(self, name: str):
+        if not name or len(name.encode()) > 15:
+            raise BackendError(f"TAP interface name {name!r} must be 1-15 bytes")
+        self.name = name
+        self.fd: int | None = None
+
+    def attach(self, dev) -> None:
+        self.dev = dev
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"cannot open /dev/net/tun: {e}") from e
+        try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", self.name.encode(), _IFF_TAP | _IFF_NO_PI))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                req = struct.pack("16sH", self.name.encode(), 0)
+                flags = struct.unpack_from("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
+                fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), flags | _IFF_UP))
+        except OSError as e:
+            os.close(fd)
+            raise BackendError(f"cannot set up TAP interface {self.name!r}: {e}") from e
+        self.fd = fd
+        dev.loop.add_reader(fd, self._readable)
+
+    def send(self, vport_index: int, frame: bytes) -> None:
+        try:
+            os.write(self.fd, frame)
+        except OSError:
+            self.dev.counters["tx_backend_errors"] += 1
+
+    def _readable(self) -> None:
+        for _ in range(RX_BATCH):
+            try:
+                frame = os.read(self.fd, MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.dev.counters["rx_backend_errors"] += 1
+                return
+            self.dev.deliver_wire(frame)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.dev.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "name": self.name}
+
+
+def parse_backend(spec: str, udp_listen: int = 0):
+    """`loopback` | `udp:HOST:PORT` | `tap:NAME` → an unattached backend."""
+    kind, _, rest = spec.partition(":")
+    if kind == "loopback" and not rest:
+        return LoopbackBackend()
+    if kind == "udp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return UdpBackend(host, int(port), udp_listen)
+    if kind == "tap" and rest:
+        return TapBackend(rest)
+    raise BackendError(f"bad backend {spec!r}: expected loopback, udp:HOST:PORT or tap:NAME")
+
+
+__all__ = ["LoopbackBackend", "UdpBackend", "TapBackend", "BackendError", "parse_backend", "swap_macs"]

@@ -1,0 +1,435 @@
+"""`GdmaDevice`: the MANA emulator's state and behaviour, independent of the transport.
+
+The core is given three things: `dma` (`view/read/write(iova, ...)`, raising a
+DMA fault outside the mapped ranges), `irq` (`trigger(vector)`) and `loop`
+(`call_later(delay_s, cb)`, `add_reader(fd, cb)`, `remove_reader(fd)`). Over
+vfio-user these are the server's; in-process they can be a `MappedMemory`
+over a `GuestMemory`, a recorder and a small loop. BAR0, config space and
+BAR4 are `bar0`, `config`, `msix_bar` (`read(offset, size)` / `write(offset,
+data)`).
+
+Reset and timing (DESIGN D6, vfio-user spec §5.4):
+- `reset_method` "none": a disconnect keeps everything (HWC, queues with
+  their counters and armed flags, posted receive WQEs, DMA regions,
+  registration) and the data path keeps running: received frames land in
+  posted buffers while the driver's memory is mapped, and are counted as
+  drops otherwise. DEVICE_RESET is refused by the transport.
+- "flr": DEVICE_RESET, or a disconnect, is a function-level reset: all
+  function state returns to power-on defaults (`_power_on`). Counters, the
+  command log, fault rules, link state and surprise removal survive: they
+  belong to the test bench / the wire, not to the function.
+- Timing profiles: `natural` models nothing; `realistic` models FLR = 100 ms
+  (PCIe requires software to wait 100 ms after initiating an FLR before it
+  touches the function) and 1 ms per HWC request (a management command is
+  a round trip through the NIC's firmware; about a millisecond makes a fresh
+  bring-up of ~20 requests cost ~20 ms, so what keepalive saves is visible,
+  while tests stay fast). The FLR blocks the device (the function is
+  unavailable while it resets); HWC latency is scheduled on the loop so the
+  data path keeps running. `modelled_flr_ms_total` / `modelled_hwc_ms_total`
+  count the modelled time so tests need no wall clock.
+
+Queue ids: lowest free per kind from 24; unlike the reference emulator,
+which never returns them, ids go back to their pool when the owning queue is
+destroyed (DISABLE_QUEUE, DESTROY_WQ_OBJ, DESTROY_HWC, FLR), so a
+re-established HWC gets id 24 again and nothing leaks across HWC
+re-establishment.
+
+A DMA fault is never an exception out of the device: it is counted
+(`dma_faults`) and the request or completion carries an error.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from vfkeep.gdma.constants import (
+    DB_CQ,
+    DB_EQ,
+    DB_RQ,
+    DB_RQ_CLIENT_DATA,
+    DB_SQ,
+    EMU_DB_PAGE_SIZE,
+    EMU_MANA_DEV_INSTANCE,
+    EMU_NUM_CQ,
+    EMU_NUM_EQ,
+    EMU_NUM_RQ,
+    EMU_NUM_SQ,
+    EMU_QUEUE_ID_OFFSET,
+    GDMA_DEVICE_MANA,
+    PAGE_SIZE,
+)
+from vfkeep.gdma.hwc import GdmaDevId
+from vfkeep.gdma.regs import CqEqDoorbellValue, WqDoorbellValue
+from vfkeep.vfio_user.dma import DmaFault
+
+from .backends import LoopbackBackend
+from .bar0 import Bar0
+from .bnic import STAT_NAMES
+from .faults import CommandLog, FaultInjector
+from .hwc import Hwc
+from .pci import ConfigSpace, MsixBar
+from .queues import Cq, Eq, IdPool, QueueMemory, Wq
+from .requests import DmaRegions, Refused
+from .smc import Smc
+from .vport import Vport
+
+log = logging.getLogger("vfkeep.device")
+
+DEFAULT_MAC = bytes.fromhex("00155d121212")
+RESET_METHODS = ("none", "flr")
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    flr_ms: float
+    hwc_ms: float
+
+
+TIMINGS = {"natural": Timing("natural", 0, 0), "realistic": Timing("realistic", 100, 1)}
+
+COUNTERS = (
+    "reset_count", "modelled_flr_ms_total", "modelled_hwc_ms_total",
+    "smc_messages", "smc_failures", "hwc_requests", "hwc_requests_failed", "bad_requests", "malformed_wqes",
+    "dma_faults", "bad_doorbells", "ignored_doorbells", "eqes_posted", "cqes_posted", "interrupts",
+    "lost_notifications",
+    "frames_tx", "bytes_tx", "tx_errors", "tx_dropped_link_down", "tx_backend_errors",
+    "frames_rx", "bytes_rx", "rx_truncated", "rx_errors", "rx_dropped_unmapped", "rx_dropped_link_down",
+    "rx_dropped_no_vport", "rx_dropped_removed", "rx_backend_errors",
+    *STAT_NAMES,
+)
+
+
+def vport_mac(base: bytes, index: int) -> bytes:
+    """MAC of vport `index`: the base MAC plus `index` (as a 48-bit number)."""
+    return ((int.from_bytes(base, "big") + index) % (1 << 48)).to_bytes(6, "big")
+
+
+class GdmaDevice:
+    """One MANA VF: BAR0, SMC, HWC, GDMA/BNIC state, vports and the data path."""
+
+    DMA_ERRORS: tuple[type[BaseException], ...] = (DmaFault,)
+
+    def __init__(self, dma, irq, loop=None, *, vports: int = 1, mac: bytes = DEFAULT_MAC, backend=None,
+                 timing: str = "natural", reset_method: str = "none", name: str = "mana0"):
+        if vports < 1:
+            raise ValueError(f"a device needs at least one vport, got {vports}")
+        self.dma, self.irq, self.loop, self.name = dma, irq, loop, name
+        self.timing = TIMINGS[timing]
+        self.reset_method = reset_method
+        self.counters: dict[str, int | float] = dict.fromkeys(COUNTERS, 0)
+        self.command_log = CommandLog()
+        self.faults = FaultInjector()
+        self.epoch = 0
+        self.connected = False
+        self.removed = False
+        self.hwc_stalled = False
+        self.mana_dev_id = GdmaDevId(ty=GDMA_DEVICE_MANA, instance=EMU_MANA_DEV_INSTANCE).to_int()
+        self.pools = {"SQ": IdPool(EMU_NUM_SQ, EMU_QUEUE_ID_OFFSET), "RQ": IdPool(EMU_NUM_RQ, EMU_QUEUE_ID_OFFSET),
+                      "CQ": IdPool(EMU_NUM_CQ, EMU_QUEUE_ID_OFFSET), "EQ": IdPool(EMU_NUM_EQ, EMU_QUEUE_ID_OFFSET)}
+        self.vports = [Vport(self, i, vport_mac(mac, i)) for i in range(vports)]
+        self.bar0 = Bar0(self)
+        self.config = ConfigSpace()
+        self.msix_bar = MsixBar()
+        self.hwc: Hwc | None = None
+        self._power_on()
+        self.backend = backend if backend is not None else LoopbackBackend()
+        self.backend.attach(self)
+
+    @property
+    def reset_method(self) -> str:
+        return self._reset_method
+
+    @reset_method.setter
+    def reset_method(self, value: str) -> None:
+        if value not in RESET_METHODS:
+            raise ValueError(f"reset_method {value!r} is not one of {RESET_METHODS}")
+        self._reset_method = value
+
+    def _power_on(self) -> None:
+        """Function state at power-on / after FLR."""
+        if self.hwc is not None:
+            self.hwc.stopped = True
+        for pool in self.pools.values():
+            pool.reset()
+        self.eqs: dict[int, Eq] = {}
+        self.cqs: dict[int, Cq] = {}
+        self.sqs: dict[int, Wq] = {}
+        self.rqs: dict[int, Wq] = {}
+        self.regions = DmaRegions()
+        self.registered = False
+        self.driver_info: dict | None = None
+        self.hwc = None
+        self.smc = Smc(self)
+        for vport in self.vports:
+            vport.reset()
+
+    # -- connection and reset ---------------------------------------------------------------------
+    def client_connected(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.connected = True
+        self.command_log.add("event", "CONNECT", epoch)
+
+    def client_disconnected(self, reset: bool = True) -> None:
+        """The driver is gone. With `flr` this resets the function unless the caller (the vfio-user
+        server, which calls `reset()` itself) passes `reset=False`."""
+        self.connected = False
+        self.command_log.add("event", "DISCONNECT", self.epoch, reset_method=self.reset_method)
+        if reset and self.reset_method == "flr":
+            self.flr("disconnect")
+
+    def flr(self, reason: str) -> None:
+        """Function-level reset: wipe the function and spend the modelled FLR time (blocking)."""
+        self._power_on()
+        self.counters["reset_count"] += 1
+        self.counters["modelled_flr_ms_total"] += self.timing.flr_ms
+        self.command_log.add("flr", "FLR", self.epoch, reason=reason, modelled_ms=self.timing.flr_ms)
+        log.info("FLR (%s), modelled %s ms", reason, self.timing.flr_ms)
+        if self.timing.flr_ms:
+            time.sleep(self.timing.flr_ms / 1000)
+
+    def call_later(self, delay_s: float, callback) -> None:
+        self.loop.call_later(delay_s, callback)
+
+    # -- HWC lifetime (SMC) -----------------------------------------------------------------------
+    def establish_hwc(self, eq_addr: int, cq_addr: int, rq_addr: int, sq_addr: int, msix: int) -> str | None:
+        """Create the HWC queues on four pages and post the bring-up EQEs; an error string on failure."""
+        for what, addr in (("EQ", eq_addr), ("CQ", cq_addr), ("RQ", rq_addr), ("SQ", sq_addr)):
+            try:
+                self.dma.view(addr, PAGE_SIZE)
+            except self.DMA_ERRORS:
+                self.dma_fault(f"HWC {what} page", addr)
+                return f"HWC {what} page {addr:#x} is not DMA-mapped"
+        try:
+            eq = self.create_eq(QueueMemory([eq_addr], 0, PAGE_SIZE), msix)
+            try:
+                rq, cq = self.create_wq_cq("RQ", QueueMemory([rq_addr], 0, PAGE_SIZE),
+                                           QueueMemory([cq_addr], 0, PAGE_SIZE), eq)
+            except Refused:
+                self.destroy_eq(eq)
+                raise
+            sq = self._create_wq("SQ", QueueMemory([sq_addr], 0, PAGE_SIZE))
+        except Refused as e:
+            return str(e)
+        hwc = self.hwc = Hwc(self, eq, cq, rq, sq)
+        rq.on_doorbell = sq.on_doorbell = hwc.doorbell
+        try:
+            hwc.post_bringup_eqes()
+        except self.DMA_ERRORS:
+            self.dma_fault("HWC EQ", eq.id)
+            self.destroy_hwc()
+            return "HWC EQ became unreachable during bring-up"
+        return None
+
+    def destroy_hwc(self) -> None:
+        hwc = self.hwc
+        if hwc is None:
+            return
+        hwc.stopped = True
+        self.destroy_wq_cq(hwc.rq, hwc.cq)
+        self._destroy_wq(hwc.sq)
+        self.destroy_eq(hwc.eq)
+        self.hwc = None
+
+    # -- queue objects ----------------------------------------------------------------------------
+    def _alloc(self, kind: str) -> int:
+        qid = self.pools[kind].alloc()
+        if qid is None:
+            raise Refused(f"no free {kind} id")
+        return qid
+
+    def create_eq(self, mem: QueueMemory, msix: int) -> Eq:
+        eq = Eq(self, self._alloc("EQ"), mem, msix)
+        self.eqs[eq.id] = eq
+        return eq
+
+    def destroy_eq(self, eq: Eq) -> None:
+        eq.alive = False
+        del self.eqs[eq.id]
+        self.pools["EQ"].release(eq.id)
+
+    def _create_wq(self, kind: str, mem: QueueMemory) -> Wq:
+        wq = Wq(self, self._alloc(kind), kind, mem)
+        (self.sqs if kind == "SQ" else self.rqs)[wq.id] = wq
+        return wq
+
+    def _destroy_wq(self, wq: Wq) -> None:
+        del (self.sqs if wq.kind == "SQ" else self.rqs)[wq.id]
+        self.pools[wq.kind].release(wq.id)
+
+    def create_wq_cq(self, kind: str, wq_mem: QueueMemory, cq_mem: QueueMemory, parent: Eq) -> tuple[Wq, Cq]:
+        wq = self._create_wq(kind, wq_mem)
+        try:
+            cq = Cq(self, self._alloc("CQ"), cq_mem, parent)
+        except Refused:
+            self._destroy_wq(wq)
+            raise
+        self.cqs[cq.id] = cq
+        return wq, cq
+
+    def destroy_wq_cq(self, wq: Wq, cq: Cq) -> None:
+        self._destroy_wq(wq)
+        del self.cqs[cq.id]
+        self.pools["CQ"].release(cq.id)
+
+    # -- doorbells and notifications --------------------------------------------------------------
+    def doorbell(self, offset: int, value: int) -> None:
+        """An 8-byte write at `offset` in the doorbell zone (only page 0 exists)."""
+        queue_offset = offset % EMU_DB_PAGE_SIZE
+        if queue_offset in (DB_SQ, DB_RQ):
+            db = WqDoorbellValue.from_int(value)
+            wq = (self.sqs if queue_offset == DB_SQ else self.rqs).get(db.id)
+            if wq is None:
+                self.counters["bad_doorbells"] += 1
+            elif wq.doorbell(db.tail):
+                wq.on_doorbell()
+            else:
+                self.counters["ignored_doorbells"] += 1
+        elif queue_offset in (DB_CQ, DB_EQ):
+            db = CqEqDoorbellValue.from_int(value)
+            queue = (self.cqs if queue_offset == DB_CQ else self.eqs).get(db.id)
+            if queue is None:
+                self.counters["bad_doorbells"] += 1
+            else:
+                queue.doorbell(db.tail, bool(db.arm))
+        elif queue_offset != DB_RQ_CLIENT_DATA:
+            self.counters["bad_doorbells"] += 1
+
+    def interrupt(self, vector: int) -> None:
+        self.counters["interrupts"] += 1
+        self.irq.trigger(vector)
+
+    def post_eqe(self, eq: Eq, event_type: int, payload: bytes = b"") -> bool:
+        try:
+            eq.post(event_type, payload)
+            return True
+        except self.DMA_ERRORS:
+            self.dma_fault("EQ", eq.id)
+            return False
+
+    def dma_fault(self, what: str, where: int) -> None:
+        self.counters["dma_faults"] += 1
+        log.debug("DMA fault: %s %#x", what, where)
+
+    # -- DMA helpers for SGE lists ----------------------------------------------------------------
+    def gather(self, sges, limit: int | None = None) -> bytes:
+        """Concatenated SGE buffers (at most `limit` bytes)."""
+        if limit is None and len(sges) == 1:
+            return self.dma.read(sges[0].address, sges[0].size)
+        parts = []
+        left = limit if limit is not None else sum(s.size for s in sges)
+        for s in sges:
+            if left <= 0:
+                break
+            n = min(s.size, left)
+            parts.append(self.dma.read(s.address, n))
+            left -= n
+        return b"".join(parts)
+
+    def scatter(self, sges, data: bytes) -> int:
+        """Write `data` across the SGE buffers in order; returns the bytes that fit."""
+        mv = memoryview(data)
+        pos, total = 0, len(data)
+        for s in sges:
+            if pos >= total:
+                break
+            n = min(s.size, total - pos)
+            self.dma.write(s.address, mv[pos:pos + n])
+            pos += n
+        return pos
+
+    # -- data path --------------------------------------------------------------------------------
+    def count_frame(self, direction: str, frame: bytes) -> None:
+        """Frame and octet counters, including the QUERY_STATS unicast/multicast/broadcast split."""
+        c = self.counters
+        n = len(frame)
+        if frame[:6] == b"\xff" * 6:
+            cast = "broadcast"
+        elif frame and frame[0] & 1:
+            cast = "multicast"
+        else:
+            cast = "ucast"
+        if direction == "in":
+            c["frames_rx"] += 1
+            c["bytes_rx"] += n
+        else:
+            c["frames_tx"] += 1
+            c["bytes_tx"] += n
+        c[f"hc_{direction}_octets"] += n
+        c[f"hc_{direction}_{cast}_pkts"] += 1
+        c[f"hc_{direction}_{cast}_octets"] += n
+
+    def transmit(self, vport: Vport, frame: bytes) -> None:
+        if not vport.link_up:
+            self.counters["tx_dropped_link_down"] += 1
+            return
+        self.count_frame("out", frame)
+        self.backend.send(vport.index, frame)
+
+    def deliver(self, index: int, frame: bytes) -> None:
+        """A frame from the backend for vport `index`."""
+        if self.removed:
+            self.counters["rx_dropped_removed"] += 1
+            return
+        self.vports[index].receive(frame)
+
+    def deliver_wire(self, frame: bytes) -> None:
+        """A frame from a shared wire (udp/tap): steer by destination MAC."""
+        if len(self.vports) == 1:
+            self.deliver(0, frame)
+            return
+        dst = frame[:6]
+        if dst and dst[0] & 1:
+            for vport in self.vports:
+                self.deliver(vport.index, frame)
+            return
+        for vport in self.vports:
+            if vport.mac == dst:
+                self.deliver(vport.index, frame)
+                return
+        self.counters["rx_dropped_no_vport"] += 1
+
+    # -- test hooks -------------------------------------------------------------------------------
+    def hwc_event(self, event_type: int, payload: bytes, **details) -> bool:
+        """Post an EQE to the HWC EQ (link change, reset request); False if there is no HWC."""
+        if self.hwc is None:
+            return False
+        ok = self.post_eqe(self.hwc.eq, event_type, payload)
+        self.command_log.add("event", f"EQE_{event_type}", self.epoch, code=event_type, status=0 if ok else 1,
+                             **details)
+        return ok
+
+    def set_hwc_stall(self, on: bool) -> None:
+        self.hwc_stalled = on
+        if not on and self.hwc is not None:
+            self.hwc.doorbell()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def state(self) -> dict:
+        return {
+            "name": self.name,
+            "reset_method": self.reset_method,
+            "timing": self.timing.name,
+            "epoch": self.epoch,
+            "connected": self.connected,
+            "removed": self.removed,
+            "hwc_stalled": self.hwc_stalled,
+            "hwc_established": self.hwc is not None,
+            "hwc": self.hwc.describe() if self.hwc is not None else None,
+            "registered": self.registered,
+            "driver_info": self.driver_info,
+            "eqs": sorted(self.eqs),
+            "cqs": sorted(self.cqs),
+            "sqs": sorted(self.sqs),
+            "rqs": sorted(self.rqs),
+            "dma_regions": sorted(self.regions.regions),
+            "vports": [v.describe() for v in self.vports],
+            "posted_rx": sum(len(v.posted) for v in self.vports),
+            "backend": self.backend.describe(),
+        }
+
+
+__all__ = ["GdmaDevice", "Timing", "TIMINGS", "COUNTERS", "DEFAULT_MAC", "RESET_METHODS", "vport_mac"]

@@ -1,0 +1,209 @@
+"""Hardware channel (spec gdma.md §7, §8): bring-up EQEs and the request/response exchange.
+
+One request at a time: when a send WQE and a receive WQE are both available
+the device takes both, reads `GdmaReqHdr` + body through the send WQE's SGEs,
+dispatches (GDMA §9 by code; device-specific §11 only for the registered MANA
+device), posts the SQ CQE, writes `GdmaRespHdr` + body into the receive WQE's
+buffers (at most `resp.msg_size` bytes) and posts the RQ CQE with `HwcRxOob`.
+
+With `--timing realistic` every request costs `timing.hwc_ms` (the WQEs are
+taken at once, the request runs and is answered after the delay, on the event
+loop so the data path keeps running); `hwc_stall` stops taking requests.
+
+Deviations from the reference emulator, chosen so a bad driver request never
+kills the channel (each is answered with status 1 and counted, and the HWC
+keeps serving): a send WQE whose TX OOB names other queues than the HWC's
+(`malformed_wqes`), `req.msg_size`/`resp.msg_size` above 4096 or a request
+shorter than its header (`bad_requests`); the reference treats those as fatal.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from vfkeep.gdma.constants import (
+    EMU_FAILURE_STATUS,
+    EMU_HWC_DOORBELL,
+    EMU_HWC_GPA_MKEY,
+    EMU_HWC_MAX_MSG_SIZE,
+    EMU_HWC_MAX_NUM_CQS,
+    EMU_HWC_MAX_REQUEST,
+    EMU_HWC_MAX_RESPONSE,
+    EMU_HWC_PDID,
+    EMU_HWC_QUEUE_DEPTH,
+    GDMA_EQE_HWC_INIT_DATA,
+    GDMA_EQE_HWC_INIT_DONE,
+    GDMA_EQE_HWC_INIT_EQ_ID_DB,
+    HWC_INIT_DATA_CQID,
+    HWC_INIT_DATA_GPA_MKEY,
+    HWC_INIT_DATA_MAX_NUM_CQS,
+    HWC_INIT_DATA_MAX_REQUEST,
+    HWC_INIT_DATA_MAX_RESPONSE,
+    HWC_INIT_DATA_PDID,
+    HWC_INIT_DATA_QUEUE_DEPTH,
+    HWC_INIT_DATA_RQID,
+    HWC_INIT_DATA_SQID,
+)
+from vfkeep.gdma.hwc import GdmaReqHdr, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRxOob, HwcTxOob
+from vfkeep.gdma.messages import REQ_HDR_SIZE, RESP_HDR_SIZE, is_device_specific, response_header
+
+from . import bnic, requests
+from .faults import request_name
+from .queues import Cq, Eq, Wq, WqeRef
+from .requests import BadRequest, Refused
+
+_TX_OOB_SIZE = ctypes.sizeof(HwcTxOob)
+
+
+class Hwc:
+    """The HWC queue set of one device (EQ, CQ, RQ, SQ, one page each)."""
+
+    def __init__(self, dev, eq: Eq, cq: Cq, rq: Wq, sq: Wq):
+        self.dev, self.eq, self.cq, self.rq, self.sq = dev, eq, cq, rq, sq
+        self.busy = False
+        self.stopped = False
+
+    def post_bringup_eqes(self) -> None:
+        """§7.2 step 2: INIT_EQ_ID_DB, nine INIT_DATA, INIT_DONE (the first interrupts and disarms)."""
+        eq = self.eq
+        eq.post(GDMA_EQE_HWC_INIT_EQ_ID_DB, HwcInitEqIdDb(eq_id=eq.id, doorbell=EMU_HWC_DOORBELL).to_bytes())
+        for ty, value in ((HWC_INIT_DATA_CQID, self.cq.id), (HWC_INIT_DATA_RQID, self.rq.id),
+                          (HWC_INIT_DATA_SQID, self.sq.id), (HWC_INIT_DATA_QUEUE_DEPTH, EMU_HWC_QUEUE_DEPTH),
+                          (HWC_INIT_DATA_MAX_REQUEST, EMU_HWC_MAX_REQUEST),
+                          (HWC_INIT_DATA_MAX_RESPONSE, EMU_HWC_MAX_RESPONSE),
+                          (HWC_INIT_DATA_MAX_NUM_CQS, EMU_HWC_MAX_NUM_CQS), (HWC_INIT_DATA_PDID, EMU_HWC_PDID),
+                          (HWC_INIT_DATA_GPA_MKEY, EMU_HWC_GPA_MKEY)):
+            eq.post(GDMA_EQE_HWC_INIT_DATA, HwcInitTypeData(value=value, ty=ty).to_bytes())
+        eq.post(GDMA_EQE_HWC_INIT_DONE)
+
+    def doorbell(self) -> None:
+        """SQ or RQ doorbell: serve while both a request and a response buffer are posted."""
+        dev = self.dev
+        while not (self.busy or self.stopped or dev.hwc_stalled) and self.sq.pending and self.rq.pending:
+            try:
+                swqe = self.sq.take()
+            except dev.DMA_ERRORS:
+                dev.dma_fault("SQ", self.sq.id)
+                return
+            try:
+                rwqe = self.rq.take()
+            except dev.DMA_ERRORS:
+                self.sq.head = swqe.position
+                dev.dma_fault("RQ", self.rq.id)
+                return
+            delay_ms = dev.timing.hwc_ms
+            if delay_ms:
+                self.busy = True
+                dev.call_later(delay_ms / 1000, lambda s=swqe, r=rwqe: self._serve_later(s, r))
+                return
+            self.serve(swqe, rwqe)
+
+    def _serve_later(self, swqe: WqeRef, rwqe: WqeRef) -> None:
+        if self.stopped:  # destroyed or reset while the request was in flight
+            return
+        self.busy = False
+        self.serve(swqe, rwqe)
+        self.doorbell()
+
+    def serve(self, swqe: WqeRef, rwqe: WqeRef) -> None:
+        dev = self.dev
+        response = self._execute(swqe)
+        dev.counters["modelled_hwc_ms_total"] += dev.timing.hwc_ms
+        try:
+            self.cq.post(b"", self.sq.id, True)
+            written = 0 if rwqe.error else dev.scatter(rwqe.sges, response)
+            oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position, tx_oob_data_size=written)
+            self.cq.post(oob.to_bytes(), self.rq.id, False)
+        except dev.DMA_ERRORS:
+            dev.dma_fault("HWC", self.cq.id)
+
+    def _execute(self, swqe: WqeRef) -> bytes:
+        """Run one request; returns the response bytes (header + body, at most `resp.msg_size`)."""
+        dev = self.dev
+        dev.counters["hwc_requests"] += 1
+        request, error = self._gather(swqe)
+        if error:
+            dev.command_log.add("hwc", "MALFORMED", dev.epoch, status=EMU_FAILURE_STATUS, error=error)
+            dev.counters["hwc_requests_failed"] += 1
+            return GdmaRespHdr(status=EMU_FAILURE_STATUS).to_bytes()
+        hdr = GdmaReqHdr.from_bytes(request)
+        code = hdr.req.msg_type
+        key = ("hwc", code)
+        injected = False
+        details: dict = {}
+        body = b""
+        if hdr.req.msg_size > EMU_HWC_MAX_MSG_SIZE or hdr.resp.msg_size > EMU_HWC_MAX_MSG_SIZE:
+            status, details["error"] = EMU_FAILURE_STATUS, (
+                f"msg_size {hdr.req.msg_size}/{hdr.resp.msg_size} exceeds {EMU_HWC_MAX_MSG_SIZE}")
+            dev.counters["bad_requests"] += 1
+        elif not REQ_HDR_SIZE <= hdr.req.msg_size <= len(request):
+            status, details["error"] = EMU_FAILURE_STATUS, (
+                f"req.msg_size {hdr.req.msg_size} outside [{REQ_HDR_SIZE}, {len(request)}] (bytes in the SGL)")
+            dev.counters["bad_requests"] += 1
+        elif dev.faults.should_fail(key, dev.epoch):
+            status, injected = EMU_FAILURE_STATUS, True
+        else:
+            status, body, error = self._dispatch(hdr, request[REQ_HDR_SIZE:hdr.req.msg_size])
+            if error:
+                details["error"] = error
+        if status:
+            dev.counters["hwc_requests_failed"] += 1
+            body = b""
+        dev.command_log.add("hwc", request_name(key), dev.epoch, code=code, status=status, injected=injected,
+                            dev_id=hdr.dev_id.to_int(), activity_id=hdr.activity_id, **details)
+        return (response_header(hdr, status).to_bytes() + body)[:hdr.resp.msg_size]
+
+    def _gather(self, swqe: WqeRef) -> tuple[bytes, str | None]:
+        """Request bytes from the send WQE (at most 4096), or why it cannot be read."""
+        dev = self.dev
+        if swqe.error:
+            return b"", swqe.error
+        oob = swqe.oob()
+        if len(oob) < _TX_OOB_SIZE:
+            dev.counters["malformed_wqes"] += 1
+            return b"", f"send WQE OOB of {len(oob)} bytes is shorter than HwcTxOob"
+        tx_oob = HwcTxOob.from_bytes(oob)
+        if tx_oob.flags3.vscq_id != self.cq.id or tx_oob.flags4.vsq_id != self.sq.id:
+            dev.counters["malformed_wqes"] += 1
+            return b"", (f"send WQE names CQ {tx_oob.flags3.vscq_id} / SQ {tx_oob.flags4.vsq_id}, "
+                         f"HWC has CQ {self.cq.id} / SQ {self.sq.id}")
+        try:
+            request = dev.gather(swqe.sges, EMU_HWC_MAX_MSG_SIZE)
+        except dev.DMA_ERRORS:
+            dev.dma_fault("HWC request", self.sq.id)
+            return b"", "request buffer outside the DMA-mapped ranges"
+        if len(request) < REQ_HDR_SIZE:
+            dev.counters["bad_requests"] += 1
+            return b"", f"request of {len(request)} bytes is shorter than GdmaReqHdr"
+        return request, None
+
+    def _dispatch(self, hdr: GdmaReqHdr, body: bytes) -> tuple[int, bytes, str | None]:
+        dev = self.dev
+        code = hdr.req.msg_type
+        try:
+            if not is_device_specific(code):
+                handler = requests.HANDLERS.get(code)
+                if handler is None:
+                    raise BadRequest(f"unknown GDMA request {code}")
+                return 0, handler(dev, hdr, body), None
+            if hdr.dev_id.to_int() != dev.mana_dev_id or not dev.registered:
+                raise Refused(f"device-specific request {code:#x} for device {hdr.dev_id.to_int():#x} "
+                              f"(registered: {dev.registered})")
+            handler = bnic.HANDLERS.get(code)
+            if handler is None:
+                raise BadRequest(f"unknown BNIC request {code:#x}")
+            resp = handler(dev, hdr, body)
+            space = min(max(hdr.resp.msg_size - RESP_HDR_SIZE, 0), EMU_HWC_MAX_MSG_SIZE - RESP_HDR_SIZE)
+            return 0, resp[:space].ljust(space, b"\0"), None
+        except BadRequest as e:
+            dev.counters["bad_requests"] += 1
+            return EMU_FAILURE_STATUS, b"", str(e)
+        except Refused as e:
+            return EMU_FAILURE_STATUS, b"", str(e)
+
+    def describe(self) -> dict:
+        return {"eq_id": self.eq.id, "cq_id": self.cq.id, "rq_id": self.rq.id, "sq_id": self.sq.id,
+                "msix": self.eq.msix, "busy": self.busy, "eq": self.eq.describe(), "cq": self.cq.describe(),
+                "rq": self.rq.describe(), "sq": self.sq.describe()}
+
+
+__all__ = ["Hwc"]

@@ -1,0 +1,104 @@
+"""`vfkeep device`: run one MANA emulator as a vfio-user server process until SIGTERM.
+
+`start_device()` launches it as a child (tests, the host) and returns once
+its control channel answers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import click
+
+from vfkeep import log as vlog
+from vfkeep.log import kv
+from vfkeep.proc import spawn, vfkeep_argv
+from vfkeep.vfio_user.control import ControlError, control_call
+from vfkeep.vfio_user.server import VfioUserServer
+
+from .backends import BackendError, parse_backend
+from .core import DEFAULT_MAC, RESET_METHODS, TIMINGS
+from .server import ManaVfioDevice
+
+log = logging.getLogger("vfkeep.device")
+
+
+def parse_mac(text: str) -> bytes:
+    digits = text.replace(":", "").replace("-", "")
+    try:
+        mac = bytes.fromhex(digits)
+    except ValueError:
+        mac = b""
+    if len(mac) != 6:
+        raise click.BadParameter(f"{text!r} is not a MAC address like 00:15:5d:12:12:12")
+    return mac
+
+
+@click.command("device")
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False), help="vfio-user socket")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None,
+              help="control socket [default: SOCKET.ctl]")
+@click.option("--reset-method", type=click.Choice(RESET_METHODS), default="none", show_default=True)
+@click.option("--timing", type=click.Choice(sorted(TIMINGS)), default="natural", show_default=True,
+              help="realistic: FLR 100 ms, 1 ms per HWC request")
+@click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME")
+@click.option("--udp-listen", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="local UDP port of the udp backend (0 = ephemeral, see `state`)")
+@click.option("--vports", type=click.IntRange(1, 16), default=1, show_default=True)
+@click.option("--mac", default=DEFAULT_MAC.hex(":"), show_default=True, help="MAC of vport 0 (vport i: +i)")
+@click.option("--pci-id", default=None, help="device name for logs [default: socket file name]")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="log to DIR/device-<name>.log")
+def device_command(socket_path, control_path, reset_method, timing, backend, udp_listen, vports, mac, pci_id,
+                   run_dir) -> None:
+    """Serve a MANA (GDMA) VF emulator over vfio-user."""
+    name = pci_id or Path(socket_path).stem
+    vlog.setup(f"device-{name}", run_dir)
+    try:
+        packet_backend = parse_backend(backend, udp_listen)
+    except BackendError as e:
+        raise click.BadParameter(str(e), param_hint="--backend") from None
+    device = ManaVfioDevice(reset_method, vports=vports, mac=parse_mac(mac), backend=packet_backend,
+                            timing=timing, name=name)
+    try:
+        server = VfioUserServer(socket_path, device, control_path=control_path)
+    except BackendError as e:
+        raise click.ClickException(str(e)) from None
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    kv(log, logging.INFO, "MANA device serving", name=name, socket=socket_path, reset_method=reset_method,
+       timing=timing, backend=packet_backend.describe(), vports=vports)
+    try:
+        server.run()
+    finally:
+        device.close()
+        server.close()
+        kv(log, logging.INFO, "MANA device stopped", name=name, counters=device.core.counters)
+
+
+def start_device(socket_path: str | os.PathLike, *args: str, control_path: str | os.PathLike | None = None,
+                 timeout: float = 10.0, **popen_kwargs) -> subprocess.Popen:
+    """Run `vfkeep device --socket PATH [--control PATH] ARGS...` as a child; return when it answers."""
+    argv = vfkeep_argv("device", "--socket", os.fspath(socket_path), *args)
+    ctl = os.fspath(control_path) if control_path else f"{os.fspath(socket_path)}.ctl"
+    if control_path:
+        argv += ["--control", ctl]
+    proc = spawn(argv, **popen_kwargs)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"device exited with {proc.returncode} during start-up ({' '.join(argv)})")
+        try:
+            control_call(ctl, "ping", timeout=0.2)
+            return proc
+        except ControlError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"device did not answer on {ctl} within {timeout} s") from None
+
+
+__all__ = ["device_command", "start_device", "parse_mac"]

@@ -1,0 +1,320 @@
+"""Queues in guest memory (spec gdma.md §4.2, §4.3, §6): EQ, CQ, WQ, ring memory and id pools.
+
+The device is the producer of CQEs/EQEs and the consumer of WQEs:
+
+- EQ/CQ: producer counter `tail` in entries starts at the capacity; an entry
+  is written at `tail mod cap` with owner count `(tail / cap) mod 8`, all but
+  its last byte first, then the last byte (which holds the owner bits), so a
+  reader never sees owner bits before the entry is complete. Queues start
+  armed; posting to an armed queue notifies (CQ: completion EQE to its parent
+  EQ; EQ: its MSI-X vector) and disarms it; a doorbell re-arms (§4.2).
+- WQ: `head` (bytes consumed) and the last accepted doorbell `tail`, both
+  u32 free-running; doorbells are accepted only under the §4.3 rule.
+
+Deviation from the reference emulator (documented choice): a malformed WQE
+(length > 512 or > the pending bytes, or SGL-direct) is consumed and handed to
+the owner as an error (the caller completes it with an error status and counts
+it) instead of stalling the queue, so one bad entry never wedges the device.
+
+Every guest-memory access goes through the DMA space (`dev.dma`) and may raise
+`DmaFault`; callers decide what a fault means for their queue.
+"""
+from __future__ import annotations
+
+import ctypes
+import heapq
+from dataclasses import dataclass
+from typing import Callable
+
+from vfkeep.gdma.base import bit_position
+from vfkeep.gdma.constants import GDMA_EQE_COMPLETION, PAGE_SIZE, WQE_ALIGNMENT, WQE_MAX_SIZE
+from vfkeep.gdma.queues import (
+    Cqe,
+    CqeParams,
+    Eqe,
+    EqeCompletionData,
+    EqeParams,
+    Sge,
+    WqeHeader,
+    owner_count,
+    sgl_offset_from_code,
+    unconsumed_entries,
+    wqe_length_from_params,
+)
+
+U32 = 0xFFFFFFFF
+CQE_SIZE = ctypes.sizeof(Cqe)
+EQE_SIZE = ctypes.sizeof(Eqe)
+_CQE_DATA_SIZE = Cqe.params.offset
+_EQE_DATA_SIZE = Eqe.params.offset
+_CQE_OWNER_SHIFT = bit_position(CqeParams, "owner_count")[0]
+_EQE_OWNER_SHIFT = bit_position(EqeParams, "owner_count")[0]
+_WQE_HEADER_SIZE = ctypes.sizeof(WqeHeader)
+_SGE_SIZE = ctypes.sizeof(Sge)
+
+
+class QueueError(Exception):
+    """A queue or region request that breaks the §6.1 memory rules."""
+
+
+class IdPool:
+    """Queue ids of one kind: slot + 24, lowest free first (§6.1). Freed ids are reusable."""
+
+    def __init__(self, slots: int, first: int):
+        self.slots, self.first = slots, first
+        self.reset()
+
+    def reset(self) -> None:
+        self._free = list(range(self.slots))
+        self._used: set[int] = set()
+
+    def alloc(self) -> int | None:
+        if not self._free:
+            return None
+        slot = heapq.heappop(self._free)
+        self._used.add(slot)
+        return slot + self.first
+
+    def release(self, qid: int) -> None:
+        slot = qid - self.first
+        if slot in self._used:
+            self._used.remove(slot)
+            heapq.heappush(self._free, slot)
+
+    def __len__(self) -> int:
+        return len(self._used)
+
+
+class QueueMemory:
+    """Ring bytes of one queue: a page-address list plus an offset into the first page.
+
+    Ring offsets wrap at `size`; a contiguous page list takes one DMA view per
+    access, a scattered one is split at page boundaries.
+    """
+
+    def __init__(self, pages: list[int], offset: int, size: int):
+        if size <= 0 or (offset + size + PAGE_SIZE - 1) // PAGE_SIZE > len(pages):
+            raise QueueError(f"queue of {size} bytes at offset {offset} does not fit in {len(pages)} pages")
+        self.size = size
+        self.pages = pages
+        self.offset = offset
+        contiguous = all(pages[i + 1] == pages[i] + PAGE_SIZE for i in range(len(pages) - 1))
+        self.base = pages[0] + offset if contiguous else None
+
+    def spans(self, off: int, n: int) -> list[tuple[int, int]]:
+        """(iova, length) pieces covering ring bytes [off, off + n), wrapping at the ring end."""
+        out = []
+        off %= self.size
+        while n > 0:
+            chunk = min(n, self.size - off)
+            if self.base is not None:
+                out.append((self.base + off, chunk))
+            else:
+                pos, left = self.offset + off, chunk
+                while left:
+                    within = pos % PAGE_SIZE
+                    c = min(left, PAGE_SIZE - within)
+                    out.append((self.pages[pos // PAGE_SIZE] + within, c))
+                    pos += c
+                    left -= c
+            n -= chunk
+            off = 0
+        return out
+
+    def read(self, dma, off: int, n: int) -> bytes:
+        spans = self.spans(off, n)
+        if len(spans) == 1:
+            return dma.read(*spans[0])
+        return b"".join(dma.read(a, c) for a, c in spans)
+
+    def write(self, dma, off: int, data: bytes) -> None:
+        mv = memoryview(data)
+        pos = 0
+        for a, c in self.spans(off, len(data)):
+            dma.write(a, mv[pos:pos + c])
+            pos += c
+
+    def write_entry(self, dma, off: int, entry: bytes) -> None:
+        """Write a CQE/EQE: everything but the last byte, then the last byte (owner bits) (§6.5)."""
+        self.write(dma, off, entry[:-1])
+        self.write(dma, off + len(entry) - 1, entry[-1:])
+
+    def describe(self) -> dict:
+        return {"size": self.size, "first_page": self.pages[0], "offset": self.offset, "pages": len(self.pages)}
+
+
+def check_queue_memory(kind: str, offset: int, size: int) -> None:
+    """§6.1 memory rules for a queue in a DMA region starting `offset` bytes into its first page."""
+    if size <= 0 or size & (size - 1):
+        raise QueueError(f"{kind} size {size} is not a power of two")
+    align, minimum = {"WQ": (PAGE_SIZE, PAGE_SIZE), "CQ": (CQE_SIZE, 4096), "EQ": (EQE_SIZE, 4096)}[kind]
+    if offset % align or size % align:
+        raise QueueError(f"{kind} offset {offset} / size {size} not multiples of {align}")
+    if size < minimum:
+        raise QueueError(f"{kind} size {size} below the minimum {minimum}")
+
+
+class Eq:
+    """Event queue: EQEs of 16 bytes; notification = the MSI-X vector `msix`."""
+
+    kind = "EQ"
+
+    def __init__(self, dev, qid: int, mem: QueueMemory, msix: int):
+        self.dev, self.id, self.mem, self.msix = dev, qid, mem, msix
+        self.cap = mem.size // EQE_SIZE
+        self.tail = self.cap
+        self.armed = True
+        self.alive = True
+
+    def post(self, event_type: int, payload: bytes = b"") -> None:
+        """Write one EQE (may raise `DmaFault`, then nothing changed) and interrupt if armed."""
+        params = event_type | owner_count(self.tail, self.cap) << _EQE_OWNER_SHIFT
+        entry = payload.ljust(_EQE_DATA_SIZE, b"\0") + EqeParams.from_int(params).to_bytes()
+        self.mem.write_entry(self.dev.dma, (self.tail % self.cap) * EQE_SIZE, entry)
+        self.tail += 1
+        self.dev.counters["eqes_posted"] += 1
+        if self.armed:
+            self.armed = False
+            self.dev.interrupt(self.msix)
+
+    def doorbell(self, tail: int, arm: bool) -> None:
+        """§4.2 on an EQ: disarm, arm, or interrupt at once if the driver left entries unconsumed."""
+        if not arm:
+            self.armed = False
+            return
+        n = unconsumed_entries(self.tail, tail, self.cap)
+        if n == 0:
+            self.armed = True
+        elif n <= self.cap:
+            self.armed = False
+            self.dev.interrupt(self.msix)
+
+    def describe(self) -> dict:
+        return {"id": self.id, "msix": self.msix, "armed": self.armed, "tail": self.tail, "cap": self.cap,
+                **self.mem.describe()}
+
+
+class Cq:
+    """Completion queue: CQEs of 64 bytes; notification = a completion EQE on `parent`."""
+
+    kind = "CQ"
+
+    def __init__(self, dev, qid: int, mem: QueueMemory, parent: Eq):
+        self.dev, self.id, self.mem, self.parent = dev, qid, mem, parent
+        self.cap = mem.size // CQE_SIZE
+        self.tail = self.cap
+        self.armed = True
+        self._params: dict[tuple[int, int], int] = {}
+
+    def post(self, data: bytes, wq_number: int, is_send_wq: bool) -> None:
+        """Write one CQE with `data` (≤ 60 bytes); may raise `DmaFault` (then nothing changed)."""
+        key = (wq_number, int(is_send_wq))
+        base = self._params.get(key)
+        if base is None:
+            base = self._params[key] = CqeParams(wq_number=wq_number, is_send_wq=int(is_send_wq)).to_int()
+        params = base | owner_count(self.tail, self.cap) << _CQE_OWNER_SHIFT
+        entry = data.ljust(_CQE_DATA_SIZE, b"\0") + params.to_bytes(4, "little")
+        self.mem.write_entry(self.dev.dma, (self.tail % self.cap) * CQE_SIZE, entry)
+        self.tail += 1
+        self.dev.counters["cqes_posted"] += 1
+        if self.armed:
+            self.armed = False
+            self.notify()
+
+    def notify(self) -> None:
+        """Completion EQE (payload = CQ id) to the parent EQ; a lost notification is counted, not raised."""
+        if not self.parent.alive:
+            self.dev.counters["lost_notifications"] += 1
+            return
+        try:
+            self.parent.post(GDMA_EQE_COMPLETION, EqeCompletionData(cq_id=self.id).to_bytes())
+        except self.dev.DMA_ERRORS:
+            self.dev.dma_fault("EQ", self.parent.id)
+
+    def doorbell(self, tail: int, arm: bool) -> None:
+        if not arm:
+            self.armed = False
+            return
+        n = unconsumed_entries(self.tail, tail, self.cap)
+        if n == 0:
+            self.armed = True
+        elif n <= self.cap:
+            self.armed = False
+            self.notify()
+
+    def describe(self) -> dict:
+        return {"id": self.id, "parent_eq": self.parent.id, "armed": self.armed, "tail": self.tail, "cap": self.cap,
+                **self.mem.describe()}
+
+
+@dataclass
+class WqeRef:
+    """One fetched WQE: its ring position (device head before it), raw bytes, SGEs, or why it is malformed."""
+
+    position: int
+    raw: bytes
+    sges: list[Sge]
+    error: str | None = None
+
+    @property
+    def header(self) -> WqeHeader:
+        return WqeHeader.from_bytes(self.raw)
+
+    def oob(self) -> bytes:
+        """Inline OOB bytes (WQE offset 8 up to the SGL)."""
+        code = self.header.params.inline_client_oob_size
+        return self.raw[_WQE_HEADER_SIZE:sgl_offset_from_code(code)]
+
+
+class Wq:
+    """Send or receive work queue (§4.3, §6.2.2); `kind` is "SQ" or "RQ"."""
+
+    def __init__(self, dev, qid: int, kind: str, mem: QueueMemory):
+        self.dev, self.id, self.kind, self.mem = dev, qid, kind, mem
+        self.head = 0
+        self.tail = 0
+        self.on_doorbell: Callable[[], None] = lambda: None  # set by the owner (HWC or vport)
+
+    @property
+    def pending(self) -> int:
+        return (self.tail - self.head) & U32
+
+    def doorbell(self, tail: int) -> bool:
+        """Accept `tail` only if head is 32-aligned and it adds bytes without exceeding the ring (§4.3)."""
+        new = (tail - self.head) & U32
+        if self.head % WQE_ALIGNMENT or new <= self.pending or new > self.mem.size:
+            return False
+        self.tail = tail & U32
+        return True
+
+    def take(self) -> WqeRef:
+        """Fetch and consume the WQE at head (call only with `pending`); `DmaFault` leaves it in place."""
+        pos = self.head
+        pending = self.pending
+        header = WqeHeader.from_bytes(self.mem.read(self.dev.dma, pos, _WQE_HEADER_SIZE))
+        params = header.params
+        length = wqe_length_from_params(params)
+        error = None
+        if params.sgl_direct:
+            error = "SGL-direct WQEs are not supported"
+        elif length > WQE_MAX_SIZE:
+            error = f"WQE of {length} bytes exceeds {WQE_MAX_SIZE}"
+        elif length > pending:
+            error = f"WQE of {length} bytes exceeds the {pending} pending bytes"
+        if error:
+            consume = length if length <= min(pending, WQE_MAX_SIZE) else pending
+            self.head = (pos + consume) & U32
+            self.dev.counters["malformed_wqes"] += 1
+            return WqeRef(pos, b"", [], error)
+        raw = self.mem.read(self.dev.dma, pos, length)
+        n = params.num_sgl_entries
+        sges = list((Sge * n).from_buffer_copy(raw, sgl_offset_from_code(params.inline_client_oob_size))) if n else []
+        self.head = (pos + length) & U32
+        return WqeRef(pos, raw, sges)
+
+    def describe(self) -> dict:
+        return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.describe()}
+
+
+__all__ = ["IdPool", "QueueMemory", "QueueError", "check_queue_memory", "Eq", "Cq", "Wq", "WqeRef",
+           "CQE_SIZE", "EQE_SIZE", "U32"]
