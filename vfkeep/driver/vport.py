@@ -353,6 +353,11 @@ class Vport:
     def link_up(self) -> bool:
         return self.dev.link_up(self.index)
 
+    def queue_ids(self) -> dict[str, int]:
+        """Device ids of this vport's queues (for inspect and logs)."""
+        return {"eq": self._eq_id, "sq": self._sq.id, "tx_cq": self._tx_cq.id, "rq": self._rq.id,
+                "rx_cq": self._rx_cq.id}
+
     def statistics(self) -> dict[str, int]:
         self._reap_tx()
         return asdict(self.stats)
