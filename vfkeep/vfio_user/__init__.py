@@ -1,0 +1,18 @@
+"""The vfio-user subset between driver (client) and device (server), spec vfio-user.md."""
+from .client import (DeviceInfo, DeviceMissing, IrqInfo, ProtocolError, RegionInfo, VfioClientError, VfioDevice,
+                     VfioError, VfioTimeout)
+from .control import ControlError, ControlServer, ControlTimeout, ControlUnavailable, control_call
+from .device import RESET_FLR, RESET_METHODS, RESET_NONE, VfioUserDevice, config_space
+from .dma import DmaFault, DmaSpace
+from .irqs import IrqTable
+from .loop import EventLoop, Timer
+from .protocol import CommandError
+from .server import VfioUserServer
+
+__all__ = [
+    "DeviceInfo", "DeviceMissing", "IrqInfo", "ProtocolError", "RegionInfo", "VfioClientError", "VfioDevice",
+    "VfioError", "VfioTimeout",
+    "ControlError", "ControlServer", "ControlTimeout", "ControlUnavailable", "control_call",
+    "RESET_FLR", "RESET_METHODS", "RESET_NONE", "VfioUserDevice", "config_space",
+    "DmaFault", "DmaSpace", "IrqTable", "EventLoop", "Timer", "CommandError", "VfioUserServer",
+]

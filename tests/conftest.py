@@ -1,0 +1,25 @@
+"""Shared fixtures."""
+from __future__ import annotations
+
+import pytest
+
+from vfkeep.proc import end
+
+
+@pytest.fixture
+def vfio_testdev(tmp_path):
+    """Factory: `start(name="dev", **start_testdev_kwargs) -> (socket_path, proc)` runs the vfio-user
+    test device in its own process; every device is ended by its PID at teardown."""
+    from vfkeep.vfio_user.testdev import start_testdev
+
+    procs = []
+
+    def start(name: str = "dev", **kwargs):
+        sock = tmp_path / f"{name}.sock"
+        proc = start_testdev(sock, run_dir=tmp_path, **kwargs)
+        procs.append(proc)
+        return sock, proc
+
+    yield start
+    for proc in procs:
+        end(proc)
