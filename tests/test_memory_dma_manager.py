@@ -248,3 +248,14 @@ def test_scrub_changes_worker_ram_only(mem):
     assert mem.read(LAYOUT.worker.gpa, LAYOUT.worker.size) == POISON * LAYOUT.worker_pages
     assert bytes(persistent.view) == b"\x5a" * persistent.len and mem.read(0, len(guest)) == guest
     assert mem.read(persistent.gpa + persistent.len, 4096) == bytes(4096)  # rest of the pool untouched
+
+
+def test_guest_memory_file_size_is_sealed():
+    """A process holding the memfd cannot shrink it under the devices' mappings."""
+    import os
+
+    from vfkeep.memory import GuestMemory, MemoryLayout
+
+    with GuestMemory.create(MemoryLayout(1, 1, 1)) as mem:
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 4096)

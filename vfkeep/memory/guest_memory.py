@@ -7,6 +7,7 @@ in every process, because every process maps the same file from offset 0.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -118,8 +119,10 @@ class GuestMemory:
     @classmethod
     def create(cls, layout: MemoryLayout, name: str = "vfkeep-guest-memory") -> "GuestMemory":
         """New zeroed memfd of the layout's size (the host does this once)."""
-        fd = os.memfd_create(name, 0)  # not CLOEXEC-less: children get it through pass_fds
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)  # children get it via pass_fds
         os.ftruncate(fd, layout.size)
+        # Fix the size: a peer that shrank the file would turn device accesses into SIGBUS.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         return cls(fd, layout)
 
     @classmethod
