@@ -194,6 +194,7 @@ class TestDriver:
         self.irq_fds: dict[int, int] = {}
         self.events: list[tuple[int, bytes]] = []  # HWC EQ events other than completions
         self.activity_id = 0x5A5A0000
+        self.wakeups = 0  # interrupts received through eventfds
 
     def irq(self, vector: int) -> int:
         if vector not in self.irq_fds:
@@ -236,7 +237,7 @@ class TestDriver:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{len(got)}/{n} completions on CQ {cq.id} within {self.timeout} s")
-            wait_eventfd(self.irq(vector), min(remaining, 0.5))
+            self.wakeups += wait_eventfd(self.irq(vector), min(remaining, 0.5))
 
     def wait_event(self, event_type: int) -> bytes:
         """Wait for a non-completion EQE of `event_type` on the HWC EQ."""
@@ -251,7 +252,14 @@ class TestDriver:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no EQE {event_type} within {self.timeout} s")
-            wait_eventfd(self.irq(self.hwc_msix), min(remaining, 0.5))
+            self.wakeups += wait_eventfd(self.irq(self.hwc_msix), min(remaining, 0.5))
+
+    def reattach(self, port) -> None:
+        """A new connection (keepalive): new eventfds, re-arm the HWC EQ and CQ (§13.3)."""
+        self.port, self.irq_fds = port, {}
+        self.irq(self.hwc_msix)
+        self.ring_cq_eq(DB_EQ, self.hwc_eq, arm=True)
+        self.ring_cq_eq(DB_CQ, self.hwc_cq, arm=True)
 
     # -- SMC and HWC bring-up ---------------------------------------------------------------------
     def smc_write(self, raw: bytes) -> SmcProtoHdr:
