@@ -10,9 +10,11 @@ import pytest
 from driver_helpers import loopback, numbered_frames, same_payloads
 from vfkeep import proc
 from vfkeep.device.main import start_device
+from vfkeep.driver.errors import DeviceMissing, SaveRefusedHwcFailure
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.driver.vfio_backing import open_vfio
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.vfio_user import DeviceMissing as TransportGone
 from vfkeep.vfio_user import control_call
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=1024, pool_pages=64)
@@ -37,6 +39,7 @@ def device(tmp_path):
         procs.append(start_device(sock, "--run-dir", str(tmp_path), *args))
         return sock
 
+    start.procs = procs
     yield start
     for p in procs:
         proc.end(p)
@@ -69,6 +72,20 @@ def test_fresh_bringup_10000_frames_and_clean_shutdown(device, mem):
     names = [e["name"] for e in ctl(sock, "command_log")["entries"]]
     assert names[-3:] == ["GDMA_DEREGISTER_DEVICE", "SMC_MSG_TYPE_DESTROY_HWC", "DISCONNECT"]
     assert ctl(sock, "state")["hwc_established"] is False
+
+
+def test_vanished_device_is_device_missing_and_shutdown_does_not_raise(device, mem):
+    sock = device("--reset-method", "none")
+    dev = ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False), "nic0")
+    vport = dev.open_vport(0)
+    proc.end(device.procs[-1])
+    with pytest.raises(DeviceMissing):
+        dev.query_stats()
+    with pytest.raises(SaveRefusedHwcFailure):
+        dev.save()
+    assert vport.closed and dev.shutdown() is False
+    with pytest.raises(TransportGone):
+        open_vfio(sock, mem, timeout=0.2)
 
 
 def save_and_arm_tripwires(device, mem, tmp_path):

@@ -1,6 +1,8 @@
 """Typed driver errors, so the worker can pick a recovery (fallback, FLR, no saved state) by type."""
 from __future__ import annotations
 
+from vfkeep.vfio_user import VfioClientError
+
 
 class DriverError(Exception):
     """Base of every MANA/GDMA driver error."""
@@ -90,3 +92,7 @@ class BadFrame(VportError, ValueError):
 
 class CreateFailed(DriverError):
     """Both the NoReset and the FLR attempt of a fresh init failed ("failed to create mana device")."""
+
+
+#: What talking to a device can raise: driver errors, the vfio-user client's (gone, timeout, refused), OS errors.
+DEVICE_ERRORS = (DriverError, VfioClientError, OSError)

@@ -14,26 +14,23 @@ import time
 from dataclasses import dataclass, field
 
 from vfkeep import __version__
-from vfkeep.gdma.constants import (DRV_GD_DRV_CAP_FLAGS1, DRV_GDMA_PROTOCOL_VER, DRV_HWC_CQ_PAGE, DRV_HWC_EQ_PAGE,
-                                   DRV_HWC_MSIX, DRV_HWC_NUM_PAGES, DRV_HWC_REQUEST_PAGE, DRV_HWC_RESPONSE_PAGE,
-                                   DRV_HWC_RQ_PAGE, DRV_HWC_RWQE_PARAMS, DRV_HWC_SQ_PAGE, DRV_HWC_SWQE_PARAMS,
-                                   DRV_HWC_SWQE_SIZE, GDMA_CREATE_DMA_REGION, GDMA_CREATE_QUEUE,
-                                   GDMA_DEREGISTER_DEVICE, GDMA_DESTROY_DMA_REGION, GDMA_DEVICE_MANA,
-                                   GDMA_DISABLE_QUEUE, GDMA_EQ, GDMA_EQE_COMPLETION, GDMA_EQE_HWC_INIT_DATA,
-                                   GDMA_EQE_HWC_INIT_DONE, GDMA_EQE_HWC_INIT_EQ_ID_DB, GDMA_EQE_HWC_RECONFIG_DATA,
-                                   GDMA_EQE_HWC_RESET_REQUEST, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE,
-                                   GDMA_LIST_DEVICES, GDMA_PAGE_TYPE_4K, GDMA_QUERY_MAX_RESOURCES,
-                                   GDMA_REGISTER_DEVICE, GDMA_VERIFY_VF_DRIVER_VERSION, GDMA_CHANGE_MSIX_FOR_EQ,
-                                   DRV_DISABLE_QUEUE_ALLOC_RES_ID, DRV_DMA_REGION_MAX_PAGES, HWC_DATA_CONFIG_HWC_TIMEOUT,
-                                   HWC_DATA_TYPE_HW_VPORT_LINK_CONNECT, HWC_DATA_TYPE_HW_VPORT_LINK_DISCONNECT,
-                                   HWC_DEV_ID, HWC_INIT_DATA_CQID, HWC_INIT_DATA_GPA_MKEY, HWC_INIT_DATA_PDID,
-                                   HWC_INIT_DATA_RQID, HWC_INIT_DATA_SQID, HWC_INTERRUPT_POLL_WAIT_MAX_MS,
-                                   HWC_INTERRUPT_POLL_WAIT_MIN_MS, HWC_POLL_TIMEOUT_IN_MS, HWC_TIMEOUT_DEFAULT_IN_MS,
-                                   HWC_WARNING_INCREASE_IN_MS, HWC_WARNING_TIME_IN_MS, OS_TYPE_OHCL, PAGE_SIZE,
-                                   RWQE_SIZE, SMC_HDR_OFFSET, SMC_MSG_TYPE_DESTROY_HWC,
-                                   SMC_MSG_TYPE_DESTROY_HWC_VERSION, SMC_MSG_TYPE_ESTABLISH_HWC,
-                                   SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION,
-                                   GdmaEqeType, GdmaRequestType, ManaCommandCode)
+from vfkeep.gdma.base import WireStruct
+from vfkeep.gdma.constants import (
+    DRV_DISABLE_QUEUE_ALLOC_RES_ID, DRV_DMA_REGION_MAX_PAGES, DRV_GD_DRV_CAP_FLAGS1, DRV_GDMA_PROTOCOL_VER,
+    DRV_HWC_CQ_PAGE, DRV_HWC_EQ_PAGE, DRV_HWC_MSIX, DRV_HWC_NUM_PAGES, DRV_HWC_REQUEST_PAGE, DRV_HWC_RESPONSE_PAGE,
+    DRV_HWC_RQ_PAGE, DRV_HWC_RWQE_PARAMS, DRV_HWC_SQ_PAGE, DRV_HWC_SWQE_PARAMS, DRV_HWC_SWQE_SIZE,
+    GDMA_CHANGE_MSIX_FOR_EQ, GDMA_CREATE_DMA_REGION, GDMA_CREATE_QUEUE, GDMA_DEREGISTER_DEVICE,
+    GDMA_DESTROY_DMA_REGION, GDMA_DEVICE_MANA, GDMA_DISABLE_QUEUE, GDMA_EQ, GDMA_EQE_COMPLETION,
+    GDMA_EQE_HWC_INIT_DATA, GDMA_EQE_HWC_INIT_DONE, GDMA_EQE_HWC_INIT_EQ_ID_DB, GDMA_EQE_HWC_RECONFIG_DATA,
+    GDMA_EQE_HWC_RESET_REQUEST, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE, GDMA_LIST_DEVICES, GDMA_PAGE_TYPE_4K,
+    GDMA_QUERY_MAX_RESOURCES, GDMA_REGISTER_DEVICE, GDMA_VERIFY_VF_DRIVER_VERSION, HWC_DATA_CONFIG_HWC_TIMEOUT,
+    HWC_DATA_TYPE_HW_VPORT_LINK_CONNECT, HWC_DATA_TYPE_HW_VPORT_LINK_DISCONNECT, HWC_DEV_ID, HWC_INIT_DATA_CQID,
+    HWC_INIT_DATA_GPA_MKEY, HWC_INIT_DATA_PDID, HWC_INIT_DATA_RQID, HWC_INIT_DATA_SQID,
+    HWC_INTERRUPT_POLL_WAIT_MAX_MS, HWC_INTERRUPT_POLL_WAIT_MIN_MS, HWC_POLL_TIMEOUT_IN_MS,
+    HWC_TIMEOUT_DEFAULT_IN_MS, HWC_WARNING_INCREASE_IN_MS, HWC_WARNING_TIME_IN_MS, OS_TYPE_OHCL, PAGE_SIZE,
+    RWQE_SIZE, SMC_HDR_OFFSET, SMC_MSG_TYPE_DESTROY_HWC, SMC_MSG_TYPE_DESTROY_HWC_VERSION,
+    SMC_MSG_TYPE_ESTABLISH_HWC, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION,
+    GdmaRequestType, ManaCommandCode)
 from vfkeep.gdma.hwc import GdmaDevId, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRecvWqe, HwcSendWqe
 from vfkeep.gdma.messages import RESP_HDR_SIZE, message_spec, request_header
 from vfkeep.gdma.queues import EqeCompletionData, EqeDataReconfig, EqeVfReset, Sge, WqeParams
@@ -42,15 +39,14 @@ from vfkeep.gdma.regs import (EstablishHwc, RegMap, SmcProtoHdr, SmcReportHwcTim
 from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaRegionReq,
                                   GdmaCreateDmaRegionReqDriver, GdmaCreateQueueReq, GdmaDestroyDmaRegionReq,
                                   GdmaDisableQueueReq, GdmaGenerateTestEventReq, GdmaListDevicesResp,
-                                  GdmaQueryMaxResourcesResp, GdmaRegisterDeviceResp, GdmaVerifyVerReq)
-from vfkeep.gdma.base import WireStruct
+                                  GdmaRegisterDeviceResp, GdmaVerifyVerReq)
 from vfkeep.log import kv
 from vfkeep.memory import MemoryBlock
 from vfkeep.memory.dma_manager import DmaClient
 
 from .backing import DeviceBacking, Interrupts
-from .errors import (BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
-                     SaveFailed, SaveRefusedHwcFailure, SaveRefusedResetPending, SmcError)
+from .errors import (DEVICE_ERRORS, BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout,
+                     ResetRequestPending, SaveFailed, SaveRefusedHwcFailure, SaveRefusedResetPending, SmcError)
 from .queues import U32, CqEq, DoorbellPage, Wq
 
 log = logging.getLogger("vfkeep.driver.gdma")
@@ -423,14 +419,18 @@ class GdmaDriver:
                 self.hwc_failure = True
                 raise HwcFailure(f"{name}: HWC queues out of step (sq free {hwc.sq.available}, rq posted "
                                  f"{hwc.rq.in_flight})", code, None)
-            hwc.sq.write(wqe.to_bytes())
-            hwc.sq.commit()
-
             start = time.monotonic()
-            self._wait_completions(code, name, start, (timeout_ms or self.hwc_timeout_ms) / 1000)
-            hwc.sq.advance_head(DRV_HWC_SWQE_SIZE)
-            hwc.rq.advance_head(RWQE_SIZE)
-            self._post_receive_wqe()
+            try:
+                hwc.sq.write(wqe.to_bytes())
+                hwc.sq.commit()
+                self._wait_completions(code, name, start, (timeout_ms or self.hwc_timeout_ms) / 1000)
+                hwc.sq.advance_head(DRV_HWC_SWQE_SIZE)
+                hwc.rq.advance_head(RWQE_SIZE)
+                self._post_receive_wqe()
+            except BaseException:
+                # The exchange is out of step with the device now: never save or reuse this HWC.
+                self.hwc_failure = True
+                raise
             elapsed_ms = (time.monotonic() - start) * 1000
             if elapsed_ms > self._warning_ms:
                 kv(log, logging.WARNING, "slow hwc response", request=name, elapsed_ms=round(elapsed_ms))
@@ -469,7 +469,6 @@ class GdmaDriver:
                 raise ResetRequestPending(f"{name}: HWC reset request arrived while waiting for the response")
             if time.monotonic() >= deadline:
                 elapsed_ms = (time.monotonic() - start) * 1000
-                self.hwc_failure = True
                 self._report_hwc_timeout(elapsed_ms, last_cmd_failed=True)
                 raise HwcTimeout(f"{name}: no HWC response within {round(elapsed_ms)} ms", code)
             interval = self._wait_hwc(deadline, interval)
@@ -490,7 +489,7 @@ class GdmaDriver:
                                   msg_version=SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION)
             self._smc_send(SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, msg.hdr, msg.to_bytes()[:SMC_HDR_OFFSET],
                            "REPORT_HWC_TIMEOUT")
-        except (SmcError, DeviceMissing) as e:
+        except DEVICE_ERRORS as e:
             kv(log, logging.WARNING, "report hwc timeout failed", error=e)
 
     # -- GDMA requests (gdma spec 9) ------------------------------------------------------------
@@ -585,10 +584,10 @@ class GdmaDriver:
                     self.process_events()
                 except DeviceMissing:
                     self.hwc_failure = True
-            if self.hwc_failure:
-                raise SaveRefusedHwcFailure("cannot save/restore after HWC failure")
             if self.events.reset_pending:
                 raise SaveRefusedResetPending("cannot save/restore with HWC reset request pending")
+            if self.hwc_failure:
+                raise SaveRefusedHwcFailure("cannot save/restore after HWC failure")
             if not self.hwc_mem.persistent:
                 raise SaveFailed(f"HWC buffer at pfn {self.hwc_mem.base_pfn} is not from the private pool")
 
@@ -628,5 +627,5 @@ class GdmaDriver:
             hdr = SmcProtoHdr(msg_type=SMC_MSG_TYPE_DESTROY_HWC, msg_version=SMC_MSG_TYPE_DESTROY_HWC_VERSION)
             self._smc_send(SMC_MSG_TYPE_DESTROY_HWC, hdr, None, "DESTROY_HWC")
             kv(log, logging.INFO, "hwc destroyed")
-        except (SmcError, DeviceMissing) as e:
+        except DEVICE_ERRORS as e:  # teardown errors are logged only (servicing spec 5.3)
             kv(log, logging.ERROR, "destroy hwc failed", error=e)

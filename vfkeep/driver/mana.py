@@ -18,11 +18,10 @@ from vfkeep.log import kv
 from vfkeep.memory import DmaError, DmaManager
 from vfkeep.memory.dma_manager import DmaClient
 from vfkeep.proto import mana_driver_pb2
-from vfkeep.vfio_user import VfioClientError
 
 from .backing import DeviceBacking
 from .bnic_driver import BnicDriver
-from .errors import BringUpError, CreateFailed, DriverError, RestoreError, RestoredMemoryNotFound
+from .errors import DEVICE_ERRORS, BringUpError, CreateFailed, DriverError, RestoreError, RestoredMemoryNotFound
 from .gdma_driver import GdmaDriver, map_bar0
 from .save_restore import check_hwc_block, decode_device_state, restore_gdma, save_gdma, validate_gdma_state
 from .vport import Vport, VportConfig
@@ -31,8 +30,6 @@ log = logging.getLogger("vfkeep.driver.mana")
 
 #: VTL2 processors the driver spreads interrupts over: vector 0 carries the HWC, data EQs use the others.
 DEFAULT_NUM_VPS = 2
-#: What a failed attempt to bring a device up can raise (driver, transport, OS); the retry path catches these.
-DEVICE_ERRORS = (DriverError, VfioClientError, OSError)
 
 
 def client_names(pci_id: str) -> tuple[str, str]:
@@ -261,7 +258,7 @@ class ManaDevice:
         if clean:
             try:
                 gdma.deregister_device(self.dev_id, timeout_ms=HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS)
-            except DriverError as e:
+            except DEVICE_ERRORS as e:
                 clean = False
                 kv(log, logging.ERROR, "deregister device failed", pci_id=self.pci_id, error=e)
         self.closed = True

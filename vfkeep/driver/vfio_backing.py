@@ -6,30 +6,70 @@ import os
 from typing import Callable
 
 from vfkeep.memory import GuestMemory
+from vfkeep.vfio_user import DeviceMissing as TransportGone
 from vfkeep.vfio_user import VfioDevice, control_call
+from vfkeep.vfio_user.client import DEFAULT_TIMEOUT_S
 from vfkeep.vfio_user.protocol import IRQ_MSIX, REGION_BAR0
+
+from .errors import DeviceMissing
 
 
 class VfioBacking:
-    """`DeviceBacking` over one vfio-user connection (thread-safe: VfioDevice serialises requests)."""
+    """`DeviceBacking` over one vfio-user connection (thread-safe: VfioDevice serialises requests).
+    A vanished server is the driver's `DeviceMissing`, like a BAR0 that reads all ones."""
 
     def __init__(self, dev: VfioDevice):
         self.dev = dev
         self.bar0_len = dev.region_info(REGION_BAR0).size
         self.msix_count = dev.irq_info(IRQ_MSIX).count
-        self.read32, self.read64 = dev.read32, dev.read64
-        self.write32, self.write64 = dev.write32, dev.write64
-        self.set_irq, self.clear_irqs, self.close = dev.set_irq, dev.clear_irqs, dev.close
+        self.close = dev.close
+
+    def read32(self, offset: int) -> int:
+        try:
+            return self.dev.read32(offset)
+        except TransportGone as e:
+            raise DeviceMissing(str(e)) from e
+
+    def read64(self, offset: int) -> int:
+        try:
+            return self.dev.read64(offset)
+        except TransportGone as e:
+            raise DeviceMissing(str(e)) from e
+
+    def write32(self, offset: int, value: int, posted: bool = False) -> None:
+        try:
+            self.dev.write32(offset, value, posted)
+        except TransportGone as e:
+            raise DeviceMissing(str(e)) from e
+
+    def write64(self, offset: int, value: int, posted: bool = False) -> None:
+        try:
+            self.dev.write64(offset, value, posted)
+        except TransportGone as e:
+            raise DeviceMissing(str(e)) from e
+
+    def set_irq(self, vector: int) -> int:
+        try:
+            return self.dev.set_irq(vector)
+        except TransportGone as e:
+            raise DeviceMissing(str(e)) from e
+
+    def clear_irqs(self) -> None:
+        try:
+            self.dev.clear_irqs()
+        except TransportGone as e:
+            raise DeviceMissing(str(e)) from e
 
     @property
     def was_reset(self) -> bool:
         return self.dev.was_reset
 
 
-def open_vfio(path: str | os.PathLike, mem: GuestMemory, *, restore: bool = False) -> VfioBacking:
+def open_vfio(path: str | os.PathLike, mem: GuestMemory, *, restore: bool = False,
+              timeout: float = DEFAULT_TIMEOUT_S) -> VfioBacking:
     """Connect to the device and map guest memory. Fresh (`restore=False`) sends DEVICE_RESET when the
-    device's reset_method is flr; restore never resets."""
-    dev = VfioDevice.restore(path) if restore else VfioDevice.new(path)
+    device's reset_method is flr; restore never resets. `timeout` bounds the connect and every reply."""
+    dev = VfioDevice.restore(path, timeout) if restore else VfioDevice.new(path, timeout)
     try:
         dev.map_guest_memory(mem)
         return VfioBacking(dev)

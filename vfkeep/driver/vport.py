@@ -26,7 +26,7 @@ from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
 from vfkeep.memory import MemoryBlock
 
-from .errors import BadFrame, DeviceMissing, HwcError, VportError
+from .errors import DEVICE_ERRORS, BadFrame, VportError
 from .queues import CQE_SIZE, CqEq, Wq, is_power_of_two
 
 if TYPE_CHECKING:
@@ -390,7 +390,7 @@ class Vport:
                     gdma.disable_eq(self.dev.dev_id, self._eq_id)
                 for region in reversed(self._regions):
                     gdma.destroy_dma_region(self.dev.dev_id, region)
-            except (HwcError, DeviceMissing) as e:
+            except DEVICE_ERRORS as e:
                 release = False
                 kv(log, logging.ERROR, "vport teardown failed; leaking its queue memory", vport=self.index, error=e)
         if release:
