@@ -56,8 +56,22 @@ class HostRun:
     def device_control(self, nic: int, cmd: str, **args) -> dict:
         return control_call(os.path.join(self.run_dir, f"nic{nic}.sock.ctl"), cmd, **args)
 
-    def command_log(self, nic: int = 0) -> list[dict]:
-        return self.device_control(nic, "command_log")["entries"]
+    def log_seq(self, nic: int = 0) -> int:
+        return self.device_control(nic, "command_log", since=1 << 62)["last_seq"]
+
+    def commands_since(self, seq: int, nic: int = 0) -> list[dict]:
+        """Command-log entries of NIC `nic`'s device after `seq` (vport data-path setup left out)."""
+        return [e for e in self.device_control(nic, "command_log", since=seq)["entries"]
+                if "DMA_REGION" not in e["name"] and "WQ_OBJ" not in e["name"]]
+
+    def reset_count(self, nic: int = 0) -> int:
+        return self.device_control(nic, "counters")["counters"]["reset_count"]
+
+    def serviced(self, nics: int = 1, **request) -> tuple[dict, list[list[dict]]]:
+        """Service and return (result, per-NIC device command-log entries of this servicing)."""
+        seqs = [self.log_seq(i) for i in range(nics)]
+        result = self.service(**request)
+        return result, [self.commands_since(seqs[i], i) for i in range(nics)]
 
     def worker_log(self, generation: int) -> str:
         with open(os.path.join(self.run_dir, f"worker-{generation}.log")) as f:

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..driver.errors import DeviceMissing, DriverError, SaveFailed
+from ..driver.gdma_driver import map_bar0
 from ..driver.mana import DEVICE_ERRORS, ManaDevice, create_fresh, release_pending_buffers
 from ..driver.vfio_backing import open_vfio, reset_method_setter
 from ..guest.ring import ChannelLayout, NicChannel
@@ -171,8 +172,9 @@ class VfManager:
     def save(self) -> tuple[str, mana_driver_pb2.ManaSavedState | None]:
         """Spec §5.2 outcomes: Saved (device kept, handle released without reset), SaveFailed (device
         switched to FLR and released, so it resets), DeviceMissing (nothing to save)."""
-        if self.dev is None or (self.relay is not None and self.relay.device_missing):
+        if self.dev is None or (self.relay is not None and self.relay.device_missing) or not self._present():
             kv(log, logging.WARNING, "no device to save", pci_id=self.pci_id)
+            self.shutdown()
             return "DeviceMissing", None
         try:
             state = self.dev.save()
@@ -190,6 +192,14 @@ class VfManager:
             self._set_flr_and_release()
             return "SaveFailed", None
         return "Saved", mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
+
+    def _present(self) -> bool:
+        """A surprise-removed device reads all ones; it has nothing left to save."""
+        try:
+            map_bar0(self.dev.gdma.backing)
+        except (DeviceMissing, TransportGone):
+            return False
+        return True
 
     def _set_flr_and_release(self) -> None:
         try:
@@ -217,6 +227,8 @@ class VfManager:
     def revive(self) -> None:
         """After a failed servicing (spec §2.4 leaves these NICs dead, E5): bring the NIC back in this
         worker. A device saved for keepalive still runs its HWC, so it takes the FLR fallback."""
+        if self.dev is not None and not self.dev.closed:
+            return  # the save never reached this device
         t = time.perf_counter()
         kept = self.dev is not None and self.dev.gdma.saved
         try:

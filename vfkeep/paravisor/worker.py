@@ -22,7 +22,7 @@ import click
 from .. import __version__
 from .. import log as vlog
 from ..log import kv
-from ..memory import DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
+from ..memory import DmaError, DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
 from .channel import Channel, ChannelClosed, decode_blob, encode_blob
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
 from .servicing import (ServicingStateError, TestConfig, build_servicing_state, decode_servicing_state,
@@ -175,7 +175,10 @@ class Worker:
         nics_emuplat = [vf.emuplat_info() for vf in self.vf_managers]
         # 2: DMA manager state before MANA state, only when a keepalive mode is effective.
         t = time.perf_counter()
-        dma_state = self.dma.save() if eff.any else None
+        try:
+            dma_state = self.dma.save() if eff.any else None
+        except DmaError as e:  # e.g. allocations still pending after a strict validation failure
+            return self._save_failed(f"dma manager save failed: {e}", [])
         phases["dma_save"] = _ms(t)
         # 5: MANA VF managers (destructive), only under effective MANA keepalive.
         t = time.perf_counter()
