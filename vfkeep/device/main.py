@@ -76,7 +76,8 @@ def device_command(socket_path, control_path, reset_method, timing, backend, udp
     finally:
         device.close()
         server.close()
-        kv(log, logging.INFO, "MANA device stopped", name=name, counters=device.core.counters)
+        kv(log, logging.INFO, "MANA device stopped", name=name,
+           counters={k: v for k, v in device.core.counters.items() if v})
 
 
 def start_device(socket_path: str | os.PathLike, *args: str, control_path: str | os.PathLike | None = None,

@@ -22,6 +22,7 @@ Every guest-memory access goes through the DMA space (`dev.dma`) and may raise
 from __future__ import annotations
 
 import ctypes
+import functools
 import heapq
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +37,7 @@ from vfkeep.gdma.queues import (
     EqeParams,
     Sge,
     WqeHeader,
+    WqeParams,
     owner_count,
     sgl_offset_from_code,
     unconsumed_entries,
@@ -50,6 +52,7 @@ _EQE_DATA_SIZE = Eqe.params.offset
 _CQE_OWNER_SHIFT = bit_position(CqeParams, "owner_count")[0]
 _EQE_OWNER_SHIFT = bit_position(EqeParams, "owner_count")[0]
 _WQE_HEADER_SIZE = ctypes.sizeof(WqeHeader)
+_PARAMS_OFFSET = WqeHeader.params.offset
 _SGE_SIZE = ctypes.sizeof(Sge)
 
 
@@ -122,12 +125,17 @@ class QueueMemory:
         return out
 
     def read(self, dma, off: int, n: int) -> bytes:
+        if self.base is not None and off % self.size + n <= self.size:  # fast path: no wrap
+            return dma.read(self.base + off % self.size, n)
         spans = self.spans(off, n)
         if len(spans) == 1:
             return dma.read(*spans[0])
         return b"".join(dma.read(a, c) for a, c in spans)
 
     def write(self, dma, off: int, data: bytes) -> None:
+        if self.base is not None and off % self.size + len(data) <= self.size:
+            dma.write(self.base + off % self.size, data)
+            return
         mv = memoryview(data)
         pos = 0
         for a, c in self.spans(off, len(data)):
@@ -254,16 +262,26 @@ class WqeRef:
     position: int
     raw: bytes
     sges: list[Sge]
+    params: WqeParams | None = None
+    sgl_offset: int = 0
     error: str | None = None
-
-    @property
-    def header(self) -> WqeHeader:
-        return WqeHeader.from_bytes(self.raw)
 
     def oob(self) -> bytes:
         """Inline OOB bytes (WQE offset 8 up to the SGL)."""
-        code = self.header.params.inline_client_oob_size
-        return self.raw[_WQE_HEADER_SIZE:sgl_offset_from_code(code)]
+        return self.raw[_WQE_HEADER_SIZE:self.sgl_offset]
+
+
+@functools.lru_cache(maxsize=1024)
+def _wqe_shape(params_value: int) -> tuple[WqeParams, int, int, str | None]:
+    """(params, WQE length, SGL offset, why it cannot be used) of a `WqeParams` value; drivers reuse a few."""
+    params = WqeParams.from_int(params_value)
+    length = wqe_length_from_params(params)
+    error = None
+    if params.sgl_direct:
+        error = "SGL-direct WQEs are not supported"
+    elif length > WQE_MAX_SIZE:
+        error = f"WQE of {length} bytes exceeds {WQE_MAX_SIZE}"
+    return params, length, sgl_offset_from_code(params.inline_client_oob_size), error
 
 
 class Wq:
@@ -291,26 +309,25 @@ class Wq:
         """Fetch and consume the WQE at head (call only with `pending`); `DmaFault` leaves it in place."""
         pos = self.head
         pending = self.pending
-        header = WqeHeader.from_bytes(self.mem.read(self.dev.dma, pos, _WQE_HEADER_SIZE))
-        params = header.params
-        length = wqe_length_from_params(params)
-        error = None
-        if params.sgl_direct:
-            error = "SGL-direct WQEs are not supported"
-        elif length > WQE_MAX_SIZE:
-            error = f"WQE of {length} bytes exceeds {WQE_MAX_SIZE}"
-        elif length > pending:
+        # one read covers the largest WQE (or everything pending): cheaper than header-then-body
+        chunk = self.mem.read(self.dev.dma, pos, min(pending, WQE_MAX_SIZE))
+        params, length, sgl_offset, error = _wqe_shape(int.from_bytes(chunk[_PARAMS_OFFSET:_WQE_HEADER_SIZE],
+                                                                      "little"))
+        if error is None and length > pending:
             error = f"WQE of {length} bytes exceeds the {pending} pending bytes"
         if error:
             consume = length if length <= min(pending, WQE_MAX_SIZE) else pending
             self.head = (pos + consume) & U32
             self.dev.counters["malformed_wqes"] += 1
-            return WqeRef(pos, b"", [], error)
-        raw = self.mem.read(self.dev.dma, pos, length)
+            return WqeRef(pos, b"", [], error=error)
+        raw = chunk[:length]
         n = params.num_sgl_entries
-        sges = list((Sge * n).from_buffer_copy(raw, sgl_offset_from_code(params.inline_client_oob_size))) if n else []
+        if n == 1:
+            sges = [Sge.from_buffer_copy(raw, sgl_offset)]
+        else:
+            sges = list((Sge * n).from_buffer_copy(raw, sgl_offset)) if n else []
         self.head = (pos + length) & U32
-        return WqeRef(pos, raw, sges)
+        return WqeRef(pos, raw, sges, params, sgl_offset)
 
     def describe(self) -> dict:
         return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.describe()}

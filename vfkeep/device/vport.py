@@ -163,7 +163,7 @@ class Vport:
         if wqe.error:
             return CQE_TX_GDMA_ERR
         sges = wqe.sges
-        params = wqe.header.params
+        params = wqe.params
         if not sges:
             dev.counters["malformed_wqes"] += 1
             return CQE_TX_GDMA_ERR
