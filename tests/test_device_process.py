@@ -127,6 +127,10 @@ def test_keepalive_none_reconnect_same_ids_and_rx_meanwhile(mana, mem):
     rx = vp.poll_rx()  # straight from the RX CQ and the posted buffers in guest memory
     assert [int.from_bytes(f[14:22], "little") for _, f in rx] == [0, 1, 2]
     assert dev.ctl("state")["posted_rx"] == 5
+    for seq in range(3, 9):  # until the posted buffers run out, then drops
+        dev.ctl("inject_rx", vport=0, frame_hex=frame(vp.mac, PEER, seq).hex())
+    assert len(vp.poll_rx()) == 5 and dev.counters()["in_discards_no_wqe"] == 1
+    vp.post_rx(8)
 
     drv.reattach(port)  # restore: same queues, no ESTABLISH_HWC
     resp, _, cqes = drv.send_request(GDMA_QUERY_MAX_RESOURCES)

@@ -17,10 +17,14 @@ never numbered. Modes: `once` (next matching request fails), `always`,
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from dataclasses import dataclass
 
 from vfkeep.gdma.constants import GdmaRequestType, ManaCommandCode, SmcMsgType
+from vfkeep.log import kv
+
+log = logging.getLogger("vfkeep.device.commands")
 
 LOG_LIMIT = 20000
 
@@ -116,7 +120,7 @@ class FaultInjector:
 
 
 class CommandLog:
-    """Bounded list of what the device was asked to do, with connection epochs."""
+    """Bounded list of what the device was asked to do, with connection epochs (also written to the log)."""
 
     def __init__(self) -> None:
         self.entries: collections.deque[dict] = collections.deque(maxlen=LOG_LIMIT)
@@ -128,6 +132,8 @@ class CommandLog:
         entry = {"seq": self.seq, "t": time.monotonic(), "epoch": epoch, "kind": kind, "code": code, "name": name,
                  "status": status, "injected": injected, **details}
         self.entries.append(entry)
+        kv(log, logging.INFO if status in (None, 0) else logging.WARNING, f"{kind} {name}",
+           **{k: v for k, v in entry.items() if k not in ("kind", "name", "t")})
         return entry
 
     def since(self, seq: int = 0) -> list[dict]:
