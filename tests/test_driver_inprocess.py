@@ -1,5 +1,7 @@
 """Driver against the emulator core in the same process (no transport): bring-up, data path, save and
 restore, refusals, typed errors. The process-level acceptance tests are in test_driver_process.py."""
+import threading
+
 import pytest
 
 from driver_helpers import InProcessBench, loopback, same_payloads
@@ -162,6 +164,20 @@ def test_link_toggles_are_delivered_and_saved_until_delivered(bench, mem):
     assert [(t.vport_index, t.link_up) for t in state.gdma.link_toggle] == [(0, True)]
 
 
+def test_event_fd_wakes_on_link_change(bench, mem):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    vport = dev.open_vport(0, SMALL)
+    assert vport.queue_ids() == {"eq": 25, "sq": 25, "tx_cq": 25, "rq": 25, "rx_cq": 26}
+    assert dev.prepare_event_wait() is True
+    control.link(bench.device, 0, False)
+    assert dev.gdma.irq.wait(0, 1.0) and dev.event_fd == dev.gdma.irq.fd(0)
+    assert dev.poll_events() == [(0, False)] and vport.link_up is False
+    control.link(bench.device, 0, True)
+    assert dev.prepare_event_wait() is False  # already waiting: poll, do not sleep
+    assert dev.poll_events() == [(0, True)]
+    dev.shutdown()
+
+
 def test_hwc_timeout_marks_failure_and_reports(bench, mem):
     dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
     control.hwc_stall(bench.device)
@@ -175,6 +191,20 @@ def test_hwc_timeout_marks_failure_and_reports(bench, mem):
     with pytest.raises(SaveRefusedHwcFailure):
         dev.save()
     dev.shutdown()
+
+
+def test_lost_interrupt_is_survived_and_reported(bench, mem, monkeypatch):
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    seq = bench.device.command_log.seq
+    monkeypatch.setattr(bench.irqs, "trigger", lambda vector: None)  # the device's MSI-X goes nowhere
+    control.hwc_stall(bench.device)
+    unstall = threading.Timer(0.03, control.hwc_stall, (bench.device, False))  # answers while the driver sleeps
+    unstall.start()
+    dev.bnic.query_dev_config()  # found by the re-poll when the 20 + 40 ms interrupt waits expire
+    unstall.join()
+    report = [e for e in bench.device.command_log.since(seq) if e["name"] == "SMC_MSG_TYPE_REPORT_HWC_TIMEOUT"]
+    assert report and report[0]["interrupt_loss"] == 1 and report[0]["last_cmd_failed"] == 0
+    assert not dev.gdma.hwc_failure
 
 
 def test_surprise_removed_device_is_device_missing(bench, mem):

@@ -57,10 +57,6 @@ class Interrupts:
     def fd(self, vector: int) -> int:
         return self._fds[vector]
 
-    @property
-    def vectors(self) -> list[int]:
-        return sorted(self._fds)
-
     def clear(self, vector: int) -> bool:
         """Consume a pending wake-up of `vector`; True if there was one."""
         try:

@@ -5,12 +5,12 @@ from vfkeep.gdma.bnic import (ManaCfgRxSteerReq, ManaCfgRxSteerReqDriver, ManaCo
                               ManaCreateWqobjReq, ManaCreateWqobjResp, ManaDestroyWqobjReq, ManaQueryDeviceCfgReq,
                               ManaQueryDeviceCfgResp, ManaQueryFilterStateReq, ManaQueryStatisticsRequest,
                               ManaQueryStatisticsResponse, ManaQueryVportCfgReq, ManaQueryVportCfgResp,
-                              ManaSetVportSerialNo)
+)
 from vfkeep.gdma.constants import (CFG_RX_INDIR_TAB_OFFSET, DRV_MANA_PROTO_MAJOR, DRV_MANA_PROTO_MICRO,
                                    DRV_MANA_PROTO_MINOR, MANA_CONFIG_VPORT_RX, MANA_CONFIG_VPORT_TX,
                                    MANA_CREATE_WQ_OBJ, MANA_DESTROY_WQ_OBJ, MANA_QUERY_DEV_CONFIG, MANA_QUERY_STATS,
-                                   MANA_QUERY_VPORT_CONFIG, MANA_VTL2_ASSIGN_SERIAL_NUMBER,
-                                   MANA_VTL2_QUERY_FILTER_STATE, STATISTICS_FLAGS_ALL, Tristate)
+                                   MANA_QUERY_VPORT_CONFIG, MANA_VTL2_QUERY_FILTER_STATE, STATISTICS_FLAGS_ALL,
+                                   Tristate)
 from vfkeep.gdma.hwc import GdmaDevId
 
 from .gdma_driver import GdmaDriver
@@ -35,10 +35,6 @@ class BnicDriver:
         """True if the vport's traffic is steered to the VTL0 VF."""
         resp = self.gdma.request(MANA_VTL2_QUERY_FILTER_STATE, self.dev_id, ManaQueryFilterStateReq(vport=vport))
         return bool(resp.direction_to_vtl0)
-
-    def set_serial_number(self, vport: int, serial_no: int) -> None:
-        self.gdma.request(MANA_VTL2_ASSIGN_SERIAL_NUMBER, self.dev_id,
-                          ManaSetVportSerialNo(vport=vport, serial_no=serial_no))
 
     def config_vport_tx(self, vport: int, pdid: int, doorbell_pageid: int) -> ManaConfigVportResp:
         req = ManaConfigVportReq(vport=vport, pdid=pdid, doorbell_pageid=doorbell_pageid)

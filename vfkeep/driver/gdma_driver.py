@@ -362,6 +362,16 @@ class GdmaDriver:
         else:
             kv(log, logging.WARNING, "unexpected event on the hwc eq", event_type=kind)
 
+    def arm_events(self) -> bool:
+        """Arm the HWC EQ so the next device event raises vector 0; False if events already wait (poll
+        them instead of sleeping)."""
+        with self._lock:
+            self.irq.clear(DRV_HWC_MSIX)
+            if self.process_events():
+                return False
+            self.hwc.eq.arm()
+            return not self.hwc.eq.pending()
+
     def take_link_toggles(self) -> list[tuple[int, bool]]:
         with self._lock:
             toggles, self.events.link_toggle = self.events.link_toggle, []
@@ -371,18 +381,19 @@ class GdmaDriver:
     def reset_pending(self) -> bool:
         return self.events.reset_pending
 
-    def _wait_hwc(self, deadline: float, interval: float) -> float:
+    def _wait_hwc(self, deadline: float, interval: float) -> tuple[float, bool]:
         """Arm the HWC EQ, re-poll it, then sleep on vector 0 for at most `interval` (gdma spec 6.6, 8.4).
-        Returns the next interval."""
+        Returns the next interval and whether the sleep ended without an interrupt."""
         eq = self.hwc.eq
         eq.arm()
         if self.process_events():
-            return interval
+            return interval, False
         remaining = deadline - time.monotonic()
         if remaining > 0 and not self.irq.wait(DRV_HWC_MSIX, min(interval, remaining)):
             # Nothing arrived: a vanished device would read all ones here instead of hanging until timeout.
             self._smc_header()
-        return min(interval * 2, HWC_INTERRUPT_POLL_WAIT_MAX_MS / 1000)
+            return min(interval * 2, HWC_INTERRUPT_POLL_WAIT_MAX_MS / 1000), True
+        return min(interval * 2, HWC_INTERRUPT_POLL_WAIT_MAX_MS / 1000), False
 
     # -- HWC requests (gdma spec 8) -------------------------------------------------------------
     def request(self, code: int, dev_id: int | GdmaDevId, body: WireStruct | None = None, *,
@@ -423,7 +434,8 @@ class GdmaDriver:
             try:
                 hwc.sq.write(wqe.to_bytes())
                 hwc.sq.commit()
-                self._wait_completions(code, name, start, (timeout_ms or self.hwc_timeout_ms) / 1000)
+                interrupt_lost = self._wait_completions(code, name, start,
+                                                        (timeout_ms or self.hwc_timeout_ms) / 1000)
                 hwc.sq.advance_head(DRV_HWC_SWQE_SIZE)
                 hwc.rq.advance_head(RWQE_SIZE)
                 self._post_receive_wqe()
@@ -432,10 +444,13 @@ class GdmaDriver:
                 self.hwc_failure = True
                 raise
             elapsed_ms = (time.monotonic() - start) * 1000
-            if elapsed_ms > self._warning_ms:
-                kv(log, logging.WARNING, "slow hwc response", request=name, elapsed_ms=round(elapsed_ms))
-                self._warning_ms += HWC_WARNING_INCREASE_IN_MS
-                self._report_hwc_timeout(elapsed_ms, last_cmd_failed=False)
+            slow = elapsed_ms > self._warning_ms
+            if slow or interrupt_lost:
+                kv(log, logging.WARNING, "slow hwc response", request=name, elapsed_ms=round(elapsed_ms),
+                   interrupt_loss=interrupt_lost)
+                if slow:
+                    self._warning_ms += HWC_WARNING_INCREASE_IN_MS
+                self._report_hwc_timeout(elapsed_ms, last_cmd_failed=False, interrupt_loss=interrupt_lost)
 
             resp = GdmaRespHdr.from_bytes(self._resp_page)
             if resp.status != 0:
@@ -450,19 +465,23 @@ class GdmaDriver:
                 return None
             return spec.response.from_bytes(self._resp_page, RESP_HDR_SIZE)
 
-    def _wait_completions(self, code: int, name: str, start: float, timeout_s: float) -> None:
-        """Wait for the two HWC CQEs (send, then receive) without checking which is which (gdma spec 8.3)."""
+    def _wait_completions(self, code: int, name: str, start: float, timeout_s: float) -> bool:
+        """Wait for the two HWC CQEs (send, then receive) without checking which is which (gdma spec 8.3).
+        Returns True if a completion was found only after a sleep that no interrupt ended."""
         cq = self.hwc.cq
         deadline = start + timeout_s
         interval = HWC_INTERRUPT_POLL_WAIT_MIN_MS / 1000
         got = 0
+        slept_in_vain = interrupt_lost = False
         while got < 2:
             if cq.poll_offset() is not None:
                 got += 1
+                interrupt_lost |= slept_in_vain
                 continue
             cq.arm()
             if cq.poll_offset() is not None:
                 got += 1
+                interrupt_lost |= slept_in_vain
                 continue
             self.process_events()
             if self.events.reset_pending:
@@ -471,9 +490,10 @@ class GdmaDriver:
                 elapsed_ms = (time.monotonic() - start) * 1000
                 self._report_hwc_timeout(elapsed_ms, last_cmd_failed=True)
                 raise HwcTimeout(f"{name}: no HWC response within {round(elapsed_ms)} ms", code)
-            interval = self._wait_hwc(deadline, interval)
+            interval, slept_in_vain = self._wait_hwc(deadline, interval)
+        return interrupt_lost
 
-    def _report_hwc_timeout(self, elapsed_ms: float, *, last_cmd_failed: bool) -> None:
+    def _report_hwc_timeout(self, elapsed_ms: float, *, last_cmd_failed: bool, interrupt_loss: bool = False) -> None:
         """Diagnostic REPORT_HWC_TIMEOUT (gdma spec 5.6); skipped if the PF owns the mailbox or a reset is pending."""
         if self.events.reset_pending:
             return
@@ -484,7 +504,8 @@ class GdmaDriver:
             msg = SmcReportHwcTimeout(rq_tail=hwc.rq.tail, sq_tail=hwc.sq.tail, cq_next=hwc.cq.next,
                                       eq_next=hwc.eq.next)
             msg.flags_wait = SmcReportHwcTimeoutFlags(wait_ms=min(int(elapsed_ms), (1 << 24) - 1),
-                                                      last_cmd_failed=int(last_cmd_failed))
+                                                      last_cmd_failed=int(last_cmd_failed),
+                                                      interrupt_loss=int(interrupt_loss))
             msg.hdr = SmcProtoHdr(msg_type=SMC_MSG_TYPE_REPORT_HWC_TIMEOUT,
                                   msg_version=SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION)
             self._smc_send(SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, msg.hdr, msg.to_bytes()[:SMC_HDR_OFFSET],
@@ -507,7 +528,7 @@ class GdmaDriver:
                 if time.monotonic() >= deadline:
                     raise HwcTimeout(f"GDMA_GENERATE_TEST_EQE: no test event within {self.hwc_timeout_ms} ms",
                                      GDMA_GENERATE_TEST_EQE)
-                interval = self._wait_hwc(deadline, interval)
+                interval, _ = self._wait_hwc(deadline, interval)
 
     def verify_vf_driver_version(self) -> None:
         req = GdmaVerifyVerReq(protocol_ver_min=DRV_GDMA_PROTOCOL_VER, protocol_ver_max=DRV_GDMA_PROTOCOL_VER,

@@ -200,8 +200,14 @@ class ManaDevice:
     # -- events and status ----------------------------------------------------------------------
     @property
     def event_fd(self) -> int:
-        """Eventfd of the HWC's vector: readable when the device posted an HWC event (link, reset request)."""
+        """Eventfd of the HWC's vector: after `prepare_event_wait()`, readable when the device posts an HWC
+        event (link change, reset request). Events seen while an HWC request waits are kept for
+        `poll_events()` without waking this fd."""
         return self.gdma.irq.fd(0)
+
+    def prepare_event_wait(self) -> bool:
+        """Arm for `event_fd`; False if events or undelivered link changes are waiting (poll instead)."""
+        return self.gdma.arm_events() and not self.gdma.events.link_toggle
 
     def poll_events(self) -> list[tuple[int, bool]]:
         """Handle pending HWC events and deliver link changes; returns them as (vport index, link up)."""

@@ -60,10 +60,6 @@ class VfioBacking:
         except TransportGone as e:
             raise DeviceMissing(str(e)) from e
 
-    @property
-    def was_reset(self) -> bool:
-        return self.dev.was_reset
-
 
 def open_vfio(path: str | os.PathLike, mem: GuestMemory, *, restore: bool = False,
               timeout: float = DEFAULT_TIMEOUT_S) -> VfioBacking:
