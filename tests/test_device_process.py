@@ -130,12 +130,12 @@ def test_keepalive_none_reconnect_same_ids_and_rx_meanwhile(mana, mem):
     for seq in range(3, 9):  # until the posted buffers run out, then drops
         dev.ctl("inject_rx", vport=0, frame_hex=frame(vp.mac, PEER, seq).hex())
     assert len(vp.poll_rx()) == 5 and dev.counters()["in_discards_no_wqe"] == 1
-    vp.post_rx(8)
 
     drv.reattach(port)  # restore: same queues, no ESTABLISH_HWC
     resp, _, cqes = drv.send_request(GDMA_QUERY_MAX_RESOURCES)
     assert resp.status == 0 and cqe_params(cqes[0]).wq_number == ids["sq"] and cqe_params(cqes[1]).wq_number == ids["rq"]
     assert dev.ctl("state")["hwc"]["eq_id"] == ids["eq"]
+    vp.post_rx(8)
     vp.send([frame(PEER, vp.mac, 7)])
     assert vp.wait_tx(1) == [CQE_TX_OKAY] and len(vp.wait_rx(1)) == 1
     log = dev.ctl("command_log")["entries"]
