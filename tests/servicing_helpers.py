@@ -67,11 +67,12 @@ class HostRun:
     def reset_count(self, nic: int = 0) -> int:
         return self.device_control(nic, "counters")["counters"]["reset_count"]
 
-    def serviced(self, nics: int = 1, **request) -> tuple[dict, list[list[dict]]]:
-        """Service and return (result, per-NIC device command-log entries of this servicing)."""
-        seqs = [self.log_seq(i) for i in range(nics)]
+    def serviced(self, devices: int = 1, **request) -> tuple[dict, list[list[dict]]]:
+        """Service and return (result, command-log entries of this servicing for each of the first
+        `devices` device processes)."""
+        seqs = [self.log_seq(i) for i in range(devices)]
         result = self.service(**request)
-        return result, [self.commands_since(seqs[i], i) for i in range(nics)]
+        return result, [self.commands_since(seqs[i], i) for i in range(devices)]
 
     def worker_log(self, generation: int) -> str:
         with open(os.path.join(self.run_dir, f"worker-{generation}.log")) as f:

@@ -92,19 +92,11 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, w
             while not stop.is_set():
                 stop.wait(1.0)
         else:
-            console = HostConsole(host)
-            while not stop.is_set():
-                try:
-                    console.cmdloop()
-                    break
-                except KeyboardInterrupt:
-                    if stop.is_set():
-                        break
-                    console.out.print("^C (quit to stop the VM)")
-                    console.intro = None
-    except (control.HostRefused, KeyboardInterrupt) as e:
-        if isinstance(e, control.HostRefused):
-            raise click.ClickException(str(e)) from None
+            HostConsole(host).cmdloop()
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or `vfkeep stop`: stop the VM
+        kv(log, logging.INFO, "host interrupted, stopping")
+    except control.HostRefused as e:
+        raise click.ClickException(str(e)) from None
     finally:
         host.stop()
         if server is not None:

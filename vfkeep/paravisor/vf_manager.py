@@ -42,17 +42,18 @@ class NicConfig:
     rx_bell_fd: int
 
     @classmethod
-    def parse(cls, index: int, text: str) -> "NicConfig":
+    def parse(cls, text: str) -> "NicConfig":
         parts = text.split(",")
-        if len(parts) != 4 or not parts[0] or not parts[1]:
-            raise ValueError(f"bad --nic {text!r}: expected PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD")
+        if len(parts) != 5 or not parts[1] or not parts[2]:
+            raise ValueError(f"bad --nic {text!r}: expected INDEX,PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD")
         try:
-            return cls(index, parts[0], parts[1], int(parts[2]), int(parts[3]))
+            return cls(int(parts[0]), parts[1], parts[2], int(parts[3]), int(parts[4]))
         except ValueError:
-            raise ValueError(f"bad --nic {text!r}: eventfds must be integers") from None
+            raise ValueError(f"bad --nic {text!r}: index and eventfds must be integers") from None
 
     def to_arg(self) -> str:
-        return f"{self.pci_id},{self.socket},{self.tx_bell_fd},{self.rx_bell_fd}"
+        """The worker's `--nic` value; INDEX places the NIC's rings (ChannelLayout) in guest RAM."""
+        return f"{self.index},{self.pci_id},{self.socket},{self.tx_bell_fd},{self.rx_bell_fd}"
 
 
 class VfManager:

@@ -293,14 +293,14 @@ class Worker:
 @click.option("--memfd", type=int, required=True, help="guest memory file (inherited)")
 @click.option("--memory-layout", required=True, help="guest=N,worker=N,pool=N")
 @click.option("--channel-layout", default=None, help="nics=N,slots=N,slot_size=N,base=GPA (with NICs)")
-@click.option("--nic", "nics", multiple=True, help="PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD (repeat per NIC)")
+@click.option("--nic", "nics", multiple=True, help="INDEX,PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD (repeat per NIC)")
 @click.option("--compat", type=click.Choice(["current", "downlevel"]), default="current", show_default=True,
               help="downlevel: behave like a worker built before MANA keepalive")
 def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channel_layout, nics, compat):
     """Paravisor worker process (started by `vfkeep run`)."""
     vlog.setup(f"worker-{generation}", run_dir)
     try:
-        configs = [NicConfig.parse(i, text) for i, text in enumerate(nics)]
+        configs = [NicConfig.parse(text) for text in nics]
         mem = GuestMemory.attach(memfd, MemoryLayout.from_str(memory_layout))
     except ValueError as e:
         kv(log, logging.ERROR, "bad worker arguments", error=str(e))

@@ -1,0 +1,73 @@
+"""50 consecutive keepalive servicings on one host: every one keepalive, no FLR, identical pool usage, no
+leaked processes or file descriptors; and the host's children die with it."""
+import os
+import signal
+import time
+
+from servicing_helpers import HostRun, children_of, pid_alive
+from vfkeep.proc import open_fd_count
+
+SERVICINGS = 50
+
+
+def processes_mentioning(text: str) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
+def test_50_keepalive_servicings_no_leaks(tmp_path):
+    h = HostRun(tmp_path / "run")
+    try:
+        run_dir = h.run_dir
+        device_pid = h.inspect("devices/0/pid")
+        assert h.probe()["ok"]
+        pool, worker_ram = h.inspect("worker/pool"), h.inspect("worker/worker_ram")
+        host_fds, device_fds = open_fd_count(h.pid), open_fd_count(device_pid)
+        kids, procs = len(h.children()), len(processes_mentioning(run_dir))
+        for i in range(SERVICINGS):
+            r = h.service(mana_keepalive=True)
+            n = r["nics"][0]
+            assert r["ok"], r
+            assert (n["restore_path"], n["device_reset"], n["hwc_established"]) == ("keepalive", False, False), (i, r)
+            if i % 10 == 9:
+                assert h.probe()["ok"], i
+        assert h.reset_count() == 0
+        assert h.inspect("worker/generation") == SERVICINGS + 1
+        assert h.inspect("worker/pool") == pool
+        assert h.inspect("worker/worker_ram") == worker_ram
+        assert (len(h.children()), len(processes_mentioning(run_dir))) == (kids, procs)
+        assert open_fd_count(h.pid) == host_fds
+        assert open_fd_count(device_pid) == device_fds
+    finally:
+        h.stop()
+
+
+def test_host_killed_children_die(tmp_path):
+    """PR_SET_PDEATHSIG: a SIGKILLed host leaves no device or worker behind."""
+    h = HostRun(tmp_path / "run")
+    h.service(mana_keepalive=True)  # children spawned during a servicing too
+    kids = h.children()
+    assert len(kids) == 2
+    os.kill(h.pid, signal.SIGKILL)
+    h.child.wait(10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in kids if pid_alive(p)]
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    h = HostRun(tmp_path / "run")
+    kids = h.children()
+    os.kill(h.pid, signal.SIGINT)
+    assert h.child.wait(30) == 0, h.logs()
+    assert not [p for p in kids if pid_alive(p)] and children_of(h.pid) == []
+    assert "normal shutdown done" in h.worker_log(1)
