@@ -123,6 +123,25 @@ def test_save_then_restore_without_establish_or_register(bench, mem):
     assert dev.save().gdma.mem.base_pfn == g.mem.base_pfn  # and again, for the next servicing
 
 
+def test_saved_state_round_trips_through_bytes_and_a_second_servicing(bench, mem):
+    state, dma = saved_after_bringup(bench, mem)
+    blob = state.SerializeToString()
+    assert mana_driver_pb2.ManaDeviceSavedState.FromString(blob) == state
+    assert b"\x10\x80\xc0\x01" in blob  # mem.len = 24576 as spec 7.2 encodes it
+    dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob)
+    again = dev.save().gdma  # no vport: only the four restore requests ran on the HWC
+    g = state.gdma
+    for name in ("mem", "db_id", "pdid", "gpa_mkey", "num_msix", "min_queue_avail"):
+        assert getattr(again, name) == getattr(g, name), name
+    for a, b in ((again.eq, g.eq), (again.cq, g.cq)):
+        assert (a.id, a.size, a.shift, a.doorbell) == (b.id, b.size, b.shift, b.doorbell)
+    for a, b in ((again.rq, g.rq), (again.sq, g.sq)):
+        assert (a.id, a.mask, a.doorbell) == (b.id, b.mask, b.doorbell)
+    assert again.hwc_activity_id == (g.hwc_activity_id + 4) & 0xFFFFFFFF
+    assert (again.sq.tail - g.sq.tail, again.rq.tail - g.rq.tail, again.cq.next - g.cq.next) == (4 * 64, 4 * 32,
+                                                                                             8 * 64)
+
+
 def test_save_refused_after_hwc_failure(bench, mem):
     dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
     control.fail_request(bench.device, "QUERY_STATS")
