@@ -476,6 +476,20 @@ def test_disconnect_with_none_keeps_state_and_flr_wipes_it(up):
     assert device.counters["reset_count"] == 1 and device.command_log.since()[-1]["kind"] == "flr"
 
 
+def test_rx_without_dma_mapping_is_dropped_and_keeps_the_buffer(up, mem):
+    device, drv = up
+    vp = VportQueues(drv)
+    vp.start(rx_buffers=2)
+    device.dma.unmap_all()  # the driver is gone: no mapping
+    device.deliver(0, frame(vp.mac, PEER, 1))
+    assert device.counters["rx_dropped_unmapped"] == 1 and device.counters["dma_faults"] == 0
+    assert len(device.vports[0].posted) == 2
+    device.dma.map(0, mem.size)  # a new driver maps memory again
+    device.deliver(0, frame(vp.mac, PEER, 2))
+    (t, f), = vp.poll_rx()
+    assert t == CQE_RX_OKAY and int.from_bytes(f[14:22], "little") == 2
+
+
 def test_realistic_timing_models_hwc_latency_and_flr(mem):
     class Loop:
         def __init__(self):

@@ -425,7 +425,7 @@ class GdmaDevice:
             "cqs": sorted(self.cqs),
             "sqs": sorted(self.sqs),
             "rqs": sorted(self.rqs),
-            "dma_regions": sorted(self.regions.regions),
+            "dma_regions": [r.describe() for _, r in sorted(self.regions.regions.items())],
             "vports": [v.describe() for v in self.vports],
             "posted_rx": sum(len(v.posted) for v in self.vports),
             "backend": self.backend.describe(),

@@ -24,9 +24,6 @@ class MappedMemory:
     def unmap_all(self) -> None:
         self.ranges.clear()
 
-    def __len__(self) -> int:
-        return len(self.ranges)
-
     def view(self, iova: int, n: int) -> memoryview:
         for base, size in self.ranges:
             if base <= iova and iova + n <= base + size and n >= 0:

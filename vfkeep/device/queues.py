@@ -84,9 +84,6 @@ class IdPool:
             self._used.remove(slot)
             heapq.heappush(self._free, slot)
 
-    def __len__(self) -> int:
-        return len(self._used)
-
 
 class QueueMemory:
     """Ring bytes of one queue: a page-address list plus an offset into the first page.

@@ -146,9 +146,6 @@ class DmaRegions:
         del self.regions[handle]
         self._free.append(handle)
 
-    def __len__(self) -> int:
-        return len(self.regions)
-
 
 def verify_vf_driver_version(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
     req = parse(GdmaVerifyVerReq, body)
