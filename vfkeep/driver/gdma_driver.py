@@ -115,17 +115,6 @@ class HwcQueues:
 
 
 @dataclass
-class DeviceResources:
-    """QUERY_MAX_RESOURCES answer, kept for capacity decisions."""
-
-    max_sq: int = 0
-    max_rq: int = 0
-    max_cq: int = 0
-    max_eq: int = 0
-    max_msix: int = 0
-
-
-@dataclass
 class EventState:
     """Asynchronous HWC EQ events the driver has seen and not yet handed on."""
 
@@ -148,13 +137,13 @@ class GdmaDriver:
         self._req_page = page[DRV_HWC_REQUEST_PAGE * PAGE_SIZE:(DRV_HWC_REQUEST_PAGE + 1) * PAGE_SIZE]
         self._resp_page = page[DRV_HWC_RESPONSE_PAGE * PAGE_SIZE:(DRV_HWC_RESPONSE_PAGE + 1) * PAGE_SIZE]
         self.hwc: HwcQueues | None = None
+        self.established = False  # the device has an HWC on this buffer
         self.db_id = 0
         self.pdid = 0
         self.gpa_mkey = 0
         self.activity_id = 0
         self.num_msix = 1
         self.min_queue_avail = 0
-        self.resources = DeviceResources()
         self.events = EventState()
         self.hwc_failure = False
         self.saved = False
@@ -190,6 +179,7 @@ class GdmaDriver:
         """Re-attach to an HWC the device kept alive: no ESTABLISH_HWC, no bring-up events, no new receive
         WQE (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3)."""
         drv = cls(backing, layout, hwc_mem)
+        drv.established = True
         drv.hwc = HwcQueues(eq, cq, rq, sq)
         drv.db_id, drv.pdid, drv.gpa_mkey = db_id, pdid, gpa_mkey
         drv.activity_id, drv.num_msix, drv.min_queue_avail = activity_id, num_msix, min_queue_avail
@@ -252,6 +242,7 @@ class GdmaDriver:
                                  pfns[DRV_HWC_SQ_PAGE], msix=DRV_HWC_MSIX)
         raw = msg.to_bytes()
         self._smc_send(SMC_MSG_TYPE_ESTABLISH_HWC, msg.hdr, raw[:SMC_HDR_OFFSET], "ESTABLISH_HWC")
+        self.established = True
         eq = CqEq("eq", self.queue_memory(DRV_HWC_EQ_PAGE), 0, None)
         init = self._consume_init_events(eq)
         try:
@@ -317,7 +308,6 @@ class GdmaDriver:
 
     def _query_max_resources(self, num_vps: int) -> None:
         r = self.request(GDMA_QUERY_MAX_RESOURCES, HWC_DEV_ID)
-        self.resources = DeviceResources(r.max_sq, r.max_rq, r.max_cq, r.max_eq, r.max_msix)
         self.num_msix = max(1, min(num_vps, r.max_msix, self.backing.msix_count))
         self.min_queue_avail = min(r.max_eq, r.max_sq, r.max_rq)
 
@@ -630,7 +620,7 @@ class GdmaDriver:
                 kv(log, logging.INFO, "teardown: driver saved, hwc left running")
             elif self.hwc_failure:
                 kv(log, logging.INFO, "teardown: hwc failed, not destroying it")
-            elif self.hwc is not None:
+            elif self.established:
                 self._destroy_hwc()
             try:
                 self.irq.unmap_all()
