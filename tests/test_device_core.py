@@ -581,3 +581,19 @@ def test_link_down_drops_traffic(up):
     assert device.counters["tx_dropped_link_down"] == 1
     device.deliver(0, frame(vp.mac, PEER, 1))
     assert device.counters["rx_dropped_link_down"] == 1
+
+
+def test_shared_wire_steers_by_destination_mac(mem):
+    device, port = in_process_device(mem, vports=2)
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=1.0)
+    drv.bring_up()
+    vps = [VportQueues(drv, index=i, msix=1 + i) for i in range(2)]
+    for vp in vps:
+        vp.start(rx_buffers=4)
+    assert vps[1].mac == bytes.fromhex("00155d121213")
+    device.deliver_wire(frame(vps[1].mac, PEER, 1))
+    device.deliver_wire(frame(b"\xff" * 6, PEER, 2))
+    device.deliver_wire(frame(bytes.fromhex("00155d999999"), PEER, 3))
+    seqs = [[int.from_bytes(f[14:22], "little") for _, f in vp.poll_rx()] for vp in vps]
+    assert seqs == [[2], [1, 2]] and device.counters["rx_dropped_no_vport"] == 1
+    assert device.counters["hc_in_broadcast_pkts"] == 2
