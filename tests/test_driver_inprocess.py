@@ -142,6 +142,15 @@ def test_saved_state_round_trips_through_bytes_and_a_second_servicing(bench, mem
                                                                                              8 * 64)
 
 
+def test_restore_onto_a_device_that_lost_its_hwc_times_out_and_frees(bench, mem):
+    state, dma = saved_after_bringup(bench, mem)
+    bench.device.flr("reset during the handover")
+    with pytest.raises(HwcTimeout, match="GDMA_GENERATE_TEST_EQE"):
+        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", state, probe_timeout_ms=100)
+    usage = dma.pool_usage()
+    assert usage["allocated_pages"] == 0 and usage["pending_pages"] == 0
+
+
 def test_save_refused_after_hwc_failure(bench, mem):
     dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
     control.fail_request(bench.device, "QUERY_STATS")

@@ -504,19 +504,21 @@ class GdmaDriver:
             kv(log, logging.WARNING, "report hwc timeout failed", error=e)
 
     # -- GDMA requests (gdma spec 9) ------------------------------------------------------------
-    def test_eq(self) -> None:
+    def test_eq(self, timeout_ms: int | None = None) -> None:
         """GENERATE_TEST_EQE on the HWC EQ and wait until one more test event arrives (interrupt path works)."""
+        timeout_ms = timeout_ms or self.hwc_timeout_ms
         with self._lock:
             before = self.events.test_events
-            self.request(GDMA_GENERATE_TEST_EQE, HWC_DEV_ID, GdmaGenerateTestEventReq(queue_index=self.hwc.eq.id))
+            self.request(GDMA_GENERATE_TEST_EQE, HWC_DEV_ID, GdmaGenerateTestEventReq(queue_index=self.hwc.eq.id),
+                         timeout_ms=timeout_ms)
             start = time.monotonic()
-            deadline = start + self.hwc_timeout_ms / 1000
+            deadline = start + timeout_ms / 1000
             interval = HWC_INTERRUPT_POLL_WAIT_MIN_MS / 1000
             while self.events.test_events <= before:
                 if self.process_events():
                     continue
                 if time.monotonic() >= deadline:
-                    raise HwcTimeout(f"GDMA_GENERATE_TEST_EQE: no test event within {self.hwc_timeout_ms} ms",
+                    raise HwcTimeout(f"GDMA_GENERATE_TEST_EQE: no test event within {timeout_ms} ms",
                                      GDMA_GENERATE_TEST_EQE)
                 interval, _ = self._wait_hwc(deadline, interval)
 

@@ -101,11 +101,16 @@ class ManaDevice:
 
     @classmethod
     def restore(cls, backing: DeviceBacking, dma: DmaManager, pci_id: str,
-                saved: mana_driver_pb2.ManaDeviceSavedState | bytes) -> ManaDevice:
+                saved: mana_driver_pb2.ManaDeviceSavedState | bytes, *,
+                probe_timeout_ms: int | None = None) -> ManaDevice:
         """Keepalive restore (servicing spec 6.3): validate the saved state, re-attach the HWC buffer from
         the pool, rebuild the HWC without ESTABLISH_HWC or REGISTER_DEVICE, then continue like a fresh
         device. On failure the backing is closed, attached pool buffers are freed, and the error is a
-        `RestoreError` (bad state, nothing written) or the driver error that stopped the bring-up."""
+        `RestoreError` (bad state, nothing written) or the driver error that stopped the bring-up.
+
+        The first request (the test event) proves the device still serves the saved HWC; a device that
+        lost it (reset during the handover) ignores the doorbells, so `probe_timeout_ms` (default: the
+        HWC timeout, 10 s) bounds how long that takes to find out."""
         persistent = ephemeral = None
         try:
             state = decode_device_state(saved)
@@ -131,7 +136,7 @@ class ManaDevice:
             raise
         dev = cls(gdma, pci_id, persistent, ephemeral)
         try:
-            gdma.test_eq()
+            gdma.test_eq(probe_timeout_ms)
             gdma.verify_vf_driver_version()
             dev.dev_id = gdma.mana_dev_id()
             dev._finish_init()
