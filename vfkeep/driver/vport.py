@@ -359,7 +359,7 @@ class Vport:
                 "rx_cq": self._rx_cq.id}
 
     def statistics(self) -> dict[str, int]:
-        self._reap_tx()
+        """Driver-side counters; a plain read, safe from another thread than the data path's."""
         return asdict(self.stats)
 
     def _check_open(self) -> None:
