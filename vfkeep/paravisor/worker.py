@@ -11,6 +11,7 @@ Protocol with the host (one `Channel`, documented in docs/internals.md):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import sys
@@ -37,6 +38,15 @@ def _ms(t0: float) -> float:
 
 
 DUMP_COLLECTION_S = 0.5
+
+
+def _each(fn, items: list) -> list:
+    """fn over every NIC at once (each NIC is its own device process, so their HWC round trips overlap);
+    results in order, the first exception re-raised."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="nic") as pool:
+        return list(pool.map(fn, items))
 
 
 def _arm_watchdog(timeout_s: float) -> threading.Timer:
@@ -107,14 +117,15 @@ class Worker:
         # Step 6: per configured NIC, the first saved state with its pci_id.
         t = time.perf_counter()
         saved = mana_states_by_pci_id(state)
-        for cfg in self.nic_configs:
+        def create(cfg: NicConfig) -> VfManager:
             match = next((s for s in saved if s.pci_id == cfg.pci_id), None)
             kv(log, logging.INFO, "nic saved state lookup", pci_id=cfg.pci_id, found=match is not None,
                keepalive_config=self.options.mana_keepalive.canonical)
             forced = state_error or (dma_error if match is not None else None)
-            self.vf_managers.append(VfManager.create(cfg, self.mem, self.dma, saved=match,
-                                                     keepalive=self.options.mana_keepalive.is_enabled,
-                                                     force_fallback=forced))
+            return VfManager.create(cfg, self.mem, self.dma, saved=match,
+                                    keepalive=self.options.mana_keepalive.is_enabled, force_fallback=forced)
+
+        self.vf_managers = _each(create, self.nic_configs)
         phases["nics"] = _ms(t)
         known = {c.pci_id for c in self.nic_configs}
         for s in saved:
@@ -167,8 +178,7 @@ class Worker:
         vm_stop = reference_time()
 
         t = time.perf_counter()
-        for vf in self.vf_managers:
-            vf.stop_relay()
+        _each(VfManager.stop_relay, self.vf_managers)
         phases["stop_relay"] = _ms(t)
 
         # 1: emulation-platform state, before NICs are torn down.
@@ -185,17 +195,16 @@ class Worker:
         outcomes, mana_states = [], None
         if eff.mana and self.vf_managers:
             mana_states = []
-            for vf in self.vf_managers:
-                outcome, saved = vf.save()
+            for vf, (outcome, saved) in zip(self.vf_managers, _each(VfManager.save, self.vf_managers)):
                 outcomes.append({"pci_id": vf.pci_id, "save_outcome": outcome, "error": vf.error})
                 if saved is not None:
                     mana_states.append(saved)
             kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(mana_states))
         else:
             # 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked.
-            for vf in self.vf_managers:
-                vf.shutdown()
-                outcomes.append({"pci_id": vf.pci_id, "save_outcome": "Shutdown", "error": vf.error})
+            _each(VfManager.shutdown, self.vf_managers)
+            outcomes = [{"pci_id": vf.pci_id, "save_outcome": "Shutdown", "error": vf.error}
+                        for vf in self.vf_managers]
         phases["mana_save"] = _ms(t)
 
         if hook is TestConfig.SERVICING_SAVE_CRASH:
@@ -223,8 +232,8 @@ class Worker:
         through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
         kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
         self.last_save_error = error
+        _each(VfManager.revive, self.vf_managers)
         for vf in self.vf_managers:
-            vf.revive()
             vf.start_relay(self.channel_layout)
         return {"type": "save_failed", "error": error, "nics": outcomes,
                 "revived": [vf.restore_report() for vf in self.vf_managers]}

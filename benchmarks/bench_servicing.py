@@ -1,0 +1,144 @@
+"""Servicing benchmark: phase timings (save, handoff, restore, total) of whole servicings with real processes.
+
+`python -m benchmarks.bench_servicing [--repeat N] [--nics 1,2,4,8] [--timing realistic|natural] [--out PATH]`
+
+For each NIC count and prelaunch on/off, one `vfkeep run --detach` host; on it, in turn, servicings on the
+three paths of `PATHS`: keepalive (no ESTABLISH_HWC, no REGISTER_DEVICE, no FLR), reset-flr (saved state
+the new worker does not restore: NoReset fails, FLR, fresh init) and reset (host bit clear: the old worker
+shuts the NIC down cleanly, the new one fresh-inits it without a reset). The phases are
+the host's: save = save request until the state arrives; handoff = old worker exit, worker-RAM scrub,
+(without prelaunch: starting the next worker until its hello), state handed over; restore = until the new
+worker reports its NICs up; total = save + handoff + restore. Prelaunch time (next worker start-up before
+the save request, outside the blackout) is reported separately. Results: benchmarks/results/servicing.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from vfkeep import proc
+from vfkeep.host import control
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "servicing.json"
+PHASES = ("save", "handoff", "restore", "total")
+#: Servicing requests per path, measured in this order so each leaves the worker the next one expects:
+#: keepalive (default -> default worker), reset-flr (-> a worker with keepalive disabled), reset (-> default).
+PATHS = {
+    "keepalive": {"mana_keepalive": True},
+    # Saved state the new worker will not restore (spec 6.1 S=yes K=no): NoReset fails on the live HWC, FLR.
+    "reset-flr": {"mana_keepalive": True, "next_env": {"OPENHCL_MANA_KEEP_ALIVE": "disabled"}},
+    # Host bit clear: clean shutdown (DEREGISTER_DEVICE, DESTROY_HWC), fresh init without reset.
+    "reset": {"mana_keepalive": False},
+}
+
+
+class Host:
+    def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: str):
+        self.run_dir = run_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
+        argv = proc.vfkeep_argv("run", "--detach", "--run-dir", run_dir, "--nics", str(nics), "--timing", timing,
+                                "--prelaunch" if prelaunch else "--no-prelaunch")
+        self.child = proc.spawn(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                control.call(run_dir, "status", wait=5)
+                return
+            except control.HostUnavailable:
+                if self.child.poll() is not None or time.monotonic() > deadline:
+                    proc.end(self.child)
+                    raise RuntimeError(f"host in {run_dir} did not come up") from None
+                time.sleep(0.05)
+
+    def service(self, path: str) -> dict:
+        r = control.call(self.run_dir, "service", wait=300, **PATHS[path])
+        want = "keepalive" if path == "keepalive" else "fresh"
+        if not r["ok"] or any(n["restore_path"] != want or n["device_reset"] != (path == "reset-flr")
+                              for n in r["nics"]):
+            raise RuntimeError(f"unexpected servicing result for {path}: {r}")
+        last = control.call(self.run_dir, "inspect", wait=60, path="last_servicing")
+        return {**r["phases_ms"], "prelaunch_start": last["prelaunch_ms"],
+                "device_reset": any(n["device_reset"] for n in r["nics"]),
+                "hwc_established": any(n["hwc_established"] for n in r["nics"])}
+
+    def stop(self) -> None:
+        control.call(self.run_dir, "stop", wait=30)
+        self.child.wait(60)
+
+
+def summarize(samples: list[dict]) -> dict:
+    out = {}
+    for key in (*PHASES, "prelaunch_start"):
+        values = [s[key] for s in samples]
+        out[key] = {"median_ms": round(statistics.median(values), 3), "min_ms": round(min(values), 3),
+                    "max_ms": round(max(values), 3)}
+    out["device_reset"] = any(s["device_reset"] for s in samples)
+    out["hwc_established"] = any(s["hwc_established"] for s in samples)
+    out["n"] = len(samples)
+    return out
+
+
+def run(nic_counts: list[int], repeat: int, timing: str) -> list[dict]:
+    rows = []
+    for nics in nic_counts:
+        for prelaunch in (True, False):
+            with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
+                host = Host(os.path.join(tmp, "run"), nics, prelaunch, timing)
+                try:
+                    host.service("keepalive")  # warm-up: page cache, first restore
+                    samples: dict[str, list[dict]] = {path: [] for path in PATHS}
+                    for _ in range(repeat):
+                        for path in PATHS:
+                            samples[path].append(host.service(path))
+                finally:
+                    host.stop()
+            for path, s in samples.items():
+                row = {"nics": nics, "prelaunch": prelaunch, "path": path, **summarize(s)}
+                rows.append(row)
+                print(f"nics={nics} prelaunch={'on ' if prelaunch else 'off'} {path:9} "
+                      + "  ".join(f"{k} {row[k]['median_ms']:8.1f}" for k in (*PHASES, "prelaunch_start")) + " ms",
+                      flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| NICs | prelaunch | path | save | handoff | restore | total | device reset | HWC established |",
+             "|---:|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['nics']} | {'on' if r['prelaunch'] else 'off'} | {r['path']} | "
+                     + " | ".join(f"{r[k]['median_ms']:.1f}" for k in PHASES)
+                     + f" | {'yes' if r['device_reset'] else 'no'} | {'yes' if r['hwc_established'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5, help="servicings per path and configuration (median reported)")
+    ap.add_argument("--nics", default="1,2,4,8", help="comma-separated NIC counts")
+    ap.add_argument("--timing", choices=("realistic", "natural"), default="realistic",
+                    help="device timing profile (realistic: FLR 100 ms, 1 ms per HWC request)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    nic_counts = [int(x) for x in args.nics.split(",")]
+    t = time.monotonic()
+    rows = run(nic_counts, args.repeat, args.timing)
+    result = {"benchmark": "servicing", "timing": args.timing, "repeat": args.repeat, "unit": "ms (median)",
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+              "wall_s": round(time.monotonic() - t, 1), "rows": rows}
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
