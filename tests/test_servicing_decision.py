@@ -330,3 +330,23 @@ def test_bad_blob_falls_back(host, mode, error):
     assert log.index("falling back to fresh init with flr") < log.index("attached pending buffers")
     assert host.inspect("worker/pool/pending_pages") == 0
     assert host.probe()["ok"]
+
+
+def test_unparsable_pool_config_no_pool(tmp_path):
+    """A bad pool size is warned about and means no pool; the MANA config still claims one (trusted as-is,
+    E6): the NIC runs with an ephemeral HWC buffer instead of failing, and a keepalive save is refused
+    (SaveFailed: FLR), after which the NIC comes back fresh."""
+    h = HostRun(tmp_path / "run", env={"OPENHCL_ENABLE_VTL2_GPA_POOL": "lots"})
+    try:
+        with open(os.path.join(h.run_dir, "host.log")) as f:
+            assert "unparsable pool config" in f.read()
+        assert h.inspect("worker/pool/total_pages") == 0
+        n0 = h.inspect("worker/nics/0")
+        assert "no sources available for private persistent allocations" in n0["error"]
+        assert n0["device"]["hwc_buffer"]["persistent"] is False and h.probe()["ok"]
+        r, (entries,) = h.serviced(mana_keepalive=True)
+        assert h.inspect("last_servicing/save_outcomes")[0]["save_outcome"] == "SaveFailed"
+        assert (nic(r)["restore_path"], nic(r)["device_reset"]) == ("fresh", True)
+        assert h.probe()["ok"]
+    finally:
+        h.stop()

@@ -2,6 +2,8 @@
 import json
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -99,6 +101,26 @@ def test_restore_stuck_replaced_with_same_state(host):
     assert host.service(mana_keepalive=True)["ok"]
 
 
+def test_one_state_change_at_a_time(host):
+    """Spec §13: only one servicing may be in progress."""
+    slow = threading.Thread(target=host.service, kwargs={"timeout": 1.0, "test_config": "SERVICING_SAVE_STUCK"})
+    slow.start()
+    try:
+        time.sleep(0.3)  # the stuck save holds the host for about 2 s
+        with pytest.raises(control.HostRefused, match="state change already in progress"):
+            host.service()
+    finally:
+        slow.join()
+    assert host.service()["ok"]
+
+
+def test_next_worker_that_does_not_start_leaves_vm_untouched(host):
+    pid = host.inspect("worker/pid")
+    with pytest.raises(control.HostRefused, match="next worker did not start"):
+        host.service(mana_keepalive=True, next_worker_cmd="false")
+    assert host.inspect("worker/pid") == pid and host.service()["ok"]
+
+
 def test_unknown_test_config_is_ignored(host):
     r = host.service(mana_keepalive=True, test_config="SERVICING_NONSENSE")
     assert r["ok"]
@@ -109,6 +131,8 @@ def test_bad_requests_refused(host):
         host.service(timeout=-1)
     with pytest.raises(control.HostRefused, match="bad arguments"):
         host.service(flavour="x")
+    with pytest.raises(control.HostRefused, match="unknown tamper mode"):
+        host.service(tamper="shred")
     with pytest.raises(control.HostRefused, match="ops:"):
         host.call("reboot")
     out = host.cli("service", "--run-dir", host.run_dir, "--next-env", "NOEQUALS")

@@ -28,7 +28,7 @@ from ..paravisor.channel import decode_blob, encode_blob
 from ..paravisor.options import MANA_ENV
 from ..paravisor.vf_manager import NicConfig
 from .devices import DeviceProcess
-from .tamper import tamper_blob
+from .tamper import TAMPER_MODES, tamper_blob
 from .worker_proc import WorkerFailed, WorkerProcess
 
 log = logging.getLogger("vfkeep.host")
@@ -181,8 +181,7 @@ class Host:
             self.devices.append(DeviceProcess.spawn(i, self.run_dir, cfg.backend, cfg.timing))
         for d in self.devices:
             d.wait_ready(BOOT_TIMEOUT_S)
-        self.worker = self._spawn_worker({})
-        self.worker.wait_hello(HELLO_TIMEOUT_S)
+        self.worker = self._start_worker({}, None, self.configured)
         started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
         self.worker_started = started
         kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
@@ -216,20 +215,30 @@ class Host:
         env.update(extra)
         return env
 
-    def _spawn_worker(self, extra_env: dict[str, str], worker_cmd: str | None = None,
-                      configured: list[int] | None = None) -> WorkerProcess:
+    def _spawn_worker(self, extra_env: dict[str, str], worker_cmd: str | None,
+                      configured: list[int]) -> WorkerProcess:
         self.generation += 1
         args = ["--run-dir", self.run_dir, "--generation", str(self.generation), "--memfd", str(self.mem.fd),
                 "--memory-layout", self.mem.layout.to_str()]
         fds = [self.mem.fd]
         if self.channel_layout is not None:
             args += ["--channel-layout", self.channel_layout.to_str()]
-        for i in self.configured if configured is None else configured:
+        for i in configured:
             tx, rx = self.channels[i].bell_fds()
             args += ["--nic", NicConfig(i, self.devices[i].pci_id, self.devices[i].socket, tx, rx).to_arg()]
             fds += [tx, rx]
         return WorkerProcess.spawn(self.config.worker_argv(worker_cmd), args, fds, self.worker_env(extra_env),
                                    self.generation, self.run_dir)
+
+    def _start_worker(self, extra_env: dict[str, str], worker_cmd: str | None, configured: list[int]) -> WorkerProcess:
+        """Spawn a worker and wait for its hello (imports done); a worker that does not come up is ended."""
+        w = self._spawn_worker(extra_env, worker_cmd, configured)
+        try:
+            w.wait_hello(HELLO_TIMEOUT_S)
+        except WorkerFailed:
+            w.end()
+            raise
+        return w
 
     def _supervise(self) -> None:
         """A worker that died outside a servicing is replaced through the fresh path (a NIC is never
@@ -241,8 +250,7 @@ class Host:
            pid=w.pid, exit_status=w.child.returncode)
         w.end()
         try:
-            self.worker = self._spawn_worker({})
-            self.worker.wait_hello(HELLO_TIMEOUT_S)
+            self.worker = self._start_worker({}, None, self.configured)
             self.worker_started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S,
                                                       "started")
         except WorkerFailed as e:
@@ -255,6 +263,8 @@ class Host:
                  tamper: str | None = None) -> dict:
         """One servicing (DESIGN §1): prelaunch, save, scrub, hand the blob over, restore; D4 on failure."""
         timeout_s = _timeout(timeout)
+        if tamper is not None and tamper not in TAMPER_MODES:
+            raise HostError(f"unknown tamper mode {tamper!r}; known: {', '.join(TAMPER_MODES)}")
         if nics is not None:
             bad = [i for i in nics if not isinstance(i, int) or not 0 <= i < len(self.devices)]
             if bad:
@@ -271,14 +281,16 @@ class Host:
         t_pre = time.perf_counter()
         new = None
         if self.config.prelaunch:
-            new = self._spawn_worker(next_env, next_worker_cmd, configured)
-            new.wait_hello(HELLO_TIMEOUT_S)
+            try:
+                new = self._start_worker(next_env, next_worker_cmd, configured)
+            except WorkerFailed as e:
+                raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
         prelaunch_ms = _ms(t_pre, time.perf_counter())
 
         # Save: the old worker stops its relay and saves (spec §2.2).
-        t0 = time.perf_counter()
+        t0, window_start = time.perf_counter(), time.monotonic_ns()
         correlation_id = str(uuid.uuid4())
-        blob, saved, save_failed = None, None, None
+        blob, saved = None, None
         try:
             saved = old.request({"type": "save", "mana_keepalive": bool(mana_keepalive),
                                  "nvme_keepalive": bool(nvme_keepalive), "timeout_s": timeout_s,
@@ -293,10 +305,11 @@ class Host:
             # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
             if new is not None:
                 new.end()
+            window = (window_start, time.monotonic_ns())
             result = self._result(False, mana_keepalive, nvme_keepalive, saved["revived"], [], before,
                                   {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
-                                   "total": _ms(t0, t_saved)}, f"save failed: {saved['error']}")
-            self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old)
+                                   "total": _ms(t0, t_saved)}, f"save failed: {saved['error']}", window)
+            self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old, window=window)
             return result
         if saved is not None:
             blob = decode_blob(saved["servicing_state"])
@@ -312,8 +325,11 @@ class Host:
             if tamper:
                 blob = tamper_blob(blob, tamper, self.mem.layout)
         if new is None:
-            new = self._spawn_worker(next_env, next_worker_cmd, configured)
-            new.wait_hello(HELLO_TIMEOUT_S)
+            try:
+                new = self._start_worker(next_env, next_worker_cmd, configured)
+            except WorkerFailed as e:  # the old worker is gone: any worker is better than none (D4)
+                errors.append(f"next worker: {e}")
+                new = self._start_worker({}, None, configured)
         self.worker, self.configured = new, configured
         started = None
         t_handoff = time.perf_counter()
@@ -326,23 +342,24 @@ class Host:
             errors.append(f"restore: {e}")
             kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
             new.end()
-            self.worker = self._spawn_worker({}, next_worker_cmd, configured)
-            self.worker.wait_hello(HELLO_TIMEOUT_S)
+            self.worker = self._start_worker({}, next_worker_cmd, configured)
             started = self.worker.request({"type": "start", "servicing_state": encode_blob(blob)}, timeout_s,
                                           "started")
-        t_done = time.perf_counter()
+        t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
         self.worker_started = started
         if started.get("error"):
             errors.append(started["error"])
         phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
                   "total": _ms(t0, t_done)}
         result = self._result(not errors, mana_keepalive, nvme_keepalive, started["nics"],
-                              started["unclaimed_pool_allocations"], before, phases, "; ".join(errors) or None)
-        self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker)
+                              started["unclaimed_pool_allocations"], before, phases, "; ".join(errors) or None,
+                              window)
+        self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
+                     window=window)
         return result
 
     def _result(self, ok: bool, mana: bool, nvme: bool, nics: list[dict], unclaimed: list[dict], before: list[dict],
-                phases: dict, error: str | None) -> dict:
+                phases: dict, error: str | None, window: tuple[int, int]) -> dict:
         """The servicing result of DESIGN §10; device_reset / hwc_established come from the device."""
         by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before)}
         out = []
@@ -352,20 +369,21 @@ class Host:
             out.append({"pci_id": n["pci_id"], "restore_path": n["restore_path"],
                         "device_reset": seen["device_reset"], "hwc_established": seen["hwc_established"],
                         "error": n.get("error")})
-        blackout_ms, frames_lost = self._traffic_window()
+        blackout_ms, frames_lost = self._traffic_window(*window)
         return {"ok": ok, "mana_keepalive": bool(mana), "nvme_keepalive": bool(nvme), "nics": out,
                 "unclaimed_pool_allocations": unclaimed, "phases_ms": phases, "blackout_ms": blackout_ms,
                 "frames_lost": frames_lost, "error": error}
 
-    def _traffic_window(self) -> tuple[float | None, int | None]:
-        """Blackout and loss across the last servicing, from the guest traffic agent when one runs
-        (none exists yet, so both are null)."""
+    def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
+        """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agent
+        when one runs; the host does not start agents yet, so both are null."""
         return None, None
 
     def _record(self, result: dict, *, saved: dict | None, started: dict | None, prelaunch_ms: float,
-                worker: WorkerProcess) -> None:
+                worker: WorkerProcess, window: tuple[int, int]) -> None:
         self.last_servicing = {
-            "result": result, "at": time.time(), "prelaunch": self.config.prelaunch, "prelaunch_ms": prelaunch_ms,
+            "result": result, "at": time.time(), "window_ns": list(window),
+            "prelaunch": self.config.prelaunch, "prelaunch_ms": prelaunch_ms,
             "worker_generation": worker.generation,
             "save_outcomes": saved.get("nics") if saved else None,
             "worker_save_phases_ms": saved.get("phases_ms") if saved else None,
