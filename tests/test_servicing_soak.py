@@ -23,6 +23,15 @@ def processes_mentioning(text: str) -> list[int]:
     return out
 
 
+def fd_count(pid: int) -> int:
+    """Open fds once in-flight control connections have closed (the smallest of a few samples)."""
+    samples = []
+    for _ in range(5):
+        time.sleep(0.05)
+        samples.append(open_fd_count(pid))
+    return min(samples)
+
+
 def test_50_keepalive_servicings_no_leaks(tmp_path):
     h = HostRun(tmp_path / "run")
     try:
@@ -30,7 +39,7 @@ def test_50_keepalive_servicings_no_leaks(tmp_path):
         device_pid = h.inspect("devices/0/pid")
         assert h.probe()["ok"]
         pool, worker_ram = h.inspect("worker/pool"), h.inspect("worker/worker_ram")
-        host_fds, device_fds = open_fd_count(h.pid), open_fd_count(device_pid)
+        host_fds, device_fds = fd_count(h.pid), fd_count(device_pid)
         kids, procs = len(h.children()), len(processes_mentioning(run_dir))
         for i in range(SERVICINGS):
             r = h.service(mana_keepalive=True)
@@ -41,11 +50,14 @@ def test_50_keepalive_servicings_no_leaks(tmp_path):
                 assert h.probe()["ok"], i
         assert h.reset_count() == 0
         assert h.inspect("worker/generation") == SERVICINGS + 1
+        eqes = h.device_control(0, "counters")["counters"]["eqes_posted"]
+        time.sleep(0.5)  # an idle relay sleeps: it must not keep re-arming queues the device then signals
+        assert h.device_control(0, "counters")["counters"]["eqes_posted"] == eqes
         assert h.inspect("worker/pool") == pool
         assert h.inspect("worker/worker_ram") == worker_ram
         assert (len(h.children()), len(processes_mentioning(run_dir))) == (kids, procs)
-        assert open_fd_count(h.pid) == host_fds
-        assert open_fd_count(device_pid) == device_fds
+        assert fd_count(h.pid) <= host_fds
+        assert fd_count(device_pid) <= device_fds
     finally:
         h.stop()
 

@@ -86,15 +86,15 @@ class NetRelay:
         """One batch each way; returns the number of frames moved."""
         moved = 0
         room = min(BATCH, self.vport.tx_free)
-        if room:
-            frames = self.channel.tx.pop_many(room)
-            if frames:
-                try:
-                    sent = self.vport.send(frames)
-                except BadFrame as e:
-                    sent = self._send_one_by_one(frames, e)
-                self.stats.tx_frames += sent
-                moved += len(frames)
+        frames = self.channel.tx.pop_many(room) if room else []
+        try:
+            # Also with no frames: send() reaps TX completions, and unreaped ones keep prepare_wait() from
+            # ever letting the relay sleep.
+            sent = self.vport.send(frames)
+        except BadFrame as e:
+            sent = self._send_one_by_one(frames, e)
+        self.stats.tx_frames += sent
+        moved += len(frames)
         received: list[bytes] = []
         self.vport.receive_into(lambda view: received.append(bytes(view)), BATCH)
         if received:
