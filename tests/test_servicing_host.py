@@ -140,7 +140,8 @@ def test_bad_requests_refused(host):
 
 
 def test_malformed_env_warns_and_disables(tmp_path):
-    h = HostRun(tmp_path / "run", nics=0, env={"OPENHCL_MANA_KEEP_ALIVE": "1", "OPENHCL_NVME_KEEP_ALIVE": "host, privatepool"})
+    h = HostRun(tmp_path / "run", nics=0,
+                env={"OPENHCL_MANA_KEEP_ALIVE": "1", "OPENHCL_NVME_KEEP_ALIVE": "host, privatepool"})
     try:
         assert h.inspect("worker/keepalive") == {"mana": "disabled", "nvme": "disabled"}
         log = h.worker_log(1)
@@ -173,3 +174,25 @@ def test_console_bad_input_keeps_running(tmp_path):
     assert "service-vtl2" in out and "Service the paravisor" in out
     assert "servicing ok" in out
     assert "vfkeep> 2\n" in out
+
+
+class _StubHost:
+    run_dir = "/nonexistent"
+    tree = {"worker": {"keepalive": {"mana": "enabled"}, "nics": [{"pdid": 0}], "pid": 1}, "host": {}}
+
+    def inspect(self, path=None):
+        from vfkeep.host.vmm import _select
+        return _select(self.tree, path)
+
+
+def test_console_completion():
+    from vfkeep.host.console import HostConsole
+    c = HostConsole(_StubHost())
+    assert c.completenames("ser") == ["service-vtl2"]
+    assert c.complete_service_vtl2("--ma", "service-vtl2 --ma", 13, 17) == ["--mana-keepalive"]
+    assert c.complete_service_vtl2("--", "service-vtl2 --mana-keepalive --", 31, 33) == [
+        "--nvme-keepalive", "--timeout", "--test-config", "--next-env", "--worker-cmd"]
+    assert c.complete_inspect("wor", "inspect wor", 8, 11) == ["worker/"]
+    assert c.complete_inspect("worker/", "inspect worker/", 8, 15) == ["worker/keepalive/", "worker/nics/", "worker/pid"]
+    assert c.complete_inspect("worker/nics/", "", 0, 0) == ["worker/nics/0"]
+    assert c.complete_inspect("nope/x", "", 0, 0) == []

@@ -65,7 +65,6 @@ class HostConsole(cmd.Cmd):
         self.out = console or Console()
         self._service_parser = _service_parser()
         self._history = os.path.join(host.run_dir, "console_history")
-        self._inspect_cache: dict | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
     def preloop(self) -> None:
@@ -140,20 +139,23 @@ class HostConsole(cmd.Cmd):
             raise ConsoleUsage(f"inspect: unexpected {' '.join(unknown or rest[1:])!r}\nusage: inspect [PATH] [--json]")
         path = rest[0] if rest else None
         data = self.host.inspect(path)
-        if as_json or not isinstance(data, (dict, list)):
-            self.out.print_json(json.dumps(data)) if isinstance(data, (dict, list)) else self.out.print(data)
+        if not isinstance(data, (dict, list)):
+            self.out.print(data)
+        elif as_json:
+            self.out.print_json(json.dumps(data))
         else:
             self.out.print(render.tree(data, path or "vfkeep"))
 
     def complete_inspect(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
-        if self._inspect_cache is None or not text:
-            self._inspect_cache = self.host.inspect()
         parent, _, leaf = text.rpartition("/")
         try:
-            node = self.host.inspect(parent) if parent else self._inspect_cache
+            node = self.host.inspect(parent or None)
         except HostError:
             return []
-        keys = list(node) if isinstance(node, dict) else [str(i) for i in range(len(node))] if isinstance(node, list) else []
+        if isinstance(node, dict):
+            keys = list(node)
+        else:
+            keys = [str(i) for i in range(len(node))] if isinstance(node, list) else []
         prefix = f"{parent}/" if parent else ""
         return [prefix + k + ("/" if isinstance(node, dict) and isinstance(node[k], (dict, list)) else "")
                 for k in keys if k.startswith(leaf)]

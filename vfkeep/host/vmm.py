@@ -39,6 +39,11 @@ NO_TIMEOUT_HINT_S = 65535  # spec §2.1: a hint this large means "no timeout" ..
 NO_TIMEOUT_S = 200.0       # ... and is replaced by 200 s
 HELLO_TIMEOUT_S = 60.0
 BOOT_TIMEOUT_S = 60.0
+#: Guest RAM beyond the channel rings (guest buffers), and worker RAM for ephemeral DMA: vport queues and
+#: packet buffers take about 300 pages per NIC.
+GUEST_SPARE_PAGES = 256
+WORKER_BASE_PAGES = 1024
+WORKER_PAGES_PER_NIC = 512
 
 
 class HostError(Exception):
@@ -55,8 +60,6 @@ class HostConfig:
     prelaunch: bool = True
     worker_cmd: str | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
-    guest_reserve_pages: int = 256
-    worker_pages: int | None = None
 
     def worker_argv(self, override: str | None = None) -> list[str]:
         cmd = override or self.worker_cmd
@@ -84,12 +87,10 @@ class Host:
         self.channels: list[NicChannel] = []
         self.devices: list[DeviceProcess] = []
         self.worker: WorkerProcess | None = None
-        self.worker_started: dict | None = None
         self.configured = list(range(config.nics))
         self.generation = 0
         self.last_servicing: dict | None = None
         self.servicings = 0
-        self.started_at = time.time()
         self._jobs: queue.Queue = queue.Queue()
         self._busy = threading.Lock()
         self._stopped = threading.Event()
@@ -171,8 +172,7 @@ class Host:
         if cfg.nics:
             self.channel_layout = ChannelLayout(nics=cfg.nics)
         ring_pages = self.channel_layout.total_pages if self.channel_layout else 0
-        worker_pages = cfg.worker_pages or 1024 + 512 * cfg.nics
-        layout = MemoryLayout(ring_pages + cfg.guest_reserve_pages, worker_pages, pool)
+        layout = MemoryLayout(ring_pages + GUEST_SPARE_PAGES, WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC * cfg.nics, pool)
         self.mem = GuestMemory.create(layout)
         kv(log, logging.INFO, "guest memory created", layout=layout.to_str(), bytes=layout.size)
         for i in range(cfg.nics):
@@ -183,7 +183,6 @@ class Host:
             d.wait_ready(BOOT_TIMEOUT_S)
         self.worker = self._start_worker({}, None, self.configured)
         started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
-        self.worker_started = started
         kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
            paths=",".join(n["restore_path"] for n in started["nics"]))
 
@@ -251,8 +250,7 @@ class Host:
         w.end()
         try:
             self.worker = self._start_worker({}, None, self.configured)
-            self.worker_started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S,
-                                                      "started")
+            self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
         except WorkerFailed as e:
             kv(log, logging.ERROR, "replacement worker failed", error=str(e))
 
@@ -346,7 +344,6 @@ class Host:
             started = self.worker.request({"type": "start", "servicing_state": encode_blob(blob)}, timeout_s,
                                           "started")
         t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
-        self.worker_started = started
         if started.get("error"):
             errors.append(started["error"])
         phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
@@ -388,6 +385,7 @@ class Host:
             "save_outcomes": saved.get("nics") if saved else None,
             "worker_save_phases_ms": saved.get("phases_ms") if saved else None,
             "worker_restore_phases_ms": started.get("phases_ms") if started else None,
+            "worker_nics": started.get("nics") if started else None,
         }
         with open(os.path.join(self.run_dir, "last_servicing.json"), "w") as f:
             json.dump(self.last_servicing, f, indent=1)
@@ -465,6 +463,9 @@ def _select(tree, path: str | None):
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
-            keys = sorted(node) if isinstance(node, dict) else f"0..{len(node) - 1}" if isinstance(node, list) else "none"
+            if isinstance(node, dict):
+                keys = ", ".join(sorted(node))
+            else:
+                keys = f"0..{len(node) - 1}" if isinstance(node, list) else "none"
             raise HostError(f"inspect path {path!r}: no {part!r} here (have: {keys})")
     return node
