@@ -6,7 +6,9 @@ afterwards. Tests share one host; the `host` fixture puts it back to the default
 """
 import json
 import os
+import signal
 import sys
+import time
 
 import pytest
 
@@ -257,6 +259,20 @@ def test_save_fail_revives_in_place_and_is_not_sticky(host):
     assert host.probe()["ok"]
     r = host.service(mana_keepalive=True)
     assert r["ok"] and nic(r)["restore_path"] == "keepalive" and not nic(r)["device_reset"]
+    assert host.probe()["ok"]
+
+
+def test_worker_dying_outside_servicing_is_replaced(host):
+    """No servicing running: the host notices the dead worker and starts one through the fresh path."""
+    gen, pid = host.inspect("worker/generation"), host.inspect("worker/pid")
+    seq = host.log_seq()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while host.inspect("worker/generation") == gen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert host.inspect("worker/generation") == gen + 1
+    assert host.inspect("worker/nics/0/restore_path") == "fresh"
+    assert_refused_then_flr(host.commands_since(seq))
     assert host.probe()["ok"]
 
 

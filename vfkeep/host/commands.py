@@ -83,7 +83,7 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, w
     try:
         server = control.ControlServer(run_dir, {
             "service": host.service, "inspect": host.inspect, "status": host.status, "probe": host.probe,
-            "stop": on_stop})
+            "traffic": host.traffic, "stop": on_stop})
         host.start()
         server.start()
         click.echo(f"vfkeep host ready: pid {os.getpid()}, run dir {run_dir}", err=detach)

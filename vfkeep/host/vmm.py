@@ -29,6 +29,7 @@ from ..paravisor.options import MANA_ENV
 from ..paravisor.vf_manager import NicConfig
 from .devices import DeviceProcess
 from .tamper import TAMPER_MODES, tamper_blob
+from .traffic import GuestTraffic
 from .worker_proc import WorkerFailed, WorkerProcess
 
 log = logging.getLogger("vfkeep.host")
@@ -90,6 +91,7 @@ class Host:
         self.configured = list(range(config.nics))
         self.generation = 0
         self.last_servicing: dict | None = None
+        self.guest_traffic: GuestTraffic | None = None
         self.servicings = 0
         self._jobs: queue.Queue = queue.Queue()
         self._busy = threading.Lock()
@@ -163,6 +165,14 @@ class Host:
     def probe(self, nic: int = 0, count: int = 8, timeout: float = 2.0) -> dict:
         return self._submit(self._probe, nic, count, timeout)
 
+    def traffic(self, action: str, **args):
+        """`vfkeep traffic`: start spawns agents, so it runs on the actor thread (children die with the
+        thread that spawned them); stop/stats/timeline/status answer at once, even during a servicing."""
+        if self.guest_traffic is None:
+            raise HostError("host is not booted")
+        fn = self.guest_traffic.operation(action)
+        return self._submit(fn, **args) if action == "start" else fn(**args)
+
     # -- boot / teardown -------------------------------------------------------------------------
     def _boot(self) -> None:
         cfg = self.config
@@ -177,6 +187,7 @@ class Host:
         kv(log, logging.INFO, "guest memory created", layout=layout.to_str(), bytes=layout.size)
         for i in range(cfg.nics):
             self.channels.append(NicChannel.create(self.mem, self.channel_layout, i))
+        self.guest_traffic = GuestTraffic(self.run_dir, self.mem, self.channel_layout, self.channels)
         for i in range(cfg.nics):
             self.devices.append(DeviceProcess.spawn(i, self.run_dir, cfg.backend, cfg.timing))
         for d in self.devices:
@@ -187,6 +198,8 @@ class Host:
            paths=",".join(n["restore_path"] for n in started["nics"]))
 
     def _teardown(self) -> None:
+        if self.guest_traffic is not None:  # the guest first: no frames pushed at a NIC shutting down
+            self.guest_traffic.close()
         if self.worker is not None:
             if self.worker.alive():
                 try:
@@ -372,9 +385,11 @@ class Host:
                 "frames_lost": frames_lost, "error": error}
 
     def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
-        """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agent
-        when one runs; the host does not start agents yet, so both are null."""
-        return None, None
+        """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agents
+        when traffic runs; null otherwise."""
+        if self.guest_traffic is None:
+            return None, None
+        return self.guest_traffic.window(start_ns, end_ns)
 
     def _record(self, result: dict, *, saved: dict | None, started: dict | None, prelaunch_ms: float,
                 worker: WorkerProcess, window: tuple[int, int]) -> None:
@@ -405,11 +420,16 @@ class Host:
 
     def _inspect(self) -> dict:
         worker = None
-        if self.worker is not None and self.worker.alive():
+        for attempt in range(2):
+            if self.worker is None or not self.worker.alive():
+                break
             try:
                 worker = self.worker.request({"type": "inspect"}, 10.0, "inspect")["tree"]
+                break
             except WorkerFailed as e:
                 worker = {"error": str(e)}
+                if attempt == 0 and self.worker.wait_exit(1.0) is not None:
+                    self._supervise()  # it just died: replace it now rather than at the next idle tick
         devices = []
         for d in self.devices:
             entry = {"pci_id": d.pci_id, "pid": d.child.pid, "socket": d.socket, "alive": d.alive()}

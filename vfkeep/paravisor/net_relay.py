@@ -31,6 +31,7 @@ class RelayStats:
     tx_frames: int = 0         # guest -> vport
     rx_frames: int = 0         # vport -> guest
     rx_dropped_ring_full: int = 0
+    rx_dropped_too_big: int = 0
     tx_dropped_bad_frame: int = 0
     wakeups: int = 0
 
@@ -96,13 +97,24 @@ class NetRelay:
         self.stats.tx_frames += sent
         moved += len(frames)
         received: list[bytes] = []
-        self.vport.receive_into(lambda view: received.append(bytes(view)), BATCH)
+        self.vport.receive_into(self._collect(received), BATCH)
         if received:
             pushed = self.channel.rx.push_many(received)
             self.stats.rx_frames += pushed
             self.stats.rx_dropped_ring_full += len(received) - pushed
             moved += len(received)
         return moved
+
+    def _collect(self, out: list[bytes]):
+        """RX sink: copy each frame out of its packet buffer; a frame larger than a ring slot is dropped."""
+        limit = self.channel.rx.max_frame
+
+        def sink(view: memoryview) -> None:
+            if len(view) > limit:
+                self.stats.rx_dropped_too_big += 1
+            else:
+                out.append(bytes(view))
+        return sink
 
     def _send_one_by_one(self, frames: list[bytes], first_error: BadFrame) -> int:
         """A batch held a frame the vport cannot carry: send the rest, count the bad ones."""
