@@ -12,6 +12,7 @@ Protocol with the host (one `Channel`, documented in docs/internals.md):
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import sys
@@ -117,6 +118,7 @@ class Worker:
         # Step 6: per configured NIC, the first saved state with its pci_id.
         t = time.perf_counter()
         saved = mana_states_by_pci_id(state)
+
         def create(cfg: NicConfig) -> VfManager:
             match = next((s for s in saved if s.pci_id == cfg.pci_id), None)
             kv(log, logging.INFO, "nic saved state lookup", pci_id=cfg.pci_id, found=match is not None,
@@ -137,10 +139,10 @@ class Worker:
         error = None
         unclaimed = []
         try:
-            unclaimed = [u.__dict__ for u in self.dma.validate_restore()]
+            unclaimed = [dataclasses.asdict(u) for u in self.dma.validate_restore()]
         except UnrestoredAllocations as e:
             error = str(e)
-            unclaimed = [u.__dict__ for u in e.allocations]
+            unclaimed = [dataclasses.asdict(u) for u in e.allocations]
             kv(log, logging.ERROR, "strict pool validation failed", error=error)
         phases["validate"] = _ms(t)
 
