@@ -317,6 +317,7 @@ class Vport:
         eq = self._eq
         if self._drain_eq():
             return False
+        self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
         self._rx_cq.arm()
         tx_busy = self._tx_posted != self._tx_done
         if tx_busy:
