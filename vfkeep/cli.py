@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "stop": "vfkeep.host.commands:stop_command",
     "state": "vfkeep.host.commands:state_group",
     "worker": "vfkeep.paravisor.worker:worker_command",
+    "traffic": "vfkeep.host.traffic_cli:traffic_group",
+    "demo": "vfkeep.demo:demo_command",
 }
 
 

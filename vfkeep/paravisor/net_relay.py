@@ -23,6 +23,7 @@ from ..vfio_user import VfioClientError
 log = logging.getLogger("vfkeep.worker.relay")
 
 BATCH = 64
+DRAIN_MAX_BATCHES = 64
 IDLE_WAIT_MS = 1000
 
 
@@ -77,6 +78,7 @@ class NetRelay:
                     continue
                 poller.poll(IDLE_WAIT_MS)
                 self.stats.wakeups += 1
+            self._drain()
         except (DeviceMissing, TransportGone) as e:
             self.device_missing = True
             self._fail(e)
@@ -85,7 +87,6 @@ class NetRelay:
 
     def _pump(self) -> int:
         """One batch each way; returns the number of frames moved."""
-        moved = 0
         room = min(BATCH, self.vport.tx_free)
         frames = self.channel.tx.pop_many(room) if room else []
         try:
@@ -95,15 +96,28 @@ class NetRelay:
         except BadFrame as e:
             sent = self._send_one_by_one(frames, e)
         self.stats.tx_frames += sent
-        moved += len(frames)
+        return len(frames) + self._receive()
+
+    def _receive(self) -> int:
+        """One batch vport -> guest rx ring; returns the frames taken from the vport."""
         received: list[bytes] = []
-        self.vport.receive_into(self._collect(received), BATCH)
+        n = self.vport.receive_into(self._collect(received), BATCH)
         if received:
             pushed = self.channel.rx.push_many(received)
             self.stats.rx_frames += pushed
             self.stats.rx_dropped_ring_full += len(received) - pushed
-            moved += len(received)
-        return moved
+        return n
+
+    def _drain(self) -> None:
+        """After the last send, hand the guest what the vport still holds, so stopping for servicing
+        strands no frame in queues the save then destroys. The device handles messages in order, so once
+        a register read returns it has processed every doorbell before it: the frames in flight have
+        completed and (loopback) come back. Bounded, as a wire backend may keep delivering."""
+        self.vport.dev.gdma.backing.read32(0)
+        self.vport.send([])  # reap the TX completions
+        for _ in range(DRAIN_MAX_BATCHES):
+            if not self._receive():
+                break
 
     def _collect(self, out: list[bytes]):
         """RX sink: copy each frame out of its packet buffer; a frame larger than a ring slot is dropped."""
