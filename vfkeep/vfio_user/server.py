@@ -31,6 +31,10 @@ log = logging.getLogger("vfkeep.vfio_user.server")
 
 #: A client that does not drain its socket for this long is treated as gone.
 SEND_TIMEOUT_S = 5.0
+#: Client messages handled per wake-up. The socket stays readable, so the loop comes back for the rest
+#: after serving the control channel, backends and timers: a client posting doorbells back to back can
+#: keep the device busy but cannot starve them.
+MESSAGES_PER_WAKEUP = 64
 #: Commands whose every occurrence is logged at INFO; register traffic is DEBUG (data path).
 _QUIET = {Command.REGION_READ, Command.REGION_WRITE}
 
@@ -146,7 +150,9 @@ class VfioUserServer:
 
     def _readable(self) -> None:
         conn = self._conn
-        while conn is self._conn:
+        for _ in range(MESSAGES_PER_WAKEUP):
+            if conn is not self._conn:
+                return
             try:
                 msg = conn.reader.read(conn.sock)
             except PeerClosed as e:
