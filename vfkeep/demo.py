@@ -104,7 +104,7 @@ class Demo:
             self.step(f"servicing {'with' if keepalive else 'without'} --mana-keepalive")
             result = self.host.service(mana_keepalive=keepalive)
             record = self.host.last_servicing
-            window = self.host.traffic("stats")["last_servicing"] or []
+            window = self.host.traffic("status")["last_servicing"] or []
             self.note_processes()
             kv(log, logging.INFO, "demo servicing", mode=mode, blackout_ms=result["blackout_ms"],
                frames_lost=result["frames_lost"], total_ms=result["phases_ms"]["total"])

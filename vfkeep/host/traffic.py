@@ -156,6 +156,7 @@ class GuestTraffic:
         return {"nic": nic, **agent.call("timeline", bin_ms=bin_ms, since_ns=since_ns, until_ns=until_ns)}
 
     def status(self) -> dict:
+        """Agents (pid, alive, counters) and the per-NIC numbers of the last servicing window; cheap."""
         with self._lock:
             agents = list(self._agents.values())
         out = []
@@ -164,7 +165,7 @@ class GuestTraffic:
             if entry["alive"]:
                 entry.update(a.call("status"))
             out.append(entry)
-        return {"agents": out}
+        return {"agents": out, "last_servicing": self.last_servicing}
 
     # -- servicing -------------------------------------------------------------------------------
     def window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:

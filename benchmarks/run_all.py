@@ -1,0 +1,139 @@
+"""Run every benchmark and summarise them in one markdown file (the README's "Measurements").
+
+`python -m benchmarks.run_all [--quick]` (`make bench`)
+
+(a) bench_blackout: guest blackout and loss, keepalive vs reset paths, natural/realistic, prelaunch on/off;
+(b) bench_load: loss across servicing at 1k, 10k, 50k frames/s; (c) bench_throughput: round trip frames/s and
+Mbit/s at 64 B and 1500 B; (d) bench_servicing: servicing phase times for 1, 2, 4, 8 NICs. JSON and PNGs go to
+benchmarks/results/ (with --quick, fewer repetitions, to benchmarks/results/quick/ so the full results stay),
+then summary.md there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from . import bench_blackout, bench_load, bench_servicing, bench_throughput
+from .traffic_host import RESULTS, pyplot
+
+FULL = {
+    "blackout": ["--repeat", "20"],
+    "loss_vs_load": ["--repeat", "10"],
+    "throughput": ["--seconds", "2"],
+    "servicing": ["--repeat", "5"],
+}
+QUICK = {
+    "blackout": ["--repeat", "3"],
+    "loss_vs_load": ["--repeat", "2"],
+    "throughput": ["--seconds", "0.5", "--rates", "5000,20000,60000"],
+    "servicing": ["--repeat", "1", "--nics", "1,4"],
+}
+MODULES = {"blackout": bench_blackout, "loss_vs_load": bench_load, "throughput": bench_throughput,
+           "servicing": bench_servicing}
+
+
+def summary_markdown(results: dict[str, dict]) -> str:
+    m = results["blackout"]["machine"]
+    out = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['platform']}, Python {m['python']}.", ""]
+
+    b = results["blackout"]
+    paths = list(bench_servicing.PATHS)
+    out += [f"Guest blackout and frames lost per servicing ({b['rate_fps']:g} frames/s of {b['frame_size']} B, "
+            f"{b['repeat']} servicings per cell; median / p95):", "",
+            "| timing | prelaunch | " + " | ".join(f"{p} blackout ms" for p in paths) + " | "
+            + " | ".join(f"{p} lost" for p in paths) + " | reset / keepalive | reset-flr / keepalive |",
+            "|---|---|" + "---:|" * (2 * len(paths) + 2)]
+    for ratio in b["ratios"]:
+        cell = {r["path"]: r for r in b["rows"] if (r["timing"], r["prelaunch"]) == (ratio["timing"], ratio["prelaunch"])}
+        out.append(f"| {ratio['timing']} | {'on' if ratio['prelaunch'] else 'off'} | "
+                   + " | ".join(f"{cell[p]['blackout_ms']['median']:.1f} / {cell[p]['blackout_ms']['p95']:.1f}"
+                                for p in paths) + " | "
+                   + " | ".join(f"{cell[p]['frames_lost']['median']:.0f} / {cell[p]['frames_lost']['p95']:.0f}"
+                                for p in paths)
+                   + f" | {ratio['reset_over_keepalive']:.2f}x | {ratio['reset-flr_over_keepalive']:.2f}x |")
+
+    ld = results["loss_vs_load"]
+    out += ["", f"Frames lost per servicing vs offered load ({ld['timing']} timing, prelaunch on, {ld['repeat']} "
+                f"servicings per cell; median / p95; the last column is what the same load loses in "
+                f"{bench_load.QUIET_S:g} s without servicing):", "",
+            "| offered frames/s | " + " | ".join(paths) + " | lost without servicing |",
+            "|---:|" + "---:|" * (len(paths) + 1)]
+    for rate in sorted({r["rate_fps"] for r in ld["rows"]}):
+        cell = {r["path"]: r for r in ld["rows"] if r["rate_fps"] == rate}
+        out.append(f"| {rate:.0f} | " + " | ".join(
+            f"{cell[p]['frames_lost']['median']:.0f} / {cell[p]['frames_lost']['p95']:.0f}" for p in paths)
+            + f" | {cell[paths[0]]['quiet']['frames_lost']} |")
+
+    tp = results["throughput"]
+    out += ["", "Round trip guest → worker → device → worker → guest (loopback, one NIC):", "",
+            "| frame | max frames/s | max Mbit/s | frames/s with < 0.1 % loss | Mbit/s with < 0.1 % loss |",
+            "|---:|---:|---:|---:|---:|"]
+    for s in tp["summary"]:
+        out.append(f"| {s['frame_bytes']} B | {s['max_delivered_fps']} | {s['max_mbit_per_s']} | "
+                   f"{s['lossless_fps'] or '-'} | {s['lossless_mbit_per_s'] or '-'} |")
+
+    sv = results["servicing"]
+    out += ["", f"Servicing phases vs NICs ({sv['timing']} timing, prelaunch on, median of {sv['repeat']}; ms):", "",
+            "| NICs | path | save | handoff | restore | total |", "|---:|---|---:|---:|---:|---:|"]
+    for r in sv["rows"]:
+        if r["prelaunch"]:
+            out.append(f"| {r['nics']} | {r['path']} | " + " | ".join(
+                f"{r[k]['median_ms']:.1f}" for k in bench_servicing.PHASES) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_servicing(result: dict, path: pathlib.Path) -> None:
+    """(d) as a picture: save / handoff / restore stacked per NIC count, one group per servicing path."""
+    plt = pyplot()
+    rows = [r for r in result["rows"] if r["prelaunch"]]
+    nics = sorted({r["nics"] for r in rows})
+    paths = list(bench_servicing.PATHS)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(paths)
+    colors = {"save": "tab:blue", "handoff": "tab:orange", "restore": "tab:green"}
+    for i, name in enumerate(paths):
+        xs = [k + (i - (len(paths) - 1) / 2) * width for k in range(len(nics))]
+        bottom = [0.0] * len(nics)
+        for phase, color in colors.items():
+            v = [next(r for r in rows if (r["nics"], r["path"]) == (n, name))[phase]["median_ms"] for n in nics]
+            ax.bar(xs, v, width, bottom=bottom, color=color, edgecolor="white", label=phase if i == 0 else None)
+            bottom = [b + x for b, x in zip(bottom, v)]
+        for x, top in zip(xs, bottom):
+            ax.text(x, top, name, rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(nics)), [f"{n} NIC{'s' if n > 1 else ''}" for n in nics])
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"Servicing phases vs NICs ({result['timing']} timing, prelaunch on)")
+    ax.legend()
+    ax.margins(y=0.25)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few repetitions (about 2 min), results in results/quick/")
+    args = ap.parse_args(argv)
+    out_dir = RESULTS / "quick" if args.quick else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = time.monotonic()
+    results = {}
+    for name, module in MODULES.items():
+        path = out_dir / f"{name}.json"
+        print(f"== {name} ==", flush=True)
+        module.main([*(QUICK if args.quick else FULL)[name], "--out", str(path)])
+        results[name] = json.loads(path.read_text())
+    plot_servicing(results["servicing"], out_dir / "servicing.png")
+    text = summary_markdown(results)
+    (out_dir / "summary.md").write_text(text)
+    print(text)
+    print(f"all benchmarks in {time.monotonic() - t:.0f} s; wrote {out_dir / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared by the traffic benchmarks: a `vfkeep run --detach` host with guest traffic, and summaries.
+
+The host is bench_servicing's (same servicing paths, same checks); this adds the traffic agents and
+servicings whose results carry the guest's blackout and loss.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+
+from vfkeep.demo import machine
+from vfkeep.guest.stats import percentile
+from vfkeep.host import control
+
+from .bench_servicing import PATHS
+from .bench_servicing import Host as ServicingHost
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+class TrafficHost(ServicingHost):
+    def traffic(self, action: str, **args):
+        return control.call(self.run_dir, "traffic", wait=120, action=action, **args)
+
+    def run_traffic(self, rate: float, size: int = 128, warmup_s: float = 0.5) -> None:
+        """Start (or re-pace) traffic on every NIC and let it reach a steady state."""
+        self.traffic("start", rate=rate, size=size)
+        time.sleep(warmup_s)
+
+    def service_measured(self, path: str, recover_s: float = 0.15) -> dict:
+        """One servicing on `path` (bench_servicing.PATHS) with traffic running: the servicing result, checked
+        to have taken that path; then a pause so the rings drain before the next one."""
+        r = control.call(self.run_dir, "service", wait=300, **PATHS[path])
+        want = "keepalive" if path == "keepalive" else "fresh"
+        if not r["ok"] or r["blackout_ms"] is None or any(n["restore_path"] != want for n in r["nics"]):
+            raise RuntimeError(f"unexpected servicing result for {path}: {r}")
+        time.sleep(recover_s)
+        return r
+
+
+def summary(values: list[float]) -> dict:
+    """median, p95 (nearest rank), mean, min, max."""
+    s = sorted(values)
+    return {"median": round(statistics.median(s), 3), "p95": round(percentile(s, 95), 3),
+            "mean": round(statistics.fmean(s), 3), "min": round(s[0], 3), "max": round(s[-1], 3), "n": len(s)}
+
+
+def write(name: str, result: dict, out: str | None = None) -> pathlib.Path:
+    """benchmarks/results/<name>.json (or `out`), with the machine it ran on."""
+    path = pathlib.Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=1) + "\n")
+    return path
+
+
+def pyplot():
+    """matplotlib with the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
