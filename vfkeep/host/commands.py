@@ -50,9 +50,11 @@ run_dir_option = click.option("--run-dir", default=default_run_dir, show_default
 @click.option("--timing", type=click.Choice(["natural", "realistic"]), default="realistic", show_default=True)
 @click.option("--prelaunch/--no-prelaunch", default=True, show_default=True,
               help="start the next worker before the save request (start-up outside the blackout)")
+@click.option("--ring-slots", type=click.IntRange(1, 1 << 20), default=4096, show_default=True,
+              help="depth of each guest channel ring (power of two): frames buffered during a servicing")
 @click.option("--worker-cmd", metavar="CMD", help="worker command (default: this vfkeep's `worker`)")
 @click.option("--worker-env", multiple=True, metavar="KEY=VAL", help="extra environment for every worker")
-def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, worker_cmd, worker_env):
+def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, ring_slots, worker_cmd, worker_env):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach."""
     from .console import HostConsole
     from .vmm import Host, HostConfig
@@ -61,7 +63,8 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, w
     os.makedirs(run_dir, exist_ok=True)
     vlog.setup("host", run_dir)
     config = HostConfig(run_dir=run_dir, nics=nics, backend=backend, pool_pages=pool_pages, timing=timing,
-                        prelaunch=prelaunch, worker_cmd=worker_cmd, worker_env=_env_pairs(worker_env, "--worker-env"))
+                        prelaunch=prelaunch, ring_slots=ring_slots, worker_cmd=worker_cmd,
+                        worker_env=_env_pairs(worker_env, "--worker-env"))
     stop = threading.Event()
 
     def on_stop() -> dict:

@@ -47,6 +47,11 @@ WORKER_BASE_PAGES = 1024
 WORKER_PAGES_PER_NIC = 512
 
 
+#: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring
+#: must hold a whole servicing window (4096 slots = 0.8 s at 5000 frames/s, 80 ms at 50k).
+DEFAULT_RING_SLOTS = 4096
+
+
 class HostError(Exception):
     """A host operation was refused (bad request, busy, stopped)."""
 
@@ -59,6 +64,7 @@ class HostConfig:
     pool_pages: int | None = None
     timing: str = "realistic"
     prelaunch: bool = True
+    ring_slots: int = DEFAULT_RING_SLOTS
     worker_cmd: str | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
 
@@ -180,7 +186,7 @@ class Host:
             raise HostError(f"--nics must be >= 0, got {cfg.nics}")
         pool = pool_pages_from_env(os.environ) if cfg.pool_pages is None else cfg.pool_pages
         if cfg.nics:
-            self.channel_layout = ChannelLayout(nics=cfg.nics)
+            self.channel_layout = ChannelLayout(nics=cfg.nics, slots=cfg.ring_slots)
         ring_pages = self.channel_layout.total_pages if self.channel_layout else 0
         layout = MemoryLayout(ring_pages + GUEST_SPARE_PAGES, WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC * cfg.nics, pool)
         self.mem = GuestMemory.create(layout)
