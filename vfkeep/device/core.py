@@ -61,6 +61,7 @@ from vfkeep.gdma.constants import (
 )
 from vfkeep.gdma.hwc import GdmaDevId
 from vfkeep.gdma.regs import CqEqDoorbellValue, WqDoorbellValue
+from vfkeep.vfio_user.device import RESET_METHODS, check_reset_method
 from vfkeep.vfio_user.dma import DmaFault
 
 from .backends import LoopbackBackend
@@ -77,7 +78,6 @@ from .vport import Vport
 log = logging.getLogger("vfkeep.device")
 
 DEFAULT_MAC = bytes.fromhex("00155d121212")
-RESET_METHODS = ("none", "flr")
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,6 @@ def vport_mac(base: bytes, index: int) -> bytes:
 
 class GdmaDevice:
     """One MANA VF: BAR0, SMC, HWC, GDMA/BNIC state, vports and the data path."""
-
-    DMA_ERRORS: tuple[type[BaseException], ...] = (DmaFault,)
 
     def __init__(self, dma, irq, loop=None, *, vports: int = 1, mac: bytes = DEFAULT_MAC, backend=None,
                  timing: str = "natural", reset_method: str = "none", name: str = "mana0"):
@@ -143,9 +141,7 @@ class GdmaDevice:
 
     @reset_method.setter
     def reset_method(self, value: str) -> None:
-        if value not in RESET_METHODS:
-            raise ValueError(f"reset_method {value!r} is not one of {RESET_METHODS}")
-        self._reset_method = value
+        self._reset_method = check_reset_method(value)
 
     def _power_on(self) -> None:
         """Function state at power-on / after FLR."""
@@ -198,7 +194,7 @@ class GdmaDevice:
         for what, addr in (("EQ", eq_addr), ("CQ", cq_addr), ("RQ", rq_addr), ("SQ", sq_addr)):
             try:
                 self.dma.view(addr, PAGE_SIZE)
-            except self.DMA_ERRORS:
+            except DmaFault:
                 self.dma_fault(f"HWC {what} page", addr)
                 return f"HWC {what} page {addr:#x} is not DMA-mapped"
         try:
@@ -216,7 +212,7 @@ class GdmaDevice:
         rq.on_doorbell = sq.on_doorbell = hwc.doorbell
         try:
             hwc.post_bringup_eqes()
-        except self.DMA_ERRORS:
+        except DmaFault:
             self.dma_fault("HWC EQ", eq.id)
             self.destroy_hwc()
             return "HWC EQ became unreachable during bring-up"
@@ -304,7 +300,7 @@ class GdmaDevice:
         try:
             eq.post(event_type, payload)
             return True
-        except self.DMA_ERRORS:
+        except DmaFault:
             self.dma_fault("EQ", eq.id)
             return False
 

@@ -45,6 +45,7 @@ from vfkeep.gdma.constants import (
 )
 from vfkeep.gdma.hwc import GdmaReqHdr, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRxOob, HwcTxOob
 from vfkeep.gdma.messages import REQ_HDR_SIZE, RESP_HDR_SIZE, is_device_specific, response_header
+from vfkeep.vfio_user.dma import DmaFault
 
 from . import bnic, requests
 from .faults import request_name
@@ -81,12 +82,12 @@ class Hwc:
         while not (self.busy or self.stopped or dev.hwc_stalled) and self.sq.pending and self.rq.pending:
             try:
                 swqe = self.sq.take()
-            except dev.DMA_ERRORS:
+            except DmaFault:
                 dev.dma_fault("SQ", self.sq.id)
                 return
             try:
                 rwqe = self.rq.take()
-            except dev.DMA_ERRORS:
+            except DmaFault:
                 self.sq.head = swqe.position
                 dev.dma_fault("RQ", self.rq.id)
                 return
@@ -113,7 +114,7 @@ class Hwc:
             written = 0 if rwqe.error else dev.scatter(rwqe.sges, response)
             oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position, tx_oob_data_size=written)
             self.cq.post(oob.to_bytes(), self.rq.id, False)
-        except dev.DMA_ERRORS:
+        except DmaFault:
             dev.dma_fault("HWC", self.cq.id)
 
     def _execute(self, swqe: WqeRef) -> bytes:
@@ -168,7 +169,7 @@ class Hwc:
                          f"HWC has CQ {self.cq.id} / SQ {self.sq.id}")
         try:
             request = dev.gather(swqe.sges, EMU_HWC_MAX_MSG_SIZE)
-        except dev.DMA_ERRORS:
+        except DmaFault:
             dev.dma_fault("HWC request", self.sq.id)
             return b"", "request buffer outside the DMA-mapped ranges"
         if len(request) < REQ_HDR_SIZE:

@@ -43,17 +43,17 @@ from vfkeep.gdma.queues import (
     unconsumed_entries,
     wqe_length_from_params,
 )
+from vfkeep.vfio_user.dma import DmaFault
 
 U32 = 0xFFFFFFFF
 CQE_SIZE = ctypes.sizeof(Cqe)
 EQE_SIZE = ctypes.sizeof(Eqe)
-_CQE_DATA_SIZE = Cqe.params.offset
-_EQE_DATA_SIZE = Eqe.params.offset
-_CQE_OWNER_SHIFT = bit_position(CqeParams, "owner_count")[0]
-_EQE_OWNER_SHIFT = bit_position(EqeParams, "owner_count")[0]
+# CQEs and EQEs both end in a params dword whose top 3 bits are the owner count (§6.3-6.5).
+assert Cqe.params.offset == CQE_SIZE - 4 and Eqe.params.offset == EQE_SIZE - 4
+_OWNER_SHIFT = bit_position(CqeParams, "owner_count")[0]
+assert _OWNER_SHIFT == bit_position(EqeParams, "owner_count")[0]
 _WQE_HEADER_SIZE = ctypes.sizeof(WqeHeader)
 _PARAMS_OFFSET = WqeHeader.params.offset
-_SGE_SIZE = ctypes.sizeof(Sge)
 
 
 class QueueError(Exception):
@@ -159,31 +159,36 @@ def check_queue_memory(kind: str, offset: int, size: int) -> None:
         raise QueueError(f"{kind} size {size} below the minimum {minimum}")
 
 
-class Eq:
-    """Event queue: EQEs of 16 bytes; notification = the MSI-X vector `msix`."""
+class _EntryRing:
+    """Producer side of a CQ or EQ (§4.2, §6.5): entries written with owner counts, arm/disarm, notify.
 
-    kind = "EQ"
+    Subclasses set `entry_size` and implement `notify()` (CQ: completion EQE; EQ: MSI-X vector).
+    """
 
-    def __init__(self, dev, qid: int, mem: QueueMemory, msix: int):
-        self.dev, self.id, self.mem, self.msix = dev, qid, mem, msix
-        self.cap = mem.size // EQE_SIZE
+    entry_size: int
+
+    def __init__(self, dev, qid: int, mem: QueueMemory):
+        self.dev, self.id, self.mem = dev, qid, mem
+        self.cap = mem.size // self.entry_size
         self.tail = self.cap
         self.armed = True
-        self.alive = True
 
-    def post(self, event_type: int, payload: bytes = b"") -> None:
-        """Write one EQE (may raise `DmaFault`, then nothing changed) and interrupt if armed."""
-        params = event_type | owner_count(self.tail, self.cap) << _EQE_OWNER_SHIFT
-        entry = payload.ljust(_EQE_DATA_SIZE, b"\0") + EqeParams.from_int(params).to_bytes()
-        self.mem.write_entry(self.dev.dma, (self.tail % self.cap) * EQE_SIZE, entry)
+    def _post(self, data: bytes, params: int) -> None:
+        """Write one entry (`data` then the params dword with the owner bits); may raise `DmaFault`, then
+        nothing changed. Notifies and disarms if the queue was armed."""
+        params |= owner_count(self.tail, self.cap) << _OWNER_SHIFT
+        entry = data.ljust(self.entry_size - 4, b"\0") + params.to_bytes(4, "little")
+        self.mem.write_entry(self.dev.dma, (self.tail % self.cap) * self.entry_size, entry)
         self.tail += 1
-        self.dev.counters["eqes_posted"] += 1
         if self.armed:
             self.armed = False
-            self.dev.interrupt(self.msix)
+            self.notify()
+
+    def notify(self) -> None:
+        raise NotImplementedError
 
     def doorbell(self, tail: int, arm: bool) -> None:
-        """§4.2 on an EQ: disarm, arm, or interrupt at once if the driver left entries unconsumed."""
+        """§4.2: disarm, arm, or notify at once if the driver left entries unconsumed (n > cap: ignored)."""
         if not arm:
             self.armed = False
             return
@@ -192,39 +197,54 @@ class Eq:
             self.armed = True
         elif n <= self.cap:
             self.armed = False
-            self.dev.interrupt(self.msix)
+            self.notify()
 
     def describe(self) -> dict:
-        return {"id": self.id, "msix": self.msix, "armed": self.armed, "tail": self.tail, "cap": self.cap,
-                **self.mem.describe()}
+        return {"id": self.id, "armed": self.armed, "tail": self.tail, "cap": self.cap, **self.mem.describe()}
 
 
-class Cq:
+class Eq(_EntryRing):
+    """Event queue: EQEs of 16 bytes; notification = the MSI-X vector `msix`."""
+
+    kind = "EQ"
+    entry_size = EQE_SIZE
+
+    def __init__(self, dev, qid: int, mem: QueueMemory, msix: int):
+        super().__init__(dev, qid, mem)
+        self.msix = msix
+        self.alive = True
+
+    def post(self, event_type: int, payload: bytes = b"") -> None:
+        """Write one EQE (may raise `DmaFault`, then nothing changed) and interrupt if armed."""
+        self._post(payload, event_type)
+        self.dev.counters["eqes_posted"] += 1
+
+    def notify(self) -> None:
+        self.dev.interrupt(self.msix)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "msix": self.msix}
+
+
+class Cq(_EntryRing):
     """Completion queue: CQEs of 64 bytes; notification = a completion EQE on `parent`."""
 
     kind = "CQ"
+    entry_size = CQE_SIZE
 
     def __init__(self, dev, qid: int, mem: QueueMemory, parent: Eq):
-        self.dev, self.id, self.mem, self.parent = dev, qid, mem, parent
-        self.cap = mem.size // CQE_SIZE
-        self.tail = self.cap
-        self.armed = True
+        super().__init__(dev, qid, mem)
+        self.parent = parent
         self._params: dict[tuple[int, int], int] = {}
 
     def post(self, data: bytes, wq_number: int, is_send_wq: bool) -> None:
         """Write one CQE with `data` (≤ 60 bytes); may raise `DmaFault` (then nothing changed)."""
         key = (wq_number, int(is_send_wq))
-        base = self._params.get(key)
-        if base is None:
-            base = self._params[key] = CqeParams(wq_number=wq_number, is_send_wq=int(is_send_wq)).to_int()
-        params = base | owner_count(self.tail, self.cap) << _CQE_OWNER_SHIFT
-        entry = data.ljust(_CQE_DATA_SIZE, b"\0") + params.to_bytes(4, "little")
-        self.mem.write_entry(self.dev.dma, (self.tail % self.cap) * CQE_SIZE, entry)
-        self.tail += 1
+        params = self._params.get(key)
+        if params is None:
+            params = self._params[key] = CqeParams(wq_number=wq_number, is_send_wq=int(is_send_wq)).to_int()
+        self._post(data, params)
         self.dev.counters["cqes_posted"] += 1
-        if self.armed:
-            self.armed = False
-            self.notify()
 
     def notify(self) -> None:
         """Completion EQE (payload = CQ id) to the parent EQ; a lost notification is counted, not raised."""
@@ -233,23 +253,11 @@ class Cq:
             return
         try:
             self.parent.post(GDMA_EQE_COMPLETION, EqeCompletionData(cq_id=self.id).to_bytes())
-        except self.dev.DMA_ERRORS:
+        except DmaFault:
             self.dev.dma_fault("EQ", self.parent.id)
 
-    def doorbell(self, tail: int, arm: bool) -> None:
-        if not arm:
-            self.armed = False
-            return
-        n = unconsumed_entries(self.tail, tail, self.cap)
-        if n == 0:
-            self.armed = True
-        elif n <= self.cap:
-            self.armed = False
-            self.notify()
-
     def describe(self) -> dict:
-        return {"id": self.id, "parent_eq": self.parent.id, "armed": self.armed, "tail": self.tail, "cap": self.cap,
-                **self.mem.describe()}
+        return {**super().describe(), "parent_eq": self.parent.id}
 
 
 @dataclass

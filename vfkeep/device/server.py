@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 
 from vfkeep.gdma.constants import PCI_MSIX_BAR, PCI_MSIX_VECTORS
-from vfkeep.vfio_user.device import VfioUserDevice
+from vfkeep.vfio_user.device import VfioUserDevice, check_reset_method
 from vfkeep.vfio_user.protocol import IRQ_MSIX, REGION_BAR0, REGION_CONFIG, REGION_INFO_READ, REGION_INFO_WRITE
 
 from . import control
@@ -31,12 +31,15 @@ class ManaVfioDevice(VfioUserDevice):
 
     @property
     def reset_method(self) -> str:
-        return self._reset_method
+        """The core's once attached (one source of truth); changes are logged in its command log."""
+        return self._reset_method if self.core is None else self.core.reset_method
 
     @reset_method.setter
     def reset_method(self, value: str) -> None:
-        VfioUserDevice.reset_method.fset(self, value)
-        if self.core is not None and self.core.reset_method != value:
+        check_reset_method(value)
+        if self.core is None:
+            self._reset_method = value
+        elif self.core.reset_method != value:
             self.core.reset_method = value
             self.core.command_log.add("event", "SET_RESET_METHOD", self.core.epoch, value=value)
 

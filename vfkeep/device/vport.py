@@ -45,6 +45,7 @@ from vfkeep.gdma.constants import (
     MANA_LONG_PKT_FMT,
 )
 from vfkeep.gdma.datapath import ManaRxcompOob, ManaTxCompOob, ManaTxOob
+from vfkeep.vfio_user.dma import DmaFault
 
 from .queues import Cq, Wq, WqeRef
 
@@ -140,7 +141,7 @@ class Vport:
         while sq.pending:
             try:
                 wqe = sq.take()
-            except dev.DMA_ERRORS:
+            except DmaFault:
                 dev.dma_fault("SQ", sq.id)
                 break
             result = self._tx_frame(wqe)
@@ -152,7 +153,7 @@ class Vport:
                 frames.append(result)
             try:
                 cq.post(_TX_COMPLETIONS[cqe_type], sq.id, True)
-            except dev.DMA_ERRORS:
+            except DmaFault:
                 dev.dma_fault("CQ", cq.id)
         for frame in frames:
             dev.transmit(self, frame)
@@ -175,7 +176,7 @@ class Vport:
             return CQE_TX_MTU_DROP
         try:
             frame = dev.gather(sges)
-        except dev.DMA_ERRORS:
+        except DmaFault:
             dev.dma_fault("TX buffer", self.sq.id)
             return CQE_TX_GDMA_ERR
         oob = wqe.oob()
@@ -195,7 +196,7 @@ class Vport:
         while rq.pending and len(self.posted) < EMU_MAX_RX_OUTSTANDING:
             try:
                 self.posted.append(rq.take())
-            except dev.DMA_ERRORS:
+            except DmaFault:
                 dev.dma_fault("RQ", rq.id)
                 return
 
@@ -203,7 +204,7 @@ class Vport:
         """Post an RX completion for the oldest posted WQE and retire it; False if the CQ is unreachable."""
         try:
             self.rx_cq.post(data, self.rq.id, False)
-        except self.dev.DMA_ERRORS:
+        except DmaFault:
             return False
         self.posted.popleft()
         return True
@@ -232,7 +233,7 @@ class Vport:
             counters["rx_errors"] += 1
         try:
             written = dev.scatter(wqe.sges, frame)
-        except dev.DMA_ERRORS:
+        except DmaFault:
             if self._complete_rx(rx_completion(CQE_INVALID, len(frame), wqe.position, VENDOR_ERR_DMA_FAULT)):
                 dev.dma_fault("RX buffer", self.rq.id)
                 counters["rx_errors"] += 1

@@ -2,7 +2,7 @@
 from .client import (DeviceInfo, DeviceMissing, IrqInfo, ProtocolError, RegionInfo, VfioClientError, VfioDevice,
                      VfioError, VfioTimeout)
 from .control import ControlError, ControlServer, ControlTimeout, ControlUnavailable, control_call
-from .device import RESET_FLR, RESET_METHODS, RESET_NONE, VfioUserDevice, config_space
+from .device import RESET_FLR, RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method, config_space
 from .dma import DmaFault, DmaSpace
 from .irqs import IrqTable
 from .loop import EventLoop, Timer
@@ -13,6 +13,6 @@ __all__ = [
     "DeviceInfo", "DeviceMissing", "IrqInfo", "ProtocolError", "RegionInfo", "VfioClientError", "VfioDevice",
     "VfioError", "VfioTimeout",
     "ControlError", "ControlServer", "ControlTimeout", "ControlUnavailable", "control_call",
-    "RESET_FLR", "RESET_METHODS", "RESET_NONE", "VfioUserDevice", "config_space",
+    "RESET_FLR", "RESET_METHODS", "RESET_NONE", "VfioUserDevice", "check_reset_method", "config_space",
     "DmaFault", "DmaSpace", "IrqTable", "EventLoop", "Timer", "CommandError", "VfioUserServer",
 ]

@@ -13,6 +13,13 @@ RESET_FLR = "flr"
 #: Stand-in for the sysfs `reset_method` attribute (DESIGN D6): "" in Linux is "none" here.
 RESET_METHODS = (RESET_NONE, RESET_FLR)
 
+
+def check_reset_method(value: str) -> str:
+    """`value` if it is a reset method, else ValueError naming the accepted ones."""
+    if value not in RESET_METHODS:
+        raise ValueError(f"reset method must be one of {', '.join(RESET_METHODS)}, got {value!r}")
+    return value
+
 CONFIG_SPACE_SIZE = 256
 
 
@@ -31,9 +38,7 @@ class VfioUserDevice(abc.ABC):
 
     @reset_method.setter
     def reset_method(self, value: str) -> None:
-        if value not in RESET_METHODS:
-            raise ValueError(f"reset_method must be one of {', '.join(RESET_METHODS)}, got {value!r}")
-        self._reset_method = value
+        self._reset_method = check_reset_method(value)
 
     @abc.abstractmethod
     def regions(self) -> dict[int, tuple[int, int]]:

@@ -16,7 +16,7 @@ import struct
 from vfkeep.log import kv
 
 from .control import ControlServer, listen_unix, unlink_if_ours
-from .device import RESET_FLR, RESET_METHODS, VfioUserDevice
+from .device import RESET_FLR, VfioUserDevice, check_reset_method
 from .dma import DmaSpace
 from .irqs import IrqTable
 from .loop import EventLoop
@@ -335,9 +335,7 @@ class VfioUserServer:
 
     # -- control channel ------------------------------------------------------------------------
     def _set_reset_method(self, value: str) -> dict:
-        if value not in RESET_METHODS:
-            raise ValueError(f"reset method must be one of {', '.join(RESET_METHODS)}, got {value!r}")
-        previous, self.device.reset_method = self.device.reset_method, value
+        previous, self.device.reset_method = self.device.reset_method, check_reset_method(value)
         kv(log, logging.INFO, "reset method changed", previous=previous, value=value)
         return {"value": value, "previous": previous}
 
