@@ -12,7 +12,8 @@ from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRe
                                   SaveRefusedResetPending, SmcError)
 from vfkeep.driver.mana import ManaDevice, create_fresh
 from vfkeep.driver.vport import VportConfig
-from vfkeep.gdma.constants import MANA_QUERY_STATS
+from vfkeep.gdma.constants import DB_RQ, MANA_QUERY_STATS
+from vfkeep.gdma.regs import WqDoorbellValue
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.proto import mana_driver_pb2
 
@@ -73,6 +74,33 @@ def test_fresh_bringup_sequence_and_clean_shutdown(bench, mem):
                                     "GDMA_DISABLE_QUEUE", "GDMA_DEREGISTER_DEVICE", "SMC_MSG_TYPE_DESTROY_HWC"]
     assert dma.pool_usage()["allocated_pages"] == 0 and dma.worker_usage()["allocated_pages"] == 0
     assert not bench.device.state()["hwc_established"]
+
+
+OPEN_VPORT_SEQUENCE = ["MANA_QUERY_VPORT_CONFIG", "MANA_CONFIG_VPORT_TX", "GDMA_CREATE_DMA_REGION", "GDMA_CREATE_QUEUE",
+                       "GDMA_CREATE_DMA_REGION", "GDMA_CREATE_DMA_REGION", "MANA_CREATE_WQ_OBJ",
+                       "GDMA_CREATE_DMA_REGION", "GDMA_CREATE_DMA_REGION", "MANA_CREATE_WQ_OBJ", "MANA_CONFIG_VPORT_RX",
+                       "RX doorbell"]
+
+
+def test_open_vport_follows_the_reference_order(bench, mem, monkeypatch):
+    """gdma spec 13.1 steps 12-24: the receive WQEs are posted (RQ doorbell) after CONFIG_VPORT_RX starts
+    traffic, not before."""
+    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    seq = bench.device.command_log.seq
+    events = []
+    doorbell = bench.device.doorbell
+
+    def record(offset, value):
+        if offset % 4096 == DB_RQ and WqDoorbellValue.from_int(value).id != dev.gdma.hwc.rq.id:
+            events.append((bench.device.command_log.seq, 1, "RX doorbell"))  # after the request it follows
+        doorbell(offset, value)
+
+    monkeypatch.setattr(bench.device, "doorbell", record)
+    vport = dev.open_vport(0, SMALL)
+    events += [(e["seq"], 0, e["name"]) for e in bench.device.command_log.since(seq) if e["kind"] == "hwc"]
+    assert [name for *_, name in sorted(events)][:len(OPEN_VPORT_SEQUENCE)] == OPEN_VPORT_SEQUENCE
+    assert vport.queue_ids()["rq"] == 25
+    dev.shutdown()
 
 
 def test_receive_waits_for_interrupt_and_frames_can_be_taken_zero_copy(bench, mem):

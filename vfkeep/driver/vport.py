@@ -127,11 +127,12 @@ class Vport:
 
         self._format_tx(short)
         self._format_rx()
-        self._rq.advance_tail(self._rx_nbuf * self._rx_wqe_len)
-        self._rq.commit(num_rwqe=self._rx_nbuf)
         bnic.config_vport_rx(self.handle, rx_enable=Tristate.TRUE, rss_enable=Tristate.FALSE,
                              default_rxobj=self._rx_obj)
         self._rx_enabled = True
+        # Then post the receive buffers, as the reference data path does (gdma spec 13.1 step 24).
+        self._rq.advance_tail(self._rx_nbuf * self._rx_wqe_len)
+        self._rq.commit(num_rwqe=self._rx_nbuf)
         kv(log, logging.INFO, "vport open", vport=self.index, mac=self.mac.hex(":"), eq=self._eq_id,
            sq=self._sq.id, tx_cq=self._tx_cq.id, rq=self._rq.id, rx_cq=self._rx_cq.id, vector=self.vector,
            short_form=bool(short))
