@@ -68,6 +68,16 @@ def test_bad_field_is_refused(path, value, match):
         validate(mutate(path, value))
 
 
+def test_link_toggles_pass_and_an_impossible_vport_index_is_refused():
+    s = good_state()
+    s.link_toggle.add(vport_index=0, link_up=False)
+    s.link_toggle.add(vport_index=(1 << 24) - 1, link_up=True)
+    validate(s)
+    s.link_toggle.add(vport_index=1 << 24, link_up=True)
+    with pytest.raises(RestoreError, match="vport 16777216"):
+        validate(s)
+
+
 @pytest.mark.parametrize("part", ["mem", "eq", "cq", "rq", "sq"])
 def test_missing_part_is_refused(part):
     s = good_state()

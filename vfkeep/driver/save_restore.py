@@ -19,6 +19,8 @@ from .gdma_driver import HWC_BUFFER_LEN, Bar0Layout, GdmaDriver
 from .queues import CQE_SIZE, EQE_SIZE, U32, CqEq, DoorbellPage, Wq, is_power_of_two
 
 QUEUE_ID_LIMIT = 1 << 24
+#: `EqeDataReconfig.data` (gdma spec 6.4) is 24 bits wide: no link event names a larger vport.
+VPORT_INDEX_LIMIT = 1 << 24
 
 
 def decode_device_state(state: mana_driver_pb2.ManaDeviceSavedState | bytes) -> mana_driver_pb2.ManaDeviceSavedState:
@@ -121,6 +123,10 @@ def validate_gdma_state(state: mana_driver_pb2.GdmaDriverSavedState, layout: Bar
         raise RestoreError(f"saved db_id {state.db_id} is not below the {layout.db_page_count} doorbell pages")
     if not 1 <= state.num_msix <= msix_count:
         raise RestoreError(f"saved num_msix {state.num_msix} is not in [1, {msix_count}]")
+    for toggle in state.link_toggle:
+        if toggle.vport_index >= VPORT_INDEX_LIMIT:
+            raise RestoreError(f"saved link toggle for vport {toggle.vport_index}: a link event carries a "
+                               f"24-bit vport index")
 
 
 def check_hwc_block(block: MemoryBlock) -> None:
