@@ -421,6 +421,22 @@ def test_request_buffer_outside_dma(up, mem):
     assert status(drv, GDMA_QUERY_MAX_RESOURCES, dev_id=HWC_DEV_ID) == 0
 
 
+def test_request_with_an_unusable_receive_wqe_is_not_executed(up):
+    """The answer has nowhere to go, so the request must not run (here: no DEREGISTER): both WQEs complete,
+    the RQ CQE with vendor_err, and the HWC keeps serving."""
+    device, drv = up
+    drv.hwc_rq.put(WqeHeader(params=WqeParams(num_sgl_entries=1, sgl_direct=1)).to_bytes().ljust(32, b"\0"))
+    drv.ring_wq(DB_RQ, drv.hwc_rq, num_rwqe=1)  # a second, malformed receive WQE behind the good one
+    assert status(drv, GDMA_QUERY_MAX_RESOURCES, dev_id=HWC_DEV_ID) == 0  # takes the good one
+    failed = device.counters["hwc_requests_failed"]
+    _, _, cqes = drv.send_request(GDMA_DEREGISTER_DEVICE, dev_id=MANA_DEV_ID)
+    assert device.registered and device.counters["hwc_requests_failed"] == failed + 1
+    assert device.command_log.since()[-1]["name"] == "MALFORMED"
+    assert [cqe_params(c).is_send_wq for c in cqes] == [1, 0]
+    assert HwcRxOob.from_bytes(cqes[1]).flags.vendor_err == VENDOR_ERR_MALFORMED_WQE
+    assert status(drv, GDMA_QUERY_MAX_RESOURCES, dev_id=HWC_DEV_ID) == 0
+
+
 def test_malformed_and_faulting_tx_wqes(up, mem):
     device, drv = up
     vp = VportQueues(drv)

@@ -15,6 +15,9 @@ kills the channel (each is answered with status 1 and counted, and the HWC
 keeps serving): a send WQE whose TX OOB names other queues than the HWC's
 (`malformed_wqes`), `req.msg_size`/`resp.msg_size` above 4096 or a request
 shorter than its header (`bad_requests`); the reference treats those as fatal.
+A malformed receive WQE (which the reference would stall on) is consumed
+without running the request, since the answer has nowhere to go; its CQE
+carries `vendor_err` `VENDOR_ERR_MALFORMED_WQE` and `tx_oob_data_size` 0.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ from vfkeep.vfio_user.dma import DmaFault
 
 from . import bnic, requests
 from .faults import request_name
-from .queues import Cq, Eq, Wq, WqeRef
+from .queues import VENDOR_ERR_MALFORMED_WQE, Cq, Eq, Wq, WqeRef
 from .requests import BadRequest, Refused
 
 _TX_OOB_SIZE = ctypes.sizeof(HwcTxOob)
@@ -107,21 +110,28 @@ class Hwc:
 
     def serve(self, swqe: WqeRef, rwqe: WqeRef) -> None:
         dev = self.dev
-        response = self._execute(swqe)
+        response = self._execute(swqe, rwqe)
         dev.counters["modelled_hwc_ms_total"] += dev.timing.hwc_ms
         try:
             self.cq.post(b"", self.sq.id, True)
-            written = 0 if rwqe.error else dev.scatter(rwqe.sges, response)
-            oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position, tx_oob_data_size=written)
+            oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position)
+            if rwqe.error:
+                oob.flags.vendor_err = VENDOR_ERR_MALFORMED_WQE
+            else:
+                oob.tx_oob_data_size = dev.scatter(rwqe.sges, response)
             self.cq.post(oob.to_bytes(), self.rq.id, False)
         except DmaFault:
             dev.dma_fault("HWC", self.cq.id)
 
-    def _execute(self, swqe: WqeRef) -> bytes:
-        """Run one request; returns the response bytes (header + body, at most `resp.msg_size`)."""
+    def _execute(self, swqe: WqeRef, rwqe: WqeRef) -> bytes:
+        """Run one request; returns the response bytes (header + body, at most `resp.msg_size`). A request
+        whose receive WQE is unusable is not run: its answer would have nowhere to go."""
         dev = self.dev
         dev.counters["hwc_requests"] += 1
-        request, error = self._gather(swqe)
+        if rwqe.error:
+            request, error = b"", f"receive WQE: {rwqe.error}"
+        else:
+            request, error = self._gather(swqe)
         if error:
             dev.command_log.add("hwc", "MALFORMED", dev.epoch, status=EMU_FAILURE_STATUS, error=error)
             dev.counters["hwc_requests_failed"] += 1

@@ -46,6 +46,9 @@ from vfkeep.gdma.queues import (
 from vfkeep.vfio_user.dma import DmaFault
 
 U32 = 0xFFFFFFFF
+#: `vendor_err` of the completion of a WQE the device consumed without using it (RX data path and HWC RQ).
+VENDOR_ERR_MALFORMED_WQE = 1
+VENDOR_ERR_DMA_FAULT = 2
 CQE_SIZE = ctypes.sizeof(Cqe)
 EQE_SIZE = ctypes.sizeof(Eqe)
 # CQEs and EQEs both end in a params dword whose top 3 bits are the owner count (§6.3-6.5).
@@ -339,4 +342,4 @@ class Wq:
 
 
 __all__ = ["IdPool", "QueueMemory", "QueueError", "check_queue_memory", "Eq", "Cq", "Wq", "WqeRef",
-           "CQE_SIZE", "EQE_SIZE", "U32"]
+           "CQE_SIZE", "EQE_SIZE", "U32", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]

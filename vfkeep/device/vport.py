@@ -47,11 +47,9 @@ from vfkeep.gdma.constants import (
 from vfkeep.gdma.datapath import ManaRxcompOob, ManaTxCompOob, ManaTxOob
 from vfkeep.vfio_user.dma import DmaFault
 
-from .queues import Cq, Wq, WqeRef
+from .queues import VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE, Cq, Wq, WqeRef
 
 MAX_FRAME = 0xFFFF  # `pkt_len` is a u16
-VENDOR_ERR_MALFORMED_WQE = 1
-VENDOR_ERR_DMA_FAULT = 2
 _TPID_8021Q = b"\x81\x00"
 _TX_OOB_LONG = ctypes.sizeof(ManaTxOob)
 
