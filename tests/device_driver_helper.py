@@ -2,8 +2,8 @@
 
 It talks to a "port" with `read32/read64/write32/write64(offset, value, posted)` and
 `set_irq(vector) -> eventfd`: a `VfioDevice` (the emulator in its own process) or an
-`InProcessPort` (the emulator core in this process). Queues live in a `GuestMemory`;
-IOVA = GPA. The real driver is `vfkeep.driver`; this one exists so the device tests do
+`InProcessBacking` (the emulator core in this process, from `driver_helpers`). Queues live
+in a `GuestMemory`; IOVA = GPA. The real driver is `vfkeep.driver`; this one exists so the device tests do
 not depend on it.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import select
 import time
 
+from driver_helpers import EventfdIrqs, InProcessBacking
 from vfkeep.device.core import GdmaDevice
 from vfkeep.device.dma import MappedMemory
 from vfkeep.gdma.bnic import (ManaCfgRxSteerReqDriver, ManaConfigVportReq, ManaConfigVportResp, ManaCreateWqobjReq,
@@ -59,63 +60,11 @@ class Pages:
         return gpa
 
 
-class EventfdIrqs:
-    """The emulator core's `irq` in-process: eventfd per vector, latched while unassigned."""
-
-    def __init__(self):
-        self.fds: dict[int, int] = {}
-        self.latched: set[int] = set()
-        self.count = 0
-
-    def trigger(self, vector: int) -> None:
-        self.count += 1
-        fd = self.fds.get(vector)
-        if fd is None:
-            self.latched.add(vector)
-        else:
-            os.eventfd_write(fd, 1)
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-class InProcessPort:
-    """BAR0 and MSI-X of an in-process `GdmaDevice`, with `VfioDevice`'s method names."""
-
-    def __init__(self, device: GdmaDevice, irqs: EventfdIrqs):
-        self.device, self.irqs = device, irqs
-
-    def read32(self, offset):
-        return int.from_bytes(self.device.bar0.read(offset, 4), "little")
-
-    def read64(self, offset):
-        return int.from_bytes(self.device.bar0.read(offset, 8), "little")
-
-    def write32(self, offset, value, posted=False):
-        self.device.bar0.write(offset, value.to_bytes(4, "little"))
-
-    def write64(self, offset, value, posted=False):
-        self.device.bar0.write(offset, value.to_bytes(8, "little"))
-
-    def set_irq(self, vector):
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        old = self.irqs.fds.pop(vector, None)
-        if old is not None:
-            os.close(old)
-        self.irqs.fds[vector] = fd
-        if vector in self.irqs.latched:
-            self.irqs.latched.discard(vector)
-            os.eventfd_write(fd, 1)
-        return fd
-
-
-def in_process_device(mem, **kwargs) -> tuple[GdmaDevice, InProcessPort]:
+def in_process_device(mem, **kwargs) -> tuple[GdmaDevice, InProcessBacking]:
+    """A `GdmaDevice` over `mem` (all of it DMA-mapped) and a connected port (epoch 1)."""
     irqs = EventfdIrqs()
     device = GdmaDevice(MappedMemory(mem), irqs, kwargs.pop("loop", None), **kwargs)
-    device.client_connected(1)
-    return device, InProcessPort(device, irqs)
+    return device, InProcessBacking(device, irqs, epoch=1)
 
 
 def wait_eventfd(fd: int, timeout: float) -> bool:

@@ -1,5 +1,5 @@
-"""Test helpers for the driver: the emulator core behind the driver's backing interface, in-process,
-and the emulator as its own process over vfio-user."""
+"""Test helpers shared by the device and driver tests: the emulator core in-process behind the driver's backing
+interface (`InProcessBacking`, `InProcessBench`) and loopback traffic helpers."""
 from __future__ import annotations
 
 import os
@@ -15,17 +15,25 @@ class EventfdIrqs:
     def __init__(self):
         self.fds: dict[int, int] = {}
         self.latched: set[int] = set()
+        self.count = 0  # interrupts raised
 
     def trigger(self, vector: int) -> None:
+        self.count += 1
         fd = self.fds.get(vector)
         if fd is None:
             self.latched.add(vector)
         else:
             os.eventfd_write(fd, 1)
 
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
 
 class InProcessBacking:
-    """`DeviceBacking` straight onto a `GdmaDevice` (no transport); closing is a client disconnect."""
+    """BAR0 and MSI-X of an in-process `GdmaDevice` with `VfioDevice`'s method names (the driver's
+    `DeviceBacking`); construction is a client connect (epoch `epoch`), `close()` a disconnect."""
 
     def __init__(self, device: GdmaDevice, irqs: EventfdIrqs, epoch: int):
         self.device, self.irqs = device, irqs
@@ -46,7 +54,7 @@ class InProcessBacking:
         self.device.bar0.write(offset, value.to_bytes(8, "little"))
 
     def set_irq(self, vector):
-        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         old = self.irqs.fds.pop(vector, None)
         if old is not None:
             os.close(old)
@@ -57,9 +65,7 @@ class InProcessBacking:
         return fd
 
     def clear_irqs(self):
-        for fd in self.irqs.fds.values():
-            os.close(fd)
-        self.irqs.fds.clear()
+        self.irqs.close()
 
     def close(self):
         self.clear_irqs()

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import click
@@ -17,7 +16,7 @@ import click
 from vfkeep import log as vlog
 from vfkeep.log import kv
 from vfkeep.proc import spawn, vfkeep_argv
-from vfkeep.vfio_user.control import ControlError, control_call
+from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
 
 from .backends import BackendError, parse_backend
@@ -88,18 +87,8 @@ def start_device(socket_path: str | os.PathLike, *args: str, control_path: str |
     if control_path:
         argv += ["--control", ctl]
     proc = spawn(argv, **popen_kwargs)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"device exited with {proc.returncode} during start-up ({' '.join(argv)})")
-        try:
-            control_call(ctl, "ping", timeout=0.2)
-            return proc
-        except ControlError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"device did not answer on {ctl} within {timeout} s") from None
+    wait_until_answering(proc, ctl, timeout, f"device ({' '.join(argv)})")
+    return proc
 
 
 __all__ = ["device_command", "start_device", "parse_mac"]

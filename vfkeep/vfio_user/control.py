@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import socket
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -164,6 +165,23 @@ def control_call(path: str | os.PathLike, cmd: str, timeout: float = 5.0, **args
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "command failed"), reply)
     return reply
+
+
+def wait_until_answering(proc: subprocess.Popen, ctl_path: str | os.PathLike, timeout: float, what: str) -> None:
+    """Wait until a just-spawned device process answers `ping` on its control socket; RuntimeError if it
+    exits first or stays silent for `timeout` seconds (it is then killed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} during start-up")
+        try:
+            control_call(ctl_path, "ping", timeout=0.2)
+            return
+        except ControlError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"{what} did not answer on {os.fspath(ctl_path)} within {timeout} s") from None
 
 
 def connect_unix(path: str | os.PathLike, deadline: float, error: type[Exception]) -> socket.socket:

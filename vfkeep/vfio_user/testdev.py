@@ -34,7 +34,7 @@ from vfkeep import log as vlog
 from vfkeep.log import kv
 from vfkeep.proc import spawn
 
-from .control import ControlError, control_call
+from .control import wait_until_answering
 from .device import RESET_METHODS, RESET_NONE, VfioUserDevice, config_space
 from .dma import DmaFault
 from .protocol import (DEFAULT_MAX_DMA_MAPS, IRQ_MSIX, REGION_BAR0, REGION_CONFIG, REGION_INFO_READ,
@@ -181,18 +181,8 @@ def start_testdev(socket_path: str | os.PathLike, *, reset_method: str = RESET_N
     if max_dma_maps is not None:
         argv += ["--max-dma-maps", str(max_dma_maps)]
     proc = spawn(argv)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"test device exited with {proc.returncode} during start-up")
-        try:
-            control_call(f"{socket_path}.ctl", "ping", timeout=0.2)
-            return proc
-        except ControlError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"test device did not answer on {socket_path}.ctl within {timeout} s") from None
+    wait_until_answering(proc, f"{socket_path}.ctl", timeout, "test device")
+    return proc
 
 
 @click.command()
