@@ -86,15 +86,7 @@ class ManaDevice:
             _close_clients(persistent, ephemeral)
             raise
         dev = cls(gdma, pci_id, persistent, ephemeral)
-        try:
-            gdma.test_eq()
-            gdma.verify_vf_driver_version()
-            dev.dev_id = gdma.mana_dev_id()
-            gdma.register_device(dev.dev_id)
-            dev._finish_init()
-        except BaseException:
-            dev._abandon()
-            raise
+        dev._init_device(register=True)
         kv(log, logging.INFO, "mana device created", pci_id=pci_id, vports=dev.num_vports,
            hwc_persistent=persistent_hwc)
         return dev
@@ -135,23 +127,29 @@ class ManaDevice:
             backing.close()
             raise
         dev = cls(gdma, pci_id, persistent, ephemeral)
-        try:
-            gdma.test_eq(probe_timeout_ms)
-            gdma.verify_vf_driver_version()
-            dev.dev_id = gdma.mana_dev_id()
-            dev._finish_init()
-        except BaseException:
-            dev._abandon()
-            raise
+        dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
         kv(log, logging.INFO, "mana device restored", pci_id=pci_id, vports=dev.num_vports,
            base_pfn=hwc_mem.base_pfn, pdid=gdma.pdid, db_id=gdma.db_id)
         return dev
 
-    def _finish_init(self) -> None:
-        self.bnic = BnicDriver(self.gdma, self.dev_id)
-        self.dev_config = self.bnic.query_dev_config()
-        if self.dev_config.max_num_vports == 0:
-            raise BringUpError("device reports no vports")
+    def _init_device(self, *, register: bool, probe_timeout_ms: int | None = None) -> None:
+        """Over the HWC: test event, VERIFY_VF_DRIVER_VERSION, LIST_DEVICES, REGISTER_DEVICE (fresh only: a
+        restored driver keeps the saved pdid, gpa_mkey and db_id), QUERY_DEV_CONFIG (gdma spec 13.1 steps 7-11,
+        13.3). On failure the half-built device is abandoned."""
+        gdma = self.gdma
+        try:
+            gdma.test_eq(probe_timeout_ms)
+            gdma.verify_vf_driver_version()
+            self.dev_id = gdma.mana_dev_id()
+            if register:
+                gdma.register_device(self.dev_id)
+            self.bnic = BnicDriver(gdma, self.dev_id)
+            self.dev_config = self.bnic.query_dev_config()
+            if self.dev_config.max_num_vports == 0:
+                raise BringUpError("device reports no vports")
+        except BaseException:
+            self._abandon()
+            raise
 
     def _abandon(self) -> None:
         """Drop a half-built device: teardown by the usual table, release the handle and the clients."""

@@ -25,38 +25,27 @@ class VfioBacking:
         self.close = dev.close
 
     def read32(self, offset: int) -> int:
-        try:
-            return self.dev.read32(offset)
-        except TransportGone as e:
-            raise DeviceMissing(str(e)) from e
+        return self._call(self.dev.read32, offset)
 
     def read64(self, offset: int) -> int:
-        try:
-            return self.dev.read64(offset)
-        except TransportGone as e:
-            raise DeviceMissing(str(e)) from e
+        return self._call(self.dev.read64, offset)
 
     def write32(self, offset: int, value: int, posted: bool = False) -> None:
-        try:
-            self.dev.write32(offset, value, posted)
-        except TransportGone as e:
-            raise DeviceMissing(str(e)) from e
+        self._call(self.dev.write32, offset, value, posted)
 
     def write64(self, offset: int, value: int, posted: bool = False) -> None:
-        try:
-            self.dev.write64(offset, value, posted)
-        except TransportGone as e:
-            raise DeviceMissing(str(e)) from e
+        self._call(self.dev.write64, offset, value, posted)
 
     def set_irq(self, vector: int) -> int:
-        try:
-            return self.dev.set_irq(vector)
-        except TransportGone as e:
-            raise DeviceMissing(str(e)) from e
+        return self._call(self.dev.set_irq, vector)
 
     def clear_irqs(self) -> None:
+        self._call(self.dev.clear_irqs)
+
+    @staticmethod
+    def _call(fn: Callable, *args):
         try:
-            self.dev.clear_irqs()
+            return fn(*args)
         except TransportGone as e:
             raise DeviceMissing(str(e)) from e
 

@@ -27,7 +27,7 @@ from vfkeep.log import kv
 from vfkeep.memory import MemoryBlock
 
 from .errors import DEVICE_ERRORS, BadFrame, VportError
-from .queues import CQE_SIZE, CqEq, Wq, is_power_of_two
+from .queues import CQE_SIZE, CqEq, DoorbellPage, Wq, is_power_of_two
 
 if TYPE_CHECKING:
     from .mana import ManaDevice
@@ -109,21 +109,8 @@ class Vport:
         self._regions.clear()  # consumed by the EQ
         self._eq = CqEq("eq", eq_mem.view, self._eq_id, doorbell)
 
-        sq_mem, tx_cq_mem = self._alloc(cfg.tx_wq_size), self._alloc(cfg.tx_cq_size)
-        r = bnic.create_wq_obj(self.handle, GDMA_SQ, self._region(sq_mem), self._region(tx_cq_mem), cfg.tx_wq_size,
-                               cfg.tx_cq_size, self._eq_id)
-        self._regions.clear()
-        self._tx_obj = r.wq_obj
-        self._sq = Wq("sq", sq_mem.view, r.wq_id, doorbell)
-        self._tx_cq = CqEq("cq", tx_cq_mem.view, r.cq_id, doorbell)
-
-        rq_mem, rx_cq_mem = self._alloc(cfg.rx_wq_size), self._alloc(cfg.rx_cq_size)
-        r = bnic.create_wq_obj(self.handle, GDMA_RQ, self._region(rq_mem), self._region(rx_cq_mem), cfg.rx_wq_size,
-                               cfg.rx_cq_size, self._eq_id)
-        self._regions.clear()
-        self._rx_obj = r.wq_obj
-        self._rq = Wq("rq", rq_mem.view, r.wq_id, doorbell)
-        self._rx_cq = CqEq("cq", rx_cq_mem.view, r.cq_id, doorbell)
+        self._tx_obj, self._sq, self._tx_cq = self._create_wq_obj(GDMA_SQ, cfg.tx_wq_size, cfg.tx_cq_size, doorbell)
+        self._rx_obj, self._rq, self._rx_cq = self._create_wq_obj(GDMA_RQ, cfg.rx_wq_size, cfg.rx_cq_size, doorbell)
 
         self._format_tx(short)
         self._format_rx()
@@ -136,6 +123,16 @@ class Vport:
         kv(log, logging.INFO, "vport open", vport=self.index, mac=self.mac.hex(":"), eq=self._eq_id,
            sq=self._sq.id, tx_cq=self._tx_cq.id, rq=self._rq.id, rx_cq=self._rx_cq.id, vector=self.vector,
            short_form=bool(short))
+
+    def _create_wq_obj(self, wq_type: int, wq_size: int, cq_size: int, doorbell: DoorbellPage) -> tuple[int, Wq, CqEq]:
+        """A work queue and its CQ (parent: this vport's EQ) on new memory; CREATE_WQ_OBJ consumes both regions.
+        Returns (wq_obj, WQ, CQ)."""
+        wq_mem, cq_mem = self._alloc(wq_size), self._alloc(cq_size)
+        r = self.dev.bnic.create_wq_obj(self.handle, wq_type, self._region(wq_mem), self._region(cq_mem), wq_size,
+                                        cq_size, self._eq_id)
+        self._regions.clear()
+        kind = "sq" if wq_type == GDMA_SQ else "rq"
+        return r.wq_obj, Wq(kind, wq_mem.view, r.wq_id, doorbell), CqEq("cq", cq_mem.view, r.cq_id, doorbell)
 
     def _alloc(self, nbytes: int) -> MemoryBlock:
         block = self.dev.ephemeral.allocate_dma_buffer(nbytes)
