@@ -165,12 +165,6 @@ class GuestMemory:
         self.check(gpa, 8)
         struct.pack_into("<Q", self._mmap, gpa, value)
 
-    def region_of(self, pfn: int) -> Region | None:
-        for r in self.layout.regions:
-            if r.contains_pfn(pfn):
-                return r
-        return None
-
     # -- servicing --------------------------------------------------------------------------
     def scrub_worker_ram(self) -> None:
         """Fill worker RAM with the poison pattern; guest RAM and pool are untouched."""
