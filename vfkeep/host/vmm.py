@@ -41,10 +41,10 @@ NO_TIMEOUT_S = 200.0       # ... and is replaced by 200 s
 HELLO_TIMEOUT_S = 60.0
 BOOT_TIMEOUT_S = 60.0
 #: Guest RAM beyond the channel rings (guest buffers), and worker RAM for ephemeral DMA: vport queues and
-#: packet buffers take about 300 pages per NIC.
+#: packet buffers take about 450 pages per NIC (256 TX + 512 RX buffers of 2 KiB, queues).
 GUEST_SPARE_PAGES = 256
 WORKER_BASE_PAGES = 1024
-WORKER_PAGES_PER_NIC = 512
+WORKER_PAGES_PER_NIC = 768
 
 
 #: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring

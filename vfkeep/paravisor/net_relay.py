@@ -86,17 +86,23 @@ class NetRelay:
             self._fail(e)
 
     def _pump(self) -> int:
-        """One batch each way; returns the number of frames moved."""
+        """Everything the vport received, then one batch of sends; returns the frames moved. Receiving first
+        re-posts RX buffers before the sends can bring more frames back (loopback), so the device does not
+        run out of them."""
+        moved = 0
+        for _ in range(DRAIN_MAX_BATCHES):
+            n = self._receive()
+            moved += n
+            if n < BATCH:
+                break
         room = min(BATCH, self.vport.tx_free)
         frames = self.channel.tx.pop_many(room) if room else []
         try:
-            # Also with no frames: send() reaps TX completions, and unreaped ones keep prepare_wait() from
-            # ever letting the relay sleep.
             sent = self.vport.send(frames)
         except BadFrame as e:
             sent = self._send_one_by_one(frames, e)
         self.stats.tx_frames += sent
-        return len(frames) + self._receive()
+        return moved + len(frames)
 
     def _receive(self) -> int:
         """One batch vport -> guest rx ring; returns the frames taken from the vport."""

@@ -19,12 +19,17 @@ from ..driver.errors import DeviceMissing, DriverError, SaveFailed
 from ..driver.gdma_driver import map_bar0
 from ..driver.mana import DEVICE_ERRORS, ManaDevice, create_fresh, release_pending_buffers
 from ..driver.vfio_backing import open_vfio, reset_method_setter
+from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory
 from ..proto import mana_driver_pb2
 from ..vfio_user import DeviceMissing as TransportGone
 from .net_relay import NetRelay
+
+#: The relay's vport: twice as many receive buffers (512, the reference's cap) as send buffers (256), so
+#: frames the device loops back while the relay is still sending never find the RX queue empty.
+RELAY_VPORT = VportConfig(rx_cq_size=32768)
 
 log = logging.getLogger("vfkeep.worker.vf")
 
@@ -106,7 +111,7 @@ class VfManager:
         try:
             self.dev = ManaDevice.restore(open_vfio(self.cfg.socket, self.mem, restore=True), self.dma, self.pci_id,
                                           saved.mana_device)
-            self.vport = self.dev.open_vport(0)
+            self.vport = self.dev.open_vport(0, RELAY_VPORT)
         except (*DEVICE_ERRORS, DmaError) as e:
             self._drop_device()
             self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
@@ -121,7 +126,7 @@ class VfManager:
         self._release_saved_buffers()
         self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
                                           force_flr=True, persistent_hwc=self.dma.has_pool)
-        self.vport = self.dev.open_vport(0)
+        self.vport = self.dev.open_vport(0, RELAY_VPORT)
 
     def _fresh(self, persistent_hwc: bool) -> None:
         """Fresh init with the NoReset -> FLR retry (spec 6.4). A config that claims a pool this boot
@@ -134,7 +139,7 @@ class VfManager:
         self.restore_path = FRESH
         self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
                                           persistent_hwc=persistent_hwc)
-        self.vport = self.dev.open_vport(0)
+        self.vport = self.dev.open_vport(0, RELAY_VPORT)
 
     def _open_fresh(self):
         return open_vfio(self.cfg.socket, self.mem)
