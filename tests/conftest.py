@@ -1,6 +1,8 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from vfkeep.proc import end
@@ -23,3 +25,14 @@ def vfio_testdev(tmp_path):
     yield start
     for proc in procs:
         end(proc)
+
+
+@pytest.fixture(scope="module")
+def quiet_vfkeep_logs():
+    """Only critical vfkeep log lines for a module (fuzz tests: thousands of refused requests are logged,
+    and formatting them is most of the run time)."""
+    logger = logging.getLogger("vfkeep")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)

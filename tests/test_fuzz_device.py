@@ -4,7 +4,6 @@ random BAR0 writes. The device never raises out of its handlers: every request i
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -28,6 +27,7 @@ from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaR
                                   GdmaGenerateResetEventReq, GdmaGenerateTestEventReq, GdmaVerifyVerReq)
 from vfkeep.memory import GuestMemory, MemoryLayout
 
+pytestmark = pytest.mark.usefixtures("quiet_vfkeep_logs")
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PEER = bytes.fromhex("020000000001")
@@ -47,16 +47,6 @@ def mem():
     m = GuestMemory.create(MemoryLayout(guest_pages=16, worker_pages=1024, pool_pages=0))
     yield m
     m.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    """Every refused request is logged; thousands of them only slow the run down."""
-    logger = logging.getLogger("vfkeep")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 class Bench:

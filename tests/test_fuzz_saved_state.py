@@ -11,7 +11,6 @@ hostile pool table left no free run for the HWC buffer (then it fails with `OutO
 """
 from __future__ import annotations
 
-import logging
 from unittest import mock
 
 import pytest
@@ -31,6 +30,7 @@ from vfkeep.memory.dma_manager import DmaClient
 from vfkeep.proto import dma_manager_pb2, mana_driver_pb2
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=64)
+pytestmark = pytest.mark.usefixtures("quiet_vfkeep_logs")
 SETTINGS = settings(max_examples=300, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PAGE = 4096
@@ -44,16 +44,6 @@ def mem():
     m = GuestMemory.create(LAYOUT)
     yield m
     m.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet():
-    """Refused restores are logged as errors; thousands of them only slow the run down."""
-    logger = logging.getLogger("vfkeep")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 # -- mutations ----------------------------------------------------------------------------------
