@@ -425,6 +425,7 @@ class Host:
                 "last_servicing_ok": None if self.last_servicing is None else self.last_servicing["result"]["ok"]}
 
     def _inspect(self) -> dict:
+        self._supervise()  # a worker that died since the last idle tick is replaced before it is shown
         worker = None
         for attempt in range(2):
             if self.worker is None or not self.worker.alive():
