@@ -290,8 +290,8 @@ class Worker:
                 self.chan.send({"type": "inspect", "tree": self.inspect()})
             elif kind == "shutdown":
                 self.shutdown()
+                kv(log, logging.INFO, "normal shutdown done")  # before "bye": the host ends us once it has it
                 self.chan.send({"type": "bye"})
-                kv(log, logging.INFO, "normal shutdown done")
                 return 0
             else:
                 self.chan.send({"type": "error", "error": f"unexpected message {kind!r} in this state"})
