@@ -183,8 +183,9 @@ def plot(report: dict, path: pathlib.Path) -> None:
 
 def table(report: dict) -> Table:
     runs = report["runs"]
-    t = Table(title=f"servicing with and without MANA keepalive ({report['timing']} timing, "
-                    f"{report['rate_fps']:g} frames/s per NIC, {report['nics']} NIC(s))", title_justify="left")
+    t = Table(title="servicing with and without MANA keepalive", title_justify="left", min_width=64,
+              caption=f"{report['timing']} timing, {report['rate_fps']:g} frames/s of {report['frame_size']} B "
+                      f"per NIC, {report['nics']} NIC(s)", caption_justify="left")
     t.add_column("")
     for run in runs:
         t.add_column(run["mode"], justify="right")
