@@ -354,6 +354,21 @@ def test_bad_blob_falls_back(host, mode, error):
     assert host.probe()["ok"]
 
 
+def test_pool_left_all_leaked_gives_an_ephemeral_hwc(tmp_path):
+    """Saved state that leaves every pool slot Leaked: nothing to re-attach (fallback) and no pool pages for
+    a new HWC buffer; the NIC still comes up, with its HWC buffer in worker RAM and the reason reported."""
+    h = HostRun(tmp_path / "run")
+    try:
+        r = h.service(mana_keepalive=True, tamper="pool-all-leaked")
+        n = nic(r)
+        assert (n["restore_path"], n["device_reset"]) == ("fallback", True)
+        assert "gdma restored memory not found" in n["error"] and "HWC buffer is ephemeral" in n["error"]
+        assert h.inspect("worker/pool/free_pages") == 0
+        assert h.probe()["ok"]
+    finally:
+        h.stop()
+
+
 def test_unparsable_pool_config_no_pool(tmp_path):
     """A bad pool size is warned about and means no pool; the MANA config still claims one (trusted as-is,
     E6): the NIC runs with an ephemeral HWC buffer instead of failing, and a keepalive save is refused

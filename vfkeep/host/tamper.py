@@ -12,23 +12,27 @@ from ..proto import underhill_pb2
 
 log = logging.getLogger("vfkeep.host.tamper")
 
-TAMPER_MODES = ("truncate", "corrupt", "mana-pfn-outside-pool", "dma-pfn-outside-pool")
+TAMPER_MODES = ("truncate", "corrupt", "mana-pfn-outside-pool", "dma-pfn-outside-pool", "pool-all-leaked")
 
 
 def tamper_blob(blob: bytes, mode: str, layout: MemoryLayout) -> bytes:
     """truncate: cut inside the top-level message; corrupt: an invalid wire type in the first key;
     mana-pfn-outside-pool: every saved HWC buffer points past the pool; dma-pfn-outside-pool: the
-    pool's last slot claims pages past the pool."""
+    pool's last slot claims pages past the pool; pool-all-leaked: every pool slot is saved as Leaked
+    (valid per servicing spec 8.3, but nothing is left to re-attach or allocate)."""
     if mode == "truncate":
         out = blob[:len(blob) // 2]
     elif mode == "corrupt":
         out = b"\x0f" + blob[1:]
-    elif mode in ("mana-pfn-outside-pool", "dma-pfn-outside-pool"):
+    elif mode in ("mana-pfn-outside-pool", "dma-pfn-outside-pool", "pool-all-leaked"):
         state = underhill_pb2.ServicingState.FromString(blob)
         init = state.init_state
         if mode == "mana-pfn-outside-pool":
             for s in init.mana_state.states:
                 s.mana_device.gdma.mem.base_pfn = layout.pool.end_pfn + 16
+        elif mode == "pool-all-leaked":
+            for slot in init.dma_manager_state.private_pool.state:
+                slot.state.leaked.device_id, slot.state.leaked.tag = "hostile", "vfio dma"
         elif init.dma_manager_state.private_pool.state:
             init.dma_manager_state.private_pool.state[-1].size_pages += 64
         out = state.SerializeToString()

@@ -22,7 +22,7 @@ from ..driver.vfio_backing import open_vfio, reset_method_setter
 from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel
 from ..log import kv
-from ..memory import DmaError, DmaManager, GuestMemory
+from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
 from ..vfio_user import DeviceMissing as TransportGone
 from .net_relay import NetRelay
@@ -124,9 +124,7 @@ class VfManager:
         kv(log, logging.ERROR, "falling back to fresh init with flr", pci_id=self.pci_id, reason=reason)
         self.restore_path, self.error = FALLBACK, reason
         self._release_saved_buffers()
-        self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
-                                          force_flr=True, persistent_hwc=self.dma.has_pool)
-        self.vport = self.dev.open_vport(0, RELAY_VPORT)
+        self._create(persistent_hwc=self.dma.has_pool, force_flr=True)
 
     def _fresh(self, persistent_hwc: bool) -> None:
         """Fresh init with the NoReset -> FLR retry (spec 6.4). A config that claims a pool this boot
@@ -137,8 +135,22 @@ class VfManager:
             persistent_hwc = False
         kv(log, logging.INFO, "creating new VFIO device", pci_id=self.pci_id, persistent_hwc=persistent_hwc)
         self.restore_path = FRESH
-        self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
-                                          persistent_hwc=persistent_hwc)
+        self._create(persistent_hwc=persistent_hwc)
+
+    def _create(self, persistent_hwc: bool, force_flr: bool = False) -> None:
+        """Fresh device + vport. A pool too full for the HWC buffer (e.g. saved state that left it all Leaked)
+        gives an ephemeral buffer: the NIC works and only its next keepalive is lost, never a dead NIC."""
+        try:
+            self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
+                                              force_flr=force_flr, persistent_hwc=persistent_hwc)
+        except OutOfPoolMemory as e:
+            if not persistent_hwc:
+                raise
+            note = f"pool exhausted ({e}); HWC buffer is ephemeral"
+            self.error = f"{self.error}; {note}" if self.error else note
+            kv(log, logging.ERROR, "no pool pages for the HWC buffer, using worker RAM", pci_id=self.pci_id)
+            self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
+                                              force_flr=force_flr, persistent_hwc=False)
         self.vport = self.dev.open_vport(0, RELAY_VPORT)
 
     def _open_fresh(self):
