@@ -5,6 +5,7 @@ import logging
 
 import pytest
 
+from vfkeep.memory import GuestMemory
 from vfkeep.proc import end
 
 
@@ -25,6 +26,14 @@ def vfio_testdev(tmp_path):
     yield start
     for proc in procs:
         end(proc)
+
+
+@pytest.fixture
+def mem(request):
+    """Guest memory laid out as the test module's LAYOUT (a module that needs more defines its own `mem`)."""
+    m = GuestMemory.create(request.module.LAYOUT)
+    yield m
+    m.close()
 
 
 @pytest.fixture(scope="module")

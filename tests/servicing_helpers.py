@@ -107,23 +107,34 @@ class HostRun:
         self._stderr.close()
 
 
-def children_of(pid: int) -> list[int]:
+#: Indexes into stat_fields().
+PPID, SESSION = 1, 3
+
+
+def stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (state, ppid, pgrp, session, ...); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def live_processes(field: int, value: int) -> list[int]:
+    """PIDs of the live (not zombie) processes whose stat_fields()[field] is `value`."""
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
+            fields = stat_fields(name)
+            if fields and int(fields[field]) == value and fields[0] != "Z":
                 out.append(int(name))
-    return sorted(out)
+    return out
+
+
+def children_of(pid: int) -> list[int]:
+    return sorted(live_processes(PPID, pid))
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"

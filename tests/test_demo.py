@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 
-from servicing_helpers import pid_alive
+from servicing_helpers import SESSION, live_processes, pid_alive
 from vfkeep import proc
 
 RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations", "phases_ms",
@@ -15,17 +15,7 @@ RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool
 def session_members(sid: int) -> list[int]:
     """Live processes of session `sid` (the demo runs in a session of its own, so this is everything it
     started, whoever their parent is now)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.append(int(name))
-    return out
+    return live_processes(SESSION, sid)
 
 
 def test_demo(tmp_path):

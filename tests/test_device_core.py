@@ -20,16 +20,10 @@ from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaR
                                   GdmaDestroyDmaRegionReq, GdmaGenerateResetEventReq, GdmaGenerateTestEventReq,
                                   GdmaListDevicesResp, GdmaQueryMaxResourcesResp, GdmaRegisterDeviceResp,
                                   GdmaVerifyVerReq, GdmaVerifyVerResp)
-from vfkeep.memory import GuestMemory, MemoryLayout
+from vfkeep.memory import MemoryLayout
 
+LAYOUT = MemoryLayout(guest_pages=64, worker_pages=2048, pool_pages=0)
 PEER = bytes.fromhex("020000000001")
-
-
-@pytest.fixture
-def mem():
-    m = GuestMemory.create(MemoryLayout(guest_pages=64, worker_pages=2048, pool_pages=0))
-    yield m
-    m.close()
 
 
 @pytest.fixture

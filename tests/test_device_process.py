@@ -18,18 +18,12 @@ from vfkeep.gdma.constants import (CQE_RX_OKAY, CQE_TX_OKAY, GDMA_EQE_HWC_RECONF
 from vfkeep.gdma.bnic import ManaQueryDeviceCfgReq
 from vfkeep.gdma.queues import EqeDataReconfig
 from vfkeep.gdma.requests import GdmaGenerateTestEventReq, GdmaVerifyVerReq
-from vfkeep.memory import GuestMemory, MemoryLayout
+from vfkeep.memory import MemoryLayout
 from vfkeep.proc import end
 from vfkeep.vfio_user import ControlError, VfioDevice, VfioError, control_call
 
+LAYOUT = MemoryLayout(guest_pages=64, worker_pages=2048, pool_pages=0)
 PEER = bytes.fromhex("020000000001")
-
-
-@pytest.fixture
-def mem():
-    m = GuestMemory.create(MemoryLayout(guest_pages=64, worker_pages=2048, pool_pages=0))
-    yield m
-    m.close()
 
 
 @pytest.fixture

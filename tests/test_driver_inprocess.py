@@ -14,7 +14,7 @@ from vfkeep.driver.mana import ManaDevice, create_fresh
 from vfkeep.driver.vport import VportConfig
 from vfkeep.gdma.constants import DB_RQ, MANA_QUERY_STATS
 from vfkeep.gdma.regs import WqDoorbellValue
-from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.proto import mana_driver_pb2
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=64)
@@ -25,13 +25,6 @@ FRESH_SEQUENCE = ["SMC_MSG_TYPE_ESTABLISH_HWC", "GDMA_QUERY_MAX_RESOURCES", "GDM
                   "MANA_QUERY_DEV_CONFIG"]
 RESTORE_SEQUENCE = ["GDMA_GENERATE_TEST_EQE", "GDMA_VERIFY_VF_DRIVER_VERSION", "GDMA_LIST_DEVICES",
                     "MANA_QUERY_DEV_CONFIG"]
-
-
-@pytest.fixture
-def mem():
-    m = GuestMemory.create(LAYOUT)
-    yield m
-    m.close()
 
 
 @pytest.fixture

@@ -1,13 +1,12 @@
 """Driver against the MANA emulator in its own process, over vfio-user: fresh bring-up with 10,000 frames,
 and the keepalive proof (servicing spec 12.1) across two real worker processes with a negative control."""
-import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
 from driver_helpers import loopback, numbered_frames, same_payloads
+from helpers import run_json
 from vfkeep import proc
 from vfkeep.device.main import start_device
 from vfkeep.driver.errors import DeviceMissing, SaveRefusedHwcFailure
@@ -20,13 +19,6 @@ from vfkeep.vfio_user import control_call
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=1024, pool_pages=64)
 WORKER = pathlib.Path(__file__).with_name("driver_worker.py")
 TRIPWIRES = ("SMC_MSG_TYPE_ESTABLISH_HWC", "GDMA_REGISTER_DEVICE")
-
-
-@pytest.fixture
-def mem():
-    m = GuestMemory.create(LAYOUT)
-    yield m
-    m.close()
 
 
 @pytest.fixture
@@ -50,14 +42,8 @@ def ctl(sock: str, cmd: str, **args) -> dict:
 
 
 def run_worker(mode: str, mem: GuestMemory, sock: str, out: pathlib.Path, nframes: int) -> dict:
-    child = proc.spawn([sys.executable, str(WORKER), mode, str(mem.fd), LAYOUT.to_str(), sock, str(out),
-                        str(nframes)], pass_fds=[mem.fd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        stdout, stderr = child.communicate(timeout=30)
-        assert child.returncode == 0, stderr.decode()
-        return json.loads(stdout)
-    finally:
-        proc.end(child)
+    return run_json([sys.executable, str(WORKER), mode, str(mem.fd), LAYOUT.to_str(), sock, str(out), str(nframes)],
+                    [mem.fd], timeout=30)
 
 
 def test_fresh_bringup_10000_frames_and_clean_shutdown(device, mem):

@@ -5,20 +5,19 @@ frame back on the worker->guest ring with its MACs swapped, as the loopback back
 """
 import json
 import os
-import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
+from helpers import LineChild
 from vfkeep.guest.agent import AgentClient, AgentError, guest_mac, spawn_agent
 from vfkeep.guest.ring import ChannelLayout, NicChannel
 from vfkeep.guest.stats import parse_frame
 from vfkeep.memory import GuestMemory, MemoryLayout
-from vfkeep.proc import end, spawn
+from vfkeep.proc import end
 
 LAYOUT = MemoryLayout(guest_pages=256, worker_pages=4, pool_pages=0)
 CHANNEL = ChannelLayout(nics=1, slots=1024, slot_size=256)  # 1024 slots hold a 300 ms pause at 2k frames/s
@@ -77,28 +76,15 @@ print(json.dumps({"handled": handled, "forwarded": forwarded, "dropped": dropped
 """
 
 
-class Reflector:
-    """A reflector process with its stdout read line by line under a deadline."""
+class Reflector(LineChild):
+    """The reflector script in a child process, standing in for worker + device."""
+
+    what = "reflector"
 
     def __init__(self, mem, ch, **opt):
         tx_fd, rx_fd = ch.bell_fds()
         opt.update(memfd=mem.fd, layout=LAYOUT.to_str(), channel=CHANNEL.to_str(), tx_fd=tx_fd, rx_fd=rx_fd)
-        self.proc = spawn([sys.executable, "-c", REFLECTOR, json.dumps(opt)], pass_fds=(mem.fd, tx_fd, rx_fd),
-                          stdout=subprocess.PIPE)
-        self._buf = b""
-
-    def line(self, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.proc.stdout], [], [], remaining)[0]:
-                raise AssertionError(f"reflector {self.proc.pid} printed no line within {timeout}s")
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise AssertionError(f"reflector {self.proc.pid} exited with {self.proc.wait(5)}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
+        super().__init__([sys.executable, "-c", REFLECTOR, json.dumps(opt)], pass_fds=(mem.fd, tx_fd, rx_fd))
 
     def finish(self) -> dict:
         """SIGTERM, then its final counters; it hands on what is queued before exiting."""

@@ -2,7 +2,6 @@
 import collections
 import json
 import os
-import select
 import struct
 import subprocess
 import sys
@@ -12,19 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import LineChild
 from vfkeep.guest.ring import (HEADER_SIZE, BadRingHeader, ChannelLayout, Doorbell, NicChannel, Ring, RingCorrupt,
                                ring_size)
 from vfkeep.memory import PAGE_SIZE, GuestMemory, MemoryLayout
-from vfkeep.proc import end, spawn
+from vfkeep.proc import end
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=4, pool_pages=0)
-
-
-@pytest.fixture
-def mem():
-    m = GuestMemory.create(LAYOUT)
-    yield m
-    m.close()
 
 
 def frame(i: int, size: int = 16) -> bytes:
@@ -259,27 +252,11 @@ print("done", flush=True)
 """
 
 
-class Child:
-    """A python child with line-oriented stdout read under a deadline."""
+class Child(LineChild):
+    """A python script in a child process; `args` are its command line."""
 
     def __init__(self, script: str, *args, pass_fds=()):
-        self.proc = spawn([sys.executable, "-c", script, *map(str, args)], pass_fds=pass_fds,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._buf = b""
-
-    def line(self, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.proc.stdout], [], [], remaining)[0]:
-                raise AssertionError(f"child {self.proc.pid} printed no line within {timeout}s")
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise AssertionError(f"child {self.proc.pid} exited: {self.proc.wait(5)} "
-                                     f"{self.proc.stderr.read().decode()}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
+        super().__init__([sys.executable, "-c", script, *map(str, args)], pass_fds=pass_fds, stderr=subprocess.PIPE)
 
     def result(self) -> list[int]:
         while True:

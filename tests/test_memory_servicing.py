@@ -1,10 +1,8 @@
 """DMA manager state across real processes: old worker saves, host scrubs worker RAM, new worker
 restores and re-attaches the same PFNs with the same bytes."""
-import json
-import subprocess
 import sys
 
-from vfkeep import proc
+from helpers import run_json
 from vfkeep.memory import POISON, GuestMemory, MemoryLayout
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=64, pool_pages=512)
@@ -40,14 +38,7 @@ print(json.dumps({"pool": [b.pfns for b in blocks], "bytes": [bytes(b.view).hex(
 
 
 def run_worker(script, mem, blob_path):
-    child = proc.spawn([sys.executable, "-c", script, str(mem.fd), LAYOUT.to_str(), str(blob_path)],
-                       pass_fds=[mem.fd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = child.communicate(timeout=20)
-        assert child.returncode == 0, err.decode()
-        return json.loads(out)
-    finally:
-        proc.end(child)
+    return run_json([sys.executable, "-c", script, str(mem.fd), LAYOUT.to_str(), str(blob_path)], [mem.fd], timeout=20)
 
 
 def test_save_in_one_process_restore_in_another(tmp_path):

@@ -1,0 +1,46 @@
+"""Child processes in tests, always under a deadline: a stuck or dead child fails the test instead of hanging it."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import time
+from collections.abc import Sequence
+
+from vfkeep.proc import end, spawn
+
+
+class LineChild:
+    """A child whose stdout is read line by line under a deadline."""
+
+    what = "child"
+
+    def __init__(self, argv: Sequence[str], pass_fds: Sequence[int] = (), stderr=None):
+        self.proc = spawn(argv, pass_fds=pass_fds, stdout=subprocess.PIPE, stderr=stderr)
+        self._buf = b""
+
+    def line(self, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.proc.stdout], [], [], remaining)[0]:
+                raise AssertionError(f"{self.what} {self.proc.pid} printed no line within {timeout}s")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"{self.what} {self.proc.pid} exited: {self.proc.wait(5)} "
+                                     f"{self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+
+def run_json(argv: Sequence[str], pass_fds: Sequence[int], timeout: float) -> dict:
+    """Run a worker process to the end: it must exit 0; returns the JSON it printed."""
+    child = spawn(argv, pass_fds=pass_fds, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = child.communicate(timeout=timeout)
+        assert child.returncode == 0, err.decode()
+        return json.loads(out)
+    finally:
+        end(child)
