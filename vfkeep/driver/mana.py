@@ -6,6 +6,9 @@ Entry points for the worker:
   (servicing spec 6.4);
 - `ManaDevice.restore(backing, dma, pci_id, saved)`: keepalive restore (servicing spec 6.3);
 - `dev.open_vport(i)`, `dev.save()`, `dev.shutdown()`.
+
+Data-path keepalive (DESIGN D7, opt-in): a vport opened with `persistent=True` lives in the private pool;
+`save()` keeps it (a vfkeep extension in the saved state) and `restore` resumes it without queue commands.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .bnic_driver import BnicDriver
 from .errors import DEVICE_ERRORS, BringUpError, CreateFailed, DriverError, RestoreError, RestoredMemoryNotFound
 from .gdma_driver import GdmaDriver, map_bar0
 from .save_restore import check_hwc_block, decode_device_state, restore_gdma, save_gdma, validate_gdma_state
-from .vport import Vport, VportConfig
+from .vport import SAVED_BLOCKS, Vport, VportConfig, validate_vport_state, vport_block_sizes
 
 log = logging.getLogger("vfkeep.driver.mana")
 
@@ -62,6 +65,7 @@ class ManaDevice:
         self.bnic: BnicDriver | None = None
         self.dev_config = None
         self.vports: dict[int, Vport] = {}
+        self.kept_vports: list[Vport] = []
         self._link: dict[int, bool] = {}
         self.closed = False
 
@@ -110,24 +114,37 @@ class ManaDevice:
                 raise RestoreError("saved mana device state has no gdma state")
             layout = map_bar0(backing)
             validate_gdma_state(state.gdma, layout, dma.mem.layout.pool, backing.msix_count)
+            for v in state.vports:
+                validate_vport_state(v, layout, dma.mem.layout.pool, state.gdma.db_id, state.gdma.num_msix)
             try:
                 persistent, ephemeral = _clients(dma, pci_id, True)
             except DmaError as e:
                 raise RestoreError(f"no persistent dma client for {pci_id}: {e}") from e
-            hwc_mem = _attach_hwc_buffer(persistent, state.gdma.mem.base_pfn)
+            hwc_mem, kept = _attach_saved_buffers(persistent, state)
         except BaseException:
             _close_clients(persistent, ephemeral)
             backing.close()
             raise
+        kept_blocks = [b for group in kept for b in group]
         try:
             gdma = restore_gdma(backing, layout, hwc_mem, state.gdma)
         except BaseException:
-            hwc_mem.free()
+            for block in (hwc_mem, *kept_blocks):
+                block.free()
             _close_clients(persistent, ephemeral)
             backing.close()
             raise
         dev = cls(gdma, pci_id, persistent, ephemeral)
-        dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
+        try:
+            dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
+            dev._restore_vports(state.vports, kept)
+        except BaseException:
+            if not dev.closed:  # (a failed _init_device has abandoned it already)
+                dev.vports.clear()  # their blocks are freed below, without teardown: the FLR fallback follows
+                dev._abandon()
+            for block in kept_blocks:
+                block.free()
+            raise
         kv(log, logging.INFO, "mana device restored", pci_id=pci_id, vports=dev.num_vports,
            base_pfn=hwc_mem.base_pfn, pdid=gdma.pdid, db_id=gdma.db_id)
         return dev
@@ -150,6 +167,22 @@ class ManaDevice:
         except BaseException:
             self._abandon()
             raise
+
+    def _restore_vports(self, states, groups: list[list]) -> None:
+        """Resume the kept vports (DESIGN D7) over their re-attached blocks, once all indices check out."""
+        for state in states:
+            if state.vport_index >= self.num_vports or state.vport_index in self.vports:
+                raise RestoreError(f"saved vport {state.vport_index} is not a free vport of the device's "
+                                   f"{self.num_vports}")
+        for state, blocks in zip(states, groups):
+            Vport.restore(self, state, blocks)
+
+    def release_kept(self) -> None:
+        """Free the pool memory `save()` kept (HWC buffer, kept vports) when no next worker will take it."""
+        self.gdma.hwc_mem.free()
+        for vport in self.kept_vports:
+            vport.release_kept()
+        self.kept_vports.clear()
 
     def _abandon(self) -> None:
         """Drop a half-built device: teardown by the usual table, release the handle and the clients."""
@@ -175,15 +208,16 @@ class ManaDevice:
         return 1 + vport_index % (n - 1) if n > 1 else 0
 
     # -- vports ---------------------------------------------------------------------------------
-    def open_vport(self, index: int = 0, config: VportConfig | None = None) -> Vport:
-        """Query the vport, build its EQ and TX/RX queue pairs from ephemeral memory and start traffic."""
+    def open_vport(self, index: int = 0, config: VportConfig | None = None, persistent: bool = False) -> Vport:
+        """Query the vport, build its EQ and TX/RX queue pairs from ephemeral memory (from the pool when
+        `persistent`, which lets `save()` keep it) and start traffic."""
         if self.closed:
             raise DriverError("mana device is closed")
         if not 0 <= index < self.num_vports:
             raise ValueError(f"vport index {index} is not below the device's {self.num_vports} vports")
         if index in self.vports:
             raise ValueError(f"vport {index} is already open")
-        vport = Vport(self, index, config or VportConfig())
+        vport = Vport(self, index, config or VportConfig(), persistent)
         self.vports[index] = vport
         try:
             vport._open()
@@ -237,14 +271,21 @@ class ManaDevice:
 
     # -- save and shutdown ----------------------------------------------------------------------
     def save(self) -> mana_driver_pb2.ManaDeviceSavedState:
-        """Close the vports (only the HWC survives), save the GDMA driver, release the handle without a reset
-        and without DESTROY_HWC. Refused (SaveFailed subclasses) after an HWC failure or with a reset request
-        pending; the device is then still open and should be shut down."""
+        """Close the vports (only the HWC survives) except persistent ones (DESIGN D7: kept running, saved in
+        the `vports` extension), save the GDMA driver, release the handle without a reset and without
+        DESTROY_HWC. Refused (SaveFailed subclasses) after an HWC failure or with a reset request pending;
+        the device is then still open and should be shut down."""
         if self.closed:
             raise DriverError("mana device is closed")
-        self.close_vports()
+        keep = [v for v in self.vports.values() if v.persistent and not v.tx_failed and not self.gdma.reset_pending]
+        for vport in list(self.vports.values()):
+            if vport not in keep:
+                vport.close()
         self.gdma.check_savable()
         state = mana_driver_pb2.ManaDeviceSavedState(gdma=save_gdma(self.gdma))
+        for vport in keep:
+            state.vports.append(vport.save())
+        self.kept_vports = keep
         self.gdma.mark_saved()
         self.closed = True
         try:
@@ -295,23 +336,34 @@ def _close_clients(*clients: DmaClient | None) -> None:
             c.close()
 
 
-def _attach_hwc_buffer(client: DmaClient, base_pfn: int):
-    """Re-attach this NIC's saved pool buffers, keep the one at `base_pfn`, free the rest (spec 6.2)."""
+def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSavedState):
+    """Re-attach this NIC's saved pool buffers (spec 6.2): keep the HWC buffer and, per kept vport, its
+    blocks in `SAVED_BLOCKS` order; free the rest. Returns (hwc block, [vport block lists])."""
     blocks = client.attach_pending_buffers()
-    hwc = next((b for b in blocks if b.base_pfn == base_pfn), None)
+    by_pfn = {b.base_pfn: b for b in blocks}
     try:
+        hwc = by_pfn.pop(state.gdma.mem.base_pfn, None)
         if hwc is None:
-            raise RestoredMemoryNotFound(base_pfn)
+            raise RestoredMemoryNotFound(state.gdma.mem.base_pfn)
         check_hwc_block(hwc)
+        groups = []
+        for v in state.vports:
+            group = []
+            for part, m, size in zip(SAVED_BLOCKS, v.mem, vport_block_sizes(v)):
+                block = by_pfn.pop(m.base_pfn, None)  # popped: no block serves twice
+                if block is None or block.len < size:
+                    raise RestoreError(f"saved vport {v.vport_index} {part} block at pfn {m.base_pfn} is not a "
+                                       f"re-attached block of at least {size} bytes")
+                group.append(block)
+            groups.append(group)
     except RestoreError:
         for b in blocks:
             b.free()
         raise
-    for b in blocks:
-        if b is not hwc:
-            kv(log, logging.INFO, "freeing unused restored buffer", base_pfn=b.base_pfn, pages=b.pages)
-            b.free()
-    return hwc
+    for b in by_pfn.values():
+        kv(log, logging.INFO, "freeing unused restored buffer", base_pfn=b.base_pfn, pages=b.pages)
+        b.free()
+    return hwc, groups
 
 
 def create_fresh(open_device: Callable[[], DeviceBacking], set_reset_method: Callable[[str], None],

@@ -40,12 +40,12 @@ def _doorbell(page: DoorbellPage) -> mana_driver_pb2.DoorbellSavedState:
     return mana_driver_pb2.DoorbellSavedState(doorbell_id=page.page_id, page_count=page.page_count)
 
 
-def _save_cq_eq(q: CqEq) -> mana_driver_pb2.CqEqSavedState:
+def save_cq_eq(q: CqEq) -> mana_driver_pb2.CqEqSavedState:
     return mana_driver_pb2.CqEqSavedState(doorbell=_doorbell(q.doorbell), doorbell_addr=q.doorbell_offset, id=q.id,
                                           next=q.next, size=q.size, shift=q.shift)
 
 
-def _save_wq(q: Wq) -> mana_driver_pb2.WqSavedState:
+def save_wq(q: Wq) -> mana_driver_pb2.WqSavedState:
     return mana_driver_pb2.WqSavedState(doorbell=_doorbell(q.doorbell), doorbell_addr=q.doorbell_offset, id=q.id,
                                         head=q.head, tail=q.tail, mask=q.mask)
 
@@ -54,7 +54,7 @@ def save_gdma(drv: GdmaDriver) -> mana_driver_pb2.GdmaDriverSavedState:
     """Everything a new driver needs to re-attach to this HWC (servicing spec 7.2)."""
     hwc = drv.hwc
     state = mana_driver_pb2.GdmaDriverSavedState(
-        eq=_save_cq_eq(hwc.eq), cq=_save_cq_eq(hwc.cq), rq=_save_wq(hwc.rq), sq=_save_wq(hwc.sq), db_id=drv.db_id,
+        eq=save_cq_eq(hwc.eq), cq=save_cq_eq(hwc.cq), rq=save_wq(hwc.rq), sq=save_wq(hwc.sq), db_id=drv.db_id,
         gpa_mkey=drv.gpa_mkey, pdid=drv.pdid, hwc_activity_id=drv.activity_id, num_msix=drv.num_msix,
         min_queue_avail=drv.min_queue_avail)
     state.mem.base_pfn, state.mem.len = drv.hwc_mem.base_pfn, HWC_BUFFER_LEN
@@ -75,26 +75,26 @@ def _check_doorbell(name: str, q, expected_offset: int, layout: Bar0Layout) -> N
         raise RestoreError(f"saved {name} id {q.id} does not fit 24 bits")
 
 
-def _check_size(name: str, size: int, entry: int) -> None:
-    if not is_power_of_two(size) or not entry <= size <= PAGE_SIZE:
-        raise RestoreError(f"saved {name} size {size} must be a power of two in [{entry}, {PAGE_SIZE}] "
-                           f"(one HWC page)")
+def _check_size(name: str, size: int, entry: int, max_size: int = PAGE_SIZE) -> None:
+    if not is_power_of_two(size) or not entry <= size <= max_size:
+        raise RestoreError(f"saved {name} size {size} must be a power of two in [{entry}, {max_size}]")
 
 
-def _check_cq_eq(name: str, q: mana_driver_pb2.CqEqSavedState, entry: int, offset: int, layout: Bar0Layout) -> None:
+def check_cq_eq(name: str, q: mana_driver_pb2.CqEqSavedState, entry: int, offset: int, layout: Bar0Layout,
+                 min_size: int | None = None, max_size: int = PAGE_SIZE) -> None:
     _check_doorbell(name, q, offset, layout)
-    _check_size(name, q.size, entry)
+    _check_size(name, q.size, min_size or entry, max_size)
     if q.shift != q.size.bit_length() - 1:
         raise RestoreError(f"saved {name} shift {q.shift} is not log2 of its size {q.size}")
     if q.next % entry:
         raise RestoreError(f"saved {name} next {q.next} is not a multiple of the {entry}-byte entry")
 
 
-def _check_wq(name: str, q: mana_driver_pb2.WqSavedState, wqe: int, in_flight: int, offset: int,
-              layout: Bar0Layout) -> None:
+def check_wq(name: str, q: mana_driver_pb2.WqSavedState, wqe: int, in_flight: int, offset: int,
+              layout: Bar0Layout, min_size: int | None = None, max_size: int = PAGE_SIZE) -> None:
     _check_doorbell(name, q, offset, layout)
     size = q.mask + 1
-    _check_size(name, size, wqe)
+    _check_size(name, size, min_size or wqe, max_size)
     if q.head % WQE_ALIGNMENT or q.tail % WQE_ALIGNMENT:
         raise RestoreError(f"saved {name} head {q.head} / tail {q.tail} are not multiples of {WQE_ALIGNMENT}")
     free = (q.head - q.tail) & U32
@@ -114,11 +114,11 @@ def validate_gdma_state(state: mana_driver_pb2.GdmaDriverSavedState, layout: Bar
     if not pool.contains_pfn(state.mem.base_pfn, DRV_HWC_NUM_PAGES):
         raise RestoreError(f"saved HWC base_pfn {state.mem.base_pfn} (+{DRV_HWC_NUM_PAGES} pages) lies outside the "
                            f"private pool pfns [{pool.base_pfn}, {pool.end_pfn})")
-    _check_cq_eq("eq", state.eq, EQE_SIZE, DB_EQ, layout)
-    _check_cq_eq("cq", state.cq, CQE_SIZE, DB_CQ, layout)
+    check_cq_eq("eq", state.eq, EQE_SIZE, DB_EQ, layout)
+    check_cq_eq("cq", state.cq, CQE_SIZE, DB_CQ, layout)
     # Between requests exactly one receive WQE is posted and no send WQE is outstanding.
-    _check_wq("rq", state.rq, RWQE_SIZE, RWQE_SIZE, DB_RQ, layout)
-    _check_wq("sq", state.sq, DRV_HWC_SWQE_SIZE, 0, DB_SQ, layout)
+    check_wq("rq", state.rq, RWQE_SIZE, RWQE_SIZE, DB_RQ, layout)
+    check_wq("sq", state.sq, DRV_HWC_SWQE_SIZE, 0, DB_SQ, layout)
     if state.db_id >= layout.db_page_count:
         raise RestoreError(f"saved db_id {state.db_id} is not below the {layout.db_page_count} doorbell pages")
     if not 1 <= state.num_msix <= msix_count:

@@ -1,7 +1,9 @@
 """A MANA vport with one TX and one RX queue pair (gdma spec 11-13) and its batched data path.
 
-All data-path memory (EQ, CQs, WQs and packet buffers) comes from the device's ephemeral DMA client
-(DESIGN D1): it is rebuilt after servicing, never saved.
+By default all data-path memory (EQ, CQs, WQs and packet buffers) comes from the device's ephemeral DMA
+client (DESIGN D1): it is rebuilt after servicing, never saved. A `persistent` vport (data-path keepalive,
+DESIGN D7) takes it from the private pool instead, so `save()` can hand the running queues to the next
+worker and `Vport.restore` resumes them without a single queue command.
 
 Every WQE position in the rings is written once when the vport opens (header, OOB, SGE address, key):
 the device never modifies the rings, so posting a receive WQE is only a tail advance and sending a
@@ -16,18 +18,22 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY,
-                                   DRV_DATA_EQ_SIZE, DRV_DATA_RX_CQ_SIZE, DRV_DATA_RX_WQ_SIZE, DRV_DATA_TX_CQ_SIZE,
-                                   DRV_DATA_TX_WQ_SIZE, DRV_RX_MAX_POSTED, GDMA_RQ, GDMA_SQ, MANA_LONG_PKT_FMT,
-                                   MANA_SHORT_PKT_FMT, Tristate)
+from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY, DB_CQ,
+                                   DB_EQ, DB_RQ, DB_SQ, DRV_DATA_EQ_SIZE, DRV_DATA_RX_CQ_SIZE, DRV_DATA_RX_WQ_SIZE,
+                                   DRV_DATA_TX_CQ_SIZE, DRV_DATA_TX_WQ_SIZE, DRV_DMA_REGION_MAX_PAGES,
+                                   DRV_RX_MAX_POSTED, GDMA_RQ, GDMA_SQ, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT,
+                                   PAGE_SIZE, Tristate)
 from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxCompOob, ManaTxLongOob, ManaTxOob,
                                   ManaTxShortOob, ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
-from vfkeep.memory import MemoryBlock
+from vfkeep.memory import MemoryBlock, Region
+from vfkeep.proto import mana_driver_pb2
 
-from .errors import DEVICE_ERRORS, BadFrame, VportError
-from .queues import CQE_SIZE, CqEq, DoorbellPage, Wq, is_power_of_two
+from .errors import DEVICE_ERRORS, BadFrame, RestoreError, VportError
+from .gdma_driver import Bar0Layout
+from .queues import CQE_SIZE, EQE_SIZE, CqEq, DoorbellPage, Wq, is_power_of_two
+from .save_restore import VPORT_INDEX_LIMIT, check_cq_eq, check_wq, save_cq_eq, save_wq
 
 if TYPE_CHECKING:
     from .mana import ManaDevice
@@ -36,6 +42,22 @@ log = logging.getLogger("vfkeep.driver.vport")
 
 DEFAULT_BUFFER_SIZE = 2048
 MAX_SHORT_VP_OFFSET = 0xFF
+RX_WQE_LEN = ctypes.sizeof(ManaRxWqeOneSge)
+#: Order of a kept vport's pool blocks, in its saved state and in `Vport._blocks` (allocation order).
+SAVED_BLOCKS = ("eq", "sq", "tx_cq", "rq", "rx_cq", "tx_buffers", "rx_buffers")
+#: A queue is one DMA region of at most 16 pages (gdma spec 9.11).
+MAX_QUEUE_SIZE = DRV_DMA_REGION_MAX_PAGES * PAGE_SIZE
+
+
+def tx_wqe_len(short: bool) -> int:
+    return wqe_length(CLIENT_OOB_8 if short else CLIENT_OOB_24, 1)
+
+
+def buffer_counts(sq_size: int, tx_cq_size: int, rq_size: int, rx_cq_size: int, short: bool) -> tuple[int, int]:
+    """(TX, RX) packet buffers of a vport: one per WQE position, capped so that at most one CQE per CQ slot
+    is outstanding (or the device would lap the CQ), RX also at the reference's posting cap."""
+    return (min(sq_size // tx_wqe_len(short), tx_cq_size // CQE_SIZE),
+            min(rq_size // RX_WQE_LEN, rx_cq_size // CQE_SIZE, DRV_RX_MAX_POSTED))
 
 
 @dataclass(frozen=True)
@@ -71,10 +93,11 @@ class VportStats:
 class Vport:
     """Opened by `ManaDevice.open_vport`; closed by `close()` (or the device's save/shutdown)."""
 
-    def __init__(self, dev: ManaDevice, index: int, config: VportConfig):
+    def __init__(self, dev: ManaDevice, index: int, config: VportConfig, persistent: bool = False):
         self.dev = dev
         self.index = index
         self.config = config
+        self.persistent = persistent
         self.max_frame = config.buffer_size
         self.stats = VportStats()
         self.closed = False
@@ -112,8 +135,9 @@ class Vport:
         self._tx_obj, self._sq, self._tx_cq = self._create_wq_obj(GDMA_SQ, cfg.tx_wq_size, cfg.tx_cq_size, doorbell)
         self._rx_obj, self._rq, self._rx_cq = self._create_wq_obj(GDMA_RQ, cfg.rx_wq_size, cfg.rx_cq_size, doorbell)
 
-        self._format_tx(short)
-        self._format_rx()
+        ntx, nrx = self._counts(short)
+        self._format_tx(short, self._alloc(ntx * self.max_frame), write=True)
+        self._format_rx(self._alloc(nrx * self.max_frame), write=True)
         bnic.config_vport_rx(self.handle, rx_enable=Tristate.TRUE, rss_enable=Tristate.FALSE,
                              default_rxobj=self._rx_obj)
         self._rx_enabled = True
@@ -134,8 +158,12 @@ class Vport:
         kind = "sq" if wq_type == GDMA_SQ else "rq"
         return r.wq_obj, Wq(kind, wq_mem.view, r.wq_id, doorbell), CqEq("cq", cq_mem.view, r.cq_id, doorbell)
 
+    def _counts(self, short: bool) -> tuple[int, int]:
+        return buffer_counts(self._sq.size, self._tx_cq.size, self._rq.size, self._rx_cq.size, short)
+
     def _alloc(self, nbytes: int) -> MemoryBlock:
-        block = self.dev.ephemeral.allocate_dma_buffer(nbytes)
+        client = self.dev.persistent if self.persistent else self.dev.ephemeral
+        block = client.allocate_dma_buffer(nbytes)
         self._blocks.append(block)
         return block
 
@@ -144,17 +172,17 @@ class Vport:
         self._regions.append(region)
         return region
 
-    def _format_tx(self, short: bool) -> None:
-        """Write every SQ position once: header, OOB, SGE address and key; only the length changes per frame."""
+    def _format_tx(self, short: bool, buffers: MemoryBlock, write: bool) -> None:
+        """Write every SQ position once (`write`; a restored SQ already holds them): header, OOB, SGE address
+        and key; only the length changes per frame."""
         gdma = self.dev.gdma
         code = CLIENT_OOB_8 if short else CLIENT_OOB_24
         wqe_type = ManaTxWqeShortOneSge if short else ManaTxWqeLongOneSge
-        self._tx_wqe_len = wqe_length(code, 1)
+        self._short = bool(short)
+        self._tx_wqe_len = tx_wqe_len(short)
         assert self._tx_wqe_len == ctypes.sizeof(wqe_type)
         positions = self._sq.size // self._tx_wqe_len
-        # At most one CQE per CQ slot may be outstanding, or the device would lap the TX CQ.
-        self._tx_nbuf = min(positions, self._tx_cq.size // CQE_SIZE)
-        buffers = self._alloc(self._tx_nbuf * self.max_frame)
+        self._tx_nbuf = self._counts(short)[0]
         self._tx_view = buffers.view
         s_oob = ManaTxShortOob(pkt_fmt=MANA_SHORT_PKT_FMT if short else MANA_LONG_PKT_FMT,
                                vcq_num=self._tx_cq.id, vsq_frame=(self._sq.id >> 10) & 0x3FFF)
@@ -167,9 +195,10 @@ class Vport:
         self._tx_sges: list[Sge] = []
         for pos in range(positions):
             wqe = wqe_type.from_buffer(self._sq.mem, pos * self._tx_wqe_len)
-            wqe.oob = oob
-            wqe.sge = Sge(address=buffers.gpa + (pos % self._tx_nbuf) * self.max_frame, mem_key=gdma.gpa_mkey)
-            wqe.header = header
+            if write:
+                wqe.oob = oob
+                wqe.sge = Sge(address=buffers.gpa + (pos % self._tx_nbuf) * self.max_frame, mem_key=gdma.gpa_mkey)
+                wqe.header = header
             self._tx_sges.append(wqe.sge)
         self._tx_positions_mask = positions - 1
         self._tx_comps = [ManaTxCompOob.from_buffer(self._tx_cq.mem, i * CQE_SIZE)
@@ -177,16 +206,15 @@ class Vport:
         self._tx_posted = 0
         self._tx_done = 0
 
-    def _format_rx(self) -> None:
-        """Write every RQ position once; position p receives into buffer p mod nbuf, in posting order."""
+    def _format_rx(self, buffers: MemoryBlock, write: bool) -> None:
+        """Write every RQ position once (`write`); position p receives into buffer p mod nbuf, in posting order."""
         gdma = self.dev.gdma
-        self._rx_wqe_len = ctypes.sizeof(ManaRxWqeOneSge)
+        self._rx_wqe_len = RX_WQE_LEN
         positions = self._rq.size // self._rx_wqe_len
-        self._rx_nbuf = min(positions, self._rx_cq.size // CQE_SIZE, DRV_RX_MAX_POSTED)
-        buffers = self._alloc(self._rx_nbuf * self.max_frame)
+        self._rx_nbuf = self._counts(self._short)[1]
         self._rx_view = buffers.view
         header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=CLIENT_OOB_8))
-        for pos in range(positions):
+        for pos in range(positions if write else 0):
             wqe = ManaRxWqeOneSge.from_buffer(self._rq.mem, pos * self._rx_wqe_len)
             wqe.sge = Sge(address=buffers.gpa + (pos % self._rx_nbuf) * self.max_frame, mem_key=gdma.gpa_mkey,
                           size=self.max_frame)
@@ -365,6 +393,69 @@ class Vport:
         if self.closed:
             raise VportError(f"vport {self.index} is closed")
 
+    # -- data-path keepalive (DESIGN D7) ----------------------------------------------------------
+    def save(self) -> mana_driver_pb2.VportSavedState:
+        """Hand the running queues over: reap TX completions and record everything `Vport.restore` needs.
+        Nothing is sent to the device (no CONFIG_VPORT_RX, DESTROY_WQ_OBJ or DISABLE_QUEUE); the vport is
+        closed for this driver and its pool blocks stay allocated (`release_kept()` frees them)."""
+        self._check_open()
+        self._reap_tx()
+        state = mana_driver_pb2.VportSavedState(
+            vport_index=self.index, vport_handle=self.handle, tx_vport_offset=self.tx_vport_offset,
+            mac=int.from_bytes(self.mac, "big"),
+            vector=self.vector, eq=save_cq_eq(self._eq), tx_cq=save_cq_eq(self._tx_cq),
+            rx_cq=save_cq_eq(self._rx_cq), sq=save_wq(self._sq), rq=save_wq(self._rq), tx_wq_obj=self._tx_obj,
+            rx_wq_obj=self._rx_obj, buffer_size=self.max_frame, tx_buffers=self._tx_nbuf,
+            rx_buffers=self._rx_nbuf, short_form=self._short, tx_posted=self._tx_posted, tx_done=self._tx_done,
+            rx_done=self._rx_done, direction_to_vtl0=self.direction_to_vtl0)
+        for block in self._blocks:
+            state.mem.add(base_pfn=block.base_pfn, len=block.len)
+        self.closed = True
+        self.dev._vport_closed(self)
+        kv(log, logging.INFO, "vport kept for data-path keepalive", vport=self.index, **self.queue_ids(),
+           tx_outstanding=self.tx_outstanding, rx_done=self._rx_done)
+        return state
+
+    def release_kept(self) -> None:
+        """Free the pool blocks of a vport `save()` kept, when no next driver will take them."""
+        for block in self._blocks:
+            block.free()
+        self._blocks.clear()
+
+    @classmethod
+    def restore(cls, dev: ManaDevice, state: mana_driver_pb2.VportSavedState, blocks: list[MemoryBlock]) -> Vport:
+        """Rebuild a kept vport over its re-attached pool blocks (state checked by `validate_vport_state`,
+        blocks in `SAVED_BLOCKS` order): re-map its MSI-X vector and re-arm its EQ and CQs; no queue command."""
+        gdma = dev.gdma
+        cfg = VportConfig(eq_size=state.eq.size, tx_wq_size=state.sq.mask + 1, tx_cq_size=state.tx_cq.size,
+                          rx_wq_size=state.rq.mask + 1, rx_cq_size=state.rx_cq.size, buffer_size=state.buffer_size)
+        v = cls(dev, state.vport_index, cfg, persistent=True)
+        v.vector, v.handle, v.mac = state.vector, state.vport_handle, state.mac.to_bytes(6, "big")
+        v.tx_vport_offset, v.direction_to_vtl0 = state.tx_vport_offset, state.direction_to_vtl0
+        v._blocks = list(blocks)
+        mem = dict(zip(SAVED_BLOCKS, blocks))
+        doorbell = gdma.doorbell_page(state.eq.doorbell.doorbell_id)
+
+        def cq_eq(kind, q, name):
+            return CqEq(kind, mem[name].view[:q.size], q.id, doorbell, q.next)
+
+        def wq(kind, q, name):
+            return Wq(kind, mem[name].view[:q.mask + 1], q.id, doorbell, q.head, q.tail)
+
+        v._eq, v._eq_id = cq_eq("eq", state.eq, "eq"), state.eq.id
+        v._sq, v._tx_cq = wq("sq", state.sq, "sq"), cq_eq("cq", state.tx_cq, "tx_cq")
+        v._rq, v._rx_cq = wq("rq", state.rq, "rq"), cq_eq("cq", state.rx_cq, "rx_cq")
+        v._tx_obj, v._rx_obj, v._rx_enabled = state.tx_wq_obj, state.rx_wq_obj, True
+        v._format_tx(state.short_form, mem["tx_buffers"], write=False)
+        v._format_rx(mem["rx_buffers"], write=False)
+        v._tx_posted, v._tx_done, v._rx_done = state.tx_posted, state.tx_done, state.rx_done
+        dev.vports[v.index] = v
+        gdma.irq.map(v.vector)
+        v.prepare_wait()
+        kv(log, logging.INFO, "vport restored from data-path keepalive", vport=v.index, mac=v.mac.hex(":"),
+           **v.queue_ids(), vector=v.vector, tx_outstanding=v.tx_outstanding, rx_done=v._rx_done)
+        return v
+
     # -- teardown (gdma spec 13.2) -------------------------------------------------------------
     def close(self) -> None:
         """Stop traffic and destroy the queues in reverse order of creation, then free the memory.
@@ -398,3 +489,61 @@ class Vport:
         self._blocks.clear()
         self.dev._vport_closed(self)
         kv(log, logging.INFO, "vport closed", vport=self.index, released=release, **asdict(self.stats))
+
+
+def validate_vport_state(state: mana_driver_pb2.VportSavedState, layout: Bar0Layout, pool: Region, db_id: int,
+                         num_msix: int) -> None:
+    """Reject a kept vport (DESIGN D7) whose ids, sizes, counters or memory could make the driver touch
+    anything it must not; `Vport.restore` then only trusts what passed. Block presence and size in the
+    re-attached pool are checked when the blocks are attached."""
+    name = f"vport {state.vport_index}"
+    if state.vport_index >= VPORT_INDEX_LIMIT:
+        raise RestoreError(f"saved {name}: index does not fit 24 bits")
+    for part in ("eq", "tx_cq", "rx_cq", "sq", "rq"):
+        if not state.HasField(part):
+            raise RestoreError(f"saved {name} has no {part}")
+        if getattr(state, part).doorbell.doorbell_id != db_id:
+            raise RestoreError(f"saved {name} {part} doorbell page is not the device's db_id {db_id}")
+    if state.mac >> 48:
+        raise RestoreError(f"saved {name} mac {state.mac:#x} is wider than 48 bits")
+    if not state.vector < num_msix:
+        raise RestoreError(f"saved {name} vector {state.vector} is not below the {num_msix} vectors in use")
+    if not 64 <= state.buffer_size <= 65535:
+        raise RestoreError(f"saved {name} buffer size {state.buffer_size} is not in [64, 65535]")
+    check_cq_eq(f"{name} eq", state.eq, EQE_SIZE, DB_EQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
+    check_cq_eq(f"{name} tx_cq", state.tx_cq, CQE_SIZE, DB_CQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
+    check_cq_eq(f"{name} rx_cq", state.rx_cq, CQE_SIZE, DB_CQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
+    tx_len = tx_wqe_len(state.short_form)
+    ntx, nrx = buffer_counts(state.sq.mask + 1, state.tx_cq.size, state.rq.mask + 1, state.rx_cq.size,
+                             state.short_form)
+    if (state.tx_buffers, state.rx_buffers) != (ntx, nrx) or not (is_power_of_two(ntx) and is_power_of_two(nrx)):
+        raise RestoreError(f"saved {name} buffer counts {state.tx_buffers}/{state.rx_buffers} do not match its "
+                           f"queues ({ntx}/{nrx}, powers of two)")
+    outstanding = state.tx_posted - state.tx_done
+    if not 0 <= outstanding <= ntx:
+        raise RestoreError(f"saved {name} has {outstanding} sends outstanding, not in [0, {ntx}]")
+    check_wq(f"{name} sq", state.sq, tx_len, outstanding * tx_len, DB_SQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
+    check_wq(f"{name} rq", state.rq, RX_WQE_LEN, nrx * RX_WQE_LEN, DB_RQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
+    if state.sq.tail % tx_len or state.rq.tail % RX_WQE_LEN or state.rq.head % RX_WQE_LEN:
+        raise RestoreError(f"saved {name} ring positions are not whole WQEs")
+    sq_positions = (state.sq.mask + 1) // tx_len
+    if (state.sq.tail // tx_len - state.tx_posted) % sq_positions:
+        raise RestoreError(f"saved {name} sq tail {state.sq.tail} does not match {state.tx_posted} sends posted")
+    if (state.rq.tail // RX_WQE_LEN - state.rx_done - nrx) % ((state.rq.mask + 1) // RX_WQE_LEN):
+        raise RestoreError(f"saved {name} rq tail {state.rq.tail} does not match {state.rx_done} receives done")
+    sizes = vport_block_sizes(state)
+    if len(state.mem) != len(sizes):
+        raise RestoreError(f"saved {name} has {len(state.mem)} memory blocks, expected {len(sizes)}")
+    for part, m, size in zip(SAVED_BLOCKS, state.mem, sizes):
+        pages = -(-size // PAGE_SIZE)
+        if m.len != pages * PAGE_SIZE:
+            raise RestoreError(f"saved {name} {part} block length {m.len} is not {pages} pages")
+        if not pool.contains_pfn(m.base_pfn, pages):
+            raise RestoreError(f"saved {name} {part} block pfn {m.base_pfn} (+{pages} pages) lies outside the "
+                               f"private pool pfns [{pool.base_pfn}, {pool.end_pfn})")
+
+
+def vport_block_sizes(state: mana_driver_pb2.VportSavedState) -> list[int]:
+    """Bytes each kept block must hold, in `SAVED_BLOCKS` order."""
+    return [state.eq.size, state.sq.mask + 1, state.tx_cq.size, state.rq.mask + 1, state.rx_cq.size,
+            state.tx_buffers * state.buffer_size, state.rx_buffers * state.buffer_size]

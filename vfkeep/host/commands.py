@@ -54,7 +54,11 @@ run_dir_option = click.option("--run-dir", default=default_run_dir, show_default
               help="depth of each guest channel ring (power of two): frames buffered during a servicing")
 @click.option("--worker-cmd", metavar="CMD", help="worker command (default: this vfkeep's `worker`)")
 @click.option("--worker-env", multiple=True, metavar="KEY=VAL", help="extra environment for every worker")
-def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, ring_slots, worker_cmd, worker_env):
+@click.option("--datapath-keepalive", is_flag=True,
+              help="workers keep the vport queues and buffers across MANA keepalive (VFKEEP_DATAPATH_KEEPALIVE=1; "
+                   "default pool +160 pages per NIC)")
+def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, ring_slots, worker_cmd, worker_env,
+                datapath_keepalive):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach."""
     from .console import HostConsole
     from .vmm import Host, HostConfig
@@ -64,7 +68,7 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, r
     vlog.setup("host", run_dir)
     config = HostConfig(run_dir=run_dir, nics=nics, backend=backend, pool_pages=pool_pages, timing=timing,
                         prelaunch=prelaunch, ring_slots=ring_slots, worker_cmd=worker_cmd,
-                        worker_env=_env_pairs(worker_env, "--worker-env"))
+                        worker_env=_env_pairs(worker_env, "--worker-env"), datapath_keepalive=datapath_keepalive)
     stop = threading.Event()
 
     def on_stop() -> dict:

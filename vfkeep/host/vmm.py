@@ -26,7 +26,7 @@ from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
 from ..memory.pool_config import POOL_CONFIG_ENV, POOL_OVERRIDE_ENV
 from ..paravisor.channel import decode_blob, encode_blob
 from ..paravisor.options import MANA_ENV
-from ..paravisor.vf_manager import NicConfig
+from ..paravisor.vf_manager import DATAPATH_KEEPALIVE_ENV, NicConfig
 from .devices import DeviceProcess
 from .tamper import TAMPER_MODES, tamper_blob
 from .traffic import GuestTraffic
@@ -45,6 +45,7 @@ BOOT_TIMEOUT_S = 60.0
 GUEST_SPARE_PAGES = 256
 WORKER_BASE_PAGES = 1024
 WORKER_PAGES_PER_NIC = 768
+DATAPATH_POOL_PAGES_PER_NIC = 160  # a kept vport (102 pages) and the HWC buffer (6), with room to spare
 
 
 #: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring
@@ -67,6 +68,7 @@ class HostConfig:
     ring_slots: int = DEFAULT_RING_SLOTS
     worker_cmd: str | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
+    datapath_keepalive: bool = False  # DESIGN D7: every worker keeps the vport data path across keepalive
 
     def worker_argv(self, override: str | None = None) -> list[str]:
         cmd = override or self.worker_cmd
@@ -185,6 +187,9 @@ class Host:
         if cfg.nics < 0:
             raise HostError(f"--nics must be >= 0, got {cfg.nics}")
         pool = pool_pages_from_env(os.environ) if cfg.pool_pages is None else cfg.pool_pages
+        pool_from_env = POOL_OVERRIDE_ENV in os.environ or POOL_CONFIG_ENV in os.environ
+        if cfg.datapath_keepalive and cfg.pool_pages is None and not pool_from_env:
+            pool += DATAPATH_POOL_PAGES_PER_NIC * cfg.nics  # kept vports live in the pool (fixed for the VM's life)
         if cfg.nics:
             self.channel_layout = ChannelLayout(nics=cfg.nics, slots=cfg.ring_slots)
         ring_pages = self.channel_layout.total_pages if self.channel_layout else 0
@@ -227,6 +232,8 @@ class Host:
         """The caller's environment, OpenVMM's test-harness defaults where unset, then overrides."""
         env = dict(os.environ)
         env.setdefault(MANA_ENV, "host,privatepool")
+        if self.config.datapath_keepalive:
+            env[DATAPATH_KEEPALIVE_ENV] = "1"
         if POOL_OVERRIDE_ENV not in env and POOL_CONFIG_ENV not in env:
             env[POOL_OVERRIDE_ENV] = str(self.mem.layout.pool_pages)
         env.update(self.config.worker_env)

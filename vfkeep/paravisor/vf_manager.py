@@ -30,6 +30,11 @@ from .net_relay import NetRelay
 #: The relay's vport: twice as many receive buffers (512, the reference's cap) as send buffers (256), so
 #: frames the device loops back while the relay is still sending never find the RX queue empty.
 RELAY_VPORT = VportConfig(rx_cq_size=32768)
+#: The relay's vport under data-path keepalive (DESIGN D7): in the private pool, so smaller (64 TX / 128 RX
+#: buffers, 102 pages with the queues) to leave room for other NICs; same 2:1 RX:TX ratio.
+KEPT_VPORT = VportConfig(tx_wq_size=4096, tx_cq_size=4096, rx_wq_size=4096, rx_cq_size=8192)
+#: Worker environment switch of data-path keepalive ("1" = on); effective with MANA keepalive only.
+DATAPATH_KEEPALIVE_ENV = "VFKEEP_DATAPATH_KEEPALIVE"
 
 log = logging.getLogger("vfkeep.worker.vf")
 
@@ -76,16 +81,19 @@ class VfManager:
         self.flr = False
         self.create_ms = 0.0
         self.keepalive = False
+        self.datapath_keepalive = False
         self.set_reset_method = reset_method_setter(cfg.socket)
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
-               force_fallback: str | None) -> "VfManager":
+               force_fallback: str | None, datapath_keepalive: bool = False) -> "VfManager":
         """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
-        with its error (and shows as DeviceMissing at the next save)."""
+        with its error (and shows as DeviceMissing at the next save). `datapath_keepalive` (DESIGN D7)
+        puts the vport in the pool so a keepalive save keeps it running."""
         vf = cls(cfg, mem, dma)
         vf.keepalive = keepalive
+        vf.datapath_keepalive = datapath_keepalive and keepalive
         t = time.perf_counter()
         try:
             if force_fallback:
@@ -111,7 +119,7 @@ class VfManager:
         try:
             self.dev = ManaDevice.restore(open_vfio(self.cfg.socket, self.mem, restore=True), self.dma, self.pci_id,
                                           saved.mana_device)
-            self.vport = self.dev.open_vport(0, RELAY_VPORT)
+            self.vport = self.dev.vports.get(0) or self._open_vport()
         except (*DEVICE_ERRORS, DmaError) as e:
             self._drop_device()
             self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
@@ -151,7 +159,19 @@ class VfManager:
             kv(log, logging.ERROR, "no pool pages for the HWC buffer, using worker RAM", pci_id=self.pci_id)
             self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
                                               force_flr=force_flr, persistent_hwc=False)
-        self.vport = self.dev.open_vport(0, RELAY_VPORT)
+        self.vport = self._open_vport()
+
+    def _open_vport(self):
+        """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has
+        room; otherwise the NIC still works, only its queues are rebuilt at the next servicing)."""
+        if self.datapath_keepalive and self.dev.persistent is not None:
+            try:
+                return self.dev.open_vport(0, KEPT_VPORT, persistent=True)
+            except OutOfPoolMemory as e:
+                note = f"pool exhausted ({e}); vport queues are ephemeral"
+                self.error = f"{self.error}; {note}" if self.error else note
+                kv(log, logging.ERROR, "no pool pages for the vport, using worker RAM", pci_id=self.pci_id)
+        return self.dev.open_vport(0, RELAY_VPORT)
 
     def _open_fresh(self):
         return open_vfio(self.cfg.socket, self.mem)
@@ -251,7 +271,7 @@ class VfManager:
         kept = self.dev is not None and self.dev.gdma.saved
         try:
             if kept:
-                self.dev.gdma.hwc_mem.free()
+                self.dev.release_kept()
                 self.dev = self.vport = None
                 self._fallback("servicing failed after the device was saved")
             else:
@@ -286,6 +306,7 @@ class VfManager:
             }
         if self.vport is not None and not self.vport.closed:
             out["vport"] = {"index": self.vport.index, "handle": self.vport.handle, "mac": self.vport.mac.hex(":"),
+                            "persistent": self.vport.persistent,
                             **_queue_ids(self.vport), "stats": asdict(self.vport.stats)}
         if self.relay is not None:
             out["relay"] = self.relay.inspect()

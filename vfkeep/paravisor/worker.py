@@ -29,7 +29,7 @@ from .channel import Channel, ChannelClosed, decode_blob, encode_blob
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
 from .servicing import (ServicingStateError, TestConfig, build_servicing_state, decode_servicing_state,
                         mana_states_by_pci_id, parse_test_config, reference_time, test_config_from_env)
-from .vf_manager import NicConfig, VfManager
+from .vf_manager import DATAPATH_KEEPALIVE_ENV, NicConfig, VfManager
 
 log = logging.getLogger("vfkeep.worker")
 
@@ -78,6 +78,8 @@ class Worker:
         if downlevel:  # built before MANA keepalive: the variable does not exist for it
             options = WorkerOptions(KeepAliveConfig.DISABLED, options.nvme_keepalive)
         self.options = options
+        # DESIGN D7 (vfkeep option, not in OpenHCL): keep the vport data path across keepalive servicing.
+        self.datapath_keepalive = not downlevel and os.environ.get(DATAPATH_KEEPALIVE_ENV) == "1"
         self.test_config = test_config_from_env(os.environ)
         self.dma: DmaManager | None = None
         self.vf_managers: list[VfManager] = []
@@ -125,7 +127,8 @@ class Worker:
                keepalive_config=self.options.mana_keepalive.canonical)
             forced = state_error or (dma_error if match is not None else None)
             return VfManager.create(cfg, self.mem, self.dma, saved=match,
-                                    keepalive=self.options.mana_keepalive.is_enabled, force_fallback=forced)
+                                    keepalive=self.options.mana_keepalive.is_enabled, force_fallback=forced,
+                                    datapath_keepalive=self.datapath_keepalive)
 
         self.vf_managers = _each(create, self.nic_configs)
         phases["nics"] = _ms(t)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11mana_driver.proto\x12\x0bmana_driver\"X\n\x0eManaSavedState\x12\x36\n\x0bmana_device\x18\x01 \x01(\x0b\x32!.mana_driver.ManaDeviceSavedState\x12\x0e\n\x06pci_id\x18\x02 \x01(\t\"G\n\x14ManaDeviceSavedState\x12/\n\x04gdma\x18\x01 \x01(\x0b\x32!.mana_driver.GdmaDriverSavedState\"2\n\nLinkToggle\x12\x13\n\x0bvport_index\x18\x01 \x01(\r\x12\x0f\n\x07link_up\x18\x02 \x01(\x08\"\x83\x03\n\x14GdmaDriverSavedState\x12*\n\x03mem\x18\x01 \x01(\x0b\x32\x1d.mana_driver.SavedMemoryState\x12\'\n\x02\x65q\x18\x02 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12\'\n\x02\x63q\x18\x03 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12%\n\x02rq\x18\x04 \x01(\x0b\x32\x19.mana_driver.WqSavedState\x12%\n\x02sq\x18\x05 \x01(\x0b\x32\x19.mana_driver.WqSavedState\x12\r\n\x05\x64\x62_id\x18\x06 \x01(\x04\x12\x10\n\x08gpa_mkey\x18\x07 \x01(\r\x12\x0c\n\x04pdid\x18\x08 \x01(\r\x12\x17\n\x0fhwc_activity_id\x18\t \x01(\r\x12\x10\n\x08num_msix\x18\n \x01(\r\x12\x17\n\x0fmin_queue_avail\x18\x0b \x01(\r\x12,\n\x0blink_toggle\x18\x0c \x03(\x0b\x32\x17.mana_driver.LinkToggle\"\x91\x01\n\x0e\x43qEqSavedState\x12\x31\n\x08\x64oorbell\x18\x01 \x01(\x0b\x32\x1f.mana_driver.DoorbellSavedState\x12\x15\n\rdoorbell_addr\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\r\x12\x0c\n\x04next\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\r\x12\r\n\x05shift\x18\x06 \x01(\r\"\x8e\x01\n\x0cWqSavedState\x12\x31\n\x08\x64oorbell\x18\x01 \x01(\x0b\x32\x1f.mana_driver.DoorbellSavedState\x12\x15\n\rdoorbell_addr\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\r\x12\x0c\n\x04head\x18\x04 \x01(\r\x12\x0c\n\x04tail\x18\x05 \x01(\r\x12\x0c\n\x04mask\x18\x06 \x01(\r\"=\n\x12\x44oorbellSavedState\x12\x13\n\x0b\x64oorbell_id\x18\x01 \x01(\x04\x12\x12\n\npage_count\x18\x02 \x01(\r\"1\n\x10SavedMemoryState\x12\x10\n\x08\x62\x61se_pfn\x18\x01 \x01(\x04\x12\x0b\n\x03len\x18\x02 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11mana_driver.proto\x12\x0bmana_driver\"X\n\x0eManaSavedState\x12\x36\n\x0bmana_device\x18\x01 \x01(\x0b\x32!.mana_driver.ManaDeviceSavedState\x12\x0e\n\x06pci_id\x18\x02 \x01(\t\"u\n\x14ManaDeviceSavedState\x12/\n\x04gdma\x18\x01 \x01(\x0b\x32!.mana_driver.GdmaDriverSavedState\x12,\n\x06vports\x18\x02 \x03(\x0b\x32\x1c.mana_driver.VportSavedState\"\xb4\x04\n\x0fVportSavedState\x12\x13\n\x0bvport_index\x18\x01 \x01(\r\x12\x14\n\x0cvport_handle\x18\x02 \x01(\x04\x12\x17\n\x0ftx_vport_offset\x18\x03 \x01(\r\x12\x0b\n\x03mac\x18\x04 \x01(\x04\x12\x0e\n\x06vector\x18\x05 \x01(\r\x12\'\n\x02\x65q\x18\x06 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12*\n\x05tx_cq\x18\x07 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12*\n\x05rx_cq\x18\x08 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12%\n\x02sq\x18\t \x01(\x0b\x32\x19.mana_driver.WqSavedState\x12%\n\x02rq\x18\n \x01(\x0b\x32\x19.mana_driver.WqSavedState\x12\x11\n\ttx_wq_obj\x18\x0b \x01(\x04\x12\x11\n\trx_wq_obj\x18\x0c \x01(\x04\x12*\n\x03mem\x18\r \x03(\x0b\x32\x1d.mana_driver.SavedMemoryState\x12\x13\n\x0b\x62uffer_size\x18\x0e \x01(\r\x12\x12\n\ntx_buffers\x18\x0f \x01(\r\x12\x12\n\nrx_buffers\x18\x10 \x01(\r\x12\x12\n\nshort_form\x18\x11 \x01(\x08\x12\x11\n\ttx_posted\x18\x12 \x01(\x04\x12\x0f\n\x07tx_done\x18\x13 \x01(\x04\x12\x0f\n\x07rx_done\x18\x14 \x01(\x04\x12\x19\n\x11\x64irection_to_vtl0\x18\x15 \x01(\x08\"2\n\nLinkToggle\x12\x13\n\x0bvport_index\x18\x01 \x01(\r\x12\x0f\n\x07link_up\x18\x02 \x01(\x08\"\x83\x03\n\x14GdmaDriverSavedState\x12*\n\x03mem\x18\x01 \x01(\x0b\x32\x1d.mana_driver.SavedMemoryState\x12\'\n\x02\x65q\x18\x02 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12\'\n\x02\x63q\x18\x03 \x01(\x0b\x32\x1b.mana_driver.CqEqSavedState\x12%\n\x02rq\x18\x04 \x01(\x0b\x32\x19.mana_driver.WqSavedState\x12%\n\x02sq\x18\x05 \x01(\x0b\x32\x19.mana_driver.WqSavedState\x12\r\n\x05\x64\x62_id\x18\x06 \x01(\x04\x12\x10\n\x08gpa_mkey\x18\x07 \x01(\r\x12\x0c\n\x04pdid\x18\x08 \x01(\r\x12\x17\n\x0fhwc_activity_id\x18\t \x01(\r\x12\x10\n\x08num_msix\x18\n \x01(\r\x12\x17\n\x0fmin_queue_avail\x18\x0b \x01(\r\x12,\n\x0blink_toggle\x18\x0c \x03(\x0b\x32\x17.mana_driver.LinkToggle\"\x91\x01\n\x0e\x43qEqSavedState\x12\x31\n\x08\x64oorbell\x18\x01 \x01(\x0b\x32\x1f.mana_driver.DoorbellSavedState\x12\x15\n\rdoorbell_addr\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\r\x12\x0c\n\x04next\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\r\x12\r\n\x05shift\x18\x06 \x01(\r\"\x8e\x01\n\x0cWqSavedState\x12\x31\n\x08\x64oorbell\x18\x01 \x01(\x0b\x32\x1f.mana_driver.DoorbellSavedState\x12\x15\n\rdoorbell_addr\x18\x02 \x01(\r\x12\n\n\x02id\x18\x03 \x01(\r\x12\x0c\n\x04head\x18\x04 \x01(\r\x12\x0c\n\x04tail\x18\x05 \x01(\r\x12\x0c\n\x04mask\x18\x06 \x01(\r\"=\n\x12\x44oorbellSavedState\x12\x13\n\x0b\x64oorbell_id\x18\x01 \x01(\x04\x12\x12\n\npage_count\x18\x02 \x01(\r\"1\n\x10SavedMemoryState\x12\x10\n\x08\x62\x61se_pfn\x18\x01 \x01(\x04\x12\x0b\n\x03len\x18\x02 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANASAVEDSTATE']._serialized_start=34
   _globals['_MANASAVEDSTATE']._serialized_end=122
   _globals['_MANADEVICESAVEDSTATE']._serialized_start=124
-  _globals['_MANADEVICESAVEDSTATE']._serialized_end=195
-  _globals['_LINKTOGGLE']._serialized_start=197
-  _globals['_LINKTOGGLE']._serialized_end=247
-  _globals['_GDMADRIVERSAVEDSTATE']._serialized_start=250
-  _globals['_GDMADRIVERSAVEDSTATE']._serialized_end=637
-  _globals['_CQEQSAVEDSTATE']._serialized_start=640
-  _globals['_CQEQSAVEDSTATE']._serialized_end=785
-  _globals['_WQSAVEDSTATE']._serialized_start=788
-  _globals['_WQSAVEDSTATE']._serialized_end=930
-  _globals['_DOORBELLSAVEDSTATE']._serialized_start=932
-  _globals['_DOORBELLSAVEDSTATE']._serialized_end=993
-  _globals['_SAVEDMEMORYSTATE']._serialized_start=995
-  _globals['_SAVEDMEMORYSTATE']._serialized_end=1044
+  _globals['_MANADEVICESAVEDSTATE']._serialized_end=241
+  _globals['_VPORTSAVEDSTATE']._serialized_start=244
+  _globals['_VPORTSAVEDSTATE']._serialized_end=808
+  _globals['_LINKTOGGLE']._serialized_start=810
+  _globals['_LINKTOGGLE']._serialized_end=860
+  _globals['_GDMADRIVERSAVEDSTATE']._serialized_start=863
+  _globals['_GDMADRIVERSAVEDSTATE']._serialized_end=1250
+  _globals['_CQEQSAVEDSTATE']._serialized_start=1253
+  _globals['_CQEQSAVEDSTATE']._serialized_end=1398
+  _globals['_WQSAVEDSTATE']._serialized_start=1401
+  _globals['_WQSAVEDSTATE']._serialized_end=1543
+  _globals['_DOORBELLSAVEDSTATE']._serialized_start=1545
+  _globals['_DOORBELLSAVEDSTATE']._serialized_end=1606
+  _globals['_SAVEDMEMORYSTATE']._serialized_start=1608
+  _globals['_SAVEDMEMORYSTATE']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,157 @@
+"""Data-path keepalive (DESIGN D7, opt-in): the vport's queues and packet buffers live in the private pool and
+survive a keepalive servicing; no queue is destroyed or created, nothing is lost, and a hostile kept-vport
+state takes the fallback path. Default behaviour (option off) is covered by the existing servicing tests."""
+import json
+
+import pytest
+
+from driver_helpers import InProcessBench, loopback, same_payloads
+from driver_helpers import numbered_frames as frames
+from servicing_helpers import HostRun
+from vfkeep.driver.errors import RestoreError
+from vfkeep.driver.mana import ManaDevice, create_fresh, release_pending_buffers
+from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.paravisor.vf_manager import KEPT_VPORT
+
+LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=256)
+#: Device commands that build or tear down a vport's data path: none may run in a data-path keepalive window.
+QUEUE_COMMANDS = ("CREATE_QUEUE", "CREATE_WQ_OBJ", "DESTROY_WQ_OBJ", "DISABLE_QUEUE", "CONFIG_VPORT_RX",
+                  "DMA_REGION")
+
+
+def queue_commands(names):
+    return [n for n in names if any(c in n for c in QUEUE_COMMANDS)]
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory.create(LAYOUT)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def bench(mem):
+    b = InProcessBench(mem)
+    yield b
+    b.device.close()
+
+
+def kept_after_traffic(bench, mem, undelivered: int = 0):
+    """Fresh device, persistent vport that passed traffic and holds `undelivered` received frames, saved;
+    returns (state, queue ids, restored DmaManager, the undelivered frames)."""
+    dma = DmaManager(mem, strict_pool=True)
+    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    vport = dev.open_vport(0, KEPT_VPORT, persistent=True)
+    assert (vport._tx_nbuf, vport._rx_nbuf) == (64, 128)
+    assert len(loopback(vport, frames(300))) == 300
+    pending = frames(undelivered, 96)
+    assert vport.send(pending) == undelivered  # looped back into posted RX buffers, not taken
+    ids = vport.queue_ids()
+    state = dev.save()
+    dma_state = dma.save()
+    mem.scrub_worker_ram()
+    new_dma = DmaManager(mem, strict_pool=True)
+    new_dma.restore(dma_state)
+    return state, ids, new_dma, pending
+
+
+def test_kept_vport_resumes_without_queue_commands(bench, mem):
+    seq = bench.device.command_log.seq
+    state, ids, dma, pending = kept_after_traffic(bench, mem, undelivered=20)
+    (v,) = state.vports
+    assert (v.tx_buffers, v.rx_buffers, len(v.mem)) == (64, 128, 7)
+    dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", state.SerializeToString())
+    assert dma.validate_restore() == []
+    vport = dev.vports[0]
+    assert vport.queue_ids() == ids and vport.persistent
+    # Frames the device delivered before the handover come out of the kept buffers.
+    assert same_payloads(vport.receive(64, timeout=1.0), pending)
+    assert len(loopback(vport, frames(500))) == 500
+    window = [e["name"] for e in bench.device.command_log.since(seq) if e["kind"] != "event"]
+    save_at = max(i for i, n in enumerate(window) if n == "MANA_CONFIG_VPORT_RX")  # the fresh open's last
+    assert queue_commands(window[save_at + 1:]) == []
+    again = dev.save()  # and the next servicing keeps it again
+    assert [m.base_pfn for m in again.vports[0].mem] == [m.base_pfn for m in v.mem]
+
+
+def test_option_off_vport_is_ephemeral_and_torn_down(bench, mem):
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    vport = dev.open_vport(0, KEPT_VPORT)
+    assert not vport.persistent and len(loopback(vport, frames(50))) == 50
+    seq = bench.device.command_log.seq
+    state = dev.save()
+    assert list(state.vports) == [] and "MANA_DESTROY_WQ_OBJ" in bench.log_since(seq)
+    assert "vports" not in str(state.ListFields())
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda v, pool: setattr(v.mem[5], "base_pfn", pool.end_pfn + 4), "outside the private pool"),
+    (lambda v, pool: setattr(v.mem[6], "base_pfn", v.mem[5].base_pfn), "not a re-attached block"),
+    (lambda v, pool: setattr(v.sq, "id", 1 << 24), "24 bits"),
+    (lambda v, pool: setattr(v.rx_cq, "size", 3 << 12), "power of two"),
+    (lambda v, pool: setattr(v, "rx_buffers", 256), "buffer counts"),
+    (lambda v, pool: setattr(v, "tx_posted", v.tx_done + 65), "sends outstanding"),
+    (lambda v, pool: setattr(v, "rx_done", v.rx_done + 1), "receives done"),
+    (lambda v, pool: setattr(v, "vector", 7), "vector 7"),
+    (lambda v, pool: setattr(v, "vport_index", 5), "not a free vport"),
+    (lambda v, pool: v.mem.pop(), "memory blocks"),
+])
+def test_hostile_kept_vport_is_refused_then_fresh_init_works(bench, mem, mutate, match):
+    state, _, dma, _ = kept_after_traffic(bench, mem)
+    mutate(state.vports[0], LAYOUT.pool)
+    with pytest.raises(RestoreError, match=match):
+        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", state.SerializeToString())
+    # The worker's fallback: free what is pending, FLR, fresh device; the NIC works.
+    release_pending_buffers(dma, "nic0")
+    dev, flr = create_fresh(lambda: bench.connect(), bench.set_reset_method, dma, "nic0", force_flr=True)
+    assert flr
+    assert len(loopback(dev.open_vport(0, KEPT_VPORT, persistent=True), frames(100))) == 100
+    assert dma.validate_restore() == []
+    assert dma.pool_usage()["allocated_pages"] == 6 + 102  # HWC + the new vport: nothing of the old leaked
+
+
+# -- through the host: guest traffic across servicing ------------------------------------------------
+def traffic(h: HostRun, *args: str) -> dict:
+    r = h.cli("traffic", "--run-dir", h.run_dir, *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_keepalive_servicing_keeps_the_data_path_under_traffic(tmp_path):
+    host = HostRun(tmp_path / "run", "--datapath-keepalive")
+    try:
+        pool = host.inspect("worker/pool")
+        assert pool["total_pages"] == 512 + 160
+        vport = host.inspect("worker/nics/0/vport")
+        assert vport["persistent"]
+        ids = {k: vport[k] for k in ("eq", "sq", "tx_cq", "rq", "rx_cq")}
+        traffic(host, "start", "--rate", "3000", "--size", "200")
+        for _ in range(2):
+            seq = host.log_seq()
+            r = host.service(mana_keepalive=True)
+            window = [e["name"] for e in host.device_control(0, "command_log", since=seq)["entries"]]
+            assert r["ok"] and r["nics"][0]["restore_path"] == "keepalive", r
+            assert queue_commands(window) == [], window
+            assert r["frames_lost"] == 0, r
+            vport = host.inspect("worker/nics/0/vport")
+            assert {k: vport[k] for k in ids} == ids and vport["persistent"]
+        # Not effective without the host's keepalive flag: the vport is rebuilt as today.
+        r = host.service()
+        assert r["ok"] and r["nics"][0]["restore_path"] == "fresh" and r["frames_lost"] == 0
+        # A hostile state (HWC buffer outside the pool) takes the fallback; the NIC still carries traffic.
+        r = host.service(mana_keepalive=True, tamper="mana-pfn-outside-pool")
+        assert r["nics"][0]["restore_path"] == "fallback"
+        # A save abandoned after the device kept its vport frees the kept memory before the revive.
+        r = host.service(mana_keepalive=True, test_config="SERVICING_SAVE_FAIL")
+        assert not r["ok"] and r["nics"][0]["restore_path"] == "fallback", r
+        assert host.inspect("worker/pool")["allocated_pages"] == 6 + 102
+        assert host.inspect("worker/nics/0/vport")["persistent"]
+        stats = traffic(host, "stats", "--settle-ms", "2000")["nics"][0]
+        assert stats["settled"] and stats["duplicated"] == 0
+        traffic(host, "stop")
+    except BaseException:
+        host.kill()
+        raise
+    host.stop()
