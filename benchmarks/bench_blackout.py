@@ -13,13 +13,11 @@ results/blackout.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 
-from .bench_servicing import PATHS
-from .traffic_host import RESULTS, TrafficHost, pyplot, summary, write
+from .bench_servicing import PATHS, service_rounds
+from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
 TIMINGS = ("natural", "realistic")
 
@@ -28,17 +26,10 @@ def run(repeat: int, rate: float) -> list[dict]:
     rows = []
     for timing in TIMINGS:
         for prelaunch in (True, False):
-            samples: dict[str, list[dict]] = {p: [] for p in PATHS}
-            with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
-                host = TrafficHost(os.path.join(tmp, "run"), 1, prelaunch, timing)
-                try:
-                    host.run_traffic(rate)
-                    host.service_measured("keepalive")  # warm-up
-                    for _ in range(repeat):
-                        for path in PATHS:
-                            samples[path].append(host.service_measured(path))
-                finally:
-                    host.stop()
+            with TrafficHost.running(1, prelaunch, timing) as host:
+                host.run_traffic(rate)
+                host.service_measured("keepalive")  # warm-up
+                samples = service_rounds(host.service_measured, repeat)
             for path, results in samples.items():
                 row = {"timing": timing, "prelaunch": prelaunch, "path": path,
                        "blackout_ms": summary([r["blackout_ms"] for r in results]),
@@ -92,11 +83,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xticks(range(len(configs)), [f"{t}\nprelaunch {'on' if p else 'off'}" for t, p in configs])
     ax.set_ylabel("guest blackout ms (median, whisker p95)")
     ax.set_title("Blackout across servicing: keepalive vs reset paths")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, "y")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = ratios(rows)
     path = write("blackout", {"repeat": args.repeat, "rate_fps": args.rate, "frame_size": 128,
                               "wall_s": round(time.monotonic() - t, 1), "rows": rows, "ratios": ratio}, args.out)
-    plot(rows, path.with_suffix(".png") if args.out else RESULTS / "blackout.png")
+    plot(rows, path.with_suffix(".png"))
     print(markdown(rows))
     for r in ratio:
         print(f"{r['timing']:9} prelaunch {'on ' if r['prelaunch'] else 'off'} median blackout ratio: "

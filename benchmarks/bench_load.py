@@ -11,13 +11,12 @@ results/loss_vs_load.json, results/loss_vs_load.png.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
-import tempfile
 import time
 
-from .bench_servicing import PATHS
-from .traffic_host import RESULTS, TrafficHost, pyplot, summary, write
+from .bench_servicing import PATHS, service_rounds
+from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
 QUIET_S = 1.0
 
@@ -33,37 +32,35 @@ def quiet_loss(host: TrafficHost, seconds: float) -> dict:
             "lost_per_s": round(s["frames_lost"] * 1e9 / (t1 - t0), 1)}
 
 
+def servicing_loss(host: TrafficHost, path: str) -> dict:
+    """One servicing on `path`: its blackout and loss, and what the guest sent and lost to a full tx ring."""
+    r = host.service_measured(path, recover_s=0.3)
+    (w,) = host.traffic("status")["last_servicing"]
+    return {"blackout_ms": r["blackout_ms"], "frames_lost": r["frames_lost"], "sent": w["sent"],
+            "lost_tx_ring_full": w["lost_tx_ring_full"]}
+
+
 def run(rates: list[float], repeat: int, timing: str) -> list[dict]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
-        host = TrafficHost(os.path.join(tmp, "run"), 1, True, timing)
-        try:
-            for rate in rates:
-                host.run_traffic(rate)
-                quiet = quiet_loss(host, QUIET_S)
-                host.service_measured("keepalive")  # warm-up at this rate
-                samples: dict[str, list[dict]] = {p: [] for p in PATHS}
-                for _ in range(repeat):
-                    for path in PATHS:
-                        r = host.service_measured(path, recover_s=0.3)
-                        (w,) = host.traffic("status")["last_servicing"]
-                        samples[path].append({"blackout_ms": r["blackout_ms"], "frames_lost": r["frames_lost"],
-                                              "sent": w["sent"], "lost_tx_ring_full": w["lost_tx_ring_full"]})
-                for path, s in samples.items():
-                    row = {"rate_fps": rate, "path": path, "quiet": quiet,
-                           "frames_lost": summary([x["frames_lost"] for x in s]),
-                           "lost_tx_ring_full": summary([x["lost_tx_ring_full"] for x in s]),
-                           "lost_elsewhere": summary([x["frames_lost"] - x["lost_tx_ring_full"] for x in s]),
-                           "sent_in_window": summary([x["sent"] for x in s]),
-                           "blackout_ms": summary([x["blackout_ms"] for x in s])}
-                    rows.append(row)
-                    print(f"{rate:>7.0f} fps {path:9} lost median {row['frames_lost']['median']:6.0f} p95 "
-                          f"{row['frames_lost']['p95']:6.0f} (tx ring full {row['lost_tx_ring_full']['median']:.0f}) "
-                          f"of {row['sent_in_window']['median']:.0f} sent; blackout median "
-                          f"{row['blackout_ms']['median']:.1f} ms; quiet window loss {quiet['lost_per_s']}/s, "
-                          f"delivered {quiet['received_fps']}/s", flush=True)
-        finally:
-            host.stop()
+    with TrafficHost.running(1, True, timing) as host:
+        for rate in rates:
+            host.run_traffic(rate)
+            quiet = quiet_loss(host, QUIET_S)
+            host.service_measured("keepalive")  # warm-up at this rate
+            samples = service_rounds(functools.partial(servicing_loss, host), repeat)
+            for path, s in samples.items():
+                row = {"rate_fps": rate, "path": path, "quiet": quiet,
+                       "frames_lost": summary([x["frames_lost"] for x in s]),
+                       "lost_tx_ring_full": summary([x["lost_tx_ring_full"] for x in s]),
+                       "lost_elsewhere": summary([x["frames_lost"] - x["lost_tx_ring_full"] for x in s]),
+                       "sent_in_window": summary([x["sent"] for x in s]),
+                       "blackout_ms": summary([x["blackout_ms"] for x in s])}
+                rows.append(row)
+                print(f"{rate:>7.0f} fps {path:9} lost median {row['frames_lost']['median']:6.0f} p95 "
+                      f"{row['frames_lost']['p95']:6.0f} (tx ring full {row['lost_tx_ring_full']['median']:.0f}) "
+                      f"of {row['sent_in_window']['median']:.0f} sent; blackout median "
+                      f"{row['blackout_ms']['median']:.1f} ms; quiet window loss {quiet['lost_per_s']}/s, "
+                      f"delivered {quiet['received_fps']}/s", flush=True)
     return rows
 
 
@@ -95,11 +92,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlabel("offered guest load, frames/s")
     ax.set_ylabel("frames lost per servicing (median, whisker p95)")
     ax.set_title("Loss across servicing vs offered load")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(rates, args.repeat, args.timing)
     path = write("loss_vs_load", {"repeat": args.repeat, "timing": args.timing, "prelaunch": True, "frame_size": 128,
                                   "wall_s": round(time.monotonic() - t, 1), "rows": rows}, args.out)
-    plot(rows, path.with_suffix(".png") if args.out else RESULTS / "loss_vs_load.png")
+    plot(rows, path.with_suffix(".png"))
     print(markdown(rows))
     print(f"wrote {path}")
     return 0

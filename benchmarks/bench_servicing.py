@@ -14,6 +14,7 @@ the save request, outside the blackout) is reported separately. Results: benchma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 from vfkeep import proc
 from vfkeep.host import control
@@ -58,6 +60,17 @@ class Host:
                     raise RuntimeError(f"host in {run_dir} did not come up") from None
                 time.sleep(0.05)
 
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, nics: int, prelaunch: bool, timing: str) -> Iterator[Host]:
+        """A host in a temporary run dir, stopped on the way out however the measurement ends."""
+        with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
+            host = cls(os.path.join(tmp, "run"), nics, prelaunch, timing)
+            try:
+                yield host
+            finally:
+                host.stop()
+
     def service(self, path: str) -> dict:
         r = control.call(self.run_dir, "service", wait=300, **PATHS[path])
         want = "keepalive" if path == "keepalive" else "fresh"
@@ -72,6 +85,16 @@ class Host:
     def stop(self) -> None:
         control.call(self.run_dir, "stop", wait=30)
         self.child.wait(60)
+
+
+def service_rounds(service: Callable[[str], dict], repeat: int) -> dict[str, list[dict]]:
+    """`repeat` rounds of one servicing per path, in PATHS order so each leaves the worker the next one expects;
+    `service(path)` gives one sample."""
+    samples: dict[str, list[dict]] = {path: [] for path in PATHS}
+    for _ in range(repeat):
+        for path in PATHS:
+            samples[path].append(service(path))
+    return samples
 
 
 def summarize(samples: list[dict]) -> dict:
@@ -90,16 +113,9 @@ def run(nic_counts: list[int], repeat: int, timing: str) -> list[dict]:
     rows = []
     for nics in nic_counts:
         for prelaunch in (True, False):
-            with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
-                host = Host(os.path.join(tmp, "run"), nics, prelaunch, timing)
-                try:
-                    host.service("keepalive")  # warm-up: page cache, first restore
-                    samples: dict[str, list[dict]] = {path: [] for path in PATHS}
-                    for _ in range(repeat):
-                        for path in PATHS:
-                            samples[path].append(host.service(path))
-                finally:
-                    host.stop()
+            with Host.running(nics, prelaunch, timing) as host:
+                host.service("keepalive")  # warm-up: page cache, first restore
+                samples = service_rounds(host.service, repeat)
             for path, s in samples.items():
                 row = {"nics": nics, "prelaunch": prelaunch, "path": path, **summarize(s)}
                 rows.append(row)

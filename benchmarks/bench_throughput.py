@@ -12,12 +12,10 @@ model, not a NIC. Results: results/throughput.json, results/throughput.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 
-from .traffic_host import RESULTS, TrafficHost, pyplot, write
+from .traffic_host import TrafficHost, pyplot, save_plot, write
 
 SIZES = (64, 1500)
 RATES = (5000, 10000, 20000, 30000, 40000, 60000)
@@ -40,20 +38,16 @@ def measure(host: TrafficHost, rate: float, size: int, seconds: float) -> dict:
 
 def run(rates: list[float], seconds: float) -> tuple[list[dict], list[dict]]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
-        host = TrafficHost(os.path.join(tmp, "run"), 1, True, "natural")
-        try:
-            for size in SIZES:
-                for rate in rates:
-                    row = measure(host, rate, size, seconds)
-                    rows.append(row)
-                    print(f"{size:>5} B offered {rate:>7.0f}/s: sent {row['sent_fps']:>7}/s delivered "
-                          f"{row['delivered_fps']:>7}/s {row['mbit_per_s']:>7.1f} Mbit/s loss {row['loss']:.2%} "
-                          f"RTT p50 {row['rtt_ms']['p50'] or 0:.2f} ms", flush=True)
-                host.traffic("stop")
-                time.sleep(0.3)  # let the rings drain between sizes
-        finally:
-            host.stop()
+    with TrafficHost.running(1, True, "natural") as host:
+        for size in SIZES:
+            for rate in rates:
+                row = measure(host, rate, size, seconds)
+                rows.append(row)
+                print(f"{size:>5} B offered {rate:>7.0f}/s: sent {row['sent_fps']:>7}/s delivered "
+                      f"{row['delivered_fps']:>7}/s {row['mbit_per_s']:>7.1f} Mbit/s loss {row['loss']:.2%} "
+                      f"RTT p50 {row['rtt_ms']['p50'] or 0:.2f} ms", flush=True)
+            host.traffic("stop")
+            time.sleep(0.3)  # let the rings drain between sizes
     summary = []
     for size in SIZES:
         cells = [r for r in rows if r["frame_bytes"] == size]
@@ -79,11 +73,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlabel("offered frames/s (guest)")
     ax.set_ylabel("frames/s delivered back to the guest")
     ax.set_title("Round trip guest → worker → device → worker → guest (loopback)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = run([float(x) for x in args.rates.split(",")], args.seconds)
     path = write("throughput", {"timing": "natural", "backend": "loopback", "wall_s": round(time.monotonic() - t, 1),
                                 "rows": rows, "summary": summary}, args.out)
-    plot(rows, path.with_suffix(".png") if args.out else RESULTS / "throughput.png")
+    plot(rows, path.with_suffix(".png"))
     for s in summary:
         print(f"{s['frame_bytes']:>5} B: max {s['max_delivered_fps']} frames/s ({s['max_mbit_per_s']} Mbit/s); "
               f"under {LOSSLESS:.1%} loss {s['lossless_fps']} frames/s ({s['lossless_mbit_per_s']} Mbit/s)")

@@ -17,7 +17,7 @@ import sys
 import time
 
 from . import bench_blackout, bench_load, bench_servicing, bench_throughput
-from .traffic_host import RESULTS, pyplot
+from .traffic_host import RESULTS, pyplot, save_plot
 
 FULL = {
     "blackout": ["--repeat", "20"],
@@ -106,12 +106,8 @@ def plot_servicing(result: dict, path: pathlib.Path) -> None:
     ax.set_xticks(range(len(nics)), [f"{n} NIC{'s' if n > 1 else ''}" for n in nics])
     ax.set_ylabel("ms (median)")
     ax.set_title(f"Servicing phases vs NICs ({result['timing']} timing, prelaunch on)")
-    ax.legend()
     ax.margins(y=0.25)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, ax, path, "y")
 
 
 def main(argv: list[str] | None = None) -> int:
