@@ -196,3 +196,29 @@ def test_console_completion():
     assert c.complete_inspect("worker/", "inspect worker/", 8, 15) == ["worker/keepalive/", "worker/nics/", "worker/pid"]
     assert c.complete_inspect("worker/nics/", "", 0, 0) == ["worker/nics/0"]
     assert c.complete_inspect("nope/x", "", 0, 0) == []
+
+
+def test_console_traffic(tmp_path):
+    """Guest traffic from the console: start, a servicing that reports the guest's blackout, stats, stop."""
+    script = "\n".join(["traffic start --rate 2000", "traffic bogus", "traffic start --rate x",
+                        "service-vtl2 --mana-keepalive", "traffic stats --settle-ms 500", "traffic stop",
+                        "quit"]) + "\n"
+    r = subprocess.run(proc.vfkeep_argv("run", "--run-dir", str(tmp_path / "run"), "--nics", "1", "--timing",
+                                        "natural"),
+                       input=script, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
+    out = r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "nic 0: 2000 frames/s of 128 bytes" in out
+    assert "invalid choice: 'bogus'" in out and "invalid float value: 'x'" in out
+    assert "servicing ok" in out
+    assert "traffic since the last start" in out and "last servicing window" in out
+    assert "nic 0: stopped after" in out
+
+
+def test_console_traffic_completion():
+    from vfkeep.host.console import HostConsole
+    c = HostConsole(_StubHost())
+    assert c.completenames("tr") == ["traffic"]
+    assert c.complete_traffic("st", "traffic st", 8, 10) == ["start", "stop", "stats"]
+    assert c.complete_traffic("--r", "traffic start --r", 14, 17) == ["--rate"]

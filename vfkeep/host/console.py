@@ -10,6 +10,7 @@ import shlex
 from rich.console import Console
 
 from . import render
+from .traffic_cli import stats_table
 from .vmm import Host, HostError
 
 try:
@@ -44,6 +45,16 @@ def _service_parser() -> _Parser:
     return p
 
 
+def _traffic_parser() -> _Parser:
+    p = _Parser(prog="traffic", add_help=False, description="Guest traffic agents, one per NIC.")
+    p.add_argument("action", choices=("start", "stop", "stats"))
+    p.add_argument("--rate", type=float, help="frames per second per NIC (start)")
+    p.add_argument("--size", type=int, help="frame size in bytes (start)")
+    p.add_argument("--nic", type=int, help="one NIC instead of all")
+    p.add_argument("--settle-ms", type=float, default=0, help="wait for frames in flight (stats)")
+    return p
+
+
 def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
     env = {}
     for p in pairs:
@@ -57,13 +68,14 @@ def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
 class HostConsole(cmd.Cmd):
     intro = "vfkeep host console. Type help or ? to list commands, quit to stop the VM."
     prompt = "vfkeep> "
-    commands = ("service-vtl2", "inspect", "status", "probe", "help", "quit")
+    commands = ("service-vtl2", "inspect", "status", "probe", "traffic", "help", "quit")
 
     def __init__(self, host: Host, console: Console | None = None):
         super().__init__()
         self.host = host
         self.out = console or Console()
         self._service_parser = _service_parser()
+        self._traffic_parser = _traffic_parser()
         self._history = os.path.join(host.run_dir, "console_history")
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -179,6 +191,32 @@ class HostConsole(cmd.Cmd):
         r = self.host.probe(*nums)
         style = "green" if r["ok"] else "red"
         self.out.print(f"[{style}]nic {r['nic']}: {r['received']}/{r['sent']} frames came back[/{style}]")
+
+    def do_traffic(self, arg: str) -> None:
+        """traffic start [--rate FPS] [--size BYTES] [--nic N] | stop [--nic N] | stats [--nic N] [--settle-ms MS]
+        Guest traffic on the NICs' channel rings; servicing results then carry blackout_ms and frames_lost."""
+        ns = self._traffic_parser.parse_args(shlex.split(arg))
+        args: dict = {"nic": ns.nic}
+        if ns.action == "start":
+            args.update({k: v for k, v in (("rate", ns.rate), ("size", ns.size)) if v is not None})
+        elif ns.action == "stats":
+            args["settle_ms"] = ns.settle_ms
+        result = self.host.traffic(ns.action, **args)
+        if ns.action == "stats":
+            self.out.print(stats_table(result["nics"], "traffic since the last start"))
+            if result["last_servicing"]:
+                self.out.print(stats_table(result["last_servicing"], "last servicing window"))
+        else:
+            for n in result["nics"]:
+                self.out.print(f"nic {n['nic']}: " + (f"{n['rate']:g} frames/s of {n['size']} bytes"
+                                                       if ns.action == "start" else f"stopped after {n['sent']} frames"))
+
+    def complete_traffic(self, text: str, line: str, begidx: int, endidx: int) -> list[str]:
+        words = line.split()[1:]
+        if not words or (len(words) == 1 and not line.endswith(" ")):
+            return [a for a in ("start", "stop", "stats") if a.startswith(text)]
+        flags = [o for a in self._traffic_parser._actions for o in a.option_strings]
+        return [f for f in flags if f.startswith(text) and f not in words]
 
     def do_quit(self, arg: str) -> bool:
         """quit
