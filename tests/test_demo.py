@@ -85,3 +85,21 @@ def test_demo_interrupted_leaves_nothing(tmp_path):
     assert "interrupted" in stdout
     assert session_members(child.pid) == []
     assert not (tmp_path / "report" / "results.json").exists()
+
+
+def test_demo_with_datapath_keepalive(tmp_path):
+    """--datapath-keepalive adds a third servicing that also keeps the vport's queues (DESIGN D7; that no
+    queue command is sent is asserted in test_datapath_keepalive): both keepalive runs keep the device."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
+    r = subprocess.run(proc.vfkeep_argv("demo", "--out", str(tmp_path / "report"), "--timing", "natural",
+                                        "--rate", "2000", "--datapath-keepalive"),
+                       capture_output=True, text=True, env=env, timeout=90)
+    assert r.returncode == 0, r.stderr + r.stdout
+    report = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [run["mode"] for run in report["runs"]] == ["keepalive", "keepalive+datapath", "reset"]
+    assert [run["datapath_keepalive"] for run in report["runs"]] == [False, True, False]
+    for run in report["runs"][:2]:
+        (n,) = run["nics"]
+        assert (n["restore_path"], n["device_reset"], n["hwc_established"]) == ("keepalive", False, False)
+        assert run["expectations_failed"] == []
+    assert "keepalive+datapath" in r.stdout

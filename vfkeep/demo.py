@@ -26,13 +26,20 @@ from rich.table import Table
 from . import __version__
 from . import log as vlog
 from .host.traffic import DEFAULT_SIZE
-from .host.vmm import Host, HostConfig
+from .host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
+from .memory import pool_pages_from_env
+from .paravisor.vf_manager import DATAPATH_KEEPALIVE_ENV
 from .log import kv
 
 log = logging.getLogger("vfkeep.demo")
 
-#: (mode, keepalive flag) in the order they run.
-MODES = (("keepalive", True), ("reset", False))
+#: (mode, servicing request) in the order they run.
+MODES = (("keepalive", {"mana_keepalive": True}), ("reset", {"mana_keepalive": False}))
+#: With --datapath-keepalive (DESIGN D7): the first servicing's new worker opens its vport in the pool, the
+#: second keeps that vport across the handover (its successor restores it, and tears it down at the reset).
+MODES_DATAPATH = (("keepalive", {"mana_keepalive": True, "next_env": {DATAPATH_KEEPALIVE_ENV: "1"}}),
+                  ("keepalive+datapath", {"mana_keepalive": True, "next_env": {DATAPATH_KEEPALIVE_ENV: "0"}}),
+                  ("reset", {"mana_keepalive": False}))
 WARMUP_S = 1.0
 #: Steady traffic kept after each servicing, so the plot shows it recovering.
 AFTER_S = 0.6
@@ -40,7 +47,8 @@ AFTER_S = 0.6
 PLOT_BEFORE_MS = 200
 PLOT_AFTER_MS = 400
 BIN_MS = 5
-STEPS = 7
+#: Progress steps besides one per servicing.
+STEPS = 5
 
 
 def machine() -> dict:
@@ -56,7 +64,7 @@ def machine() -> dict:
 
 def expectations(mode: str, result: dict) -> list[str]:
     """What a servicing of this mode must show (DESIGN §10); the failed expectations."""
-    if mode == "keepalive":
+    if mode.startswith("keepalive"):
         want = {"restore_path": "keepalive", "device_reset": False, "hwc_established": False}
     else:
         want = {"restore_path": "fresh", "hwc_established": True}
@@ -67,11 +75,15 @@ def expectations(mode: str, result: dict) -> list[str]:
 
 
 class Demo:
-    def __init__(self, run_dir: str, timing: str, rate: float, nics: int, progress: Progress):
-        self.host = Host(HostConfig(run_dir=run_dir, nics=nics, timing=timing))
+    def __init__(self, run_dir: str, timing: str, rate: float, nics: int, progress: Progress,
+                 datapath: bool = False):
+        # Data-path keepalive needs pool room for the kept vports, fixed at boot.
+        pool = pool_pages_from_env(os.environ) + DATAPATH_POOL_PAGES_PER_NIC * nics if datapath else None
+        self.host = Host(HostConfig(run_dir=run_dir, nics=nics, timing=timing, pool_pages=pool))
+        self.modes = MODES_DATAPATH if datapath else MODES
         self.rate, self.nics, self.timing = rate, nics, timing
         self.progress = progress
-        self.task = progress.add_task("starting", total=STEPS)
+        self.task = progress.add_task("starting", total=STEPS + len(self.modes))
         self.processes: list[dict] = []
 
     def step(self, text: str) -> None:
@@ -100,16 +112,17 @@ class Demo:
         time.sleep(WARMUP_S)
         self.done()
         runs = []
-        for mode, keepalive in MODES:
-            self.step(f"servicing {'with' if keepalive else 'without'} --mana-keepalive")
-            result = self.host.service(mana_keepalive=keepalive)
+        for mode, request in self.modes:
+            self.step(f"servicing: {mode}")
+            result = self.host.service(**request)
             record = self.host.last_servicing
             window = self.host.traffic("status")["last_servicing"] or []
             self.note_processes()
             kv(log, logging.INFO, "demo servicing", mode=mode, blackout_ms=result["blackout_ms"],
                frames_lost=result["frames_lost"], total_ms=result["phases_ms"]["total"])
             time.sleep(AFTER_S)
-            runs.append({"mode": mode, **result, "window_ns": record["window_ns"],
+            runs.append({"mode": mode, **result, "datapath_keepalive": mode == "keepalive+datapath",
+                         "window_ns": record["window_ns"],
                          "prelaunch_ms": record["prelaunch_ms"],
                          "worker_save_phases_ms": record["worker_save_phases_ms"],
                          "worker_restore_phases_ms": record["worker_restore_phases_ms"],
@@ -224,7 +237,9 @@ def _interrupt(signum, frame):
 @click.option("--rate", type=click.FloatRange(min=1, max=200_000), default=5000, show_default=True,
               help="guest frames per second per NIC")
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
-def demo_command(out, json_path, timing, rate, nics):
+@click.option("--datapath-keepalive", "datapath", is_flag=True,
+              help="add a third servicing that also keeps the vport's data-path queues (DESIGN D7)")
+def demo_command(out, json_path, timing, rate, nics, datapath):
     """Guest traffic across a servicing with MANA keepalive and one without: table, plot, JSON."""
     console = Console()
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
@@ -235,7 +250,7 @@ def demo_command(out, json_path, timing, rate, nics):
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True), transient=True) as progress:
-            demo = Demo(run_dir, timing, rate, nics, progress)
+            demo = Demo(run_dir, timing, rate, nics, progress, datapath)
             try:
                 report = demo.run()
             finally:
