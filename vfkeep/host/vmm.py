@@ -112,7 +112,11 @@ class Host:
             try:
                 job = self._jobs.get(timeout=0.5)
             except queue.Empty:
-                self._supervise()
+                try:
+                    self._supervise()
+                except Exception as e:  # noqa: BLE001 - the actor must outlive a failed replacement (its
+                    # children die with it, and every later request would wait for it forever)
+                    kv(log, logging.ERROR, "supervision failed; retrying at the next idle tick", error=repr(e))
                 continue
             if job is None:
                 return
@@ -274,11 +278,14 @@ class Host:
         kv(log, logging.ERROR, "worker died outside servicing, starting a replacement", generation=w.generation,
            pid=w.pid, exit_status=w.child.returncode)
         w.end()
+        new = None
         try:
-            self.worker = self._start_worker({}, None, self.configured)
-            self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
+            new = self.worker = self._start_worker({}, None, self.configured)
+            new.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
         except WorkerFailed as e:
             kv(log, logging.ERROR, "replacement worker failed", error=str(e))
+            if new is not None:
+                new.end()  # a hung replacement would look alive forever; dead, the next idle tick retries
 
     # -- servicing -------------------------------------------------------------------------------
     def _service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
@@ -311,75 +318,105 @@ class Host:
                 raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
         prelaunch_ms = _ms(t_pre, time.perf_counter())
 
-        # Save: the old worker stops its relay and saves (spec §2.2).
-        t0, window_start = time.perf_counter(), time.monotonic_ns()
-        correlation_id = str(uuid.uuid4())
-        blob, saved = None, None
         try:
-            saved = old.request({"type": "save", "mana_keepalive": bool(mana_keepalive),
-                                 "nvme_keepalive": bool(nvme_keepalive), "timeout_s": timeout_s,
-                                 "correlation_id": correlation_id, "test_config": test_config},
-                                timeout_s + 1.0, "saved", "save_failed")
-        except WorkerFailed as e:
-            errors.append(f"save: {e}")
-            kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
-        t_saved = time.perf_counter()
-
-        if saved is not None and saved["type"] == "save_failed":
-            # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
-            if new is not None:
-                new.end()
-            window = (window_start, time.monotonic_ns())
-            result = self._result(False, mana_keepalive, nvme_keepalive, saved["revived"], [], before,
-                                  {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
-                                   "total": _ms(t0, t_saved)}, f"save failed: {saved['error']}", window)
-            self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old, window=window)
-            return result
-        if saved is not None:
-            blob = decode_blob(saved["servicing_state"])
-
-        # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
-        if saved is not None and old.wait_exit(5.0) is None:
-            kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
-        old.end()
-        self.mem.scrub_worker_ram()
-        if blob is not None:
-            with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
-                f.write(blob)
-            if tamper:
-                blob = tamper_blob(blob, tamper, self.mem.layout)
-        if new is None:
+            # Save: the old worker stops its relay and saves (spec §2.2).
+            t0, window_start = time.perf_counter(), time.monotonic_ns()
+            correlation_id = str(uuid.uuid4())
+            blob, saved = None, None
             try:
-                new = self._start_worker(next_env, next_worker_cmd, configured)
-            except WorkerFailed as e:  # the old worker is gone: any worker is better than none (D4)
-                errors.append(f"next worker: {e}")
-                new = self._start_worker({}, None, configured)
-        self.worker, self.configured = new, configured
-        started = None
-        t_handoff = time.perf_counter()
-        try:
-            new.send({"type": "start", "servicing_state": encode_blob(blob)})
+                saved = old.request({"type": "save", "mana_keepalive": bool(mana_keepalive),
+                                     "nvme_keepalive": bool(nvme_keepalive), "timeout_s": timeout_s,
+                                     "correlation_id": correlation_id, "test_config": test_config},
+                                    timeout_s + 1.0, "saved", "save_failed")
+            except WorkerFailed as e:
+                errors.append(f"save: {e}")
+                kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
+            t_saved = time.perf_counter()
+
+            if saved is not None and saved["type"] == "save_failed":
+                # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
+                if new is not None:
+                    new.end()
+                window = (window_start, time.monotonic_ns())
+                result = self._result(False, mana_keepalive, nvme_keepalive, saved["revived"], [], before,
+                                      {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
+                                       "total": _ms(t0, t_saved)}, f"save failed: {saved['error']}", window)
+                self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old, window=window)
+                return result
+            if saved is not None:
+                try:
+                    blob = decode_blob(saved.get("servicing_state"))
+                except (ValueError, TypeError, AttributeError) as e:  # binascii.Error is a ValueError
+                    errors.append(f"save: unreadable servicing state: {e}")
+                    kv(log, logging.ERROR, "old worker sent an unreadable servicing state; new worker starts without "
+                       "state (D4)", error=str(e))
+
+            # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
+            if saved is not None and old.wait_exit(5.0) is None:
+                kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
+            old.end()
+            self.mem.scrub_worker_ram()
+            if blob is not None:
+                with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
+                    f.write(blob)
+                if tamper:
+                    blob = tamper_blob(blob, tamper, self.mem.layout)
+            if new is None:
+                try:
+                    new = self._start_worker(next_env, next_worker_cmd, configured)
+                except WorkerFailed as e:  # the old worker is gone: any worker is better than none (D4)
+                    errors.append(f"next worker: {e}")
+                    new = self._start_worker({}, None, configured)
+            self.worker, self.configured = new, configured
+            started = None
             t_handoff = time.perf_counter()
-            started = new.recv(timeout_s, "started")
-        except WorkerFailed as e:
-            # The new worker hung or died before it finished restoring: replace it, same blob.
-            errors.append(f"restore: {e}")
-            kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
-            new.end()
-            self.worker = self._start_worker({}, next_worker_cmd, configured)
-            started = self.worker.request({"type": "start", "servicing_state": encode_blob(blob)}, timeout_s,
-                                          "started")
-        t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
-        if started.get("error"):
-            errors.append(started["error"])
-        phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
-                  "total": _ms(t0, t_done)}
-        result = self._result(not errors, mana_keepalive, nvme_keepalive, started["nics"],
-                              started["unclaimed_pool_allocations"], before, phases, "; ".join(errors) or None,
-                              window)
-        self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
-                     window=window)
-        return result
+            try:
+                new.send({"type": "start", "servicing_state": encode_blob(blob)})
+                t_handoff = time.perf_counter()
+                started = new.recv(timeout_s, "started")
+            except WorkerFailed as e:
+                # The new worker hung or died before it finished restoring: replace it, same blob.
+                errors.append(f"restore: {e}")
+                kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
+                new.end()
+                started = self._replace_worker(blob, next_worker_cmd, configured, timeout_s, errors)
+            t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
+            if started.get("error"):
+                errors.append(started["error"])
+            phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
+                      "total": _ms(t0, t_done)}
+            result = self._result(not errors, mana_keepalive, nvme_keepalive, started["nics"],
+                                  started["unclaimed_pool_allocations"], before, phases, "; ".join(errors) or None,
+                                  window)
+            self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
+                         window=window)
+            return result
+        except BaseException:
+            # Never leak the prelaunched (or just started) next worker: it is nobody's once we raise.
+            if new is not None and new is not self.worker:
+                new.end()
+            raise
+
+    def _replace_worker(self, blob: bytes | None, worker_cmd: str | None, configured: list[int], timeout_s: float,
+                        errors: list[str]) -> dict:
+        """The next worker failed before `started`: a replacement gets the same blob; if that one fails too
+        (the blob or the command hangs it), a default worker starts without state, so the NICs come back
+        through the fresh path (D4). A worker that did not start is ended, never left current."""
+        attempts = [(worker_cmd, blob), (None, None)]
+        for i, (cmd, state) in enumerate(attempts):
+            try:
+                w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
+                self.worker = w
+                return w.request({"type": "start", "servicing_state": encode_blob(state)}, timeout_s, "started")
+            except WorkerFailed as e:
+                if self.worker is not None:
+                    self.worker.end()  # dead, so the idle tick replaces it if this was the last attempt
+                errors.append(f"replacement: {e}")
+                kv(log, logging.ERROR, "replacement worker failed to start", attempt=i + 1, error=str(e),
+                   with_state=state is not None)
+                if i == len(attempts) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _result(self, ok: bool, mana: bool, nvme: bool, nics: list[dict], unclaimed: list[dict], before: list[dict],
                 phases: dict, error: str | None, window: tuple[int, int]) -> dict:

@@ -68,6 +68,10 @@ class WorkerProcess:
             code = self.child.poll()
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) closed its channel ({e}); "
                                f"exit status {code}") from None
+        except ValueError as e:  # not JSON (a foreign --worker-cmd, or a torn write)
+            raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) sent an unreadable message: {e}") from None
+        if not isinstance(msg, dict):
+            raise WorkerFailed(f"worker {self.generation} sent {type(msg).__name__}, expected a JSON object")
         if msg.get("type") not in expected:
             raise WorkerFailed(f"worker {self.generation} sent {msg.get('type')!r}, expected {'|'.join(expected)}: "
                                f"{msg.get('error', '')}")

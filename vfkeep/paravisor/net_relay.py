@@ -47,17 +47,25 @@ class NetRelay:
         self.device_missing = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
+        self._stop_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop moving frames and wait for the thread; the vport is then free for save or shutdown."""
-        self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
-        self._thread.join()
-        os.close(self._stop_fd)
+        """Stop moving frames and wait for the thread; the vport is then free for save or shutdown.
+        Idempotent: a second stop must not write to or close the stop eventfd's number again (by then it
+        may belong to another file, e.g. a device socket)."""
+        with self._stop_lock:
+            if self._stop_fd is None:
+                return
+            self._stopping = True
+            os.eventfd_write(self._stop_fd, 1)
+            if self._thread.ident is not None:  # started
+                self._thread.join()
+            os.close(self._stop_fd)
+            self._stop_fd = None
         kv(log, logging.INFO, "relay stopped", pci_id=self.pci_id, **asdict(self.stats))
 
     def _run(self) -> None:

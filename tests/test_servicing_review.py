@@ -1,0 +1,261 @@
+"""Regression tests for host/worker robustness bugs found in review (no device processes needed)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import types
+
+from vfkeep.paravisor.net_relay import NetRelay
+
+
+class _Bell:
+    def __init__(self):
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def clear(self):
+        pass
+
+
+class _Ring:
+    def __init__(self):
+        self.doorbell = _Bell()
+
+    def __len__(self):
+        return 0
+
+    def stats(self):
+        return types.SimpleNamespace(head=0, tail=0)
+
+    def pop_many(self, n):
+        return []
+
+    def push_many(self, frames):
+        return len(frames)
+
+
+class _Vport:
+    tx_free = 0
+
+    def __init__(self):
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.dev = types.SimpleNamespace(gdma=types.SimpleNamespace(backing=types.SimpleNamespace(read32=lambda o: 0)))
+
+    def fileno(self):
+        return self._fd
+
+    def prepare_wait(self):
+        return True
+
+    def send(self, frames):
+        return 0
+
+    def receive_into(self, sink, n):
+        return 0
+
+
+def test_relay_stop_twice_leaves_other_fds_alone():
+    """A NIC whose revive failed keeps its stopped relay; the next save stops it again. The second stop
+    must not write to (or close) the stop eventfd's number, which by then may be another open file."""
+    channel = types.SimpleNamespace(tx=_Ring(), rx=types.SimpleNamespace(max_frame=2048, **{
+        "stats": lambda: types.SimpleNamespace(head=0, tail=0), "push_many": lambda f: len(f)}))
+    vport = _Vport()
+    relay = NetRelay(channel, vport, "test:00:00.0")
+    relay.start()
+    time.sleep(0.05)
+    stop_fd = relay._stop_fd
+    relay.stop()
+    other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the lowest free number: the stop fd's
+    try:
+        assert other == stop_fd
+        relay.stop()  # must be a no-op
+        os.fstat(other)  # still open
+        try:
+            value = os.eventfd_read(other)
+        except BlockingIOError:
+            value = 0
+        assert value == 0, "the second stop signalled another file"
+    finally:
+        os.close(other)
+        os.close(vport._fd)
+        os.close(channel.tx.doorbell.fd)
+
+
+class _DeadWorker:
+    generation, pid = 1, 12345
+    child = types.SimpleNamespace(returncode=-9)
+
+    def alive(self):
+        return False
+
+    def end(self):
+        return -9
+
+
+def test_actor_survives_a_failing_replacement(tmp_path, monkeypatch):
+    """A worker that died outside servicing is replaced from the idle tick; if spawning the replacement
+    raises something other than WorkerFailed (EMFILE, ENOMEM...), the actor thread must not die: it owns
+    every child (PDEATHSIG) and every later request waits on it."""
+    from vfkeep.host.vmm import Host, HostConfig
+
+    host = Host(HostConfig(run_dir=str(tmp_path), nics=0))
+    calls = []
+
+    def spawn_fails(*a, **k):
+        calls.append(1)
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(host, "_start_worker", spawn_fails)
+    host.worker = _DeadWorker()
+    host._actor.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert calls, "the idle tick never tried a replacement"
+        time.sleep(0.1)
+        assert host._actor.is_alive()
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(host._submit(lambda: 42)), daemon=True)
+        t.start()
+        t.join(5)
+        assert result == [42]
+    finally:
+        host._stopped.set()
+        host._jobs.put(None)
+        host._actor.join(5)
+
+
+class _FakeWorker:
+    """Stands in for WorkerProcess in Host._service: scripted replies, records what it was sent."""
+
+    def __init__(self, generation, replies=(), fail_with=None):
+        self.generation, self.pid = generation, 50000 + generation
+        self.child = types.SimpleNamespace(returncode=None)
+        self.replies = list(replies)
+        self.fail_with = fail_with
+        self.sent: list[dict] = []
+        self.ended = False
+
+    def alive(self):
+        return not self.ended
+
+    def end(self):
+        self.ended = True
+        return 0
+
+    def wait_exit(self, timeout):
+        return 0
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def recv(self, timeout, *expected):
+        from vfkeep.host.worker_proc import WorkerFailed
+        if self.fail_with or not self.replies:
+            raise WorkerFailed(self.fail_with or f"worker {self.generation} did not answer within {timeout} s")
+        return self.replies.pop(0)
+
+    def request(self, msg, timeout, *expected):
+        self.send(msg)
+        return self.recv(timeout, *expected)
+
+
+_STARTED = {"type": "started", "nics": [], "unclaimed_pool_allocations": [], "error": None, "phases_ms": {}}
+
+
+def _fake_host(tmp_path, monkeypatch, old, spawned, scrub=None):
+    from vfkeep.host.vmm import Host, HostConfig
+
+    host = Host(HostConfig(run_dir=str(tmp_path), nics=0, prelaunch=True))
+    host.mem = types.SimpleNamespace(scrub_worker_ram=scrub or (lambda: None), layout=None)
+    host.worker = old
+    queue_ = list(spawned)
+    monkeypatch.setattr(host, "_start_worker", lambda env, cmd, configured: queue_.pop(0))
+    return host
+
+
+def test_service_never_leaks_the_prelaunched_worker(tmp_path, monkeypatch):
+    """Anything that raises between prelaunch and the handover must end the prelaunched worker."""
+    import pytest
+
+    old = _FakeWorker(1, [{"type": "saved", "servicing_state": "", "nics": [], "phases_ms": {}}])
+    new = _FakeWorker(2, [_STARTED])
+
+    def scrub():
+        raise OSError(5, "scrub failed")
+
+    host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=scrub)
+    with pytest.raises(OSError):
+        host._service(mana_keepalive=True)
+    assert new.ended, "the prelaunched worker was left running"
+
+
+def test_service_unreadable_state_is_d4_not_a_crash(tmp_path, monkeypatch):
+    """A servicing_state the host cannot decode: the old worker has already saved (and exits), so the new
+    worker starts without state (D4) and the result says why; no exception escapes."""
+    old = _FakeWorker(1, [{"type": "saved", "servicing_state": "not base64!", "nics": [], "phases_ms": {}}])
+    new = _FakeWorker(2, [_STARTED])
+    host = _fake_host(tmp_path, monkeypatch, old, [new])
+    result = host._service(mana_keepalive=True)
+    assert result["ok"] is False and "unreadable servicing state" in result["error"]
+    assert new.sent == [{"type": "start", "servicing_state": None}]
+    assert host.worker is new and old.ended and not new.ended
+
+
+def test_service_replacement_that_fails_too_falls_back_to_fresh(tmp_path, monkeypatch):
+    """The next worker hangs in restore and so does its replacement (same command, same blob): the host
+    must not keep a hung worker as the current one (no NIC would ever come back); a default worker starts
+    without state instead (D4)."""
+    import base64
+
+    blob = base64.b64encode(b"\x0a\x00").decode()
+    old = _FakeWorker(1, [{"type": "saved", "servicing_state": blob, "nics": [], "phases_ms": {}}])
+    new = _FakeWorker(2)                 # hangs in restore
+    replacement = _FakeWorker(3)         # hangs too
+    fresh = _FakeWorker(4, [_STARTED])
+    host = _fake_host(tmp_path, monkeypatch, old, [new, replacement, fresh])
+    result = host._service(mana_keepalive=True, timeout=1)
+    assert new.ended and replacement.ended
+    assert replacement.sent[0]["servicing_state"] == blob
+    assert fresh.sent == [{"type": "start", "servicing_state": None}]
+    assert host.worker is fresh and not fresh.ended
+    assert result["ok"] is False and "restore" in result["error"]
+
+
+def test_worker_garbage_message_is_worker_failed(tmp_path):
+    """A worker (any --worker-cmd) that writes a frame that is not a JSON object is a WorkerFailed (D4
+    handles it), not a ValueError/AttributeError escaping the servicing."""
+    import json
+    import struct
+    import subprocess
+
+    import pytest
+
+    from vfkeep.host.worker_proc import WorkerFailed, WorkerProcess
+    from vfkeep.paravisor.channel import Channel
+
+    ours, theirs = Channel.pair()
+    child = subprocess.Popen(["sleep", "30"])
+    w = WorkerProcess(child, ours, 1, ["sleep"])
+    try:
+        for body in (b"{not json", json.dumps([1, 2]).encode()):
+            theirs.sock.sendall(struct.pack("<I", len(body)) + body)
+            with pytest.raises(WorkerFailed):
+                w.recv(2.0, "hello")
+    finally:
+        w.end()
+        theirs.close()
+
+
+def test_supervise_does_not_keep_a_hung_replacement(tmp_path, monkeypatch):
+    """A replacement that comes up but never answers `start` must be ended, or it stays the current
+    worker forever (alive, so never replaced) and its NICs stay dead (D4)."""
+    from vfkeep.host.vmm import Host, HostConfig
+
+    host = Host(HostConfig(run_dir=str(tmp_path), nics=0))
+    hung = _FakeWorker(2)  # never answers
+    monkeypatch.setattr(host, "_start_worker", lambda env, cmd, configured: hung)
+    host.worker = _DeadWorker()
+    host._supervise()
+    assert hung.ended and not host.worker.alive()
