@@ -279,3 +279,32 @@ def test_frames_survive_the_loopback_mac_swap(env):
     assert sent.src_mac == guest_mac(0) and sent.size == 64
     back = parse_frame(raw[6:12] + raw[0:6] + raw[12:])  # the CRC leaves the MACs out
     assert back.dst_mac == guest_mac(0) and back.seq == sent.seq
+
+
+def test_client_torn_reply_is_agent_error(tmp_path):
+    """An agent that dies mid-reply leaves a torn line: AgentError (which the host's servicing window
+    handles), not a ValueError escaping into the servicing result."""
+    import threading
+
+    path = str(tmp_path / "torn.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(2)
+
+    def serve():
+        for reply in (b'{"ok": true, "sent', b"[1, 2]\n"):
+            conn, _ = srv.accept()
+            conn.makefile("rb").readline()
+            conn.sendall(reply)
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        for _ in range(2):
+            with AgentClient(path, timeout=5) as c:
+                with pytest.raises(AgentError):
+                    c.call("status")
+    finally:
+        t.join(5)
+        srv.close()

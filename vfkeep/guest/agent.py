@@ -474,7 +474,12 @@ class AgentClient:
             raise AgentError(f"traffic agent at {self.path}: {cmd} failed: {e}") from e
         if not line:
             raise AgentError(f"traffic agent at {self.path} closed the connection during {cmd}")
-        reply = json.loads(line)
+        try:
+            reply = json.loads(line)
+        except ValueError as e:  # a torn line from an agent that died mid-reply
+            raise AgentError(f"traffic agent at {self.path}: unreadable reply to {cmd}: {line[:200]!r}") from e
+        if not isinstance(reply, dict):
+            raise AgentError(f"traffic agent at {self.path}: reply to {cmd} is not an object: {line[:200]!r}")
         if not reply.pop("ok", False):
             raise AgentError(reply.get("error", f"{cmd} failed"))
         return reply
