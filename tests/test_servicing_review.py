@@ -259,3 +259,24 @@ def test_supervise_does_not_keep_a_hung_replacement(tmp_path, monkeypatch):
     host.worker = _DeadWorker()
     host._supervise()
     assert hung.ended and not host.worker.alive()
+
+
+def test_probe_refused_while_a_traffic_agent_owns_the_rings(tmp_path):
+    """The guest rings are SPSC: a probe pushing into the tx ring and popping the rx ring while the traffic
+    agent does the same corrupts counters and steals the agent's frames. The host must refuse it."""
+    import pytest
+
+    from vfkeep.host.traffic import GuestTraffic, _Agent
+    from vfkeep.host.vmm import Host, HostConfig, HostError
+
+    class _Poisoned:
+        def __getattr__(self, name):
+            raise AssertionError(f"probe touched the ring ({name}) while the agent owns it")
+
+    host = Host(HostConfig(run_dir=str(tmp_path), nics=1))
+    host.channel_layout = types.SimpleNamespace(slots=16)
+    host.channels = [types.SimpleNamespace(tx=_Poisoned(), rx=_Poisoned())]
+    host.guest_traffic = GuestTraffic(str(tmp_path), None, host.channel_layout, host.channels)
+    host.guest_traffic._agents[0] = _Agent(0, types.SimpleNamespace(poll=lambda: None, pid=1), "x.sock")
+    with pytest.raises(HostError, match="traffic agent"):
+        host._probe(0, 4, 0.1)

@@ -102,6 +102,13 @@ class GuestTraffic:
             kv(log, logging.INFO, "traffic agent started", nic=nic, pid=child.pid, control=path)
             return agent
 
+    def has_agent(self, nic: int) -> bool:
+        """True while an agent process is attached to NIC `nic`'s rings (it consumes the rx ring even when
+        its traffic is stopped): nobody else may push or pop them then, as the rings are SPSC."""
+        with self._lock:
+            agent = self._agents.get(nic)
+            return agent is not None and agent.child.poll() is None
+
     def _running(self, nic: int | None = None) -> list[_Agent]:
         """Live agents of the selected NICs (none spawned yet is an error only for one named NIC)."""
         nics = self._nics(nic)

@@ -504,6 +504,9 @@ class Host:
             raise HostError(f"nic {nic} out of range [0, {len(self.channels)})")
         if not 1 <= count <= self.channel_layout.slots:
             raise HostError(f"count {count} out of range [1, {self.channel_layout.slots}]")
+        if self.guest_traffic is not None and self.guest_traffic.has_agent(nic):
+            # The rings are single-producer/single-consumer and the agent is the guest's producer and consumer.
+            raise HostError(f"nic {nic}'s rings belong to its traffic agent; use `traffic stats` instead of probe")
         ch = self.channels[nic]
         ch.rx.pop_many(ch.rx.slots)  # stale frames from earlier probes
         mac = bytes([0x02, 0, 0, 0, 0, nic])
