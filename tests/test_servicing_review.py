@@ -280,3 +280,27 @@ def test_probe_refused_while_a_traffic_agent_owns_the_rings(tmp_path):
     host.guest_traffic._agents[0] = _Agent(0, types.SimpleNamespace(poll=lambda: None, pid=1), "x.sock")
     with pytest.raises(HostError, match="traffic agent"):
         host._probe(0, 4, 0.1)
+
+
+def test_start_relay_with_broken_guest_rings_costs_only_that_nic(tmp_path):
+    """The rings live in guest RAM, which the guest can scribble on. A ring header the worker cannot attach
+    to must not raise out of Worker.start (the worker would crash on every restart and take every NIC down):
+    that NIC gets no relay and reports why."""
+    from vfkeep.guest.ring import ChannelLayout
+    from vfkeep.memory import GuestMemory, MemoryLayout
+    from vfkeep.paravisor.vf_manager import NicConfig, VfManager
+
+    layout = ChannelLayout(nics=1, slots=16)
+    mem = GuestMemory.create(MemoryLayout(layout.total_pages + 4, 4, 0))
+    tx, rx = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        # rings never formatted: magic 0, as after a guest zeroed them
+        vf = VfManager(NicConfig(0, "d186:00:00.0", str(tmp_path / "nic0.sock"), tx, rx), mem, None)
+        vf.vport = object()
+        vf.start_relay(layout.to_str())
+        assert vf.relay is None
+        assert "guest channel unusable" in vf.error
+    finally:
+        os.close(tx)
+        os.close(rx)
+        mem.close()

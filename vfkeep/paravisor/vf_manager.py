@@ -20,7 +20,7 @@ from ..driver.gdma_driver import map_bar0
 from ..driver.mana import DEVICE_ERRORS, ManaDevice, create_fresh, release_pending_buffers
 from ..driver.vfio_backing import open_vfio, reset_method_setter
 from ..driver.vport import VportConfig
-from ..guest.ring import ChannelLayout, NicChannel
+from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
@@ -197,8 +197,14 @@ class VfManager:
         if self.vport is None:
             return
         if self.channel is None:
-            self.channel = NicChannel.attach(self.mem, ChannelLayout.from_str(channel_layout), self.cfg.index,
-                                             self.cfg.tx_bell_fd, self.cfg.rx_bell_fd)
+            try:
+                self.channel = NicChannel.attach(self.mem, ChannelLayout.from_str(channel_layout), self.cfg.index,
+                                                 self.cfg.tx_bell_fd, self.cfg.rx_bell_fd)
+            except RingError as e:  # the rings live in guest RAM: a guest that broke them costs only this NIC
+                note = f"guest channel unusable: {e}"
+                self.error = f"{self.error}; {note}" if self.error else note
+                kv(log, logging.ERROR, "guest channel rings unusable, no relay", pci_id=self.pci_id, error=str(e))
+                return
         self.relay = NetRelay(self.channel, self.vport, self.pci_id)
         self.relay.start()
 
