@@ -541,6 +541,9 @@ def spawn_agent(mem: GuestMemory | int, mem_layout: MemoryLayout, channel_layout
         argv += ["--run-dir", str(run_dir)]
     try:
         proc = spawn(argv, pass_fds=(mem_fd, tx_fd, rx_fd, ready_w))
+    except BaseException:
+        os.close(ready_r)  # no agent: nobody will ever write the readiness pipe
+        raise
     finally:
         os.close(ready_w)
     try:
