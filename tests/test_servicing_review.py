@@ -304,3 +304,23 @@ def test_start_relay_with_broken_guest_rings_costs_only_that_nic(tmp_path):
         os.close(tx)
         os.close(rx)
         mem.close()
+
+
+def test_late_inspect_reply_is_not_taken_for_the_save_answer(tmp_path):
+    """An inspect that timed out leaves its reply in the channel; the next request (a save) must not read
+    it as its answer, or the host ends a worker that is saving fine (and its NICs take the FLR path)."""
+    import subprocess
+
+    from vfkeep.host.worker_proc import WorkerProcess
+    from vfkeep.paravisor.channel import Channel
+
+    ours, theirs = Channel.pair()
+    child = subprocess.Popen(["sleep", "30"])
+    w = WorkerProcess(child, ours, 1, ["sleep"])
+    try:
+        theirs.send({"type": "inspect", "tree": {}})  # late reply of an inspect the host gave up on
+        theirs.send({"type": "saved", "servicing_state": None, "nics": []})
+        assert w.recv(2.0, "saved", "save_failed")["type"] == "saved"
+    finally:
+        w.end()
+        theirs.close()

@@ -59,9 +59,21 @@ class WorkerProcess:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
 
     def recv(self, timeout: float | None, *expected: str) -> dict:
-        """Next message, which must be of one of the `expected` types."""
+        """Next message, which must be of one of the `expected` types. A late `inspect` reply (its request
+        timed out) is skipped: the worker never sends one unasked, and taking it for the answer to the next
+        request (a save!) would end a worker that is doing fine."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = self._recv_one(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
+            if isinstance(msg, dict) and msg.get("type") == "inspect" and "inspect" not in expected:
+                kv(log, logging.WARNING, "skipping a late inspect reply", generation=self.generation)
+                continue
+            break
+        return self._check(msg, expected)
+
+    def _recv_one(self, remaining: float | None, timeout: float | None):
         try:
-            msg = self.chan.recv(timeout)
+            return self.chan.recv(remaining)
         except ChannelTimeout:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout} s") from None
         except ChannelClosed as e:
@@ -70,6 +82,8 @@ class WorkerProcess:
                                f"exit status {code}") from None
         except ValueError as e:  # not JSON (a foreign --worker-cmd, or a torn write)
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) sent an unreadable message: {e}") from None
+
+    def _check(self, msg, expected: tuple[str, ...]) -> dict:
         if not isinstance(msg, dict):
             raise WorkerFailed(f"worker {self.generation} sent {type(msg).__name__}, expected a JSON object")
         if msg.get("type") not in expected:
