@@ -25,6 +25,7 @@ from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
 from ..vfio_user import DeviceMissing as TransportGone
+from ..vfio_user import VfioClientError
 from .net_relay import NetRelay
 
 #: The relay's vport: twice as many receive buffers (512, the reference's cap) as send buffers (256), so
@@ -231,8 +232,8 @@ class VfManager:
             self.error = f"device missing: {e}"
             kv(log, logging.WARNING, "device vanished during save", pci_id=self.pci_id, error=str(e))
             return "DeviceMissing", None
-        except DriverError as e:
-            self.error = f"save failed: {e}"
+        except (DriverError, VfioClientError, OSError) as e:  # e.g. a transport timeout: this NIC only
+            self.error = f"save failed: {type(e).__name__}: {e}"
             self._set_flr_and_release()
             return "SaveFailed", None
         return "Saved", mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
