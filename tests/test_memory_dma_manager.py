@@ -202,7 +202,7 @@ def test_restore_rejects_truncated_and_garbage_bytes(mem, saved):
         with pytest.raises(RestoreError):
             dma.restore(blob[:n])
     for garbage in (b"\xff" * 7, b"\x12\x80", b"\x0a\x03abc\x12\x02\x0a", "text"):
-        with pytest.raises(RestoreError, match="not a valid message|must be a message or bytes"):
+        with pytest.raises(RestoreError, match="does not decode|must be a OpenhclDmaManagerState or bytes"):
             dma.restore(garbage)
     assert dma.pool_usage() == fresh_usage(mem)
 

@@ -5,13 +5,12 @@ pool and BAR0 before a single byte of guest memory is touched. A bad blob is a `
 """
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
 
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, DRV_HWC_CQ_PAGE, DRV_HWC_EQ_PAGE, DRV_HWC_NUM_PAGES
 from vfkeep.gdma.constants import DRV_HWC_RQ_PAGE, DRV_HWC_SQ_PAGE, DRV_HWC_SWQE_SIZE, PAGE_SIZE, RWQE_SIZE
 from vfkeep.gdma.constants import WQE_ALIGNMENT
 from vfkeep.memory import MemoryBlock, Region
-from vfkeep.proto import mana_driver_pb2
+from vfkeep.proto import mana_driver_pb2, parse_saved
 
 from .backing import DeviceBacking
 from .errors import RestoreError
@@ -25,14 +24,7 @@ VPORT_INDEX_LIMIT = 1 << 24
 
 def decode_device_state(state: mana_driver_pb2.ManaDeviceSavedState | bytes) -> mana_driver_pb2.ManaDeviceSavedState:
     """Accept the message or its serialised bytes; undecodable bytes are a RestoreError."""
-    if isinstance(state, mana_driver_pb2.ManaDeviceSavedState):
-        return state
-    if not isinstance(state, (bytes, bytearray, memoryview)):
-        raise RestoreError(f"mana saved state must be a ManaDeviceSavedState or bytes, got {type(state).__name__}")
-    try:
-        return mana_driver_pb2.ManaDeviceSavedState.FromString(bytes(state))
-    except DecodeError as e:
-        raise RestoreError(f"mana saved state does not decode ({len(state)} bytes): {e}") from None
+    return parse_saved(mana_driver_pb2.ManaDeviceSavedState, state, "mana saved state", RestoreError)
 
 
 # -- save ---------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
-from google.protobuf.message import DecodeError
 
 from vfkeep.log import kv
-from vfkeep.proto import dma_manager_pb2
+from vfkeep.proto import dma_manager_pb2, parse_saved
 
 from .errors import (ClientClosed, DeviceNameInUse, InvalidSize, NoPrivatePool, NotPersistent, RestoreError,
                      UnrestoredAllocations)
@@ -184,7 +183,7 @@ class DmaManager:
                 raise RestoreError("existing allocators present, pool must be empty to restore")
             if self._restored:
                 raise RestoreError("dma manager state was already restored")
-            msg = _decode(state)
+            msg = parse_saved(dma_manager_pb2.OpenhclDmaManagerState, state, "dma manager saved state", RestoreError)
             if msg.HasField("shared_pool"):
                 raise RestoreError("saved state for shared pool but no shared pool")
             if msg.HasField("private_pool"):
@@ -217,17 +216,6 @@ class DmaManager:
 
     def worker_usage(self) -> dict:
         return self._worker.usage()
-
-
-def _decode(state: dma_manager_pb2.OpenhclDmaManagerState | bytes) -> dma_manager_pb2.OpenhclDmaManagerState:
-    if isinstance(state, dma_manager_pb2.OpenhclDmaManagerState):
-        return state
-    if not isinstance(state, (bytes, bytearray, memoryview)):
-        raise RestoreError(f"dma manager saved state must be a message or bytes, got {type(state).__name__}")
-    try:
-        return dma_manager_pb2.OpenhclDmaManagerState.FromString(bytes(state))
-    except DecodeError as e:
-        raise RestoreError(f"dma manager saved state is not a valid message ({len(state)} bytes): {e}") from None
 
 
 def _unclaimed(slot: Slot) -> UnclaimedAllocation:
