@@ -3,6 +3,7 @@ import pathlib
 
 import pytest
 
+from vfkeep.paravisor.servicing import ServicingStateError, decode_servicing_state
 from vfkeep.proto import dma_manager_pb2, generate, mana_driver_pb2, underhill_pb2
 
 PROTO_DIR = pathlib.Path(generate.__file__).parent
@@ -79,3 +80,19 @@ def test_servicing_state_round_trip_with_all_parts():
     st.init_state.dma_manager_state.private_pool.ranges.add(start=5120 * 4096, end=5632 * 4096)
     st.units.add(name="net", state=b"\x01\x02")
     assert underhill_pb2.ServicingState.FromString(st.SerializeToString()) == st
+
+
+@pytest.mark.parametrize("firmware", [None, b"", b"\x22\x00", b"\x1a\x00"])
+def test_firmware_variant_missing_or_unknown_is_a_decode_error(firmware):
+    """`Firmware` is an enum on the wire (a oneof message): no variant or an unknown one (4) does not decode;
+    the known unit variant `none` (field 3, b"\\x1a\\x00") does."""
+    st = underhill_pb2.ServicingState()
+    st.init_state.vm_stop_reference_time = 1
+    if firmware is not None:
+        st.init_state.firmware_type.MergeFromString(firmware)
+    blob = st.SerializeToString()
+    if firmware == b"\x1a\x00":
+        assert decode_servicing_state(blob, downlevel=False).init_state.firmware_type.HasField("none")
+        return
+    with pytest.raises(ServicingStateError, match="failed to decode servicing state"):
+        decode_servicing_state(blob, downlevel=False)

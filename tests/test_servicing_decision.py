@@ -336,6 +336,8 @@ def test_skew_downlevel_to_current(host):
 @pytest.mark.parametrize("mode,error", [
     ("truncate", "failed to decode servicing state"),
     ("corrupt", "failed to decode servicing state"),
+    ("firmware-missing", "failed to decode servicing state"),
+    ("firmware-unknown", "failed to decode servicing state"),
     ("mana-pfn-outside-pool", "lies outside the private pool"),
     ("dma-pfn-outside-pool", "dma manager restore failed"),
 ])

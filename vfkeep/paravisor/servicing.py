@@ -108,6 +108,11 @@ def decode_servicing_state(blob: bytes, *, downlevel: bool) -> underhill_pb2.Ser
         raise ServicingStateError(f"failed to decode servicing state ({len(blob)} bytes): {e}") from None
     if not state.HasField("init_state"):
         raise ServicingStateError(f"servicing state of {len(blob)} bytes has no init_state")
+    # An enum travels as a oneof message; a missing or unknown variant is a decode error (spec §7 encoding
+    # rules), not a default: protobuf alone would accept it (unknown fields are kept, WhichOneof is None).
+    if state.init_state.firmware_type.WhichOneof("variant") is None:
+        raise ServicingStateError(f"failed to decode servicing state ({len(blob)} bytes): "
+                                  "Firmware has no known variant")
     if downlevel and state.init_state.HasField("mana_state"):
         kv(log, logging.INFO, "downlevel worker ignores mana_state (field 10003)",
            entries=len(state.init_state.mana_state.states))
