@@ -16,22 +16,24 @@ import argparse
 import sys
 import time
 
+from vfkeep.device.timing import PRESETS
+
 from .bench_servicing import PATHS, service_rounds
 from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
-TIMINGS = ("natural", "realistic")
+TIMINGS = ("natural", "realistic")  # presets; each row carries its timing object
 
 
 def run(repeat: int, rate: float) -> list[dict]:
     rows = []
     for timing in TIMINGS:
         for prelaunch in (True, False):
-            with TrafficHost.running(1, prelaunch, timing) as host:
+            with TrafficHost.running(1, prelaunch, PRESETS[timing]) as host:
                 host.run_traffic(rate)
                 host.service_measured("keepalive")  # warm-up
                 samples = service_rounds(host.service_measured, repeat)
             for path, results in samples.items():
-                row = {"timing": timing, "prelaunch": prelaunch, "path": path,
+                row = {"timing": PRESETS[timing].to_dict(), "prelaunch": prelaunch, "path": path,
                        "blackout_ms": summary([r["blackout_ms"] for r in results]),
                        "frames_lost": summary([r["frames_lost"] for r in results]),
                        "total_ms": summary([r["phases_ms"]["total"] for r in results]),
@@ -49,7 +51,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     out = []
     for timing in TIMINGS:
         for prelaunch in (True, False):
-            cell = {r["path"]: r for r in rows if r["timing"] == timing and r["prelaunch"] == prelaunch}
+            cell = {r["path"]: r for r in rows if r["timing"]["preset"] == timing and r["prelaunch"] == prelaunch}
             base = cell["keepalive"]["blackout_ms"]["median"]
             out.append({"timing": timing, "prelaunch": prelaunch,
                         **{f"{p}_over_keepalive": round(cell[p]["blackout_ms"]["median"] / base, 2)
@@ -61,7 +63,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| timing | prelaunch | path | blackout median ms | blackout p95 ms | lost median | lost p95 | "
              "device reset | HWC re-established |", "|---|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['timing']} | {'on' if r['prelaunch'] else 'off'} | {r['path']} | "
+        lines.append(f"| {r['timing']['preset']} | {'on' if r['prelaunch'] else 'off'} | {r['path']} | "
                      f"{r['blackout_ms']['median']:.1f} | {r['blackout_ms']['p95']:.1f} | "
                      f"{r['frames_lost']['median']:.0f} | {r['frames_lost']['p95']:.0f} | "
                      f"{'yes' if r['device_reset'] else 'no'} | {'yes' if r['hwc_established'] else 'no'} |")
@@ -75,7 +77,8 @@ def plot(rows: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(PATHS)
     for i, name in enumerate(PATHS):
-        cells = [next(r for r in rows if (r["timing"], r["prelaunch"], r["path"]) == (t, p, name)) for t, p in configs]
+        cells = [next(r for r in rows if (r["timing"]["preset"], r["prelaunch"], r["path"]) == (t, p, name))
+                 for t, p in configs]
         med = [c["blackout_ms"]["median"] for c in cells]
         p95 = [c["blackout_ms"]["p95"] - c["blackout_ms"]["median"] for c in cells]
         xs = [k + (i - (len(PATHS) - 1) / 2) * width for k in range(len(configs))]

@@ -26,6 +26,7 @@ import time
 
 from vfkeep import proc
 from vfkeep.device.main import start_device
+from vfkeep.device.timing import PRESETS
 from vfkeep.driver.mana import ManaDevice, create_fresh
 from vfkeep.driver.vfio_backing import open_vfio, reset_method_setter
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
@@ -145,7 +146,7 @@ def run(repeat: int, nframes: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp, GuestMemory.create(LAYOUT) as mem:
         for timing in ("natural", "realistic"):
             sock = os.path.join(tmp, f"{timing}.sock")
-            dev_proc = start_device(sock, "--timing", timing, "--reset-method", "none", "--run-dir", tmp)
+            dev_proc = start_device(sock, *PRESETS[timing].to_args(), "--reset-method", "none", "--run-dir", tmp)
             try:
                 results["bringup"][timing] = bench_bringup(sock, mem, repeat)
                 if timing == "natural":
@@ -153,6 +154,7 @@ def run(repeat: int, nframes: int) -> dict:
                         results["datapath"][f"vfio_user_{size}"] = bench_datapath(
                             lambda: ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False),
                                                    PCI_ID), nframes, size)
+                results["bringup"][timing]["timing"] = PRESETS[timing].to_dict()
                 results["bringup"][timing]["device_counters"] = {
                     k: v for k, v in control_call(sock + ".ctl", "counters")["counters"].items()
                     if k in ("reset_count", "modelled_flr_ms_total", "modelled_hwc_ms_total", "hwc_requests")}

@@ -1,6 +1,7 @@
 """Frames lost across servicing vs offered guest load (1k, 10k, 50k frames/s), keepalive vs reset paths.
 
-`python -m benchmarks.bench_load [--repeat N] [--rates 1000,10000,50000] [--timing realistic] [--out PATH]`
+`python -m benchmarks.bench_load [--repeat N] [--rates 1000,10000,50000] [--timing realistic] [--hwc-latency-ms MS]
+[--flr-ms MS] [--out PATH]`
 
 One host (prelaunch on); per offered rate: the loss of a quiet window of the same length as a servicing
 window first (what the data path loses at that load without any servicing), then --repeat rounds of one
@@ -15,7 +16,9 @@ import functools
 import sys
 import time
 
-from .bench_servicing import PATHS, service_rounds
+from vfkeep.device.timing import DeviceTiming
+
+from .bench_servicing import PATHS, add_timing_arguments, service_rounds, timing_of
 from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
 QUIET_S = 1.0
@@ -40,7 +43,7 @@ def servicing_loss(host: TrafficHost, path: str) -> dict:
             "lost_tx_ring_full": w["lost_tx_ring_full"]}
 
 
-def run(rates: list[float], repeat: int, timing: str) -> list[dict]:
+def run(rates: list[float], repeat: int, timing: DeviceTiming) -> list[dict]:
     rows = []
     with TrafficHost.running(1, True, timing) as host:
         for rate in rates:
@@ -99,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=10, help="servicings per path and rate")
     ap.add_argument("--rates", default="1000,10000,50000", help="comma-separated offered frames/s")
-    ap.add_argument("--timing", choices=("realistic", "natural"), default="realistic")
+    add_timing_arguments(ap)
     ap.add_argument("--out", help="JSON path (default benchmarks/results/loss_vs_load.json)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",")]
     t = time.monotonic()
-    rows = run(rates, args.repeat, args.timing)
-    path = write("loss_vs_load", {"repeat": args.repeat, "timing": args.timing, "prelaunch": True, "frame_size": 128,
+    rows = run(rates, args.repeat, timing_of(args))
+    path = write("loss_vs_load", {"repeat": args.repeat, "timing": timing_of(args).to_dict(), "prelaunch": True, "frame_size": 128,
                                   "wall_s": round(time.monotonic() - t, 1), "rows": rows}, args.out)
     plot(rows, path.with_suffix(".png"))
     print(markdown(rows))

@@ -1,6 +1,7 @@
 """Servicing benchmark: phase timings (save, handoff, restore, total) of whole servicings with real processes.
 
-`python -m benchmarks.bench_servicing [--repeat N] [--nics 1,2,4,8] [--timing realistic|natural] [--out PATH]`
+`python -m benchmarks.bench_servicing [--repeat N] [--nics 1,2,4,8] [--timing realistic|natural]
+[--hwc-latency-ms MS] [--flr-ms MS] [--out PATH]`
 
 For each NIC count and prelaunch on/off, one `vfkeep run --detach` host; on it, in turn, servicings on the
 three paths of `PATHS`: keepalive (no ESTABLISH_HWC, no REGISTER_DEVICE, no FLR), reset-flr (saved state
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from vfkeep import proc
+from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.host import control
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "servicing.json"
@@ -42,12 +44,24 @@ PATHS = {
 }
 
 
+def add_timing_arguments(ap: argparse.ArgumentParser, preset: str = "realistic") -> None:
+    """--timing PRESET, --hwc-latency-ms, --flr-ms: the device timing parameters (DESIGN D9)."""
+    ap.add_argument("--timing", choices=sorted(PRESETS), default=preset,
+                    help=f"device timing preset (default {preset}; realistic: HWC 1 ms per request, FLR 100 ms)")
+    ap.add_argument("--hwc-latency-ms", type=float, help="override the preset's modelled HWC request latency")
+    ap.add_argument("--flr-ms", type=float, help="override the preset's modelled FLR wait")
+
+
+def timing_of(args: argparse.Namespace) -> DeviceTiming:
+    return timing_from(args.timing, args.hwc_latency_ms, args.flr_ms)
+
+
 class Host:
-    def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: str):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str):
+        self.run_dir, self.timing = run_dir, timing
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
-        argv = proc.vfkeep_argv("run", "--detach", "--run-dir", run_dir, "--nics", str(nics), "--timing", timing,
-                                "--prelaunch" if prelaunch else "--no-prelaunch")
+        argv = proc.vfkeep_argv("run", "--detach", "--run-dir", run_dir, "--nics", str(nics), *timing.to_args(),
+                                "--prelaunch" if prelaunch else "--no-prelaunch", *args)
         self.child = proc.spawn(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while True:
@@ -62,10 +76,11 @@ class Host:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, nics: int, prelaunch: bool, timing: str) -> Iterator[Host]:
-        """A host in a temporary run dir, stopped on the way out however the measurement ends."""
+    def running(cls, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str) -> Iterator[Host]:
+        """A host in a temporary run dir (`vfkeep run` options `args`), stopped on the way out however the
+        measurement ends."""
         with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
-            host = cls(os.path.join(tmp, "run"), nics, prelaunch, timing)
+            host = cls(os.path.join(tmp, "run"), nics, prelaunch, timing, *args)
             try:
                 yield host
             finally:
@@ -109,7 +124,7 @@ def summarize(samples: list[dict]) -> dict:
     return out
 
 
-def run(nic_counts: list[int], repeat: int, timing: str) -> list[dict]:
+def run(nic_counts: list[int], repeat: int, timing: DeviceTiming) -> list[dict]:
     rows = []
     for nics in nic_counts:
         for prelaunch in (True, False):
@@ -139,14 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5, help="servicings per path and configuration (median reported)")
     ap.add_argument("--nics", default="1,2,4,8", help="comma-separated NIC counts")
-    ap.add_argument("--timing", choices=("realistic", "natural"), default="realistic",
-                    help="device timing profile (realistic: FLR 100 ms, 1 ms per HWC request)")
+    add_timing_arguments(ap)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     nic_counts = [int(x) for x in args.nics.split(",")]
     t = time.monotonic()
-    rows = run(nic_counts, args.repeat, args.timing)
-    result = {"benchmark": "servicing", "timing": args.timing, "repeat": args.repeat, "unit": "ms (median)",
+    rows = run(nic_counts, args.repeat, timing_of(args))
+    result = {"benchmark": "servicing", "timing": timing_of(args).to_dict(), "repeat": args.repeat, "unit": "ms (median)",
               "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
               "wall_s": round(time.monotonic() - t, 1), "rows": rows}
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ import argparse
 import sys
 import time
 
+from vfkeep.device.timing import PRESETS
+
 from .traffic_host import TrafficHost, pyplot, save_plot, write
 
 SIZES = (64, 1500)
@@ -38,7 +40,7 @@ def measure(host: TrafficHost, rate: float, size: int, seconds: float) -> dict:
 
 def run(rates: list[float], seconds: float) -> tuple[list[dict], list[dict]]:
     rows = []
-    with TrafficHost.running(1, True, "natural") as host:
+    with TrafficHost.running(1, True, PRESETS["natural"]) as host:
         for size in SIZES:
             for rate in rates:
                 row = measure(host, rate, size, seconds)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t = time.monotonic()
     rows, summary = run([float(x) for x in args.rates.split(",")], args.seconds)
-    path = write("throughput", {"timing": "natural", "backend": "loopback", "wall_s": round(time.monotonic() - t, 1),
+    path = write("throughput", {"timing": PRESETS["natural"].to_dict(), "backend": "loopback", "wall_s": round(time.monotonic() - t, 1),
                                 "rows": rows, "summary": summary}, args.out)
     plot(rows, path.with_suffix(".png"))
     for s in summary:

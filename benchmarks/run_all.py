@@ -16,6 +16,8 @@ import pathlib
 import sys
 import time
 
+from vfkeep.device.timing import DeviceTiming
+
 from . import bench_blackout, bench_load, bench_servicing, bench_throughput
 from .traffic_host import RESULTS, pyplot, save_plot
 
@@ -47,7 +49,8 @@ def summary_markdown(results: dict[str, dict]) -> str:
             + " | ".join(f"{p} lost" for p in paths) + " | reset / keepalive | reset-flr / keepalive |",
             "|---|---|" + "---:|" * (2 * len(paths) + 2)]
     for ratio in b["ratios"]:
-        cell = {r["path"]: r for r in b["rows"] if (r["timing"], r["prelaunch"]) == (ratio["timing"], ratio["prelaunch"])}
+        cell = {r["path"]: r for r in b["rows"]
+                if (r["timing"]["preset"], r["prelaunch"]) == (ratio["timing"], ratio["prelaunch"])}
         out.append(f"| {ratio['timing']} | {'on' if ratio['prelaunch'] else 'off'} | "
                    + " | ".join(f"{cell[p]['blackout_ms']['median']:.1f} / {cell[p]['blackout_ms']['p95']:.1f}"
                                 for p in paths) + " | "
@@ -56,8 +59,8 @@ def summary_markdown(results: dict[str, dict]) -> str:
                    + f" | {ratio['reset_over_keepalive']:.2f}x | {ratio['reset-flr_over_keepalive']:.2f}x |")
 
     ld = results["loss_vs_load"]
-    out += ["", f"Frames lost per servicing vs offered load ({ld['timing']} timing, prelaunch on, {ld['repeat']} "
-                f"servicings per cell; median / p95; the last column is what the same load loses in "
+    out += ["", f"Frames lost per servicing vs offered load ({DeviceTiming.from_dict(ld['timing']).describe()}, "
+                f"prelaunch on, {ld['repeat']} servicings per cell; median / p95; the last column is what the same load loses in "
                 f"{bench_load.QUIET_S:g} s without servicing):", "",
             "| offered frames/s | " + " | ".join(paths) + " | lost without servicing |",
             "|---:|" + "---:|" * (len(paths) + 1)]
@@ -76,7 +79,8 @@ def summary_markdown(results: dict[str, dict]) -> str:
                    f"{s['lossless_fps'] or '-'} | {s['lossless_mbit_per_s'] or '-'} |")
 
     sv = results["servicing"]
-    out += ["", f"Servicing phases vs NICs ({sv['timing']} timing, prelaunch on, median of {sv['repeat']}; ms):", "",
+    out += ["", f"Servicing phases vs NICs ({DeviceTiming.from_dict(sv['timing']).describe()}, prelaunch on, "
+                f"median of {sv['repeat']}; ms):", "",
             "| NICs | path | save | handoff | restore | total |", "|---:|---|---:|---:|---:|---:|"]
     for r in sv["rows"]:
         if r["prelaunch"]:
@@ -105,7 +109,8 @@ def plot_servicing(result: dict, path: pathlib.Path) -> None:
             ax.text(x, top, name, rotation=90, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(nics)), [f"{n} NIC{'s' if n > 1 else ''}" for n in nics])
     ax.set_ylabel("ms (median)")
-    ax.set_title(f"Servicing phases vs NICs ({result['timing']} timing, prelaunch on)")
+    ax.set_title(f"Servicing phases vs NICs ({DeviceTiming.from_dict(result['timing']).describe()}, prelaunch on)",
+                 fontsize=9)
     ax.margins(y=0.25)
     save_plot(fig, ax, path, "y")
 

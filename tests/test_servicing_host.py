@@ -12,7 +12,7 @@ from vfkeep import proc
 from vfkeep.host import control
 
 RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations", "phases_ms",
-               "blackout_ms", "frames_lost", "error"}
+               "blackout_ms", "frames_lost", "timing", "error"}
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from . import __version__
 from . import log as vlog
+from .device.timing import DeviceTiming, timing_from, timing_options
 from .host.traffic import DEFAULT_SIZE
 from .host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
 from .memory import pool_pages_from_env
@@ -75,7 +76,7 @@ def expectations(mode: str, result: dict) -> list[str]:
 
 
 class Demo:
-    def __init__(self, run_dir: str, timing: str, rate: float, nics: int, progress: Progress,
+    def __init__(self, run_dir: str, timing: DeviceTiming, rate: float, nics: int, progress: Progress,
                  datapath: bool = False):
         # Data-path keepalive needs pool room for the kept vports, fixed at boot.
         pool = pool_pages_from_env(os.environ) + DATAPATH_POOL_PAGES_PER_NIC * nics if datapath else None
@@ -103,7 +104,7 @@ class Demo:
                 self.processes.append({"role": role, "pid": pid})
 
     def run(self) -> dict:
-        self.step(f"booting host: {self.nics} NIC(s), {self.timing} timing")
+        self.step(f"booting host: {self.nics} NIC(s), {self.timing.describe()}")
         self.host.start()
         self.done()
         self.step(f"guest traffic: {self.rate:g} frames/s per NIC")
@@ -137,7 +138,7 @@ class Demo:
                                                 since_ns=start - PLOT_BEFORE_MS * 1_000_000,
                                                 until_ns=end + PLOT_AFTER_MS * 1_000_000)
         self.done()
-        return {"vfkeep_demo": 1, "timing": self.timing, "rate_fps": self.rate, "frame_size": DEFAULT_SIZE,
+        return {"vfkeep_demo": 1, "timing": self.timing.to_dict(), "rate_fps": self.rate, "frame_size": DEFAULT_SIZE,
                 "nics": self.nics, "prelaunch": self.host.config.prelaunch, "machine": machine(),
                 "traffic": [_window_stats(s) for s in overall], "runs": runs}
 
@@ -188,7 +189,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("ms since the save request")
     fig.suptitle(f"vfkeep demo: {report['rate_fps']:g} frames/s of {report['frame_size']} B, "
-                 f"{report['timing']} timing", fontsize=11)
+                 f"{DeviceTiming.from_dict(report['timing']).describe()}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -197,7 +198,8 @@ def plot(report: dict, path: pathlib.Path) -> None:
 def table(report: dict) -> Table:
     runs = report["runs"]
     t = Table(title="servicing with and without MANA keepalive", title_justify="left", min_width=64,
-              caption=f"{report['timing']} timing, {report['rate_fps']:g} frames/s of {report['frame_size']} B "
+              caption=f"{DeviceTiming.from_dict(report['timing']).describe()}, {report['rate_fps']:g} "
+                      f"frames/s of {report['frame_size']} B "
                       f"per NIC, {report['nics']} NIC(s)", caption_justify="left")
     t.add_column("")
     for run in runs:
@@ -232,14 +234,13 @@ def _interrupt(signum, frame):
 @click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False),
               help="directory for timeline.png and results.json")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results JSON here")
-@click.option("--timing", type=click.Choice(["natural", "realistic"]), default="realistic", show_default=True,
-              help="device timing profile (realistic: FLR 100 ms, 1 ms per HWC request)")
+@timing_options("realistic")
 @click.option("--rate", type=click.FloatRange(min=1, max=200_000), default=5000, show_default=True,
               help="guest frames per second per NIC")
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--datapath-keepalive", "datapath", is_flag=True,
               help="add a third servicing that also keeps the vport's data-path queues (DESIGN D7)")
-def demo_command(out, json_path, timing, rate, nics, datapath):
+def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, datapath):
     """Guest traffic across a servicing with MANA keepalive and one without: table, plot, JSON."""
     console = Console()
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
@@ -250,7 +251,7 @@ def demo_command(out, json_path, timing, rate, nics, datapath):
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True), transient=True) as progress:
-            demo = Demo(run_dir, timing, rate, nics, progress, datapath)
+            demo = Demo(run_dir, timing_from(timing, hwc_latency_ms, flr_ms), rate, nics, progress, datapath)
             try:
                 report = demo.run()
             finally:

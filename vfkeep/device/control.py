@@ -5,8 +5,8 @@ Each command is `fn(dev, **args) -> dict` and is reachable as
 
 | command | args | reply |
 |---|---|---|
-| `state` | — | summary: `hwc_established`, `hwc` ids, `registered`, `eqs`/`cqs`/`sqs`/`rqs`, `dma_regions`, `vports` (queues, `running`, `posted_rx`, `link_up`, …), `posted_rx`, `backend` (udp: `local_port`), `reset_method`, `timing`, `epoch`, `removed`, `hwc_stalled`, `faults` |
-| `counters` | — | `{counters: {...}, timing}`: `reset_count`, `modelled_flr_ms_total`, `modelled_hwc_ms_total`, frame/byte/drop/fault counters and the QUERY_STATS counters |
+| `state` | — | summary: `hwc_established`, `hwc` ids, `registered`, `eqs`/`cqs`/`sqs`/`rqs`, `dma_regions`, `vports` (queues, `running`, `posted_rx`, `link_up`, …), `posted_rx`, `backend` (udp: `local_port`), `reset_method`, `timing` (`{preset, hwc_latency_ms, flr_ms}`), `epoch`, `removed`, `hwc_stalled`, `faults` |
+| `counters` | — | `{counters: {...}, timing}` (timing: the declared parameters): `reset_count`, `modelled_flr_ms_total`, `modelled_hwc_ms_total`, frame/byte/drop/fault counters and the QUERY_STATS counters |
 | `command_log` | `since` (seq, default 0) | `{entries: [...], last_seq}`; entries have `seq, t, epoch, kind, code, name, status, injected` + details |
 | `fail_request` | `type` (code or name), `mode` once/always/from_epoch, `epoch` | `{rule}` |
 | `clear_faults` | — | `{cleared}` |
@@ -36,7 +36,7 @@ def state(dev) -> dict:
 
 
 def counters(dev) -> dict:
-    return {"counters": dict(dev.counters), "timing": dev.timing.name}
+    return {"counters": dict(dev.counters), "timing": dev.timing.to_dict()}
 
 
 def reset_counters(dev) -> dict:

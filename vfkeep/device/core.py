@@ -18,15 +18,13 @@ Reset and timing (DESIGN D6, vfio-user spec §5.4):
   function state returns to power-on defaults (`_power_on`). Counters, the
   command log, fault rules, link state and surprise removal survive: they
   belong to the test bench / the wire, not to the function.
-- Timing profiles: `natural` models nothing; `realistic` models FLR = 100 ms
-  (PCIe requires software to wait 100 ms after initiating an FLR before it
-  touches the function) and 1 ms per HWC request (a management command is
-  a round trip through the NIC's firmware; about a millisecond makes a fresh
-  bring-up of ~20 requests cost ~20 ms, so what keepalive saves is visible,
-  while tests stay fast). The FLR blocks the device (the function is
-  unavailable while it resets); HWC latency is scheduled on the loop so the
-  data path keeps running. `modelled_flr_ms_total` / `modelled_hwc_ms_total`
-  count the modelled time so tests need no wall clock.
+- Timing (`timing.py`, DESIGN D9): declared parameters, `flr_ms` and
+  `hwc_latency_ms`; presets `natural` (nothing modelled) and `realistic`
+  (FLR 100 ms, 1 ms per HWC request). The FLR blocks the device (the
+  function is unavailable while it resets); HWC latency is scheduled on the
+  loop so the data path keeps running. `modelled_flr_ms_total` /
+  `modelled_hwc_ms_total` count the modelled time, so tests need no wall
+  clock: modelled HWC time = `hwc_requests` x `hwc_latency_ms`.
 
 Queue ids: lowest free per kind from 24; unlike the reference emulator,
 which never returns them, ids go back to their pool when the owning queue is
@@ -41,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 from vfkeep.gdma.constants import (
     DB_CQ,
@@ -73,21 +70,13 @@ from .pci import ConfigSpace, MsixBar
 from .queues import Cq, Eq, IdPool, QueueMemory, Wq
 from .requests import DmaRegions, Refused
 from .smc import Smc
+from .timing import PRESETS, DeviceTiming
 from .vport import Vport
 
 log = logging.getLogger("vfkeep.device")
 
 DEFAULT_MAC = bytes.fromhex("00155d121212")
 
-
-@dataclass(frozen=True)
-class Timing:
-    name: str
-    flr_ms: float
-    hwc_ms: float
-
-
-TIMINGS = {"natural": Timing("natural", 0, 0), "realistic": Timing("realistic", 100, 1)}
 
 COUNTERS = (
     "reset_count", "modelled_flr_ms_total", "modelled_hwc_ms_total",
@@ -110,11 +99,11 @@ class GdmaDevice:
     """One MANA VF: BAR0, SMC, HWC, GDMA/BNIC state, vports and the data path."""
 
     def __init__(self, dma, irq, loop=None, *, vports: int = 1, mac: bytes = DEFAULT_MAC, backend=None,
-                 timing: str = "natural", reset_method: str = "none", name: str = "mana0"):
+                 timing: DeviceTiming | str = "natural", reset_method: str = "none", name: str = "mana0"):
         if vports < 1:
             raise ValueError(f"a device needs at least one vport, got {vports}")
         self.dma, self.irq, self.loop, self.name = dma, irq, loop, name
-        self.timing = TIMINGS[timing]
+        self.timing = PRESETS[timing] if isinstance(timing, str) else timing
         self.reset_method = reset_method
         self.counters: dict[str, int | float] = dict.fromkeys(COUNTERS, 0)
         self.command_log = CommandLog()
@@ -408,7 +397,7 @@ class GdmaDevice:
         return {
             "name": self.name,
             "reset_method": self.reset_method,
-            "timing": self.timing.name,
+            "timing": self.timing.to_dict(),
             "epoch": self.epoch,
             "connected": self.connected,
             "removed": self.removed,
@@ -428,4 +417,4 @@ class GdmaDevice:
         }
 
 
-__all__ = ["GdmaDevice", "Timing", "TIMINGS", "COUNTERS", "DEFAULT_MAC", "RESET_METHODS", "vport_mac"]
+__all__ = ["GdmaDevice", "COUNTERS", "DEFAULT_MAC", "RESET_METHODS", "vport_mac"]

@@ -6,7 +6,7 @@ dispatches (GDMA §9 by code; device-specific §11 only for the registered MANA
 device), posts the SQ CQE, writes `GdmaRespHdr` + body into the receive WQE's
 buffers (at most `resp.msg_size` bytes) and posts the RQ CQE with `HwcRxOob`.
 
-With `--timing realistic` every request costs `timing.hwc_ms` (the WQEs are
+Every request costs the modelled `timing.hwc_latency_ms` (the WQEs are
 taken at once, the request runs and is answered after the delay, on the event
 loop so the data path keeps running); `hwc_stall` stops taking requests.
 
@@ -94,7 +94,7 @@ class Hwc:
                 self.sq.head = swqe.position
                 dev.dma_fault("RQ", self.rq.id)
                 return
-            delay_ms = dev.timing.hwc_ms
+            delay_ms = dev.timing.hwc_latency_ms
             if delay_ms:
                 self.busy = True
                 dev.call_later(delay_ms / 1000, lambda s=swqe, r=rwqe: self._serve_later(s, r))
@@ -111,7 +111,7 @@ class Hwc:
     def serve(self, swqe: WqeRef, rwqe: WqeRef) -> None:
         dev = self.dev
         response = self._execute(swqe, rwqe)
-        dev.counters["modelled_hwc_ms_total"] += dev.timing.hwc_ms
+        dev.counters["modelled_hwc_ms_total"] += dev.timing.hwc_latency_ms
         try:
             self.cq.post(b"", self.sq.id, True)
             oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position)

@@ -20,8 +20,9 @@ from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
 
 from .backends import BackendError, parse_backend
-from .core import DEFAULT_MAC, RESET_METHODS, TIMINGS
+from .core import DEFAULT_MAC, RESET_METHODS
 from .server import ManaVfioDevice
+from .timing import timing_from, timing_options
 
 log = logging.getLogger("vfkeep.device")
 
@@ -42,8 +43,7 @@ def parse_mac(text: str) -> bytes:
 @click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None,
               help="control socket [default: SOCKET.ctl]")
 @click.option("--reset-method", type=click.Choice(RESET_METHODS), default="none", show_default=True)
-@click.option("--timing", type=click.Choice(sorted(TIMINGS)), default="natural", show_default=True,
-              help="realistic: FLR 100 ms, 1 ms per HWC request")
+@timing_options("natural")
 @click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME")
 @click.option("--udp-listen", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="local UDP port of the udp backend (0 = ephemeral, see `state`)")
@@ -51,9 +51,10 @@ def parse_mac(text: str) -> bytes:
 @click.option("--mac", default=DEFAULT_MAC.hex(":"), show_default=True, help="MAC of vport 0 (vport i: +i)")
 @click.option("--pci-id", default=None, help="device name for logs [default: socket file name]")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="log to DIR/device-<name>.log")
-def device_command(socket_path, control_path, reset_method, timing, backend, udp_listen, vports, mac, pci_id,
-                   run_dir) -> None:
+def device_command(socket_path, control_path, reset_method, timing, hwc_latency_ms, flr_ms, backend, udp_listen,
+                   vports, mac, pci_id, run_dir) -> None:
     """Serve a MANA (GDMA) VF emulator over vfio-user."""
+    timing = timing_from(timing, hwc_latency_ms, flr_ms)
     name = pci_id or Path(socket_path).stem
     vlog.setup(f"device-{name}", run_dir)
     try:
@@ -69,7 +70,7 @@ def device_command(socket_path, control_path, reset_method, timing, backend, udp
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     kv(log, logging.INFO, "MANA device serving", name=name, socket=socket_path, reset_method=reset_method,
-       timing=timing, backend=packet_backend.describe(), vports=vports)
+       timing=timing.to_dict(), backend=packet_backend.describe(), vports=vports)
     try:
         server.run()
     finally:

@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from .. import log as vlog
+from ..device.timing import timing_from, timing_options
 from ..log import kv
 from . import control, render
 from .decode import UndecodableState, decode_file
@@ -47,7 +48,7 @@ run_dir_option = click.option("--run-dir", default=default_run_dir, show_default
 @click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME")
 @click.option("--pool-pages", type=click.IntRange(0), default=None,
               help="private pool pages (default: OPENHCL_ENABLE_VTL2_GPA_POOL / ..._CONFIG, else 512)")
-@click.option("--timing", type=click.Choice(["natural", "realistic"]), default="realistic", show_default=True)
+@timing_options("realistic")
 @click.option("--prelaunch/--no-prelaunch", default=True, show_default=True,
               help="start the next worker before the save request (start-up outside the blackout)")
 @click.option("--ring-slots", type=click.IntRange(1, 1 << 20), default=4096, show_default=True,
@@ -57,8 +58,8 @@ run_dir_option = click.option("--run-dir", default=default_run_dir, show_default
 @click.option("--datapath-keepalive", is_flag=True,
               help="workers keep the vport queues and buffers across MANA keepalive (VFKEEP_DATAPATH_KEEPALIVE=1; "
                    "default pool +160 pages per NIC)")
-def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, ring_slots, worker_cmd, worker_env,
-                datapath_keepalive):
+def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_ms, flr_ms, prelaunch, ring_slots,
+                worker_cmd, worker_env, datapath_keepalive):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach."""
     from .console import HostConsole
     from .vmm import Host, HostConfig
@@ -66,7 +67,8 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, prelaunch, r
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     vlog.setup("host", run_dir)
-    config = HostConfig(run_dir=run_dir, nics=nics, backend=backend, pool_pages=pool_pages, timing=timing,
+    config = HostConfig(run_dir=run_dir, nics=nics, backend=backend, pool_pages=pool_pages,
+                        timing=timing_from(timing, hwc_latency_ms, flr_ms),
                         prelaunch=prelaunch, ring_slots=ring_slots, worker_cmd=worker_cmd,
                         worker_env=_env_pairs(worker_env, "--worker-env"), datapath_keepalive=datapath_keepalive)
     stop = threading.Event()

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 from .. import proc
+from ..device.timing import DeviceTiming
 from ..log import kv
 from ..vfio_user.control import control_call
 
@@ -29,15 +30,15 @@ class DeviceProcess:
         self.control = socket + ".ctl"
 
     @classmethod
-    def spawn(cls, index: int, run_dir: str, backend: str, timing: str) -> "DeviceProcess":
+    def spawn(cls, index: int, run_dir: str, backend: str, timing: DeviceTiming) -> "DeviceProcess":
         """Start the emulator with reset_method=none: its state survives a driver disconnect."""
         sock = os.path.join(run_dir, f"nic{index}.sock")
         argv = proc.vfkeep_argv("device", "--socket", sock, "--control", sock + ".ctl", "--reset-method", "none",
-                                "--timing", timing, "--backend", backend, "--run-dir", run_dir)
+                                *timing.to_args(), "--backend", backend, "--run-dir", run_dir)
         with open(os.path.join(run_dir, f"device-nic{index}.stderr"), "ab") as err:
             child = proc.spawn(argv, stdout=err, stderr=err)
         kv(log, logging.INFO, "device spawned", index=index, pid=child.pid, socket=sock, backend=backend,
-           timing=timing)
+           timing=timing.to_dict())
         return cls(index, child, sock)
 
     def wait_ready(self, timeout: float) -> None:
@@ -47,15 +48,17 @@ class DeviceProcess:
         return control_call(self.control, cmd, timeout=timeout, **args)
 
     def snapshot(self) -> dict:
-        """The device's own reset counter and command-log position, to diff across a servicing."""
-        return {"reset_count": self.call("counters")["counters"]["reset_count"],
+        """The device's own counters and command-log position, to diff across a servicing."""
+        return {"counters": self.call("counters")["counters"],
                 "log_seq": self.call("command_log", since=1 << 62)["last_seq"]}
 
     def since(self, before: dict) -> dict:
-        """What the device saw since `before`: FLRs and the new command-log entries."""
-        reset_count = self.call("counters")["counters"]["reset_count"]
+        """What the device saw since `before`: FLRs, HWC requests and the new command-log entries."""
+        counters = self.call("counters")["counters"]
         entries = self.call("command_log", since=before["log_seq"])["entries"]
-        return {"device_reset": reset_count > before["reset_count"],
+        grew = {k: counters[k] - before["counters"][k] for k in ("reset_count", "hwc_requests", "smc_messages")}
+        return {"device_reset": grew["reset_count"] > 0, "device_resets": grew["reset_count"],
+                "hwc_requests": grew["hwc_requests"], "smc_messages": grew["smc_messages"],
                 "hwc_established": any(e.get("name") == ESTABLISH_HWC for e in entries),
                 "commands": [e.get("name") for e in entries]}
 

@@ -7,6 +7,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
+from ..device.timing import DeviceTiming
+
 PATH_STYLE = {"keepalive": "green", "fresh": "yellow", "fallback": "red"}
 
 
@@ -18,12 +20,14 @@ def servicing_table(result: dict) -> Table:
              f"save {ph['save']:.1f} ms, handoff {ph['handoff']:.1f} ms, restore {ph['restore']:.1f} ms, "
              f"total {ph['total']:.1f} ms")
     t = Table(title=title, title_justify="left")
-    for col in ("pci_id", "restore path", "device reset", "HWC established", "error"):
+    for col in ("pci_id", "restore path", "device reset", "HWC established", "HWC requests", "error"):
         t.add_column(col)
     for n in result["nics"]:
         style = PATH_STYLE.get(n["restore_path"], "")
         t.add_row(n["pci_id"], f"[{style}]{n['restore_path']}[/{style}]", _yn(n["device_reset"]),
-                  _yn(n["hwc_established"]), n["error"] or "")
+                  _yn(n["hwc_established"]), str(n.get("hwc_requests", "")), n["error"] or "")
+    if result.get("timing"):
+        t.caption, t.caption_justify = "device " + DeviceTiming.from_dict(result["timing"]).describe(), "left"
     return t
 
 

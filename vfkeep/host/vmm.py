@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from .. import __version__, proc
 from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
+from ..device.timing import PRESETS, DeviceTiming
 from ..log import kv
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
 from ..memory.pool_config import POOL_CONFIG_ENV, POOL_OVERRIDE_ENV
@@ -63,7 +64,7 @@ class HostConfig:
     nics: int = 1
     backend: str = "loopback"
     pool_pages: int | None = None
-    timing: str = "realistic"
+    timing: DeviceTiming = PRESETS["realistic"]
     prelaunch: bool = True
     ring_slots: int = DEFAULT_RING_SLOTS
     worker_cmd: str | None = None
@@ -428,11 +429,12 @@ class Host:
             seen = dev.since(snap)
             out.append({"pci_id": n["pci_id"], "restore_path": n["restore_path"],
                         "device_reset": seen["device_reset"], "hwc_established": seen["hwc_established"],
-                        "error": n.get("error")})
+                        "device_resets": seen["device_resets"], "hwc_requests": seen["hwc_requests"],
+                        "smc_messages": seen["smc_messages"], "error": n.get("error")})
         blackout_ms, frames_lost = self._traffic_window(*window)
         return {"ok": ok, "mana_keepalive": bool(mana), "nvme_keepalive": bool(nvme), "nics": out,
                 "unclaimed_pool_allocations": unclaimed, "phases_ms": phases, "blackout_ms": blackout_ms,
-                "frames_lost": frames_lost, "error": error}
+                "frames_lost": frames_lost, "timing": self.config.timing.to_dict(), "error": error}
 
     def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
         """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agents
@@ -490,7 +492,7 @@ class Host:
                 entry["error"] = str(e)
             devices.append(entry)
         return {"host": {"pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
-                         "prelaunch": self.config.prelaunch, "timing": self.config.timing,
+                         "prelaunch": self.config.prelaunch, "timing": self.config.timing.to_dict(),
                          "backend": self.config.backend, "memory": self.mem.layout.to_str(),
                          "channel": self.channel_layout.to_str() if self.channel_layout else None,
                          "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}

@@ -1,0 +1,75 @@
+"""The declared device timing model (DESIGN D9): parameters, presets, and that they reach the device.
+
+Modelled time is checked from the device's own counters (requests x latency), never the wall clock.
+"""
+import pytest
+
+from device_driver_helper import Pages, TestDriver, in_process_device
+from servicing_helpers import HostRun
+from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
+from vfkeep.gdma.constants import GDMA_QUERY_MAX_RESOURCES
+from vfkeep.memory import MemoryLayout
+
+LAYOUT = MemoryLayout(guest_pages=64, worker_pages=256, pool_pages=0)
+
+
+def test_presets_are_named_values_and_overrides_make_custom():
+    assert timing_from("realistic") == DeviceTiming(hwc_latency_ms=1.0, flr_ms=100.0)
+    assert timing_from("natural").to_dict() == {"preset": "natural", "hwc_latency_ms": 0.0, "flr_ms": 0.0}
+    custom = timing_from("realistic", hwc_latency_ms=0.25)
+    assert custom.to_dict() == {"preset": "custom", "hwc_latency_ms": 0.25, "flr_ms": 100.0}
+    assert timing_from("natural", hwc_latency_ms=1, flr_ms=100).preset == "realistic"  # values, not the name
+    assert DeviceTiming.from_dict(custom.to_dict()) == custom
+    assert custom.to_args() == ["--hwc-latency-ms", "0.25", "--flr-ms", "100"]
+    for bad in ({"hwc_latency_ms": -1}, {"flr_ms": -0.5}, {"hwc_latency_ms": 10_001}):
+        with pytest.raises(ValueError, match="must be in"):
+            DeviceTiming(**bad)
+    assert set(PRESETS) == {"natural", "realistic"}
+
+
+def test_in_process_device_models_the_declared_latency(mem):
+    class Loop:
+        def __init__(self):
+            self.timers = []
+
+        def call_later(self, delay, cb):
+            self.timers.append((delay, cb))
+
+    loop = Loop()
+    device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=0.25, flr_ms=10),
+                                     reset_method="flr")
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.2)
+    drv.establish_hwc()
+    drv.irq(0)
+    drv.mem.write(drv.req_page, bytes(40))
+    with pytest.raises(TimeoutError):  # the answer waits for the loop
+        drv.send_request(GDMA_QUERY_MAX_RESOURCES)
+    assert [d for d, _ in loop.timers] == [0.00025]
+    loop.timers.pop()[1]()
+    assert drv.hwc_cq.poll() is not None
+    assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 0.25 == 0.25
+    device.flr("test")
+    device.flr("test")
+    assert device.counters["modelled_flr_ms_total"] == 20 and device.counters["reset_count"] == 2
+    assert device.state()["timing"] == {"preset": "custom", "hwc_latency_ms": 0.25, "flr_ms": 10.0}
+
+
+def test_run_passes_the_parameters_to_the_device_and_reports_them(tmp_path):
+    host = HostRun(tmp_path / "run", "--hwc-latency-ms", "0.5", "--flr-ms", "20")
+    try:
+        want = {"preset": "custom", "hwc_latency_ms": 0.5, "flr_ms": 20.0}
+        assert host.inspect("host/timing") == want
+        before = host.device_control(0, "counters")["counters"]
+        # Saved state the next worker does not restore: NoReset fails on the live HWC, FLR, fresh init.
+        r = host.service(mana_keepalive=True, next_env={"OPENHCL_MANA_KEEP_ALIVE": "disabled"})
+        assert r["ok"] and r["timing"] == want
+        nic, = r["nics"]
+        reply = host.device_control(0, "counters")
+        c = reply["counters"]
+        assert reply["timing"] == want
+        assert nic["restore_path"] == "fresh" and nic["device_resets"] == c["reset_count"] - before["reset_count"] == 1
+        assert nic["hwc_requests"] == c["hwc_requests"] - before["hwc_requests"] > 0
+        assert c["modelled_hwc_ms_total"] == c["hwc_requests"] * 0.5
+        assert c["modelled_flr_ms_total"] == c["reset_count"] * 20
+    finally:
+        host.stop()
