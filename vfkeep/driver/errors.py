@@ -1,6 +1,7 @@
 """Typed driver errors, so the worker can pick a recovery (fallback, FLR, no saved state) by type."""
 from __future__ import annotations
 
+from vfkeep import savestate
 from vfkeep.vfio_user import VfioClientError
 
 
@@ -58,7 +59,7 @@ class BringUpError(DriverError):
     """HWC bring-up events or device answers are missing or inconsistent."""
 
 
-class SaveFailed(DriverError):
+class SaveFailed(DriverError, savestate.SaveError):
     """The driver cannot be saved; the device must be shut down or reset instead."""
 
 
@@ -70,7 +71,11 @@ class SaveRefusedResetPending(SaveFailed):
     """A VF reset request is pending: "cannot save/restore with HWC reset request pending"."""
 
 
-class RestoreError(DriverError):
+class RestoreError(DriverError, savestate.RestoreError):
+    """The saved device could not be taken over; the worker falls back to FLR and a fresh init."""
+
+
+class InvalidSavedState(RestoreError, savestate.InvalidSavedState):
     """Saved driver state is malformed or does not match this boot; nothing was written to guest memory."""
 
 

@@ -43,6 +43,7 @@ from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaR
 from vfkeep.log import kv
 from vfkeep.memory import MemoryBlock
 from vfkeep.memory.dma_manager import DmaClient
+from vfkeep.proto import mana_driver_pb2
 
 from .backing import DeviceBacking, Interrupts
 from .errors import (DEVICE_ERRORS, BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout,
@@ -173,22 +174,27 @@ class GdmaDriver:
         return drv
 
     @classmethod
-    def restore(cls, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: MemoryBlock, *, eq: CqEq, cq: CqEq,
-                rq: Wq, sq: Wq, db_id: int, pdid: int, gpa_mkey: int, activity_id: int, num_msix: int,
-                min_queue_avail: int, link_toggle: list[tuple[int, bool]]) -> GdmaDriver:
-        """Re-attach to an HWC the device kept alive: no ESTABLISH_HWC, no bring-up events, no new receive
-        WQE (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3)."""
+    def restore(cls, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: MemoryBlock,
+                state: mana_driver_pb2.GdmaDriverSavedState) -> GdmaDriver:
+        """Re-attach to an HWC the device kept alive, from state `save_restore.validate_gdma_state` accepted:
+        the four queues on pages 0-3 of `hwc_mem`, no ESTABLISH_HWC, no bring-up events, no new receive WQE
+        (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3, gdma 13.3)."""
         drv = cls(backing, layout, hwc_mem)
+        s = state
+        eq = CqEq.restore("eq", s.eq, drv.queue_memory(DRV_HWC_EQ_PAGE), drv.doorbell_page(s.eq.doorbell.doorbell_id))
+        cq = CqEq.restore("cq", s.cq, drv.queue_memory(DRV_HWC_CQ_PAGE), drv.doorbell_page(s.cq.doorbell.doorbell_id))
+        rq = Wq.restore("rq", s.rq, drv.queue_memory(DRV_HWC_RQ_PAGE), drv.doorbell_page(s.rq.doorbell.doorbell_id))
+        sq = Wq.restore("sq", s.sq, drv.queue_memory(DRV_HWC_SQ_PAGE), drv.doorbell_page(s.sq.doorbell.doorbell_id))
         drv.established = True
         drv.hwc = HwcQueues(eq, cq, rq, sq)
-        drv.db_id, drv.pdid, drv.gpa_mkey = db_id, pdid, gpa_mkey
-        drv.activity_id, drv.num_msix, drv.min_queue_avail = activity_id, num_msix, min_queue_avail
-        drv.events.link_toggle = list(link_toggle)
+        drv.db_id, drv.pdid, drv.gpa_mkey = s.db_id, s.pdid, s.gpa_mkey
+        drv.activity_id, drv.num_msix, drv.min_queue_avail = s.hwc_activity_id, s.num_msix, s.min_queue_avail
+        drv.events.link_toggle = [(t.vport_index, t.link_up) for t in s.link_toggle]
         drv.irq.map(DRV_HWC_MSIX)
         eq.arm()
         cq.arm()
         kv(log, logging.INFO, "gdma driver restored", eq=eq.id, cq=cq.id, rq=rq.id, sq=sq.id,
-           base_pfn=hwc_mem.base_pfn, activity_id=hex(activity_id))
+           base_pfn=hwc_mem.base_pfn, activity_id=hex(drv.activity_id))
         return drv
 
     def queue_memory(self, page_index: int) -> memoryview:
@@ -589,7 +595,7 @@ class GdmaDriver:
         self.request(GDMA_CHANGE_MSIX_FOR_EQ, dev_id, GdmaChangeMsixVectorIndexForEq(queue_index=eq_id, msix=msix))
 
     # -- save and teardown (servicing spec 5.3) ------------------------------------------------
-    def check_savable(self) -> None:
+    def _check_savable(self) -> None:
         """Refuse save after an HWC failure or with a reset request pending (looks at new events first)."""
         with self._lock:
             if not self.hwc_failure and not self.closed:
@@ -604,8 +610,21 @@ class GdmaDriver:
             if not self.hwc_mem.persistent:
                 raise SaveFailed(f"HWC buffer at pfn {self.hwc_mem.base_pfn} is not from the private pool")
 
-    def mark_saved(self) -> None:
+    def save(self) -> mana_driver_pb2.GdmaDriverSavedState:
+        """Everything a new driver needs to re-attach to this HWC (servicing spec 7.2). Refused (`SaveFailed`
+        subclasses) after an HWC failure or with a reset request pending; once saved, `close()` leaves the
+        HWC running and its buffer allocated for the next driver."""
+        self._check_savable()
+        hwc = self.hwc
+        state = mana_driver_pb2.GdmaDriverSavedState(
+            eq=hwc.eq.save(), cq=hwc.cq.save(), rq=hwc.rq.save(), sq=hwc.sq.save(), db_id=self.db_id,
+            gpa_mkey=self.gpa_mkey, pdid=self.pdid, hwc_activity_id=self.activity_id, num_msix=self.num_msix,
+            min_queue_avail=self.min_queue_avail)
+        state.mem.base_pfn, state.mem.len = self.hwc_mem.base_pfn, HWC_BUFFER_LEN
+        for vport_index, up in self.events.link_toggle:
+            state.link_toggle.add(vport_index=vport_index, link_up=up)
         self.saved = True
+        return state
 
     def close(self) -> None:
         """Teardown by the table of servicing spec 5.3, then release the handle (never a reset from here).

@@ -24,10 +24,12 @@ from vfkeep.proto import mana_driver_pb2
 
 from .backing import DeviceBacking
 from .bnic_driver import BnicDriver
-from .errors import DEVICE_ERRORS, BringUpError, CreateFailed, DriverError, RestoreError, RestoredMemoryNotFound
+from .errors import (DEVICE_ERRORS, BringUpError, CreateFailed, DriverError, InvalidSavedState, RestoreError,
+                     RestoredMemoryNotFound)
 from .gdma_driver import GdmaDriver, map_bar0
-from .save_restore import check_hwc_block, decode_device_state, restore_gdma, save_gdma, validate_gdma_state
-from .vport import SAVED_BLOCKS, Vport, VportConfig, validate_vport_state, vport_block_sizes
+from .save_restore import (check_hwc_block, decode_device_state, validate_gdma_state, validate_vport_state,
+                           vport_block_sizes)
+from .vport import SAVED_BLOCKS, Vport, VportConfig
 
 log = logging.getLogger("vfkeep.driver.mana")
 
@@ -111,7 +113,7 @@ class ManaDevice:
         try:
             state = decode_device_state(saved)
             if not state.HasField("gdma"):
-                raise RestoreError("saved mana device state has no gdma state")
+                raise InvalidSavedState("saved mana device state has no gdma state")
             layout = map_bar0(backing)
             validate_gdma_state(state.gdma, layout, dma.mem.layout.pool, backing.msix_count)
             for v in state.vports:
@@ -127,7 +129,7 @@ class ManaDevice:
             raise
         kept_blocks = [b for group in kept for b in group]
         try:
-            gdma = restore_gdma(backing, layout, hwc_mem, state.gdma)
+            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma)
         except BaseException:
             for block in (hwc_mem, *kept_blocks):
                 block.free()
@@ -172,8 +174,8 @@ class ManaDevice:
         """Resume the kept vports (DESIGN D7) over their re-attached blocks, once all indices check out."""
         for state in states:
             if state.vport_index >= self.num_vports or state.vport_index in self.vports:
-                raise RestoreError(f"saved vport {state.vport_index} is not a free vport of the device's "
-                                   f"{self.num_vports}")
+                raise InvalidSavedState(f"saved vport {state.vport_index} is not a free vport of the device's "
+                                        f"{self.num_vports}")
         for state, blocks in zip(states, groups):
             Vport.restore(self, state, blocks)
 
@@ -281,12 +283,10 @@ class ManaDevice:
         for vport in list(self.vports.values()):
             if vport not in keep:
                 vport.close()
-        self.gdma.check_savable()
-        state = mana_driver_pb2.ManaDeviceSavedState(gdma=save_gdma(self.gdma))
+        state = mana_driver_pb2.ManaDeviceSavedState(gdma=self.gdma.save())
         for vport in keep:
             state.vports.append(vport.save())
         self.kept_vports = keep
-        self.gdma.mark_saved()
         self.closed = True
         try:
             self.gdma.close()
@@ -352,8 +352,8 @@ def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSa
             for part, m, size in zip(SAVED_BLOCKS, v.mem, vport_block_sizes(v)):
                 block = by_pfn.pop(m.base_pfn, None)  # popped: no block serves twice
                 if block is None or block.len < size:
-                    raise RestoreError(f"saved vport {v.vport_index} {part} block at pfn {m.base_pfn} is not a "
-                                       f"re-attached block of at least {size} bytes")
+                    raise InvalidSavedState(f"saved vport {v.vport_index} {part} block at pfn {m.base_pfn} is not "
+                                            f"a re-attached block of at least {size} bytes")
                 group.append(block)
             groups.append(group)
     except RestoreError:

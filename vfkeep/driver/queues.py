@@ -3,7 +3,8 @@ WQ producers with free-running byte counters.
 
 Queues live in DMA memory (a memoryview over guest memory); the device is told about them either by
 ESTABLISH_HWC (the HWC's four pages) or by CREATE_QUEUE / CREATE_WQ_OBJ. Every counter is a u32 that
-wraps like the hardware's, so the state saved at servicing can be taken over by the next driver as is.
+wraps like the hardware's, so the state saved at servicing (`save()`) can be taken over by the next driver
+as is (`restore(...)`, on state that `save_restore` validated).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Literal, Protocol
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, WQE_ALIGNMENT
 from vfkeep.gdma.queues import Cqe, Eqe, cq_eq_doorbell_tail, owner_state
 from vfkeep.gdma.regs import CqEqDoorbellValue, WqDoorbellValue, doorbell_address
+from vfkeep.proto import mana_driver_pb2
 
 from .errors import QueueOverflow
 
@@ -49,6 +51,9 @@ class DoorbellPage:
         # Posted: the server handles messages in order, so the next read or reply flushes it.
         self.bar0.write64(address, value, posted=True)
 
+    def save(self) -> mana_driver_pb2.DoorbellSavedState:
+        return mana_driver_pb2.DoorbellSavedState(doorbell_id=self.page_id, page_count=self.page_count)
+
 
 class CqEq:
     """Consumer of a CQ (64-byte CQEs) or EQ (16-byte EQEs).
@@ -70,6 +75,16 @@ class CqEq:
         self.next = size if next_offset is None else next_offset
         self._entry = Cqe if kind == "cq" else Eqe
         self.bind(queue_id, doorbell)
+
+    @classmethod
+    def restore(cls, kind: Literal["cq", "eq"], state: mana_driver_pb2.CqEqSavedState, mem: memoryview,
+                doorbell: DoorbellPage) -> CqEq:
+        """The consumer a previous driver saved, over the same memory (its first `state.size` bytes)."""
+        return cls(kind, mem[:state.size], state.id, doorbell, state.next)
+
+    def save(self) -> mana_driver_pb2.CqEqSavedState:
+        return mana_driver_pb2.CqEqSavedState(doorbell=self.doorbell.save(), doorbell_addr=self.doorbell_offset,
+                                              id=self.id, next=self.next, size=self.size, shift=self.shift)
 
     def bind(self, queue_id: int, doorbell: DoorbellPage | None) -> None:
         """Set id and doorbell; the HWC EQ learns both only from its own first events."""
@@ -138,6 +153,16 @@ class Wq:
         self._db_addr = doorbell.address(self.doorbell_offset)
         self.head = size if head is None else head
         self.tail = tail
+
+    @classmethod
+    def restore(cls, kind: Literal["sq", "rq"], state: mana_driver_pb2.WqSavedState, mem: memoryview,
+                doorbell: DoorbellPage) -> Wq:
+        """The producer a previous driver saved, over the same memory (its first `state.mask + 1` bytes)."""
+        return cls(kind, mem[:state.mask + 1], state.id, doorbell, state.head, state.tail)
+
+    def save(self) -> mana_driver_pb2.WqSavedState:
+        return mana_driver_pb2.WqSavedState(doorbell=self.doorbell.save(), doorbell_addr=self.doorbell_offset,
+                                            id=self.id, head=self.head, tail=self.tail, mask=self.mask)
 
     @property
     def available(self) -> int:

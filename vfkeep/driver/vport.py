@@ -18,22 +18,19 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY, DB_CQ,
-                                   DB_EQ, DB_RQ, DB_SQ, DRV_DATA_EQ_SIZE, DRV_DATA_RX_CQ_SIZE, DRV_DATA_RX_WQ_SIZE,
-                                   DRV_DATA_TX_CQ_SIZE, DRV_DATA_TX_WQ_SIZE, DRV_DMA_REGION_MAX_PAGES,
-                                   DRV_RX_MAX_POSTED, GDMA_RQ, GDMA_SQ, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT,
-                                   PAGE_SIZE, Tristate)
+from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY,
+                                   DRV_DATA_EQ_SIZE, DRV_DATA_RX_CQ_SIZE, DRV_DATA_RX_WQ_SIZE, DRV_DATA_TX_CQ_SIZE,
+                                   DRV_DATA_TX_WQ_SIZE, DRV_DMA_REGION_MAX_PAGES, DRV_RX_MAX_POSTED, GDMA_RQ, GDMA_SQ,
+                                   MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT, PAGE_SIZE, Tristate)
 from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxCompOob, ManaTxLongOob, ManaTxOob,
                                   ManaTxShortOob, ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
-from vfkeep.memory import MemoryBlock, Region
+from vfkeep.memory import MemoryBlock
 from vfkeep.proto import mana_driver_pb2
 
-from .errors import DEVICE_ERRORS, BadFrame, RestoreError, VportError
-from .gdma_driver import Bar0Layout
-from .queues import CQE_SIZE, EQE_SIZE, CqEq, DoorbellPage, Wq, is_power_of_two
-from .save_restore import VPORT_INDEX_LIMIT, check_cq_eq, check_wq, save_cq_eq, save_wq
+from .errors import DEVICE_ERRORS, BadFrame, VportError
+from .queues import CQE_SIZE, CqEq, DoorbellPage, Wq, is_power_of_two
 
 if TYPE_CHECKING:
     from .mana import ManaDevice
@@ -403,8 +400,8 @@ class Vport:
         state = mana_driver_pb2.VportSavedState(
             vport_index=self.index, vport_handle=self.handle, tx_vport_offset=self.tx_vport_offset,
             mac=int.from_bytes(self.mac, "big"),
-            vector=self.vector, eq=save_cq_eq(self._eq), tx_cq=save_cq_eq(self._tx_cq),
-            rx_cq=save_cq_eq(self._rx_cq), sq=save_wq(self._sq), rq=save_wq(self._rq), tx_wq_obj=self._tx_obj,
+            vector=self.vector, eq=self._eq.save(), tx_cq=self._tx_cq.save(),
+            rx_cq=self._rx_cq.save(), sq=self._sq.save(), rq=self._rq.save(), tx_wq_obj=self._tx_obj,
             rx_wq_obj=self._rx_obj, buffer_size=self.max_frame, tx_buffers=self._tx_nbuf,
             rx_buffers=self._rx_nbuf, short_form=self._short, tx_posted=self._tx_posted, tx_done=self._tx_done,
             rx_done=self._rx_done, direction_to_vtl0=self.direction_to_vtl0)
@@ -424,8 +421,9 @@ class Vport:
 
     @classmethod
     def restore(cls, dev: ManaDevice, state: mana_driver_pb2.VportSavedState, blocks: list[MemoryBlock]) -> Vport:
-        """Rebuild a kept vport over its re-attached pool blocks (state checked by `validate_vport_state`,
-        blocks in `SAVED_BLOCKS` order): re-map its MSI-X vector and re-arm its EQ and CQs; no queue command."""
+        """Rebuild a kept vport over its re-attached pool blocks (state checked by
+        `save_restore.validate_vport_state`, blocks in `SAVED_BLOCKS` order): re-map its MSI-X vector and
+        re-arm its EQ and CQs; no queue command."""
         gdma = dev.gdma
         cfg = VportConfig(eq_size=state.eq.size, tx_wq_size=state.sq.mask + 1, tx_cq_size=state.tx_cq.size,
                           rx_wq_size=state.rq.mask + 1, rx_cq_size=state.rx_cq.size, buffer_size=state.buffer_size)
@@ -433,21 +431,16 @@ class Vport:
         v.vector, v.handle, v.mac = state.vector, state.vport_handle, state.mac.to_bytes(6, "big")
         v.tx_vport_offset, v.direction_to_vtl0 = state.tx_vport_offset, state.direction_to_vtl0
         v._blocks = list(blocks)
-        mem = dict(zip(SAVED_BLOCKS, blocks))
+        blk = dict(zip(SAVED_BLOCKS, blocks))
         doorbell = gdma.doorbell_page(state.eq.doorbell.doorbell_id)
-
-        def cq_eq(kind, q, name):
-            return CqEq(kind, mem[name].view[:q.size], q.id, doorbell, q.next)
-
-        def wq(kind, q, name):
-            return Wq(kind, mem[name].view[:q.mask + 1], q.id, doorbell, q.head, q.tail)
-
-        v._eq, v._eq_id = cq_eq("eq", state.eq, "eq"), state.eq.id
-        v._sq, v._tx_cq = wq("sq", state.sq, "sq"), cq_eq("cq", state.tx_cq, "tx_cq")
-        v._rq, v._rx_cq = wq("rq", state.rq, "rq"), cq_eq("cq", state.rx_cq, "rx_cq")
+        v._eq, v._eq_id = CqEq.restore("eq", state.eq, blk["eq"].view, doorbell), state.eq.id
+        v._sq = Wq.restore("sq", state.sq, blk["sq"].view, doorbell)
+        v._tx_cq = CqEq.restore("cq", state.tx_cq, blk["tx_cq"].view, doorbell)
+        v._rq = Wq.restore("rq", state.rq, blk["rq"].view, doorbell)
+        v._rx_cq = CqEq.restore("cq", state.rx_cq, blk["rx_cq"].view, doorbell)
         v._tx_obj, v._rx_obj, v._rx_enabled = state.tx_wq_obj, state.rx_wq_obj, True
-        v._format_tx(state.short_form, mem["tx_buffers"], write=False)
-        v._format_rx(mem["rx_buffers"], write=False)
+        v._format_tx(state.short_form, blk["tx_buffers"], write=False)
+        v._format_rx(blk["rx_buffers"], write=False)
         v._tx_posted, v._tx_done, v._rx_done = state.tx_posted, state.tx_done, state.rx_done
         dev.vports[v.index] = v
         gdma.irq.map(v.vector)
@@ -489,61 +482,3 @@ class Vport:
         self._blocks.clear()
         self.dev._vport_closed(self)
         kv(log, logging.INFO, "vport closed", vport=self.index, released=release, **asdict(self.stats))
-
-
-def validate_vport_state(state: mana_driver_pb2.VportSavedState, layout: Bar0Layout, pool: Region, db_id: int,
-                         num_msix: int) -> None:
-    """Reject a kept vport (DESIGN D7) whose ids, sizes, counters or memory could make the driver touch
-    anything it must not; `Vport.restore` then only trusts what passed. Block presence and size in the
-    re-attached pool are checked when the blocks are attached."""
-    name = f"vport {state.vport_index}"
-    if state.vport_index >= VPORT_INDEX_LIMIT:
-        raise RestoreError(f"saved {name}: index does not fit 24 bits")
-    for part in ("eq", "tx_cq", "rx_cq", "sq", "rq"):
-        if not state.HasField(part):
-            raise RestoreError(f"saved {name} has no {part}")
-        if getattr(state, part).doorbell.doorbell_id != db_id:
-            raise RestoreError(f"saved {name} {part} doorbell page is not the device's db_id {db_id}")
-    if state.mac >> 48:
-        raise RestoreError(f"saved {name} mac {state.mac:#x} is wider than 48 bits")
-    if not state.vector < num_msix:
-        raise RestoreError(f"saved {name} vector {state.vector} is not below the {num_msix} vectors in use")
-    if not 64 <= state.buffer_size <= 65535:
-        raise RestoreError(f"saved {name} buffer size {state.buffer_size} is not in [64, 65535]")
-    check_cq_eq(f"{name} eq", state.eq, EQE_SIZE, DB_EQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
-    check_cq_eq(f"{name} tx_cq", state.tx_cq, CQE_SIZE, DB_CQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
-    check_cq_eq(f"{name} rx_cq", state.rx_cq, CQE_SIZE, DB_CQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
-    tx_len = tx_wqe_len(state.short_form)
-    ntx, nrx = buffer_counts(state.sq.mask + 1, state.tx_cq.size, state.rq.mask + 1, state.rx_cq.size,
-                             state.short_form)
-    if (state.tx_buffers, state.rx_buffers) != (ntx, nrx) or not (is_power_of_two(ntx) and is_power_of_two(nrx)):
-        raise RestoreError(f"saved {name} buffer counts {state.tx_buffers}/{state.rx_buffers} do not match its "
-                           f"queues ({ntx}/{nrx}, powers of two)")
-    outstanding = state.tx_posted - state.tx_done
-    if not 0 <= outstanding <= ntx:
-        raise RestoreError(f"saved {name} has {outstanding} sends outstanding, not in [0, {ntx}]")
-    check_wq(f"{name} sq", state.sq, tx_len, outstanding * tx_len, DB_SQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
-    check_wq(f"{name} rq", state.rq, RX_WQE_LEN, nrx * RX_WQE_LEN, DB_RQ, layout, PAGE_SIZE, MAX_QUEUE_SIZE)
-    if state.sq.tail % tx_len or state.rq.tail % RX_WQE_LEN or state.rq.head % RX_WQE_LEN:
-        raise RestoreError(f"saved {name} ring positions are not whole WQEs")
-    sq_positions = (state.sq.mask + 1) // tx_len
-    if (state.sq.tail // tx_len - state.tx_posted) % sq_positions:
-        raise RestoreError(f"saved {name} sq tail {state.sq.tail} does not match {state.tx_posted} sends posted")
-    if (state.rq.tail // RX_WQE_LEN - state.rx_done - nrx) % ((state.rq.mask + 1) // RX_WQE_LEN):
-        raise RestoreError(f"saved {name} rq tail {state.rq.tail} does not match {state.rx_done} receives done")
-    sizes = vport_block_sizes(state)
-    if len(state.mem) != len(sizes):
-        raise RestoreError(f"saved {name} has {len(state.mem)} memory blocks, expected {len(sizes)}")
-    for part, m, size in zip(SAVED_BLOCKS, state.mem, sizes):
-        pages = -(-size // PAGE_SIZE)
-        if m.len != pages * PAGE_SIZE:
-            raise RestoreError(f"saved {name} {part} block length {m.len} is not {pages} pages")
-        if not pool.contains_pfn(m.base_pfn, pages):
-            raise RestoreError(f"saved {name} {part} block pfn {m.base_pfn} (+{pages} pages) lies outside the "
-                               f"private pool pfns [{pool.base_pfn}, {pool.end_pfn})")
-
-
-def vport_block_sizes(state: mana_driver_pb2.VportSavedState) -> list[int]:
-    """Bytes each kept block must hold, in `SAVED_BLOCKS` order."""
-    return [state.eq.size, state.sq.mask + 1, state.tx_cq.size, state.rq.mask + 1, state.rx_cq.size,
-            state.tx_buffers * state.buffer_size, state.rx_buffers * state.buffer_size]

@@ -15,7 +15,8 @@ from typing import Mapping
 
 
 from vfkeep.log import kv
-from vfkeep.proto import dma_manager_pb2, parse_saved
+from vfkeep.proto import dma_manager_pb2
+from vfkeep.savestate import parse_saved
 
 from .errors import (ClientClosed, DeviceNameInUse, InvalidSize, NoPrivatePool, NotPersistent, RestoreError,
                      UnrestoredAllocations)

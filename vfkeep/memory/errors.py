@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vfkeep import savestate
+
 if TYPE_CHECKING:
     from .dma_manager import UnclaimedAllocation
 
@@ -39,11 +41,11 @@ class NotPersistent(DmaError):
     """Pool-only operation (attach_pending_buffers) on an ephemeral, worker-RAM client (spec 6.2)."""
 
 
-class SaveFailed(DmaError):
+class SaveFailed(DmaError, savestate.SaveError):
     """The DMA manager cannot be saved in its current state (e.g. a slot still pending restore)."""
 
 
-class RestoreError(DmaError):
+class RestoreError(DmaError, savestate.RestoreError):
     """Saved DMA-manager state is malformed, does not fit this boot's pool, or came too late."""
 
 
