@@ -243,7 +243,7 @@ def test_bnic_requests(up):
     assert drv.mana(MANA_VTL2_QUERY_FILTER_STATE, ManaQueryFilterStateReq(vport=0).to_bytes(),
                     ManaQueryFilterStateResponse).direction_to_vtl0 == 1
     assert device.vports[0].serial_no == 77
-    assert status(drv, MANA_FENCE_RQ, bytes(8)) == 1
+    assert status(drv, MANA_FENCE_RQ, bytes.fromhex("0100000000000000")) == 1  # no vport 1
     # CONFIG_VPORT_RX with an indirection table
     req = ManaCfgRxSteerReqDriver()
     req.req.vport, req.req.rx_enable, req.req.rss_enable = 0, Tristate.TRUE, Tristate.TRUE

@@ -74,6 +74,7 @@ def test_bringup_and_10000_loopback_frames_over_vfio_user(mana, mem):
     cfg = port.region_read(7, 0, 4)
     assert int.from_bytes(cfg, "little") == 0x00BA1414
     assert port.irq_info(2).count == 64
+    assert (port.read64(0x08), port.read64(0x18)) == (0x1000, 40)  # Linux reads these with readq
     drv = driver(port, mem)
     drv.bring_up()
     drv.request(GDMA_VERIFY_VF_DRIVER_VERSION, GdmaVerifyVerReq(protocol_ver_min=1, protocol_ver_max=1).to_bytes())

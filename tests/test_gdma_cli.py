@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from test_gdma_layout import APPENDIX_B, BITFIELDS, BODY_CONSTANTS, STRUCTS
+from test_gdma_layout import APPENDIX_B, APPENDIX_L, BITFIELDS, BODY_CONSTANTS, STRUCTS
 from vfkeep.cli import main
 
 
@@ -35,7 +35,7 @@ def test_structs_match_spec(layout):
 
 def test_constants_match_spec(layout):
     consts = layout["constants"]
-    for table in (APPENDIX_B, BODY_CONSTANTS):
+    for table in (APPENDIX_B, APPENDIX_L, BODY_CONSTANTS):
         assert {n: consts.get(n) for n in table} == table
 
 

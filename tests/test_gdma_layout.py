@@ -149,6 +149,8 @@ STRUCTS: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {
     # Appendix A composites; `padding` is ours: the spec lists fields up to the SGE but gives size 64
     "GdmaCreateDmaRegionReqDriver": (152, {"req": (0, 24), "page_addr_list": (24, 128)}),
     "ManaCfgRxSteerReqDriver": (1096, {"req": (0, 72), "indir_table": (72, 1024)}),
+    # Appendix L.3: CONFIG_VPORT_RX v2 (Linux), table at body offset 80
+    "ManaCfgRxSteerReqV2": (80, {"req": (0, 72), "cqe_coalescing_enable": (72, 1), "reserved2": (73, 7)}),
     "HwcSendWqe": (64, {"header": (0, 8), "oob": (8, 24), "sge": (32, 16), "padding": (48, 16)}),
     "HwcRecvWqe": (32, {"header": (0, 8), "oob_unused": (8, 8), "sge": (16, 16)}),
     "ManaTxWqeShortOneSge": (32, {"header": (0, 8), "oob": (8, 8), "sge": (16, 16)}),
@@ -248,6 +250,11 @@ APPENDIX_B: dict[str, int] = {
     "DRV_DATA_RX_CQ_SIZE": 16384, "DRV_RX_MAX_POSTED": 512, "DRV_DEFAULT_LINK_SPEED_BPS": 200000000000,
 }
 
+# Appendix L (Linux's mana driver): CONFIG_VPORT_RX v2 and the adapter MTU it needs.
+APPENDIX_L: dict[str, int] = {
+    "MANA_CONFIG_VPORT_RX_REQUEST_V2": 2, "CFG_RX_INDIR_TAB_OFFSET_V2": 120, "ADAPTER_MTU": 1514,
+}
+
 # Named values from the body sections (§1 - §12).
 BODY_CONSTANTS: dict[str, int] = {
     "PAGE_SIZE": 4096, "PAGE_SIZE32": 4096, "PAGE_SIZE64": 4096,
@@ -343,7 +350,7 @@ def test_every_exported_struct_is_pinned():
     assert set(gdma.WIRE_STRUCTS) == set(STRUCTS) | set(BITFIELDS)
 
 
-@pytest.mark.parametrize("table", [APPENDIX_B, BODY_CONSTANTS], ids=["appendix_b", "body"])
+@pytest.mark.parametrize("table", [APPENDIX_B, APPENDIX_L, BODY_CONSTANTS], ids=["appendix_b", "appendix_l", "body"])
 def test_constants(table):
     wrong = {n: (getattr(gdma, n, None), v) for n, v in table.items() if getattr(gdma, n, None) != v}
     assert not wrong

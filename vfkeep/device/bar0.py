@@ -7,7 +7,9 @@
 | 0x0048–0x0FFF | all ones | ignored |
 | 0x1000–0x1FFF doorbell page 0 | all ones | 8-byte writes only, others ignored (counted `bad_doorbells`) |
 
-An access is served by a range only if it lies entirely inside it. After a
+An access is served by a range only if it lies entirely inside it. Reads of
+any size work inside `RegMap`: Linux's driver reads 0x08 and 0x18 as u64
+(`readq`) and 0x10 as u32 (gdma.md Appendix L.2), OpenHCL's reads dwords. After a
 surprise removal every read returns all ones and writes are dropped (§3.3).
 """
 from __future__ import annotations

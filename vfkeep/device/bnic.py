@@ -4,6 +4,18 @@ Handlers follow `requests.py`'s contract (return the response structure's
 bytes; the HWC zero-fills the space the driver declared). Every vport /
 handle field is a vport index and must be < the number of vports.
 
+Two drivers are served (spec gdma.md §11 and Appendix L):
+- OpenHCL's (and vfkeep's, `vfkeep.driver`): every request of the table in
+  §11.1 except FENCE_RQ, CONFIG_VPORT_RX version 1 (table at message offset
+  112), QUERY_DEV_CONFIG response version 4, the VTL2 filter/serial requests.
+- Linux's `mana` (6.1+, Appendix L.3): QUERY_DEV_CONFIG asks response version
+  2 and takes `adapter_mtu` − 14 as its MTU limit, so it is `ADAPTER_MTU`
+  (1514; the reference's 0 breaks it); CONFIG_VPORT_RX version 2
+  (`ManaCfgRxSteerReqV2`, table at 120: the table offset is always taken from
+  the request); FENCE_RQ after every CONFIG_VPORT_RX; QUERY_STATS as
+  QUERY_GF_STAT (its longer response is zero-filled past §11.9's counters).
+  Linux needs `wq_obj` ≠ ~0 and accepts the vport index.
+
 Beyond the reference emulator (documented choices):
 - QUERY_STATS is implemented: adapter-wide counters since the device process
   started (not reset by FLR), reported for the bits set in the mask;
@@ -13,7 +25,9 @@ Beyond the reference emulator (documented choices):
 - CONFIG_VPORT_RX stores the hash key and indirection table (validated to
   lie inside the request); with one RQ per vport steering is trivial.
 - CREATE_WQ_OBJ requires `cq_parent_qid` to name an existing EQ.
-- FENCE_RQ has no response layout and is refused, as in the reference.
+- FENCE_RQ answers status 0 only once it has posted one CQE_RX_OBJECT_FENCE on
+  the RQ's CQ (no receive WQE consumed, usual EQE/MSI-X notification;
+  Appendix L.1); the reference refuses it.
 """
 from __future__ import annotations
 
@@ -21,11 +35,13 @@ import ctypes
 
 from vfkeep.gdma.bnic import (
     ManaCfgRxSteerReq,
+    ManaCfgRxSteerReqV2,
     ManaConfigVportReq,
     ManaConfigVportResp,
     ManaCreateWqobjReq,
     ManaCreateWqobjResp,
     ManaDestroyWqobjReq,
+    ManaFenceRqReq,
     ManaMoveFilterVTL2PrivilegedReq,
     ManaQueryDeviceCfgReq,
     ManaQueryDeviceCfgResp,
@@ -38,6 +54,7 @@ from vfkeep.gdma.bnic import (
     ManaSetVportSerialNo,
 )
 from vfkeep.gdma.constants import (
+    ADAPTER_MTU,
     EMU_MAX_NUM_EQS,
     EMU_NUM_INDIRECTION_ENT,
     EMU_SHORT_FORM_ALLOWED,
@@ -47,6 +64,7 @@ from vfkeep.gdma.constants import (
     GDMA_RQ,
     GDMA_SQ,
     MANA_CONFIG_VPORT_RX,
+    MANA_CONFIG_VPORT_RX_REQUEST_V2,
     MANA_CONFIG_VPORT_TX,
     MANA_CREATE_WQ_OBJ,
     MANA_DESTROY_WQ_OBJ,
@@ -62,6 +80,7 @@ from vfkeep.gdma.constants import (
 )
 from vfkeep.gdma.hwc import GdmaReqHdr
 from vfkeep.gdma.messages import REQ_HDR_SIZE
+from vfkeep.vfio_user.dma import DmaFault
 
 from .requests import BadRequest, Refused, parse
 from .vport import Vport
@@ -79,7 +98,8 @@ def _vport(dev, handle: int) -> Vport:
 
 def query_dev_config(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
     parse(ManaQueryDeviceCfgReq, body)
-    return ManaQueryDeviceCfgResp(max_num_vports=len(dev.vports), max_num_eqs=EMU_MAX_NUM_EQS).to_bytes()
+    return ManaQueryDeviceCfgResp(max_num_vports=len(dev.vports), max_num_eqs=EMU_MAX_NUM_EQS,
+                                  adapter_mtu=ADAPTER_MTU).to_bytes()
 
 
 def query_vport_config(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
@@ -133,7 +153,10 @@ def destroy_wq_obj(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
 
 
 def config_vport_rx(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
-    req = parse(ManaCfgRxSteerReq, body)
+    fixed = ManaCfgRxSteerReqV2 if hdr.req.msg_version >= MANA_CONFIG_VPORT_RX_REQUEST_V2 else ManaCfgRxSteerReq
+    req = parse(fixed, body)
+    if fixed is ManaCfgRxSteerReqV2:
+        req = req.req  # `cqe_coalescing_enable` is ignored: no coalesced CQEs are ever posted
     vport = _vport(dev, req.vport)
     for name in ("rx_enable", "rss_enable"):
         if getattr(req, name) not in _TRISTATES:
@@ -144,7 +167,7 @@ def config_vport_rx(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
         start = req.indir_tab_offset - REQ_HDR_SIZE
         if n > EMU_NUM_INDIRECTION_ENT:
             raise BadRequest(f"num_indir_entries {n} > {EMU_NUM_INDIRECTION_ENT}")
-        if start < ctypes.sizeof(ManaCfgRxSteerReq) or start + 8 * n > len(body):
+        if start < ctypes.sizeof(fixed) or start + 8 * n > len(body):
             raise BadRequest(f"indirection table of {n} entries at message offset {req.indir_tab_offset} "
                              f"is outside the {REQ_HDR_SIZE + len(body)}-byte request")
         table = list((ctypes.c_uint64 * n).from_buffer_copy(body, start)) if n else []
@@ -195,7 +218,16 @@ def move_filter(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
 
 
 def fence_rq(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
-    raise Refused("MANA_FENCE_RQ has no defined response")
+    """Success only with the fence CQE posted: Linux waits 10 s for a CQE that never comes."""
+    vport = _vport(dev, parse(ManaFenceRqReq, body).wq_obj_handle)
+    if vport.rq is None:
+        raise Refused(f"vport {vport.index} has no RQ to fence")
+    try:
+        vport.fence_rq()
+    except DmaFault:
+        dev.dma_fault("RX CQ", vport.rx_cq.id)
+        raise Refused(f"fence CQE for RQ {vport.rq.id}: RX CQ {vport.rx_cq.id} is not DMA-mapped") from None
+    return b""
 
 
 HANDLERS = {

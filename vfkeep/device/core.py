@@ -30,7 +30,19 @@ Queue ids: lowest free per kind from 24; unlike the reference emulator,
 which never returns them, ids go back to their pool when the owning queue is
 destroyed (DISABLE_QUEUE, DESTROY_WQ_OBJ, DESTROY_HWC, FLR), so a
 re-established HWC gets id 24 again and nothing leaks across HWC
-re-establishment.
+re-establishment. For Linux's driver (gdma.md Appendix L.2) every CQ id is
+below the MAX_NUM_CQS the HWC announces (128), so there are 104 CQ ids, not
+the reference's 128 (QUERY_MAX_RESOURCES still reports its `max_cq` 128; a
+vport has one SQ and one RQ, so no driver comes near either), and EQ ids fit
+the 16-bit `id` Linux writes in EQ doorbells (OpenHCL's driver writes the
+24-bit §4.2 field; both decode the same).
+
+Which driver needs what: OpenHCL's driver (and vfkeep's) is the reference
+(spec body); Linux's `mana` 6.1+ reaches the device through a third-party
+VMM's vfio-user client and needs Appendix L: see `hwc.py` (HWC completion
+fields), `bnic.py` (FENCE_RQ, CONFIG_VPORT_RX v2, `adapter_mtu`), `bar0.py`
+(8-byte reads), `requests.py` (capabilities) and `vport.py` (no zero-length
+RX completions).
 
 A DMA fault is never an exception out of the device: it is counted
 (`dma_faults`) and the request or completion carries an error.
@@ -47,8 +59,8 @@ from vfkeep.gdma.constants import (
     DB_RQ_CLIENT_DATA,
     DB_SQ,
     EMU_DB_PAGE_SIZE,
+    EMU_HWC_MAX_NUM_CQS,
     EMU_MANA_DEV_INSTANCE,
-    EMU_NUM_CQ,
     EMU_NUM_EQ,
     EMU_NUM_RQ,
     EMU_NUM_SQ,
@@ -76,6 +88,10 @@ from .vport import Vport
 log = logging.getLogger("vfkeep.device")
 
 DEFAULT_MAC = bytes.fromhex("00155d121212")
+#: CQ ids stay below INIT_DATA MAX_NUM_CQS (Linux sizes its CQ table by it): 24..127, not the reference's 24..151.
+CQ_ID_SLOTS = EMU_HWC_MAX_NUM_CQS - EMU_QUEUE_ID_OFFSET
+# Linux reads the EQ doorbell `id` as 16 bits (bits 16-31 zero): every EQ id must fit.
+assert EMU_QUEUE_ID_OFFSET + EMU_NUM_EQ <= 1 << 16
 
 
 COUNTERS = (
@@ -114,7 +130,7 @@ class GdmaDevice:
         self.hwc_stalled = False
         self.mana_dev_id = GdmaDevId(ty=GDMA_DEVICE_MANA, instance=EMU_MANA_DEV_INSTANCE).to_int()
         self.pools = {"SQ": IdPool(EMU_NUM_SQ, EMU_QUEUE_ID_OFFSET), "RQ": IdPool(EMU_NUM_RQ, EMU_QUEUE_ID_OFFSET),
-                      "CQ": IdPool(EMU_NUM_CQ, EMU_QUEUE_ID_OFFSET), "EQ": IdPool(EMU_NUM_EQ, EMU_QUEUE_ID_OFFSET)}
+                      "CQ": IdPool(CQ_ID_SLOTS, EMU_QUEUE_ID_OFFSET), "EQ": IdPool(EMU_NUM_EQ, EMU_QUEUE_ID_OFFSET)}
         self.vports = [Vport(self, i, vport_mac(mac, i)) for i in range(vports)]
         self.bar0 = Bar0(self)
         self.config = ConfigSpace()

@@ -10,6 +10,14 @@ Every request costs the modelled `timing.hwc_latency_ms` (the WQEs are
 taken at once, the request runs and is answered after the delay, on the event
 loop so the data path keeps running); `hwc_stall` stops taking requests.
 
+The RQ completion (`HwcRxOob`) serves both drivers: OpenHCL's ignores it;
+Linux's (gdma.md Appendix L.2) finds the response buffer through
+`wqe_addr_low_or_offset` (ring byte position of the consumed receive WQE),
+takes `tx_oob_data_size` as the response length (32 ≤ n ≤ `resp.msg_size`:
+the response is cut at `resp.msg_size` and BNIC bodies are zero-filled up to
+it) and matches the response by `response.hwc_msg_id`, echoed from
+`req.hwc_msg_id`. Only status 0 succeeds for either driver; failures are 1.
+
 Deviations from the reference emulator, chosen so a bad driver request never
 kills the channel (each is answered with status 1 and counted, and the HWC
 keeps serving): a send WQE whose TX OOB names other queues than the HWC's

@@ -10,6 +10,12 @@ handle, status 0; an unknown handle → status 1), as §9.12 asks. ADD_PAGES has
 no defined layout and is refused. CREATE_QUEUE and DISABLE_QUEUE handle EQs
 only (data CQs/WQs are created by MANA CREATE_WQ_OBJ), as in the reference.
 Queue ids go back to their pool when a queue is destroyed.
+
+Both drivers send these (Linux's `mana` also uses GENERATE_TEST_EQE on every
+data EQ, with the MANA `dev_id`, and CREATE_DMA_REGION with exactly
+`page_count` entries, both accepted). VERIFY_VF_DRIVER_VERSION advertises no
+PF capability: without `GDMA_PF_CAP_FLAG_1_QUERY_HWC_TIMEOUT` Linux does not
+send QUERY_HWC_TIMEOUT (84), which is not implemented (gdma.md Appendix L.3).
 """
 from __future__ import annotations
 

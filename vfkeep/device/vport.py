@@ -24,7 +24,12 @@ error and recycles the buffer). A frame is dropped (never an exception) when:
 the vport is not running (`in_errors_rx_vport_disabled`), its link is down
 (`rx_dropped_link_down`), no receive WQE is posted (`in_discards_no_wqe`) or
 the completion queue cannot be reached because no driver has memory mapped
-(`rx_dropped_unmapped`; the WQE stays posted for later frames).
+(`rx_dropped_unmapped`; the WQE stays posted for later frames), or it is
+empty (`rx_errors`: Linux's driver would not consume the WQE of a zero-length
+completion).
+
+FENCE_RQ (Linux only, gdma.md Appendix L.1): `fence_rq()` posts one
+CQE_RX_OBJECT_FENCE on the RX CQ without taking a receive WQE.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import ctypes
 
 from vfkeep.gdma.constants import (
     CQE_INVALID,
+    CQE_RX_OBJECT_FENCE,
     CQE_RX_OKAY,
     CQE_RX_TRUNCATED,
     CQE_TX_GDMA_ERR,
@@ -72,6 +78,9 @@ def rx_completion(cqe_type: int, pkt_len: int, wqe_offset: int, vendor_err: int 
     oob.ppi[0].pkt_len = min(pkt_len, MAX_FRAME)
     oob.rx_wqe_offset = wqe_offset
     return oob.to_bytes()
+
+
+_FENCE_COMPLETION = rx_completion(CQE_RX_OBJECT_FENCE, 0, 0)
 
 
 def vlan_tag(pcp: int, dei: int, vlan_id: int) -> bytes:
@@ -207,9 +216,18 @@ class Vport:
         self.posted.popleft()
         return True
 
+    def fence_rq(self) -> None:
+        """FENCE_RQ (gdma.md Appendix L.1): one CQE_RX_OBJECT_FENCE on the RX CQ, with the usual
+        notification, consuming no receive WQE. Frames are completed as they arrive, so every packet
+        already taken from the RQ has its CQE before the fence. `DmaFault`: nothing was posted."""
+        self.rx_cq.post(_FENCE_COMPLETION, self.rq.id, False)
+
     def receive(self, frame: bytes) -> None:
         dev = self.dev
         counters = dev.counters
+        if not frame:  # Linux takes CQE_RX_OKAY with pkt_len 0 as an error and keeps the WQE (Appendix L.3)
+            counters["rx_errors"] += 1
+            return
         if not self.running:
             counters["in_errors_rx_vport_disabled"] += 1
             return

@@ -134,6 +134,13 @@ class ManaCfgRxSteerReqDriver(WireStruct):
     _fields_ = [("req", ManaCfgRxSteerReq), ("indir_table", u64 * DRV_INDIR_TABLE_ENTRIES)]
 
 
+class ManaCfgRxSteerReqV2(WireStruct):
+    """Appendix L.3: CONFIG_VPORT_RX request version 2 (Linux); the v1 fields, then
+    `cqe_coalescing_enable` (Linux 6.1/6.12 send 0); the table follows at body offset 80."""
+
+    _fields_ = [("req", ManaCfgRxSteerReq), ("cqe_coalescing_enable", u8), ("reserved2", u8 * 7)]
+
+
 class ManaQueryStatisticsRequest(WireStruct):
     """§11.9: `requested_statistics` is a `StatisticsFlags` mask."""
 
@@ -198,7 +205,7 @@ __all__ = [
     "ManaQueryDeviceCfgReq", "BasicNicDriverFlags", "ManaQueryDeviceCfgResp", "ManaQueryVportCfgReq",
     "ManaQueryVportCfgResp", "ManaConfigVportReq", "ManaConfigVportResp", "ManaCreateWqobjReq",
     "ManaCreateWqobjResp", "ManaDestroyWqobjReq", "ManaFenceRqReq", "ManaCfgRxSteerReq",
-    "ManaCfgRxSteerReqDriver", "ManaQueryStatisticsRequest", "ManaQueryStatisticsResponse",
+    "ManaCfgRxSteerReqDriver", "ManaCfgRxSteerReqV2", "ManaQueryStatisticsRequest", "ManaQueryStatisticsResponse",
     "ManaQueryFilterStateReq", "ManaQueryFilterStateResponse", "ManaMoveFilterVTL2PrivilegedReq",
     "ManaSetVportSerialNo",
 ]

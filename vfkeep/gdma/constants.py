@@ -380,6 +380,11 @@ DRV_RX_MAX_POSTED = 512
 DRV_DEFAULT_LINK_SPEED_BPS = 200_000_000_000
 
 
+# Appendix L — what Linux's `mana` driver (6.1+) sends or needs beyond the reference driver
+MANA_CONFIG_VPORT_RX_REQUEST_V2 = 2  # `mana_cfg_rx_steer_req_v2`: 8 more body bytes before the table
+CFG_RX_INDIR_TAB_OFFSET_V2 = 120  # 40 + 80: where the v2 table starts (message offset)
+ADAPTER_MTU = 1514  # QUERY_DEV_CONFIG `adapter_mtu`: Linux's max MTU is it − 14 (the reference's 0 wraps)
+
 def all_constants() -> dict[str, int]:
     """Every public int named in this module (enum members included), for `vfkeep layout`."""
     return {

@@ -126,8 +126,12 @@ def request_header(
 
 
 def response_header(req: GdmaReqHdr, status: int) -> GdmaRespHdr:
-    """The device's `GdmaRespHdr` (§8.1): echoes `resp`, `dev_id`, `activity_id`."""
-    return GdmaRespHdr(response=req.resp, dev_id=req.dev_id, activity_id=req.activity_id, status=status)
+    """The device's `GdmaRespHdr` (§8.1): echoes `resp`, `dev_id`, `activity_id`. `hwc_msg_id` comes from
+    `req`: Linux sets only `req.hwc_msg_id` and matches the response by it (Appendix L.2); the reference
+    driver sets both to 0."""
+    resp = GdmaRespHdr(response=req.resp, dev_id=req.dev_id, activity_id=req.activity_id, status=status)
+    resp.response.hwc_msg_id = req.req.hwc_msg_id
+    return resp
 
 
 __all__ = [
