@@ -6,8 +6,9 @@
   datagram received on the local port is one received frame. The local port
   is `--udp-listen PORT` (0 = an ephemeral port, reported by the `state`
   control command as `backend.local_port`).
-- `tap:NAME`: a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI, needs
-  CAP_NET_ADMIN); the device brings the interface up.
+- `tap:NAME[@NETNS]`: a Linux TAP interface (/dev/net/tun, IFF_TAP|IFF_NO_PI,
+  needs CAP_NET_ADMIN), created in network namespace NETNS when given (the
+  host's wire namespace of `--guest netns`); the device brings it up.
 
 udp and tap are one wire shared by all vports: a received frame goes to the
 vport whose MAC is its destination, broadcast/multicast to every vport, and
@@ -18,20 +19,15 @@ wake-up. A backend never raises into the data path: send errors are counted
 """
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import socket
-import struct
+
+from .. import netns
 
 RX_BATCH = 256
 MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 << 20
-_TUNSETIFF = 0x400454CA
-_IFF_TAP = 0x0002
-_IFF_NO_PI = 0x1000
-_IFF_UP = 0x1
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
 
 
 class BackendError(Exception):
@@ -112,27 +108,23 @@ class UdpBackend:
 class TapBackend:
     kind = "tap"
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, netns: str | None = None):
         if not name or len(name.encode()) > 15:
             raise BackendError(f"TAP interface name {name!r} must be 1-15 bytes")
         self.name = name
+        self.netns = netns
         self.fd: int | None = None
 
     def attach(self, dev) -> None:
+        """Create the interface (in `netns` when given: it is born there, never visible outside) and bring it up."""
         self.dev = dev
         try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise BackendError(f"cannot open /dev/net/tun: {e}") from e
-        try:
-            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", self.name.encode(), _IFF_TAP | _IFF_NO_PI))
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                req = struct.pack("16sH", self.name.encode(), 0)
-                flags = struct.unpack_from("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, req))[1]
-                fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), flags | _IFF_UP))
-        except OSError as e:
-            os.close(fd)
-            raise BackendError(f"cannot set up TAP interface {self.name!r}: {e}") from e
+            with contextlib.ExitStack() as stack:
+                if self.netns is not None:
+                    stack.enter_context(netns.entered(self.netns))
+                fd = netns.open_tap(self.name)
+        except netns.NetnsError as e:
+            raise BackendError(str(e)) from None
         self.fd = fd
         dev.loop.add_reader(fd, self._readable)
 
@@ -160,7 +152,7 @@ class TapBackend:
             self.fd = None
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "name": self.name}
+        return {"kind": self.kind, "name": self.name, "netns": self.netns}
 
 
 def parse_backend(spec: str, udp_listen: int = 0):
@@ -173,8 +165,9 @@ def parse_backend(spec: str, udp_listen: int = 0):
         if host and port.isdigit() and 0 < int(port) < 65536:
             return UdpBackend(host, int(port), udp_listen)
     if kind == "tap" and rest:
-        return TapBackend(rest)
-    raise BackendError(f"bad backend {spec!r}: expected loopback, udp:HOST:PORT or tap:NAME")
+        name, _, ns = rest.partition("@")
+        return TapBackend(name, ns or None)
+    raise BackendError(f"bad backend {spec!r}: expected loopback, udp:HOST:PORT or tap:NAME[@NETNS]")
 
 
 __all__ = ["LoopbackBackend", "UdpBackend", "TapBackend", "BackendError", "parse_backend", "swap_macs"]

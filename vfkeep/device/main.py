@@ -44,7 +44,7 @@ def parse_mac(text: str) -> bytes:
               help="control socket [default: SOCKET.ctl]")
 @click.option("--reset-method", type=click.Choice(RESET_METHODS), default="none", show_default=True)
 @timing_options("natural")
-@click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME")
+@click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME[@NETNS]")
 @click.option("--udp-listen", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="local UDP port of the udp backend (0 = ephemeral, see `state`)")
 @click.option("--vports", type=click.IntRange(1, 16), default=1, show_default=True)
