@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test install proto bench clean
+.PHONY: demo demo-net test install proto bench clean deps-net
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,8 +23,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vfkeep demo
 
-test: $(TSTAMP)
+test: $(TSTAMP) deps-net
 	$(PY) -m pytest -q
+
+# Debian packages the guest network (`vfkeep run --guest netns`, `make demo-net`) and its tests need:
+# iproute2 (ip, ss) and iputils-ping. Only as root and only what is missing; without root nothing is
+# installed and those tests skip, saying they need root (CAP_NET_ADMIN).
+NET_TOOLS := ip:iproute2 ping:iputils-ping
+deps-net:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  for t in $(NET_TOOLS); do command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "deps-net: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	fi
 
 # Regenerate the committed protobuf modules from vfkeep/proto/*.proto.
 proto: $(TSTAMP)

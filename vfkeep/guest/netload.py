@@ -280,6 +280,8 @@ class Reply:
         return (self.recv_ns - self.send_ns) / 1e6
 
 
+#: A request this young when ping is stopped may still be answered: not a loss.
+IN_FLIGHT_NS = 500_000_000
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [\d.]+: icmp_seq=(\d+) ttl=\d+ time=([\d.]+) ms$")
 _SUMMARY = re.compile(r"^(\d+) packets transmitted")
 
@@ -302,6 +304,7 @@ class Pinger:
         self.replies: dict[int, Reply] = {}
         self.transmitted: int | None = None
         self.start_ns = time.monotonic_ns()
+        self.stop_ns: int | None = None
         self.proc = spawn(netns.exec_argv(ns, ["ping", "-D", "-n", "-i", str(interval), address]),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._lock = threading.Lock()
@@ -330,6 +333,7 @@ class Pinger:
 
     def stop(self) -> None:
         """SIGINT (ping prints its summary), reap, keep the records."""
+        self.stop_ns = self.stop_ns or time.monotonic_ns()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -370,7 +374,10 @@ class Pinger:
         return [(s, t) for s, t in sorted(self.sent_times().items()) if s not in answered]
 
     def window(self, since_ns: int, until_ns: int) -> dict:
-        """Requests sent in [since, until): sent, lost, and the longest time without a reply then."""
+        """Requests sent in [since, until): sent, lost, and the longest time without a reply then. Requests
+        sent in the last IN_FLIGHT_NS before ping was stopped are not counted (their replies may be on the way)."""
+        if self.stop_ns is not None:
+            until_ns = min(until_ns, self.stop_ns - IN_FLIGHT_NS)
         with self._lock:
             replies = sorted(self.replies.values(), key=lambda r: r.recv_ns)
         sent = {s: t for s, t in self.sent_times().items() if since_ns <= t < until_ns}
