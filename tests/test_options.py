@@ -3,7 +3,9 @@ import logging
 
 import pytest
 
-from vfkeep.paravisor.options import (MANA_ENV, NVME_ENV, KeepAliveConfig, KeepAliveParseError,
+from vfkeep.contract import MANA_KEEPALIVE_ENV as MANA_ENV
+from vfkeep.contract import NVME_KEEPALIVE_ENV as NVME_ENV
+from vfkeep.paravisor.options import (KeepAliveConfig, KeepAliveParseError,
                                       WorkerOptions, effective_keepalive, keepalive_from_env, parse_keepalive)
 
 E = KeepAliveConfig

@@ -6,6 +6,7 @@ import threading
 import time
 import types
 
+from vfkeep.contract import Hello, Saved, SaveFailed, Start, Started
 from vfkeep.paravisor.net_relay import NetRelay
 
 
@@ -161,7 +162,7 @@ class _FakeWorker:
         return self.recv(timeout, *expected)
 
 
-_STARTED = {"type": "started", "nics": [], "unclaimed_pool_allocations": [], "error": None, "phases_ms": {}}
+_STARTED = Started(nics=())
 
 
 def _fake_host(tmp_path, monkeypatch, old, spawned, scrub=None):
@@ -179,7 +180,7 @@ def test_service_never_leaks_the_prelaunched_worker(tmp_path, monkeypatch):
     """Anything that raises between prelaunch and the handover must end the prelaunched worker."""
     import pytest
 
-    old = _FakeWorker(1, [{"type": "saved", "servicing_state": "", "nics": [], "phases_ms": {}}])
+    old = _FakeWorker(1, [Saved("")])
     new = _FakeWorker(2, [_STARTED])
 
     def scrub():
@@ -194,12 +195,12 @@ def test_service_never_leaks_the_prelaunched_worker(tmp_path, monkeypatch):
 def test_service_unreadable_state_is_d4_not_a_crash(tmp_path, monkeypatch):
     """A servicing_state the host cannot decode: the old worker has already saved (and exits), so the new
     worker starts without state (D4) and the result says why; no exception escapes."""
-    old = _FakeWorker(1, [{"type": "saved", "servicing_state": "not base64!", "nics": [], "phases_ms": {}}])
+    old = _FakeWorker(1, [Saved("not base64!")])
     new = _FakeWorker(2, [_STARTED])
     host = _fake_host(tmp_path, monkeypatch, old, [new])
     result = host._service(mana_keepalive=True)
     assert result["ok"] is False and "unreadable servicing state" in result["error"]
-    assert new.sent == [{"type": "start", "servicing_state": None}]
+    assert new.sent == [Start(None)]
     assert host.worker is new and old.ended and not new.ended
 
 
@@ -210,15 +211,15 @@ def test_service_replacement_that_fails_too_falls_back_to_fresh(tmp_path, monkey
     import base64
 
     blob = base64.b64encode(b"\x0a\x00").decode()
-    old = _FakeWorker(1, [{"type": "saved", "servicing_state": blob, "nics": [], "phases_ms": {}}])
+    old = _FakeWorker(1, [Saved(blob)])
     new = _FakeWorker(2)                 # hangs in restore
     replacement = _FakeWorker(3)         # hangs too
     fresh = _FakeWorker(4, [_STARTED])
     host = _fake_host(tmp_path, monkeypatch, old, [new, replacement, fresh])
     result = host._service(mana_keepalive=True, timeout=1)
     assert new.ended and replacement.ended
-    assert replacement.sent[0]["servicing_state"] == blob
-    assert fresh.sent == [{"type": "start", "servicing_state": None}]
+    assert replacement.sent[0].servicing_state == blob
+    assert fresh.sent == [Start(None)]
     assert host.worker is fresh and not fresh.ended
     assert result["ok"] is False and "restore" in result["error"]
 
@@ -233,7 +234,7 @@ def test_worker_garbage_message_is_worker_failed(tmp_path):
     import pytest
 
     from vfkeep.host.worker_proc import WorkerFailed, WorkerProcess
-    from vfkeep.paravisor.channel import Channel
+    from vfkeep.contract import Channel
 
     ours, theirs = Channel.pair()
     child = subprocess.Popen(["sleep", "30"])
@@ -242,7 +243,7 @@ def test_worker_garbage_message_is_worker_failed(tmp_path):
         for body in (b"{not json", json.dumps([1, 2]).encode()):
             theirs.sock.sendall(struct.pack("<I", len(body)) + body)
             with pytest.raises(WorkerFailed):
-                w.recv(2.0, "hello")
+                w.recv(2.0, Hello)
     finally:
         w.end()
         theirs.close()
@@ -288,7 +289,8 @@ def test_start_relay_with_broken_guest_rings_costs_only_that_nic(tmp_path):
     that NIC gets no relay and reports why."""
     from vfkeep.guest.ring import ChannelLayout
     from vfkeep.memory import GuestMemory, MemoryLayout
-    from vfkeep.paravisor.vf_manager import NicConfig, VfManager
+    from vfkeep.contract import NicConfig
+    from vfkeep.paravisor.vf_manager import VfManager
 
     layout = ChannelLayout(nics=1, slots=16)
     mem = GuestMemory.create(MemoryLayout(layout.total_pages + 4, 4, 0))
@@ -312,7 +314,7 @@ def test_late_inspect_reply_is_not_taken_for_the_save_answer(tmp_path):
     import subprocess
 
     from vfkeep.host.worker_proc import WorkerProcess
-    from vfkeep.paravisor.channel import Channel
+    from vfkeep.contract import Channel
 
     ours, theirs = Channel.pair()
     child = subprocess.Popen(["sleep", "30"])
@@ -320,7 +322,7 @@ def test_late_inspect_reply_is_not_taken_for_the_save_answer(tmp_path):
     try:
         theirs.send({"type": "inspect", "tree": {}})  # late reply of an inspect the host gave up on
         theirs.send({"type": "saved", "servicing_state": None, "nics": []})
-        assert w.recv(2.0, "saved", "save_failed")["type"] == "saved"
+        assert isinstance(w.recv(2.0, Saved, SaveFailed), Saved)
     finally:
         w.end()
         theirs.close()
@@ -330,7 +332,8 @@ def test_save_transport_timeout_is_save_failed_for_that_nic_only(tmp_path, monke
     """A transport error in one NIC's save (e.g. the device stops answering) is that NIC's SaveFailed
     (FLR + release), not an exception that takes the worker and every other NIC's saved state with it."""
     from vfkeep.memory import GuestMemory, MemoryLayout
-    from vfkeep.paravisor.vf_manager import NicConfig, VfManager
+    from vfkeep.contract import NicConfig
+    from vfkeep.paravisor.vf_manager import VfManager
     from vfkeep.vfio_user import VfioTimeout
 
     class TimingOut:

@@ -25,11 +25,11 @@ from rich.table import Table
 
 from . import __version__
 from . import log as vlog
+from .contract import DATAPATH_KEEPALIVE_ENV
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host.traffic import DEFAULT_SIZE
 from .host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
 from .memory import pool_pages_from_env
-from .paravisor.vf_manager import DATAPATH_KEEPALIVE_ENV
 from .log import kv
 
 log = logging.getLogger("vfkeep.demo")

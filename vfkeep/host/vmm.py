@@ -19,15 +19,14 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import __version__, proc
+from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, Bye, Inspect,
+                        InspectReply, NicConfig, NicResult, NicRestore, Save, Saved, SaveFailed, ServicingResult,
+                        Shutdown, Start, Started, UnclaimedAllocation, decode_blob, encode_blob)
+from ..device.timing import PRESETS, DeviceTiming
 from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
-from ..device.timing import PRESETS, DeviceTiming
 from ..log import kv
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
-from ..memory.pool_config import POOL_CONFIG_ENV, POOL_OVERRIDE_ENV
-from ..paravisor.channel import decode_blob, encode_blob
-from ..paravisor.options import MANA_ENV
-from ..paravisor.vf_manager import DATAPATH_KEEPALIVE_ENV, NicConfig
 from .devices import DeviceProcess
 from .tamper import TAMPER_MODES, tamper_blob
 from .traffic import GuestTraffic
@@ -209,9 +208,9 @@ class Host:
         for d in self.devices:
             d.wait_ready(BOOT_TIMEOUT_S)
         self.worker = self._start_worker({}, None, self.configured)
-        started = self.worker.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
+        started = self.worker.request(Start(), BOOT_TIMEOUT_S, Started)
         kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
-           paths=",".join(n["restore_path"] for n in started["nics"]))
+           paths=",".join(n.restore_path for n in started.nics))
 
     def _teardown(self) -> None:
         if self.guest_traffic is not None:  # the guest first: no frames pushed at a NIC shutting down
@@ -219,7 +218,7 @@ class Host:
         if self.worker is not None:
             if self.worker.alive():
                 try:
-                    self.worker.request({"type": "shutdown"}, 10.0, "bye")
+                    self.worker.request(Shutdown(), 10.0, Bye)
                 except WorkerFailed as e:
                     kv(log, logging.WARNING, "worker did not shut down cleanly", error=str(e))
             self.worker.end()
@@ -236,7 +235,7 @@ class Host:
     def worker_env(self, extra: dict[str, str]) -> dict[str, str]:
         """The caller's environment, OpenVMM's test-harness defaults where unset, then overrides."""
         env = dict(os.environ)
-        env.setdefault(MANA_ENV, "host,privatepool")
+        env.setdefault(MANA_KEEPALIVE_ENV, "host,privatepool")
         if self.config.datapath_keepalive:
             env[DATAPATH_KEEPALIVE_ENV] = "1"
         if POOL_OVERRIDE_ENV not in env and POOL_CONFIG_ENV not in env:
@@ -282,7 +281,7 @@ class Host:
         new = None
         try:
             new = self.worker = self._start_worker({}, None, self.configured)
-            new.request({"type": "start", "servicing_state": None}, BOOT_TIMEOUT_S, "started")
+            new.request(Start(), BOOT_TIMEOUT_S, Started)
         except WorkerFailed as e:
             kv(log, logging.ERROR, "replacement worker failed", error=str(e))
             if new is not None:
@@ -325,29 +324,27 @@ class Host:
             correlation_id = str(uuid.uuid4())
             blob, saved = None, None
             try:
-                saved = old.request({"type": "save", "mana_keepalive": bool(mana_keepalive),
-                                     "nvme_keepalive": bool(nvme_keepalive), "timeout_s": timeout_s,
-                                     "correlation_id": correlation_id, "test_config": test_config},
-                                    timeout_s + 1.0, "saved", "save_failed")
+                saved = old.request(Save(bool(mana_keepalive), bool(nvme_keepalive), timeout_s, correlation_id,
+                                         test_config), timeout_s + 1.0, Saved, SaveFailed)
             except WorkerFailed as e:
                 errors.append(f"save: {e}")
                 kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
             t_saved = time.perf_counter()
 
-            if saved is not None and saved["type"] == "save_failed":
+            if isinstance(saved, SaveFailed):
                 # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
                 if new is not None:
                     new.end()
                 window = (window_start, time.monotonic_ns())
-                result = self._result(False, mana_keepalive, nvme_keepalive, saved["revived"], [], before,
+                result = self._result(False, mana_keepalive, nvme_keepalive, saved.revived, (), before,
                                       {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
-                                       "total": _ms(t0, t_saved)}, f"save failed: {saved['error']}", window)
-                self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old, window=window)
-                return result
+                                       "total": _ms(t0, t_saved)}, f"save failed: {saved.error}", window)
+                return self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old,
+                                    window=window)
             if saved is not None:
                 try:
-                    blob = decode_blob(saved.get("servicing_state"))
-                except (ValueError, TypeError, AttributeError) as e:  # binascii.Error is a ValueError
+                    blob = decode_blob(saved.servicing_state)
+                except ValueError as e:  # binascii.Error is a ValueError
                     errors.append(f"save: unreadable servicing state: {e}")
                     kv(log, logging.ERROR, "old worker sent an unreadable servicing state; new worker starts without "
                        "state (D4)", error=str(e))
@@ -372,9 +369,9 @@ class Host:
             started = None
             t_handoff = time.perf_counter()
             try:
-                new.send({"type": "start", "servicing_state": encode_blob(blob)})
+                new.send(Start(encode_blob(blob)))
                 t_handoff = time.perf_counter()
-                started = new.recv(timeout_s, "started")
+                started = new.recv(timeout_s, Started)
             except WorkerFailed as e:
                 # The new worker hung or died before it finished restoring: replace it, same blob.
                 errors.append(f"restore: {e}")
@@ -382,16 +379,15 @@ class Host:
                 new.end()
                 started = self._replace_worker(blob, next_worker_cmd, configured, timeout_s, errors)
             t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
-            if started.get("error"):
-                errors.append(started["error"])
+            if started.error:
+                errors.append(started.error)
             phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
                       "total": _ms(t0, t_done)}
-            result = self._result(not errors, mana_keepalive, nvme_keepalive, started["nics"],
-                                  started["unclaimed_pool_allocations"], before, phases, "; ".join(errors) or None,
+            result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics,
+                                  started.unclaimed_pool_allocations, before, phases, "; ".join(errors) or None,
                                   window)
-            self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
-                         window=window)
-            return result
+            return self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
+                                window=window)
         except BaseException:
             # Never leak the prelaunched (or just started) next worker: it is nobody's once we raise.
             if new is not None and new is not self.worker:
@@ -399,7 +395,7 @@ class Host:
             raise
 
     def _replace_worker(self, blob: bytes | None, worker_cmd: str | None, configured: list[int], timeout_s: float,
-                        errors: list[str]) -> dict:
+                        errors: list[str]) -> Started:
         """The next worker failed before `started`: a replacement gets the same blob; if that one fails too
         (the blob or the command hangs it), a default worker starts without state, so the NICs come back
         through the fresh path (D4). A worker that did not start is ended, never left current."""
@@ -408,7 +404,7 @@ class Host:
             try:
                 w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
                 self.worker = w
-                return w.request({"type": "start", "servicing_state": encode_blob(state)}, timeout_s, "started")
+                return w.request(Start(encode_blob(state)), timeout_s, Started)
             except WorkerFailed as e:
                 if self.worker is not None:
                     self.worker.end()  # dead, so the idle tick replaces it if this was the last attempt
@@ -419,22 +415,20 @@ class Host:
                     raise
         raise AssertionError("unreachable")
 
-    def _result(self, ok: bool, mana: bool, nvme: bool, nics: list[dict], unclaimed: list[dict], before: list[dict],
-                phases: dict, error: str | None, window: tuple[int, int]) -> dict:
+    def _result(self, ok: bool, mana: bool, nvme: bool, nics: tuple[NicRestore, ...],
+                unclaimed: tuple[UnclaimedAllocation, ...], before: list[dict], phases: dict, error: str | None,
+                window: tuple[int, int]) -> ServicingResult:
         """The servicing result of DESIGN §10; device_reset / hwc_established come from the device."""
         by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before)}
         out = []
         for n in nics:
-            dev, snap = by_pci[n["pci_id"]]
+            dev, snap = by_pci[n.pci_id]
             seen = dev.since(snap)
-            out.append({"pci_id": n["pci_id"], "restore_path": n["restore_path"],
-                        "device_reset": seen["device_reset"], "hwc_established": seen["hwc_established"],
-                        "device_resets": seen["device_resets"], "hwc_requests": seen["hwc_requests"],
-                        "smc_messages": seen["smc_messages"], "error": n.get("error")})
+            out.append(NicResult(n.pci_id, n.restore_path, seen["device_reset"], seen["hwc_established"],
+                                 seen["device_resets"], seen["hwc_requests"], seen["smc_messages"], n.error))
         blackout_ms, frames_lost = self._traffic_window(*window)
-        return {"ok": ok, "mana_keepalive": bool(mana), "nvme_keepalive": bool(nvme), "nics": out,
-                "unclaimed_pool_allocations": unclaimed, "phases_ms": phases, "blackout_ms": blackout_ms,
-                "frames_lost": frames_lost, "timing": self.config.timing.to_dict(), "error": error}
+        return ServicingResult(ok, bool(mana), bool(nvme), tuple(out), unclaimed, phases, blackout_ms, frames_lost,
+                               self.config.timing.to_dict(), error)
 
     def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
         """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agents
@@ -443,21 +437,23 @@ class Host:
             return None, None
         return self.guest_traffic.window(start_ns, end_ns)
 
-    def _record(self, result: dict, *, saved: dict | None, started: dict | None, prelaunch_ms: float,
-                worker: WorkerProcess, window: tuple[int, int]) -> None:
+    def _record(self, result: ServicingResult, *, saved: Saved | SaveFailed | None, started: Started | None,
+                prelaunch_ms: float, worker: WorkerProcess, window: tuple[int, int]) -> dict:
+        """Keep the result (`inspect last_servicing`, last_servicing.json) and return its JSON form."""
         self.last_servicing = {
-            "result": result, "at": time.time(), "window_ns": list(window),
+            "result": result.to_json(), "at": time.time(), "window_ns": list(window),
             "prelaunch": self.config.prelaunch, "prelaunch_ms": prelaunch_ms,
             "worker_generation": worker.generation,
-            "save_outcomes": saved.get("nics") if saved else None,
-            "worker_save_phases_ms": saved.get("phases_ms") if saved else None,
-            "worker_restore_phases_ms": started.get("phases_ms") if started else None,
-            "worker_nics": started.get("nics") if started else None,
+            "save_outcomes": [n.to_json() for n in saved.nics] if saved else None,
+            "worker_save_phases_ms": saved.phases_ms if isinstance(saved, Saved) else None,
+            "worker_restore_phases_ms": started.phases_ms if started else None,
+            "worker_nics": [n.to_json() for n in started.nics] if started else None,
         }
         with open(os.path.join(self.run_dir, "last_servicing.json"), "w") as f:
             json.dump(self.last_servicing, f, indent=1)
-        kv(log, logging.INFO, "servicing done", ok=result["ok"], total_ms=result["phases_ms"]["total"],
-           paths=",".join(n["restore_path"] for n in result["nics"]), error=result["error"])
+        kv(log, logging.INFO, "servicing done", ok=result.ok, total_ms=result.phases_ms["total"],
+           paths=",".join(n.restore_path for n in result.nics), error=result.error)
+        return self.last_servicing["result"]
 
     # -- inspection ------------------------------------------------------------------------------
     def _status(self) -> dict:
@@ -465,7 +461,7 @@ class Host:
         return {"host_pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
                 "nics": len(self.devices), "configured_nics": list(self.configured),
                 "worker": None if w is None else {"pid": w.pid, "generation": w.generation, "alive": w.alive(),
-                                                   "compat": (w.hello or {}).get("compat")},
+                                                   "compat": w.hello.compat if w.hello else None},
                 "devices": [{"pci_id": d.pci_id, "pid": d.child.pid, "alive": d.alive()} for d in self.devices],
                 "servicings": self.servicings,
                 "last_servicing_ok": None if self.last_servicing is None else self.last_servicing["result"]["ok"]}
@@ -477,7 +473,7 @@ class Host:
             if self.worker is None or not self.worker.alive():
                 break
             try:
-                worker = self.worker.request({"type": "inspect"}, 10.0, "inspect")["tree"]
+                worker = self.worker.request(Inspect(), 10.0, InspectReply).tree
                 break
             except WorkerFailed as e:
                 worker = {"error": str(e)}

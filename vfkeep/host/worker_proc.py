@@ -7,8 +7,8 @@ import subprocess
 import time
 
 from .. import proc
+from ..contract import Channel, ChannelClosed, ChannelTimeout, ContractError, Hello, InspectReply, Message
 from ..log import kv
-from ..paravisor.channel import Channel, ChannelClosed, ChannelTimeout
 
 log = logging.getLogger("vfkeep.host.worker")
 
@@ -23,7 +23,7 @@ class WorkerProcess:
         self.chan = chan
         self.generation = generation
         self.argv = argv
-        self.hello: dict | None = None
+        self.hello: Hello | None = None
         self.spawned_at = time.perf_counter()
 
     @property
@@ -45,27 +45,27 @@ class WorkerProcess:
         kv(log, logging.INFO, "worker spawned", generation=generation, pid=child.pid, argv=" ".join(argv))
         return cls(child, ours, generation, argv)
 
-    def wait_hello(self, timeout: float) -> dict:
-        msg = self.recv(timeout, "hello")
+    def wait_hello(self, timeout: float) -> Hello:
+        msg = self.recv(timeout, Hello)
         self.hello = msg
-        kv(log, logging.INFO, "worker hello", generation=self.generation, pid=self.pid, version=msg.get("version"),
-           compat=msg.get("compat"), startup_ms=round((time.perf_counter() - self.spawned_at) * 1000, 1))
+        kv(log, logging.INFO, "worker hello", generation=self.generation, pid=self.pid, version=msg.version,
+           compat=msg.compat, startup_ms=round((time.perf_counter() - self.spawned_at) * 1000, 1))
         return msg
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: Message) -> None:
         try:
-            self.chan.send(msg)
+            self.chan.send(msg.to_json())
         except ChannelClosed as e:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
 
-    def recv(self, timeout: float | None, *expected: str) -> dict:
+    def recv(self, timeout: float | None, *expected: type[Message]) -> Message:
         """Next message, which must be of one of the `expected` types. A late `inspect` reply (its request
         timed out) is skipped: the worker never sends one unasked, and taking it for the answer to the next
         request (a save!) would end a worker that is doing fine."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             msg = self._recv_one(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
-            if isinstance(msg, dict) and msg.get("type") == "inspect" and "inspect" not in expected:
+            if isinstance(msg, dict) and msg.get("type") == InspectReply.kind and InspectReply not in expected:
                 kv(log, logging.WARNING, "skipping a late inspect reply", generation=self.generation)
                 continue
             break
@@ -83,15 +83,19 @@ class WorkerProcess:
         except ValueError as e:  # not JSON (a foreign --worker-cmd, or a torn write)
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) sent an unreadable message: {e}") from None
 
-    def _check(self, msg, expected: tuple[str, ...]) -> dict:
+    def _check(self, msg, expected: tuple[type[Message], ...]) -> Message:
         if not isinstance(msg, dict):
             raise WorkerFailed(f"worker {self.generation} sent {type(msg).__name__}, expected a JSON object")
-        if msg.get("type") not in expected:
-            raise WorkerFailed(f"worker {self.generation} sent {msg.get('type')!r}, expected {'|'.join(expected)}: "
+        kinds = {m.kind: m for m in expected}
+        if msg.get("type") not in kinds:
+            raise WorkerFailed(f"worker {self.generation} sent {msg.get('type')!r}, expected {'|'.join(kinds)}: "
                                f"{msg.get('error', '')}")
-        return msg
+        try:
+            return kinds[msg["type"]].from_json(msg, msg["type"])
+        except ContractError as e:
+            raise WorkerFailed(f"worker {self.generation} sent a malformed message: {e}") from None
 
-    def request(self, msg: dict, timeout: float | None, *expected: str) -> dict:
+    def request(self, msg: Message, timeout: float | None, *expected: type[Message]) -> Message:
         self.send(msg)
         return self.recv(timeout, *expected)
 

@@ -10,10 +10,9 @@ import logging
 import os
 import threading
 import weakref
-from dataclasses import dataclass
 from typing import Mapping
 
-
+from vfkeep.contract import STRICT_POOL_ENV, UnclaimedAllocation
 from vfkeep.log import kv
 from vfkeep.proto import dma_manager_pb2
 from vfkeep.savestate import parse_saved
@@ -27,22 +26,11 @@ log = logging.getLogger("vfkeep.memory.dma")
 
 #: Allocation tag of driver buffers (servicing spec 7.3).
 VFIO_DMA_TAG = "vfio dma"
-STRICT_POOL_ENV = "VFKEEP_STRICT_POOL"
 
 
 def strict_pool_from_env(environ: Mapping[str, str]) -> bool:
     """`VFKEEP_STRICT_POOL=1` reproduces OpenHCL's strict post-restore validation (DESIGN D3)."""
     return environ.get(STRICT_POOL_ENV, "") == "1"
-
-
-@dataclass(frozen=True)
-class UnclaimedAllocation:
-    """A saved pool allocation no device re-attached; reported in the servicing result."""
-
-    device: str
-    base_pfn: int
-    pages: int
-    tag: str
 
 
 class MemoryBlock:

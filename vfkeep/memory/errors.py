@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from vfkeep import savestate
 
 if TYPE_CHECKING:
-    from .dma_manager import UnclaimedAllocation
+    from vfkeep.contract import UnclaimedAllocation
 
 
 class DmaError(Exception):

@@ -5,12 +5,11 @@ import logging
 import re
 from typing import Mapping
 
+from vfkeep.contract import POOL_CONFIG_ENV, POOL_OVERRIDE_ENV
 from vfkeep.log import kv
 
 log = logging.getLogger("vfkeep.memory.pool_config")
 
-POOL_CONFIG_ENV = "OPENHCL_IGVM_VTL2_GPA_POOL_CONFIG"
-POOL_OVERRIDE_ENV = "OPENHCL_ENABLE_VTL2_GPA_POOL"
 #: `release` / `debug`: the reference looks the size up by VP count x VTL2 memory; vfkeep models one
 #: small VM, so both map to 512 pages (2 MiB), the size OpenHCL's tests use.
 HEURISTIC_POOL_PAGES = 512

@@ -11,12 +11,10 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping
 
+from ..contract import MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV
 from ..log import kv
 
 log = logging.getLogger(__name__)
-
-MANA_ENV = "OPENHCL_MANA_KEEP_ALIVE"
-NVME_ENV = "OPENHCL_NVME_KEEP_ALIVE"
 
 
 class KeepAliveConfig(enum.Enum):
@@ -79,7 +77,7 @@ class WorkerOptions:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "WorkerOptions":
-        return cls(keepalive_from_env(environ, MANA_ENV), keepalive_from_env(environ, NVME_ENV))
+        return cls(keepalive_from_env(environ, MANA_KEEPALIVE_ENV), keepalive_from_env(environ, NVME_KEEPALIVE_ENV))
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,11 @@ from typing import Mapping
 
 from google.protobuf.message import DecodeError
 
+from ..contract import TEST_CONFIG_ENV
 from ..log import kv
 from ..proto import guid_pb2, underhill_pb2
 
 log = logging.getLogger(__name__)
-
-TEST_CONFIG_ENV = "VFKEEP_TEST_CONFIG"
 
 
 class TestConfig(enum.Enum):

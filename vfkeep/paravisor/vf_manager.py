@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
+from ..contract import NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.errors import DeviceMissing, DriverError, SaveFailed
 from ..driver.gdma_driver import map_bar0
 from ..driver.mana import DEVICE_ERRORS, ManaDevice, create_fresh, release_pending_buffers
@@ -34,37 +35,8 @@ RELAY_VPORT = VportConfig(rx_cq_size=32768)
 #: The relay's vport under data-path keepalive (DESIGN D7): in the private pool, so smaller (64 TX / 128 RX
 #: buffers, 102 pages with the queues) to leave room for other NICs; same 2:1 RX:TX ratio.
 KEPT_VPORT = VportConfig(tx_wq_size=4096, tx_cq_size=4096, rx_wq_size=4096, rx_cq_size=8192)
-#: Worker environment switch of data-path keepalive ("1" = on); effective with MANA keepalive only.
-DATAPATH_KEEPALIVE_ENV = "VFKEEP_DATAPATH_KEEPALIVE"
 
 log = logging.getLogger("vfkeep.worker.vf")
-
-KEEPALIVE, FRESH, FALLBACK = "keepalive", "fresh", "fallback"
-
-
-@dataclass(frozen=True)
-class NicConfig:
-    """What the host tells a worker about NIC `index`: its PCI id, vfio-user socket and ring eventfds."""
-
-    index: int
-    pci_id: str
-    socket: str
-    tx_bell_fd: int
-    rx_bell_fd: int
-
-    @classmethod
-    def parse(cls, text: str) -> "NicConfig":
-        parts = text.split(",")
-        if len(parts) != 5 or not parts[1] or not parts[2]:
-            raise ValueError(f"bad --nic {text!r}: expected INDEX,PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD")
-        try:
-            return cls(int(parts[0]), parts[1], parts[2], int(parts[3]), int(parts[4]))
-        except ValueError:
-            raise ValueError(f"bad --nic {text!r}: index and eventfds must be integers") from None
-
-    def to_arg(self) -> str:
-        """The worker's `--nic` value; INDEX places the NIC's rings (ChannelLayout) in guest RAM."""
-        return f"{self.index},{self.pci_id},{self.socket},{self.tx_bell_fd},{self.rx_bell_fd}"
 
 
 class VfManager:
@@ -77,7 +49,7 @@ class VfManager:
         self.vport = None
         self.relay: NetRelay | None = None
         self.channel: NicChannel | None = None
-        self.restore_path = FRESH
+        self.restore_path = RestorePath.FRESH
         self.error: str | None = None
         self.flr = False
         self.create_ms = 0.0
@@ -125,13 +97,13 @@ class VfManager:
             self._drop_device()
             self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
             return
-        self.restore_path = KEEPALIVE
+        self.restore_path = RestorePath.KEEPALIVE
 
     def _fallback(self, reason: str) -> None:
         """DESIGN D2: free whatever this NIC still has pending in the pool, switch the device to FLR,
         reset it and fresh-init. Logged as an error; reported with the reason."""
         kv(log, logging.ERROR, "falling back to fresh init with flr", pci_id=self.pci_id, reason=reason)
-        self.restore_path, self.error = FALLBACK, reason
+        self.restore_path, self.error = RestorePath.FALLBACK, reason
         self._release_saved_buffers()
         self._create(persistent_hwc=self.dma.has_pool, force_flr=True)
 
@@ -143,7 +115,7 @@ class VfManager:
             kv(log, logging.ERROR, "keepalive config claims a private pool that does not exist", pci_id=self.pci_id)
             persistent_hwc = False
         kv(log, logging.INFO, "creating new VFIO device", pci_id=self.pci_id, persistent_hwc=persistent_hwc)
-        self.restore_path = FRESH
+        self.restore_path = RestorePath.FRESH
         self._create(persistent_hwc=persistent_hwc)
 
     def _create(self, persistent_hwc: bool, force_flr: bool = False) -> None:
@@ -214,29 +186,29 @@ class VfManager:
             self.relay.stop()
 
     # -- save / shutdown --------------------------------------------------------------------
-    def save(self) -> tuple[str, mana_driver_pb2.ManaSavedState | None]:
+    def save(self) -> tuple[SaveOutcome, mana_driver_pb2.ManaSavedState | None]:
         """Spec §5.2 outcomes: Saved (device kept, handle released without reset), SaveFailed (device
         switched to FLR and released, so it resets), DeviceMissing (nothing to save)."""
         if self.dev is None or (self.relay is not None and self.relay.device_missing) or not self._present():
             kv(log, logging.WARNING, "no device to save", pci_id=self.pci_id)
             self.shutdown()
-            return "DeviceMissing", None
+            return SaveOutcome.DEVICE_MISSING, None
         try:
             state = self.dev.save()
         except SaveFailed as e:
             self.error = f"save failed: {e}"
             kv(log, logging.ERROR, "mana save failed, resetting the device", pci_id=self.pci_id, error=str(e))
             self._set_flr_and_release()
-            return "SaveFailed", None
+            return SaveOutcome.SAVE_FAILED, None
         except (DeviceMissing, TransportGone) as e:
             self.error = f"device missing: {e}"
             kv(log, logging.WARNING, "device vanished during save", pci_id=self.pci_id, error=str(e))
-            return "DeviceMissing", None
+            return SaveOutcome.DEVICE_MISSING, None
         except (DriverError, VfioClientError, OSError) as e:  # e.g. a transport timeout: this NIC only
             self.error = f"save failed: {type(e).__name__}: {e}"
             self._set_flr_and_release()
-            return "SaveFailed", None
-        return "Saved", mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
+            return SaveOutcome.SAVE_FAILED, None
+        return SaveOutcome.SAVED, mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
 
     def _present(self) -> bool:
         """A surprise-removed device reads all ones; it has nothing left to save."""
@@ -290,9 +262,8 @@ class VfManager:
         self.create_ms = round((time.perf_counter() - t) * 1000, 3)
 
     # -- reporting --------------------------------------------------------------------------
-    def restore_report(self) -> dict:
-        return {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
-                "create_ms": self.create_ms}
+    def restore_report(self) -> NicRestore:
+        return NicRestore(self.pci_id, self.restore_path, self.error, self.flr, self.create_ms)
 
     def emuplat_info(self) -> dict:
         return {"pci_id": self.pci_id, "mac": self.vport.mac if self.vport else b"", "adapter_index": self.cfg.index,

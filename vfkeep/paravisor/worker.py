@@ -1,18 +1,12 @@
 """`vfkeep worker`: the paravisor process ("VTL2") that the host replaces at every servicing.
 
-Protocol with the host (one `Channel`, documented in docs/internals.md):
-  worker -> host  hello    {pid, version, compat, generation, options}        once imports are done
-  host -> worker  start    {servicing_state: b64|null}  -> started {nics, unclaimed_pool_allocations, error, phases_ms}
-  host -> worker  save     {mana_keepalive, nvme_keepalive, timeout_s, correlation_id, test_config}
-                           -> saved {servicing_state, nics, phases_ms} and exit without resetting kept devices,
-                           or save_failed {error, nics} and keep running (spec §2.4, DESIGN D5)
-  host -> worker  inspect  -> inspect {tree}
-  host -> worker  shutdown -> bye, after a normal shutdown of every NIC (DEREGISTER_DEVICE, DESTROY_HWC)
+It speaks the host<->worker contract (`vfkeep.contract`): hello once its imports are done, then
+start -> started, save -> saved (and exit without resetting kept devices) or save_failed (keep
+running, spec §2.4, DESIGN D5), inspect -> inspect, shutdown -> bye.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import sys
@@ -23,13 +17,15 @@ import click
 
 from .. import __version__
 from .. import log as vlog
+from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
+                        ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, Save, Saved,
+                        SaveFailed, SaveOutcome, Shutdown, Start, Started, decode, decode_blob, encode_blob)
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
-from .channel import Channel, ChannelClosed, decode_blob, encode_blob
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
 from .servicing import (ServicingStateError, TestConfig, build_servicing_state, decode_servicing_state,
                         mana_states_by_pci_id, parse_test_config, reference_time, test_config_from_env)
-from .vf_manager import DATAPATH_KEEPALIVE_ENV, NicConfig, VfManager
+from .vf_manager import VfManager
 
 log = logging.getLogger("vfkeep.worker")
 
@@ -87,10 +83,10 @@ class Worker:
         self.last_save_error: str | None = None
 
     # -- start / restore (spec §3) ------------------------------------------------------------
-    def start(self, msg: dict) -> dict:
+    def start(self, msg: Start) -> Started:
         t_all = time.perf_counter()
         phases: dict[str, float] = {}
-        blob = decode_blob(msg.get("servicing_state"))
+        blob = decode_blob(msg.servicing_state)
         if self.test_config is TestConfig.SERVICING_RESTORE_STUCK:
             kv(log, logging.WARNING, "test hook: hanging before fetching the servicing state")
             threading.Event().wait()
@@ -142,10 +138,10 @@ class Worker:
         error = None
         unclaimed = []
         try:
-            unclaimed = [dataclasses.asdict(u) for u in self.dma.validate_restore()]
+            unclaimed = self.dma.validate_restore()
         except UnrestoredAllocations as e:
             error = str(e)
-            unclaimed = [dataclasses.asdict(u) for u in e.allocations]
+            unclaimed = e.allocations
             kv(log, logging.ERROR, "strict pool validation failed", error=error)
         phases["validate"] = _ms(t)
 
@@ -154,32 +150,31 @@ class Worker:
         phases["total"] = _ms(t_all)
         self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
                              "state_error": state_error, "dma_error": dma_error,
-                             "unclaimed_pool_allocations": unclaimed, "phases_ms": phases}
+                             "unclaimed_pool_allocations": [u.to_json() for u in unclaimed], "phases_ms": phases}
         kv(log, logging.INFO, "worker started", nics=len(self.vf_managers),
            paths=",".join(vf.restore_path for vf in self.vf_managers), unclaimed=len(unclaimed),
            total_ms=phases["total"])
-        return {"type": "started", "nics": [vf.restore_report() for vf in self.vf_managers],
-                "unclaimed_pool_allocations": unclaimed, "error": error, "phases_ms": phases}
+        return Started(tuple(vf.restore_report() for vf in self.vf_managers), tuple(unclaimed), error, phases)
 
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
-    def save(self, msg: dict) -> dict:
-        hook = parse_test_config(msg.get("test_config"), "save request") or self.test_config
+    def save(self, msg: Save) -> Saved | SaveFailed:
+        hook = parse_test_config(msg.test_config, "save request") or self.test_config
         if hook is TestConfig.SERVICING_SAVE_STUCK:
             kv(log, logging.WARNING, "test hook: save stuck")
             threading.Event().wait()
-        watchdog = _arm_watchdog(float(msg.get("timeout_s") or 60.0))
+        watchdog = _arm_watchdog(msg.timeout_s or 60.0)
         try:
             return self._save(msg, hook)
         finally:
             watchdog.cancel()
 
-    def _save(self, msg: dict, hook: TestConfig | None) -> dict:
+    def _save(self, msg: Save, hook: TestConfig | None) -> Saved | SaveFailed:
         t_all = time.perf_counter()
         phases: dict[str, float] = {}
-        eff = effective_keepalive(self.options, host_mana=bool(msg.get("mana_keepalive")),
-                                  host_nvme=bool(msg.get("nvme_keepalive")), pool_present=self.dma.has_pool)
-        kv(log, logging.INFO, "save requested", host_mana=bool(msg.get("mana_keepalive")),
-           host_nvme=bool(msg.get("nvme_keepalive")), effective_mana=eff.mana, effective_nvme=eff.nvme)
+        eff = effective_keepalive(self.options, host_mana=msg.mana_keepalive, host_nvme=msg.nvme_keepalive,
+                                  pool_present=self.dma.has_pool)
+        kv(log, logging.INFO, "save requested", host_mana=msg.mana_keepalive, host_nvme=msg.nvme_keepalive,
+           effective_mana=eff.mana, effective_nvme=eff.nvme)
         vm_stop = reference_time()
 
         t = time.perf_counter()
@@ -201,15 +196,14 @@ class Worker:
         if eff.mana and self.vf_managers:
             mana_states = []
             for vf, (outcome, saved) in zip(self.vf_managers, _each(VfManager.save, self.vf_managers)):
-                outcomes.append({"pci_id": vf.pci_id, "save_outcome": outcome, "error": vf.error})
+                outcomes.append(NicSaveOutcome(vf.pci_id, outcome, vf.error))
                 if saved is not None:
                     mana_states.append(saved)
             kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(mana_states))
         else:
             # 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked.
             _each(VfManager.shutdown, self.vf_managers)
-            outcomes = [{"pci_id": vf.pci_id, "save_outcome": "Shutdown", "error": vf.error}
-                        for vf in self.vf_managers]
+            outcomes = [NicSaveOutcome(vf.pci_id, SaveOutcome.SHUTDOWN, vf.error) for vf in self.vf_managers]
         phases["mana_save"] = _ms(t)
 
         if hook is TestConfig.SERVICING_SAVE_CRASH:
@@ -224,15 +218,15 @@ class Worker:
             h.flush()
         flush_us = int((time.perf_counter() - t) * 1e6)
         state = build_servicing_state(nics=nics_emuplat, dma_state=dma_state, mana_states=mana_states,
-                                      correlation_id=msg.get("correlation_id"), vm_stop_reference_time=vm_stop,
+                                      correlation_id=msg.correlation_id, vm_stop_reference_time=vm_stop,
                                       flush_logs_us=flush_us)
         blob = state.SerializeToString()
         phases["total"] = _ms(t_all)
         kv(log, logging.INFO, "servicing state saved", bytes=len(blob), dma_state=dma_state is not None,
            mana_states=-1 if mana_states is None else len(mana_states), total_ms=phases["total"])
-        return {"type": "saved", "servicing_state": encode_blob(blob), "nics": outcomes, "phases_ms": phases}
+        return Saved(encode_blob(blob), tuple(outcomes), phases)
 
-    def _save_failed(self, error: str, outcomes: list[dict]) -> dict:
+    def _save_failed(self, error: str, outcomes: list[NicSaveOutcome]) -> SaveFailed:
         """Spec §2.4 keeps the worker running but leaves saved drivers dead (E5); vfkeep revives them
         through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
         kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
@@ -240,8 +234,7 @@ class Worker:
         _each(VfManager.revive, self.vf_managers)
         for vf in self.vf_managers:
             vf.start_relay(self.channel_layout)
-        return {"type": "save_failed", "error": error, "nics": outcomes,
-                "revived": [vf.restore_report() for vf in self.vf_managers]}
+        return SaveFailed(error, tuple(outcomes), tuple(vf.restore_report() for vf in self.vf_managers))
 
     # -- other requests -----------------------------------------------------------------------
     def inspect(self) -> dict:
@@ -263,41 +256,46 @@ class Worker:
             vf.stop_relay()
             vf.shutdown()
 
-    def hello(self) -> dict:
-        return {"type": "hello", "pid": os.getpid(), "version": __version__,
-                "compat": "downlevel" if self.downlevel else "current", "generation": self.generation,
-                "keepalive": {"mana": self.options.mana_keepalive.canonical,
-                              "nvme": self.options.nvme_keepalive.canonical}}
+    def hello(self) -> Hello:
+        return Hello(os.getpid(), __version__, "downlevel" if self.downlevel else "current", self.generation,
+                     {"mana": self.options.mana_keepalive.canonical, "nvme": self.options.nvme_keepalive.canonical})
+
+    def send(self, msg: Message) -> None:
+        self.chan.send(msg.to_json())
 
     def serve(self) -> int:
-        self.chan.send(self.hello())
+        self.send(self.hello())
         while True:
             try:
-                msg = self.chan.recv()
+                data = self.chan.recv()
             except ChannelClosed:
                 kv(log, logging.WARNING, "host closed the channel, exiting")
                 return 1
-            kind = msg.get("type")
-            if kind == "start" and self.dma is None:
-                self.chan.send(self.start(msg))
-            elif kind == "save" and self.dma is not None:
+            try:
+                msg = decode(data, HOST_MESSAGES)
+            except ContractError as e:
+                self.send(ErrorReply(str(e)))
+                continue
+            if isinstance(msg, Start) and self.dma is None:
+                self.send(self.start(msg))
+            elif isinstance(msg, Save) and self.dma is not None:
                 reply = self.save(msg)
-                self.chan.send(reply)
-                if reply["type"] == "saved":
+                self.send(reply)
+                if isinstance(reply, Saved):
                     # Exit without closing device handles or running finalizers: kept devices must not
                     # see a teardown (the VFIO handle is "leaked" as in spec §5.2).
                     kv(log, logging.INFO, "exiting after save")
                     logging.shutdown()
                     os._exit(0)
-            elif kind == "inspect":
-                self.chan.send({"type": "inspect", "tree": self.inspect()})
-            elif kind == "shutdown":
+            elif isinstance(msg, Inspect):
+                self.send(InspectReply(self.inspect()))
+            elif isinstance(msg, Shutdown):
                 self.shutdown()
                 kv(log, logging.INFO, "normal shutdown done")  # before "bye": the host ends us once it has it
-                self.chan.send({"type": "bye"})
+                self.send(Bye())
                 return 0
             else:
-                self.chan.send({"type": "error", "error": f"unexpected message {kind!r} in this state"})
+                self.send(ErrorReply(f"unexpected message {msg.kind!r} in this state"))
 
 
 @click.command("worker")
