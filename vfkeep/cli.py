@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "layout": "vfkeep.gdma.layout:layout_command",
     "smoke": "vfkeep.vfio_user.smoke:smoke_command",
     "device": "vfkeep.device.main:device_command",
+    "nvme-device": "vfkeep.nvme_device.main:nvme_device_command",
     "run": "vfkeep.host.commands:run_command",
     "service": "vfkeep.host.commands:service_command",
     "inspect": "vfkeep.host.commands:inspect_command",

@@ -25,41 +25,42 @@ _sym_db = _symbol_database.Default()
 from . import guid_pb2 as guid__pb2
 from . import dma_manager_pb2 as dma__manager__pb2
 from . import mana_driver_pb2 as mana__driver__pb2
+from . import nvme_driver_pb2 as nvme__driver__pb2
 from . import netvsp_pb2 as netvsp__pb2
 from . import network_adapter_index_pb2 as network__adapter__index__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0funderhill.proto\x12\tunderhill\x1a\nguid.proto\x1a\x11\x64ma_manager.proto\x1a\x11mana_driver.proto\x1a\x0cnetvsp.proto\x1a\x1bnetwork_adapter_index.proto\"\x06\n\x04Unit\"x\n\x08\x46irmware\x12\x1f\n\x04uefi\x18\x01 \x01(\x0b\x32\x0f.underhill.UnitH\x00\x12\x1f\n\x04pcat\x18\x02 \x01(\x0b\x32\x0f.underhill.UnitH\x00\x12\x1f\n\x04none\x18\x03 \x01(\x0b\x32\x0f.underhill.UnitH\x00\x42\t\n\x07variant\"D\n\x0f\x46lushLogsResult\x12\x13\n\x0b\x64uration_us\x18\x01 \x01(\x04\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_error\"$\n\x13HibernateSavedState\x12\r\n\x05token\x18\x01 \x01(\x04\"`\n\x17NetworkAdapterIndexList\x12\x45\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x34.network_adapter_index.NetworkAdapterIndexSavedState\"\xef\x01\n\x11\x45muplatSavedState\x12\x17\n\x0frtc_local_clock\x18\x01 \x01(\x0c\x12#\n\x1bget_backed_adjust_gpa_range\x18\x02 \x01(\x0c\x12:\n\x0cnetvsp_state\x18\x03 \x03(\x0b\x32$.underhill.emuplat.netvsp.SavedState\x12\x46\n\x15network_adapter_index\x18\x04 \x01(\x0b\x32\".underhill.NetworkAdapterIndexListH\x00\x88\x01\x01\x42\x18\n\x16_network_adapter_index\":\n\x12NvmeDiskSavedState\x12\x0e\n\x06pci_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64river_state\x18\x02 \x01(\x0c\"]\n\x15NvmeManagerSavedState\x12\x11\n\tcpu_count\x18\x01 \x01(\r\x12\x31\n\nnvme_disks\x18\x02 \x03(\x0b\x32\x1d.underhill.NvmeDiskSavedState\"F\n\x0eNvmeSavedState\x12\x34\n\nnvme_state\x18\x01 \x01(\x0b\x32 .underhill.NvmeManagerSavedState\"A\n\x12ManaSavedStateList\x12+\n\x06states\x18\x01 \x03(\x0b\x32\x1b.mana_driver.ManaSavedState\"\x9f\x05\n\x12ServicingInitState\x12*\n\rfirmware_type\x18\x01 \x01(\x0b\x32\x13.underhill.Firmware\x12\x1e\n\x16vm_stop_reference_time\x18\x02 \x01(\x04\x12\'\n\x0e\x63orrelation_id\x18\x03 \x01(\x0b\x32\n.guid.GuidH\x00\x88\x01\x01\x12-\n\x07\x65muplat\x18\x04 \x01(\x0b\x32\x1c.underhill.EmuplatSavedState\x12:\n\x11\x66lush_logs_result\x18\x05 \x01(\x0b\x32\x1a.underhill.FlushLogsResultH\x01\x88\x01\x01\x12\x0c\n\x04vmgs\x18\x06 \x01(\x0c\x12\x1f\n\x17overlay_shutdown_device\x18\x07 \x01(\x08\x12\x36\n\thibernate\x18\x08 \x01(\x0b\x32\x1e.underhill.HibernateSavedStateH\x02\x88\x01\x01\x12\x33\n\nnvme_state\x18\x90N \x01(\x0b\x32\x19.underhill.NvmeSavedStateH\x03\x88\x01\x01\x12R\n\x11\x64ma_manager_state\x18\x91N \x01(\x0b\x32\x31.openhcl.openhcldmamanager.OpenhclDmaManagerStateH\x04\x88\x01\x01\x12\x15\n\x0cvmbus_client\x18\x92N \x01(\x0c\x12\x37\n\nmana_state\x18\x93N \x01(\x0b\x32\x1d.underhill.ManaSavedStateListH\x05\x88\x01\x01\x42\x11\n\x0f_correlation_idB\x14\n\x12_flush_logs_resultB\x0c\n\n_hibernateB\r\n\x0b_nvme_stateB\x14\n\x12_dma_manager_stateB\r\n\x0b_mana_state\"-\n\x0eSavedStateUnit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\x0c\"m\n\x0eServicingState\x12\x31\n\ninit_state\x18\x01 \x01(\x0b\x32\x1d.underhill.ServicingInitState\x12(\n\x05units\x18\x02 \x03(\x0b\x32\x19.underhill.SavedStateUnitb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0funderhill.proto\x12\tunderhill\x1a\nguid.proto\x1a\x11\x64ma_manager.proto\x1a\x11mana_driver.proto\x1a\x11nvme_driver.proto\x1a\x0cnetvsp.proto\x1a\x1bnetwork_adapter_index.proto\"\x06\n\x04Unit\"x\n\x08\x46irmware\x12\x1f\n\x04uefi\x18\x01 \x01(\x0b\x32\x0f.underhill.UnitH\x00\x12\x1f\n\x04pcat\x18\x02 \x01(\x0b\x32\x0f.underhill.UnitH\x00\x12\x1f\n\x04none\x18\x03 \x01(\x0b\x32\x0f.underhill.UnitH\x00\x42\t\n\x07variant\"D\n\x0f\x46lushLogsResult\x12\x13\n\x0b\x64uration_us\x18\x01 \x01(\x04\x12\x12\n\x05\x65rror\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_error\"$\n\x13HibernateSavedState\x12\r\n\x05token\x18\x01 \x01(\x04\"`\n\x17NetworkAdapterIndexList\x12\x45\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x34.network_adapter_index.NetworkAdapterIndexSavedState\"\xef\x01\n\x11\x45muplatSavedState\x12\x17\n\x0frtc_local_clock\x18\x01 \x01(\x0c\x12#\n\x1bget_backed_adjust_gpa_range\x18\x02 \x01(\x0c\x12:\n\x0cnetvsp_state\x18\x03 \x03(\x0b\x32$.underhill.emuplat.netvsp.SavedState\x12\x46\n\x15network_adapter_index\x18\x04 \x01(\x0b\x32\".underhill.NetworkAdapterIndexListH\x00\x88\x01\x01\x42\x18\n\x16_network_adapter_index\"^\n\x13NvmeSavedDiskConfig\x12\x0e\n\x06pci_id\x18\x01 \x01(\t\x12\x37\n\x0c\x64river_state\x18\x02 \x01(\x0b\x32!.nvme_driver.NvmeDriverSavedState\"^\n\x15NvmeManagerSavedState\x12\x11\n\tcpu_count\x18\x01 \x01(\r\x12\x32\n\nnvme_disks\x18\x02 \x03(\x0b\x32\x1e.underhill.NvmeSavedDiskConfig\"F\n\x0eNvmeSavedState\x12\x34\n\nnvme_state\x18\x01 \x01(\x0b\x32 .underhill.NvmeManagerSavedState\"A\n\x12ManaSavedStateList\x12+\n\x06states\x18\x01 \x03(\x0b\x32\x1b.mana_driver.ManaSavedState\"\x9f\x05\n\x12ServicingInitState\x12*\n\rfirmware_type\x18\x01 \x01(\x0b\x32\x13.underhill.Firmware\x12\x1e\n\x16vm_stop_reference_time\x18\x02 \x01(\x04\x12\'\n\x0e\x63orrelation_id\x18\x03 \x01(\x0b\x32\n.guid.GuidH\x00\x88\x01\x01\x12-\n\x07\x65muplat\x18\x04 \x01(\x0b\x32\x1c.underhill.EmuplatSavedState\x12:\n\x11\x66lush_logs_result\x18\x05 \x01(\x0b\x32\x1a.underhill.FlushLogsResultH\x01\x88\x01\x01\x12\x0c\n\x04vmgs\x18\x06 \x01(\x0c\x12\x1f\n\x17overlay_shutdown_device\x18\x07 \x01(\x08\x12\x36\n\thibernate\x18\x08 \x01(\x0b\x32\x1e.underhill.HibernateSavedStateH\x02\x88\x01\x01\x12\x33\n\nnvme_state\x18\x90N \x01(\x0b\x32\x19.underhill.NvmeSavedStateH\x03\x88\x01\x01\x12R\n\x11\x64ma_manager_state\x18\x91N \x01(\x0b\x32\x31.openhcl.openhcldmamanager.OpenhclDmaManagerStateH\x04\x88\x01\x01\x12\x15\n\x0cvmbus_client\x18\x92N \x01(\x0c\x12\x37\n\nmana_state\x18\x93N \x01(\x0b\x32\x1d.underhill.ManaSavedStateListH\x05\x88\x01\x01\x42\x11\n\x0f_correlation_idB\x14\n\x12_flush_logs_resultB\x0c\n\n_hibernateB\r\n\x0b_nvme_stateB\x14\n\x12_dma_manager_stateB\r\n\x0b_mana_state\"-\n\x0eSavedStateUnit\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\x0c\"m\n\x0eServicingState\x12\x31\n\ninit_state\x18\x01 \x01(\x0b\x32\x1d.underhill.ServicingInitState\x12(\n\x05units\x18\x02 \x03(\x0b\x32\x19.underhill.SavedStateUnitb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'underhill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UNIT']._serialized_start=123
-  _globals['_UNIT']._serialized_end=129
-  _globals['_FIRMWARE']._serialized_start=131
-  _globals['_FIRMWARE']._serialized_end=251
-  _globals['_FLUSHLOGSRESULT']._serialized_start=253
-  _globals['_FLUSHLOGSRESULT']._serialized_end=321
-  _globals['_HIBERNATESAVEDSTATE']._serialized_start=323
-  _globals['_HIBERNATESAVEDSTATE']._serialized_end=359
-  _globals['_NETWORKADAPTERINDEXLIST']._serialized_start=361
-  _globals['_NETWORKADAPTERINDEXLIST']._serialized_end=457
-  _globals['_EMUPLATSAVEDSTATE']._serialized_start=460
-  _globals['_EMUPLATSAVEDSTATE']._serialized_end=699
-  _globals['_NVMEDISKSAVEDSTATE']._serialized_start=701
-  _globals['_NVMEDISKSAVEDSTATE']._serialized_end=759
-  _globals['_NVMEMANAGERSAVEDSTATE']._serialized_start=761
-  _globals['_NVMEMANAGERSAVEDSTATE']._serialized_end=854
-  _globals['_NVMESAVEDSTATE']._serialized_start=856
-  _globals['_NVMESAVEDSTATE']._serialized_end=926
-  _globals['_MANASAVEDSTATELIST']._serialized_start=928
-  _globals['_MANASAVEDSTATELIST']._serialized_end=993
-  _globals['_SERVICINGINITSTATE']._serialized_start=996
-  _globals['_SERVICINGINITSTATE']._serialized_end=1667
-  _globals['_SAVEDSTATEUNIT']._serialized_start=1669
-  _globals['_SAVEDSTATEUNIT']._serialized_end=1714
-  _globals['_SERVICINGSTATE']._serialized_start=1716
-  _globals['_SERVICINGSTATE']._serialized_end=1825
+  _globals['_UNIT']._serialized_start=142
+  _globals['_UNIT']._serialized_end=148
+  _globals['_FIRMWARE']._serialized_start=150
+  _globals['_FIRMWARE']._serialized_end=270
+  _globals['_FLUSHLOGSRESULT']._serialized_start=272
+  _globals['_FLUSHLOGSRESULT']._serialized_end=340
+  _globals['_HIBERNATESAVEDSTATE']._serialized_start=342
+  _globals['_HIBERNATESAVEDSTATE']._serialized_end=378
+  _globals['_NETWORKADAPTERINDEXLIST']._serialized_start=380
+  _globals['_NETWORKADAPTERINDEXLIST']._serialized_end=476
+  _globals['_EMUPLATSAVEDSTATE']._serialized_start=479
+  _globals['_EMUPLATSAVEDSTATE']._serialized_end=718
+  _globals['_NVMESAVEDDISKCONFIG']._serialized_start=720
+  _globals['_NVMESAVEDDISKCONFIG']._serialized_end=814
+  _globals['_NVMEMANAGERSAVEDSTATE']._serialized_start=816
+  _globals['_NVMEMANAGERSAVEDSTATE']._serialized_end=910
+  _globals['_NVMESAVEDSTATE']._serialized_start=912
+  _globals['_NVMESAVEDSTATE']._serialized_end=982
+  _globals['_MANASAVEDSTATELIST']._serialized_start=984
+  _globals['_MANASAVEDSTATELIST']._serialized_end=1049
+  _globals['_SERVICINGINITSTATE']._serialized_start=1052
+  _globals['_SERVICINGINITSTATE']._serialized_end=1723
+  _globals['_SAVEDSTATEUNIT']._serialized_start=1725
+  _globals['_SAVEDSTATEUNIT']._serialized_end=1770
+  _globals['_SERVICINGSTATE']._serialized_start=1772
+  _globals['_SERVICINGSTATE']._serialized_end=1881
 # @@protoc_insertion_point(module_scope)
