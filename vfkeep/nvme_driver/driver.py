@@ -52,6 +52,41 @@ ADMIN_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.5  # the interrupt thread also sweeps the CQs this often (a lost wake-up costs no more)
 
 
+def read_csts(backing, device_id: str) -> Csts:
+    value = backing.read32(REG_CSTS)
+    if value == CSTS_GONE:
+        raise DeviceGone(f"{device_id}: CSTS reads all ones, the device is gone")
+    return Csts.from_int(value)
+
+
+def wait_ready(backing, device_id: str, want: bool, timeout_s: float) -> None:
+    """Poll CSTS.RDY with backoff (plain re-reads, then 1 ms, then 15 ms sleeps), bounded by `timeout_s`
+    (CAP.TO: the reference waits forever, §19 N7). CFS while waiting for RDY=1 is `ControllerFatal`."""
+    deadline = time.monotonic() + timeout_s
+    for attempt in itertools.count():
+        csts = read_csts(backing, device_id)
+        if want and csts.cfs:
+            raise ControllerFatal(f"{device_id}: device had fatal error (CSTS.CFS) while enabling")
+        if bool(csts.rdy) == want:
+            return
+        if time.monotonic() >= deadline:
+            raise ReadyTimeout(f"{device_id}: CSTS.RDY did not become {int(want)} within {timeout_s} s")
+        if attempt >= 50:
+            time.sleep(0.001 if attempt < 300 else 0.015)
+
+
+def reset_controller(backing, device_id: str, timeout_s: float | None = None) -> None:
+    """CC.EN 1→0 with the rest of CC kept, then wait for RDY=0 (spec §2.6 `Bar0::reset`; also the
+    manager's `clear_existing_state`). `timeout_s` defaults to CAP.TO."""
+    if timeout_s is None:
+        timeout_s = Cap.from_int(backing.read64(REG_CAP)).to_500ms * 0.5
+    cc = backing.read32(REG_CC)
+    if cc == CSTS_GONE:
+        raise DeviceGone(f"{device_id}: CC reads all ones, the device is gone")
+    backing.write32(REG_CC, cc & ~1)
+    wait_ready(backing, device_id, False, timeout_s)
+
+
 class NvmeDriver:
     def __init__(self, backing, dma, device_id: str, cpu_count: int):
         self.backing = backing
@@ -152,34 +187,17 @@ class NvmeDriver:
         return qp
 
     def _csts(self) -> Csts:
-        value = self.backing.read32(REG_CSTS)
-        if value == CSTS_GONE:
-            raise DeviceGone(f"{self.device_id}: CSTS reads all ones, the device is gone")
-        return Csts.from_int(value)
+        return read_csts(self.backing, self.device_id)
 
     def _wait_ready(self, want: bool) -> None:
-        """Poll CSTS.RDY with backoff (plain re-reads, then 1 ms, then up to 15 ms sleeps), bounded by CAP.TO."""
-        deadline = time.monotonic() + self.ready_timeout_s
-        for attempt in itertools.count():
-            csts = self._csts()
-            if want and csts.cfs:
-                self._reset()
-                raise ControllerFatal(f"{self.device_id}: device had fatal error (CSTS.CFS) while enabling")
-            if bool(csts.rdy) == want:
-                return
-            if time.monotonic() >= deadline:
-                raise ReadyTimeout(f"{self.device_id}: CSTS.RDY did not become {int(want)} within "
-                                   f"{self.ready_timeout_s} s (CAP.TO)")
-            if attempt >= 50:
-                time.sleep(0.001 if attempt < 300 else 0.015)
+        try:
+            wait_ready(self.backing, self.device_id, want, self.ready_timeout_s)
+        except ControllerFatal:
+            self._reset()
+            raise
 
     def _reset(self) -> None:
-        """CC.EN 1→0 (the rest of CC kept), then wait for RDY=0 (spec §2.6 `Bar0::reset`)."""
-        cc = self.backing.read32(REG_CC)
-        if cc == CSTS_GONE:
-            raise DeviceGone(f"{self.device_id}: CC reads all ones, the device is gone")
-        self.backing.write32(REG_CC, cc & ~1)
-        self._wait_ready(False)
+        reset_controller(self.backing, self.device_id, self.ready_timeout_s)
 
     def _map_vector(self, iv: int) -> None:
         """Assign `iv` an eventfd (the backing owns it) and let the interrupt thread watch it."""
@@ -517,4 +535,4 @@ class NvmeDriver:
                 "namespaces": [ns.describe() for ns in self.namespaces.values()], "counters": dict(self.counters)}
 
 
-__all__ = ["NvmeDriver"]
+__all__ = ["NvmeDriver", "reset_controller", "wait_ready", "read_csts"]
