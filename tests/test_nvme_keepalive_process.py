@@ -1,6 +1,5 @@
 """NVMe keepalive with real processes (issue 13 acceptance): the controller emulator in its own process, two
 worker-like child processes (save, then restore) over vfio-user and one memfd, IO at queue depth ≥ 8."""
-import base64
 import json
 import pathlib
 import sys
@@ -9,10 +8,9 @@ import pytest
 
 from helpers import run_json
 from vfkeep import proc
+from vfkeep.memory import MemoryLayout
 from vfkeep.nvme_device.main import start_nvme_device
 from vfkeep.vfio_user import control_call
-
-from vfkeep.memory import MemoryLayout
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=1024, pool_pages=512)
 WORKER = pathlib.Path(__file__).with_name("nvme_worker.py")

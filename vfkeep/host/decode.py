@@ -26,6 +26,8 @@ def decode_file(path: str) -> dict:
         "dma_manager_state (10001)": init.HasField("dma_manager_state"),
         "mana_state (10003)": (len(init.mana_state.states) if init.HasField("mana_state") else None),
         "mana_pci_ids": [s.pci_id for s in init.mana_state.states],
+        "nvme_state (10000)": ([d.pci_id for d in init.nvme_state.nvme_state.nvme_disks]
+                               if init.HasField("nvme_state") else None),
         "pool_allocations": [
             {"device": s.state.allocated.device_id, "base_pfn": s.base_pfn, "pages": s.size_pages,
              "tag": s.state.allocated.tag}

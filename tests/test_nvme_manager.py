@@ -1,0 +1,227 @@
+"""NVMe manager decisions against the emulator process (spec nvme.md §13.2, issue 13): hostile saved state
+takes the fresh path with a typed error and writes nothing outside the device's pages; keepalive disabled
+on the new side; NoReset → FLR; OPENHCL_NVME_ALWAYS_FLR."""
+import pytest
+
+from vfkeep import proc
+from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.nvme_device.main import start_nvme_device
+from vfkeep.nvme_driver.errors import InvalidSavedState
+from vfkeep.nvme_driver.saved_state import decode, validate
+from vfkeep.paravisor.nvme_manager import FALLBACK, FRESH, KEEPALIVE, NvmeConfig, always_flr_from_env, create_device
+from vfkeep.proto import nvme_driver_pb2
+from vfkeep.vfio_user import control_call
+
+LAYOUT = MemoryLayout(guest_pages=64, worker_pages=1024, pool_pages=512)
+BLOCKS = 64
+
+
+@pytest.fixture
+def sock(tmp_path):
+    path = str(tmp_path / "nvme0.sock")
+    p = start_nvme_device(path, "--run-dir", str(tmp_path), "--size", "1M")
+    yield path
+    proc.end(p)
+
+
+def ctl(sock, cmd, **args):
+    return control_call(sock + ".ctl", cmd, **args)
+
+
+def bring_up(sock, mem, **kw):
+    dma = DmaManager(mem, strict_pool=False)
+    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, cpu_count=2, ready_timeout_s=5,
+                         **{"saved": None, "save_restore_supported": True, **kw})
+    return dma, disk
+
+
+def write_pattern(drv, mem, generation: int) -> None:
+    ns = drv.namespace(1)
+    gpa = mem.layout.guest.gpa
+    mem.write(gpa, bytes([generation]) * (BLOCKS * ns.block_size))
+    ns.write(0, BLOCKS, gpa)
+
+
+def read_back(drv, mem) -> bytes:
+    ns = drv.namespace(1)
+    gpa = mem.layout.guest.gpa + BLOCKS * ns.block_size
+    ns.read(0, BLOCKS, gpa)
+    return mem.read(gpa, BLOCKS * ns.block_size)
+
+
+@pytest.fixture
+def saved(sock, mem):
+    """A controller in use, saved for keepalive: (driver state, DMA manager state)."""
+    dma, disk = bring_up(sock, mem)
+    write_pattern(disk.driver, mem, 7)
+    state = disk.driver.save()
+    dma_state = dma.save()
+    disk.driver.shutdown()  # after save: the handle closes, nothing is reset or freed
+    return state, dma_state
+
+
+def restore(sock, mem, state, dma_state, **kw):
+    dma = DmaManager(mem, strict_pool=False)
+    dma.restore(dma_state)
+    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, cpu_count=2, ready_timeout_s=5,
+                         **{"save_restore_supported": True, **kw})
+    return dma, disk
+
+
+def test_keepalive_restore_in_process_reuses_the_queues(sock, mem, saved):
+    seq = ctl(sock, "command_log")["last_seq"]
+    dma, disk = restore(sock, mem, *saved)
+    assert disk.restore_path == KEEPALIVE and disk.error is None
+    assert read_back(disk.driver, mem) == bytes([7]) * len(read_back(disk.driver, mem))
+    assert dma.validate_restore() == []
+    assert [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]] == ["CONNECT"]
+    disk.driver.shutdown()
+
+
+def tamper_admin_pfn_into_guest_ram(s, mem):
+    s.worker_data.admin.base_pfn = mem.layout.guest.base_pfn
+
+
+def tamper_io_pfn_elsewhere_in_pool(s, mem):
+    s.worker_data.io[0].queue_data.base_pfn = mem.layout.pool.end_pfn - 69
+
+
+def tamper_mem_len(s, mem):
+    s.worker_data.admin.mem_len += 4096
+
+
+def tamper_qid_zero(s, mem):
+    q = s.worker_data.io[1].queue_data
+    q.qid = q.handler_data.sq_state.sqid = q.handler_data.cq_state.cqid = 0
+
+
+def tamper_qid_above_max(s, mem):
+    q = s.worker_data.io[1].queue_data
+    q.qid = q.handler_data.sq_state.sqid = q.handler_data.cq_state.cqid = s.worker_data.max_io_queues + 1
+
+
+def tamper_cid_duplicate(s, mem):
+    cmds = s.worker_data.admin.handler_data.pending_cmds.commands
+    cmds.add(command=cmds[0].command)
+
+
+def tamper_await_aen_cid(s, mem):
+    s.worker_data.admin.handler_data.aer_handler.await_aen_cid ^= 0x3FF
+
+
+def tamper_pending_larger_than_queue(s, mem):
+    admin = s.worker_data.admin
+    admin.sq_entries = admin.handler_data.sq_state.len = 2
+    admin.handler_data.sq_state.head = admin.handler_data.sq_state.tail = 0
+    admin.handler_data.sq_state.committed_tail = 0
+    cmd = bytearray(admin.handler_data.pending_cmds.commands[0].command)
+    cmd[2:4] = (int.from_bytes(cmd[2:4], "little") ^ 1).to_bytes(2, "little")
+    admin.handler_data.pending_cmds.commands.add(command=bytes(cmd))
+
+
+def tamper_sq_tail_out_of_ring(s, mem):
+    s.worker_data.io[0].queue_data.handler_data.sq_state.tail = 256
+
+
+def tamper_vector(s, mem):
+    s.worker_data.io[0].iv = 4096
+
+
+def tamper_short_identify(s, mem):
+    s.identify_ctrl = s.identify_ctrl[:100]
+
+
+TAMPERS = [tamper_admin_pfn_into_guest_ram, tamper_io_pfn_elsewhere_in_pool, tamper_mem_len, tamper_qid_zero,
+           tamper_qid_above_max, tamper_cid_duplicate, tamper_await_aen_cid, tamper_pending_larger_than_queue,
+           tamper_sq_tail_out_of_ring, tamper_vector, tamper_short_identify]
+
+
+@pytest.mark.parametrize("tamper", TAMPERS, ids=lambda f: f.__name__.removeprefix("tamper_"))
+def test_hostile_saved_state_takes_the_fresh_path_and_writes_nothing_outside_the_device(sock, mem, saved, tamper):
+    state, dma_state = saved
+    bad = nvme_driver_pb2.NvmeDriverSavedState()
+    bad.CopyFrom(state)
+    tamper(bad, mem)
+    outside = (mem.read(mem.layout.guest.gpa, mem.layout.guest.size),
+               mem.read(mem.layout.worker.gpa, mem.layout.worker.size))
+    dma, disk = restore(sock, mem, bad, dma_state)
+    assert disk.restore_path == FALLBACK
+    assert "InvalidSavedState" in disk.error or "RestoredMemoryNotFound" in disk.error, disk.error
+    assert (mem.read(mem.layout.guest.gpa, mem.layout.guest.size),
+            mem.read(mem.layout.worker.gpa, mem.layout.worker.size)) == outside
+    assert read_back(disk.driver, mem) == bytes([7]) * (BLOCKS * 512)  # the disk works, data kept
+    assert dma.validate_restore() == []  # the saved queue memory was re-attached and freed, none leaked
+    assert dma.pool_usage()["devices"] == {"nvme_nvme0": 3 * 69}
+    disk.driver.shutdown()
+
+
+def test_truncated_blob_is_a_typed_error():
+    with pytest.raises(InvalidSavedState):
+        decode(b"\x0a\xff\xff")
+
+
+def test_keepalive_disabled_on_the_new_side_frees_buffers_and_resets(sock, mem, saved):
+    seq = ctl(sock, "command_log")["last_seq"]
+    dma, disk = restore(sock, mem, *saved, save_restore_supported=False)
+    assert disk.restore_path == FRESH and not disk.flr
+    names = [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]]
+    disable = names.index("CC_DISABLE")
+    assert names.index("CC_ENABLE") > disable and "IDENTIFY" in names and "CREATE_IO_CQ" in names
+    assert dma.pool_usage()["allocated_pages"] == 0  # pending buffers freed; the new client is ephemeral
+    assert dma.validate_restore() == []
+    assert read_back(disk.driver, mem) == bytes([7]) * (BLOCKS * 512)
+    disk.driver.shutdown()
+
+
+def test_noreset_failure_retries_with_flr_and_restores_none(sock, mem):
+    ctl(sock, "admin_fault", opcode="IDENTIFY", action="fail", mode="once", cdw10=1)
+    dma, disk = bring_up(sock, mem)
+    assert disk.restore_path == FRESH and disk.flr
+    assert ctl(sock, "counters")["counters"]["reset_count"] == 1
+    assert ctl(sock, "get_reset_method")["value"] == "none"
+    write_pattern(disk.driver, mem, 3)
+    assert read_back(disk.driver, mem) == bytes([3]) * (BLOCKS * 512)
+    disk.driver.shutdown()
+
+
+def test_always_flr(sock, mem):
+    assert always_flr_from_env({"OPENHCL_NVME_ALWAYS_FLR": "TRUE"})
+    assert always_flr_from_env({"OPENHCL_NVME_ALWAYS_FLR": "1"})
+    assert not always_flr_from_env({"OPENHCL_NVME_ALWAYS_FLR": "yes"})
+    dma, disk = bring_up(sock, mem, always_flr=True)
+    assert disk.flr and ctl(sock, "counters")["counters"]["reset_count"] == 1
+    assert ctl(sock, "get_reset_method")["value"] == "flr"  # not switched back with ALWAYS_FLR
+    disk.driver.shutdown()
+
+
+def test_validate_accepts_a_real_state(saved):
+    validate(decode(saved[0].SerializeToString()), msix_count=16, cpu_count=2)
+
+
+def test_state_decode_shows_field_10000_with_every_nvme_field(tmp_path, saved):
+    from vfkeep.host.decode import decode_file
+    from vfkeep.paravisor.nvme_manager import saved_driver_states
+    from vfkeep.proto import underhill_pb2
+
+    state, _ = saved
+    blob = underhill_pb2.ServicingState()
+    manager = blob.init_state.nvme_state.nvme_state
+    manager.cpu_count = 2
+    manager.nvme_disks.add(pci_id="nvme0").driver_state.CopyFrom(state)
+    raw = blob.SerializeToString()
+    assert b"\x82\xf1\x04" in raw  # field 10000, wire type 2 (spec §7.1)
+    path = tmp_path / "state.bin"
+    path.write_bytes(raw)
+    decoded = decode_file(str(path))
+    assert decoded["summary"]["nvme_state (10000)"] == ["nvme0"]
+    disk = decoded["state"]["init_state"]["nvme_state (10000)"]["nvme_state"]["nvme_disks"][0]
+    worker = disk["driver_state"]["worker_data"]
+    assert len(disk["driver_state"]["identify_ctrl"]) == 2 * 4096
+    assert set(worker) == {"admin", "io", "qsize", "max_io_queues", "allow_lazy_restore"}
+    admin = worker["admin"]
+    assert set(admin) == {"mem_len", "base_pfn", "sq_entries", "cq_entries", "handler_data"}  # qid 0 is default
+    assert set(admin["handler_data"]) == {"sq_state", "cq_state", "pending_cmds", "aer_handler"}
+    assert "await_aen_cid" in admin["handler_data"]["aer_handler"]
+    assert {q["queue_data"]["qid"] for q in worker["io"]} == {1, 2}
+    assert saved_driver_states(blob) == ({"nvme0": state}, 2)
+    assert saved_driver_states(underhill_pb2.ServicingState()) == ({}, 0)  # a previous release's blob
