@@ -1,6 +1,7 @@
 """Typed NVMe driver errors, so the NVMe manager picks a recovery (fresh path, FLR) by type."""
 from __future__ import annotations
 
+from vfkeep import savestate
 from vfkeep.driver.errors import DeviceMissing as TransportMissing
 from vfkeep.nvme import admin_name, status_name
 from vfkeep.vfio_user import VfioClientError
@@ -45,15 +46,15 @@ class DriverStopped(NvmeError):
     """The driver was saved or shut down: it accepts no more commands."""
 
 
-class SaveFailed(NvmeError):
+class SaveFailed(NvmeError, savestate.SaveError):
     """The driver cannot be saved (e.g. never initialised: no identify data)."""
 
 
-class RestoreError(NvmeError):
+class RestoreError(NvmeError, savestate.RestoreError):
     """The driver cannot be restored; nothing outside the device's own pages was written."""
 
 
-class InvalidSavedState(RestoreError):
+class InvalidSavedState(RestoreError, savestate.InvalidSavedState):
     """The saved state is malformed or does not fit this boot (untrusted input, checked before any use)."""
 
 

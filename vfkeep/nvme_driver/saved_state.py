@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vfkeep.nvme import CID_KEY_MASK, IDENTIFY_SIZE, MAX_NSID, MAX_QES, QUEUE_PAIR_MEM_LEN, SQE_SIZE
 from vfkeep.proto import nvme_driver_pb2 as pb
-from vfkeep.proto import parse_saved
+from vfkeep.savestate import parse_saved
 
 from .errors import InvalidSavedState, RestoredMemoryNotFound
 
