@@ -4,9 +4,10 @@
 
 (a) bench_blackout: guest blackout and loss, keepalive vs reset paths, natural/realistic, prelaunch on/off;
 (b) bench_load: loss across servicing at 1k, 10k, 50k frames/s; (c) bench_throughput: round trip frames/s and
-Mbit/s at 64 B and 1500 B; (d) bench_servicing: servicing phase times for 1, 2, 4, 8 NICs. JSON and PNGs go to
-benchmarks/results/ (with --quick, fewer repetitions, to benchmarks/results/quick/ so the full results stay),
-then summary.md there.
+Mbit/s at 64 B and 1500 B; (d) bench_servicing: servicing phase times for 1, 2, 4, 8 NICs; (e) bench_sensitivity:
+blackout of reset-flr, reset, keepalive and keepalive+datapath over HWC latency x FLR, against each path's floor.
+JSON and PNGs go to benchmarks/results/ (with --quick, fewer repetitions, to benchmarks/results/quick/ so the full
+results stay), then summary.md there.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 
 from vfkeep.device.timing import DeviceTiming
 
-from . import bench_blackout, bench_load, bench_servicing, bench_throughput
+from . import bench_blackout, bench_load, bench_sensitivity, bench_servicing, bench_throughput
 from .traffic_host import RESULTS, pyplot, save_plot
 
 FULL = {
@@ -26,15 +27,17 @@ FULL = {
     "loss_vs_load": ["--repeat", "10"],
     "throughput": ["--seconds", "2"],
     "servicing": ["--repeat", "5"],
+    "sensitivity": ["--repeat", "10"],
 }
 QUICK = {
     "blackout": ["--repeat", "3"],
     "loss_vs_load": ["--repeat", "2"],
     "throughput": ["--seconds", "0.5", "--rates", "5000,20000,60000"],
     "servicing": ["--repeat", "1", "--nics", "1,4"],
+    "sensitivity": ["--repeat", "2", "--latencies", "0,1", "--flrs", "100"],
 }
 MODULES = {"blackout": bench_blackout, "loss_vs_load": bench_load, "throughput": bench_throughput,
-           "servicing": bench_servicing}
+           "servicing": bench_servicing, "sensitivity": bench_sensitivity}
 
 
 def summary_markdown(results: dict[str, dict]) -> str:
@@ -86,6 +89,12 @@ def summary_markdown(results: dict[str, dict]) -> str:
         if r["prelaunch"]:
             out.append(f"| {r['nics']} | {r['path']} | " + " | ".join(
                 f"{r[k]['median_ms']:.1f}" for k in bench_servicing.PHASES) + " |")
+
+    se = results["sensitivity"]
+    out += ["", f"Guest blackout vs the device timing model ({se['rate_fps']:g} frames/s of {se['frame_size']} B, "
+                f"{se['repeat']} servicings per path and cell, paths interleaved; median / p95 ms (median / floor)):",
+            "", bench_sensitivity.markdown(se["rows"], se["ratios"]), "",
+            bench_sensitivity.counts_markdown(se["rows"], se["fixed_costs"])]
     return "\n".join(out) + "\n"
 
 

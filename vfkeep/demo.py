@@ -1,10 +1,13 @@
-"""`vfkeep demo`: guest traffic across two servicings, with MANA keepalive and without, side by side.
+"""`vfkeep demo`: guest traffic across the four servicing paths, side by side, each the median of several servicings.
 
-One host in a temporary run dir (default: one NIC, realistic device timing), a traffic agent per NIC,
-a servicing with `--mana-keepalive`, then one without it. What each servicing cost the guest comes
-from the agents (blackout, frames lost); what it did to the device comes from the device itself
-(reset counter, command log). Output: a table, `<out>/timeline.png` (delivery and RTT around each
-servicing) and `<out>/results.json`. Exits 1 when a servicing did not take the path it should.
+One host in a temporary run dir (default: one NIC, realistic device timing, data-path keepalive available),
+a traffic agent per NIC, then `--servicings` rounds of one servicing per path of `servicing_paths`
+(reset-flr, reset, keepalive, keepalive+datapath), interleaved so every path sees the same machine load.
+What each servicing cost the guest comes from the agents (blackout, frames lost); what it did to the
+device comes from the device itself (HWC requests, FLRs, command log). Output: a table, a verdict that
+compares the medians and says plainly when the expected ordering did not hold (and the likely cause),
+`<out>/timeline.png` (delivery around each path's median servicing) and `<out>/results.json`. Exits 1 when
+a servicing did not take its path.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import pathlib
 import platform
 import shutil
 import signal
+import statistics
 import tempfile
 import time
 
@@ -25,31 +29,27 @@ from rich.table import Table
 
 from . import __version__
 from . import log as vlog
-from .contract import DATAPATH_KEEPALIVE_ENV
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host.traffic import DEFAULT_SIZE
-from .host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
-from .memory import pool_pages_from_env
+from .host.vmm import Host, HostConfig
 from .log import kv
+from .servicing_paths import ORDER, REQUESTS, unexpected
 
 log = logging.getLogger("vfkeep.demo")
 
-#: (mode, servicing request) in the order they run.
-MODES = (("keepalive", {"mana_keepalive": True}), ("reset", {"mana_keepalive": False}))
-#: With --datapath-keepalive (DESIGN D7): the first servicing's new worker opens its vport in the pool, the
-#: second keeps that vport across the handover (its successor restores it, and tears it down at the reset).
-MODES_DATAPATH = (("keepalive", {"mana_keepalive": True, "next_env": {DATAPATH_KEEPALIVE_ENV: "1"}}),
-                  ("keepalive+datapath", {"mana_keepalive": True, "next_env": {DATAPATH_KEEPALIVE_ENV: "0"}}),
-                  ("reset", {"mana_keepalive": False}))
-WARMUP_S = 1.0
-#: Steady traffic kept after each servicing, so the plot shows it recovering.
-AFTER_S = 0.6
-#: Plotted around each servicing window.
-PLOT_BEFORE_MS = 200
-PLOT_AFTER_MS = 400
+#: Shortest blackout first: what each path avoids should show as a shorter blackout than the next.
+EXPECTED_ORDER = ("keepalive+datapath", "keepalive", "reset", "reset-flr")
+DEFAULT_SERVICINGS = 5
+WARMUP_S = 0.5
+#: Plotted around each path's median servicing; also the pause between servicings, so its plot shows
+#: steady traffic before and the recovery after.
+PLOT_BEFORE_MS = 150
+PLOT_AFTER_MS = 300
 BIN_MS = 5
 #: Progress steps besides one per servicing.
-STEPS = 5
+STEPS = 4
+#: Ambient load (1-minute average before the demo started) per CPU above which medians are not trusted.
+CONTENDED_LOAD_PER_CPU = 0.5
 
 
 def machine() -> dict:
@@ -63,28 +63,15 @@ def machine() -> dict:
             "python": platform.python_version(), "vfkeep": __version__}
 
 
-def expectations(mode: str, result: dict) -> list[str]:
-    """What a servicing of this mode must show (DESIGN §10); the failed expectations."""
-    if mode.startswith("keepalive"):
-        want = {"restore_path": "keepalive", "device_reset": False, "hwc_established": False}
-    else:
-        want = {"restore_path": "fresh", "hwc_established": True}
-    bad = [] if result["ok"] else [f"servicing failed: {result['error']}"]
-    for n in result["nics"]:
-        bad += [f"{n['pci_id']}: {k} is {n[k]!r}, expected {v!r}" for k, v in want.items() if n[k] != v]
-    return bad
-
-
 class Demo:
-    def __init__(self, run_dir: str, timing: DeviceTiming, rate: float, nics: int, progress: Progress,
-                 datapath: bool = False):
-        # Data-path keepalive needs pool room for the kept vports, fixed at boot.
-        pool = pool_pages_from_env(os.environ) + DATAPATH_POOL_PAGES_PER_NIC * nics if datapath else None
-        self.host = Host(HostConfig(run_dir=run_dir, nics=nics, timing=timing, pool_pages=pool))
-        self.modes = MODES_DATAPATH if datapath else MODES
-        self.rate, self.nics, self.timing = rate, nics, timing
+    def __init__(self, run_dir: str, timing: DeviceTiming, rate: float, nics: int, servicings: int,
+                 progress: Progress):
+        # Data-path keepalive on: the pool gets room for the kept vports (fixed at boot); the requests of
+        # servicing_paths choose per servicing whether the next worker keeps its vport.
+        self.host = Host(HostConfig(run_dir=run_dir, nics=nics, timing=timing, datapath_keepalive=True))
+        self.rate, self.nics, self.timing, self.servicings = rate, nics, timing, servicings
         self.progress = progress
-        self.task = progress.add_task("starting", total=STEPS + len(self.modes))
+        self.task = progress.add_task("starting", total=STEPS + servicings * len(ORDER))
         self.processes: list[dict] = []
 
     def step(self, text: str) -> None:
@@ -112,35 +99,39 @@ class Demo:
         self.note_processes()
         time.sleep(WARMUP_S)
         self.done()
-        runs = []
-        for mode, request in self.modes:
-            self.step(f"servicing: {mode}")
-            result = self.host.service(**request)
-            record = self.host.last_servicing
-            window = self.host.traffic("status")["last_servicing"] or []
-            self.note_processes()
-            kv(log, logging.INFO, "demo servicing", mode=mode, blackout_ms=result["blackout_ms"],
-               frames_lost=result["frames_lost"], total_ms=result["phases_ms"]["total"])
-            time.sleep(AFTER_S)
-            runs.append({"mode": mode, **result, "datapath_keepalive": mode == "keepalive+datapath",
-                         "window_ns": record["window_ns"],
-                         "prelaunch_ms": record["prelaunch_ms"],
-                         "worker_save_phases_ms": record["worker_save_phases_ms"],
-                         "worker_restore_phases_ms": record["worker_restore_phases_ms"],
-                         "traffic": [_window_stats(w) for w in window], "expectations_failed": expectations(mode, result)})
-            self.done()
+        samples: dict[str, list[dict]] = {mode: [] for mode in ORDER}
+        for i in range(self.servicings):
+            for mode in ORDER:
+                self.step(f"servicing {i + 1}/{self.servicings}: {mode}")
+                samples[mode].append(self.service(mode))
+                self.done()
         self.step("collecting traffic timelines")
         self.host.traffic("stop")
         overall = self.host.traffic("stats", settle_ms=200)["nics"]
+        runs = [summarize(mode, samples[mode]) for mode in ORDER]
         for run in runs:
-            start, end = run["window_ns"]
+            start, end = run["median_servicing"]["window_ns"]
             run["timeline"] = self.host.traffic("timeline", nic=0, bin_ms=BIN_MS,
                                                 since_ns=start - PLOT_BEFORE_MS * 1_000_000,
                                                 until_ns=end + PLOT_AFTER_MS * 1_000_000)
         self.done()
-        return {"vfkeep_demo": 1, "timing": self.timing.to_dict(), "rate_fps": self.rate, "frame_size": DEFAULT_SIZE,
-                "nics": self.nics, "prelaunch": self.host.config.prelaunch, "machine": machine(),
-                "traffic": [_window_stats(s) for s in overall], "runs": runs}
+        return {"vfkeep_demo": 2, "timing": self.timing.to_dict(), "rate_fps": self.rate, "frame_size": DEFAULT_SIZE,
+                "nics": self.nics, "servicings": self.servicings, "prelaunch": self.host.config.prelaunch,
+                "machine": machine(), "traffic": [_window_stats(s) for s in overall], "runs": runs}
+
+    def service(self, mode: str) -> dict:
+        """One servicing on `mode`'s path, then a pause: steady traffic before the next one is in its plot."""
+        result = self.host.service(**REQUESTS[mode])
+        record = self.host.last_servicing
+        window = self.host.traffic("status")["last_servicing"] or []
+        self.note_processes()
+        kv(log, logging.INFO, "demo servicing", mode=mode, blackout_ms=result["blackout_ms"],
+           frames_lost=result["frames_lost"], total_ms=result["phases_ms"]["total"])
+        time.sleep((PLOT_BEFORE_MS + PLOT_AFTER_MS) / 1000)
+        return {"result": result, "window_ns": record["window_ns"], "prelaunch_ms": record["prelaunch_ms"],
+                "worker_save_phases_ms": record["worker_save_phases_ms"],
+                "worker_restore_phases_ms": record["worker_restore_phases_ms"],
+                "traffic": [_window_stats(w) for w in window]}
 
 
 def _window_stats(s: dict) -> dict:
@@ -148,73 +139,161 @@ def _window_stats(s: dict) -> dict:
     return {k: v for k, v in s.items() if k not in ("lost_seqs", "agent", "window")}
 
 
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(mode: str, samples: list[dict]) -> dict:
+    """One path's servicings: medians (blackout, device counts, phases), every value, and its median servicing
+    (the one whose blackout is the lower median) for the timeline."""
+    results = [s["result"] for s in samples]
+    blackouts = [r["blackout_ms"] for r in results]
+    lost = [r["frames_lost"] for r in results]
+    hwc = [sum(n["hwc_requests"] for n in r["nics"]) for r in results]
+    resets = [sum(n["device_resets"] for n in r["nics"]) for r in results]
+    ranked = sorted(range(len(samples)), key=lambda i: (blackouts[i] is None, blackouts[i] or 0.0))
+    median_i = ranked[(len([b for b in blackouts if b is not None]) - 1) // 2] if any(
+        b is not None for b in blackouts) else 0
+    return {
+        "mode": mode, "servicings": len(samples),
+        "blackout_ms": _median(blackouts), "blackout_ms_all": blackouts,
+        "frames_lost": None if all(v is None for v in lost) else sum(v for v in lost if v is not None),
+        "frames_lost_all": lost,
+        "hwc_requests": _median(hwc), "hwc_requests_all": hwc,
+        "device_resets": _median(resets), "device_resets_all": resets,
+        "restore_path": ",".join(sorted({n["restore_path"] for r in results for n in r["nics"]})),
+        "hwc_established": any(n["hwc_established"] for r in results for n in r["nics"]),
+        "phases_ms": {k: _median([r["phases_ms"][k] for r in results]) for k in ("save", "handoff", "restore", "total")},
+        "timing": results[0]["timing"],
+        "expectations_failed": [f"servicing {i + 1}: {msg}" for i, r in enumerate(results) for msg in unexpected(mode, r)],
+        "median_servicing": {"index": median_i, **samples[median_i]},
+        "results": results,
+    }
+
+
+# -- verdict ----------------------------------------------------------------------------------------------------
+def verdict(runs: list[dict], timing: DeviceTiming, load: float, cpus: int) -> tuple[bool, list[str]]:
+    """Compare the median blackouts in EXPECTED_ORDER. (True, [summary]) when every path was shorter than the
+    next; else (False, [summary, one line per pair that did not hold, with its likely cause])."""
+    by_mode = {r["mode"]: r for r in runs}
+    order = [m for m in EXPECTED_ORDER if by_mode.get(m, {}).get("blackout_ms") is not None]
+    chain = " < ".join(f"{m} {by_mode[m]['blackout_ms']:.1f} ms" for m in order)
+    reversed_pairs = [(a, b) for a, b in zip(order, order[1:])
+                      if by_mode[a]["blackout_ms"] >= by_mode[b]["blackout_ms"]]
+    if not reversed_pairs:
+        ratios = [f"{m} / {order[0]} {by_mode[m]['blackout_ms'] / by_mode[order[0]]['blackout_ms']:.1f}x"
+                  for m in order[1:] if by_mode[order[0]]["blackout_ms"] > 0]
+        lines = [f"expected ordering held (median blackout): {chain}" + (f"; {', '.join(ratios)}" if ratios
+                                                                              else "")]
+        if load >= CONTENDED_LOAD_PER_CPU * cpus:
+            lines.append(f"the machine was busy (load average {load:.1f} on {cpus} CPUs before the demo): the "
+                         "ratios are noisy")
+        return True, lines
+    lines = ["expected ordering did NOT hold (median blackout; expected " + " < ".join(order) + ")"]
+    for a, b in reversed_pairs:
+        ra, rb = by_mode[a], by_mode[b]
+        lines.append(f"{a} ({ra['blackout_ms']:.1f} ms) was not shorter than {b} ({rb['blackout_ms']:.1f} ms): "
+                     + likely_cause(ra, rb, timing, load, cpus))
+    return False, lines
+
+
+def likely_cause(fast: dict, slow: dict, timing: DeviceTiming, load: float, cpus: int) -> str:
+    """Why `fast` (expected shorter) was not: the machine was busy, or the timing model gives the two paths
+    less device time apart than the run-to-run spread."""
+    if load >= CONTENDED_LOAD_PER_CPU * cpus:
+        return (f"likely CPU contention: the load average was {load:.1f} on {cpus} CPUs before the demo started, "
+                "and every servicing is several Python processes waking each other")
+    modelled = ((slow["hwc_requests"] or 0) - (fast["hwc_requests"] or 0)) * timing.hwc_latency_ms \
+        + ((slow["device_resets"] or 0) - (fast["device_resets"] or 0)) * timing.flr_ms
+    spread = max(max(v for v in r["blackout_ms_all"] if v is not None) - min(v for v in r["blackout_ms_all"]
+                                                                              if v is not None) for r in (fast, slow))
+    if modelled <= spread:
+        return (f"the timing model puts only {modelled:.1f} ms of device time between them ({timing.describe()}), "
+                f"within the run-to-run spread of {spread:.1f} ms: likely scheduling noise; try more servicings "
+                "(--servicings) or a quieter machine")
+    return (f"not explained by the load ({load:.1f} on {cpus} CPUs) or the timing model ({modelled:.1f} ms of "
+            "device time between them): look at the phases in results.json and the logs")
+
+
+# -- output -----------------------------------------------------------------------------------------------------
 def plot(report: dict, path: pathlib.Path) -> None:
-    """One panel per mode: delivered frames/s and RTT around the servicing, window and blackout shaded."""
+    """One panel per path (shared axes): delivered frames/s around its median servicing, the offered rate,
+    the servicing window (band on top, edges) and the blackout (hatched) both visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.4 * len(runs)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.6 * len(runs)), sharex=True, sharey=True, squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
-        start, end = run["window_ns"]
+        med = run["median_servicing"]
+        start, end = med["window_ns"]
+        end_ms = (end - start) / 1e6
         tl = run["timeline"]
-        bins = tl["bins"]
-        if bins:
-            x = [(tl["t0_ns"] - start) / 1e6 + b["start_ms"] for b in bins]
-            ax.step(x, [b["delivered"] * 1000 / BIN_MS for b in bins], where="post", color="tab:blue",
+        if tl["bins"]:
+            x = [(tl["t0_ns"] - start) / 1e6 + b["start_ms"] for b in tl["bins"]]
+            ax.step(x, [b["delivered"] * 1000 / BIN_MS for b in tl["bins"]], where="post", color="tab:blue",
                     label="delivered frames/s")
-            lost = [(xi, b["lost"] * 1000 / BIN_MS) for xi, b in zip(x, bins) if b["lost"]]
+            lost = [(xi, b["lost"] * 1000 / BIN_MS) for xi, b in zip(x, tl["bins"]) if b["lost"]]
             if lost:
                 ax.bar([p[0] for p in lost], [p[1] for p in lost], width=BIN_MS, align="edge", color="tab:red",
                        alpha=0.6, label="lost (by send time), frames/s")
-            rtt_ax = ax.twinx()
-            rtt_x = [xi for xi, b in zip(x, bins) if b["rtt_max_ms"] is not None]
-            rtt_ax.plot(rtt_x, [b["rtt_max_ms"] for b in bins if b["rtt_max_ms"] is not None], ".",
-                        color="tab:green", markersize=3, label="RTT max (ms)")
-            rtt_ax.plot(rtt_x, [b["rtt_p50_ms"] for b in bins if b["rtt_max_ms"] is not None], "-",
-                        color="tab:olive", linewidth=0.8, label="RTT p50 (ms)")
-            rtt_ax.set_ylabel("RTT ms")
-            rtt_ax.legend(loc="upper right", fontsize=8)
-        ax.axvspan(0, (end - start) / 1e6, color="tab:orange", alpha=0.2, label="servicing (save → restored)")
-        for t in run["traffic"]:
+        ax.axhline(report["rate_fps"], color="gray", linestyle="--", linewidth=1, label="offered frames/s")
+        for t in med["traffic"]:
             if t.get("blackout_start_ns") is not None:
                 ax.axvspan((t["blackout_start_ns"] - start) / 1e6, (t["blackout_end_ns"] - start) / 1e6,
-                           fill=False, hatch="//", edgecolor="tab:red", linewidth=0, label=f"blackout nic {t['nic']}")
-        paths = ",".join(sorted({n["restore_path"] for n in run["nics"]}))
-        ax.set_title(f"{run['mode']}: restore path {paths}, blackout {_fmt(run['blackout_ms'])} ms, "
-                     f"frames lost {run['frames_lost']}, servicing {run['phases_ms']['total']:.1f} ms", fontsize=10)
+                           facecolor="none", hatch="//", edgecolor="tab:red", linewidth=0, alpha=0.5,
+                           label="guest blackout")
+        ax.axvspan(0, end_ms, ymin=0.92, ymax=1.0, color="tab:orange", alpha=0.8,
+                   label="servicing (save request → NICs up)")
+        for edge in (0, end_ms):
+            ax.axvline(edge, color="tab:orange", linewidth=1.2)
+        ax.set_title(f"{run['mode']}: median of {run['servicings']}: blackout {_fmt(run['blackout_ms'])} ms, "
+                     f"{_count(run['hwc_requests'])} HWC requests, {_count(run['device_resets'])} FLR, "
+                     f"frames lost {_count(run['frames_lost'])} in all", fontsize=9)
         ax.set_ylabel("frames/s (nic 0)")
-        ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
+    axes[0, 0].set_ylim(bottom=0)
     axes[-1, 0].set_xlabel("ms since the save request")
     fig.suptitle(f"vfkeep demo: {report['rate_fps']:g} frames/s of {report['frame_size']} B, "
                  f"{DeviceTiming.from_dict(report['timing']).describe()}", fontsize=11)
-    fig.tight_layout()
+    handles = {label: h for ax in axes[:, 0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles), fontsize=8,
+               bbox_to_anchor=(0.5, 0.965), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def table(report: dict) -> Table:
     runs = report["runs"]
-    t = Table(title="servicing with and without MANA keepalive", title_justify="left", min_width=64,
-              caption=f"{DeviceTiming.from_dict(report['timing']).describe()}, {report['rate_fps']:g} "
-                      f"frames/s of {report['frame_size']} B "
-                      f"per NIC, {report['nics']} NIC(s)", caption_justify="left")
-    t.add_column("")
+    t = Table(title=f"servicing paths side by side: per servicing, median of {report['servicings']} "
+                    "(interleaved); frames lost: all of them",
+              title_justify="left", min_width=64,
+              caption=f"{DeviceTiming.from_dict(report['timing']).describe()}, {report['rate_fps']:g} frames/s of "
+                      f"{report['frame_size']} B per NIC, {report['nics']} NIC(s); load average "
+                      f"{report['load_average_before']:.1f} on {report['machine']['cpus']} CPUs before the demo",
+              caption_justify="left")
+    t.add_column("", no_wrap=True)
     for run in runs:
-        t.add_column(run["mode"], justify="right")
+        t.add_column(run["mode"], justify="right", no_wrap=True)
+    base = next((r["blackout_ms"] for r in runs if r["mode"] == EXPECTED_ORDER[0]), None)
 
     def row(label, fn):
         t.add_row(label, *[fn(r) for r in runs])
 
-    row("restore path", lambda r: ",".join(sorted({n["restore_path"] for n in r["nics"]})))
-    row("HWC re-established", lambda r: _yn(any(n["hwc_established"] for n in r["nics"])))
-    row("device resets", lambda r: str(sum(n["device_reset"] for n in r["nics"])))
+    row("restore path", lambda r: r["restore_path"])
+    row("HWC re-established", lambda r: "yes" if r["hwc_established"] else "no")
+    row("HWC requests", lambda r: _count(r["hwc_requests"]))
+    row("device resets", lambda r: _count(r["device_resets"]))
     row("blackout ms", lambda r: _fmt(r["blackout_ms"]))
-    row("frames lost", lambda r: "-" if r["frames_lost"] is None else str(r["frames_lost"]))
-    for phase in ("save", "handoff", "restore", "total"):
-        row(f"{phase} ms", lambda r, p=phase: f"{r['phases_ms'][p]:.1f}")
+    row("  min–max", lambda r: _range(r["blackout_ms_all"]))
+    row("  / kp+datapath", lambda r: "-" if not base or r["blackout_ms"] is None
+        else f"{r['blackout_ms'] / base:.1f}x")
+    row("frames lost", lambda r: _count(r["frames_lost"]))
+    for phase in ("save", "handoff", "restore"):
+        row(f"{phase} ms", lambda r, p=phase: _fmt(r["phases_ms"][p]))
     return t
 
 
@@ -222,8 +301,13 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def _yn(v: bool) -> str:
-    return "yes" if v else "no"
+def _count(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def _range(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{min(values):.0f}–{max(values):.0f}" if values else "-"
 
 
 def _interrupt(signum, frame):
@@ -238,11 +322,14 @@ def _interrupt(signum, frame):
 @click.option("--rate", type=click.FloatRange(min=1, max=200_000), default=5000, show_default=True,
               help="guest frames per second per NIC")
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
-@click.option("--datapath-keepalive", "datapath", is_flag=True,
-              help="add a third servicing that also keeps the vport's data-path queues (DESIGN D7)")
-def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, datapath):
-    """Guest traffic across a servicing with MANA keepalive and one without: table, plot, JSON."""
+@click.option("--servicings", type=click.IntRange(1, 100), default=DEFAULT_SERVICINGS, show_default=True,
+              help="servicings per path (the table shows medians)")
+def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, servicings):
+    """Guest traffic across reset-flr, reset, keepalive and keepalive+datapath servicings: table, verdict,
+    plot, JSON."""
     console = Console()
+    timing = timing_from(timing, hwc_latency_ms, flr_ms)
+    load = os.getloadavg()[0]
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
     vlog.setup("host", run_dir)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -251,7 +338,7 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, dat
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True), transient=True) as progress:
-            demo = Demo(run_dir, timing_from(timing, hwc_latency_ms, flr_ms), rate, nics, progress, datapath)
+            demo = Demo(run_dir, timing, rate, nics, servicings, progress)
             try:
                 report = demo.run()
             finally:
@@ -259,6 +346,10 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, dat
                 demo.host.stop()
             report["processes"] = demo.processes
             report["wall_s"] = round(time.monotonic() - t0, 1)
+            report["load_average_before"] = round(load, 2)
+            report["load_average_after"] = round(os.getloadavg()[0], 2)
+            held, lines = verdict(report["runs"], timing, load, report["machine"]["cpus"] or 1)
+            report["verdict"] = {"ordering_held": held, "lines": lines}
             demo.step("writing the report")
             out_dir = pathlib.Path(out)
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,12 +365,17 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, dat
         kv(log, logging.ERROR, "demo failed", error=repr(e))
         raise click.ClickException(f"demo failed: {e} (logs in {run_dir})") from e
     console.print(table(report))
+    held, lines = report["verdict"]["ordering_held"], report["verdict"]["lines"]
+    console.print(("[green]verdict:[/green] " if held and len(lines) == 1 else "[yellow]verdict:[/yellow] ")
+                  + lines[0])
+    for line in lines[1:]:
+        console.print(f"  [yellow]•[/yellow] {line}")
     failed = [f"{r['mode']}: {msg}" for r in report["runs"] for msg in r["expectations_failed"]]
     for msg in failed:
         console.print(f"[red]unexpected:[/red] {msg}")
     if not failed:
-        console.print("[green]as expected:[/green] keepalive kept the device (no reset, no ESTABLISH_HWC); "
-                      "without it the HWC was re-established")
+        console.print("every servicing took its path: keepalive kept the device (no FLR, no ESTABLISH_HWC); "
+                      "reset re-established the HWC; reset-flr reset the device")
     console.print(f"wrote {out_dir / 'timeline.png'} and {out_dir / 'results.json'} in {report['wall_s']} s")
     if failed:
         console.print(f"logs kept in {run_dir}")

@@ -1,0 +1,295 @@
+"""How the guest's blackout depends on the device timing model: four servicing paths over HWC latency x FLR.
+
+`python -m benchmarks.bench_sensitivity [--latencies 0,0.25,1,4] [--flrs 10,100] [--repeat N] [--rate FPS]
+[--out PATH]`
+
+No public source gives a MANA per-request HWC latency, so this sweeps it (README "Device timing"). For each
+(FLR, HWC latency) cell: one `vfkeep run --detach --datapath-keepalive` host with those device parameters,
+guest traffic at --rate frames/s, one warm-up round, then --repeat rounds of one servicing per path of
+`vfkeep.servicing_paths` (reset-flr, reset, keepalive, keepalive+datapath), interleaved, so every path of a
+cell sees the same machine load. Per path: the guest's blackout (median, p95) and frames lost, and the HWC
+requests, SMC messages and FLRs the device counted.
+
+The floor of a path is what its necessary steps cost at best: the fixed costs every servicing pays
+(handing the saved state to a prelaunched worker and parsing it, scrubbing worker RAM at memset speed,
+reconnecting over vfio-user: VERSION, one DMA_MAP, two register reads, one SET_IRQS), plus per device
+round trip (HWC request or SMC message) the measured cost of one request at zero modelled latency, plus
+the modelled latency per HWC request and the modelled FLR wait per FLR. Counts are the device's. The fixed
+costs are measured here too, in micro-benchmarks after the cells. Reported: median / floor per path.
+Results: results/sensitivity.json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+from vfkeep import proc
+from vfkeep.device.main import start_device
+from vfkeep.device.timing import DeviceTiming
+from vfkeep.driver.mana import ManaDevice
+from vfkeep.driver.vfio_backing import open_vfio
+from vfkeep.host import control
+from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
+from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
+from vfkeep.vfio_user import VfioDevice
+
+from .traffic_host import TrafficHost, pyplot, summary, write
+
+LATENCIES = (0.0, 0.25, 1.0, 4.0)
+FLRS = (10.0, 100.0)
+#: Worker RAM the host scrubs at each servicing with one NIC.
+WORKER_PAGES = WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC
+COLORS = {"reset-flr": "tab:red", "reset": "tab:orange", "keepalive": "tab:blue", "keepalive+datapath": "tab:green"}
+
+
+def service(host: TrafficHost, path: str, recover_s: float = 0.15) -> dict:
+    """One servicing on `path`, checked to have taken it; the device counts summed over the NICs."""
+    r = control.call(host.run_dir, "service", wait=300, **REQUESTS[path])
+    bad = unexpected(path, r)
+    if bad or r["blackout_ms"] is None:
+        raise RuntimeError(f"{path}: {'; '.join(bad) or 'no blackout measured'}: {r}")
+    time.sleep(recover_s)  # the rings drain before the next servicing
+    return {"blackout_ms": r["blackout_ms"], "frames_lost": r["frames_lost"],
+            **{k: sum(n[k] for n in r["nics"]) for k in ("hwc_requests", "smc_messages", "device_resets")}}
+
+
+def measure_cell(timing: DeviceTiming, repeat: int, rate: float) -> tuple[dict[str, list[dict]], bytes]:
+    """All paths of one cell, interleaved; also the last keepalive+datapath saved state (for the handoff cost)."""
+    with TrafficHost.running(1, True, timing, "--datapath-keepalive") as host:
+        host.run_traffic(rate)
+        for path in ORDER:  # warm-up round: page cache, first restore
+            service(host, path)
+        samples: dict[str, list[dict]] = {path: [] for path in ORDER}
+        for _ in range(repeat):
+            for path in ORDER:
+                samples[path].append(service(host, path))
+        with open(os.path.join(host.run_dir, "servicing_state.bin"), "rb") as f:
+            blob = f.read()
+    return samples, blob
+
+
+# -- fixed costs (micro-benchmarks of the necessary steps) ----------------------------------------------------
+CHILD = """
+import sys
+from vfkeep.proto import underhill_pb2
+r, w = sys.stdin.buffer, sys.stdout.buffer
+w.write(b"r"); w.flush()
+while head := r.read(4):
+    underhill_pb2.ServicingState().ParseFromString(r.read(int.from_bytes(head, "little")))
+    w.write(b"k"); w.flush()
+"""
+
+
+def handoff_ms(blob: bytes, n: int) -> float:
+    """Saved state to a prelaunched process (imports done) that parses it and answers one byte."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    try:
+        assert child.stdout.read(1) == b"r"
+        frame = struct.pack("<I", len(blob)) + blob
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            child.stdin.write(frame)
+            child.stdout.read(1)
+            samples.append(time.perf_counter() - t)
+        return statistics.median(samples) * 1000
+    finally:
+        child.stdin.close()
+        proc.end(child)
+
+
+def scrub_ms(mem: GuestMemory, n: int) -> float:
+    """Worker RAM filled at memset speed."""
+    region = mem.layout.worker
+    view = mem.view(region.base_pfn * 4096, region.pages * 4096)
+    buf = (ctypes.c_char * len(view)).from_buffer(view)
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        ctypes.memset(buf, 0xDB, len(view))
+        samples.append(time.perf_counter() - t)
+    del buf
+    view.release()
+    return statistics.median(samples) * 1000
+
+
+def reconnect_ms(sock: str, mem: GuestMemory, n: int) -> float:
+    """vfio-user reconnect of a kept device: connect + VERSION, one DMA_MAP, two register reads, SET_IRQS."""
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        dev = VfioDevice.restore(sock)
+        dev.dma_map(mem.fd, 0, 0, mem.layout.size)
+        dev.read32(0)
+        dev.read32(8)
+        dev.set_irq(0)
+        samples.append(time.perf_counter() - t)
+        dev.close()
+        time.sleep(0.005)  # the device sees the disconnect while idle, as between two workers
+    return statistics.median(samples) * 1000
+
+
+def request_ms(sock: str, mem: GuestMemory, n: int) -> float:
+    """One HWC request at zero modelled latency, back to back on an up device (the driver's round trip)."""
+    dev = ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False), "bench0")
+    try:
+        for _ in range(10):
+            dev.gdma.verify_vf_driver_version()
+        t = time.perf_counter()
+        for _ in range(n):
+            dev.gdma.verify_vf_driver_version()
+        return (time.perf_counter() - t) / n * 1000
+    finally:
+        dev.shutdown()
+
+
+def fixed_costs(blob: bytes, n: int = 200) -> dict:
+    layout = MemoryLayout(guest_pages=16, worker_pages=WORKER_PAGES, pool_pages=512)
+    with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp, GuestMemory.create(layout) as mem:
+        sock = os.path.join(tmp, "nic.sock")
+        device = start_device(sock, "--timing", "natural", "--reset-method", "none", "--run-dir", tmp)
+        try:
+            costs = {"request_ms": request_ms(sock, mem, n), "reconnect_ms": reconnect_ms(sock, mem, n // 4),
+                     "scrub_ms": scrub_ms(mem, n // 4), "handoff_ms": handoff_ms(blob, n)}
+        finally:
+            proc.end(device)
+    costs = {k: round(v, 4) for k, v in costs.items()}
+    costs["fixed_ms"] = round(costs["handoff_ms"] + costs["scrub_ms"] + costs["reconnect_ms"], 4)
+    costs["blob_bytes"] = len(blob)
+    return costs
+
+
+def floor_ms(counts: dict, timing: DeviceTiming, costs: dict) -> float:
+    """The least a servicing with these device counts can cost (see the module docstring)."""
+    round_trips = counts["hwc_requests"] + counts["smc_messages"]
+    return (costs["fixed_ms"] + round_trips * costs["request_ms"] + counts["hwc_requests"] * timing.hwc_latency_ms
+            + counts["device_resets"] * timing.flr_ms)
+
+
+# -- run, summarise, plot ---------------------------------------------------------------------------------------
+def run(latencies: list[float], flrs: list[float], repeat: int, rate: float) -> tuple[list[dict], dict]:
+    raw, blob = [], b""
+    for flr in flrs:
+        for latency in latencies:
+            timing = DeviceTiming(hwc_latency_ms=latency, flr_ms=flr)
+            load = os.getloadavg()[0]
+            t = time.monotonic()
+            samples, blob = measure_cell(timing, repeat, rate)
+            raw.append((timing, samples, {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
+                                          "wall_s": round(time.monotonic() - t, 1)}))
+            print(f"FLR {flr:g} ms, HWC {latency:g} ms: " + ", ".join(
+                f"{p} {statistics.median(s['blackout_ms'] for s in samples[p]):.1f}" for p in ORDER)
+                + f" ms (median; load {load:.1f})", flush=True)
+    costs = fixed_costs(blob)
+    rows = []
+    for timing, samples, meta in raw:
+        for path in ORDER:
+            s = samples[path]
+            counts = {k: statistics.median(x[k] for x in s) for k in ("hwc_requests", "smc_messages", "device_resets")}
+            floor = floor_ms(counts, timing, costs)
+            blackout = summary([x["blackout_ms"] for x in s])
+            rows.append({"timing": timing.to_dict(), "path": path, "blackout_ms": blackout,
+                         "frames_lost": summary([x["frames_lost"] for x in s]), **counts,
+                         "floor_ms": round(floor, 3), "over_floor": round(blackout["median"] / floor, 2), **meta})
+    return rows, costs
+
+
+def cell_ratios(rows: list[dict]) -> list[dict]:
+    """Per cell: reset and reset-flr median blackout over keepalive+datapath's."""
+    out = []
+    for key in dict.fromkeys((r["timing"]["flr_ms"], r["timing"]["hwc_latency_ms"]) for r in rows):
+        cell = {r["path"]: r["blackout_ms"]["median"] for r in rows
+                if (r["timing"]["flr_ms"], r["timing"]["hwc_latency_ms"]) == key}
+        base = cell["keepalive+datapath"]
+        out.append({"flr_ms": key[0], "hwc_latency_ms": key[1],
+                    **{f"{p}_over_datapath": round(cell[p] / base, 2) for p in ORDER if p != "keepalive+datapath"}})
+    return out
+
+
+def markdown(rows: list[dict], ratios: list[dict]) -> str:
+    lines = ["| FLR ms | HWC ms/request | " + " | ".join(ORDER) + " | reset / kp+dp | reset-flr / kp+dp |",
+             "|---:|---:|" + "---:|" * (len(ORDER) + 2)]
+    for ratio in ratios:
+        cell = {r["path"]: r for r in rows
+                if (r["timing"]["flr_ms"], r["timing"]["hwc_latency_ms"]) == (ratio["flr_ms"], ratio["hwc_latency_ms"])}
+        lines.append(f"| {ratio['flr_ms']:g} | {ratio['hwc_latency_ms']:g} | " + " | ".join(
+            f"{cell[p]['blackout_ms']['median']:.1f} / {cell[p]['blackout_ms']['p95']:.1f} "
+            f"({cell[p]['over_floor']:.1f}x)" for p in ORDER)
+            + f" | {ratio['reset_over_datapath']:.1f}x | {ratio['reset-flr_over_datapath']:.1f}x |")
+    return "\n".join(lines)
+
+
+def counts_markdown(rows: list[dict], costs: dict) -> str:
+    """What each path cost the device (per servicing, the same in every cell) and the fixed costs."""
+    lines = ["| path | HWC requests | SMC messages | FLRs |", "|---|---:|---:|---:|"]
+    for path in ORDER:
+        r = next(r for r in rows if r["path"] == path)
+        lines.append(f"| {path} | {r['hwc_requests']:g} | {r['smc_messages']:g} | {r['device_resets']:g} |")
+    lines += ["", f"Fixed costs: handoff {costs['handoff_ms']:.3f} ms (a {costs['blob_bytes']}-byte saved state "
+                  f"to a prelaunched process, parsed), scrub {costs['scrub_ms']:.3f} ms ({WORKER_PAGES} pages at "
+                  f"memset speed), vfio-user reconnect {costs['reconnect_ms']:.3f} ms; one device round trip "
+                  f"{costs['request_ms']:.3f} ms + the modelled latency."]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> None:
+    """Blackout vs HWC latency, one line per servicing path (whisker p95), its floor dashed; a panel per FLR."""
+    plt = pyplot()
+    flrs = sorted({r["timing"]["flr_ms"] for r in rows})
+    fig, axes = plt.subplots(1, len(flrs), figsize=(5.2 * len(flrs), 4.4), sharey=True, squeeze=False)
+    for ax, flr in zip(axes[0], flrs):
+        for name in ORDER:
+            cells = sorted((r for r in rows if r["path"] == name and r["timing"]["flr_ms"] == flr),
+                           key=lambda r: r["timing"]["hwc_latency_ms"])
+            x = [r["timing"]["hwc_latency_ms"] for r in cells]
+            med = [r["blackout_ms"]["median"] for r in cells]
+            ax.errorbar(x, med, yerr=[[0] * len(cells), [r["blackout_ms"]["p95"] - m for r, m in zip(cells, med)]],
+                        marker="o", capsize=3, color=COLORS[name], label=name)
+            ax.plot(x, [r["floor_ms"] for r in cells], "--", color=COLORS[name], linewidth=0.9, alpha=0.7)
+        ax.set_yscale("log")
+        ax.set_xscale("symlog", linthresh=0.25, linscale=0.5)
+        ax.set_xticks(sorted({r["timing"]["hwc_latency_ms"] for r in rows}),
+                      [f"{v:g}" for v in sorted({r["timing"]["hwc_latency_ms"] for r in rows})])
+        ax.set_xlabel("modelled HWC latency, ms per request")
+        ax.set_title(f"FLR {flr:g} ms")
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].set_ylabel("guest blackout ms (median, whisker p95; dashed: floor)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Blackout across servicing vs the device timing model", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--latencies", default=",".join(f"{x:g}" for x in LATENCIES), help="HWC latencies, ms")
+    ap.add_argument("--flrs", default=",".join(f"{x:g}" for x in FLRS), help="FLR waits, ms")
+    ap.add_argument("--repeat", type=int, default=10, help="servicings per path and cell")
+    ap.add_argument("--rate", type=float, default=10000, help="guest frames/s during the servicings")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/sensitivity.json)")
+    args = ap.parse_args(argv)
+    t = time.monotonic()
+    rows, costs = run([float(x) for x in args.latencies.split(",")], [float(x) for x in args.flrs.split(",")],
+                      args.repeat, args.rate)
+    ratios = cell_ratios(rows)
+    path = write("sensitivity", {"repeat": args.repeat, "rate_fps": args.rate, "frame_size": 128, "nics": 1,
+                                 "prelaunch": True, "paths": list(ORDER), "fixed_costs": costs,
+                                 "wall_s": round(time.monotonic() - t, 1), "rows": rows, "ratios": ratios}, args.out)
+    plot(rows, path.with_suffix(".png"))
+    print(markdown(rows, ratios))
+    print(counts_markdown(rows, costs))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

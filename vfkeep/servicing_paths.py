@@ -1,0 +1,47 @@
+"""The four servicing paths the demo and the sensitivity benchmark compare, as host servicing requests.
+
+- `reset-flr`: saved state the next worker does not restore (spec §6.1 S=yes K=no): its NoReset attempt
+  fails on the live HWC, then FLR and fresh init.
+- `reset`: no keepalive flag: the old worker shuts the NIC down cleanly (DEREGISTER_DEVICE, DESTROY_HWC),
+  the new one fresh-inits it without a reset.
+- `keepalive`: MANA keepalive; the HWC survives, the vport's queues are destroyed and recreated (as OpenHCL).
+- `keepalive+datapath`: MANA keepalive with the vport's queues and buffers kept too (DESIGN D7).
+
+The host must run with `--datapath-keepalive` (pool room for a kept vport, workers keep it by default).
+Serviced in `ORDER`, each request leaves the worker the next one expects: after `reset` the worker's
+vport is ephemeral (so `keepalive` rebuilds it); after `keepalive` it is in the pool (so
+`keepalive+datapath` keeps it); any keepalive-enabled worker can be saved for `reset-flr`.
+"""
+from __future__ import annotations
+
+from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
+
+ORDER = ("reset-flr", "reset", "keepalive", "keepalive+datapath")
+
+#: Servicing request per path (`Host.service(**request)` / the control socket's `service` op).
+REQUESTS = {
+    "reset-flr": {"mana_keepalive": True, "next_env": {MANA_KEEPALIVE_ENV: "disabled"}},
+    "reset": {"mana_keepalive": False, "next_env": {DATAPATH_KEEPALIVE_ENV: "0"}},
+    "keepalive": {"mana_keepalive": True, "next_env": {DATAPATH_KEEPALIVE_ENV: "1"}},
+    "keepalive+datapath": {"mana_keepalive": True},
+}
+
+_KEPT = {"restore_path": "keepalive", "device_reset": False, "hwc_established": False}
+#: What the device and the worker must report for each NIC of a servicing on that path.
+EXPECTED = {
+    "reset-flr": {"restore_path": "fresh", "device_reset": True, "hwc_established": True},
+    "reset": {"restore_path": "fresh", "device_reset": False, "hwc_established": True},
+    "keepalive": _KEPT,
+    "keepalive+datapath": _KEPT,
+}
+
+
+def unexpected(path: str, result: dict) -> list[str]:
+    """How a servicing result departs from what `path` must show (empty when it took that path)."""
+    bad = [] if result["ok"] else [f"servicing failed: {result['error']}"]
+    for n in result["nics"]:
+        bad += [f"{n['pci_id']}: {k} is {n[k]!r}, expected {v!r}" for k, v in EXPECTED[path].items() if n[k] != v]
+    return bad
+
+
+__all__ = ["ORDER", "REQUESTS", "EXPECTED", "unexpected"]
