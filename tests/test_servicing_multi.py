@@ -1,10 +1,14 @@
 """Two NICs, no prelaunch, and a downlevel first worker (`vfkeep run --worker-cmd`): skew downlevel ->
 current, multi-NIC keepalive, and a NIC that vanishes from the configuration (D3)."""
+import os
 import sys
 
 import pytest
 
 from servicing_helpers import HostRun
+from vfkeep.host.devices import nic_mac
+from vfkeep.paravisor.servicing import adapter_index_map
+from vfkeep.proto import underhill_pb2
 
 CURRENT = f"{sys.executable} -m vfkeep.cli worker"
 DOWNLEVEL = f"{CURRENT} --compat downlevel"
@@ -64,3 +68,18 @@ def test_vanished_nic_pages_freed_and_reported_then_back(host):
     assert (n1["restore_path"], n1["device_reset"]) == ("keepalive", False)
     assert r["unclaimed_pool_allocations"] == []
     assert all(host.probe(i)["ok"] for i in range(2))
+
+
+def test_two_nics_have_distinct_macs_stable_across_servicings(host):
+    """Each NIC's MAC comes from its index (the host passes it to its device): two NICs can share a wire, and
+    the saved MAC -> adapter index map holds each MAC once, the same after keepalive and fresh servicings."""
+    macs = [nic_mac(i) for i in range(2)]
+    assert [m.hex(":") for m in macs] == ["00:15:5d:12:12:12", "00:15:5d:12:12:22"]
+    for request in ({"mana_keepalive": True}, {}):
+        r = host.service(next_worker_cmd=CURRENT, **request)
+        assert r["ok"]
+        assert [host.inspect(f"worker/nics/{i}/vport/mac") for i in range(2)] == [m.hex(":") for m in macs]
+        with open(os.path.join(host.run_dir, "servicing_state.bin"), "rb") as f:
+            state = underhill_pb2.ServicingState.FromString(f.read())
+        assert adapter_index_map(state) == {macs[0]: 0, macs[1]: 1}
+        assert len(state.init_state.emuplat.network_adapter_index.entries) == 2

@@ -4,5 +4,5 @@
 `dma.MappedMemory`); `server.ManaVfioDevice` adapts it to `VfioUserServer`;
 `main` is the CLI. Modules follow the hardware: `bar0`, `pci`, `smc`, `hwc`,
 `requests` (GDMA §9), `bnic` (§11), `queues`, `vport` (data path),
-`backends`, `faults` and `control` (test hooks).
+`backends`, `faults` and `control` (test hooks), `mac` (vport MACs).
 """

@@ -78,6 +78,7 @@ from .bar0 import Bar0
 from .bnic import STAT_NAMES
 from .faults import CommandLog, FaultInjector
 from .hwc import Hwc
+from .mac import DEFAULT_MAC, MAX_VPORTS, vport_mac
 from .pci import ConfigSpace, MsixBar
 from .queues import Cq, Eq, IdPool, QueueMemory, Wq
 from .requests import DmaRegions, Refused
@@ -87,7 +88,6 @@ from .vport import Vport
 
 log = logging.getLogger("vfkeep.device")
 
-DEFAULT_MAC = bytes.fromhex("00155d121212")
 #: CQ ids stay below INIT_DATA MAX_NUM_CQS (Linux sizes its CQ table by it): 24..127, not the reference's 24..151.
 CQ_ID_SLOTS = EMU_HWC_MAX_NUM_CQS - EMU_QUEUE_ID_OFFSET
 # Linux reads the EQ doorbell `id` as 16 bits (bits 16-31 zero): every EQ id must fit.
@@ -104,11 +104,6 @@ COUNTERS = (
     "rx_dropped_no_vport", "rx_dropped_removed", "rx_backend_errors",
     *STAT_NAMES,
 )
-
-
-def vport_mac(base: bytes, index: int) -> bytes:
-    """MAC of vport `index`: the base MAC plus `index` (as a 48-bit number)."""
-    return ((int.from_bytes(base, "big") + index) % (1 << 48)).to_bytes(6, "big")
 
 
 class GdmaDevice:
@@ -433,4 +428,4 @@ class GdmaDevice:
         }
 
 
-__all__ = ["GdmaDevice", "COUNTERS", "DEFAULT_MAC", "RESET_METHODS", "vport_mac"]
+__all__ = ["GdmaDevice", "COUNTERS", "DEFAULT_MAC", "MAX_VPORTS", "RESET_METHODS", "vport_mac"]

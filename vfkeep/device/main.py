@@ -20,7 +20,8 @@ from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
 
 from .backends import BackendError, parse_backend
-from .core import DEFAULT_MAC, RESET_METHODS
+from .core import RESET_METHODS
+from .mac import DEFAULT_MAC, MAX_VPORTS
 from .server import ManaVfioDevice
 from .timing import timing_from, timing_options
 
@@ -47,8 +48,8 @@ def parse_mac(text: str) -> bytes:
 @click.option("--backend", default="loopback", show_default=True, help="loopback | udp:HOST:PORT | tap:NAME[@NETNS]")
 @click.option("--udp-listen", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="local UDP port of the udp backend (0 = ephemeral, see `state`)")
-@click.option("--vports", type=click.IntRange(1, 16), default=1, show_default=True)
-@click.option("--mac", default=DEFAULT_MAC.hex(":"), show_default=True, help="MAC of vport 0 (vport i: +i)")
+@click.option("--vports", type=click.IntRange(1, MAX_VPORTS), default=1, show_default=True)
+@click.option("--mac", default=DEFAULT_MAC.hex(":"), show_default=True, help="MAC of vport 0 (vport i: +i); `vfkeep run` gives NIC n 00:15:5d:12:12:12 + 16n")
 @click.option("--pci-id", default=None, help="device name for logs [default: socket file name]")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="log to DIR/device-<name>.log")
 def device_command(socket_path, control_path, reset_method, timing, hwc_latency_ms, flr_ms, backend, udp_listen,

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 from .. import proc
+from ..device.mac import DEFAULT_MAC, MAX_VPORTS, vport_mac
 from ..device.timing import DeviceTiming
 from ..log import kv
 from ..vfio_user.control import control_call
@@ -21,6 +22,15 @@ def pci_id_for(index: int) -> str:
     return f"{0xd186 + index:04x}:00:00.0"
 
 
+def nic_mac(index: int) -> bytes:
+    """MAC of NIC `index` (its vport 0): 00:15:5d:12:12:12 + 16 × index as a 48-bit number, so NIC 0 has the
+    device's default, NIC 1 00:15:5d:12:12:22, NIC 2 …:32, and a NIC's vports (vport v adds v, at most
+    `MAX_VPORTS`) never take another NIC's. A function of the index alone: the same across servicings (the
+    device keeps it) and host restarts, so two NICs can share a wire and the saved MAC → adapter index map
+    holds each MAC once."""
+    return vport_mac(DEFAULT_MAC, MAX_VPORTS * index)
+
+
 class DeviceProcess:
     def __init__(self, index: int, child: subprocess.Popen, socket: str):
         self.index = index
@@ -34,10 +44,12 @@ class DeviceProcess:
         """Start the emulator with reset_method=none: its state survives a driver disconnect."""
         sock = os.path.join(run_dir, f"nic{index}.sock")
         argv = proc.vfkeep_argv("device", "--socket", sock, "--control", sock + ".ctl", "--reset-method", "none",
-                                *timing.to_args(), "--backend", backend, "--run-dir", run_dir)
+                                *timing.to_args(), "--backend", backend, "--mac", nic_mac(index).hex(":"),
+                                "--run-dir", run_dir)
         with open(os.path.join(run_dir, f"device-nic{index}.stderr"), "ab") as err:
             child = proc.spawn(argv, stdout=err, stderr=err)
         kv(log, logging.INFO, "device spawned", index=index, pid=child.pid, socket=sock, backend=backend,
+           mac=nic_mac(index).hex(":"),
            timing=timing.to_dict())
         return cls(index, child, sock)
 
