@@ -15,21 +15,17 @@ the save request, outside the blackout) is reported separately. Results: benchma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from vfkeep import proc
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
-from vfkeep.host import control
+from vfkeep.host.detached import DetachedHost
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "servicing.json"
 PHASES = ("save", "handoff", "restore", "total")
@@ -56,50 +52,25 @@ def timing_of(args: argparse.Namespace) -> DeviceTiming:
     return timing_from(args.timing, args.hwc_latency_ms, args.flr_ms)
 
 
-class Host:
+class Host(DetachedHost):
+    """A benchmark host: `DetachedHost` with the timing parameters and prelaunch on/off, and measured servicings."""
+
     def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str):
-        self.run_dir, self.timing = run_dir, timing
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
-        argv = proc.vfkeep_argv("run", "--detach", "--run-dir", run_dir, "--nics", str(nics), *timing.to_args(),
-                                "--prelaunch" if prelaunch else "--no-prelaunch", *args)
-        self.child = proc.spawn(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                control.call(run_dir, "status", wait=5)
-                return
-            except control.HostUnavailable:
-                if self.child.poll() is not None or time.monotonic() > deadline:
-                    proc.end(self.child)
-                    raise RuntimeError(f"host in {run_dir} did not come up") from None
-                time.sleep(0.05)
+        super().__init__(run_dir, *timing.to_args(), "--prelaunch" if prelaunch else "--no-prelaunch", *args,
+                         nics=nics, wait=300, boot_timeout=120)
+        self.timing = timing
 
-    @classmethod
-    @contextlib.contextmanager
-    def running(cls, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str) -> Iterator[Host]:
-        """A host in a temporary run dir (`vfkeep run` options `args`), stopped on the way out however the
-        measurement ends."""
-        with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp:
-            host = cls(os.path.join(tmp, "run"), nics, prelaunch, timing, *args)
-            try:
-                yield host
-            finally:
-                host.stop()
-
-    def service(self, path: str) -> dict:
-        r = control.call(self.run_dir, "service", wait=300, **PATHS[path])
+    def sample(self, path: str) -> dict:
+        """One servicing on `path` (PATHS), checked to have taken it: its phases and what the device saw."""
+        r = self.service(**PATHS[path])
         want = "keepalive" if path == "keepalive" else "fresh"
         if not r["ok"] or any(n["restore_path"] != want or n["device_reset"] != (path == "reset-flr")
                               for n in r["nics"]):
             raise RuntimeError(f"unexpected servicing result for {path}: {r}")
-        last = control.call(self.run_dir, "inspect", wait=60, path="last_servicing")
+        last = self.inspect("last_servicing", wait=60)
         return {**r["phases_ms"], "prelaunch_start": last["prelaunch_ms"],
                 "device_reset": any(n["device_reset"] for n in r["nics"]),
                 "hwc_established": any(n["hwc_established"] for n in r["nics"])}
-
-    def stop(self) -> None:
-        control.call(self.run_dir, "stop", wait=30)
-        self.child.wait(60)
 
 
 def service_rounds(service: Callable[[str], dict], repeat: int) -> dict[str, list[dict]]:
@@ -129,8 +100,8 @@ def run(nic_counts: list[int], repeat: int, timing: DeviceTiming) -> list[dict]:
     for nics in nic_counts:
         for prelaunch in (True, False):
             with Host.running(nics, prelaunch, timing) as host:
-                host.service("keepalive")  # warm-up: page cache, first restore
-                samples = service_rounds(host.service, repeat)
+                host.sample("keepalive")  # warm-up: page cache, first restore
+                samples = service_rounds(host.sample, repeat)
             for path, s in samples.items():
                 row = {"nics": nics, "prelaunch": prelaunch, "path": path, **summarize(s)}
                 rows.append(row)

@@ -12,8 +12,6 @@ import time
 
 from vfkeep.demo import machine
 from vfkeep.guest.stats import percentile
-from vfkeep.host import control
-
 from .bench_servicing import PATHS
 from .bench_servicing import Host as ServicingHost
 
@@ -21,9 +19,6 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 class TrafficHost(ServicingHost):
-    def traffic(self, action: str, **args):
-        return control.call(self.run_dir, "traffic", wait=120, action=action, **args)
-
     def run_traffic(self, rate: float, size: int = 128, warmup_s: float = 0.5) -> None:
         """Start (or re-pace) traffic on every NIC and let it reach a steady state."""
         self.traffic("start", rate=rate, size=size)
@@ -32,7 +27,7 @@ class TrafficHost(ServicingHost):
     def service_measured(self, path: str, recover_s: float = 0.15) -> dict:
         """One servicing on `path` (bench_servicing.PATHS) with traffic running: the servicing result, checked
         to have taken that path; then a pause so the rings drain before the next one."""
-        r = control.call(self.run_dir, "service", wait=300, **PATHS[path])
+        r = self.service(**PATHS[path])
         want = "keepalive" if path == "keepalive" else "fresh"
         if not r["ok"] or r["blackout_ms"] is None or any(n["restore_path"] != want for n in r["nics"]):
             raise RuntimeError(f"unexpected servicing result for {path}: {r}")

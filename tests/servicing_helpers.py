@@ -1,57 +1,19 @@
-"""Real-process harness for the servicing tests: a detached `vfkeep run` host driven over its control socket."""
+"""Real-process harness for the servicing tests: a detached `vfkeep run` host (`DetachedHost`) plus test checks."""
 from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 from vfkeep import proc
-from vfkeep.host import control
+from vfkeep.host.detached import DetachedHost
 from vfkeep.vfio_user.control import control_call
 
-BOOT_TIMEOUT_S = 60.0
 
-
-class HostRun:
-    """`vfkeep run --detach` in its own run dir; `stop()` must leave no child behind."""
+class HostRun(DetachedHost):
+    """`vfkeep run --detach --timing natural` in its own run dir; `stop()` must leave no child behind."""
 
     def __init__(self, run_dir, *args: str, env: dict[str, str] | None = None, nics: int = 1):
-        self.run_dir = str(run_dir)
-        os.makedirs(self.run_dir, exist_ok=True)
-        argv = proc.vfkeep_argv("run", "--detach", "--run-dir", self.run_dir, "--timing", "natural",
-                                "--nics", str(nics), *args)
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
-        full_env.update(env or {})
-        self._stderr = open(os.path.join(self.run_dir, "host.stderr"), "ab")
-        self.child = proc.spawn(argv, env=full_env, stdout=self._stderr, stderr=self._stderr)
-        deadline = time.monotonic() + BOOT_TIMEOUT_S
-        while True:
-            if self.child.poll() is not None:
-                raise RuntimeError(f"host exited with {self.child.returncode} during boot:\n{self.logs()}")
-            try:
-                self.status = self.call("status", wait=5)
-                break
-            except control.HostUnavailable:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"host not ready within {BOOT_TIMEOUT_S} s:\n{self.logs()}") from None
-                time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
-    def call(self, op: str, wait: float | None = 120, **args):
-        return control.call(self.run_dir, op, wait=wait, **args)
-
-    def service(self, **request) -> dict:
-        return self.call("service", **request)
-
-    def inspect(self, path: str | None = None):
-        return self.call("inspect", path=path)
-
-    def probe(self, nic: int = 0, count: int = 16) -> dict:
-        return self.call("probe", nic=nic, count=count)
+        super().__init__(str(run_dir), "--timing", "natural", *args, nics=nics, env=env, wait=120)
 
     def device_control(self, nic: int, cmd: str, **args) -> dict:
         return control_call(os.path.join(self.run_dir, f"nic{nic}.sock.ctl"), cmd, **args)
@@ -78,14 +40,6 @@ class HostRun:
         with open(os.path.join(self.run_dir, f"worker-{generation}.log")) as f:
             return f.read()
 
-    def logs(self) -> str:
-        out = []
-        for name in sorted(os.listdir(self.run_dir)):
-            if name.endswith((".log", ".stderr")):
-                with open(os.path.join(self.run_dir, name), errors="replace") as f:
-                    out.append(f"--- {name}\n{f.read()[-4000:]}")
-        return "\n".join(out)
-
     def children(self) -> list[int]:
         return children_of(self.pid)
 
@@ -97,14 +51,9 @@ class HostRun:
         kids = self.children()
         r = self.cli("stop", "--run-dir", self.run_dir)
         assert r.returncode == 0, r.stderr
-        assert self.child.wait(30) == 0, self.logs()
-        self._stderr.close()
+        assert self.reap(30) == 0, self.logs()
         alive = [p for p in kids if pid_alive(p)]
         assert not alive, f"children left behind: {alive}"
-
-    def kill(self) -> None:
-        proc.end(self.child)
-        self._stderr.close()
 
 
 #: Indexes into stat_fields().

@@ -20,7 +20,8 @@ from vfkeep.gdma.queues import EqeDataReconfig
 from vfkeep.gdma.requests import GdmaGenerateTestEventReq, GdmaVerifyVerReq
 from vfkeep.memory import MemoryLayout
 from vfkeep.proc import end
-from vfkeep.vfio_user import ControlError, VfioDevice, VfioError, control_call
+from vfkeep.rpc import Refused
+from vfkeep.vfio_user import VfioDevice, VfioError, control_call
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=2048, pool_pages=0)
 PEER = bytes.fromhex("020000000001")
@@ -113,7 +114,7 @@ def test_keepalive_none_reconnect_same_ids_and_rx_meanwhile(mana, mem):
     port.close()  # the worker goes away; the device keeps running
     state = dev.ctl("state")
     assert state["hwc_established"] and state["posted_rx"] == 8 and not state["connected"]
-    assert dev.ctl("inject_rx", vport=0, frame_hex=frame(vp.mac, PEER, 99).hex()) == {"ok": True, "delivered": False}
+    assert dev.ctl("inject_rx", vport=0, frame_hex=frame(vp.mac, PEER, 99).hex()) == {"delivered": False}
     assert dev.counters()["rx_dropped_unmapped"] == 1  # no DMA mapping while nobody is connected
 
     port = dev.connect(mem, restore=True)  # epoch 2: maps memory again, no reset
@@ -206,7 +207,7 @@ def test_fault_hooks_over_the_control_channel(mana, mem):
     assert eqe_type(drv.wait_event(GDMA_EQE_HWC_RESET_REQUEST)) == GDMA_EQE_HWC_RESET_REQUEST
     assert drv.wakeups > 0
 
-    with pytest.raises(ControlError):
+    with pytest.raises(Refused):
         dev.ctl("fail_request", type="NOT_A_REQUEST")
     dev.ctl("surprise_removal")
     assert port.read32(0) == 0xFFFFFFFF and port.region_read(7, 0, 4) == b"\xff" * 4

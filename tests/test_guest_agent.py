@@ -13,6 +13,7 @@ import time
 import pytest
 
 from helpers import LineChild
+from vfkeep import rpc
 from vfkeep.guest.agent import AgentClient, AgentError, guest_mac, spawn_agent
 from vfkeep.guest.ring import ChannelLayout, NicChannel
 from vfkeep.guest.stats import parse_frame
@@ -221,19 +222,19 @@ def test_bad_control_input_gets_error_and_agent_keeps_running(env):
             f.flush()
             return json.loads(f.readline())
 
-        for raw, msg in [(b"not json", "bad JSON"), (b"[1, 2]", "JSON object"), (b'{"cmd": "fly"}', "unknown command"),
-                         (b'{"cmd": "start", "rate": -5, "size": 128}', "rate -5"),
-                         (b'{"cmd": "start", "rate": 100, "size": 10}', "size 10"),
-                         (b'{"cmd": "start", "rate": 100, "size": 4000}', "slot payload"),
-                         (b'{"cmd": "stats", "since_mark": "nope"}', "no mark named 'nope'"),
-                         (b'{"cmd": "stats", "since": 5}', "unknown argument"),
-                         (b'{"cmd": "stats", "settle_ms": "x"}', "settle_ms"),
-                         (b'{"cmd": "timeline", "bin_ms": 0}', "bin_ms"),
-                         (b'{"cmd": "mark", "label": ""}', "label"), (b"\xff\xfe", "bad JSON")]:
+        for raw, msg in [(b"not json", "not JSON"), (b"[1, 2]", "JSON object"), (b'{"cmd": "fly"}', "unknown command"),
+                         (b'{"cmd": "start", "args": {"rate": -5, "size": 128}}', "rate -5"),
+                         (b'{"cmd": "start", "args": {"rate": 100, "size": 10}}', "size 10"),
+                         (b'{"cmd": "start", "args": {"rate": 100, "size": 4000}}', "slot payload"),
+                         (b'{"cmd": "stats", "args": {"since_mark": "nope"}}', "no mark named 'nope'"),
+                         (b'{"cmd": "stats", "args": {"since": 5}}', "unexpected keyword argument 'since'"),
+                         (b'{"cmd": "stats", "args": {"settle_ms": "x"}}', "settle_ms"),
+                         (b'{"cmd": "timeline", "args": {"bin_ms": 0}}', "bin_ms"),
+                         (b'{"cmd": "mark", "args": {"label": ""}}', "label"), (b"\xff\xfe", "not JSON")]:
             reply = ask(raw)
-            assert reply["ok"] is False and msg in reply["error"], (raw, reply)
+            assert reply["ok"] is False and msg in reply["error"]["message"], (raw, reply)
         assert ask(b'{"cmd": "status"}')["ok"] is True  # same connection still served
-    with pytest.raises(AgentError, match="unknown command"):
+    with pytest.raises(rpc.UnknownCommand, match="unknown command"):
         client.call("fly")
     assert client.mark("m1") > 0 and client.status()["running"] is False
     assert agent.poll() is None
@@ -281,8 +282,8 @@ def test_frames_survive_the_loopback_mac_swap(env):
     assert back.dst_mac == guest_mac(0) and back.seq == sent.seq
 
 
-def test_client_torn_reply_is_agent_error(tmp_path):
-    """An agent that dies mid-reply leaves a torn line: AgentError (which the host's servicing window
+def test_client_torn_reply_is_an_rpc_error(tmp_path):
+    """An agent that dies mid-reply leaves a torn line: an RpcError (which the host's servicing window
     handles), not a ValueError escaping into the servicing result."""
     import threading
 
@@ -303,7 +304,7 @@ def test_client_torn_reply_is_agent_error(tmp_path):
     try:
         for _ in range(2):
             with AgentClient(path, timeout=5) as c:
-                with pytest.raises(AgentError):
+                with pytest.raises(rpc.RpcError):
                     c.call("status")
     finally:
         t.join(5)

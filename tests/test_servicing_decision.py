@@ -13,7 +13,7 @@ import time
 import pytest
 
 from servicing_helpers import HostRun
-from vfkeep.host.control import HostRefused
+from vfkeep.rpc import Refused
 
 ESTABLISH, DESTROY = "SMC_MSG_TYPE_ESTABLISH_HWC", "SMC_MSG_TYPE_DESTROY_HWC"
 REGISTER, DEREGISTER = "GDMA_REGISTER_DEVICE", "GDMA_DEREGISTER_DEVICE"
@@ -273,7 +273,7 @@ def test_worker_dying_outside_servicing_is_replaced(host):
         try:  # while the replacement starts there is briefly no worker to inspect
             if host.inspect("worker/generation") != gen:
                 break
-        except HostRefused:
+        except Refused:
             pass
         time.sleep(0.1)
     assert host.inspect("worker/generation") == gen + 1

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from vfkeep.memory import GuestMemory, MemoryLayout
-from vfkeep.vfio_user import ControlError, VfioDevice, VfioError, control_call, protocol as p
+from vfkeep.rpc import BadArguments, Refused
+from vfkeep.vfio_user import VfioDevice, VfioError, control_call, protocol as p
 from vfkeep.vfio_user.testdev import REG_DOORBELL, REG_ID, REG_SCRATCH
 
 
@@ -52,7 +53,7 @@ def test_flr_wipes_state_on_disconnect(vfio_testdev):
     ctl = f"{sock}.ctl"
     with VfioDevice.restore(sock) as dev:
         dev.write32(REG_SCRATCH, 0x1111)
-        assert control_call(ctl, "set_reset_method", value="flr") == {"ok": True, "value": "flr", "previous": "none"}
+        assert control_call(ctl, "set_reset_method", value="flr") == {"value": "flr", "previous": "none"}
         assert control_call(ctl, "get_reset_method")["value"] == "flr"
         assert dev.device_info().can_reset  # the RESET flag follows the method
     state = wait_detached(sock)
@@ -98,7 +99,7 @@ def test_interrupt_between_clients_is_delivered_once(vfio_testdev):
     with VfioDevice.restore(sock) as dev:
         dev.set_irq(2)
     wait_detached(sock)
-    assert control_call(ctl, "raise_irq", vector=2) == {"ok": True, "vector": 2, "delivered": False}
+    assert control_call(ctl, "raise_irq", vector=2) == {"vector": 2, "delivered": False}
     control_call(ctl, "raise_irq", vector=2)  # coalesces with the first
     assert control_call(ctl, "state")["pending"] == [2]
     with VfioDevice.restore(sock) as dev:
@@ -130,8 +131,8 @@ def test_flr_forgets_latched_interrupts(vfio_testdev):
 
 def test_control_refuses_bad_reset_method(vfio_testdev):
     sock, _ = vfio_testdev()
-    with pytest.raises(ControlError, match="reset method"):
+    with pytest.raises(Refused, match="reset method"):
         control_call(f"{sock}.ctl", "set_reset_method", value="bus")
-    with pytest.raises(ControlError):
+    with pytest.raises(BadArguments):
         control_call(f"{sock}.ctl", "set_reset_method")
     assert control_call(f"{sock}.ctl", "get_reset_method")["value"] == "none"

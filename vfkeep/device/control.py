@@ -1,7 +1,7 @@
-"""Control-channel commands of the MANA emulator (test hooks), registered on the server's `ControlServer`.
+"""Control-channel commands of the MANA emulator (test hooks), registered on the server's control socket.
 
 Each command is `fn(dev, **args) -> dict` and is reachable as
-`control_call(path, name, **args)` (JSON lines, one object per request):
+`control_call(path, name, **args)` (the `vfkeep.rpc` envelope; the table gives each result):
 
 | command | args | reply |
 |---|---|---|
@@ -17,8 +17,8 @@ Each command is `fn(dev, **args) -> dict` and is reachable as
 | `inject_rx` | `vport`, `frame_hex` | `{delivered}` (the frame as if from the backend) |
 | `reset_counters` | — | `{}` |
 
-The transport adds `get_reset_method` / `set_reset_method`. Bad arguments
-raise `ValueError`, which the control server returns as an error reply.
+The transport adds `ping`, `epoch`, `get_reset_method` / `set_reset_method`. Bad
+arguments raise `ValueError`, which the control server returns as a `Refused` reply.
 """
 from __future__ import annotations
 

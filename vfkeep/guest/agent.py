@@ -11,21 +11,21 @@ Records are kept for the whole life of the process, compactly: the send time of 
 three parallel arrays. A frame the tx ring refuses (full) still takes a seq, so it shows up as
 lost — counted by the ring's `dropped_full` and the agent's `tx_ring_full` — never silently.
 
-Control: JSON lines on a UNIX socket, one request per line, one reply per request::
+Control: a `vfkeep.rpc` socket (JSON lines, `{"id", "cmd", "args"}` -> `{"id", "ok", "result"|"error"}`);
+command(args) -> result:
 
-    {"cmd": "start", "rate": 10000, "size": 128}      -> {"ok": true, "rate": ..., "size": ..., "first_seq": N}
-    {"cmd": "stop"}                                    -> {"ok": true, "sent": N}
-    {"cmd": "stats", "since_ns"|"since_mark": .., "until_ns"|"until_mark": .., "settle_ms": 0}
-                                                       -> {"ok": true, TrafficStats.to_dict() fields, "frames_lost",
-                                                           "lost_tx_ring_full", "window", "settled", "rings", "agent"}
-    {"cmd": "timeline", "bin_ms": 10, <window as for stats>}
-                                                       -> {"ok": true, "t0_ns", "bin_ms", "bins": [...], "marks": [...]}
-    {"cmd": "mark", "label": "service-1-start", "t_ns"?: N}  -> {"ok": true, "label": .., "t_ns": ..}
-    {"cmd": "marks"}                                   -> {"ok": true, "marks": [{"label", "t_ns"}, ...]}
-    {"cmd": "status"}                                  -> {"ok": true, "running", "rate", "size", counters, "rings"}
-    {"cmd": "quit"}                                    -> {"ok": true}, then the agent exits 0 (so does SIGTERM)
+    start(rate, size)                        -> {rate, size, first_seq}
+    stop()                                   -> {sent}
+    stats(since_ns|since_mark, until_ns|until_mark, settle_ms=0)
+                                             -> TrafficStats.to_dict() fields, frames_lost, lost_tx_ring_full,
+                                                window, settled, rings, agent
+    timeline(bin_ms=10, <window as for stats>) -> {t0_ns, bin_ms, bins: [...], marks: [...]}
+    mark(label, t_ns=now)                    -> {label, t_ns}
+    marks()                                  -> {marks: [{label, t_ns}, ...]}
+    status()                                 -> {running, rate, size, counters..., rings}
+    quit()                                   -> {}, then the agent exits 0 (so does SIGTERM)
 
-Any failure is `{"ok": false, "error": "..."}` and the agent carries on. Times are CLOCK_MONOTONIC
+Any failure is an error reply and the agent carries on. Times are CLOCK_MONOTONIC
 nanoseconds (`time.monotonic_ns()`), comparable across the processes of one machine, so the
 host can mark servicing windows with its own clock.
 """
@@ -34,19 +34,17 @@ from __future__ import annotations
 import argparse
 import array
 import bisect
-import json
 import logging
 import os
 import select
 import signal
-import socket
-import socketserver
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
+from .. import rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
 from ..proc import end, spawn
@@ -56,7 +54,6 @@ from .stats import MIN_FRAME, BadFrame, TrafficStats, make_frame, parse_frame, p
 log = logging.getLogger(__name__)
 
 MAX_RATE = 1_000_000
-MAX_REQUEST = 1 << 16
 #: Replies list at most this many lost seqs (the count is always exact).
 MAX_LOST_SEQS = 1000
 RX_BATCH = 512
@@ -83,11 +80,7 @@ def peer_mac(nic: int) -> bytes:
 
 
 class AgentError(Exception):
-    """The agent refused a request or could not be reached/started."""
-
-
-class BadRequest(AgentError):
-    """A control request that cannot be served (unknown command, bad argument, unknown mark)."""
+    """The agent could not be started (requests fail with `vfkeep.rpc` errors)."""
 
 
 class TrafficAgent:
@@ -122,9 +115,9 @@ class TrafficAgent:
     def start(self, rate: Any, size: Any) -> dict:
         """Begin (or re-pace) traffic; seqs continue from where the last run stopped."""
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= MAX_RATE:
-            raise BadRequest(f"rate {rate!r} must be a number of frames/s in (0, {MAX_RATE}]")
+            raise rpc.Refused(f"rate {rate!r} must be a number of frames/s in (0, {MAX_RATE}]")
         if not isinstance(size, int) or isinstance(size, bool) or not MIN_FRAME <= size <= self.max_size:
-            raise BadRequest(f"size {size!r} must be an integer number of bytes in [{MIN_FRAME}, {self.max_size}] "
+            raise rpc.Refused(f"size {size!r} must be an integer number of bytes in [{MIN_FRAME}, {self.max_size}] "
                              f"(the ring slot payload)")
         with self._control_lock:
             self._stop_sender()
@@ -237,11 +230,11 @@ class TrafficAgent:
     # -- marks and windows ---------------------------------------------------------------------
     def mark(self, label: Any, t_ns: Any = None) -> dict:
         if not isinstance(label, str) or not label:
-            raise BadRequest(f"mark label {label!r} must be a non-empty string")
+            raise rpc.Refused(f"mark label {label!r} must be a non-empty string")
         if t_ns is None:
             t_ns = time.monotonic_ns()
         elif not isinstance(t_ns, int) or isinstance(t_ns, bool) or t_ns < 0:
-            raise BadRequest(f"mark time {t_ns!r} must be CLOCK_MONOTONIC nanoseconds")
+            raise rpc.Refused(f"mark time {t_ns!r} must be CLOCK_MONOTONIC nanoseconds")
         self.marks.append((label, t_ns))
         kv(log, logging.INFO, "mark", label=label, t_ns=t_ns)
         return {"label": label, "t_ns": t_ns}
@@ -250,16 +243,16 @@ class TrafficAgent:
         for name, t in reversed(self.marks):
             if name == label:
                 return t
-        raise BadRequest(f"no mark named {label!r} (marks: {sorted({m for m, _ in self.marks})})")
+        raise rpc.Refused(f"no mark named {label!r} (marks: {sorted({m for m, _ in self.marks})})")
 
     def _window_bound(self, args: dict, edge: str) -> int | None:
         ns, label = args.get(f"{edge}_ns"), args.get(f"{edge}_mark")
         if ns is not None and label is not None:
-            raise BadRequest(f"give {edge}_ns or {edge}_mark, not both")
+            raise rpc.Refused(f"give {edge}_ns or {edge}_mark, not both")
         if label is not None:
             return self._mark_time(label)
         if ns is not None and (not isinstance(ns, int) or isinstance(ns, bool)):
-            raise BadRequest(f"{edge}_ns {ns!r} must be CLOCK_MONOTONIC nanoseconds")
+            raise rpc.Refused(f"{edge}_ns {ns!r} must be CLOCK_MONOTONIC nanoseconds")
         return ns
 
     def _window(self, args: dict) -> tuple[int, int, int, int, bool]:
@@ -272,7 +265,7 @@ class TrafficAgent:
         until = self._window_bound(args, "until")
         settle_ms = args.get("settle_ms", 0)
         if not isinstance(settle_ms, (int, float)) or isinstance(settle_ms, bool) or not 0 <= settle_ms <= 60_000:
-            raise BadRequest(f"settle_ms {settle_ms!r} must be a number of milliseconds in [0, 60000]")
+            raise rpc.Refused(f"settle_ms {settle_ms!r} must be a number of milliseconds in [0, 60000]")
         now = time.monotonic_ns()
         since = 0 if since is None else since
         until = now if until is None else min(until, now)
@@ -304,8 +297,11 @@ class TrafficAgent:
                                                      self._rx_ns[start:n]) if lo <= s < hi]
         return sent, received
 
-    def stats(self, args: dict) -> dict:
-        since, until, lo, hi, settled = self._window(args)
+    def stats(self, since_ns: Any = None, until_ns: Any = None, since_mark: Any = None, until_mark: Any = None,
+              settle_ms: Any = 0) -> dict:
+        since, until, lo, hi, settled = self._window({"since_ns": since_ns, "until_ns": until_ns,
+                                                      "since_mark": since_mark, "until_mark": until_mark,
+                                                      "settle_ms": settle_ms})
         st = TrafficStats.from_records(*self._records(lo, hi))
         out = st.to_dict()
         out["lost_seqs_truncated"] = len(out["lost_seqs"]) > MAX_LOST_SEQS
@@ -321,12 +317,13 @@ class TrafficAgent:
         })
         return out
 
-    def timeline(self, args: dict) -> dict:
+    def timeline(self, bin_ms: Any = 10, since_ns: Any = None, until_ns: Any = None, since_mark: Any = None,
+                 until_mark: Any = None, settle_ms: Any = 0) -> dict:
         """Delivery per bin (windowed_delivery) plus the RTT of the frames sent in each bin, for plots."""
-        bin_ms = args.get("bin_ms", 10)
         if not isinstance(bin_ms, (int, float)) or isinstance(bin_ms, bool) or bin_ms <= 0:
-            raise BadRequest(f"bin_ms {bin_ms!r} must be a positive number of milliseconds")
-        since, until, lo, hi, _ = self._window(args)
+            raise rpc.Refused(f"bin_ms {bin_ms!r} must be a positive number of milliseconds")
+        since, until, lo, hi, _ = self._window({"since_ns": since_ns, "until_ns": until_ns, "since_mark": since_mark,
+                                                "until_mark": until_mark, "settle_ms": settle_ms})
         st = TrafficStats.from_records(*self._records(lo, hi))
         if not st.timeline:
             return {"t0_ns": None, "bin_ms": bin_ms, "bins": [], "marks": self.marks_list()}
@@ -371,118 +368,32 @@ def _ms(ns: int | None) -> float | None:
 
 
 # -- control server ----------------------------------------------------------------------------
-class _Handler(socketserver.StreamRequestHandler):
-    server: "ControlServer"
+def control_server(path: str, agent: TrafficAgent, quitting: threading.Event) -> rpc.ThreadedServer:
+    """The agent's `vfkeep.rpc` socket; a thread per connection, so a slow `stats` does not block a `mark`.
+    `quit` sets `quitting` (so does the signal handler); main() waits on it."""
 
-    def handle(self) -> None:
-        while True:
-            line = self.rfile.readline(MAX_REQUEST + 1)
-            if not line:
-                return
-            if len(line) > MAX_REQUEST:
-                self._reply({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
-                return
-            if not line.strip():
-                continue
-            reply = self.server.dispatch(line)
-            if not self._reply(reply) or self.server.quitting.is_set():
-                return
-
-    def _reply(self, reply: dict) -> bool:
-        try:
-            self.wfile.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-            self.wfile.flush()
-            return True
-        except (BrokenPipeError, ConnectionResetError):
-            return False
-
-
-class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """JSON-lines control socket; a thread per connection, so a slow `stats` does not block a `mark`."""
-
-    daemon_threads = True
-
-    def __init__(self, path: str, agent: TrafficAgent, quitting: threading.Event):
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a dead agent
-        super().__init__(path, _Handler)
-        self.path = path
-        self.agent = agent
-        self.quitting = quitting  # set by `quit` (and by the signal handler); main() waits on it
-
-    def dispatch(self, line: bytes) -> dict:
-        try:
-            req = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return {"ok": False, "error": f"bad JSON: {e}"}
-        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-            return {"ok": False, "error": 'a request is a JSON object with a string "cmd"'}
-        cmd = req.pop("cmd")
-        a = self.agent
-        window = {"since_ns", "until_ns", "since_mark", "until_mark", "settle_ms"}
-        commands = {  # name: (accepted arguments, handler)
-            "start": ({"rate", "size"}, lambda: a.start(req.get("rate"), req.get("size"))),
-            "stop": (set(), a.stop),
-            "stats": (window, lambda: a.stats(req)),
-            "timeline": (window | {"bin_ms"}, lambda: a.timeline(req)),
-            "mark": ({"label", "t_ns"}, lambda: a.mark(req.get("label"), req.get("t_ns"))),
-            "marks": (set(), lambda: {"marks": a.marks_list()}),
-            "status": (set(), lambda: dict(a.status(), rings=a.rings())),
-            "quit": (set(), self._quit),
-        }
-        if cmd not in commands:
-            return {"ok": False, "error": f"unknown command {cmd!r}; known: {sorted(commands)}"}
-        accepted, handler = commands[cmd]
-        if unknown := sorted(set(req) - accepted):
-            return {"ok": False, "error": f"{cmd}: unknown argument(s) {unknown}; accepted: {sorted(accepted)}"}
-        try:
-            return {"ok": True, **handler()}
-        except BadRequest as e:
-            return {"ok": False, "error": str(e)}
-        except Exception as e:  # a bug in one request must not take the guest's traffic down
-            kv(log, logging.ERROR, "control request failed", cmd=cmd, error=repr(e))
-            return {"ok": False, "error": f"{cmd} failed: {e!r}"}
-
-    def _quit(self) -> dict:
+    def quit_() -> dict:
         kv(log, logging.INFO, "quit requested")
-        self.quitting.set()
+        quitting.set()
         return {}
+
+    commands = {"start": agent.start, "stop": agent.stop, "stats": agent.stats, "timeline": agent.timeline,
+                "mark": agent.mark, "marks": lambda: {"marks": agent.marks_list()},
+                "status": lambda: dict(agent.status(), rings=agent.rings()), "quit": quit_}
+    return rpc.ThreadedServer(path, rpc.Dispatcher(log, commands), name="agent-control")
 
 
 # -- client --------------------------------------------------------------------------------------
 class AgentClient:
-    """Blocking client of one agent's control socket (one connection, requests in turn)."""
+    """Client of one agent's control socket (one connection, requests in turn); `vfkeep.rpc` errors."""
 
     def __init__(self, path: str, timeout: float = 30.0):
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as e:
-            self.sock.close()
-            raise AgentError(f"cannot reach traffic agent at {path}: {e}") from e
-        self._rfile = self.sock.makefile("rb")
+        self._rpc = rpc.RpcClient(path, timeout)
 
     def call(self, cmd: str, **args: Any) -> dict:
-        """Send one request; the reply without "ok", or AgentError with the agent's message."""
-        req = {"cmd": cmd, **{k: v for k, v in args.items() if v is not None}}
-        try:
-            self.sock.sendall(json.dumps(req).encode() + b"\n")
-            line = self._rfile.readline()
-        except OSError as e:
-            raise AgentError(f"traffic agent at {self.path}: {cmd} failed: {e}") from e
-        if not line:
-            raise AgentError(f"traffic agent at {self.path} closed the connection during {cmd}")
-        try:
-            reply = json.loads(line)
-        except ValueError as e:  # a torn line from an agent that died mid-reply
-            raise AgentError(f"traffic agent at {self.path}: unreadable reply to {cmd}: {line[:200]!r}") from e
-        if not isinstance(reply, dict):
-            raise AgentError(f"traffic agent at {self.path}: reply to {cmd} is not an object: {line[:200]!r}")
-        if not reply.pop("ok", False):
-            raise AgentError(reply.get("error", f"{cmd} failed"))
-        return reply
+        """One request (arguments that are None are left out); its result."""
+        return self._rpc.call(cmd, {k: v for k, v in args.items() if v is not None})
 
     def start(self, rate: float, size: int = 128) -> dict:
         return self.call("start", rate=rate, size=size)
@@ -513,8 +424,7 @@ class AgentClient:
         self.call("quit")
 
     def close(self) -> None:
-        self._rfile.close()
-        self.sock.close()
+        self._rpc.close()
 
     def __enter__(self) -> "AgentClient":
         return self
@@ -589,9 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         kv(log, logging.ERROR, "cannot attach to the guest channel", nic=args.nic, error=repr(e))
         return 2
     agent = TrafficAgent(channel)
-    server = ControlServer(args.control, agent, quit_event)
-    serve = threading.Thread(target=server.serve_forever, args=(CONTROL_POLL_S,), name="agent-control", daemon=True)
-    serve.start()
+    server = control_server(args.control, agent, quit_event)
+    server.start(poll_interval=CONTROL_POLL_S)
     kv(log, logging.INFO, "traffic agent ready", nic=args.nic, control=args.control, pid=os.getpid(),
        max_frame=agent.max_size)
     if args.ready_fd is not None:
@@ -599,9 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         os.close(args.ready_fd)
 
     quit_event.wait()  # a `quit` request or SIGTERM/SIGINT
-    server.shutdown()
-    server.server_close()
-    os.unlink(args.control)
+    server.close()
     agent.close()
     channel.close()
     mem.close()

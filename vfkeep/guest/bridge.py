@@ -11,8 +11,8 @@ untouched: what the kernel sends while no worker relays waits in the tx ring.
 - rx ring (worker -> guest) -> TAP: woken by the rx doorbell eventfd, `pop_many(BATCH)`, one write
   per frame; a write the kernel refuses counts in `tap_write_errors`.
 
-Control: JSON lines on a UNIX socket, the traffic agent's protocol (`AgentClient` talks to it):
-`status` -> counters and ring stats, `quit` -> exit 0 (so does SIGTERM/SIGINT).
+Control: a `vfkeep.rpc` socket, as the traffic agent's (`AgentClient` talks to it): `status` ->
+counters and ring stats, `quit` -> exit 0 (so does SIGTERM/SIGINT).
 
     python -m vfkeep.guest.bridge --memfd N --layout L --channel C --nic I --tx-fd A --rx-fd B
         --netns NAME --mac MAC --address A.B.C.D/LEN --control PATH [--tap NAME] [--run-dir DIR] [--ready-fd W]
@@ -20,17 +20,15 @@ Control: JSON lines on a UNIX socket, the traffic agent's protocol (`AgentClient
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import select
 import signal
-import socketserver
 import subprocess
 import sys
 import threading
 
-from .. import netns
+from .. import netns, rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
 from ..proc import end, spawn
@@ -41,7 +39,6 @@ log = logging.getLogger("vfkeep.guest.bridge")
 
 BATCH = 64
 MAX_FRAME = 65536
-MAX_REQUEST = 1 << 16
 
 
 class Bridge:
@@ -124,39 +121,15 @@ class Bridge:
 
 
 # -- control -------------------------------------------------------------------------------------
-class _Handler(socketserver.StreamRequestHandler):
-    server: "_ControlServer"
+def control_server(path: str, bridge: Bridge, quitting: threading.Event) -> rpc.ThreadedServer:
+    """`status` -> counters and ring stats, `quit` -> sets `quitting` (main() waits on it)."""
 
-    def handle(self) -> None:
-        while line := self.rfile.readline(MAX_REQUEST + 1):
-            reply = self.server.dispatch(line)
-            try:
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
-            except (BrokenPipeError, ConnectionResetError):
-                return
+    def quit_() -> dict:
+        quitting.set()
+        return {}
 
-
-class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-    def __init__(self, path: str, bridge: Bridge, quitting: threading.Event):
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket of a dead bridge
-        super().__init__(path, _Handler)
-        self.bridge, self.quitting = bridge, quitting
-
-    def dispatch(self, line: bytes) -> dict:
-        try:
-            req = json.loads(line)
-            cmd = req["cmd"]
-        except (ValueError, TypeError, KeyError) as e:
-            return {"ok": False, "error": f"a request is a JSON object with a string \"cmd\": {e!r}"}
-        if cmd == "status":
-            return {"ok": True, **self.bridge.status()}
-        if cmd == "quit":
-            self.quitting.set()
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}; known: quit, status"}
+    return rpc.ThreadedServer(path, rpc.Dispatcher(log, {"status": bridge.status, "quit": quit_}),
+                              name="bridge-control")
 
 
 # -- process -------------------------------------------------------------------------------------
@@ -229,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     bridge = Bridge(channel, tap_fd)
     bridge.start()
-    server = _ControlServer(args.control, bridge, quit_event)
-    threading.Thread(target=server.serve_forever, args=(0.05,), name="bridge-control", daemon=True).start()
+    server = control_server(args.control, bridge, quit_event)
+    server.start(poll_interval=0.05)
     kv(log, logging.INFO, "guest bridge ready", nic=args.nic, netns=args.netns, tap=args.tap, mac=args.mac,
        address=args.address, pid=os.getpid())
     if args.ready_fd is not None:
@@ -238,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         os.close(args.ready_fd)
 
     quit_event.wait()
-    server.shutdown()
-    server.server_close()
-    os.unlink(args.control)
+    server.close()
     bridge.stop()
     os.close(tap_fd)  # the TAP interface disappears with its last fd
     channel.close()

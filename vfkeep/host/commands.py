@@ -1,6 +1,7 @@
 """Host-side CLI commands (DESIGN §10): run, service, inspect, stop, state decode."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,11 +10,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import click
 from rich.console import Console
 
 from .. import log as vlog
+from .. import rpc
 from ..device.timing import timing_from, timing_options
 from ..log import kv
 from . import control, render
@@ -62,7 +65,8 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_
                 worker_cmd, worker_env, datapath_keepalive):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach."""
     from .console import HostConsole
-    from .vmm import Host, HostConfig
+    from .traffic import TrafficError
+    from .vmm import Host, HostConfig, HostError
 
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
@@ -90,9 +94,9 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_
     host = Host(config)
     server = None
     try:
-        server = control.ControlServer(run_dir, {
+        server = control.serve(run_dir, {
             "service": host.service, "inspect": host.inspect, "status": host.status, "probe": host.probe,
-            "traffic": host.traffic, "stop": on_stop})
+            "traffic": host.traffic, "stop": on_stop}, refused=(HostError, TrafficError))
         host.start()
         server.start()
         click.echo(f"vfkeep host ready: pid {os.getpid()}, run dir {run_dir}", err=detach)
@@ -104,7 +108,7 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_
             HostConsole(host).cmdloop()
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM or `vfkeep stop`: stop the VM
         kv(log, logging.INFO, "host interrupted, stopping")
-    except control.HostRefused as e:
+    except control.HostRunning as e:
         raise click.ClickException(str(e)) from None
     finally:
         host.stop()
@@ -112,10 +116,12 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_
             server.close()
 
 
-def _call(run_dir: str, op: str, wait: float | None = None, **args):
+@contextlib.contextmanager
+def host_client(run_dir: str, wait: float | None = None) -> Iterator[control.HostClient]:
+    """The host in `run_dir` for one CLI command; its errors are the command's error message."""
     try:
-        return control.call(os.path.abspath(run_dir), op, wait=wait, **args)
-    except (control.HostUnavailable, control.HostRefused) as e:
+        yield control.HostClient(run_dir, wait)
+    except rpc.RpcError as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -141,9 +147,10 @@ def service_command(run_dir, mana_keepalive, nvme_keepalive, timeout, as_json, t
         except ValueError:
             raise click.BadParameter(f"expected comma-separated NIC indexes, got {nic_list!r}",
                                      param_hint="--nics") from None
-    result = _call(run_dir, "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive,
-                   timeout=timeout, test_config=test_config, next_env=_env_pairs(next_env, "--next-env"),
-                   next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper)
+    with host_client(run_dir) as host:
+        result = host.service(mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
+                              test_config=test_config, next_env=_env_pairs(next_env, "--next-env"),
+                              next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper)
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -157,7 +164,8 @@ def service_command(run_dir, mana_keepalive, nvme_keepalive, timeout, as_json, t
 @click.option("--json", "as_json", is_flag=True)
 def inspect_command(run_dir, path, as_json):
     """Live tree of the host, worker, devices and last servicing (PATH selects a sub-tree)."""
-    data = _call(run_dir, "inspect", wait=60, path=path)
+    with host_client(run_dir, wait=60) as host:
+        data = host.inspect(path)
     if as_json:
         click.echo(json.dumps(data))
     elif isinstance(data, (dict, list)):
@@ -171,7 +179,8 @@ def inspect_command(run_dir, path, as_json):
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the host to exit")
 def stop_command(run_dir, timeout):
     """Stop the host in --run-dir (NICs shut down, every child ended) and wait for it to exit."""
-    pid = _call(run_dir, "stop", wait=30)["host_pid"]
+    with host_client(run_dir, wait=30) as host:
+        pid = host.stop()["host_pid"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _running(pid):

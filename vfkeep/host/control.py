@@ -1,116 +1,85 @@
-"""Host control socket (`<run-dir>/host.sock`): JSON lines for `vfkeep service|inspect|stop` and tests.
+"""Host control socket (`<run-dir>/host.sock`) and `HostClient`, the one client of a running host.
 
-Request `{"op": "service"|"inspect"|"status"|"probe"|"stop", ...args}`; reply
-`{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`. One request per connection.
+The socket speaks `vfkeep.rpc` (a thread per connection); its commands are the `Host` operations
+(`service`, `inspect`, `status`, `probe`, `traffic`, `stop`; docs/internals.md). The CLI
+(`vfkeep service|inspect|traffic|stop`), the tests and the benchmarks all go through `HostClient`
+(`host/detached.py` adds starting a host in another process).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
-import socketserver
-import threading
 from typing import Any, Callable
 
-from ..log import kv
+from .. import rpc
 
 log = logging.getLogger("vfkeep.host.control")
 
 SOCKET_NAME = "host.sock"
 
 
-class HostUnavailable(Exception):
-    """No host is listening in the run directory."""
-
-
-class HostRefused(Exception):
-    """The host answered ok=false."""
+class HostRunning(Exception):
+    """Another host already serves this run directory."""
 
 
 def socket_path(run_dir: str) -> str:
     return os.path.join(run_dir, SOCKET_NAME)
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-
-
-class ControlServer:
-    """Serves `handlers[op](**args)` on a background thread."""
-
-    def __init__(self, run_dir: str, handlers: dict[str, Callable[..., Any]]):
-        self.path = socket_path(run_dir)
-        if os.path.exists(self.path):
-            try:
-                call(run_dir, "status", wait=2.0)
-            except HostUnavailable:
-                os.unlink(self.path)  # stale socket of a dead host
-            else:
-                raise HostRefused(f"a host is already running in {run_dir}")
-        handlers_ = handlers
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                line = self.rfile.readline(1 << 20)
-                try:
-                    req = json.loads(line)
-                    op = req.pop("op")
-                    fn = handlers_[op]
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    reply = {"ok": False, "error": f"bad request {line[:200]!r}; ops: {', '.join(sorted(handlers_))}"}
-                else:
-                    try:
-                        reply = {"ok": True, "result": fn(**req)}
-                    except TypeError as e:
-                        reply = {"ok": False, "error": f"{op}: bad arguments: {e}"}
-                    except Exception as e:  # noqa: BLE001 - every failure is answered, the host goes on
-                        kv(log, logging.WARNING, "control request failed", op=op, error=repr(e))
-                        reply = {"ok": False, "error": f"{op}: {e}"}
-                try:
-                    self.wfile.write((json.dumps(reply) + "\n").encode())
-                except OSError:
-                    pass
-
-        self._server = _Server(self.path, Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="host-control", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        kv(log, logging.INFO, "control socket listening", path=self.path)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def call(run_dir: str, op: str, wait: float | None = None, **args) -> Any:
-    """One request to the host in `run_dir` (`wait`: socket timeout, None = forever); returns its result or
-    raises HostRefused/HostUnavailable."""
+def serve(run_dir: str, handlers: dict[str, Callable[..., Any]],
+          refused: tuple[type[Exception], ...]) -> rpc.ThreadedServer:
+    """The control socket of the host in `run_dir` (not yet started); `refused` are the exceptions with which
+    the handlers say no. A socket file left by a dead host is replaced; a live host is HostRunning."""
     path = socket_path(run_dir)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(wait)
-    try:
+    if os.path.exists(path):
         try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise HostUnavailable(f"no host running in {run_dir} ({e.strerror})") from None
-        sock.sendall((json.dumps({"op": op, **args}) + "\n").encode())
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
-            if not chunk:
-                raise HostUnavailable(f"host in {run_dir} closed the connection before answering {op!r}")
-            buf += chunk
-    except socket.timeout:
-        raise HostUnavailable(f"host in {run_dir} did not answer {op!r} within {wait} s") from None
-    finally:
-        sock.close()
-    reply = json.loads(buf)
-    if not reply.get("ok"):
-        raise HostRefused(reply.get("error", "request failed"))
-    return reply["result"]
+            HostClient(run_dir, wait=2.0).status()
+        except rpc.Unavailable:
+            pass  # stale socket of a dead host
+        else:
+            raise HostRunning(f"a host is already running in {run_dir}")
+    return rpc.ThreadedServer(path, rpc.Dispatcher(log, handlers, refused), name="host-control")
+
+
+class HostClient:
+    """Requests to the host in `run_dir`, each on a connection of its own (so any thread may use it).
+
+    `wait`: seconds to wait for an answer (None: as long as it takes, e.g. a servicing); every method takes
+    `wait=` to override it. Errors are `vfkeep.rpc` errors: `Unavailable` when no host answers, `Refused`
+    when the host said no.
+    """
+
+    def __init__(self, run_dir: str, wait: float | None = None):
+        self.run_dir = os.path.abspath(run_dir)
+        self.wait = wait
+
+    @property
+    def path(self) -> str:
+        return socket_path(self.run_dir)
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None, wait: float | None = rpc.DEFAULT_TIMEOUT) -> Any:
+        try:
+            return rpc.call(self.path, cmd, args, timeout=self.wait if wait is rpc.DEFAULT_TIMEOUT else wait)
+        except rpc.Unavailable as e:
+            raise type(e)(f"no host answering in {self.run_dir}: {e}") from None
+
+    def status(self, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
+        return self.call("status", None, wait)
+
+    def service(self, wait: float | None = rpc.DEFAULT_TIMEOUT, **request) -> dict:
+        """One servicing (`mana_keepalive`, `nvme_keepalive`, `timeout`, ...): the servicing result's JSON form
+        (`contract.ServicingResult.from_json` types it)."""
+        return self.call("service", request, wait)
+
+    def inspect(self, path: str | None = None, wait: float | None = rpc.DEFAULT_TIMEOUT) -> Any:
+        return self.call("inspect", {"path": path}, wait)
+
+    def probe(self, nic: int = 0, count: int = 8, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
+        return self.call("probe", {"nic": nic, "count": count}, wait)
+
+    def traffic(self, action: str, wait: float | None = rpc.DEFAULT_TIMEOUT, **args) -> dict:
+        return self.call("traffic", {"action": action, **args}, wait)
+
+    def stop(self, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
+        """Ask the host to stop (it answers first): `{stopping, host_pid}`."""
+        return self.call("stop", None, wait)

@@ -15,7 +15,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from .. import proc
+from .. import proc, rpc
 from ..guest.agent import AgentClient, AgentError, spawn_agent
 from ..guest.ring import ChannelLayout, NicChannel
 from ..log import kv
@@ -48,7 +48,7 @@ class _Agent:
         try:
             with AgentClient(self.control, timeout=AGENT_TIMEOUT_S) as c:
                 return c.call(cmd, **args)
-        except AgentError as e:
+        except rpc.RpcError as e:
             raise TrafficError(f"nic {self.nic}: {e}") from None
 
 

@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .commands import _call, run_dir_option
+from .commands import host_client, run_dir_option
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 
 json_option = click.option("--json", "as_json", is_flag=True, help="print the host's reply as JSON")
@@ -36,7 +36,8 @@ def traffic_group(ctx, run_dir):
 @click.pass_obj
 def start_command(run_dir, rate, size, nic, as_json):
     """Start (or re-pace) traffic; starts the NIC's agent on first use."""
-    result = _call(run_dir, "traffic", wait=60, action="start", rate=rate, size=size, nic=nic)
+    with host_client(run_dir, wait=60) as host:
+        result = host.traffic("start", rate=rate, size=size, nic=nic)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -50,7 +51,8 @@ def start_command(run_dir, rate, size, nic, as_json):
 @click.pass_obj
 def stop_command(run_dir, nic, as_json):
     """Stop sending (agents keep running, and keep their records, until the host stops)."""
-    result = _call(run_dir, "traffic", wait=60, action="stop", nic=nic)
+    with host_client(run_dir, wait=60) as host:
+        result = host.traffic("stop", nic=nic)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -66,7 +68,8 @@ def stop_command(run_dir, nic, as_json):
 @click.pass_obj
 def stats_command(run_dir, nic, settle_ms, as_json):
     """Delivery since the last start, per NIC, and what the last servicing cost the guest."""
-    result = _call(run_dir, "traffic", wait=120, action="stats", nic=nic, settle_ms=settle_ms)
+    with host_client(run_dir, wait=120) as host:
+        result = host.traffic("stats", nic=nic, settle_ms=settle_ms)
     if as_json:
         click.echo(json.dumps(result))
         return

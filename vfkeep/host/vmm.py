@@ -8,6 +8,7 @@ request threads.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import json
 import logging
 import os
@@ -160,11 +161,15 @@ class Host:
             self._actor.join(timeout=30)
 
     # -- public operations (any thread) --------------------------------------------------------
-    def service(self, **request) -> dict:
+    def service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
+                test_config: str | None = None, next_env: dict[str, str] | None = None,
+                next_worker_cmd: str | None = None, nics: list[int] | None = None, tamper: str | None = None) -> dict:
+        """One servicing; the servicing result's JSON form (`contract.ServicingResult`)."""
         if not self._busy.acquire(blocking=False):
             raise HostError("state change already in progress")
         try:
-            return self._submit(self._service, **request)
+            return self._submit(self._service, mana_keepalive, nvme_keepalive, timeout, test_config, next_env,
+                                next_worker_cmd, nics, tamper)
         finally:
             self._busy.release()
 
@@ -183,6 +188,10 @@ class Host:
         if self.guest_traffic is None:
             raise HostError("host is not booted")
         fn = self.guest_traffic.operation(action)
+        try:
+            inspect.signature(fn).bind(**args)
+        except TypeError as e:
+            raise HostError(f"traffic {action}: {e}") from None
         return self._submit(fn, **args) if action == "start" else fn(**args)
 
     # -- boot / teardown -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The vfio-user subset between driver (client) and device (server), spec vfio-user.md."""
 from .client import (DeviceInfo, DeviceMissing, IrqInfo, ProtocolError, RegionInfo, VfioClientError, VfioDevice,
                      VfioError, VfioTimeout)
-from .control import ControlError, ControlServer, ControlTimeout, ControlUnavailable, control_call
+from .control import control_call, control_server
 from .device import RESET_FLR, RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method, config_space
 from .dma import DmaFault, DmaSpace
 from .irqs import IrqTable
@@ -12,7 +12,7 @@ from .server import VfioUserServer
 __all__ = [
     "DeviceInfo", "DeviceMissing", "IrqInfo", "ProtocolError", "RegionInfo", "VfioClientError", "VfioDevice",
     "VfioError", "VfioTimeout",
-    "ControlError", "ControlServer", "ControlTimeout", "ControlUnavailable", "control_call",
+    "control_call", "control_server",
     "RESET_FLR", "RESET_METHODS", "RESET_NONE", "VfioUserDevice", "check_reset_method", "config_space",
     "DmaFault", "DmaSpace", "IrqTable", "EventLoop", "Timer", "CommandError", "VfioUserServer",
 ]

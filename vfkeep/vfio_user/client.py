@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from vfkeep.log import kv
 from vfkeep.memory.guest_memory import GuestMemory
+from vfkeep.sockets import connect_unix
 
-from .control import connect_unix
 from .protocol import (DEVICE_FLAGS_RESET, DEVICE_INFO, DMA_MAP, DMA_MAP_READ, DMA_MAP_WRITE, DMA_UNMAP,
                        DMA_UNMAP_ALL, FLAG_ERROR, FLAG_NO_REPLY, IRQ_INFO, IRQ_MSIX, IRQ_SET, IRQ_SET_ACTION_TRIGGER,
                        IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, REGION_ACCESS,

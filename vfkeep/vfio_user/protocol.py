@@ -19,6 +19,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
+from vfkeep.sockets import wait_fd
+
 # -- header (§1.3) ------------------------------------------------------------------------------
 HEADER = struct.Struct("<HHIII")
 HEADER_SIZE = HEADER.size  # 16
@@ -314,12 +316,3 @@ def wait_message(sock: socket.socket, reader: FrameReader, timeout: float | None
         if msg is not None:
             return msg
         wait_fd(sock, select.POLLIN, deadline)
-
-
-def wait_fd(sock: socket.socket | int, events: int, deadline: float | None) -> None:
-    """poll() one fd until `events` or `deadline` (monotonic; None = forever); TimeoutError then."""
-    poller = select.poll()
-    poller.register(sock, events)
-    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if not poller.poll(None if remaining is None else remaining * 1000):
-        raise TimeoutError("peer did not respond in time")

@@ -14,8 +14,9 @@ import socket
 import struct
 
 from vfkeep.log import kv
+from vfkeep.sockets import listen_unix, unlink_if_ours
 
-from .control import ControlServer, listen_unix, unlink_if_ours
+from .control import control_server
 from .device import RESET_FLR, VfioUserDevice, check_reset_method
 from .dma import DmaSpace
 from .irqs import IrqTable
@@ -66,7 +67,7 @@ class VfioUserServer:
         self._conn: _Connection | None = None
         self._listener, self._inode = listen_unix(self.socket_path)
         self.loop.add_reader(self._listener.fileno(), self._accept)
-        self.control = ControlServer(control_path or self.socket_path + ".ctl", self.loop)
+        self.control = control_server(control_path or self.socket_path + ".ctl", self.loop)
         self.control.register("ping", lambda: {"pid": os.getpid()})
         self.control.register("epoch", lambda: {"epoch": self.epoch, "connected": self.connected})
         self.control.register("get_reset_method", lambda: {"value": device.reset_method})

@@ -1,0 +1,411 @@
+"""One JSON-lines RPC layer for every control socket: the host's `host.sock`, a device's `<socket>.ctl`, a guest agent's.
+
+Envelope: one JSON object per line (UTF-8), any number of requests per connection, answered in order::
+
+    request  {"id": ID, "cmd": NAME, "args": {...}}        "id" (a JSON scalar) and "args" may be left out
+    reply    {"id": ID, "ok": true, "result": RESULT}
+             {"id": ID, "ok": false, "error": {"type": TYPE, "message": TEXT}}
+
+The reply echoes the request's id (null when the request had none or could not be read). A client
+skips every line that is not the reply it waits for, so later versions can add a greeting and
+asynchronous events (lines without "ok") without breaking an older client.
+
+Error types are the same on every socket (`RpcError` subclasses, `type` = class name):
+`BadRequest` (not a JSON object with a string "cmd" and an object "args"), `RequestTooLarge` (a
+line longer than MAX_LINE; the server answers, then closes the connection), `UnknownCommand`,
+`BadArguments` (the args do not fit the command's parameters), `Refused` (the command said no: bad
+value, wrong state) and `InternalError` (a bug; logged with its traceback). Client side only:
+`Unavailable` (nobody listens, or the connection broke) and its subclass `Timeout`.
+
+Codec (`parse_request`, `encode`) and dispatch (`Dispatcher`) know nothing of sockets; a
+`ThreadedServer` (a thread per connection) and a `LoopServer` (on a selector loop such as the
+device's) carry them; `RpcClient` / `call` is the one client.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import logging
+import os
+import select
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .log import kv
+from .sockets import connect_unix, listen_unix, send_all, unlink_if_ours, wait_fd
+
+#: Longest request line, newline included.
+MAX_LINE = 1 << 20
+SEND_TIMEOUT_S = 5.0
+#: `timeout=` default of `RpcClient.call` (and HostClient's `wait=`): the client's own timeout.
+DEFAULT_TIMEOUT: Any = object()
+
+
+# -- errors --------------------------------------------------------------------------------------------
+class RpcError(Exception):
+    """An error reply (or, client side, no reply at all); `type` names the kind on the wire."""
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def to_json(self) -> dict[str, str]:
+        return {"type": self.type, "message": str(self)}
+
+
+class BadRequest(RpcError):
+    """The line is not a request: not JSON, not an object, no string "cmd", "args" not an object."""
+
+    def __init__(self, message: str, request_id: Any = None):
+        super().__init__(message)
+        self.request_id = request_id  # echoed in the reply when it could be read
+
+
+class RequestTooLarge(RpcError):
+    """The line is longer than MAX_LINE bytes."""
+
+
+class UnknownCommand(RpcError):
+    """No command of that name on this socket."""
+
+
+class BadArguments(RpcError):
+    """The args do not fit the command's parameters (missing, unexpected)."""
+
+
+class Refused(RpcError):
+    """The command refused: a bad value, or not in this state. Handlers may raise it."""
+
+
+class InternalError(RpcError):
+    """The command failed unexpectedly."""
+
+
+class Unavailable(RpcError):
+    """Client side: nobody listens on the socket, or the connection broke before the reply."""
+
+
+class Timeout(Unavailable):
+    """Client side: no reply in time."""
+
+
+class _OtherError(RpcError):
+    """An error reply of a type this client does not know."""
+
+    def __init__(self, type_: str, message: str):
+        super().__init__(message)
+        self._type = type_
+
+    @property
+    def type(self) -> str:
+        return self._type
+
+
+_ERRORS = {cls.__name__: cls for cls in (BadRequest, RequestTooLarge, UnknownCommand, BadArguments, Refused,
+                                         InternalError)}
+
+
+# -- codec ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    id: Any
+    cmd: str
+    args: dict[str, Any]
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One line: the object as compact JSON and a newline."""
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def parse_request(line: bytes) -> Request:
+    """The request on `line`; BadRequest (carrying the id when it could be read) otherwise."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"a request is a JSON object, got {type(obj).__name__}")
+    rid = obj.get("id")
+    if not _scalar(rid):
+        raise BadRequest('"id" must be a JSON scalar')
+    cmd, args = obj.get("cmd"), obj.get("args", {})
+    if not isinstance(cmd, str) or not isinstance(args, dict) or set(obj) - {"id", "cmd", "args"}:
+        raise BadRequest('a request is {"id": ID, "cmd": NAME, "args": {...}} ("id" and "args" optional)', rid)
+    return Request(rid, cmd, args)
+
+
+def ok_reply(rid: Any, result: Any) -> dict[str, Any]:
+    return {"id": rid, "ok": True, "result": result}
+
+
+def error_reply(rid: Any, error: RpcError) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": error.to_json()}
+
+
+# -- dispatch ------------------------------------------------------------------------------------------
+class Dispatcher:
+    """Commands by name. `fn(**args)` returns the result (anything JSON, or a record with `to_json()`).
+
+    `refused`: the exception types with which handlers say no (besides `Refused`); they become
+    Refused replies "CMD: message". Any other exception is an InternalError reply and is logged.
+    """
+
+    def __init__(self, log: logging.Logger, commands: dict[str, Callable[..., Any]] | None = None,
+                 refused: tuple[type[Exception], ...] = ()):
+        self.log = log
+        self._commands: dict[str, Callable[..., Any]] = dict(commands or {})
+        self.refused = refused
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        self._commands[name] = fn
+
+    @property
+    def commands(self) -> list[str]:
+        return sorted(self._commands)
+
+    def handle(self, line: bytes | None) -> dict[str, Any]:
+        """The reply to one request line (None: the line was longer than MAX_LINE)."""
+        if line is None:
+            return error_reply(None, RequestTooLarge(f"request line longer than {MAX_LINE} bytes"))
+        try:
+            req = parse_request(line)
+        except BadRequest as e:
+            return error_reply(e.request_id, e)
+        try:
+            return ok_reply(req.id, self.dispatch(req))
+        except RpcError as e:
+            return error_reply(req.id, e)
+
+    def dispatch(self, req: Request) -> Any:
+        fn = self._commands.get(req.cmd)
+        if fn is None:
+            raise UnknownCommand(f"unknown command {req.cmd!r}; known: {', '.join(self.commands)}")
+        try:
+            inspect.signature(fn).bind(**req.args)
+        except TypeError as e:
+            raise BadArguments(f"{req.cmd}: {e}") from None
+        try:
+            result = fn(**req.args)
+        except RpcError:
+            raise
+        except self.refused as e:
+            kv(self.log, logging.WARNING, "control request refused", cmd=req.cmd, error=str(e))
+            raise Refused(f"{req.cmd}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a bug in one command must not take the process down
+            self.log.error("control request failed", exc_info=True, extra={"kv": {"cmd": req.cmd}})
+            raise InternalError(f"{req.cmd}: internal error: {e!r}") from None
+        kv(self.log, logging.DEBUG, "control request", cmd=req.cmd)
+        return result
+
+
+# -- servers -------------------------------------------------------------------------------------------
+class _ThreadingUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class ThreadedServer:
+    """Serves a Dispatcher on `path` with a thread per connection (a slow command does not hold up others).
+    `start()` runs the accept loop on a daemon thread; `close()` stops it and removes the socket file."""
+
+    def __init__(self, path: str, dispatcher: Dispatcher, name: str = "rpc"):
+        self.path = path
+        self.dispatcher = dispatcher
+        self.name = name
+        try:
+            os.unlink(path)  # a stale socket of a dead process (callers check for a live one first)
+        except FileNotFoundError:
+            pass
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while True:
+                    line = self.rfile.readline(MAX_LINE)
+                    if not line:
+                        return
+                    too_long = len(line) == MAX_LINE and not line.endswith(b"\n")
+                    if not too_long and not line.strip():
+                        continue
+                    try:
+                        self.wfile.write(encode(dispatcher.handle(None if too_long else line)))
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    if too_long:
+                        return
+
+        self._server = _ThreadingUnixServer(path, Handler)
+        self._inode = os.stat(path).st_ino
+        self._thread: threading.Thread | None = None
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        self.dispatcher.register(name, fn)
+
+    def start(self, poll_interval: float = 0.5) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(poll_interval,), name=self.name,
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+        self._server.server_close()
+        unlink_if_ours(self.path, self._inode)
+
+
+class LoopServer:
+    """Serves a Dispatcher on `path` from a single-threaded selector loop (`add_reader/remove_reader`), so
+    commands run on the loop's thread and need no locks. Any number of clients."""
+
+    def __init__(self, path: str | os.PathLike, loop, dispatcher: Dispatcher):
+        self.path = os.fspath(path)
+        self.loop = loop
+        self.dispatcher = dispatcher
+        self._clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self._listener, self._inode = listen_unix(self.path)
+        loop.add_reader(self._listener.fileno(), self._accept)
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        self.dispatcher.register(name, fn)
+
+    @property
+    def commands(self) -> list[str]:
+        return self.dispatcher.commands
+
+    def close(self) -> None:
+        for fd in list(self._clients):
+            self._drop(fd)
+        self.loop.remove_reader(self._listener.fileno())
+        unlink_if_ours(self.path, self._inode)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        conn.setblocking(False)
+        self._clients[conn.fileno()] = (conn, bytearray())
+        self.loop.add_reader(conn.fileno(), lambda fd=conn.fileno(): self._readable(fd))
+
+    def _readable(self, fd: int) -> None:
+        conn, buf = self._clients[fd]
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        buf += data
+        while (end := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:end])
+            del buf[:end + 1]
+            if end + 1 > MAX_LINE:
+                break
+            if line.strip() and not self._answer(conn, line):
+                self._drop(fd)
+                return
+        else:
+            if len(buf) < MAX_LINE:
+                return
+        self._answer(conn, None)  # longer than MAX_LINE: answered, then the connection is closed
+        self._drop(fd)
+
+    def _answer(self, conn: socket.socket, line: bytes | None) -> bool:
+        try:
+            send_all(conn, encode(self.dispatcher.handle(line)), time.monotonic() + SEND_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            return False
+        return True
+
+    def _drop(self, fd: int) -> None:
+        conn, _ = self._clients.pop(fd)
+        self.loop.remove_reader(fd)
+        conn.close()
+
+
+# -- client --------------------------------------------------------------------------------------------
+class RpcClient:
+    """One connection to a control socket; requests in turn (thread-safe).
+
+    `timeout`: seconds to wait for each reply (None = forever); `connect_timeout`: how long to retry
+    connecting while nobody listens yet (a process starting up), 0 = fail at once.
+    """
+
+    def __init__(self, path: str | os.PathLike, timeout: float | None = 5.0, connect_timeout: float = 0.0):
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        try:
+            self.sock = connect_unix(self.path, time.monotonic() + connect_timeout, Unavailable)
+        except OSError as e:
+            raise Unavailable(f"cannot connect to {self.path}: {e}") from None
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+        """Send one request and return its result; the error reply raised as its RpcError subclass."""
+        timeout = self.timeout if timeout is DEFAULT_TIMEOUT else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            rid = next(self._ids)
+            try:
+                send_all(self.sock, encode({"id": rid, "cmd": cmd, "args": args or {}}), deadline)
+                while True:
+                    reply = self._read_line(deadline, cmd)
+                    if isinstance(reply, dict) and "ok" in reply and reply.get("id") in (rid, None):
+                        break  # anything else (an event, a late reply) is not ours
+            except TimeoutError:
+                raise Timeout(f"{cmd} on {self.path}: no reply within {timeout} s") from None
+            except OSError as e:
+                raise Unavailable(f"{cmd} on {self.path}: {e}") from None
+        if reply["ok"] is True:
+            return reply.get("result")
+        err = reply.get("error")
+        if not isinstance(err, dict):
+            raise Unavailable(f"{cmd} on {self.path}: malformed error reply {reply!r:.200}")
+        cls = _ERRORS.get(err.get("type"))
+        message = str(err.get("message", f"{cmd} failed"))
+        raise cls(message) if cls else _OtherError(str(err.get("type")), message)
+
+    def _read_line(self, deadline: float | None, cmd: str) -> Any:
+        while b"\n" not in self._buf:
+            wait_fd(self.sock, select.POLLIN, deadline)
+            data = self.sock.recv(65536)
+            if not data:
+                raise Unavailable(f"{self.path} closed the connection before replying to {cmd!r}")
+            self._buf += data
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf[:] = rest
+        try:
+            return json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            raise Unavailable(f"{cmd} on {self.path}: unreadable reply {line[:200]!r}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RpcClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def call(path: str | os.PathLike, cmd: str, args: dict[str, Any] | None = None, *, timeout: float | None = 5.0,
+         connect_timeout: float = 0.0) -> Any:
+    """One request on a connection of its own."""
+    with RpcClient(path, timeout, connect_timeout) as client:
+        return client.call(cmd, args)
