@@ -35,7 +35,6 @@ from vfkeep.device.main import start_device
 from vfkeep.device.timing import DeviceTiming
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.driver.vfio_backing import open_vfio
-from vfkeep.host import control
 from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
@@ -52,7 +51,7 @@ COLORS = {"reset-flr": "tab:red", "reset": "tab:orange", "keepalive": "tab:blue"
 
 def service(host: TrafficHost, path: str, recover_s: float = 0.15) -> dict:
     """One servicing on `path`, checked to have taken it; the device counts summed over the NICs."""
-    r = control.call(host.run_dir, "service", wait=300, **REQUESTS[path])
+    r = host.service(**REQUESTS[path])
     bad = unexpected(path, r)
     if bad or r["blackout_ms"] is None:
         raise RuntimeError(f"{path}: {'; '.join(bad) or 'no blackout measured'}: {r}")
