@@ -268,6 +268,20 @@ def test_dma_map_view_read_write(memfd):
             d.read(iova, n)
 
 
+def test_dma_mapping_is_the_whole_range_with_its_permissions(memfd):
+    d = DmaSpace(8)
+    d.map(memfd, 0, 0x10000, 8192, 0x3)
+    d.map(memfd, 8192, 0x20000, 4096, 0x1)  # read only
+    buf, base = d.mapping(0x10000 + 100, 8, write=True)
+    assert (base, len(buf)) == (0x10000, 8192)
+    buf[100:105] = b"hello"
+    assert d.read(0x10000 + 100, 5) == b"hello"
+    assert d.mapping(0x20000, 1)[1] == 0x20000
+    for iova, n, write in [(0x20000, 1, True), (0x10000 + 8190, 4, False), (0x30000, 1, False)]:
+        with pytest.raises(DmaFault):
+            d.mapping(iova, n, write)
+
+
 def test_dma_map_unaligned_file_offset(memfd):
     d = DmaSpace(8)
     os.pwrite(memfd, b"xy", 100)

@@ -4,7 +4,8 @@ Modules: `constants` (every named value), `regs` (BAR0, doorbells, SMC),
 `queues` (WQE/SGE/CQE/EQE, owner counting), `hwc` (HWC OOBs, message headers),
 `requests` (GDMA bodies), `bnic` (MANA bodies), `datapath` (TX/RX OOBs),
 `messages` (code → body table, header builders), `layout` (`vfkeep layout`).
-Everything public is re-exported here.
+Everything public is re-exported here, except `codec` (precompiled `struct`
+codecs for the data path, derived from these structs; import the module).
 """
 from .base import BitfieldWord, WireStruct, struct_layout
 from .bnic import *  # noqa: F403

@@ -124,6 +124,14 @@ class DmaSpace:
             raise DmaFault(f"DMA write of [{iova:#x}, +{len(data):#x}): mapping is not writable")
         m.buf[iova - m.iova:iova - m.iova + len(data)] = data
 
+    def mapping(self, iova: int, n: int, write: bool = False) -> tuple[memoryview, int]:
+        """(the whole mapping holding [iova, iova+n), its base IOVA): a batch of accesses slices it without
+        looking the range up again. DmaFault if unmapped, or not readable / writable (`write`) as needed."""
+        m = self._lookup(iova, n)
+        if not m.flags & (DMA_MAP_WRITE if write else DMA_MAP_READ):
+            raise DmaFault(f"DMA {'write' if write else 'read'} of [{iova:#x}, +{n:#x}): mapping does not allow it")
+        return m.buf, m.iova
+
     def _lookup(self, iova: int, n: int) -> DmaMapping:
         i = bisect.bisect_right(self._starts, iova) - 1
         if n < 0 or iova < 0 or i < 0 or iova + n > self._maps[i].end:
