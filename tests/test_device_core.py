@@ -601,9 +601,9 @@ def test_shared_wire_steers_by_destination_mac(mem):
     for vp in vps:
         vp.start(rx_buffers=4)
     assert vps[1].mac == bytes.fromhex("00155d121213")
-    device.deliver_wire(frame(vps[1].mac, PEER, 1))
-    device.deliver_wire(frame(b"\xff" * 6, PEER, 2))
-    device.deliver_wire(frame(bytes.fromhex("00155d999999"), PEER, 3))
+    device.deliver_wire([frame(vps[1].mac, PEER, 1)])
+    device.deliver_wire([frame(b"\xff" * 6, PEER, 2)])
+    device.deliver_wire([frame(bytes.fromhex("00155d999999"), PEER, 3)])
     seqs = [[int.from_bytes(f[14:22], "little") for _, f in vp.poll_rx()] for vp in vps]
     assert seqs == [[2], [1, 2]] and device.counters["rx_dropped_no_vport"] == 1
     assert device.counters["hc_in_broadcast_pkts"] == 2

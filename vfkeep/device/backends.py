@@ -13,9 +13,10 @@
 udp and tap are one wire shared by all vports: a received frame goes to the
 vport whose MAC is its destination, broadcast/multicast to every vport, and
 with a single vport every frame goes to it (see `GdmaDevice.deliver_wire`).
-Readers run on the device's event loop and drain up to `RX_BATCH` frames per
-wake-up. A backend never raises into the data path: send errors are counted
-(`tx_backend_errors`).
+Frames move in batches both ways: `send_many(vport, frames)` takes what one
+SQ doorbell produced, and readers run on the device's event loop and hand up
+to `RX_BATCH` frames per wake-up to the device as one batch. A backend never
+raises into the data path: send errors are counted (`tx_backend_errors`).
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ class LoopbackBackend:
     def attach(self, dev) -> None:
         self.dev = dev
 
-    def send(self, vport_index: int, frame: bytes) -> None:
-        self.dev.deliver(vport_index, swap_macs(frame))
+    def send_many(self, vport_index: int, frames: list[bytes]) -> None:
+        self.dev.deliver_many(vport_index, [swap_macs(f) for f in frames])
 
     def close(self) -> None:
         pass
@@ -78,22 +79,27 @@ class UdpBackend:
         self.listen_port = sock.getsockname()[1]
         dev.loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, vport_index: int, frame: bytes) -> None:
-        try:
-            self.sock.sendto(frame, self.peer)
-        except OSError:
-            self.dev.counters["tx_backend_errors"] += 1
+    def send_many(self, vport_index: int, frames: list[bytes]) -> None:
+        sendto, peer = self.sock.sendto, self.peer
+        for frame in frames:
+            try:
+                sendto(frame, peer)
+            except OSError:
+                self.dev.counters["tx_backend_errors"] += 1
 
     def _readable(self) -> None:
+        frames = []
+        recv = self.sock.recv
         for _ in range(RX_BATCH):
             try:
-                frame = self.sock.recv(MAX_DATAGRAM)
+                frames.append(recv(MAX_DATAGRAM))
             except BlockingIOError:
-                return
+                break
             except OSError:  # e.g. ECONNREFUSED left by an earlier send
                 self.dev.counters["rx_backend_errors"] += 1
-                return
-            self.dev.deliver_wire(frame)
+                break
+        if frames:
+            self.dev.deliver_wire(frames)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -128,22 +134,26 @@ class TapBackend:
         self.fd = fd
         dev.loop.add_reader(fd, self._readable)
 
-    def send(self, vport_index: int, frame: bytes) -> None:
-        try:
-            os.write(self.fd, frame)
-        except OSError:
-            self.dev.counters["tx_backend_errors"] += 1
+    def send_many(self, vport_index: int, frames: list[bytes]) -> None:
+        fd = self.fd
+        for frame in frames:
+            try:
+                os.write(fd, frame)
+            except OSError:
+                self.dev.counters["tx_backend_errors"] += 1
 
     def _readable(self) -> None:
+        frames = []
         for _ in range(RX_BATCH):
             try:
-                frame = os.read(self.fd, MAX_DATAGRAM)
+                frames.append(os.read(self.fd, MAX_DATAGRAM))
             except BlockingIOError:
-                return
+                break
             except OSError:
                 self.dev.counters["rx_backend_errors"] += 1
-                return
-            self.dev.deliver_wire(frame)
+                break
+        if frames:
+            self.dev.deliver_wire(frames)
 
     def close(self) -> None:
         if self.fd is not None:

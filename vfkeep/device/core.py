@@ -69,7 +69,8 @@ from vfkeep.gdma.constants import (
     PAGE_SIZE,
 )
 from vfkeep.gdma.hwc import GdmaDevId
-from vfkeep.gdma.regs import CqEqDoorbellValue, WqDoorbellValue
+from vfkeep.gdma.codec import CQ_EQ_DOORBELL as _CQ_EQ_DB
+from vfkeep.gdma.codec import WQ_DOORBELL as _WQ_DB
 from vfkeep.vfio_user.device import RESET_METHODS, check_reset_method
 from vfkeep.vfio_user.dma import DmaFault
 
@@ -92,6 +93,7 @@ log = logging.getLogger("vfkeep.device")
 CQ_ID_SLOTS = EMU_HWC_MAX_NUM_CQS - EMU_QUEUE_ID_OFFSET
 # Linux reads the EQ doorbell `id` as 16 bits (bits 16-31 zero): every EQ id must fit.
 assert EMU_QUEUE_ID_OFFSET + EMU_NUM_EQ <= 1 << 16
+_BROADCAST = b"\xff" * 6
 
 
 COUNTERS = (
@@ -274,21 +276,19 @@ class GdmaDevice:
         """An 8-byte write at `offset` in the doorbell zone (only page 0 exists)."""
         queue_offset = offset % EMU_DB_PAGE_SIZE
         if queue_offset in (DB_SQ, DB_RQ):
-            db = WqDoorbellValue.from_int(value)
-            wq = (self.sqs if queue_offset == DB_SQ else self.rqs).get(db.id)
+            wq = (self.sqs if queue_offset == DB_SQ else self.rqs).get(_WQ_DB.get(value, "id"))
             if wq is None:
                 self.counters["bad_doorbells"] += 1
-            elif wq.doorbell(db.tail):
+            elif wq.doorbell(_WQ_DB.get(value, "tail")):
                 wq.on_doorbell()
             else:
                 self.counters["ignored_doorbells"] += 1
         elif queue_offset in (DB_CQ, DB_EQ):
-            db = CqEqDoorbellValue.from_int(value)
-            queue = (self.cqs if queue_offset == DB_CQ else self.eqs).get(db.id)
+            queue = (self.cqs if queue_offset == DB_CQ else self.eqs).get(_CQ_EQ_DB.get(value, "id"))
             if queue is None:
                 self.counters["bad_doorbells"] += 1
             else:
-                queue.doorbell(db.tail, bool(db.arm))
+                queue.doorbell(_CQ_EQ_DB.get(value, "tail"), bool(_CQ_EQ_DB.get(value, "arm")))
         elif queue_offset != DB_RQ_CLIENT_DATA:
             self.counters["bad_doorbells"] += 1
 
@@ -304,9 +304,9 @@ class GdmaDevice:
             self.dma_fault("EQ", eq.id)
             return False
 
-    def dma_fault(self, what: str, where: int) -> None:
-        self.counters["dma_faults"] += 1
-        log.debug("DMA fault: %s %#x", what, where)
+    def dma_fault(self, what: str, where: int, n: int = 1) -> None:
+        self.counters["dma_faults"] += n
+        log.debug("DMA fault: %s %#x (%d)", what, where, n)
 
     # -- DMA helpers for SGE lists ----------------------------------------------------------------
     def gather(self, sges, limit: int | None = None) -> bytes:
@@ -336,55 +336,71 @@ class GdmaDevice:
         return pos
 
     # -- data path --------------------------------------------------------------------------------
-    def count_frame(self, direction: str, frame: bytes) -> None:
-        """Frame and octet counters, including the QUERY_STATS unicast/multicast/broadcast split."""
-        c = self.counters
-        n = len(frame)
-        if frame[:6] == b"\xff" * 6:
-            cast = "broadcast"
-        elif frame and frame[0] & 1:
-            cast = "multicast"
-        else:
-            cast = "ucast"
-        if direction == "in":
-            c["frames_rx"] += 1
-            c["bytes_rx"] += n
-        else:
-            c["frames_tx"] += 1
-            c["bytes_tx"] += n
-        c[f"hc_{direction}_octets"] += n
-        c[f"hc_{direction}_{cast}_pkts"] += 1
-        c[f"hc_{direction}_{cast}_octets"] += n
-
-    def transmit(self, vport: Vport, frame: bytes) -> None:
-        if not vport.link_up:
-            self.counters["tx_dropped_link_down"] += 1
+    def count_frames(self, direction: str, frames: list[bytes]) -> None:
+        """Frame and octet counters of a batch, including the QUERY_STATS unicast/multicast/broadcast split."""
+        if not frames:
             return
-        self.count_frame("out", frame)
-        self.backend.send(vport.index, frame)
+        c = self.counters
+        nbytes = sum(map(len, frames))
+        bcast = mcast = bcast_bytes = mcast_bytes = 0
+        for f in frames:
+            if f and f[0] & 1:  # group bit: multicast, or broadcast when all ones
+                if f[:6] == _BROADCAST:
+                    bcast += 1
+                    bcast_bytes += len(f)
+                else:
+                    mcast += 1
+                    mcast_bytes += len(f)
+        n = len(frames)
+        frames_key, bytes_key = ("frames_rx", "bytes_rx") if direction == "in" else ("frames_tx", "bytes_tx")
+        c[frames_key] += n
+        c[bytes_key] += nbytes
+        c[f"hc_{direction}_octets"] += nbytes
+        c[f"hc_{direction}_ucast_pkts"] += n - bcast - mcast
+        c[f"hc_{direction}_ucast_octets"] += nbytes - bcast_bytes - mcast_bytes
+        c[f"hc_{direction}_broadcast_pkts"] += bcast
+        c[f"hc_{direction}_broadcast_octets"] += bcast_bytes
+        c[f"hc_{direction}_multicast_pkts"] += mcast
+        c[f"hc_{direction}_multicast_octets"] += mcast_bytes
+
+    def transmit_many(self, vport: Vport, frames: list[bytes]) -> None:
+        """A batch of frames a vport sent, in order, to the backend."""
+        if not vport.link_up:
+            self.counters["tx_dropped_link_down"] += len(frames)
+            return
+        self.count_frames("out", frames)
+        self.backend.send_many(vport.index, frames)
 
     def deliver(self, index: int, frame: bytes) -> None:
-        """A frame from the backend for vport `index`."""
-        if self.removed:
-            self.counters["rx_dropped_removed"] += 1
-            return
-        self.vports[index].receive(frame)
+        """One frame for vport `index` (test hook `inject_rx`)."""
+        self.deliver_many(index, [frame])
 
-    def deliver_wire(self, frame: bytes) -> None:
-        """A frame from a shared wire (udp/tap): steer by destination MAC."""
+    def deliver_many(self, index: int, frames: list[bytes]) -> None:
+        """Frames from the backend for vport `index`, in order."""
+        if self.removed:
+            self.counters["rx_dropped_removed"] += len(frames)
+            return
+        self.vports[index].receive_many(frames)
+
+    def deliver_wire(self, frames: list[bytes]) -> None:
+        """Frames from a shared wire (udp/tap), in order: steered by destination MAC."""
         if len(self.vports) == 1:
-            self.deliver(0, frame)
+            self.deliver_many(0, frames)
             return
-        dst = frame[:6]
-        if dst and dst[0] & 1:
-            for vport in self.vports:
-                self.deliver(vport.index, frame)
-            return
-        for vport in self.vports:
-            if vport.mac == dst:
-                self.deliver(vport.index, frame)
-                return
-        self.counters["rx_dropped_no_vport"] += 1
+        per_vport: list[list[bytes]] = [[] for _ in self.vports]
+        by_mac = {v.mac: v.index for v in self.vports}
+        for frame in frames:
+            dst = frame[:6]
+            if dst and dst[0] & 1:
+                for q in per_vport:
+                    q.append(frame)
+            elif (index := by_mac.get(dst)) is not None:
+                per_vport[index].append(frame)
+            else:
+                self.counters["rx_dropped_no_vport"] += 1
+        for index, batch in enumerate(per_vport):
+            if batch:
+                self.deliver_many(index, batch)
 
     # -- test hooks -------------------------------------------------------------------------------
     def hwc_event(self, event_type: int, payload: bytes, **details) -> bool:

@@ -57,7 +57,7 @@ class DmaWindow:
     def __init__(self, dma, write: bool = False):
         self.dma, self.write = dma, write
         self.buf: memoryview | None = None
-        self.base = self.end = 0
+        self.base, self.end = 0, -1  # nothing cached
 
     def view(self, iova: int, n: int) -> memoryview:
         if not (self.base <= iova and iova + n <= self.end and n >= 0):

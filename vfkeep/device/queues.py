@@ -27,8 +27,9 @@ import heapq
 from dataclasses import dataclass
 from typing import Callable
 
+from vfkeep.gdma import codec
 from vfkeep.gdma.base import bit_position
-from vfkeep.gdma.constants import GDMA_EQE_COMPLETION, PAGE_SIZE, WQE_ALIGNMENT, WQE_MAX_SIZE
+from vfkeep.gdma.constants import GDMA_EQE_COMPLETION, OWNER_MASK, PAGE_SIZE, WQE_ALIGNMENT, WQE_MAX_SIZE
 from vfkeep.gdma.queues import (
     Cqe,
     CqeParams,
@@ -45,6 +46,8 @@ from vfkeep.gdma.queues import (
 )
 from vfkeep.vfio_user.dma import DmaFault
 
+from .dma import DmaWindow
+
 U32 = 0xFFFFFFFF
 #: `vendor_err` of the completion of a WQE the device consumed without using it (RX data path and HWC RQ).
 VENDOR_ERR_MALFORMED_WQE = 1
@@ -57,6 +60,8 @@ _OWNER_SHIFT = bit_position(CqeParams, "owner_count")[0]
 assert _OWNER_SHIFT == bit_position(EqeParams, "owner_count")[0]
 _WQE_HEADER_SIZE = ctypes.sizeof(WqeHeader)
 _PARAMS_OFFSET = WqeHeader.params.offset
+#: `bytes.translate` tables that put owner count o into an entry's last byte (whose owner bits are 0).
+_WITH_OWNER = [bytes(b | o << codec.OWNER_SHIFT_IN_LAST_BYTE for b in range(256)) for o in range(OWNER_MASK + 1)]
 
 
 class QueueError(Exception):
@@ -142,6 +147,12 @@ class QueueMemory:
             dma.write(a, mv[pos:pos + c])
             pos += c
 
+    def windows(self, dma, off: int, n: int) -> list[memoryview]:
+        """Writable views covering ring bytes [off, off + n), each looked up once; DmaFault before anything
+        is written if any part is unreachable."""
+        win = DmaWindow(dma, write=True)
+        return [win.view(a, c) for a, c in self.spans(off, n)]
+
     def write_entry(self, dma, off: int, entry: bytes) -> None:
         """Write a CQE/EQE: everything but the last byte, then the last byte (owner bits) (§6.5)."""
         self.write(dma, off, entry[:-1])
@@ -186,6 +197,46 @@ class _EntryRing:
         if self.armed:
             self.armed = False
             self.notify()
+
+    def post_many(self, entries: bytes | bytearray) -> None:
+        """Write a batch of entries (their params dwords without owner bits) with one notification at the end
+        if the queue was armed. Per lap, all bytes but each entry's last go first (that byte keeps the
+        previous lap's owner count, so a reader sees nothing new), then the last bytes in order (§6.5).
+        May raise `DmaFault` before anything is written, then nothing changed."""
+        size, cap = self.entry_size, self.cap
+        n = len(entries) // size
+        laps = []  # (views, entry bytes, owner count) per lap
+        done = 0
+        while done < n:
+            counter = self.tail + done
+            slot = counter % cap
+            count = min(n - done, cap - slot)
+            chunk = bytes(entries[done * size:(done + count) * size])
+            laps.append((self.mem.windows(self.dev.dma, slot * size, count * size), chunk, owner_count(counter, cap)))
+            done += count
+        for views, chunk, owner in laps:
+            body = bytearray(chunk)
+            last = chunk[size - 1::size]
+            body[size - 1::size] = last.translate(_WITH_OWNER[(owner - 1) & OWNER_MASK])
+            final = last.translate(_WITH_OWNER[owner])
+            pos = 0
+            for v in views:
+                k = len(v)
+                v[:] = body[pos:pos + k]
+                v[size - 1::size] = final[pos // size:(pos + k) // size]
+                pos += k
+        self.tail += n
+        if n and self.armed:
+            self.armed = False
+            self.notify()
+
+    def reachable(self) -> bool:
+        """True if the whole ring can be written now (a batch checks this before it consumes anything)."""
+        try:
+            self.mem.windows(self.dev.dma, 0, self.mem.size)
+        except DmaFault:
+            return False
+        return True
 
     def notify(self) -> None:
         raise NotImplementedError
@@ -240,14 +291,23 @@ class Cq(_EntryRing):
         self.parent = parent
         self._params: dict[tuple[int, int], int] = {}
 
-    def post(self, data: bytes, wq_number: int, is_send_wq: bool) -> None:
-        """Write one CQE with `data` (≤ 60 bytes); may raise `DmaFault` (then nothing changed)."""
+    def params(self, wq_number: int, is_send_wq: bool) -> int:
+        """`CqeParams` (without owner bits) of a completion for that WQ."""
         key = (wq_number, int(is_send_wq))
         params = self._params.get(key)
         if params is None:
-            params = self._params[key] = CqeParams(wq_number=wq_number, is_send_wq=int(is_send_wq)).to_int()
-        self._post(data, params)
+            params = self._params[key] = codec.CQE_PARAMS.pack(wq_number=wq_number, is_send_wq=int(is_send_wq))
+        return params
+
+    def post(self, data: bytes, wq_number: int, is_send_wq: bool) -> None:
+        """Write one CQE with `data` (≤ 60 bytes); may raise `DmaFault` (then nothing changed)."""
+        self._post(data, self.params(wq_number, is_send_wq))
         self.dev.counters["cqes_posted"] += 1
+
+    def post_many(self, entries: bytes | bytearray) -> None:
+        """Write whole CQEs (`codec.CQE`/`codec.RX_CQE` packed, params from `params()`); see `_EntryRing`."""
+        super().post_many(entries)
+        self.dev.counters["cqes_posted"] += len(entries) // CQE_SIZE
 
     def notify(self) -> None:
         """Completion EQE (payload = CQ id) to the parent EQ; a lost notification is counted, not raised."""
@@ -290,6 +350,11 @@ def _wqe_shape(params_value: int) -> tuple[WqeParams, int, int, str | None]:
     elif length > WQE_MAX_SIZE:
         error = f"WQE of {length} bytes exceeds {WQE_MAX_SIZE}"
     return params, length, sgl_offset_from_code(params.inline_client_oob_size), error
+
+
+#: A WQE fetched by `Wq.take_many`: (ring position, error or None, [(address, size)] per SGE,
+#: client_oob_in_sgl, inline OOB bytes — only when it is at least `oob_min` bytes, else b"").
+FetchedWqe = tuple[int, "str | None", list[tuple[int, int]], int, bytes]
 
 
 class Wq:
@@ -337,9 +402,53 @@ class Wq:
         self.head = (pos + length) & U32
         return WqeRef(pos, raw, sges, params, sgl_offset)
 
+    def take_many(self, limit: int, oob_min: int = WQE_MAX_SIZE) -> list[FetchedWqe]:
+        """Fetch and consume up to `limit` pending WQEs for the data path: the ring is looked up once and
+        parsed in place; a WQE that wraps around the ring end, a scattered ring or a malformed WQE goes
+        through `take()`. DmaFault only before anything was consumed."""
+        out: list[FetchedWqe] = []
+        mem, size = self.mem, self.mem.size
+        ring = DmaWindow(self.dev.dma).view(mem.base, size) if mem.base is not None and limit else None
+        unpack_params, unpack_sge = _WQE_PARAMS.unpack_from, codec.SGE.unpack_from
+        while len(out) < limit and self.tail != self.head:
+            pos = self.head
+            off = pos % size
+            pending = (self.tail - pos) & U32
+            if ring is not None and off + _WQE_HEADER_SIZE <= size:
+                length, sgl_offset, n, oob_in_sgl, error = _fast_shape(unpack_params(ring, off)[0])
+                if error is None and length <= pending and off + length <= size:
+                    sges = [unpack_sge(ring, off + sgl_offset + 16 * i)[::2] for i in range(n)]
+                    oob = bytes(ring[off + _WQE_HEADER_SIZE:off + sgl_offset]) if sgl_offset - 8 >= oob_min else b""
+                    self.head = (pos + length) & U32
+                    out.append((pos, None, sges, oob_in_sgl, oob))
+                    continue
+            try:
+                ref = self.take()
+            except DmaFault:
+                if out:
+                    break
+                raise
+            if ref.error:
+                out.append((ref.position, ref.error, [], 0, b""))
+            else:
+                oob = ref.oob()
+                out.append((ref.position, None, [(sg.address, sg.size) for sg in ref.sges],
+                            ref.params.client_oob_in_sgl, oob if len(oob) >= oob_min else b""))
+        return out
+
     def describe(self) -> dict:
         return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.describe()}
 
 
-__all__ = ["IdPool", "QueueMemory", "QueueError", "check_queue_memory", "Eq", "Cq", "Wq", "WqeRef",
+_WQE_PARAMS = codec.record(None, codec.field_span(WqeHeader, "params"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fast_shape(params_value: int) -> tuple[int, int, int, int, str | None]:
+    """(length, SGL offset, SGEs, client_oob_in_sgl, error) of a `WqeParams` value, from `_wqe_shape`."""
+    params, length, sgl_offset, error = _wqe_shape(params_value)
+    return length, sgl_offset, params.num_sgl_entries, params.client_oob_in_sgl, error
+
+
+__all__ = ["IdPool", "QueueMemory", "QueueError", "check_queue_memory", "Eq", "Cq", "Wq", "WqeRef", "FetchedWqe",
            "CQE_SIZE", "EQE_SIZE", "U32", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]

@@ -3,9 +3,12 @@
 Per vport: at most one SQ and one RQ, each with its CQ (CREATE_WQ_OBJ), and a
 `running` flag set by CONFIG_VPORT_RX (`rx_enable`). Work happens in batches:
 an SQ doorbell processes every pending send WQE (completions in posting
-order, then the frames go to the backend); an RQ doorbell fetches up to 256
-receive WQEs into the device (`EMU_MAX_RX_OUTSTANDING`), and each frame from
-the backend fills the oldest one.
+order, written as one batch with at most one notification, then the frames go
+to the backend as one batch); an RQ doorbell fetches up to 256 receive WQEs
+into the device (`EMU_MAX_RX_OUTSTANDING`); a batch of frames from the backend
+fills the oldest ones in order and completes them as one batch. A batch
+touches guest memory through `DmaWindow`s and `gdma.codec` records: one
+mapping lookup per batch and region, no ctypes object per frame.
 
 TX: the frame is the SGE buffers concatenated (one copy); a long-form OOB
 with `inject_vlan_pri_tag` gets an 802.1Q tag inserted after the MAC
@@ -26,7 +29,7 @@ the vport is not running (`in_errors_rx_vport_disabled`), its link is down
 the completion queue cannot be reached because no driver has memory mapped
 (`rx_dropped_unmapped`; the WQE stays posted for later frames), or it is
 empty (`rx_errors`: Linux's driver would not consume the WQE of a zero-length
-completion).
+completion). Each dropped frame is counted once, in exactly one of these.
 
 FENCE_RQ (Linux only, gdma.md Appendix L.1): `fence_rq()` posts one
 CQE_RX_OBJECT_FENCE on the RX CQ without taking a receive WQE.
@@ -50,14 +53,17 @@ from vfkeep.gdma.constants import (
     MANA_CQE_COMPLETION,
     MANA_LONG_PKT_FMT,
 )
+from vfkeep.gdma import codec
 from vfkeep.gdma.datapath import ManaRxcompOob, ManaTxCompOob, ManaTxOob
 from vfkeep.vfio_user.dma import DmaFault
 
-from .queues import VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE, Cq, Wq, WqeRef
+from .dma import DmaWindow
+from .queues import CQE_SIZE, VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE, Cq, FetchedWqe, Wq
 
 MAX_FRAME = 0xFFFF  # `pkt_len` is a u16
 _TPID_8021Q = b"\x81\x00"
 _TX_OOB_LONG = ctypes.sizeof(ManaTxOob)
+_S_OOB, _L_OOB = codec.TX_SHORT_OOB, codec.TX_LONG_OOB
 
 
 def _tx_completion(cqe_type: int) -> bytes:
@@ -70,17 +76,24 @@ def _tx_completion(cqe_type: int) -> bytes:
 _TX_COMPLETIONS = {t: _tx_completion(t) for t in (CQE_TX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_MTU_DROP)}
 
 
-def rx_completion(cqe_type: int, pkt_len: int, wqe_offset: int, vendor_err: int = 0) -> bytes:
+def rx_cqe_header(cqe_type: int, vendor_err: int = 0) -> int:
+    """`ManaCqeHeader` word of an RX completion."""
+    return codec.CQE_HDR.pack(cqe_type=cqe_type, client_type=MANA_CQE_COMPLETION, vendor_err=vendor_err)
+
+
+_RX_OK, _RX_TRUNCATED = rx_cqe_header(CQE_RX_OKAY), rx_cqe_header(CQE_RX_TRUNCATED)
+_RX_MALFORMED = rx_cqe_header(CQE_INVALID, VENDOR_ERR_MALFORMED_WQE)
+_RX_DMA_FAULT = rx_cqe_header(CQE_INVALID, VENDOR_ERR_DMA_FAULT)
+
+
+def _fence_completion() -> bytes:
     oob = ManaRxcompOob()
-    oob.cqe_hdr.cqe_type = cqe_type
+    oob.cqe_hdr.cqe_type = CQE_RX_OBJECT_FENCE
     oob.cqe_hdr.client_type = MANA_CQE_COMPLETION
-    oob.cqe_hdr.vendor_err = vendor_err
-    oob.ppi[0].pkt_len = min(pkt_len, MAX_FRAME)
-    oob.rx_wqe_offset = wqe_offset
     return oob.to_bytes()
 
 
-_FENCE_COMPLETION = rx_completion(CQE_RX_OBJECT_FENCE, 0, 0)
+_FENCE_COMPLETION = _fence_completion()
 
 
 def vlan_tag(pcp: int, dei: int, vlan_id: int) -> bytes:
@@ -103,7 +116,7 @@ class Vport:
         self.rq: Wq | None = None
         self.rx_cq: Cq | None = None
         self.running = False
-        self.posted: collections.deque[WqeRef] = collections.deque()
+        self.posted: collections.deque[FetchedWqe] = collections.deque()
         self.serial_no: int | None = None
         self.direction_to_vtl0 = 0
         self.rss_enable = False
@@ -140,58 +153,67 @@ class Vport:
 
     # -- TX ----------------------------------------------------------------------------------
     def sq_doorbell(self) -> None:
+        """Every pending send WQE: completions first (one batch), then the frames to the backend (one batch)."""
         if not self.running or self.sq is None:
             return
         dev, sq, cq = self.dev, self.sq, self.tx_cq
         counters = dev.counters
+        try:
+            wqes = sq.take_many(sq.mem.size, _TX_OOB_LONG)
+        except DmaFault:
+            dev.dma_fault("SQ", sq.id)
+            return
+        if not wqes:
+            return
+        win = DmaWindow(dev.dma)
         frames = []
-        while sq.pending:
-            try:
-                wqe = sq.take()
-            except DmaFault:
-                dev.dma_fault("SQ", sq.id)
-                break
-            result = self._tx_frame(wqe)
+        cqes = bytearray(len(wqes) * CQE_SIZE)
+        params = cq.params(sq.id, True)
+        pack = codec.CQE.pack_into
+        for i, wqe in enumerate(wqes):
+            result = self._tx_frame(wqe, win)
             if isinstance(result, int):
                 cqe_type = result
                 counters["tx_errors"] += 1
             else:
                 cqe_type = CQE_TX_OKAY
                 frames.append(result)
-            try:
-                cq.post(_TX_COMPLETIONS[cqe_type], sq.id, True)
-            except DmaFault:
-                dev.dma_fault("CQ", cq.id)
-        for frame in frames:
-            dev.transmit(self, frame)
+            pack(cqes, i * CQE_SIZE, _TX_COMPLETIONS[cqe_type], params)
+        try:
+            cq.post_many(cqes)
+        except DmaFault:
+            dev.dma_fault("CQ", cq.id, len(wqes))
+        if frames:
+            dev.transmit_many(self, frames)
 
-    def _tx_frame(self, wqe: WqeRef) -> bytes | int:
+    def _tx_frame(self, wqe: FetchedWqe, win: DmaWindow) -> bytes | int:
         """The frame of one send WQE, or the error completion type."""
         dev = self.dev
-        if wqe.error:
+        _, error, sges, oob_in_sgl, oob = wqe
+        if error:
             return CQE_TX_GDMA_ERR
-        sges = wqe.sges
-        params = wqe.params
         if not sges:
             dev.counters["malformed_wqes"] += 1
             return CQE_TX_GDMA_ERR
-        if params.client_oob_in_sgl and (len(sges) < 2 or sges[0].size > EMU_LSO_MAX_HEADER_SGE):
+        if oob_in_sgl and (len(sges) < 2 or sges[0][1] > EMU_LSO_MAX_HEADER_SGE):
             dev.counters["malformed_wqes"] += 1
             return CQE_TX_GDMA_ERR
-        if sum(s.size for s in sges) > MAX_FRAME:
+        if sum(n for _, n in sges) > MAX_FRAME:
             dev.counters["out_errors_mtu_violation"] += 1
             return CQE_TX_MTU_DROP
         try:
-            frame = dev.gather(sges)
+            if len(sges) == 1:
+                frame = bytes(win.view(*sges[0]))
+            else:
+                frame = b"".join([win.view(a, n) for a, n in sges])
         except DmaFault:
             dev.dma_fault("TX buffer", self.sq.id)
             return CQE_TX_GDMA_ERR
-        oob = wqe.oob()
-        if len(oob) >= _TX_OOB_LONG:
-            long_oob = ManaTxOob.from_bytes(oob)
-            l_oob = long_oob.l_oob
-            if long_oob.s_oob.pkt_fmt == MANA_LONG_PKT_FMT and l_oob.inject_vlan_pri_tag:
-                frame = frame[:12] + vlan_tag(l_oob.pcp, l_oob.dei, l_oob.vlan_id) + frame[12:]
+        if oob:  # long form: VLAN tag insertion
+            s_word, l_word = codec.TX_OOB.unpack_from(oob)
+            if _S_OOB.get(s_word, "pkt_fmt") == MANA_LONG_PKT_FMT and _L_OOB.get(l_word, "inject_vlan_pri_tag"):
+                tag = vlan_tag(_L_OOB.get(l_word, "pcp"), _L_OOB.get(l_word, "dei"), _L_OOB.get(l_word, "vlan_id"))
+                frame = frame[:12] + tag + frame[12:]
         return frame
 
     # -- RX ----------------------------------------------------------------------------------
@@ -200,21 +222,10 @@ class Vport:
         rq, dev = self.rq, self.dev
         if rq is None or not self.running:
             return
-        while rq.pending and len(self.posted) < EMU_MAX_RX_OUTSTANDING:
-            try:
-                self.posted.append(rq.take())
-            except DmaFault:
-                dev.dma_fault("RQ", rq.id)
-                return
-
-    def _complete_rx(self, data: bytes) -> bool:
-        """Post an RX completion for the oldest posted WQE and retire it; False if the CQ is unreachable."""
         try:
-            self.rx_cq.post(data, self.rq.id, False)
+            self.posted.extend(rq.take_many(EMU_MAX_RX_OUTSTANDING - len(self.posted)))
         except DmaFault:
-            return False
-        self.posted.popleft()
-        return True
+            dev.dma_fault("RQ", rq.id)
 
     def fence_rq(self) -> None:
         """FENCE_RQ (gdma.md Appendix L.1): one CQE_RX_OBJECT_FENCE on the RX CQ, with the usual
@@ -222,47 +233,65 @@ class Vport:
         already taken from the RQ has its CQE before the fence. `DmaFault`: nothing was posted."""
         self.rx_cq.post(_FENCE_COMPLETION, self.rq.id, False)
 
-    def receive(self, frame: bytes) -> None:
+    def receive_many(self, frames: list[bytes]) -> None:
+        """Frames from the backend, in order, into the oldest posted receive WQEs; one batch of completions.
+        Every frame that is not delivered is counted once (see the module docstring)."""
         dev = self.dev
         counters = dev.counters
-        if not frame:  # Linux takes CQE_RX_OKAY with pkt_len 0 as an error and keeps the WQE (Appendix L.3)
-            counters["rx_errors"] += 1
-            return
+        if not all(frames):  # Linux takes CQE_RX_OKAY with pkt_len 0 as an error and keeps the WQE (Appendix L.3)
+            counters["rx_errors"] += sum(1 for f in frames if not f)
+            frames = [f for f in frames if f]
+        n = len(frames)
         if not self.running:
-            counters["in_errors_rx_vport_disabled"] += 1
+            counters["in_errors_rx_vport_disabled"] += n
             return
         if not self.link_up:
-            counters["rx_dropped_link_down"] += 1
+            counters["rx_dropped_link_down"] += n
             return
-        while True:
-            if not self.posted:
-                self.fetch_rx()
-                if not self.posted:
-                    counters["in_discards_no_wqe"] += 1
-                    return
-            wqe = self.posted[0]
-            if not wqe.error:
-                break
-            if not self._complete_rx(rx_completion(CQE_INVALID, 0, wqe.position, VENDOR_ERR_MALFORMED_WQE)):
-                counters["rx_dropped_unmapped"] += 1
-                return
-            counters["rx_errors"] += 1
-        try:
-            written = dev.scatter(wqe.sges, frame)
-        except DmaFault:
-            if self._complete_rx(rx_completion(CQE_INVALID, len(frame), wqe.position, VENDOR_ERR_DMA_FAULT)):
+        posted, cq = self.posted, self.rx_cq
+        if len(posted) < n:
+            self.fetch_rx()
+        if cq is None or not cq.reachable():  # completions cannot be written: every WQE stays posted
+            counters["rx_dropped_unmapped" if posted else "in_discards_no_wqe"] += n
+            return
+        win = DmaWindow(dev.dma, write=True)
+        params = cq.params(self.rq.id, False)
+        pack = codec.RX_CQE.pack_into
+        cqes = bytearray()
+        delivered = []
+        for frame in frames:
+            sges = None
+            while sges is None:
+                if not posted:
+                    self.fetch_rx()
+                    if not posted:
+                        break
+                pos, error, wqe_sges, _, _ = posted.popleft()
+                if error:
+                    cqes += bytes(CQE_SIZE)
+                    pack(cqes, len(cqes) - CQE_SIZE, _RX_MALFORMED, 0, pos, params)
+                    counters["rx_errors"] += 1
+                else:
+                    sges = wqe_sges
+            if sges is None:
+                counters["in_discards_no_wqe"] += 1
+                continue
+            length = len(frame)
+            cqes += bytes(CQE_SIZE)
+            try:
+                written = _scatter(win, sges, frame)
+            except DmaFault:
+                pack(cqes, len(cqes) - CQE_SIZE, _RX_DMA_FAULT, min(length, MAX_FRAME), pos, params)
                 dev.dma_fault("RX buffer", self.rq.id)
                 counters["rx_errors"] += 1
-            else:
-                counters["rx_dropped_unmapped"] += 1
-            return
-        n = len(frame)
-        truncated = written < n
-        if not self._complete_rx(rx_completion(CQE_RX_TRUNCATED if truncated else CQE_RX_OKAY, n, wqe.position)):
-            counters["rx_dropped_unmapped"] += 1
-            return
-        counters["rx_truncated"] += truncated
-        dev.count_frame("in", frame)
+                continue
+            truncated = written < length
+            pack(cqes, len(cqes) - CQE_SIZE, _RX_TRUNCATED if truncated else _RX_OK, min(length, MAX_FRAME), pos,
+                 params)
+            counters["rx_truncated"] += truncated
+            delivered.append(frame)
+        cq.post_many(cqes)  # reachable: checked above, and nothing unmaps memory during a batch
+        dev.count_frames("in", delivered)
 
     def describe(self) -> dict:
         def q(x):
@@ -275,4 +304,21 @@ class Vport:
                 "default_rxobj": self.default_rxobj, "indir_entries": len(self.indir_table)}
 
 
-__all__ = ["Vport", "rx_completion", "vlan_tag", "MAX_FRAME", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
+__all__ = ["Vport", "rx_cqe_header", "vlan_tag", "MAX_FRAME", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
+
+
+def _scatter(win: DmaWindow, sges: list[tuple[int, int]], frame: bytes) -> int:
+    """Write `frame` across the SGE buffers in order; returns the bytes that fit (DmaFault: unreachable)."""
+    if len(sges) == 1:
+        address, size = sges[0]
+        n = min(size, len(frame))
+        win.view(address, n)[:] = frame[:n] if n < len(frame) else frame
+        return n
+    mv, pos, total = memoryview(frame), 0, len(frame)
+    for address, size in sges:
+        if pos >= total:
+            break
+        n = min(size, total - pos)
+        win.view(address, n)[:] = mv[pos:pos + n]
+        pos += n
+    return pos
