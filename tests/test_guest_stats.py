@@ -1,8 +1,12 @@
 """Traffic frames and statistics on synthetic timelines with known loss, duplication, reordering and blackout."""
+import zlib
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vfkeep.guest.stats import (ETHERTYPE, MIN_FRAME, BadFrame, FrameRecord, TrafficStats, blackout, make_frame,
-                                parse_frame, percentile, windowed_delivery)
+                                make_frames, parse_frame, parse_frames, percentile, windowed_delivery)
 
 MS = 1_000_000
 SRC, DST = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
@@ -32,6 +36,42 @@ def test_frame_errors():
         parse_frame(poison)
     with pytest.raises(BadFrame, match="shorter"):
         parse_frame(f[:20])
+
+
+@given(first=st.integers(0, 2**63), n=st.integers(0, 20), size=st.integers(MIN_FRAME, 1500),
+       now=st.integers(0, 2**63))
+def test_a_burst_is_frames_of_consecutive_seqs_with_one_send_time(first, n, size, now):
+    frames = make_frames(first, n, size, now, SRC, DST)
+    assert [(p.seq, p.send_ns, p.size, p.src_mac, p.dst_mac) for p in map(parse_frame, frames)] == [
+        (first + i, now, size, SRC, DST) for i in range(n)]
+    for f in frames:  # the CRC as the frame format defines it, recomputed from scratch
+        assert int.from_bytes(f[18:22], "big") == zlib.crc32(f[22:], zlib.crc32(f[12:18]))
+
+
+def damaged(f: bytes, where: int) -> bytes:
+    return f[:where % len(f)] + bytes([f[where % len(f)] ^ 0x5A]) + f[where % len(f) + 1:]
+
+
+@given(st.lists(st.one_of(
+    st.builds(make_frame, st.integers(0, 2**40), st.integers(MIN_FRAME, 200), st.integers(0, 2**40),
+              st.just(SRC), st.just(DST)),
+    st.builds(damaged, st.builds(make_frame, st.integers(0, 99), st.just(64), st.just(5), st.just(SRC),
+                                 st.just(DST)), st.integers(12, 63)),
+    st.binary(max_size=80)), max_size=12))
+def test_parse_frames_agrees_with_parse_frame(frames):
+    seqs, sends, other, bad = parse_frames(frames)
+    good, n_other, n_bad = [], 0, []
+    for f in frames:
+        try:
+            p = parse_frame(f)
+        except BadFrame as e:
+            n_bad.append(str(e))
+            continue
+        if p is None:
+            n_other += 1
+        else:
+            good.append((p.seq, p.send_ns))
+    assert list(zip(seqs, sends)) == good and other == n_other and [str(e) for e in bad] == n_bad
 
 
 def test_percentile_nearest_rank():

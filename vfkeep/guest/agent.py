@@ -1,7 +1,7 @@
 """Guest traffic agent: one process per NIC that offers paced traffic on the guest channel and measures it.
 
 The agent plays the guest of DESIGN §7: it pushes sequence-numbered, timestamped frames
-(`make_frame`) into the NIC's guest->worker ring at a set rate and size and pops what comes back
+(`make_frames`) into the NIC's guest->worker ring at a set rate and size and pops what comes back
 on the worker->guest ring (the loopback backend returns each frame with its MACs swapped). It
 runs across servicings untouched, so its records show exactly what the guest saw while the
 worker was replaced: the blackout, and every frame that never came back.
@@ -49,7 +49,7 @@ from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
 from ..proc import end, spawn
 from .ring import ChannelLayout, NicChannel, RingError
-from .stats import MIN_FRAME, BadFrame, TrafficStats, make_frame, parse_frame, percentile, windowed_delivery
+from .stats import MIN_FRAME, TrafficStats, make_frames, parse_frames, percentile, windowed_delivery
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +169,12 @@ class TrafficAgent:
             self._fail("sender", e)
 
     def _send_burst(self, n: int, size: int) -> None:
+        """One push of `n` frames: they are published together, so they carry one send time."""
         seq = len(self._sent_ns)
-        times, frames = [], []
-        for i in range(n):
-            t = time.monotonic_ns()
-            times.append(t)
-            frames.append(make_frame(seq + i, size, t, self.src, self.dst))
+        t = time.monotonic_ns()
+        frames = make_frames(seq, n, size, t, self.src, self.dst)
         with self._tx_lock:  # records first: a frame may come back before push_many returns
-            self._sent_ns.extend(times)
+            self._sent_ns.extend(array.array("q", (t,)) * n)
             self._status.extend(bytes(n))
         accepted = self.channel.tx.push_many(frames)
         if accepted < n:
@@ -198,19 +196,11 @@ class TrafficAgent:
             self._fail("receiver", e)
 
     def _record_arrivals(self, frames: list[bytes], now: int) -> None:
-        seqs, sends = [], []
-        for f in frames:
-            try:
-                p = parse_frame(f)
-            except BadFrame as e:
-                self.counters["rx_bad"] += 1
-                kv(log, logging.WARNING, "damaged frame received", error=e)
-                continue
-            if p is None:
-                self.counters["rx_other"] += 1
-                continue
-            seqs.append(p.seq)
-            sends.append(p.send_ns)
+        seqs, sends, other, bad = parse_frames(frames)
+        self.counters["rx_other"] += other
+        self.counters["rx_bad"] += len(bad)
+        for e in bad:
+            kv(log, logging.WARNING, "damaged frame received", error=e)
         status = self._status
         with self._rx_cond:
             for seq in seqs:
