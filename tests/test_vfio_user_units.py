@@ -78,6 +78,34 @@ def test_reader_never_reads_into_next_message(pair):
     os.close(efd)
 
 
+def test_reader_takes_a_burst_in_one_read_and_gives_fds_to_their_message(pair):
+    a, b = pair
+    efd = os.eventfd(0)
+    for i in range(5):
+        p.send_message(a, i, p.Command.REGION_WRITE, p.FLAG_NO_REPLY, bytes(24))
+    p.send_message(a, 5, p.Command.DEVICE_SET_IRQS, 0, bytes(20), fds=[efd])
+    for i in range(6, 9):
+        p.send_message(a, i, p.Command.REGION_WRITE, p.FLAG_NO_REPLY, bytes(24))
+
+    class CountingSocket:
+        reads = 0
+
+        def recvmsg(self, *args):
+            CountingSocket.reads += 1
+            return b.recvmsg(*args)
+
+    reader, sock = p.FrameReader(), CountingSocket()
+    msgs = [reader.read(sock) for _ in range(9)]
+    assert [m.msg_id for m in msgs] == list(range(9))
+    assert [len(m.fds) for m in msgs] == [0] * 5 + [1] + [0] * 3
+    assert CountingSocket.reads <= 3  # the kernel ends a read after the fd message: two reads, not eighteen
+    assert reader.read(sock) is None and not reader.buffered
+    os.eventfd_write(msgs[5].fds[0], 2)
+    assert os.eventfd_read(efd) == 2
+    msgs[5].close_fds()
+    os.close(efd)
+
+
 def test_large_message_partial_sends(pair):
     a, b = pair
     payload = os.urandom(p.MAX_DATA_XFER_SIZE + 16)

@@ -59,7 +59,9 @@ class ManaVfioDevice(VfioUserDevice):
 
     def _region(self, index: int):
         core = self.core
-        return {REGION_BAR0: core.bar0, PCI_MSIX_BAR: core.msix_bar, REGION_CONFIG: core.config}[index]
+        if index == REGION_BAR0:  # doorbells: the data path
+            return core.bar0
+        return {PCI_MSIX_BAR: core.msix_bar, REGION_CONFIG: core.config}[index]
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if self.core.removed:

@@ -2,13 +2,17 @@
 structs, and framing over an AF_UNIX stream with SCM_RIGHTS file descriptors.
 
 Both ends use non-blocking sockets: the server runs on a selector loop and the client waits
-with poll() so every wait has a deadline. `FrameReader` therefore reads incrementally, and it
-never reads past the end of the current message so that the descriptors the kernel hands over
-always belong to the message being assembled (they ride on the skb carrying its header).
+with poll() so every wait has a deadline. `FrameReader` therefore reads incrementally, taking
+whatever the socket holds in one recvmsg, so a burst of small messages (posted doorbell writes)
+costs one system call rather than two per message. Descriptors ride on the skb carrying the header
+of their message (a sender passes them with the sendmsg that starts it), and Linux ends a read
+right after an skb that carried descriptors: so the descriptors of one read belong to the last
+message starting in it, which is the first message to end at or after that read's end.
 """
 from __future__ import annotations
 
 import array
+import collections
 import enum
 import errno
 import json
@@ -55,11 +59,11 @@ class Command(enum.IntEnum):
     MIG_DATA_WRITE = 18
 
 
+_COMMAND_NAMES = {c.value: c.name for c in Command}
+
+
 def command_name(number: int) -> str:
-    try:
-        return Command(number).name
-    except ValueError:
-        return f"UNKNOWN({number})"
+    return _COMMAND_NAMES.get(number) or f"UNKNOWN({number})"
 
 
 # -- payload structs (§3), all little-endian and packed -----------------------------------------
@@ -81,6 +85,9 @@ MAX_DATA_XFER_SIZE = 1 << 20
 MAX_MESSAGE_SIZE = MAX_DATA_XFER_SIZE + HEADER_SIZE + REGION_ACCESS.size
 #: fds this project's server and client accept per message (at least 16, spec §3.1 [project]).
 MAX_MSG_FDS = 16
+#: Bytes one recvmsg takes from the stream at most (a burst of posted writes in one system call).
+READ_CHUNK = 1 << 16
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: enum flag arithmetic per read is measurable
 DEFAULT_MAX_MSG_FDS = 1
 DEFAULT_MAX_DMA_MAPS = 65535
 PAGE_SIZES = 4096
@@ -245,67 +252,82 @@ def send_message(sock: socket.socket, msg_id: int, command: int, flags: int, pay
 
 
 class FrameReader:
-    """Assembles messages from a non-blocking stream, one bounded recvmsg at a time."""
+    """Assembles messages from a non-blocking stream (see the module docstring for descriptors)."""
 
     def __init__(self, max_fds: int = MAX_MSG_FDS, max_size: int = MAX_MESSAGE_SIZE):
         self.max_fds = max_fds
         self.max_size = max_size
         self._anc_size = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
-        self._buf = bytearray()
-        self._header: tuple[int, int, int, int, int] | None = None  # id, command, size, flags, error
-        self._fds: list[int] = []
+        self._buf = bytearray()  # received, not yet returned
+        self._pos = 0  # stream offset of _buf[0]
+        self._fd_marks: collections.deque[tuple[int, list[int]]] = collections.deque()  # (read end, fds)
+
+    @property
+    def buffered(self) -> bool:
+        """True if a complete message is waiting in the reader (no socket read needed for it)."""
+        return len(self._buf) >= HEADER_SIZE and len(self._buf) >= HEADER.unpack_from(self._buf)[2]
 
     def read(self, sock: socket.socket) -> Message | None:
         """Return the next complete message, or None when the socket has no more bytes yet.
         Raises PeerClosed on EOF/reset and FramingError on an unparsable frame (fds closed)."""
         while True:
-            want = (HEADER_SIZE if self._header is None else self._header[2] - HEADER_SIZE) - len(self._buf)
-            if want == 0:
-                return self._complete()
+            msg = self._next()
+            if msg is not None:
+                return msg
             try:
-                data, anc, msg_flags, _ = sock.recvmsg(want, self._anc_size)
+                data, anc, msg_flags, _ = sock.recvmsg(READ_CHUNK, self._anc_size)
             except BlockingIOError:
                 return None
             except (ConnectionResetError, ConnectionAbortedError) as e:
                 self.discard()
                 raise PeerClosed(str(e)) from None
-            self._take_fds(anc)
-            if msg_flags & socket.MSG_CTRUNC:
+            fds = _received_fds(anc)
+            if fds:
+                self._fd_marks.append((self._pos + len(self._buf) + len(data), fds))
+            if msg_flags & _MSG_CTRUNC:
                 self.discard()
                 raise FramingError(f"ancillary data truncated: more than {self.max_fds} fds in one message")
-            if len(self._fds) > self.max_fds:
-                n = len(self._fds)
+            if len(fds) > self.max_fds:
                 self.discard()
-                raise FramingError(f"{n} fds in one message, at most {self.max_fds} accepted")
+                raise FramingError(f"{len(fds)} fds in one message, at most {self.max_fds} accepted")
             if not data:
                 self.discard()
                 raise PeerClosed("end of file")
             self._buf += data
-            if self._header is None and len(self._buf) == HEADER_SIZE:
-                header = HEADER.unpack(self._buf)
-                self._buf.clear()
-                if not HEADER_SIZE <= header[2] <= self.max_size:
-                    self.discard()
-                    raise FramingError(f"message size {header[2]} outside [{HEADER_SIZE}, {self.max_size}]")
-                self._header = header
 
-    def _complete(self) -> Message:
-        msg_id, command, _, flags, err = self._header
-        msg = Message(msg_id, command, flags, err, bytes(self._buf), self._fds)
-        self._header, self._buf, self._fds = None, bytearray(), []
-        return msg
-
-    def _take_fds(self, anc: list[tuple[int, int, bytes]]) -> None:
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                self._fds.extend(fds)
+    def _next(self) -> Message | None:
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            return None
+        msg_id, command, size, flags, err = HEADER.unpack_from(buf)
+        if not HEADER_SIZE <= size <= self.max_size:
+            self.discard()
+            raise FramingError(f"message size {size} outside [{HEADER_SIZE}, {self.max_size}]")
+        if len(buf) < size:
+            return None
+        payload = bytes(buf[HEADER_SIZE:size])
+        del buf[:size]
+        self._pos += size
+        fds: list[int] = []
+        marks = self._fd_marks
+        while marks and marks[0][0] <= self._pos:
+            fds += marks.popleft()[1]
+        return Message(msg_id, command, flags, err, payload, fds)
 
     def discard(self) -> None:
-        """Drop a partly read message and close its fds."""
-        close_fds(self._fds)
-        self._header, self._buf = None, bytearray()
+        """Drop everything received and not yet returned, closing its fds."""
+        while self._fd_marks:
+            close_fds(self._fd_marks.popleft()[1])
+        self._pos += len(self._buf)
+        self._buf = bytearray()
+
+
+def _received_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return fds.tolist()
 
 
 def wait_message(sock: socket.socket, reader: FrameReader, timeout: float | None) -> Message:

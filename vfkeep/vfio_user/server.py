@@ -166,6 +166,8 @@ class VfioUserServer:
             if msg is None:
                 return
             self._handle(conn, msg)
+        if conn is self._conn and conn.reader.buffered:  # read from the socket already: it may not wake us
+            self.loop.call_later(0, self._readable)
 
     # -- dispatch -------------------------------------------------------------------------------
     def _handle(self, conn: _Connection, msg: Message) -> None:
@@ -176,8 +178,10 @@ class VfioUserServer:
                flags=f"{msg.flags:#x}")
             self._disconnect(f"message type {msg.type} where a command was expected")
             return
-        kv(log, logging.DEBUG if msg.command in _QUIET else logging.INFO, "command", epoch=conn.epoch, cmd=name,
-           id=msg.msg_id, size=len(msg.payload), fds=len(msg.fds), posted=msg.no_reply)
+        level = logging.DEBUG if msg.command in _QUIET else logging.INFO
+        if log.isEnabledFor(level):  # register traffic is the data path: skip building a line nobody writes
+            kv(log, level, "command", epoch=conn.epoch, cmd=name, id=msg.msg_id, size=len(msg.payload),
+               fds=len(msg.fds), posted=msg.no_reply)
         close_after = False
         try:
             if not conn.negotiated:
