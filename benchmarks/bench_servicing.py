@@ -55,9 +55,14 @@ def timing_of(args: argparse.Namespace) -> DeviceTiming:
 class Host(DetachedHost):
     """A benchmark host: `DetachedHost` with the timing parameters and prelaunch on/off, and measured servicings."""
 
-    def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str):
+    def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str,
+                 code_dir: pathlib.Path | None = None):
+        """`code_dir`: run vfkeep from that source tree (e.g. a worktree of another commit), not this one."""
+        env = None if code_dir is None else {
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(code_dir), os.environ.get("PYTHONPATH"))))}
         super().__init__(run_dir, *timing.to_args(), "--prelaunch" if prelaunch else "--no-prelaunch", *args,
-                         nics=nics, wait=300, boot_timeout=120)
+                         nics=nics, wait=300, boot_timeout=120, env=env,
+                         cwd=None if code_dir is None else str(code_dir))
         self.timing = timing
 
     def sample(self, path: str) -> dict:

@@ -1,76 +1,178 @@
-"""Data-path round trip throughput: guest -> worker -> device -> worker -> guest, 64 B and 1500 B frames.
+"""Data-path round trip throughput, this checkout and the previous data path side by side in one run.
 
-`python -m benchmarks.bench_throughput [--rates 5000,...] [--seconds S] [--out PATH]`
+`python -m benchmarks.bench_throughput [--previous REV|none] [--rates 10000,...] [--seconds S]
+[--servicings N] [--out PATH]`
 
-One host (natural timing: nothing is modelled on the data path anyway), loopback backend, the guest
-traffic agent offering each rate in turn. Per offered rate and frame size, over a window of --seconds:
-frames/s sent and delivered back to the guest, Mbit/s delivered (frame bytes, each direction), loss and RTT.
-Summary per size: the highest delivered rate (saturation) and the highest offered rate delivered with under
-0.1 % loss. Everything on the path is Python processes (agent, worker relay, device), so this measures the
-model, not a NIC. Results: results/throughput.json, results/throughput.png.
+Two paths, measured one after the other on the same machine: `current` (this checkout) and `previous`, the
+data path before issue 16's batching (`PREVIOUS_DATAPATH`, or --previous REV). The previous code runs from a
+temporary `git worktree` of that commit (its host, worker, device and agent processes import it through
+`cwd` and PYTHONPATH), so it is exactly the code of that commit, not a mode of this one. For each path: one
+host (natural timing, loopback backend, one NIC); the guest traffic agent offers rising rates of 64 B and
+1500 B frames until two rates in a row lose 0.1 % or more. Per rate: frames/s sent and delivered back,
+Mbit/s delivered, loss, RTT, and the CPU each process used (device, worker, agent). Per path and size: the
+highest delivered rate with under 0.1 % loss (`max_lossless_fps_64`, `max_lossless_fps_1500`), and at
+1500 B its Mbit/s (`mbit_s_1500`); the previous path's are the same keys with `previous_` in front.
+Then per path: frames lost across data-path keepalive servicings (`--datapath-keepalive`) at 10k, 50k and
+100k frames/s, and the CPU an idle device, worker and agent use. The load average is recorded before and
+after each path: the machine may be shared. Everything on the path is Python processes, so this measures
+the model, not a NIC. Results: results/throughput.json, results/throughput.png.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import pathlib
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
-from vfkeep.device.timing import PRESETS
+from vfkeep.device.timing import timing_from
 
-from .traffic_host import TrafficHost, pyplot, save_plot, write
+from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
+#: main before issue 16 (batched data path): the "previous" path of the side-by-side comparison.
+PREVIOUS_DATAPATH = "5b26661"
 SIZES = (64, 1500)
-RATES = (5000, 10000, 20000, 30000, 40000, 60000)
+RATES = (10000, 20000, 30000, 40000, 60000, 80000, 100000, 120000, 150000, 200000)
 LOSSLESS = 0.001
+SERVICE_RATES = (10000, 50000, 100000)
+IDLE_S = 5.0
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def measure(host: TrafficHost, rate: float, size: int, seconds: float) -> dict:
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[pathlib.Path]:
+    """A temporary detached git worktree of `rev`, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="vfkeep-previous-") as tmp:
+        tree = pathlib.Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(tree), rev],
+                       check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Processes:
+    """CPU time of the host's device, worker and traffic agent between two points."""
+
+    def __init__(self, host: TrafficHost):
+        st = host.status()
+        agents = host.traffic("status")["agents"]
+        self.pids = {"device": st["devices"][0]["pid"], "worker": st["worker"]["pid"], "agent": agents[0]["pid"]}
+        self.mark()
+
+    def mark(self) -> None:
+        self.t0, self.c0 = time.monotonic(), {k: cpu_seconds(p) for k, p in self.pids.items()}
+
+    def percent(self) -> dict[str, float]:
+        dt = time.monotonic() - self.t0
+        return {k: round(100 * (cpu_seconds(p) - self.c0[k]) / dt, 1) for k, p in self.pids.items()}
+
+
+def measure(host: TrafficHost, procs: Processes, rate: float, size: int, seconds: float) -> dict:
     host.run_traffic(rate, size, warmup_s=0.3)
+    procs.mark()
     t0 = time.monotonic_ns()
     time.sleep(seconds)
     t1 = time.monotonic_ns()
+    cpu = procs.percent()
     (s,) = host.traffic("stats", since_ns=t0, until_ns=t1, settle_ms=300)["nics"]
     dur = (t1 - t0) / 1e9
     delivered = s["sent"] - s["frames_lost"]
     return {"offered_fps": rate, "frame_bytes": size, "seconds": round(dur, 3), "sent_fps": round(s["sent"] / dur),
             "delivered_fps": round(delivered / dur), "mbit_per_s": round(delivered * size * 8 / dur / 1e6, 1),
             "loss": round(s["frames_lost"] / s["sent"], 5) if s["sent"] else None,
-            "lost_tx_ring_full": s["lost_tx_ring_full"], "rtt_ms": s["rtt_ms"]}
+            "lost_tx_ring_full": s["lost_tx_ring_full"], "rtt_ms": s["rtt_ms"], "cpu_percent": cpu,
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def run(rates: list[float], seconds: float) -> tuple[list[dict], list[dict]]:
-    rows = []
-    with TrafficHost.running(1, True, PRESETS["natural"]) as host:
+def lossless(row: dict) -> bool:
+    return row["loss"] is not None and row["loss"] < LOSSLESS
+
+
+def sweep(host: TrafficHost, procs: Processes, size: int, rates: list[float], seconds: float) -> list[dict]:
+    """Rising rates until two in a row are lossy."""
+    rows, lossy = [], 0
+    for rate in rates:
+        row = measure(host, procs, rate, size, seconds)
+        rows.append(row)
+        print(f"  {size:>5} B offered {rate:>7.0f}/s: sent {row['sent_fps']:>7}/s delivered {row['delivered_fps']:>7}/s"
+              f" {row['mbit_per_s']:>7.1f} Mbit/s loss {row['loss']:.3%} cpu {row['cpu_percent']} "
+              f"load {row['loadavg_1m']}", flush=True)
+        lossy = 0 if lossless(row) else lossy + 1
+        if lossy == 2:
+            break
+    host.traffic("stop")
+    time.sleep(0.3)  # let the rings drain
+    return rows
+
+
+def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], servicings: int) -> list[dict]:
+    """Frames lost and blackout per keepalive servicing with the data path kept (DESIGN D7), per offered rate."""
+    out = []
+    with TrafficHost.running(1, True, timing_from("natural"), "--datapath-keepalive", code_dir=code_dir) as host:
+        for rate in rates:
+            host.run_traffic(rate, 64, warmup_s=0.5)
+            results = [host.service_measured("keepalive", recover_s=0.3) for _ in range(servicings)]
+            row = {"offered_fps": rate, "frame_bytes": 64,
+                   "frames_lost": [r["frames_lost"] for r in results],
+                   "blackout_ms": summary([r["blackout_ms"] for r in results]),
+                   "loadavg_1m": round(os.getloadavg()[0], 2)}
+            out.append(row)
+            print(f"  keepalive servicing at {rate:>7}/s: frames lost {row['frames_lost']} blackout median "
+                  f"{row['blackout_ms']['median']:.1f} ms", flush=True)
+        host.traffic("stop")
+    return out
+
+
+def run_path(name: str, code_dir: pathlib.Path | None, rates: list[float], seconds: float, servicings: int) -> dict:
+    print(f"== {name} data path ({code_dir or 'this checkout'}) ==", flush=True)
+    load_before = os.getloadavg()
+    rows: list[dict] = []
+    with TrafficHost.running(1, True, timing_from("natural"), code_dir=code_dir) as host:
+        host.run_traffic(1000, 64, warmup_s=0.3)  # spawns the agent
+        procs = Processes(host)
         for size in SIZES:
-            for rate in rates:
-                row = measure(host, rate, size, seconds)
-                rows.append(row)
-                print(f"{size:>5} B offered {rate:>7.0f}/s: sent {row['sent_fps']:>7}/s delivered "
-                      f"{row['delivered_fps']:>7}/s {row['mbit_per_s']:>7.1f} Mbit/s loss {row['loss']:.2%} "
-                      f"RTT p50 {row['rtt_ms']['p50'] or 0:.2f} ms", flush=True)
-            host.traffic("stop")
-            time.sleep(0.3)  # let the rings drain between sizes
-    summary = []
+            rows += sweep(host, procs, size, rates, seconds)
+        procs.mark()
+        time.sleep(IDLE_S)
+        idle = procs.percent()
+        print(f"  idle cpu % {idle}", flush=True)
+    service = servicing_losses(code_dir, SERVICE_RATES, servicings) if servicings else []
+    out: dict = {"code": str(code_dir) if code_dir else "this checkout", "rows": rows, "idle_cpu_percent": idle,
+                 "keepalive_servicing": service,
+                 "loadavg_before": [round(x, 2) for x in load_before],
+                 "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     for size in SIZES:
-        cells = [r for r in rows if r["frame_bytes"] == size]
-        best = max(cells, key=lambda r: r["delivered_fps"])
-        lossless = [r for r in cells if r["loss"] is not None and r["loss"] < LOSSLESS]
-        top = max(lossless, key=lambda r: r["delivered_fps"]) if lossless else None
-        summary.append({"frame_bytes": size, "max_delivered_fps": best["delivered_fps"],
-                        "max_mbit_per_s": best["mbit_per_s"],
-                        "lossless_fps": top["delivered_fps"] if top else None,
-                        "lossless_mbit_per_s": top["mbit_per_s"] if top else None})
-    return rows, summary
+        best = max((r for r in rows if r["frame_bytes"] == size and lossless(r)), key=lambda r: r["delivered_fps"],
+                   default=None)
+        out[f"max_lossless_fps_{size}"] = best["delivered_fps"] if best else None
+        if size == 1500:
+            out["mbit_s_1500"] = best["mbit_per_s"] if best else None
+        out[f"max_delivered_fps_{size}"] = max(r["delivered_fps"] for r in rows if r["frame_bytes"] == size)
+    return out
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(paths: dict[str, dict], path: pathlib.Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for size in SIZES:
-        cells = [r for r in rows if r["frame_bytes"] == size]
-        ax.plot([r["offered_fps"] for r in cells], [r["delivered_fps"] for r in cells], marker="o",
-                label=f"{size} B delivered")
-    top = max(r["offered_fps"] for r in rows)
+    styles = {"current": "-", "previous": "--"}
+    for name, result in paths.items():
+        for size in SIZES:
+            cells = [r for r in result["rows"] if r["frame_bytes"] == size]
+            ax.plot([r["offered_fps"] for r in cells], [r["delivered_fps"] for r in cells], styles[name],
+                    marker="o", label=f"{name}, {size} B")
+    top = max(r["offered_fps"] for p in paths.values() for r in p["rows"])
     ax.plot([0, top], [0, top], "k:", label="offered")
     ax.set_xlabel("offered frames/s (guest)")
     ax.set_ylabel("frames/s delivered back to the guest")
@@ -80,18 +182,33 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated offered frames/s")
+    ap.add_argument("--previous", default=PREVIOUS_DATAPATH,
+                    help=f"git revision of the previous data path (default {PREVIOUS_DATAPATH}); 'none' to skip it")
+    ap.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated offered frames/s, rising")
     ap.add_argument("--seconds", type=float, default=2.0, help="measurement window per rate and size")
+    ap.add_argument("--servicings", type=int, default=3,
+                    help="keepalive servicings per rate for the loss-across-servicing part (0: skip it)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/throughput.json)")
     args = ap.parse_args(argv)
+    rates = [float(x) for x in args.rates.split(",")]
     t = time.monotonic()
-    rows, summary = run([float(x) for x in args.rates.split(",")], args.seconds)
-    path = write("throughput", {"timing": PRESETS["natural"].to_dict(), "backend": "loopback", "wall_s": round(time.monotonic() - t, 1),
-                                "rows": rows, "summary": summary}, args.out)
-    plot(rows, path.with_suffix(".png"))
-    for s in summary:
-        print(f"{s['frame_bytes']:>5} B: max {s['max_delivered_fps']} frames/s ({s['max_mbit_per_s']} Mbit/s); "
-              f"under {LOSSLESS:.1%} loss {s['lossless_fps']} frames/s ({s['lossless_mbit_per_s']} Mbit/s)")
+    paths = {"current": run_path("current", None, rates, args.seconds, args.servicings)}
+    if args.previous != "none":
+        with checkout(args.previous) as tree:
+            paths["previous"] = run_path("previous", tree, rates, args.seconds, args.servicings)
+    result = {"timing": "natural", "backend": "loopback", "wall_s": round(time.monotonic() - t, 1),
+              "previous_rev": None if args.previous == "none" else args.previous, "paths": paths}
+    for key in ("max_lossless_fps_64", "max_lossless_fps_1500", "mbit_s_1500"):
+        result[key] = paths["current"][key]
+        if "previous" in paths:
+            result[f"previous_{key}"] = paths["previous"][key]
+    if "previous" in paths and paths["previous"]["max_lossless_fps_64"]:
+        result["lossless_64_speedup"] = round(result["max_lossless_fps_64"] / result["previous_max_lossless_fps_64"], 2)
+    path = write("throughput", result, args.out)
+    plot(paths, path.with_suffix(".png"))
+    for name, p in paths.items():
+        print(f"{name}: lossless 64 B {p['max_lossless_fps_64']} frames/s, 1500 B {p['max_lossless_fps_1500']} frames/s"
+              f" ({p['mbit_s_1500']} Mbit/s); idle cpu % {p['idle_cpu_percent']}")
     print(f"wrote {path}")
     return 0
 

@@ -32,7 +32,7 @@ FULL = {
 QUICK = {
     "blackout": ["--repeat", "3"],
     "loss_vs_load": ["--repeat", "2"],
-    "throughput": ["--seconds", "0.5", "--rates", "5000,20000,60000"],
+    "throughput": ["--seconds", "0.5", "--rates", "10000,40000,100000", "--servicings", "1", "--previous", "none"],
     "servicing": ["--repeat", "1", "--nics", "1,4"],
     "sensitivity": ["--repeat", "2", "--latencies", "0,1", "--flrs", "100"],
 }
@@ -74,12 +74,16 @@ def summary_markdown(results: dict[str, dict]) -> str:
             + f" | {cell[paths[0]]['quiet']['frames_lost']} |")
 
     tp = results["throughput"]
-    out += ["", "Round trip guest → worker → device → worker → guest (loopback, one NIC):", "",
-            "| frame | max frames/s | max Mbit/s | frames/s with < 0.1 % loss | Mbit/s with < 0.1 % loss |",
-            "|---:|---:|---:|---:|---:|"]
-    for s in tp["summary"]:
-        out.append(f"| {s['frame_bytes']} B | {s['max_delivered_fps']} | {s['max_mbit_per_s']} | "
-                   f"{s['lossless_fps'] or '-'} | {s['lossless_mbit_per_s'] or '-'} |")
+    out += ["", "Round trip guest → worker → device → worker → guest (loopback, one NIC; load average before/after "
+                "each path in the last column):", "",
+            "| data path | max frames/s 64 B | < 0.1 % loss 64 B | < 0.1 % loss 1500 B | Mbit/s 1500 B | idle CPU % "
+            "device / worker / agent | load |", "|---|---:|---:|---:|---:|---|---|"]
+    for name, p in tp["paths"].items():
+        idle = p["idle_cpu_percent"]
+        out.append(f"| {name} | {p['max_delivered_fps_64']} | {p['max_lossless_fps_64'] or '-'} | "
+                   f"{p['max_lossless_fps_1500'] or '-'} | {p['mbit_s_1500'] or '-'} | "
+                   f"{idle['device']} / {idle['worker']} / {idle['agent']} | "
+                   f"{p['loadavg_before'][0]} / {p['loadavg_after'][0]} |")
 
     sv = results["servicing"]
     out += ["", f"Servicing phases vs NICs ({DeviceTiming.from_dict(sv['timing']).describe()}, prelaunch on, "

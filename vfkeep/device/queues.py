@@ -403,24 +403,22 @@ class Wq:
         return WqeRef(pos, raw, sges, params, sgl_offset)
 
     def take_many(self, limit: int, oob_min: int = WQE_MAX_SIZE) -> list[FetchedWqe]:
-        """Fetch and consume up to `limit` pending WQEs for the data path: the ring is looked up once and
-        parsed in place; a WQE that wraps around the ring end, a scattered ring or a malformed WQE goes
-        through `take()`. DmaFault only before anything was consumed."""
+        """Fetch and consume up to `limit` pending WQEs for the data path: the ring is looked up once and each
+        WQE unpacked in place by one precompiled record of its shape; a WQE that wraps around the ring end,
+        a scattered ring or a malformed WQE goes through `take()`. DmaFault only before anything was consumed."""
         out: list[FetchedWqe] = []
         mem, size = self.mem, self.mem.size
         ring = DmaWindow(self.dev.dma).view(mem.base, size) if mem.base is not None and limit else None
-        unpack_params, unpack_sge = _WQE_PARAMS.unpack_from, codec.SGE.unpack_from
+        unpack_params, append = _WQE_PARAMS.unpack_from, out.append
         while len(out) < limit and self.tail != self.head:
             pos = self.head
             off = pos % size
-            pending = (self.tail - pos) & U32
             if ring is not None and off + _WQE_HEADER_SIZE <= size:
-                length, sgl_offset, n, oob_in_sgl, error = _fast_shape(unpack_params(ring, off)[0])
-                if error is None and length <= pending and off + length <= size:
-                    sges = [unpack_sge(ring, off + sgl_offset + 16 * i)[::2] for i in range(n)]
-                    oob = bytes(ring[off + _WQE_HEADER_SIZE:off + sgl_offset]) if sgl_offset - 8 >= oob_min else b""
+                length, sges_of, oob_in_sgl, oob_end, error = _shape(unpack_params(ring, off)[0])
+                if error is None and length <= (self.tail - pos) & U32 and off + length <= size:
                     self.head = (pos + length) & U32
-                    out.append((pos, None, sges, oob_in_sgl, oob))
+                    append((pos, None, sges_of(ring, off), oob_in_sgl,
+                            bytes(ring[off + _WQE_HEADER_SIZE:off + oob_end]) if oob_end - 8 >= oob_min else b""))
                     continue
             try:
                 ref = self.take()
@@ -429,11 +427,11 @@ class Wq:
                     break
                 raise
             if ref.error:
-                out.append((ref.position, ref.error, [], 0, b""))
+                append((ref.position, ref.error, [], 0, b""))
             else:
                 oob = ref.oob()
-                out.append((ref.position, None, [(sg.address, sg.size) for sg in ref.sges],
-                            ref.params.client_oob_in_sgl, oob if len(oob) >= oob_min else b""))
+                append((ref.position, None, [(sg.address, sg.size) for sg in ref.sges],
+                        ref.params.client_oob_in_sgl, oob if len(oob) >= oob_min else b""))
         return out
 
     def describe(self) -> dict:
@@ -441,13 +439,25 @@ class Wq:
 
 
 _WQE_PARAMS = codec.record(None, codec.field_span(WqeHeader, "params"))
+_SGE_ADDRESS, _SGE_SIZE = (codec.field_span(Sge, f) for f in ("address", "size"))
 
 
 @functools.lru_cache(maxsize=1024)
-def _fast_shape(params_value: int) -> tuple[int, int, int, int, str | None]:
-    """(length, SGL offset, SGEs, client_oob_in_sgl, error) of a `WqeParams` value, from `_wqe_shape`."""
+def _shape(params_value: int):
+    """(length, sges_of(ring, off) -> [(address, size)], client_oob_in_sgl, OOB end, error) of a `WqeParams`
+    value: `sges_of` unpacks every SGE of a WQE of that shape with one precompiled record."""
     params, length, sgl_offset, error = _wqe_shape(params_value)
-    return length, sgl_offset, params.num_sgl_entries, params.client_oob_in_sgl, error
+    n = params.num_sgl_entries
+    spans = [(sgl_offset + 16 * i + off, width) for i in range(n) for off, width in (_SGE_ADDRESS, _SGE_SIZE)]
+    unpack = codec.record(None, *spans).unpack_from if n and error is None else None
+    if n == 1 and unpack is not None:
+        def sges_of(ring, off):
+            return [unpack(ring, off)]
+    else:
+        def sges_of(ring, off):
+            f = unpack(ring, off) if unpack is not None else ()
+            return list(zip(f[::2], f[1::2]))
+    return length, sges_of, params.client_oob_in_sgl, sgl_offset, error
 
 
 __all__ = ["IdPool", "QueueMemory", "QueueError", "check_queue_memory", "Eq", "Cq", "Wq", "WqeRef", "FetchedWqe",

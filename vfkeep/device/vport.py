@@ -58,7 +58,7 @@ from vfkeep.gdma.datapath import ManaRxcompOob, ManaTxCompOob, ManaTxOob
 from vfkeep.vfio_user.dma import DmaFault
 
 from .dma import DmaWindow
-from .queues import CQE_SIZE, VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE, Cq, FetchedWqe, Wq
+from .queues import VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE, Cq, FetchedWqe, Wq
 
 MAX_FRAME = 0xFFFF  # `pkt_len` is a u16
 _TPID_8021Q = b"\x81\x00"
@@ -167,20 +167,24 @@ class Vport:
             return
         win = DmaWindow(dev.dma)
         frames = []
-        cqes = bytearray(len(wqes) * CQE_SIZE)
         params = cq.params(sq.id, True)
-        pack = codec.CQE.pack_into
+        ok = codec.CQE.pack(_TX_COMPLETIONS[CQE_TX_OKAY], params)
+        cqes = [ok] * len(wqes)
         for i, wqe in enumerate(wqes):
+            sges = wqe[2]
+            if len(sges) == 1 and not (wqe[3] or wqe[4]):  # the common WQE: one buffer, short OOB
+                address, n = sges[0]
+                if win.base <= address and address + n <= win.end and n <= MAX_FRAME:
+                    frames.append(bytes(win.buf[address - win.base:address - win.base + n]))
+                    continue
             result = self._tx_frame(wqe, win)
             if isinstance(result, int):
-                cqe_type = result
                 counters["tx_errors"] += 1
+                cqes[i] = codec.CQE.pack(_TX_COMPLETIONS[result], params)
             else:
-                cqe_type = CQE_TX_OKAY
                 frames.append(result)
-            pack(cqes, i * CQE_SIZE, _TX_COMPLETIONS[cqe_type], params)
         try:
-            cq.post_many(cqes)
+            cq.post_many(b"".join(cqes))
         except DmaFault:
             dev.dma_fault("CQ", cq.id, len(wqes))
         if frames:
@@ -256,41 +260,46 @@ class Vport:
             return
         win = DmaWindow(dev.dma, write=True)
         params = cq.params(self.rq.id, False)
-        pack = codec.RX_CQE.pack_into
-        cqes = bytearray()
+        pack = codec.RX_CQE.pack
+        cqes = []
         delivered = []
         for frame in frames:
-            sges = None
-            while sges is None:
+            while True:  # the oldest usable receive WQE; malformed ones are completed with an error
                 if not posted:
                     self.fetch_rx()
                     if not posted:
+                        sges = None
                         break
-                pos, error, wqe_sges, _, _ = posted.popleft()
-                if error:
-                    cqes += bytes(CQE_SIZE)
-                    pack(cqes, len(cqes) - CQE_SIZE, _RX_MALFORMED, 0, pos, params)
-                    counters["rx_errors"] += 1
-                else:
-                    sges = wqe_sges
+                pos, error, sges, _, _ = posted.popleft()
+                if not error:
+                    break
+                cqes.append(pack(_RX_MALFORMED, 0, pos, params))
+                counters["rx_errors"] += 1
             if sges is None:
                 counters["in_discards_no_wqe"] += 1
                 continue
             length = len(frame)
-            cqes += bytes(CQE_SIZE)
+            pkt_len = min(length, MAX_FRAME)
+            if len(sges) == 1:  # the common WQE: one buffer it fits in, in the window's mapping
+                address, size = sges[0]
+                if size >= length and win.base <= address and address + length <= win.end:
+                    o = address - win.base
+                    win.buf[o:o + length] = frame
+                    cqes.append(pack(_RX_OK, pkt_len, pos, params))
+                    delivered.append(frame)
+                    continue
             try:
                 written = _scatter(win, sges, frame)
             except DmaFault:
-                pack(cqes, len(cqes) - CQE_SIZE, _RX_DMA_FAULT, min(length, MAX_FRAME), pos, params)
+                cqes.append(pack(_RX_DMA_FAULT, pkt_len, pos, params))
                 dev.dma_fault("RX buffer", self.rq.id)
                 counters["rx_errors"] += 1
                 continue
             truncated = written < length
-            pack(cqes, len(cqes) - CQE_SIZE, _RX_TRUNCATED if truncated else _RX_OK, min(length, MAX_FRAME), pos,
-                 params)
+            cqes.append(pack(_RX_TRUNCATED if truncated else _RX_OK, pkt_len, pos, params))
             counters["rx_truncated"] += truncated
             delivered.append(frame)
-        cq.post_many(cqes)  # reachable: checked above, and nothing unmaps memory during a batch
+        cq.post_many(b"".join(cqes))  # reachable: checked above, and nothing unmaps memory during a batch
         dev.count_frames("in", delivered)
 
     def describe(self) -> dict:

@@ -25,14 +25,14 @@ class DetachedHost(HostClient):
     """
 
     def __init__(self, run_dir: str, *run_args: str, nics: int = 1, env: dict[str, str] | None = None,
-                 wait: float | None = 120.0, boot_timeout: float = 60.0):
+                 wait: float | None = 120.0, boot_timeout: float = 60.0, cwd: str | None = None):
         super().__init__(run_dir, wait)
         os.makedirs(self.run_dir, exist_ok=True)
         argv = proc.vfkeep_argv("run", "--detach", "--run-dir", self.run_dir, "--nics", str(nics), *run_args)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
         full_env.update(env or {})
         self._stderr = open(os.path.join(self.run_dir, "host.stderr"), "ab")
-        self.child = proc.spawn(argv, env=full_env, stdout=self._stderr, stderr=self._stderr)
+        self.child = proc.spawn(argv, env=full_env, stdout=self._stderr, stderr=self._stderr, cwd=cwd)
         deadline = time.monotonic() + boot_timeout
         while True:
             if self.child.poll() is not None:
