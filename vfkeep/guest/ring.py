@@ -34,6 +34,7 @@ libatomic, placed between payload and counter on both sides.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import logging
@@ -198,6 +199,9 @@ class Ring:
         self._mask = slots - 1
         self._buf = mem.view(gpa, ring_size(slots, slot_size))
         self._ctr = self._buf[:HEADER_SIZE].cast("Q")
+        # Every slot's length word, as one strided array: a batch reads or writes all of them at once.
+        self._slot_words = self._buf[HEADER_SIZE:].cast("I")
+        self._stride = slot_size // SLOT_LEN_SIZE
 
     @classmethod
     def create(cls, mem: GuestMemory, gpa: int, slots: int, slot_size: int,
@@ -272,29 +276,37 @@ class Ring:
         empty->non-empty would race with a consumer that is just emptying the ring.
         """
         frames = list(frames)
-        for f in frames:
-            if len(f) > self.max_frame:
-                raise ValueError(f"frame of {len(f)} bytes exceeds the ring's slot payload of {self.max_frame} bytes")
-        c, buf = self._ctr, self._buf
+        lengths = list(map(len, frames))
+        if lengths and max(lengths) > self.max_frame:
+            raise ValueError(f"frame of {max(lengths)} bytes exceeds the ring's slot payload of {self.max_frame} bytes")
+        c, buf, size = self._ctr, self._buf, self.slot_size
         tail = c[_TAIL]
-        room = self.slots - self._used(c[_HEAD], tail)
-        accepted = frames[:room]
-        nbytes = 0
-        for i, f in enumerate(accepted):
-            off = HEADER_SIZE + ((tail + i) & self._mask) * self.slot_size
-            n = len(f)
-            _U32.pack_into(buf, off, n)
-            buf[off + SLOT_LEN_SIZE:off + SLOT_LEN_SIZE + n] = f
-            nbytes += n
+        accepted = min(self.slots - self._used(c[_HEAD], tail), len(frames))
+        done = 0
+        for first, count in self._runs(tail, accepted):
+            stride = self._stride
+            self._slot_words[first * stride:(first + count) * stride:stride] = array.array(
+                "I", lengths[done:done + count])
+            off = HEADER_SIZE + first * size + SLOT_LEN_SIZE
+            for f, n in zip(frames[done:done + count], lengths[done:done + count]):
+                buf[off:off + n] = f
+                off += size
+            done += count
         if accepted:
             _fence()  # payloads before tail
-            c[_TAIL] = (tail + len(accepted)) & _U64
-            c[_BYTES_PUSHED] = (c[_BYTES_PUSHED] + nbytes) & _U64
-        if len(frames) > len(accepted):
-            c[_DROPPED_FULL] = (c[_DROPPED_FULL] + len(frames) - len(accepted)) & _U64
+            c[_TAIL] = (tail + accepted) & _U64
+            c[_BYTES_PUSHED] = (c[_BYTES_PUSHED] + sum(lengths[:accepted])) & _U64
+        if len(frames) > accepted:
+            c[_DROPPED_FULL] = (c[_DROPPED_FULL] + len(frames) - accepted) & _U64
         if accepted and self.doorbell is not None:
             self.doorbell.ring()
-        return len(accepted)
+        return accepted
+
+    def _runs(self, counter: int, n: int) -> list[tuple[int, int]]:
+        """(first slot, count) of the slots of counters [counter, counter + n): one run, two at the wrap."""
+        first = counter & self._mask
+        run = min(n, self.slots - first)
+        return [(first, run), (0, n - run)] if n > run else [(first, n)] if n else []
 
     # -- consumer ----------------------------------------------------------------------------
     def pop(self) -> bytes | None:
@@ -304,24 +316,27 @@ class Ring:
 
     def pop_many(self, max_frames: int) -> list[bytes]:
         """Up to `max_frames` oldest frames (copied out), then one `head` update for the batch."""
-        c, buf = self._ctr, self._buf
+        c, buf, size = self._ctr, self._buf, self.slot_size
         head = c[_HEAD]
         n = min(max_frames, self._used(head, c[_TAIL]))
         if n <= 0:
             return []
         _fence()  # tail before payloads
-        out, nbytes = [], 0
-        for i in range(n):
-            off = HEADER_SIZE + ((head + i) & self._mask) * self.slot_size
-            length = _U32.unpack_from(buf, off)[0]
-            if length > self.max_frame:
-                raise RingCorrupt(f"ring at gpa {self.gpa:#x}: slot {(head + i) & self._mask} holds length "
-                                  f"{length}, slot payload is {self.max_frame} bytes")
-            out.append(bytes(buf[off + SLOT_LEN_SIZE:off + SLOT_LEN_SIZE + length]))
-            nbytes += length
+        out: list[bytes] = []
+        for first, count in self._runs(head, n):
+            stride = self._stride
+            lengths = self._slot_words[first * stride:(first + count) * stride:stride].tolist()
+            if max(lengths) > self.max_frame:
+                slot = first + next(i for i, length in enumerate(lengths) if length > self.max_frame)
+                raise RingCorrupt(f"ring at gpa {self.gpa:#x}: slot {slot} holds length {max(lengths)}, slot "
+                                  f"payload is {self.max_frame} bytes")
+            off = HEADER_SIZE + first * size + SLOT_LEN_SIZE
+            for length in lengths:
+                out.append(bytes(buf[off:off + length]))
+                off += size
         _fence()  # payloads read before the producer may reuse the slots
         c[_HEAD] = (head + n) & _U64
-        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + nbytes) & _U64
+        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + sum(map(len, out))) & _U64
         return out
 
     def wait(self, timeout: float | None) -> bool:
@@ -344,6 +359,7 @@ class Ring:
 
     def close(self) -> None:
         """Release the views into guest memory (the doorbell belongs to the caller)."""
+        self._slot_words.release()
         self._ctr.release()
         self._buf.release()
 

@@ -32,7 +32,8 @@ _BODY = struct.Struct("!4sIQQ")  # magic, crc32, seq, send_ns
 HEADER_LEN = _ETH.size + _BODY.size
 _CRC_OFF = _ETH.size + 4
 _SEQ_TIME = struct.Struct("!QQ")
-_ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
+_TAIL = struct.Struct("!H4sIQQ")  # ethertype, then the body
+_CRC_HEAD = zlib.crc32(ETHERTYPE.to_bytes(2, "big") + FRAME_MAGIC)
 
 
 class BadFrame(ValueError):
@@ -65,7 +66,7 @@ def make_frames(first_seq: int, n: int, size: int, now_ns: int, src_mac: bytes, 
     if len(src_mac) != 6 or len(dst_mac) != 6:
         raise ValueError(f"MAC addresses must be 6 bytes, got {len(src_mac)} and {len(dst_mac)}")
     head = _ETH.pack(dst_mac, src_mac, ETHERTYPE) + FRAME_MAGIC
-    crc_head = zlib.crc32(head[_ETH.size - 2:])  # ethertype + magic
+    crc_head = _CRC_HEAD  # over ethertype + magic
     pad = bytes(size - HEADER_LEN)
     seq_time, crc32 = _SEQ_TIME.pack, zlib.crc32
     out = []
@@ -82,19 +83,18 @@ def parse_frames(frames: list[bytes]) -> tuple[list[int], list[int], int, list[B
     sends: list[int] = []
     other = 0
     bad: list[BadFrame] = []
-    unpack, crc32, ours = _BODY.unpack_from, zlib.crc32, _ETHERTYPE_BYTES
+    unpack, crc32, crc_head = _TAIL.unpack_from, zlib.crc32, _CRC_HEAD
     for f in frames:
-        if f[12:14] != ours:
-            other += 1
-            continue
         if len(f) >= HEADER_LEN:
-            magic, crc, seq, send_ns = unpack(f, _ETH.size)
-            if magic == FRAME_MAGIC and crc == crc32(f[_CRC_OFF + 4:], crc32(f[12:_CRC_OFF])):
+            ethertype, magic, crc, seq, send_ns = unpack(f, _ETH.size - 2)
+            # ethertype and magic checked: the CRC over them is the constant _CRC_HEAD
+            if ethertype == ETHERTYPE and magic == FRAME_MAGIC and crc == crc32(f[_CRC_OFF + 4:], crc_head):
                 seqs.append(seq)
                 sends.append(send_ns)
                 continue
         try:
-            parse_frame(f)  # the slow path says what is wrong
+            if parse_frame(f) is None:  # the slow path sorts other traffic from damaged frames
+                other += 1
         except BadFrame as e:
             bad.append(e)
     return seqs, sends, other, bad
