@@ -5,6 +5,7 @@ import pytest
 
 from vfkeep import proc
 from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.nvme import NVM_WRITE
 from vfkeep.nvme_device.main import start_nvme_device
 from vfkeep.nvme_driver.errors import InvalidSavedState
 from vfkeep.nvme_driver.saved_state import decode, validate
@@ -225,3 +226,24 @@ def test_state_decode_shows_field_10000_with_every_nvme_field(tmp_path, saved):
     assert {q["queue_data"]["qid"] for q in worker["io"]} == {1, 2}
     assert saved_driver_states(blob) == ({"nvme0": state}, 2)
     assert saved_driver_states(underhill_pb2.ServicingState()) == ({}, 0)  # a previous release's blob
+
+
+def test_completions_written_during_the_handover_are_reaped_without_an_interrupt(sock, mem, monkeypatch):
+    """A command completes after the old driver stopped listening (its interrupt went to the old eventfd):
+    the restored driver must find the CQE by itself, not wait for a sweep."""
+    import vfkeep.nvme_driver.driver as driver_mod
+    monkeypatch.setattr(driver_mod, "POLL_INTERVAL_S", 60.0)
+    dma, disk = bring_up(sock, mem)
+    ctl(sock, "io_stall", on=True)
+    disk.driver.namespace(1)
+    disk.driver.submit_io(NVM_WRITE, 1, 0, 1, mem.layout.guest.gpa, 512, lambda s, d: None, cpu=0)
+    assert ctl(sock, "state")["stalled_io"] == 1
+    state = disk.driver.save()
+    ctl(sock, "io_stall", on=False)  # completes now: CQE written, interrupt raised on the old eventfd
+    assert ctl(sock, "counters")["counters"]["cqes_posted"] >= 1
+    dma_state = dma.save()
+    disk.driver.shutdown()
+    dma2, disk2 = restore(sock, mem, state, dma_state)
+    assert disk2.restore_path == KEEPALIVE
+    assert disk2.driver.wait_drained(10)
+    disk2.driver.shutdown()

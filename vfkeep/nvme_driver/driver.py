@@ -349,6 +349,15 @@ class NvmeDriver:
         poller.register(self._wake, select.POLLIN)
         registered = set()
         while not self._stop:
+            # Reap first: after a restore, completions the controller wrote during the handover raised
+            # their interrupt on the old process's eventfds, so nothing would wake us for them.
+            try:
+                for qp in self._queue_pairs():
+                    for entry, status, dw0 in qp.reap():
+                        self._completed(qp, entry, status, dw0)
+            except Exception as e:  # noqa: BLE001 - the device or transport failed: stop and tell every waiter
+                self._fail(f"interrupt thread stopped: {type(e).__name__}: {e}")
+                return
             for fd in self._irq_fds.values():
                 if fd not in registered:
                     poller.register(fd, select.POLLIN)
@@ -358,15 +367,6 @@ class NvmeDriver:
                     os.read(fd, 8)
                 except BlockingIOError:
                     pass
-            if self._stop:
-                return
-            try:
-                for qp in self._queue_pairs():
-                    for entry, status, dw0 in qp.reap():
-                        self._completed(qp, entry, status, dw0)
-            except Exception as e:  # noqa: BLE001 - the device or transport failed: stop and tell every waiter
-                self._fail(f"interrupt thread stopped: {type(e).__name__}: {e}")
-                return
 
     def _completed(self, qp: QueuePair, entry, status: int, dw0: int) -> None:
         if entry.presave and qp.qid:
