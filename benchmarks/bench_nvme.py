@@ -182,16 +182,16 @@ def handover(sock: str, memfd: int, mode: str) -> dict:
             "errors": out1["errors"] + out2["errors"]}
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
         _child(sys.argv[2])
-        return
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--timing", default="realistic")
     ap.add_argument("--iops-seconds", type=float, default=2.0)
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from vfkeep import proc
     from vfkeep.memory import GuestMemory, MemoryLayout
     from vfkeep.nvme_device.core import make_timing
@@ -226,7 +226,8 @@ def main() -> None:
               f"  paths {row['paths']}  errors {row['errors']}")
     for r in iops:
         print(f"  QD {r['qd']:2d}: {r['iops']} IOPS, latency p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

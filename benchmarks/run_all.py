@@ -19,7 +19,7 @@ import time
 
 from vfkeep.device.timing import DeviceTiming
 
-from . import bench_blackout, bench_load, bench_sensitivity, bench_servicing, bench_throughput
+from . import bench_blackout, bench_load, bench_nvme, bench_sensitivity, bench_servicing, bench_throughput
 from .traffic_host import RESULTS, pyplot, save_plot
 
 FULL = {
@@ -28,6 +28,7 @@ FULL = {
     "throughput": ["--seconds", "2"],
     "servicing": ["--repeat", "5"],
     "sensitivity": ["--repeat", "10"],
+    "nvme": ["--repeat", "5"],
 }
 QUICK = {
     "blackout": ["--repeat", "3"],
@@ -35,9 +36,10 @@ QUICK = {
     "throughput": ["--seconds", "0.5", "--rates", "10000,40000,100000", "--servicings", "1", "--previous", "none"],
     "servicing": ["--repeat", "1", "--nics", "1,4"],
     "sensitivity": ["--repeat", "2", "--latencies", "0,1", "--flrs", "100"],
+    "nvme": ["--repeat", "2", "--iops-seconds", "0.5"],
 }
 MODULES = {"blackout": bench_blackout, "loss_vs_load": bench_load, "throughput": bench_throughput,
-           "servicing": bench_servicing, "sensitivity": bench_sensitivity}
+           "servicing": bench_servicing, "sensitivity": bench_sensitivity, "nvme": bench_nvme}
 
 
 def summary_markdown(results: dict[str, dict]) -> str:
@@ -99,6 +101,17 @@ def summary_markdown(results: dict[str, dict]) -> str:
                 f"{se['repeat']} servicings per path and cell, paths interleaved; median / p95 ms (median / floor)):",
             "", bench_sensitivity.markdown(se["rows"], se["ratios"]), "",
             bench_sensitivity.counts_markdown(se["rows"], se["fixed_costs"])]
+
+    nv = results["nvme"]
+    t = nv["timing"]
+    out += ["", f"NVMe IO blackout across a driver handover with IO running (enable {t['enable_ms']:g} ms, disable "
+                f"{t['disable_ms']:g} ms, admin {t['admin_ms']:g} ms; {nv['repeat']} each; median, min-max ms):", "",
+            "| path | IO blackout | IO errors |", "|---|---:|---:|"]
+    for mode, row in nv["handovers"].items():
+        b = row["blackout_ms"]
+        out.append(f"| {mode} | {b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {row['errors']} |")
+    out += [""] + [f"NVMe QD {r['qd']}: {r['iops']} IOPS, p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms"
+                   for r in nv["iops"]]
     return "\n".join(out) + "\n"
 
 
