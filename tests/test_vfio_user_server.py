@@ -29,18 +29,32 @@ def dev(vfio_testdev):
         yield d
 
 
-def test_version_negotiation_raw(vfio_testdev):
+SERVER_CAPS = {"max_msg_fds": 16, "max_data_xfer_size": 1048576, "max_dma_maps": 65535, "pgsizes": 4096}
+
+
+@pytest.mark.parametrize("proposed, answered", [
+    ({"max_msg_fds": 16}, {"max_msg_fds": 16}),
+    ({"max_msg_fds": 253, "max_data_xfer_size": 4096, "max_dma_maps": 8, "pgsizes": 4096,
+      "migration": {"pgsize": 4096, "max_bitmap_size": 1}, "twin_socket": {"supported": True},
+      "write_multiple": True}, SERVER_CAPS),
+    ({}, {}),
+    (None, None),
+])
+def test_version_reply_carries_only_proposed_capabilities(vfio_testdev, proposed, answered):
+    """Addendum A4: only keys the client proposed, each with the server's own limit; unsupported ones
+    (migration, twin_socket, write_multiple) omitted; no JSON proposed, a 4-byte reply."""
     sock, _ = vfio_testdev()
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(sock))
     s.setblocking(False)
-    p.send_message(s, 0x1234, p.Command.VERSION, p.TYPE_COMMAND, p.encode_version(0, 5, {"max_msg_fds": 16}))
+    p.send_message(s, 0x1234, p.Command.VERSION, p.TYPE_COMMAND, p.encode_version(0, 5, proposed))
     reply = p.wait_message(s, p.FrameReader(), 5)
     assert (reply.msg_id, reply.command, reply.flags, reply.error) == (0x1234, 1, p.TYPE_REPLY, 0)
     assert reply.payload[:4] == b"\0\0\0\0"  # major 0, minor min(5, 0)
-    assert reply.payload.endswith(b"\0")
-    assert json.loads(reply.payload[4:-1]) == {"capabilities": {
-        "max_msg_fds": 16, "max_data_xfer_size": 1048576, "max_dma_maps": 65535, "pgsizes": 4096}}
+    if answered is None:
+        assert len(reply.payload) == 4
+    else:
+        assert reply.payload.endswith(b"\0") and json.loads(reply.payload[4:-1]) == {"capabilities": answered}
     s.close()
 
 

@@ -336,6 +336,23 @@ def test_dma_repeat_overlap_limit_unmap(memfd):
     assert len(d) == 0
 
 
+def test_dma_map_without_fd_is_a_message_only_range(memfd):
+    """Addendum A1: accepted, subject to the overlap/limit/unmap rules, unreachable for the device."""
+    d = DmaSpace(2)
+    assert d.map(None, 0x1234, 0x10000, 4096, p.DMA_MAP_READ) is True  # offset ignored
+    assert d.map(None, 0, 0x10000, 4096, p.DMA_MAP_READ) is False  # exact repeat: no-op
+    assert _code(d.map, memfd, 0, 0x10800, 4096, 0x3) == errno.EEXIST
+    for access in (lambda: d.read(0x10000, 4), lambda: d.write(0x10000, b"x"), lambda: d.view(0x10000, 1)):
+        with pytest.raises(DmaFault, match="without an fd"):
+            access()
+    d.map(memfd, 0, 0, 4096, 0x3)
+    assert _code(d.map, None, 0, 0x20000, 4096, 0x3) == errno.ENOSPC  # counts toward max_dma_maps
+    assert _code(d.unmap, 0x10000, 8192) == errno.ENOENT
+    d.unmap(0x10000, 4096)
+    d.unmap_all()
+    assert len(d) == 0
+
+
 @pytest.mark.parametrize("flags,size,offset", [(0x8, 4096, 0), (0x10, 4096, 0), (0x0, 4096, 0), (0x3, 0, 0),
                                                (0x3, 4096, 16 * 4096)])
 def test_dma_map_bad_arguments(memfd, flags, size, offset):

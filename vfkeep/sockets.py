@@ -50,13 +50,16 @@ def connect_unix(path: str | os.PathLike, deadline: float, error: type[Exception
         return sock
 
 
-def wait_fd(sock: socket.socket | int, events: int, deadline: float | None) -> None:
-    """poll() one fd until `events` or `deadline` (monotonic; None = forever); TimeoutError then."""
+def wait_fd(sock: socket.socket | int, events: int, deadline: float | None) -> int:
+    """poll() one fd until `events` or `deadline` (monotonic; None = forever); TimeoutError then.
+    Returns the events that fired."""
     poller = select.poll()
     poller.register(sock, events)
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if not poller.poll(None if remaining is None else remaining * 1000):
+    ready = poller.poll(None if remaining is None else remaining * 1000)
+    if not ready:
         raise TimeoutError("peer did not respond in time")
+    return ready[0][1]
 
 
 def send_all(sock: socket.socket, data: bytes, deadline: float | None) -> None:

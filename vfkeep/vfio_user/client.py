@@ -3,12 +3,21 @@
 `VfioDevice.new` is a fresh driver (resets the device when it advertises RESET, like Linux VFIO
 on open); `VfioDevice.restore` re-attaches after servicing and never resets. Every reply has a
 deadline; an error reply raises `VfioError`, a vanished server `DeviceMissing`.
+
+Against any compliant server (spec addendum A2, A5): the client reads the socket while it sends and
+while it waits, and answers server-initiated DMA_READ/DMA_WRITE from the memory it DMA-mapped (by
+`pread`/`pwrite` on its own copy of the mapped fd), queueing replies behind the message being
+sent; other server commands get ENOSYS, commands carrying fds EINVAL. A send that fails after
+writing any byte closes the connection (`DeviceMissing`): the stream would otherwise go on inside
+the unfinished message.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -17,14 +26,14 @@ from dataclasses import dataclass
 
 from vfkeep.log import kv
 from vfkeep.memory.guest_memory import GuestMemory
-from vfkeep.sockets import connect_unix
+from vfkeep.sockets import connect_unix, wait_fd
 
-from .protocol import (DEVICE_FLAGS_RESET, DEVICE_INFO, DMA_MAP, DMA_MAP_READ, DMA_MAP_WRITE, DMA_UNMAP,
+from .protocol import (DEVICE_FLAGS_RESET, DEVICE_INFO, DMA_MAP, DMA_MAP_READ, DMA_MAP_WRITE, DMA_RW, DMA_UNMAP,
                        DMA_UNMAP_ALL, FLAG_ERROR, FLAG_NO_REPLY, IRQ_INFO, IRQ_MSIX, IRQ_SET, IRQ_SET_ACTION_TRIGGER,
                        IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, REGION_ACCESS,
                        REGION_BAR0, REGION_INFO, TYPE_COMMAND, TYPE_REPLY, VERSION_MAJOR, VERSION_MINOR, Command,
                        CommandError, FrameReader, FramingError, Message, PeerClosed, command_name, decode_version,
-                       encode_version, send_message, wait_message)
+                       encode_version, send_message)
 
 log = logging.getLogger("vfkeep.vfio_user.client")
 
@@ -82,6 +91,17 @@ class IrqInfo:
     count: int
 
 
+@dataclass(frozen=True)
+class _Mapping:
+    """A range this client DMA-mapped, with its own dup of the fd to serve DMA_READ/DMA_WRITE from."""
+
+    iova: int
+    size: int
+    fd: int
+    file_offset: int
+    flags: int
+
+
 class VfioDevice:
     """One connection to a device. Thread-safe: one request/reply exchange at a time."""
 
@@ -92,6 +112,9 @@ class VfioDevice:
         self._reader = FrameReader(MAX_MSG_FDS)
         self._lock = threading.RLock()  # set_irq/clear_irqs hold it around _request
         self._next_id = 0
+        self._inbox: collections.deque[Message] = collections.deque()  # replies read while sending
+        self._outbox: collections.deque[tuple] = collections.deque()  # our replies to server commands
+        self._maps: list[_Mapping] = []
         self._irq_fds: dict[int, int] = {}
         self.server_caps: dict = {}
         self.info: DeviceInfo | None = None
@@ -161,8 +184,11 @@ class VfioDevice:
     # -- DMA ------------------------------------------------------------------------------------
     def dma_map(self, fd: int, file_offset: int, iova: int, size: int) -> None:
         """Let the device reach [iova, iova+size) = `size` bytes of file `fd` at `file_offset`."""
-        self._request(Command.DMA_MAP, DMA_MAP.pack(DMA_MAP.size, DMA_MAP_READ | DMA_MAP_WRITE, file_offset, iova,
-                                                    size), fds=[fd])
+        flags = DMA_MAP_READ | DMA_MAP_WRITE
+        with self._lock:
+            self._request(Command.DMA_MAP, DMA_MAP.pack(DMA_MAP.size, flags, file_offset, iova, size), fds=[fd])
+            if not any((m.iova, m.size) == (iova, size) for m in self._maps):  # an exact repeat is a no-op
+                self._maps.append(_Mapping(iova, size, os.dup(fd), file_offset, flags))
 
     def map_guest_memory(self, mem: GuestMemory) -> None:
         """One DMA_MAP per non-empty region, IOVA = file offset (so PFNs agree everywhere)."""
@@ -172,7 +198,9 @@ class VfioDevice:
 
     def dma_unmap(self, iova: int = 0, size: int = 0, *, unmap_all: bool = False) -> None:
         flags = DMA_UNMAP_ALL if unmap_all else 0
-        self._request(Command.DMA_UNMAP, DMA_UNMAP.pack(DMA_UNMAP.size, flags, iova, size))
+        with self._lock:
+            self._request(Command.DMA_UNMAP, DMA_UNMAP.pack(DMA_UNMAP.size, flags, iova, size))
+            self._forget_maps(lambda m: unmap_all or (m.iova, m.size) == (iova, size))
 
     # -- regions --------------------------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int) -> bytes:
@@ -234,11 +262,9 @@ class VfioDevice:
     def close(self) -> None:
         """Disconnect; with reset_method none the device keeps its state for the next client."""
         with self._lock:
-            if self._sock is not None:
-                self._reader.discard()
-                self._sock.close()
-                self._sock = None
+            self._drop_socket()
             self._close_irq_fds()
+            self._forget_maps(lambda m: True)
 
     def __enter__(self) -> "VfioDevice":
         return self
@@ -248,59 +274,140 @@ class VfioDevice:
 
     # -- transport ------------------------------------------------------------------------------
     def _request(self, command: int, payload: bytes, *, fds: list[int] | tuple[int, ...] = (), no_reply: bool = False) -> bytes:
+        name = command_name(command)
         with self._lock:
             if self._sock is None:
-                raise DeviceMissing(f"{command_name(command)}: not connected to {self.path}")
+                raise DeviceMissing(f"{name}: not connected to {self.path}")
             msg_id = self._next_id
             self._next_id = (self._next_id + 1) & 0xFFFF
             try:
-                send_message(self._sock, msg_id, command, TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0),
-                             payload, fds=fds, timeout=self.timeout)
-            except TimeoutError:
-                raise VfioTimeout(f"{command_name(command)}: device at {self.path} does not read its socket "
-                                  f"({self.timeout} s)") from None
-            except PeerClosed as e:
-                raise self._gone(f"{command_name(command)}: {e}") from None
-            if no_reply:
-                return b""
-            reply = self._wait_reply(msg_id, command)
+                try:
+                    self._send(msg_id, command, TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0), payload, fds=fds)
+                    reply = None if no_reply else self._wait_reply(msg_id, command)
+                    self._flush()  # answers to server commands that came with our reply
+                except TimeoutError:
+                    raise VfioTimeout(f"{name}: device at {self.path} does not read its socket "
+                                      f"({self.timeout} s)") from None
+                if reply is None:
+                    return b""
+            except PeerClosed as e:  # SendAborted included: a half-sent message ends the connection
+                raise self._gone(f"{name}: {e}") from None
+            except FramingError as e:
+                raise self._protocol_error(f"unreadable message from server: {e}") from None
         if reply.is_error:
             raise VfioError(reply.error if 0 < reply.error <= 4096 else errno.EINVAL, command)
         return reply.payload
 
+    def _send(self, msg_id: int, command: int, flags: int, payload: bytes, *, error: int = 0, fds=()) -> None:
+        send_message(self._sock, msg_id, command, flags, payload, error=error, fds=fds, timeout=self.timeout,
+                     on_readable=self._pump)
+
+    def _flush(self) -> None:
+        """Send our replies to server commands, now that no message of ours is half-sent."""
+        while self._outbox:
+            reply = self._outbox.popleft()
+            try:
+                self._send(*reply[:4], error=reply[4])
+            except TimeoutError:  # nothing went out: it stays first in line
+                self._outbox.appendleft(reply)
+                raise
+
+    def _pump(self) -> None:
+        """Read everything the server has sent: replies wait in the inbox, commands are served."""
+        while (msg := self._reader.read(self._sock)) is not None:
+            if msg.type == TYPE_COMMAND:
+                self._serve(msg)
+            elif msg.type == TYPE_REPLY:
+                msg.close_fds()  # our subset never passes fds to the client
+                self._inbox.append(msg)
+            else:
+                msg.close_fds()
+                raise self._protocol_error(f"message type {msg.type} from server")
+
     def _wait_reply(self, msg_id: int, command: int) -> Message:
         deadline = time.monotonic() + self.timeout
         while True:
+            while self._inbox:
+                msg = self._inbox.popleft()
+                if msg.msg_id != msg_id:  # a reply to a request that already timed out
+                    kv(log, logging.WARNING, "discarding stale reply", id=msg.msg_id, cmd=command_name(msg.command))
+                elif msg.command != command:
+                    raise self._protocol_error(f"reply id {msg_id} is for {command_name(msg.command)}, "
+                                               f"expected {command_name(command)}")
+                else:
+                    return msg
+            self._flush()
             try:
-                msg = wait_message(self._sock, self._reader, max(0.0, deadline - time.monotonic()))
+                wait_fd(self._sock, select.POLLIN, deadline)
             except TimeoutError:
                 raise VfioTimeout(f"{command_name(command)}: no reply from {self.path} within {self.timeout} s") \
                     from None
-            except PeerClosed as e:
-                raise self._gone(f"{command_name(command)}: {e}") from None
-            except FramingError as e:
-                raise self._protocol_error(f"unreadable message from server: {e}") from None
-            msg.close_fds()  # our subset never passes fds to the client
-            if msg.type == TYPE_COMMAND:
-                self._refuse(msg)
-            elif msg.type != TYPE_REPLY:
-                raise self._protocol_error(f"message type {msg.type} from server")
-            elif msg.msg_id != msg_id:  # a reply to a request that already timed out
-                kv(log, logging.WARNING, "discarding stale reply", id=msg.msg_id, cmd=command_name(msg.command))
-            elif msg.command != command:
-                raise self._protocol_error(f"reply id {msg_id} is for {command_name(msg.command)}, "
-                                           f"expected {command_name(command)}")
-            else:
-                return msg
+            self._pump()
 
-    def _refuse(self, msg: Message) -> None:
-        """The server asked us something (DMA_READ/WRITE): we never offer it (spec §2)."""
+    # -- server-initiated commands (addendum A2) ------------------------------------------------
+    def _serve(self, msg: Message) -> None:
+        """Answer a server command; the reply is queued (it may arrive while our own message is
+        half-sent) and goes out before we wait for anything else."""
+        error, payload = 0, b""
+        try:
+            if msg.fds:
+                raise CommandError(errno.EINVAL, f"{command_name(msg.command)} carries {len(msg.fds)} fds")
+            if msg.command == Command.DMA_READ:
+                payload = self._dma_read(msg.payload)
+            elif msg.command == Command.DMA_WRITE:
+                payload = self._dma_write(msg.payload)
+            else:
+                raise CommandError(errno.ENOSYS, f"{command_name(msg.command)} is not a client command")
+        except CommandError as e:
+            error = e.errno
+            kv(log, logging.WARNING, "server command refused", cmd=command_name(msg.command), id=msg.msg_id,
+               reason=e.reason)
+        finally:
+            msg.close_fds()
         if not msg.no_reply:
-            try:
-                send_message(self._sock, msg.msg_id, msg.command, TYPE_REPLY | FLAG_ERROR, error=errno.ENOSYS,
-                             timeout=self.timeout)
-            except (PeerClosed, TimeoutError) as e:
-                raise self._gone(f"refusing {command_name(msg.command)}: {e}") from None
+            self._outbox.append((msg.msg_id, msg.command, TYPE_REPLY | (FLAG_ERROR if error else 0), payload, error))
+
+    def _dma_read(self, payload: bytes) -> bytes:
+        if len(payload) != DMA_RW.size:
+            raise CommandError(errno.EINVAL, f"DMA_READ payload is {len(payload)} bytes, expected {DMA_RW.size}")
+        address, count = DMA_RW.unpack(payload)
+        m = self._mapping(address, count, DMA_MAP_READ)
+        data = os.pread(m.fd, count, m.file_offset + address - m.iova)
+        if len(data) != count:
+            raise CommandError(errno.EFAULT, f"DMA_READ [{address:#x}, +{count:#x}) beyond the mapped file")
+        return DMA_RW.pack(address, count) + data
+
+    def _dma_write(self, payload: bytes) -> bytes:
+        if len(payload) < DMA_RW.size:
+            raise CommandError(errno.EINVAL, f"DMA_WRITE payload is {len(payload)} bytes, needs at least 16")
+        address, count = DMA_RW.unpack_from(payload)
+        if count > len(payload) - DMA_RW.size:
+            raise CommandError(errno.EINVAL, f"DMA_WRITE count {count} but {len(payload) - DMA_RW.size} data bytes")
+        m = self._mapping(address, count, DMA_MAP_WRITE)
+        if os.pwrite(m.fd, payload[DMA_RW.size:DMA_RW.size + count], m.file_offset + address - m.iova) != count:
+            raise CommandError(errno.EFAULT, f"DMA_WRITE [{address:#x}, +{count:#x}) beyond the mapped file")
+        return DMA_RW.pack(address, count)
+
+    def _mapping(self, address: int, count: int, need: int) -> _Mapping:
+        """The mapping holding all of [address, address+count): E2BIG over our max_data_xfer_size,
+        EFAULT outside every mapping, EPERM without the needed permission."""
+        if count > MAX_DATA_XFER_SIZE:
+            raise CommandError(errno.E2BIG, f"DMA access of {count} bytes > max_data_xfer_size {MAX_DATA_XFER_SIZE}")
+        for m in self._maps:
+            if m.iova <= address and address + count <= m.iova + m.size:
+                if not m.flags & need:
+                    raise CommandError(errno.EPERM, f"mapping at {m.iova:#x} does not allow this access")
+                return m
+        raise CommandError(errno.EFAULT, f"DMA access [{address:#x}, +{count:#x}) is not inside one mapping")
+
+    def _forget_maps(self, which) -> None:
+        keep = []
+        for m in self._maps:
+            if which(m):
+                os.close(m.fd)
+            else:
+                keep.append(m)
+        self._maps = keep
 
     def _gone(self, why: str) -> DeviceMissing:
         self._drop_socket()
@@ -315,6 +422,10 @@ class VfioDevice:
             self._reader.discard()
             self._sock.close()
             self._sock = None
+        for msg in self._inbox:
+            msg.close_fds()
+        self._inbox.clear()
+        self._outbox.clear()
 
     def _close_irq_fds(self) -> None:
         for fd in self._irq_fds.values():

@@ -1,5 +1,10 @@
 """Server-side DMA mappings (spec §3.2-3.3, §6 "Guest memory"): the device reaches guest memory
-through shared mmaps of the client's memory file, addressed by IOVA."""
+through shared mmaps of the client's memory file, addressed by IOVA.
+
+A DMA_MAP without an fd (addendum A1: QEMU sends these for ROM/BIOS shadows) is accepted as a
+*message-only* range: it takes part in the overlap, limit and unmap rules like any mapping, but
+this server never uses DMA_READ/DMA_WRITE, so a device access to it is a `DmaFault` (the device
+counts it, as for an unmapped address)."""
 from __future__ import annotations
 
 import bisect
@@ -24,9 +29,9 @@ class DmaMapping:
     size: int
     file_offset: int
     flags: int
-    file_id: tuple[int, int]  # (st_dev, st_ino): identifies "the same file" for exact repeats
-    mm: mmap.mmap
-    buf: memoryview
+    file_id: tuple[int, int] | None  # (st_dev, st_ino): "the same file" for exact repeats; None: no fd
+    mm: mmap.mmap | None  # None: message-only (no fd was sent)
+    buf: memoryview | None
 
     @property
     def end(self) -> int:
@@ -35,6 +40,8 @@ class DmaMapping:
     def release(self) -> None:
         """Unmap now if nobody holds a view; otherwise the mapping dies with the last view
         (Python cannot revoke exported buffers; the range is already gone from the table)."""
+        if self.mm is None:
+            return
         self.buf.release()
         try:
             self.mm.close()
@@ -54,21 +61,26 @@ class DmaSpace:
         return len(self._maps)
 
     # -- protocol side --------------------------------------------------------------------------
-    def map(self, fd: int, file_offset: int, iova: int, size: int, flags: int) -> bool:
-        """Map `size` bytes of `fd` at `file_offset` to `iova`. Returns False for an exact repeat
-        (a no-op); CommandError for bad arguments, overlap (EEXIST) or too many maps (ENOSPC).
-        The caller keeps ownership of `fd` (the mmap holds the file)."""
+    def map(self, fd: int | None, file_offset: int, iova: int, size: int, flags: int) -> bool:
+        """Map `size` bytes of `fd` at `file_offset` to `iova` (`fd` None: a message-only range, the
+        offset ignored). Returns False for an exact repeat (a no-op); CommandError for bad arguments,
+        overlap (EEXIST) or too many maps (ENOSPC). The caller keeps ownership of `fd` (the mmap holds
+        the file)."""
         if flags & ~(DMA_MAP_READ | DMA_MAP_WRITE | DMA_MAP_MMAP):
             raise CommandError(errno.EINVAL, f"DMA_MAP flags {flags:#x}: only READ|WRITE|MMAP (0x7) are supported")
         if not flags & (DMA_MAP_READ | DMA_MAP_WRITE):
             raise CommandError(errno.EINVAL, f"DMA_MAP flags {flags:#x} grant neither READ nor WRITE")
         if size == 0 or iova + size > 1 << 64:
             raise CommandError(errno.EINVAL, f"DMA_MAP range iova={iova:#x} size={size:#x} is empty or wraps")
-        st = os.fstat(fd)
-        if file_offset + size > st.st_size:
-            raise CommandError(errno.EINVAL, f"DMA_MAP file range [{file_offset:#x}, {file_offset + size:#x}) "
-                                             f"beyond the end of the {st.st_size:#x}-byte file")
-        file_id = (st.st_dev, st.st_ino)
+        file_id = None
+        if fd is None:
+            file_offset = 0
+        else:
+            st = os.fstat(fd)
+            if file_offset + size > st.st_size:
+                raise CommandError(errno.EINVAL, f"DMA_MAP file range [{file_offset:#x}, {file_offset + size:#x}) "
+                                                 f"beyond the end of the {st.st_size:#x}-byte file")
+            file_id = (st.st_dev, st.st_ino)
         for m in self._maps:
             if m.iova < iova + size and iova < m.end:
                 if (m.iova, m.size, m.file_offset, m.flags, m.file_id) == (iova, size, file_offset, flags, file_id):
@@ -78,14 +90,16 @@ class DmaSpace:
         if len(self._maps) >= self.max_maps:
             raise CommandError(errno.ENOSPC, f"DMA_MAP: already {len(self._maps)} mappings, "
                                              f"max_dma_maps is {self.max_maps}")
-        base = file_offset - file_offset % _PAGE
-        delta = file_offset - base
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & DMA_MAP_WRITE else 0)
-        try:
-            mm = mmap.mmap(fd, delta + size, mmap.MAP_SHARED, prot, offset=base)
-        except (OSError, ValueError, OverflowError) as e:
-            raise CommandError(errno.EINVAL, f"DMA_MAP: cannot mmap the file: {e}") from None
-        view = memoryview(mm)[delta:delta + size]
+        mm = view = None
+        if fd is not None:
+            base = file_offset - file_offset % _PAGE
+            delta = file_offset - base
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & DMA_MAP_WRITE else 0)
+            try:
+                mm = mmap.mmap(fd, delta + size, mmap.MAP_SHARED, prot, offset=base)
+            except (OSError, ValueError, OverflowError) as e:
+                raise CommandError(errno.EINVAL, f"DMA_MAP: cannot mmap the file: {e}") from None
+            view = memoryview(mm)[delta:delta + size]
         mapping = DmaMapping(iova, size, file_offset, flags, file_id, mm, view)
         i = bisect.bisect(self._starts, iova)
         self._maps.insert(i, mapping)
@@ -136,4 +150,8 @@ class DmaSpace:
         i = bisect.bisect_right(self._starts, iova) - 1
         if n < 0 or iova < 0 or i < 0 or iova + n > self._maps[i].end:
             raise DmaFault(f"DMA access [{iova:#x}, +{n:#x}) is not inside a mapped range")
-        return self._maps[i]
+        m = self._maps[i]
+        if m.mm is None:
+            raise DmaFault(f"DMA access [{iova:#x}, +{n:#x}) to a range mapped without an fd (this server does "
+                           f"not use DMA_READ/DMA_WRITE)")
+        return m

@@ -22,6 +22,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from vfkeep.sockets import wait_fd
 
@@ -75,6 +76,8 @@ REGION_INFO = struct.Struct("<IIIIQQ")        # argsz, flags, index, cap_offset,
 IRQ_INFO = struct.Struct("<IIII")             # argsz, flags, index, count
 IRQ_SET = struct.Struct("<IIIII")             # argsz, flags, index, start, count (+ bool data)
 REGION_ACCESS = struct.Struct("<QII")         # offset, region, count (+ data)
+DMA_RW = struct.Struct("<QQ")                 # address, count (+ data): server->client DMA_READ/WRITE,
+                                              # libvfio-user's layout (addendum A2)
 
 VERSION_MAJOR = 0
 VERSION_MINOR = 0
@@ -158,6 +161,12 @@ class PeerClosed(Exception):
     """The other end went away (EOF, ECONNRESET, EPIPE)."""
 
 
+class SendAborted(PeerClosed):
+    """A send failed after part of the message was written (timeout or error): the stream has lost its
+    framing, so the connection must be closed, as if the peer had gone (addendum A5). A send that wrote
+    nothing raises TimeoutError or PeerClosed instead."""
+
+
 @dataclass
 class Message:
     msg_id: int
@@ -232,23 +241,45 @@ def decode_version(payload: bytes) -> tuple[int, int, dict]:
 
 # -- framing (§1.2, §1.6) -----------------------------------------------------------------------
 def send_message(sock: socket.socket, msg_id: int, command: int, flags: int, payload: bytes = b"", *,
-                 error: int = 0, fds: list[int] | tuple[int, ...] = (), timeout: float = 5.0) -> None:
+                 error: int = 0, fds: list[int] | tuple[int, ...] = (), timeout: float = 5.0,
+                 on_readable: Callable[[], None] | None = None) -> None:
     """Send one message with its fds on the sendmsg that carries the header. Works on non-blocking
     sockets: waits for writability up to `timeout`. PeerClosed if the peer is gone, TimeoutError
-    if it does not drain its socket in time."""
-    data = memoryview(HEADER.pack(msg_id & 0xFFFF, command, HEADER_SIZE + len(payload), flags, error) + payload)
+    if it does not drain its socket in time; SendAborted for either once any byte went out.
+    `on_readable` is called whenever the socket has input meanwhile (it must read, not send): a peer
+    that is itself sending to us cannot then deadlock against this send (addendum A2)."""
+    total = HEADER_SIZE + len(payload)
+    data = memoryview(HEADER.pack(msg_id & 0xFFFF, command, total, flags, error) + payload)
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     deadline = time.monotonic() + timeout
     while data:
         try:
-            sent = sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            wait_fd(sock, select.POLLOUT, deadline)
-            continue
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
-            raise PeerClosed(str(e)) from None
+            try:
+                sent = sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                _wait_writable(sock, deadline, on_readable)
+                continue
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
+                raise PeerClosed(str(e)) from None
+        except (PeerClosed, TimeoutError, OSError) as e:
+            if len(data) == total:
+                raise
+            raise SendAborted(f"{command_name(command)}: send failed after {total - len(data)} of {total} bytes "
+                              f"({e or type(e).__name__}): connection must be closed") from None
         ancillary = []  # the fds went with the first bytes
         data = data[sent:]
+
+
+def _wait_writable(sock: socket.socket, deadline: float, on_readable: Callable[[], None] | None) -> None:
+    if on_readable is None:
+        wait_fd(sock, select.POLLOUT, deadline)
+        return
+    while True:
+        events = wait_fd(sock, select.POLLOUT | select.POLLIN, deadline)
+        if events & select.POLLIN:
+            on_readable()
+        if events & ~select.POLLIN:  # writable, or an error/hangup the next sendmsg reports
+            return
 
 
 class FrameReader:

@@ -4,6 +4,11 @@ Nothing a client sends may take the device process down: every bad command becom
 reply, every unparsable stream a closed connection, and the next client is then served. A
 client disconnect drops its DMA mappings and eventfds; the device keeps its state unless its
 `reset_method` is `flr` (spec §5.2, §5.4).
+
+For third-party clients (a VMM's vfio-user client, spec addendum): DMA_MAP without an fd is accepted
+as a range the device cannot reach (A1); ERR and REQ report one vector each (A3); the VERSION reply
+carries only the capabilities the client proposed (A4); a reply that cannot be sent in full closes
+the connection (A5). This server never sends DMA_READ/DMA_WRITE.
 """
 from __future__ import annotations
 
@@ -22,10 +27,10 @@ from .dma import DmaSpace
 from .irqs import IrqTable
 from .loop import EventLoop
 from .protocol import (DEFAULT_MAX_DMA_MAPS, DEFAULT_MAX_MSG_FDS, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET, DEVICE_INFO, DMA_MAP,
-                       DMA_UNMAP, DMA_UNMAP_ALL, FLAG_ERROR, IRQ_INFO,
+                       DMA_UNMAP, DMA_UNMAP_ALL, FLAG_ERROR, IRQ_ERR, IRQ_INFO, IRQ_REQ,
                        IRQ_INFO_EVENTFD, IRQ_SET, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, NUM_PCI_IRQS, NUM_PCI_REGIONS,
                        PAGE_SIZES, REGION_ACCESS, REGION_INFO, REGION_INFO_READ, REGION_INFO_WRITE, TYPE_COMMAND,
-                       TYPE_REPLY, VERSION_MAJOR, VERSION_MINOR, Command, CommandError, FrameReader, FramingError,
+                       TYPE_REPLY, VERSION_FIXED, VERSION_MAJOR, VERSION_MINOR, Command, CommandError, FrameReader, FramingError,
                        Message, PeerClosed, command_name, decode_version, encode_version, send_message)
 
 log = logging.getLogger("vfkeep.vfio_user.server")
@@ -58,7 +63,10 @@ class VfioUserServer:
         self.device = device
         self.loop = loop or EventLoop()
         self.dma = DmaSpace(max_dma_maps)
-        self.irqs = IrqTable([device.irq_count(i) for i in range(NUM_PCI_IRQS)])
+        # ERR and REQ: one vector each, whatever the device (addendum A3: QEMU gives up error recovery
+        # unless ERR has exactly 1). Assignable; never signalled: no unrecoverable error or removal
+        # request is modelled.
+        self.irqs = IrqTable([1 if i in (IRQ_ERR, IRQ_REQ) else device.irq_count(i) for i in range(NUM_PCI_IRQS)])
         self.epoch = 0
         self.resets = 0
         self._regions = {i: (size, flags & (REGION_INFO_READ | REGION_INFO_WRITE))
@@ -230,20 +238,25 @@ class VfioUserServer:
             raise CommandError(errno.EINVAL, f"client max_msg_fds {max_fds} outside 0..1024")
         conn.negotiated = True
         kv(log, logging.INFO, "version negotiated", epoch=conn.epoch, client_minor=minor, caps=caps)
-        return encode_version(VERSION_MAJOR, min(minor, VERSION_MINOR), {
-            "max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE,
-            "max_dma_maps": self.dma.max_maps, "pgsizes": PAGE_SIZES})
+        # Only keys the client proposed, valued with our limits; unsupported ones (migration, twin_socket,
+        # write_multiple) are left out, which means unsupported; no JSON proposed, none sent (addendum A4).
+        ours = {"max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE,
+                "max_dma_maps": self.dma.max_maps, "pgsizes": PAGE_SIZES}
+        proposed_json = len(msg.payload) > VERSION_FIXED.size
+        return encode_version(VERSION_MAJOR, min(minor, VERSION_MINOR),
+                              {k: v for k, v in ours.items() if k in caps} if proposed_json else None)
 
     def _dma_map(self, conn: _Connection, msg: Message) -> bytes:
         argsz, flags, offset, address, size = _unpack(DMA_MAP, msg)
         if argsz < DMA_MAP.size:
             raise CommandError(errno.EINVAL, f"DMA_MAP argsz {argsz} < {DMA_MAP.size}")
-        if len(msg.fds) != 1:
-            raise CommandError(errno.EINVAL, f"DMA_MAP needs exactly one memory fd, got {len(msg.fds)} "
-                                             f"(this server cannot serve ranges through DMA_READ/DMA_WRITE)")
-        added = self.dma.map(msg.fds[0], offset, address, size, flags)
+        if len(msg.fds) > 1:
+            raise CommandError(errno.EINVAL, f"DMA_MAP takes at most one memory fd, got {len(msg.fds)}")
+        fd = msg.fds[0] if msg.fds else None  # no fd: a message-only range the device cannot reach (A1)
+        added = self.dma.map(fd, offset, address, size, flags)
         kv(log, logging.INFO, "dma map" if added else "dma map repeated (no-op)", epoch=conn.epoch,
-           iova=f"{address:#x}", size=f"{size:#x}", offset=f"{offset:#x}", flags=f"{flags:#x}", maps=len(self.dma))
+           iova=f"{address:#x}", size=f"{size:#x}", offset=f"{offset:#x}", flags=f"{flags:#x}", maps=len(self.dma),
+           fd=fd is not None)
         return b""
 
     def _dma_unmap(self, conn: _Connection, msg: Message) -> bytes:
