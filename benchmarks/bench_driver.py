@@ -6,7 +6,7 @@ For each device timing profile (`natural`: nothing modelled; `realistic`: FLR 10
 request) against the emulator in its own process over vfio-user:
 - fresh: `ManaDevice.new` on a device without an HWC (connect, map memory, ESTABLISH_HWC, ... QUERY_DEV_CONFIG);
 - fresh after keepalive state without restoring it: the NoReset attempt fails, FLR, fresh init
-  (`create_fresh`), what a servicing without keepalive costs when the old driver left the HWC alive;
+  (`fresh_mana_device`), what a servicing without keepalive costs when the old driver left the HWC alive;
 - restore: `ManaDevice.restore` from saved state (no ESTABLISH_HWC, no REGISTER_DEVICE, no FLR);
 each also with the first vport opened ("+ vport"). Then loopback frames/s over vfio-user and in-process
 (the emulator core called directly: the driver's own cost). Results go to benchmarks/results/driver.json.
@@ -27,10 +27,11 @@ import time
 from vfkeep import proc
 from vfkeep.device.main import start_device
 from vfkeep.device.timing import PRESETS
-from vfkeep.driver.mana import ManaDevice, create_fresh
-from vfkeep.driver.vfio_backing import open_vfio, reset_method_setter
+from vfkeep.driver.mana import ManaDevice
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.paravisor.vf_manager import fresh_mana_device, nic_dma_clients, release_nic_buffers
 from vfkeep.vfio_user import control_call
+from vfkeep.vfio_user.backing import open_vfio, reset_method_setter
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=2048, pool_pages=64)
 PCI_ID = "bench0"
@@ -69,7 +70,7 @@ def bench_bringup(sock: str, mem: GuestMemory, repeat: int) -> dict:
     for round_ in range(repeat + 1):  # round 0 warms caches and the device up and is not counted
         dma = DmaManager(mem, strict_pool=False)
         t0 = time.perf_counter()
-        dev = ManaDevice.new(open_vfio(sock, mem), dma, PCI_ID)
+        dev = ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True)), PCI_ID)
         t1 = time.perf_counter()
         dev.open_vport(0)
         samples["fresh"].append(t1 - t0)
@@ -78,7 +79,8 @@ def bench_bringup(sock: str, mem: GuestMemory, repeat: int) -> dict:
 
         dma = handover(dma, mem)
         t0 = time.perf_counter()
-        dev = ManaDevice.restore(open_vfio(sock, mem, restore=True), dma, PCI_ID, state.SerializeToString())
+        dev = ManaDevice.restore(open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True), restore=True), PCI_ID,
+                                 state.SerializeToString())
         t1 = time.perf_counter()
         dev.open_vport(0)
         samples["restore"].append(t1 - t0)
@@ -87,10 +89,9 @@ def bench_bringup(sock: str, mem: GuestMemory, repeat: int) -> dict:
 
         # Non-keepalive path over a device that still has the HWC: NoReset fails, FLR, fresh init.
         dma = handover(dma, mem)
-        for block in dma.new_client(f"nic_{PCI_ID}", True).attach_pending_buffers():
-            block.free()
+        release_nic_buffers(dma, PCI_ID)
         t0 = time.perf_counter()
-        dev, flr = create_fresh(lambda: open_vfio(sock, mem), setter, dma, PCI_ID)
+        dev, flr = fresh_mana_device(lambda: open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True)), setter, PCI_ID)
         t1 = time.perf_counter()
         dev.open_vport(0)
         assert flr, "the NoReset attempt was expected to fail on a device that kept its HWC"
@@ -135,7 +136,7 @@ def bench_inprocess(nframes: int, size: int) -> dict:
     with GuestMemory.create(LAYOUT) as mem:
         bench = InProcessBench(mem)
         try:
-            return bench_datapath(lambda: ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False),
+            return bench_datapath(lambda: ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), PCI_ID),
                                                          PCI_ID), nframes, size)
         finally:
             bench.device.close()
@@ -152,8 +153,8 @@ def run(repeat: int, nframes: int) -> dict:
                 if timing == "natural":
                     for size in (64, 1500):
                         results["datapath"][f"vfio_user_{size}"] = bench_datapath(
-                            lambda: ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False),
-                                                   PCI_ID), nframes, size)
+                            lambda: ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(
+                                DmaManager(mem, strict_pool=False), PCI_ID, True)), PCI_ID), nframes, size)
                 results["bringup"][timing]["timing"] = PRESETS[timing].to_dict()
                 results["bringup"][timing]["device_counters"] = {
                     k: v for k, v in control_call(sock + ".ctl", "counters")["counters"].items()

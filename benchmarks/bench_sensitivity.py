@@ -34,11 +34,12 @@ from vfkeep import proc
 from vfkeep.device.main import start_device
 from vfkeep.device.timing import DeviceTiming
 from vfkeep.driver.mana import ManaDevice
-from vfkeep.driver.vfio_backing import open_vfio
 from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.paravisor.vf_manager import nic_dma_clients
 from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
 from vfkeep.vfio_user import VfioDevice
+from vfkeep.vfio_user.backing import open_vfio
 
 from .traffic_host import TrafficHost, pyplot, summary, write
 
@@ -138,7 +139,8 @@ def reconnect_ms(sock: str, mem: GuestMemory, n: int) -> float:
 
 def request_ms(sock: str, mem: GuestMemory, n: int) -> float:
     """One HWC request at zero modelled latency, back to back on an up device (the driver's round trip)."""
-    dev = ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False), "bench0")
+    dma = nic_dma_clients(DmaManager(mem, strict_pool=False), "bench0", True)
+    dev = ManaDevice.new(open_vfio(sock, mem, dma), "bench0")
     try:
         for _ in range(10):
             dev.gdma.verify_vf_driver_version()

@@ -6,7 +6,9 @@ import os
 
 from vfkeep.device.core import GdmaDevice
 from vfkeep.device.dma import MappedMemory
-from vfkeep.memory import GuestMemory
+from vfkeep.driver.backing import DmaClients
+from vfkeep.memory import DmaManager, GuestMemory
+from vfkeep.paravisor.vf_manager import nic_dma_clients
 
 
 class EventfdIrqs:
@@ -32,11 +34,11 @@ class EventfdIrqs:
 
 
 class InProcessBacking:
-    """BAR0 and MSI-X of an in-process `GdmaDevice` with `VfioDevice`'s method names (the driver's
-    `DeviceBacking`); construction is a client connect (epoch `epoch`), `close()` a disconnect."""
+    """BAR0 and MSI-X of an in-process `GdmaDevice` with `VfioDevice`'s method names, and the DMA clients (the
+    driver's `DeviceBacking`); construction is a client connect (epoch `epoch`), `close()` a disconnect."""
 
-    def __init__(self, device: GdmaDevice, irqs: EventfdIrqs, epoch: int):
-        self.device, self.irqs = device, irqs
+    def __init__(self, device: GdmaDevice, irqs: EventfdIrqs, epoch: int, dma: DmaClients | None = None):
+        self.device, self.irqs, self.dma = device, irqs, dma
         self.bar0_len = device.bar0.size
         self.msix_count = 64
         device.client_connected(epoch)
@@ -70,6 +72,8 @@ class InProcessBacking:
     def close(self):
         self.clear_irqs()
         self.device.client_disconnected()
+        if self.dma is not None:
+            self.dma.close()
 
 
 class InProcessBench:
@@ -81,10 +85,14 @@ class InProcessBench:
         self.device = GdmaDevice(MappedMemory(mem), self.irqs, None, **device_kwargs)
         self.epoch = 0
 
-    def connect(self, fresh: bool = True) -> InProcessBacking:
-        """Like `VfioDevice.new` (fresh: an flr device is reset on open) or `.restore` (never resets)."""
+    def connect(self, dma: DmaManager, pci_id: str = "nic0", fresh: bool = True,
+                persistent: bool | None = None) -> InProcessBacking:
+        """Like `open_vfio`: `VfioDevice.new` (fresh: an flr device is reset on open) or `.restore` (never
+        resets), with the NIC's DMA clients as the VF manager makes them (persistent: default when the
+        memory has a pool)."""
+        persistent = dma.has_pool if persistent is None else persistent
         self.epoch += 1
-        backing = InProcessBacking(self.device, self.irqs, self.epoch)
+        backing = InProcessBacking(self.device, self.irqs, self.epoch, nic_dma_clients(dma, pci_id, persistent))
         if fresh and self.device.reset_method == "flr":
             self.device.flr("open")
         return backing

@@ -14,9 +14,10 @@ import time
 
 from driver_helpers import loopback, numbered_frames, same_payloads
 
-from vfkeep.driver.mana import ManaDevice, create_fresh, release_pending_buffers
-from vfkeep.driver.vfio_backing import open_vfio, reset_method_setter
+from vfkeep.driver.mana import ManaDevice
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.paravisor.vf_manager import fresh_mana_device, nic_dma_clients, release_nic_buffers
+from vfkeep.vfio_user.backing import open_vfio, reset_method_setter
 
 PCI_ID = "d186:00:00.0"
 
@@ -35,7 +36,7 @@ def main():
     result = {"mode": mode}
     try:
         if mode == "save":
-            dev = ManaDevice.new(open_vfio(sock, mem), dma, PCI_ID)
+            dev = ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True)), PCI_ID)
             result["traffic"] = traffic(dev, nframes)
             state = dev.save()
             (out / "mana.bin").write_bytes(state.SerializeToString())
@@ -44,7 +45,8 @@ def main():
         elif mode == "restore":
             dma.restore((out / "dma.bin").read_bytes())
             t = time.perf_counter()
-            dev = ManaDevice.restore(open_vfio(sock, mem, restore=True), dma, PCI_ID, (out / "mana.bin").read_bytes())
+            backing = open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True), restore=True)
+            dev = ManaDevice.restore(backing, PCI_ID, (out / "mana.bin").read_bytes())
             result["restore_ms"] = (time.perf_counter() - t) * 1000
             result["base_pfn"] = dev.gdma.hwc_mem.base_pfn
             result["unclaimed"] = len(dma.validate_restore())
@@ -52,8 +54,9 @@ def main():
             result["clean_shutdown"] = dev.shutdown()
         elif mode == "fresh":
             dma.restore((out / "dma.bin").read_bytes())
-            result["freed_pages"] = release_pending_buffers(dma, PCI_ID)
-            dev, result["flr"] = create_fresh(lambda: open_vfio(sock, mem), reset_method_setter(sock), dma, PCI_ID)
+            result["freed_pages"] = release_nic_buffers(dma, PCI_ID)
+            dev, result["flr"] = fresh_mana_device(lambda: open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True)),
+                                                   reset_method_setter(sock), PCI_ID)
             result["traffic"] = traffic(dev, nframes)
             result["clean_shutdown"] = dev.shutdown()
     except Exception as e:

@@ -9,9 +9,9 @@ from driver_helpers import InProcessBench, loopback, same_payloads
 from driver_helpers import numbered_frames as frames
 from servicing_helpers import HostRun
 from vfkeep.driver.errors import RestoreError
-from vfkeep.driver.mana import ManaDevice, create_fresh, release_pending_buffers
+from vfkeep.driver.mana import ManaDevice
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
-from vfkeep.paravisor.vf_manager import KEPT_VPORT
+from vfkeep.paravisor.vf_manager import KEPT_VPORT, fresh_mana_device, release_nic_buffers
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=256)
 #: Device commands that build or tear down a vport's data path: none may run in a data-path keepalive window.
@@ -41,7 +41,7 @@ def kept_after_traffic(bench, mem, undelivered: int = 0):
     """Fresh device, persistent vport that passed traffic and holds `undelivered` received frames, saved;
     returns (state, queue ids, restored DmaManager, the undelivered frames)."""
     dma = DmaManager(mem, strict_pool=True)
-    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     vport = dev.open_vport(0, KEPT_VPORT, persistent=True)
     assert (vport._tx_nbuf, vport._rx_nbuf) == (64, 128)
     assert len(loopback(vport, frames(300))) == 300
@@ -61,7 +61,7 @@ def test_kept_vport_resumes_without_queue_commands(bench, mem):
     state, ids, dma, pending = kept_after_traffic(bench, mem, undelivered=20)
     (v,) = state.vports
     assert (v.tx_buffers, v.rx_buffers, len(v.mem)) == (64, 128, 7)
-    dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", state.SerializeToString())
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state.SerializeToString())
     assert dma.validate_restore() == []
     vport = dev.vports[0]
     assert vport.queue_ids() == ids and vport.persistent
@@ -77,7 +77,7 @@ def test_kept_vport_resumes_without_queue_commands(bench, mem):
 
 def test_option_off_vport_is_ephemeral_and_torn_down(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
-    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     vport = dev.open_vport(0, KEPT_VPORT)
     assert not vport.persistent and len(loopback(vport, frames(50))) == 50
     seq = bench.device.command_log.seq
@@ -102,10 +102,10 @@ def test_hostile_kept_vport_is_refused_then_fresh_init_works(bench, mem, mutate,
     state, _, dma, _ = kept_after_traffic(bench, mem)
     mutate(state.vports[0], LAYOUT.pool)
     with pytest.raises(RestoreError, match=match):
-        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", state.SerializeToString())
+        ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state.SerializeToString())
     # The worker's fallback: free what is pending, FLR, fresh device; the NIC works.
-    release_pending_buffers(dma, "nic0")
-    dev, flr = create_fresh(lambda: bench.connect(), bench.set_reset_method, dma, "nic0", force_flr=True)
+    release_nic_buffers(dma, "nic0")
+    dev, flr = fresh_mana_device(lambda: bench.connect(dma, "nic0"), bench.set_reset_method, "nic0", force_flr=True)
     assert flr
     assert len(loopback(dev.open_vport(0, KEPT_VPORT, persistent=True), frames(100))) == 100
     assert dma.validate_restore() == []

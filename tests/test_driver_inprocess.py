@@ -10,11 +10,12 @@ from vfkeep.device import control
 from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
                                   RestoredMemoryNotFound, RestoreError, SaveRefusedHwcFailure,
                                   SaveRefusedResetPending, SmcError)
-from vfkeep.driver.mana import ManaDevice, create_fresh
+from vfkeep.driver.mana import ManaDevice
 from vfkeep.driver.vport import VportConfig
 from vfkeep.gdma.constants import DB_RQ, MANA_QUERY_STATS
 from vfkeep.gdma.regs import WqDoorbellValue
 from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.paravisor.vf_manager import fresh_mana_device
 from vfkeep.proto import mana_driver_pb2
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=64)
@@ -37,7 +38,7 @@ def bench(mem):
 def saved_after_bringup(bench, mem):
     """Fresh device with one vport that passed traffic, saved; returns (state, restored DmaManager)."""
     dma = DmaManager(mem, strict_pool=False)
-    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     loopback(dev.open_vport(0, SMALL), frames(40))
     state = dev.save()
     dma_state = dma.save()
@@ -49,7 +50,7 @@ def saved_after_bringup(bench, mem):
 
 def test_fresh_bringup_sequence_and_clean_shutdown(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
-    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     assert bench.log_since(0) == FRESH_SEQUENCE
     hwc = dev.gdma.hwc
     assert (hwc.eq.id, hwc.cq.id, hwc.rq.id, hwc.sq.id) == (24, 24, 24, 24)
@@ -78,7 +79,7 @@ OPEN_VPORT_SEQUENCE = ["MANA_QUERY_VPORT_CONFIG", "MANA_CONFIG_VPORT_TX", "GDMA_
 def test_open_vport_follows_the_reference_order(bench, mem, monkeypatch):
     """gdma spec 13.1 steps 12-24: the receive WQEs are posted (RQ doorbell) after CONFIG_VPORT_RX starts
     traffic, not before."""
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     seq = bench.device.command_log.seq
     events = []
     doorbell = bench.device.doorbell
@@ -97,7 +98,7 @@ def test_open_vport_follows_the_reference_order(bench, mem, monkeypatch):
 
 
 def test_receive_waits_for_interrupt_and_frames_can_be_taken_zero_copy(bench, mem):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     vport = dev.open_vport(0, SMALL)
     assert vport.receive(8, timeout=0.05) == []  # armed, slept, nothing came
     assert vport.prepare_wait() is True
@@ -109,7 +110,7 @@ def test_receive_waits_for_interrupt_and_frames_can_be_taken_zero_copy(bench, me
 
 
 def test_change_vector_moves_the_data_interrupt(bench, mem):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     vport = dev.open_vport(0, SMALL)
     assert vport.vector == 1
     vport.change_vector(0)
@@ -132,7 +133,7 @@ def test_save_then_restore_without_establish_or_register(bench, mem):
 
     seq = bench.device.command_log.seq
     blob = mana_driver_pb2.ManaDeviceSavedState.FromString(state.SerializeToString())
-    dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob.SerializeToString())
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", blob.SerializeToString())
     assert bench.log_since(seq) == RESTORE_SEQUENCE
     first = [e for e in bench.device.command_log.since(seq) if e["kind"] == "hwc"][0]
     assert first["activity_id"] == (g.hwc_activity_id + 1) & 0xFFFFFFFF
@@ -149,7 +150,7 @@ def test_saved_state_round_trips_through_bytes_and_a_second_servicing(bench, mem
     blob = state.SerializeToString()
     assert mana_driver_pb2.ManaDeviceSavedState.FromString(blob) == state
     assert b"\x10\x80\xc0\x01" in blob  # mem.len = 24576 as spec 7.2 encodes it
-    dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob)
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", blob)
     again = dev.save().gdma  # no vport: only the four restore requests ran on the HWC
     g = state.gdma
     for name in ("mem", "db_id", "pdid", "gpa_mkey", "num_msix", "min_queue_avail"):
@@ -167,13 +168,13 @@ def test_restore_onto_a_device_that_lost_its_hwc_times_out_and_frees(bench, mem)
     state, dma = saved_after_bringup(bench, mem)
     bench.device.flr("reset during the handover")
     with pytest.raises(HwcTimeout, match="GDMA_GENERATE_TEST_EQE"):
-        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", state, probe_timeout_ms=100)
+        ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, probe_timeout_ms=100)
     usage = dma.pool_usage()
     assert usage["allocated_pages"] == 0 and usage["pending_pages"] == 0
 
 
 def test_save_refused_after_hwc_failure(bench, mem):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     control.fail_request(bench.device, "QUERY_STATS")
     with pytest.raises(HwcFailure) as err:
         dev.query_stats()
@@ -188,7 +189,7 @@ def test_save_refused_after_hwc_failure(bench, mem):
 
 
 def test_save_refused_with_reset_request_pending(bench, mem):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     vport = dev.open_vport(0, SMALL)
     control.raise_reset_request(bench.device, revoke_vtl0_vf=True)
     with pytest.raises(SaveRefusedResetPending, match="reset request pending"):
@@ -203,7 +204,7 @@ def test_save_refused_with_reset_request_pending(bench, mem):
 
 def test_link_toggles_are_delivered_and_saved_until_delivered(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
-    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     vport = dev.open_vport(0, SMALL)
     control.link(bench.device, 0, False)
     assert vport.link_up is False
@@ -214,7 +215,7 @@ def test_link_toggles_are_delivered_and_saved_until_delivered(bench, mem):
 
 
 def test_event_fd_wakes_on_link_change(bench, mem):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     vport = dev.open_vport(0, SMALL)
     assert vport.queue_ids() == {"eq": 25, "sq": 25, "tx_cq": 25, "rq": 25, "rx_cq": 26}
     assert dev.prepare_event_wait() is True
@@ -228,7 +229,7 @@ def test_event_fd_wakes_on_link_change(bench, mem):
 
 
 def test_hwc_timeout_marks_failure_and_reports(bench, mem):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     control.hwc_stall(bench.device)
     seq = bench.device.command_log.seq
     with pytest.raises(HwcTimeout) as err:
@@ -243,7 +244,7 @@ def test_hwc_timeout_marks_failure_and_reports(bench, mem):
 
 
 def test_lost_interrupt_is_survived_and_reported(bench, mem, monkeypatch):
-    dev = ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     seq = bench.device.command_log.seq
     monkeypatch.setattr(bench.irqs, "trigger", lambda vector: None)  # the device's MSI-X goes nowhere
     control.hwc_stall(bench.device)
@@ -259,25 +260,25 @@ def test_lost_interrupt_is_survived_and_reported(bench, mem, monkeypatch):
 def test_surprise_removed_device_is_device_missing(bench, mem):
     control.surprise_removal(bench.device)
     with pytest.raises(DeviceMissing, match="not present"):
-        ManaDevice.new(bench.connect(), DmaManager(mem, strict_pool=False), "nic0")
+        ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
 
 
 def test_second_establish_is_refused_by_a_device_that_kept_its_hwc(bench, mem):
     saved_after_bringup(bench, mem)
     dma = DmaManager(mem, strict_pool=False)
     with pytest.raises(SmcError, match="ESTABLISH_HWC refused"):
-        ManaDevice.new(bench.connect(fresh=False), dma, "nic1")
+        ManaDevice.new(bench.connect(dma, "nic1", fresh=False), "nic1")
     assert dma.pool_usage()["allocated_pages"] == 0
 
 
 def test_create_fresh_noreset_then_flr(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
-    dev, flr = create_fresh(bench.connect, bench.set_reset_method, dma, "nic0")
+    dev, flr = fresh_mana_device(lambda: bench.connect(dma, "nic0"), bench.set_reset_method, "nic0")
     assert flr is False and bench.device.counters["reset_count"] == 0
     dev.save()  # leaves the HWC alive: the next NoReset attempt must fail
     bench.device.reset_method = "none"
     dma2 = DmaManager(mem, strict_pool=False)
-    dev, flr = create_fresh(bench.connect, bench.set_reset_method, dma2, "nic1")
+    dev, flr = fresh_mana_device(lambda: bench.connect(dma2, "nic1"), bench.set_reset_method, "nic1")
     assert flr is True and bench.device.counters["reset_count"] == 1
     assert bench.device.reset_method == "none"
     assert len(loopback(dev.open_vport(0, SMALL), frames(10))) == 10
@@ -291,7 +292,7 @@ def _restore_expecting(bench, mem, mutate, error, match):
     before = mem.read(0, mem.size)
     seq = bench.device.command_log.seq
     with pytest.raises(error, match=match):
-        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob)
+        ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", blob)
     assert mem.read(0, mem.size) == before, "a refused restore wrote guest memory"
     assert bench.log_since(seq) == []
     return dma
@@ -322,19 +323,19 @@ def test_restore_with_truncated_blob(bench, mem):
     before = mem.read(0, mem.size)
     for cut in (len(blob) - 1, len(blob) // 2, 3):
         with pytest.raises(RestoreError):
-            ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", blob[:cut])
+            ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", blob[:cut])
     assert mem.read(0, mem.size) == before
 
 
 def test_restore_without_gdma_state(bench, mem):
     _, dma = saved_after_bringup(bench, mem)
     with pytest.raises(RestoreError, match="no gdma state"):
-        ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", b"")
+        ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", b"")
 
 
 def test_bringup_errors_are_typed(bench, mem):
     control.fail_request(bench.device, "VERIFY_VF_DRIVER_VERSION")
     dma = DmaManager(mem, strict_pool=False)
     with pytest.raises(HwcFailure, match="GDMA_VERIFY_VF_DRIVER_VERSION failed with status 1"):
-        ManaDevice.new(bench.connect(), dma, "nic0")
+        ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     assert dma.pool_usage()["allocated_pages"] == 0

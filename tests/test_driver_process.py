@@ -11,10 +11,10 @@ from vfkeep import proc
 from vfkeep.device.main import start_device
 from vfkeep.driver.errors import DeviceMissing, SaveRefusedHwcFailure
 from vfkeep.driver.mana import ManaDevice
-from vfkeep.driver.vfio_backing import open_vfio
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
-from vfkeep.vfio_user import DeviceMissing as TransportGone
+from vfkeep.paravisor.vf_manager import nic_dma_clients
 from vfkeep.vfio_user import control_call
+from vfkeep.vfio_user.backing import open_vfio
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=1024, pool_pages=64)
 WORKER = pathlib.Path(__file__).with_name("driver_worker.py")
@@ -48,7 +48,8 @@ def run_worker(mode: str, mem: GuestMemory, sock: str, out: pathlib.Path, nframe
 
 def test_fresh_bringup_10000_frames_and_clean_shutdown(device, mem):
     sock = device("--reset-method", "none")
-    dev = ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(DmaManager(mem, strict_pool=False), "nic0", True)),
+                         "nic0")
     frames = numbered_frames(10_000)
     got = loopback(dev.open_vport(0), frames)
     assert len(got) == 10_000 and same_payloads(got, frames)
@@ -62,7 +63,8 @@ def test_fresh_bringup_10000_frames_and_clean_shutdown(device, mem):
 
 def test_vanished_device_is_device_missing_and_shutdown_does_not_raise(device, mem):
     sock = device("--reset-method", "none")
-    dev = ManaDevice.new(open_vfio(sock, mem), DmaManager(mem, strict_pool=False), "nic0")
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(dma, "nic0", True)), "nic0")
     vport = dev.open_vport(0)
     proc.end(device.procs[-1])
     with pytest.raises(DeviceMissing):
@@ -70,8 +72,8 @@ def test_vanished_device_is_device_missing_and_shutdown_does_not_raise(device, m
     with pytest.raises(SaveRefusedHwcFailure):
         dev.save()
     assert vport.closed and dev.shutdown() is False
-    with pytest.raises(TransportGone):
-        open_vfio(sock, mem, timeout=0.2)
+    with pytest.raises(DeviceMissing):  # the transport's error, translated by the backing
+        open_vfio(sock, mem, nic_dma_clients(dma, "nic0", True), timeout=0.2)
 
 
 def save_and_arm_tripwires(device, mem, tmp_path):

@@ -22,11 +22,12 @@ from driver_helpers import InProcessBench
 from vfkeep.driver import gdma_driver
 from vfkeep.driver.errors import DriverError
 from vfkeep.driver.errors import RestoreError as DriverRestoreError
-from vfkeep.driver.mana import ManaDevice, create_fresh
+from vfkeep.driver.mana import ManaDevice
 from vfkeep.gdma.constants import DRV_HWC_NUM_PAGES
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout, OutOfPoolMemory
 from vfkeep.memory import RestoreError as DmaRestoreError
 from vfkeep.memory.dma_manager import DmaClient
+from vfkeep.paravisor.vf_manager import fresh_mana_device
 from vfkeep.proto import dma_manager_pb2, mana_driver_pb2
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=64)
@@ -136,7 +137,7 @@ def saved_nic(mem):
     """A NIC brought up and saved for keepalive, with a neighbour's allocation in the pool as well."""
     bench = InProcessBench(mem)
     dma = DmaManager(mem, strict_pool=False)
-    dev = ManaDevice.new(bench.connect(), dma, "nic0")
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     dma.new_client("nic_nic1", persistent=True).allocate_dma_buffer(2 * PAGE)
     hwc_pfns = set(dev.gdma.hwc_mem.pfns)
     state = dev.save()
@@ -174,7 +175,7 @@ def test_mutated_saved_state_restores_or_fails_typed_and_writes_only_attached_me
             assert dma.pool_usage()["free_pages"] == LAYOUT.pool_pages  # left fresh
         else:
             try:
-                dev = ManaDevice.restore(bench.connect(fresh=False), dma, "nic0", mana_blob, probe_timeout_ms=50)
+                dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", mana_blob, probe_timeout_ms=50)
                 event("restored")
             except DriverRestoreError:
                 event("mana state refused")
@@ -194,11 +195,13 @@ def test_mutated_saved_state_restores_or_fails_typed_and_writes_only_attached_me
                 # no room for a persistent HWC buffer: the fallback fails typed (the worker reports the NIC down).
                 event("fallback starved of pool pages")
                 with pytest.raises(OutOfPoolMemory):
-                    create_fresh(bench.connect, bench.set_reset_method, dma, "nic0", force_flr=True)
+                    fresh_mana_device(lambda: bench.connect(dma, "nic0"), bench.set_reset_method, "nic0",
+                                      force_flr=True)
                 bench.device.close()
                 return
             # DESIGN D2: otherwise the fallback brings the NIC back whatever the blob was.
-            dev, flr = create_fresh(bench.connect, bench.set_reset_method, dma, "nic0", force_flr=True)
+            dev, flr = fresh_mana_device(lambda: bench.connect(dma, "nic0"), bench.set_reset_method, "nic0",
+                                         force_flr=True)
             assert flr
         else:
             assert usage["allocated_pages"] == 6 and not any(u.device == "nic_nic0" for u in unclaimed)

@@ -62,7 +62,7 @@ def run_scenario(mem) -> dict:
     logger.addHandler(records)
     try:
         dma = DmaManager(mem, strict_pool=True)
-        devs = [ManaDevice.new(b.connect(), dma, p) for b, p in zip(benches, PCI_IDS)]
+        devs = [ManaDevice.new(b.connect(dma, p), p) for b, p in zip(benches, PCI_IDS)]
         kept = devs[0].open_vport(0, KEPT_VPORT, persistent=True)
         plain = devs[1].open_vport(0, RELAY_VPORT)
         assert len(loopback(kept, frames(300))) == 300 and len(loopback(plain, frames(100))) == 100
@@ -78,7 +78,7 @@ def run_scenario(mem) -> dict:
         dma2 = DmaManager(mem, strict_pool=True)
         dma2.restore(state.init_state.dma_manager_state)
         saved = {s.pci_id: s.mana_device for s in state.init_state.mana_state.states}
-        devs2 = [ManaDevice.restore(b.connect(fresh=False), dma2, p, saved[p]) for b, p in zip(benches, PCI_IDS)]
+        devs2 = [ManaDevice.restore(b.connect(dma2, p, fresh=False), p, saved[p]) for b, p in zip(benches, PCI_IDS)]
         assert dma2.validate_restore() == []
         kept2 = devs2[0].vports[0]
         assert len(kept2.receive(16, timeout=1.0)) == 5

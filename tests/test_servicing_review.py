@@ -331,23 +331,25 @@ def test_late_inspect_reply_is_not_taken_for_the_save_answer(tmp_path):
 def test_save_transport_timeout_is_save_failed_for_that_nic_only(tmp_path, monkeypatch):
     """A transport error in one NIC's save (e.g. the device stops answering) is that NIC's SaveFailed
     (FLR + release), not an exception that takes the worker and every other NIC's saved state with it."""
-    from vfkeep.memory import GuestMemory, MemoryLayout
     from vfkeep.contract import NicConfig
+    from vfkeep.driver.errors import BackingTimeout
+    from vfkeep.memory import GuestMemory, MemoryLayout
     from vfkeep.paravisor.vf_manager import VfManager
-    from vfkeep.vfio_user import VfioTimeout
 
     class TimingOut:
-        def save(self):
-            raise VfioTimeout("no reply to REGION_READ within 5 s")
+        def present(self):
+            return True
+
+        def save(self):  # what the vfio-user backing makes of the transport's VfioTimeout
+            raise BackingTimeout("no reply to REGION_READ within 5 s")
 
     mem = GuestMemory.create(MemoryLayout(4, 4, 0))
     try:
         vf = VfManager(NicConfig(0, "d186:00:00.0", str(tmp_path / "nic0.sock"), -1, -1), mem, None)
         vf.dev = TimingOut()
         released = []
-        monkeypatch.setattr(vf, "_present", lambda: True)
         monkeypatch.setattr(vf, "_set_flr_and_release", lambda: released.append(True))
         assert vf.save() == ("SaveFailed", None)
-        assert released == [True] and "VfioTimeout" in vf.error
+        assert released == [True] and "BackingTimeout" in vf.error
     finally:
         mem.close()

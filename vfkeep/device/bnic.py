@@ -80,8 +80,8 @@ from vfkeep.gdma.constants import (
 )
 from vfkeep.gdma.hwc import GdmaReqHdr
 from vfkeep.gdma.messages import REQ_HDR_SIZE
-from vfkeep.vfio_user.dma import DmaFault
 
+from .dma import DmaFault
 from .requests import BadRequest, Refused, parse
 from .vport import Vport
 

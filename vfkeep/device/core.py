@@ -1,10 +1,11 @@
 """`GdmaDevice`: the MANA emulator's state and behaviour, independent of the transport.
 
-The core is given three things: `dma` (`view/read/write(iova, ...)`, raising a
-DMA fault outside the mapped ranges), `irq` (`trigger(vector)`) and `loop`
+The core is given three things: `dma` (`view/read/write(iova, ...)`, raising
+`dma.DmaFault` outside the mapped ranges), `irq` (`trigger(vector)`) and `loop`
 (`call_later(delay_s, cb)`, `add_reader(fd, cb)`, `remove_reader(fd)`). Over
-vfio-user these are the server's; in-process they can be a `MappedMemory`
-over a `GuestMemory`, a recorder and a small loop. BAR0, config space and
+vfio-user these are the server's (adapted by `server.py`); in-process they can
+be a `MappedMemory` over a `GuestMemory`, a recorder and a small loop. It
+imports nothing from the transport. BAR0, config space and
 BAR4 are `bar0`, `config`, `msix_bar` (`read(offset, size)` / `write(offset,
 data)`).
 
@@ -49,6 +50,7 @@ A DMA fault is never an exception out of the device: it is counted
 """
 from __future__ import annotations
 
+import enum
 import logging
 import time
 
@@ -71,12 +73,11 @@ from vfkeep.gdma.constants import (
 from vfkeep.gdma.hwc import GdmaDevId
 from vfkeep.gdma.codec import CQ_EQ_DOORBELL as _CQ_EQ_DB
 from vfkeep.gdma.codec import WQ_DOORBELL as _WQ_DB
-from vfkeep.vfio_user.device import RESET_METHODS, check_reset_method
-from vfkeep.vfio_user.dma import DmaFault
 
 from .backends import LoopbackBackend
 from .bar0 import Bar0
 from .bnic import STAT_NAMES
+from .dma import DmaFault
 from .faults import CommandLog, FaultInjector
 from .hwc import Hwc
 from .mac import DEFAULT_MAC, MAX_VPORTS, vport_mac
@@ -94,6 +95,17 @@ CQ_ID_SLOTS = EMU_HWC_MAX_NUM_CQS - EMU_QUEUE_ID_OFFSET
 # Linux reads the EQ doorbell `id` as 16 bits (bits 16-31 zero): every EQ id must fit.
 assert EMU_QUEUE_ID_OFFSET + EMU_NUM_EQ <= 1 << 16
 _BROADCAST = b"\xff" * 6
+
+
+class ResetMethod(str, enum.Enum):
+    """Stand-in for the sysfs `reset_method` attribute (DESIGN D6; "" in Linux is "none" here): whether a
+    disconnect or DEVICE_RESET resets the function. The device owns it; the transport only reads it."""
+
+    NONE = "none"
+    FLR = "flr"
+
+
+RESET_METHODS = tuple(m.value for m in ResetMethod)
 
 
 COUNTERS = (
@@ -139,11 +151,15 @@ class GdmaDevice:
 
     @property
     def reset_method(self) -> str:
-        return self._reset_method
+        """"none" or "flr"; set by the CLI, the control channel or a test, checked here only."""
+        return self._reset_method.value
 
     @reset_method.setter
     def reset_method(self, value: str) -> None:
-        self._reset_method = check_reset_method(value)
+        try:
+            self._reset_method = ResetMethod(value)
+        except ValueError:
+            raise ValueError(f"reset method must be one of {', '.join(RESET_METHODS)}, got {value!r}") from None
 
     def _power_on(self) -> None:
         """Function state at power-on / after FLR."""
@@ -174,7 +190,7 @@ class GdmaDevice:
         server, which calls `reset()` itself) passes `reset=False`."""
         self.connected = False
         self.command_log.add("event", "DISCONNECT", self.epoch, reset_method=self.reset_method)
-        if reset and self.reset_method == "flr":
+        if reset and self._reset_method is ResetMethod.FLR:
             self.flr("disconnect")
 
     def flr(self, reason: str) -> None:
@@ -444,4 +460,4 @@ class GdmaDevice:
         }
 
 
-__all__ = ["GdmaDevice", "COUNTERS", "DEFAULT_MAC", "MAX_VPORTS", "RESET_METHODS", "vport_mac"]
+__all__ = ["GdmaDevice", "COUNTERS", "DEFAULT_MAC", "MAX_VPORTS", "RESET_METHODS", "ResetMethod", "vport_mac"]

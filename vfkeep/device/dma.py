@@ -1,17 +1,21 @@
-"""DMA helpers of the emulator: an in-process DMA space and a per-batch window onto one.
+"""The emulator's DMA: `DmaFault`, an in-process DMA space and a per-batch window onto one.
 
 The emulator core only needs `view/read/write(iova, ...)` and `mapping(iova, n, write)` raising `DmaFault`
-outside the mapped ranges. Over vfio-user the server's DMA map provides that; `MappedMemory` provides the
-same (raising the same `DmaFault`) for in-process use (unit tests, a driver tested without the transport).
-IOVA = GPA = file offset, as everywhere in vfkeep.
+outside the mapped ranges. Over vfio-user the server's DMA map provides that (`server.py` turns the
+transport's fault into this one); `MappedMemory` provides the same for in-process use (unit tests, a driver
+tested without the transport). IOVA = GPA = file offset, as everywhere in vfkeep.
 
 `DmaWindow` is what a batch of data-path work uses: it looks a mapping up once and slices it for every
 access that falls inside, so a batch of frames in one region costs one lookup, not one per access.
 """
 from __future__ import annotations
 
-from vfkeep.memory import GuestMemory
-from vfkeep.vfio_user.dma import DmaFault
+from vfkeep.memory.guest_memory import GuestMemory
+
+
+class DmaFault(Exception):
+    """A device access to an IOVA range that is not (fully) mapped or not permitted. The device counts it
+    and drops the access (or completes the request with an error); it never leaves the device."""
 
 
 class MappedMemory:

@@ -56,9 +56,9 @@ from vfkeep.gdma.constants import (
 )
 from vfkeep.gdma.hwc import GdmaReqHdr, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRxOob, HwcTxOob
 from vfkeep.gdma.messages import REQ_HDR_SIZE, RESP_HDR_SIZE, is_device_specific, response_header
-from vfkeep.vfio_user.dma import DmaFault
 
 from . import bnic, requests
+from .dma import DmaFault
 from .faults import request_name
 from .queues import VENDOR_ERR_MALFORMED_WQE, Cq, Eq, Wq, WqeRef
 from .requests import BadRequest, Refused

@@ -44,7 +44,8 @@ from vfkeep.gdma.queues import (
     unconsumed_entries,
     wqe_length_from_params,
 )
-from vfkeep.vfio_user.dma import DmaFault
+
+from .dma import DmaFault
 
 from .dma import DmaWindow
 

@@ -2,53 +2,65 @@
 
 Regions: 0 = BAR0 (8192 bytes), 4 = BAR4 (MSI-X table + PBA, 4096 bytes),
 7 = config space (256 bytes); all read/write, none mmap-able. 64 MSI-X
-vectors. The server's DMA space, interrupt table and loop become the core's
-`dma`, `irq` and `loop`; the control commands of `control.py` are registered
-on the server's control channel. The server performs the FLR (`reset()`)
-after a disconnect when `reset_method` is `flr` and on DEVICE_RESET.
+vectors. The server's DMA space (its faults become the core's `DmaFault`),
+interrupt table and loop become the core's `dma`, `irq` and `loop`; the
+control commands of `control.py` are registered on the server's control
+channel. The core owns `reset_method`; the server performs the FLR
+(`reset()`) after a disconnect when it is `flr` and on DEVICE_RESET.
 """
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 from vfkeep.gdma.constants import PCI_MSIX_BAR, PCI_MSIX_VECTORS
-from vfkeep.vfio_user.device import VfioUserDevice, check_reset_method
+from vfkeep.vfio_user.device import CoreBackedDevice
+from vfkeep.vfio_user.dma import DmaFault as TransportDmaFault
+from vfkeep.vfio_user.dma import DmaSpace
 from vfkeep.vfio_user.protocol import IRQ_MSIX, REGION_BAR0, REGION_CONFIG, REGION_INFO_READ, REGION_INFO_WRITE
 
 from . import control
 from .bar0 import Bar0
 from .core import GdmaDevice
+from .dma import DmaFault
 from .pci import BAR4_SIZE, CONFIG_SIZE
 
 
-class ManaVfioDevice(VfioUserDevice):
-    """Holds the `GdmaDevice` core once the server has attached (DMA, IRQs and loop exist then)."""
+class ServerDma:
+    """The server's DMA space as the core's `dma`: the same accesses, the device's own `DmaFault`."""
+
+    def __init__(self, space: DmaSpace):
+        self._space = space
+
+    def view(self, iova: int, n: int) -> memoryview:
+        return _device_fault(self._space.view, iova, n)
+
+    def read(self, iova: int, n: int) -> bytes:
+        return _device_fault(self._space.read, iova, n)
+
+    def write(self, iova: int, data) -> None:
+        _device_fault(self._space.write, iova, data)
+
+    def mapping(self, iova: int, n: int, write: bool = False) -> tuple[memoryview, int]:
+        return _device_fault(self._space.mapping, iova, n, write)
+
+
+def _device_fault(access: Callable, *args):
+    try:
+        return access(*args)
+    except TransportDmaFault as e:
+        raise DmaFault(str(e)) from None
+
+
+class ManaVfioDevice(CoreBackedDevice):
+    """Holds the `GdmaDevice` core, built when the server attaches; the core owns `reset_method`."""
+
+    commands = control.COMMANDS
 
     def __init__(self, reset_method: str = "none", **core_kwargs):
-        self.core: GdmaDevice | None = None
-        self._core_kwargs = core_kwargs
-        super().__init__(reset_method)
+        super().__init__(reset_method=reset_method, **core_kwargs)
 
-    @property
-    def reset_method(self) -> str:
-        """The core's once attached (one source of truth); changes are logged in its command log."""
-        return self._reset_method if self.core is None else self.core.reset_method
-
-    @reset_method.setter
-    def reset_method(self, value: str) -> None:
-        check_reset_method(value)
-        if self.core is None:
-            self._reset_method = value
-        elif self.core.reset_method != value:
-            self.core.reset_method = value
-            self.core.command_log.add("event", "SET_RESET_METHOD", self.core.epoch, value=value)
-
-    def attached(self, server) -> None:
-        super().attached(server)
-        self.core = GdmaDevice(server.dma, server.irqs, server.loop, reset_method=self.reset_method,
-                               **self._core_kwargs)
-        for name, fn in control.COMMANDS.items():
-            server.control.register(name, functools.partial(fn, self.core))
+    def make_core(self, server, **core_kwargs) -> GdmaDevice:
+        return GdmaDevice(ServerDma(server.dma), server.irqs, server.loop, **core_kwargs)
 
     def regions(self) -> dict[int, tuple[int, int]]:
         rw = REGION_INFO_READ | REGION_INFO_WRITE
@@ -72,17 +84,8 @@ class ManaVfioDevice(VfioUserDevice):
         if not self.core.removed:
             self._region(index).write(offset, data)
 
-    def reset(self) -> None:
-        self.core.flr("device_reset" if self.server.connected else "disconnect")
-
-    def client_connected(self, epoch: int) -> None:
-        self.core.client_connected(epoch)
-
     def client_disconnected(self) -> None:
-        self.core.client_disconnected(reset=False)
-
-    def close(self) -> None:
-        self.core.close()
+        self.core.client_disconnected(reset=False)  # the server performs the FLR itself
 
 
-__all__ = ["ManaVfioDevice"]
+__all__ = ["ManaVfioDevice", "ServerDma"]

@@ -55,9 +55,8 @@ from vfkeep.gdma.constants import (
 )
 from vfkeep.gdma import codec
 from vfkeep.gdma.datapath import ManaRxcompOob, ManaTxCompOob, ManaTxOob
-from vfkeep.vfio_user.dma import DmaFault
 
-from .dma import DmaWindow
+from .dma import DmaFault, DmaWindow
 from .queues import VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE, Cq, FetchedWqe, Wq
 
 MAX_FRAME = 0xFFFF  # `pkt_len` is a u16

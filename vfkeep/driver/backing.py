@@ -1,17 +1,85 @@
-"""What the driver needs from a device: BAR0 access and MSI-X eventfds.
+"""What the driver needs from a device: BAR0 access, MSI-X eventfds and the DMA clients for its memory.
 
-`VfioDevice` (vfio-user client) satisfies `DeviceBacking` through `vfio_backing.VfioBacking`; tests can
-put the in-process emulator behind the same interface, so the driver is exercised without sockets.
+The transport provides the backing (`vfkeep.vfio_user.backing.VfioBacking` over vfio-user, translating
+every transport error into the driver's own); tests put the in-process emulator behind the same interface,
+so the driver is exercised without sockets. Which DMA clients a device gets (persistent or not, their
+names) is its manager's keepalive policy (servicing spec 4), not the driver's.
 """
 from __future__ import annotations
 
 import os
 import select
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import NoDmaClient
+
+if TYPE_CHECKING:
+    from vfkeep.memory.guest_memory import Region
+
+
+class DmaBuffer(Protocol):
+    """Contiguous, zeroed DMA memory; pages return only through `free()` (`vfkeep.memory.MemoryBlock`)."""
+
+    base_pfn: int
+    pages: int
+    len: int
+    gpa: int
+    pfns: list[int]
+    view: memoryview
+    persistent: bool
+
+    def free(self) -> None: ...
+
+
+class DmaClient(Protocol):
+    """One device's allocator (`vfkeep.memory.DmaClient`): on the private pool (persistent, survives a
+    servicing) or on worker RAM (ephemeral)."""
+
+    persistent: bool
+    region: Region  # the guest pages it allocates from
+
+    def allocate_dma_buffer(self, nbytes: int) -> DmaBuffer: ...
+
+    def attach_pending_buffers(self) -> list[DmaBuffer]:
+        """The device's allocations saved by the previous worker (spec 6.2); persistent clients only."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class DmaClients:
+    """The DMA clients a device's manager gives its backing: ephemeral always, persistent (private pool)
+    when this device's memory may cross a servicing. The default client is the persistent one when it
+    exists (servicing spec 4); asking for a kind the device does not have is an error, never a fallback."""
+
+    ephemeral: DmaClient
+    persistent: DmaClient | None = None
+
+    @property
+    def default(self) -> DmaClient:
+        return self.persistent or self.ephemeral
+
+    def kind(self, persistent: bool) -> DmaClient:
+        if not persistent:
+            return self.ephemeral
+        if self.persistent is None:
+            raise NoDmaClient("this device has no persistent dma client")
+        return self.persistent
+
+    def close(self) -> None:
+        """Release the clients' names (their blocks stay live: the pool keeps what a save left behind)."""
+        for client in (self.persistent, self.ephemeral):
+            if client is not None:
+                client.close()
 
 
 class DeviceBacking(Protocol):
-    """BAR0 registers, MSI-X vectors and the handle's lifetime (the subset of VfioDevice the driver uses)."""
+    """BAR0 registers, MSI-X vectors, DMA clients and the handle's lifetime. Raises only driver errors
+    (`DeviceMissing` for a vanished device, `BackingError` for any other transport failure) or OSError."""
+
+    dma: DmaClients
 
     @property
     def bar0_len(self) -> int: ...
@@ -34,7 +102,8 @@ class DeviceBacking(Protocol):
     def clear_irqs(self) -> None: ...
 
     def close(self) -> None:
-        """Release the handle without resetting the device (a reset, if any, is the device's reset_method)."""
+        """Release the handle without resetting the device (a reset, if any, is the device's reset_method),
+        then close the DMA clients."""
         ...
 
 

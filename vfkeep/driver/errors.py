@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from vfkeep import savestate
-from vfkeep.vfio_user import VfioClientError
 
 
 class DriverError(Exception):
@@ -11,6 +10,19 @@ class DriverError(Exception):
 
 class DeviceMissing(DriverError):
     """BAR0 reads as all ones: the device is absent or was surprise-removed (gdma spec 3.3)."""
+
+
+class BackingError(DriverError):
+    """The device backing could not carry out an access: the transport refused it, broke its protocol or
+    failed underneath (the transport's own errors never reach the driver)."""
+
+
+class BackingTimeout(BackingError):
+    """The device did not answer an access within the transport's timeout."""
+
+
+class NoDmaClient(DriverError):
+    """The device's manager gave it no DMA client of the kind asked for (servicing spec 4)."""
 
 
 class BadRegisterMap(DriverError):
@@ -95,9 +107,6 @@ class BadFrame(VportError, ValueError):
     """A frame is empty or larger than one packet buffer."""
 
 
-class CreateFailed(DriverError):
-    """Both the NoReset and the FLR attempt of a fresh init failed ("failed to create mana device")."""
-
-
-#: What talking to a device can raise: driver errors, the vfio-user client's (gone, timeout, refused), OS errors.
-DEVICE_ERRORS = (DriverError, VfioClientError, OSError)
+#: What talking to a device can raise: driver errors (transport failures included, translated by the backing)
+#: and OS errors (eventfds).
+DEVICE_ERRORS = (DriverError, OSError)

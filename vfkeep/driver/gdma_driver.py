@@ -41,11 +41,9 @@ from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaR
                                   GdmaDisableQueueReq, GdmaGenerateTestEventReq, GdmaListDevicesResp,
                                   GdmaRegisterDeviceResp, GdmaVerifyVerReq)
 from vfkeep.log import kv
-from vfkeep.memory import MemoryBlock
-from vfkeep.memory.dma_manager import DmaClient
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DeviceBacking, Interrupts
+from .backing import DeviceBacking, DmaBuffer, Interrupts
 from .errors import (DEVICE_ERRORS, BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout,
                      ResetRequestPending, SaveFailed, SaveRefusedHwcFailure, SaveRefusedResetPending, SmcError)
 from .queues import U32, CqEq, DoorbellPage, Wq
@@ -128,7 +126,7 @@ class EventState:
 class GdmaDriver:
     """Owns the device handle, the HWC and its memory; issues GDMA requests and forwards BNIC ones."""
 
-    def __init__(self, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: MemoryBlock):
+    def __init__(self, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: DmaBuffer):
         self.backing = backing
         self.layout = layout
         self.hwc_mem = hwc_mem
@@ -154,13 +152,14 @@ class GdmaDriver:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def new(cls, backing: DeviceBacking, client: DmaClient, *, num_vps: int) -> GdmaDriver:
-        """Fresh init: validate BAR0, ESTABLISH_HWC on a new 6-page buffer, consume the bring-up events,
-        post the first receive WQE and query the device's limits (gdma spec 7.3). On failure the backing
-        is closed and the buffer freed."""
+    def new(cls, backing: DeviceBacking, *, num_vps: int) -> GdmaDriver:
+        """Fresh init: validate BAR0, ESTABLISH_HWC on a new 6-page buffer from the device's default DMA
+        client (the persistent one when it has one: that is what makes the driver savable), consume the
+        bring-up events, post the first receive WQE and query the device's limits (gdma spec 7.3). On
+        failure the backing is closed and the buffer freed."""
         try:
             layout = map_bar0(backing)
-            mem = client.allocate_dma_buffer(HWC_BUFFER_LEN)
+            mem = backing.dma.default.allocate_dma_buffer(HWC_BUFFER_LEN)
         except BaseException:
             backing.close()
             raise
@@ -174,7 +173,7 @@ class GdmaDriver:
         return drv
 
     @classmethod
-    def restore(cls, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: MemoryBlock,
+    def restore(cls, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: DmaBuffer,
                 state: mana_driver_pb2.GdmaDriverSavedState) -> GdmaDriver:
         """Re-attach to an HWC the device kept alive, from state `save_restore.validate_gdma_state` accepted:
         the four queues on pages 0-3 of `hwc_mem`, no ESTABLISH_HWC, no bring-up events, no new receive WQE
@@ -564,7 +563,7 @@ class GdmaDriver:
     def deregister_device(self, dev_id: GdmaDevId, timeout_ms: int) -> None:
         self.request(GDMA_DEREGISTER_DEVICE, dev_id, timeout_ms=timeout_ms)
 
-    def create_dma_region(self, dev_id: GdmaDevId, block: MemoryBlock, length: int | None = None) -> int:
+    def create_dma_region(self, dev_id: GdmaDevId, block: DmaBuffer, length: int | None = None) -> int:
         """Describe contiguous DMA memory to the device as at most 16 page addresses (gdma spec 9.11)."""
         length = block.len if length is None else length
         pages = (length + PAGE_SIZE - 1) // PAGE_SIZE

@@ -1,31 +1,29 @@
 """ManaDevice: a GDMA driver plus the MANA (BNIC) device on it, its vports, save and restore.
 
-Entry points for the worker:
-- `ManaDevice.new(backing, dma, pci_id)`: fresh init of a device that has no HWC;
-- `create_fresh(open_device, set_reset_method, dma, pci_id)`: the NoReset -> FLR retry around `new`
-  (servicing spec 6.4);
-- `ManaDevice.restore(backing, dma, pci_id, saved)`: keepalive restore (servicing spec 6.3);
+Entry points for the device's manager (the worker's VF manager, which owns the keepalive policy: DMA
+clients, NoReset -> FLR, releasing unused saved buffers):
+- `ManaDevice.new(backing, pci_id)`: fresh init of a device that has no HWC;
+- `ManaDevice.restore(backing, pci_id, saved)`: keepalive restore (servicing spec 6.3);
 - `dev.open_vport(i)`, `dev.save()`, `dev.shutdown()`.
 
-Data-path keepalive (DESIGN D7, opt-in): a vport opened with `persistent=True` lives in the private pool;
-`save()` keeps it (a vfkeep extension in the saved state) and `restore` resumes it without queue commands.
+The driver's memory comes from the DMA clients of its backing: the HWC buffer from the default client
+(the persistent one when the manager gave one), vports from the ephemeral one. Data-path keepalive
+(DESIGN D7, opt-in): a vport opened with `persistent=True` lives in the private pool; `save()` keeps it
+(a vfkeep extension in the saved state) and `restore` resumes it without queue commands.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 from vfkeep.gdma.constants import DRV_DEFAULT_LINK_SPEED_BPS, HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS
 from vfkeep.gdma.hwc import GdmaDevId
 from vfkeep.log import kv
-from vfkeep.memory import DmaError, DmaManager
-from vfkeep.memory.dma_manager import DmaClient
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DeviceBacking
+from .backing import DeviceBacking, DmaBuffer, DmaClient
 from .bnic_driver import BnicDriver
-from .errors import (DEVICE_ERRORS, BringUpError, CreateFailed, DriverError, InvalidSavedState, RestoreError,
-                     RestoredMemoryNotFound)
+from .errors import (DEVICE_ERRORS, BringUpError, DeviceMissing, DriverError, InvalidSavedState, NoDmaClient,
+                     RestoreError, RestoredMemoryNotFound)
 from .gdma_driver import GdmaDriver, map_bar0
 from .save_restore import (check_hwc_block, decode_device_state, validate_gdma_state, validate_vport_state,
                            vport_block_sizes)
@@ -37,32 +35,13 @@ log = logging.getLogger("vfkeep.driver.mana")
 DEFAULT_NUM_VPS = 2
 
 
-def client_names(pci_id: str) -> tuple[str, str]:
-    """(persistent, ephemeral) DMA client names of a NIC (servicing spec 4)."""
-    return f"nic_{pci_id}", f"nic_{pci_id}_ephemeral"
-
-
-def release_pending_buffers(dma: DmaManager, pci_id: str) -> int:
-    """Attach and free every saved pool allocation of this NIC (spec 6.2 "attach then drop"): for a NIC
-    whose saved state will not be restored. Returns the number of pages freed."""
-    client = dma.new_client(client_names(pci_id)[0], persistent=True)
-    try:
-        blocks = client.attach_pending_buffers()
-        for block in blocks:
-            block.free()
-        return sum(b.pages for b in blocks)
-    finally:
-        client.close()
-
-
 class ManaDevice:
     """One MANA NIC: its GDMA driver, the MANA device id and configuration, and open vports."""
 
-    def __init__(self, gdma: GdmaDriver, pci_id: str, persistent: DmaClient | None, ephemeral: DmaClient):
+    def __init__(self, gdma: GdmaDriver, pci_id: str):
         self.gdma = gdma
         self.pci_id = pci_id
-        self.persistent = persistent
-        self.ephemeral = ephemeral
+        self.dma = gdma.backing.dma
         self.dev_id: GdmaDevId | None = None
         self.bnic: BnicDriver | None = None
         self.dev_config = None
@@ -73,58 +52,42 @@ class ManaDevice:
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
-    def new(cls, backing: DeviceBacking, dma: DmaManager, pci_id: str, *, persistent_hwc: bool | None = None,
-            num_vps: int = DEFAULT_NUM_VPS) -> ManaDevice:
-        """Fresh init (gdma spec 13.1 steps 1-11). The HWC buffer comes from the private pool when
-        `persistent_hwc` (default: whenever there is a pool), which is what makes the device savable.
+    def new(cls, backing: DeviceBacking, pci_id: str, *, num_vps: int = DEFAULT_NUM_VPS) -> ManaDevice:
+        """Fresh init (gdma spec 13.1 steps 1-11). The HWC buffer comes from the backing's default DMA client:
+        the private pool when the manager gave a persistent client, which is what makes the device savable.
         On failure the backing is closed and everything allocated is freed."""
-        if persistent_hwc is None:
-            persistent_hwc = dma.has_pool
-        persistent = ephemeral = None
-        try:
-            persistent, ephemeral = _clients(dma, pci_id, persistent_hwc)
-        except DmaError:
-            backing.close()
-            raise
-        try:
-            gdma = GdmaDriver.new(backing, persistent or ephemeral, num_vps=num_vps)
-        except BaseException:
-            _close_clients(persistent, ephemeral)
-            raise
-        dev = cls(gdma, pci_id, persistent, ephemeral)
+        gdma = GdmaDriver.new(backing, num_vps=num_vps)
+        dev = cls(gdma, pci_id)
         dev._init_device(register=True)
         kv(log, logging.INFO, "mana device created", pci_id=pci_id, vports=dev.num_vports,
-           hwc_persistent=persistent_hwc)
+           hwc_persistent=backing.dma.persistent is not None)
         return dev
 
     @classmethod
-    def restore(cls, backing: DeviceBacking, dma: DmaManager, pci_id: str,
-                saved: mana_driver_pb2.ManaDeviceSavedState | bytes, *,
+    def restore(cls, backing: DeviceBacking, pci_id: str, saved: mana_driver_pb2.ManaDeviceSavedState | bytes, *,
                 probe_timeout_ms: int | None = None) -> ManaDevice:
-        """Keepalive restore (servicing spec 6.3): validate the saved state, re-attach the HWC buffer from
-        the pool, rebuild the HWC without ESTABLISH_HWC or REGISTER_DEVICE, then continue like a fresh
-        device. On failure the backing is closed, attached pool buffers are freed, and the error is a
-        `RestoreError` (bad state, nothing written) or the driver error that stopped the bring-up.
+        """Keepalive restore (servicing spec 6.3): validate the saved state, re-attach the HWC buffer through
+        the backing's persistent DMA client, rebuild the HWC without ESTABLISH_HWC or REGISTER_DEVICE, then
+        continue like a fresh device. On failure the backing is closed, attached pool buffers are freed, and
+        the error is a `RestoreError` (`InvalidSavedState`: bad state, nothing written) or the driver error
+        that stopped the bring-up.
 
         The first request (the test event) proves the device still serves the saved HWC; a device that
         lost it (reset during the handover) ignores the doorbells, so `probe_timeout_ms` (default: the
         HWC timeout, 10 s) bounds how long that takes to find out."""
-        persistent = ephemeral = None
         try:
+            persistent = backing.dma.persistent
+            if persistent is None:
+                raise RestoreError(f"no persistent dma client for {pci_id}")
             state = decode_device_state(saved)
             if not state.HasField("gdma"):
                 raise InvalidSavedState("saved mana device state has no gdma state")
             layout = map_bar0(backing)
-            validate_gdma_state(state.gdma, layout, dma.mem.layout.pool, backing.msix_count)
+            validate_gdma_state(state.gdma, layout, persistent.region, backing.msix_count)
             for v in state.vports:
-                validate_vport_state(v, layout, dma.mem.layout.pool, state.gdma.db_id, state.gdma.num_msix)
-            try:
-                persistent, ephemeral = _clients(dma, pci_id, True)
-            except DmaError as e:
-                raise RestoreError(f"no persistent dma client for {pci_id}: {e}") from e
+                validate_vport_state(v, layout, persistent.region, state.gdma.db_id, state.gdma.num_msix)
             hwc_mem, kept = _attach_saved_buffers(persistent, state)
         except BaseException:
-            _close_clients(persistent, ephemeral)
             backing.close()
             raise
         kept_blocks = [b for group in kept for b in group]
@@ -133,10 +96,9 @@ class ManaDevice:
         except BaseException:
             for block in (hwc_mem, *kept_blocks):
                 block.free()
-            _close_clients(persistent, ephemeral)
             backing.close()
             raise
-        dev = cls(gdma, pci_id, persistent, ephemeral)
+        dev = cls(gdma, pci_id)
         try:
             dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
             dev._restore_vports(state.vports, kept)
@@ -189,10 +151,7 @@ class ManaDevice:
     def _abandon(self) -> None:
         """Drop a half-built device: teardown by the usual table, release the handle and the clients."""
         self.closed = True
-        try:
-            self.gdma.close()
-        finally:
-            _close_clients(self.persistent, self.ephemeral)
+        self.gdma.close()
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -219,6 +178,8 @@ class ManaDevice:
             raise ValueError(f"vport index {index} is not below the device's {self.num_vports} vports")
         if index in self.vports:
             raise ValueError(f"vport {index} is already open")
+        if persistent and self.dma.persistent is None:
+            raise NoDmaClient(f"vport {index}: a persistent vport needs a persistent dma client")
         vport = Vport(self, index, config or VportConfig(), persistent)
         self.vports[index] = vport
         try:
@@ -266,6 +227,19 @@ class ManaDevice:
     def reset_pending(self) -> bool:
         return self.gdma.reset_pending
 
+    @property
+    def saved(self) -> bool:
+        """`save()` succeeded: the device still runs the HWC on pool memory the next driver re-attaches."""
+        return self.gdma.saved
+
+    def present(self) -> bool:
+        """False if the device is gone: BAR0 reads all ones (surprise removal) or the transport vanished."""
+        try:
+            map_bar0(self.gdma.backing)
+        except DeviceMissing:
+            return False
+        return True
+
     def query_stats(self) -> dict[str, int]:
         """Adapter-wide counters (MANA_QUERY_STATS, all of them)."""
         resp = self.bnic.query_stats()
@@ -288,10 +262,7 @@ class ManaDevice:
             state.vports.append(vport.save())
         self.kept_vports = keep
         self.closed = True
-        try:
-            self.gdma.close()
-        finally:
-            _close_clients(self.persistent, self.ephemeral)
+        self.gdma.close()
         kv(log, logging.INFO, "mana device state successfully saved for keepalive", pci_id=self.pci_id,
            base_pfn=state.gdma.mem.base_pfn, activity_id=hex(state.gdma.hwc_activity_id))
         return state
@@ -312,31 +283,12 @@ class ManaDevice:
                 clean = False
                 kv(log, logging.ERROR, "deregister device failed", pci_id=self.pci_id, error=e)
         self.closed = True
-        try:
-            gdma.close()
-        finally:
-            _close_clients(self.persistent, self.ephemeral)
+        gdma.close()
         kv(log, logging.INFO, "mana device shut down", pci_id=self.pci_id, clean=clean)
         return clean
 
 
-def _clients(dma: DmaManager, pci_id: str, persistent: bool) -> tuple[DmaClient | None, DmaClient]:
-    p_name, e_name = client_names(pci_id)
-    pclient = dma.new_client(p_name, persistent=True) if persistent else None
-    try:
-        return pclient, dma.new_client(e_name, persistent=False)
-    except BaseException:
-        _close_clients(pclient, None)
-        raise
-
-
-def _close_clients(*clients: DmaClient | None) -> None:
-    for c in clients:
-        if c is not None:
-            c.close()
-
-
-def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSavedState):
+def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSavedState) -> tuple[DmaBuffer, list[list[DmaBuffer]]]:
     """Re-attach this NIC's saved pool buffers (spec 6.2): keep the HWC buffer and, per kept vport, its
     blocks in `SAVED_BLOCKS` order; free the rest. Returns (hwc block, [vport block lists])."""
     blocks = client.attach_pending_buffers()
@@ -364,33 +316,3 @@ def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSa
         kv(log, logging.INFO, "freeing unused restored buffer", base_pfn=b.base_pfn, pages=b.pages)
         b.free()
     return hwc, groups
-
-
-def create_fresh(open_device: Callable[[], DeviceBacking], set_reset_method: Callable[[str], None],
-                 dma: DmaManager, pci_id: str, *, force_flr: bool = False,
-                 **kwargs) -> tuple[ManaDevice, bool]:
-    """Fresh init with the NoReset -> FLR retry of servicing spec 6.4. Returns (device, flr_happened).
-
-    `open_device` opens a new handle (a VfioDevice resets on open when the method is `flr`);
-    `set_reset_method` writes the device's reset method ("none" or "flr"); failing to write it is only a
-    warning. `force_flr` skips the NoReset attempt (DESIGN D2 fallback after a failed restore).
-    """
-    def set_method(method: str) -> None:
-        try:
-            set_reset_method(method)
-        except Exception as e:
-            kv(log, logging.WARNING, "setting reset method failed", pci_id=pci_id, method=method, error=e)
-
-    if not force_flr:
-        set_method("none")
-        try:
-            return ManaDevice.new(open_device(), dma, pci_id, **kwargs), False
-        except DEVICE_ERRORS as e:
-            kv(log, logging.WARNING, "fresh init without reset failed; retrying with flr", pci_id=pci_id, error=e)
-    set_method("flr")
-    try:
-        dev = ManaDevice.new(open_device(), dma, pci_id, **kwargs)
-    except DEVICE_ERRORS as e:
-        raise CreateFailed(f"failed to create mana device {pci_id}: {e}") from e
-    set_method("none")
-    return dev, True

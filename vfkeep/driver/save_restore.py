@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, DRV_HWC_NUM_PAGES, DRV_HWC_SWQE_SIZE, PAGE_SIZE
 from vfkeep.gdma.constants import RWQE_SIZE, WQE_ALIGNMENT
-from vfkeep.memory import MemoryBlock, Region
+from vfkeep.memory.guest_memory import Region
 from vfkeep.proto import mana_driver_pb2
 from vfkeep.savestate import parse_saved
 
+from .backing import DmaBuffer
 from .errors import InvalidSavedState
 from .gdma_driver import HWC_BUFFER_LEN, Bar0Layout
 from .queues import CQE_SIZE, EQE_SIZE, U32, is_power_of_two
@@ -95,7 +96,7 @@ def validate_gdma_state(state: mana_driver_pb2.GdmaDriverSavedState, layout: Bar
                                     f"24-bit vport index")
 
 
-def check_hwc_block(block: MemoryBlock) -> None:
+def check_hwc_block(block: DmaBuffer) -> None:
     if block.len < HWC_BUFFER_LEN:
         raise InvalidSavedState(f"re-attached block at pfn {block.base_pfn} has {block.pages} pages, the HWC buffer "
                                 f"needs {DRV_HWC_NUM_PAGES}")

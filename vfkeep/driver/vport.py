@@ -26,9 +26,9 @@ from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxCompOob,
                                   ManaTxShortOob, ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
-from vfkeep.memory import MemoryBlock
 from vfkeep.proto import mana_driver_pb2
 
+from .backing import DmaBuffer
 from .errors import DEVICE_ERRORS, BadFrame, VportError
 from .queues import CQE_SIZE, CqEq, DoorbellPage, Wq, is_power_of_two
 
@@ -104,7 +104,7 @@ class Vport:
         self.direction_to_vtl0 = False
         self.tx_vport_offset = 0
         self.tx_failed = False
-        self._blocks: list[MemoryBlock] = []
+        self._blocks: list[DmaBuffer] = []
         self._regions: list[int] = []  # created and not yet consumed by a queue
         self._eq_id: int | None = None
         self._tx_obj: int | None = None
@@ -158,18 +158,17 @@ class Vport:
     def _counts(self, short: bool) -> tuple[int, int]:
         return buffer_counts(self._sq.size, self._tx_cq.size, self._rq.size, self._rx_cq.size, short)
 
-    def _alloc(self, nbytes: int) -> MemoryBlock:
-        client = self.dev.persistent if self.persistent else self.dev.ephemeral
-        block = client.allocate_dma_buffer(nbytes)
+    def _alloc(self, nbytes: int) -> DmaBuffer:
+        block = self.dev.dma.kind(self.persistent).allocate_dma_buffer(nbytes)
         self._blocks.append(block)
         return block
 
-    def _region(self, block: MemoryBlock) -> int:
+    def _region(self, block: DmaBuffer) -> int:
         region = self.dev.gdma.create_dma_region(self.dev.dev_id, block)
         self._regions.append(region)
         return region
 
-    def _format_tx(self, short: bool, buffers: MemoryBlock, write: bool) -> None:
+    def _format_tx(self, short: bool, buffers: DmaBuffer, write: bool) -> None:
         """Write every SQ position once (`write`; a restored SQ already holds them): header, OOB, SGE address
         and key; only the length changes per frame."""
         gdma = self.dev.gdma
@@ -203,7 +202,7 @@ class Vport:
         self._tx_posted = 0
         self._tx_done = 0
 
-    def _format_rx(self, buffers: MemoryBlock, write: bool) -> None:
+    def _format_rx(self, buffers: DmaBuffer, write: bool) -> None:
         """Write every RQ position once (`write`); position p receives into buffer p mod nbuf, in posting order."""
         gdma = self.dev.gdma
         self._rx_wqe_len = RX_WQE_LEN
@@ -420,7 +419,7 @@ class Vport:
         self._blocks.clear()
 
     @classmethod
-    def restore(cls, dev: ManaDevice, state: mana_driver_pb2.VportSavedState, blocks: list[MemoryBlock]) -> Vport:
+    def restore(cls, dev: ManaDevice, state: mana_driver_pb2.VportSavedState, blocks: list[DmaBuffer]) -> Vport:
         """Rebuild a kept vport over its re-attached pool blocks (state checked by
         `save_restore.validate_vport_state`, blocks in `SAVED_BLOCKS` order): re-map its MSI-X vector and
         re-arm its EQ and CQs; no queue command."""

@@ -19,7 +19,7 @@ from vfkeep.savestate import parse_saved
 
 from .errors import (ClientClosed, DeviceNameInUse, InvalidSize, NoPrivatePool, NotPersistent, RestoreError,
                      UnrestoredAllocations)
-from .guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
+from .guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, Region
 from .page_pool import PageAllocator, Slot
 
 log = logging.getLogger("vfkeep.memory.dma")
@@ -87,6 +87,11 @@ class DmaClient:
         self.device_name = device_name
         self.persistent = persistent
         self.closed = False
+
+    @property
+    def region(self) -> Region:
+        """The guest pages this client allocates from (the pool or worker RAM)."""
+        return self._allocator.region
 
     def allocate_dma_buffer(self, nbytes: int) -> MemoryBlock:
         """Zeroed, physically contiguous buffer of `nbytes` rounded up to whole pages."""

@@ -111,8 +111,6 @@ class NvmeController:
     def __init__(self, dma, irq, loop=None, *, namespaces: list[Namespace], msix_count: int = 16,
                  max_io_queues: int = 16, timing: Timing | str = "natural", reset_method: str = "none",
                  name: str = "nvme0"):
-        if reset_method not in RESET_METHODS:
-            raise ValueError(f"reset method must be one of {RESET_METHODS}, got {reset_method!r}")
         if not 1 <= msix_count <= 2048 or not 1 <= max_io_queues <= 65534:
             raise ValueError(f"msix_count {msix_count} / max_io_queues {max_io_queues} out of range")
         self.dma, self.irq, self.loop, self.name = dma, irq, loop, name
@@ -136,7 +134,19 @@ class NvmeController:
         self._catch_up = False
         self._power_on()
 
+    @property
+    def reset_method(self) -> str:
+        """"none" or "flr": this controller is the one owner (and check) of its reset method."""
+        return self._reset_method
+
+    @reset_method.setter
+    def reset_method(self, value: str) -> None:
+        if value not in RESET_METHODS:
+            raise ValueError(f"reset method must be one of {RESET_METHODS}, got {value!r}")
+        self._reset_method = value
+
     # -- power-on / reset ---------------------------------------------------------------------
+
     def _power_on(self) -> None:
         self.cc = 0
         self.csts = 0

@@ -11,10 +11,9 @@ after a disconnect when `reset_method` is `flr` and on DEVICE_RESET.
 from __future__ import annotations
 
 import errno
-import functools
 
 from vfkeep.nvme import BAR0_LEN, PCI_MSIX_BAR
-from vfkeep.vfio_user.device import VfioUserDevice, check_reset_method
+from vfkeep.vfio_user.device import CoreBackedDevice
 from vfkeep.vfio_user.dma import DmaFault
 from vfkeep.vfio_user.protocol import (IRQ_MSIX, REGION_BAR0, REGION_CONFIG, REGION_INFO_READ, REGION_INFO_WRITE,
                                        CommandError)
@@ -46,36 +45,19 @@ class ServerDma:
         return view
 
 
-class NvmeVfioDevice(VfioUserDevice):
+class NvmeVfioDevice(CoreBackedDevice):
     """Holds the `NvmeController` once the server has attached (DMA, IRQs and loop exist then)."""
 
+    commands = control.COMMANDS
+
     def __init__(self, reset_method: str = "none", *, msix_count: int = 16, **core_kwargs):
-        self.core: NvmeController | None = None
+        super().__init__(reset_method=reset_method, msix_count=msix_count, **core_kwargs)
         self.msix_count = msix_count
-        self._core_kwargs = core_kwargs
         self.config = ConfigSpace(msix_count)
         self.msix = MsixBar(msix_count)
-        super().__init__(reset_method)
 
-    @property
-    def reset_method(self) -> str:
-        return self._reset_method if self.core is None else self.core.reset_method
-
-    @reset_method.setter
-    def reset_method(self, value: str) -> None:
-        check_reset_method(value)
-        if self.core is None:
-            self._reset_method = value
-        elif self.core.reset_method != value:
-            self.core.reset_method = value
-            self.core.command_log.add("event", "SET_RESET_METHOD", self.core.epoch, value=value)
-
-    def attached(self, server) -> None:
-        super().attached(server)
-        self.core = NvmeController(ServerDma(server), server.irqs, server.loop, reset_method=self.reset_method,
-                                   msix_count=self.msix_count, **self._core_kwargs)
-        for name, fn in control.COMMANDS.items():
-            server.control.register(name, functools.partial(fn, self.core))
+    def make_core(self, server, **core_kwargs) -> NvmeController:
+        return NvmeController(ServerDma(server), server.irqs, server.loop, **core_kwargs)
 
     def regions(self) -> dict[int, tuple[int, int]]:
         rw = REGION_INFO_READ | REGION_INFO_WRITE
@@ -105,15 +87,3 @@ class NvmeVfioDevice(VfioUserDevice):
                 raise CommandError(errno.EINVAL, str(e)) from None
         else:
             (self.config if index == REGION_CONFIG else self.msix).write(offset, data)
-
-    def reset(self) -> None:
-        self.core.flr("device_reset" if self.server.connected else "disconnect")
-
-    def client_connected(self, epoch: int) -> None:
-        self.core.client_connected(epoch)
-
-    def client_disconnected(self) -> None:
-        self.core.client_disconnected()
-
-    def close(self) -> None:
-        self.core.close()

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from vfkeep import savestate
+from vfkeep.driver.errors import BackingError
 from vfkeep.driver.errors import DeviceMissing as TransportMissing
 from vfkeep.nvme import admin_name, status_name
-from vfkeep.vfio_user import VfioClientError
 
 
 class NvmeError(Exception):
@@ -66,5 +66,5 @@ class DeviceNotReady(RestoreError):
     """CSTS.RDY is 0 at restore: the controller was reset during the handover."""
 
 
-#: What talking to an NVMe device can raise: driver errors, the transport's, OS errors.
-DEVICE_ERRORS = (NvmeError, TransportMissing, VfioClientError, OSError)
+#: What talking to an NVMe device can raise: driver errors, the backing's (transport errors translated), OS errors.
+DEVICE_ERRORS = (NvmeError, TransportMissing, BackingError, OSError)

@@ -13,12 +13,10 @@ import select
 import threading
 from dataclasses import asdict, dataclass
 
-from ..driver.errors import BadFrame, DeviceMissing, DriverError
+from ..driver.errors import DEVICE_ERRORS, BadFrame, DeviceMissing
 from ..driver.vport import Vport
 from ..guest.ring import NicChannel, RingError
 from ..log import kv
-from ..vfio_user import DeviceMissing as TransportGone
-from ..vfio_user import VfioClientError
 
 log = logging.getLogger("vfkeep.worker.relay")
 
@@ -87,10 +85,10 @@ class NetRelay:
                 poller.poll(IDLE_WAIT_MS)
                 self.stats.wakeups += 1
             self._drain()
-        except (DeviceMissing, TransportGone) as e:
+        except DeviceMissing as e:
             self.device_missing = True
             self._fail(e)
-        except (DriverError, VfioClientError, RingError, OSError) as e:
+        except (*DEVICE_ERRORS, RingError) as e:
             self._fail(e)
 
     def _pump(self) -> int:

@@ -23,12 +23,12 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..driver.vfio_backing import open_vfio, reset_method_setter
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory
 from ..nvme_driver.driver import NvmeDriver, reset_controller
 from ..nvme_driver.errors import DEVICE_ERRORS
 from ..proto import nvme_driver_pb2, underhill_pb2
+from ..vfio_user.backing import open_vfio, reset_method_setter
 
 log = logging.getLogger("vfkeep.worker.nvme")
 
@@ -101,7 +101,7 @@ def create_fresh(cfg: NvmeConfig, mem: GuestMemory, client, *, cpu_count: int, i
     for i, method in enumerate(methods):
         _set_method(cfg, method)
         try:
-            drv = NvmeDriver.new(open_vfio(cfg.socket, mem), client, cfg.pci_id, cpu_count=cpu_count,
+            drv = NvmeDriver.new(open_vfio(cfg.socket, mem, None), client, cfg.pci_id, cpu_count=cpu_count,
                                  io_queues=io_queues, ready_timeout_s=ready_timeout_s)
         except DEVICE_ERRORS as e:
             kv(log, logging.WARNING, "nvme fresh init failed", pci_id=cfg.pci_id, reset_method=method, error=e)
@@ -125,7 +125,7 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
         client = dma.new_client(name, persistent=True)
         backing = None
         try:
-            backing = open_vfio(cfg.socket, mem, restore=True)
+            backing = open_vfio(cfg.socket, mem, None, restore=True)
             drv = NvmeDriver.restore(backing, client, cfg.pci_id, saved, cpu_count=cpu_count)
             kv(log, logging.INFO, "nvme device restored for keepalive", pci_id=cfg.pci_id)
             return NvmeDisk(cfg, drv, KEEPALIVE)
@@ -152,7 +152,7 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
         except DmaError as e:
             kv(log, logging.WARNING, "could not free saved nvme buffers", pci_id=cfg.pci_id, error=e)
         try:
-            backing = open_vfio(cfg.socket, mem, restore=True)
+            backing = open_vfio(cfg.socket, mem, None, restore=True)
             try:
                 reset_controller(backing, cfg.pci_id, ready_timeout_s)
             finally:

@@ -14,19 +14,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from typing import Callable
 
 from ..contract import NicConfig, NicRestore, RestorePath, SaveOutcome
-from ..driver.errors import DeviceMissing, DriverError, SaveFailed
-from ..driver.gdma_driver import map_bar0
-from ..driver.mana import DEVICE_ERRORS, ManaDevice, create_fresh, release_pending_buffers
-from ..driver.vfio_backing import open_vfio, reset_method_setter
+from ..driver.backing import DeviceBacking, DmaClients
+from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
+from ..driver.mana import ManaDevice
 from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
-from ..vfio_user import DeviceMissing as TransportGone
-from ..vfio_user import VfioClientError
+from ..vfio_user.backing import VfioBacking, open_vfio, reset_method_setter
+from .device_kind import CreateFailed, create_fresh, release_pending_buffers
 from .net_relay import NetRelay
 
 #: The relay's vport: twice as many receive buffers (512, the reference's cap) as send buffers (256), so
@@ -37,6 +37,40 @@ RELAY_VPORT = VportConfig(rx_cq_size=32768)
 KEPT_VPORT = VportConfig(tx_wq_size=4096, tx_cq_size=4096, rx_wq_size=4096, rx_cq_size=8192)
 
 log = logging.getLogger("vfkeep.worker.vf")
+
+#: What bringing a NIC up can raise without it being a bug: the device's errors and the DMA manager's.
+NIC_ERRORS = (*DEVICE_ERRORS, DmaError, CreateFailed)
+
+
+def dma_client_names(pci_id: str) -> tuple[str, str]:
+    """(persistent, ephemeral) DMA client names of a NIC (servicing spec 4)."""
+    return f"nic_{pci_id}", f"nic_{pci_id}_ephemeral"
+
+
+def nic_dma_clients(dma: DmaManager, pci_id: str, persistent: bool) -> DmaClients:
+    """A NIC's DMA clients: the ephemeral one always, the persistent (private pool) one when `persistent`
+    (keepalive config enabled or saved state to restore)."""
+    p_name, e_name = dma_client_names(pci_id)
+    pclient = dma.new_client(p_name, persistent=True) if persistent else None
+    try:
+        return DmaClients(ephemeral=dma.new_client(e_name, persistent=False), persistent=pclient)
+    except BaseException:
+        if pclient is not None:
+            pclient.close()
+        raise
+
+
+def fresh_mana_device(open_device: Callable[[], DeviceBacking], set_reset_method: Callable[[str], None], pci_id: str,
+                      *, force_flr: bool = False) -> tuple[ManaDevice, bool]:
+    """Fresh init of one MANA NIC with the NoReset -> FLR retry (spec 6.4) on backings from `open_device`.
+    Returns (device, flr_happened); `force_flr` is the D2 fallback's half after a failed restore."""
+    return create_fresh(open_device, lambda backing: ManaDevice.new(backing, pci_id), set_reset_method, pci_id,
+                        what="mana device", errors=DEVICE_ERRORS, force_flr=force_flr)
+
+
+def release_nic_buffers(dma: DmaManager, pci_id: str) -> int:
+    """Attach and free a NIC's saved pool buffers (spec 6.2) when its saved state is not used; pages freed."""
+    return release_pending_buffers(dma, dma_client_names(pci_id)[0])
 
 
 class VfManager:
@@ -55,6 +89,7 @@ class VfManager:
         self.create_ms = 0.0
         self.keepalive = False
         self.datapath_keepalive = False
+        self.hwc_persistent = False
         self.set_reset_method = reset_method_setter(cfg.socket)
 
     # -- creation ---------------------------------------------------------------------------
@@ -80,7 +115,7 @@ class VfManager:
                 vf._fresh(persistent_hwc=False)
             else:
                 vf._fresh(persistent_hwc=keepalive)
-        except (*DEVICE_ERRORS, DmaError) as e:
+        except NIC_ERRORS as e:
             vf.error = f"{type(e).__name__}: {e}"
             vf.dev = vf.vport = None
             kv(log, logging.ERROR, "nic could not be brought up", pci_id=vf.pci_id, error=vf.error)
@@ -90,8 +125,8 @@ class VfManager:
     def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState) -> None:
         kv(log, logging.INFO, "restoring gdma driver", pci_id=self.pci_id, base_pfn=saved.mana_device.gdma.mem.base_pfn)
         try:
-            self.dev = ManaDevice.restore(open_vfio(self.cfg.socket, self.mem, restore=True), self.dma, self.pci_id,
-                                          saved.mana_device)
+            self.dev = ManaDevice.restore(self._open(persistent=True, restore=True), self.pci_id, saved.mana_device)
+            self.hwc_persistent = True
             self.vport = self.dev.vports.get(0) or self._open_vport()
         except (*DEVICE_ERRORS, DmaError) as e:
             self._drop_device()
@@ -122,22 +157,32 @@ class VfManager:
         """Fresh device + vport. A pool too full for the HWC buffer (e.g. saved state that left it all Leaked)
         gives an ephemeral buffer: the NIC works and only its next keepalive is lost, never a dead NIC."""
         try:
-            self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
-                                              force_flr=force_flr, persistent_hwc=persistent_hwc)
+            self.dev, self.flr = self._create_fresh(persistent_hwc, force_flr)
         except OutOfPoolMemory as e:
             if not persistent_hwc:
                 raise
             note = f"pool exhausted ({e}); HWC buffer is ephemeral"
             self.error = f"{self.error}; {note}" if self.error else note
             kv(log, logging.ERROR, "no pool pages for the HWC buffer, using worker RAM", pci_id=self.pci_id)
-            self.dev, self.flr = create_fresh(self._open_fresh, self.set_reset_method, self.dma, self.pci_id,
-                                              force_flr=force_flr, persistent_hwc=False)
+            persistent_hwc = False
+            self.dev, self.flr = self._create_fresh(persistent_hwc, force_flr)
+        self.hwc_persistent = persistent_hwc
         self.vport = self._open_vport()
+
+    def _create_fresh(self, persistent_hwc: bool, force_flr: bool) -> tuple[ManaDevice, bool]:
+        """NoReset -> FLR (spec 6.4); the HWC buffer comes from the pool iff `persistent_hwc`."""
+        return fresh_mana_device(lambda: self._open(persistent=persistent_hwc), self.set_reset_method, self.pci_id,
+                                 force_flr=force_flr)
+
+    def _open(self, *, persistent: bool, restore: bool = False) -> VfioBacking:
+        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr)."""
+        return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
+                         restore=restore)
 
     def _open_vport(self):
         """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has
         room; otherwise the NIC still works, only its queues are rebuilt at the next servicing)."""
-        if self.datapath_keepalive and self.dev.persistent is not None:
+        if self.datapath_keepalive and self.hwc_persistent:
             try:
                 return self.dev.open_vport(0, KEPT_VPORT, persistent=True)
             except OutOfPoolMemory as e:
@@ -146,12 +191,9 @@ class VfManager:
                 kv(log, logging.ERROR, "no pool pages for the vport, using worker RAM", pci_id=self.pci_id)
         return self.dev.open_vport(0, RELAY_VPORT)
 
-    def _open_fresh(self):
-        return open_vfio(self.cfg.socket, self.mem)
-
     def _release_saved_buffers(self) -> None:
         if self.dma.has_pool:
-            pages = release_pending_buffers(self.dma, self.pci_id)
+            pages = release_nic_buffers(self.dma, self.pci_id)
             if pages:
                 kv(log, logging.INFO, "freed saved pool buffers", pci_id=self.pci_id, pages=pages)
 
@@ -189,7 +231,7 @@ class VfManager:
     def save(self) -> tuple[SaveOutcome, mana_driver_pb2.ManaSavedState | None]:
         """Spec §5.2 outcomes: Saved (device kept, handle released without reset), SaveFailed (device
         switched to FLR and released, so it resets), DeviceMissing (nothing to save)."""
-        if self.dev is None or (self.relay is not None and self.relay.device_missing) or not self._present():
+        if self.dev is None or (self.relay is not None and self.relay.device_missing) or not self.dev.present():
             kv(log, logging.WARNING, "no device to save", pci_id=self.pci_id)
             self.shutdown()
             return SaveOutcome.DEVICE_MISSING, None
@@ -200,23 +242,15 @@ class VfManager:
             kv(log, logging.ERROR, "mana save failed, resetting the device", pci_id=self.pci_id, error=str(e))
             self._set_flr_and_release()
             return SaveOutcome.SAVE_FAILED, None
-        except (DeviceMissing, TransportGone) as e:
+        except DeviceMissing as e:
             self.error = f"device missing: {e}"
             kv(log, logging.WARNING, "device vanished during save", pci_id=self.pci_id, error=str(e))
             return SaveOutcome.DEVICE_MISSING, None
-        except (DriverError, VfioClientError, OSError) as e:  # e.g. a transport timeout: this NIC only
+        except DEVICE_ERRORS as e:  # e.g. a transport timeout: this NIC only
             self.error = f"save failed: {type(e).__name__}: {e}"
             self._set_flr_and_release()
             return SaveOutcome.SAVE_FAILED, None
         return SaveOutcome.SAVED, mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
-
-    def _present(self) -> bool:
-        """A surprise-removed device reads all ones; it has nothing left to save."""
-        try:
-            map_bar0(self.dev.gdma.backing)
-        except (DeviceMissing, TransportGone):
-            return False
-        return True
 
     def _set_flr_and_release(self) -> None:
         try:
@@ -247,7 +281,7 @@ class VfManager:
         if self.dev is not None and not self.dev.closed:
             return  # the save never reached this device
         t = time.perf_counter()
-        kept = self.dev is not None and self.dev.gdma.saved
+        kept = self.dev is not None and self.dev.saved
         try:
             if kept:
                 self.dev.release_kept()
@@ -256,7 +290,7 @@ class VfManager:
             else:
                 self.dev = self.vport = None
                 self._fresh(persistent_hwc=self.keepalive)
-        except (*DEVICE_ERRORS, DmaError) as e:
+        except NIC_ERRORS as e:
             self.error = f"{type(e).__name__}: {e}"
             self.dev = self.vport = None
         self.create_ms = round((time.perf_counter() - t) * 1000, 3)

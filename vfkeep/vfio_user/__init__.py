@@ -2,7 +2,8 @@
 from .client import (DeviceInfo, DeviceMissing, IrqInfo, ProtocolError, RegionInfo, VfioClientError, VfioDevice,
                      VfioError, VfioTimeout)
 from .control import control_call, control_server
-from .device import RESET_FLR, RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method, config_space
+from .device import (RESET_FLR, RESET_METHODS, RESET_NONE, CoreBackedDevice, VfioUserDevice, check_reset_method,
+                     config_space)
 from .dma import DmaFault, DmaSpace
 from .irqs import IrqTable
 from .loop import EventLoop, Timer
@@ -13,6 +14,7 @@ __all__ = [
     "DeviceInfo", "DeviceMissing", "IrqInfo", "ProtocolError", "RegionInfo", "VfioClientError", "VfioDevice",
     "VfioError", "VfioTimeout",
     "control_call", "control_server",
-    "RESET_FLR", "RESET_METHODS", "RESET_NONE", "VfioUserDevice", "check_reset_method", "config_space",
+    "RESET_FLR", "RESET_METHODS", "RESET_NONE", "CoreBackedDevice", "VfioUserDevice", "check_reset_method",
+    "config_space",
     "DmaFault", "DmaSpace", "IrqTable", "EventLoop", "Timer", "CommandError", "VfioUserServer",
 ]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import abc
+import functools
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .server import VfioUserServer
@@ -20,25 +21,27 @@ def check_reset_method(value: str) -> str:
         raise ValueError(f"reset method must be one of {', '.join(RESET_METHODS)}, got {value!r}")
     return value
 
+
 CONFIG_SPACE_SIZE = 256
 
 
 class VfioUserDevice(abc.ABC):
     """A PCI function served over vfio-user. The server owns transport, DMA and interrupt plumbing;
-    the device owns registers and state. `reset_method` decides whether a client disconnect
-    or DEVICE_RESET wipes that state (flr) or not (none: keepalive)."""
+    the device owns registers and state, `reset_method` included: it decides whether a client
+    disconnect or DEVICE_RESET wipes that state (flr) or not (none: keepalive)."""
 
-    def __init__(self, reset_method: str = RESET_NONE):
+    def __init__(self) -> None:
         self.server: VfioUserServer | None = None
-        self.reset_method = reset_method
 
     @property
+    @abc.abstractmethod
     def reset_method(self) -> str:
-        return self._reset_method
+        """`RESET_NONE` or `RESET_FLR`; read by the server once the device is attached."""
 
     @reset_method.setter
+    @abc.abstractmethod
     def reset_method(self, value: str) -> None:
-        self._reset_method = check_reset_method(value)
+        """Set through the control channel; the device checks it (ValueError for anything else)."""
 
     @abc.abstractmethod
     def regions(self) -> dict[int, tuple[int, int]]:
@@ -71,6 +74,53 @@ class VfioUserDevice(abc.ABC):
     def client_disconnected(self) -> None:
         """The client is gone; its DMA mappings and eventfds are already dropped. An FLR follows
         when reset_method is flr."""
+
+
+class CoreBackedDevice(VfioUserDevice):
+    """A device model whose state is a transport-independent core (an emulator), built by `make_core` once
+    the server attached (its DMA space, interrupts and loop exist then). The core is the one owner of
+    `reset_method` (it checks a new value: ValueError), keeps a `command_log` and an `epoch`, and has
+    `flr(reason)`, `client_connected(epoch)`, `client_disconnected()` and `close()`."""
+
+    #: Control commands `name -> fn(core, **args)`, registered on the server's control channel.
+    commands: dict[str, Callable[..., Any]] = {}
+
+    def __init__(self, **core_kwargs: Any):
+        super().__init__()
+        self.core: Any = None
+        self._core_kwargs = core_kwargs
+
+    @abc.abstractmethod
+    def make_core(self, server: VfioUserServer, **core_kwargs: Any) -> Any:
+        """The core over the server's `dma`, `irqs` and `loop`, given the constructor's keyword arguments."""
+
+    def attached(self, server: VfioUserServer) -> None:
+        super().attached(server)
+        self.core = self.make_core(server, **self._core_kwargs)
+        for name, fn in self.commands.items():
+            server.control.register(name, functools.partial(fn, self.core))
+
+    @property
+    def reset_method(self) -> str:
+        return self.core.reset_method
+
+    @reset_method.setter
+    def reset_method(self, value: str) -> None:
+        if self.core.reset_method != value:
+            self.core.reset_method = value
+            self.core.command_log.add("event", "SET_RESET_METHOD", self.core.epoch, value=value)
+
+    def reset(self) -> None:
+        self.core.flr("device_reset" if self.server.connected else "disconnect")
+
+    def client_connected(self, epoch: int) -> None:
+        self.core.client_connected(epoch)
+
+    def client_disconnected(self) -> None:
+        self.core.client_disconnected()
+
+    def close(self) -> None:
+        self.core.close()
 
 
 def config_space(vendor_id: int, device_id: int, *, revision: int = 0, class_code: int = 0x020000,

@@ -22,7 +22,7 @@ from vfkeep.log import kv
 from vfkeep.sockets import listen_unix, unlink_if_ours
 
 from .control import control_server
-from .device import RESET_FLR, VfioUserDevice, check_reset_method
+from .device import RESET_FLR, VfioUserDevice
 from .dma import DmaSpace
 from .irqs import IrqTable
 from .loop import EventLoop
@@ -353,7 +353,8 @@ class VfioUserServer:
 
     # -- control channel ------------------------------------------------------------------------
     def _set_reset_method(self, value: str) -> dict:
-        previous, self.device.reset_method = self.device.reset_method, check_reset_method(value)
+        previous = self.device.reset_method
+        self.device.reset_method = value  # the device checks it: a bad value is an error reply
         kv(log, logging.INFO, "reset method changed", previous=previous, value=value)
         return {"value": value, "previous": previous}
 

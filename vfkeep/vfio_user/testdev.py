@@ -35,7 +35,7 @@ from vfkeep.log import kv
 from vfkeep.proc import spawn
 
 from .control import wait_until_answering
-from .device import RESET_METHODS, RESET_NONE, VfioUserDevice, config_space
+from .device import RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method, config_space
 from .dma import DmaFault
 from .protocol import (DEFAULT_MAX_DMA_MAPS, IRQ_MSIX, REGION_BAR0, REGION_CONFIG, REGION_INFO_READ,
                        REGION_INFO_WRITE, CommandError)
@@ -70,7 +70,8 @@ class TestDevice(VfioUserDevice):
     __test__ = False  # not a pytest class
 
     def __init__(self, reset_method: str = RESET_NONE, flr_s: float = 0.0):
-        super().__init__(reset_method)
+        super().__init__()
+        self.reset_method = reset_method
         self.flr_s = flr_s
         self.config = config_space(VENDOR_ID, DEVICE_ID, class_code=0xFF0000)
         self.regs = bytearray(_REG_END)
@@ -87,6 +88,14 @@ class TestDevice(VfioUserDevice):
         struct.pack_into("<I", self.regs, offset, value & 0xFFFFFFFF)
 
     # -- VfioUserDevice -------------------------------------------------------------------------
+    @property
+    def reset_method(self) -> str:
+        return self._reset_method
+
+    @reset_method.setter
+    def reset_method(self, value: str) -> None:
+        self._reset_method = check_reset_method(value)
+
     def regions(self) -> dict[int, tuple[int, int]]:
         rw = REGION_INFO_READ | REGION_INFO_WRITE
         return {REGION_BAR0: (BAR0_SIZE, rw), REGION_CONFIG: (len(self.config), rw)}

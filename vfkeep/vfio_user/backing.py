@@ -1,0 +1,114 @@
+"""The driver's device backing over vfio-user: a `VfioDevice` with guest memory mapped and the DMA clients
+the device's manager chose, plus the device's `reset_method` switch on its control channel (the stand-in
+for sysfs, DESIGN D6).
+
+This adapter is where transport errors stop: a vanished server is the driver's `DeviceMissing` (like a
+BAR0 that reads all ones), a timeout its `BackingTimeout`, anything else the transport raises (an error
+reply, a broken protocol, a control-channel failure, an OS error on the socket) its `BackingError`. The
+driver and the paravisor never see a `vfkeep.vfio_user` error class.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from vfkeep import rpc
+from vfkeep.driver.backing import DmaClients
+from vfkeep.driver.errors import BackingError, BackingTimeout, DeviceMissing
+from vfkeep.memory.guest_memory import GuestMemory
+
+from .client import DEFAULT_TIMEOUT_S, VfioClientError, VfioDevice, VfioTimeout
+from .client import DeviceMissing as TransportGone
+from .control import control_call
+from .protocol import IRQ_MSIX, REGION_BAR0
+
+
+#: What the transport can raise; `driver_error` turns each into the driver's own.
+TRANSPORT_ERRORS = (VfioClientError, rpc.RpcError, OSError)
+
+
+def driver_error(e: BaseException) -> Exception:
+    """The driver's error for transport error `e` (raise it `from e`)."""
+    if isinstance(e, TransportGone):
+        return DeviceMissing(str(e))
+    if isinstance(e, VfioTimeout):
+        return BackingTimeout(str(e))
+    return BackingError(f"{type(e).__name__}: {e}")
+
+
+def _call(fn: Callable, *args):
+    try:
+        return fn(*args)
+    except TRANSPORT_ERRORS as e:
+        raise driver_error(e) from e
+
+
+class VfioBacking:
+    """`DeviceBacking` over one vfio-user connection (thread-safe: VfioDevice serialises requests)."""
+
+    def __init__(self, dev: VfioDevice, dma: DmaClients | None):
+        self.dev = dev
+        self.dma = dma
+        self.bar0_len = _call(lambda: dev.region_info(REGION_BAR0).size)
+        self.msix_count = _call(lambda: dev.irq_info(IRQ_MSIX).count)
+
+    def read32(self, offset: int) -> int:
+        return _call(self.dev.read32, offset)
+
+    def read64(self, offset: int) -> int:
+        return _call(self.dev.read64, offset)
+
+    def write32(self, offset: int, value: int, posted: bool = False) -> None:
+        _call(self.dev.write32, offset, value, posted)
+
+    def write64(self, offset: int, value: int, posted: bool = False) -> None:
+        _call(self.dev.write64, offset, value, posted)
+
+    def set_irq(self, vector: int) -> int:
+        return _call(self.dev.set_irq, vector)
+
+    def clear_irqs(self) -> None:
+        _call(self.dev.clear_irqs)
+
+    def close(self) -> None:
+        """Disconnect (never a reset from here), then release the DMA clients."""
+        try:
+            _call(self.dev.close)
+        finally:
+            if self.dma is not None:
+                self.dma.close()
+
+
+def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None, *, restore: bool = False,
+              timeout: float = DEFAULT_TIMEOUT_S) -> VfioBacking:
+    """Connect to the device and map guest memory. Fresh (`restore=False`) sends DEVICE_RESET when the
+    device's reset_method is flr; restore never resets. `timeout` bounds the connect and every reply.
+    The backing owns `dma` from here on: it is closed with the backing, or at once if opening fails
+    (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today)."""
+    dev = None
+    try:
+        dev = _call(VfioDevice.restore if restore else VfioDevice.new, path, timeout)
+        _call(dev.map_guest_memory, mem)
+        return VfioBacking(dev, dma)
+    except BaseException:
+        try:
+            if dev is not None:
+                dev.close()
+        finally:
+            if dma is not None:
+                dma.close()
+        raise
+
+
+def control_path(path: str | os.PathLike) -> str:
+    return os.fspath(path) + ".ctl"
+
+
+def reset_method_setter(path: str | os.PathLike) -> Callable[[str], None]:
+    """Writes the device's reset_method ("none" | "flr") through its control channel (driver errors only)."""
+    ctl = control_path(path)
+
+    def set_reset_method(method: str) -> None:
+        _call(lambda: control_call(ctl, "set_reset_method", value=method))
+
+    return set_reset_method
