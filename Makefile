@@ -23,6 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/vfkeep demo
 
+# Real ping and TCP from a guest network namespace across every servicing path (root).
+demo-net: $(STAMP) deps-net
+	$(VENV)/bin/vfkeep demo --network
+
 test: $(TSTAMP) deps-net
 	$(PY) -m pytest -q
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "service": "vfkeep.host.commands:service_command",
     "inspect": "vfkeep.host.commands:inspect_command",
     "stop": "vfkeep.host.commands:stop_command",
+    "exec": "vfkeep.host.commands:exec_command",
     "state": "vfkeep.host.commands:state_group",
     "worker": "vfkeep.paravisor.worker:worker_command",
     "traffic": "vfkeep.host.traffic_cli:traffic_group",

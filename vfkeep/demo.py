@@ -324,9 +324,14 @@ def _interrupt(signum, frame):
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--servicings", type=click.IntRange(1, 100), default=DEFAULT_SERVICINGS, show_default=True,
               help="servicings per path (the table shows medians)")
-def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, servicings):
+@click.option("--network", is_flag=True, help="instead: real ping and TCP from a guest network namespace across "
+              "every servicing path; writes OUT/network.png and OUT/network.json (needs root; vfkeep/demo_net.py)")
+def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, servicings, network):
     """Guest traffic across reset-flr, reset, keepalive and keepalive+datapath servicings: table, verdict,
     plot, JSON."""
+    if network:
+        from .demo_net import network_demo
+        return network_demo(out, json_path, timing_from(timing, hwc_latency_ms, flr_ms))
     console = Console()
     timing = timing_from(timing, hwc_latency_ms, flr_ms)
     load = os.getloadavg()[0]

@@ -117,7 +117,7 @@ def receive(listen: str) -> int:
             total += len(data)
         if time.monotonic() >= next_report:
             _emit(t_ns=time.monotonic_ns(), bytes=total)
-            next_report += REPORT_S
+            next_report = time.monotonic() + REPORT_S
     conn.close()
     _emit(t_ns=time.monotonic_ns(), bytes=total)
     _emit(event="closed" if error is None else "error", bytes=total, ok=error is None, error=error)
@@ -154,7 +154,7 @@ def send(to: str, rate: float) -> int:
         if now >= next_report:
             state, retrans = tcp_info(sock)
             _emit(t_ns=time.monotonic_ns(), bytes=sent, retrans=retrans, state=state)
-            next_report += REPORT_S
+            next_report = time.monotonic() + REPORT_S
     state, retrans = tcp_info(sock)
     if error is None:  # orderly close: the receiver sees EOF after the last byte, then closes its side
         sock.setblocking(True)
@@ -252,6 +252,16 @@ class TcpStream:
     def wait_connected(self, timeout: float = 10.0) -> None:
         self.sender.wait_event(["connected"], timeout)
         self.receiver.wait_event(["accepted"], timeout)
+
+    def received(self) -> int:
+        """Bytes the receiver has checked so far."""
+        last = self.receiver.last()
+        return last["bytes"] if last else 0
+
+    def state(self) -> str | None:
+        """The sender's TCP state at its last report (ESTABLISHED while the connection lives)."""
+        last = self.sender.last()
+        return last["state"] if last else None
 
     def close(self) -> dict:
         """End the stream cleanly; {sent, received, ok, sender_error, receiver_error, retrans}."""
@@ -368,10 +378,12 @@ class Pinger:
         return out
 
     def lost(self) -> list[tuple[int, int]]:
-        """(seq, send time) of every request that got no reply."""
+        """(seq, send time) of every request that got no reply (but those still in flight when ping was stopped)."""
         with self._lock:
             answered = set(self.replies)
-        return [(s, t) for s, t in sorted(self.sent_times().items()) if s not in answered]
+        until = None if self.stop_ns is None else self.stop_ns - IN_FLIGHT_NS
+        return [(s, t) for s, t in sorted(self.sent_times().items())
+                if s not in answered and (until is None or t < until)]
 
     def window(self, since_ns: int, until_ns: int) -> dict:
         """Requests sent in [since, until): sent, lost, and the longest time without a reply then. Requests

@@ -61,20 +61,27 @@ run_dir_option = click.option("--run-dir", default=default_run_dir, show_default
 @click.option("--datapath-keepalive", is_flag=True,
               help="workers keep the vport queues and buffers across MANA keepalive (VFKEEP_DATAPATH_KEEPALIVE=1; "
                    "default pool +160 pages per NIC)")
+@click.option("--guest", type=click.Choice(["agent", "netns"]), default="agent", show_default=True,
+              help="agent: traffic agents on request; netns: per NIC a network namespace with a TAP (the NIC's "
+                   "MAC, 198.18.N.2) whose peer 198.18.N.1 sits behind the device's TAP; needs root")
 def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_ms, flr_ms, prelaunch, ring_slots,
-                worker_cmd, worker_env, datapath_keepalive):
+                worker_cmd, worker_env, datapath_keepalive, guest):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach."""
+    from .. import netns
     from .console import HostConsole
     from .traffic import TrafficError
     from .vmm import Host, HostConfig, HostError
 
+    if guest == "netns" and (reason := netns.unavailable_reason()):
+        raise click.ClickException(reason)
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     vlog.setup("host", run_dir)
     config = HostConfig(run_dir=run_dir, nics=nics, backend=backend, pool_pages=pool_pages,
                         timing=timing_from(timing, hwc_latency_ms, flr_ms),
                         prelaunch=prelaunch, ring_slots=ring_slots, worker_cmd=worker_cmd,
-                        worker_env=_env_pairs(worker_env, "--worker-env"), datapath_keepalive=datapath_keepalive)
+                        worker_env=_env_pairs(worker_env, "--worker-env"), datapath_keepalive=datapath_keepalive,
+                        guest=guest)
     stop = threading.Event()
 
     def on_stop() -> dict:
@@ -96,8 +103,11 @@ def run_command(run_dir, detach, nics, backend, pool_pages, timing, hwc_latency_
     try:
         server = control.serve(run_dir, {
             "service": host.service, "inspect": host.inspect, "status": host.status, "probe": host.probe,
-            "traffic": host.traffic, "stop": on_stop}, refused=(HostError, TrafficError))
-        host.start()
+            "traffic": host.traffic, "exec": host.exec, "stop": on_stop}, refused=(HostError, TrafficError))
+        try:
+            host.start()
+        except Exception as e:  # noqa: BLE001 - e.g. WorkerFailed, HostError; start() has ended every child
+            raise click.ClickException(f"boot failed: {e} (logs in {run_dir})") from None
         server.start()
         click.echo(f"vfkeep host ready: pid {os.getpid()}, run dir {run_dir}", err=detach)
         kv(log, logging.INFO, "host ready", run_dir=run_dir, detach=detach)
@@ -172,6 +182,22 @@ def inspect_command(run_dir, path, as_json):
         Console().print(render.tree(data, path or "vfkeep"))
     else:
         click.echo(data)
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@run_dir_option
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds before the command is ended")
+@click.argument("nic", type=int)
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(run_dir, timeout, nic, argv):
+    """Run a command in guest NIC's network namespace (`vfkeep run --guest netns`), e.g. `exec 0 ping -c 3 198.18.0.1`."""
+    with host_client(run_dir, wait=timeout + 10) as host:
+        r = host.exec(nic, list(argv), timeout)
+    sys.stdout.write(r["stdout"])
+    sys.stderr.write(r["stderr"])
+    if r["timed_out"]:
+        click.echo(f"ended after {timeout} s", err=True)
+    sys.exit(r["returncode"] if r["returncode"] is not None and r["returncode"] >= 0 else 1)
 
 
 @click.command("stop")

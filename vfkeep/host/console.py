@@ -68,7 +68,7 @@ def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
 class HostConsole(cmd.Cmd):
     intro = "vfkeep host console. Type help or ? to list commands, quit to stop the VM."
     prompt = "vfkeep> "
-    commands = ("service-vtl2", "inspect", "status", "probe", "traffic", "help", "quit")
+    commands = ("service-vtl2", "inspect", "status", "probe", "traffic", "exec", "help", "quit")
 
     def __init__(self, host: Host, console: Console | None = None):
         super().__init__()
@@ -217,6 +217,21 @@ class HostConsole(cmd.Cmd):
             return [a for a in ("start", "stop", "stats") if a.startswith(text)]
         flags = [o for a in self._traffic_parser._actions for o in a.option_strings]
         return [f for f in flags if f.startswith(text) and f not in words]
+
+    def do_exec(self, arg: str) -> None:
+        """exec N CMD [ARGS...]
+        Run a command in guest N's network namespace (`vfkeep run --guest netns`), e.g.
+        `exec 0 ping -c 3 198.18.0.1` or `exec 1 ss -ti`; its output is shown when it ends (30 s at most)."""
+        words = shlex.split(arg)
+        if len(words) < 2 or not words[0].isdigit():
+            raise ConsoleUsage("usage: exec N CMD [ARGS...]")
+        r = self.host.exec(int(words[0]), words[1:])
+        if r["stdout"]:
+            self.out.out(r["stdout"], end="", highlight=False)
+        if r["stderr"]:
+            self.out.out(r["stderr"], end="", style="red", highlight=False)
+        if r["timed_out"] or r["returncode"]:
+            self.out.print(f"[yellow]exit status {r['returncode']}{' (timed out)' if r['timed_out'] else ''}[/yellow]")
 
     def do_quit(self, arg: str) -> bool:
         """quit

@@ -80,6 +80,10 @@ class HostClient:
     def traffic(self, action: str, wait: float | None = rpc.DEFAULT_TIMEOUT, **args) -> dict:
         return self.call("traffic", {"action": action, **args}, wait)
 
+    def exec(self, nic: int, argv: list[str], timeout: float = 30.0, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
+        """Run `argv` in guest `nic`'s network namespace (`--guest netns`): `{returncode, stdout, stderr, timed_out}`."""
+        return self.call("exec", {"nic": nic, "argv": argv, "timeout": timeout}, wait)
+
     def stop(self, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
         """Ask the host to stop (it answers first): `{stopping, host_pid}`."""
         return self.call("stop", None, wait)

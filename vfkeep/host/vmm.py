@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import __version__, proc
+from .. import __version__, netns, proc
 from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, Bye, Inspect,
                         InspectReply, NicConfig, NicResult, NicRestore, Save, Saved, SaveFailed, ServicingResult,
                         Shutdown, Start, Started, UnclaimedAllocation, decode_blob, encode_blob)
@@ -28,7 +28,8 @@ from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
 from ..log import kv
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
-from .devices import DeviceProcess
+from .devices import DeviceProcess, nic_mac
+from .guest_net import GuestNetError, GuestNetwork
 from .tamper import TAMPER_MODES, tamper_blob
 from .traffic import GuestTraffic
 from .worker_proc import WorkerFailed, WorkerProcess
@@ -70,6 +71,7 @@ class HostConfig:
     worker_cmd: str | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
     datapath_keepalive: bool = False  # DESIGN D7: every worker keeps the vport data path across keepalive
+    guest: str = "agent"  # "agent": traffic agents on request; "netns": a network namespace per NIC (root)
 
     def worker_argv(self, override: str | None = None) -> list[str]:
         cmd = override or self.worker_cmd
@@ -101,6 +103,7 @@ class Host:
         self.generation = 0
         self.last_servicing: dict | None = None
         self.guest_traffic: GuestTraffic | None = None
+        self.guest_net: GuestNetwork | None = None
         self.servicings = 0
         self._jobs: queue.Queue = queue.Queue()
         self._busy = threading.Lock()
@@ -182,11 +185,24 @@ class Host:
     def probe(self, nic: int = 0, count: int = 8, timeout: float = 2.0) -> dict:
         return self._submit(self._probe, nic, count, timeout)
 
+    def exec(self, nic: int, argv: list[str], timeout: float = 30.0) -> dict:
+        """Run a command in guest `nic`'s network namespace (--guest netns) to completion, on the caller's
+        thread (it may take long; the actor stays free for servicing)."""
+        if self.guest_net is None:
+            raise HostError("exec needs a host started with --guest netns (a network namespace per NIC)")
+        try:
+            return self.guest_net.exec(nic, argv, timeout)
+        except GuestNetError as e:
+            raise HostError(str(e)) from None
+
     def traffic(self, action: str, **args):
         """`vfkeep traffic`: start spawns agents, so it runs on the actor thread (children die with the
         thread that spawned them); stop/stats/timeline/status answer at once, even during a servicing."""
         if self.guest_traffic is None:
             raise HostError("host is not booted")
+        if self.guest_net is not None and action == "start":
+            raise HostError("this host's guest is a network namespace per NIC (--guest netns): its bridges own the "
+                            "rings; use `exec N CMD` (e.g. ping) instead of traffic agents")
         fn = self.guest_traffic.operation(action)
         try:
             inspect.signature(fn).bind(**args)
@@ -199,6 +215,17 @@ class Host:
         cfg = self.config
         if cfg.nics < 0:
             raise HostError(f"--nics must be >= 0, got {cfg.nics}")
+        if cfg.guest not in ("agent", "netns"):
+            raise HostError(f"unknown guest {cfg.guest!r}: agent or netns")
+        if cfg.guest == "netns":
+            if cfg.backend != "loopback":
+                raise HostError(f"--guest netns brings its own wire (a TAP per NIC in its peer namespace); "
+                                f"--backend {cfg.backend} cannot be combined with it")
+            self.guest_net = GuestNetwork(self.run_dir, cfg.nics)
+            try:
+                self.guest_net.prepare()  # namespaces first: the devices create their TAPs inside them
+            except netns.NetnsError as e:
+                raise HostError(str(e)) from None
         pool = pool_pages_from_env(os.environ) if cfg.pool_pages is None else cfg.pool_pages
         pool_from_env = POOL_OVERRIDE_ENV in os.environ or POOL_CONFIG_ENV in os.environ
         if cfg.datapath_keepalive and cfg.pool_pages is None and not pool_from_env:
@@ -213,9 +240,18 @@ class Host:
             self.channels.append(NicChannel.create(self.mem, self.channel_layout, i))
         self.guest_traffic = GuestTraffic(self.run_dir, self.mem, self.channel_layout, self.channels)
         for i in range(cfg.nics):
-            self.devices.append(DeviceProcess.spawn(i, self.run_dir, cfg.backend, cfg.timing))
+            backend = self.guest_net.device_backend(i) if self.guest_net else cfg.backend
+            self.devices.append(DeviceProcess.spawn(i, self.run_dir, backend, cfg.timing))
         for d in self.devices:
             d.wait_ready(BOOT_TIMEOUT_S)
+        if self.guest_net is not None:
+            for i in range(cfg.nics):
+                self.guest_net.wire_up(i)
+            try:
+                self.guest_net.start_bridges(self.mem, self.channel_layout, self.channels,
+                                             [nic_mac(i) for i in range(cfg.nics)])
+            except GuestNetError as e:
+                raise HostError(str(e)) from None
         self.worker = self._start_worker({}, None, self.configured)
         started = self.worker.request(Start(), BOOT_TIMEOUT_S, Started)
         kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
@@ -224,6 +260,8 @@ class Host:
     def _teardown(self) -> None:
         if self.guest_traffic is not None:  # the guest first: no frames pushed at a NIC shutting down
             self.guest_traffic.close()
+        if self.guest_net is not None:
+            self.guest_net.end_bridges()
         if self.worker is not None:
             if self.worker.alive():
                 try:
@@ -234,6 +272,8 @@ class Host:
             self.worker = None
         for d in self.devices:
             d.end()
+        if self.guest_net is not None:  # after the devices: their TAPs are gone, nothing runs inside but leftovers
+            self.guest_net.remove_namespaces()
         for c in self.channels:
             c.close()
         if self.mem is not None:
@@ -472,6 +512,9 @@ class Host:
                 "worker": None if w is None else {"pid": w.pid, "generation": w.generation, "alive": w.alive(),
                                                    "compat": w.hello.compat if w.hello else None},
                 "devices": [{"pci_id": d.pci_id, "pid": d.child.pid, "alive": d.alive()} for d in self.devices],
+                "guest": self.config.guest,
+                "bridges": [{"nic": b.nic, "pid": b.child.pid, "alive": b.child.poll() is None}
+                            for b in self.guest_net.bridges.values()] if self.guest_net else [],
                 "servicings": self.servicings,
                 "last_servicing_ok": None if self.last_servicing is None else self.last_servicing["result"]["ok"]}
 
@@ -498,11 +541,13 @@ class Host:
             devices.append(entry)
         return {"host": {"pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
                          "prelaunch": self.config.prelaunch, "timing": self.config.timing.to_dict(),
-                         "backend": self.config.backend, "memory": self.mem.layout.to_str(),
+                         "backend": self.config.backend, "guest": self.config.guest,
+                         "memory": self.mem.layout.to_str(),
                          "channel": self.channel_layout.to_str() if self.channel_layout else None,
                          "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}
                                    for c in self.channels]},
-                "worker": worker, "devices": devices, "last_servicing": self.last_servicing}
+                "worker": worker, "devices": devices, "last_servicing": self.last_servicing,
+                **({"guest_net": self.guest_net.status()} if self.guest_net else {})}
 
     def _probe(self, nic: int, count: int, timeout: float) -> dict:
         """Act as the guest for a moment: push `count` frames into NIC `nic`'s tx ring and wait for
@@ -514,6 +559,8 @@ class Host:
         if self.guest_traffic is not None and self.guest_traffic.has_agent(nic):
             # The rings are single-producer/single-consumer and the agent is the guest's producer and consumer.
             raise HostError(f"nic {nic}'s rings belong to its traffic agent; use `traffic stats` instead of probe")
+        if self.guest_net is not None and self.guest_net.owns_rings(nic):
+            raise HostError(f"nic {nic}'s rings belong to its guest bridge (--guest netns); use `exec {nic} ping ...`")
         ch = self.channels[nic]
         ch.rx.pop_many(ch.rx.slots)  # stale frames from earlier probes
         mac = bytes([0x02, 0, 0, 0, 0, nic])

@@ -1,0 +1,220 @@
+"""`vfkeep run --guest netns`: the guest is a network namespace per NIC; real ping and TCP through
+worker -> MANA vport -> device -> TAP -> peer namespace, across every servicing path; nothing is left
+behind on any exit path. Root only (CAP_NET_ADMIN); skipped with that reason otherwise."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from vfkeep import netns, proc
+from vfkeep.demo import MODES_DATAPATH
+from vfkeep.device.timing import PRESETS
+from vfkeep.guest.netload import Pinger, TcpStream
+from vfkeep.host.devices import nic_mac
+from vfkeep.host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
+
+from netns_helpers import assert_nothing_left, interfaces, needs_netns
+from servicing_helpers import HostRun, pid_alive
+
+#: Lost replies must be inside the servicing window, give or take a request in flight when it began.
+MARGIN_NS = 100_000_000
+
+
+def _link(ns: str, ifname: str) -> str:
+    return subprocess.run(["ip", "-n", ns, "link", "show", ifname], capture_output=True, text=True).stdout
+
+
+def test_without_net_admin_run_says_it_needs_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(netns, "has_net_admin", lambda: False)
+    from vfkeep.host.commands import run_command
+    r = CliRunner().invoke(run_command, ["--run-dir", str(tmp_path), "--guest", "netns", "--detach"])
+    assert r.exit_code != 0 and "needs root (CAP_NET_ADMIN)" in r.output
+    assert netns.list_run(netns.run_id(tmp_path)) == []
+
+
+@pytest.fixture
+def root_ifaces():
+    before = interfaces()
+    yield before
+
+
+@needs_netns
+def test_two_nics_with_distinct_macs_reach_two_peers(tmp_path, root_ifaces):
+    """One guest namespace per NIC, its TAP carrying the NIC's MAC; each pings its own peer through its
+    own worker/vport/device/TAP path (the peer learns the guest's MAC); `vfkeep stop` leaves nothing."""
+    host = HostRun(tmp_path / "run", "--guest", "netns", nics=2)
+    rid = netns.run_id(host.run_dir)
+    try:
+        assert netns.list_run(rid) == sorted(f"vfk-{rid}-{k}{i}" for i in (0, 1) for k in "gw")
+        for nic in (0, 1):
+            g, w = netns.guest_ns(rid, nic), netns.wire_ns(rid, nic)
+            peer = netns.peer_address(nic)
+            r = host.cli("exec", "--run-dir", host.run_dir, str(nic), "ping", "-c", "3", "-i", "0.05", "-W", "5", peer)
+            assert r.returncode == 0 and "3 received" in r.stdout, r.stdout + r.stderr
+            assert nic_mac(nic).hex(":") in _link(g, netns.GUEST_TAP)
+            neigh = subprocess.run(["ip", "-n", w, "neigh", "show", netns.guest_address(nic)], capture_output=True,
+                                   text=True).stdout
+            assert nic_mac(nic).hex(":") in neigh, neigh
+        assert nic_mac(0) != nic_mac(1)
+        # The other NIC's peer is not reachable: each guest has only its own wire.
+        r = host.cli("exec", "--run-dir", host.run_dir, "0", "ping", "-c", "1", "-W", "1", netns.peer_address(1))
+        assert r.returncode != 0
+        nets = host.inspect("guest_net")
+        assert [n["mac"] for n in nets] == [nic_mac(0).hex(":"), nic_mac(1).hex(":")]
+        assert all(n["bridge"]["tap_rx_frames"] >= 3 and n["bridge"]["tx_ring_full"] == 0 for n in nets)
+        # Probe and traffic agents would be second producers on the bridge's rings.
+        with pytest.raises(Exception, match="guest bridge"):
+            host.probe(0)
+    except BaseException:
+        host.kill()
+        netns.cleanup_run(rid)
+        raise
+    host.stop()
+    assert_nothing_left(rid, root_ifaces, marker=host.run_dir)
+
+
+@needs_netns
+def test_tcp_and_ping_survive_every_servicing_path(tmp_path, root_ifaces):
+    """Across a keepalive, a data-path keepalive and a reset servicing one TCP connection keeps streaming
+    (no reset; the receiver checks every byte, in order, and the close is orderly) and ping loses replies
+    only inside the servicing windows."""
+    run_dir = str(tmp_path / "run")
+    pool = 512 + DATAPATH_POOL_PAGES_PER_NIC
+    host = Host(HostConfig(run_dir=run_dir, nics=1, timing=PRESETS["natural"], pool_pages=pool, guest="netns"))
+    rid = netns.run_id(run_dir)
+    os.makedirs(run_dir)
+    pinger = stream = None
+    try:
+        host.start()
+        g, w, peer = netns.guest_ns(rid, 0), netns.wire_ns(rid, 0), netns.peer_address(0)
+        _console_exec(host, peer)
+        pinger = Pinger(g, peer, 0.01)
+        stream = TcpStream(g, w, peer, rate=1_000_000)
+        stream.wait_connected()
+        assert pinger.wait_replies(10, 10)
+        windows, flowing = [], []
+        for mode, request in MODES_DATAPATH:
+            before = stream.received()
+            result = host.service(**request)
+            assert result["ok"], result
+            path = result["nics"][0]["restore_path"]
+            assert path == ("fresh" if mode == "reset" else "keepalive"), (mode, result)
+            windows.append(host.last_servicing["window_ns"])
+            deadline = time.monotonic() + 10  # the stream moves on after the servicing
+            while stream.received() < before + 500_000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            flowing.append(stream.received() - before)
+            assert stream.state() == "ESTABLISHED"
+        time.sleep(0.7)
+        pinger.stop()
+        tcp = stream.close()
+    except BaseException:
+        if stream is not None:
+            stream.kill()
+        raise
+    finally:
+        if pinger is not None:
+            pinger.stop()
+        host.stop()
+    assert all(n >= 500_000 for n in flowing), flowing
+    assert tcp["ok"] and tcp["received"] == tcp["sent"] > 3_000_000, tcp
+    assert tcp["sender_error"] is None and tcp["receiver_error"] is None
+    outside = [(s, t) for s, t in pinger.lost()
+               if not any(w0 - MARGIN_NS <= t <= w1 + MARGIN_NS for w0, w1 in windows)]
+    assert outside == [], (outside, windows)
+    assert pinger.window(0, time.monotonic_ns())["sent"] > 100
+    assert_nothing_left(rid, root_ifaces, marker=run_dir)
+
+
+def _console_exec(host: Host, peer: str) -> None:
+    """The console's `exec N CMD...` runs in guest N's namespace and shows the command's output."""
+    import io
+
+    from rich.console import Console
+
+    from vfkeep.host.console import HostConsole
+    buf = io.StringIO()
+    c = HostConsole(host, Console(file=buf, width=200))
+    c.onecmd(f"exec 0 ping -c 2 -i 0.05 -W 5 {peer}")
+    c.onecmd("exec 0 ip -o addr show eth0")
+    c.onecmd("exec 7 true")
+    out = buf.getvalue()
+    assert "2 received" in out and f"{netns.guest_address(0)}/24" in out, out
+    assert "nic 7 out of range" in out
+
+
+@needs_netns
+def test_sigterm_to_the_host_leaves_nothing(tmp_path, root_ifaces):
+    host = HostRun(tmp_path / "run", "--guest", "netns")
+    rid = netns.run_id(host.run_dir)
+    # A long command inside the guest namespace, as from the console: it must end with the host.
+    sleeper = proc.spawn(netns.exec_argv(netns.guest_ns(rid, 0), ["sleep", "300"]))
+    try:
+        kids = host.children()
+        os.kill(host.pid, signal.SIGTERM)
+        assert host.child.wait(30) == 0, host.logs()
+        assert sleeper.wait(10) is not None
+        assert not [p for p in kids if pid_alive(p)]
+    finally:
+        proc.end(sleeper)
+        host.kill()
+        netns.cleanup_run(rid)
+    assert_nothing_left(rid, root_ifaces, marker=host.run_dir)
+
+
+@needs_netns
+def test_failed_boot_leaves_nothing(tmp_path, root_ifaces):
+    """A worker that never comes up fails the boot: the run exits non-zero and takes its namespaces along."""
+    run_dir = str(tmp_path / "run")
+    r = subprocess.run(proc.vfkeep_argv("run", "--detach", "--run-dir", run_dir, "--timing", "natural", "--guest",
+                                        "netns", "--worker-cmd", "false"), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert_nothing_left(netns.run_id(run_dir), root_ifaces, marker=run_dir)
+
+
+@needs_netns
+def test_next_run_removes_a_dead_runs_namespaces(tmp_path, root_ifaces):
+    """SIGKILL leaves the namespaces behind (their processes die with the host); the next run with the same run
+    dir removes them before creating its own, and its stop leaves nothing."""
+    first = HostRun(tmp_path / "run", "--guest", "netns")
+    rid = netns.run_id(first.run_dir)
+    try:
+        first.child.kill()
+        first.child.wait(10)
+        first.kill()
+        assert netns.list_run(rid) == [f"vfk-{rid}-g0", f"vfk-{rid}-w0"]
+        second = HostRun(tmp_path / "run", "--guest", "netns")
+        with open(os.path.join(second.run_dir, "host.log")) as f:
+            assert "removed namespaces a dead run left behind" in f.read()
+        r = second.cli("exec", "--run-dir", second.run_dir, "0", "ping", "-c", "2", "-i", "0.05", "-W", "5",
+                       netns.peer_address(0))
+        assert r.returncode == 0, r.stdout + r.stderr
+        second.stop()
+    finally:
+        netns.cleanup_run(rid)
+    assert_nothing_left(rid, root_ifaces, marker=first.run_dir)
+
+
+@needs_netns
+def test_network_demo(tmp_path, root_ifaces):
+    """`vfkeep demo --network`: every path survived, JSON carries the per-path numbers, nothing is left."""
+    out = tmp_path / "out"
+    r = subprocess.run(proc.vfkeep_argv("demo", "--network", "--out", str(out), "--timing", "natural"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "network.json").read_text())
+    assert [p["path"] for p in report["paths"]] == ["keepalive", "keepalive+datapath", "reset"]
+    for p in report["paths"]:
+        assert {"ping_lost", "ping_max_gap_ms", "tcp_survived", "tcp_retransmits", "tcp_bytes"} <= set(p)
+        assert p["tcp_survived"] and p["tcp_bytes"] > 0 and p["ping_lost_outside_window"] == 0
+    assert report["tcp"]["ok"] and (out / "network.png").stat().st_size > 10_000
+    assert "TCP survived" in r.stdout and report["wall_s"] < 90
+    assert not [p for p in report["processes"] if pid_alive(p["pid"])]
+    assert netns.list_run(report["guest"]["netns"].split("-")[1]) == []
+    assert interfaces() - root_ifaces == set()
