@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from vfkeep import netns, proc
-from vfkeep.demo import MODES_DATAPATH
 from vfkeep.device.timing import PRESETS
 from vfkeep.guest.netload import Pinger, TcpStream
 from vfkeep.host.devices import nic_mac
-from vfkeep.host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
+from vfkeep.host.vmm import Host, HostConfig
+from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
 
 from netns_helpers import assert_nothing_left, interfaces, needs_netns
 from servicing_helpers import HostRun, pid_alive
@@ -81,12 +81,12 @@ def test_two_nics_with_distinct_macs_reach_two_peers(tmp_path, root_ifaces):
 
 @needs_netns
 def test_tcp_and_ping_survive_every_servicing_path(tmp_path, root_ifaces):
-    """Across a keepalive, a data-path keepalive and a reset servicing one TCP connection keeps streaming
-    (no reset; the receiver checks every byte, in order, and the close is orderly) and ping loses replies
-    only inside the servicing windows."""
+    """Across every servicing path (reset-flr, reset, keepalive, keepalive+datapath) one TCP connection keeps
+    streaming (no reset; the receiver checks every byte, in order, and the close is orderly) and ping loses
+    replies only inside the servicing windows."""
     run_dir = str(tmp_path / "run")
-    pool = 512 + DATAPATH_POOL_PAGES_PER_NIC
-    host = Host(HostConfig(run_dir=run_dir, nics=1, timing=PRESETS["natural"], pool_pages=pool, guest="netns"))
+    host = Host(HostConfig(run_dir=run_dir, nics=1, timing=PRESETS["natural"], datapath_keepalive=True,
+                           guest="netns"))
     rid = netns.run_id(run_dir)
     os.makedirs(run_dir)
     pinger = stream = None
@@ -99,12 +99,10 @@ def test_tcp_and_ping_survive_every_servicing_path(tmp_path, root_ifaces):
         stream.wait_connected()
         assert pinger.wait_replies(10, 10)
         windows, flowing = [], []
-        for mode, request in MODES_DATAPATH:
+        for mode in ORDER:
             before = stream.received()
-            result = host.service(**request)
-            assert result["ok"], result
-            path = result["nics"][0]["restore_path"]
-            assert path == ("fresh" if mode == "reset" else "keepalive"), (mode, result)
+            result = host.service(**REQUESTS[mode])
+            assert unexpected(mode, result) == [], result
             windows.append(host.last_servicing["window_ns"])
             deadline = time.monotonic() + 10  # the stream moves on after the servicing
             while stream.received() < before + 500_000 and time.monotonic() < deadline:
@@ -209,7 +207,7 @@ def test_network_demo(tmp_path, root_ifaces):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "network.json").read_text())
-    assert [p["path"] for p in report["paths"]] == ["keepalive", "keepalive+datapath", "reset"]
+    assert [p["path"] for p in report["paths"]] == list(ORDER)
     for p in report["paths"]:
         assert {"ping_lost", "ping_max_gap_ms", "tcp_survived", "tcp_retransmits", "tcp_bytes"} <= set(p)
         assert p["tcp_survived"] and p["tcp_bytes"] > 0 and p["ping_lost_outside_window"] == 0

@@ -3,10 +3,11 @@
 One host with `--guest netns` (one NIC, realistic device timing by default, root needed): the guest
 namespace pings the peer every 10 ms (iputils ping) and streams a checked byte pattern to it over
 one TCP connection (a Python sender and receiver, `vfkeep.guest.netload`, no iperf3). The host
-then services three times, the paths of `vfkeep demo --datapath-keepalive`: MANA keepalive,
-keepalive that also keeps the vport's data path (DESIGN D7), and a servicing without keepalive
-(the NIC is shut down and initialised again). Each path's phase runs from the end of the previous
-one until `AFTER_S` after its servicing, so every ping and every byte belongs to exactly one path.
+then services once per path of `vfkeep.servicing_paths`, in its order: reset-flr (FLR and fresh
+init), reset (no keepalive: clean shutdown, fresh init), keepalive (MANA keepalive, the vport's
+queues rebuilt) and keepalive+datapath (the vport's queues kept too, DESIGN D7). Each path's phase
+runs from the end of the previous one until `AFTER_S` after its servicing, so every ping and every
+byte belongs to exactly one path.
 
 Per path: ping replies lost (and whether any was lost outside the servicing window, give or take
 `WINDOW_MARGIN_MS`), the longest time without a reply, TCP retransmissions (the kernel's
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import shutil
 import signal
@@ -32,12 +32,12 @@ from rich.table import Table
 
 from . import log as vlog
 from . import netns
-from .demo import MODES_DATAPATH, expectations, machine
+from .demo import machine
 from .device.timing import DeviceTiming
 from .guest.netload import Pinger, TcpStream
-from .host.vmm import DATAPATH_POOL_PAGES_PER_NIC, Host, HostConfig
+from .host.vmm import Host, HostConfig
 from .log import kv
-from .memory import pool_pages_from_env
+from .servicing_paths import ORDER, REQUESTS, unexpected
 
 log = logging.getLogger("vfkeep.demo_net")
 
@@ -55,8 +55,8 @@ TCP_BIN_S = 0.1
 class NetDemo:
     def __init__(self, run_dir: str, timing: DeviceTiming, tcp_rate: float = TCP_RATE,
                  after_s: float = AFTER_S):
-        pool = pool_pages_from_env(os.environ) + DATAPATH_POOL_PAGES_PER_NIC  # room for the kept vport (D7)
-        self.host = Host(HostConfig(run_dir=run_dir, nics=1, timing=timing, pool_pages=pool, guest="netns"))
+        # Data-path keepalive available (pool room for the kept vport); each path's request chooses (servicing_paths).
+        self.host = Host(HostConfig(run_dir=run_dir, nics=1, timing=timing, datapath_keepalive=True, guest="netns"))
         self.timing, self.tcp_rate, self.after_s = timing, tcp_rate, after_s
         self.pinger: Pinger | None = None
         self.stream: TcpStream | None = None
@@ -77,9 +77,9 @@ class NetDemo:
         phase_start = time.monotonic_ns()
         time.sleep(WARMUP_S)
         phases = []
-        for mode, request in MODES_DATAPATH:
+        for mode in ORDER:
             step(f"servicing: {mode}")
-            result = self.host.service(**request)
+            result = self.host.service(**REQUESTS[mode])
             window = tuple(self.host.last_servicing["window_ns"])
             self._note_processes()
             time.sleep(self.after_s)
@@ -122,7 +122,7 @@ class NetDemo:
             flowed_after = r1 is not None and r_end is not None and r1["bytes"] > r_end["bytes"]
             paths.append({
                 "path": mode, "servicing": result, "window_ns": [w0, w1], "phase_ns": [p0, p1],
-                "expectations_failed": expectations(mode, result),
+                "expectations_failed": unexpected(mode, result),
                 "ping_sent": ping["sent"], "ping_lost": ping["lost"], "ping_lost_outside_window": len(outside),
                 "ping_max_gap_ms": ping["max_gap_ms"], "ping_rtt_max_ms": ping["rtt_max_ms"],
                 "tcp_survived": bool(flowed_after and s1 is not None and s1["state"] == "ESTABLISHED"),
@@ -213,7 +213,7 @@ def table(report: dict) -> Table:
     row("restore path", lambda p: ",".join(sorted({n["restore_path"] for n in p["servicing"]["nics"]})))
     row("servicing ms", lambda p: f"{p['servicing']['phases_ms']['total']:.1f}")
     row("ping replies lost", lambda p: f"{p['ping_lost']}/{p['ping_sent']}")
-    row("longest reply gap ms", lambda p: f"{p['ping_max_gap_ms']:.1f}")
+    row("max reply gap ms", lambda p: f"{p['ping_max_gap_ms']:.1f}")
     row("TCP retransmissions", lambda p: str(p["tcp_retransmits"]))
     row("TCP bytes delivered", lambda p: f"{p['tcp_bytes']:,}")
     row("TCP survived", lambda p: _yn(p["tcp_survived"]))

@@ -122,7 +122,7 @@ class Bridge:
 
 # -- control -------------------------------------------------------------------------------------
 def control_server(path: str, bridge: Bridge, quitting: threading.Event) -> rpc.ThreadedServer:
-    """`status` -> counters and ring stats, `quit` -> sets `quitting` (main() waits on it)."""
+    """The bridge's `vfkeep.rpc` socket: `status` (counters, rings), `quit` (sets `quitting`)."""
 
     def quit_() -> dict:
         quitting.set()

@@ -19,7 +19,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from .. import netns, proc
+from .. import netns, proc, rpc
 from ..guest.agent import AgentClient, AgentError
 from ..guest.bridge import spawn_bridge
 from ..guest.ring import ChannelLayout, NicChannel
@@ -133,7 +133,7 @@ class GuestNetwork:
                     try:
                         with AgentClient(b.control, timeout=5) as c:
                             entry["bridge"] = c.call("status")
-                    except AgentError as e:
+                    except rpc.RpcError as e:
                         entry["bridge"] = {"error": str(e)}
             out.append(entry)
         return out
