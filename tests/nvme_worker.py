@@ -125,7 +125,7 @@ def save_mode(memfd, layout, sock, p) -> dict:
             "inflight": inflight, "next_lba": w.next_lba,
             "driver_state": base64.b64encode(state.SerializeToString()).decode(),
             "dma_state": base64.b64encode(dma.save().SerializeToString()).decode(),
-            "pool": dma.pool_usage()["devices"]}
+            "pool": dma.inspect()["pool"]["devices"]}
 
 
 def restore_mode(memfd, layout, sock, p) -> dict:

@@ -109,7 +109,7 @@ def test_hostile_kept_vport_is_refused_then_fresh_init_works(bench, mem, mutate,
     assert flr
     assert len(loopback(dev.open_vport(0, KEPT_VPORT, persistent=True), frames(100))) == 100
     assert dma.validate_restore() == []
-    assert dma.pool_usage()["allocated_pages"] == 6 + 102  # HWC + the new vport: nothing of the old leaked
+    assert dma.inspect()["pool"]["allocated_pages"] == 6 + 102  # HWC + the new vport: nothing of the old leaked
 
 
 # -- through the host: guest traffic across servicing ------------------------------------------------

@@ -473,14 +473,14 @@ def test_disconnect_with_none_keeps_state_and_flr_wipes_it(up):
     device, drv = up
     vp = VportQueues(drv)
     vp.start(rx_buffers=16)
-    before = device.state()
+    before = device.inspect()
     device.client_disconnected()
     device.client_connected(2)
-    assert device.state()["hwc"] == before["hwc"] and device.state()["vports"] == before["vports"]
+    assert device.inspect()["hwc"] == before["hwc"] and device.inspect()["vports"] == before["vports"]
     assert device.counters["reset_count"] == 0
     device.reset_method = "flr"
     device.client_disconnected()
-    state = device.state()
+    state = device.inspect()
     assert not state["hwc_established"] and not state["registered"] and state["posted_rx"] == 0
     assert state["eqs"] == state["cqs"] == state["sqs"] == state["dma_regions"] == []
     assert device.counters["reset_count"] == 1 and device.command_log.since()[-1]["kind"] == "flr"

@@ -60,14 +60,14 @@ def test_fresh_bringup_sequence_and_clean_shutdown(bench, mem):
     assert vport.mac == bytes.fromhex("00155d121212")
     data = frames(700)
     assert same_payloads(loopback(vport, data), data)
-    assert vport.statistics()["rx_frames"] == 700
+    assert vport.inspect()["stats"]["rx_frames"] == 700
     assert dev.query_stats()["hc_out_octets"] == 700 * 64
     seq = bench.device.command_log.seq
     assert dev.shutdown() is True
     assert bench.log_since(seq) == ["MANA_CONFIG_VPORT_RX", "MANA_DESTROY_WQ_OBJ", "MANA_DESTROY_WQ_OBJ",
                                     "GDMA_DISABLE_QUEUE", "GDMA_DEREGISTER_DEVICE", "SMC_MSG_TYPE_DESTROY_HWC"]
-    assert dma.pool_usage()["allocated_pages"] == 0 and dma.worker_usage()["allocated_pages"] == 0
-    assert not bench.device.state()["hwc_established"]
+    assert dma.inspect()["pool"]["allocated_pages"] == 0 and dma.inspect()["worker_ram"]["allocated_pages"] == 0
+    assert not bench.device.inspect()["hwc_established"]
 
 
 OPEN_VPORT_SEQUENCE = ["MANA_QUERY_VPORT_CONFIG", "MANA_CONFIG_VPORT_TX", "GDMA_CREATE_DMA_REGION", "GDMA_CREATE_QUEUE",
@@ -129,7 +129,7 @@ def test_save_then_restore_without_establish_or_register(bench, mem):
     assert (g.eq.id, g.cq.id, g.rq.id, g.sq.id) == (24, 24, 24, 24)
     assert g.rq.head - g.rq.tail == 4096 - 32 and g.sq.head - g.sq.tail == 4096
     assert g.num_msix == 2 and g.min_queue_avail == 64
-    assert bench.device.state()["hwc_established"] and bench.device.state()["registered"]
+    assert bench.device.inspect()["hwc_established"] and bench.device.inspect()["registered"]
 
     seq = bench.device.command_log.seq
     blob = mana_driver_pb2.ManaDeviceSavedState.FromString(state.SerializeToString())
@@ -169,7 +169,7 @@ def test_restore_onto_a_device_that_lost_its_hwc_times_out_and_frees(bench, mem)
     bench.device.flr("reset during the handover")
     with pytest.raises(HwcTimeout, match="GDMA_GENERATE_TEST_EQE"):
         ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, probe_timeout_ms=100)
-    usage = dma.pool_usage()
+    usage = dma.inspect()["pool"]
     assert usage["allocated_pages"] == 0 and usage["pending_pages"] == 0
 
 
@@ -268,7 +268,7 @@ def test_second_establish_is_refused_by_a_device_that_kept_its_hwc(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
     with pytest.raises(SmcError, match="ESTABLISH_HWC refused"):
         ManaDevice.new(bench.connect(dma, "nic1", fresh=False), "nic1")
-    assert dma.pool_usage()["allocated_pages"] == 0
+    assert dma.inspect()["pool"]["allocated_pages"] == 0
 
 
 def test_create_fresh_noreset_then_flr(bench, mem):
@@ -301,7 +301,7 @@ def _restore_expecting(bench, mem, mutate, error, match):
 def test_restore_with_wrong_base_pfn_frees_attached_buffers(bench, mem):
     dma = _restore_expecting(bench, mem, lambda g: setattr(g.mem, "base_pfn", g.mem.base_pfn + 6),
                              RestoredMemoryNotFound, r"gdma restored memory not found for base_pfn \d+")
-    usage = dma.pool_usage()
+    usage = dma.inspect()["pool"]
     assert usage["allocated_pages"] == 0 and usage["pending_pages"] == 0
 
 
@@ -314,7 +314,7 @@ def test_restore_with_wrong_base_pfn_frees_attached_buffers(bench, mem):
 ])
 def test_restore_with_bad_field_writes_nothing(bench, mem, mutate, match):
     dma = _restore_expecting(bench, mem, mutate, RestoreError, match)
-    assert dma.pool_usage()["pending_pages"] == 6  # untouched: the worker's fallback attaches and frees them
+    assert dma.inspect()["pool"]["pending_pages"] == 6  # untouched: the worker's fallback attaches and frees them
 
 
 def test_restore_with_truncated_blob(bench, mem):
@@ -338,4 +338,4 @@ def test_bringup_errors_are_typed(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
     with pytest.raises(HwcFailure, match="GDMA_VERIFY_VF_DRIVER_VERSION failed with status 1"):
         ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
-    assert dma.pool_usage()["allocated_pages"] == 0
+    assert dma.inspect()["pool"]["allocated_pages"] == 0

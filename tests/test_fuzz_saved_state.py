@@ -172,7 +172,7 @@ def test_mutated_saved_state_restores_or_fails_typed_and_writes_only_attached_me
         except DmaRestoreError:
             event("dma manager state refused")
             assert mem.read(0, mem.size) == before
-            assert dma.pool_usage()["free_pages"] == LAYOUT.pool_pages  # left fresh
+            assert dma.inspect()["pool"]["free_pages"] == LAYOUT.pool_pages  # left fresh
         else:
             try:
                 dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", mana_blob, probe_timeout_ms=50)
@@ -186,7 +186,7 @@ def test_mutated_saved_state_restores_or_fails_typed_and_writes_only_attached_me
         allowed = hwc_pfns.union(*(b.pfns for b in attached))
         assert not changed_pages(before, after) - allowed, "guest memory written outside the attached blocks"
         unclaimed = dma.validate_restore()
-        usage = dma.pool_usage()
+        usage = dma.inspect()["pool"]
         assert usage["pending_pages"] == 0
         if dev is None:
             assert usage["allocated_pages"] == 0, "a failed restore left pool pages allocated"

@@ -33,7 +33,7 @@ def saved(mem):
 
 
 def fresh_usage(mem):
-    return DmaManager(mem, strict_pool=False).pool_usage()
+    return DmaManager(mem, strict_pool=False).inspect()["pool"]
 
 
 def test_allocate_zeroed_contiguous_rounded_up(mem):
@@ -44,7 +44,7 @@ def test_allocate_zeroed_contiguous_rounded_up(mem):
     assert bytes(b.view) == bytes(8192) and b.tag == "vfio dma" and b.persistent
     e = dma.new_client("nic_1_ephemeral", False).allocate_dma_buffer(10)
     assert LAYOUT.worker.contains_pfn(e.base_pfn) and not e.persistent
-    assert dma.pool_usage()["devices"] == {"nic_1": 2} and dma.worker_usage()["devices"] == {"nic_1_ephemeral": 1}
+    assert dma.inspect()["pool"]["devices"] == {"nic_1": 2} and dma.inspect()["worker_ram"]["devices"] == {"nic_1_ephemeral": 1}
 
 
 def test_no_private_pool(mem):
@@ -70,7 +70,7 @@ def test_device_name_taken_once_per_kind_and_inherited_after_close(mem):
     with pytest.raises(ClientClosed):
         c.allocate_dma_buffer(4096)
     c2 = dma.new_client("nic_1", True)
-    assert dma.pool_usage()["devices"] == {"nic_1": 1}  # outstanding allocation inherited by the name
+    assert dma.inspect()["pool"]["devices"] == {"nic_1": 1}  # outstanding allocation inherited by the name
     b.free()
     del c2
     gc.collect()
@@ -83,10 +83,10 @@ def test_double_free_is_typed_and_harmless(mem):
     b = c.allocate_dma_buffer(4096)
     b.free()
     other = c.allocate_dma_buffer(4096)
-    before = dma.pool_usage()
+    before = dma.inspect()["pool"]
     with pytest.raises(DoubleFree):
         b.free()
-    assert dma.pool_usage() == before and other.base_pfn == b.base_pfn
+    assert dma.inspect()["pool"] == before and other.base_pfn == b.base_pfn
     other.free()
 
 
@@ -94,11 +94,11 @@ def test_allocation_larger_than_pool(mem):
     dma = DmaManager(mem, strict_pool=False)
     c = dma.new_client("nic_x", True)
     c.allocate_dma_buffer(4096)
-    before = dma.pool_usage()
+    before = dma.inspect()["pool"]
     with pytest.raises(OutOfPoolMemory, match=r"unable to allocate 600 pages for nic_x: pool has 511 free pages "
                                               r"\(largest contiguous run 511\)"):
         c.allocate_dma_buffer(600 * 4096)
-    assert dma.pool_usage() == before
+    assert dma.inspect()["pool"] == before
 
 
 def test_save_contains_only_pool_memory(mem):
@@ -115,7 +115,7 @@ def test_save_contains_only_pool_memory(mem):
 def test_restore_attach_and_attach_twice(mem, saved):
     dma = DmaManager(mem, strict_pool=False)
     dma.restore(saved.SerializeToString())
-    assert dma.pool_usage()["pending_pages"] == 12
+    assert dma.inspect()["pool"]["pending_pages"] == 12
     with pytest.raises(SaveFailed, match="still pending restore"):
         dma.save()
     nic = dma.new_client("nic_1", True)
@@ -126,7 +126,7 @@ def test_restore_attach_and_attach_twice(mem, saved):
     with pytest.raises(NotPersistent):
         dma.new_client("nic_1_ephemeral", False).attach_pending_buffers()
     blocks[1].free()  # "attach then drop" releases unwanted saved memory
-    assert dma.pool_usage()["devices"]["nic_1"] == 6
+    assert dma.inspect()["pool"]["devices"]["nic_1"] == 6
 
 
 def test_unclaimed_allocations_freed_and_reported(mem, saved, caplog):
@@ -137,7 +137,7 @@ def test_unclaimed_allocations_freed_and_reported(mem, saved, caplog):
         unclaimed = dma.validate_restore()
     assert unclaimed == [UnclaimedAllocation("nvme_1", POOL_BASE + 7, 4, "vfio dma")]
     assert [r.kv["device"] for r in caplog.records if r.levelno >= logging.WARNING] == ["nvme_1"]
-    usage = dma.pool_usage()
+    usage = dma.inspect()["pool"]
     assert usage["pending_pages"] == 0 and "nvme_1" not in usage["devices"] and usage["allocated_pages"] == 8
     assert dma.validate_restore() == []
     dma.save()  # nothing pending: save works again
@@ -187,12 +187,12 @@ BAD = {
 def test_restore_rejects_bad_saved_state_and_changes_nothing(mem, saved, case):
     mutate, message = BAD[case]
     dma = DmaManager(mem, strict_pool=False)
-    before = dma.pool_usage()
+    before = dma.inspect()["pool"]
     with pytest.raises(RestoreError, match=message):
         dma.restore(_mutated(saved, mutate))
-    assert dma.pool_usage() == before == fresh_usage(mem)
+    assert dma.inspect()["pool"] == before == fresh_usage(mem)
     dma.restore(saved)  # still restorable: the failed attempt left nothing behind
-    assert dma.pool_usage()["pending_pages"] == 12
+    assert dma.inspect()["pool"]["pending_pages"] == 12
 
 
 def test_restore_rejects_truncated_and_garbage_bytes(mem, saved):
@@ -204,7 +204,7 @@ def test_restore_rejects_truncated_and_garbage_bytes(mem, saved):
     for garbage in (b"\xff" * 7, b"\x12\x80", b"\x0a\x03abc\x12\x02\x0a", "text"):
         with pytest.raises(RestoreError, match="does not decode|must be a OpenhclDmaManagerState or bytes"):
             dma.restore(garbage)
-    assert dma.pool_usage() == fresh_usage(mem)
+    assert dma.inspect()["pool"] == fresh_usage(mem)
 
 
 def test_restore_rejects_shared_pool_and_ranges_of_another_boot(mem, saved):
@@ -221,18 +221,18 @@ def test_restore_only_before_any_client_and_once(mem, saved):
     dma.new_client("nic_1_ephemeral", False).close()
     with pytest.raises(RestoreError, match="existing allocators present, pool must be empty to restore"):
         dma.restore(saved)
-    assert dma.pool_usage() == fresh_usage(mem)
+    assert dma.inspect()["pool"] == fresh_usage(mem)
     dma2 = DmaManager(mem, strict_pool=False)
     dma2.restore(saved)
     with pytest.raises(RestoreError, match="already restored"):
         dma2.restore(saved)
-    assert dma2.pool_usage()["pending_pages"] == 12
+    assert dma2.inspect()["pool"]["pending_pages"] == 12
 
 
 def test_empty_saved_state_leaves_a_fresh_pool(mem):
     dma = DmaManager(mem, strict_pool=False)
     dma.restore(b"")
-    assert dma.pool_usage() == fresh_usage(mem) and dma.validate_restore() == []
+    assert dma.inspect()["pool"] == fresh_usage(mem) and dma.validate_restore() == []
 
 
 def test_scrub_changes_worker_ram_only(mem):

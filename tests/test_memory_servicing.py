@@ -33,7 +33,7 @@ nic = dma.new_client("nic_1", True)
 blocks = nic.attach_pending_buffers()
 print(json.dumps({"pool": [b.pfns for b in blocks], "bytes": [bytes(b.view).hex() for b in blocks],
                   "again": len(nic.attach_pending_buffers()), "unclaimed": len(dma.validate_restore()),
-                  "usage": dma.pool_usage()}))
+                  "usage": dma.inspect()["pool"]}))
 """
 
 

@@ -152,7 +152,7 @@ def test_hostile_saved_state_takes_the_fresh_path_and_writes_nothing_outside_the
             mem.read(mem.layout.worker.gpa, mem.layout.worker.size)) == outside
     assert read_back(disk.driver, mem) == bytes([7]) * (BLOCKS * 512)  # the disk works, data kept
     assert dma.validate_restore() == []  # the saved queue memory was re-attached and freed, none leaked
-    assert dma.pool_usage()["devices"] == {"nvme_nvme0": 3 * 69}
+    assert dma.inspect()["pool"]["devices"] == {"nvme_nvme0": 3 * 69}
     disk.driver.shutdown()
 
 
@@ -168,7 +168,7 @@ def test_keepalive_disabled_on_the_new_side_frees_buffers_and_resets(sock, mem, 
     names = [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]]
     disable = names.index("CC_DISABLE")
     assert names.index("CC_ENABLE") > disable and "IDENTIFY" in names and "CREATE_IO_CQ" in names
-    assert dma.pool_usage()["allocated_pages"] == 0  # pending buffers freed; the new client is ephemeral
+    assert dma.inspect()["pool"]["allocated_pages"] == 0  # pending buffers freed; the new client is ephemeral
     assert dma.validate_restore() == []
     assert read_back(disk.driver, mem) == bytes([7]) * (BLOCKS * 512)
     disk.driver.shutdown()

@@ -206,6 +206,14 @@ def test_mixed_flags_unclaimed_pages_freed_and_reported(host):
                                                 "tag": "vfio dma"}]
     pool = host.inspect("worker/pool")
     assert pool["pending_pages"] == 0 and pool["devices"] == {f"nic_{PCI_ID}": 6}
+    # The slot table: the unclaimed buffer's slot is free again (slots never merge), the new HWC buffer is the
+    # only allocation, and the slots cover the pool.
+    table = pool["slot_table"]
+    assert {"base_pfn": base_pfn, "pages": 6, "state": "free", "owner": None, "tag": None} in table
+    assert [s for s in table if s["state"] != "free"] == [
+        {"base_pfn": host.inspect("worker/nics/0/device/hwc_buffer/base_pfn"), "pages": 6, "state": "allocated",
+         "owner": f"nic_{PCI_ID}", "tag": "vfio dma"}]
+    assert sum(s["pages"] for s in table) == pool["total_pages"] == pool["free_pages"] + 6
     assert "freed unclaimed pool allocation" in host.worker_log(host.inspect("worker/generation"))
     assert host.probe()["ok"]
 

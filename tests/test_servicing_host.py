@@ -62,6 +62,11 @@ def test_inspect_paths(host):
         host.inspect("worker/nope")
     out = host.cli("inspect", "--run-dir", host.run_dir, "worker/pool")
     assert out.returncode == 0 and "total_pages" in out.stdout
+    # The slot table as well as the totals: no NIC, so one free slot over the whole pool.
+    pool = host.inspect("worker/pool")
+    assert pool["slot_table"] == [{"base_pfn": pool["slot_table"][0]["base_pfn"], "pages": pool["total_pages"],
+                                   "state": "free", "owner": None, "tag": None}]
+    assert "slot_table" in out.stdout and f"pages={pool['total_pages']} state=free" in out.stdout
 
 
 def test_save_stuck_times_out_then_next_servicing_is_fresh_decision(host):

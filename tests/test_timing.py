@@ -51,7 +51,7 @@ def test_in_process_device_models_the_declared_latency(mem):
     device.flr("test")
     device.flr("test")
     assert device.counters["modelled_flr_ms_total"] == 20 and device.counters["reset_count"] == 2
-    assert device.state()["timing"] == {"preset": "custom", "hwc_latency_ms": 0.25, "flr_ms": 10.0}
+    assert device.inspect()["timing"] == {"preset": "custom", "hwc_latency_ms": 0.25, "flr_ms": 10.0}
 
 
 def test_run_passes_the_parameters_to_the_device_and_reports_them(tmp_path):

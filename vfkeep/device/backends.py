@@ -53,7 +53,7 @@ class LoopbackBackend:
     def close(self) -> None:
         pass
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"kind": self.kind}
 
 
@@ -107,7 +107,7 @@ class UdpBackend:
             self.sock.close()
             self.sock = None
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"kind": self.kind, "peer": f"{self.peer[0]}:{self.peer[1]}", "local_port": self.listen_port}
 
 
@@ -161,7 +161,7 @@ class TapBackend:
             os.close(self.fd)
             self.fd = None
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"kind": self.kind, "name": self.name, "netns": self.netns}
 
 

@@ -32,7 +32,7 @@ from vfkeep.gdma.queues import EqeDataReconfig, EqeVfReset
 
 
 def state(dev) -> dict:
-    return {**dev.state(), "faults": [r.describe() for r in dev.faults.rules]}
+    return dev.inspect()
 
 
 def counters(dev) -> dict:
@@ -50,7 +50,7 @@ def command_log(dev, since: int = 0) -> dict:
 
 
 def fail_request(dev, type, mode: str = "once", epoch: int = 0) -> dict:
-    return {"rule": dev.faults.add(type, mode, epoch).describe()}
+    return {"rule": dev.faults.add(type, mode, epoch).inspect()}
 
 
 def clear_faults(dev) -> dict:

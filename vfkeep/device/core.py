@@ -436,7 +436,8 @@ class GdmaDevice:
     def close(self) -> None:
         self.backend.close()
 
-    def state(self) -> dict:
+    def inspect(self) -> dict:
+        """The whole function, each part by its own `inspect()` (the control channel's `state`)."""
         return {
             "name": self.name,
             "reset_method": self.reset_method,
@@ -446,17 +447,18 @@ class GdmaDevice:
             "removed": self.removed,
             "hwc_stalled": self.hwc_stalled,
             "hwc_established": self.hwc is not None,
-            "hwc": self.hwc.describe() if self.hwc is not None else None,
+            "hwc": self.hwc.inspect() if self.hwc is not None else None,
             "registered": self.registered,
             "driver_info": self.driver_info,
             "eqs": sorted(self.eqs),
             "cqs": sorted(self.cqs),
             "sqs": sorted(self.sqs),
             "rqs": sorted(self.rqs),
-            "dma_regions": [r.describe() for _, r in sorted(self.regions.regions.items())],
-            "vports": [v.describe() for v in self.vports],
+            "dma_regions": [r.inspect() for _, r in sorted(self.regions.regions.items())],
+            "vports": [v.inspect() for v in self.vports],
             "posted_rx": sum(len(v.posted) for v in self.vports),
-            "backend": self.backend.describe(),
+            "backend": self.backend.inspect(),
+            "faults": [r.inspect() for r in self.faults.rules],
         }
 
 

@@ -82,7 +82,7 @@ class FaultRule:
     mode: str
     epoch: int = 0
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"type": request_name(self.key), "kind": self.key[0], "code": self.key[1], "mode": self.mode,
                 "epoch": self.epoch}
 

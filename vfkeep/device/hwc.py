@@ -219,10 +219,10 @@ class Hwc:
         except Refused as e:
             return EMU_FAILURE_STATUS, b"", str(e)
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"eq_id": self.eq.id, "cq_id": self.cq.id, "rq_id": self.rq.id, "sq_id": self.sq.id,
-                "msix": self.eq.msix, "busy": self.busy, "eq": self.eq.describe(), "cq": self.cq.describe(),
-                "rq": self.rq.describe(), "sq": self.sq.describe()}
+                "msix": self.eq.msix, "busy": self.busy, "eq": self.eq.inspect(), "cq": self.cq.inspect(),
+                "rq": self.rq.inspect(), "sq": self.sq.inspect()}
 
 
 __all__ = ["Hwc"]

@@ -71,7 +71,7 @@ def device_command(socket_path, control_path, reset_method, timing, hwc_latency_
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     kv(log, logging.INFO, "MANA device serving", name=name, socket=socket_path, reset_method=reset_method,
-       timing=timing.to_dict(), backend=packet_backend.describe(), vports=vports)
+       timing=timing.to_dict(), backend=packet_backend.inspect(), vports=vports)
     try:
         server.run()
     finally:

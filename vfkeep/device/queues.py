@@ -159,7 +159,7 @@ class QueueMemory:
         self.write(dma, off, entry[:-1])
         self.write(dma, off + len(entry) - 1, entry[-1:])
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"size": self.size, "first_page": self.pages[0], "offset": self.offset, "pages": len(self.pages)}
 
 
@@ -254,8 +254,8 @@ class _EntryRing:
             self.armed = False
             self.notify()
 
-    def describe(self) -> dict:
-        return {"id": self.id, "armed": self.armed, "tail": self.tail, "cap": self.cap, **self.mem.describe()}
+    def inspect(self) -> dict:
+        return {"id": self.id, "armed": self.armed, "tail": self.tail, "cap": self.cap, **self.mem.inspect()}
 
 
 class Eq(_EntryRing):
@@ -277,8 +277,8 @@ class Eq(_EntryRing):
     def notify(self) -> None:
         self.dev.interrupt(self.msix)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "msix": self.msix}
+    def inspect(self) -> dict:
+        return {**super().inspect(), "msix": self.msix}
 
 
 class Cq(_EntryRing):
@@ -320,8 +320,8 @@ class Cq(_EntryRing):
         except DmaFault:
             self.dev.dma_fault("EQ", self.parent.id)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "parent_eq": self.parent.id}
+    def inspect(self) -> dict:
+        return {**super().inspect(), "parent_eq": self.parent.id}
 
 
 @dataclass
@@ -435,8 +435,8 @@ class Wq:
                         ref.params.client_oob_in_sgl, oob if len(oob) >= oob_min else b""))
         return out
 
-    def describe(self) -> dict:
-        return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.describe()}
+    def inspect(self) -> dict:
+        return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.inspect()}
 
 
 _WQE_PARAMS = codec.record(None, codec.field_span(WqeHeader, "params"))

@@ -118,7 +118,7 @@ class DmaRegion:
         except QueueError as e:
             raise Refused(str(e)) from None
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"handle": self.handle, "pages": self.pages, "offset": self.offset, "length": self.length}
 
 

@@ -301,9 +301,9 @@ class Vport:
         cq.post_many(b"".join(cqes))  # reachable: checked above, and nothing unmaps memory during a batch
         dev.count_frames("in", delivered)
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         def q(x):
-            return x.describe() if x is not None else None
+            return x.inspect() if x is not None else None
 
         return {"index": self.index, "mac": self.mac.hex(":"), "link_up": self.link_up, "running": self.running,
                 "tx_config": self.tx_config, "sq": q(self.sq), "tx_cq": q(self.tx_cq), "rq": q(self.rq),

@@ -593,6 +593,15 @@ class GdmaDriver:
         self.irq.map(msix)
         self.request(GDMA_CHANGE_MSIX_FOR_EQ, dev_id, GdmaChangeMsixVectorIndexForEq(queue_index=eq_id, msix=msix))
 
+    def inspect(self) -> dict:
+        """Ids and state of the HWC and its buffer (a plain read, safe from any thread)."""
+        hwc, mem = self.hwc, self.hwc_mem
+        return {"pdid": self.pdid, "db_id": self.db_id, "gpa_mkey": self.gpa_mkey, "activity_id": hex(self.activity_id),
+                "num_msix": self.num_msix,
+                "hwc_buffer": {"base_pfn": mem.base_pfn, "pages": mem.pages, "persistent": mem.persistent},
+                "hwc_queues": {q: getattr(hwc, q).id for q in ("eq", "cq", "rq", "sq")} if hwc else None,
+                "reset_pending": self.reset_pending, "hwc_failure": self.hwc_failure}
+
     # -- save and teardown (servicing spec 5.3) ------------------------------------------------
     def _check_savable(self) -> None:
         """Refuse save after an HWC failure or with a reset request pending (looks at new events first)."""

@@ -240,6 +240,10 @@ class ManaDevice:
             return False
         return True
 
+    def inspect(self) -> dict:
+        """The GDMA driver's state (HWC ids, buffer, failure flags); vports inspect themselves."""
+        return self.gdma.inspect()
+
     def query_stats(self) -> dict[str, int]:
         """Adapter-wide counters (MANA_QUERY_STATS, all of them)."""
         resp = self.bnic.query_stats()

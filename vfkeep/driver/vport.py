@@ -381,9 +381,11 @@ class Vport:
         return {"eq": self._eq_id, "sq": self._sq.id, "tx_cq": self._tx_cq.id, "rq": self._rq.id,
                 "rx_cq": self._rx_cq.id}
 
-    def statistics(self) -> dict[str, int]:
-        """Driver-side counters; a plain read, safe from another thread than the data path's."""
-        return asdict(self.stats)
+    def inspect(self) -> dict:
+        """Identity, queue ids and driver-side counters; a plain read, safe from another thread than the
+        data path's (which owns the queues)."""
+        return {"index": self.index, "handle": self.handle, "mac": self.mac.hex(":"), "persistent": self.persistent,
+                **self.queue_ids(), "stats": asdict(self.stats)}
 
     def _check_open(self) -> None:
         if self.closed:

@@ -62,10 +62,16 @@ def _fill(node: Tree, data: Any) -> None:
         node.add(_scalar(data))
         return
     for k, v in items:
-        if isinstance(v, (dict, list)) and v:
+        if isinstance(data, list) and _is_row(v):  # a slot of the pool, an unclaimed allocation: one line
+            node.add(f"[bold]{k}[/bold]: " + " ".join(f"{f}={_scalar(x)}" for f, x in v.items()))
+        elif isinstance(v, (dict, list)) and v:
             _fill(node.add(f"[bold]{k}[/bold]"), v)
         else:
             node.add(f"[bold]{k}[/bold]: {_scalar(v)}")
+
+
+def _is_row(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and not any(isinstance(x, (dict, list)) for x in v.values())
 
 
 def _scalar(v: Any) -> str:

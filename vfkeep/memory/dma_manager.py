@@ -205,11 +205,9 @@ class DmaManager:
                pages=u.pages, tag=u.tag)
         return unclaimed
 
-    def pool_usage(self) -> dict:
-        return self._pool.usage()
-
-    def worker_usage(self) -> dict:
-        return self._worker.usage()
+    def inspect(self) -> dict:
+        """Both allocators: page totals, pages per device and the slot table (`PageAllocator.inspect`)."""
+        return {"pool": self._pool.inspect(), "worker_ram": self._worker.inspect()}
 
 
 def _unclaimed(slot: Slot) -> UnclaimedAllocation:

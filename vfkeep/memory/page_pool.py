@@ -43,6 +43,7 @@ class PendingRestore:
 
 SlotState = Union[Free, Allocated, Leaked, PendingRestore]
 FREE = Free()
+_STATE_NAMES = {Free: "free", Allocated: "allocated", Leaked: "leaked", PendingRestore: "pending_restore"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +67,7 @@ class PageAllocator:
         self.region = region
         self.label = label or region.name
         self._mem = mem
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # inspect() takes usage() under the same lock
         self._slots: list[Slot] = [Slot(region.base_pfn, region.pages, FREE)] if region.pages else []
 
     @property
@@ -147,6 +148,14 @@ class PageAllocator:
                 "slots": len(self._slots),
                 "devices": devices,
             }
+
+    def inspect(self) -> dict:
+        """`usage()` plus the slot table: every slot's base PFN, pages, state and owner (device and tag)."""
+        with self._lock:
+            table = [{"base_pfn": s.base_pfn, "pages": s.size_pages, "state": _STATE_NAMES[type(s.state)],
+                      "owner": getattr(s.state, "device", None), "tag": getattr(s.state, "tag", None)}
+                     for s in self._slots]
+            return {**self.usage(), "slot_table": table}
 
     # -- save / restore -------------------------------------------------------------------
     def save(self) -> pagepool_pb2.PagePoolState:

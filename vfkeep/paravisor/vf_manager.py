@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 from typing import Callable
 
 from ..contract import NicConfig, NicRestore, RestorePath, SaveOutcome
@@ -306,26 +305,10 @@ class VfManager:
     def inspect(self) -> dict:
         out = {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
                "create_ms": self.create_ms, "device": None}
-        dev = self.dev
-        if dev is not None and not dev.closed:
-            g = dev.gdma
-            out["device"] = {
-                "pdid": g.pdid, "db_id": g.db_id, "gpa_mkey": g.gpa_mkey, "activity_id": hex(g.activity_id),
-                "num_msix": g.num_msix, "hwc_buffer": {"base_pfn": g.hwc_mem.base_pfn, "pages": g.hwc_mem.pages,
-                                                       "persistent": g.hwc_mem.persistent},
-                "hwc_queues": {q: getattr(g.hwc, q).id for q in ("eq", "cq", "rq", "sq")} if g.hwc else None,
-                "reset_pending": g.reset_pending, "hwc_failure": g.hwc_failure,
-            }
+        if self.dev is not None and not self.dev.closed:
+            out["device"] = self.dev.inspect()
         if self.vport is not None and not self.vport.closed:
-            out["vport"] = {"index": self.vport.index, "handle": self.vport.handle, "mac": self.vport.mac.hex(":"),
-                            "persistent": self.vport.persistent,
-                            **_queue_ids(self.vport), "stats": asdict(self.vport.stats)}
+            out["vport"] = self.vport.inspect()
         if self.relay is not None:
             out["relay"] = self.relay.inspect()
         return out
-
-
-def _queue_ids(vport) -> dict:
-    """Data-path queue ids of an open vport, for inspect (read-only: the relay thread owns the queues)."""
-    return {"eq": vport._eq_id, "sq": vport._sq.id, "tx_cq": vport._tx_cq.id, "rq": vport._rq.id,
-            "rx_cq": vport._rx_cq.id}

@@ -125,7 +125,7 @@ class TestDevice(VfioUserDevice):
     def attached(self, server: VfioUserServer) -> None:
         super().attached(server)
         server.control.register("raise_irq", self._raise_irq)
-        server.control.register("state", self.state)
+        server.control.register("state", self.inspect)
 
     # -- behaviour ------------------------------------------------------------------------------
     def _check_reg_access(self, offset: int, count: int) -> None:
@@ -169,7 +169,7 @@ class TestDevice(VfioUserDevice):
             return
         self._set(REG_DMA_STATUS, 0)
 
-    def state(self) -> dict:
+    def inspect(self) -> dict:
         """Registers and server-side view, for tests and the smoke scenario."""
         s = self.server
         return {"scratch": self.reg(REG_SCRATCH), "counter": self.reg(REG_COUNTER),
