@@ -182,7 +182,7 @@ def test_aer_limit_namespace_change_and_changed_list(bench):
     assert struct.unpack_from("<2I", bench.mem.read(bench.DATA, 8)) == (1, 0)
     bench.ctrl.namespace_changed(1)
     assert bench.completions() == [(cids[-2], 0, 0x00040002)]
-    assert bench.ctrl.state()["outstanding_aers"] == cids[:2]
+    assert bench.ctrl.inspect()["outstanding_aers"] == cids[:2]
 
 
 def test_io_with_prp_list_errors_and_an_interrupt_per_completion(bench):
@@ -210,7 +210,7 @@ def test_io_with_prp_list_errors_and_an_interrupt_per_completion(bench):
 def test_doorbell_beyond_the_queue_fails_the_queue(bench):
     bench.enable()
     bench.w32(nvme.doorbell_offset(0, False), 16)
-    assert bench.ctrl.state()["sqs"][0]["failed"]
+    assert bench.ctrl.inspect()["sqs"][0]["failed"]
     assert bench.ctrl.counters["bad_doorbells"] == 1
 
 
@@ -222,7 +222,7 @@ def test_dma_work_parks_while_no_driver_memory_and_resumes_on_the_next_access(be
     cid = bench.submit(nvme.Command(cdw0=nvme.NVM_READ, nsid=1, prp1=bench.DATA, cdw12=0), qid=1)
     bench.dma.available = False
     bench.ctrl.set_io_stall(False)  # the stall ends during the handover
-    assert bench.ctrl.state()["parked"] == 1 and bench.completions(qid=1) == []
+    assert bench.ctrl.inspect()["parked"] == 1 and bench.completions(qid=1) == []
     bench.dma.available = True
     assert bench.r32(nvme.REG_CSTS) & 1  # the new driver's first access
     assert bench.completions(qid=1) == [(cid, 0, 0)]
@@ -235,7 +235,7 @@ def test_flr_wipes_everything_but_the_disk(bench):
     bench.submit(nvme.Command(cdw0=nvme.NVM_WRITE, nsid=1, prp1=bench.DATA, cdw10=7, cdw12=0), qid=1)
     assert bench.completions(qid=1)[0][1] == 0
     bench.ctrl.flr("test")
-    assert bench.r32(nvme.REG_CSTS) == 0 and bench.r32(nvme.REG_AQA) == 0 and bench.ctrl.state()["sqs"] == []
+    assert bench.r32(nvme.REG_CSTS) == 0 and bench.r32(nvme.REG_AQA) == 0 and bench.ctrl.inspect()["sqs"] == []
     ns = bench.ctrl.namespaces[1]
     buf = bytearray(512)
     ns.disk.readv(ns.byte_offset(7), [memoryview(buf)])

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 
 def state(ctrl) -> dict:
-    return ctrl.state()
+    return ctrl.inspect()
 
 
 def counters(ctrl) -> dict:
@@ -38,7 +38,7 @@ def command_log(ctrl, since: int = 0) -> dict:
 
 def admin_fault(ctrl, opcode, action: str, mode: str = "once", epoch: int = 0, cdw10: int | None = None,
                 status: int = 0x006, ms: float = 0) -> dict:
-    return {"rule": ctrl.faults.add(opcode, action, mode, epoch, cdw10, status, ms).describe()}
+    return {"rule": ctrl.faults.add(opcode, action, mode, epoch, cdw10, status, ms).inspect()}
 
 
 def io_delay(ctrl, ms: float) -> dict:

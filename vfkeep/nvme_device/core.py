@@ -609,20 +609,20 @@ class NvmeController:
                 self.irq.trigger(cq.iv)
 
     # -- inspection -----------------------------------------------------------------------------
-    def state(self) -> dict:
+    def inspect(self) -> dict:
         cc, csts = Cc.from_int(self.cc), Csts.from_int(self.csts)
         return {
             "name": self.name, "cc": f"{self.cc:#010x}", "csts": f"{self.csts:#010x}", "enabled": bool(cc.en),
             "ready": bool(csts.rdy), "cfs": bool(csts.cfs), "aqa": f"{self.aqa:#010x}", "asq": self.asq,
             "acq": self.acq,
-            "sqs": [sq.describe(self.doorbells[2 * q]) for q, sq in sorted(self.sqs.items())],
-            "cqs": [cq.describe(self.doorbells[2 * q + 1]) for q, cq in sorted(self.cqs.items())],
+            "sqs": [sq.inspect(self.doorbells[2 * q]) for q, sq in sorted(self.sqs.items())],
+            "cqs": [cq.inspect(self.doorbells[2 * q + 1]) for q, cq in sorted(self.cqs.items())],
             "outstanding_aers": [cid for cid, _ in self.aers], "pending_aens": list(self.pending_aens),
             "admin_busy": self.admin_busy, "stalled_io": len(self.stalled), "parked": len(self._parked),
-            "granted_queues": self.granted_queues, "namespaces": [ns.describe() for ns in self.namespaces.values()],
+            "granted_queues": self.granted_queues, "namespaces": [ns.inspect() for ns in self.namespaces.values()],
             "reset_method": self.reset_method, "timing": self.timing.to_dict(), "epoch": self.epoch,
             "connected": self.connected, "removed": self.removed, "io_delay_ms": self.io_delay_ms,
-            "io_stalled": self.io_stalled, "faults": [r.describe() for r in self.faults.rules],
+            "io_stalled": self.io_stalled, "faults": [r.inspect() for r in self.faults.rules],
         }
 
     def close(self) -> None:

@@ -64,7 +64,7 @@ class AdminFault:
         return (opcode == self.opcode and (self.cdw10 is None or cdw10 == self.cdw10)
                 and (self.mode != "from_epoch" or epoch >= self.epoch))
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"opcode": self.opcode, "name": admin_name(self.opcode), "action": self.action, "mode": self.mode,
                 "epoch": self.epoch, "cdw10": self.cdw10, "status": self.status, "ms": self.ms}
 

@@ -76,7 +76,7 @@ class Namespace:
         ns.lbaf[0] = LbaFormat(lbads=self.block_shift).to_int()
         return ns.to_bytes()
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"nsid": self.nsid, "blocks": self.blocks, "block_size": self.block_size, "offset": self.offset}
 
 

@@ -21,7 +21,7 @@ class Sq:
     inflight: int = 0  # IO commands fetched and not yet completed (admin: unused)
     failed: str | None = None
 
-    def describe(self, tail: int) -> dict:
+    def inspect(self, tail: int) -> dict:
         return {"qid": self.qid, "base": self.base, "size": self.size, "cqid": self.cqid, "head": self.head,
                 "tail": tail, "inflight": self.inflight, "failed": self.failed}
 
@@ -38,7 +38,7 @@ class Cq:
     overflow: collections.deque = field(default_factory=collections.deque)  # (sqid, cid, status, dw0)
     failed: str | None = None
 
-    def describe(self, head: int) -> dict:
+    def inspect(self, head: int) -> dict:
         return {"qid": self.qid, "base": self.base, "size": self.size, "iv": self.iv, "ien": self.ien,
                 "tail": self.tail, "head": head, "phase": self.phase, "overflow": len(self.overflow),
                 "failed": self.failed}

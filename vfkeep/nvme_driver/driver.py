@@ -531,8 +531,8 @@ class NvmeDriver:
         return {"device_id": self.device_id, "keepalive": self.keepalive, "failed": self.failed,
                 "qsize": self.qsize, "max_io_queues": self.max_io_queues, "draining": self.draining,
                 "aer": {"outstanding_cid": self.aer_cid, "last_aen": self.last_aen, "failed": self.aer_failed},
-                "admin": self.admin.describe() if self.admin else None, "io": [q.describe() for q in self.io],
-                "namespaces": [ns.describe() for ns in self.namespaces.values()], "counters": dict(self.counters)}
+                "admin": self.admin.inspect() if self.admin else None, "io": [q.inspect() for q in self.io],
+                "namespaces": [ns.inspect() for ns in self.namespaces.values()], "counters": dict(self.counters)}
 
 
 __all__ = ["NvmeDriver", "reset_controller", "wait_ready", "read_csts"]

@@ -62,5 +62,5 @@ class Namespace:
     def write(self, lba: int, nblocks: int, gpa: int, timeout: float = 30.0, cpu: int | None = None) -> None:
         self._io(NVM_WRITE, lba, nblocks, gpa, timeout, cpu)
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         return {"nsid": self.nsid, "blocks": self.blocks, "block_size": self.block_size, "removed": self.removed}

@@ -248,7 +248,7 @@ class QueuePair:
         status_word, = struct.unpack_from("<H", self.cq_mem, self.cq_head * CQE_SIZE + 14)
         return status_word & 1 == self.cq_phase
 
-    def describe(self) -> dict:
+    def inspect(self) -> dict:
         with self.lock:
             return {"qid": self.qid, "iv": self.iv, "cpu": self.cpu, "base_pfn": self.block.base_pfn,
                     "sq": {"len": self.sq_len, "head": self.sq_head, "tail": self.sq_tail},
