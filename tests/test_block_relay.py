@@ -134,3 +134,29 @@ def test_relay_refuses_requests_outside_the_data_area(rig, mem):
     assert got == {1: BAD_BUFFER, 2: BAD_REQUEST, 3: BAD_REQUEST}
     assert control_call(sock + ".ctl", "counters")["counters"]["io_commands"] == 0
     assert command(child, "quit")["relay"]["refused"] == 3
+
+
+def test_disk_agent_process_over_its_rpc_socket(rig, mem, tmp_path):
+    from vfkeep import rpc
+    from vfkeep.guest.disk_agent import spawn_disk_agent
+
+    sock, channel, worker, command = rig
+    child, up = worker(False, {})
+    ctl_path = str(tmp_path / "disk-agent-0.sock")
+    agent = spawn_disk_agent(mem, BLOCKS, 0, *channel.bell_fds(), ctl_path, lbas=LBAS, run_dir=str(tmp_path))
+    try:
+        with rpc.RpcClient(ctl_path, 30) as client:
+            assert client.call("start", {"qd": 8, "read_pct": 50})["qd"] == 8
+            wait_for(lambda: client.call("status")["counters"]["completed"] >= 300)
+            verified = client.call("verify", {"qd": 8})
+            assert verified["chunks"] > 0
+            stats = verified["stats"]
+            assert_every_request_once(stats)
+            assert stats["iops"] > 0 and stats["latency_ms"]["p50"] is not None
+            with pytest.raises(rpc.Refused):
+                client.call("start", {"qd": 10_000})
+            client.call("quit")
+        assert agent.wait(10) == 0
+    finally:
+        proc.end(agent)
+    command(child, "quit")

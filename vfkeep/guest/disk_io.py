@@ -71,6 +71,10 @@ class DiskIo:
         self._submitter.start()
         return {"rate": rate, "qd": qd, "read_pct": read_pct}
 
+    @property
+    def running(self) -> bool:
+        return self._submitter is not None
+
     def stop(self) -> dict:
         """Stop submitting; requests in flight still complete."""
         self._stop.set()
