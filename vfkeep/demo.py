@@ -337,7 +337,8 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, ser
     load = os.getloadavg()[0]
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
     vlog.setup("host", run_dir)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # whatever was inherited (nohup, `&`): ours
+        signal.signal(sig, _interrupt)
     t0 = time.monotonic()
     report = demo = None
     try:
