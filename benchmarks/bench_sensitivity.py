@@ -4,7 +4,7 @@
 [--out PATH]`
 
 No public source gives a MANA per-request HWC latency, so this sweeps it (README "Device timing"). For each
-(FLR, HWC latency) cell: one `vfkeep run --detach --datapath-keepalive` host with those device parameters,
+(FLR, HWC latency) cell: one `vfkeep run --no-console --datapath-keepalive` host with those device parameters,
 guest traffic at --rate frames/s, one warm-up round, then --repeat rounds of one servicing per path of
 `vfkeep.servicing_paths` (reset-flr, reset, keepalive, keepalive+datapath), interleaved, so every path of a
 cell sees the same machine load. Per path: the guest's blackout (median, p95) and frames lost, and the HWC

@@ -3,7 +3,7 @@
 `python -m benchmarks.bench_servicing [--repeat N] [--nics 1,2,4,8] [--timing realistic|natural]
 [--hwc-latency-ms MS] [--flr-ms MS] [--out PATH]`
 
-For each NIC count and prelaunch on/off, one `vfkeep run --detach` host; on it, in turn, servicings on the
+For each NIC count and prelaunch on/off, one `vfkeep run --no-console` host; on it, in turn, servicings on the
 three paths of `PATHS`: keepalive (no ESTABLISH_HWC, no REGISTER_DEVICE, no FLR), reset-flr (saved state
 the new worker does not restore: NoReset fails, FLR, fresh init) and reset (host bit clear: the old worker
 shuts the NIC down cleanly, the new one fresh-inits it without a reset). The phases are

@@ -1,4 +1,4 @@
-"""Shared by the traffic benchmarks: a `vfkeep run --detach` host with guest traffic, and summaries.
+"""Shared by the traffic benchmarks: a `vfkeep run --no-console` host with guest traffic, and summaries.
 
 The host is bench_servicing's (same servicing paths, same checks); this adds the traffic agents and
 servicings whose results carry the guest's blackout and loss.

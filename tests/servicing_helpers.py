@@ -1,4 +1,4 @@
-"""Real-process harness for the servicing tests: a detached `vfkeep run` host (`DetachedHost`) plus test checks."""
+"""Real-process harness for the servicing tests: a `vfkeep run --no-console` host (`DetachedHost`) plus test checks."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from vfkeep.vfio_user.control import control_call
 
 
 class HostRun(DetachedHost):
-    """`vfkeep run --detach --timing natural` in its own run dir; `stop()` must leave no child behind."""
+    """`vfkeep run --no-console --timing natural` in its own run dir; `stop()` must leave no child behind."""
 
     def __init__(self, run_dir, *args: str, env: dict[str, str] | None = None, nics: int = 1):
         super().__init__(str(run_dir), "--timing", "natural", *args, nics=nics, env=env, wait=120)

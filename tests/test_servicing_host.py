@@ -11,7 +11,7 @@ from servicing_helpers import HostRun
 from vfkeep import proc, rpc
 
 RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations", "phases_ms",
-               "blackout_ms", "frames_lost", "timing", "error"}
+               "blackout_ms", "frames_lost", "timing", "error", "status"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_one_state_change_at_a_time(host):
     slow.start()
     try:
         time.sleep(0.3)  # the stuck save holds the host for about 2 s
-        with pytest.raises(rpc.Refused, match="state change already in progress"):
+        with pytest.raises(rpc.Refused, match="a servicing is already in progress"):
             host.service()
     finally:
         slow.join()
@@ -125,9 +125,12 @@ def test_next_worker_that_does_not_start_leaves_vm_untouched(host):
     assert host.inspect("worker/pid") == pid and host.service()["ok"]
 
 
-def test_unknown_test_config_is_ignored(host):
-    r = host.service(mana_keepalive=True, test_config="SERVICING_NONSENSE")
-    assert r["ok"]
+def test_unknown_test_config_is_refused(host):
+    """A mistyped hook must not run a real servicing instead (issue 11)."""
+    pid = host.inspect("worker/pid")
+    with pytest.raises(rpc.Refused, match="unknown test config 'SERVICING_NONSENSE'"):
+        host.service(mana_keepalive=True, test_config="SERVICING_NONSENSE")
+    assert host.inspect("worker/pid") == pid
 
 
 def test_bad_requests_refused(host):

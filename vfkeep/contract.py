@@ -47,6 +47,8 @@ DATAPATH_KEEPALIVE_ENV = "VFKEEP_DATAPATH_KEEPALIVE"
 STRICT_POOL_ENV = "VFKEEP_STRICT_POOL"
 #: Servicing test hooks (spec §2.4), also settable per save request.
 TEST_CONFIG_ENV = "VFKEEP_TEST_CONFIG"
+#: The hooks a save request may carry (`Save.test_config`; the worker matches them case-insensitively).
+SAVE_TEST_CONFIGS = ("SERVICING_SAVE_FAIL", "SERVICING_SAVE_STUCK", "SERVICING_SAVE_CRASH")
 
 
 class RestorePath(enum.StrEnum):
@@ -306,6 +308,16 @@ def decode(data: Any, kinds: dict[str, type[Message]]) -> Message:
 
 
 # -- the servicing result (DESIGN §10) -----------------------------------------------------------------
+class ServicingStatus(enum.StrEnum):
+    """How a servicing went, for scripts: `ok` = every NIC took the path requested of it; `degraded` = the
+    servicing completed but a NIC did not (its `reason` says why: keepalive requested, FLR fallback taken);
+    `failed` = the servicing itself failed (save, worker, restore; `error` says why). NICs always come back."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+
+
 @dataclass(frozen=True)
 class NicResult(Record):
     """One NIC of a servicing: the path the worker took and what the device itself saw."""
@@ -318,11 +330,17 @@ class NicResult(Record):
     hwc_requests: int = 0
     smc_messages: int = 0
     error: str | None = None
+    #: Why the path is not keepalive (set whenever it is not: "keepalive not requested", "save refused: ...",
+    #: "saved state rejected: ...", ...), or what a keepalive NIC lost (e.g. "pool exhausted ...").
+    reason: str | None = None
+    #: The path this NIC was asked to take: keepalive when the host requested MANA keepalive, else fresh.
+    requested_path: RestorePath = RestorePath.FRESH
 
 
 @dataclass(frozen=True)
 class ServicingResult(Record):
-    """What `vfkeep service --json` prints, the control socket's `service` returns and `last_servicing` keeps."""
+    """What `vfkeep service --json` prints, the control socket's `service` returns and `last_servicing` keeps.
+    `ok` is false only when the servicing failed; `status` also tells a degraded one apart."""
 
     ok: bool
     mana_keepalive: bool
@@ -334,6 +352,7 @@ class ServicingResult(Record):
     frames_lost: int | None = None
     timing: dict[str, Any] = field(default_factory=dict)  # the devices' timing parameters (DESIGN D9)
     error: str | None = None
+    status: ServicingStatus = ServicingStatus.OK
 
 
 # -- the channel -----------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ def vfkeep_argv(*args: str) -> list[str]:
 
 def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, str] | None = None,
           stdout=None, stderr=None, cwd: str | None = None) -> subprocess.Popen:
-    """Start a child that is killed if we die."""
+    """Start a child that is killed if we die, in a process group of its own: a terminal's Ctrl-C reaches
+    only the process in the foreground group (the host), which ends its children in order."""
     return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
-                            cwd=cwd, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
+                            cwd=cwd, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL, process_group=0)
 
 
 def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:

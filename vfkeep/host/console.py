@@ -51,7 +51,8 @@ def _traffic_parser() -> _Parser:
     p.add_argument("--rate", type=float, help="frames per second per NIC (start)")
     p.add_argument("--size", type=int, help="frame size in bytes (start)")
     p.add_argument("--nic", type=int, help="one NIC instead of all")
-    p.add_argument("--settle-ms", type=float, default=0, help="wait for frames in flight (stats)")
+    p.add_argument("--settle-ms", type=float, default=None, help="wait for frames in flight (stats; default: "
+                   "bounded by the measured RTT)")
     return p
 
 
@@ -70,15 +71,57 @@ class HostConsole(cmd.Cmd):
     prompt = "vfkeep> "
     commands = ("service-vtl2", "inspect", "status", "probe", "traffic", "exec", "help", "quit")
 
-    def __init__(self, host: Host, console: Console | None = None):
+    def __init__(self, host: Host, console: Console | None = None, stopping=None):
         super().__init__()
         self.host = host
+        self.stopping = stopping  # threading.Event set once the host is stopping (the loop then ends)
         self.out = console or Console()
         self._service_parser = _service_parser()
         self._traffic_parser = _traffic_parser()
         self._history = os.path.join(host.run_dir, "console_history")
 
     # -- plumbing ---------------------------------------------------------------------------
+    def run(self) -> int:
+        """The console until quit (0), EOF (0) or Ctrl-C at an empty prompt or during a command (130). Ctrl-C on
+        a half-typed line only cancels the line, as in a shell. History is saved however the loop ends;
+        `Interrupted` (SIGTERM, SIGHUP, `vfkeep stop`) propagates to the caller, which stops the VM."""
+        from .commands import Interrupted
+
+        self.preloop()
+        try:
+            self.out.print(self.intro)
+            while self.stopping is None or not self.stopping.is_set():
+                try:
+                    line = input(self.prompt)
+                except Interrupted:
+                    raise
+                except KeyboardInterrupt:
+                    typed = readline.get_line_buffer() if readline is not None else ""
+                    print("^C")
+                    if typed.strip():
+                        continue  # the line is cancelled, the VM keeps running
+                    self.out.print("interrupt at an empty prompt: stopping the VM")
+                    return 130
+                except EOFError:
+                    print()
+                    self.out.print("end of input: stopping the VM")
+                    return 0
+                try:
+                    if self.onecmd(line):
+                        self.out.print("quit: stopping the VM")
+                        return 0
+                except Interrupted:
+                    raise
+                except KeyboardInterrupt:
+                    phase = self.host.servicing_phase()
+                    print("^C")
+                    self.out.print("interrupted" + (f" during a servicing (phase {phase})" if phase else "")
+                                   + ": stopping the VM")
+                    return 130
+            return 0
+        finally:
+            self.postloop()
+
     def preloop(self) -> None:
         if readline is not None:
             readline.set_completer_delims(" \t")
@@ -241,5 +284,4 @@ class HostConsole(cmd.Cmd):
     do_exit = do_quit
 
     def do_EOF(self, arg: str) -> bool:
-        self.out.print()
         return True

@@ -16,10 +16,14 @@ class UndecodableState(Exception):
 def decode_file(path: str) -> dict:
     with open(path, "rb") as f:
         blob = f.read()
+    if not blob:
+        raise UndecodableState(f"{path}: not a ServicingState (empty file)")
     try:
         state = underhill_pb2.ServicingState.FromString(blob)
     except DecodeError as e:
         raise UndecodableState(f"{path}: not a ServicingState ({len(blob)} bytes): {e}") from None
+    if not state.HasField("init_state"):  # every saved state has one; bytes that parse as only unknown fields don't
+        raise UndecodableState(f"{path}: not a ServicingState ({len(blob)} bytes): no init_state")
     init = state.init_state
     summary = {
         "bytes": len(blob),

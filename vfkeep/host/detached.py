@@ -1,4 +1,4 @@
-"""A `vfkeep run --detach` host in its own run directory, driven through `HostClient`.
+"""A `vfkeep run --no-console` host (a foreground host without console, our child) in its own run directory, driven through `HostClient`.
 
 The one harness for a host in another process: the tests (`tests/servicing_helpers.py` adds its
 checks) and the benchmarks (`benchmarks/bench_servicing.py` adds its measurements) both start,
@@ -17,7 +17,7 @@ from .control import HostClient
 
 
 class DetachedHost(HostClient):
-    """Spawns `vfkeep run --detach --run-dir RUN_DIR --nics N *run_args` and returns once it answers `status`.
+    """Spawns `vfkeep run --no-console --run-dir RUN_DIR --nics N *run_args` and returns once it answers `status`.
 
     The host gets the caller's environment without OPENHCL_* / VFKEEP_* variables (so a developer's
     shell cannot change what a test or benchmark measures), plus `env`; its stdout/stderr go to
@@ -28,7 +28,7 @@ class DetachedHost(HostClient):
                  wait: float | None = 120.0, boot_timeout: float = 60.0, cwd: str | None = None):
         super().__init__(run_dir, wait)
         os.makedirs(self.run_dir, exist_ok=True)
-        argv = proc.vfkeep_argv("run", "--detach", "--run-dir", self.run_dir, "--nics", str(nics), *run_args)
+        argv = proc.vfkeep_argv("run", "--no-console", "--run-dir", self.run_dir, "--nics", str(nics), *run_args)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
         full_env.update(env or {})
         self._stderr = open(os.path.join(self.run_dir, "host.stderr"), "ab")

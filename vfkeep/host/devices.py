@@ -4,12 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 
 from .. import proc
 from ..device.mac import DEFAULT_MAC, MAX_VPORTS, vport_mac
 from ..device.timing import DeviceTiming
 from ..log import kv
-from ..vfio_user.control import control_call
+from ..vfio_user.control import ControlError, control_call
 
 log = logging.getLogger("vfkeep.host.device")
 
@@ -31,9 +32,25 @@ def nic_mac(index: int) -> bytes:
     return vport_mac(DEFAULT_MAC, MAX_VPORTS * index)
 
 
+class DeviceFailed(Exception):
+    """A device process that exited or never answered during start-up."""
+
+
+def last_line(path: str) -> str:
+    """The last non-empty line of a (small) log file, or ''."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 class DeviceProcess:
-    def __init__(self, index: int, child: subprocess.Popen, socket: str):
+    def __init__(self, index: int, child: subprocess.Popen, socket: str, stderr_path: str):
         self.index = index
+        self.stderr_path = stderr_path
         self.pci_id = pci_id_for(index)
         self.child = child
         self.socket = socket
@@ -46,15 +63,29 @@ class DeviceProcess:
         argv = proc.vfkeep_argv("device", "--socket", sock, "--control", sock + ".ctl", "--reset-method", "none",
                                 *timing.to_args(), "--backend", backend, "--mac", nic_mac(index).hex(":"),
                                 "--run-dir", run_dir)
-        with open(os.path.join(run_dir, f"device-nic{index}.stderr"), "ab") as err:
+        stderr_path = os.path.join(run_dir, f"device-nic{index}.stderr")
+        with open(stderr_path, "ab") as err:
             child = proc.spawn(argv, stdout=err, stderr=err)
         kv(log, logging.INFO, "device spawned", index=index, pid=child.pid, socket=sock, backend=backend,
            mac=nic_mac(index).hex(":"),
            timing=timing.to_dict())
-        return cls(index, child, sock)
+        return cls(index, child, sock, stderr_path)
 
     def wait_ready(self, timeout: float) -> None:
-        self.call("ping", timeout=timeout)
+        """Until the device answers `ping`; DeviceFailed as soon as it exits (with the last line it printed,
+        which names the cause) or when it stays silent for `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.child.poll() is not None:
+                raise DeviceFailed(f"device nic{self.index} exited with status {self.child.returncode} during "
+                                   f"start-up: {last_line(self.stderr_path) or 'no message'} (see {self.stderr_path})")
+            try:
+                self.call("ping", timeout=0.2)
+                return
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise DeviceFailed(f"device nic{self.index} did not answer on {self.control} within {timeout:g} s "
+                                       f"(see {self.stderr_path})") from None
 
     def call(self, cmd: str, timeout: float = 5.0, **args) -> dict:
         return control_call(self.control, cmd, timeout=timeout, **args)
@@ -78,4 +109,11 @@ class DeviceProcess:
         return self.child.poll() is None
 
     def end(self) -> int | None:
-        return proc.end(self.child)
+        """End by PID; remove the sockets a device that died could not remove itself."""
+        code = proc.end(self.child)
+        for path in (self.socket, self.control):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return code

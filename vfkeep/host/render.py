@@ -13,19 +13,20 @@ PATH_STYLE = {"keepalive": "green", "fresh": "yellow", "fallback": "red"}
 
 
 def servicing_table(result: dict) -> Table:
-    ok = "[green]ok[/green]" if result["ok"] else "[red]FAILED[/red]"
+    status = result.get("status") or ("ok" if result["ok"] else "failed")
+    ok = {"ok": "[green]ok[/green]", "degraded": "[yellow]degraded[/yellow]"}.get(status, "[red]FAILED[/red]")
     flags = ", ".join(f for f, on in (("mana", result["mana_keepalive"]), ("nvme", result["nvme_keepalive"])) if on)
     ph = result["phases_ms"]
     title = (f"servicing {ok}  keepalive flags: {flags or 'none'}  "
              f"save {ph['save']:.1f} ms, handoff {ph['handoff']:.1f} ms, restore {ph['restore']:.1f} ms, "
              f"total {ph['total']:.1f} ms")
     t = Table(title=title, title_justify="left")
-    for col in ("pci_id", "restore path", "device reset", "HWC established", "HWC requests", "error"):
+    for col in ("pci_id", "restore path", "device reset", "HWC established", "HWC requests", "reason"):
         t.add_column(col)
     for n in result["nics"]:
         style = PATH_STYLE.get(n["restore_path"], "")
         t.add_row(n["pci_id"], f"[{style}]{n['restore_path']}[/{style}]", _yn(n["device_reset"]),
-                  _yn(n["hwc_established"]), str(n.get("hwc_requests", "")), n["error"] or "")
+                  _yn(n["hwc_established"]), str(n.get("hwc_requests", "")), _esc(n.get("reason") or n["error"] or ""))
     if result.get("timing"):
         t.caption, t.caption_justify = "device " + DeviceTiming.from_dict(result["timing"]).describe(), "left"
     return t
@@ -40,6 +41,10 @@ def print_servicing(result: dict, console: Console) -> None:
         console.print(f"blackout {result['blackout_ms']:.1f} ms, frames lost {result['frames_lost']}")
     if result.get("error"):
         console.print(f"[red]error:[/red] {result['error']}")
+
+
+def _esc(text: str) -> str:
+    return text.replace("[", r"\[")
 
 
 def _yn(v: bool) -> str:

@@ -31,6 +31,12 @@ SETTLE_MS = 200
 #: (stats over a whole long run costs the agent seconds of CPU).
 START_MARK = "traffic-start"
 AGENT_TIMEOUT_S = 30.0
+#: `stats` without settle_ms waits for the frames still in flight (the agent answers as soon as all came
+#: back) at most this many times the NIC's last measured RTT p99, within [floor, cap] ms; the cap until an
+#: RTT is known. So "lost" means lost, not "not back yet".
+SETTLE_RTT_MULTIPLE = 10
+SETTLE_FLOOR_MS = 100.0
+SETTLE_CAP_MS = 2000.0
 
 
 class TrafficError(Exception):
@@ -65,6 +71,7 @@ class GuestTraffic:
         self._agents: dict[int, _Agent] = {}
         self._lock = threading.Lock()
         self._windows = 0
+        self._rtt_p99_ms: dict[int, float] = {}
         self.last_servicing: list[dict] | None = None
 
     def operation(self, action: str):
@@ -143,16 +150,30 @@ class GuestTraffic:
     def stop(self, nic: int | None = None) -> dict:
         return {"nics": [{"nic": a.nic, **a.call("stop")} for a in self._running(nic)]}
 
-    def stats(self, nic: int | None = None, since_ns: int | None = None, until_ns: int | None = None,
-              settle_ms: float = 0) -> dict:
-        """Per NIC: the frames sent in the window (default: since the last start), plus the per-NIC
-        numbers of the last servicing window."""
-        window = {"since_ns": since_ns, "until_ns": until_ns, "settle_ms": settle_ms}
-        if since_ns is None:
-            window = {"since_mark": START_MARK, "until_ns": until_ns, "settle_ms": settle_ms}
+    def settle_bound_ms(self, nic: int) -> float:
+        """The default settle of `stats` for `nic` (SETTLE_RTT_MULTIPLE x its last measured RTT p99)."""
+        rtt = self._rtt_p99_ms.get(nic)
+        if rtt is None:
+            return SETTLE_CAP_MS
+        return min(SETTLE_CAP_MS, max(SETTLE_FLOOR_MS, SETTLE_RTT_MULTIPLE * rtt))
 
+    def _measured(self, nic: int, reply: dict) -> dict:
+        rtt = (reply.get("rtt_ms") or {}).get("p99")
+        if rtt is not None:
+            self._rtt_p99_ms[nic] = rtt
+        return reply
+
+    def stats(self, nic: int | None = None, since_ns: int | None = None, until_ns: int | None = None,
+              settle_ms: float | None = None) -> dict:
+        """Per NIC: the frames sent in the window (default: since the last start), plus the per-NIC
+        numbers of the last servicing window. Waits for frames in flight: `settle_ms` at most, by default
+        a bound from the NIC's measured RTT (`settle_bound_ms`)."""
         def one(a: _Agent) -> dict:
-            return {"nic": a.nic, "pid": a.child.pid, **a.call("stats", **window)}
+            settle = self.settle_bound_ms(a.nic) if settle_ms is None else settle_ms
+            window = {"since_ns": since_ns, "until_ns": until_ns, "settle_ms": settle}
+            if since_ns is None:
+                window = {"since_mark": START_MARK, "until_ns": until_ns, "settle_ms": settle}
+            return {"nic": a.nic, "pid": a.child.pid, **self._measured(a.nic, a.call("stats", **window))}
 
         return {"nics": self._each(one, self._running(nic)), "last_servicing": self.last_servicing}
 
@@ -186,7 +207,7 @@ class GuestTraffic:
             try:
                 a.call("mark", label=start, t_ns=start_ns)
                 a.call("mark", label=end, t_ns=end_ns)
-                st = a.call("stats", since_mark=start, until_mark=end, settle_ms=SETTLE_MS)
+                st = self._measured(a.nic, a.call("stats", since_mark=start, until_mark=end, settle_ms=SETTLE_MS))
             except TrafficError as e:
                 kv(log, logging.WARNING, "no traffic numbers for the servicing window", nic=a.nic, error=str(e))
                 return None

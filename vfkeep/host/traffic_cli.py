@@ -62,8 +62,9 @@ def stop_command(run_dir, nic, as_json):
 
 @traffic_group.command("stats")
 @nic_option
-@click.option("--settle-ms", type=click.FloatRange(0, 60_000), default=0, show_default=True,
-              help="wait up to this long for frames still in flight")
+@click.option("--settle-ms", type=click.FloatRange(0, 60_000), default=None,
+              help="wait up to this long for frames still in flight [default: 10 x the NIC's measured RTT p99, "
+                   "100-2000 ms; the wait ends as soon as every frame came back]")
 @json_option
 @click.pass_obj
 def stats_command(run_dir, nic, settle_ms, as_json):

@@ -20,9 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import __version__, netns, proc
-from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, Bye, Inspect,
-                        InspectReply, NicConfig, NicResult, NicRestore, Save, Saved, SaveFailed, ServicingResult,
-                        Shutdown, Start, Started, UnclaimedAllocation, decode_blob, encode_blob)
+from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV,
+                        SAVE_TEST_CONFIGS, Bye, Inspect, InspectReply, NicConfig, NicResult, NicRestore,
+                        RestorePath, Save, Saved, SaveFailed, ServicingResult, Shutdown, Start, Started,
+                        UnclaimedAllocation, decode_blob, encode_blob)
 from ..device.timing import PRESETS, DeviceTiming
 from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
@@ -30,6 +31,7 @@ from ..log import kv
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
 from .devices import DeviceProcess, nic_mac
 from .guest_net import GuestNetError, GuestNetwork
+from .outcome import nic_reason, servicing_status
 from .tamper import TAMPER_MODES, tamper_blob
 from .traffic import GuestTraffic
 from .worker_proc import WorkerFailed, WorkerProcess
@@ -48,6 +50,17 @@ GUEST_SPARE_PAGES = 256
 WORKER_BASE_PAGES = 1024
 WORKER_PAGES_PER_NIC = 768
 DATAPATH_POOL_PAGES_PER_NIC = 160  # a kept vport (102 pages) and the HWC buffer (6), with room to spare
+#: Pool pages each NIC's persistent allocations need: the 6-page HWC buffer (spec gdma.md), plus a kept
+#: vport (102 pages) under data-path keepalive.
+HWC_BUFFER_PAGES = 6
+KEPT_VPORT_PAGES = 102
+#: An interrupt during a servicing waits this long for it to complete (a safe point) before the host ends
+#: the workers; devices are ended after the workers either way.
+SAFE_POINT_S = 10.0
+#: sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+#: The longest socket name the host creates in its run dir (device control socket of NIC 63).
+LONGEST_SOCKET_NAME = "nic63.sock.ctl"
 
 
 #: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring
@@ -77,6 +90,35 @@ class HostConfig:
         cmd = override or self.worker_cmd
         return shlex.split(cmd) if cmd else proc.vfkeep_argv("worker")
 
+    def check(self) -> None:
+        """Refuse values that would fail only once processes run (HostError naming the option), so a bad
+        option costs nothing to start and nothing to clean up."""
+        from ..device.backends import BackendError, parse_backend  # the host never loads the device otherwise
+
+        if not 0 <= self.nics <= 64:
+            raise HostError(f"--nics {self.nics} out of range [0, 64]")
+        if self.ring_slots < 1 or self.ring_slots & (self.ring_slots - 1) or self.ring_slots > 1 << 20:
+            raise HostError(f"--ring-slots {self.ring_slots}: slot count must be a power of two in [1, {1 << 20}]")
+        try:
+            backend = parse_backend(self.backend)
+        except BackendError as e:
+            raise HostError(f"--backend: {e}") from None
+        if getattr(backend, "kind", None) == "tap" and self.nics > 1:
+            raise HostError(f"--backend {self.backend} with --nics {self.nics}: every device would open the same "
+                            "TAP interface (busy); use one NIC per TAP backend")
+        longest = os.path.join(os.path.abspath(self.run_dir), LONGEST_SOCKET_NAME)
+        if len(longest.encode()) > MAX_SOCKET_PATH:
+            raise HostError(f"--run-dir {os.path.abspath(self.run_dir)} is too long for UNIX sockets in it "
+                            f"({len(longest.encode())} > {MAX_SOCKET_PATH} bytes for {LONGEST_SOCKET_NAME}); "
+                            "use a shorter path")
+        if self.worker_cmd is not None:
+            try:
+                argv = shlex.split(self.worker_cmd)
+            except ValueError as e:
+                raise HostError(f"--worker-cmd {self.worker_cmd!r}: {e}") from None
+            if not argv:
+                raise HostError("--worker-cmd is empty")
+
 
 def _timeout(value: float | None) -> float:
     if value is None:
@@ -105,6 +147,13 @@ class Host:
         self.guest_traffic: GuestTraffic | None = None
         self.guest_net: GuestNetwork | None = None
         self.servicings = 0
+        #: Boot-time problems the user should know about (e.g. a pool too small for keepalive); in inspect.
+        self.warnings: list[str] = []
+        #: The servicing in progress: {"phase", "since"} (phase names as in phases_ms), None when idle.
+        self._servicing: dict | None = None
+        self._stopping = threading.Event()
+        self._idle = threading.Event()  # clear while a servicing runs on the actor
+        self._idle.set()
         self._jobs: queue.Queue = queue.Queue()
         self._busy = threading.Lock()
         self._stopped = threading.Event()
@@ -148,10 +197,26 @@ class Host:
             self.stop()
             raise
 
-    def stop(self) -> None:
-        """End every child (worker first, with a normal NIC shutdown), then the actor."""
+    def servicing_phase(self) -> str | None:
+        """The phase of the servicing in progress (prelaunch, save, handoff, restore, measure), or None."""
+        s = self._servicing
+        return None if s is None else s["phase"]
+
+    def stop(self, safe_point_s: float = SAFE_POINT_S) -> None:
+        """End every child (worker first, with a normal NIC shutdown), then the actor. A servicing in progress
+        gets `safe_point_s` to complete; after that its workers are ended (so its save or restore wait ends)
+        and it stops without starting another."""
         if self._stopped.is_set():
             return
+        self._stopping.set()
+        if self._servicing is not None:
+            kv(log, logging.WARNING, "stop requested during a servicing; waiting for a safe point",
+               phase=self.servicing_phase(), limit_s=safe_point_s)
+            if not self._idle.wait(safe_point_s):
+                kv(log, logging.ERROR, "servicing did not reach a safe point in time; ending its workers",
+                   phase=self.servicing_phase())
+                for w in list(self._servicing_workers()):
+                    w.kill()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((self._teardown, (), {}, fut))
         self._stopped.set()
@@ -163,13 +228,20 @@ class Host:
                 kv(log, logging.ERROR, "teardown failed", error=repr(e))
             self._actor.join(timeout=30)
 
+    def _servicing_workers(self):
+        """Workers a servicing in progress may be waiting on (current and prelaunched)."""
+        s = self._servicing
+        for w in (self.worker, None if s is None else s.get("next")):
+            if w is not None:
+                yield w
+
     # -- public operations (any thread) --------------------------------------------------------
     def service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
                 test_config: str | None = None, next_env: dict[str, str] | None = None,
                 next_worker_cmd: str | None = None, nics: list[int] | None = None, tamper: str | None = None) -> dict:
         """One servicing; the servicing result's JSON form (`contract.ServicingResult`)."""
         if not self._busy.acquire(blocking=False):
-            raise HostError("state change already in progress")
+            raise HostError(f"a servicing is already in progress (phase {self.servicing_phase() or 'starting'})")
         try:
             return self._submit(self._service, mana_keepalive, nvme_keepalive, timeout, test_config, next_env,
                                 next_worker_cmd, nics, tamper)
@@ -177,10 +249,15 @@ class Host:
             self._busy.release()
 
     def inspect(self, path: str | None = None):
+        """The live tree. During a servicing the actor is busy with it, so the answer comes from this thread:
+        host, devices and the servicing's phase, with the worker shown by process only."""
+        if self._servicing is not None:
+            return _select(self._inspect_host_side(), path)
         return _select(self._submit(self._inspect), path)
 
     def status(self) -> dict:
-        return self._submit(self._status)
+        """Processes at a glance; answered on the caller's thread (never waits behind a servicing)."""
+        return self._status()
 
     def probe(self, nic: int = 0, count: int = 8, timeout: float = 2.0) -> dict:
         return self._submit(self._probe, nic, count, timeout)
@@ -254,6 +331,13 @@ class Host:
                 raise HostError(str(e)) from None
         self.worker = self._start_worker({}, None, self.configured)
         started = self.worker.request(Start(), BOOT_TIMEOUT_S, Started)
+        need = (HWC_BUFFER_PAGES + (KEPT_VPORT_PAGES if cfg.datapath_keepalive else 0)) * cfg.nics
+        if pool < need:
+            self.warnings.append(f"private pool of {pool} pages is smaller than the {need} pages the NICs' persistent "
+                                 "allocations need: MANA keepalive is not possible for every NIC")
+        self.warnings += [f"nic {n.pci_id}: {n.error}" for n in started.nics if n.error]
+        for w in self.warnings:
+            kv(log, logging.WARNING, "boot warning", warning=w)
         kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
            paths=",".join(n.restore_path for n in started.nics))
 
@@ -268,10 +352,11 @@ class Host:
                     self.worker.request(Shutdown(), 10.0, Bye)
                 except WorkerFailed as e:
                     kv(log, logging.WARNING, "worker did not shut down cleanly", error=str(e))
-            self.worker.end()
+            code = self.worker.end()
+            kv(log, logging.INFO, "worker shut down", generation=self.worker.generation, exit_status=code)
             self.worker = None
         for d in self.devices:
-            d.end()
+            kv(log, logging.INFO, "device ended", pci_id=d.pci_id, exit_status=d.end())
         if self.guest_net is not None:  # after the devices: their TAPs are gone, nothing runs inside but leftovers
             self.guest_net.remove_namespaces()
         for c in self.channels:
@@ -337,16 +422,35 @@ class Host:
                 new.end()  # a hung replacement would look alive forever; dead, the next idle tick retries
 
     # -- servicing -------------------------------------------------------------------------------
-    def _service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
-                 test_config: str | None = None, next_env: dict[str, str] | None = None,
-                 next_worker_cmd: str | None = None, nics: list[int] | None = None,
-                 tamper: str | None = None) -> dict:
+    def _phase(self, name: str) -> None:
+        self._servicing.update(phase=name, since=time.monotonic())
+        kv(log, logging.INFO, "servicing phase", phase=name)
+
+    def _service(self, **request) -> dict:
+        if self._stopping.is_set():
+            raise HostError("host is stopping")
+        self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None}
+        self._idle.clear()
+        try:
+            return self._service_one(**request)
+        finally:
+            self._servicing = None
+            self._idle.set()
+
+    def _service_one(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
+                     test_config: str | None = None, next_env: dict[str, str] | None = None,
+                     next_worker_cmd: str | None = None, nics: list[int] | None = None,
+                     tamper: str | None = None) -> dict:
         """One servicing (DESIGN §1): prelaunch, save, scrub, hand the blob over, restore; D4 on failure."""
         timeout_s = _timeout(timeout)
         if tamper is not None and tamper not in TAMPER_MODES:
             raise HostError(f"unknown tamper mode {tamper!r}; known: {', '.join(TAMPER_MODES)}")
+        if test_config is not None and test_config.upper() not in SAVE_TEST_CONFIGS:
+            raise HostError(f"unknown test config {test_config!r}; known: {', '.join(SAVE_TEST_CONFIGS)}")
         if nics is not None:
-            bad = [i for i in nics if not isinstance(i, int) or not 0 <= i < len(self.devices)]
+            if not isinstance(nics, list) or not nics:
+                raise HostError(f"nics must name at least one NIC of [0, {len(self.devices)}), got {nics!r}")
+            bad = [i for i in nics if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.devices)]
             if bad:
                 raise HostError(f"nics {bad} out of range [0, {len(self.devices)})")
         old = self.worker
@@ -362,10 +466,11 @@ class Host:
         new = None
         if self.config.prelaunch:
             try:
-                new = self._start_worker(next_env, next_worker_cmd, configured)
+                new = self._servicing["next"] = self._start_worker(next_env, next_worker_cmd, configured)
             except WorkerFailed as e:
                 raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
         prelaunch_ms = _ms(t_pre, time.perf_counter())
+        self._phase("save")
 
         try:
             # Save: the old worker stops its relay and saves (spec §2.2).
@@ -384,12 +489,17 @@ class Host:
                 # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
                 if new is not None:
                     new.end()
+                self._phase("measure")
                 window = (window_start, time.monotonic_ns())
                 result = self._result(False, mana_keepalive, nvme_keepalive, saved.revived, (), before,
                                       {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
-                                       "total": _ms(t0, t_saved)}, f"save failed: {saved.error}", window)
+                                       "total": _ms(t0, t_saved)}, f"save failed: {saved.error}", window,
+                                      saved=saved, old=old, new=old)
                 return self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old,
                                     window=window)
+            if self._stopping.is_set():
+                # The host is stopping (its interrupt ended the worker): no new worker, the teardown follows.
+                raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
             if saved is not None:
                 try:
                     blob = decode_blob(saved.servicing_state)
@@ -399,6 +509,7 @@ class Host:
                        "state (D4)", error=str(e))
 
             # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
+            self._phase("handoff")
             if saved is not None and old.wait_exit(5.0) is None:
                 kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
             old.end()
@@ -415,6 +526,7 @@ class Host:
                     errors.append(f"next worker: {e}")
                     new = self._start_worker({}, None, configured)
             self.worker, self.configured = new, configured
+            self._phase("restore")
             started = None
             t_handoff = time.perf_counter()
             try:
@@ -428,13 +540,14 @@ class Host:
                 new.end()
                 started = self._replace_worker(blob, next_worker_cmd, configured, timeout_s, errors)
             t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
+            self._phase("measure")
             if started.error:
                 errors.append(started.error)
             phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
                       "total": _ms(t0, t_done)}
             result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics,
                                   started.unclaimed_pool_allocations, before, phases, "; ".join(errors) or None,
-                                  window)
+                                  window, saved=saved, old=old, new=self.worker)
             return self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
                                 window=window)
         except BaseException:
@@ -450,6 +563,8 @@ class Host:
         through the fresh path (D4). A worker that did not start is ended, never left current."""
         attempts = [(worker_cmd, blob), (None, None)]
         for i, (cmd, state) in enumerate(attempts):
+            if self._stopping.is_set():
+                raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors)})")
             try:
                 w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
                 self.worker = w
@@ -466,18 +581,25 @@ class Host:
 
     def _result(self, ok: bool, mana: bool, nvme: bool, nics: tuple[NicRestore, ...],
                 unclaimed: tuple[UnclaimedAllocation, ...], before: list[dict], phases: dict, error: str | None,
-                window: tuple[int, int]) -> ServicingResult:
-        """The servicing result of DESIGN §10; device_reset / hwc_established come from the device."""
+                window: tuple[int, int], *, saved: Saved | SaveFailed | None, old: WorkerProcess,
+                new: WorkerProcess | None) -> ServicingResult:
+        """The servicing result of DESIGN §10; device_reset / hwc_established come from the device, each NIC's
+        reason and the status from what the workers reported (host/outcome.py)."""
         by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before)}
-        out = []
+        outcomes = {o.pci_id: o for o in saved.nics} if saved is not None else {}
+        old_cfg, new_cfg = _mana_config(old), _mana_config(new)
+        out, degraded = [], []
         for n in nics:
             dev, snap = by_pci[n.pci_id]
             seen = dev.since(snap)
+            reason, worse = nic_reason(bool(mana), n.restore_path, n.error, outcomes.get(n.pci_id), old_cfg, new_cfg)
+            degraded.append(worse)
             out.append(NicResult(n.pci_id, n.restore_path, seen["device_reset"], seen["hwc_established"],
-                                 seen["device_resets"], seen["hwc_requests"], seen["smc_messages"], n.error))
+                                 seen["device_resets"], seen["hwc_requests"], seen["smc_messages"], n.error, reason,
+                                 RestorePath.KEEPALIVE if mana else RestorePath.FRESH))
         blackout_ms, frames_lost = self._traffic_window(*window)
         return ServicingResult(ok, bool(mana), bool(nvme), tuple(out), unclaimed, phases, blackout_ms, frames_lost,
-                               self.config.timing.to_dict(), error)
+                               self.config.timing.to_dict(), error, servicing_status(not ok, degraded))
 
     def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
         """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agents
@@ -500,13 +622,14 @@ class Host:
         }
         with open(os.path.join(self.run_dir, "last_servicing.json"), "w") as f:
             json.dump(self.last_servicing, f, indent=1)
-        kv(log, logging.INFO, "servicing done", ok=result.ok, total_ms=result.phases_ms["total"],
-           paths=",".join(n.restore_path for n in result.nics), error=result.error)
+        kv(log, logging.INFO, "servicing done", status=result.status, total_ms=result.phases_ms["total"],
+           paths=",".join(n.restore_path for n in result.nics), error=result.error,
+           reasons="; ".join(f"{n.pci_id}: {n.reason}" for n in result.nics if n.reason))
         return self.last_servicing["result"]
 
     # -- inspection ------------------------------------------------------------------------------
     def _status(self) -> dict:
-        w = self.worker
+        w, last = self.worker, self.last_servicing
         return {"host_pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
                 "nics": len(self.devices), "configured_nics": list(self.configured),
                 "worker": None if w is None else {"pid": w.pid, "generation": w.generation, "alive": w.alive(),
@@ -515,8 +638,51 @@ class Host:
                 "guest": self.config.guest,
                 "bridges": [{"nic": b.nic, "pid": b.child.pid, "alive": b.child.poll() is None}
                             for b in self.guest_net.bridges.values()] if self.guest_net else [],
-                "servicings": self.servicings,
-                "last_servicing_ok": None if self.last_servicing is None else self.last_servicing["result"]["ok"]}
+                "servicing": self._servicing_view(), "servicings": self.servicings,
+                "last_servicing_ok": None if last is None else last["result"]["ok"],
+                "last_servicing_status": None if last is None else last["result"]["status"],
+                "warnings": list(self.warnings)}
+
+    def _servicing_view(self) -> dict | None:
+        """The servicing in progress for status/inspect: {"phase", "phase_s", "elapsed_s"}, None when idle."""
+        s = self._servicing
+        if s is None:
+            return None
+        return {"phase": s["phase"], "phase_s": round(time.monotonic() - s["since"], 3),
+                "elapsed_s": round(time.time() - s["started"], 3)}
+
+    def _inspect_host_side(self) -> dict:
+        """inspect while the actor runs a servicing: what the host knows without asking the worker."""
+        w = self.worker
+        tree = self._host_tree()
+        tree["worker"] = None if w is None else {
+            "pid": w.pid, "generation": w.generation, "alive": w.alive(),
+            "note": "a servicing is in progress; the worker's own tree is shown once it completes"}
+        tree["devices"] = self._devices_tree()
+        return tree
+
+    def _host_tree(self) -> dict:
+        return {"host": {"pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
+                         "prelaunch": self.config.prelaunch, "timing": self.config.timing.to_dict(),
+                         "backend": self.config.backend, "guest": self.config.guest,
+                         "memory": self.mem.layout.to_str(),
+                         "channel": self.channel_layout.to_str() if self.channel_layout else None,
+                         "warnings": list(self.warnings),
+                         "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}
+                                   for c in self.channels]},
+                "servicing": self._servicing_view(), "last_servicing": self.last_servicing,
+                **({"guest_net": self.guest_net.status()} if self.guest_net else {})}
+
+    def _devices_tree(self) -> list[dict]:
+        devices = []
+        for d in self.devices:
+            entry = {"pci_id": d.pci_id, "pid": d.child.pid, "socket": d.socket, "alive": d.alive()}
+            try:
+                entry["counters"] = d.call("counters")
+            except Exception as e:  # noqa: BLE001 - a dead device is shown, not fatal
+                entry["error"] = str(e)
+            devices.append(entry)
+        return devices
 
     def _inspect(self) -> dict:
         self._supervise()  # a worker that died since the last idle tick is replaced before it is shown
@@ -531,23 +697,9 @@ class Host:
                 worker = {"error": str(e)}
                 if attempt == 0 and self.worker.wait_exit(1.0) is not None:
                     self._supervise()  # it just died: replace it now rather than at the next idle tick
-        devices = []
-        for d in self.devices:
-            entry = {"pci_id": d.pci_id, "pid": d.child.pid, "socket": d.socket, "alive": d.alive()}
-            try:
-                entry["counters"] = d.call("counters")
-            except Exception as e:  # noqa: BLE001 - a dead device is shown, not fatal
-                entry["error"] = str(e)
-            devices.append(entry)
-        return {"host": {"pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
-                         "prelaunch": self.config.prelaunch, "timing": self.config.timing.to_dict(),
-                         "backend": self.config.backend, "guest": self.config.guest,
-                         "memory": self.mem.layout.to_str(),
-                         "channel": self.channel_layout.to_str() if self.channel_layout else None,
-                         "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}
-                                   for c in self.channels]},
-                "worker": worker, "devices": devices, "last_servicing": self.last_servicing,
-                **({"guest_net": self.guest_net.status()} if self.guest_net else {})}
+        tree = self._host_tree()
+        tree["worker"], tree["devices"] = worker, self._devices_tree()
+        return tree
 
     def _probe(self, nic: int, count: int, timeout: float) -> dict:
         """Act as the guest for a moment: push `count` frames into NIC `nic`'s tx ring and wait for
@@ -578,6 +730,12 @@ class Host:
                     got.add(parsed.seq)
         received = len(want & got)
         return {"nic": nic, "sent": pushed, "received": received, "ok": received == count}
+
+
+def _mana_config(w: WorkerProcess | None) -> str | None:
+    """A worker's canonical MANA keepalive setting, from its hello (a downlevel worker has none: disabled)."""
+    hello = getattr(w, "hello", None)
+    return None if hello is None else hello.keepalive.get("mana", "disabled")
 
 
 def _select(tree, path: str | None):

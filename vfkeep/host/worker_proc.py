@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import time
 
 from .. import proc
 from ..contract import Channel, ChannelClosed, ChannelTimeout, ContractError, Hello, InspectReply, Message
 from ..log import kv
+from .devices import last_line
 
 log = logging.getLogger("vfkeep.host.worker")
 
@@ -18,8 +20,10 @@ class WorkerFailed(Exception):
 
 
 class WorkerProcess:
-    def __init__(self, child: subprocess.Popen, chan: Channel, generation: int, argv: list[str]):
+    def __init__(self, child: subprocess.Popen, chan: Channel, generation: int, argv: list[str],
+                 stderr_path: str | None = None):
         self.child = child
+        self.stderr_path = stderr_path
         self.chan = chan
         self.generation = generation
         self.argv = argv
@@ -36,14 +40,15 @@ class WorkerProcess:
         """Start a worker; its end of the channel is inherited as `--channel-fd`."""
         ours, theirs = Channel.pair()
         argv = [*argv_prefix, "--channel-fd", str(theirs.fileno()), *args]
-        stderr = open(os.path.join(run_dir, f"worker-{generation}.stderr"), "ab")
+        stderr_path = os.path.join(run_dir, f"worker-{generation}.stderr")
+        stderr = open(stderr_path, "ab")
         try:
             child = proc.spawn(argv, pass_fds=[theirs.fileno(), *pass_fds], env=env, stdout=stderr, stderr=stderr)
         finally:
             theirs.close()
             stderr.close()
         kv(log, logging.INFO, "worker spawned", generation=generation, pid=child.pid, argv=" ".join(argv))
-        return cls(child, ours, generation, argv)
+        return cls(child, ours, generation, argv, stderr_path)
 
     def wait_hello(self, timeout: float) -> Hello:
         msg = self.recv(timeout, Hello)
@@ -77,9 +82,8 @@ class WorkerProcess:
         except ChannelTimeout:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout} s") from None
         except ChannelClosed as e:
-            code = self.child.poll()
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) closed its channel ({e}); "
-                               f"exit status {code}") from None
+                               f"{self.exit_note()}") from None
         except ValueError as e:  # not JSON (a foreign --worker-cmd, or a torn write)
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) sent an unreadable message: {e}") from None
 
@@ -99,6 +103,15 @@ class WorkerProcess:
         self.send(msg)
         return self.recv(timeout, *expected)
 
+    def exit_note(self) -> str:
+        """How the worker ended, for errors: its exit status (it closed its channel, so it is exiting) and the
+        last line it printed, with where to read more."""
+        code = self.wait_exit(1.0)
+        status = "still running" if code is None else (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
+        last = last_line(self.stderr_path) if self.stderr_path else ""
+        where = f" (see {self.stderr_path})" if self.stderr_path else ""
+        return f"{status}{': ' + last if last else ''}{where}"
+
     def alive(self) -> bool:
         return self.child.poll() is None
 
@@ -107,6 +120,14 @@ class WorkerProcess:
             return self.child.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+
+    def kill(self) -> None:
+        """SIGKILL from any thread: whoever waits on this worker's channel gets WorkerFailed (and ends it)."""
+        if self.child.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def end(self) -> int | None:
         """End by PID (SIGTERM, then SIGKILL) and release the channel."""

@@ -280,6 +280,7 @@ class VfManager:
         if self.dev is not None and not self.dev.closed:
             return  # the save never reached this device
         t = time.perf_counter()
+        self.error = None  # the old error (e.g. a failed create) is history once the NIC comes back
         kept = self.dev is not None and self.dev.saved
         try:
             if kept:
