@@ -6,11 +6,11 @@ import os
 import subprocess
 import time
 
-from .. import proc
+from .. import proc, rpc
 from ..device.mac import DEFAULT_MAC, MAX_VPORTS, vport_mac
 from ..device.timing import DeviceTiming
 from ..log import kv
-from ..vfio_user.control import ControlError, control_call
+from ..vfio_user.control import control_call
 
 log = logging.getLogger("vfkeep.host.device")
 
@@ -82,7 +82,7 @@ class DeviceProcess:
             try:
                 self.call("ping", timeout=0.2)
                 return
-            except ControlError:
+            except rpc.RpcError:
                 if time.monotonic() > deadline:
                     raise DeviceFailed(f"device nic{self.index} did not answer on {self.control} within {timeout:g} s "
                                        f"(see {self.stderr_path})") from None

@@ -426,13 +426,13 @@ class Host:
         self._servicing.update(phase=name, since=time.monotonic())
         kv(log, logging.INFO, "servicing phase", phase=name)
 
-    def _service(self, **request) -> dict:
+    def _service(self, *args, **kwargs) -> dict:
         if self._stopping.is_set():
             raise HostError("host is stopping")
         self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None}
         self._idle.clear()
         try:
-            return self._service_one(**request)
+            return self._service_one(*args, **kwargs)
         finally:
             self._servicing = None
             self._idle.set()
