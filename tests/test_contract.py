@@ -69,10 +69,11 @@ def test_servicing_result_json_form_is_design_section_10():
                           {"preset": "natural", "hwc_latency_ms": 0.0, "flr_ms": 0.0}, None)
     wire = r.to_json()
     assert list(wire) == ["ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations",
-                          "phases_ms", "blackout_ms", "frames_lost", "timing", "error"]
+                          "phases_ms", "blackout_ms", "frames_lost", "timing", "error", "status"]
+    assert wire["status"] == "ok"
     assert wire["nics"] == [{"pci_id": "p", "restore_path": "keepalive", "device_reset": False,
                              "hwc_established": False, "device_resets": 0, "hwc_requests": 4, "smc_messages": 0,
-                             "error": None}]
+                             "error": None, "reason": None, "requested_path": "fresh"}]
     assert c.ServicingResult.from_json(wire) == r
 
 
