@@ -1,9 +1,8 @@
 """The emulator's DMA helpers: `MappedMemory` and the per-batch `DmaWindow` (one lookup per mapping)."""
 import pytest
 
-from vfkeep.device.dma import DmaWindow, MappedMemory
+from vfkeep.device.dma import DmaFault, DmaWindow, MappedMemory
 from vfkeep.memory import GuestMemory, MemoryLayout
-from vfkeep.vfio_user.dma import DmaFault
 
 
 @pytest.fixture
