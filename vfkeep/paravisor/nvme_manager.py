@@ -29,6 +29,7 @@ from ..nvme_driver.driver import NvmeDriver, reset_controller
 from ..nvme_driver.errors import DEVICE_ERRORS
 from ..proto import nvme_driver_pb2, underhill_pb2
 from ..vfio_user.backing import open_vfio, reset_method_setter
+from .block_relay import BlockRelay, unit_name
 
 log = logging.getLogger("vfkeep.worker.nvme")
 
@@ -184,3 +185,97 @@ def saved_driver_states(state: underhill_pb2.ServicingState | None) -> tuple[dic
     for disk in manager.nvme_disks:
         out.setdefault(disk.pci_id, disk.driver_state)
     return out, manager.cpu_count
+
+
+class NvmeManager:
+    """The worker's NVMe manager: one `NvmeDisk` (and guest block relay, when the disk has a channel) per
+    configured controller, shaped for the worker's device-kind seam (DESIGN D10): `restore`, `save`,
+    `units`, `shutdown`, `inspect`, `client_names`.
+
+    `save_restore_supported` = OPENHCL_NVME_KEEP_ALIVE enabled AND a private pool (spec §13.1). In the
+    worker's save order (servicing §2.2) the DMA manager is saved first, then `save(keepalive)`: with
+    effective NVMe keepalive each driver is saved (the first failure makes the whole NVMe state absent,
+    as in the reference, §12 item 1); without it each controller is shut down (CC.EN 1→0, memory freed).
+    Either way the relays stop first and their in-flight guest requests become "storvsp/<pci_id>" units,
+    replayed by the next worker. Pool pages of controllers that were not saved stay in the DMA snapshot;
+    the next worker's validation frees and lists them (DESIGN D3/D8).
+    """
+
+    kind = "nvme"
+
+    def __init__(self, configs: list[NvmeConfig], mem: GuestMemory, dma: DmaManager, *, keepalive_enabled: bool,
+                 cpu_count: int = 2, io_queues: int = 2, always_flr: bool = False, channels: dict | None = None):
+        self.configs = configs
+        self.mem, self.dma = mem, dma
+        self.save_restore_supported = keepalive_enabled and dma.has_pool
+        self.cpu_count, self.io_queues, self.always_flr = cpu_count, io_queues, always_flr
+        self.channels = channels or {}  # pci_id -> BlockChannel
+        self.disks: list[NvmeDisk] = []
+        self.relays: dict = {}  # pci_id -> BlockRelay
+        self.errors: dict[str, str] = {}
+
+    def client_names(self) -> list[str]:
+        return [dma_client_name(c.pci_id) for c in self.configs]
+
+    def restore(self, state: underhill_pb2.ServicingState | None) -> list[dict]:
+        """Bring every controller up (keepalive restore where the state and the config allow), then start the
+        relays with the requests the previous worker had in flight. One result per controller."""
+        saved, _ = saved_driver_states(state)
+        units = {u.name: u.state for u in state.units} if state is not None else {}
+        results = []
+        for cfg in self.configs:
+            try:
+                disk = create_device(cfg, self.mem, self.dma, saved=saved.get(cfg.pci_id),
+                                     save_restore_supported=self.save_restore_supported, cpu_count=self.cpu_count,
+                                     io_queues=self.io_queues, always_flr=self.always_flr)
+            except DEVICE_ERRORS + (DmaError,) as e:
+                self.errors[cfg.pci_id] = f"{type(e).__name__}: {e}"
+                kv(log, logging.ERROR, "nvme device could not be created", pci_id=cfg.pci_id, error=e)
+                results.append({"pci_id": cfg.pci_id, "restore_path": FRESH, "error": self.errors[cfg.pci_id]})
+                continue
+            self.disks.append(disk)
+            channel = self.channels.get(cfg.pci_id)
+            if channel is not None:
+                replay = BlockRelay.saved_requests(units[unit_name(cfg.pci_id)]) \
+                    if unit_name(cfg.pci_id) in units else []
+                relay = BlockRelay(channel, disk.driver, pci_id=cfg.pci_id)
+                relay.start(replay)
+                self.relays[cfg.pci_id] = relay
+            results.append({"pci_id": cfg.pci_id, "restore_path": disk.restore_path, "flr": disk.flr,
+                            "error": disk.error})
+        return results
+
+    def save(self, keepalive: bool) -> underhill_pb2.NvmeManagerSavedState | None:
+        """Stop the relays, then save (effective keepalive) or shut down every controller."""
+        for relay in self.relays.values():
+            relay.stop()
+        if keepalive and self.save_restore_supported:
+            try:
+                return save_disks(self.disks, self.cpu_count)
+            except DEVICE_ERRORS as e:
+                kv(log, logging.ERROR, "nvme save failed: no NVMe state is saved", error=e)
+                return None
+        for disk in self.disks:
+            disk.driver.shutdown()
+        return None
+
+    def units(self) -> list[underhill_pb2.SavedStateUnit]:
+        """The relays' in-flight guest requests (call after `save`: nothing completes any more)."""
+        return [underhill_pb2.SavedStateUnit(name=unit_name(pci_id), state=relay.save().SerializeToString())
+                for pci_id, relay in self.relays.items()]
+
+    def shutdown(self) -> None:
+        """Normal teardown (no servicing): relays stopped, every controller reset."""
+        for relay in self.relays.values():
+            relay.stop()
+            relay.close()
+        for disk in self.disks:
+            disk.driver.shutdown()
+
+    def inspect(self) -> dict:
+        return {"save_restore_supported": self.save_restore_supported,
+                "disks": [{"pci_id": d.config.pci_id, "restore_path": d.restore_path, "flr": d.flr, "error": d.error,
+                           "driver": d.driver.inspect(),
+                           "relay": self.relays[d.config.pci_id].inspect() if d.config.pci_id in self.relays else None}
+                          for d in self.disks],
+                "errors": dict(self.errors)}
