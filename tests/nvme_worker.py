@@ -28,7 +28,8 @@ import time
 from vfkeep.guest.disk_blocks import BadBlock, check_block, make_blocks
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.nvme import NVM_WRITE
-from vfkeep.paravisor.nvme_manager import NvmeConfig, create_device
+from vfkeep.contract import NvmeConfig
+from vfkeep.paravisor.nvme_manager import create_device
 from vfkeep.proto import dma_manager_pb2, nvme_driver_pb2
 from vfkeep.vfio_user import control_call
 

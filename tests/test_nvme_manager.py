@@ -9,7 +9,9 @@ from vfkeep.nvme import NVM_WRITE
 from vfkeep.nvme_device.main import start_nvme_device
 from vfkeep.nvme_driver.errors import InvalidSavedState
 from vfkeep.nvme_driver.saved_state import decode, validate
-from vfkeep.paravisor.nvme_manager import FALLBACK, FRESH, KEEPALIVE, NvmeConfig, always_flr_from_env, create_device
+from vfkeep.contract import NvmeConfig
+from vfkeep.contract import RestorePath as P
+from vfkeep.paravisor.nvme_manager import always_flr_from_env, create_device
 from vfkeep.proto import nvme_driver_pb2
 from vfkeep.vfio_user import control_call
 
@@ -72,7 +74,7 @@ def restore(sock, mem, state, dma_state, **kw):
 def test_keepalive_restore_in_process_reuses_the_queues(sock, mem, saved):
     seq = ctl(sock, "command_log")["last_seq"]
     dma, disk = restore(sock, mem, *saved)
-    assert disk.restore_path == KEEPALIVE and disk.error is None
+    assert disk.restore_path == P.KEEPALIVE and disk.error is None
     assert read_back(disk.driver, mem) == bytes([7]) * len(read_back(disk.driver, mem))
     assert dma.validate_restore() == []
     assert [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]] == ["CONNECT"]
@@ -146,7 +148,7 @@ def test_hostile_saved_state_takes_the_fresh_path_and_writes_nothing_outside_the
     outside = (mem.read(mem.layout.guest.gpa, mem.layout.guest.size),
                mem.read(mem.layout.worker.gpa, mem.layout.worker.size))
     dma, disk = restore(sock, mem, bad, dma_state)
-    assert disk.restore_path == FALLBACK
+    assert disk.restore_path == P.FALLBACK
     assert "InvalidSavedState" in disk.error or "RestoredMemoryNotFound" in disk.error, disk.error
     assert (mem.read(mem.layout.guest.gpa, mem.layout.guest.size),
             mem.read(mem.layout.worker.gpa, mem.layout.worker.size)) == outside
@@ -164,7 +166,7 @@ def test_truncated_blob_is_a_typed_error():
 def test_keepalive_disabled_on_the_new_side_frees_buffers_and_resets(sock, mem, saved):
     seq = ctl(sock, "command_log")["last_seq"]
     dma, disk = restore(sock, mem, *saved, save_restore_supported=False)
-    assert disk.restore_path == FRESH and not disk.flr
+    assert disk.restore_path == P.FRESH and not disk.flr
     names = [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]]
     disable = names.index("CC_DISABLE")
     assert names.index("CC_ENABLE") > disable and "IDENTIFY" in names and "CREATE_IO_CQ" in names
@@ -177,7 +179,7 @@ def test_keepalive_disabled_on_the_new_side_frees_buffers_and_resets(sock, mem, 
 def test_noreset_failure_retries_with_flr_and_restores_none(sock, mem):
     ctl(sock, "admin_fault", opcode="IDENTIFY", action="fail", mode="once", cdw10=1)
     dma, disk = bring_up(sock, mem)
-    assert disk.restore_path == FRESH and disk.flr
+    assert disk.restore_path == P.FRESH and disk.flr
     assert ctl(sock, "counters")["counters"]["reset_count"] == 1
     assert ctl(sock, "get_reset_method")["value"] == "none"
     write_pattern(disk.driver, mem, 3)

@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 # -- environment variables the host sets and the worker reads (servicing spec §1, DESIGN §10) -----------
 MANA_KEEPALIVE_ENV = "OPENHCL_MANA_KEEP_ALIVE"
 NVME_KEEPALIVE_ENV = "OPENHCL_NVME_KEEP_ALIVE"
+#: "1" or "true" (any case): the NVMe fresh path uses FLR only.
+NVME_ALWAYS_FLR_ENV = "OPENHCL_NVME_ALWAYS_FLR"
 #: Private pool size in pages (wins over POOL_CONFIG_ENV, spec §1.2).
 POOL_OVERRIDE_ENV = "OPENHCL_ENABLE_VTL2_GPA_POOL"
 POOL_CONFIG_ENV = "OPENHCL_IGVM_VTL2_GPA_POOL_CONFIG"
@@ -155,29 +157,49 @@ def decode_blob(text: str | None) -> bytes | None:
 
 
 # -- what the host tells a worker on its command line ----------------------------------------------------
-@dataclass(frozen=True)
-class NicConfig:
-    """What the host tells a worker about NIC `index`: its PCI id, vfio-user socket and ring eventfds."""
+class _CommaArg:
+    """A worker option value `A,B,...`: the dataclass fields in order; ints, and strings that are not empty."""
 
+    option: ClassVar[str]
+
+    @classmethod
+    def parse(cls, text: str):
+        fields = dataclasses.fields(cls)
+        parts = text.split(",")
+        if len(parts) != len(fields) or not all(parts):
+            raise ValueError(f"bad {cls.option} {text!r}: expected {','.join(f.name.upper() for f in fields)}")
+        try:
+            return cls(*(int(p) if f.type == "int" else p for f, p in zip(fields, parts)))
+        except ValueError:
+            ints = [f.name for f in fields if f.type == "int"]
+            raise ValueError(f"bad {cls.option} {text!r}: {', '.join(ints)} must be "
+                             f"{'an integer' if len(ints) == 1 else 'integers'}") from None
+
+    def to_arg(self) -> str:
+        return ",".join(str(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class NicConfig(_CommaArg):
+    """What the host tells a worker about NIC `index` (`--nic`): its PCI id, vfio-user socket and ring eventfds;
+    INDEX places the NIC's rings (ChannelLayout) in guest RAM."""
+
+    option = "--nic"
     index: int
     pci_id: str
     socket: str
     tx_bell_fd: int
     rx_bell_fd: int
 
-    @classmethod
-    def parse(cls, text: str) -> "NicConfig":
-        parts = text.split(",")
-        if len(parts) != 5 or not parts[1] or not parts[2]:
-            raise ValueError(f"bad --nic {text!r}: expected INDEX,PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD")
-        try:
-            return cls(int(parts[0]), parts[1], parts[2], int(parts[3]), int(parts[4]))
-        except ValueError:
-            raise ValueError(f"bad --nic {text!r}: index and eventfds must be integers") from None
 
-    def to_arg(self) -> str:
-        """The worker's `--nic` value; INDEX places the NIC's rings (ChannelLayout) in guest RAM."""
-        return f"{self.index},{self.pci_id},{self.socket},{self.tx_bell_fd},{self.rx_bell_fd}"
+@dataclass(frozen=True)
+class NvmeConfig(_CommaArg):
+    """What the host tells a worker about NVMe controller `index` (`--nvme`): its PCI id and vfio-user socket."""
+
+    option = "--nvme"
+    index: int
+    pci_id: str
+    socket: str
 
 
 # -- records inside messages ---------------------------------------------------------------------------

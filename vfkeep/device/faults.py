@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from vfkeep.gdma.constants import GdmaRequestType, ManaCommandCode, SmcMsgType
+from vfkeep.gdma.constants import GdmaRequestType, ManaCommandCode, SmcMsgType, request_name
 from vfkeep.log import kv
 
 log = logging.getLogger("vfkeep.device.commands")
@@ -66,16 +66,6 @@ def resolve_type(value: int | str) -> Key:
                      "GDMA_REGISTER_DEVICE, QUERY_DEV_CONFIG, ESTABLISH_HWC")
 
 
-def request_name(key: Key) -> str:
-    kind, code = key
-    for enum_cls in ((SmcMsgType,) if kind == "smc" else (GdmaRequestType, ManaCommandCode)):
-        try:
-            return enum_cls(code).name
-        except ValueError:
-            continue
-    return f"UNKNOWN_{code:#x}"
-
-
 @dataclass
 class FaultRule:
     key: Key
@@ -83,7 +73,8 @@ class FaultRule:
     epoch: int = 0
 
     def inspect(self) -> dict:
-        return {"type": request_name(self.key), "kind": self.key[0], "code": self.key[1], "mode": self.mode,
+        kind, code = self.key
+        return {"type": request_name(code, smc=kind == "smc"), "kind": kind, "code": code, "mode": self.mode,
                 "epoch": self.epoch}
 
 
@@ -140,4 +131,4 @@ class CommandLog:
         return [e for e in self.entries if e["seq"] > seq]
 
 
-__all__ = ["FaultInjector", "FaultRule", "CommandLog", "resolve_type", "request_name", "Key"]
+__all__ = ["FaultInjector", "FaultRule", "CommandLog", "resolve_type", "Key"]

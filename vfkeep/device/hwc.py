@@ -53,13 +53,13 @@ from vfkeep.gdma.constants import (
     HWC_INIT_DATA_QUEUE_DEPTH,
     HWC_INIT_DATA_RQID,
     HWC_INIT_DATA_SQID,
+    request_name,
 )
 from vfkeep.gdma.hwc import GdmaReqHdr, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRxOob, HwcTxOob
 from vfkeep.gdma.messages import REQ_HDR_SIZE, RESP_HDR_SIZE, is_device_specific, response_header
 
 from . import bnic, requests
 from .dma import DmaFault
-from .faults import request_name
 from .queues import VENDOR_ERR_MALFORMED_WQE, Cq, Eq, Wq, WqeRef
 from .requests import BadRequest, Refused
 
@@ -167,7 +167,7 @@ class Hwc:
         if status:
             dev.counters["hwc_requests_failed"] += 1
             body = b""
-        dev.command_log.add("hwc", request_name(key), dev.epoch, code=code, status=status, injected=injected,
+        dev.command_log.add("hwc", request_name(code), dev.epoch, code=code, status=status, injected=injected,
                             dev_id=hdr.dev_id.to_int(), activity_id=hdr.activity_id, **details)
         return (response_header(hdr, status).to_bytes() + body)[:hdr.resp.msg_size]
 

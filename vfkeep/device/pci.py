@@ -1,16 +1,12 @@
 """PCI identity of the emulated MANA VF (spec gdma.md §2): config space (vfio-user region 7) and BAR4.
 
-Type-0 header with the reference emulator's ids, two 64-bit memory BARs
-(BAR0 registers, BAR4 MSI-X table + PBA) and one MSI-X capability with 64
-vectors. Only the command register, the BAR address bits (so BAR sizing by
-writing all ones works) and the MSI-X enable/function-mask bits are
-writable. With vfio-user the vectors are delivered through eventfds, so the
-MSI-X table in BAR4 is plain storage and the pending-bit array reads zero.
+Type-0 header with the reference emulator's ids, two 64-bit memory BARs (BAR0 registers, BAR4 MSI-X
+table + PBA) and one MSI-X capability with 64 vectors; built by `vfkeep.pci` (what is writable, and
+why the PBA reads zero, is said there).
 """
 from __future__ import annotations
 
-import struct
-
+from vfkeep import pci
 from vfkeep.gdma.constants import (
     EMU_BAR0_SIZE,
     PCI_CLASS_CODE,
@@ -26,59 +22,28 @@ from vfkeep.gdma.constants import (
     PCI_VENDOR_ID,
 )
 
-CONFIG_SIZE = 256
+CONFIG_SIZE = pci.CONFIG_SIZE
 BAR4_SIZE = 4096
-MSIX_CAP_OFFSET = 0x40
-_MSIX_CAP_ID = 0x11
-_STATUS_CAP_LIST = 0x10
-_BAR_MEM64 = 0x4
-_MSIX_TABLE_BYTES = PCI_MSIX_VECTORS * 16
+
+#: Base class, subclass and programming interface, as one 24-bit class code.
+_CLASS_CODE = PCI_CLASS_CODE << 16 | PCI_SUBCLASS << 8 | PCI_PROG_IF
 
 
-def _bar_offset(index: int) -> int:
-    return 0x10 + 4 * index
-
-
-class ConfigSpace:
-    """256-byte type-0 configuration header with a write mask."""
+class ConfigSpace(pci.ConfigSpace):
+    """The MANA VF's configuration header."""
 
     def __init__(self) -> None:
-        cs = self.data = bytearray(CONFIG_SIZE)
-        mask = self.mask = bytearray(CONFIG_SIZE)
-        struct.pack_into("<HHHH", cs, 0x00, PCI_VENDOR_ID, PCI_DEVICE_ID, 0, _STATUS_CAP_LIST)
-        cs[0x08:0x0C] = bytes((PCI_REVISION_ID, PCI_PROG_IF, PCI_SUBCLASS, PCI_CLASS_CODE))
-        struct.pack_into("<HH", cs, 0x2C, PCI_SUBSYSTEM_VENDOR_ID, PCI_SUBSYSTEM_ID)
-        cs[0x34] = MSIX_CAP_OFFSET
-        struct.pack_into("<BBHII", cs, MSIX_CAP_OFFSET, _MSIX_CAP_ID, 0, PCI_MSIX_VECTORS - 1,
-                         0 | PCI_MSIX_BAR, PCI_MSIX_PBA_OFFSET | PCI_MSIX_BAR)
-        struct.pack_into("<H", mask, 0x04, 0x0546)  # memory, bus master, parity, SERR, INTx disable
-        for index, size in ((0, EMU_BAR0_SIZE), (PCI_MSIX_BAR, BAR4_SIZE)):
-            struct.pack_into("<II", cs, _bar_offset(index), _BAR_MEM64, 0)
-            struct.pack_into("<II", mask, _bar_offset(index), ~(size - 1) & 0xFFFFFFF0, 0xFFFFFFFF)
-        struct.pack_into("<H", mask, MSIX_CAP_OFFSET + 2, 0xC000)  # enable, function mask
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset:offset + size])
-
-    def write(self, offset: int, data: bytes) -> None:
-        for i, b in enumerate(data, offset):
-            m = self.mask[i]
-            self.data[i] = (self.data[i] & ~m) | (b & m)
+        super().__init__(PCI_VENDOR_ID, PCI_DEVICE_ID, class_code=_CLASS_CODE,
+                         revision=PCI_REVISION_ID, subsystem_vendor_id=PCI_SUBSYSTEM_VENDOR_ID,
+                         subsystem_id=PCI_SUBSYSTEM_ID, bars={0: EMU_BAR0_SIZE, PCI_MSIX_BAR: BAR4_SIZE},
+                         msix=pci.Msix(PCI_MSIX_BAR, PCI_MSIX_VECTORS, PCI_MSIX_PBA_OFFSET))
 
 
-class MsixBar:
-    """BAR4: MSI-X table storage at 0 and the pending-bit array at `PCI_MSIX_PBA_OFFSET` (reads zero)."""
+class MsixBar(pci.MsixBar):
+    """BAR4: the MSI-X table of the 64 vectors, and the PBA at `PCI_MSIX_PBA_OFFSET`."""
 
     def __init__(self) -> None:
-        self.data = bytearray(BAR4_SIZE)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset:offset + size])
-
-    def write(self, offset: int, data: bytes) -> None:
-        end = min(offset + len(data), _MSIX_TABLE_BYTES)
-        if offset < end:
-            self.data[offset:end] = data[:end - offset]
+        super().__init__(PCI_MSIX_VECTORS, BAR4_SIZE)
 
 
-__all__ = ["ConfigSpace", "MsixBar", "CONFIG_SIZE", "BAR4_SIZE", "MSIX_CAP_OFFSET"]
+__all__ = ["ConfigSpace", "MsixBar", "CONFIG_SIZE", "BAR4_SIZE"]

@@ -23,10 +23,10 @@ from vfkeep.gdma.constants import (
     SMC_MSG_TYPE_ESTABLISH_HWC_VERSION,
     SMC_MSG_TYPE_REPORT_HWC_TIMEOUT,
     SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION,
+    request_name,
 )
 from vfkeep.gdma.regs import EstablishHwc, SmcProtoHdr, SmcReportHwcTimeout
 
-from .faults import request_name
 
 
 class Smc:
@@ -68,7 +68,7 @@ class Smc:
         elif msg_type == SMC_MSG_TYPE_DESTROY_HWC and version == SMC_MSG_TYPE_DESTROY_HWC_VERSION:
             dev.destroy_hwc()
             self.destroy_reply_pending = True
-            dev.command_log.add("smc", request_name(("smc", msg_type)), dev.epoch, code=msg_type, status=0)
+            dev.command_log.add("smc", request_name(msg_type, smc=True), dev.epoch, code=msg_type, status=0)
             return
         elif msg_type == SMC_MSG_TYPE_REPORT_HWC_TIMEOUT and version >= SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION:
             report = SmcReportHwcTimeout.from_bytes(self.shmem)
@@ -81,7 +81,7 @@ class Smc:
         if status:
             dev.counters["smc_failures"] += 1
         self._reply(hdr, status)
-        dev.command_log.add("smc", request_name(("smc", msg_type)), dev.epoch, code=msg_type, status=status,
+        dev.command_log.add("smc", request_name(msg_type, smc=True), dev.epoch, code=msg_type, status=status,
                             injected=injected, **details)
 
     def _establish(self) -> tuple[int, dict]:

@@ -30,7 +30,7 @@ from vfkeep.gdma.constants import (
     HWC_TIMEOUT_DEFAULT_IN_MS, HWC_WARNING_INCREASE_IN_MS, HWC_WARNING_TIME_IN_MS, OS_TYPE_OHCL, PAGE_SIZE,
     RWQE_SIZE, SMC_HDR_OFFSET, SMC_MSG_TYPE_DESTROY_HWC, SMC_MSG_TYPE_DESTROY_HWC_VERSION,
     SMC_MSG_TYPE_ESTABLISH_HWC, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION,
-    GdmaRequestType, ManaCommandCode)
+    request_name)
 from vfkeep.gdma.hwc import GdmaDevId, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRecvWqe, HwcSendWqe
 from vfkeep.gdma.messages import RESP_HDR_SIZE, message_spec, request_header
 from vfkeep.gdma.queues import EqeCompletionData, EqeDataReconfig, EqeVfReset, Sge, WqeParams
@@ -55,15 +55,6 @@ REGMAP_SIZE = ctypes.sizeof(RegMap)
 SMC_WINDOW_SIZE = 32
 HWC_BUFFER_LEN = DRV_HWC_NUM_PAGES * PAGE_SIZE
 PRODUCT_NAME = b"vfkeep"
-
-
-def request_name(code: int) -> str:
-    for enum_type in (GdmaRequestType, ManaCommandCode):
-        try:
-            return enum_type(code).name
-        except ValueError:
-            pass
-    return hex(code)
 
 
 @dataclass(frozen=True)

@@ -394,9 +394,21 @@ def all_constants() -> dict[str, int]:
     }
 
 
+def request_name(code: int, smc: bool = False) -> str:
+    """Spec name of an HWC request code (GDMA, then MANA) or, with `smc`, of an SMC message type: what the
+    device's command log, the driver's errors and the logs call it; UNKNOWN_0x.. for a code without one."""
+    for enum_cls in (SmcMsgType,) if smc else (GdmaRequestType, ManaCommandCode):
+        try:
+            return enum_cls(code).name
+        except ValueError:
+            continue
+    return f"UNKNOWN_{code:#x}"
+
+
 __all__ = [
     *all_constants(),
     "all_constants",
+    "request_name",
     "SmcMsgType",
     "GdmaQueueType",
     "OobSizeCode",

@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Mapping
 
+from ..contract import NVME_ALWAYS_FLR_ENV, NvmeConfig, RestorePath
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory
 from ..nvme_driver.driver import NvmeDriver, reset_controller
@@ -33,39 +34,14 @@ from .block_relay import BlockRelay, unit_name
 
 log = logging.getLogger("vfkeep.worker.nvme")
 
-ALWAYS_FLR_ENV = "OPENHCL_NVME_ALWAYS_FLR"
-KEEPALIVE, FRESH, FALLBACK = "keepalive", "fresh", "fallback"
-
 
 def always_flr_from_env(environ: Mapping[str, str]) -> bool:
     """`OPENHCL_NVME_ALWAYS_FLR`: `1` or `true` (any case) makes the fresh path use FLR only."""
-    return environ.get(ALWAYS_FLR_ENV, "").lower() in ("1", "true")
+    return environ.get(NVME_ALWAYS_FLR_ENV, "").lower() in ("1", "true")
 
 
 def dma_client_name(pci_id: str) -> str:
     return f"nvme_{pci_id}"
-
-
-@dataclass(frozen=True)
-class NvmeConfig:
-    """What the host tells a worker about NVMe controller `index`: its PCI id and vfio-user socket."""
-
-    index: int
-    pci_id: str
-    socket: str
-
-    @classmethod
-    def parse(cls, text: str) -> "NvmeConfig":
-        parts = text.split(",")
-        if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise ValueError(f"bad --nvme {text!r}: expected INDEX,PCI_ID,SOCKET")
-        try:
-            return cls(int(parts[0]), parts[1], parts[2])
-        except ValueError:
-            raise ValueError(f"bad --nvme {text!r}: the index must be an integer") from None
-
-    def to_arg(self) -> str:
-        return f"{self.index},{self.pci_id},{self.socket}"
 
 
 @dataclass
@@ -74,7 +50,7 @@ class NvmeDisk:
 
     config: NvmeConfig
     driver: NvmeDriver
-    restore_path: str
+    restore_path: RestorePath
     flr: bool = False
     error: str | None = None
 
@@ -129,7 +105,7 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
             backing = open_vfio(cfg.socket, mem, None, restore=True)
             drv = NvmeDriver.restore(backing, client, cfg.pci_id, saved, cpu_count=cpu_count)
             kv(log, logging.INFO, "nvme device restored for keepalive", pci_id=cfg.pci_id)
-            return NvmeDisk(cfg, drv, KEEPALIVE)
+            return NvmeDisk(cfg, drv, RestorePath.KEEPALIVE)
         except DEVICE_ERRORS as e:
             error = f"{type(e).__name__}: {e}"
             kv(log, logging.ERROR, "nvme keepalive restore failed, falling back to fresh init", pci_id=cfg.pci_id,
@@ -139,7 +115,7 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
             release_pending_buffers(client)  # blocks the restore did not attach (it frees its own)
         drv, flr = create_fresh(cfg, mem, client, cpu_count=cpu_count, io_queues=io_queues, always_flr=always_flr,
                                 ready_timeout_s=ready_timeout_s)
-        return NvmeDisk(cfg, drv, FALLBACK, flr, error)
+        return NvmeDisk(cfg, drv, RestorePath.FALLBACK, flr, error)
     if saved is not None:
         kv(log, logging.WARNING, "nvme saved state present but keepalive not supported; clearing the controller",
            pci_id=cfg.pci_id)
@@ -163,7 +139,7 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
     client = dma.new_client(name, persistent=save_restore_supported)
     drv, flr = create_fresh(cfg, mem, client, cpu_count=cpu_count, io_queues=io_queues, always_flr=always_flr,
                             ready_timeout_s=ready_timeout_s)
-    return NvmeDisk(cfg, drv, FRESH, flr)
+    return NvmeDisk(cfg, drv, RestorePath.FRESH, flr)
 
 
 def save_disks(disks: list[NvmeDisk], cpu_count: int) -> underhill_pb2.NvmeManagerSavedState:

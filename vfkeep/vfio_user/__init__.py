@@ -2,8 +2,7 @@
 from .client import (DeviceInfo, DeviceMissing, IrqInfo, ProtocolError, RegionInfo, VfioClientError, VfioDevice,
                      VfioError, VfioTimeout)
 from .control import control_call, control_server
-from .device import (RESET_FLR, RESET_METHODS, RESET_NONE, CoreBackedDevice, VfioUserDevice, check_reset_method,
-                     config_space)
+from .device import RESET_FLR, RESET_METHODS, RESET_NONE, CoreBackedDevice, VfioUserDevice, check_reset_method
 from .dma import DmaFault, DmaSpace
 from .irqs import IrqTable
 from .loop import EventLoop, Timer
@@ -15,6 +14,5 @@ __all__ = [
     "VfioError", "VfioTimeout",
     "control_call", "control_server",
     "RESET_FLR", "RESET_METHODS", "RESET_NONE", "CoreBackedDevice", "VfioUserDevice", "check_reset_method",
-    "config_space",
     "DmaFault", "DmaSpace", "IrqTable", "EventLoop", "Timer", "CommandError", "VfioUserServer",
 ]

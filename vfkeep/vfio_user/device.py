@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import abc
 import functools
-import struct
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -20,9 +19,6 @@ def check_reset_method(value: str) -> str:
     if value not in RESET_METHODS:
         raise ValueError(f"reset method must be one of {', '.join(RESET_METHODS)}, got {value!r}")
     return value
-
-
-CONFIG_SPACE_SIZE = 256
 
 
 class VfioUserDevice(abc.ABC):
@@ -121,13 +117,3 @@ class CoreBackedDevice(VfioUserDevice):
 
     def close(self) -> None:
         self.core.close()
-
-
-def config_space(vendor_id: int, device_id: int, *, revision: int = 0, class_code: int = 0x020000,
-                 subsystem_vendor_id: int = 0, subsystem_id: int = 0) -> bytearray:
-    """Type-0 PCI configuration header (256 bytes) with the identifying fields filled in."""
-    cfg = bytearray(CONFIG_SPACE_SIZE)
-    struct.pack_into("<HH", cfg, 0x00, vendor_id, device_id)
-    struct.pack_into("<I", cfg, 0x08, (class_code << 8) | revision)
-    struct.pack_into("<HH", cfg, 0x2C, subsystem_vendor_id, subsystem_id)
-    return cfg

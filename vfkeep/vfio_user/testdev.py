@@ -31,11 +31,12 @@ import zlib
 import click
 
 from vfkeep import log as vlog
+from vfkeep import pci
 from vfkeep.log import kv
 from vfkeep.proc import spawn
 
 from .control import wait_until_answering
-from .device import RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method, config_space
+from .device import RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method
 from .dma import DmaFault
 from .protocol import (DEFAULT_MAX_DMA_MAPS, IRQ_MSIX, REGION_BAR0, REGION_CONFIG, REGION_INFO_READ,
                        REGION_INFO_WRITE, CommandError)
@@ -73,7 +74,7 @@ class TestDevice(VfioUserDevice):
         super().__init__()
         self.reset_method = reset_method
         self.flr_s = flr_s
-        self.config = config_space(VENDOR_ID, DEVICE_ID, class_code=0xFF0000)
+        self.config = pci.ConfigSpace(VENDOR_ID, DEVICE_ID, class_code=0xFF0000)  # nothing writable
         self.regs = bytearray(_REG_END)
         self.reset_regs()
 
@@ -98,20 +99,20 @@ class TestDevice(VfioUserDevice):
 
     def regions(self) -> dict[int, tuple[int, int]]:
         rw = REGION_INFO_READ | REGION_INFO_WRITE
-        return {REGION_BAR0: (BAR0_SIZE, rw), REGION_CONFIG: (len(self.config), rw)}
+        return {REGION_BAR0: (BAR0_SIZE, rw), REGION_CONFIG: (pci.CONFIG_SIZE, rw)}
 
     def irq_count(self, index: int) -> int:
         return MSIX_VECTORS if index == IRQ_MSIX else 0
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == REGION_CONFIG:
-            return bytes(self.config[offset:offset + count])
+            return self.config.read(offset, count)
         self._check_reg_access(offset, count)
         return bytes(self.regs[offset:offset + count])
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         if index == REGION_CONFIG:
-            return  # identity fields only; nothing here is writable in this model
+            return self.config.write(offset, data)
         self._check_reg_access(offset, len(data))
         self._set(REG_COUNTER, self.reg(REG_COUNTER) + 1)
         for off in range(offset, offset + len(data), 4):
