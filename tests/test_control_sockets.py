@@ -49,9 +49,9 @@ def agent_socket(tmp_path_factory):
 SOCKETS = ["host_socket", "device_socket", "agent_socket"]
 
 
-def exchange(path: str, data: bytes) -> tuple[dict, bytes]:
-    """Send `data` on a fresh connection: the first reply, and what follows it until the server closes or
-    stays quiet (b"" = closed)."""
+def exchange(path: str, data: bytes, then_wait: float = 0.3) -> tuple[dict, bytes | None]:
+    """Send `data` on a fresh connection: the first reply, and the next line within `then_wait` seconds
+    (b"" = the server closed the connection, None = nothing came)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(path)
         s.settimeout(10)
@@ -61,7 +61,7 @@ def exchange(path: str, data: bytes) -> tuple[dict, bytes]:
             pass
         f = s.makefile("rb")
         reply = json.loads(f.readline())
-        s.settimeout(0.3)
+        s.settimeout(then_wait)
         try:
             rest = f.readline()
         except (TimeoutError, OSError):
@@ -97,7 +97,7 @@ def test_unknown_command(sock, request):
 
 @pytest.mark.parametrize("sock", SOCKETS)
 def test_oversized_line_is_answered_then_the_connection_closed(sock, request):
-    reply, rest = exchange(request.getfixturevalue(sock), b"x" * (rpc.MAX_LINE + 10) + b"\n")
+    reply, rest = exchange(request.getfixturevalue(sock), b"x" * (rpc.MAX_LINE + 10) + b"\n", then_wait=10)
     assert reply == {"id": None, "ok": False,
                      "error": {"type": "RequestTooLarge", "message": f"request line longer than {rpc.MAX_LINE} bytes"}}
     assert rest == b""
