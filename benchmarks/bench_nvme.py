@@ -93,7 +93,8 @@ class Engine:
 def _child(role: str) -> None:
     """A driver generation: `first MODE SOCK MEMFD` or `second MODE SOCK MEMFD` (waits for the state on stdin)."""
     from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
-    from vfkeep.paravisor.nvme_manager import NvmeConfig, create_device
+    from vfkeep.contract import NvmeConfig
+    from vfkeep.paravisor.nvme_manager import create_device
     from vfkeep.proto import dma_manager_pb2, nvme_driver_pb2
     mode, sock, memfd = sys.argv[3], sys.argv[4], int(sys.argv[5])
     mem = GuestMemory.attach(memfd, MemoryLayout.from_str(LAYOUT_STR))
@@ -146,7 +147,8 @@ def _child(role: str) -> None:
 
 def _iops(sock: str, mem, qd: int, seconds: float) -> dict:
     from vfkeep.memory import DmaManager
-    from vfkeep.paravisor.nvme_manager import NvmeConfig, create_device
+    from vfkeep.contract import NvmeConfig
+    from vfkeep.paravisor.nvme_manager import create_device
     dma = DmaManager(mem, strict_pool=False)
     disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=None, save_restore_supported=True,
                          cpu_count=2)

@@ -246,6 +246,6 @@ def test_completions_written_during_the_handover_are_reaped_without_an_interrupt
     dma_state = dma.save()
     disk.driver.shutdown()
     dma2, disk2 = restore(sock, mem, state, dma_state)
-    assert disk2.restore_path == KEEPALIVE
+    assert disk2.restore_path == P.KEEPALIVE
     assert disk2.driver.wait_drained(10)
     disk2.driver.shutdown()

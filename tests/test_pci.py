@@ -4,8 +4,8 @@ from __future__ import annotations
 import struct
 
 from vfkeep import pci
-from vfkeep.device.pci import ConfigSpace as ManaConfig
-from vfkeep.nvme_device.pci import ConfigSpace as NvmeConfig
+from vfkeep.device.pci import ConfigSpace as ManaConfigSpace
+from vfkeep.nvme_device.pci import ConfigSpace as NvmeConfigSpace
 from vfkeep.nvme_device.pci import bar4_size
 
 
@@ -42,8 +42,8 @@ def test_msix_bar_stores_the_table_and_the_pba_reads_zero():
 
 
 def test_mana_and_nvme_identities():
-    assert ManaConfig().read(0, 4) == (0x1414 | 0x00BA << 16).to_bytes(4, "little")
-    nvme = NvmeConfig(17)
+    assert ManaConfigSpace().read(0, 4) == (0x1414 | 0x00BA << 16).to_bytes(4, "little")
+    nvme = NvmeConfigSpace(17)
     assert nvme.read(0x09, 3) == bytes((0x02, 0x08, 0x01))  # NVM Express / NVM / mass storage
     assert struct.unpack_from("<BBHII", nvme.read(pci.MSIX_CAP_OFFSET, 12))[2:] == (16, 4, 17 * 16 | 4)
     assert bar4_size(17) == 4096 and bar4_size(300) == 8192
