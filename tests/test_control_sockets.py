@@ -64,7 +64,9 @@ def exchange(path: str, data: bytes, then_wait: float = 0.3) -> tuple[dict, byte
         s.settimeout(then_wait)
         try:
             rest = f.readline()
-        except (TimeoutError, OSError):
+        except ConnectionResetError:  # closed with bytes of ours unread (Linux AF_UNIX says so with a reset)
+            rest = b""
+        except TimeoutError:
             rest = None
         return reply, rest
 
