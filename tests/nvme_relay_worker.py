@@ -14,10 +14,11 @@ import json
 import os
 import sys
 
+from vfkeep.contract import NvmeConfig
 from vfkeep.guest.block import BlockChannel, BlockLayout
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.paravisor.block_relay import BlockRelay
-from vfkeep.paravisor.nvme_manager import NvmeConfig, create_device
+from vfkeep.paravisor.nvme_manager import create_device
 from vfkeep.proto import dma_manager_pb2, nvme_driver_pb2, storvsp_pb2
 
 
