@@ -6,11 +6,13 @@ import time
 import pytest
 
 from vfkeep import proc
+from vfkeep.contract import NvmeConfig
+from vfkeep.contract import RestorePath as P
 from vfkeep.guest.block import BlockChannel, BlockLayout
 from vfkeep.guest.disk_io import DiskIo
 from vfkeep.memory import DmaManager, MemoryLayout, UnrestoredAllocations
 from vfkeep.nvme_device.main import start_nvme_device
-from vfkeep.paravisor.nvme_manager import FRESH, KEEPALIVE, NvmeConfig, NvmeManager
+from vfkeep.paravisor.nvme_manager import NvmeManager
 from vfkeep.proto import underhill_pb2
 from vfkeep.vfio_user import control_call
 
@@ -60,7 +62,7 @@ def wait_completed(io, n, mgr, timeout=30):
 def run(rig, mem, nvme_keepalive, **kw):
     sock, channel, io = rig
     dma, mgr = generation(mem, sock, channel)
-    assert mgr.restore(None)[0]["restore_path"] == FRESH
+    assert mgr.restore(None)[0]["restore_path"] == P.FRESH
     control_call(sock + ".ctl", "io_delay", ms=10)
     io.start(qd=16, read_pct=30)
     wait_completed(io, 300, mgr)
@@ -82,7 +84,7 @@ def run(rig, mem, nvme_keepalive, **kw):
 
 def test_keepalive_handover_with_guest_io(rig, mem):
     dma, mgr, results, window, state = run(rig, mem, nvme_keepalive=True)
-    assert results == [{"pci_id": "nvme0", "restore_path": KEEPALIVE, "flr": False, "error": None}]
+    assert results == [{"pci_id": "nvme0", "restore_path": P.KEEPALIVE, "flr": False, "error": None}]
     assert not TRIPWIRES & set(window), window
     assert state.init_state.HasField("nvme_state") and [u.name for u in state.units] == ["storvsp/nvme0"]
     assert dma.validate_restore() == []
@@ -94,7 +96,7 @@ def test_nvme_not_kept_alive_while_the_pool_snapshot_holds_its_pages(rig, mem):
     """Mixed flags (only the other device kept alive): NVMe is reset and re-initialised fresh; its stale pool
     pages are freed and listed by the validation; nothing leaks."""
     dma, mgr, results, window, state = run(rig, mem, nvme_keepalive=False)
-    assert results[0]["restore_path"] == FRESH and not state.init_state.HasField("nvme_state")
+    assert results[0]["restore_path"] == P.FRESH and not state.init_state.HasField("nvme_state")
     assert "CC_DISABLE" in window and "CC_ENABLE" in window
     unclaimed = dma.validate_restore()
     assert [(u.device, u.pages) for u in unclaimed] == [("nvme_nvme0", 69)] * 3
@@ -114,14 +116,14 @@ def test_blob_without_field_10000_restores_nvme_fresh(rig, mem):
     """A previous release's blob carries no NVMe state: the controller (left running by a keepalive save)
     is initialised fresh; its queue pages in the snapshot are freed by the validation."""
     dma, mgr, results, window, state = run(rig, mem, nvme_keepalive=True, with_nvme_field=False)
-    assert results[0]["restore_path"] == FRESH
+    assert results[0]["restore_path"] == P.FRESH
     assert {u.device for u in dma.validate_restore()} == {"nvme_nvme0"}
     mgr.shutdown()
 
 
 def test_keepalive_disabled_on_the_new_side(rig, mem):
     dma, mgr, results, window, state = run(rig, mem, nvme_keepalive=True, keepalive_enabled=False)
-    assert results[0]["restore_path"] == FRESH
+    assert results[0]["restore_path"] == P.FRESH
     assert window.index("CC_DISABLE") < window.index("CC_ENABLE")
     assert dma.validate_restore() == []  # the saved pages were attached and freed before the fresh init
     mgr.shutdown()

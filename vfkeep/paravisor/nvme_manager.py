@@ -207,7 +207,7 @@ class NvmeManager:
             except DEVICE_ERRORS + (DmaError,) as e:
                 self.errors[cfg.pci_id] = f"{type(e).__name__}: {e}"
                 kv(log, logging.ERROR, "nvme device could not be created", pci_id=cfg.pci_id, error=e)
-                results.append({"pci_id": cfg.pci_id, "restore_path": FRESH, "error": self.errors[cfg.pci_id]})
+                results.append({"pci_id": cfg.pci_id, "restore_path": RestorePath.FRESH, "error": self.errors[cfg.pci_id]})
                 continue
             self.disks.append(disk)
             channel = self.channels.get(cfg.pci_id)
