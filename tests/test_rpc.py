@@ -96,7 +96,10 @@ def test_both_servers_answer_pipelined_requests_in_order_and_close_on_an_oversiz
         f.write(b"x" * rpc.MAX_LINE + b"\n")
         f.flush()
         assert json.loads(f.readline())["error"]["type"] == "RequestTooLarge"
-        assert f.readline() == b""  # closed
+        try:
+            assert f.readline() == b""  # closed ...
+        except ConnectionResetError:
+            pass  # ... before it read the newline: AF_UNIX tells a peer whose bytes were left unread so
     with rpc.RpcClient(path) as c:  # the server goes on
         assert c.call("add", {"a": 4, "b": 5}) == 9
 
