@@ -106,13 +106,13 @@ def bench_bringup(sock: str, mem: GuestMemory, repeat: int) -> dict:
 
 def loop_frames(vport, frames: list[bytes]) -> int:
     """Loop `frames` through the device with at most one receive ring of frames in flight."""
-    window, sent, got, n = vport._rx_nbuf, 0, 0, len(frames)
+    window, sent, got, n = vport.data._rx_nbuf, 0, 0, len(frames)
     while got < n:
         room = min(128, window - (sent - got), n - sent)
         if room > 0:
-            sent += vport.send(frames[sent:sent + room])
-        received = vport.receive_into(lambda view: None, 256, timeout=1.0 if sent > got else 0)
-        if not received and sent == n and sent > got and not vport.wait(1.0):
+            sent += vport.data.send(frames[sent:sent + room])
+        received = vport.data.receive_into(lambda view: None, 256, timeout=1.0 if sent > got else 0)
+        if not received and sent == n and sent > got and not vport.data.wait(1.0):
             break
         got += received
     return got

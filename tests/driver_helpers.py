@@ -112,14 +112,14 @@ def numbered_frames(n: int, size: int = 64) -> list[bytes]:
 def loopback(vport, frames: list[bytes], batch: int = 64, timeout: float = 2.0) -> list[bytes]:
     """Send `frames` through a loopback device and collect them; never more in flight than the vport has
     receive buffers, so a correct driver loses nothing."""
-    window = vport._rx_nbuf
+    window = vport.data._rx_nbuf
     got: list[bytes] = []
     sent = 0
     while len(got) < len(frames):
         room = min(batch, window - (sent - len(got)), len(frames) - sent)
         if room > 0:
-            sent += vport.send(frames[sent:sent + room])
-        received = vport.receive(256, timeout=timeout if sent - len(got) > 0 else 0)
+            sent += vport.data.send(frames[sent:sent + room])
+        received = vport.data.receive(256, timeout=timeout if sent - len(got) > 0 else 0)
         if not received and sent == len(frames):
             break
         got += received

@@ -43,10 +43,10 @@ def kept_after_traffic(bench, mem, undelivered: int = 0):
     dma = DmaManager(mem, strict_pool=True)
     dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     vport = dev.open_vport(0, KEPT_VPORT, persistent=True)
-    assert (vport._tx_nbuf, vport._rx_nbuf) == (64, 128)
+    assert (vport.data._tx_nbuf, vport.data._rx_nbuf) == (64, 128)
     assert len(loopback(vport, frames(300))) == 300
     pending = frames(undelivered, 96)
-    assert vport.send(pending) == undelivered  # looped back into posted RX buffers, not taken
+    assert vport.data.send(pending) == undelivered  # looped back into posted RX buffers, not taken
     ids = vport.queue_ids()
     state = dev.save()
     dma_state = dma.save()
@@ -66,7 +66,7 @@ def test_kept_vport_resumes_without_queue_commands(bench, mem):
     vport = dev.vports[0]
     assert vport.queue_ids() == ids and vport.persistent
     # Frames the device delivered before the handover come out of the kept buffers.
-    assert same_payloads(vport.receive(64, timeout=1.0), pending)
+    assert same_payloads(vport.data.receive(64, timeout=1.0), pending)
     assert len(loopback(vport, frames(500))) == 500
     window = [e["name"] for e in bench.device.command_log.since(seq) if e["kind"] != "event"]
     save_at = max(i for i, n in enumerate(window) if n == "MANA_CONFIG_VPORT_RX")  # the fresh open's last

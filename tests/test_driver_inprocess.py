@@ -100,12 +100,12 @@ def test_open_vport_follows_the_reference_order(bench, mem, monkeypatch):
 def test_receive_waits_for_interrupt_and_frames_can_be_taken_zero_copy(bench, mem):
     dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
     vport = dev.open_vport(0, SMALL)
-    assert vport.receive(8, timeout=0.05) == []  # armed, slept, nothing came
-    assert vport.prepare_wait() is True
+    assert vport.data.receive(8, timeout=0.05) == []  # armed, slept, nothing came
+    assert vport.data.prepare_wait() is True
     control.inject_rx(bench.device, 0, (b"\x02" * 6 + b"\x04" * 6 + b"xy" * 30).hex())
     assert vport.dev.gdma.irq.wait(vport.vector, 1.0)  # the armed queues raised the data vector
     sizes = []
-    assert vport.receive_into(lambda view: sizes.append(len(view)), 8) == 1 and sizes == [72]
+    assert vport.data.receive_into(lambda view: sizes.append(len(view)), 8) == 1 and sizes == [72]
     dev.shutdown()
 
 
@@ -115,10 +115,10 @@ def test_change_vector_moves_the_data_interrupt(bench, mem):
     assert vport.vector == 1
     vport.change_vector(0)
     assert bench.log_since(0)[-1] == "GDMA_CHANGE_MSIX_FOR_EQ"
-    assert vport.prepare_wait() is True
+    assert vport.data.prepare_wait() is True
     control.inject_rx(bench.device, 0, (b"\x02" * 6 + b"\x04" * 6 + b"z" * 50).hex())
     assert dev.gdma.irq.wait(0, 1.0)
-    assert len(vport.receive(8)) == 1
+    assert len(vport.data.receive(8)) == 1
     dev.shutdown()
 
 

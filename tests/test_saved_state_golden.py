@@ -66,7 +66,7 @@ def run_scenario(mem) -> dict:
         kept = devs[0].open_vport(0, KEPT_VPORT, persistent=True)
         plain = devs[1].open_vport(0, RELAY_VPORT)
         assert len(loopback(kept, frames(300))) == 300 and len(loopback(plain, frames(100))) == 100
-        assert kept.send(frames(5, 96)) == 5  # looped back into posted buffers, not taken
+        assert kept.data.send(frames(5, 96)) == 5  # looped back into posted buffers, not taken
         control.link(benches[0].device, 0, False)
         assert devs[0].poll_events() == [(0, False)]
         control.link(benches[0].device, 0, True)
@@ -81,7 +81,7 @@ def run_scenario(mem) -> dict:
         devs2 = [ManaDevice.restore(b.connect(dma2, p, fresh=False), p, saved[p]) for b, p in zip(benches, PCI_IDS)]
         assert dma2.validate_restore() == []
         kept2 = devs2[0].vports[0]
-        assert len(kept2.receive(16, timeout=1.0)) == 5
+        assert len(kept2.data.receive(16, timeout=1.0)) == 5
         plain2 = devs2[1].open_vport(0, RELAY_VPORT)
         assert len(loopback(kept2, frames(50))) == 50 and len(loopback(plain2, frames(50))) == 50
         second = servicing_blob(dma2, devs2, macs)

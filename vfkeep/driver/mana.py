@@ -257,7 +257,8 @@ class ManaDevice:
         the device is then still open and should be shut down."""
         if self.closed:
             raise DriverError("mana device is closed")
-        keep = [v for v in self.vports.values() if v.persistent and not v.tx_failed and not self.gdma.reset_pending]
+        keep = [v for v in self.vports.values()
+                if v.persistent and not v.data.tx_failed and not self.gdma.reset_pending]
         for vport in list(self.vports.values()):
             if vport not in keep:
                 vport.close()

@@ -17,7 +17,8 @@ from .backing import DmaBuffer
 from .errors import InvalidSavedState
 from .gdma_driver import HWC_BUFFER_LEN, Bar0Layout
 from .queues import CQE_SIZE, EQE_SIZE, U32, is_power_of_two
-from .vport import MAX_QUEUE_SIZE, RX_WQE_LEN, SAVED_BLOCKS, buffer_counts, tx_wqe_len
+from .datapath import RX_WQE_LEN, buffer_counts, tx_wqe_len
+from .vport import MAX_QUEUE_SIZE, SAVED_BLOCKS
 
 QUEUE_ID_LIMIT = 1 << 24
 #: `EqeDataReconfig.data` (gdma spec 6.4) is 24 bits wide: no link event names a larger vport.

@@ -1,4 +1,4 @@
-"""Net relay: guest tx ring -> vport.send and vport.receive -> guest rx ring, one thread per NIC.
+"""Net relay: guest tx ring -> vport data path send, receive -> guest rx ring, one thread per NIC.
 
 The rings and their counters live in guest memory, so a relay started by the next worker continues
 exactly where this one stopped. Frames are taken from the tx ring only when the vport has a free
@@ -14,7 +14,7 @@ import threading
 from dataclasses import asdict, dataclass
 
 from ..driver.errors import DEVICE_ERRORS, BadFrame, DeviceMissing
-from ..driver.vport import Vport
+from ..driver.datapath import VportDataPath
 from ..guest.ring import NicChannel, RingError
 from ..log import kv
 
@@ -36,9 +36,9 @@ class RelayStats:
 
 
 class NetRelay:
-    def __init__(self, channel: NicChannel, vport: Vport, pci_id: str):
+    def __init__(self, channel: NicChannel, datapath: VportDataPath, pci_id: str):
         self.channel = channel
-        self.vport = vport
+        self.datapath = datapath
         self.pci_id = pci_id
         self.stats = RelayStats()
         self.error: str | None = None
@@ -69,7 +69,7 @@ class NetRelay:
     def _run(self) -> None:
         tx_bell = self.channel.tx.doorbell
         poller = select.poll()
-        for fd in (tx_bell.fd, self.vport.fileno(), self._stop_fd):
+        for fd in (tx_bell.fd, self.datapath.fileno(), self._stop_fd):
             poller.register(fd, select.POLLIN)
         kv(log, logging.INFO, "relay running", pci_id=self.pci_id, tx_head=self.channel.tx.stats().head,
            rx_tail=self.channel.rx.stats().tail)
@@ -78,9 +78,9 @@ class NetRelay:
                 tx_bell.clear()
                 if self._pump():
                     continue
-                if not self.vport.prepare_wait():
+                if not self.datapath.prepare_wait():
                     continue
-                if len(self.channel.tx) and self.vport.tx_free:
+                if len(self.channel.tx) and self.datapath.tx_free:
                     continue
                 poller.poll(IDLE_WAIT_MS)
                 self.stats.wakeups += 1
@@ -101,10 +101,10 @@ class NetRelay:
             moved += n
             if n < BATCH:
                 break
-        room = min(BATCH, self.vport.tx_free)
+        room = min(BATCH, self.datapath.tx_free)
         frames = self.channel.tx.pop_many(room) if room else []
         try:
-            sent = self.vport.send(frames)
+            sent = self.datapath.send(frames)
         except BadFrame as e:
             sent = self._send_one_by_one(frames, e)
         self.stats.tx_frames += sent
@@ -113,7 +113,7 @@ class NetRelay:
     def _receive(self) -> int:
         """One batch vport -> guest rx ring; returns the frames taken from the vport."""
         received: list[bytes] = []
-        n = self.vport.receive_into(self._collect(received), BATCH)
+        n = self.datapath.receive_into(self._collect(received), BATCH)
         if received:
             pushed = self.channel.rx.push_many(received)
             self.stats.rx_frames += pushed
@@ -125,8 +125,8 @@ class NetRelay:
         strands no frame in queues the save then destroys. The device handles messages in order, so once
         a register read returns it has processed every doorbell before it: the frames in flight have
         completed and (loopback) come back. Bounded, as a wire backend may keep delivering."""
-        self.vport.dev.gdma.backing.read32(0)
-        self.vport.send([])  # reap the TX completions
+        self.datapath.sync()
+        self.datapath.send([])  # reap the TX completions
         for _ in range(DRAIN_MAX_BATCHES):
             if not self._receive():
                 break
@@ -148,7 +148,7 @@ class NetRelay:
         sent = 0
         for f in frames:
             try:
-                sent += self.vport.send([f])
+                sent += self.datapath.send([f])
             except BadFrame:
                 self.stats.tx_dropped_bad_frame += 1
         return sent

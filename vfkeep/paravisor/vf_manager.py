@@ -219,7 +219,7 @@ class VfManager:
                 self.error = f"{self.error}; {note}" if self.error else note
                 kv(log, logging.ERROR, "guest channel rings unusable, no relay", pci_id=self.pci_id, error=str(e))
                 return
-        self.relay = NetRelay(self.channel, self.vport, self.pci_id)
+        self.relay = NetRelay(self.channel, self.vport.data, self.pci_id)
         self.relay.start()
 
     def stop_relay(self) -> None:

@@ -1,0 +1,337 @@
+"""The data path of a MANA vport (gdma spec 12-13): its five queues, packet buffers, send and receive.
+
+Every WQE position in the rings is written once when the vport opens (header, OOB, SGE address, key):
+the device never modifies the rings, so posting a receive WQE is only a tail advance and sending a
+frame is one copy into its packet buffer plus the SGE length. One doorbell covers a whole batch.
+A data path belongs to one thread at a time; its vport's control plane (`vport.Vport`) builds it,
+creates and destroys the device objects behind it, and never touches the queues while they are in use.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY,
+                                   DRV_RX_MAX_POSTED, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT)
+from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxCompOob, ManaTxLongOob, ManaTxOob,
+                                  ManaTxShortOob, ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
+from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
+from vfkeep.log import kv
+from vfkeep.proto import mana_driver_pb2
+
+from .backing import DmaBuffer
+from .errors import BadFrame, VportError
+from .queues import CQE_SIZE, CqEq, DoorbellPage, Wq
+
+if TYPE_CHECKING:
+    from .gdma_driver import GdmaDriver
+
+log = logging.getLogger("vfkeep.driver.vport")
+
+RX_WQE_LEN = ctypes.sizeof(ManaRxWqeOneSge)
+
+
+def tx_wqe_len(short: bool) -> int:
+    return wqe_length(CLIENT_OOB_8 if short else CLIENT_OOB_24, 1)
+
+
+def buffer_counts(sq_size: int, tx_cq_size: int, rq_size: int, rx_cq_size: int, short: bool) -> tuple[int, int]:
+    """(TX, RX) packet buffers of a vport: one per WQE position, capped so that at most one CQE per CQ slot
+    is outstanding (or the device would lap the CQ), RX also at the reference's posting cap."""
+    return (min(sq_size // tx_wqe_len(short), tx_cq_size // CQE_SIZE),
+            min(rq_size // RX_WQE_LEN, rx_cq_size // CQE_SIZE, DRV_RX_MAX_POSTED))
+
+
+@dataclass
+class VportStats:
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_errors: int = 0
+
+
+@dataclass
+class VportQueues:
+    """A vport's EQ and its TX and RX work queues with their CQs, in creation order."""
+
+    eq: CqEq
+    sq: Wq
+    tx_cq: CqEq
+    rq: Wq
+    rx_cq: CqEq
+
+    def ids(self) -> dict[str, int]:
+        """Device ids of the queues (for inspect and logs)."""
+        return {"eq": self.eq.id, "sq": self.sq.id, "tx_cq": self.tx_cq.id, "rq": self.rq.id, "rx_cq": self.rx_cq.id}
+
+    @classmethod
+    def restore(cls, state: mana_driver_pb2.VportSavedState, blocks: dict[str, DmaBuffer],
+                doorbell: DoorbellPage) -> VportQueues:
+        """The queues a previous driver saved, over their re-attached blocks (named as in `SAVED_BLOCKS`)."""
+        return cls(CqEq.restore("eq", state.eq, blocks["eq"].view, doorbell),
+                   Wq.restore("sq", state.sq, blocks["sq"].view, doorbell),
+                   CqEq.restore("cq", state.tx_cq, blocks["tx_cq"].view, doorbell),
+                   Wq.restore("rq", state.rq, blocks["rq"].view, doorbell),
+                   CqEq.restore("cq", state.rx_cq, blocks["rx_cq"].view, doorbell))
+
+
+class VportDataPath:
+    """Send and receive on one vport. `format` writes every ring position (a new vport); a restored one
+    (DESIGN D7) already holds them and takes its counters from the saved state."""
+
+    def __init__(self, gdma: GdmaDriver, index: int, vector: int, queues: VportQueues, tx_buffers: DmaBuffer,
+                 rx_buffers: DmaBuffer, *, buffer_size: int, short: bool, tx_vport_offset: int, format: bool):
+        self.gdma = gdma
+        self.index = index
+        self.vector = vector
+        self.queues = queues
+        self._eq, self._sq, self._tx_cq, self._rq, self._rx_cq = (queues.eq, queues.sq, queues.tx_cq, queues.rq,
+                                                                   queues.rx_cq)
+        self.max_frame = buffer_size
+        self.stats = VportStats()
+        self.tx_failed = False
+        self.closed = False
+        self._short = bool(short)
+        self._tx_nbuf, self._rx_nbuf = buffer_counts(self._sq.size, self._tx_cq.size, self._rq.size,
+                                                     self._rx_cq.size, short)
+        self._format_tx(tx_buffers, tx_vport_offset, write=format)
+        self._format_rx(rx_buffers, write=format)
+
+    # -- buffer formatting -----------------------------------------------------------------------
+    def _format_tx(self, buffers: DmaBuffer, tx_vport_offset: int, write: bool) -> None:
+        """Write every SQ position once (`write`; a restored SQ already holds them): header, OOB, SGE address
+        and key; only the length changes per frame."""
+        short = self._short
+        code = CLIENT_OOB_8 if short else CLIENT_OOB_24
+        wqe_type = ManaTxWqeShortOneSge if short else ManaTxWqeLongOneSge
+        self._tx_wqe_len = tx_wqe_len(short)
+        assert self._tx_wqe_len == ctypes.sizeof(wqe_type)
+        positions = self._sq.size // self._tx_wqe_len
+        self._tx_view = buffers.view
+        s_oob = ManaTxShortOob(pkt_fmt=MANA_SHORT_PKT_FMT if short else MANA_LONG_PKT_FMT,
+                               vcq_num=self._tx_cq.id, vsq_frame=(self._sq.id >> 10) & 0x3FFF)
+        if short:
+            s_oob.short_vp_offset = tx_vport_offset
+            oob = s_oob
+        else:
+            oob = ManaTxOob(s_oob=s_oob, l_oob=ManaTxLongOob(long_vp_offset=tx_vport_offset))
+        header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=code))
+        self._tx_sges: list[Sge] = []
+        for pos in range(positions):
+            wqe = wqe_type.from_buffer(self._sq.mem, pos * self._tx_wqe_len)
+            if write:
+                wqe.oob = oob
+                wqe.sge = Sge(address=buffers.gpa + (pos % self._tx_nbuf) * self.max_frame,
+                              mem_key=self.gdma.gpa_mkey)
+                wqe.header = header
+            self._tx_sges.append(wqe.sge)
+        self._tx_positions_mask = positions - 1
+        self._tx_comps = [ManaTxCompOob.from_buffer(self._tx_cq.mem, i * CQE_SIZE)
+                          for i in range(self._tx_cq.size // CQE_SIZE)]
+        self._tx_posted = 0
+        self._tx_done = 0
+
+    def _format_rx(self, buffers: DmaBuffer, write: bool) -> None:
+        """Write every RQ position once (`write`); position p receives into buffer p mod nbuf, in posting order."""
+        self._rx_wqe_len = RX_WQE_LEN
+        positions = self._rq.size // self._rx_wqe_len
+        self._rx_view = buffers.view
+        header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=CLIENT_OOB_8))
+        for pos in range(positions if write else 0):
+            wqe = ManaRxWqeOneSge.from_buffer(self._rq.mem, pos * self._rx_wqe_len)
+            wqe.sge = Sge(address=buffers.gpa + (pos % self._rx_nbuf) * self.max_frame, mem_key=self.gdma.gpa_mkey,
+                          size=self.max_frame)
+            wqe.header = header
+        self._rx_comps = [ManaRxcompOob.from_buffer(self._rx_cq.mem, i * CQE_SIZE)
+                          for i in range(self._rx_cq.size // CQE_SIZE)]
+        self._rx_done = 0
+
+    def post_receive_buffers(self) -> None:
+        """Post every receive buffer (a new vport, once RX is enabled: gdma spec 13.1 step 24)."""
+        self._rq.advance_tail(self._rx_nbuf * self._rx_wqe_len)
+        self._rq.commit(num_rwqe=self._rx_nbuf)
+
+    # -- sending ---------------------------------------------------------------------------------
+    @property
+    def tx_outstanding(self) -> int:
+        return self._tx_posted - self._tx_done
+
+    @property
+    def tx_free(self) -> int:
+        return self._tx_nbuf - self.tx_outstanding
+
+    def send(self, frames: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Queue as many frames as there are free TX buffers (one copy each, one doorbell for the batch).
+        Returns how many were taken, from the front of `frames`."""
+        self._check_open()
+        self._reap_tx()
+        n = min(len(frames), self._tx_nbuf - (self._tx_posted - self._tx_done))
+        if n <= 0:
+            return 0
+        bs, view, sges = self.max_frame, self._tx_view, self._tx_sges
+        for f in frames[:n]:
+            if not 0 < len(f) <= bs:
+                raise BadFrame(f"frame of {len(f)} bytes does not fit a {bs}-byte buffer")
+        sq = self._sq
+        pos = sq.tail // self._tx_wqe_len
+        pmask, bmask = self._tx_positions_mask, self._tx_nbuf - 1
+        nbytes = 0
+        for f in frames[:n]:
+            p = pos & pmask
+            off = (p & bmask) * bs
+            length = len(f)
+            view[off:off + length] = f
+            sges[p].size = length
+            nbytes += length
+            pos += 1
+        sq.advance_tail(n * self._tx_wqe_len)
+        self._tx_posted += n
+        sq.commit()
+        self.stats.tx_frames += n
+        self.stats.tx_bytes += nbytes
+        return n
+
+    def _reap_tx(self) -> int:
+        """Consume TX completions; each frees the oldest send WQE and its buffer (in-order completion)."""
+        cq, comps = self._tx_cq, self._tx_comps
+        done = 0
+        while (off := cq.poll_offset()) is not None:
+            cqe_type = comps[off // CQE_SIZE].cqe_hdr.cqe_type
+            if cqe_type != CQE_TX_OKAY:
+                self.stats.tx_errors += 1
+                if cqe_type == CQE_TX_GDMA_ERR and not self.tx_failed:
+                    self.tx_failed = True
+                    kv(log, logging.ERROR, "tx queue disabled by the device", vport=self.index, sq=self._sq.id)
+            done += 1
+        if done:
+            self._tx_done += done
+            self._sq.advance_head(done * self._tx_wqe_len)
+        return done
+
+    # -- receiving -------------------------------------------------------------------------------
+    def receive_into(self, sink: Callable[[memoryview], object], max_frames: int = 64, timeout: float = 0.0) -> int:
+        """Hand up to `max_frames` received frames to `sink` as views of the packet buffers (valid only during
+        the call: the buffers are re-posted afterwards); wait up to `timeout` seconds if none is ready."""
+        self._check_open()
+        n = self._drain_rx(sink, max_frames)
+        if n or timeout <= 0:
+            return n
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return 0
+            self.wait(remaining)
+            n = self._drain_rx(sink, max_frames)
+            if n:
+                return n
+
+    def receive(self, max_frames: int = 64, timeout: float = 0.0) -> list[bytes]:
+        """Up to `max_frames` received frames (copies); waits up to `timeout` seconds if none is ready."""
+        frames: list[bytes] = []
+        self.receive_into(lambda view: frames.append(bytes(view)), max_frames, timeout)
+        return frames
+
+    def _drain_rx(self, sink: Callable[[memoryview], object], max_frames: int) -> int:
+        cq, comps, view, bs = self._rx_cq, self._rx_comps, self._rx_view, self.max_frame
+        bmask = self._rx_nbuf - 1
+        seq = self._rx_done
+        taken = delivered = nbytes = 0
+        while taken < max_frames and (off := cq.poll_offset()) is not None:
+            comp = comps[off // CQE_SIZE]
+            buf = ((seq + taken) & bmask) * bs
+            taken += 1
+            if comp.cqe_hdr.cqe_type == CQE_RX_OKAY:
+                length = comp.ppi[0].pkt_len
+                if length <= bs:
+                    sink(view[buf:buf + length])
+                    delivered += 1
+                    nbytes += length
+                    continue
+            self.stats.rx_errors += 1
+        if taken:
+            # Re-post the same buffers: the WQE at the new tail already points at them.
+            self._rx_done = seq + taken
+            rq = self._rq
+            rq.advance_head(taken * self._rx_wqe_len)
+            rq.advance_tail(taken * self._rx_wqe_len)
+            rq.commit(num_rwqe=taken)
+            self.stats.rx_frames += delivered
+            self.stats.rx_bytes += nbytes
+        return delivered
+
+    # -- waiting ---------------------------------------------------------------------------------
+    def fileno(self) -> int:
+        """Eventfd that becomes readable when `prepare_wait()` armed the queues and work arrived."""
+        return self.gdma.irq.fd(self.vector)
+
+    def prepare_wait(self) -> bool:
+        """Arm CQs and EQ for an interrupt (gdma spec 6.6). False if work is already waiting: do not sleep."""
+        self._check_open()
+        self.gdma.irq.clear(self.vector)
+        eq = self._eq
+        if self._drain_eq():
+            return False
+        self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
+        self._rx_cq.arm()
+        tx_busy = self._tx_posted != self._tx_done
+        if tx_busy:
+            self._tx_cq.arm()
+        eq.arm()
+        return not (self._rx_cq.pending() or (tx_busy and self._tx_cq.pending()) or eq.pending())
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until RX or TX completions arrive or `timeout` passes; True if woken by work."""
+        if not self.prepare_wait():
+            return True
+        return self.gdma.irq.wait(self.vector, timeout)
+
+    def _drain_eq(self) -> int:
+        """Consume completion events (the CQs are polled directly, the events only say which one fired)."""
+        n = 0
+        while self._eq.poll_offset() is not None:
+            n += 1
+        if n:
+            self._eq.ack()
+        return n
+
+    def sync(self) -> None:
+        """Return once the device has handled every doorbell rung so far: a register read is the barrier,
+        as the device handles messages in order (frames in flight have completed, loopback ones are back)."""
+        self.gdma.backing.read32(0)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise VportError(f"vport {self.index} is closed")
+
+    # -- data-path keepalive (DESIGN D7) -----------------------------------------------------------
+    def save(self, state: mana_driver_pb2.VportSavedState) -> None:
+        """Reap TX completions and record the queues, buffer layout and counters in the vport's `state`."""
+        self._check_open()
+        self._reap_tx()
+        q = self.queues
+        state.eq.CopyFrom(q.eq.save())
+        state.tx_cq.CopyFrom(q.tx_cq.save())
+        state.rx_cq.CopyFrom(q.rx_cq.save())
+        state.sq.CopyFrom(q.sq.save())
+        state.rq.CopyFrom(q.rq.save())
+        state.buffer_size, state.tx_buffers, state.rx_buffers = self.max_frame, self._tx_nbuf, self._rx_nbuf
+        state.short_form = self._short
+        state.tx_posted, state.tx_done, state.rx_done = self._tx_posted, self._tx_done, self._rx_done
+
+    @classmethod
+    def restore(cls, gdma: GdmaDriver, state: mana_driver_pb2.VportSavedState,
+                blocks: dict[str, DmaBuffer]) -> VportDataPath:
+        """The data path a previous driver saved (state checked by `save_restore.validate_vport_state`), over
+        its re-attached blocks: the rings are already formatted; counters continue."""
+        queues = VportQueues.restore(state, blocks, gdma.doorbell_page(state.eq.doorbell.doorbell_id))
+        dp = cls(gdma, state.vport_index, state.vector, queues, blocks["tx_buffers"], blocks["rx_buffers"],
+                 buffer_size=state.buffer_size, short=state.short_form, tx_vport_offset=state.tx_vport_offset,
+                 format=False)
+        dp._tx_posted, dp._tx_done, dp._rx_done = state.tx_posted, state.tx_done, state.rx_done
+        return dp
