@@ -20,7 +20,7 @@ from driver_helpers import numbered_frames as frames
 from vfkeep.device import control
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.memory import DmaManager, MemoryLayout
-from vfkeep.paravisor.servicing import build_servicing_state
+from vfkeep.paravisor.servicing import complete_servicing_state
 from vfkeep.paravisor.vf_manager import KEPT_VPORT, RELAY_VPORT
 from vfkeep.proto import mana_driver_pb2, underhill_pb2
 
@@ -47,9 +47,12 @@ def servicing_blob(dma: DmaManager, devices: list, macs: list[bytes]) -> bytes:
     """One servicing's save in the worker's order (spec §2.2): emuplat, DMA manager, then each NIC."""
     nics = [{"pci_id": p, "mac": m, "adapter_index": i, "vports": 1} for i, (p, m) in enumerate(zip(PCI_IDS, macs))]
     dma_state = dma.save()
-    states = [mana_driver_pb2.ManaSavedState(mana_device=d.save(), pci_id=p) for d, p in zip(devices, PCI_IDS)]
-    return build_servicing_state(nics=nics, dma_state=dma_state, mana_states=states, correlation_id=CORRELATION_ID,
-                                 vm_stop_reference_time=123456789, flush_logs_us=42).SerializeToString()
+    state = underhill_pb2.ServicingState()
+    state.init_state.mana_state.states.extend(
+        mana_driver_pb2.ManaSavedState(mana_device=d.save(), pci_id=p) for d, p in zip(devices, PCI_IDS))
+    complete_servicing_state(state, nics=nics, dma_state=dma_state, correlation_id=CORRELATION_ID,
+                             vm_stop_reference_time=123456789, flush_logs_us=42)
+    return state.SerializeToString()
 
 
 def run_scenario(mem) -> dict:

@@ -1,18 +1,86 @@
-"""Keepalive policy every device kind's manager shares (servicing spec 6.2, 6.4): the NoReset -> FLR dance
-of a fresh init and "attach then free" of saved buffers nobody will restore. The drivers know only their
-device backing; when to reset a device and what happens to its saved memory is decided here."""
+"""The device-kind seam (DESIGN D10) and the keepalive policy every kind shares.
+
+A keepalive device kind (MANA: `mana_kind.ManaKind`; NVMe next) is everything the worker does for the
+devices of that kind, behind one small protocol, `DeviceKind`, which the worker drives in the order of
+servicing spec §3 (restore) and §2.2 (save). Shared policy (servicing spec 6.2, 6.4): the NoReset -> FLR
+dance of a fresh init and "attach then free" of saved buffers nobody will restore. The drivers know only
+their device backing; when to reset a device and what happens to its saved memory is decided here and in
+the kinds.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Callable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, TypeVar
 
 from vfkeep.log import kv
 from vfkeep.memory import DmaManager
+from vfkeep.proto import underhill_pb2
+
+from .options import KeepAliveConfig
 
 log = logging.getLogger("vfkeep.worker.device")
 
 B = TypeVar("B")
 D = TypeVar("D")
+
+
+@dataclass(frozen=True)
+class PreviousState:
+    """What the previous worker left for the device kinds (spec §3): the decoded blob (None: no servicing,
+    or a blob that does not decode) and, when the blob or the DMA manager's part of it cannot be used, why.
+    Then every device with saved state (every device, when `state` is None) takes its fallback path: its
+    saved memory is not there to re-attach (DESIGN D2)."""
+
+    state: underhill_pb2.ServicingState | None = None
+    unusable: str | None = None
+
+
+class DeviceKind(Protocol):
+    """One keepalive device kind in the worker. The worker calls, in this order:
+
+    - restore (spec §3): `configure(dma)` once the DMA manager exists and has restored its state (step 2),
+      `restore(previous, config)` (steps 4 and 6: NVMe, then networking), the DMA manager's validation
+      (step 7), then `start()` (step 8: guest IO moves again);
+    - save (spec §2.1-2.2): `stop()` (guest IO stops), the emulation-platform state and the DMA manager's
+      (steps 1-2), then `save(keepalive, state)` per kind (steps 3 and 5: NVMe before MANA, destructive);
+      if the servicing then fails, `revive()` and `start()` (DESIGN D4);
+    - `shutdown()` for a normal stop, `inspect()` at any time.
+
+    A kind never raises for one device: a device that cannot come up or be saved is reported in its
+    results (the servicing goes on for the others)."""
+
+    #: "mana", "nvme": the kind's keepalive option and effective flag (`OPENHCL_<NAME>_KEEP_ALIVE`).
+    name: str
+
+    def client_names(self) -> list[str]:
+        """The DMA client names this kind's devices own (servicing spec 4, 9); no two kinds share one."""
+
+    def configure(self, dma: DmaManager) -> None:
+        """This boot's DMA manager, before any of its clients exists (spec 8.3)."""
+
+    def restore(self, previous: PreviousState, config: KeepAliveConfig) -> None:
+        """Bring every configured device up by the kind's decision table: keepalive restore where the saved
+        state and `config` (the kind's keepalive option) allow, else fresh or fallback."""
+
+    def start(self) -> None:
+        """Start the kind's guest IO (relays) once validation is done."""
+
+    def stop(self) -> None:
+        """Stop the kind's guest IO: nothing moves between the guest and the devices any more."""
+
+    def save(self, keepalive: bool, state: underhill_pb2.ServicingState) -> list[Any]:
+        """Effective keepalive: save every device (kept running, handle released without reset) into the
+        kind's part of `state`; else shut every device down. Returns one outcome per device."""
+
+    def revive(self) -> None:
+        """After a failed servicing, bring back in place every device `save` tore down (E5, DESIGN D4)."""
+
+    def shutdown(self) -> None:
+        """Normal teardown (no servicing): stop IO, shut every device down."""
+
+    def inspect(self) -> dict:
+        """The kind's part of the worker's inspect tree (its top-level keys, e.g. `nics`)."""
 
 
 class CreateFailed(Exception):

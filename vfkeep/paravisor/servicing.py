@@ -64,15 +64,14 @@ def reference_time() -> int:
     return time.monotonic_ns() // 100
 
 
-def build_servicing_state(*, nics: list[dict], dma_state, mana_states, correlation_id: str | None,
-                          vm_stop_reference_time: int, flush_logs_us: int) -> underhill_pb2.ServicingState:
-    """Assemble the top-level state (spec §2.6).
+def complete_servicing_state(state: underhill_pb2.ServicingState, *, nics: list[dict], dma_state,
+                             correlation_id: str | None, vm_stop_reference_time: int, flush_logs_us: int) -> None:
+    """Add the worker's own parts of the top-level state (spec §2.6) to `state`, which holds the device
+    kinds' parts already (MANA: field 10003).
 
     nics: [{pci_id, mac (6 bytes), adapter_index, vports}] for the netvsp state, saved regardless of
-    keepalive. dma_state: `OpenhclDmaManagerState` or None (present iff a keepalive mode was
-    effective). mana_states: list of `ManaSavedState` or None (None = no VF managers, not an empty list).
+    keepalive. dma_state: `OpenhclDmaManagerState` or None (present iff a keepalive mode was effective).
     """
-    state = underhill_pb2.ServicingState()
     init = state.init_state
     init.firmware_type.none.SetInParent()
     init.vm_stop_reference_time = vm_stop_reference_time
@@ -91,12 +90,6 @@ def build_servicing_state(*, nics: list[dict], dma_state, mana_states, correlati
     init.flush_logs_result.duration_us = flush_logs_us
     if dma_state is not None:
         init.dma_manager_state.CopyFrom(dma_state)
-    if mana_states is not None:
-        wrapper = init.mana_state
-        wrapper.SetInParent()
-        for s in mana_states:
-            wrapper.states.add().CopyFrom(s)
-    return state
 
 
 def decode_servicing_state(blob: bytes, *, downlevel: bool) -> underhill_pb2.ServicingState:

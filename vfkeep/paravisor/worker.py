@@ -2,11 +2,12 @@
 
 It speaks the host<->worker contract (`vfkeep.contract`): hello once its imports are done, then
 start -> started, save -> saved (and exit without resetting kept devices) or save_failed (keep
-running, spec §2.4, DESIGN D5), inspect -> inspect, shutdown -> bye.
+running, spec §2.4, DESIGN D5), inspect -> inspect, shutdown -> bye. What start and save do is the
+servicing sequence of spec §3 and §2.2 over the DMA manager and the device kinds (`device_kind.DeviceKind`:
+MANA today), each kind behind the same seam.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 import sys
@@ -19,13 +20,15 @@ from .. import __version__
 from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
                         ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, Save, Saved,
-                        SaveFailed, SaveOutcome, Shutdown, Start, Started, decode, decode_blob, encode_blob)
+                        SaveFailed, Shutdown, Start, Started, decode, decode_blob, encode_blob)
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
+from ..proto import underhill_pb2
+from .device_kind import DeviceKind, PreviousState
+from .mana_kind import ManaKind
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
-from .servicing import (ServicingStateError, TestConfig, build_servicing_state, decode_servicing_state,
-                        mana_states_by_pci_id, parse_test_config, reference_time, test_config_from_env)
-from .vf_manager import VfManager
+from .servicing import (ServicingStateError, TestConfig, complete_servicing_state, decode_servicing_state,
+                        parse_test_config, reference_time, test_config_from_env)
 
 log = logging.getLogger("vfkeep.worker")
 
@@ -35,15 +38,6 @@ def _ms(t0: float) -> float:
 
 
 DUMP_COLLECTION_S = 0.5
-
-
-def _each(fn, items: list) -> list:
-    """fn over every NIC at once (each NIC is its own device process, so their HWC round trips overlap);
-    results in order, the first exception re-raised."""
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="nic") as pool:
-        return list(pool.map(fn, items))
 
 
 def _arm_watchdog(timeout_s: float) -> threading.Timer:
@@ -60,7 +54,7 @@ def _arm_watchdog(timeout_s: float) -> threading.Timer:
 
 
 class Worker:
-    """One paravisor generation: DMA manager, one VF manager per NIC, servicing save/restore."""
+    """One paravisor generation: the DMA manager and the device kinds, servicing save/restore."""
 
     def __init__(self, chan: Channel, mem: GuestMemory, nics: list[NicConfig], generation: int,
                  downlevel: bool, channel_layout: str):
@@ -75,10 +69,15 @@ class Worker:
             options = WorkerOptions(KeepAliveConfig.DISABLED, options.nvme_keepalive)
         self.options = options
         # DESIGN D7 (vfkeep option, not in OpenHCL): keep the vport data path across keepalive servicing.
-        self.datapath_keepalive = not downlevel and os.environ.get(DATAPATH_KEEPALIVE_ENV) == "1"
+        datapath_keepalive = not downlevel and os.environ.get(DATAPATH_KEEPALIVE_ENV) == "1"
         self.test_config = test_config_from_env(os.environ)
         self.dma: DmaManager | None = None
-        self.vf_managers: list[VfManager] = []
+        self.mana = ManaKind(nics, mem, channel_layout, datapath_keepalive=datapath_keepalive)
+        #: In the order of spec §3 steps 4-6 and §2.2 steps 3-5 (NVMe, then networking).
+        self.kinds: list[DeviceKind] = [self.mana]
+        names = [n for kind in self.kinds for n in kind.client_names()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"device kinds share DMA client names: {sorted(names)}")
         self.restore_info: dict = {}
         self.last_save_error: str | None = None
 
@@ -113,25 +112,13 @@ class Worker:
                    error=str(e))
         phases["dma_restore"] = _ms(t)
 
-        # Step 6: per configured NIC, the first saved state with its pci_id.
-        t = time.perf_counter()
-        saved = mana_states_by_pci_id(state)
-
-        def create(cfg: NicConfig) -> VfManager:
-            match = next((s for s in saved if s.pci_id == cfg.pci_id), None)
-            kv(log, logging.INFO, "nic saved state lookup", pci_id=cfg.pci_id, found=match is not None,
-               keepalive_config=self.options.mana_keepalive.canonical)
-            forced = state_error or (dma_error if match is not None else None)
-            return VfManager.create(cfg, self.mem, self.dma, saved=match,
-                                    keepalive=self.options.mana_keepalive.is_enabled, force_fallback=forced,
-                                    datapath_keepalive=self.datapath_keepalive)
-
-        self.vf_managers = _each(create, self.nic_configs)
-        phases["nics"] = _ms(t)
-        known = {c.pci_id for c in self.nic_configs}
-        for s in saved:
-            if s.pci_id not in known:
-                kv(log, logging.WARNING, "saved state for a NIC that is not configured", pci_id=s.pci_id)
+        # Steps 4-6: each device kind, once the DMA manager exists (its clients come after its restore).
+        previous = PreviousState(state, state_error or dma_error)
+        for kind in self.kinds:
+            t = time.perf_counter()
+            kind.configure(self.dma)
+            kind.restore(previous, self._config(kind))
+            phases[f"{kind.name}_restore"] = _ms(t)
 
         # Step 7: post-restore validation (DESIGN D3).
         t = time.perf_counter()
@@ -145,16 +132,21 @@ class Worker:
             kv(log, logging.ERROR, "strict pool validation failed", error=error)
         phases["validate"] = _ms(t)
 
-        for vf in self.vf_managers:
-            vf.start_relay(self.channel_layout)
+        # Step 8: guest IO moves again.
+        for kind in self.kinds:
+            kind.start()
         phases["total"] = _ms(t_all)
         self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
                              "state_error": state_error, "dma_error": dma_error,
                              "unclaimed_pool_allocations": [u.to_json() for u in unclaimed], "phases_ms": phases}
-        kv(log, logging.INFO, "worker started", nics=len(self.vf_managers),
-           paths=",".join(vf.restore_path for vf in self.vf_managers), unclaimed=len(unclaimed),
-           total_ms=phases["total"])
-        return Started(tuple(vf.restore_report() for vf in self.vf_managers), tuple(unclaimed), error, phases)
+        nics = self.mana.reports()
+        kv(log, logging.INFO, "worker started", nics=len(nics), paths=",".join(n.restore_path for n in nics),
+           unclaimed=len(unclaimed), total_ms=phases["total"])
+        return Started(tuple(nics), tuple(unclaimed), error, phases)
+
+    def _config(self, kind: DeviceKind) -> KeepAliveConfig:
+        """The kind's keepalive option (`OPENHCL_<NAME>_KEEP_ALIVE`)."""
+        return getattr(self.options, f"{kind.name}_keepalive")
 
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
     def save(self, msg: Save) -> Saved | SaveFailed:
@@ -178,63 +170,58 @@ class Worker:
         vm_stop = reference_time()
 
         t = time.perf_counter()
-        _each(VfManager.stop_relay, self.vf_managers)
-        phases["stop_relay"] = _ms(t)
+        for kind in self.kinds:
+            kind.stop()
+        phases["stop_io"] = _ms(t)
 
         # 1: emulation-platform state, before NICs are torn down.
-        nics_emuplat = [vf.emuplat_info() for vf in self.vf_managers]
-        # 2: DMA manager state before MANA state, only when a keepalive mode is effective.
+        nics_emuplat = self.mana.emuplat()
+        # 2: DMA manager state before any device's, only when a keepalive mode is effective.
         t = time.perf_counter()
         try:
             dma_state = self.dma.save() if eff.any else None
         except DmaError as e:  # e.g. allocations still pending after a strict validation failure
             return self._save_failed(f"dma manager save failed: {e}", [])
         phases["dma_save"] = _ms(t)
-        # 5: MANA VF managers (destructive), only under effective MANA keepalive.
-        t = time.perf_counter()
-        outcomes, mana_states = [], None
-        if eff.mana and self.vf_managers:
-            mana_states = []
-            for vf, (outcome, saved) in zip(self.vf_managers, _each(VfManager.save, self.vf_managers)):
-                outcomes.append(NicSaveOutcome(vf.pci_id, outcome, vf.error))
-                if saved is not None:
-                    mana_states.append(saved)
-            kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(mana_states))
-        else:
-            # 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked.
-            _each(VfManager.shutdown, self.vf_managers)
-            outcomes = [NicSaveOutcome(vf.pci_id, SaveOutcome.SHUTDOWN, vf.error) for vf in self.vf_managers]
-        phases["mana_save"] = _ms(t)
+        # 3, 5: the device kinds (destructive), each saved only under its effective keepalive.
+        state = underhill_pb2.ServicingState()
+        outcomes: dict[str, list] = {}
+        for kind in self.kinds:
+            t = time.perf_counter()
+            outcomes[kind.name] = kind.save(getattr(eff, kind.name), state)
+            phases[f"{kind.name}_save"] = _ms(t)
+        nic_outcomes = outcomes[self.mana.name]
 
         if hook is TestConfig.SERVICING_SAVE_CRASH:
             kv(log, logging.WARNING, "test hook: crashing after the drivers were saved")
             logging.shutdown()
             os._exit(70)
         if hook is TestConfig.SERVICING_SAVE_FAIL:
-            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", outcomes)
+            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", nic_outcomes)
 
         t = time.perf_counter()
         for h in logging.getLogger().handlers:
             h.flush()
         flush_us = int((time.perf_counter() - t) * 1e6)
-        state = build_servicing_state(nics=nics_emuplat, dma_state=dma_state, mana_states=mana_states,
-                                      correlation_id=msg.correlation_id, vm_stop_reference_time=vm_stop,
-                                      flush_logs_us=flush_us)
+        complete_servicing_state(state, nics=nics_emuplat, dma_state=dma_state, correlation_id=msg.correlation_id,
+                                 vm_stop_reference_time=vm_stop, flush_logs_us=flush_us)
         blob = state.SerializeToString()
         phases["total"] = _ms(t_all)
+        init = state.init_state
         kv(log, logging.INFO, "servicing state saved", bytes=len(blob), dma_state=dma_state is not None,
-           mana_states=-1 if mana_states is None else len(mana_states), total_ms=phases["total"])
-        return Saved(encode_blob(blob), tuple(outcomes), phases)
+           mana_states=len(init.mana_state.states) if init.HasField("mana_state") else -1, total_ms=phases["total"])
+        return Saved(encode_blob(blob), tuple(nic_outcomes), phases)
 
     def _save_failed(self, error: str, outcomes: list[NicSaveOutcome]) -> SaveFailed:
         """Spec §2.4 keeps the worker running but leaves saved drivers dead (E5); vfkeep revives them
         through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
         kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
         self.last_save_error = error
-        _each(VfManager.revive, self.vf_managers)
-        for vf in self.vf_managers:
-            vf.start_relay(self.channel_layout)
-        return SaveFailed(error, tuple(outcomes), tuple(vf.restore_report() for vf in self.vf_managers))
+        for kind in self.kinds:
+            kind.revive()
+        for kind in self.kinds:
+            kind.start()
+        return SaveFailed(error, tuple(outcomes), tuple(self.mana.reports()))
 
     # -- other requests -----------------------------------------------------------------------
     def inspect(self) -> dict:
@@ -245,15 +232,14 @@ class Worker:
                           "nvme": self.options.nvme_keepalive.canonical},
             "test_config": self.test_config.value if self.test_config else None,
             **(self.dma.inspect() if self.dma else {"pool": None, "worker_ram": None}),
-            "nics": [vf.inspect() for vf in self.vf_managers],
+            **{key: value for kind in self.kinds for key, value in kind.inspect().items()},
             "restore": self.restore_info,
             "last_save_error": self.last_save_error,
         }
 
     def shutdown(self) -> None:
-        for vf in self.vf_managers:
-            vf.stop_relay()
-            vf.shutdown()
+        for kind in self.kinds:
+            kind.shutdown()
 
     def hello(self) -> Hello:
         return Hello(os.getpid(), __version__, "downlevel" if self.downlevel else "current", self.generation,

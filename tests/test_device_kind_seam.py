@@ -1,0 +1,119 @@
+"""The worker drives every device kind through one seam (DESIGN D10) in the order of servicing spec §3 (restore)
+and §2.2 (save): a recording kind stands in for the next one (NVMe) beside the MANA kind, in-process."""
+import pytest
+
+from vfkeep.contract import MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV, Save, Saved, SaveFailed, Start
+from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.paravisor import worker as worker_module
+from vfkeep.paravisor.device_kind import DeviceKind
+from vfkeep.paravisor.mana_kind import ManaKind
+from vfkeep.proto import underhill_pb2
+
+LAYOUT = MemoryLayout(guest_pages=4, worker_pages=16, pool_pages=16)
+
+
+class RecordingKind:
+    """A second device kind: records every call; saves a marker state unit."""
+
+    name = "nvme"
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def client_names(self):
+        return ["nvme_recording"]
+
+    def configure(self, dma):
+        self.calls.append(("nvme", "configure", type(dma).__name__))
+
+    def restore(self, previous, config):
+        self.calls.append(("nvme", "restore", previous.state is None, config.canonical))
+
+    def start(self):
+        self.calls.append(("nvme", "start"))
+
+    def stop(self):
+        self.calls.append(("nvme", "stop"))
+
+    def save(self, keepalive, state):
+        self.calls.append(("nvme", "save", keepalive))
+        state.units.add(name="recording", state=b"kept")
+        return ["nvme outcome"]
+
+    def revive(self):
+        self.calls.append(("nvme", "revive"))
+
+    def shutdown(self):
+        self.calls.append(("nvme", "shutdown"))
+
+    def inspect(self):
+        return {"nvme": {"recording": True}}
+
+
+def recording(calls: list, cls, name: str, methods: tuple[str, ...], monkeypatch):
+    """Record calls to `cls.<methods>` as (name, method[, keepalive]) before running them."""
+    for method in methods:
+        original = getattr(cls, method)
+
+        def wrapper(self, *args, _original=original, _method=method):
+            calls.append((name, _method, *(a for a in args if isinstance(a, bool))))
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, method, wrapper)
+
+
+@pytest.fixture
+def worker(mem, monkeypatch):
+    monkeypatch.setenv(MANA_KEEPALIVE_ENV, "host,privatepool")
+    monkeypatch.setenv(NVME_KEEPALIVE_ENV, "host,privatepool")
+    calls: list = []
+    recording(calls, ManaKind, "mana", ("configure", "restore", "start", "stop", "save", "revive"), monkeypatch)
+    recording(calls, DmaManager, "dma", ("save", "validate_restore"), monkeypatch)
+    w = worker_module.Worker(None, mem, [], generation=1, downlevel=False, channel_layout=None)
+    w.kinds.insert(0, RecordingKind(calls))  # NVMe's place: before networking (spec §3 step 4, §2.2 step 3)
+    w.calls = calls
+    return w
+
+
+def test_the_mana_kind_implements_the_seam():
+    missing = [m for m in ("name", *(n for n in vars(DeviceKind) if not n.startswith("_")))
+               if not hasattr(ManaKind, m)]
+    assert missing == []
+
+
+def test_restore_order_configure_restore_validate_then_start(worker):
+    started = worker.start(Start(None))
+    assert started.error is None and started.nics == ()
+    assert worker.calls == [
+        ("nvme", "configure", "DmaManager"), ("nvme", "restore", True, "enabled"),
+        ("mana", "configure"), ("mana", "restore"),
+        ("dma", "validate_restore"),
+        ("nvme", "start"), ("mana", "start"),
+    ]
+    assert set(started.phases_ms) == {"decode", "dma_restore", "nvme_restore", "mana_restore", "validate", "total"}
+    tree = worker.inspect()
+    assert tree["nvme"] == {"recording": True} and tree["nics"] == [] and "slot_table" in tree["pool"]
+
+
+def test_save_order_stop_dma_then_each_kind_with_its_effective_keepalive(worker):
+    worker.start(Start(None))
+    worker.calls.clear()
+    saved = worker.save(Save(mana_keepalive=True, nvme_keepalive=False, timeout_s=30))
+    assert isinstance(saved, Saved)
+    assert worker.calls == [
+        ("nvme", "stop"), ("mana", "stop"),
+        ("dma", "save"),
+        ("nvme", "save", False), ("mana", "save", True),
+    ]
+    state = underhill_pb2.ServicingState.FromString(worker_module.decode_blob(saved.servicing_state))
+    assert [u.name for u in state.units] == ["recording"]  # the kind wrote its own part
+    assert state.init_state.HasField("dma_manager_state") and not state.init_state.HasField("mana_state")
+
+
+def test_failed_save_revives_every_kind_then_restarts_its_io(worker):
+    worker.start(Start(None))
+    worker.calls.clear()
+    failed = worker.save(Save(mana_keepalive=True, nvme_keepalive=True, timeout_s=30,
+                              test_config="SERVICING_SAVE_FAIL"))
+    assert isinstance(failed, SaveFailed)
+    assert worker.calls[-4:] == [("nvme", "revive"), ("mana", "revive"), ("nvme", "start"), ("mana", "start")]

@@ -1,0 +1,117 @@
+"""The MANA device kind (`DeviceKind`, DESIGN D10): the worker's networking, one `VfManager` per NIC.
+
+NICs come up, are saved and shut down concurrently (one thread each: each NIC is its own device process,
+so their HWC round trips overlap). The kind's part of the servicing state is field 10003 (`mana_state`,
+one `ManaSavedState` per saved NIC; absent when there are no NICs or no effective MANA keepalive), and it
+provides the NICs' emulation-platform state (netvsp, MAC -> adapter index) for spec §2.2 step 1.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+from ..contract import NicConfig, NicRestore, NicSaveOutcome, SaveOutcome
+from ..log import kv
+from ..memory import DmaManager, GuestMemory
+from ..proto import underhill_pb2
+from .device_kind import PreviousState
+from .options import KeepAliveConfig
+from .servicing import mana_states_by_pci_id
+from .vf_manager import VfManager, dma_client_names
+
+#: The networking step of the worker: its lines read as the worker's (`vfkeep.worker`).
+log = logging.getLogger("vfkeep.worker")
+
+
+def _each(fn, items: list) -> list:
+    """fn over every NIC at once; results in order, the first exception re-raised."""
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="nic") as pool:
+        return list(pool.map(fn, items))
+
+
+class ManaKind:
+    """Every configured MANA NIC of one worker. `channel_layout` places the NICs' guest rings; with
+    `datapath_keepalive` (DESIGN D7) a keepalive save also keeps each vport's queues."""
+
+    name = "mana"
+
+    def __init__(self, nics: list[NicConfig], mem: GuestMemory, channel_layout: str | None, *,
+                 datapath_keepalive: bool = False):
+        self.nic_configs = nics
+        self.mem = mem
+        self.channel_layout = channel_layout
+        self.datapath_keepalive = datapath_keepalive
+        self.dma: DmaManager | None = None
+        self.vf_managers: list[VfManager] = []
+
+    def client_names(self) -> list[str]:
+        return [name for cfg in self.nic_configs for name in dma_client_names(cfg.pci_id)]
+
+    def configure(self, dma: DmaManager) -> None:
+        self.dma = dma
+
+    # -- restore (spec §3 step 6) ---------------------------------------------------------------
+    def restore(self, previous: PreviousState, config: KeepAliveConfig) -> None:
+        """Per configured NIC the first saved state with its pci_id, then `VfManager.create` (the decision
+        table); saved state for a NIC that is not configured is only warned about (D3 frees its pages)."""
+        saved = mana_states_by_pci_id(previous.state)
+
+        def create(cfg: NicConfig) -> VfManager:
+            match = next((s for s in saved if s.pci_id == cfg.pci_id), None)
+            kv(log, logging.INFO, "nic saved state lookup", pci_id=cfg.pci_id, found=match is not None,
+               keepalive_config=config.canonical)
+            forced = previous.unusable if previous.state is None or match is not None else None
+            return VfManager.create(cfg, self.mem, self.dma, saved=match, keepalive=config.is_enabled,
+                                    force_fallback=forced, datapath_keepalive=self.datapath_keepalive)
+
+        self.vf_managers = _each(create, self.nic_configs)
+        known = {c.pci_id for c in self.nic_configs}
+        for s in saved:
+            if s.pci_id not in known:
+                kv(log, logging.WARNING, "saved state for a NIC that is not configured", pci_id=s.pci_id)
+
+    def reports(self) -> list[NicRestore]:
+        """How each NIC came up (the `started` and `save_failed` replies)."""
+        return [vf.restore_report() for vf in self.vf_managers]
+
+    def start(self) -> None:
+        for vf in self.vf_managers:
+            vf.start_relay(self.channel_layout)
+
+    # -- save (spec §2.2 steps 1 and 5) --------------------------------------------------------------
+    def stop(self) -> None:
+        _each(VfManager.stop_relay, self.vf_managers)
+
+    def emuplat(self) -> list[dict]:
+        """Step 1: each NIC's netvsp state and adapter index, taken before any NIC is torn down."""
+        return [vf.emuplat_info() for vf in self.vf_managers]
+
+    def save(self, keepalive: bool, state: underhill_pb2.ServicingState) -> list[NicSaveOutcome]:
+        """Step 5 under effective MANA keepalive: `VfManager.save` per NIC into field 10003. Without it,
+        spec 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked."""
+        if not (keepalive and self.vf_managers):
+            _each(VfManager.shutdown, self.vf_managers)
+            return [NicSaveOutcome(vf.pci_id, SaveOutcome.SHUTDOWN, vf.error) for vf in self.vf_managers]
+        wrapper = state.init_state.mana_state
+        wrapper.SetInParent()
+        outcomes = []
+        for vf, (outcome, saved) in zip(self.vf_managers, _each(VfManager.save, self.vf_managers)):
+            outcomes.append(NicSaveOutcome(vf.pci_id, outcome, vf.error))
+            if saved is not None:
+                wrapper.states.add().CopyFrom(saved)
+        kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(wrapper.states))
+        return outcomes
+
+    def revive(self) -> None:
+        _each(VfManager.revive, self.vf_managers)
+
+    # -- other ----------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        for vf in self.vf_managers:
+            vf.stop_relay()
+            vf.shutdown()
+
+    def inspect(self) -> dict:
+        return {"nics": [vf.inspect() for vf in self.vf_managers]}
