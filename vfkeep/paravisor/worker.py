@@ -60,10 +60,8 @@ class Worker:
                  downlevel: bool, channel_layout: str):
         self.chan = chan
         self.mem = mem
-        self.nic_configs = nics
         self.generation = generation
         self.downlevel = downlevel
-        self.channel_layout = channel_layout
         options = WorkerOptions.from_env(os.environ)
         if downlevel:  # built before MANA keepalive: the variable does not exist for it
             options = WorkerOptions(KeepAliveConfig.DISABLED, options.nvme_keepalive)
