@@ -331,7 +331,7 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, ser
     plot, JSON."""
     if network:
         from .demo_net import network_demo
-        return network_demo(out, json_path, timing_from(timing, hwc_latency_ms, flr_ms))
+        return network_demo(out, json_path, timing_from(timing, hwc_latency_ms, flr_ms), machine())
     console = Console()
     timing = timing_from(timing, hwc_latency_ms, flr_ms)
     load = os.getloadavg()[0]

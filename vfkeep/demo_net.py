@@ -32,7 +32,6 @@ from rich.table import Table
 
 from . import log as vlog
 from . import netns
-from .demo import machine
 from .device.timing import DeviceTiming
 from .guest.netload import Pinger, TcpStream
 from .host.vmm import Host, HostConfig
@@ -54,10 +53,10 @@ TCP_BIN_S = 0.1
 
 class NetDemo:
     def __init__(self, run_dir: str, timing: DeviceTiming, tcp_rate: float = TCP_RATE,
-                 after_s: float = AFTER_S):
+                 after_s: float = AFTER_S, machine: dict | None = None):
         # Data-path keepalive available (pool room for the kept vport); each path's request chooses (servicing_paths).
         self.host = Host(HostConfig(run_dir=run_dir, nics=1, timing=timing, datapath_keepalive=True, guest="netns"))
-        self.timing, self.tcp_rate, self.after_s = timing, tcp_rate, after_s
+        self.timing, self.tcp_rate, self.after_s, self.machine = timing, tcp_rate, after_s, machine
         self.pinger: Pinger | None = None
         self.stream: TcpStream | None = None
         self.processes: list[dict] = []
@@ -138,7 +137,7 @@ class NetDemo:
                                                                                  key=lambda r: r.send_ns)],
             "tcp_bytes": [[(p["t_ns"] - t0) / 1e9, p["bytes"]] for p in receiver.progress],
         }
-        return {"vfkeep_demo_network": 1, "timing": self.timing.to_dict(), "machine": machine(),
+        return {"vfkeep_demo_network": 1, "timing": self.timing.to_dict(), "machine": self.machine,
                 "guest": {"netns": self.host.guest_net.guest_ns(0), "address": netns.guest_address(0),
                           "peer": netns.peer_address(0), "mac": self.host.guest_net.macs[0].hex(":")},
                 "ping_interval_ms": PING_INTERVAL_S * 1000, "tcp_rate_bytes_s": self.tcp_rate,
@@ -243,8 +242,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def network_demo(out: str, json_path: str | None, timing: DeviceTiming) -> None:
-    """The `vfkeep demo --network` command body: run, print, write; exit 1 on a problem."""
+def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine: dict) -> None:
+    """The `vfkeep demo --network` command body (`machine`: demo.machine()): run, print, write; exit 1 on a
+    problem."""
     console = Console()
     if reason := netns.unavailable_reason(("ip", "ping")):
         raise click.ClickException(reason)
@@ -252,7 +252,7 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming) -> None:
     vlog.setup("host", run_dir)
     signal.signal(signal.SIGTERM, _interrupt)
     t0 = time.monotonic()
-    demo = NetDemo(run_dir, timing)
+    demo = NetDemo(run_dir, timing, machine=machine)
     try:
         with console.status("starting") as status:
             try:
