@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 
+from vfkeep import proc
 from vfkeep.device.timing import PRESETS
 
 from .bench_servicing import PATHS, service_rounds
@@ -111,4 +112,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

@@ -16,6 +16,7 @@ import functools
 import sys
 import time
 
+from vfkeep import proc
 from vfkeep.device.timing import DeviceTiming
 
 from .bench_servicing import PATHS, add_timing_arguments, service_rounds, timing_of
@@ -117,4 +118,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

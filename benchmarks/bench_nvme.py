@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 
+from vfkeep import proc
+
 RESULTS = pathlib.Path(__file__).parent / "results" / "nvme.json"
 LAYOUT_STR = "guest=256,worker=1024,pool=512"
 BLOCK = 512
@@ -232,4 +234,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

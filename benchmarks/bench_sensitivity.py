@@ -293,4 +293,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from vfkeep import proc
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.host.detached import DetachedHost
 
@@ -147,4 +148,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from vfkeep import proc
 from vfkeep.device.timing import timing_from
 
 from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
@@ -214,4 +215,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

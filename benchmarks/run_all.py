@@ -17,6 +17,7 @@ import pathlib
 import sys
 import time
 
+from vfkeep import proc
 from vfkeep.device.timing import DeviceTiming
 
 from . import bench_blackout, bench_load, bench_nvme, bench_sensitivity, bench_servicing, bench_throughput
@@ -163,4 +164,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    proc.interrupt_on_signals()
     sys.exit(main())

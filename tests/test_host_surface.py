@@ -427,6 +427,7 @@ def test_reads_answer_during_a_stuck_save(shared):
     finally:
         t.join()
     assert shared.status()["servicing"] is None
+    assert "did not answer within 4 s" in shared.inspect("last_servicing/result/error")  # the --timeout given
 
 
 def test_stop_during_a_servicing_says_it_waits(tmp_path):

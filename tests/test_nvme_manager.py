@@ -216,8 +216,8 @@ def test_state_decode_shows_field_10000_with_every_nvme_field(tmp_path, saved):
     path = tmp_path / "state.bin"
     path.write_bytes(raw)
     decoded = decode_file(str(path))
-    assert decoded["summary"]["nvme_state (10000)"] == ["nvme0"]
-    disk = decoded["state"]["init_state"]["nvme_state (10000)"]["nvme_state"]["nvme_disks"][0]
+    assert decoded["summary"]["nvme_state"] == ["nvme0"]
+    disk = decoded["state"]["init_state"]["nvme_state"]["nvme_state"]["nvme_disks"][0]
     worker = disk["driver_state"]["worker_data"]
     assert len(disk["driver_state"]["identify_ctrl"]) == 2 * 4096
     assert set(worker) == {"admin", "io", "qsize", "max_io_queues", "allow_lazy_restore"}

@@ -110,7 +110,7 @@ def test_host_flag_off_is_clean_shutdown_then_fresh(host):
     assert r["ok"] and (n["restore_path"], n["device_reset"], n["hwc_established"]) == ("fresh", False, True)
     assert_clean_shutdown_then_fresh(entries)
     state = decoded_state(host)
-    assert state["mana_state (10003)"] is None and state["dma_manager_state (10001)"] is False
+    assert state["mana_state"] is None and state["dma_manager_state"] is False
     assert host.inspect("worker/nics/0/device/hwc_buffer/persistent") is True
     assert host.inspect("last_servicing/save_outcomes")[0]["save_outcome"] == "Shutdown"
     assert "creating new VFIO device" in host.worker_log(host.inspect("worker/generation"))
@@ -129,7 +129,7 @@ def test_config_off_is_clean_shutdown_then_fresh(host):
     n = nic(r)
     assert r["ok"] and (n["restore_path"], n["device_reset"], n["hwc_established"]) == ("fresh", False, True)
     assert_clean_shutdown_then_fresh(entries)
-    assert decoded_state(host)["dma_manager_state (10001)"] is False
+    assert decoded_state(host)["dma_manager_state"] is False
     assert host.probe()["ok"]
 
 
@@ -336,7 +336,7 @@ def test_skew_downlevel_to_current(host):
     assert r["ok"] and (n["restore_path"], n["device_reset"], n["hwc_established"]) == ("fresh", False, True)
     assert_clean_shutdown_then_fresh(entries)
     state = decoded_state(host)
-    assert state["mana_state (10003)"] is None and state["dma_manager_state (10001)"] is False
+    assert state["mana_state"] is None and state["dma_manager_state"] is False
     assert host.probe()["ok"]
 
 

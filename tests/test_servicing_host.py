@@ -33,8 +33,8 @@ def test_result_shape_and_state_file(host):
     out = host.cli("state", "decode", blob, "--json")
     assert out.returncode == 0, out.stderr
     decoded = json.loads(out.stdout)
-    assert decoded["summary"]["dma_manager_state (10001)"] is True  # keepalive effective, no devices
-    assert decoded["summary"]["mana_state (10003)"] is None          # no VF managers: absent, not empty
+    assert decoded["summary"]["dma_manager_state"] is True  # keepalive effective, no devices
+    assert decoded["summary"]["mana_state"] is None          # no VF managers: absent, not empty
     human = host.cli("state", "decode", blob)
     assert "init_state" in human.stdout and "private_pool" in human.stdout
 
@@ -44,7 +44,7 @@ def test_no_keepalive_omits_dma_state(host):
     assert r["ok"]
     decoded = json.loads(host.cli("state", "decode", os.path.join(host.run_dir, "servicing_state.bin"),
                                   "--json").stdout)
-    assert decoded["summary"]["dma_manager_state (10001)"] is False
+    assert decoded["summary"]["dma_manager_state"] is False
 
 
 def test_decode_rejects_garbage(host, tmp_path):
@@ -156,14 +156,14 @@ def test_malformed_env_warns_and_disables(tmp_path):
         r = h.service(mana_keepalive=True, nvme_keepalive=True)
         assert r["ok"]
         decoded = json.loads(h.cli("state", "decode", os.path.join(h.run_dir, "servicing_state.bin"), "--json").stdout)
-        assert decoded["summary"]["dma_manager_state (10001)"] is False  # nothing effective
+        assert decoded["summary"]["dma_manager_state"] is False  # nothing effective
     finally:
         h.stop()
 
 
 def test_console_bad_input_keeps_running(tmp_path):
     run_dir = tmp_path / "run"
-    script = "\n".join(["frobnicate", "service-vtl2 --bogus", "service-vtl2 --timeout abc", "inspect worker/nope",
+    script = "\n".join(["frobnicate", "servce", "service-vtl2 --bogus", "service-vtl2 --timeout abc", "inspect worker/nope",
                         "inspect --wat", "status extra", "probe x", "help", "help service-vtl2",
                         "service-vtl2 --mana-keepalive", "inspect worker/generation", "quit"]) + "\n"
     r = subprocess.run(proc.vfkeep_argv("run", "--run-dir", str(run_dir), "--nics", "0", "--timing", "natural"),
@@ -171,14 +171,14 @@ def test_console_bad_input_keeps_running(tmp_path):
                        env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
     out = r.stdout
     assert r.returncode == 0, r.stderr
-    assert "unknown command 'frobnicate'" in out
-    assert "unrecognized arguments: --bogus" in out
-    assert "invalid float value: 'abc'" in out
+    assert "unknown command 'frobnicate'" in out and "unknown command 'servce'; did you mean 'service'?" in out
+    assert "No such option '--bogus'" in out
+    assert "'abc' is not a valid float" in out
     assert "no 'nope' here" in out
-    assert "inspect: unexpected '--wat'" in out
-    assert "status takes no arguments" in out
-    assert "NIC and COUNT must be integers" in out
-    assert "service-vtl2" in out and "Service the paravisor" in out
+    assert "No such option '--wat'" in out
+    assert "unexpected extra argument (extra)" in out
+    assert "'x' is not a valid integer" in out
+    assert "Usage: service [OPTIONS]" in out and "Service the paravisor" in out
     assert "servicing ok" in out
     assert "vfkeep> 2\n" in out
 
@@ -195,14 +195,16 @@ class _StubHost:
 def test_console_completion():
     from vfkeep.host.console import HostConsole
     c = HostConsole(_StubHost())
-    assert c.completenames("ser") == ["service-vtl2"]
-    assert c.complete_service_vtl2("--ma", "service-vtl2 --ma", 13, 17) == ["--mana-keepalive"]
-    assert c.complete_service_vtl2("--", "service-vtl2 --mana-keepalive --", 31, 33) == [
-        "--nvme-keepalive", "--timeout", "--test-config", "--next-env", "--worker-cmd"]
-    assert c.complete_inspect("wor", "inspect wor", 8, 11) == ["worker/"]
-    assert c.complete_inspect("worker/", "inspect worker/", 8, 15) == ["worker/keepalive/", "worker/nics/", "worker/pid"]
-    assert c.complete_inspect("worker/nics/", "", 0, 0) == ["worker/nics/0"]
-    assert c.complete_inspect("nope/x", "", 0, 0) == []
+    assert c.completenames("ser") == ["service", "service-vtl2"]
+    assert c.completedefault("--ma", "service-vtl2 --ma", 13, 17) == ["--mana-keepalive"]
+    rest = c.completedefault("--", "service --mana-keepalive --", 26, 28)
+    assert {"--nvme-keepalive", "--timeout", "--test-config", "--next-env", "--next-worker-cmd", "--json",
+            "--require-keepalive"} <= set(rest) and "--mana-keepalive" not in rest
+    assert c.completedefault("wor", "inspect wor", 8, 11) == ["worker/"]
+    assert c.completedefault("worker/", "inspect worker/", 8, 15) == ["worker/keepalive/", "worker/nics/",
+                                                                       "worker/pid"]
+    assert c.completedefault("worker/nics/", "inspect worker/nics/", 0, 0) == ["worker/nics/0"]
+    assert c.completedefault("nope/x", "inspect nope/x", 0, 0) == []
 
 
 def test_console_traffic(tmp_path):
@@ -217,7 +219,7 @@ def test_console_traffic(tmp_path):
     out = r.stdout
     assert r.returncode == 0, r.stderr
     assert "nic 0: 2000 frames/s of 128 bytes" in out
-    assert "invalid choice: 'bogus'" in out and "invalid float value: 'x'" in out
+    assert "No such command 'bogus'" in out and "'x' is not a valid float" in out
     assert "servicing ok" in out
     assert "traffic since the last start" in out and "last servicing window" in out
     assert "nic 0: stopped after" in out
@@ -227,5 +229,5 @@ def test_console_traffic_completion():
     from vfkeep.host.console import HostConsole
     c = HostConsole(_StubHost())
     assert c.completenames("tr") == ["traffic"]
-    assert c.complete_traffic("st", "traffic st", 8, 10) == ["start", "stop", "stats"]
-    assert c.complete_traffic("--r", "traffic start --r", 14, 17) == ["--rate"]
+    assert c.completedefault("st", "traffic st", 8, 10) == ["start", "stats", "stop"]
+    assert c.completedefault("--r", "traffic start --r", 14, 17) == ["--rate"]

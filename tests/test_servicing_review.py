@@ -155,13 +155,13 @@ class _FakeWorker:
     def send(self, msg):
         self.sent.append(msg)
 
-    def recv(self, timeout, *expected):
+    def recv(self, timeout, *expected, grace=0.0):
         from vfkeep.host.worker_proc import WorkerFailed
         if self.fail_with or not self.replies:
             raise WorkerFailed(self.fail_with or f"worker {self.generation} did not answer within {timeout} s")
         return self.replies.pop(0)
 
-    def request(self, msg, timeout, *expected):
+    def request(self, msg, timeout, *expected, grace=0.0):
         self.send(msg)
         return self.recv(timeout, *expected)
 

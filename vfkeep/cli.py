@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
+import sys
 
 import click
 
@@ -15,13 +18,16 @@ COMMANDS: dict[str, str] = {
     "device": "vfkeep.device.main:device_command",
     "nvme-device": "vfkeep.nvme_device.main:nvme_device_command",
     "run": "vfkeep.host.commands:run_command",
-    "service": "vfkeep.host.commands:service_command",
-    "inspect": "vfkeep.host.commands:inspect_command",
-    "stop": "vfkeep.host.commands:stop_command",
-    "exec": "vfkeep.host.commands:exec_command",
+    "service": "vfkeep.host.vocabulary:service_command",
+    "inspect": "vfkeep.host.vocabulary:inspect_command",
+    "stop": "vfkeep.host.vocabulary:stop_command",
+    "events": "vfkeep.host.commands:events_command",
+    "status": "vfkeep.host.vocabulary:status_command",
+    "probe": "vfkeep.host.vocabulary:probe_command",
+    "exec": "vfkeep.host.vocabulary:exec_command",
     "state": "vfkeep.host.commands:state_group",
     "worker": "vfkeep.paravisor.worker:worker_command",
-    "traffic": "vfkeep.host.traffic_cli:traffic_group",
+    "traffic": "vfkeep.host.vocabulary:traffic_group",
     "demo": "vfkeep.demo:demo_command",
 }
 
@@ -40,11 +46,39 @@ class LazyGroup(click.Group):
                 raise click.ClickException(f"command {name!r} is unavailable: {e}") from e
         return super().get_command(ctx, name)
 
+    def invoke(self, ctx):
+        """Under --json, a usage error (a bad option value, say) is a JSON error object on stdout too."""
+        as_json = "--json" in (*ctx.protected_args, *ctx.args)
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            if not as_json:
+                raise
+            kind = getattr(e, "kind", None) or ("Usage" if isinstance(e, click.UsageError) else "Error")
+            click.echo(json.dumps({"ok": False, "error": {"type": kind, "message": e.format_message()}}))
+            sys.exit(e.exit_code)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(ctx, param, value):
+    """Every vfkeep process of this command (host, devices, workers, agents) logs at this level."""
+    if value is not None:
+        os.environ["VFKEEP_LOG_LEVEL"] = value
+    return value
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="vfkeep")
+@click.version_option(__version__, "--version", "-V", prog_name="vfkeep")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None, expose_value=False,
+              is_eager=True, callback=_log_level,
+              help="level of the run dir's log files, for every process started [default: $VFKEEP_LOG_LEVEL or info]")
 def main() -> None:
-    """Service a device-driver process while its devices keep running (OpenHCL MANA keepalive model)."""
+    """Service a device-driver process while its devices keep running (OpenHCL MANA keepalive model).
+
+    Host commands (service, inspect, status, probe, traffic, exec, stop, events) take --run-dir DIR
+    (default $VFKEEP_RUN_DIR or /tmp/vfkeep-UID) and --json; the host's console has the same commands."""
 
 
 if __name__ == "__main__":

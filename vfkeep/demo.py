@@ -365,7 +365,8 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, ser
             if json_path:
                 pathlib.Path(json_path).write_text(text)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted; every process ended; logs in {run_dir}[/yellow]")
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing to look at: the user stopped it
+        console.print("[yellow]interrupted; every process ended, temporary run dir removed[/yellow]")
         raise SystemExit(130) from None
     except Exception as e:
         kv(log, logging.ERROR, "demo failed", error=repr(e))

@@ -38,8 +38,15 @@ def kv(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:
     logger.log(level, msg, extra={"kv": fields})
 
 
-def setup(process_name: str, run_dir: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Configure the root logger for this process: `<run_dir>/<process_name>.log` (append), or stderr."""
+#: `vfkeep --log-level` sets it for every process a command starts (they inherit the environment).
+LEVEL_ENV = "VFKEEP_LOG_LEVEL"
+
+
+def setup(process_name: str, run_dir: str | os.PathLike | None = None, level: int | None = None) -> logging.Logger:
+    """Configure the root logger for this process: `<run_dir>/<process_name>.log` (append), or stderr; at
+    `level`, else $VFKEEP_LOG_LEVEL (debug, info, warning, error), else info."""
+    if level is None:
+        level = getattr(logging, os.environ.get(LEVEL_ENV, "info").upper(), logging.INFO)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -17,6 +17,17 @@ def die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, whatever this process inherited
+    (a shell's `&` or nohup ignore SIGINT): long-running commands then unwind and end their children."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
 def vfkeep_argv(*args: str) -> list[str]:
     """argv that runs the `vfkeep` CLI with the current interpreter."""
     return [sys.executable, "-m", "vfkeep.cli", *args]

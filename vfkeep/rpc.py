@@ -152,6 +152,17 @@ def error_reply(rid: Any, error: RpcError) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": error.to_json()}
 
 
+# -- streams -------------------------------------------------------------------------------------------
+class Stream:
+    """A command result after which the connection carries pushed lines (events) until the source ends or
+    the client goes away; only a `ThreadedServer` serves them. `source` has `next(timeout) -> dict | None`
+    (None: nothing yet, or ended), `closed` and `close()`."""
+
+    def __init__(self, result: Any, source: Any):
+        self.result = result
+        self.source = source
+
+
 # -- dispatch ------------------------------------------------------------------------------------------
 class Dispatcher:
     """Commands by name. `fn(**args)` returns the result (anything JSON, or a record with `to_json()`).
@@ -175,16 +186,27 @@ class Dispatcher:
 
     def handle(self, line: bytes | None) -> dict[str, Any]:
         """The reply to one request line (None: the line was longer than MAX_LINE)."""
+        reply, stream = self.handle_stream(line)
+        if stream is not None:  # this server cannot push lines
+            stream.source.close()
+            return error_reply(reply["id"], Refused("this socket does not stream"))
+        return reply
+
+    def handle_stream(self, line: bytes | None) -> tuple[dict[str, Any], Stream | None]:
+        """As `handle`, plus the Stream when the command returned one (its result is in the reply)."""
         if line is None:
-            return error_reply(None, RequestTooLarge(f"request line longer than {MAX_LINE} bytes"))
+            return error_reply(None, RequestTooLarge(f"request line longer than {MAX_LINE} bytes")), None
         try:
             req = parse_request(line)
         except BadRequest as e:
-            return error_reply(e.request_id, e)
+            return error_reply(e.request_id, e), None
         try:
-            return ok_reply(req.id, self.dispatch(req))
+            result = self.dispatch(req)
         except RpcError as e:
-            return error_reply(req.id, e)
+            return error_reply(req.id, e), None
+        if isinstance(result, Stream):
+            return ok_reply(req.id, result.result), result
+        return ok_reply(req.id, result), None
 
     def dispatch(self, req: Request) -> Any:
         fn = self._commands.get(req.cmd)
@@ -215,9 +237,14 @@ class _ThreadingUnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamS
 
 class ThreadedServer:
     """Serves a Dispatcher on `path` with a thread per connection (a slow command does not hold up others).
-    `start()` runs the accept loop on a daemon thread; `close()` stops it and removes the socket file."""
+    `start()` runs the accept loop on a daemon thread; `close()` stops it and removes the socket file.
 
-    def __init__(self, path: str, dispatcher: Dispatcher, name: str = "rpc"):
+    `greeting()`, when given, is sent as the first line of every connection (a line without "ok", which a
+    client skips). A command that returns a `Stream` turns its connection into a one-way stream of the
+    source's lines after the reply, until the source ends or the client closes its end."""
+
+    def __init__(self, path: str, dispatcher: Dispatcher, name: str = "rpc",
+                 greeting: Callable[[], dict[str, Any]] | None = None):
         self.path = path
         self.dispatcher = dispatcher
         self.name = name
@@ -228,20 +255,40 @@ class ThreadedServer:
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
-                while True:
-                    line = self.rfile.readline(MAX_LINE)
-                    if not line:
-                        return
-                    too_long = len(line) == MAX_LINE and not line.endswith(b"\n")
-                    if not too_long and not line.strip():
-                        continue
-                    try:
-                        self.wfile.write(encode(dispatcher.handle(None if too_long else line)))
+                try:
+                    if greeting is not None:
+                        self.wfile.write(encode(greeting()))
                         self.wfile.flush()
-                    except OSError:
-                        return
-                    if too_long:
-                        return
+                    while True:
+                        line = self.rfile.readline(MAX_LINE)
+                        if not line:
+                            return
+                        too_long = len(line) == MAX_LINE and not line.endswith(b"\n")
+                        if not too_long and not line.strip():
+                            continue
+                        reply, stream = dispatcher.handle_stream(None if too_long else line)
+                        self.wfile.write(encode(reply))
+                        self.wfile.flush()
+                        if stream is not None:
+                            self.push(stream.source)
+                            return
+                        if too_long:
+                            return
+                except OSError:
+                    return
+
+            def push(self, source) -> None:
+                """Write the source's lines until it ends or the client hangs up (EOF on its end)."""
+                try:
+                    while not source.closed:
+                        item = source.next(0.25)
+                        if item is not None:
+                            self.wfile.write(encode(item))
+                            self.wfile.flush()
+                        elif select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
+                            return
+                finally:
+                    source.close()
 
         self._server = _ThreadingUnixServer(path, Handler)
         self._inode = os.stat(path).st_ino
@@ -379,6 +426,18 @@ class RpcClient:
         cls = _ERRORS.get(err.get("type"))
         message = str(err.get("message", f"{cmd} failed"))
         raise cls(message) if cls else _OtherError(str(err.get("type")), message)
+
+    def pushed(self, timeout: float | None = None) -> Any:
+        """The next line the server pushed after a `Stream` reply (parsed); None once it closed the
+        connection; Timeout when none came within `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            try:
+                return self._read_line(deadline, "stream")
+            except TimeoutError:
+                raise Timeout(f"{self.path}: nothing pushed within {timeout} s") from None
+            except Unavailable:
+                return None
 
     def _read_line(self, deadline: float | None, cmd: str) -> Any:
         while b"\n" not in self._buf:

@@ -1,7 +1,6 @@
 """Host-side CLI commands (DESIGN §10): run, service, inspect, stop, state decode."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -11,10 +10,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 
 import click
-from rich.console import Console
 
 from .. import log as vlog
 from .. import proc, rpc
@@ -22,8 +19,6 @@ from ..device.timing import timing_from, timing_options
 from ..log import kv
 from . import control, render
 from .decode import UndecodableState, decode_file
-from ..contract import SAVE_TEST_CONFIGS
-from .tamper import TAMPER_MODES
 
 log = logging.getLogger("vfkeep.host")
 
@@ -112,7 +107,7 @@ def claim_run_dir(run_dir: str) -> str | None:
 def _run_argv(config, timing, hwc_latency_ms, flr_ms, worker_env) -> list[str]:
     """`vfkeep run --no-console` with the same configuration (what --detach starts in the background)."""
     argv = ["run", "--no-console", "--run-dir", config.run_dir, "--nics", str(config.nics), "--backend", config.backend,
-            "--timing", timing, "--ring-slots", str(config.ring_slots),
+            "--timing", timing, "--ring-slots", str(config.ring_slots), "--keep-worker-logs", str(config.keep_worker_logs),
             "--prelaunch" if config.prelaunch else "--no-prelaunch"]
     for opt, value in (("--hwc-latency-ms", hwc_latency_ms), ("--flr-ms", flr_ms), ("--pool-pages", config.pool_pages),
                        ("--worker-cmd", config.worker_cmd)):
@@ -176,8 +171,10 @@ def _detach(argv: list[str], run_dir: str) -> None:
 @click.option("--guest", type=click.Choice(["agent", "netns"]), default="agent", show_default=True,
               help="agent: traffic agents on request; netns: per NIC a network namespace with a TAP (the NIC's "
                    "MAC, 198.18.N.2) whose peer 198.18.N.1 sits behind the device's TAP; needs root")
+@click.option("--keep-worker-logs", type=click.IntRange(1), default=10, show_default=True, metavar="K",
+              help="keep the logs of the last K worker generations in the run dir")
 def run_command(run_dir, detach, no_console, nics, backend, pool_pages, timing, hwc_latency_ms, flr_ms, prelaunch,
-                ring_slots, worker_cmd, worker_env, datapath_keepalive, guest):
+                ring_slots, worker_cmd, worker_env, datapath_keepalive, guest, keep_worker_logs):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach/--no-console."""
     from .. import netns
     from .vmm import Host, HostConfig, HostError
@@ -190,7 +187,7 @@ def run_command(run_dir, detach, no_console, nics, backend, pool_pages, timing, 
                             timing=timing_from(timing, hwc_latency_ms, flr_ms),
                             prelaunch=prelaunch, ring_slots=ring_slots, worker_cmd=worker_cmd,
                             worker_env=_env_pairs(worker_env, "--worker-env"), datapath_keepalive=datapath_keepalive,
-                            guest=guest)
+                            guest=guest, keep_worker_logs=keep_worker_logs)
         config.check()
     except (HostError, ValueError, click.BadParameter) as e:
         fail(f"run: {e.format_message() if isinstance(e, click.BadParameter) else e}", 2)
@@ -256,7 +253,8 @@ def _serve(host, run_dir: str, console: bool) -> int:
             host.start()
             server = control.serve(run_dir, {
                 "service": host.service, "inspect": host.inspect, "status": host.status, "probe": host.probe,
-                "traffic": host.traffic, "exec": host.exec, "stop": on_stop}, refused=(HostError, TrafficError))
+                "traffic": host.traffic, "exec": host.exec, "stop": on_stop}, refused=(HostError, TrafficError),
+                events=host.events)
             server.start()
         except Interrupted as e:
             kv(log, logging.INFO, "interrupted during boot", cause=e.describe())
@@ -310,10 +308,6 @@ def host_safe_point_s() -> float:
     return SAFE_POINT_S
 
 
-#: `vfkeep service --require-keepalive` when a NIC did not take the keepalive path.
-EXIT_NO_KEEPALIVE = 3
-
-
 def parse_nic_list(text: str) -> list[int]:
     """`--nics I,J,...`: at least one index (range is checked by the host, which knows its NICs)."""
     try:
@@ -325,119 +319,6 @@ def parse_nic_list(text: str) -> list[int]:
     if any(i < 0 for i in nics):
         raise click.BadParameter(f"NIC indexes are >= 0, got {text!r}", param_hint="--nics")
     return nics
-
-
-@contextlib.contextmanager
-def host_client(run_dir: str, wait: float | None = None) -> Iterator[control.HostClient]:
-    """The host in `run_dir` for one CLI command; its errors are the command's error message."""
-    try:
-        yield control.HostClient(run_dir, wait)
-    except rpc.RpcError as e:
-        raise click.ClickException(str(e)) from None
-
-
-@click.command("service")
-@run_dir_option
-@click.option("--mana-keepalive", is_flag=True, help="host allows MANA keepalive for this servicing")
-@click.option("--nvme-keepalive", "-n", is_flag=True, help="host allows NVMe keepalive for this servicing")
-@click.option("--timeout", type=float, default=None, help="save timeout hint in seconds (default 60)")
-@click.option("--json", "as_json", is_flag=True, help="print the servicing result as JSON")
-@click.option("--test-config", type=click.Choice(SAVE_TEST_CONFIGS, case_sensitive=False), metavar="HOOK",
-              help="test hook for the current worker's save: " + "|".join(SAVE_TEST_CONFIGS))
-@click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
-@click.option("--next-worker-cmd", metavar="CMD", help="command of the next worker only")
-@click.option("--nics", "nic_list", metavar="I,J,...", help="NICs configured in the next worker (default: same)")
-@click.option("--tamper", type=click.Choice(TAMPER_MODES), help="test hook: damage the state handed over")
-@click.option("--require-keepalive", is_flag=True,
-              help="exit 3 unless every configured NIC took the keepalive path")
-def service_command(run_dir, mana_keepalive, nvme_keepalive, timeout, as_json, test_config, next_env,
-                    next_worker_cmd, nic_list, tamper, require_keepalive):
-    """Service the paravisor of the host in --run-dir and print the servicing result.
-
-    Exit status: 0 ok or degraded, 1 failed, 2 bad usage, 3 keepalive required but not taken by every NIC."""
-    nics = None if nic_list is None else parse_nic_list(nic_list)
-    with host_client(run_dir) as host:
-        result = host.service(mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
-                              test_config=test_config and test_config.upper(),
-                              next_env=_env_pairs(next_env, "--next-env"), next_worker_cmd=next_worker_cmd,
-                              nics=nics, tamper=tamper)
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        render.print_servicing(result, Console())
-    if result["status"] == "failed":
-        sys.exit(1)
-    if require_keepalive:
-        missed = [f"{n['pci_id']} ({n['restore_path']}: {n['reason']})" for n in result["nics"]
-                  if n["restore_path"] != "keepalive"]
-        if missed or not result["mana_keepalive"]:
-            click.echo("vfkeep: service: keepalive required but not taken: "
-                       + ("; ".join(missed) if missed else "--mana-keepalive not given"), err=True)
-            sys.exit(EXIT_NO_KEEPALIVE)
-
-
-@click.command("inspect")
-@run_dir_option
-@click.argument("path", required=False)
-@click.option("--json", "as_json", is_flag=True)
-def inspect_command(run_dir, path, as_json):
-    """Live tree of the host, worker, devices and last servicing (PATH selects a sub-tree)."""
-    with host_client(run_dir, wait=60) as host:
-        data = host.inspect(path)
-    if as_json:
-        click.echo(json.dumps(data))
-    elif isinstance(data, (dict, list)):
-        Console().print(render.tree(data, path or "vfkeep"))
-    else:
-        click.echo(data)
-
-
-@click.command("exec", context_settings={"ignore_unknown_options": True})
-@run_dir_option
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="seconds before the command is ended")
-@click.argument("nic", type=int)
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_command(run_dir, timeout, nic, argv):
-    """Run a command in guest NIC's network namespace (`vfkeep run --guest netns`), e.g. `exec 0 ping -c 3 198.18.0.1`."""
-    with host_client(run_dir, wait=timeout + 10) as host:
-        r = host.exec(nic, list(argv), timeout)
-    sys.stdout.write(r["stdout"])
-    sys.stderr.write(r["stderr"])
-    if r["timed_out"]:
-        click.echo(f"ended after {timeout} s", err=True)
-    sys.exit(r["returncode"] if r["returncode"] is not None and r["returncode"] >= 0 else 1)
-
-
-@click.command("stop")
-@run_dir_option
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="seconds to wait for the host to exit")
-def stop_command(run_dir, timeout):
-    """Stop the host in --run-dir (NICs shut down, every child ended) and wait for it to exit.
-    Idempotent: with no host running it says so and exits 0."""
-    run_dir = os.path.abspath(run_dir)
-    try:
-        reply = control.HostClient(run_dir, wait=30).stop()
-    except rpc.Unavailable as e:
-        pid = _pidfile_pid(run_dir)
-        if pid is not None and _is_host(pid):  # alive but not answering (e.g. still booting): signal it
-            os.kill(pid, signal.SIGTERM)
-            reply = {"host_pid": pid, "servicing_phase": None}
-        else:
-            click.echo(f"no host running in {run_dir}; nothing to stop ({e})")
-            return
-    except rpc.RpcError as e:
-        raise click.ClickException(str(e)) from None
-    pid = reply["host_pid"]
-    if reply.get("servicing_phase"):
-        click.echo(f"host pid {pid}: a servicing is in progress (phase {reply['servicing_phase']}); it stops once "
-                   "the servicing reaches a safe point")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _running(pid):
-            click.echo(f"stopped host pid {pid} in {run_dir} (NICs shut down, every device and agent ended)")
-            return
-        time.sleep(0.05)
-    raise click.ClickException(f"host pid {pid} still running after {timeout:g} s (see {run_dir}/{LOG_NAME})")
 
 
 def _pidfile_pid(run_dir: str) -> int | None:
@@ -457,6 +338,37 @@ def _running(pid: int) -> bool:
         return False
 
 
+@click.command("events")
+@run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line, as the control socket sends them")
+@click.option("--count", type=click.IntRange(1), default=None, help="exit after this many events")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="exit when no event came for this many seconds")
+def events_command(run_dir, as_json, count, timeout):
+    """Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping)
+    until it stops. The control socket's `events` command (docs/control-api.md)."""
+    seen = 0
+    try:
+        for event in control.HostClient(run_dir).events(timeout):
+            if as_json:
+                click.echo(json.dumps(event))
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(event["ts"])) + f".{int(event['ts'] % 1 * 1000):03d}"
+                click.echo(f"{when} {event['event']} " + " ".join(f"{k}={_plain(v)}" for k, v in event["data"].items()))
+            seen += 1
+            if count is not None and seen >= count:
+                return
+    except rpc.Timeout:
+        return
+    except rpc.RpcError as e:
+        raise click.ClickException(f"{e} (host log: {os.path.join(os.path.abspath(run_dir), LOG_NAME)})") from None
+
+
+def _plain(v) -> str:
+    """A value on one line: JSON for structures, as is otherwise."""
+    return json.dumps(v) if isinstance(v, (dict, list)) or v is None or isinstance(v, bool) else str(v)
+
+
 @click.group("state")
 def state_group():
     """Saved servicing state."""
@@ -464,14 +376,18 @@ def state_group():
 
 @state_group.command("decode")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
 def decode_command(file, as_json):
-    """Pretty-print a ServicingState blob (the host keeps the last one as <run-dir>/servicing_state.bin)."""
+    """Pretty-print a ServicingState blob (the host keeps the last one as <run-dir>/servicing_state.bin).
+    Exit 2 when the file is not a ServicingState (empty, truncated, not protobuf, no init_state)."""
     try:
         data = decode_file(file)
     except UndecodableState as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": {"type": "UndecodableState", "message": str(e)}}))
+            sys.exit(2)
         fail(f"state decode: {e}", 2)
     if as_json:
         click.echo(json.dumps(data))
     else:
-        Console().print(render.tree(data, os.path.basename(file)))
+        render.print_tree(data, os.path.basename(file), render.console())

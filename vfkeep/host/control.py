@@ -1,9 +1,10 @@
 """Host control socket (`<run-dir>/host.sock`) and `HostClient`, the one client of a running host.
 
-The socket speaks `vfkeep.rpc` (a thread per connection); its commands are the `Host` operations
-(`service`, `inspect`, `status`, `probe`, `traffic`, `stop`; docs/internals.md). The CLI
-(`vfkeep service|inspect|traffic|stop`), the tests and the benchmarks all go through `HostClient`
-(`host/detached.py` adds starting a host in another process).
+The socket speaks `vfkeep.rpc` (a thread per connection) and is the host's public API (docs/control-api.md):
+a greeting line on connect (API name and version, commands, capabilities), the `Host` operations
+(`service`, `inspect`, `status`, `probe`, `traffic`, `exec`, `stop`) and `events`, which turns its
+connection into a stream of the host's events (host/events.py). The CLI, the tests and the benchmarks all
+go through `HostClient` (`host/detached.py` adds starting a host in another process).
 """
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ import logging
 import os
 from typing import Any, Callable
 
-from .. import rpc
+from .. import __version__, rpc
+from .events import KINDS, EventBus
 
 log = logging.getLogger("vfkeep.host.control")
 
 SOCKET_NAME = "host.sock"
+#: The control API's name and version (docs/control-api.md): the version grows when a command, reply or
+#: event changes incompatibly; additions (a field, a command, an event kind) keep it.
+API_NAME = "vfkeep.host"
+API_VERSION = 1
 
 
 class HostRunning(Exception):
@@ -27,9 +33,10 @@ def socket_path(run_dir: str) -> str:
 
 
 def serve(run_dir: str, handlers: dict[str, Callable[..., Any]],
-          refused: tuple[type[Exception], ...]) -> rpc.ThreadedServer:
+          refused: tuple[type[Exception], ...], events: EventBus | None = None) -> rpc.ThreadedServer:
     """The control socket of the host in `run_dir` (not yet started); `refused` are the exceptions with which
-    the handlers say no. A socket file left by a dead host is replaced; a live host is HostRunning."""
+    the handlers say no; `events`, the bus the `events` command subscribes to. A socket file left by a dead
+    host is replaced; a live host is HostRunning."""
     path = socket_path(run_dir)
     if os.path.exists(path):
         try:
@@ -38,7 +45,19 @@ def serve(run_dir: str, handlers: dict[str, Callable[..., Any]],
             pass  # stale socket of a dead host
         else:
             raise HostRunning(f"a host is already running in {run_dir}")
-    return rpc.ThreadedServer(path, rpc.Dispatcher(log, handlers, refused), name="host-control")
+    handlers = dict(handlers)
+    if events is not None:
+        def subscribe() -> rpc.Stream:
+            """Every event from now on, one line each, until the host stops or the client hangs up."""
+            return rpc.Stream({"subscribed": sorted(KINDS)}, events.subscribe())
+        handlers["events"] = subscribe
+
+    def greeting() -> dict[str, Any]:
+        return {"greeting": {"api": API_NAME, "api_version": API_VERSION, "vfkeep": __version__,
+                             "host_pid": os.getpid(), "run_dir": os.path.abspath(run_dir),
+                             "commands": sorted(handlers), "capabilities": ["events"] if events else []}}
+
+    return rpc.ThreadedServer(path, rpc.Dispatcher(log, handlers, refused), name="host-control", greeting=greeting)
 
 
 class HostClient:
@@ -83,6 +102,14 @@ class HostClient:
     def exec(self, nic: int, argv: list[str], timeout: float = 30.0, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
         """Run `argv` in guest `nic`'s network namespace (`--guest netns`): `{returncode, stdout, stderr, timed_out}`."""
         return self.call("exec", {"nic": nic, "argv": argv, "timeout": timeout}, wait)
+
+    def events(self, timeout: float | None = None):
+        """The host's events as they come (dicts, see host/events.py) until it stops; `timeout` bounds the wait
+        for each (rpc.Timeout)."""
+        with rpc.RpcClient(self.path, timeout=5.0 if self.wait is None else self.wait) as client:
+            client.call("events")
+            while (event := client.pushed(timeout)) is not None:
+                yield event
 
     def stop(self, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
         """Ask the host to stop (it answers first): `{stopping, host_pid}`."""

@@ -27,24 +27,26 @@ def decode_file(path: str) -> dict:
     init = state.init_state
     summary = {
         "bytes": len(blob),
-        "dma_manager_state (10001)": init.HasField("dma_manager_state"),
-        "mana_state (10003)": (len(init.mana_state.states) if init.HasField("mana_state") else None),
+        "dma_manager_state": init.HasField("dma_manager_state"),
+        "mana_state": (len(init.mana_state.states) if init.HasField("mana_state") else None),
         "mana_pci_ids": [s.pci_id for s in init.mana_state.states],
-        "nvme_state (10000)": ([d.pci_id for d in init.nvme_state.nvme_state.nvme_disks]
-                               if init.HasField("nvme_state") else None),
+        "nvme_state": ([d.pci_id for d in init.nvme_state.nvme_state.nvme_disks]
+                       if init.HasField("nvme_state") else None),
         "pool_allocations": [
             {"device": s.state.allocated.device_id, "base_pfn": s.base_pfn, "pages": s.size_pages,
              "tag": s.state.allocated.tag}
             for s in init.dma_manager_state.private_pool.state if s.state.WhichOneof("variant") == "allocated"],
     }
+    summary["field_numbers"] = {fd.name: fd.number for fd in init.DESCRIPTOR.fields if fd.number >= 10000}
     return {"summary": summary, "state": to_tree(state)}
 
 
 def to_tree(msg: Message) -> dict:
-    """Present fields only, in field-number order, named as in the .proto files."""
+    """Present fields only, in field-number order, named as in the .proto files (the numbers of the vfkeep and
+    OpenHCL extensions, 10000 and up, are in the summary's `field_numbers`)."""
     out = {}
     for fd, value in msg.ListFields():
-        key = fd.name if fd.number < 10000 else f"{fd.name} ({fd.number})"
+        key = fd.name
         if fd.label == FieldDescriptor.LABEL_REPEATED:
             out[key] = [_value(fd, v) for v in value]
         else:

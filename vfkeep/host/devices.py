@@ -47,6 +47,15 @@ def last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
+def remove_if_empty(path: str | None) -> None:
+    """A child's stderr file that stayed empty says nothing: not kept."""
+    try:
+        if path and os.path.getsize(path) == 0:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 class DeviceProcess:
     def __init__(self, index: int, child: subprocess.Popen, socket: str, stderr_path: str):
         self.index = index
@@ -111,6 +120,7 @@ class DeviceProcess:
     def end(self) -> int | None:
         """End by PID; remove the sockets a device that died could not remove itself."""
         code = proc.end(self.child)
+        remove_if_empty(self.stderr_path)
         for path in (self.socket, self.control):
             try:
                 os.unlink(path)

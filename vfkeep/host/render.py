@@ -1,28 +1,69 @@
-"""Human output (rich) for servicing results, inspect trees and decoded servicing state."""
+"""Human output for servicing results, inspect trees, traffic stats and decoded servicing state.
+
+On a terminal: rich tables and trees, and a table wider than the terminal falls back to lines. Piped (or
+`plain=True`): plain `key: value` lines, never wrapped or cut, one record per line where that reads, so
+`grep` and `cut` work on it. `--json` is the machine form; these are for people.
+"""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.tree import Tree
 
 from ..device.timing import DeviceTiming
 
 PATH_STYLE = {"keepalive": "green", "fresh": "yellow", "fallback": "red"}
+STATUS_STYLE = {"ok": "green", "degraded": "yellow", "failed": "red"}
+
+
+def console() -> Console:
+    """stdout as rich sees it; `plain(c)` tells whether to write lines instead of tables."""
+    return Console(highlight=False, soft_wrap=True)
+
+
+def plain(c: Console) -> bool:
+    return not c.is_terminal
+
+
+def fits(c: Console, renderable) -> bool:
+    """The renderable's natural width (unconstrained) fits the console: nothing would be wrapped or cut."""
+    return Measurement.get(c, c.options.update_width(1 << 16), renderable).maximum <= c.width
+
+
+def value(v: Any) -> str:
+    """One value on one line: JSON for null, booleans and structures; numbers and strings as they are."""
+    if v is None or isinstance(v, bool) or isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return str(v)
+
+
+def _line(c: Console, text: str) -> None:
+    c.file.write(text + "\n")  # as is: no markup, no wrapping, no cutting
+    c.file.flush()
+
+
+# -- servicing result ------------------------------------------------------------------------------------
+def _status(result: dict) -> str:
+    return result.get("status") or ("ok" if result["ok"] else "failed")
+
+
+def _summary(result: dict) -> str:
+    flags = ", ".join(f for f, on in (("mana", result["mana_keepalive"]), ("nvme", result["nvme_keepalive"])) if on)
+    ph = result["phases_ms"]
+    return (f"keepalive flags: {flags or 'none'}; save {ph['save']:.1f} ms, handoff {ph['handoff']:.1f} ms, "
+            f"restore {ph['restore']:.1f} ms, total {ph['total']:.1f} ms")
 
 
 def servicing_table(result: dict) -> Table:
-    status = result.get("status") or ("ok" if result["ok"] else "failed")
-    ok = {"ok": "[green]ok[/green]", "degraded": "[yellow]degraded[/yellow]"}.get(status, "[red]FAILED[/red]")
-    flags = ", ".join(f for f, on in (("mana", result["mana_keepalive"]), ("nvme", result["nvme_keepalive"])) if on)
-    ph = result["phases_ms"]
-    title = (f"servicing {ok}  keepalive flags: {flags or 'none'}  "
-             f"save {ph['save']:.1f} ms, handoff {ph['handoff']:.1f} ms, restore {ph['restore']:.1f} ms, "
-             f"total {ph['total']:.1f} ms")
-    t = Table(title=title, title_justify="left")
-    for col in ("pci_id", "restore path", "device reset", "HWC established", "HWC requests", "reason"):
-        t.add_column(col)
+    status = _status(result)
+    style = STATUS_STYLE.get(status, "red")
+    t = Table(title=f"servicing [{style}]{status}[/{style}]  {_summary(result)}", title_justify="left")
+    for col in ("pci_id", "path", "reset", "HWC est.", "HWC req.", "reason"):
+        t.add_column(col, no_wrap=col != "reason", overflow="fold")
     for n in result["nics"]:
         style = PATH_STYLE.get(n["restore_path"], "")
         t.add_row(n["pci_id"], f"[{style}]{n['restore_path']}[/{style}]", _yn(n["device_reset"]),
@@ -32,30 +73,102 @@ def servicing_table(result: dict) -> Table:
     return t
 
 
-def print_servicing(result: dict, console: Console) -> None:
-    console.print(servicing_table(result))
+def servicing_lines(result: dict) -> list[str]:
+    out = [f"servicing {_status(result)}: {_summary(result)}"]
+    for n in result["nics"]:
+        out.append(f"nic {n['pci_id']}: path={n['restore_path']} requested={n.get('requested_path', '-')} "
+                   f"device_reset={value(n['device_reset'])} hwc_established={value(n['hwc_established'])} "
+                   f"hwc_requests={n.get('hwc_requests', '-')} reason={value(n.get('reason'))} "
+                   f"error={value(n['error'])}")
+    if result.get("timing"):
+        out.append("timing: device " + DeviceTiming.from_dict(result["timing"]).describe())
+    return out
+
+
+def print_servicing(result: dict, c: Console) -> None:
+    table = servicing_table(result)
+    if plain(c) or not fits(c, table):
+        for line in servicing_lines(result):
+            _line(c, line)
+    else:
+        c.print(table)
     for u in result["unclaimed_pool_allocations"]:
-        console.print(f"[yellow]unclaimed pool allocation freed:[/yellow] {u['device']} base_pfn {u['base_pfn']} "
-                      f"({u['pages']} pages, tag {u['tag']!r})")
+        _line(c, f"unclaimed pool allocation freed: {u['device']} base_pfn {u['base_pfn']} ({u['pages']} pages, "
+                 f"tag {u['tag']!r})")
     if result.get("blackout_ms") is not None:
-        console.print(f"blackout {result['blackout_ms']:.1f} ms, frames lost {result['frames_lost']}")
+        _line(c, f"blackout {result['blackout_ms']:.1f} ms, frames lost {result['frames_lost']}")
     if result.get("error"):
-        console.print(f"[red]error:[/red] {result['error']}")
+        _line(c, f"error: {result['error']}")
 
 
-def _esc(text: str) -> str:
-    return text.replace("[", r"\[")
+# -- traffic -------------------------------------------------------------------------------------------------
+STATS_COLUMNS = (("nic", "nic"), ("sent", "sent"), ("received", "received"), ("frames_lost", "lost"),
+                 ("lost_tx_ring_full", "tx ring full"), ("duplicated", "dup"), ("reordered", "reordered"),
+                 ("rtt_p50", "RTT p50 ms"), ("rtt_p99", "RTT p99 ms"), ("blackout_ms", "blackout ms"))
 
 
-def _yn(v: bool) -> str:
-    return "[red]yes[/red]" if v else "no"
+def _stats_row(r: dict) -> dict:
+    rtt = r.get("rtt_ms") or {}
+    return {"nic": r["nic"], "sent": r["sent"], "received": r["received"], "frames_lost": r["frames_lost"],
+            "lost_tx_ring_full": r["lost_tx_ring_full"], "duplicated": r["duplicated"], "reordered": r["reordered"],
+            "rtt_p50": _ms(rtt.get("p50")), "rtt_p99": _ms(rtt.get("p99")), "blackout_ms": _ms(r["blackout_ms"])}
 
 
+def stats_table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    for _, header in STATS_COLUMNS:
+        t.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        row = _stats_row(r)
+        t.add_row(*(str(row[k]) for k, _ in STATS_COLUMNS))
+    return t
+
+
+def print_stats(rows: list[dict], title: str, c: Console) -> None:
+    table = stats_table(rows, title)
+    if plain(c) or not fits(c, table):
+        for r in rows:
+            row = _stats_row(r)
+            _line(c, f"{title}: " + " ".join(f"{k}={row[k]}" for k, _ in STATS_COLUMNS))
+    else:
+        c.print(table)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+# -- trees ---------------------------------------------------------------------------------------------------
 def tree(data: Any, label: str = "") -> Tree:
     """A rich tree of nested dicts/lists; scalars inline."""
     root = Tree(label or "·")
     _fill(root, data)
     return root
+
+
+def tree_lines(data: Any, prefix: str = "") -> list[str]:
+    """`path/to/key: value` for every leaf (the paths `inspect PATH` takes)."""
+    if isinstance(data, dict) and data:
+        items = data.items()
+    elif isinstance(data, list) and data:
+        items = ((str(i), v) for i, v in enumerate(data))
+    else:
+        return [f"{prefix or '.'}: {value(data)}"]
+    out = []
+    for k, v in items:
+        out += tree_lines(v, f"{prefix}/{k}" if prefix else str(k))
+    return out
+
+
+def print_tree(data: Any, label: str, c: Console, path: str = "") -> None:
+    """A tree (lines prefixed by `path`, the sub-tree's own path), or one leaf's value alone."""
+    if not isinstance(data, (dict, list)):
+        _line(c, data if isinstance(data, str) else value(data))
+    elif plain(c):
+        for line in tree_lines(data, path.strip("/")):
+            _line(c, line)
+    else:
+        c.print(tree(data, label))
 
 
 def _fill(node: Tree, data: Any) -> None:
@@ -67,21 +180,25 @@ def _fill(node: Tree, data: Any) -> None:
         node.add(_scalar(data))
         return
     for k, v in items:
-        if isinstance(data, list) and _is_row(v):  # a slot of the pool, an unclaimed allocation: one line
-            node.add(f"[bold]{k}[/bold]: " + " ".join(f"{f}={_scalar(x)}" for f, x in v.items()))
-        elif isinstance(v, (dict, list)) and v:
-            _fill(node.add(f"[bold]{k}[/bold]"), v)
+        if isinstance(v, (dict, list)) and v:
+            _fill(node.add(f"[bold]{_esc(str(k))}[/bold]"), v)
         else:
-            node.add(f"[bold]{k}[/bold]: {_scalar(v)}")
-
-
-def _is_row(v: Any) -> bool:
-    return isinstance(v, dict) and bool(v) and not any(isinstance(x, (dict, list)) for x in v.values())
+            node.add(f"[bold]{_esc(str(k))}[/bold]: {_scalar(v)}")
 
 
 def _scalar(v: Any) -> str:
     if v is None:
         return "[dim]null[/dim]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, (dict, list)):
         return "{}" if isinstance(v, dict) else "[]"
-    return str(v).replace("[", r"\[")
+    return _esc(str(v))
+
+
+def _esc(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def _yn(v: bool) -> str:
+    return "[red]yes[/red]" if v else "no"

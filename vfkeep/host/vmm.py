@@ -30,6 +30,7 @@ from ..guest.stats import make_frame, parse_frame
 from ..log import kv
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
 from .devices import DeviceProcess, nic_mac
+from .events import EventBus
 from .guest_net import GuestNetError, GuestNetwork
 from .outcome import nic_reason, servicing_status
 from .tamper import TAMPER_MODES, tamper_blob
@@ -57,6 +58,8 @@ KEPT_VPORT_PAGES = 102
 #: An interrupt during a servicing waits this long for it to complete (a safe point) before the host ends
 #: the workers; devices are ended after the workers either way.
 SAFE_POINT_S = 10.0
+#: Worker logs (`worker-G.log`, `.stderr`) of this many generations are kept; older ones are removed.
+KEEP_WORKER_LOGS = 10
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
 #: The longest socket name the host creates in its run dir (device control socket of NIC 63).
@@ -84,6 +87,7 @@ class HostConfig:
     worker_cmd: str | None = None
     worker_env: dict[str, str] = field(default_factory=dict)
     datapath_keepalive: bool = False  # DESIGN D7: every worker keeps the vport data path across keepalive
+    keep_worker_logs: int = KEEP_WORKER_LOGS
     guest: str = "agent"  # "agent": traffic agents on request; "netns": a network namespace per NIC (root)
 
     def worker_argv(self, override: str | None = None) -> list[str]:
@@ -154,6 +158,10 @@ class Host:
         self._stopping = threading.Event()
         self._idle = threading.Event()  # clear while a servicing runs on the actor
         self._idle.set()
+        #: What the control socket's `events` streams (host/events.py); `_nic_states` is the last NIC state
+        #: published per pci_id, so `nic_state` is sent on changes only.
+        self.events = EventBus()
+        self._nic_states: dict[str, tuple] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._busy = threading.Lock()
         self._stopped = threading.Event()
@@ -209,6 +217,7 @@ class Host:
         if self._stopped.is_set():
             return
         self._stopping.set()
+        self.events.publish("host_stopping", cause="stop requested", servicing_phase=self.servicing_phase())
         if self._servicing is not None:
             kv(log, logging.WARNING, "stop requested during a servicing; waiting for a safe point",
                phase=self.servicing_phase(), limit_s=safe_point_s)
@@ -227,6 +236,7 @@ class Host:
             except Exception as e:  # noqa: BLE001 - teardown is best effort, children end regardless
                 kv(log, logging.ERROR, "teardown failed", error=repr(e))
             self._actor.join(timeout=30)
+        self.events.close()
 
     def _servicing_workers(self):
         """Workers a servicing in progress may be waiting on (current and prelaunched)."""
@@ -338,6 +348,7 @@ class Host:
         self.warnings += [f"nic {n.pci_id}: {n.error}" for n in started.nics if n.error]
         for w in self.warnings:
             kv(log, logging.WARNING, "boot warning", warning=w)
+        self._publish_nics(started.nics, "boot")
         kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
            paths=",".join(n.restore_path for n in started.nics))
 
@@ -415,7 +426,7 @@ class Host:
         new = None
         try:
             new = self.worker = self._start_worker({}, None, self.configured)
-            new.request(Start(), BOOT_TIMEOUT_S, Started)
+            self._publish_nics(new.request(Start(), BOOT_TIMEOUT_S, Started).nics, "replacement")
         except WorkerFailed as e:
             kv(log, logging.ERROR, "replacement worker failed", error=str(e))
             if new is not None:
@@ -423,16 +434,49 @@ class Host:
 
     # -- servicing -------------------------------------------------------------------------------
     def _phase(self, name: str) -> None:
-        self._servicing.update(phase=name, since=time.monotonic())
+        s = self._servicing
+        if s is None:  # (a servicing driven by hand, as unit tests do)
+            return
+        self.events.publish("phase_done", servicing=s["number"], phase=s["phase"],
+                            ms=round((time.monotonic() - s["since"]) * 1000, 3))
+        s.update(phase=name, since=time.monotonic())
         kv(log, logging.INFO, "servicing phase", phase=name)
+
+    def _prune_worker_logs(self) -> None:
+        """Keep the logs of the last `keep_worker_logs` worker generations (the run dir must not grow forever)."""
+        oldest = self.generation - self.config.keep_worker_logs
+        for name in os.listdir(self.run_dir):
+            stem, _, ext = name.partition(".")
+            if stem.startswith("worker-") and ext in ("log", "stderr") and stem[7:].isdigit() \
+                    and int(stem[7:]) <= oldest:
+                try:
+                    os.unlink(os.path.join(self.run_dir, name))
+                except FileNotFoundError:
+                    pass
+
+    def _publish_nics(self, nics, cause: str) -> None:
+        """A `nic_state` event for each NIC whose path or error changed (boot: every NIC)."""
+        gen = self.worker.generation if self.worker is not None else None
+        for n in nics:
+            state = (str(n.restore_path), n.error)
+            if self._nic_states.get(n.pci_id) != state:
+                self._nic_states[n.pci_id] = state
+                self.events.publish("nic_state", pci_id=n.pci_id, restore_path=state[0], error=n.error,
+                                    worker_generation=gen, cause=cause)
 
     def _service(self, *args, **kwargs) -> dict:
         if self._stopping.is_set():
             raise HostError("host is stopping")
-        self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None}
+        self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None,
+                           "number": self.servicings + 1}
         self._idle.clear()
         try:
             return self._service_one(*args, **kwargs)
+        except HostError as e:
+            if self._servicing["number"] == self.servicings:  # it had started: say how it ended
+                self.events.publish("servicing_completed", servicing=self.servicings, status="failed", ok=False,
+                                    error=str(e), phases_ms={}, nics=[])
+            raise
         finally:
             self._servicing = None
             self._idle.set()
@@ -457,6 +501,9 @@ class Host:
         if old is None or not old.alive():
             raise HostError("no running worker to service")
         self.servicings += 1
+        self.events.publish("servicing_started", servicing=self.servicings, mana_keepalive=bool(mana_keepalive),
+                            nvme_keepalive=bool(nvme_keepalive),
+                            nics=[self.devices[i].pci_id for i in (self.configured if nics is None else sorted(set(nics)))])
         before = [d.snapshot() for d in self.devices]
         errors: list[str] = []
         next_env = dict(next_env or {})
@@ -479,7 +526,7 @@ class Host:
             blob, saved = None, None
             try:
                 saved = old.request(Save(bool(mana_keepalive), bool(nvme_keepalive), timeout_s, correlation_id,
-                                         test_config), timeout_s + 1.0, Saved, SaveFailed)
+                                         test_config), timeout_s, Saved, SaveFailed, grace=1.0)
             except WorkerFailed as e:
                 errors.append(f"save: {e}")
                 kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
@@ -622,6 +669,13 @@ class Host:
         }
         with open(os.path.join(self.run_dir, "last_servicing.json"), "w") as f:
             json.dump(self.last_servicing, f, indent=1)
+        self._phase("done")
+        self.events.publish("servicing_completed", servicing=self.servicings, status=str(result.status), ok=result.ok,
+                            error=result.error, phases_ms=result.phases_ms,
+                            nics=[{"pci_id": n.pci_id, "restore_path": str(n.restore_path), "reason": n.reason}
+                                  for n in result.nics])
+        self._publish_nics(result.nics, "servicing")
+        self._prune_worker_logs()
         kv(log, logging.INFO, "servicing done", status=result.status, total_ms=result.phases_ms["total"],
            paths=",".join(n.restore_path for n in result.nics), error=result.error,
            reasons="; ".join(f"{n.pci_id}: {n.reason}" for n in result.nics if n.reason))
@@ -641,7 +695,7 @@ class Host:
                 "servicing": self._servicing_view(), "servicings": self.servicings,
                 "last_servicing_ok": None if last is None else last["result"]["ok"],
                 "last_servicing_status": None if last is None else last["result"]["status"],
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings), "event_subscribers": self.events.subscribers}
 
     def _servicing_view(self) -> dict | None:
         """The servicing in progress for status/inspect: {"phase", "phase_s", "elapsed_s"}, None when idle."""
@@ -753,5 +807,5 @@ def _select(tree, path: str | None):
                 keys = ", ".join(sorted(node))
             else:
                 keys = f"0..{len(node) - 1}" if isinstance(node, list) else "none"
-            raise HostError(f"inspect path {path!r}: no {part!r} here (have: {keys})")
+            raise HostError(f"path {path!r}: no {part!r} here (have: {keys})")
     return node

@@ -10,7 +10,7 @@ import time
 from .. import proc
 from ..contract import Channel, ChannelClosed, ChannelTimeout, ContractError, Hello, InspectReply, Message
 from ..log import kv
-from .devices import last_line
+from .devices import last_line, remove_if_empty
 
 log = logging.getLogger("vfkeep.host.worker")
 
@@ -63,11 +63,12 @@ class WorkerProcess:
         except ChannelClosed as e:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
 
-    def recv(self, timeout: float | None, *expected: type[Message]) -> Message:
-        """Next message, which must be of one of the `expected` types. A late `inspect` reply (its request
-        timed out) is skipped: the worker never sends one unasked, and taking it for the answer to the next
-        request (a save!) would end a worker that is doing fine."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def recv(self, timeout: float | None, *expected: type[Message], grace: float = 0.0) -> Message:
+        """Next message, which must be of one of the `expected` types, within `timeout` (+ `grace`, which errors
+        do not mention: the timeout is the one the user gave). A late `inspect` reply (its request timed out) is
+        skipped: the worker never sends one unasked, and taking it for the answer to the next request (a save!)
+        would end a worker that is doing fine."""
+        deadline = None if timeout is None else time.monotonic() + timeout + grace
         while True:
             msg = self._recv_one(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
             if isinstance(msg, dict) and msg.get("type") == InspectReply.kind and InspectReply not in expected:
@@ -80,7 +81,7 @@ class WorkerProcess:
         try:
             return self.chan.recv(remaining)
         except ChannelTimeout:
-            raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout} s") from None
+            raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout:g} s") from None
         except ChannelClosed as e:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) closed its channel ({e}); "
                                f"{self.exit_note()}") from None
@@ -99,9 +100,9 @@ class WorkerProcess:
         except ContractError as e:
             raise WorkerFailed(f"worker {self.generation} sent a malformed message: {e}") from None
 
-    def request(self, msg: Message, timeout: float | None, *expected: type[Message]) -> Message:
+    def request(self, msg: Message, timeout: float | None, *expected: type[Message], grace: float = 0.0) -> Message:
         self.send(msg)
-        return self.recv(timeout, *expected)
+        return self.recv(timeout, *expected, grace=grace)
 
     def exit_note(self) -> str:
         """How the worker ended, for errors: its exit status (it closed its channel, so it is exiting) and the
@@ -130,7 +131,8 @@ class WorkerProcess:
                 pass
 
     def end(self) -> int | None:
-        """End by PID (SIGTERM, then SIGKILL) and release the channel."""
+        """End by PID (SIGTERM, then SIGKILL) and release the channel; an empty stderr file goes too."""
         code = proc.end(self.child)
         self.chan.close()
+        remove_if_empty(self.stderr_path)
         return code

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,9 @@ def _readable(fd: int) -> bool:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=None,
               help="where sockets, logs and the saved state go (default: a new temporary directory)")
 def smoke_command(run_dir: pathlib.Path | None) -> None:
-    """Keepalive handover on the vfio-user test device: state, pool buffer and a latched interrupt survive."""
+    """Keepalive handover on the vfio-user test device: state, pool buffer and a latched interrupt survive.
+    A temporary run dir is removed when the scenario passes, kept (and named) when it does not."""
+    temporary = run_dir is None
     run_dir = run_dir or pathlib.Path(tempfile.mkdtemp(prefix="vfkeep-smoke-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     vlog.setup("smoke", run_dir)
@@ -108,8 +111,11 @@ def smoke_command(run_dir: pathlib.Path | None) -> None:
     for name, ok in checks.items():
         _say("smoke", f"{'PASS' if ok else 'FAIL'}  {name}")
     if not all(checks.values()):
-        raise click.ClickException("smoke scenario failed")
+        raise click.ClickException(f"smoke scenario failed (logs kept in {run_dir})")
     _say("smoke", "keepalive handover OK")
+    if temporary:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _say("smoke", f"removed the run directory {run_dir}")
 
 
 def _run_driver(mem: GuestMemory, role: str, sock: pathlib.Path, state_file: pathlib.Path, run_dir: pathlib.Path,

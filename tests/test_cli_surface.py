@@ -1,0 +1,193 @@
+"""One vocabulary for console and CLI, output that fits, --json errors, --version, --log-level, idempotent stop,
+temporary files and worker logs (issue 17)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+
+import click
+import pytest
+from rich.console import Console
+
+from servicing_helpers import HostRun, live_processes, SESSION
+from vfkeep import cli, proc
+from vfkeep.host import render
+from vfkeep.host.console import HostConsole
+from vfkeep.host.vocabulary import COMMAND_OBJECTS, HOST_COMMANDS
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
+
+
+def vfkeep(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A CLI command with its output piped, as a script would run it."""
+    return subprocess.run(proc.vfkeep_argv(*args), capture_output=True, text=True, timeout=timeout,
+                          env={**CLEAN_ENV, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+class _Stub:
+    run_dir = "/nonexistent"
+
+    def servicing_phase(self):
+        return None
+
+
+# -- one definition ------------------------------------------------------------------------------------------
+def test_console_and_cli_commands_are_one_definition():
+    group_ctx = click.Context(cli.main)
+    console = HostConsole(_Stub())
+    assert set(HOST_COMMANDS) <= set(console.commands)
+    assert set(cli.main.list_commands(group_ctx)) >= set(HOST_COMMANDS)
+    for name in HOST_COMMANDS:
+        command = cli.main.get_command(group_ctx, name)
+        assert command is COMMAND_OBJECTS[name], name  # the console runs this very object
+        subs = command.commands.values() if isinstance(command, click.Group) else [command]
+        for sub in subs:  # every host command takes --json and --run-dir (after the subcommand too)
+            opts = {o for p in sub.params for o in p.opts}
+            assert {"--json", "--run-dir"} <= opts, (name, sub.name, opts)
+
+
+def test_console_and_cli_report_the_same_usage_error(tmp_path):
+    buf = io.StringIO()
+    HostConsole(_Stub(), Console(file=buf, width=300)).onecmd("service-vtl2 --timeout abc")
+    r = vfkeep("service", "--run-dir", str(tmp_path), "--timeout", "abc")
+    message = "Invalid value for '--timeout': 'abc' is not a valid float range."
+    assert r.returncode == 2 and message in r.stderr and message in buf.getvalue()
+
+
+def test_options_before_or_after_the_subcommand(tmp_path):
+    run_dir = str(tmp_path / "nohost")
+    before = vfkeep("traffic", "--run-dir", run_dir, "stats")
+    after = vfkeep("traffic", "stats", "--run-dir", run_dir)
+    assert before.returncode == after.returncode == 1
+    assert f"no host answering in {run_dir}" in before.stderr and before.stderr == after.stderr
+
+
+def test_version_and_json_errors(tmp_path):
+    for flag in ("--version", "-V"):
+        r = vfkeep(flag)
+        assert r.returncode == 0 and r.stdout.startswith("vfkeep, version ")
+    r = vfkeep("inspect", "--run-dir", str(tmp_path), "--json")
+    err = json.loads(r.stdout)
+    assert r.returncode == 1 and err["ok"] is False and err["error"]["type"] == "Unavailable"
+    assert "vfkeep run --run-dir" in err["error"]["message"]  # says how to get a host there
+    r = vfkeep("service", "--run-dir", str(tmp_path), "--nics", "x", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["type"] == "Usage"
+    bad = tmp_path / "empty.bin"
+    bad.write_bytes(b"")
+    r = vfkeep("state", "decode", str(bad), "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["type"] == "UndecodableState"
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+LONG_REASON = "saved state rejected: failed to decode servicing state (138 bytes): " + "x" * 150
+
+
+def _result() -> dict:
+    nic = {"pci_id": "d186:00:00.0", "restore_path": "fallback", "requested_path": "keepalive",
+           "device_reset": True, "hwc_established": True, "device_resets": 1, "hwc_requests": 40, "smc_messages": 9,
+           "error": "failed to decode", "reason": LONG_REASON}
+    return {"ok": True, "status": "degraded", "mana_keepalive": True, "nvme_keepalive": False, "nics": [nic],
+            "unclaimed_pool_allocations": [], "phases_ms": {"save": 1.0, "handoff": 2.0, "restore": 3.0, "total": 6.0},
+            "blackout_ms": None, "frames_lost": None, "timing": {"preset": "natural", "hwc_latency_ms": 0.0,
+                                                                  "flr_ms": 0.0}, "error": None}
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_servicing_output_is_never_cut(terminal):
+    """80 columns or piped: every field whole (a narrow terminal gets lines, not a squeezed table)."""
+    buf = io.StringIO()
+    render.print_servicing(_result(), Console(file=buf, width=80, force_terminal=terminal, soft_wrap=True))
+    out = buf.getvalue()
+    assert "…" not in out and LONG_REASON in out.replace("\n", "") and "servicing degraded" in out
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    h = HostRun(tmp_path_factory.mktemp("cli") / "run", "--keep-worker-logs", "2")
+    yield h
+    h.stop()
+
+
+def test_piped_output_is_plain_and_whole(host):
+    r = vfkeep("service", "--run-dir", host.run_dir, "--mana-keepalive", "--tamper", "truncate")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("servicing degraded: keepalive flags: mana; save ")
+    assert any(ln.startswith("nic d186:00:00.0: path=fallback requested=keepalive ") and
+               "reason=saved state rejected: failed to decode servicing state" in ln for ln in lines), lines
+    r = vfkeep("inspect", "--run-dir", host.run_dir, "worker")
+    assert r.returncode == 0 and "…" not in r.stdout
+    assert all(": " in ln and ln.split(": ")[0].startswith("worker/") for ln in r.stdout.splitlines())
+    assert "worker/nics/0/restore_path: fallback" in r.stdout.splitlines()
+    assert vfkeep("traffic", "start", "--run-dir", host.run_dir, "--rate", "500").returncode == 0
+    r = vfkeep("traffic", "stats", "--run-dir", host.run_dir)
+    assert r.returncode == 0 and r.stdout.startswith("traffic since the last start: nic=0 sent=")
+    assert "received=" in r.stdout and "blackout_ms=" in r.stdout and "…" not in r.stdout
+    assert vfkeep("traffic", "stop", "--run-dir", host.run_dir).returncode == 0
+
+
+def test_worker_logs_kept_for_the_last_k_servicings(host):
+    for _ in range(3):
+        assert host.service(mana_keepalive=True)["status"] == "ok"
+    gen = host.inspect("worker/generation")
+    kept = sorted(n for n in os.listdir(host.run_dir) if n.startswith("worker-"))
+    assert {n.split(".")[0] for n in kept} == {f"worker-{gen - 1}", f"worker-{gen}"}, kept
+    empty = [n for n in os.listdir(host.run_dir) if n.endswith(".stderr") and n.startswith("worker-")
+             and os.path.getsize(os.path.join(host.run_dir, n)) == 0 and n != f"worker-{gen}.stderr"]
+    assert empty == []  # an ended worker's empty stderr is removed
+
+
+def test_stop_is_idempotent_and_says_what_it_stopped(tmp_path):
+    h = HostRun(tmp_path / "run", nics=0)
+    first = vfkeep("stop", "--run-dir", h.run_dir)
+    assert first.returncode == 0 and f"stopped host pid {h.pid} in {h.run_dir}" in first.stdout
+    assert h.reap(30) == 0
+    second = vfkeep("stop", "--run-dir", h.run_dir, "--json")
+    assert second.returncode == 0 and json.loads(second.stdout)["stopped"] is None
+
+
+def test_log_level_reaches_every_process(tmp_path):
+    h = HostRun(tmp_path / "run", nics=0, env={"VFKEEP_LOG_LEVEL": "warning"})
+    try:
+        assert h.status()["worker"]["alive"]
+    finally:
+        h.stop()
+    for name in ("host.log", "worker-1.log"):
+        with open(os.path.join(h.run_dir, name)) as f:
+            text = f.read()
+        assert "level=info" not in text, name
+    r = vfkeep("--log-level", "debug", "--version")
+    assert r.returncode == 0
+
+
+# -- temporary files --------------------------------------------------------------------------------------------
+def test_smoke_leaves_nothing_in_the_temp_dir(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = vfkeep("smoke", env={"TMPDIR": str(tmp)})
+    assert r.returncode == 0, r.stderr
+    assert "removed the run directory" in r.stdout and os.listdir(tmp) == []
+
+
+def test_interrupted_demo_leaves_nothing_in_the_temp_dir(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(tmp_path / "report"), "--timing", "natural"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**CLEAN_ENV, "TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 60
+        while len(live_processes(SESSION, child.pid)) < 3:  # demo + device + worker
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        stdout, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            proc.end(child)
+    assert child.returncode == 130 and "temporary run dir removed" in stdout
+    assert os.listdir(tmp) == []

@@ -1,0 +1,353 @@
+"""The host commands, defined once for the CLI and the console.
+
+`service`, `inspect`, `status`, `probe`, `traffic`, `exec` and `stop` are click commands. `vfkeep CMD
+--run-dir DIR ...` runs them against the host in DIR over its control socket (`RemoteTarget`); the host's
+console runs the very same command objects against its own `Host` (`LocalTarget`, passed as the click
+context object). So names, options, defaults, help and output are the same by construction; only
+`--run-dir` means nothing in the console (it is that host's). Every command takes `--json`, errors included
+(`{"ok": false, "error": {"type", "message"}}` on stdout), and `--run-dir` before or after a subcommand.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from .. import rpc
+from ..contract import SAVE_TEST_CONFIGS
+from . import control, render
+from .commands import (LOG_NAME, _env_pairs, _is_host, _pidfile_pid, _running, default_run_dir,
+                       parse_nic_list)
+from .tamper import TAMPER_MODES
+from .traffic import DEFAULT_RATE, DEFAULT_SIZE
+
+#: The commands both the CLI and the console have (the console adds `help` and `quit`).
+HOST_COMMANDS = ("service", "inspect", "status", "probe", "traffic", "exec", "stop")
+#: `vfkeep service --require-keepalive` when a NIC did not take the keepalive path.
+EXIT_NO_KEEPALIVE = 3
+
+
+class CommandError(click.ClickException):
+    """A command's failure; `kind` is the error type shown under --json (an rpc error type, or Usage)."""
+
+    def __init__(self, message: str, kind: str = "Error", exit_code: int = 1):
+        super().__init__(message)
+        self.kind = kind
+        self.exit_code = exit_code
+
+
+# -- targets ---------------------------------------------------------------------------------------------
+class RemoteTarget:
+    """The host in `run_dir`, over its control socket; errors name the host's log."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = os.path.abspath(run_dir)
+        self.log = os.path.join(self.run_dir, LOG_NAME)
+
+    def call(self, method: str, *args, wait: float | None = None, **kwargs) -> Any:
+        client = control.HostClient(self.run_dir, wait)
+        try:
+            return getattr(client, method)(*args, **kwargs)
+        except rpc.Unavailable as e:
+            raise CommandError(f"{e}; is a host running? (`vfkeep run --run-dir {self.run_dir} --detach`)",
+                               type(e).__name__) from None
+        except rpc.RpcError as e:
+            raise CommandError(f"{e} (host log: {self.log})", e.type) from None
+
+
+class LocalTarget:
+    """The console's own host: the same calls, in process; its refusals are the command's errors. `out`: the
+    console's output, where the commands print."""
+
+    def __init__(self, host, out=None):
+        self.host = host
+        self.run_dir = host.run_dir
+        self.out = out
+
+    def call(self, method: str, *args, wait: float | None = None, **kwargs) -> Any:
+        from .traffic import TrafficError
+        from .vmm import HostError
+        if method == "stop":
+            raise ConsoleStop()
+        try:
+            if method == "traffic":
+                return self.host.traffic(*args, **kwargs)
+            return getattr(self.host, method)(*args, **kwargs)
+        except (HostError, TrafficError, ValueError, TypeError) as e:
+            raise CommandError(f"{method}: {e}", "Refused") from None
+
+
+class ConsoleStop(Exception):
+    """`stop` typed in the console: the console stops the VM (as `quit`)."""
+
+
+def _console(ctx: click.Context):
+    """Where a command prints: the console's output in the console, stdout otherwise."""
+    local = ctx.find_object(LocalTarget)
+    return local.out if local is not None and local.out is not None else render.console()
+
+
+def _echo(ctx: click.Context, text: str, err: bool = False) -> None:
+    local = ctx.find_object(LocalTarget)
+    if local is not None and local.out is not None:
+        local.out.file.write(text + "\n")
+    else:
+        click.echo(text, err=err)
+
+
+def _target(ctx: click.Context, run_dir: str | None):
+    local = ctx.find_object(LocalTarget)
+    if local is not None:
+        return local
+    return RemoteTarget(run_dir or ctx.meta.get("vfkeep.run_dir") or default_run_dir())
+
+
+# -- shared options ---------------------------------------------------------------------------------------
+def host_command(name: str, **settings):
+    """A host command: `--run-dir` and `--json` added, errors printed as JSON under --json."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, as_json: bool, **kwargs):
+            try:
+                return fn(*args, as_json=as_json, **kwargs)
+            except click.ClickException as e:
+                if not as_json:
+                    raise
+                json_error(e)
+
+        run = click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")(run)
+        run = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+                           help="the host's run directory [default: $VFKEEP_RUN_DIR or /tmp/vfkeep-UID; "
+                                "the console's own host there]")(run)
+        return click.command(name, **settings)(click.pass_context(run))
+    return decorate
+
+
+def json_error(e: click.ClickException) -> None:
+    """A ClickException as the JSON error object on stdout, then its exit status."""
+    kind = getattr(e, "kind", None) or ("Usage" if isinstance(e, click.UsageError) else "Error")
+    click.echo(json.dumps({"ok": False, "error": {"type": kind, "message": e.format_message()}}))
+    sys.exit(e.exit_code)
+
+
+def _print_json(ctx: click.Context, data: Any) -> None:
+    _echo(ctx, json.dumps(data))
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+@host_command("service")
+@click.option("--mana-keepalive", is_flag=True, help="host allows MANA keepalive for this servicing")
+@click.option("--nvme-keepalive", "-n", is_flag=True, help="host allows NVMe keepalive for this servicing")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SEC",
+              help="save timeout: the worker must have saved within SEC seconds [default: 60]")
+@click.option("--test-config", type=click.Choice(SAVE_TEST_CONFIGS, case_sensitive=False), metavar="HOOK",
+              help="test hook for the current worker's save: " + "|".join(SAVE_TEST_CONFIGS))
+@click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
+@click.option("--next-worker-cmd", metavar="CMD", help="command of the next worker only")
+@click.option("--nics", "nic_list", metavar="I,J,...", help="NICs configured in the next worker [default: same]")
+@click.option("--tamper", type=click.Choice(TAMPER_MODES), help="test hook: damage the state handed over")
+@click.option("--require-keepalive", is_flag=True,
+              help=f"exit {EXIT_NO_KEEPALIVE} unless every configured NIC took the keepalive path")
+def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeout, test_config, next_env,
+                    next_worker_cmd, nic_list, tamper, require_keepalive):
+    """Service the paravisor: save the worker, start the next one, restore; print the servicing result.
+
+    Exit status: 0 ok or degraded, 1 failed, 2 bad usage, 3 keepalive required but not taken by every NIC."""
+    nics = None if nic_list is None else parse_nic_list(nic_list)
+    result = _target(ctx, run_dir).call(
+        "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
+        test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
+        next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper)
+    if as_json:
+        _print_json(ctx, result)
+    else:
+        render.print_servicing(result, _console(ctx))
+    if result["status"] == "failed":
+        sys.exit(1)
+    if require_keepalive:
+        missed = [f"{n['pci_id']} ({n['restore_path']}: {n['reason']})" for n in result["nics"]
+                  if n["restore_path"] != "keepalive"]
+        if missed or not result["mana_keepalive"]:
+            _echo(ctx, "vfkeep: service: keepalive required but not taken: "
+                  + ("; ".join(missed) if missed else "--mana-keepalive not given"), err=True)
+            sys.exit(EXIT_NO_KEEPALIVE)
+
+
+@host_command("inspect")
+@click.argument("path", required=False)
+def inspect_command(ctx, run_dir, as_json, path):
+    """Live tree of the host, worker, devices and last servicing; PATH selects a sub-tree (worker/nics/0)."""
+    data = _target(ctx, run_dir).call("inspect", path, wait=60)
+    if as_json:
+        _print_json(ctx, data)
+    else:
+        render.print_tree(data, path or "vfkeep", _console(ctx), path or "")
+
+
+@host_command("status")
+def status_command(ctx, run_dir, as_json):
+    """Host, worker and device processes at a glance, and the servicing in progress (answers during one)."""
+    data = _target(ctx, run_dir).call("status", wait=30)
+    if as_json:
+        _print_json(ctx, data)
+    else:
+        render.print_tree(data, "status", _console(ctx))
+
+
+@host_command("probe")
+@click.argument("nic", type=click.IntRange(0), default=0)
+@click.argument("count", type=click.IntRange(1), default=8)
+def probe_command(ctx, run_dir, as_json, nic, count):
+    """Push COUNT test frames into NIC's guest tx ring and wait for them on its rx ring (loopback backend)."""
+    r = _target(ctx, run_dir).call("probe", nic, count, wait=60)
+    if as_json:
+        _print_json(ctx, r)
+    else:
+        _echo(ctx, f"nic {r['nic']}: {r['received']}/{r['sent']} frames came back")
+    if not r["ok"]:
+        sys.exit(1)
+
+
+@click.group("traffic")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="the host's run directory (also accepted after the subcommand)")
+@click.pass_context
+def traffic_group(ctx, run_dir):
+    """Guest traffic on a running host: one agent per NIC sends paced frames and measures what comes back."""
+    if run_dir is not None:
+        ctx.meta["vfkeep.run_dir"] = run_dir
+
+
+nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="only this NIC [default: all]")
+
+
+@traffic_group.command("start")
+@click.option("--rate", type=click.FloatRange(min=1, max=1_000_000), default=DEFAULT_RATE, show_default=True,
+              help="frames per second per NIC")
+@click.option("--size", type=click.IntRange(60, 2044), default=DEFAULT_SIZE, show_default=True,
+              help="frame size in bytes")
+@nic_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.pass_context
+def traffic_start(ctx, rate, size, nic, as_json, run_dir):
+    """Start (or re-pace) traffic; starts the NIC's agent on first use."""
+    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "start", rate=rate, size=size,
+                                                                      nic=nic, wait=60))
+    if as_json:
+        return _print_json(ctx, result)
+    for n in result["nics"]:
+        _echo(ctx, f"nic {n['nic']}: {n['rate']:g} frames/s of {n['size']} bytes (agent pid {n['pid']})")
+
+
+@traffic_group.command("stop")
+@nic_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.pass_context
+def traffic_stop(ctx, nic, as_json, run_dir):
+    """Stop sending (agents keep running, and keep their records, until the host stops)."""
+    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stop", nic=nic, wait=60))
+    if as_json:
+        return _print_json(ctx, result)
+    for n in result["nics"]:
+        _echo(ctx, f"nic {n['nic']}: stopped after {n['sent']} frames")
+
+
+@traffic_group.command("stats")
+@nic_option
+@click.option("--settle-ms", type=click.FloatRange(0, 60_000), default=None,
+              help="wait up to this long for frames still in flight [default: 10 x the NIC's measured RTT p99, "
+                   "100-2000 ms; the wait ends as soon as every frame came back]")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.pass_context
+def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
+    """Delivery since the last start, per NIC, and what the last servicing cost the guest."""
+    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stats", nic=nic,
+                                                                      settle_ms=settle_ms, wait=120))
+    if as_json:
+        return _print_json(ctx, result)
+    c = _console(ctx)
+    render.print_stats(result["nics"], "traffic since the last start", c)
+    if result["last_servicing"]:
+        render.print_stats(result["last_servicing"], "last servicing window", c)
+
+
+def _json_errors(as_json: bool, fn):
+    try:
+        return fn()
+    except click.ClickException as e:
+        if not as_json:
+            raise
+        json_error(e)
+
+
+@host_command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SEC", help="the command is ended after SEC seconds")
+@click.argument("nic", type=click.IntRange(0))
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_command(ctx, run_dir, as_json, timeout, nic, argv):
+    """Run a command in guest NIC's network namespace (`vfkeep run --guest netns`), e.g. `exec 0 ping -c 3
+    198.18.0.1`; its output is shown when it ends."""
+    r = _target(ctx, run_dir).call("exec", nic, list(argv), timeout, wait=timeout + 10)
+    if as_json:
+        _print_json(ctx, r)
+    else:
+        out = _console(ctx)
+        out.file.write(r["stdout"])
+        out.file.flush()
+        if r["stderr"]:
+            _echo(ctx, r["stderr"].rstrip("\n"), err=True)
+        if r["timed_out"]:
+            _echo(ctx, f"ended after {timeout:g} s", err=True)
+    code = r["returncode"]
+    if r["timed_out"] or code:
+        sys.exit(code if code is not None and code > 0 else 1)
+
+
+@host_command("stop")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              metavar="SEC", help="wait SEC seconds for the host to exit")
+def stop_command(ctx, run_dir, as_json, timeout):
+    """Stop the host (NICs shut down, every child ended) and wait for it to exit; says what it stopped. With
+    no host running it says so and exits 0. In the console: stop this VM, as `quit`."""
+    target = _target(ctx, run_dir)
+    run_dir = target.run_dir
+    try:
+        reply = target.call("stop", wait=30)
+    except CommandError as e:
+        if e.kind not in ("Unavailable", "Timeout"):
+            raise
+        pid = _pidfile_pid(run_dir)
+        if pid is None or not _is_host(pid):
+            out = {"stopped": None, "run_dir": run_dir, "note": "no host running; nothing to stop"}
+            _echo(ctx, json.dumps(out) if as_json else f"no host running in {run_dir}; nothing to stop")
+            return
+        os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting)
+        reply = {"host_pid": pid, "servicing_phase": None}
+    pid = reply["host_pid"]
+    if reply.get("servicing_phase") and not as_json:
+        _echo(ctx, f"host pid {pid}: a servicing is in progress (phase {reply['servicing_phase']}); it stops once "
+                   "the servicing reaches a safe point")
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            raise CommandError(f"host pid {pid} still running after {timeout:g} s (see {run_dir}/{LOG_NAME})")
+        time.sleep(0.05)
+    if as_json:
+        _print_json(ctx, {"stopped": pid, "run_dir": run_dir, "servicing_phase": reply.get("servicing_phase")})
+    else:
+        _echo(ctx, f"stopped host pid {pid} in {run_dir} (NICs shut down, every device and agent ended)")
+
+
+COMMAND_OBJECTS: dict[str, click.Command] = {
+    "service": service_command, "inspect": inspect_command, "status": status_command, "probe": probe_command,
+    "traffic": traffic_group, "exec": exec_command, "stop": stop_command}
