@@ -50,8 +50,9 @@ SOCKETS = ["host_socket", "device_socket", "agent_socket"]
 
 
 def exchange(path: str, data: bytes, then_wait: float = 0.3) -> tuple[dict, bytes | None]:
-    """Send `data` on a fresh connection: the first reply, and the next line within `then_wait` seconds
-    (b"" = the server closed the connection, None = nothing came)."""
+    """Send `data` on a fresh connection: the first reply (lines without "ok", such as the host's greeting, are
+    not replies), and the next line within `then_wait` seconds (b"" = the server closed the connection, None =
+    nothing came)."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(path)
         s.settimeout(10)
@@ -61,6 +62,8 @@ def exchange(path: str, data: bytes, then_wait: float = 0.3) -> tuple[dict, byte
             pass
         f = s.makefile("rb")
         reply = json.loads(f.readline())
+        while "ok" not in reply:  # a greeting (the host's): not a reply
+            reply = json.loads(f.readline())
         s.settimeout(then_wait)
         try:
             rest = f.readline()

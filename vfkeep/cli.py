@@ -46,9 +46,13 @@ class LazyGroup(click.Group):
                 raise click.ClickException(f"command {name!r} is unavailable: {e}") from e
         return super().get_command(ctx, name)
 
+    def parse_args(self, ctx, args):
+        ctx.meta["vfkeep.json"] = "--json" in args
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx):
         """Under --json, a usage error (a bad option value, say) is a JSON error object on stdout too."""
-        as_json = "--json" in (*ctx.protected_args, *ctx.args)
+        as_json = ctx.meta.get("vfkeep.json", False)
         try:
             return super().invoke(ctx)
         except click.ClickException as e:
