@@ -127,6 +127,7 @@ def test_piped_output_is_plain_and_whole(host):
     r = vfkeep("traffic", "stats", "--run-dir", host.run_dir)
     assert r.returncode == 0 and r.stdout.startswith("traffic since the last start: nic=0 sent=")
     assert "received=" in r.stdout and "blackout_ms=" in r.stdout and "…" not in r.stdout
+    assert " frames_lost=0 " in r.stdout  # frames still in flight are waited for, not counted lost
     assert vfkeep("traffic", "stop", "--run-dir", host.run_dir).returncode == 0
 
 
