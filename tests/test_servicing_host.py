@@ -140,7 +140,7 @@ def test_bad_requests_refused(host):
         host.service(flavour="x")
     with pytest.raises(rpc.Refused, match="unknown tamper mode"):
         host.service(tamper="shred")
-    with pytest.raises(rpc.UnknownCommand, match="known: exec, inspect, probe, service, status, stop, traffic"):
+    with pytest.raises(rpc.UnknownCommand, match="known: events, exec, inspect, probe, service, status, stop, traffic"):
         host.call("reboot")
     out = host.cli("service", "--run-dir", host.run_dir, "--next-env", "NOEQUALS")
     assert out.returncode == 2 and "KEY=VAL" in out.stderr

@@ -156,7 +156,11 @@ def tree_lines(data: Any, prefix: str = "") -> list[str]:
         return [f"{prefix or '.'}: {value(data)}"]
     out = []
     for k, v in items:
-        out += tree_lines(v, f"{prefix}/{k}" if prefix else str(k))
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(data, list) and _is_row(v):  # a pool slot, an unclaimed allocation: one line
+            out.append(f"{path}: {_row(v, value)}")
+        else:
+            out += tree_lines(v, path)
     return out
 
 
@@ -180,10 +184,21 @@ def _fill(node: Tree, data: Any) -> None:
         node.add(_scalar(data))
         return
     for k, v in items:
-        if isinstance(v, (dict, list)) and v:
+        if isinstance(data, list) and _is_row(v):  # a pool slot, an unclaimed allocation: one line
+            node.add(f"[bold]{_esc(str(k))}[/bold]: {_row(v, _scalar)}")
+        elif isinstance(v, (dict, list)) and v:
             _fill(node.add(f"[bold]{_esc(str(k))}[/bold]"), v)
         else:
             node.add(f"[bold]{_esc(str(k))}[/bold]: {_scalar(v)}")
+
+
+def _is_row(v: Any) -> bool:
+    """A flat record (every value a scalar): one line in a list of them reads as a table row."""
+    return isinstance(v, dict) and bool(v) and not any(isinstance(x, (dict, list)) for x in v.values())
+
+
+def _row(v: dict, fmt) -> str:
+    return " ".join(f"{f}={fmt(x)}" for f, x in v.items())
 
 
 def _scalar(v: Any) -> str:
