@@ -62,8 +62,12 @@ SAFE_POINT_S = 10.0
 KEEP_WORKER_LOGS = 10
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
-#: The longest socket name the host creates in its run dir (device control socket of NIC 63).
-LONGEST_SOCKET_NAME = "nic63.sock.ctl"
+
+
+def socket_names(nics: int) -> list[str]:
+    """The sockets a host with `nics` NICs creates in its run dir (for the sun_path length check)."""
+    last = max(nics, 1) - 1
+    return ["host.sock", f"nic{last}.sock.ctl", f"guest-agent-{last}.sock", f"guest-bridge-{last}.sock"]
 
 
 #: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring
@@ -110,10 +114,11 @@ class HostConfig:
         if getattr(backend, "kind", None) == "tap" and self.nics > 1:
             raise HostError(f"--backend {self.backend} with --nics {self.nics}: every device would open the same "
                             "TAP interface (busy); use one NIC per TAP backend")
-        longest = os.path.join(os.path.abspath(self.run_dir), LONGEST_SOCKET_NAME)
+        name = max(socket_names(self.nics), key=len)
+        longest = os.path.join(os.path.abspath(self.run_dir), name)
         if len(longest.encode()) > MAX_SOCKET_PATH:
             raise HostError(f"--run-dir {os.path.abspath(self.run_dir)} is too long for UNIX sockets in it "
-                            f"({len(longest.encode())} > {MAX_SOCKET_PATH} bytes for {LONGEST_SOCKET_NAME}); "
+                            f"({len(longest.encode())} > {MAX_SOCKET_PATH} bytes for {name}); "
                             "use a shorter path")
         if self.worker_cmd is not None:
             try:
