@@ -254,6 +254,33 @@ def test_console_ctrl_c(tmp_path):
         assert "status" in f.read()
 
 
+def test_console_ctrl_c_during_a_stuck_servicing_waits_for_a_safe_point_then_stops(tmp_path):
+    """An interrupt during a servicing says it waits for a safe point; a save that never comes is cut off after
+    SAFE_POINT_S (its worker ended), then the VM stops in order: exit 130, nothing left."""
+    run_dir = str(tmp_path / "run")
+    con = Pty([*VFKEEP, "run", "--run-dir", run_dir, "--timing", "natural"],
+              {**CLEAN_ENV, "TERM": "dumb", "NO_COLOR": "1", "COLUMNS": "200"})
+    try:
+        con.expect("vfkeep> ")
+        con.send(b"service --mana-keepalive --test-config SERVICING_SAVE_STUCK --timeout 60\r")
+        deadline = time.monotonic() + 30
+        while (control.HostClient(run_dir, wait=5).status()["servicing"] or {}).get("phase") != "save":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t = time.monotonic()
+        con.send(b"\x03")
+        out = con.expect("VM stopped", timeout=40)
+        assert "interrupted during a servicing (phase save)" in out and "waiting up to 10 s" in out
+        assert con.wait() == 130 and time.monotonic() - t < 25
+    finally:
+        if pid_alive(con.pid):
+            os.kill(con.pid, signal.SIGKILL)
+            os.waitpid(con.pid, 0)
+        os.close(con.fd)
+    assert not processes_mentioning(run_dir) and leftovers(run_dir) == []
+    assert_worker_before_devices(run_dir)
+
+
 # -- degraded servicings ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):

@@ -127,7 +127,10 @@ class HostConsole(cmd.Cmd):
             self.out.print(f"[red]{name}: {_esc(e.format_message())}[/red]" + (f"\n{_esc(usage)}" if usage else ""))
         except click.ClickException as e:
             self.out.print(f"[red]{_esc(e.format_message())}[/red]")
-        except (click.exceptions.Exit, click.Abort):
+        except click.Abort as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # click turned Ctrl-C (or a stop signal) into Abort
+                raise e.__cause__ from None
+        except click.exceptions.Exit:
             pass
         except SystemExit as e:  # a command's exit status (e.g. service --require-keepalive)
             if e.code:
