@@ -249,3 +249,53 @@ def test_completions_written_during_the_handover_are_reaped_without_an_interrupt
     assert disk2.restore_path == P.KEEPALIVE
     assert disk2.driver.wait_drained(10)
     disk2.driver.shutdown()
+
+
+def wait_until(pred, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_namespace_change_in_the_window_completes_the_saved_aer(sock, mem, saved):
+    """servicing_keepalive_with_namespace_update: the change happens between save and restore; the AER the
+    old driver left outstanding completes for the new one, which reads the log page and rescans."""
+    state, dma_state = saved
+    ctl(sock, "namespace_change", nsid=1)  # no driver attached: the AEN waits in the held AER's completion
+    seq = ctl(sock, "command_log")["last_seq"]
+    dma, disk = restore(sock, mem, state, dma_state)
+    assert disk.restore_path == KEEPALIVE
+    wait_until(lambda: disk.driver.counters["namespace_rescans"] == 1)
+    names = [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]]
+    assert names[:4] == ["CONNECT", "GET_LOG_PAGE", "IDENTIFY", "ASYNC_EVENT_REQUEST"], names
+    assert disk.driver.counters["aens"] == 1
+    disk.driver.shutdown()
+
+
+def test_delayed_create_io_cq_slows_the_fresh_init(sock, mem):
+    ctl(sock, "admin_fault", opcode="CREATE_IO_CQ", action="delay", ms=300, mode="always")
+    import time
+    t = time.monotonic()
+    dma, disk = bring_up(sock, mem)
+    assert time.monotonic() - t >= 0.6  # two IO queues
+    creates = [e for e in ctl(sock, "command_log")["entries"] if e["name"] == "CREATE_IO_CQ"]
+    assert [e["injected"] for e in creates] == ["delay", "delay"] and all(e["status"] == 0 for e in creates)
+    disk.driver.shutdown()
+
+
+def test_surprise_removal_fails_pending_io_and_the_driver_reports_the_device_gone(sock, mem):
+    dma, disk = bring_up(sock, mem)
+    statuses = []
+    ctl(sock, "io_stall", on=True)
+    disk.driver.namespace(1)
+    disk.driver.submit_io(NVM_WRITE, 1, 0, 1, mem.layout.guest.gpa, 512, lambda s, d: statuses.append(s))
+    ctl(sock, "surprise_removal", on=True)
+    from vfkeep.nvme_driver.driver import read_csts
+    from vfkeep.nvme_driver.errors import DeviceGone
+    with pytest.raises(DeviceGone):
+        read_csts(disk.driver.backing, "nvme0")
+    disk.driver.shutdown()  # the reset fails (device gone): teardown goes on
+    assert statuses == []  # never completed, never completed twice
+    ctl(sock, "surprise_removal", on=False)
