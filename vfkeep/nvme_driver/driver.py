@@ -41,7 +41,7 @@ from vfkeep.nvme import (AEN_NOTICE, AQA_256, CC_ENABLE_VALUE, CHANGED_NS_ALL, C
 from vfkeep.proto import nvme_driver_pb2 as pb
 
 from .errors import (CommandFailed, CommandTimeout, ControllerFatal, DeviceGone, DeviceNotReady, DriverStopped,
-                     ReadyTimeout, SaveFailed, UnsupportedController)
+                     NvmeError, ReadyTimeout, SaveFailed, UnsupportedController)
 from .namespace import Namespace
 from .queues import ABANDONED, QueuePair
 from .saved_state import decode, match_blocks, validate
@@ -277,7 +277,7 @@ class NvmeDriver:
                     self._rescan(nsid)
             self.last_aen = None
             self._arm_aer()
-        except (DriverStopped, CommandTimeout, CommandFailed) as e:
+        except NvmeError as e:  # stopped, timed out, failed, or identify data that does not parse
             kv(log, logging.WARNING, "event handling stopped", device=self.device_id, error=str(e))
 
     def _rescan(self, nsid: int) -> None:
