@@ -492,10 +492,12 @@ class NvmeDriver:
         self.qsize, self.max_io_queues = w.qsize, w.max_io_queues
         for ns in state.namespaces:
             self.namespaces[ns.nsid] = Namespace(self, ns.nsid, bytes(ns.identify_ns))
+        # Decided from the saved state, before the interrupt thread can deliver the saved AER's event.
+        pending_aen, awaiting = self.last_aen, self.aer_cid is not None
         self._start_thread()
-        if self.last_aen is not None:
-            threading.Thread(target=self._handle_aen, args=(self.last_aen,), daemon=True).start()
-        else:
+        if pending_aen is not None:
+            threading.Thread(target=self._handle_aen, args=(pending_aen,), daemon=True).start()
+        elif not awaiting:
             self._arm_aer()
         kv(log, logging.INFO, "nvme driver restored", device=self.device_id, io_queues=len(self.io),
            admin_pending=len(self.admin.pending), io_pending=self._presave_io, awaiting_aen=self.aer_cid)
