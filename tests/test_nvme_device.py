@@ -271,3 +271,22 @@ def mem():
     m = GuestMemory.create(MemoryLayout(guest_pages=1024, worker_pages=16, pool_pages=0))
     yield m
     m.close()
+
+
+def test_work_due_while_the_next_driver_is_still_mapping_waits_for_its_first_register_access(bench):
+    """A delayed completion firing between the new driver's DMA_MAPs (queues not mapped yet) must not fail
+    the CQ: DMA work waits until the new connection has touched BAR0."""
+    bench.enable()
+    bench.io_queue()
+    bench.ctrl.set_io_stall(True)
+    cid = bench.submit(nvme.Command(cdw0=nvme.NVM_READ, nsid=1, prp1=bench.DATA, cdw12=0), qid=1)
+    bench.ctrl.client_disconnected()
+    bench.ctrl.client_connected(2)
+    full = bench.dma.ranges
+    bench.dma.ranges = [(bench.DATA, 16 * PAGE)]  # the data pages are mapped, the queues not yet
+    bench.ctrl.set_io_stall(False)
+    assert bench.ctrl.inspect()["parked"] == 1
+    bench.dma.ranges = full
+    assert bench.r32(nvme.REG_CSTS) & 1
+    assert bench.completions(qid=1) == [(cid, 0, 0)]
+    assert all(q["failed"] is None for q in bench.ctrl.inspect()["cqs"])

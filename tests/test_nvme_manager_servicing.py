@@ -1,6 +1,7 @@
 """NvmeManager across a worker handover, in the worker's save order (servicing §2.2: DMA manager state, then
 NVMe), with guest IO on the block channel: keepalive, NVMe not kept alive while the pool snapshot is taken
 (mixed flags, DESIGN D8), a blob without field 10000 (previous release), strict pool mode."""
+import json
 import time
 
 import pytest
@@ -55,7 +56,8 @@ def handover(mem, dma, mgr, nvme_keepalive: bool, *, with_nvme_field=True) -> un
 def wait_completed(io, n, mgr, timeout=30):
     deadline = time.monotonic() + timeout
     while io.counters["completed"] < n:
-        assert time.monotonic() < deadline, (io.stats(), mgr.inspect())
+        if time.monotonic() >= deadline:
+            pytest.fail(f"IO stalled: {json.dumps({'io': io.stats(), 'manager': mgr.inspect()}, default=str)}")
         time.sleep(0.01)
 
 

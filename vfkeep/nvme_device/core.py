@@ -132,6 +132,7 @@ class NvmeController:
         self.generation = 0  # bumped whenever queues are torn down: late timers of older work do nothing
         self._parked: list = []
         self._catch_up = False
+        self._accessed_epoch = -1  # connection epoch of the last BAR0 access (see `_dma_ok`)
         self._power_on()
 
     @property
@@ -197,6 +198,7 @@ class NvmeController:
         if self.removed:
             return b"\xff" * size
         self._check_access(offset, size, write=False)
+        self._accessed_epoch = self.epoch
         self._resume_parked()
         base = offset & ~7 if offset & ~7 in REGS_64 else offset
         value = self._read_reg(base)
@@ -208,6 +210,7 @@ class NvmeController:
         if self.removed:
             return
         self._check_access(offset, len(data), write=True)
+        self._accessed_epoch = self.epoch
         self._resume_parked()
         value = int.from_bytes(data, "little")
         if offset >= DOORBELL_BASE:
@@ -382,7 +385,11 @@ class NvmeController:
                              what=what)
 
     def _dma_ok(self) -> bool:
-        return getattr(self.dma, "available", True)
+        """The driver's memory is reachable: a driver is attached with memory mapped (`dma.available`) and
+        has touched BAR0 in this connection. A driver maps all its memory before its first register
+        access, so work due while it is still mapping (a delayed completion firing between two DMA_MAPs)
+        waits instead of faulting on a CQ that is not mapped yet."""
+        return self._accessed_epoch == self.epoch and getattr(self.dma, "available", True)
 
     def _park(self, fn) -> None:
         self.counters["parked"] += 1
