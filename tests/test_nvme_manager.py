@@ -266,7 +266,7 @@ def test_namespace_change_in_the_window_completes_the_saved_aer(sock, mem, saved
     ctl(sock, "namespace_change", nsid=1)  # no driver attached: the AEN waits in the held AER's completion
     seq = ctl(sock, "command_log")["last_seq"]
     dma, disk = restore(sock, mem, state, dma_state)
-    assert disk.restore_path == KEEPALIVE
+    assert disk.restore_path == P.KEEPALIVE
     wait_until(lambda: disk.driver.counters["namespace_rescans"] == 1)
     names = [e["name"] for e in ctl(sock, "command_log", since=seq)["entries"]]
     assert names[:4] == ["CONNECT", "GET_LOG_PAGE", "IDENTIFY", "ASYNC_EVENT_REQUEST"], names
