@@ -109,6 +109,11 @@ def test_tcp_and_ping_survive_every_servicing_path(tmp_path, root_ifaces):
                 time.sleep(0.05)
             flowing.append(stream.received() - before)
             assert stream.state() == "ESTABLISHED"
+        # The NIC's MAC is the same after every servicing: the worker's vport, the guest's TAP, the peer's view.
+        assert host.inspect("worker/nics/0/vport/mac") == nic_mac(0).hex(":")
+        neigh = subprocess.run(["ip", "-n", w, "neigh", "show", netns.guest_address(0)], capture_output=True,
+                               text=True).stdout
+        assert nic_mac(0).hex(":") in neigh and nic_mac(0).hex(":") in _link(g, netns.GUEST_TAP)
         time.sleep(0.7)
         pinger.stop()
         tcp = stream.close()

@@ -199,3 +199,36 @@ def test_bridge_carries_real_ping_and_tcp(rid, tmp_path):
         ch.close()
         mem.close()
     assert ns_links(g) == ["lo"]
+
+
+@needs_netns
+def test_bridge_counts_every_frame_the_full_ring_refuses(rid, tmp_path):
+    """With nobody consuming the tx ring, the bridge takes what fits and counts the rest where the traffic
+    agent does: the ring's dropped_full and its own tx_ring_full, equal, none silently gone."""
+    import socket
+    g = netns.guest_ns(rid, 0)
+    netns.create(g)
+    mem = GuestMemory.create(LAYOUT)
+    layout = ChannelLayout(nics=1, slots=16)
+    ch = NicChannel.create(mem, layout, 0)
+    mac = bytes.fromhex("00155d121212")
+    bridge = spawn_bridge(mem, layout, 0, *ch.bell_fds(), ns=g, mac=mac, address="198.18.0.2/24",
+                          control_path=str(tmp_path / "bridge.sock"), run_dir=str(tmp_path))
+    try:
+        with netns.entered(g):
+            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        with raw:
+            raw.bind((netns.GUEST_TAP, 0))
+            for i in range(40):
+                raw.send(b"\xff" * 6 + mac + b"\x88\xb5" + i.to_bytes(4, "big") + bytes(46))
+        from vfkeep.guest.agent import AgentClient
+        deadline = time.monotonic() + 10
+        with AgentClient(str(tmp_path / "bridge.sock")) as c:
+            while (st := c.call("status"))["tap_rx_frames"] < 40 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert st["tap_rx_frames"] >= 40 and st["rings"]["tx"]["tail"] == 16
+        assert st["tx_ring_full"] == st["rings"]["tx"]["dropped_full"] == st["tap_rx_frames"] - 16
+    finally:
+        assert end(bridge) == 0
+        ch.close()
+        mem.close()
