@@ -1,5 +1,7 @@
 """Driver-side queues: owner counting across wraps, doorbell values, WQ ring arithmetic."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vfkeep.driver.errors import QueueOverflow
 from vfkeep.driver.queues import CqEq, DoorbellPage, Wq
@@ -51,6 +53,39 @@ def test_cq_eq_consumes_in_order_across_many_wraps(kind, entry):
         seen.append(e.params.wq_number if kind == "cq" else e.params.reserved)
         assert q.poll() is None
     assert seen == [i & 0xFF for i in range(20 * dev.cap)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from([("cq", 64), ("eq", 16)]), batches=st.lists(st.tuples(st.integers(0, 70),
+                                                                                st.integers(1, 300)), max_size=30))
+def test_poll_many_equals_polling_one_at_a_time(kind, batches):
+    """A batch poll takes exactly the entries single polls would, in order, across laps and owner wraps."""
+    name, entry = kind
+    mems = [memoryview(bytearray(4096)) for _ in range(2)]
+    one, many = (CqEq(name, m, 24, doorbell()) for m in mems)
+    devs = [Producer(m, entry) for m in mems]
+    outstanding = 0
+    for posted, take in batches:
+        posted = min(posted, devs[0].cap - outstanding)  # a producer that never laps the consumer
+        for dev in devs:
+            for _ in range(posted):
+                dev.post(0)
+        outstanding += posted
+        singles = []
+        while len(singles) < take and (off := one.poll_offset()) is not None:
+            singles.append(off)
+        assert many.poll_many(take) == singles and many.next == one.next
+        outstanding -= len(singles)
+
+
+def test_poll_many_detects_overflow_where_single_polls_do():
+    mem = memoryview(bytearray(4096))
+    q = CqEq("eq", mem, 24, doorbell())
+    dev = Producer(mem, 16)
+    for _ in range(dev.cap + 1):
+        dev.post(0)
+    with pytest.raises(QueueOverflow):
+        q.poll_many(10)
 
 
 def test_eq_overflow_is_detected_not_consumed():

@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY,
                                    DRV_RX_MAX_POSTED, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT)
-from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxCompOob, ManaTxLongOob, ManaTxOob,
-                                  ManaTxShortOob, ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
+from vfkeep.gdma import codec
+from vfkeep.gdma.datapath import (ManaRxWqeOneSge, ManaTxLongOob, ManaTxOob, ManaTxShortOob, ManaTxWqeLongOneSge,
+                                  ManaTxWqeShortOneSge)
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
 from .backing import DmaBuffer
 from .errors import BadFrame, VportError
-from .queues import CQE_SIZE, CqEq, DoorbellPage, Wq
+from .queues import CQE_SIZE, EQE_SIZE, CqEq, DoorbellPage, Wq
 
 if TYPE_CHECKING:
     from .gdma_driver import GdmaDriver
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfkeep.driver.vport")
 
 RX_WQE_LEN = ctypes.sizeof(ManaRxWqeOneSge)
+_SGE_LEN = codec.record(None, (0, codec.field_span(Sge, "size")[1]))
+_CQE_TYPE = codec.CQE_HDR.mask["cqe_type"]
+assert codec.CQE_HDR.shift["cqe_type"] == 0
 
 
 def tx_wqe_len(short: bool) -> int:
@@ -121,18 +125,13 @@ class VportDataPath:
         else:
             oob = ManaTxOob(s_oob=s_oob, l_oob=ManaTxLongOob(long_vp_offset=tx_vport_offset))
         header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=code))
-        self._tx_sges: list[Sge] = []
-        for pos in range(positions):
+        for pos in range(positions if write else 0):
             wqe = wqe_type.from_buffer(self._sq.mem, pos * self._tx_wqe_len)
-            if write:
-                wqe.oob = oob
-                wqe.sge = Sge(address=buffers.gpa + (pos % self._tx_nbuf) * self.max_frame,
-                              mem_key=self.gdma.gpa_mkey)
-                wqe.header = header
-            self._tx_sges.append(wqe.sge)
+            wqe.oob = oob
+            wqe.sge = Sge(address=buffers.gpa + (pos % self._tx_nbuf) * self.max_frame, mem_key=self.gdma.gpa_mkey)
+            wqe.header = header
+        self._tx_size_at = wqe_type.sge.offset + codec.SGE_SIZE_AT  # the one field a send rewrites
         self._tx_positions_mask = positions - 1
-        self._tx_comps = [ManaTxCompOob.from_buffer(self._tx_cq.mem, i * CQE_SIZE)
-                          for i in range(self._tx_cq.size // CQE_SIZE)]
         self._tx_posted = 0
         self._tx_done = 0
 
@@ -147,8 +146,6 @@ class VportDataPath:
             wqe.sge = Sge(address=buffers.gpa + (pos % self._rx_nbuf) * self.max_frame, mem_key=self.gdma.gpa_mkey,
                           size=self.max_frame)
             wqe.header = header
-        self._rx_comps = [ManaRxcompOob.from_buffer(self._rx_cq.mem, i * CQE_SIZE)
-                          for i in range(self._rx_cq.size // CQE_SIZE)]
         self._rx_done = 0
 
     def post_receive_buffers(self) -> None:
@@ -173,22 +170,22 @@ class VportDataPath:
         n = min(len(frames), self._tx_nbuf - (self._tx_posted - self._tx_done))
         if n <= 0:
             return 0
-        bs, view, sges = self.max_frame, self._tx_view, self._tx_sges
-        for f in frames[:n]:
-            if not 0 < len(f) <= bs:
-                raise BadFrame(f"frame of {len(f)} bytes does not fit a {bs}-byte buffer")
+        bs, view = self.max_frame, self._tx_view
+        lengths = list(map(len, frames[:n]))
+        if min(lengths) <= 0 or max(lengths) > bs:
+            bad = next(x for x in lengths if not 0 < x <= bs)
+            raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
         sq = self._sq
-        pos = sq.tail // self._tx_wqe_len
+        ring, wqe_len, size_at, set_size = sq.mem, self._tx_wqe_len, self._tx_size_at, _SGE_LEN.pack_into
+        pos = sq.tail // wqe_len
         pmask, bmask = self._tx_positions_mask, self._tx_nbuf - 1
-        nbytes = 0
-        for f in frames[:n]:
+        for f, length in zip(frames[:n], lengths):
             p = pos & pmask
             off = (p & bmask) * bs
-            length = len(f)
             view[off:off + length] = f
-            sges[p].size = length
-            nbytes += length
+            set_size(ring, p * wqe_len + size_at, length)
             pos += 1
+        nbytes = sum(lengths)
         sq.advance_tail(n * self._tx_wqe_len)
         self._tx_posted += n
         sq.commit()
@@ -198,27 +195,39 @@ class VportDataPath:
 
     def _reap_tx(self) -> int:
         """Consume TX completions; each frees the oldest send WQE and its buffer (in-order completion)."""
-        cq, comps = self._tx_cq, self._tx_comps
-        done = 0
-        while (off := cq.poll_offset()) is not None:
-            cqe_type = comps[off // CQE_SIZE].cqe_hdr.cqe_type
+        cq = self._tx_cq
+        offsets = cq.poll_many(cq.size // CQE_SIZE)
+        if not offsets:
+            return 0
+        mem, unpack = cq.mem, codec.TX_COMP.unpack_from
+        for off in offsets:
+            cqe_type = unpack(mem, off)[0] & _CQE_TYPE
             if cqe_type != CQE_TX_OKAY:
                 self.stats.tx_errors += 1
                 if cqe_type == CQE_TX_GDMA_ERR and not self.tx_failed:
                     self.tx_failed = True
                     kv(log, logging.ERROR, "tx queue disabled by the device", vport=self.index, sq=self._sq.id)
-            done += 1
-        if done:
-            self._tx_done += done
-            self._sq.advance_head(done * self._tx_wqe_len)
+        done = len(offsets)
+        self._tx_done += done
+        self._sq.advance_head(done * self._tx_wqe_len)
         return done
 
     # -- receiving -------------------------------------------------------------------------------
-    def receive_into(self, sink: Callable[[memoryview], object], max_frames: int = 64, timeout: float = 0.0) -> int:
-        """Hand up to `max_frames` received frames to `sink` as views of the packet buffers (valid only during
-        the call: the buffers are re-posted afterwards); wait up to `timeout` seconds if none is ready."""
+    def receive_batch(self, consume: Callable[[list[memoryview]], object], max_frames: int = 256) -> int:
+        """Hand up to `max_frames` received frames to `consume` as one list of views of the packet buffers
+        (valid only during the call: the buffers are re-posted afterwards, with one doorbell); no waiting."""
         self._check_open()
-        n = self._drain_rx(sink, max_frames)
+        return self._drain_rx(consume, max_frames)
+
+    def receive_into(self, sink: Callable[[memoryview], object], max_frames: int = 64, timeout: float = 0.0) -> int:
+        """Hand up to `max_frames` received frames to `sink` one by one as views of the packet buffers (valid
+        only during the call); wait up to `timeout` seconds if none is ready."""
+        self._check_open()
+
+        def consume(views: list[memoryview]) -> None:
+            for v in views:
+                sink(v)
+        n = self._drain_rx(consume, max_frames)
         if n or timeout <= 0:
             return n
         deadline = time.monotonic() + timeout
@@ -227,7 +236,7 @@ class VportDataPath:
             if remaining <= 0:
                 return 0
             self.wait(remaining)
-            n = self._drain_rx(sink, max_frames)
+            n = self._drain_rx(consume, max_frames)
             if n:
                 return n
 
@@ -237,68 +246,63 @@ class VportDataPath:
         self.receive_into(lambda view: frames.append(bytes(view)), max_frames, timeout)
         return frames
 
-    def _drain_rx(self, sink: Callable[[memoryview], object], max_frames: int) -> int:
-        cq, comps, view, bs = self._rx_cq, self._rx_comps, self._rx_view, self.max_frame
+    def _drain_rx(self, consume: Callable[[list[memoryview]], object], max_frames: int) -> int:
+        cq = self._rx_cq
+        offsets = cq.poll_many(max_frames)
+        if not offsets:
+            return 0
+        mem, unpack, view, bs = cq.mem, codec.RX_COMP.unpack_from, self._rx_view, self.max_frame
         bmask = self._rx_nbuf - 1
         seq = self._rx_done
-        taken = delivered = nbytes = 0
-        while taken < max_frames and (off := cq.poll_offset()) is not None:
-            comp = comps[off // CQE_SIZE]
-            buf = ((seq + taken) & bmask) * bs
-            taken += 1
-            if comp.cqe_hdr.cqe_type == CQE_RX_OKAY:
-                length = comp.ppi[0].pkt_len
-                if length <= bs:
-                    sink(view[buf:buf + length])
-                    delivered += 1
-                    nbytes += length
-                    continue
-            self.stats.rx_errors += 1
-        if taken:
-            # Re-post the same buffers: the WQE at the new tail already points at them.
-            self._rx_done = seq + taken
-            rq = self._rq
-            rq.advance_head(taken * self._rx_wqe_len)
-            rq.advance_tail(taken * self._rx_wqe_len)
-            rq.commit(num_rwqe=taken)
-            self.stats.rx_frames += delivered
-            self.stats.rx_bytes += nbytes
-        return delivered
+        views = []
+        for i, off in enumerate(offsets):
+            header, length = unpack(mem, off)
+            if header & _CQE_TYPE == CQE_RX_OKAY and length <= bs:
+                buf = ((seq + i) & bmask) * bs
+                views.append(view[buf:buf + length])
+        if views:
+            consume(views)
+        taken = len(offsets)
+        # Re-post the same buffers: the WQE at the new tail already points at them.
+        self._rx_done = seq + taken
+        rq = self._rq
+        rq.advance_head(taken * self._rx_wqe_len)
+        rq.advance_tail(taken * self._rx_wqe_len)
+        rq.commit(num_rwqe=taken)
+        self.stats.rx_errors += taken - len(views)
+        self.stats.rx_frames += len(views)
+        self.stats.rx_bytes += sum(map(len, views))
+        return len(views)
 
     # -- waiting ---------------------------------------------------------------------------------
     def fileno(self) -> int:
         """Eventfd that becomes readable when `prepare_wait()` armed the queues and work arrived."""
         return self.gdma.irq.fd(self.vector)
 
-    def prepare_wait(self) -> bool:
-        """Arm CQs and EQ for an interrupt (gdma spec 6.6). False if work is already waiting: do not sleep."""
+    def prepare_wait(self, need_tx: bool = True) -> bool:
+        """Arm the CQs and the EQ for an interrupt (gdma spec 6.6); False if work is already waiting: do not
+        sleep. Completion events are consumed first (the CQs are polled directly; the EQ's tail goes to the
+        device with its arm). `need_tx=False`: the caller does not need to wake for TX completions (nothing
+        waits for a TX buffer), so the TX CQ is not armed — they are reaped on the next send."""
         self._check_open()
         self.gdma.irq.clear(self.vector)
-        eq = self._eq
-        if self._drain_eq():
-            return False
+        eq, rx_cq, tx_cq = self._eq, self._rx_cq, self._tx_cq
+        eq.poll_many(eq.size // EQE_SIZE)
         self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
-        self._rx_cq.arm()
-        tx_busy = self._tx_posted != self._tx_done
-        if tx_busy:
-            self._tx_cq.arm()
+        if rx_cq.pending():
+            return False
+        tx_armed = need_tx and self._tx_posted != self._tx_done
+        rx_cq.arm()
+        if tx_armed:
+            tx_cq.arm()
         eq.arm()
-        return not (self._rx_cq.pending() or (tx_busy and self._tx_cq.pending()) or eq.pending())
+        return not (rx_cq.pending() or (tx_armed and tx_cq.pending()) or eq.pending())
 
     def wait(self, timeout: float) -> bool:
         """Sleep until RX or TX completions arrive or `timeout` passes; True if woken by work."""
         if not self.prepare_wait():
             return True
         return self.gdma.irq.wait(self.vector, timeout)
-
-    def _drain_eq(self) -> int:
-        """Consume completion events (the CQs are polled directly, the events only say which one fired)."""
-        n = 0
-        while self._eq.poll_offset() is not None:
-            n += 1
-        if n:
-            self._eq.ack()
-        return n
 
     def sync(self) -> None:
         """Return once the device has handled every doorbell rung so far: a register read is the barrier,
