@@ -20,6 +20,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -53,12 +54,21 @@ def timing_of(args: argparse.Namespace) -> DeviceTiming:
     return timing_from(args.timing, args.hwc_latency_ms, args.flr_ms)
 
 
+def no_console_option(code_dir: pathlib.Path) -> str:
+    """How that tree's `vfkeep run` starts without a console: `--no-console`, or `--detach` before it."""
+    out = subprocess.run([sys.executable, "-m", "vfkeep.cli", "run", "--help"], cwd=code_dir, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(code_dir)}).stdout
+    return "--no-console" if "--no-console" in out else "--detach"
+
+
 class Host(DetachedHost):
     """A benchmark host: `DetachedHost` with the timing parameters and prelaunch on/off, and measured servicings."""
 
     def __init__(self, run_dir: str, nics: int, prelaunch: bool, timing: DeviceTiming, *args: str,
                  code_dir: pathlib.Path | None = None):
         """`code_dir`: run vfkeep from that source tree (e.g. a worktree of another commit), not this one."""
+        if code_dir is not None:
+            self.no_console_option = no_console_option(code_dir)
         env = None if code_dir is None else {
             "PYTHONPATH": os.pathsep.join(filter(None, (str(code_dir), os.environ.get("PYTHONPATH"))))}
         super().__init__(run_dir, *timing.to_args(), "--prelaunch" if prelaunch else "--no-prelaunch", *args,

@@ -24,11 +24,15 @@ class DetachedHost(HostClient):
     `<run-dir>/host.stderr`.
     """
 
+    #: The `vfkeep run` option that starts a host without a console (a host from before it took `--detach`).
+    no_console_option = "--no-console"
+
     def __init__(self, run_dir: str, *run_args: str, nics: int = 1, env: dict[str, str] | None = None,
                  wait: float | None = 120.0, boot_timeout: float = 60.0, cwd: str | None = None):
         super().__init__(run_dir, wait)
         os.makedirs(self.run_dir, exist_ok=True)
-        argv = proc.vfkeep_argv("run", "--no-console", "--run-dir", self.run_dir, "--nics", str(nics), *run_args)
+        argv = proc.vfkeep_argv("run", self.no_console_option, "--run-dir", self.run_dir, "--nics", str(nics),
+                                *run_args)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
         full_env.update(env or {})
         self._stderr = open(os.path.join(self.run_dir, "host.stderr"), "ab")
