@@ -1,6 +1,8 @@
 """The host<->worker contract (vfkeep.contract): one typed form per message, and the host's import boundary."""
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 
@@ -10,14 +12,20 @@ from vfkeep import contract as c
 
 MESSAGES = [
     c.Hello(4242, "0.1.0", "current", 3, {"mana": "enabled", "nvme": "disabled"}),
-    c.Start(None),
-    c.Start(c.encode_blob(b"\x0a\x00")),
+    c.Start(),
+    c.Start(servicing=True),
+    c.RestoreStateRequest(),
+    c.RestoreState(2, c.TransferStatus.SUCCESS, b"\x0a\x00"),
+    c.RestoreCompleted(c.TransferStatus.FAILURE),
     c.Started((c.NicRestore("d186:00:00.0", c.RestorePath.KEEPALIVE, None, False, 12.5),),
               (c.UnclaimedAllocation("nic_x", 600, 6, "vfio dma"),), None, {"total": 1.0}),
-    c.Save(True, False, 60.0, "f3c1", "SERVICING_SAVE_FAIL"),
-    c.Saved(c.encode_blob(b"blob"), (c.NicSaveOutcome("d186:00:00.0", c.SaveOutcome.SAVED, None),), {"total": 2.0}),
-    c.SaveFailed("test hook", (c.NicSaveOutcome("d186:00:00.0", c.SaveOutcome.SAVE_FAILED, "x"),),
-                 (c.NicRestore("d186:00:00.0", c.RestorePath.FALLBACK, "why", True, 3.0),)),
+    c.Save(c.HostCapabilities.MANA_KEEPALIVE, 60, "f3c1", "SERVICING_SAVE_FAIL"),
+    c.SaveState(c.TransferStatus.MORE_DATA, b"blob"),
+    c.SaveState(c.TransferStatus.SUCCESS, b"blob", (c.NicSaveOutcome("d186:00:00.0", c.SaveOutcome.SAVED, None),),
+                {"total": 2.0}),
+    c.SaveState(c.TransferStatus.FAILURE, nics=(c.NicSaveOutcome("d186:00:00.0", c.SaveOutcome.SAVE_FAILED, "x"),),
+                error="test hook", revived=(c.NicRestore("d186:00:00.0", c.RestorePath.FALLBACK, "why", True, 3.0),)),
+    c.SaveStateAnswer(c.TransferStatus.SUCCESS),
     c.Inspect(),
     c.InspectReply({"pid": 1, "nics": []}),
     c.Shutdown(),
@@ -27,18 +35,28 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
-def test_every_message_round_trips_through_its_json_form(msg):
+def test_every_message_round_trips_through_its_json_form_and_the_channel(msg):
     kinds = c.HOST_MESSAGES if type(msg) in c.HOST_MESSAGES.values() else c.WORKER_MESSAGES
     wire = msg.to_json()
     assert wire["type"] == msg.kind
     assert c.decode(wire, kinds) == msg
+    a, b = c.Channel.pair()
+    try:
+        a.send(msg.to_json())
+        assert c.decode(b.recv(5), kinds) == msg
+    finally:
+        a.close()
+        b.close()
 
 
 def test_wire_form_of_a_save_and_a_started():
     """The frames a worker of another version reads and writes: field names and JSON types are the contract."""
-    assert c.Save(True, False, 60.0, "id", None).to_json() == {
-        "type": "save", "mana_keepalive": True, "nvme_keepalive": False, "timeout_s": 60.0,
-        "correlation_id": "id", "test_config": None}
+    save = c.Save(c.capability_word(mana_keepalive=True, nvme_keepalive=False), c.timeout_hint(59.2), "id", None)
+    assert save.to_json() == {"type": "save", "capabilities": 2, "timeout_hint_s": 60, "correlation_id": "id",
+                              "test_config": None}
+    assert (save.mana_keepalive, save.nvme_keepalive, save.timeout_s) == (True, False, 60.0)
+    assert c.capability_word(mana_keepalive=False, nvme_keepalive=True) == 1
+    assert c.capability_word(mana_keepalive=True, nvme_keepalive=True) == 3
     started = c.decode({"type": "started", "nics": [{"pci_id": "p", "restore_path": "fresh", "error": None,
                                                       "flr": True, "create_ms": 1}],
                         "unclaimed_pool_allocations": [], "error": None, "phases_ms": {}}, c.WORKER_MESSAGES)
@@ -48,8 +66,10 @@ def test_wire_form_of_a_save_and_a_started():
 @pytest.mark.parametrize("data, problem", [
     ([1, 2], "JSON object"),
     ({"type": "reboot"}, "unexpected message 'reboot'"),
-    ({"type": "saved"}, "missing field 'servicing_state'"),
-    ({"type": "saved", "servicing_state": 7}, "saved.servicing_state: expected str"),
+    ({"type": "save_state"}, "missing field 'status'"),
+    ({"type": "save_state", "status": 7}, "save_state.status: 7 is not one of"),
+    ({"type": "save_state", "status": True}, "save_state.status: True is not one of"),
+    ({"type": "save_state", "status": 0, "payload": "text"}, "save_state.payload: expected bytes"),
     ({"type": "started", "nics": [{"pci_id": "p", "restore_path": "sideways"}]}, "nics[0].restore_path"),
     ({"type": "hello", "pid": True, "version": "v", "compat": "current", "generation": 1}, "hello.pid"),
 ])
@@ -59,8 +79,60 @@ def test_a_message_that_does_not_fit_is_a_contract_error(data, problem):
 
 
 def test_unknown_fields_are_ignored_and_defaults_fill_absent_ones():
-    msg = c.decode({"type": "saved", "servicing_state": None, "from_the_future": 1}, c.WORKER_MESSAGES)
-    assert msg == c.Saved(None, (), {})
+    msg = c.decode({"type": "save_state", "status": 0, "from_the_future": 1}, c.WORKER_MESSAGES)
+    assert msg == c.SaveState(c.TransferStatus.SUCCESS, b"", (), {})
+
+
+@pytest.mark.parametrize("data, problem", [
+    ({"type": "save", "capabilities": 4}, "bits 2..63 are reserved"),
+    ({"type": "save", "capabilities": 1 << 63}, "bits 2..63 are reserved"),
+    ({"type": "save", "capabilities": -1}, "u64"),
+    ({"type": "save", "capabilities": 3, "timeout_hint_s": 65536}, "not a u16"),
+    ({"type": "save", "mana_keepalive": True, "nvme_keepalive": False}, "missing field 'capabilities'"),
+])
+def test_a_save_request_carries_the_capability_word_with_reserved_bits_zero(data, problem):
+    """Spec §1.3: a u64 with bit 0 NVMe, bit 1 MANA, bits 2..63 reserved (zero); the timeout hint is a u16."""
+    with pytest.raises(c.ContractError, match=problem):
+        c.decode(data, c.HOST_MESSAGES)
+
+
+def test_timeout_hint_rounds_up_and_no_timeout_is_65535_then_200_s():
+    """Spec §2.1: whole seconds; a hint >= 65535 means no timeout, replaced by 200 s in the worker."""
+    assert [c.timeout_hint(t) for t in (0.2, 1.0, 59.5, 65534.0, 65535.0, 1e9)] == [1, 1, 60, 65534, 65535, 65535]
+    assert c.Save(0, 65535).timeout_s == 200.0 and c.Save(0, 7).timeout_s == 7.0
+
+
+@pytest.mark.parametrize("size, chunks", [
+    (0, [0]), (1, [1]), (8192, [8192]), (8193, [8192, 1]), (3 * 8192 + 5424, [8192, 8192, 8192, 5424]),
+])
+def test_saved_state_goes_in_chunks_of_at_most_8192_bytes(size, chunks):
+    """Spec §2.5: MORE_DATA on every chunk but the last, SUCCESS on the last; the host's responses likewise,
+    each header's length equal to its payload; the bytes join back to the state."""
+    blob = bytes(i * 7 % 251 for i in range(size))
+    saves = c.save_state_messages(blob, (c.NicSaveOutcome("p", c.SaveOutcome.SAVED),), {"total": 1.0})
+    assert [len(m.payload) for m in saves] == chunks
+    assert [m.status for m in saves] == [c.TransferStatus.MORE_DATA] * (len(chunks) - 1) + [c.TransferStatus.SUCCESS]
+    assert [m.nics for m in saves][-1] and not any(m.nics or m.phases_ms for m in saves[:-1])
+    assert b"".join(m.payload for m in saves) == blob
+    responses = c.restore_state_messages(blob)
+    assert [(m.length, len(m.payload)) for m in responses] == [(n, n) for n in chunks]
+    assert [m.status for m in responses][-1] is c.TransferStatus.SUCCESS
+    assert b"".join(m.payload for m in responses) == blob
+
+
+def test_channel_frames_carry_the_payload_raw():
+    """One framing for every message: u32 JSON length, u32 payload length, JSON, payload bytes (no base64)."""
+    a, b = c.Channel.pair()
+    try:
+        a.send(c.SaveState(c.TransferStatus.MORE_DATA, b"\x00" * 8192).to_json())
+        raw = b.sock.recv(1 << 16)
+        n, p = struct.unpack_from("<II", raw)
+        assert p == 8192 and len(raw) == 8 + n + p and raw[8 + n:] == b"\x00" * 8192
+        assert json.loads(raw[8:8 + n]) == {"type": "save_state", "status": 2, "nics": [], "phases_ms": {},
+                                             "error": None, "revived": []}
+    finally:
+        a.close()
+        b.close()
 
 
 def test_servicing_result_json_form_is_design_section_10():

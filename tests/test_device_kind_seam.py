@@ -2,7 +2,8 @@
 and §2.2 (save): a recording kind stands in for the next one (NVMe) beside the MANA kind, in-process."""
 import pytest
 
-from vfkeep.contract import MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV, Save, Saved, SaveFailed, Start
+from vfkeep.contract import (MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV, WORKER_MESSAGES, Channel, HostCapabilities,
+                             Save, SaveState, SaveStateAnswer, Start, TransferStatus, decode)
 from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.paravisor import worker as worker_module
 from vfkeep.paravisor.device_kind import DeviceKind
@@ -69,10 +70,21 @@ def worker(mem, monkeypatch):
     calls: list = []
     recording(calls, ManaKind, "mana", ("configure", "restore", "start", "stop", "save", "revive"), monkeypatch)
     recording(calls, DmaManager, "dma", ("save", "validate_restore"), monkeypatch)
-    w = worker_module.Worker(None, mem, [], generation=1, downlevel=False, channel_layout=None)
+    host, chan = Channel.pair()
+    w = worker_module.Worker(chan, mem, [], generation=1, downlevel=False, channel_layout=None)
     w.kinds.insert(0, RecordingKind(calls))  # NVMe's place: before networking (spec §3 step 4, §2.2 step 3)
-    w.calls = calls
-    return w
+    w.calls, w.host = calls, host
+    yield w
+    host.close()
+    chan.close()
+
+
+def saved_state(worker) -> list[SaveState]:
+    """What the worker sent the host for one save, up to its SUCCESS or FAILURE message."""
+    msgs = [decode(worker.host.recv(5), WORKER_MESSAGES)]
+    while msgs[-1].status is TransferStatus.MORE_DATA:
+        msgs.append(decode(worker.host.recv(5), WORKER_MESSAGES))
+    return msgs
 
 
 def test_the_mana_kind_implements_the_seam():
@@ -82,7 +94,7 @@ def test_the_mana_kind_implements_the_seam():
 
 
 def test_restore_order_configure_restore_validate_then_start(worker):
-    started = worker.start(Start(None))
+    started = worker.start(Start())
     assert started.error is None and started.nics == ()
     assert worker.calls == [
         ("nvme", "configure", "DmaManager"), ("nvme", "restore", True, "enabled"),
@@ -96,24 +108,26 @@ def test_restore_order_configure_restore_validate_then_start(worker):
 
 
 def test_save_order_stop_dma_then_each_kind_with_its_effective_keepalive(worker):
-    worker.start(Start(None))
+    worker.start(Start())
     worker.calls.clear()
-    saved = worker.save(Save(mana_keepalive=True, nvme_keepalive=False, timeout_s=30))
-    assert isinstance(saved, Saved)
+    worker.host.send(SaveStateAnswer(TransferStatus.SUCCESS).to_json())  # the host's answer, queued ahead
+    assert worker.save(Save(HostCapabilities.MANA_KEEPALIVE, 30)) is True
+    saved = saved_state(worker)
     assert worker.calls == [
         ("nvme", "stop"), ("mana", "stop"),
         ("dma", "save"),
         ("nvme", "save", False), ("mana", "save", True),
     ]
-    state = underhill_pb2.ServicingState.FromString(worker_module.decode_blob(saved.servicing_state))
+    state = underhill_pb2.ServicingState.FromString(b"".join(m.payload for m in saved))
     assert [u.name for u in state.units] == ["recording"]  # the kind wrote its own part
     assert state.init_state.HasField("dma_manager_state") and not state.init_state.HasField("mana_state")
 
 
 def test_failed_save_revives_every_kind_then_restarts_its_io(worker):
-    worker.start(Start(None))
+    worker.start(Start())
     worker.calls.clear()
-    failed = worker.save(Save(mana_keepalive=True, nvme_keepalive=True, timeout_s=30,
-                              test_config="SERVICING_SAVE_FAIL"))
-    assert isinstance(failed, SaveFailed)
+    assert worker.save(Save(HostCapabilities.MANA_KEEPALIVE | HostCapabilities.NVME_KEEPALIVE, 30,
+                            test_config="SERVICING_SAVE_FAIL")) is False
+    (failed,) = saved_state(worker)
+    assert failed.status is TransferStatus.FAILURE and "SERVICING_SAVE_FAIL" in failed.error
     assert worker.calls[-4:] == [("nvme", "revive"), ("mana", "revive"), ("nvme", "start"), ("mana", "start")]

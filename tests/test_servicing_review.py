@@ -6,7 +6,8 @@ import threading
 import time
 import types
 
-from vfkeep.contract import Hello, Saved, SaveFailed, Start, Started
+from vfkeep.contract import Hello, SaveState, SaveStateAnswer, Start, Started, TransferStatus
+from vfkeep.host.worker_proc import WorkerProcess
 from vfkeep.paravisor.net_relay import NetRelay
 
 
@@ -165,6 +166,10 @@ class _FakeWorker:
         self.send(msg)
         return self.recv(timeout, *expected)
 
+    save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
+    start = WorkerProcess.start
+    _recv_by = WorkerProcess._recv_by
+
 
 _STARTED = Started(nics=())
 
@@ -184,7 +189,7 @@ def test_service_never_leaks_the_prelaunched_worker(tmp_path, monkeypatch):
     """Anything that raises between prelaunch and the handover must end the prelaunched worker."""
     import pytest
 
-    old = _FakeWorker(1, [Saved("")])
+    old = _FakeWorker(1, [SaveState(TransferStatus.SUCCESS)])
     new = _FakeWorker(2, [_STARTED])
 
     def scrub():
@@ -196,15 +201,17 @@ def test_service_never_leaks_the_prelaunched_worker(tmp_path, monkeypatch):
     assert new.ended, "the prelaunched worker was left running"
 
 
-def test_service_unreadable_state_is_d4_not_a_crash(tmp_path, monkeypatch):
-    """A servicing_state the host cannot decode: the old worker has already saved (and exits), so the new
-    worker starts without state (D4) and the result says why; no exception escapes."""
-    old = _FakeWorker(1, [Saved("not base64!")])
+def test_service_broken_state_transfer_is_d4_not_a_crash(tmp_path, monkeypatch):
+    """An old worker whose state transfer breaks spec §2.5 (a chunk over 8192 bytes): the host takes none of
+    it, ends the worker and the new one starts without state (D4); the result says why, nothing escapes."""
+    old = _FakeWorker(1, [SaveState(TransferStatus.MORE_DATA, b"x" * 8192),
+                          SaveState(TransferStatus.SUCCESS, b"x" * 8193)])
     new = _FakeWorker(2, [_STARTED])
     host = _fake_host(tmp_path, monkeypatch, old, [new])
     result = host._service(mana_keepalive=True)
-    assert result["ok"] is False and "unreadable servicing state" in result["error"]
-    assert new.sent == [Start(None)]
+    assert result["ok"] is False and "more than 8192" in result["error"]
+    assert old.ended and not any(isinstance(m, SaveStateAnswer) for m in old.sent)
+    assert new.sent == [Start()]
     assert host.worker is new and old.ended and not new.ended
 
 
@@ -212,18 +219,17 @@ def test_service_replacement_that_fails_too_falls_back_to_fresh(tmp_path, monkey
     """The next worker hangs in restore and so does its replacement (same command, same blob): the host
     must not keep a hung worker as the current one (no NIC would ever come back); a default worker starts
     without state instead (D4)."""
-    import base64
-
-    blob = base64.b64encode(b"\x0a\x00").decode()
-    old = _FakeWorker(1, [Saved(blob)])
+    blob = b"\x0a\x00"
+    old = _FakeWorker(1, [SaveState(TransferStatus.SUCCESS, blob)])
     new = _FakeWorker(2)                 # hangs in restore
     replacement = _FakeWorker(3)         # hangs too
     fresh = _FakeWorker(4, [_STARTED])
     host = _fake_host(tmp_path, monkeypatch, old, [new, replacement, fresh])
     result = host._service(mana_keepalive=True, timeout=1)
     assert new.ended and replacement.ended
-    assert replacement.sent[0].servicing_state == blob
-    assert fresh.sent == [Start(None)]
+    assert old.sent[-1] == SaveStateAnswer(TransferStatus.SUCCESS)
+    assert replacement.sent[0] == Start(servicing=True)
+    assert fresh.sent == [Start()]
     assert host.worker is fresh and not fresh.ended
     assert result["ok"] is False and "restore" in result["error"]
 
@@ -245,7 +251,7 @@ def test_worker_garbage_message_is_worker_failed(tmp_path):
     w = WorkerProcess(child, ours, 1, ["sleep"])
     try:
         for body in (b"{not json", json.dumps([1, 2]).encode()):
-            theirs.sock.sendall(struct.pack("<I", len(body)) + body)
+            theirs.sock.sendall(struct.pack("<II", len(body), 0) + body)
             with pytest.raises(WorkerFailed):
                 w.recv(2.0, Hello)
     finally:
@@ -325,8 +331,8 @@ def test_late_inspect_reply_is_not_taken_for_the_save_answer(tmp_path):
     w = WorkerProcess(child, ours, 1, ["sleep"])
     try:
         theirs.send({"type": "inspect", "tree": {}})  # late reply of an inspect the host gave up on
-        theirs.send({"type": "saved", "servicing_state": None, "nics": []})
-        assert isinstance(w.recv(2.0, Saved, SaveFailed), Saved)
+        theirs.send({"type": "save_state", "status": 0, "nics": []})
+        assert isinstance(w.recv(2.0, SaveState), SaveState)
     finally:
         w.end()
         theirs.close()

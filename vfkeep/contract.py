@@ -4,17 +4,26 @@ The host (`vfkeep.host`) and the worker (`vfkeep.paravisor`) import only this mo
 side: the host process never loads driver, gdma or vfio-user code, and a worker of another version
 (`--worker-cmd`) only has to speak what is written here. Standard library only.
 
-Channel: a socketpair the host creates; the worker inherits its end as `--channel-fd`. A message is a
-little-endian u32 length and a JSON object `{"type": KIND, ...fields}`; the ServicingState blob travels
-base64-encoded inside it, so every message is one self-describing object.
+Channel: a socketpair the host creates; the worker inherits its end as `--channel-fd`. A frame is two
+little-endian u32 lengths (JSON, payload), a JSON object `{"type": KIND, ...fields}` and that many raw
+payload bytes: only the saved-state transfer messages carry a payload (a message's `payload` field).
 
     worker -> host  hello       once its imports are done
-    host -> worker  start       -> started
-    host -> worker  save        -> saved, and the worker exits without resetting kept devices
-                                   | save_failed: it revived its NICs and keeps running (spec §2.4, DESIGN D5)
+    host -> worker  start       -> started; with `servicing` the worker first fetches the saved state:
+      worker -> host  restore_state_request (REQUEST_DATA)
+      host -> worker  restore_state ... MORE_DATA, ending with SUCCESS (or FAILURE: aborted)
+      worker -> host  restore_completed (SUCCESS | FAILURE), then started
+    host -> worker  save        -> save_state ... MORE_DATA, ending with SUCCESS
+                                   -> host answers save_state_answer once: SUCCESS and the worker exits
+                                      without resetting kept devices, FAILURE and it handles a failed save
+                                   | save_state FAILURE: it revived its NICs and keeps running (spec §2.4, D5)
     host -> worker  inspect     -> inspect
     host -> worker  shutdown    -> bye, after a normal shutdown of every NIC
     worker -> host  error       the worker cannot take that message in its state
+
+The saved-state transfer is servicing spec §2.5 (the GET protocol): chunks of at most `MAX_CHUNK` bytes
+with a status word (`TransferStatus`). Each restore_state header states its data length, which must equal
+its payload (a mismatch is fatal for the worker, never a silent truncation).
 
 Decoding checks every field's type: a message that does not fit is a `ContractError`, which the host
 treats as a failed worker (DESIGN D4). Unknown fields are ignored and fields with a default may be
@@ -22,10 +31,10 @@ absent, so either side can grow a field without breaking the other.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import enum
 import json
+import math
 import select
 import socket
 import struct
@@ -70,6 +79,46 @@ class SaveOutcome(enum.StrEnum):
     SHUTDOWN = "Shutdown"            # no MANA keepalive: normal shutdown
 
 
+class TransferStatus(enum.IntEnum):
+    """Status word of the saved-state transfer messages (servicing spec §2.5; the GET protocol's values)."""
+
+    SUCCESS = 0
+    FAILURE = 1
+    MORE_DATA = 2
+    REQUEST_DATA = 3
+
+
+#: Most payload bytes in one saved-state transfer message (spec §2.5).
+MAX_CHUNK = 8192
+#: Most saved-state bytes the host keeps; a larger state is answered FAILURE (the save fails, §2.4).
+MAX_SERVICING_STATE = 16 << 20
+
+
+class HostCapabilities(enum.IntFlag):
+    """`SaveGuestVtl2StateFlags` of the save request (servicing spec §1.3): "allow" bits, absent = not allowed."""
+
+    NVME_KEEPALIVE = 1 << 0
+    MANA_KEEPALIVE = 1 << 1
+
+
+#: Bits 2..63 of the capability word are reserved and must be zero.
+RESERVED_CAPABILITIES = ((1 << 64) - 1) & ~int(HostCapabilities.NVME_KEEPALIVE | HostCapabilities.MANA_KEEPALIVE)
+#: A timeout hint (u16 seconds) this large means "no timeout", replaced by NO_TIMEOUT_S (spec §2.1).
+NO_TIMEOUT_HINT_S = 65535
+NO_TIMEOUT_S = 200.0
+
+
+def capability_word(*, mana_keepalive: bool, nvme_keepalive: bool) -> int:
+    """The capability word for the VMM's `GuestServicingFlags` (one-to-one onto bits 0 and 1)."""
+    return int((HostCapabilities.NVME_KEEPALIVE if nvme_keepalive else 0)
+               | (HostCapabilities.MANA_KEEPALIVE if mana_keepalive else 0))
+
+
+def timeout_hint(timeout_s: float) -> int:
+    """The u16 hint for a timeout in seconds: whole seconds rounded up, NO_TIMEOUT_HINT_S for "none"."""
+    return NO_TIMEOUT_HINT_S if timeout_s >= NO_TIMEOUT_HINT_S else max(1, math.ceil(timeout_s))
+
+
 class ContractError(ValueError):
     """A message or record that does not fit the contract (missing field, wrong type, unknown kind)."""
 
@@ -108,12 +157,16 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
             raise ContractError(f"{where}: expected an object, got {type(value).__name__}")
         return tp.from_json(value, where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, bool):
+            raise ContractError(f"{where}: {value!r} is not one of {[m.value for m in tp]}")
         try:
             return tp(value)
         except ValueError:
             raise ContractError(f"{where}: {value!r} is not one of {[m.value for m in tp]}") from None
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is bytes and isinstance(value, bytes):  # a frame's payload (Channel)
+        return value
     if tp in (int, str, bool) and isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     raise ContractError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r:.80}")
@@ -145,15 +198,6 @@ class Message(Record):
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.kind, **super().to_json()}
-
-
-def encode_blob(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
-def decode_blob(text: str | None) -> bytes | None:
-    """The blob of a `servicing_state` field; ValueError when it is not base64."""
-    return None if text is None else base64.b64decode(text.encode(), validate=True)
 
 
 # -- what the host tells a worker on its command line ----------------------------------------------------
@@ -244,10 +288,11 @@ class Hello(Message):
 
 @dataclass(frozen=True)
 class Start(Message):
-    """Restore from the blob (or start fresh without one) and bring the configured NICs up (spec §3)."""
+    """Bring the configured NICs up (spec §3). `servicing` is the platform setting "servicing scenario": the
+    worker then fetches the saved state (restore_state_request) before anything else."""
 
     kind = "start"
-    servicing_state: str | None = None  # base64 (encode_blob)
+    servicing: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,31 +305,106 @@ class Started(Message):
 
 
 @dataclass(frozen=True)
+class RestoreStateRequest(Message):
+    """"Restore guest VTL2 state" with REQUEST_DATA: the new worker asks for the saved state (spec §2.5)."""
+
+    kind = "restore_state_request"
+    status: TransferStatus = TransferStatus.REQUEST_DATA
+
+
+@dataclass(frozen=True)
+class RestoreState(Message):
+    """One response to the request: `length` is the header's data length and must equal len(payload) (the
+    worker checks it: a mismatch is fatal). MORE_DATA continues, SUCCESS ends, FAILURE aborts."""
+
+    kind = "restore_state"
+    length: int
+    status: TransferStatus
+    payload: bytes = b""
+
+
+@dataclass(frozen=True)
+class RestoreCompleted(Message):
+    """The new worker restored (SUCCESS) or could not (FAILURE) before it starts the guest's NICs (spec §2.5)."""
+
+    kind = "restore_completed"
+    status: TransferStatus
+
+
+@dataclass(frozen=True)
 class Save(Message):
-    """Save for servicing (spec §2.2) with the host's keepalive flags; `timeout_s` arms the watchdog (§2.1)."""
+    """Save for servicing (spec §2.2): the host's capability word (§1.3) and timeout hint in seconds (§2.1:
+    the worker's watchdog; NO_TIMEOUT_HINT_S means none)."""
 
     kind = "save"
-    mana_keepalive: bool
-    nvme_keepalive: bool
-    timeout_s: float = 60.0
+    capabilities: int
+    timeout_hint_s: int = 60
     correlation_id: str | None = None
     test_config: str | None = None
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.capabilities < 1 << 64 or self.capabilities & RESERVED_CAPABILITIES:
+            raise ContractError(f"save.capabilities {self.capabilities:#x}: a u64 whose bits 2..63 are reserved "
+                                "and must be zero")
+        if not 0 <= self.timeout_hint_s <= 0xFFFF:
+            raise ContractError(f"save.timeout_hint_s {self.timeout_hint_s} is not a u16")
+
+    @property
+    def mana_keepalive(self) -> bool:
+        return bool(self.capabilities & HostCapabilities.MANA_KEEPALIVE)
+
+    @property
+    def nvme_keepalive(self) -> bool:
+        return bool(self.capabilities & HostCapabilities.NVME_KEEPALIVE)
+
+    @property
+    def timeout_s(self) -> float:
+        return NO_TIMEOUT_S if self.timeout_hint_s >= NO_TIMEOUT_HINT_S else float(self.timeout_hint_s)
+
 
 @dataclass(frozen=True)
-class Saved(Message):
-    kind = "saved"
-    servicing_state: str | None  # base64 of the ServicingState blob; untrusted: decode_blob may fail
+class SaveState(Message):
+    """One "save guest VTL2 state" message of the old worker (spec §2.5): MORE_DATA with the next at most
+    MAX_CHUNK bytes of the state, SUCCESS with the last ones and the save report (`nics`, `phases_ms`), or
+    FAILURE alone, without payload: the save failed (`error`), the worker revived its NICs (`revived`) and
+    keeps running (§2.4). The host answers the SUCCESS message once (`SaveStateAnswer`), never a FAILURE."""
+
+    kind = "save_state"
+    status: TransferStatus
+    payload: bytes = b""
     nics: tuple[NicSaveOutcome, ...] = ()
     phases_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    revived: tuple[NicRestore, ...] = ()
 
 
 @dataclass(frozen=True)
-class SaveFailed(Message):
-    kind = "save_failed"
-    error: str
-    nics: tuple[NicSaveOutcome, ...] = ()
-    revived: tuple[NicRestore, ...] = ()
+class SaveStateAnswer(Message):
+    """The host's one answer to the last chunk: SUCCESS, it keeps the state (the worker exits); FAILURE, it
+    does not (the worker handles a failed save, §2.4, and reports it with a FAILURE message)."""
+
+    kind = "save_state_answer"
+    status: TransferStatus
+
+
+def save_state_messages(blob: bytes, nics: tuple[NicSaveOutcome, ...] = (),
+                        phases_ms: dict[str, float] | None = None) -> list[SaveState]:
+    """The old worker's messages for `blob`: MORE_DATA chunks of MAX_CHUNK bytes, then SUCCESS with the rest
+    (possibly empty) and the report."""
+    view = memoryview(blob)
+    cut = max(0, (len(blob) - 1) // MAX_CHUNK) * MAX_CHUNK
+    msgs = [SaveState(TransferStatus.MORE_DATA, bytes(view[i:i + MAX_CHUNK])) for i in range(0, cut, MAX_CHUNK)]
+    msgs.append(SaveState(TransferStatus.SUCCESS, bytes(view[cut:]), tuple(nics), dict(phases_ms or {})))
+    return msgs
+
+
+def restore_state_messages(blob: bytes) -> list[RestoreState]:
+    """The host's responses carrying `blob`: MORE_DATA chunks of MAX_CHUNK bytes, the last one SUCCESS."""
+    msgs = [RestoreState(len(chunk), TransferStatus.MORE_DATA, chunk) for chunk in
+            (blob[i:i + MAX_CHUNK] for i in range(0, max(len(blob), 1), MAX_CHUNK))]
+    last = msgs[-1]
+    msgs[-1] = RestoreState(last.length, TransferStatus.SUCCESS, last.payload)
+    return msgs
 
 
 @dataclass(frozen=True)
@@ -314,9 +434,10 @@ class ErrorReply(Message):
     error: str
 
 
-HOST_MESSAGES: dict[str, type[Message]] = {m.kind: m for m in (Start, Save, Inspect, Shutdown)}
-WORKER_MESSAGES: dict[str, type[Message]] = {m.kind: m for m in (Hello, Started, Saved, SaveFailed, InspectReply,
-                                                                 Bye, ErrorReply)}
+HOST_MESSAGES: dict[str, type[Message]] = {m.kind: m for m in (Start, RestoreState, Save, SaveStateAnswer, Inspect,
+                                                               Shutdown)}
+WORKER_MESSAGES: dict[str, type[Message]] = {m.kind: m for m in (Hello, RestoreStateRequest, RestoreCompleted, Started,
+                                                                 SaveState, InspectReply, Bye, ErrorReply)}
 
 
 def decode(data: Any, kinds: dict[str, type[Message]]) -> Message:
@@ -378,7 +499,7 @@ class ServicingResult(Record):
 
 
 # -- the channel -----------------------------------------------------------------------------------------
-_LEN = struct.Struct("<I")
+_HEADER = struct.Struct("<II")  # JSON length, payload length
 MAX_MESSAGE = 64 << 20
 
 
@@ -391,7 +512,8 @@ class ChannelTimeout(Exception):
 
 
 class Channel:
-    """Framing only: length-prefixed JSON objects. `send(msg.to_json())`, `decode(recv(), kinds)`."""
+    """Framing only: a JSON object and its raw payload, both length-prefixed. `send(msg.to_json())`,
+    `decode(recv(), kinds)`; a top-level `payload` (bytes) travels as the frame's payload, unencoded."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -410,24 +532,33 @@ class Channel:
         return self.sock.fileno()
 
     def send(self, msg: dict[str, Any]) -> None:
+        payload = msg.get("payload", b"")
+        if isinstance(payload, bytes):
+            msg = {k: v for k, v in msg.items() if k != "payload"}
+        else:
+            payload = b""
         data = json.dumps(msg, separators=(",", ":")).encode()
         try:
-            self.sock.sendall(_LEN.pack(len(data)) + data)
+            self.sock.sendall(b"".join((_HEADER.pack(len(data), len(payload)), data, payload)))
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ChannelClosed(str(e)) from e
 
     def recv(self, timeout: float | None = None) -> Any:
-        """Next frame, parsed (ValueError when it is not JSON); `timeout` None waits forever."""
+        """Next frame, parsed (ValueError when it is not JSON), its payload (if any) as `payload` when the
+        JSON is an object; `timeout` None waits forever."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if len(self._buf) >= _LEN.size:
-                (n,) = _LEN.unpack_from(self._buf)
-                if n > MAX_MESSAGE:
-                    raise ChannelClosed(f"message of {n} bytes exceeds {MAX_MESSAGE}")
-                if len(self._buf) >= _LEN.size + n:
-                    body = bytes(self._buf[_LEN.size:_LEN.size + n])
-                    del self._buf[:_LEN.size + n]
-                    return json.loads(body)
+            if len(self._buf) >= _HEADER.size:
+                n, p = _HEADER.unpack_from(self._buf)
+                if n > MAX_MESSAGE or p > MAX_MESSAGE:
+                    raise ChannelClosed(f"message of {n} + {p} bytes exceeds {MAX_MESSAGE}")
+                end = _HEADER.size + n + p
+                if len(self._buf) >= end:
+                    msg = json.loads(bytes(self._buf[_HEADER.size:_HEADER.size + n]))
+                    if p and isinstance(msg, dict):
+                        msg["payload"] = bytes(self._buf[_HEADER.size + n:end])
+                    del self._buf[:end]
+                    return msg
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if remaining == 0.0:
                 raise ChannelTimeout("no message from peer in time")

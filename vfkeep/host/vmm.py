@@ -20,10 +20,10 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import __version__, netns, proc
-from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV,
-                        SAVE_TEST_CONFIGS, Bye, Inspect, InspectReply, NicConfig, NicResult, NicRestore,
-                        RestorePath, Save, Saved, SaveFailed, ServicingResult, Shutdown, Start, Started,
-                        UnclaimedAllocation, decode_blob, encode_blob)
+from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S, POOL_CONFIG_ENV,
+                        POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect, InspectReply, NicConfig, NicResult,
+                        NicRestore, RestorePath, Save, SaveState, ServicingResult, Shutdown, Started, TransferStatus,
+                        UnclaimedAllocation, capability_word, timeout_hint)
 from ..device.timing import PRESETS, DeviceTiming
 from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
@@ -41,8 +41,6 @@ log = logging.getLogger("vfkeep.host")
 
 STATE_FILE = "servicing_state.bin"
 DEFAULT_TIMEOUT_S = 60.0
-NO_TIMEOUT_HINT_S = 65535  # spec §2.1: a hint this large means "no timeout" ...
-NO_TIMEOUT_S = 200.0       # ... and is replaced by 200 s
 HELLO_TIMEOUT_S = 60.0
 BOOT_TIMEOUT_S = 60.0
 #: Guest RAM beyond the channel rings (guest buffers), and worker RAM for ephemeral DMA: vport queues and
@@ -345,7 +343,7 @@ class Host:
             except GuestNetError as e:
                 raise HostError(str(e)) from None
         self.worker = self._start_worker({}, None, self.configured)
-        started = self.worker.request(Start(), BOOT_TIMEOUT_S, Started)
+        started = self.worker.start(None, BOOT_TIMEOUT_S)
         need = (HWC_BUFFER_PAGES + (KEPT_VPORT_PAGES if cfg.datapath_keepalive else 0)) * cfg.nics
         if pool < need:
             self.warnings.append(f"private pool of {pool} pages is smaller than the {need} pages the NICs' persistent "
@@ -431,7 +429,7 @@ class Host:
         new = None
         try:
             new = self.worker = self._start_worker({}, None, self.configured)
-            self._publish_nics(new.request(Start(), BOOT_TIMEOUT_S, Started).nics, "replacement")
+            self._publish_nics(new.start(None, BOOT_TIMEOUT_S).nics, "replacement")
         except WorkerFailed as e:
             kv(log, logging.ERROR, "replacement worker failed", error=str(e))
             if new is not None:
@@ -529,15 +527,16 @@ class Host:
             t0, window_start = time.perf_counter(), time.monotonic_ns()
             correlation_id = str(uuid.uuid4())
             blob, saved = None, None
+            request = Save(capability_word(mana_keepalive=bool(mana_keepalive), nvme_keepalive=bool(nvme_keepalive)),
+                           timeout_hint(DEFAULT_TIMEOUT_S if timeout is None else timeout), correlation_id, test_config)
             try:
-                saved = old.request(Save(bool(mana_keepalive), bool(nvme_keepalive), timeout_s, correlation_id,
-                                         test_config), timeout_s, Saved, SaveFailed, grace=1.0)
+                saved, blob = old.save(request, timeout_s, grace=1.0)
             except WorkerFailed as e:
                 errors.append(f"save: {e}")
                 kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
             t_saved = time.perf_counter()
 
-            if isinstance(saved, SaveFailed):
+            if saved is not None and saved.status is TransferStatus.FAILURE:
                 # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
                 if new is not None:
                     new.end()
@@ -552,14 +551,6 @@ class Host:
             if self._stopping.is_set():
                 # The host is stopping (its interrupt ended the worker): no new worker, the teardown follows.
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
-            if saved is not None:
-                try:
-                    blob = decode_blob(saved.servicing_state)
-                except ValueError as e:  # binascii.Error is a ValueError
-                    errors.append(f"save: unreadable servicing state: {e}")
-                    kv(log, logging.ERROR, "old worker sent an unreadable servicing state; new worker starts without "
-                       "state (D4)", error=str(e))
-
             # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
             self._phase("handoff")
             if saved is not None and old.wait_exit(5.0) is None:
@@ -582,9 +573,7 @@ class Host:
             started = None
             t_handoff = time.perf_counter()
             try:
-                new.send(Start(encode_blob(blob)))
-                t_handoff = time.perf_counter()
-                started = new.recv(timeout_s, Started)
+                started = new.start(blob, timeout_s)
             except WorkerFailed as e:
                 # The new worker hung or died before it finished restoring: replace it, same blob.
                 errors.append(f"restore: {e}")
@@ -620,7 +609,7 @@ class Host:
             try:
                 w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
                 self.worker = w
-                return w.request(Start(encode_blob(state)), timeout_s, Started)
+                return w.start(state, timeout_s)
             except WorkerFailed as e:
                 if self.worker is not None:
                     self.worker.end()  # dead, so the idle tick replaces it if this was the last attempt
@@ -633,7 +622,7 @@ class Host:
 
     def _result(self, ok: bool, mana: bool, nvme: bool, nics: tuple[NicRestore, ...],
                 unclaimed: tuple[UnclaimedAllocation, ...], before: list[dict], phases: dict, error: str | None,
-                window: tuple[int, int], *, saved: Saved | SaveFailed | None, old: WorkerProcess,
+                window: tuple[int, int], *, saved: SaveState | None, old: WorkerProcess,
                 new: WorkerProcess | None) -> ServicingResult:
         """The servicing result of DESIGN §10; device_reset / hwc_established come from the device, each NIC's
         reason and the status from what the workers reported (host/outcome.py)."""
@@ -660,7 +649,7 @@ class Host:
             return None, None
         return self.guest_traffic.window(start_ns, end_ns)
 
-    def _record(self, result: ServicingResult, *, saved: Saved | SaveFailed | None, started: Started | None,
+    def _record(self, result: ServicingResult, *, saved: SaveState | None, started: Started | None,
                 prelaunch_ms: float, worker: WorkerProcess, window: tuple[int, int]) -> dict:
         """Keep the result (`inspect last_servicing`, last_servicing.json) and return its JSON form."""
         self.last_servicing = {
@@ -668,7 +657,7 @@ class Host:
             "prelaunch": self.config.prelaunch, "prelaunch_ms": prelaunch_ms,
             "worker_generation": worker.generation,
             "save_outcomes": [n.to_json() for n in saved.nics] if saved else None,
-            "worker_save_phases_ms": saved.phases_ms if isinstance(saved, Saved) else None,
+            "worker_save_phases_ms": saved.phases_ms if saved and saved.status is TransferStatus.SUCCESS else None,
             "worker_restore_phases_ms": started.phases_ms if started else None,
             "worker_nics": [n.to_json() for n in started.nics] if started else None,
         }

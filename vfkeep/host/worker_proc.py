@@ -8,7 +8,9 @@ import subprocess
 import time
 
 from .. import proc
-from ..contract import Channel, ChannelClosed, ChannelTimeout, ContractError, Hello, InspectReply, Message
+from ..contract import (MAX_CHUNK, MAX_SERVICING_STATE, Channel, ChannelClosed, ChannelTimeout, ContractError, Hello,
+                        InspectReply, Message, RestoreCompleted, RestoreStateRequest, Save, SaveState, SaveStateAnswer,
+                        Start, Started, TransferStatus, restore_state_messages)
 from ..log import kv
 from .devices import last_line, remove_if_empty
 
@@ -112,6 +114,63 @@ class WorkerProcess:
         last = last_line(self.stderr_path) if self.stderr_path else ""
         where = f" (see {self.stderr_path})" if self.stderr_path else ""
         return f"{status}{': ' + last if last else ''}{where}"
+
+    # -- the saved-state transfer (servicing spec §2.5) -------------------------------------------
+    def _recv_by(self, deadline: float, timeout: float, *expected: type[Message]) -> Message:
+        """`recv` against the deadline of a whole exchange; errors name its `timeout`."""
+        return self.recv(timeout, *expected, grace=deadline - time.monotonic() - timeout)
+
+    def save(self, request: Save, timeout: float, grace: float = 0.0,
+             max_bytes: int = MAX_SERVICING_STATE) -> tuple[SaveState, bytes | None]:
+        """Ask for a save and collect the state: (the last message, the state) after SUCCESS, answered once;
+        (the FAILURE message, None) when the save failed, including when the state exceeds `max_bytes`
+        (answered FAILURE: the worker then reports its failed save). A chunk that breaks the protocol is
+        WorkerFailed. `timeout` (+ `grace`) bounds the whole exchange."""
+        deadline = time.monotonic() + timeout + grace
+        self.send(request)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            msg = self._recv_by(deadline, timeout, SaveState)
+            if msg.status is TransferStatus.FAILURE:
+                if msg.payload:
+                    raise WorkerFailed(f"worker {self.generation} sent a FAILURE save_state with a payload")
+                return msg, None
+            if msg.status not in (TransferStatus.MORE_DATA, TransferStatus.SUCCESS):
+                raise WorkerFailed(f"worker {self.generation} sent a save_state with status {msg.status.name}")
+            if len(msg.payload) > MAX_CHUNK:
+                raise WorkerFailed(f"worker {self.generation} sent {len(msg.payload)} saved-state bytes in one "
+                                   f"message, more than {MAX_CHUNK}")
+            size += len(msg.payload)
+            if size <= max_bytes:
+                parts.append(msg.payload)
+            if msg.status is TransferStatus.MORE_DATA:
+                continue
+            if size > max_bytes:
+                kv(log, logging.ERROR, "servicing state too large, refused", bytes=size, limit=max_bytes)
+                self.send(SaveStateAnswer(TransferStatus.FAILURE))
+                failed = self._recv_by(deadline, timeout, SaveState)
+                if failed.status is not TransferStatus.FAILURE:
+                    raise WorkerFailed(f"worker {self.generation} did not report the refused save as failed")
+                return failed, None
+            self.send(SaveStateAnswer(TransferStatus.SUCCESS))
+            return msg, b"".join(parts)
+
+    def start(self, blob: bytes | None, timeout: float) -> Started:
+        """`start`; with a saved state (a servicing) answer the worker's REQUEST_DATA with it in chunks and
+        take its restore-completed report before `started`."""
+        deadline = time.monotonic() + timeout
+        self.send(Start(servicing=blob is not None))
+        if blob is not None:
+            req = self._recv_by(deadline, timeout, RestoreStateRequest)
+            if req.status is not TransferStatus.REQUEST_DATA:
+                raise WorkerFailed(f"worker {self.generation} asked for the state with status {req.status.name}")
+            for msg in restore_state_messages(blob):
+                self.send(msg)
+            done = self._recv_by(deadline, timeout, RestoreCompleted)
+            if done.status is not TransferStatus.SUCCESS:
+                kv(log, logging.WARNING, "worker reported a failed restore", generation=self.generation)
+        return self._recv_by(deadline, timeout, Started)
 
     def alive(self) -> bool:
         return self.child.poll() is None

@@ -1,13 +1,15 @@
 """`vfkeep worker`: the paravisor process ("VTL2") that the host replaces at every servicing.
 
 It speaks the host<->worker contract (`vfkeep.contract`): hello once its imports are done, then
-start -> started, save -> saved (and exit without resetting kept devices) or save_failed (keep
+start -> started (fetching the saved state first in a servicing scenario, spec §2.5), save -> the saved
+state in chunks (and exit without resetting kept devices once the host has it) or a FAILURE (keep
 running, spec §2.4, DESIGN D5), inspect -> inspect, shutdown -> bye. What start and save do is the
 servicing sequence of spec §3 and §2.2 over the DMA manager and the device kinds (`device_kind.DeviceKind`:
 MANA today), each kind behind the same seam.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -19,8 +21,9 @@ import click
 from .. import __version__
 from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
-                        ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, Save, Saved,
-                        SaveFailed, Shutdown, Start, Started, decode, decode_blob, encode_blob)
+                        ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, RestoreCompleted,
+                        RestoreState, RestoreStateRequest, Save, SaveState, SaveStateAnswer, Shutdown, Start, Started,
+                        TransferStatus, decode, save_state_messages)
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
 from ..proto import underhill_pb2
@@ -38,6 +41,13 @@ def _ms(t0: float) -> float:
 
 
 DUMP_COLLECTION_S = 0.5
+#: Exit status of a worker whose saved-state transfer broke (spec §2.5: fatal, never a truncated state).
+EXIT_TRANSFER_FAILED = 3
+
+
+class StateTransferError(Exception):
+    """The host's saved-state responses broke the protocol (a header length that is not the payload's, an
+    unexpected message or status): fatal for this worker."""
 
 
 def _arm_watchdog(timeout_s: float) -> threading.Timer:
@@ -83,12 +93,19 @@ class Worker:
     def start(self, msg: Start) -> Started:
         t_all = time.perf_counter()
         phases: dict[str, float] = {}
-        blob = decode_blob(msg.servicing_state)
         if self.test_config is TestConfig.SERVICING_RESTORE_STUCK:
             kv(log, logging.WARNING, "test hook: hanging before fetching the servicing state")
             threading.Event().wait()
+        blob, state_error = None, None
+        if msg.servicing:
+            t = time.perf_counter()
+            blob = self._fetch_servicing_state()
+            phases["fetch"] = _ms(t)
+            if blob is None:
+                state_error = "host aborted the servicing state transfer"
+                kv(log, logging.ERROR, "no servicing state, every NIC takes the fallback path", error=state_error)
         t = time.perf_counter()
-        state, state_error = None, None
+        state = None
         if blob is not None:
             try:
                 state = decode_servicing_state(blob, downlevel=self.downlevel)
@@ -129,12 +146,16 @@ class Worker:
             unclaimed = e.allocations
             kv(log, logging.ERROR, "strict pool validation failed", error=error)
         phases["validate"] = _ms(t)
+        if msg.servicing:
+            status = TransferStatus.SUCCESS if error is None and state_error is None else TransferStatus.FAILURE
+            self.send(RestoreCompleted(status))
 
         # Step 8: guest IO moves again.
         for kind in self.kinds:
             kind.start()
         phases["total"] = _ms(t_all)
         self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
+                             "servicing_state_sha256": None if blob is None else hashlib.sha256(blob).hexdigest(),
                              "state_error": state_error, "dma_error": dma_error,
                              "unclaimed_pool_allocations": [u.to_json() for u in unclaimed], "phases_ms": phases}
         nics = self.mana.reports()
@@ -146,25 +167,74 @@ class Worker:
         """The kind's keepalive option (`OPENHCL_<NAME>_KEEP_ALIVE`)."""
         return getattr(self.options, f"{kind.name}_keepalive")
 
+    def _fetch_servicing_state(self) -> bytes | None:
+        """Spec §2.5, new side: REQUEST_DATA, then the host's responses until SUCCESS (the state) or FAILURE
+        (aborted: None). Each header's length must equal its payload; anything else is StateTransferError."""
+        self.send(RestoreStateRequest())
+        parts: list[bytes] = []
+        while True:
+            try:
+                msg = decode(self.chan.recv(), HOST_MESSAGES)
+            except (ContractError, ValueError) as e:
+                raise StateTransferError(f"unreadable saved-state response: {e}") from None
+            if not isinstance(msg, RestoreState):
+                raise StateTransferError(f"expected a saved-state response, got {msg.kind!r}")
+            if msg.length != len(msg.payload):
+                raise StateTransferError(f"saved-state response header says {msg.length} bytes, its payload has "
+                                         f"{len(msg.payload)}")
+            if msg.status is TransferStatus.FAILURE:
+                return None
+            if msg.status not in (TransferStatus.MORE_DATA, TransferStatus.SUCCESS):
+                raise StateTransferError(f"saved-state response with status {msg.status.name}")
+            parts.append(msg.payload)
+            if msg.status is TransferStatus.SUCCESS:
+                return b"".join(parts)
+
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
-    def save(self, msg: Save) -> Saved | SaveFailed:
+    def save(self, msg: Save) -> bool:
+        """Save and hand the state to the host (spec §2.3 step 5, §2.5) under the watchdog. True when the
+        host kept it (the worker must now exit); False after a failed save (reported; the worker goes on)."""
         hook = parse_test_config(msg.test_config, "save request") or self.test_config
         if hook is TestConfig.SERVICING_SAVE_STUCK:
             kv(log, logging.WARNING, "test hook: save stuck")
             threading.Event().wait()
-        watchdog = _arm_watchdog(msg.timeout_s or 60.0)
+        watchdog = _arm_watchdog(msg.timeout_s)
         try:
-            return self._save(msg, hook)
+            result = self._save(msg, hook)
+            if isinstance(result, SaveState):  # failed: one FAILURE message, no answer comes
+                self.send(result)
+                return False
+            blob, outcomes, phases = result
+            for chunk in save_state_messages(blob, outcomes, phases):
+                self.send(chunk)
+            answer = self._save_answer()
+            if answer is TransferStatus.SUCCESS:
+                return True
+            self.send(self._save_failed(f"host did not take the servicing state ({answer.name})", list(outcomes)))
+            return False
         finally:
             watchdog.cancel()
 
-    def _save(self, msg: Save, hook: TestConfig | None) -> Saved | SaveFailed:
+    def _save_answer(self) -> TransferStatus:
+        """The host's one answer to the last chunk; anything but a SUCCESS answer counts as FAILURE."""
+        try:
+            msg = decode(self.chan.recv(), HOST_MESSAGES)
+        except (ContractError, ValueError) as e:
+            kv(log, logging.ERROR, "unreadable answer to the servicing state", error=str(e))
+            return TransferStatus.FAILURE
+        if not isinstance(msg, SaveStateAnswer):
+            kv(log, logging.ERROR, "expected the host's answer to the servicing state", got=msg.kind)
+            return TransferStatus.FAILURE
+        return TransferStatus.SUCCESS if msg.status is TransferStatus.SUCCESS else TransferStatus.FAILURE
+
+    def _save(self, msg: Save, hook: TestConfig | None) -> tuple[bytes, tuple, dict] | SaveState:
+        """The save itself: (blob, NIC outcomes, phases), or the FAILURE message after a failed save."""
         t_all = time.perf_counter()
         phases: dict[str, float] = {}
         eff = effective_keepalive(self.options, host_mana=msg.mana_keepalive, host_nvme=msg.nvme_keepalive,
                                   pool_present=self.dma.has_pool)
-        kv(log, logging.INFO, "save requested", host_mana=msg.mana_keepalive, host_nvme=msg.nvme_keepalive,
-           effective_mana=eff.mana, effective_nvme=eff.nvme)
+        kv(log, logging.INFO, "save requested", capabilities=hex(msg.capabilities),
+           timeout_hint_s=msg.timeout_hint_s, effective_mana=eff.mana, effective_nvme=eff.nvme)
         vm_stop = reference_time()
 
         t = time.perf_counter()
@@ -208,9 +278,9 @@ class Worker:
         init = state.init_state
         kv(log, logging.INFO, "servicing state saved", bytes=len(blob), dma_state=dma_state is not None,
            mana_states=len(init.mana_state.states) if init.HasField("mana_state") else -1, total_ms=phases["total"])
-        return Saved(encode_blob(blob), tuple(nic_outcomes), phases)
+        return blob, tuple(nic_outcomes), phases
 
-    def _save_failed(self, error: str, outcomes: list[NicSaveOutcome]) -> SaveFailed:
+    def _save_failed(self, error: str, outcomes: list[NicSaveOutcome]) -> SaveState:
         """Spec §2.4 keeps the worker running but leaves saved drivers dead (E5); vfkeep revives them
         through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
         kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
@@ -219,7 +289,7 @@ class Worker:
             kind.revive()
         for kind in self.kinds:
             kind.start()
-        return SaveFailed(error, tuple(outcomes), tuple(self.mana.reports()))
+        return SaveState(TransferStatus.FAILURE, nics=tuple(outcomes), error=error, revived=tuple(self.mana.reports()))
 
     # -- other requests -----------------------------------------------------------------------
     def inspect(self) -> dict:
@@ -248,37 +318,40 @@ class Worker:
 
     def serve(self) -> int:
         self.send(self.hello())
-        while True:
-            try:
+        try:
+            while True:
                 data = self.chan.recv()
-            except ChannelClosed:
-                kv(log, logging.WARNING, "host closed the channel, exiting")
-                return 1
-            try:
-                msg = decode(data, HOST_MESSAGES)
-            except ContractError as e:
-                self.send(ErrorReply(str(e)))
-                continue
-            if isinstance(msg, Start) and self.dma is None:
-                self.send(self.start(msg))
-            elif isinstance(msg, Save) and self.dma is not None:
-                reply = self.save(msg)
-                self.send(reply)
-                if isinstance(reply, Saved):
-                    # Exit without closing device handles or running finalizers: kept devices must not
-                    # see a teardown (the VFIO handle is "leaked" as in spec §5.2).
-                    kv(log, logging.INFO, "exiting after save")
-                    logging.shutdown()
-                    os._exit(0)
-            elif isinstance(msg, Inspect):
-                self.send(InspectReply(self.inspect()))
-            elif isinstance(msg, Shutdown):
-                self.shutdown()
-                kv(log, logging.INFO, "normal shutdown done")  # before "bye": the host ends us once it has it
-                self.send(Bye())
-                return 0
-            else:
-                self.send(ErrorReply(f"unexpected message {msg.kind!r} in this state"))
+                try:
+                    msg = decode(data, HOST_MESSAGES)
+                except ContractError as e:
+                    self.send(ErrorReply(str(e)))
+                    continue
+                if isinstance(msg, Start) and self.dma is None:
+                    try:
+                        started = self.start(msg)
+                    except StateTransferError as e:
+                        kv(log, logging.CRITICAL, "servicing state transfer failed", error=str(e))
+                        return EXIT_TRANSFER_FAILED
+                    self.send(started)
+                elif isinstance(msg, Save) and self.dma is not None:
+                    if self.save(msg):
+                        # Exit without closing device handles or running finalizers: kept devices must not
+                        # see a teardown (the VFIO handle is "leaked" as in spec §5.2).
+                        kv(log, logging.INFO, "exiting after save")
+                        logging.shutdown()
+                        os._exit(0)
+                elif isinstance(msg, Inspect):
+                    self.send(InspectReply(self.inspect()))
+                elif isinstance(msg, Shutdown):
+                    self.shutdown()
+                    kv(log, logging.INFO, "normal shutdown done")  # before "bye": the host ends us once it has it
+                    self.send(Bye())
+                    return 0
+                else:
+                    self.send(ErrorReply(f"unexpected message {msg.kind!r} in this state"))
+        except ChannelClosed:
+            kv(log, logging.WARNING, "host closed the channel, exiting")
+            return 1
 
 
 @click.command("worker")

@@ -1,0 +1,151 @@
+"""The saved-state transfer of servicing spec §2.5 with real worker processes and a test host speaking the
+contract: the old worker sends the state in chunks of at most 8192 bytes and the host answers once; the new
+worker asks for it with REQUEST_DATA, each response's header length must equal its payload (a mismatch is
+fatal), and it reports restore-completed; the bytes arrive unchanged."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from vfkeep import proc
+from vfkeep.contract import (MAX_CHUNK, HostCapabilities, InspectReply, Inspect, RestoreCompleted, RestoreState,
+                             RestoreStateRequest, Save, SaveState, SaveStateAnswer, Shutdown, Bye, Start, Started,
+                             TransferStatus, restore_state_messages)
+from vfkeep.host.worker_proc import WorkerProcess
+from vfkeep.memory import GuestMemory, MemoryLayout
+from vfkeep.memory.page_pool import PageAllocator
+from vfkeep.paravisor.servicing import complete_servicing_state
+from vfkeep.paravisor.worker import EXIT_TRANSFER_FAILED
+from vfkeep.proto import dma_manager_pb2, underhill_pb2
+
+POOL_PAGES = 4096
+FRAGMENTS = 3000  # free one-page slots (never merged, spec 8.2): about 11 bytes each in the saved slot table
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory.create(MemoryLayout(16, 64, POOL_PAGES))
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def spawn(mem, tmp_path):
+    """Start NIC-less workers on `mem` (MANA keepalive config on); every one is ended by PID at the end."""
+    workers: list[WorkerProcess] = []
+    env = {**os.environ, "OPENHCL_MANA_KEEP_ALIVE": "host,privatepool",
+           "OPENHCL_ENABLE_VTL2_GPA_POOL": str(POOL_PAGES)}
+
+    def start() -> WorkerProcess:
+        w = WorkerProcess.spawn(proc.vfkeep_argv("worker"),
+                                ["--run-dir", str(tmp_path), "--generation", str(len(workers) + 1),
+                                 "--memfd", str(mem.fd), "--memory-layout", mem.layout.to_str()],
+                                [mem.fd], env, len(workers) + 1, str(tmp_path))
+        workers.append(w)
+        w.wait_hello(60)
+        return w
+
+    yield start
+    for w in workers:
+        w.end()
+
+
+def fragmented_pool_state(mem) -> bytes:
+    """A valid ServicingState whose pool slot table has FRAGMENTS free one-page slots: > 3 x 8192 bytes."""
+    pool = PageAllocator(mem.layout.pool)
+    for slot in [pool.allocate(1, "x", "vfio dma") for _ in range(FRAGMENTS)]:
+        pool.free(slot)
+    dma = dma_manager_pb2.OpenhclDmaManagerState()
+    dma.private_pool.CopyFrom(pool.save())
+    state = underhill_pb2.ServicingState()
+    complete_servicing_state(state, nics=[], dma_state=dma, correlation_id=None, vm_stop_reference_time=1,
+                             flush_logs_us=0)
+    return state.SerializeToString()
+
+
+def restore(w: WorkerProcess, blob: bytes) -> Started:
+    """The host side of a restore, message by message: REQUEST_DATA answered with `blob` in chunks."""
+    w.send(Start(servicing=True))
+    assert w.recv(30, RestoreStateRequest).status is TransferStatus.REQUEST_DATA
+    for msg in restore_state_messages(blob):
+        w.send(msg)
+    assert w.recv(30, RestoreCompleted).status is TransferStatus.SUCCESS
+    return w.recv(30, Started)
+
+
+def inspect(w: WorkerProcess) -> dict:
+    return w.request(Inspect(), 30, InspectReply).tree
+
+
+def test_a_large_state_goes_old_worker_to_host_to_new_worker_in_chunks_unchanged(spawn, mem):
+    first = fragmented_pool_state(mem)
+    assert len(first) > 3 * MAX_CHUNK
+    old = spawn()
+    started = restore(old, first)
+    assert started.error is None and started.nics == ()
+    got = inspect(old)["restore"]
+    assert (got["servicing_state_bytes"], got["servicing_state_sha256"]) == (len(first),
+                                                                            hashlib.sha256(first).hexdigest())
+    assert inspect(old)["pool"]["slots"] == FRAGMENTS + 1
+
+    # Save: chunks of at most 8192 bytes, MORE_DATA on all but the last, SUCCESS on the last; one answer.
+    old.send(Save(HostCapabilities.MANA_KEEPALIVE, 30))
+    chunks = [old.recv(30, SaveState)]
+    while chunks[-1].status is TransferStatus.MORE_DATA:
+        chunks.append(old.recv(30, SaveState))
+    sizes = [len(c.payload) for c in chunks]
+    assert len(chunks) >= 4 and all(s == MAX_CHUNK for s in sizes[:-1]) and 0 < sizes[-1] <= MAX_CHUNK, sizes
+    assert [c.status for c in chunks] == [TransferStatus.MORE_DATA] * (len(chunks) - 1) + [TransferStatus.SUCCESS]
+    assert chunks[-1].phases_ms["total"] > 0
+    old.send(SaveStateAnswer(TransferStatus.SUCCESS))
+    assert old.wait_exit(30) == 0  # it exits once the host has the state, not before
+    blob = b"".join(c.payload for c in chunks)
+    assert len(blob) > 3 * MAX_CHUNK
+
+    new = spawn()
+    restore(new, blob)
+    got = inspect(new)["restore"]
+    assert (got["servicing_state_bytes"], got["servicing_state_sha256"]) == (len(blob), hashlib.sha256(blob).hexdigest())
+    assert got["state_error"] is None and got["dma_error"] is None
+    assert inspect(new)["pool"]["slots"] == FRAGMENTS + 1
+    assert new.request(Shutdown(), 30, Bye) == Bye()
+
+
+@pytest.mark.parametrize("length, payload", [(MAX_CHUNK, b"s" * 100), (10, b"s" * 11), (0, b"s")])
+def test_a_response_whose_length_is_not_its_payload_is_fatal(spawn, mem, tmp_path, length, payload):
+    """Never a silent truncation: the new worker logs why and exits before it touches any device."""
+    w = spawn()
+    w.send(Start(servicing=True))
+    w.recv(30, RestoreStateRequest)
+    w.send(RestoreState(MAX_CHUNK, TransferStatus.MORE_DATA, b"s" * MAX_CHUNK))
+    w.send(RestoreState(length, TransferStatus.SUCCESS, payload))
+    assert w.wait_exit(30) == EXIT_TRANSFER_FAILED
+    with open(tmp_path / f"worker-{w.generation}.log") as f:
+        log = f.read()
+    assert "servicing state transfer failed" in log and f"header says {length} bytes" in log
+
+
+def test_host_failure_aborts_the_transfer_and_the_worker_starts_without_state(spawn):
+    w = spawn()
+    w.send(Start(servicing=True))
+    w.recv(30, RestoreStateRequest)
+    w.send(RestoreState(0, TransferStatus.FAILURE))
+    assert w.recv(30, RestoreCompleted).status is TransferStatus.FAILURE
+    w.recv(30, Started)
+    assert inspect(w)["restore"]["state_error"] == "host aborted the servicing state transfer"
+
+
+def test_a_refused_state_is_a_failed_save_and_the_worker_goes_on(spawn, mem):
+    """The host answers the last chunk FAILURE (here: more than it keeps): the worker handles a failed save
+    (spec §2.4), reports it with one payload-less FAILURE message and keeps serving."""
+    w = spawn()
+    w.start(None, 30)
+    failed, blob = w.save(Save(HostCapabilities.MANA_KEEPALIVE, 30), 30, max_bytes=10)
+    assert blob is None and failed.status is TransferStatus.FAILURE and failed.payload == b""
+    assert "host did not take the servicing state" in failed.error
+    assert w.alive() and inspect(w)["last_save_error"] == failed.error
+    # ... and a later save that the host keeps works.
+    done, blob = w.save(Save(HostCapabilities.MANA_KEEPALIVE, 30), 30)
+    assert done.status is TransferStatus.SUCCESS and blob and w.wait_exit(30) == 0
