@@ -38,9 +38,9 @@ def main():
         if mode == "save":
             dev = ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(dma, PCI_ID, True)), PCI_ID)
             result["traffic"] = traffic(dev, nframes)
+            (out / "dma.bin").write_bytes(dma.save().SerializeToString())  # before the device save (spec 2.2)
             state = dev.save()
             (out / "mana.bin").write_bytes(state.SerializeToString())
-            (out / "dma.bin").write_bytes(dma.save().SerializeToString())
             result["base_pfn"] = state.gdma.mem.base_pfn
         elif mode == "restore":
             dma.restore((out / "dma.bin").read_bytes())

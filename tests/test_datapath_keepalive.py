@@ -48,8 +48,8 @@ def kept_after_traffic(bench, mem, undelivered: int = 0):
     pending = frames(undelivered, 96)
     assert vport.data.send(pending) == undelivered  # looped back into posted RX buffers, not taken
     ids = vport.queue_ids()
+    dma_state = dma.save()  # the pool snapshot before the device save (servicing spec 2.2)
     state = dev.save()
-    dma_state = dma.save()
     mem.scrub_worker_ram()
     new_dma = DmaManager(mem, strict_pool=True)
     new_dma.restore(dma_state)

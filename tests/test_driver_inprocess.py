@@ -40,8 +40,8 @@ def saved_after_bringup(bench, mem):
     dma = DmaManager(mem, strict_pool=False)
     dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     loopback(dev.open_vport(0, SMALL), frames(40))
+    dma_state = dma.save()  # the pool snapshot before the device save, as the worker takes it (spec 2.2)
     state = dev.save()
-    dma_state = dma.save()
     mem.scrub_worker_ram()
     new_dma = DmaManager(mem, strict_pool=False)
     new_dma.restore(dma_state)
@@ -143,6 +143,31 @@ def test_save_then_restore_without_establish_or_register(bench, mem):
     names = bench.log_since(seq)
     assert "SMC_MSG_TYPE_ESTABLISH_HWC" not in names and "GDMA_REGISTER_DEVICE" not in names
     assert dev.save().gdma.mem.base_pfn == g.mem.base_pfn  # and again, for the next servicing
+
+
+def test_the_device_save_releases_its_pool_memory_so_only_an_earlier_snapshot_can_restore(bench, mem):
+    """Spec 2.2: saving the MANA device returns its HWC buffer to the pool (the live slot table shows it
+    Free) although the device keeps using it, so the pool snapshot must come first. Swapped, the snapshot
+    holds nothing to re-attach and the keepalive restore fails."""
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
+    hwc_pfn = dev.gdma.hwc_mem.base_pfn
+    before = dma.save()  # the worker's order
+    state = dev.save()
+    assert dma.inspect()["pool"]["allocated_pages"] == 0 and bench.device.inspect()["hwc_established"]
+    after = dma.save()  # swapped order
+    slots = {s.base_pfn: s.state.WhichOneof("variant") for s in after.private_pool.state}
+    assert slots[hwc_pfn] == "free"
+    assert {s.base_pfn: s.state.WhichOneof("variant") for s in before.private_pool.state}[hwc_pfn] == "allocated"
+
+    swapped = DmaManager(mem, strict_pool=False)
+    swapped.restore(after)
+    with pytest.raises(RestoredMemoryNotFound):
+        ManaDevice.restore(bench.connect(swapped, "nic0", fresh=False), "nic0", state)
+    right = DmaManager(mem, strict_pool=False)
+    right.restore(before)
+    dev = ManaDevice.restore(bench.connect(right, "nic0", fresh=False), "nic0", state)
+    assert dev.gdma.hwc_mem.base_pfn == hwc_pfn and right.validate_restore() == []
 
 
 def test_saved_state_round_trips_through_bytes_and_a_second_servicing(bench, mem):

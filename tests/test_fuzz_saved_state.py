@@ -140,8 +140,8 @@ def saved_nic(mem):
     dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     dma.new_client("nic_nic1", persistent=True).allocate_dma_buffer(2 * PAGE)
     hwc_pfns = set(dev.gdma.hwc_mem.pfns)
-    state = dev.save()
-    return bench, state, dma.save(), hwc_pfns
+    dma_state = dma.save()  # before the device save (servicing spec 2.2)
+    return bench, dev.save(), dma_state, hwc_pfns
 
 
 def changed_pages(before: bytes, after: bytes) -> set[int]:

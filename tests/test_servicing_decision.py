@@ -163,10 +163,11 @@ def test_restore_failure_falls_back(host):
 
 # -- save outcomes -------------------------------------------------------------------------------
 def test_save_failed_resets_device_and_reports_unclaimed(host):
-    """A pending VF reset request refuses the save (SaveFailed): the device is switched to FLR and released;
-    its pool pages were in the snapshot and nobody claims them (E2 -> D3: freed and listed)."""
+    """An HWC request that fails during the save (the vport teardown's DISABLE_QUEUE) refuses it (SaveFailed):
+    the device is switched to FLR and released; its pool pages were in the snapshot and nobody claims them
+    (E2 -> D3: freed and listed)."""
     base_pfn = host.inspect("worker/nics/0/device/hwc_buffer/base_pfn")
-    host.device_control(0, "raise_reset_request")
+    host.device_control(0, "fail_request", type="GDMA_DISABLE_QUEUE", mode="once")
     r, (entries,) = host.serviced(mana_keepalive=True)
     n = nic(r)
     assert host.inspect("last_servicing/save_outcomes")[0]["save_outcome"] == "SaveFailed"
@@ -178,17 +179,70 @@ def test_save_failed_resets_device_and_reports_unclaimed(host):
     assert host.probe()["ok"]
 
 
-def test_device_missing_then_back(host):
-    """Surprise removal: the save finds no device (DeviceMissing), the new worker cannot bring it up; once
-    the device is back, the next servicing fresh-inits it (FLR as needed)."""
+def wait_for(host, path: str, want, timeout: float = 30.0):
+    """Poll `inspect path` until it equals `want` (the VF manager acts on its own thread)."""
+    deadline = time.monotonic() + timeout
+    while (got := host.inspect(path)) != want:
+        assert time.monotonic() < deadline, f"inspect {path} is {got!r}, not {want!r} after {timeout} s"
+        time.sleep(0.05)
+
+
+# -- run time: VF reset request, surprise removal and hot-add (no servicing) --------------------------
+def test_vf_reset_request_reconfigures_the_nic_without_a_servicing(host):
+    """EQE 135 (gdma spec 6.4) at run time: the VF manager tears the NIC down without a single HWC request,
+    resets the function and creates the NIC fresh; the same worker passes frames again."""
+    generation = host.inspect("worker/generation")
+    seq = host.log_seq()
+    host.device_control(0, "raise_reset_request")
+    wait_for(host, "worker/nics/0/vf_resets", 1)
+    entries = host.commands_since(seq)
+    n = names(entries)
+    eqe, flr = n.index("EQE_135"), n.index(FLR)
+    assert [e["kind"] for e in entries[eqe + 1:flr]] == ["event"] * (flr - eqe - 1), n  # no request, no SMC
+    assert n[flr + 1:].count(ESTABLISH) == 1 and REGISTER in n[flr:] and DESTROY not in n and DEREGISTER not in n
+    assert host.inspect("worker/generation") == generation
+    assert host.inspect("worker/nics/0/device/reset_pending") is False
+    assert host.device_control(0, "get_reset_method")["value"] == "none"
+    assert host.probe()["ok"]
+
+
+def test_device_missing_then_hot_add(host):
+    """Spec 5.2: surprise removal before a save is DeviceMissing with no reset-method change, and the NIC's
+    teardown freed its HWC pages before the pool snapshot (none in the blob, nothing unclaimed). The new
+    worker finds no device; once the device is back (hot-add) its VF manager creates the NIC fresh, without
+    a servicing."""
     host.device_control(0, "surprise_removal", on=True)
-    r = host.service(mana_keepalive=True)
+    r, (entries,) = host.serviced(mana_keepalive=True)
     assert host.inspect("last_servicing/save_outcomes")[0]["save_outcome"] == "DeviceMissing"
-    assert nic(r)["error"] and host.inspect("worker/nics/0/device") is None
+    assert FLR not in names(entries) and "SET_RESET_METHOD" not in names(entries), names(entries)
+    assert host.device_control(0, "get_reset_method")["value"] == "none"
+    state = decoded_state(host)
+    assert state["dma_manager_state"] and state["mana_pci_ids"] == [] and state["pool_allocations"] == []
+    assert r["unclaimed_pool_allocations"] == []
+    assert "DeviceMissing" in nic(r)["error"] and host.inspect("worker/nics/0/device") is None
+    assert host.inspect("worker/nics/0/missing") is True and host.inspect("worker/pool/devices") == {}
+
+    generation, seq = host.inspect("worker/generation"), host.log_seq()
     host.device_control(0, "surprise_removal", on=False)
-    r, _ = host.serviced(mana_keepalive=True)
-    n = nic(r)
-    assert n["restore_path"] == "fresh" and n["error"] is None and n["hwc_established"]
+    wait_for(host, "worker/nics/0/hot_adds", 1)
+    assert host.inspect("worker/generation") == generation
+    n = names(host.commands_since(seq))
+    assert n.index(FLR) < n.index(ESTABLISH) < n.index(REGISTER), n
+    nic0 = host.inspect("worker/nics/0")
+    assert (nic0["missing"], nic0["error"], nic0["restore_path"]) == (False, None, "fresh")
+    assert host.inspect("worker/pool/devices") == {f"nic_{PCI_ID}": 6}
+    assert host.probe()["ok"]
+    r, _ = host.serviced(mana_keepalive=True)  # and it is kept alive again
+    assert nic(r)["restore_path"] == "keepalive"
+
+
+def test_surprise_removal_at_run_time_frees_the_nic_at_once(host):
+    """The VF manager notices the removal on its own (no save needed) and frees the NIC's pages."""
+    host.device_control(0, "surprise_removal", on=True)
+    wait_for(host, "worker/nics/0/missing", True)
+    assert host.inspect("worker/nics/0/device") is None and host.inspect("worker/pool/devices") == {}
+    host.device_control(0, "surprise_removal", on=False)
+    wait_for(host, "worker/nics/0/hot_adds", 1)
     assert host.probe()["ok"]
 
 

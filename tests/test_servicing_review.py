@@ -309,7 +309,8 @@ def test_start_relay_with_broken_guest_rings_costs_only_that_nic(tmp_path):
         # rings never formatted: magic 0, as after a guest zeroed them
         vf = VfManager(NicConfig(0, "d186:00:00.0", str(tmp_path / "nic0.sock"), tx, rx), mem, None)
         vf.vport = object()
-        vf.start_relay(layout.to_str())
+        vf.channel_layout = layout.to_str()
+        vf.start_relay()
         assert vf.relay is None
         assert "guest channel unusable" in vf.error
     finally:
@@ -347,6 +348,8 @@ def test_save_transport_timeout_is_save_failed_for_that_nic_only(tmp_path, monke
     from vfkeep.paravisor.vf_manager import VfManager
 
     class TimingOut:
+        closed = False
+
         def present(self):
             return True
 

@@ -24,7 +24,8 @@ from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
 from .backing import DmaBuffer
-from .errors import BadFrame, VportError
+from .errors import BadFrame, DeviceMissing, VportError
+from .gdma_driver import ALL_ONES32
 from .queues import CQE_SIZE, EQE_SIZE, CqEq, DoorbellPage, Wq
 
 if TYPE_CHECKING:
@@ -306,8 +307,10 @@ class VportDataPath:
 
     def sync(self) -> None:
         """Return once the device has handled every doorbell rung so far: a register read is the barrier,
-        as the device handles messages in order (frames in flight have completed, loopback ones are back)."""
-        self.gdma.backing.read32(0)
+        as the device handles messages in order (frames in flight have completed, loopback ones are back).
+        A read of all ones is a function that is gone: DeviceMissing."""
+        if self.gdma.backing.read32(0) == ALL_ONES32:
+            raise DeviceMissing("device not present: BAR0 reads all ones")
 
     def _check_open(self) -> None:
         if self.closed:

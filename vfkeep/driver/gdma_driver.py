@@ -137,6 +137,7 @@ class GdmaDriver:
         self.events = EventState()
         self.hwc_failure = False
         self.saved = False
+        self.gone = False  # the function vanished (surprise removal): nothing is sent to it any more
         self.closed = False
         self.hwc_timeout_ms = HWC_TIMEOUT_DEFAULT_IN_MS
         self._warning_ms = HWC_WARNING_TIME_IN_MS
@@ -367,6 +368,17 @@ class GdmaDriver:
     def reset_pending(self) -> bool:
         return self.events.reset_pending
 
+    @property
+    def silent_teardown(self) -> bool:
+        """Teardown sends no request and no DESTROY_HWC: a VF reset request is pending (gdma spec 6.4: the
+        reset reclaims everything) or the device is gone."""
+        return self.events.reset_pending or self.gone
+
+    def mark_gone(self) -> None:
+        """The device was surprise-removed: requests fail locally from now on and teardown is silent."""
+        with self._lock:
+            self.gone = True
+
     def _wait_hwc(self, deadline: float, interval: float) -> tuple[float, bool]:
         """Arm the HWC EQ, re-poll it, then sleep on vector 0 for at most `interval` (gdma spec 6.6, 8.4).
         Returns the next interval and whether the sleep ended without an interrupt."""
@@ -394,6 +406,8 @@ class GdmaDriver:
         with self._lock:
             if self.closed:
                 raise HwcFailure(f"{name}: the gdma driver is closed", code, None)
+            if self.gone:
+                raise DeviceMissing(f"{name}: the device is gone")
             self.process_events()
             if self.events.reset_pending:
                 raise ResetRequestPending(f"{name}: HWC reset request pending")
@@ -591,7 +605,7 @@ class GdmaDriver:
                 "num_msix": self.num_msix,
                 "hwc_buffer": {"base_pfn": mem.base_pfn, "pages": mem.pages, "persistent": mem.persistent},
                 "hwc_queues": {q: getattr(hwc, q).id for q in ("eq", "cq", "rq", "sq")} if hwc else None,
-                "reset_pending": self.reset_pending, "hwc_failure": self.hwc_failure}
+                "reset_pending": self.reset_pending, "hwc_failure": self.hwc_failure, "gone": self.gone}
 
     # -- save and teardown (servicing spec 5.3) ------------------------------------------------
     def _check_savable(self) -> None:
@@ -628,7 +642,9 @@ class GdmaDriver:
     def close(self) -> None:
         """Teardown by the table of servicing spec 5.3, then release the handle (never a reset from here).
 
-        The HWC buffer is freed unless the driver was saved: then the pool keeps it for the next driver.
+        The HWC buffer returns to its allocator, also when the driver was saved and the device keeps using
+        it (servicing spec 2.2): the live slot table reflects the save, so only a pool snapshot taken before
+        it (as the worker does) still holds the buffer for the next driver.
         """
         with self._lock:
             if self.closed:
@@ -636,6 +652,8 @@ class GdmaDriver:
             self.closed = True
             if self.events.reset_pending:
                 kv(log, logging.INFO, "teardown: reset request pending, leaving the hwc to the device reset")
+            elif self.gone:
+                kv(log, logging.INFO, "teardown: device gone, nothing to destroy")
             elif self.saved:
                 kv(log, logging.INFO, "teardown: driver saved, hwc left running")
             elif self.hwc_failure:
@@ -649,8 +667,7 @@ class GdmaDriver:
             try:
                 self.backing.close()
             finally:
-                if not self.saved:
-                    self.hwc_mem.free()
+                self.hwc_mem.free()
 
     def _destroy_hwc(self) -> None:
         try:

@@ -46,7 +46,6 @@ class ManaDevice:
         self.bnic: BnicDriver | None = None
         self.dev_config = None
         self.vports: dict[int, Vport] = {}
-        self.kept_vports: list[Vport] = []
         self._link: dict[int, bool] = {}
         self.closed = False
 
@@ -140,13 +139,6 @@ class ManaDevice:
                                         f"{self.num_vports}")
         for state, blocks in zip(states, groups):
             Vport.restore(self, state, blocks)
-
-    def release_kept(self) -> None:
-        """Free the pool memory `save()` kept (HWC buffer, kept vports) when no next worker will take it."""
-        self.gdma.hwc_mem.free()
-        for vport in self.kept_vports:
-            vport.release_kept()
-        self.kept_vports.clear()
 
     def _abandon(self) -> None:
         """Drop a half-built device: teardown by the usual table, release the handle and the clients."""
@@ -253,8 +245,11 @@ class ManaDevice:
     def save(self) -> mana_driver_pb2.ManaDeviceSavedState:
         """Close the vports (only the HWC survives) except persistent ones (DESIGN D7: kept running, saved in
         the `vports` extension), save the GDMA driver, release the handle without a reset and without
-        DESTROY_HWC. Refused (SaveFailed subclasses) after an HWC failure or with a reset request pending;
-        the device is then still open and should be shut down."""
+        DESTROY_HWC. The driver's pool memory (HWC buffer, kept vports) then returns to the pool although the
+        device keeps using it, as dropping the reference's driver does (servicing spec 2.2): the worker's pool
+        snapshot, taken before, is what carries it to the next driver. Refused (SaveFailed subclasses) after
+        an HWC failure or with a reset request pending; the device is then still open and should be shut
+        down."""
         if self.closed:
             raise DriverError("mana device is closed")
         keep = [v for v in self.vports.values()
@@ -265,9 +260,10 @@ class ManaDevice:
         state = mana_driver_pb2.ManaDeviceSavedState(gdma=self.gdma.save())
         for vport in keep:
             state.vports.append(vport.save())
-        self.kept_vports = keep
         self.closed = True
         self.gdma.close()
+        for vport in keep:
+            vport.release_kept()
         kv(log, logging.INFO, "mana device state successfully saved for keepalive", pci_id=self.pci_id,
            base_pfn=state.gdma.mem.base_pfn, activity_id=hex(state.gdma.hwc_activity_id))
         return state
@@ -280,7 +276,7 @@ class ManaDevice:
             return True
         self.close_vports()
         gdma = self.gdma
-        clean = not (gdma.reset_pending or gdma.hwc_failure)
+        clean = not (gdma.silent_teardown or gdma.hwc_failure)
         if clean:
             try:
                 gdma.deregister_device(self.dev_id, timeout_ms=HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS)
@@ -291,6 +287,18 @@ class ManaDevice:
         gdma.close()
         kv(log, logging.INFO, "mana device shut down", pci_id=self.pci_id, clean=clean)
         return clean
+
+    def remove(self) -> None:
+        """The function is gone (surprise removal; servicing spec 5.2's DeviceMissing): tear it down without a
+        single request or SMC message, free all of its memory (the HWC buffer too, so no pool snapshot holds
+        it) and release the handle."""
+        if self.closed:
+            return
+        self.gdma.mark_gone()
+        self.close_vports()
+        self.closed = True
+        self.gdma.close()
+        kv(log, logging.INFO, "mana device removed", pci_id=self.pci_id)
 
 
 def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSavedState) -> tuple[DmaBuffer, list[list[DmaBuffer]]]:

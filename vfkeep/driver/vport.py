@@ -183,7 +183,8 @@ class Vport:
     def save(self) -> mana_driver_pb2.VportSavedState:
         """Hand the running queues over: reap TX completions and record everything `Vport.restore` needs.
         Nothing is sent to the device (no CONFIG_VPORT_RX, DESTROY_WQ_OBJ or DISABLE_QUEUE); the vport is
-        closed for this driver and its pool blocks stay allocated (`release_kept()` frees them)."""
+        closed for this driver, and `release_kept()` returns its pool blocks (the device keeps using them: a
+        pool snapshot taken before holds them for the next driver)."""
         self._check_open()
         state = mana_driver_pb2.VportSavedState(
             vport_index=self.index, vport_handle=self.handle, tx_vport_offset=self.tx_vport_offset,
@@ -199,7 +200,7 @@ class Vport:
         return state
 
     def release_kept(self) -> None:
-        """Free the pool blocks of a vport `save()` kept, when no next driver will take them."""
+        """Return the pool blocks of a vport `save()` kept to the pool (the saved state still names them)."""
         for block in self._blocks:
             block.free()
         self._blocks.clear()
@@ -233,8 +234,9 @@ class Vport:
     def close(self) -> None:
         """Stop traffic and undo every device object in reverse order of creation, then free the memory.
 
-        With a reset request pending the device reclaims everything itself, so nothing is sent. If a
-        request fails the device may still own the queues, so their memory is leaked, not reused.
+        With a reset request pending the device reclaims everything itself, and a device that is gone has
+        nothing to undo, so nothing is sent (`silent_teardown`). If a request fails the device may still own
+        the queues, so their memory is leaked, not reused.
         """
         if self.closed:
             return
@@ -242,7 +244,7 @@ class Vport:
         if self.data is not None:
             self.data.closed = True
         release = True
-        if not self.dev.gdma.reset_pending:
+        if not self.dev.gdma.silent_teardown:
             try:
                 for undo in reversed(self._resources):
                     undo()

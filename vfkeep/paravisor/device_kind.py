@@ -89,14 +89,16 @@ class CreateFailed(Exception):
 
 def create_fresh(open_device: Callable[[], B], create: Callable[[B], D], set_reset_method: Callable[[str], None],
                  pci_id: str, *, what: str, errors: tuple[type[BaseException], ...],
-                 force_flr: bool = False) -> tuple[D, bool]:
+                 missing: tuple[type[BaseException], ...] = (), force_flr: bool = False) -> tuple[D, bool]:
     """Fresh init with the NoReset -> FLR retry of servicing spec 6.4. Returns (device, flr_happened).
 
     `open_device` opens a new backing (a vfio-user device resets on open when its method is `flr`),
     `create` brings the device up on it (and closes it on failure); `set_reset_method` writes the
     device's reset method ("none" or "flr"); failing to write it is only a warning. `errors` are what a
-    failed attempt raises (the kind's device errors; anything else propagates at once). `force_flr` skips
-    the NoReset attempt (DESIGN D2 fallback after a failed restore). `what` names the device in the error.
+    failed attempt raises (the kind's device errors; anything else propagates at once); of those, `missing`
+    ones mean the device is not there: raised as they are, without an FLR attempt or a reset-method change
+    (a reset cannot bring a removed function back). `force_flr` skips the NoReset attempt (DESIGN D2
+    fallback after a failed restore). `what` names the device in the error.
     """
     def set_method(method: str) -> None:
         try:
@@ -108,6 +110,8 @@ def create_fresh(open_device: Callable[[], B], create: Callable[[B], D], set_res
         set_method("none")
         try:
             return create(open_device()), False
+        except missing:
+            raise
         except errors as e:
             kv(log, logging.WARNING, "fresh init without reset failed; retrying with flr", pci_id=pci_id, error=e)
     set_method("flr")

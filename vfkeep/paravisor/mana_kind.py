@@ -77,12 +77,14 @@ class ManaKind:
         return [vf.restore_report() for vf in self.vf_managers]
 
     def start(self) -> None:
+        """Relays start and each VF manager watches its device (VF reset requests, removal, hot-add)."""
         for vf in self.vf_managers:
-            vf.start_relay(self.channel_layout)
+            vf.run(self.channel_layout)
 
     # -- save (spec §2.2 steps 1 and 5) --------------------------------------------------------------
     def stop(self) -> None:
-        _each(VfManager.stop_relay, self.vf_managers)
+        """Relays and watching stop; a NIC whose device is gone is torn down now, before the DMA snapshot."""
+        _each(VfManager.quiesce, self.vf_managers)
 
     def emuplat(self) -> list[dict]:
         """Step 1: each NIC's netvsp state and adapter index, taken before any NIC is torn down."""
@@ -93,7 +95,8 @@ class ManaKind:
         spec 2.3 unload_for_servicing: normal shutdown (DEREGISTER_DEVICE, DESTROY_HWC), handle leaked."""
         if not (keepalive and self.vf_managers):
             _each(VfManager.shutdown, self.vf_managers)
-            return [NicSaveOutcome(vf.pci_id, SaveOutcome.SHUTDOWN, vf.error) for vf in self.vf_managers]
+            return [NicSaveOutcome(vf.pci_id, SaveOutcome.DEVICE_MISSING if vf.missing else SaveOutcome.SHUTDOWN,
+                                   vf.error) for vf in self.vf_managers]
         wrapper = state.init_state.mana_state
         wrapper.SetInParent()
         outcomes = []
@@ -105,12 +108,15 @@ class ManaKind:
         return outcomes
 
     def revive(self) -> None:
+        """Every saved device is reset before any NIC allocates again (their saves returned their pool pages
+        while the devices kept using them), then each NIC comes back."""
+        _each(VfManager.reset_saved, self.vf_managers)
         _each(VfManager.revive, self.vf_managers)
 
     # -- other ----------------------------------------------------------------------------------------
     def shutdown(self) -> None:
         for vf in self.vf_managers:
-            vf.stop_relay()
+            vf.quiesce()
             vf.shutdown()
 
     def inspect(self) -> dict:

@@ -38,11 +38,11 @@ class RelayStats:
 
 
 class NetRelay:
-    def __init__(self, channel: NicChannel, datapath: VportDataPath, pci_id: str):
+    def __init__(self, channel: NicChannel, datapath: VportDataPath, pci_id: str, stats: RelayStats | None = None):
         self.channel = channel
         self.datapath = datapath
         self.pci_id = pci_id
-        self.stats = RelayStats()
+        self.stats = RelayStats() if stats is None else stats  # a NIC's relays after a re-creation count on
         self.error: str | None = None
         self.device_missing = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

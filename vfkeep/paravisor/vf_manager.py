@@ -8,10 +8,20 @@ pci_id exists, K = this worker's MANA keepalive config is enabled:
   yes no attach + free the saved pool buffers, fresh init NoReset -> FLR        restore_path "fresh"
   yes yes keepalive restore: no ESTABLISH_HWC, no REGISTER_DEVICE              restore_path "keepalive"
           ... and if that fails: free the buffers, set FLR, reset, fresh init   restore_path "fallback"
+
+While the NIC runs (`run()` until `quiesce()`), its VF manager watches the device on a thread of its own:
+- a VF reset request (EQE 135, gdma spec 6.4) is a VF reconfiguration: the NIC is torn down without HWC
+  requests, the function reset and the NIC created fresh; guest traffic resumes, no servicing involved;
+- a device that is gone (BAR0 reads all ones: surprise removal) is torn down without a command and without
+  a reset-method change, its memory freed (spec 5.2: the next save reports DeviceMissing and the pool
+  snapshot holds none of its pages); once it answers again (hot-add) the NIC is created fresh.
 """
 from __future__ import annotations
 
 import logging
+import os
+import select
+import threading
 import time
 from typing import Callable
 
@@ -24,9 +34,9 @@ from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
-from ..vfio_user.backing import VfioBacking, open_vfio, reset_method_setter
+from ..vfio_user.backing import VfioBacking, open_vfio, presence_probe, reset_method_setter
 from .device_kind import CreateFailed, create_fresh, release_pending_buffers
-from .net_relay import NetRelay
+from .net_relay import NetRelay, RelayStats
 
 #: The relay's vport: twice as many receive buffers (512, the reference's cap) as send buffers (256), so
 #: frames the device loops back while the relay is still sending never find the RX queue empty.
@@ -39,6 +49,10 @@ log = logging.getLogger("vfkeep.worker.vf")
 
 #: What bringing a NIC up can raise without it being a bug: the device's errors and the DMA manager's.
 NIC_ERRORS = (*DEVICE_ERRORS, DmaError, CreateFailed)
+#: How often a running NIC's VF manager checks that its device is still there (surprise removal), and the
+#: first wait between probes for a missing one coming back; that wait doubles up to HOTPLUG_POLL_MAX_S.
+PRESENCE_POLL_S = 0.2
+HOTPLUG_POLL_MAX_S = 5.0
 
 
 def dma_client_names(pci_id: str) -> tuple[str, str]:
@@ -64,7 +78,7 @@ def fresh_mana_device(open_device: Callable[[], DeviceBacking], set_reset_method
     """Fresh init of one MANA NIC with the NoReset -> FLR retry (spec 6.4) on backings from `open_device`.
     Returns (device, flr_happened); `force_flr` is the D2 fallback's half after a failed restore."""
     return create_fresh(open_device, lambda backing: ManaDevice.new(backing, pci_id), set_reset_method, pci_id,
-                        what="mana device", errors=DEVICE_ERRORS, force_flr=force_flr)
+                        what="mana device", errors=DEVICE_ERRORS, missing=(DeviceMissing,), force_flr=force_flr)
 
 
 def release_nic_buffers(dma: DmaManager, pci_id: str) -> int:
@@ -73,6 +87,10 @@ def release_nic_buffers(dma: DmaManager, pci_id: str) -> int:
 
 
 class VfManager:
+    #: Run-time re-creations (VF reset, hot-add) of every NIC take turns: memory one NIC's teardown freed
+    #: must not become another NIC's queues before the first NIC's function has been reset.
+    _recreating = threading.Lock()
+
     def __init__(self, cfg: NicConfig, mem: GuestMemory, dma: DmaManager):
         self.cfg = cfg
         self.pci_id = cfg.pci_id
@@ -90,6 +108,14 @@ class VfManager:
         self.datapath_keepalive = False
         self.hwc_persistent = False
         self.set_reset_method = reset_method_setter(cfg.socket)
+        self.device_present = presence_probe(cfg.socket)
+        self.missing = False  # the device is gone (spec 5.2 DeviceMissing) until it comes back
+        self.vf_resets = 0    # run-time VF reconfigurations (EQE 135)
+        self.hot_adds = 0     # NICs re-created after their device came back
+        self.relay_stats = RelayStats()  # across the relays of this worker's re-created vports
+        self.channel_layout: str | None = None
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop: int | None = None
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -117,6 +143,7 @@ class VfManager:
         except NIC_ERRORS as e:
             vf.error = f"{type(e).__name__}: {e}"
             vf.dev = vf.vport = None
+            vf.missing = isinstance(e, DeviceMissing)
             kv(log, logging.ERROR, "nic could not be brought up", pci_id=vf.pci_id, error=vf.error)
         vf.create_ms = round((time.perf_counter() - t) * 1000, 3)
         return vf
@@ -127,21 +154,29 @@ class VfManager:
             self.dev = ManaDevice.restore(self._open(persistent=True, restore=True), self.pci_id, saved.mana_device)
             self.hwc_persistent = True
             self.vport = self.dev.vports.get(0) or self._open_vport()
+        except DeviceMissing:
+            if self.dev is not None:  # gone after the restore: nothing to reset, nothing to send
+                self.dev.remove()
+            self.dev = self.vport = None
+            self._release_saved_buffers()  # and wait for it to come back
+            raise
         except (*DEVICE_ERRORS, DmaError) as e:
             self._drop_device()
             self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
             return
         self.restore_path = RestorePath.KEEPALIVE
 
-    def _fallback(self, reason: str) -> None:
+    def _fallback(self, reason: str, *, reset_done: bool = False) -> None:
         """DESIGN D2: free whatever this NIC still has pending in the pool, switch the device to FLR,
-        reset it and fresh-init. Logged as an error; reported with the reason."""
+        reset it and fresh-init (`reset_done`: `reset_saved` has reset it already). Logged as an error;
+        reported with the reason."""
         kv(log, logging.ERROR, "falling back to fresh init with flr", pci_id=self.pci_id, reason=reason)
         self.restore_path, self.error = RestorePath.FALLBACK, reason
         self._release_saved_buffers()
-        self._create(persistent_hwc=self.dma.has_pool, force_flr=True)
+        self._create(persistent_hwc=self.dma.has_pool, force_flr=not reset_done)
+        self.flr = True
 
-    def _fresh(self, persistent_hwc: bool) -> None:
+    def _fresh(self, persistent_hwc: bool, force_flr: bool = False) -> None:
         """Fresh init with the NoReset -> FLR retry (spec 6.4). A config that claims a pool this boot
         does not have (E6) gets an ephemeral HWC buffer instead of a dead NIC."""
         if persistent_hwc and not self.dma.has_pool:
@@ -150,7 +185,7 @@ class VfManager:
             persistent_hwc = False
         kv(log, logging.INFO, "creating new VFIO device", pci_id=self.pci_id, persistent_hwc=persistent_hwc)
         self.restore_path = RestorePath.FRESH
-        self._create(persistent_hwc=persistent_hwc)
+        self._create(persistent_hwc=persistent_hwc, force_flr=force_flr)
 
     def _create(self, persistent_hwc: bool, force_flr: bool = False) -> None:
         """Fresh device + vport. A pool too full for the HWC buffer (e.g. saved state that left it all Leaked)
@@ -207,32 +242,158 @@ class VfManager:
         self.dev = self.vport = None
 
     # -- relay ------------------------------------------------------------------------------
-    def start_relay(self, channel_layout: str) -> None:
+    def start_relay(self) -> None:
         if self.vport is None:
             return
         if self.channel is None:
             try:
-                self.channel = NicChannel.attach(self.mem, ChannelLayout.from_str(channel_layout), self.cfg.index,
-                                                 self.cfg.tx_bell_fd, self.cfg.rx_bell_fd)
+                self.channel = NicChannel.attach(self.mem, ChannelLayout.from_str(self.channel_layout),
+                                                 self.cfg.index, self.cfg.tx_bell_fd, self.cfg.rx_bell_fd)
             except RingError as e:  # the rings live in guest RAM: a guest that broke them costs only this NIC
                 note = f"guest channel unusable: {e}"
                 self.error = f"{self.error}; {note}" if self.error else note
                 kv(log, logging.ERROR, "guest channel rings unusable, no relay", pci_id=self.pci_id, error=str(e))
                 return
-        self.relay = NetRelay(self.channel, self.vport.data, self.pci_id)
+        self.relay = NetRelay(self.channel, self.vport.data, self.pci_id, self.relay_stats)
         self.relay.start()
 
     def stop_relay(self) -> None:
         if self.relay is not None:
             self.relay.stop()
 
+    # -- run time: VF reset requests, surprise removal, hot-add -------------------------------------
+    def run(self, channel_layout: str | None) -> None:
+        """Guest traffic moves (the relay) and the device is watched, until `quiesce()`."""
+        self.channel_layout = channel_layout
+        self.start_relay()
+        self._monitor_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._monitor = threading.Thread(target=self._watch, name=f"vf-{self.pci_id}", daemon=True)
+        self._monitor.start()
+
+    def quiesce(self) -> None:
+        """Stop watching (a re-creation in progress finishes first) and stop the relay. A device found gone
+        is torn down now, without a command and without a reset-method change, so the DMA snapshot that
+        follows holds none of its pages (spec 5.2 DeviceMissing). The relay's last register read tells."""
+        self._stop_monitor()
+        relay = self.relay
+        self.stop_relay()
+        dev = self.dev
+        if dev is None or dev.closed:
+            return
+        if relay is not None and (relay.device_missing or relay.error is None):
+            gone = relay.device_missing
+        else:
+            gone = not dev.present()
+        if gone:
+            self._removed()
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is None:
+            return
+        os.eventfd_write(self._monitor_stop, 1)
+        self._monitor.join()
+        os.close(self._monitor_stop)
+        self._monitor = self._monitor_stop = None
+
+    def _watch(self) -> None:
+        """The monitor thread: wake on an HWC event (the device's vector 0), a presence tick or `quiesce`."""
+        backoff = PRESENCE_POLL_S
+        while True:
+            fds, wait_s = [self._monitor_stop], PRESENCE_POLL_S
+            dev = self.dev
+            if dev is not None and not dev.closed:
+                backoff = PRESENCE_POLL_S
+                try:
+                    if dev.prepare_event_wait():
+                        fds.append(dev.event_fd)
+                    else:
+                        wait_s = 0.0  # events are waiting
+                except DEVICE_ERRORS:
+                    wait_s = 0.0  # _check finds out what is wrong
+            elif self.missing:
+                wait_s, backoff = backoff, min(backoff * 2, HOTPLUG_POLL_MAX_S)
+            else:
+                wait_s = None  # the NIC failed for another reason: nothing to watch
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            ready = poller.poll(None if wait_s is None else int(wait_s * 1000))
+            if any(fd == self._monitor_stop for fd, _ in ready):
+                return
+            self._check()
+
+    def _check(self) -> None:
+        dev = self.dev
+        if dev is not None and not dev.closed:
+            try:
+                dev.poll_events()
+                if dev.reset_pending:
+                    self._vf_reset()
+                elif (self.relay is not None and self.relay.device_missing) or not dev.present():
+                    self._removed()
+            except DeviceMissing:
+                self._removed()
+            except DEVICE_ERRORS as e:
+                kv(log, logging.WARNING, "device check failed", pci_id=self.pci_id, error=str(e))
+        elif self.missing and self.device_present():
+            kv(log, logging.INFO, "device is back (hot-add): creating the NIC fresh", pci_id=self.pci_id)
+            # FLR first: the function may still hold queues on memory its removal freed.
+            if self._recreate(force_flr=True):
+                self.hot_adds += 1
+
+    def _vf_reset(self) -> None:
+        """EQE 135 at run time, a VF reconfiguration: stop the relay, tear down without HWC requests (the
+        driver skips them with a reset request pending: no vport teardown, no DEREGISTER, no DESTROY_HWC),
+        then reset the function and create the NIC fresh; the new relay resumes the guest's traffic."""
+        kv(log, logging.WARNING, "vf reset requested by the device: reconfiguring the nic", pci_id=self.pci_id,
+           revoke_vtl0_vf=self.dev.gdma.events.revoke_vtl0_vf)
+        self.stop_relay()
+        with VfManager._recreating:
+            try:
+                self.dev.shutdown()
+            except DEVICE_ERRORS as e:
+                kv(log, logging.WARNING, "teardown after the reset request failed", pci_id=self.pci_id, error=str(e))
+            self.dev = self.vport = self.relay = None
+            if self._recreate(force_flr=True, locked=True):
+                self.vf_resets += 1
+
+    def _removed(self) -> None:
+        kv(log, logging.WARNING, "device missing: tearing the nic down", pci_id=self.pci_id)
+        self.stop_relay()
+        try:
+            self.dev.remove()
+        except DEVICE_ERRORS as e:
+            kv(log, logging.WARNING, "teardown of the missing device failed", pci_id=self.pci_id, error=str(e))
+        self.dev = self.vport = self.relay = None
+        self.missing, self.error = True, "device missing"
+
+    def _recreate(self, *, force_flr: bool, locked: bool = False) -> bool:
+        """Create the NIC fresh at run time and resume its relay; False (error kept) if it did not come up."""
+        if not locked:
+            with VfManager._recreating:
+                return self._recreate(force_flr=force_flr, locked=True)
+        t = time.perf_counter()
+        self.error = None
+        try:
+            self._fresh(persistent_hwc=self.keepalive, force_flr=force_flr)
+        except NIC_ERRORS as e:
+            self.error = f"{type(e).__name__}: {e}"
+            self.dev = self.vport = None
+            self.missing = isinstance(e, DeviceMissing)
+            kv(log, logging.ERROR, "nic could not be re-created", pci_id=self.pci_id, error=self.error)
+            return False
+        self.missing = False
+        self.create_ms = round((time.perf_counter() - t) * 1000, 3)
+        self.start_relay()
+        return True
+
     # -- save / shutdown --------------------------------------------------------------------
     def save(self) -> tuple[SaveOutcome, mana_driver_pb2.ManaSavedState | None]:
         """Spec §5.2 outcomes: Saved (device kept, handle released without reset), SaveFailed (device
-        switched to FLR and released, so it resets), DeviceMissing (nothing to save)."""
-        if self.dev is None or (self.relay is not None and self.relay.device_missing) or not self.dev.present():
-            kv(log, logging.WARNING, "no device to save", pci_id=self.pci_id)
-            self.shutdown()
+        switched to FLR and released, so it resets), DeviceMissing (nothing to save: `quiesce` found it gone
+        and freed its pages, or it never came up)."""
+        if self.dev is None or self.dev.closed:
+            kv(log, logging.WARNING, "no device to save", pci_id=self.pci_id, missing=self.missing)
             return SaveOutcome.DEVICE_MISSING, None
         try:
             state = self.dev.save()
@@ -274,9 +435,23 @@ class VfManager:
             except Exception as e:  # noqa: BLE001 - only a warning
                 kv(log, logging.WARNING, "setting reset method failed", pci_id=self.pci_id, error=str(e))
 
+    def reset_saved(self) -> None:
+        """Before any NIC is revived: a device saved for keepalive still runs its HWC (and kept vports) on
+        pages its save returned to the pool (spec 2.2); reset it so no device uses them when they are handed
+        out again. A fresh open of a function whose reset method is flr resets it."""
+        if self.dev is None or not self.dev.saved:
+            return
+        try:
+            self.set_reset_method("flr")
+            backing = self._open(persistent=False)
+            self.set_reset_method("none")  # (so the close below does not reset it a second time)
+            backing.close()
+        except DEVICE_ERRORS as e:
+            kv(log, logging.WARNING, "resetting the saved device failed", pci_id=self.pci_id, error=str(e))
+
     def revive(self) -> None:
         """After a failed servicing (spec §2.4 leaves these NICs dead, E5): bring the NIC back in this
-        worker. A device saved for keepalive still runs its HWC, so it takes the FLR fallback."""
+        worker. A device saved for keepalive (reset by `reset_saved` first) takes the fallback path."""
         if self.dev is not None and not self.dev.closed:
             return  # the save never reached this device
         t = time.perf_counter()
@@ -284,15 +459,15 @@ class VfManager:
         kept = self.dev is not None and self.dev.saved
         try:
             if kept:
-                self.dev.release_kept()
                 self.dev = self.vport = None
-                self._fallback("servicing failed after the device was saved")
+                self._fallback("servicing failed after the device was saved", reset_done=True)
             else:
                 self.dev = self.vport = None
                 self._fresh(persistent_hwc=self.keepalive)
         except NIC_ERRORS as e:
             self.error = f"{type(e).__name__}: {e}"
             self.dev = self.vport = None
+            self.missing = isinstance(e, DeviceMissing)
         self.create_ms = round((time.perf_counter() - t) * 1000, 3)
 
     # -- reporting --------------------------------------------------------------------------
@@ -305,7 +480,8 @@ class VfManager:
 
     def inspect(self) -> dict:
         out = {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
-               "create_ms": self.create_ms, "device": None}
+               "create_ms": self.create_ms, "missing": self.missing, "vf_resets": self.vf_resets,
+               "hot_adds": self.hot_adds, "device": None}
         if self.dev is not None and not self.dev.closed:
             out["device"] = self.dev.inspect()
         if self.vport is not None and not self.vport.closed:

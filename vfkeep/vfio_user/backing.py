@@ -112,3 +112,21 @@ def reset_method_setter(path: str | os.PathLike) -> Callable[[str], None]:
         _call(lambda: control_call(ctl, "set_reset_method", value=method))
 
     return set_reset_method
+
+
+def presence_probe(path: str | os.PathLike, timeout: float = 1.0) -> Callable[[], bool]:
+    """Whether the device is there (again): it answers a connection and its BAR0 does not read all ones.
+    One short connection per call, never a reset; for a VF manager waiting for a hot-add."""
+    def present() -> bool:
+        try:
+            dev = VfioDevice.restore(path, timeout)
+        except TRANSPORT_ERRORS:
+            return False
+        try:
+            return dev.read32(0) != 0xFFFFFFFF
+        except TRANSPORT_ERRORS:
+            return False
+        finally:
+            dev.close()
+
+    return present
