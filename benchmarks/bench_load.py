@@ -38,7 +38,7 @@ def quiet_loss(host: TrafficHost, seconds: float) -> dict:
 
 def servicing_loss(host: TrafficHost, path: str) -> dict:
     """One servicing on `path`: its blackout and loss, and what the guest sent and lost to a full tx ring."""
-    r = host.service_measured(path, recover_s=0.3)
+    r = host.service_measured(path)
     (w,) = host.traffic("status")["last_servicing"]
     return {"blackout_ms": r["blackout_ms"], "frames_lost": r["frames_lost"], "sent": w["sent"],
             "lost_tx_ring_full": w["lost_tx_ring_full"]}

@@ -14,7 +14,8 @@ The floor of a path is what its necessary steps cost at best: the fixed costs ev
 (handing the saved state to a prelaunched worker and parsing it, scrubbing worker RAM at memset speed,
 reconnecting over vfio-user: VERSION, one DMA_MAP, two register reads, one SET_IRQS), plus per device
 round trip (HWC request or SMC message) the measured cost of one request at zero modelled latency, plus
-the modelled latency per HWC request and the modelled FLR wait per FLR. Counts are the device's. The fixed
+the modelled latency per HWC request and the modelled FLR wait per FLR, counting only the round trips and
+FLRs the device logged before the guest's blackout ended (the ones the data path waited for). The fixed
 costs are measured here too, in micro-benchmarks after the cells. Reported: median / floor per path.
 Results: results/sensitivity.json and .png.
 """
@@ -37,7 +38,8 @@ from vfkeep.driver.mana import ManaDevice
 from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.paravisor.vf_manager import nic_dma_clients
-from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
+from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected, wait_steady
+from vfkeep.vfio_user.control import control_call
 from vfkeep.vfio_user import VfioDevice
 from vfkeep.vfio_user.backing import open_vfio
 
@@ -47,18 +49,30 @@ LATENCIES = (0.0, 0.25, 1.0, 4.0)
 FLRS = (10.0, 100.0)
 #: Worker RAM the host scrubs at each servicing with one NIC.
 WORKER_PAGES = WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC
+COUNTS = tuple(f"{p}{k}" for p in ("", "critical_") for k in ("hwc_requests", "smc_messages", "device_resets"))
 COLORS = {"reset-flr": "tab:red", "reset": "tab:orange", "keepalive": "tab:blue", "keepalive+datapath": "tab:green"}
 
 
-def service(host: TrafficHost, path: str, recover_s: float = 0.15) -> dict:
-    """One servicing on `path`, checked to have taken it; the device counts summed over the NICs."""
+def service(host: TrafficHost, path: str, rate: float) -> dict:
+    """One servicing on `path`, checked to have taken it. Device counts (one NIC): over the whole servicing,
+    and `critical_*`: the HWC requests and SMC messages the device logged before the guest's blackout ended
+    (what the data path waited for; later ones, e.g. after the relay restarted, cost the guest nothing)."""
+    ctl = os.path.join(host.run_dir, "nic0.sock.ctl")
+    seq = control_call(ctl, "command_log", since=1 << 62)["last_seq"]
     r = host.service(**REQUESTS[path])
     bad = unexpected(path, r)
     if bad or r["blackout_ms"] is None:
         raise RuntimeError(f"{path}: {'; '.join(bad) or 'no blackout measured'}: {r}")
-    time.sleep(recover_s)  # the rings drain before the next servicing
+    (window,) = host.traffic("status")["last_servicing"]
+    end_s = window["blackout_end_ns"] / 1e9
+    before = [e for e in control_call(ctl, "command_log", since=seq)["entries"] if e["t"] < end_s]
+    wait_steady(host.traffic, rate)  # the backlog drains before the next servicing
+    (nic,) = r["nics"]
     return {"blackout_ms": r["blackout_ms"], "frames_lost": r["frames_lost"],
-            **{k: sum(n[k] for n in r["nics"]) for k in ("hwc_requests", "smc_messages", "device_resets")}}
+            **{k: nic[k] for k in ("hwc_requests", "smc_messages", "device_resets")},
+            "critical_hwc_requests": sum(e["kind"] == "hwc" for e in before),
+            "critical_smc_messages": sum(e["kind"] == "smc" for e in before),
+            "critical_device_resets": sum(e["kind"] == "flr" for e in before)}
 
 
 def measure_cell(timing: DeviceTiming, repeat: int, rate: float) -> tuple[dict[str, list[dict]], bytes]:
@@ -66,11 +80,11 @@ def measure_cell(timing: DeviceTiming, repeat: int, rate: float) -> tuple[dict[s
     with TrafficHost.running(1, True, timing, "--datapath-keepalive") as host:
         host.run_traffic(rate)
         for path in ORDER:  # warm-up round: page cache, first restore
-            service(host, path)
+            service(host, path, rate)
         samples: dict[str, list[dict]] = {path: [] for path in ORDER}
         for _ in range(repeat):
             for path in ORDER:
-                samples[path].append(service(host, path))
+                samples[path].append(service(host, path, rate))
         with open(os.path.join(host.run_dir, "servicing_state.bin"), "rb") as f:
             blob = f.read()
     return samples, blob
@@ -169,10 +183,10 @@ def fixed_costs(blob: bytes, n: int = 200) -> dict:
 
 
 def floor_ms(counts: dict, timing: DeviceTiming, costs: dict) -> float:
-    """The least a servicing with these device counts can cost (see the module docstring)."""
-    round_trips = counts["hwc_requests"] + counts["smc_messages"]
-    return (costs["fixed_ms"] + round_trips * costs["request_ms"] + counts["hwc_requests"] * timing.hwc_latency_ms
-            + counts["device_resets"] * timing.flr_ms)
+    """The least a servicing can cost whose data path waited for these device round trips (see the module
+    docstring)."""
+    hwc, smc, flr = (counts[f"critical_{k}"] for k in ("hwc_requests", "smc_messages", "device_resets"))
+    return costs["fixed_ms"] + (hwc + smc) * costs["request_ms"] + hwc * timing.hwc_latency_ms + flr * timing.flr_ms
 
 
 # -- run, summarise, plot ---------------------------------------------------------------------------------------
@@ -194,7 +208,7 @@ def run(latencies: list[float], flrs: list[float], repeat: int, rate: float) -> 
     for timing, samples, meta in raw:
         for path in ORDER:
             s = samples[path]
-            counts = {k: statistics.median(x[k] for x in s) for k in ("hwc_requests", "smc_messages", "device_resets")}
+            counts = {k: statistics.median(x[k] for x in s) for k in COUNTS}
             floor = floor_ms(counts, timing, costs)
             blackout = summary([x["blackout_ms"] for x in s])
             rows.append({"timing": timing.to_dict(), "path": path, "blackout_ms": blackout,
@@ -230,10 +244,13 @@ def markdown(rows: list[dict], ratios: list[dict]) -> str:
 
 def counts_markdown(rows: list[dict], costs: dict) -> str:
     """What each path cost the device (per servicing, the same in every cell) and the fixed costs."""
-    lines = ["| path | HWC requests | SMC messages | FLRs |", "|---|---:|---:|---:|"]
+    lines = ["| path | HWC requests | SMC messages | FLRs | of which before the blackout ended |",
+             "|---|---:|---:|---:|---|"]
     for path in ORDER:
         r = next(r for r in rows if r["path"] == path)
-        lines.append(f"| {path} | {r['hwc_requests']:g} | {r['smc_messages']:g} | {r['device_resets']:g} |")
+        lines.append(f"| {path} | {r['hwc_requests']:g} | {r['smc_messages']:g} | {r['device_resets']:g} | "
+                     f"{r['critical_hwc_requests']:g} / {r['critical_smc_messages']:g} / "
+                     f"{r['critical_device_resets']:g} |")
     lines += ["", f"Fixed costs: handoff {costs['handoff_ms']:.3f} ms (a {costs['blob_bytes']}-byte saved state "
                   f"to a prelaunched process, parsed), scrub {costs['scrub_ms']:.3f} ms ({WORKER_PAGES} pages at "
                   f"memset speed), vfio-user reconnect {costs['reconnect_ms']:.3f} ms; one device round trip "

@@ -12,6 +12,7 @@ import time
 
 from vfkeep.demo import machine
 from vfkeep.guest.stats import percentile
+from vfkeep.servicing_paths import wait_steady
 from .bench_servicing import PATHS
 from .bench_servicing import Host as ServicingHost
 
@@ -21,17 +22,19 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 class TrafficHost(ServicingHost):
     def run_traffic(self, rate: float, size: int = 128, warmup_s: float = 0.5) -> None:
         """Start (or re-pace) traffic on every NIC and let it reach a steady state."""
+        self.rate = rate
         self.traffic("start", rate=rate, size=size)
         time.sleep(warmup_s)
 
-    def service_measured(self, path: str, recover_s: float = 0.15) -> dict:
+    def service_measured(self, path: str) -> dict:
         """One servicing on `path` (bench_servicing.PATHS) with traffic running: the servicing result, checked
-        to have taken that path; then a pause so the rings drain before the next one."""
+        to have taken that path; then until the backlog it left has drained (`wait_steady`), so the next
+        servicing's blackout does not include it."""
         r = self.service(**PATHS[path])
         want = "keepalive" if path == "keepalive" else "fresh"
         if not r["ok"] or r["blackout_ms"] is None or any(n["restore_path"] != want for n in r["nics"]):
             raise RuntimeError(f"unexpected servicing result for {path}: {r}")
-        time.sleep(recover_s)
+        wait_steady(self.traffic, self.rate)
         return r
 
 

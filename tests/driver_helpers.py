@@ -43,6 +43,9 @@ class InProcessBacking:
         self.msix_count = 64
         device.client_connected(epoch)
 
+    def read(self, offset, size):
+        return self.device.bar0.read(offset, size)
+
     def read32(self, offset):
         return int.from_bytes(self.device.bar0.read(offset, 4), "little")
 

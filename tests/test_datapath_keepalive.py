@@ -8,7 +8,8 @@ import pytest
 from driver_helpers import InProcessBench, loopback, same_payloads
 from driver_helpers import numbered_frames as frames
 from servicing_helpers import HostRun
-from vfkeep.driver.errors import RestoreError
+from test_traffic_host import DEVICE_DROPS
+from vfkeep.driver.errors import HwcTimeout, RestoreError
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.paravisor.vf_manager import KEPT_VPORT, fresh_mana_device, release_nic_buffers
@@ -73,6 +74,37 @@ def test_kept_vport_resumes_without_queue_commands(bench, mem):
     assert queue_commands(window[save_at + 1:]) == []
     again = dev.save()  # and the next servicing keeps it again
     assert [m.base_pfn for m in again.vports[0].mem] == [m.base_pfn for m in v.mem]
+
+
+def test_deferred_probe_resumes_the_data_path_before_any_hwc_request(bench, mem):
+    """defer_probe: the kept vport carries traffic before the HWC probe (test event ... QUERY_DEV_CONFIG) ran;
+    the probe then runs as in a plain restore."""
+    state, ids, dma, pending = kept_after_traffic(bench, mem, undelivered=5)
+    seq = bench.device.command_log.seq
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, defer_probe=True)
+    assert dev.probe_pending and bench.log_since(seq) == []
+    vport = dev.vports[0]
+    assert same_payloads(vport.data.receive(64, timeout=1.0), pending)
+    assert len(loopback(vport, frames(200))) == 200
+    assert bench.log_since(seq) == []  # the data path needed no HWC request
+    dev.probe()
+    assert not dev.probe_pending and bench.log_since(seq) == [
+        "GDMA_GENERATE_TEST_EQE", "GDMA_VERIFY_VF_DRIVER_VERSION", "GDMA_LIST_DEVICES", "MANA_QUERY_DEV_CONFIG"]
+    assert dma.validate_restore() == [] and vport.queue_ids() == ids
+    assert dev.shutdown()  # the vport's teardown needs what the probe brought (its BNIC, the device id)
+
+
+def test_deferred_probe_on_a_device_that_lost_its_hwc_frees_everything(bench, mem):
+    state, _, dma, _ = kept_after_traffic(bench, mem)
+    bench.device.flr("reset during the handover")
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, defer_probe=True)
+    with pytest.raises(HwcTimeout, match="GDMA_GENERATE_TEST_EQE"):
+        dev.probe(probe_timeout_ms=100)
+    assert dev.gdma.hwc_failure and not dev.closed  # still open: the caller stops its relay first
+    dev.drop_restored()
+    assert dev.closed and dev.vports == {}
+    usage = dma.inspect()["pool"]
+    assert usage["allocated_pages"] == 0 and usage["pending_pages"] == 0
 
 
 def test_option_off_vport_is_ephemeral_and_torn_down(bench, mem):
@@ -155,3 +187,32 @@ def test_keepalive_servicing_keeps_the_data_path_under_traffic(tmp_path):
         host.kill()
         raise
     host.stop()
+
+
+def test_failed_deferred_probe_takes_the_fallback_and_counts_what_it_stranded(tmp_path):
+    """The kept vport carries traffic before the HWC probe; when the probe then fails (here: an injected
+    error answer to the test event), the relay is abandoned, the NIC takes the FLR fallback with a relay on a
+    new vport, and every frame the guest lost is in a counter."""
+    host = HostRun(tmp_path / "run", "--datapath-keepalive")
+    try:
+        traffic(host, "start", "--rate", "3000", "--size", "200")
+        host.service(mana_keepalive=True)  # the current worker's vport is now a kept one
+        host.device_control(0, "fail_request", type="GDMA_GENERATE_TEST_EQE", mode="once")
+        r = host.service(mana_keepalive=True)
+        (nic,) = r["nics"]
+        assert nic["restore_path"] == "fallback" and "GDMA_GENERATE_TEST_EQE" in nic["error"], r
+        assert nic["device_reset"] and host.inspect("worker/nics/0/vport")["persistent"]
+        traffic(host, "stop")
+        s = traffic(host, "stats", "--settle-ms", "500")["nics"][0]
+        assert s["received"] > 0
+        counters = host.device_control(0, "counters")["counters"]
+        relay = host.inspect("worker/nics/0/relay")
+        rings = host.inspect("host/rings/0")
+        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + relay["tx_stranded"]
+                   + sum(counters[k] for k in DEVICE_DROPS))
+        assert s["frames_lost"] == counted, (s["frames_lost"], relay, rings)
+    except BaseException:
+        host.kill()
+        raise
+    host.stop()
+

@@ -126,7 +126,8 @@ def test_tcp_and_ping_survive_every_servicing_path(tmp_path, root_ifaces):
             pinger.stop()
         host.stop()
     assert all(n >= 500_000 for n in flowing), flowing
-    assert tcp["ok"] and tcp["received"] == tcp["sent"] > 3_000_000, tcp
+    # At least what moved after the servicings (4 x 500 kB); how much more depends on how fast they were.
+    assert tcp["ok"] and tcp["received"] == tcp["sent"] >= sum(flowing), tcp
     assert tcp["sender_error"] is None and tcp["receiver_error"] is None
     outside = [(s, t) for s, t in pinger.lost()
                if not any(w0 - MARGIN_NS <= t <= w1 + MARGIN_NS for w0, w1 in windows)]

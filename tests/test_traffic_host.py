@@ -117,7 +117,7 @@ def _lost_and_counted(host):
     relay = host.inspect("worker/nics/0/relay")
     device_drops = sum(counters[k] for k in DEVICE_DROPS)
     counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
-               + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"])
+               + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"] + relay["tx_stranded"])
     assert s["frames_lost"] == counted, (s["frames_lost"], rings, {k: counters[k] for k in DEVICE_DROPS}, relay)
     assert s["duplicated"] == 0 and s["unknown"] == 0
     return s, counters, rings

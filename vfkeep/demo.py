@@ -33,7 +33,7 @@ from .device.timing import DeviceTiming, timing_from, timing_options
 from .host.traffic import DEFAULT_SIZE
 from .host.vmm import Host, HostConfig
 from .log import kv
-from .servicing_paths import ORDER, REQUESTS, unexpected
+from .servicing_paths import ORDER, REQUESTS, unexpected, wait_steady
 
 log = logging.getLogger("vfkeep.demo")
 
@@ -120,14 +120,16 @@ class Demo:
                 "machine": machine(), "traffic": [_window_stats(s) for s in overall], "runs": runs}
 
     def service(self, mode: str) -> dict:
-        """One servicing on `mode`'s path, then a pause: steady traffic before the next one is in its plot."""
+        """One servicing on `mode`'s path, then until the backlog it left has drained (else the next one's
+        blackout would include draining it) and at least the plot's margins have passed."""
         result = self.host.service(**REQUESTS[mode])
         record = self.host.last_servicing
         window = self.host.traffic("status")["last_servicing"] or []
         self.note_processes()
         kv(log, logging.INFO, "demo servicing", mode=mode, blackout_ms=result["blackout_ms"],
            frames_lost=result["frames_lost"], total_ms=result["phases_ms"]["total"])
-        time.sleep((PLOT_BEFORE_MS + PLOT_AFTER_MS) / 1000)
+        waited = wait_steady(self.host.traffic, self.rate)
+        time.sleep(max(0.0, (PLOT_BEFORE_MS + PLOT_AFTER_MS) / 1000 - waited))
         return {"result": result, "window_ns": record["window_ns"], "prelaunch_ms": record["prelaunch_ms"],
                 "worker_save_phases_ms": record["worker_save_phases_ms"],
                 "worker_restore_phases_ms": record["worker_restore_phases_ms"],

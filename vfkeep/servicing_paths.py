@@ -14,6 +14,9 @@ vport is ephemeral (so `keepalive` rebuilds it); after `keepalive` it is in the 
 """
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 
 ORDER = ("reset-flr", "reset", "keepalive", "keepalive+datapath")
@@ -44,4 +47,25 @@ def unexpected(path: str, result: dict) -> list[str]:
     return bad
 
 
-__all__ = ["ORDER", "REQUESTS", "EXPECTED", "unexpected"]
+def wait_steady(traffic: Callable[..., dict], rate: float, timeout: float = 3.0) -> float:
+    """Wait until the backlog a servicing left in the guest's rings has drained, so that the next servicing's
+    blackout does not include draining it: the frames in flight (sent - received, summed over the agents)
+    are down to 10 ms worth, or have stopped falling for 100 ms (what remains was lost). `traffic(action)`
+    is a host's `traffic`; gives up after `timeout` s. Returns the seconds waited."""
+    limit = max(64.0, rate / 100)
+    t0 = time.monotonic()
+    best, best_t = float("inf"), t0
+    while (now := time.monotonic()) - t0 < timeout:
+        agents = [a for a in traffic("status")["agents"] if a.get("alive")]
+        in_flight = sum(a["sent"] - a["received"] for a in agents)
+        if in_flight <= limit * max(1, len(agents)):
+            break
+        if in_flight < best - limit:
+            best, best_t = in_flight, now
+        elif now - best_t > 0.1:
+            break
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+__all__ = ["ORDER", "REQUESTS", "EXPECTED", "unexpected", "wait_steady"]

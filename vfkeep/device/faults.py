@@ -111,7 +111,9 @@ class FaultInjector:
 
 
 class CommandLog:
-    """Bounded list of what the device was asked to do, with connection epochs (also written to the log)."""
+    """Bounded list of what the device was asked to do, with connection epochs (also written to the log: HWC
+    requests that succeeded at DEBUG, as one line per request is a cost on every servicing's critical path;
+    the `command_log` control command has them all)."""
 
     def __init__(self) -> None:
         self.entries: collections.deque[dict] = collections.deque(maxlen=LOG_LIMIT)
@@ -123,7 +125,9 @@ class CommandLog:
         entry = {"seq": self.seq, "t": time.monotonic(), "epoch": epoch, "kind": kind, "code": code, "name": name,
                  "status": status, "injected": injected, **details}
         self.entries.append(entry)
-        kv(log, logging.INFO if status in (None, 0) else logging.WARNING, f"{kind} {name}",
+        ok = status in (None, 0)
+        level = logging.WARNING if not ok else logging.DEBUG if kind == "hwc" else logging.INFO
+        kv(log, level, f"{kind} {name}",
            **{k: v for k, v in entry.items() if k not in ("kind", "name", "t")})
         return entry
 

@@ -46,6 +46,8 @@ class ManaDevice:
         self.bnic: BnicDriver | None = None
         self.dev_config = None
         self.vports: dict[int, Vport] = {}
+        self.probe_pending = False  # a defer_probe restore: probe() still to run
+        self._kept_blocks: list[DmaBuffer] = []  # re-attached by restore(); freed if it or probe() fails
         self._link: dict[int, bool] = {}
         self.closed = False
 
@@ -64,7 +66,7 @@ class ManaDevice:
 
     @classmethod
     def restore(cls, backing: DeviceBacking, pci_id: str, saved: mana_driver_pb2.ManaDeviceSavedState | bytes, *,
-                probe_timeout_ms: int | None = None) -> ManaDevice:
+                probe_timeout_ms: int | None = None, defer_probe: bool = False) -> ManaDevice:
         """Keepalive restore (servicing spec 6.3): validate the saved state, re-attach the HWC buffer through
         the backing's persistent DMA client, rebuild the HWC without ESTABLISH_HWC or REGISTER_DEVICE, then
         continue like a fresh device. On failure the backing is closed, attached pool buffers are freed, and
@@ -73,7 +75,11 @@ class ManaDevice:
 
         The first request (the test event) proves the device still serves the saved HWC; a device that
         lost it (reset during the handover) ignores the doorbells, so `probe_timeout_ms` (default: the
-        HWC timeout, 10 s) bounds how long that takes to find out."""
+        HWC timeout, 10 s) bounds how long that takes to find out.
+
+        `defer_probe` with kept vports (DESIGN D7): those need no HWC request to run, so they are resumed
+        first and the HWC requests (test event ... QUERY_DEV_CONFIG) are left to `probe()`, which the
+        caller runs once the data path is back (`probe_pending`)."""
         try:
             persistent = backing.dma.persistent
             if persistent is None:
@@ -98,24 +104,49 @@ class ManaDevice:
             backing.close()
             raise
         dev = cls(gdma, pci_id)
+        dev._kept_blocks = kept_blocks
         try:
-            dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
-            dev._restore_vports(state.vports, kept)
+            if defer_probe and state.vports:
+                dev._restore_vports(state.vports, kept)
+                dev.probe_pending = True
+            else:
+                dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
+                dev._check_kept_indices(s.vport_index for s in state.vports)
+                dev._restore_vports(state.vports, kept)
+                dev._kept_blocks = []  # the vports own them now
         except BaseException:
-            if not dev.closed:  # (a failed _init_device has abandoned it already)
-                dev.vports.clear()  # their blocks are freed below, without teardown: the FLR fallback follows
-                dev._abandon()
-            for block in kept_blocks:
-                block.free()
+            dev.drop_restored()
             raise
-        kv(log, logging.INFO, "mana device restored", pci_id=pci_id, vports=dev.num_vports,
-           base_pfn=hwc_mem.base_pfn, pdid=gdma.pdid, db_id=gdma.db_id)
+        counts = {"kept_vports": len(dev.vports), "probe_pending": True} if dev.probe_pending else \
+            {"vports": dev.num_vports}
+        kv(log, logging.INFO, "mana device restored", pci_id=pci_id, **counts, base_pfn=hwc_mem.base_pfn,
+           pdid=gdma.pdid, db_id=gdma.db_id)
         return dev
 
-    def _init_device(self, *, register: bool, probe_timeout_ms: int | None = None) -> None:
+    def probe(self, probe_timeout_ms: int | None = None) -> None:
+        """The HWC requests a `defer_probe` restore left out (test event, VERIFY_VF_DRIVER_VERSION,
+        LIST_DEVICES, QUERY_DEV_CONFIG), then the kept vports' indices against the device's vport count. On
+        failure the error is raised with the device still open (a failed request marks the HWC failed, so
+        nothing more is sent on it): the caller first stops what uses its vports, then `drop_restored()`."""
+        self._init_device(register=False, probe_timeout_ms=probe_timeout_ms, abandon=False)
+        self._check_kept_indices(list(self.vports))
+        self.probe_pending = False
+        self._kept_blocks = []
+
+    def drop_restored(self) -> None:
+        """Give up a device being restored (or whose deferred probe failed): abandon it without tearing its
+        vports down (the FLR fallback follows) and free their re-attached blocks."""
+        self.vports.clear()
+        if not self.closed:
+            self._abandon()
+        for block in self._kept_blocks:
+            block.free()
+        self._kept_blocks = []
+
+    def _init_device(self, *, register: bool, probe_timeout_ms: int | None = None, abandon: bool = True) -> None:
         """Over the HWC: test event, VERIFY_VF_DRIVER_VERSION, LIST_DEVICES, REGISTER_DEVICE (fresh only: a
         restored driver keeps the saved pdid, gpa_mkey and db_id), QUERY_DEV_CONFIG (gdma spec 13.1 steps 7-11,
-        13.3). On failure the half-built device is abandoned."""
+        13.3). On failure the half-built device is abandoned (unless `abandon` is false: the caller does)."""
         gdma = self.gdma
         try:
             gdma.test_eq(probe_timeout_ms)
@@ -128,17 +159,25 @@ class ManaDevice:
             if self.dev_config.max_num_vports == 0:
                 raise BringUpError("device reports no vports")
         except BaseException:
-            self._abandon()
+            if abandon:
+                self._abandon()
             raise
 
     def _restore_vports(self, states, groups: list[list]) -> None:
-        """Resume the kept vports (DESIGN D7) over their re-attached blocks, once all indices check out."""
+        """Resume the kept vports (DESIGN D7) over their re-attached blocks, once no index is taken twice."""
+        seen: set[int] = set()
         for state in states:
-            if state.vport_index >= self.num_vports or state.vport_index in self.vports:
-                raise InvalidSavedState(f"saved vport {state.vport_index} is not a free vport of the device's "
-                                        f"{self.num_vports}")
+            if state.vport_index in seen:
+                raise InvalidSavedState(f"saved vport {state.vport_index} is not a free vport: saved twice")
+            seen.add(state.vport_index)
         for state, blocks in zip(states, groups):
             Vport.restore(self, state, blocks)
+
+    def _check_kept_indices(self, indices) -> None:
+        """Every kept vport must be one the device has (its count comes from QUERY_DEV_CONFIG)."""
+        for index in indices:
+            if index >= self.num_vports:
+                raise InvalidSavedState(f"saved vport {index} is not a free vport of the device's {self.num_vports}")
 
     def _abandon(self) -> None:
         """Drop a half-built device: teardown by the usual table, release the handle and the clients."""

@@ -210,7 +210,7 @@ class Vport:
         """Rebuild a kept vport over its re-attached pool blocks (state checked by
         `save_restore.validate_vport_state`, blocks in `SAVED_BLOCKS` order): re-map its MSI-X vector and
         re-arm its EQ and CQs; no queue command."""
-        gdma, bnic = dev.gdma, dev.bnic
+        gdma = dev.gdma
         cfg = VportConfig(eq_size=state.eq.size, tx_wq_size=state.sq.mask + 1, tx_cq_size=state.tx_cq.size,
                           rx_wq_size=state.rq.mask + 1, rx_cq_size=state.rx_cq.size, buffer_size=state.buffer_size)
         v = cls(dev, state.vport_index, cfg, persistent=True)
@@ -219,9 +219,10 @@ class Vport:
         v._tx_obj, v._rx_obj = state.tx_wq_obj, state.rx_wq_obj
         v._blocks = list(blocks)
         eq_id = state.eq.id
+        # dev.bnic and dev.dev_id are read when undone: a restore that defers the HWC probe has neither yet.
         v._resources = [lambda: gdma.disable_eq(dev.dev_id, eq_id),
-                        lambda: bnic.destroy_wq_obj(GDMA_SQ, v._tx_obj),
-                        lambda: bnic.destroy_wq_obj(GDMA_RQ, v._rx_obj), v._stop_rx]
+                        lambda: dev.bnic.destroy_wq_obj(GDMA_SQ, v._tx_obj),
+                        lambda: dev.bnic.destroy_wq_obj(GDMA_RQ, v._rx_obj), v._stop_rx]
         v.data = VportDataPath.restore(gdma, state, dict(zip(SAVED_BLOCKS, blocks)))
         dev.vports[v.index] = v
         gdma.irq.map(v.vector)

@@ -551,17 +551,14 @@ class Host:
             if self._stopping.is_set():
                 # The host is stopping (its interrupt ended the worker): no new worker, the teardown follows.
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
-            # Handoff: the old worker exits (or is ended), worker RAM is poisoned, the blob is handed over.
+            # Handoff: worker RAM is poisoned and the blob handed over. A worker that sent `saved` has released
+            # its devices and touches nothing any more, so its exit and the state file wait until the next
+            # worker is up (off the critical path); one that failed (D4) may still run: ended first.
             self._phase("handoff")
-            if saved is not None and old.wait_exit(5.0) is None:
-                kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
-            old.end()
+            if saved is None:
+                old.end()
             self.mem.scrub_worker_ram()
-            if blob is not None:
-                with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
-                    f.write(blob)
-                if tamper:
-                    blob = tamper_blob(blob, tamper, self.mem.layout)
+            handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
             if new is None:
                 try:
                     new = self._start_worker(next_env, next_worker_cmd, configured)
@@ -573,14 +570,17 @@ class Host:
             started = None
             t_handoff = time.perf_counter()
             try:
-                started = new.start(blob, timeout_s)
+                started = new.start(handed, timeout_s)
             except WorkerFailed as e:
                 # The new worker hung or died before it finished restoring: replace it, same blob.
                 errors.append(f"restore: {e}")
                 kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
                 new.end()
-                started = self._replace_worker(blob, next_worker_cmd, configured, timeout_s, errors)
-            t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
+                started = self._replace_worker(handed, next_worker_cmd, configured, timeout_s, errors)
+            finally:
+                t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
+                if saved is not None:
+                    self._retire(old, blob)
             self._phase("measure")
             if started.error:
                 errors.append(started.error)
@@ -596,6 +596,16 @@ class Host:
             if new is not None and new is not self.worker:
                 new.end()
             raise
+
+    def _retire(self, old: WorkerProcess, blob: bytes | None) -> None:
+        """After the handover: the old worker exits by itself after `saved` (ended if it does not), and the
+        blob it sent is kept in the run dir for `vfkeep state decode`."""
+        if old.wait_exit(5.0) is None:
+            kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
+        old.end()
+        if blob is not None:
+            with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
+                f.write(blob)
 
     def _replace_worker(self, blob: bytes | None, worker_cmd: str | None, configured: list[int], timeout_s: float,
                         errors: list[str]) -> Started:
@@ -625,7 +635,10 @@ class Host:
                 window: tuple[int, int], *, saved: SaveState | None, old: WorkerProcess,
                 new: WorkerProcess | None) -> ServicingResult:
         """The servicing result of DESIGN §10; device_reset / hwc_established come from the device, each NIC's
-        reason and the status from what the workers reported (host/outcome.py)."""
+        reason and the status from what the workers reported (host/outcome.py). The guest's numbers first: they
+        wait for the window's frames to come back, and the device's control requests would compete with the
+        recovering data path for the device's one loop."""
+        blackout_ms, frames_lost = self._traffic_window(*window)
         by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before)}
         outcomes = {o.pci_id: o for o in saved.nics} if saved is not None else {}
         old_cfg, new_cfg = _mana_config(old), _mana_config(new)
@@ -638,7 +651,6 @@ class Host:
             out.append(NicResult(n.pci_id, n.restore_path, seen["device_reset"], seen["hwc_established"],
                                  seen["device_resets"], seen["hwc_requests"], seen["smc_messages"], n.error, reason,
                                  RestorePath.KEEPALIVE if mana else RestorePath.FRESH))
-        blackout_ms, frames_lost = self._traffic_window(*window)
         return ServicingResult(ok, bool(mana), bool(nvme), tuple(out), unclaimed, phases, blackout_ms, frames_lost,
                                self.config.timing.to_dict(), error, servicing_status(not ok, degraded))
 

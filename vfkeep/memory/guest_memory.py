@@ -167,11 +167,19 @@ class GuestMemory:
 
     # -- servicing --------------------------------------------------------------------------
     def scrub_worker_ram(self) -> None:
-        """Fill worker RAM with the poison pattern; guest RAM and pool are untouched."""
-        r = self.layout.worker
-        for pfn in range(r.base_pfn, r.end_pfn):
-            off = pfn << PAGE_SHIFT
-            self._view[off:off + PAGE_SIZE] = POISON
+        """Fill worker RAM with the poison pattern; guest RAM and pool are untouched. One page is written, then
+        the filled part is copied onto the rest, doubling each time: a dozen memcpys, not one per page (it is
+        on the servicing's critical path)."""
+        start, size = self.layout.worker.gpa, self.layout.worker.size
+        if not size:
+            return
+        view = self._view
+        view[start:start + PAGE_SIZE] = POISON
+        done = PAGE_SIZE
+        while done < size:
+            n = min(done, size - done)
+            view[start + done:start + done + n] = view[start:start + n]
+            done += n
 
     def close(self) -> None:
         self._view.release()

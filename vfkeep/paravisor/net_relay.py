@@ -34,6 +34,7 @@ class RelayStats:
     rx_dropped_ring_full: int = 0
     rx_dropped_too_big: int = 0
     tx_dropped_bad_frame: int = 0
+    tx_stranded: int = 0       # sent into a vport whose device lost it (abandon): never completed
     wakeups: int = 0
 
 
@@ -67,6 +68,13 @@ class NetRelay:
             os.close(self._stop_fd)
             self._stop_fd = None
         kv(log, logging.INFO, "relay stopped", pci_id=self.pci_id, **asdict(self.stats))
+
+    def abandon(self) -> None:
+        """Stop for good: the vport is dropped without teardown (a deferred HWC probe failed, the FLR fallback
+        follows). What came back is drained to the guest as at any stop; sends the device never completed
+        are lost, counted in `tx_stranded`."""
+        self.stop()
+        self.stats.tx_stranded += self.datapath.tx_outstanding
 
     def _run(self) -> None:
         tx_bell = self.channel.tx.doorbell

@@ -6,6 +6,9 @@ recovers from (DESIGN §6), and a downlevel reader drops what it does not know (
 from __future__ import annotations
 
 import enum
+# uuid.uuid5 imports hashlib on first use (~10 ms of OpenSSL loading): imported here, before the worker's
+# hello, so the save on the servicing's critical path does not pay for it.
+import hashlib  # noqa: F401
 import logging
 import time
 import uuid

@@ -151,7 +151,8 @@ class VfManager:
     def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState) -> None:
         kv(log, logging.INFO, "restoring gdma driver", pci_id=self.pci_id, base_pfn=saved.mana_device.gdma.mem.base_pfn)
         try:
-            self.dev = ManaDevice.restore(self._open(persistent=True, restore=True), self.pci_id, saved.mana_device)
+            self.dev = ManaDevice.restore(self._open(persistent=True, restore=True), self.pci_id, saved.mana_device,
+                                          defer_probe=True)
             self.hwc_persistent = True
             self.vport = self.dev.vports.get(0) or self._open_vport()
         except DeviceMissing:
@@ -165,6 +166,36 @@ class VfManager:
             self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
             return
         self.restore_path = RestorePath.KEEPALIVE
+
+    def finish_restore(self) -> None:
+        """Run the HWC probe a keepalive restore with kept vports left for after the relay restarted (DESIGN
+        D7; docs/internals.md says why). If it fails, the device lost its state during the handover: the relay
+        is abandoned while the device is still open (its drain still reaches it; sends it never completed are
+        counted in `tx_stranded`), then the NIC takes the D2 fallback and a relay starts on the new vport (a
+        device that is gone waits for the monitor instead)."""
+        if self.dev is None or not self.dev.probe_pending:
+            return
+        try:
+            self.dev.probe()
+        except (*DEVICE_ERRORS, DmaError) as e:
+            if self.relay is not None:
+                self.relay.abandon()
+                self.relay = None
+            self.dev.drop_restored()
+            self.dev = self.vport = None
+            if isinstance(e, DeviceMissing):
+                self.missing, self.error = True, f"device missing: {e}"
+                kv(log, logging.WARNING, "device vanished after the keepalive restore", pci_id=self.pci_id)
+                return
+            try:
+                self._fallback(f"keepalive restore failed: {type(e).__name__}: {e}")
+            except NIC_ERRORS as e2:
+                self.error = f"{type(e2).__name__}: {e2}"
+                self.dev = self.vport = None
+                self.missing = isinstance(e2, DeviceMissing)
+                kv(log, logging.ERROR, "nic could not be brought up", pci_id=self.pci_id, error=self.error)
+                return
+            self.start_relay()
 
     def _fallback(self, reason: str, *, reset_done: bool = False) -> None:
         """DESIGN D2: free whatever this NIC still has pending in the pool, switch the device to FLR,
@@ -263,9 +294,11 @@ class VfManager:
 
     # -- run time: VF reset requests, surprise removal, hot-add -------------------------------------
     def run(self, channel_layout: str | None) -> None:
-        """Guest traffic moves (the relay) and the device is watched, until `quiesce()`."""
+        """Guest traffic moves (the relay; then a deferred HWC probe, `finish_restore`) and the device is
+        watched, until `quiesce()`."""
         self.channel_layout = channel_layout
         self.start_relay()
+        self.finish_restore()
         self._monitor_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._monitor = threading.Thread(target=self._watch, name=f"vf-{self.pci_id}", daemon=True)
         self._monitor.start()

@@ -52,6 +52,9 @@ class VfioBacking:
         self.bar0_len = _call(lambda: dev.region_info(REGION_BAR0).size)
         self.msix_count = _call(lambda: dev.irq_info(IRQ_MSIX).count)
 
+    def read(self, offset: int, size: int) -> bytes:
+        return _call(self.dev.region_read, REGION_BAR0, offset, size)
+
     def read32(self, offset: int) -> int:
         return _call(self.dev.read32, offset)
 

@@ -191,10 +191,9 @@ class VfioDevice:
                 self._maps.append(_Mapping(iova, size, os.dup(fd), file_offset, flags))
 
     def map_guest_memory(self, mem: GuestMemory) -> None:
-        """One DMA_MAP per non-empty region, IOVA = file offset (so PFNs agree everywhere)."""
-        for region in mem.layout.regions:
-            if region.pages:
-                self.dma_map(mem.fd, region.gpa, region.gpa, region.size)
+        """All of guest memory (guest RAM, worker RAM, pool: one file, contiguous) in one DMA_MAP, IOVA = file
+        offset (so PFNs agree everywhere)."""
+        self.dma_map(mem.fd, 0, 0, mem.layout.size)
 
     def dma_unmap(self, iova: int = 0, size: int = 0, *, unmap_all: bool = False) -> None:
         flags = DMA_UNMAP_ALL if unmap_all else 0

@@ -29,7 +29,9 @@ class Timer:
 
 class EventLoop:
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        # select(2): timers fire to the microsecond. epoll and poll round a timeout up to whole milliseconds,
+        # which would turn a modelled 0.25 ms HWC latency into 1 ms; a device watches only a handful of fds.
+        self._selector = selectors.SelectSelector()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._running = False

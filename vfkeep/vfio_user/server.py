@@ -42,7 +42,10 @@ SEND_TIMEOUT_S = 5.0
 #: keep the device busy but cannot starve them.
 MESSAGES_PER_WAKEUP = 64
 #: Commands whose every occurrence is logged at INFO; register traffic is DEBUG (data path).
-_QUIET = {Command.REGION_READ, Command.REGION_WRITE}
+#: Commands logged only at DEBUG: register traffic is the data path, and the ones a reconnecting driver sends
+#: (a servicing's critical path) already have a line of their own where it matters (version, dma map, set irqs).
+_QUIET = {Command.REGION_READ, Command.REGION_WRITE, Command.VERSION, Command.DEVICE_GET_INFO,
+          Command.DEVICE_GET_REGION_INFO, Command.DEVICE_GET_IRQ_INFO, Command.DMA_MAP, Command.DEVICE_SET_IRQS}
 
 
 class _Connection:
