@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from vfkeep import proc
 from vfkeep.host.detached import DetachedHost
@@ -87,3 +88,73 @@ def children_of(pid: int) -> list[int]:
 def pid_alive(pid: int) -> bool:
     fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z"
+
+
+# -- invariants after a servicing (issue 15: kill-anywhere) ---------------------------------------------------
+PAGE = 4096
+
+
+def wait_settled(host: HostRun, after_generation: int, timeout: float = 60.0) -> dict:
+    """`status` once no servicing runs and a live worker newer than `after_generation` is current (a worker
+    killed after `started` is replaced by the host's supervision, at its next idle tick)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = host.status()
+        w = st["worker"]
+        if st["servicing"] is None and w is not None and w["alive"] and w["generation"] > after_generation:
+            return st
+        assert time.monotonic() < deadline, f"no settled worker after generation {after_generation}: {st}"
+        time.sleep(0.05)
+
+
+def _owner_of(tables: list[list[dict]]) -> dict[int, str]:
+    """page -> owner of every allocated slot in the worker's slot tables (pool and worker RAM)."""
+    owners: dict[int, str] = {}
+    for table in tables:
+        for s in table:
+            if s["state"] == "allocated":
+                for pfn in range(s["base_pfn"], s["base_pfn"] + s["pages"]):
+                    owners[pfn] = s["owner"]
+    return owners
+
+
+def device_pages(state: dict) -> set[int]:
+    """Every guest page a MANA device DMAs into, as far as its `state` shows: the HWC's queues, each vport's
+    queues and the DMA regions no queue consumed yet (queues as contiguous runs from their first page)."""
+    queues = [state["hwc"][q] for q in ("eq", "cq", "rq", "sq")] if state["hwc"] else []
+    queues += [v[q] for v in state["vports"] for q in ("sq", "tx_cq", "rq", "rx_cq") if v[q] is not None]
+    pages = {q["first_page"] // PAGE + i for q in queues for i in range(q["pages"])}
+    pages.update(p // PAGE for r in state["dma_regions"] for p in r["pages"])
+    return pages
+
+
+def check_invariants(host: HostRun, nics: int, pool_pages_per_nic: int) -> None:
+    """What must hold once any servicing is over, however it went: every NIC passes frames; the pool holds
+    exactly each NIC's persistent allocations (nothing pending, leaked or owned by a NIC that is gone); every
+    page a device DMAs into is allocated to that NIC in the current worker (none double-owned, none free);
+    the host's only children are its devices and one worker; no traceback in any log."""
+    for i in range(nics):
+        probe = host.probe(i)
+        assert probe["ok"], f"nic {i} does not pass frames: {probe}"
+    worker = host.inspect("worker")
+    pool = worker["pool"]
+    pci_ids = [d["pci_id"] for d in host.status()["devices"]][:nics]
+    assert pool["pending_pages"] == 0 and pool["leaked_pages"] == 0, pool
+    assert pool["devices"] == {f"nic_{p}": pool_pages_per_nic for p in pci_ids}, pool["devices"]
+    assert sum(s["pages"] for s in pool["slot_table"]) == pool["total_pages"]
+    owners = _owner_of([pool["slot_table"], worker["worker_ram"]["slot_table"]])
+    claimed: dict[int, str] = {}
+    for i, pci_id in enumerate(pci_ids):
+        pages = device_pages(host.device_control(i, "state"))
+        assert pages, f"device {pci_id} shows no HWC or queue memory"
+        for pfn in pages:
+            assert owners.get(pfn) in (f"nic_{pci_id}", f"nic_{pci_id}_ephemeral"), \
+                f"device {pci_id} DMAs into page {pfn}, owned by {owners.get(pfn)!r} in the worker"
+            assert claimed.setdefault(pfn, pci_id) == pci_id, f"page {pfn} used by {claimed[pfn]} and {pci_id}"
+    st = host.status()
+    expected = {d["pid"] for d in st["devices"]} | {st["worker"]["pid"]}
+    assert set(host.children()) == expected, f"host children {host.children()}, expected {sorted(expected)}"
+    for name in os.listdir(host.run_dir):
+        if name.endswith((".log", ".stderr")):
+            with open(os.path.join(host.run_dir, name), errors="replace") as f:
+                assert "Traceback" not in f.read(), f"traceback in {name}:\n{host.logs()}"

@@ -53,7 +53,7 @@ def test_wire_form_of_a_save_and_a_started():
     """The frames a worker of another version reads and writes: field names and JSON types are the contract."""
     save = c.Save(c.capability_word(mana_keepalive=True, nvme_keepalive=False), c.timeout_hint(59.2), "id", None)
     assert save.to_json() == {"type": "save", "capabilities": 2, "timeout_hint_s": 60, "correlation_id": "id",
-                              "test_config": None}
+                              "test_config": None, "kill_point": None}
     assert (save.mana_keepalive, save.nvme_keepalive, save.timeout_s) == (True, False, 60.0)
     assert c.capability_word(mana_keepalive=False, nvme_keepalive=True) == 1
     assert c.capability_word(mana_keepalive=True, nvme_keepalive=True) == 3

@@ -334,13 +334,16 @@ class RestoreCompleted(Message):
 @dataclass(frozen=True)
 class Save(Message):
     """Save for servicing (spec §2.2): the host's capability word (§1.3) and timeout hint in seconds (§2.1:
-    the worker's watchdog; NO_TIMEOUT_HINT_S means none)."""
+    the worker's watchdog; NO_TIMEOUT_HINT_S means none). Test hooks: `test_config` (SAVE_TEST_CONFIGS) and
+    `kill_point`, a save point of `vfkeep.kill_points` where the worker SIGKILLs itself (a worker that does not
+    know the field ignores it)."""
 
     kind = "save"
     capabilities: int
     timeout_hint_s: int = 60
     correlation_id: str | None = None
     test_config: str | None = None
+    kill_point: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.capabilities < 1 << 64 or self.capabilities & RESERVED_CAPABILITIES:

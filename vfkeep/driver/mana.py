@@ -17,6 +17,7 @@ import logging
 
 from vfkeep.gdma.constants import DRV_DEFAULT_LINK_SPEED_BPS, HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS
 from vfkeep.gdma.hwc import GdmaDevId
+from vfkeep import kill_points
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
@@ -150,6 +151,8 @@ class ManaDevice:
         gdma = self.gdma
         try:
             gdma.test_eq(probe_timeout_ms)
+            if not register:
+                kill_points.reached("restore.hwc")
             gdma.verify_vf_driver_version()
             self.dev_id = gdma.mana_dev_id()
             if register:
@@ -296,6 +299,7 @@ class ManaDevice:
         for vport in list(self.vports.values()):
             if vport not in keep:
                 vport.close()
+        kill_points.reached("save.vports_closed")
         state = mana_driver_pb2.ManaDeviceSavedState(gdma=self.gdma.save())
         for vport in keep:
             state.vports.append(vport.save())
@@ -344,6 +348,7 @@ def _attach_saved_buffers(client: DmaClient, state: mana_driver_pb2.ManaDeviceSa
     """Re-attach this NIC's saved pool buffers (spec 6.2): keep the HWC buffer and, per kept vport, its
     blocks in `SAVED_BLOCKS` order; free the rest. Returns (hwc block, [vport block lists])."""
     blocks = client.attach_pending_buffers()
+    kill_points.reached("restore.pool_buffers_attached")
     by_pfn = {b.base_pfn: b for b in blocks}
     try:
         hwc = by_pfn.pop(state.gdma.mem.base_pfn, None)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from vfkeep.gdma.constants import (DRV_DATA_EQ_SIZE, DRV_DATA_RX_CQ_SIZE, DRV_DATA_RX_WQ_SIZE, DRV_DATA_TX_CQ_SIZE,
                                    DRV_DATA_TX_WQ_SIZE, DRV_DMA_REGION_MAX_PAGES, GDMA_RQ, GDMA_SQ, PAGE_SIZE,
                                    Tristate)
+from vfkeep import kill_points
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
@@ -100,6 +101,7 @@ class Vport:
         eq = CqEq("eq", eq_mem.view, eq_id, doorbell)
 
         self._tx_obj, sq, tx_cq = self._create_wq_obj(GDMA_SQ, cfg.tx_wq_size, cfg.tx_cq_size, eq_id, doorbell)
+        kill_points.reached("restore.vport")
         self._rx_obj, rq, rx_cq = self._create_wq_obj(GDMA_RQ, cfg.rx_wq_size, cfg.rx_cq_size, eq_id, doorbell)
 
         ntx, nrx = buffer_counts(sq.size, tx_cq.size, rq.size, rx_cq.size, short)

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import __version__, netns, proc
+from .. import __version__, kill_points, netns, proc
 from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S, POOL_CONFIG_ENV,
                         POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect, InspectReply, NicConfig, NicResult,
                         NicRestore, RestorePath, Save, SaveState, ServicingResult, Shutdown, Started, TransferStatus,
@@ -251,13 +251,16 @@ class Host:
     # -- public operations (any thread) --------------------------------------------------------
     def service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
                 test_config: str | None = None, next_env: dict[str, str] | None = None,
-                next_worker_cmd: str | None = None, nics: list[int] | None = None, tamper: str | None = None) -> dict:
-        """One servicing; the servicing result's JSON form (`contract.ServicingResult`)."""
+                next_worker_cmd: str | None = None, nics: list[int] | None = None, tamper: str | None = None,
+                kill_point: str | None = None) -> dict:
+        """One servicing; the servicing result's JSON form (`contract.ServicingResult`). `kill_point` (test hook,
+        `vfkeep.kill_points`): a save point goes to the current worker with its save request, a restore point to
+        the next worker's environment (only that worker: a replacement runs without it)."""
         if not self._busy.acquire(blocking=False):
             raise HostError(f"a servicing is already in progress (phase {self.servicing_phase() or 'starting'})")
         try:
             return self._submit(self._service, mana_keepalive, nvme_keepalive, timeout, test_config, next_env,
-                                next_worker_cmd, nics, tamper)
+                                next_worker_cmd, nics, tamper, kill_point)
         finally:
             self._busy.release()
 
@@ -487,9 +490,14 @@ class Host:
     def _service_one(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, timeout: float | None = None,
                      test_config: str | None = None, next_env: dict[str, str] | None = None,
                      next_worker_cmd: str | None = None, nics: list[int] | None = None,
-                     tamper: str | None = None) -> dict:
+                     tamper: str | None = None, kill_point: str | None = None) -> dict:
         """One servicing (DESIGN §1): prelaunch, save, scrub, hand the blob over, restore; D4 on failure."""
         timeout_s = _timeout(timeout)
+        if kill_point is not None:
+            try:
+                kill_points.check(kill_point)
+            except kill_points.UnknownKillPoint as e:
+                raise HostError(str(e)) from None
         if tamper is not None and tamper not in TAMPER_MODES:
             raise HostError(f"unknown tamper mode {tamper!r}; known: {', '.join(TAMPER_MODES)}")
         if test_config is not None and test_config.upper() not in SAVE_TEST_CONFIGS:
@@ -510,6 +518,8 @@ class Host:
         before = [d.snapshot() for d in self.devices]
         errors: list[str] = []
         next_env = dict(next_env or {})
+        if kill_point in kill_points.RESTORE_POINTS:
+            next_env[kill_points.KILL_POINT_ENV] = kill_point
         configured = self.configured if nics is None else sorted(set(nics))
 
         t_pre = time.perf_counter()
@@ -528,7 +538,8 @@ class Host:
             correlation_id = str(uuid.uuid4())
             blob, saved = None, None
             request = Save(capability_word(mana_keepalive=bool(mana_keepalive), nvme_keepalive=bool(nvme_keepalive)),
-                           timeout_hint(DEFAULT_TIMEOUT_S if timeout is None else timeout), correlation_id, test_config)
+                           timeout_hint(DEFAULT_TIMEOUT_S if timeout is None else timeout), correlation_id, test_config,
+                           kill_point if kill_point in kill_points.SAVE_POINTS else None)
             try:
                 saved, blob = old.save(request, timeout_s, grace=1.0)
             except WorkerFailed as e:

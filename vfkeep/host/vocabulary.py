@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from .. import rpc
+from .. import kill_points, rpc
 from ..contract import SAVE_TEST_CONFIGS
 from . import control, render
 from .commands import (LOG_NAME, _env_pairs, _is_host, _pidfile_pid, _running, default_run_dir,
@@ -152,10 +152,13 @@ def _print_json(ctx: click.Context, data: Any) -> None:
 @click.option("--next-worker-cmd", metavar="CMD", help="command of the next worker only")
 @click.option("--nics", "nic_list", metavar="I,J,...", help="NICs configured in the next worker [default: same]")
 @click.option("--tamper", type=click.Choice(TAMPER_MODES), help="test hook: damage the state handed over")
+@click.option("--kill-point", type=click.Choice(list(kill_points.POINTS)),
+              help="test hook: the worker SIGKILLs itself at this point of its save (save.*: the current worker) "
+                   "or restore (restore.*: the next worker)")
 @click.option("--require-keepalive", is_flag=True,
               help=f"exit {EXIT_NO_KEEPALIVE} unless every configured NIC took the keepalive path")
 def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeout, test_config, next_env,
-                    next_worker_cmd, nic_list, tamper, require_keepalive):
+                    next_worker_cmd, nic_list, tamper, kill_point, require_keepalive):
     """Service the paravisor: save the worker, start the next one, restore; print the servicing result.
 
     Exit status: 0 ok or degraded, 1 failed, 2 bad usage, 3 keepalive required but not taken by every NIC."""
@@ -163,7 +166,7 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
     result = _target(ctx, run_dir).call(
         "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
         test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
-        next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper)
+        next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper, kill_point=kill_point)
     if as_json:
         _print_json(ctx, result)
     else:

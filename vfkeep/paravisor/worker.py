@@ -18,7 +18,7 @@ import time
 
 import click
 
-from .. import __version__
+from .. import __version__, kill_points
 from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
                         ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, RestoreCompleted,
@@ -79,6 +79,7 @@ class Worker:
         # DESIGN D7 (vfkeep option, not in OpenHCL): keep the vport data path across keepalive servicing.
         datapath_keepalive = not downlevel and os.environ.get(DATAPATH_KEEPALIVE_ENV) == "1"
         self.test_config = test_config_from_env(os.environ)
+        kill_points.arm_from_env(os.environ)
         self.dma: DmaManager | None = None
         self.mana = ManaKind(nics, mem, channel_layout, datapath_keepalive=datapath_keepalive)
         #: In the order of spec §3 steps 4-6 and §2.2 steps 3-5 (NVMe, then networking).
@@ -99,7 +100,9 @@ class Worker:
         blob, state_error = None, None
         if msg.servicing:
             t = time.perf_counter()
+            kill_points.reached("restore.before_state")
             blob = self._fetch_servicing_state()
+            kill_points.reached("restore.state_received")
             phases["fetch"] = _ms(t)
             if blob is None:
                 state_error = "host aborted the servicing state transfer"
@@ -126,6 +129,7 @@ class Worker:
                 kv(log, logging.ERROR, "dma manager restore failed; saved NIC state cannot be re-attached",
                    error=str(e))
         phases["dma_restore"] = _ms(t)
+        kill_points.reached("restore.dma_restored")
 
         # Steps 4-6: each device kind, once the DMA manager exists (its clients come after its restore).
         previous = PreviousState(state, state_error or dma_error)
@@ -149,6 +153,7 @@ class Worker:
         if msg.servicing:
             status = TransferStatus.SUCCESS if error is None and state_error is None else TransferStatus.FAILURE
             self.send(RestoreCompleted(status))
+        kill_points.reached("restore.validated")
 
         # Step 8: guest IO moves again.
         for kind in self.kinds:
@@ -195,6 +200,9 @@ class Worker:
         """Save and hand the state to the host (spec §2.3 step 5, §2.5) under the watchdog. True when the
         host kept it (the worker must now exit); False after a failed save (reported; the worker goes on)."""
         hook = parse_test_config(msg.test_config, "save request") or self.test_config
+        if msg.kill_point is not None:
+            kill_points.arm(msg.kill_point)
+        kill_points.reached("save.requested")
         if hook is TestConfig.SERVICING_SAVE_STUCK:
             kv(log, logging.WARNING, "test hook: save stuck")
             threading.Event().wait()
@@ -207,8 +215,10 @@ class Worker:
             blob, outcomes, phases = result
             for chunk in save_state_messages(blob, outcomes, phases):
                 self.send(chunk)
+            kill_points.reached("save.state_sent")
             answer = self._save_answer()
             if answer is TransferStatus.SUCCESS:
+                kill_points.reached("save.answered")
                 return True
             self.send(self._save_failed(f"host did not take the servicing state ({answer.name})", list(outcomes)))
             return False
@@ -241,6 +251,7 @@ class Worker:
         for kind in self.kinds:
             kind.stop()
         phases["stop_io"] = _ms(t)
+        kill_points.reached("save.io_stopped")
 
         # 1: emulation-platform state, before NICs are torn down.
         nics_emuplat = self.mana.emuplat()
@@ -251,6 +262,7 @@ class Worker:
         except DmaError as e:  # e.g. allocations still pending after a strict validation failure
             return self._save_failed(f"dma manager save failed: {e}", [])
         phases["dma_save"] = _ms(t)
+        kill_points.reached("save.dma_saved")
         # 3, 5: the device kinds (destructive), each saved only under its effective keepalive.
         state = underhill_pb2.ServicingState()
         outcomes: dict[str, list] = {}
@@ -259,6 +271,7 @@ class Worker:
             outcomes[kind.name] = kind.save(getattr(eff, kind.name), state)
             phases[f"{kind.name}_save"] = _ms(t)
         nic_outcomes = outcomes[self.mana.name]
+        kill_points.reached("save.devices_saved")
 
         if hook is TestConfig.SERVICING_SAVE_CRASH:
             kv(log, logging.WARNING, "test hook: crashing after the drivers were saved")
@@ -333,6 +346,7 @@ class Worker:
                         kv(log, logging.CRITICAL, "servicing state transfer failed", error=str(e))
                         return EXIT_TRANSFER_FAILED
                     self.send(started)
+                    kill_points.reached("restore.started")
                 elif isinstance(msg, Save) and self.dma is not None:
                     if self.save(msg):
                         # Exit without closing device handles or running finalizers: kept devices must not
