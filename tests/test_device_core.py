@@ -486,6 +486,30 @@ def test_disconnect_with_none_keeps_state_and_flr_wipes_it(up):
     assert device.counters["reset_count"] == 1 and device.command_log.since()[-1]["kind"] == "flr"
 
 
+def test_flr_returns_every_vport_to_power_on(up):
+    """An FLR forgets all the function set on a vport: filter direction (MOVE_FILTER), serial number, RSS,
+    default RX object, TX config, queues, running flag and posted buffers; only the wire's link state stays.
+    A driver bringing the function up again reads the filter direction as at power-on (toward VTL2)."""
+    from vfkeep.device.vport import Vport
+
+    device, drv = up
+    vp = VportQueues(drv)
+    vp.start(rx_buffers=8)
+    drv.mana(MANA_VTL2_ASSIGN_SERIAL_NUMBER, ManaSetVportSerialNo(vport=0, serial_no=77).to_bytes())
+    drv.mana(MANA_VTL2_MOVE_FILTER, ManaMoveFilterVTL2PrivilegedReq(vport=0, direction_to_vtl0=1).to_bytes())
+    port = device.vports[0]
+    port.rss_enable, port.hashkey, port.indir_table = True, bytes(range(40)), [vp.rx_obj] * 4
+    port.link_up = False
+    power_on = {k: v for k, v in vars(Vport(device, 0, port.mac)).items() if k not in ("dev", "link_up")}
+    assert {k: v for k, v in vars(port).items() if k not in ("dev", "link_up")} != power_on
+    device.flr("test")
+    assert {k: v for k, v in vars(port).items() if k not in ("dev", "link_up")} == power_on
+    assert port.link_up is False  # the wire's, not the function's
+    drv.bring_up()
+    assert drv.mana(MANA_VTL2_QUERY_FILTER_STATE, ManaQueryFilterStateReq(vport=0).to_bytes(),
+                    ManaQueryFilterStateResponse).direction_to_vtl0 == 0
+
+
 def test_rx_without_dma_mapping_is_dropped_and_keeps_the_buffer(up, mem):
     device, drv = up
     vp = VportQueues(drv)
