@@ -59,7 +59,7 @@ class Bar0:
         if not dev.removed:
             if _inside(offset, size, EMU_REGMAP_OFFSET, EMU_REGMAP_SIZE):
                 start = offset - EMU_REGMAP_OFFSET
-                return REGMAP_BYTES[start:start + size]
+                return dev.hostile.regmap(REGMAP_BYTES)[start:start + size]
             if _inside(offset, size, EMU_SHMEM_OFFSET, EMU_SHMEM_SIZE):
                 return dev.smc.read(offset - EMU_SHMEM_OFFSET, size)
         return b"\xff" * size

@@ -16,6 +16,7 @@ Each command is `fn(dev, **args) -> dict` and is reachable as
 | `link` | `vport`, `up` | `{posted}` (EQE 133 link connect/disconnect on the HWC EQ) |
 | `inject_rx` | `vport`, `frame_hex` | `{delivered}` (the frame as if from the backend) |
 | `reset_counters` | — | `{}` |
+| `hostile` | `mode` (one of `hostile.MODES`), `on` (default true) | `{hostile}`: the active modes (`device/hostile.py`) |
 
 The transport adds `ping`, `epoch`, `get_reset_method` / `set_reset_method`. Bad
 arguments raise `ValueError`, which the control server returns as a `Refused` reply.
@@ -75,6 +76,12 @@ def raise_reset_request(dev, revoke_vtl0_vf: bool = False) -> dict:
     return {"posted": dev.hwc_event(GDMA_EQE_HWC_RESET_REQUEST, payload, revoke_vtl0_vf=bool(revoke_vtl0_vf))}
 
 
+def hostile(dev, mode: str, on: bool = True) -> dict:
+    dev.hostile.set(mode, bool(on))
+    dev.command_log.add("event", "HOSTILE", dev.epoch, mode=mode, on=bool(on))
+    return {"hostile": dev.hostile.inspect()}
+
+
 def _vport(dev, vport):
     if not isinstance(vport, int) or not 0 <= vport < len(dev.vports):
         raise ValueError(f"vport {vport!r} is not in 0..{len(dev.vports) - 1}")
@@ -103,6 +110,6 @@ def inject_rx(dev, vport: int, frame_hex: str) -> dict:
 
 
 COMMANDS = {fn.__name__: fn for fn in (state, counters, reset_counters, command_log, fail_request, clear_faults,
-                                       hwc_stall, surprise_removal, raise_reset_request, link, inject_rx)}
+                                       hwc_stall, surprise_removal, raise_reset_request, link, inject_rx, hostile)}
 
 __all__ = ["COMMANDS"]

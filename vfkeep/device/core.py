@@ -75,6 +75,7 @@ from vfkeep.gdma.codec import CQ_EQ_DOORBELL as _CQ_EQ_DB
 from vfkeep.gdma.codec import WQ_DOORBELL as _WQ_DB
 
 from .backends import LoopbackBackend
+from .hostile import Hostile
 from .bar0 import Bar0
 from .bnic import STAT_NAMES
 from .dma import DmaFault
@@ -133,6 +134,7 @@ class GdmaDevice:
         self.counters: dict[str, int | float] = dict.fromkeys(COUNTERS, 0)
         self.command_log = CommandLog()
         self.faults = FaultInjector()
+        self.hostile = Hostile()  # like the fault rules: the test's, not the function's; survives an FLR
         self.epoch = 0
         self.connected = False
         self.removed = False
@@ -459,6 +461,7 @@ class GdmaDevice:
             "posted_rx": sum(len(v.posted) for v in self.vports),
             "backend": self.backend.inspect(),
             "faults": [r.inspect() for r in self.faults.rules],
+            "hostile": self.hostile.inspect(),
         }
 
 

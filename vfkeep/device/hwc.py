@@ -60,6 +60,7 @@ from vfkeep.gdma.messages import REQ_HDR_SIZE, RESP_HDR_SIZE, is_device_specific
 
 from . import bnic, requests
 from .dma import DmaFault
+from .hostile import BAD_DOORBELL_PAGE
 from .queues import VENDOR_ERR_MALFORMED_WQE, Cq, Eq, Wq, WqeRef
 from .requests import BadRequest, Refused
 
@@ -77,13 +78,17 @@ class Hwc:
     def post_bringup_eqes(self) -> None:
         """§7.2 step 2: INIT_EQ_ID_DB, nine INIT_DATA, INIT_DONE (the first interrupts and disarms)."""
         eq = self.eq
-        eq.post(GDMA_EQE_HWC_INIT_EQ_ID_DB, HwcInitEqIdDb(eq_id=eq.id, doorbell=EMU_HWC_DOORBELL).to_bytes())
+        hostile = self.dev.hostile
+        doorbell = BAD_DOORBELL_PAGE if "hwc_doorbell_out_of_range" in hostile else EMU_HWC_DOORBELL
+        eq.post(GDMA_EQE_HWC_INIT_EQ_ID_DB, HwcInitEqIdDb(eq_id=eq.id, doorbell=doorbell).to_bytes())
         for ty, value in ((HWC_INIT_DATA_CQID, self.cq.id), (HWC_INIT_DATA_RQID, self.rq.id),
                           (HWC_INIT_DATA_SQID, self.sq.id), (HWC_INIT_DATA_QUEUE_DEPTH, EMU_HWC_QUEUE_DEPTH),
                           (HWC_INIT_DATA_MAX_REQUEST, EMU_HWC_MAX_REQUEST),
                           (HWC_INIT_DATA_MAX_RESPONSE, EMU_HWC_MAX_RESPONSE),
                           (HWC_INIT_DATA_MAX_NUM_CQS, EMU_HWC_MAX_NUM_CQS), (HWC_INIT_DATA_PDID, EMU_HWC_PDID),
                           (HWC_INIT_DATA_GPA_MKEY, EMU_HWC_GPA_MKEY)):
+            if ty == HWC_INIT_DATA_GPA_MKEY and "init_event_missing" in hostile:
+                continue
             eq.post(GDMA_EQE_HWC_INIT_DATA, HwcInitTypeData(value=value, ty=ty).to_bytes())
         eq.post(GDMA_EQE_HWC_INIT_DONE)
 
@@ -169,7 +174,11 @@ class Hwc:
             body = b""
         dev.command_log.add("hwc", request_name(code), dev.epoch, code=code, status=status, injected=injected,
                             dev_id=hdr.dev_id.to_int(), activity_id=hdr.activity_id, **details)
-        return (response_header(hdr, status).to_bytes() + body)[:hdr.resp.msg_size]
+        resp = response_header(hdr, status)
+        if body and "short_response" in dev.hostile:  # hostile: half the body, and a header saying so
+            body = body[:len(body) // 2]
+            resp.response.msg_size = RESP_HDR_SIZE + len(body)
+        return (resp.to_bytes() + body)[:hdr.resp.msg_size]
 
     def _gather(self, swqe: WqeRef) -> tuple[bytes, str | None]:
         """Request bytes from the send WQE (at most 4096), or why it cannot be read."""

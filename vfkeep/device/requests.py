@@ -77,6 +77,7 @@ from vfkeep.gdma.requests import (
     GdmaVerifyVerResp,
 )
 
+from .hostile import BAD_DOORBELL_PAGE
 from .queues import QueueError, QueueMemory, check_queue_memory
 
 MAX_DMA_REGIONS = 4096
@@ -158,7 +159,8 @@ def verify_vf_driver_version(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
     dev.driver_info = {"protocol_ver_min": req.protocol_ver_min, "protocol_ver_max": req.protocol_ver_max,
                        "gd_drv_cap_flags1": req.gd_drv_cap_flags1, "os_type": req.os_type,
                        "os_ver_str1": bytes(req.os_ver_str1).split(b"\0", 1)[0].decode("utf-8", "replace")}
-    return GdmaVerifyVerResp(gdma_protocol_ver=req.protocol_ver_min).to_bytes()
+    version = req.protocol_ver_max + 1 if "protocol_version" in dev.hostile else req.protocol_ver_min
+    return GdmaVerifyVerResp(gdma_protocol_ver=version).to_bytes()
 
 
 def query_max_resources(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
@@ -185,8 +187,8 @@ def register_device(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
     if dev.registered:
         raise Refused("device already registered")
     dev.registered = True
-    return GdmaRegisterDeviceResp(pdid=EMU_REGISTER_PDID, gpa_mkey=EMU_REGISTER_GPA_MKEY,
-                                  db_id=EMU_REGISTER_DB_ID).to_bytes()
+    db_id = BAD_DOORBELL_PAGE if "register_doorbell_out_of_range" in dev.hostile else EMU_REGISTER_DB_ID
+    return GdmaRegisterDeviceResp(pdid=EMU_REGISTER_PDID, gpa_mkey=EMU_REGISTER_GPA_MKEY, db_id=db_id).to_bytes()
 
 
 def deregister_device(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:

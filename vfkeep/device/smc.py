@@ -49,7 +49,8 @@ class Smc:
             self._process()
 
     def _reply(self, hdr: SmcProtoHdr, status: int) -> None:
-        reply = SmcProtoHdr(msg_type=hdr.msg_type, msg_version=hdr.msg_version, is_response=1, status=status)
+        reply = SmcProtoHdr(msg_type=hdr.msg_type, msg_version=hdr.msg_version, is_response=1, status=status,
+                            owner_is_pf=int("smc_pf_owned" in self.dev.hostile))
         self.shmem[SMC_HDR_OFFSET:SMC_HDR_OFFSET + 4] = reply.to_bytes()
 
     def _process(self) -> None:
@@ -57,6 +58,9 @@ class Smc:
         hdr = SmcProtoHdr.from_bytes(self.shmem, SMC_HDR_OFFSET)
         msg_type, version = hdr.msg_type, hdr.msg_version
         dev.counters["smc_messages"] += 1
+        if "smc_silent" in dev.hostile:  # hostile: the request stays in the window, never answered
+            dev.command_log.add("smc", request_name(msg_type, smc=True), dev.epoch, code=msg_type, hostile=True)
+            return
         details: dict = {}
         injected = False
         if hdr.is_response:
