@@ -12,8 +12,10 @@ host (natural timing, loopback backend, one NIC); the guest traffic agent offers
 Mbit/s delivered, loss, RTT, and the CPU each process used (device, worker, agent). Per path and size: the
 highest delivered rate with under 0.1 % loss (`max_lossless_fps_64`, `max_lossless_fps_1500`), and at
 1500 B its Mbit/s (`mbit_s_1500`); the previous path's are the same keys with `previous_` in front.
-Then per path: frames lost across data-path keepalive servicings (`--datapath-keepalive`) at 10k, 50k and
-100k frames/s, and the CPU an idle device, worker and agent use. The load average is recorded before and
+Then per path: frames lost across keepalive servicings (HWC kept, vport queues recreated) at 10k, 50k and
+100k frames/s (`keepalive_servicing`), across data-path keepalive servicings (`--datapath-keepalive`, the
+vport's queues and buffers kept too) at 50k frames/s (`datapath_keepalive_servicing`), and the CPU an idle
+device, worker and agent use (`idle_cpu_percent`). The load average is recorded before and
 after each path: the machine may be shared. Everything on the path is Python processes, so this measures
 the model, not a NIC. Results: results/throughput.json, results/throughput.png.
 """
@@ -40,6 +42,7 @@ SIZES = (64, 1500)
 RATES = (10000, 20000, 30000, 40000, 60000, 80000, 100000, 120000, 150000, 200000)
 LOSSLESS = 0.001
 SERVICE_RATES = (10000, 50000, 100000)
+DATAPATH_SERVICE_RATES = (50000,)
 IDLE_S = 5.0
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -118,20 +121,24 @@ def sweep(host: TrafficHost, procs: Processes, size: int, rates: list[float], se
     return rows
 
 
-def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], servicings: int) -> list[dict]:
-    """Frames lost and blackout per keepalive servicing with the data path kept (DESIGN D7), per offered rate."""
+def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], servicings: int,
+                     datapath: bool) -> list[dict]:
+    """Frames lost and blackout per keepalive servicing, per offered rate: on a host whose workers keep the
+    vport's data path (`datapath`, DESIGN D7: `--datapath-keepalive`), or one whose vport queues are destroyed
+    and recreated (the HWC kept, as OpenHCL)."""
     out = []
-    with TrafficHost.running(1, True, timing_from("natural"), "--datapath-keepalive", code_dir=code_dir) as host:
+    args = ("--datapath-keepalive",) if datapath else ()
+    with TrafficHost.running(1, True, timing_from("natural"), *args, code_dir=code_dir) as host:
         for rate in rates:
             host.run_traffic(rate, 64, warmup_s=0.5)
             results = [host.service_measured("keepalive") for _ in range(servicings)]
-            row = {"offered_fps": rate, "frame_bytes": 64,
+            row = {"offered_fps": rate, "frame_bytes": 64, "datapath_kept": datapath,
                    "frames_lost": [r["frames_lost"] for r in results],
                    "blackout_ms": summary([r["blackout_ms"] for r in results]),
                    "loadavg_1m": round(os.getloadavg()[0], 2)}
             out.append(row)
-            print(f"  keepalive servicing at {rate:>7}/s: frames lost {row['frames_lost']} blackout median "
-                  f"{row['blackout_ms']['median']:.1f} ms", flush=True)
+            print(f"  {'data-path ' if datapath else ''}keepalive servicing at {rate:>7}/s: frames lost "
+                  f"{row['frames_lost']} blackout median {row['blackout_ms']['median']:.1f} ms", flush=True)
         host.traffic("stop")
     return out
 
@@ -149,9 +156,10 @@ def run_path(name: str, code_dir: pathlib.Path | None, rates: list[float], secon
         time.sleep(IDLE_S)
         idle = procs.percent()
         print(f"  idle cpu % {idle}", flush=True)
-    service = servicing_losses(code_dir, SERVICE_RATES, servicings) if servicings else []
+    service = servicing_losses(code_dir, SERVICE_RATES, servicings, datapath=False) if servicings else []
+    kept = servicing_losses(code_dir, DATAPATH_SERVICE_RATES, servicings, datapath=True) if servicings else []
     out: dict = {"code": str(code_dir) if code_dir else "this checkout", "rows": rows, "idle_cpu_percent": idle,
-                 "keepalive_servicing": service,
+                 "keepalive_servicing": service, "datapath_keepalive_servicing": kept,
                  "loadavg_before": [round(x, 2) for x in load_before],
                  "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     for size in SIZES:
@@ -199,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             paths["previous"] = run_path("previous", tree, rates, args.seconds, args.servicings)
     result = {"timing": "natural", "backend": "loopback", "wall_s": round(time.monotonic() - t, 1),
               "previous_rev": None if args.previous == "none" else args.previous, "paths": paths}
-    for key in ("max_lossless_fps_64", "max_lossless_fps_1500", "mbit_s_1500"):
+    for name, p in paths.items():
+        p["keepalive_lost"] = {str(r["offered_fps"]): r["frames_lost"] for r in p["keepalive_servicing"]}
+        p["datapath_keepalive_lost"] = {str(r["offered_fps"]): r["frames_lost"]
+                                        for r in p["datapath_keepalive_servicing"]}
+    for key in ("max_lossless_fps_64", "max_lossless_fps_1500", "mbit_s_1500", "keepalive_lost",
+                "datapath_keepalive_lost", "idle_cpu_percent"):
         result[key] = paths["current"][key]
         if "previous" in paths:
             result[f"previous_{key}"] = paths["previous"][key]
@@ -209,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(paths, path.with_suffix(".png"))
     for name, p in paths.items():
         print(f"{name}: lossless 64 B {p['max_lossless_fps_64']} frames/s, 1500 B {p['max_lossless_fps_1500']} frames/s"
-              f" ({p['mbit_s_1500']} Mbit/s); idle cpu % {p['idle_cpu_percent']}")
+              f" ({p['mbit_s_1500']} Mbit/s); idle cpu % {p['idle_cpu_percent']}; lost per keepalive servicing "
+              f"{p['keepalive_lost']}, per data-path keepalive servicing {p['datapath_keepalive_lost']}")
     print(f"wrote {path}")
     return 0
 

@@ -8,8 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from device_driver_helper import Pages, TestDriver, VportQueues, frame, in_process_device
-from vfkeep.device.queues import Cq, Eq, QueueMemory
+from vfkeep.device.queues import Cq, Eq, QueueMemory, Wq
 from vfkeep.gdma import codec
+from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32
+from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.memory import GuestMemory, MemoryLayout
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=2048, pool_pages=0)
@@ -61,6 +63,66 @@ def test_post_many_writes_what_single_posts_write(start, batches, arm_between, d
                 for q in (one, many):
                     q.doorbell(q.tail % (q.cap * 8), True)
                     q.parent.doorbell(q.parent.tail % (q.parent.cap * 8), True)
+    finally:
+        mem.close()
+
+
+WQ_BYTES = 4096
+#: (OOB size code, SGEs, client_oob_in_sgl) of the WQE shapes a ring may mix: the one-SGE shapes drivers post
+#: (short and long OOB), more SGEs, an LSO-style OOB in the SGL, and no SGE at all.
+SHAPES = [(CLIENT_OOB_8, 1, 0), (CLIENT_OOB_24, 1, 0), (CLIENT_OOB_32, 1, 0), (CLIENT_OOB_8, 2, 0),
+          (CLIENT_OOB_8, 2, 1), (CLIENT_OOB_8, 0, 0)]
+
+
+def write_wqe(ring: memoryview, off: int, code: int, sges: list[tuple[int, int]], oob_in_sgl: int, seed: int) -> int:
+    """One WQE at ring offset `off` (wrapping at the ring end) with a recognisable OOB; returns its length."""
+    n = wqe_length(code, len(sges))
+    wqe = bytearray(n)
+    header = WqeHeader(params=WqeParams(num_sgl_entries=len(sges), inline_client_oob_size=code,
+                                        client_oob_in_sgl=oob_in_sgl))
+    wqe[:8] = header.to_bytes()
+    sgl = 16 if code == CLIENT_OOB_8 else 32 if code == CLIENT_OOB_24 else 48
+    wqe[8:sgl] = bytes((seed + i) & 0xFF for i in range(sgl - 8))
+    for i, (address, size) in enumerate(sges):
+        wqe[sgl + 16 * i:sgl + 16 * (i + 1)] = Sge(address=address, mem_key=seed, size=size).to_bytes()
+    for i in range(n):
+        ring[(off + i) % len(ring)] = wqe[i]
+    return n
+
+
+@settings(max_examples=80, deadline=None)
+@given(head=st.integers(0, WQ_BYTES // 32 - 1).map(lambda i: i * 32 + (1 << 32) - WQ_BYTES),
+       wqes=st.lists(st.tuples(st.sampled_from(SHAPES), st.integers(0, 1 << 40), st.integers(0, 1 << 16)),
+                     min_size=1, max_size=60),
+       limit=st.integers(1, 80), oob_min=st.sampled_from([1, 16, 24, 512]), runs=st.booleans())
+def test_take_many_fetches_what_take_fetches_one_by_one(head, wqes, limit, oob_min, runs):
+    """Runs of one shape are read with strided slices (`Wq._take_run`); every WQE, run or not, is what
+    `take()` returns for it, in order, with the same head; positions wrap as the u32 counters do."""
+    mem = GuestMemory.create(LAYOUT)
+    try:
+        dev = Recorder(mem)
+        dev.counters["malformed_wqes"] = 0
+        ring = mem.view(0, WQ_BYTES)
+        tail = head
+        for i, ((code, nsge, in_sgl), address, size) in enumerate(wqes if not runs else [wqes[0]] * len(wqes)):
+            sges = [(address + 4096 * k, size) for k in range(nsge)]
+            length = wqe_length(code, nsge)
+            if ((tail - head) & 0xFFFFFFFF) + length > WQ_BYTES:
+                break
+            tail = (tail + write_wqe(ring, tail % WQ_BYTES, code, sges, in_sgl, i)) & 0xFFFFFFFF
+        batch, single = (Wq(dev, 24, "SQ", QueueMemory([0], 0, WQ_BYTES)) for _ in range(2))
+        for q in (batch, single):
+            q.head, q.tail = head, tail
+        got = batch.take_many(limit, oob_min)
+        want = []
+        while len(want) < limit and single.pending:
+            ref = single.take()
+            oob = ref.oob()
+            want.append((ref.position, ref.error, [(sg.address, sg.size) for sg in ref.sges],
+                         ref.params.client_oob_in_sgl if ref.params else 0, oob if len(oob) >= oob_min else b""))
+        assert got == want
+        assert batch.head == single.head
+        ring.release()
     finally:
         mem.close()
 

@@ -12,7 +12,7 @@ from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRe
                                   SaveRefusedResetPending, SmcError)
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.driver.vport import VportConfig
-from vfkeep.gdma.constants import DB_RQ, MANA_QUERY_STATS
+from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, MANA_QUERY_STATS
 from vfkeep.gdma.regs import WqDoorbellValue
 from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.paravisor.vf_manager import fresh_mana_device
@@ -364,3 +364,33 @@ def test_bringup_errors_are_typed(bench, mem):
     with pytest.raises(HwcFailure, match="GDMA_VERIFY_VF_DRIVER_VERSION failed with status 1"):
         ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     assert dma.inspect()["pool"]["allocated_pages"] == 0
+
+
+def test_a_wait_arms_only_the_queues_that_notified_since_their_last_arm(bench, mem):
+    """gdma spec 4.2: an EQ or CQ notifies once per arm. `prepare_wait` arms the RX CQ and the EQ; a second
+    wait with nothing delivered rings no doorbell (a wake-up by the guest ring costs none); once a frame came
+    back, its completion EQE says the RX CQ and the EQ fired, and exactly those two are armed again — the
+    interrupt arrives every time."""
+    dma = DmaManager(mem, strict_pool=False)
+    backing = bench.connect(dma, "nic0")
+    dev = ManaDevice.new(backing, "nic0")
+    data = dev.open_vport(0, SMALL).data
+    rings = []
+    write64 = backing.write64
+    backing.write64 = lambda offset, value, posted=False: (rings.append(offset), write64(offset, value, posted))
+    db = dev.gdma.doorbell_page(0)
+    cq_db, eq_db, sq_db, rq_db = (db.address(o) for o in (DB_CQ, DB_EQ, DB_SQ, DB_RQ))
+    assert data.prepare_wait(need_tx=False)
+    assert sorted(rings) == sorted([cq_db, eq_db])
+    for _ in range(3):
+        rings.clear()
+        assert data.prepare_wait(need_tx=False) and rings == []  # still armed
+        assert data.send(frames(1)) == 1 and rings == [sq_db]
+        assert data.gdma.irq.wait(data.vector, 2.0)  # loopback: RX CQE -> EQE -> interrupt
+        assert len(data.receive(8)) == 1
+        rings.clear()
+        assert data.prepare_wait(need_tx=False)
+        assert sorted(rings) == sorted([cq_db, eq_db])
+    rings.clear()
+    data.rearm()  # after an idle timeout: everything again
+    assert data.prepare_wait(need_tx=False) and sorted(rings) == sorted([cq_db, eq_db])

@@ -412,6 +412,8 @@ class Wq:
         ring = DmaWindow(self.dev.dma).view(mem.base, size) if mem.base is not None and limit else None
         unpack_params, append = _WQE_PARAMS.unpack_from, out.append
         while len(out) < limit and self.tail != self.head:
+            if ring is not None and self._take_run(ring, out, limit - len(out), oob_min):
+                continue
             pos = self.head
             off = pos % size
             if ring is not None and off + _WQE_HEADER_SIZE <= size:
@@ -434,6 +436,36 @@ class Wq:
                 append((ref.position, None, [(sg.address, sg.size) for sg in ref.sges],
                         ref.params.client_oob_in_sgl, oob if len(oob) >= oob_min else b""))
         return out
+
+    def _take_run(self, ring: memoryview, out: list[FetchedWqe], limit: int, oob_min: int) -> int:
+        """Fetch a run of WQEs of one shape at head — one SGE, an inline OOB shorter than `oob_min`, the same
+        params word, none crossing the ring end — with a few strided slices of the ring instead of a record
+        per WQE (a driver posts every WQE of a queue in one shape). Appends what `take()` would return for
+        each; 0 if the WQE at head does not start such a run."""
+        pos, size = self.head, len(ring)
+        off = pos % size
+        if off + _WQE_HEADER_SIZE > size:
+            return 0
+        word = _WQE_PARAMS.unpack_from(ring, off)[0]
+        run = _run_shape(word)
+        if run is None:
+            return 0
+        length, sge_at, oob_in_sgl, oob_end = run
+        count = min(limit, ((self.tail - pos) & U32) // length, (size - off) // length)
+        if count < 2 or oob_end - _WQE_HEADER_SIZE >= oob_min:
+            return 0
+        words, quads = ring.cast("I"), ring.cast("Q")
+        end = off + count * length
+        params = words[(off + _PARAMS_OFFSET) // 4:end // 4:length // 4].tolist()
+        if params.count(word) != count:
+            count = next(i for i, w in enumerate(params) if w != word)
+            end = off + count * length
+        addresses = quads[(off + sge_at + _SGE_ADDRESS[0]) // 8:end // 8:length // 8].tolist()
+        sizes = words[(off + sge_at + _SGE_SIZE[0]) // 4:end // 4:length // 4].tolist()
+        out += [((pos + d) & U32, None, [(a, n)], oob_in_sgl, b"")
+                for d, a, n in zip(range(0, count * length, length), addresses, sizes)]
+        self.head = (pos + count * length) & U32
+        return count
 
     def inspect(self) -> dict:
         return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.inspect()}
@@ -463,3 +495,16 @@ def _shape(params_value: int):
 
 __all__ = ["IdPool", "QueueMemory", "QueueError", "check_queue_memory", "Eq", "Cq", "Wq", "WqeRef", "FetchedWqe",
            "CQE_SIZE", "EQE_SIZE", "U32", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
+
+
+assert _SGE_ADDRESS == (0, 8) and _SGE_SIZE[1] == 4 and _PARAMS_OFFSET % 4 == 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _run_shape(params_value: int) -> tuple[int, int, int, int] | None:
+    """(length, SGE offset, client_oob_in_sgl, OOB end) of a usable one-SGE `WqeParams` value whose SGE
+    fields are aligned for strided reads (`Wq._take_run`); None for any other."""
+    params, length, sgl_offset, error = _wqe_shape(params_value)
+    if error or params.num_sgl_entries != 1 or length % 8 or sgl_offset % 8:
+        return None
+    return length, sgl_offset, params.client_oob_in_sgl, sgl_offset

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY,
-                                   DRV_RX_MAX_POSTED, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT)
+                                   DRV_RX_MAX_POSTED, GDMA_EQE_COMPLETION, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT)
 from vfkeep.gdma import codec
 from vfkeep.gdma.datapath import (ManaRxWqeOneSge, ManaTxLongOob, ManaTxOob, ManaTxShortOob, ManaTxWqeLongOneSge,
                                   ManaTxWqeShortOneSge)
@@ -37,6 +37,9 @@ RX_WQE_LEN = ctypes.sizeof(ManaRxWqeOneSge)
 _SGE_LEN = codec.record(None, (0, codec.field_span(Sge, "size")[1]))
 _CQE_TYPE = codec.CQE_HDR.mask["cqe_type"]
 assert codec.CQE_HDR.shift["cqe_type"] == 0
+_EQE_TYPE = codec.EQE_PARAMS.mask["event_type"]
+assert codec.EQE_PARAMS.shift["event_type"] == 0
+_CQ_ID_SHIFT, _CQ_ID_MASK = codec.EQE_COMPLETION_DATA.shift["cq_id"], codec.EQE_COMPLETION_DATA.mask["cq_id"]
 
 
 def tx_wqe_len(short: bool) -> int:
@@ -106,6 +109,9 @@ class VportDataPath:
                                                      self._rx_cq.size, short)
         self._format_tx(tx_buffers, tx_vport_offset, write=format)
         self._format_rx(rx_buffers, write=format)
+        # Whether each queue is armed on the device as far as this driver knows (`prepare_wait`). Nothing is
+        # known of a new or restored data path: the first wait arms all of them.
+        self._eq_armed = self._rx_armed = self._tx_armed = False
 
     # -- buffer formatting -----------------------------------------------------------------------
     def _format_tx(self, buffers: DmaBuffer, tx_vport_offset: int, write: bool) -> None:
@@ -282,22 +288,46 @@ class VportDataPath:
 
     def prepare_wait(self, need_tx: bool = True) -> bool:
         """Arm the CQs and the EQ for an interrupt (gdma spec 6.6); False if work is already waiting: do not
-        sleep. Completion events are consumed first (the CQs are polled directly; the EQ's tail goes to the
-        device with its arm). `need_tx=False`: the caller does not need to wake for TX completions (nothing
-        waits for a TX buffer), so the TX CQ is not armed — they are reaped on the next send."""
+        sleep. Completion events are consumed first (the CQs are polled directly). A queue notifies once per
+        arm and stays armed until it does (gdma spec 4.2), so only the queues that notified since their last
+        arm are armed again: an EQ that delivered an EQE, a CQ named by a completion EQE. A wake-up by the
+        guest ring then costs no doorbell at all. `need_tx=False`: the caller does not need to wake for TX
+        completions (nothing waits for a TX buffer), so the TX CQ is not armed — they are reaped on the next
+        send."""
         self._check_open()
         self.gdma.irq.clear(self.vector)
         eq, rx_cq, tx_cq = self._eq, self._rx_cq, self._tx_cq
-        eq.poll_many(eq.size // EQE_SIZE)
+        events = eq.poll_many(eq.size // EQE_SIZE)
+        if events:
+            self._eq_armed = False  # the first EQE after an arm is the one that interrupted
+            unpack, mem = codec.EQE_COMPLETION.unpack_from, eq.mem
+            for off in events:
+                data, params = unpack(mem, off)
+                if params & _EQE_TYPE == GDMA_EQE_COMPLETION:
+                    cq_id = data >> _CQ_ID_SHIFT & _CQ_ID_MASK
+                    if cq_id == rx_cq.id:
+                        self._rx_armed = False
+                    elif cq_id == tx_cq.id:
+                        self._tx_armed = False
         self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
         if rx_cq.pending():
             return False
-        tx_armed = need_tx and self._tx_posted != self._tx_done
-        rx_cq.arm()
-        if tx_armed:
+        arm_tx = need_tx and self._tx_posted != self._tx_done
+        if not self._rx_armed:
+            rx_cq.arm()
+            self._rx_armed = True
+        if arm_tx and not self._tx_armed:
             tx_cq.arm()
-        eq.arm()
-        return not (rx_cq.pending() or (tx_armed and tx_cq.pending()) or eq.pending())
+            self._tx_armed = True
+        if not self._eq_armed:
+            eq.arm()
+            self._eq_armed = True
+        return not (rx_cq.pending() or (arm_tx and tx_cq.pending()) or eq.pending())
+
+    def rearm(self) -> None:
+        """Forget what is armed: the next `prepare_wait` arms every queue again (after a wait that timed out,
+        in case a notification was lost — e.g. a completion EQE the device could not write)."""
+        self._eq_armed = self._rx_armed = self._tx_armed = False
 
     def wait(self, timeout: float) -> bool:
         """Sleep until RX or TX completions arrive or `timeout` passes; True if woken by work."""

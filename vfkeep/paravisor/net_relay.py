@@ -93,7 +93,8 @@ class NetRelay:
                     continue
                 if len(self.channel.tx) and self.datapath.tx_free:
                     continue
-                poller.poll(IDLE_WAIT_MS)
+                if not poller.poll(IDLE_WAIT_MS):
+                    self.datapath.rearm()  # idle: arm everything again, in case a notification was lost
                 self.stats.wakeups += 1
             self._drain()
         except DeviceMissing as e:
