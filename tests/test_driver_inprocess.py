@@ -394,3 +394,37 @@ def test_a_wait_arms_only_the_queues_that_notified_since_their_last_arm(bench, m
     rings.clear()
     data.rearm()  # after an idle timeout: everything again
     assert data.prepare_wait(need_tx=False) and sorted(rings) == sorted([cq_db, eq_db])
+
+
+def test_received_buffers_are_posted_again_with_the_next_send_or_wait(bench, mem):
+    """The relay's `receive_batch` leaves the RQ doorbell for the next send (just before its SQ doorbell, so
+    a loopback reply finds every buffer posted), the next wait, or a quarter of the buffers; the device sees
+    one burst of doorbells per guest burst, and no frame is lost to a buffer not posted in time."""
+    dma = DmaManager(mem, strict_pool=False)
+    backing = bench.connect(dma, "nic0")
+    dev = ManaDevice.new(backing, "nic0")
+    data = dev.open_vport(0, SMALL).data
+    rings = []
+    write64 = backing.write64
+    backing.write64 = lambda offset, value, posted=False: (rings.append(offset), write64(offset, value, posted))
+    db = dev.gdma.doorbell_page(0)
+    sq_db, rq_db = db.address(DB_SQ), db.address(DB_RQ)
+    got: list[bytes] = []
+    sent = frames(3 * data._rx_nbuf)
+    for i in range(0, len(sent), 8):
+        rings.clear()
+        data.arm_rx()
+        assert data.send(sent[i:i + 8]) == 8
+        assert rings[-1] == sq_db and rings.count(rq_db) == (i > 0)  # the buffers of the last burst, first
+        assert data.gdma.irq.wait(data.vector, 2.0)
+        rings.clear()
+        data.receive_batch(lambda views: got.extend(bytes(v) for v in views), 64)
+        assert rq_db not in rings
+    assert same_payloads(got, sent) and bench.device.counters["in_discards_no_wqe"] == 0
+    rings.clear()
+    assert data.prepare_wait(need_tx=False) and rings[0] == rq_db
+    rings.clear()
+    for n in range(1, data._rx_nbuf // 4 + 1):  # frames from the wire, none sent: a quarter of the buffers
+        bench.device.deliver(0, sent[n])
+        assert data.receive_batch(lambda views: None, 64) == 1
+        assert rings == ([] if n < data._rx_nbuf // 4 else [rq_db])

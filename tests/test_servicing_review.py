@@ -50,13 +50,16 @@ class _Vport:
     def sync(self):
         pass
 
-    def prepare_wait(self):
+    def prepare_wait(self, need_tx=True):
         return True
+
+    def rearm(self):
+        pass
 
     def send(self, frames):
         return 0
 
-    def receive_into(self, sink, n):
+    def receive_batch(self, consume, n):
         return 0
 
 

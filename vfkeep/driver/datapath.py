@@ -154,6 +154,7 @@ class VportDataPath:
                           size=self.max_frame)
             wqe.header = header
         self._rx_done = 0
+        self._rx_unposted = 0  # buffers received and handed on, not yet posted again (`_post_rx`)
 
     def post_receive_buffers(self) -> None:
         """Post every receive buffer (a new vport, once RX is enabled: gdma spec 13.1 step 24)."""
@@ -182,6 +183,7 @@ class VportDataPath:
         if min(lengths) <= 0 or max(lengths) > bs:
             bad = next(x for x in lengths if not 0 < x <= bs)
             raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
+        self._post_rx()  # before the SQ doorbell: their replies (loopback) must find every buffer posted
         sq = self._sq
         ring, wqe_len, size_at, set_size = sq.mem, self._tx_wqe_len, self._tx_size_at, _SGE_LEN.pack_into
         pos = sq.tail // wqe_len
@@ -235,6 +237,7 @@ class VportDataPath:
             for v in views:
                 sink(v)
         n = self._drain_rx(consume, max_frames)
+        self._post_rx()
         if n or timeout <= 0:
             return n
         deadline = time.monotonic() + timeout
@@ -244,6 +247,7 @@ class VportDataPath:
                 return 0
             self.wait(remaining)
             n = self._drain_rx(consume, max_frames)
+            self._post_rx()
             if n:
                 return n
 
@@ -270,16 +274,25 @@ class VportDataPath:
         if views:
             consume(views)
         taken = len(offsets)
-        # Re-post the same buffers: the WQE at the new tail already points at them.
         self._rx_done = seq + taken
-        rq = self._rq
-        rq.advance_head(taken * self._rx_wqe_len)
-        rq.advance_tail(taken * self._rx_wqe_len)
-        rq.commit(num_rwqe=taken)
+        self._rq.advance_head(taken * self._rx_wqe_len)
+        self._rx_unposted += taken
+        if self._rx_unposted >= self._rx_nbuf // 4:
+            self._post_rx()
         self.stats.rx_errors += taken - len(views)
         self.stats.rx_frames += len(views)
         self.stats.rx_bytes += sum(map(len, views))
         return len(views)
+
+    def _post_rx(self) -> None:
+        """Post the received buffers again: the WQE at the new tail already points at each. Deferred from the
+        receive to the next send, wait or save (or a quarter of the buffers), so the RQ doorbell reaches the device
+        in the same burst of messages as the SQ doorbell or the arms (one device wake-up, not two)."""
+        n = self._rx_unposted
+        if n:
+            self._rx_unposted = 0
+            self._rq.advance_tail(n * self._rx_wqe_len)
+            self._rq.commit(num_rwqe=n)
 
     # -- waiting ---------------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -295,34 +308,53 @@ class VportDataPath:
         completions (nothing waits for a TX buffer), so the TX CQ is not armed — they are reaped on the next
         send."""
         self._check_open()
+        self.take_events()
+        self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
+        if self._rx_cq.pending():
+            return False
+        arm_tx = need_tx and self._tx_posted != self._tx_done
+        self._arm(arm_tx)
+        return not (self._rx_cq.pending() or (arm_tx and self._tx_cq.pending()) or self._eq.pending())
+
+    def arm_rx(self) -> None:
+        """Make sure received frames interrupt (RX CQ and EQ armed), e.g. before a send whose frames may
+        come back, without waiting: a caller that polls the guest ring for a while before `prepare_wait`
+        (interrupt moderation) sends the arms with its next SQ doorbell."""
+        self._check_open()
+        self.take_events()
+        self._arm(False)
+
+    def take_events(self) -> bool:
+        """Consume a pending interrupt and the EQ's new events, noting which queues notified (they are disarmed
+        now): `fileno()` is not readable again until the next interrupt. True if received frames wait."""
         self.gdma.irq.clear(self.vector)
-        eq, rx_cq, tx_cq = self._eq, self._rx_cq, self._tx_cq
+        eq = self._eq
         events = eq.poll_many(eq.size // EQE_SIZE)
         if events:
             self._eq_armed = False  # the first EQE after an arm is the one that interrupted
-            unpack, mem = codec.EQE_COMPLETION.unpack_from, eq.mem
+            unpack, mem, rx_id, tx_id = codec.EQE_COMPLETION.unpack_from, eq.mem, self._rx_cq.id, self._tx_cq.id
             for off in events:
                 data, params = unpack(mem, off)
                 if params & _EQE_TYPE == GDMA_EQE_COMPLETION:
                     cq_id = data >> _CQ_ID_SHIFT & _CQ_ID_MASK
-                    if cq_id == rx_cq.id:
+                    if cq_id == rx_id:
                         self._rx_armed = False
-                    elif cq_id == tx_cq.id:
+                    elif cq_id == tx_id:
                         self._tx_armed = False
-        self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
-        if rx_cq.pending():
-            return False
-        arm_tx = need_tx and self._tx_posted != self._tx_done
+        return self._rx_cq.pending()
+
+    def _arm(self, arm_tx: bool) -> None:
+        """Post received buffers, then arm what is not armed: CQs before the EQ (gdma spec 6.6)."""
+        self._post_rx()
         if not self._rx_armed:
-            rx_cq.arm()
+            self._rx_cq.arm()
             self._rx_armed = True
         if arm_tx and not self._tx_armed:
-            tx_cq.arm()
+            self._tx_cq.arm()
             self._tx_armed = True
         if not self._eq_armed:
-            eq.arm()
+            self._eq.arm()
             self._eq_armed = True
-        return not (rx_cq.pending() or (arm_tx and tx_cq.pending()) or eq.pending())
 
     def rearm(self) -> None:
         """Forget what is armed: the next `prepare_wait` arms every queue again (after a wait that timed out,
@@ -351,6 +383,7 @@ class VportDataPath:
         """Reap TX completions and record the queues, buffer layout and counters in the vport's `state`."""
         self._check_open()
         self._reap_tx()
+        self._post_rx()  # the saved RQ tail is the one the device has
         q = self.queues
         state.eq.CopyFrom(q.eq.save())
         state.tx_cq.CopyFrom(q.tx_cq.save())
