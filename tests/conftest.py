@@ -2,11 +2,44 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from vfkeep.memory import GuestMemory
 from vfkeep.proc import end
+
+
+SUITE_TMP_ENV = "VFKEEP_SUITE_TMPDIR"
+
+
+def pytest_configure(config):
+    """Point TMPDIR (this process and every child) at a directory of the suite's own, so that what any test,
+    tool or child leaves in the temp dir is found at the end (pytest's own tmp_path dirs stay where they were
+    and are removed for passing tests, see `tmp_path_retention_policy`)."""
+    if SUITE_TMP_ENV in os.environ:
+        return
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    suite_tmp = tempfile.mkdtemp(prefix="vfks-")
+    os.environ[SUITE_TMP_ENV] = os.environ["TMPDIR"] = suite_tmp
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    config.add_cleanup(lambda: shutil.rmtree(suite_tmp, ignore_errors=True))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The whole suite leaves nothing in the temp dir: anything there now fails the run, named."""
+    suite_tmp = os.environ.get(SUITE_TMP_ENV)
+    if not suite_tmp or not os.path.isdir(suite_tmp):
+        return
+    left = sorted(os.listdir(suite_tmp))
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter:
+            reporter.write_line(f"FAILED: the suite left {len(left)} entries in its temp dir {suite_tmp}: "
+                                f"{', '.join(left[:20])}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import click
@@ -172,6 +173,18 @@ def test_smoke_leaves_nothing_in_the_temp_dir(tmp_path):
     r = vfkeep("smoke", env={"TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stderr
     assert "removed the run directory" in r.stdout and os.listdir(tmp) == []
+
+
+def test_the_suite_fails_when_a_test_leaves_something_in_the_temp_dir(tmp_path):
+    """The suite's own check (conftest): a test that leaves a temp file fails the run, naming the file."""
+    import shutil
+    shutil.copy(os.path.join(os.path.dirname(__file__), "conftest.py"), tmp_path)
+    (tmp_path / "test_leaky.py").write_text("import tempfile\n\ndef test_leaky():\n"
+                                            "    tempfile.mkstemp(prefix='leaked-by-test-')\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, env=CLEAN_ENV, cwd=tmp_path)
+    assert r.returncode == 1 and "1 passed" in r.stdout, r.stdout + r.stderr
+    assert "left 1 entries in its temp dir" in r.stdout and "leaked-by-test-" in r.stdout, r.stdout
 
 
 def test_interrupted_demo_leaves_nothing_in_the_temp_dir(tmp_path):

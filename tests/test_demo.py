@@ -23,9 +23,12 @@ def session_members(sid: int) -> list[int]:
 
 
 def test_demo(tmp_path):
-    """All four paths, each taking its path; medians and device counts in the JSON; nothing left behind."""
-    out, extra = tmp_path / "report", tmp_path / "copy.json"
+    """All four paths, each taking its path; medians and device counts in the JSON; nothing left behind
+    (no process, nothing in the temp dir)."""
+    out, extra, tmp = tmp_path / "report", tmp_path / "copy.json", tmp_path / "tmp"
+    tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
+    env["TMPDIR"] = str(tmp)
     child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(out), "--json", str(extra), "--timing", "natural",
                                               "--flr-ms", "10", "--rate", "2000", "--servicings", "2"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -36,7 +39,7 @@ def test_demo(tmp_path):
         if child.poll() is None:
             proc.end(child)
     assert child.returncode == 0, stderr + stdout
-    assert session_members(child.pid) == []
+    assert session_members(child.pid) == [] and os.listdir(tmp) == []
 
     for word in (*MODES, "restore path", "HWC re-established", "HWC requests", "device resets", "blackout ms",
                  "min–max", "frames lost", "save ms", "handoff ms", "restore ms", "verdict:",
