@@ -309,21 +309,3 @@ def test_client_torn_reply_is_an_rpc_error(tmp_path):
     finally:
         t.join(5)
         srv.close()
-
-
-def test_spawn_failure_leaks_no_pipe(monkeypatch):
-    """spawn_agent's readiness pipe: both ends are closed when the agent cannot even be spawned (EMFILE,
-    ENOMEM...), or every failed `traffic start` costs the host a descriptor."""
-    from vfkeep import proc
-    from vfkeep.guest import agent as agent_mod
-    from vfkeep.memory import MemoryLayout
-
-    def boom(*a, **k):
-        raise OSError(24, "Too many open files")
-
-    monkeypatch.setattr(agent_mod, "spawn", boom)
-    before = proc.open_fd_count()
-    for _ in range(3):
-        with pytest.raises(OSError):
-            spawn_agent(99, MemoryLayout(64, 4, 0), ChannelLayout(nics=1, slots=16), 0, 98, 97, "/nonexistent.sock")
-    assert proc.open_fd_count() == before

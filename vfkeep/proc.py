@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -39,6 +40,37 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, s
     only the process in the foreground group (the host), which ends its children in order."""
     return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
                             cwd=cwd, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL, process_group=0)
+
+
+class NotReady(Exception):
+    """A child started by `spawn_ready` did not report ready: `returncode` is its exit status, None when it
+    was still running at the deadline (it has been ended)."""
+
+    def __init__(self, returncode: int | None):
+        super().__init__(f"exited with status {returncode}" if returncode is not None else "not ready in time")
+        self.returncode = returncode
+
+
+def spawn_ready(argv: Sequence[str], *, pass_fds: Sequence[int] = (), timeout: float = 10.0) -> subprocess.Popen:
+    """`spawn` a child with `--ready-fd N` appended and return once it writes `ready` there (its sockets
+    listen); otherwise end it and raise NotReady. No pipe end is left open on any path."""
+    ready_r, ready_w = os.pipe()
+    try:
+        try:
+            proc = spawn([*argv, "--ready-fd", str(ready_w)], pass_fds=(*pass_fds, ready_w))
+        finally:
+            os.close(ready_w)
+        readable, _, _ = select.select([ready_r], [], [], timeout)
+        if readable and os.read(ready_r, 64) == b"ready\n":
+            return proc
+    finally:
+        os.close(ready_r)
+    try:
+        rc = proc.wait(timeout) if readable else None  # EOF: the child is exiting
+    except subprocess.TimeoutExpired:
+        rc = None
+    end(proc)
+    raise NotReady(rc)
 
 
 def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:

@@ -36,7 +36,6 @@ import array
 import bisect
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from typing import Any
 from .. import rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import end, spawn
+from ..proc import NotReady, spawn_ready
 from .ring import ChannelLayout, NicChannel, RingError
 from .stats import MIN_FRAME, TrafficStats, make_frames, parse_frames, percentile, windowed_delivery
 
@@ -433,35 +432,18 @@ def spawn_agent(mem: GuestMemory | int, mem_layout: MemoryLayout, channel_layout
     answer yet; if it dies first, AgentError carries its exit status.
     """
     mem_fd = mem.fd if isinstance(mem, GuestMemory) else mem
-    ready_r, ready_w = os.pipe()
     argv = [sys.executable, "-m", "vfkeep.guest.agent", "--memfd", str(mem_fd), "--layout", mem_layout.to_str(),
             "--channel", channel_layout.to_str(), "--nic", str(nic), "--tx-fd", str(tx_fd), "--rx-fd", str(rx_fd),
-            "--control", control_path, "--ready-fd", str(ready_w)]
+            "--control", control_path]
     if run_dir is not None:
         argv += ["--run-dir", str(run_dir)]
     try:
-        proc = spawn(argv, pass_fds=(mem_fd, tx_fd, rx_fd, ready_w))
-    except BaseException:
-        os.close(ready_r)  # no agent: nobody will ever write the readiness pipe
-        raise
-    finally:
-        os.close(ready_w)
-    try:
-        readable, _, _ = select.select([ready_r], [], [], ready_timeout)
-        if readable and os.read(ready_r, 64) == b"ready\n":
-            return proc
-    finally:
-        os.close(ready_r)
-    try:
-        rc = proc.wait(ready_timeout) if readable else None  # EOF: the agent is exiting
-    except subprocess.TimeoutExpired:
-        rc = None
-    if rc is None:
-        end(proc)
-        raise AgentError(f"traffic agent for nic {nic} not ready within {ready_timeout}s")
-    raise AgentError(f"traffic agent for nic {nic} exited with status {rc} before listening"
-                     + (f" (see {run_dir}/guest-agent-{nic}.log)" if run_dir else ""))
-
+        return spawn_ready(argv, pass_fds=(mem_fd, tx_fd, rx_fd), timeout=ready_timeout)
+    except NotReady as e:
+        if e.returncode is None:
+            raise AgentError(f"traffic agent for nic {nic} not ready within {ready_timeout}s") from None
+        raise AgentError(f"traffic agent for nic {nic} exited with status {e.returncode} before listening"
+                         + (f" (see {run_dir}/guest-agent-{nic}.log)" if run_dir else "")) from None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vfkeep.guest.agent", description=__doc__.split("\n")[0])

@@ -31,7 +31,7 @@ import threading
 from .. import netns, rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import end, spawn
+from ..proc import NotReady, spawn_ready
 from .agent import AgentError
 from .ring import ChannelLayout, NicChannel, RingError
 
@@ -138,36 +138,19 @@ def spawn_bridge(mem: GuestMemory, channel_layout: ChannelLayout, nic: int, tx_f
                  ready_timeout: float = 10.0) -> subprocess.Popen:
     """Start the bridge of NIC `nic` in namespace `ns` (it dies with the caller); returns once its TAP is up
     and its control socket listens, else AgentError (with its exit status)."""
-    ready_r, ready_w = os.pipe()
     argv = [sys.executable, "-m", "vfkeep.guest.bridge", "--memfd", str(mem.fd), "--layout", mem.layout.to_str(),
             "--channel", channel_layout.to_str(), "--nic", str(nic), "--tx-fd", str(tx_fd), "--rx-fd", str(rx_fd),
-            "--netns", ns, "--mac", mac.hex(":"), "--address", address, "--control", control_path,
-            "--ready-fd", str(ready_w)]
+            "--netns", ns, "--mac", mac.hex(":"), "--address", address, "--control", control_path]
     if run_dir is not None:
         argv += ["--run-dir", run_dir]
     try:
-        proc = spawn(argv, pass_fds=(mem.fd, tx_fd, rx_fd, ready_w))
-    except BaseException:
-        os.close(ready_r)
-        raise
-    finally:
-        os.close(ready_w)
-    try:
-        readable, _, _ = select.select([ready_r], [], [], ready_timeout)
-        if readable and os.read(ready_r, 64) == b"ready\n":
-            return proc
-    finally:
-        os.close(ready_r)
-    try:
-        rc = proc.wait(ready_timeout) if readable else None
-    except subprocess.TimeoutExpired:
-        rc = None
-    end(proc)
-    where = f" (see {run_dir}/guest-bridge-{nic}.log)" if run_dir else ""
-    if rc is None:
-        raise AgentError(f"guest bridge for nic {nic} not ready within {ready_timeout}s{where}")
-    raise AgentError(f"guest bridge for nic {nic} exited with status {rc} before its TAP was up{where}")
-
+        return spawn_ready(argv, pass_fds=(mem.fd, tx_fd, rx_fd), timeout=ready_timeout)
+    except NotReady as e:
+        where = f" (see {run_dir}/guest-bridge-{nic}.log)" if run_dir else ""
+        if e.returncode is None:
+            raise AgentError(f"guest bridge for nic {nic} not ready within {ready_timeout}s{where}") from None
+        raise AgentError(f"guest bridge for nic {nic} exited with status {e.returncode} before its TAP was "
+                         f"up{where}") from None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vfkeep.guest.bridge", description=__doc__.split("\n")[0])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import threading
 from .. import rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import end, spawn
+from ..proc import NotReady, spawn_ready
 from .block import BlockChannel, BlockLayout
 from .disk_io import DiskIo
 from .ring import RingError
@@ -69,26 +68,20 @@ def spawn_disk_agent(mem: GuestMemory, block_layout: BlockLayout, disk: int, req
                      control_path: str, *, lbas: int, block_size: int = 512, run_dir: str | None = None,
                      ready_timeout: float = 10.0) -> subprocess.Popen:
     """Start the agent of disk `disk` (it dies with the caller); return once its control socket listens."""
-    ready_r, ready_w = os.pipe()
     argv = [sys.executable, "-m", "vfkeep.guest.disk_agent", "--memfd", str(mem.fd), "--layout",
             mem.layout.to_str(), "--block-layout", block_layout.to_str(), "--disk", str(disk), "--request-fd",
             str(request_fd), "--completion-fd", str(completion_fd), "--control", control_path, "--lbas", str(lbas),
-            "--block-size", str(block_size), "--ready-fd", str(ready_w)]
+            "--block-size", str(block_size)]
     if run_dir is not None:
         argv += ["--run-dir", str(run_dir)]
     try:
-        proc = spawn(argv, pass_fds=(mem.fd, request_fd, completion_fd, ready_w))
-    finally:
-        os.close(ready_w)
-    try:
-        readable, _, _ = select.select([ready_r], [], [], ready_timeout)
-        if readable and os.read(ready_r, 64) == b"ready\n":
-            return proc
-    finally:
-        os.close(ready_r)
-    end(proc)
-    raise DiskAgentError(f"disk agent for disk {disk} not ready within {ready_timeout}s (exit {proc.returncode})")
-
+        return spawn_ready(argv, pass_fds=(mem.fd, request_fd, completion_fd), timeout=ready_timeout)
+    except NotReady as e:
+        where = f" (see {run_dir}/disk-agent-{disk}.log)" if run_dir else ""
+        if e.returncode is None:
+            raise DiskAgentError(f"disk agent for disk {disk} not ready within {ready_timeout}s{where}") from None
+        raise DiskAgentError(f"disk agent for disk {disk} exited with status {e.returncode} before "
+                             f"listening{where}") from None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vfkeep.guest.disk_agent", description=__doc__.split("\n")[0])

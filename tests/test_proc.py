@@ -1,0 +1,63 @@
+"""`proc.spawn_ready`: a child is returned only once it says ready; otherwise it is ended and the caller
+learns whether it exited (with its status) or timed out — and no pipe end leaks either way."""
+import sys
+
+import pytest
+
+from servicing_helpers import pid_alive
+from vfkeep.proc import NotReady, end, open_fd_count, spawn_ready
+
+CHILD = """
+import argparse, os, sys, time
+p = argparse.ArgumentParser(); p.add_argument("mode"); p.add_argument("--ready-fd", type=int)
+a = p.parse_args()
+if a.mode == "ready":
+    os.write(a.ready_fd, b"ready\\n"); time.sleep(60)
+elif a.mode == "exit":
+    sys.exit(7)
+else:
+    time.sleep(60)
+"""
+
+
+def child(mode: str) -> list[str]:
+    return [sys.executable, "-c", CHILD, mode]
+
+
+def test_ready_child_is_returned_running():
+    fds = open_fd_count()
+    proc = spawn_ready(child("ready"), timeout=10)
+    try:
+        assert proc.poll() is None and open_fd_count() == fds
+    finally:
+        end(proc)
+
+
+@pytest.mark.parametrize("mode, returncode, timeout", [("exit", 7, 10), ("hang", None, 0.5)])
+def test_child_that_never_says_ready_is_ended(mode, returncode, timeout, monkeypatch):
+    started = []
+    import vfkeep.proc as proc_mod
+    real_spawn = proc_mod.spawn
+    monkeypatch.setattr(proc_mod, "spawn", lambda *a, **k: started.append(real_spawn(*a, **k)) or started[-1])
+    fds = open_fd_count()
+    with pytest.raises(NotReady) as e:
+        spawn_ready(child(mode), timeout=timeout)
+    assert e.value.returncode == returncode
+    (proc,) = started
+    assert proc.returncode is not None and not pid_alive(proc.pid) and open_fd_count() == fds
+
+
+def test_spawn_failure_leaks_no_pipe(monkeypatch):
+    """The readiness pipe's both ends are closed when the child cannot even be spawned (EMFILE, ENOMEM...),
+    or every failed `traffic start` costs the host a descriptor."""
+    import vfkeep.proc as proc_mod
+
+    def boom(*a, **k):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(proc_mod, "spawn", boom)
+    fds = open_fd_count()
+    for _ in range(3):
+        with pytest.raises(OSError):
+            spawn_ready(child("ready"))
+    assert open_fd_count() == fds
