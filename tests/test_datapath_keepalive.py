@@ -180,7 +180,7 @@ def test_keepalive_servicing_keeps_the_data_path_under_traffic(tmp_path):
         assert not r["ok"] and r["nics"][0]["restore_path"] == "fallback", r
         assert host.inspect("worker/pool")["allocated_pages"] == 6 + 102
         assert host.inspect("worker/nics/0/vport")["persistent"]
-        stats = traffic(host, "stats", "--settle-ms", "2000")["nics"][0]
+        stats = traffic(host, "stats", "--settle-ms", "10000")["nics"][0]
         assert stats["settled"] and stats["duplicated"] == 0
         traffic(host, "stop")
     except BaseException:
