@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo demo-net test install proto bench clean deps-net
+.PHONY: demo demo-net test install proto bench clean deps-net fuzz fuzz-ci
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -50,6 +50,16 @@ proto: $(TSTAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Structure-aware saved-state fuzzing (issue 15 item 3; tests/saved_state_fuzz.py): mutated ServicingState blobs
+# restored in-process against the MANA and NVMe emulators; prints count, rate and every crash or violation, and
+# fails on any. `fuzz` is the campaign (100,000 cases), `fuzz-ci` the 10,000-case slice .ci/run runs.
+FUZZ_JOBS ?= 2
+fuzz: $(TSTAMP)
+	$(PY) tests/saved_state_fuzz.py --cases 100000 --seed 1 --jobs $(FUZZ_JOBS)
+
+fuzz-ci: $(TSTAMP)
+	$(PY) tests/saved_state_fuzz.py --cases 10000 --seed 1 --jobs $(FUZZ_JOBS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-report

@@ -9,10 +9,13 @@ from driver_helpers import InProcessBench, loopback, same_payloads
 from driver_helpers import numbered_frames as frames
 from servicing_helpers import HostRun
 from test_traffic_host import DEVICE_DROPS
+from vfkeep.contract import NicConfig, RestorePath
 from vfkeep.driver.errors import HwcTimeout, RestoreError
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.paravisor import vf_manager
 from vfkeep.paravisor.vf_manager import KEPT_VPORT, fresh_mana_device, release_nic_buffers
+from vfkeep.proto import mana_driver_pb2
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=256)
 #: Device commands that build or tear down a vport's data path: none may run in a data-path keepalive window.
@@ -216,3 +219,49 @@ def test_failed_deferred_probe_takes_the_fallback_and_counts_what_it_stranded(tm
         raise
     host.stop()
 
+
+
+def test_kept_vport_saved_under_another_index_takes_the_fallback(bench, mem, monkeypatch):
+    """Fuzz finding (issue 15 item 3; `python tests/saved_state_fuzz.py --seed 1 --case 7600`): a kept vport saved
+    under index 1 left vport 0 for the VF manager to open before the deferred probe had read the device's
+    configuration (AttributeError in the worker), and dropping that half-restored device tore its kept vport
+    down through a BNIC it did not have yet. Now: a typed error, the FLR fallback, and the NIC passes frames."""
+    state, _, dma, _ = kept_after_traffic(bench, mem)
+    state.vports[0].vport_index = 1
+    saved = mana_driver_pb2.ManaSavedState(pci_id="nic0", mana_device=state)
+    monkeypatch.setattr(vf_manager, "reset_method_setter", lambda path: bench.set_reset_method)
+    monkeypatch.setattr(vf_manager.VfManager, "_open", lambda self, persistent, restore=False: bench.connect(
+        self.dma, self.pci_id, fresh=not restore, persistent=persistent))
+    vf = vf_manager.VfManager.create(NicConfig(0, "nic0", "unused.sock", -1, -1), mem, dma, saved=saved,
+                                     keepalive=True, force_fallback=None, datapath_keepalive=True)
+    assert vf.restore_path is RestorePath.FALLBACK and vf.flr, vf.error
+    assert "probe" in vf.error
+    assert len(loopback(vf.vport, frames(50))) == 50
+    assert vf.dev.shutdown()
+
+
+def test_queue_memory_a_failed_teardown_leaked_is_freed_after_the_fallback_flr(bench, mem, monkeypatch):
+    """Fuzz finding (issue 15 item 3; seed 1 case 8259): a vport that failed to open after a keepalive restore
+    and then failed its teardown leaves its pool blocks allocated (the device may still use them), and the FLR
+    fallback that follows never gave them back: the NIC's pool allocations were more than its live blocks until
+    the next servicing. After the FLR nothing can use them: they are freed."""
+    dma = DmaManager(mem, strict_pool=True)
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
+    dev.open_vport(0, KEPT_VPORT)
+    dma_state = dma.save()
+    saved = mana_driver_pb2.ManaSavedState(pci_id="nic0", mana_device=dev.save())
+    dma = DmaManager(mem, strict_pool=True)
+    dma.restore(dma_state)
+    bench.device.faults.add("MANA_CONFIG_VPORT_RX", "once")   # the new persistent vport fails to open ...
+    bench.device.faults.add("MANA_DESTROY_WQ_OBJ", "once")    # ... and to tear down: its blocks are leaked
+    monkeypatch.setattr(vf_manager, "reset_method_setter", lambda path: bench.set_reset_method)
+    monkeypatch.setattr(vf_manager.VfManager, "_open", lambda self, persistent, restore=False: bench.connect(
+        self.dma, self.pci_id, fresh=not restore, persistent=persistent))
+    vf = vf_manager.VfManager.create(NicConfig(0, "nic0", "unused.sock", -1, -1), mem, dma, saved=saved,
+                                     keepalive=True, force_fallback=None, datapath_keepalive=True)
+    assert vf.restore_path is RestorePath.FALLBACK and vf.flr, vf.error
+    assert dma.validate_restore() == []
+    live = {(b.base_pfn, b.pages) for b in [vf.dev.gdma.hwc_mem, *vf.vport._blocks]}
+    held = {(s["base_pfn"], s["pages"]) for s in dma.inspect()["pool"]["slot_table"] if s["state"] == "allocated"}
+    assert held == live
+    assert len(loopback(vf.vport, frames(50))) == 50

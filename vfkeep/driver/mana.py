@@ -49,6 +49,9 @@ class ManaDevice:
         self.vports: dict[int, Vport] = {}
         self.probe_pending = False  # a defer_probe restore: probe() still to run
         self._kept_blocks: list[DmaBuffer] = []  # re-attached by restore(); freed if it or probe() fails
+        #: Blocks of vports whose teardown failed: the device may still DMA into them, so they are neither freed
+        #: nor reused until the function is reset; whoever resets it frees them.
+        self.leaked: list[DmaBuffer] = []
         self._link: dict[int, bool] = {}
         self.closed = False
 
@@ -208,6 +211,9 @@ class ManaDevice:
         `persistent`, which lets `save()` keep it) and start traffic."""
         if self.closed:
             raise DriverError("mana device is closed")
+        if self.probe_pending:
+            raise DriverError(f"vport {index} cannot be opened before the deferred probe: the device's vport "
+                              "count and configuration are not known yet")
         if not 0 <= index < self.num_vports:
             raise ValueError(f"vport index {index} is not below the device's {self.num_vports} vports")
         if index in self.vports:

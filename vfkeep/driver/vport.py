@@ -258,6 +258,8 @@ class Vport:
         if release:
             for block in self._blocks:
                 block.free()
+        else:
+            self.dev.leaked += self._blocks
         self._blocks.clear()
         self.dev._vport_closed(self)
         kv(log, logging.INFO, "vport closed", vport=self.index, released=release, **asdict(self.stats))

@@ -115,6 +115,7 @@ class VfManager:
         self.relay_stats = RelayStats()  # across the relays of this worker's re-created vports
         self.channel_layout: str | None = None
         self._monitor: threading.Thread | None = None
+        self._leaked: list = []  # blocks a failed teardown of a dropped device left allocated (ManaDevice.leaked)
         self._monitor_stop: int | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -206,6 +207,9 @@ class VfManager:
         self._release_saved_buffers()
         self._create(persistent_hwc=self.dma.has_pool, force_flr=not reset_done)
         self.flr = True
+        for block in self._leaked:  # the function was reset: nothing uses them any more
+            block.free()
+        self._leaked = []
 
     def _fresh(self, persistent_hwc: bool, force_flr: bool = False) -> None:
         """Fresh init with the NoReset -> FLR retry (spec 6.4). A config that claims a pool this boot
@@ -263,13 +267,18 @@ class VfManager:
                 kv(log, logging.INFO, "freed saved pool buffers", pci_id=self.pci_id, pages=pages)
 
     def _drop_device(self) -> None:
-        """Give up on a device the keepalive restore brought half up (the FLR that follows cleans the rest)."""
-        if self.dev is not None:
+        """Give up on a device the keepalive restore brought half up (the FLR that follows cleans the rest). One
+        whose deferred probe has not run cannot tear its kept vports down (no BNIC yet): it is abandoned."""
+        if self.dev is not None and self.dev.probe_pending:
+            self.dev.drop_restored()
+        elif self.dev is not None:
             try:
                 self.dev.shutdown()
             except DEVICE_ERRORS as e:
                 kv(log, logging.WARNING, "shutting down the half-restored device failed", pci_id=self.pci_id,
                    error=str(e))
+        if self.dev is not None:
+            self._leaked += self.dev.leaked  # freed by the fallback once its FLR reset the function
         self.dev = self.vport = None
 
     # -- relay ------------------------------------------------------------------------------
