@@ -14,7 +14,8 @@ applies 1-3 structure-aware mutations (below) and runs the worker's restore sequ
 decode → DMA manager restore → MANA `ManaDevice.restore` (then the vport and the deferred HWC probe) → NVMe
 `NvmeDriver.restore` → `validate_restore`, then a functional check of each restored device (frames through the
 vport; the written block read back). The verdict:
-- crash: an exception that is not a typed saved-state or device error (`TYPED`) escaped;
+- crash: an exception that is not a typed saved-state or device error (`TYPED`) escaped, or any exception ended
+  a thread (a driver's event handler);
 - out-of-bounds write: a device wrote (its DMA, recorded per device) or guest memory changed outside the pages
   that device's DMA clients attached or allocated in this case;
 - pool violation: pages still pending after validation, a slot table that does not tile the pool, or pages
@@ -75,7 +76,7 @@ PAGE = 4096
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=64, pool_pages=256)
 NIC, DISK = "nic0", "nvme0"
 #: Clients (owners) of each device: what its DMA may touch is what these attached or allocated.
-OWNERS = {NIC: ("nic_nic0", "nic_nic0_ephemeral"), DISK: ("nvme_nvme0",)}
+OWNERS = {NIC: ("nic_nic0", "nic_nic0_ephemeral"), DISK: ("nvme_nvme0", "nvme_nvme0_check")}
 NEIGHBOUR = "nic_nic1"
 CPU_COUNT = 2
 #: Errors a hostile saved state may legitimately end in: the saved-state vocabulary, the DMA manager's, and what
@@ -231,7 +232,7 @@ NAMES = [b"nic_nic0", b"nic_nic1", b"nvme_nvme0", b"", b"vfio dma", b"nic0", b"n
 class Mutation:
     kind: str       # equivalent | value | structure | raw
     op: str
-    field: str      # full name of the field mutated ("" for whole-blob edits)
+    field: str      # full names of the fields mutated, comma-separated ("" for whole-blob edits)
 
     def __str__(self) -> str:
         return f"{self.op}({self.field})" if self.field else self.op
@@ -379,14 +380,9 @@ class Mutator:
             if not choices:
                 return None
             fields, f = rng.choice(choices)
-            if f.type == FieldDescriptor.TYPE_MESSAGE:
-                node = Node(f.number, LEN, [], f, f.message_type)
-            elif f.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
-                node = Node(f.number, LEN, rng.choice(NAMES), f)
-            else:
-                node = Node(f.number, VARINT, rng.choice([0, 1, 2, 6, 24, 4096, rng.getrandbits(32)]), f)
+            node, names = self.new_node(f)
             fields.insert(rng.randint(0, len(fields)), node)
-            return Mutation("structure", op, f.full_name)
+            return Mutation("structure", op, ",".join(names))
         t = self.pick_node(tree, lambda n: n.desc is not None)
         if t is None:
             return None
@@ -408,6 +404,22 @@ class Mutator:
         else:
             return None
         return Mutation("structure", op, n.desc.full_name)
+
+    def new_node(self, f: FieldDescriptor) -> tuple[Node, list[str]]:
+        """A plausible occurrence of field `f`; a message gets one field of its own half the time (so fields of
+        messages the golden state lacks are reached too). Returns it and the full names of the fields added."""
+        rng = self.rng
+        if f.type == FieldDescriptor.TYPE_MESSAGE:
+            node = Node(f.number, LEN, [], f, f.message_type)
+            names = [f.full_name]
+            if f.message_type.fields and rng.random() < 0.5:
+                child, more = self.new_node(rng.choice(f.message_type.fields))
+                node.value.append(child)
+                names += more
+            return node, names
+        if f.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+            return Node(f.number, LEN, rng.choice(NAMES), f), [f.full_name]
+        return Node(f.number, VARINT, rng.choice([0, 1, 2, 6, 24, 4096, rng.getrandbits(32)]), f), [f.full_name]
 
     def mutate(self, tree) -> list[Mutation]:
         """1-3 mutations of one class; the equivalent class alone keeps the state's meaning (applied in the order
@@ -680,7 +692,8 @@ class Case:
         except TYPED as e:
             client.close()
             return f"refused:{type(e).__name__}"
-        buf = client.allocate_dma_buffer(PAGE)
+        check = self.dma.new_client(OWNERS[DISK][1], persistent=False)  # worker RAM: a hostile pool may be full
+        buf = check.allocate_dma_buffer(PAGE)
         try:
             self.nvme.namespace(1).read(0, 8, buf.gpa, timeout=IO_TIMEOUT_S)
             data = self.mem.read(buf.gpa, PAGE)
@@ -688,6 +701,7 @@ class Case:
             return f"broken:{type(e).__name__}"
         finally:
             buf.free()
+            check.close()
         return "restored" if data == BLOCK else "broken:the written block reads back different"
 
     def held(self, owners) -> set[tuple[int, int]]:
@@ -714,6 +728,9 @@ class Case:
         driver is dropped (it has no thread, and its live blocks were checked)."""
         if self.nvme is not None:
             self.nvme.shutdown()
+        for t in threading.enumerate():
+            if t.name == f"aen-{DISK}":  # an event handler the restore started (a saved, unhandled event)
+                t.join(1.0)
         self.irqs.close()
         for fd in self.nvme_irqs.fds.values():
             os.close(fd)
@@ -782,6 +799,10 @@ def run_case(mem: GuestMemory, golden: Golden, seed: int, index: int) -> tuple[O
         case.teardown()
     except Exception as e:  # noqa: BLE001
         return Outcome("crash", "teardown: " + "".join(traceback.format_exception(e)[-6:]), devices), mutations
+    if _THREAD_ERRORS:
+        e = _THREAD_ERRORS.pop(0).exc_value
+        _THREAD_ERRORS.clear()
+        return Outcome("crash", "in a thread: " + "".join(traceback.format_exception(e)[-6:]), devices), mutations
     if outcome is None and (held := case.held(OWNERS[DISK])):
         outcome = Outcome("pool", f"pages still allocated after the NVMe driver shut down: {held}", devices)
     if outcome is None:
@@ -814,8 +835,7 @@ class Report:
             self.device_outcomes[f"{device} {result}"] += 1
         for m in mutations:
             self.mutation_kinds[f"{m.kind}:{m.op}"] += 1
-            if m.field:
-                self.fields_mutated.add(m.field)
+            self.fields_mutated.update(name for name in m.field.split(",") if name)
         if outcome.verdict in self.FAILURES:
             self.findings.append({"case": index, "verdict": outcome.verdict, "detail": outcome.detail,
                                   "mutations": [str(m) for m in mutations]})
@@ -843,7 +863,8 @@ def run_cases(indices, seed: int):
     logging.disable(logging.CRITICAL)
     mem = GuestMemory.create(LAYOUT)
     try:
-        with mock.patch.object(gdma_driver, "HWC_TIMEOUT_DEFAULT_IN_MS", HWC_TIMEOUT_MS), \
+        with mock.patch.object(threading, "excepthook", _THREAD_ERRORS.append), \
+                mock.patch.object(gdma_driver, "HWC_TIMEOUT_DEFAULT_IN_MS", HWC_TIMEOUT_MS), \
                 mock.patch.object(gdma_driver, "random", random.Random(0)), _recording_clients():
             golden = build_golden(mem)  # the same in every process: the activity id is the only randomness
             for index in indices:
@@ -891,6 +912,7 @@ def campaign(cases: int, seed: int, *, only: int | None = None, jobs: int = 1, p
 
 
 _CASE: list = []  # the case whose DMA clients are being recorded
+_THREAD_ERRORS: list = []  # exceptions that ended a thread (threading.excepthook) during the running case
 
 
 class _recording_clients:

@@ -197,3 +197,30 @@ def mem():
     m = GuestMemory.create(LAYOUT)
     yield m
     m.close()
+
+
+def test_an_event_handled_while_the_driver_shuts_down_ends_quietly(mem, monkeypatch):
+    """Fuzz finding (issue 15 item 3; `make fuzz` seed 1): a restored state with an event not yet handled
+    (`last_aen`) starts its handler thread at once; a shutdown meanwhile made the handler read the admin queue
+    after teardown had dropped it: AttributeError in the thread. Now it stops as on any NvmeError."""
+    ctrl, irqs, state, dma_state = saved_rig(mem)
+    state.worker_data.admin.handler_data.aer_handler.last_aen = 2 | 4 << 16  # NOTICE, changed-namespace log
+    dma = DmaManager(mem, strict_pool=False)
+    dma.restore(dma_state)
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    handled = threading.Event()
+    submit_wait = NvmeDriver._submit_wait
+
+    def shut_down_meanwhile(self, qp, cmd, timeout):
+        result = submit_wait(self, qp, cmd, timeout)
+        self.shutdown()  # the worker shuts down (or saves) while the event is being handled
+        handled.set()
+        return result
+
+    monkeypatch.setattr(NvmeDriver, "_submit_wait", shut_down_meanwhile)
+    NvmeDriver.restore(Backing(ctrl, irqs), dma.new_client("nvme_x", persistent=True), "x", state, cpu_count=2)
+    assert handled.wait(5)
+    for t in [t for t in threading.enumerate() if t.name == "aen-x"]:
+        t.join(5)
+    assert errors == []

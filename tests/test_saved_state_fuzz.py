@@ -3,6 +3,7 @@
 golden state byte for byte, its "equivalent" mutations keep the state's meaning, its oracles report what they
 are for)."""
 import random
+import threading
 
 import pytest
 
@@ -86,3 +87,18 @@ def test_a_leaked_block_is_reported(monkeypatch):
     monkeypatch.setattr(fuzz.Case, "restore_mana", leaky_restore)
     report = fuzz.campaign(1, SEED)
     assert [f["verdict"] for f in report.findings] == ["pool"], report.findings
+
+
+def test_an_exception_in_a_thread_is_a_crash(monkeypatch):
+    run = fuzz.Case.run
+
+    def failing_thread(self, blob):
+        t = threading.Thread(target=lambda: 1 / 0, name=f"aen-{fuzz.DISK}")
+        t.start()
+        t.join()
+        return run(self, blob)
+
+    monkeypatch.setattr(fuzz.Case, "run", failing_thread)
+    report = fuzz.campaign(1, SEED)
+    assert [f["verdict"] for f in report.findings] == ["crash"]
+    assert "ZeroDivisionError" in report.findings[0]["detail"]

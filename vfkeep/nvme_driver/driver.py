@@ -232,24 +232,32 @@ class NvmeDriver:
         return dw0
 
     def _admin_data(self, cmd: Command, length: int, timeout: float = ADMIN_TIMEOUT_S) -> bytes:
-        """Run an admin command that returns `length` (≤ one page) bytes through an allocator page."""
-        page = self.admin.alloc_page()
+        """Run an admin command that returns `length` (≤ one page) bytes through an allocator page. The admin
+        queue is held from start to end: an event handler may run while the driver shuts down."""
+        admin = self._admin_queue()
+        page = admin.alloc_page()
         if page is None:
             raise BufferError(f"{self.device_id}: no admin allocator page free")
         cmd.prp1 = page
-        status, _ = self._submit_wait(self.admin, cmd, timeout)
+        status, _ = self._submit_wait(admin, cmd, timeout)
         # On a timeout the page stays taken: the controller may still write it.
-        data = bytes(self.admin.block.view[page - self.admin.block.gpa:page - self.admin.block.gpa + length])
-        self.admin.free_pages([page])
+        data = bytes(admin.block.view[page - admin.block.gpa:page - admin.block.gpa + length])
+        admin.free_pages([page])
         if status:
             raise CommandFailed(cmd.opcode, status)
         return data
+
+    def _admin_queue(self) -> QueuePair:
+        admin = self.admin
+        if admin is None:
+            raise DriverStopped(f"{self.device_id}: the driver is shut down")
+        return admin
 
     def _arm_aer(self) -> None:
         """Keep exactly one AER outstanding (non-fused; §11.5)."""
         if self.aer_failed or self.aer_cid is not None:
             return
-        self.aer_cid = self.admin.submit(Command(cdw0=AdminOpcode.ASYNC_EVENT_REQUEST), self._on_aen)
+        self.aer_cid = self._admin_queue().submit(Command(cdw0=AdminOpcode.ASYNC_EVENT_REQUEST), self._on_aen)
 
     def _on_aen(self, status: int, dw0: int) -> None:
         self.aer_cid = None
@@ -496,7 +504,8 @@ class NvmeDriver:
         pending_aen, awaiting = self.last_aen, self.aer_cid is not None
         self._start_thread()
         if pending_aen is not None:
-            threading.Thread(target=self._handle_aen, args=(pending_aen,), daemon=True).start()
+            threading.Thread(target=self._handle_aen, args=(pending_aen,), name=f"aen-{self.device_id}",
+                             daemon=True).start()
         elif not awaiting:
             self._arm_aer()
         kv(log, logging.INFO, "nvme driver restored", device=self.device_id, io_queues=len(self.io),
