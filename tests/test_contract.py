@@ -129,7 +129,7 @@ def test_channel_frames_carry_the_payload_raw():
         n, p = struct.unpack_from("<II", raw)
         assert p == 8192 and len(raw) == 8 + n + p and raw[8 + n:] == b"\x00" * 8192
         assert json.loads(raw[8:8 + n]) == {"type": "save_state", "status": 2, "nics": [], "phases_ms": {},
-                                             "error": None, "revived": []}
+                                             "error": None, "revived": [], "nvme": [], "revived_nvme": []}
     finally:
         a.close()
         b.close()
@@ -141,7 +141,8 @@ def test_servicing_result_json_form_is_design_section_10():
                           {"preset": "natural", "hwc_latency_ms": 0.0, "flr_ms": 0.0}, None)
     wire = r.to_json()
     assert list(wire) == ["ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations",
-                          "phases_ms", "blackout_ms", "frames_lost", "timing", "error", "status"]
+                          "phases_ms", "blackout_ms", "frames_lost", "timing", "error", "status", "nvme",
+                          "io_blackout_ms", "io_errors"]
     assert wire["status"] == "ok"
     assert wire["nics"] == [{"pci_id": "p", "restore_path": "keepalive", "device_reset": False,
                              "hwc_established": False, "device_resets": 0, "hwc_requests": 4, "smc_messages": 0,
@@ -154,6 +155,14 @@ def test_nic_config_argument_round_trips():
     assert c.NicConfig.parse(cfg.to_arg()) == cfg
     with pytest.raises(ValueError, match="expected INDEX"):
         c.NicConfig.parse("1,2")
+
+
+def test_nvme_config_argument_round_trips_with_and_without_a_block_channel():
+    with_channel = c.NvmeConfig(1, "a101:00:00.0", "/run/nvme1.sock", 9, 10)
+    assert c.NvmeConfig.parse(with_channel.to_arg()) == with_channel
+    assert c.NvmeConfig.parse("0,a100:00:00.0,/run/nvme0.sock") == c.NvmeConfig(0, "a100:00:00.0", "/run/nvme0.sock")
+    with pytest.raises(ValueError, match="expected INDEX"):
+        c.NvmeConfig.parse("0,a100:00:00.0")
 
 
 def test_host_process_does_not_load_driver_or_gdma():

@@ -3,6 +3,7 @@ and §2.2 (save): a recording kind stands in for the next one (NVMe) beside the 
 import pytest
 
 from vfkeep.contract import (MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV, WORKER_MESSAGES, Channel, HostCapabilities,
+                             NicSaveOutcome, SaveOutcome,
                              Save, SaveState, SaveStateAnswer, Start, TransferStatus, decode)
 from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.paravisor import worker as worker_module
@@ -39,7 +40,7 @@ class RecordingKind:
     def save(self, keepalive, state):
         self.calls.append(("nvme", "save", keepalive))
         state.units.add(name="recording", state=b"kept")
-        return ["nvme outcome"]
+        return [NicSaveOutcome("recording", SaveOutcome.SAVED)]
 
     def revive(self):
         self.calls.append(("nvme", "revive"))
@@ -72,7 +73,8 @@ def worker(mem, monkeypatch):
     recording(calls, DmaManager, "dma", ("save", "validate_restore"), monkeypatch)
     host, chan = Channel.pair()
     w = worker_module.Worker(chan, mem, [], generation=1, downlevel=False, channel_layout=None)
-    w.kinds.insert(0, RecordingKind(calls))  # NVMe's place: before networking (spec §3 step 4, §2.2 step 3)
+    # In the NVMe kind's place: before networking (spec §3 step 4, §2.2 step 3).
+    w.kinds[w.kinds.index(w.nvme)] = RecordingKind(calls)
     w.calls, w.host = calls, host
     yield w
     host.close()

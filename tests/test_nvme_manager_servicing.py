@@ -44,7 +44,7 @@ def handover(mem, dma, mgr, nvme_keepalive: bool, *, with_nvme_field=True) -> un
     """The old worker's save, in order: DMA manager state (a keepalive is effective), then NVMe, then units."""
     state = underhill_pb2.ServicingState()
     state.init_state.dma_manager_state.CopyFrom(dma.save())
-    nvme = mgr.save(nvme_keepalive)
+    nvme, _ = mgr.save(nvme_keepalive)
     if nvme is not None and with_nvme_field:
         state.init_state.nvme_state.nvme_state.CopyFrom(nvme)
     state.units.extend(mgr.units())
@@ -65,6 +65,7 @@ def run(rig, mem, nvme_keepalive, **kw):
     sock, channel, io = rig
     dma, mgr = generation(mem, sock, channel)
     assert mgr.restore(None)[0]["restore_path"] == P.FRESH
+    mgr.start()
     control_call(sock + ".ctl", "io_delay", ms=10)
     io.start(qd=16, read_pct=30)
     wait_completed(io, 300, mgr)
@@ -73,6 +74,7 @@ def run(rig, mem, nvme_keepalive, **kw):
     dma2, mgr2 = generation(mem, sock, channel, **kw)
     dma2.restore(state.init_state.dma_manager_state)
     results = mgr2.restore(state)
+    mgr2.start()
     control_call(sock + ".ctl", "clear_faults")
     wait_completed(io, io.counters["completed"] + 300, mgr2)
     io.stop()

@@ -11,7 +11,7 @@ from servicing_helpers import HostRun
 from vfkeep import proc, rpc
 
 RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations", "phases_ms",
-               "blackout_ms", "frames_lost", "timing", "error", "status"}
+               "blackout_ms", "frames_lost", "timing", "error", "status", "nvme", "io_blackout_ms", "io_errors"}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,8 @@ def test_bad_requests_refused(host):
         host.service(flavour="x")
     with pytest.raises(rpc.Refused, match="unknown tamper mode"):
         host.service(tamper="shred")
-    with pytest.raises(rpc.UnknownCommand, match="known: events, exec, inspect, probe, service, status, stop, traffic"):
+    with pytest.raises(rpc.UnknownCommand,
+                       match="known: disk, events, exec, inspect, probe, service, status, stop, traffic"):
         host.call("reboot")
     out = host.cli("service", "--run-dir", host.run_dir, "--next-env", "NOEQUALS")
     assert out.returncode == 2 and "KEY=VAL" in out.stderr

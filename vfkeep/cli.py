@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "state": "vfkeep.host.commands:state_group",
     "worker": "vfkeep.paravisor.worker:worker_command",
     "traffic": "vfkeep.host.vocabulary:traffic_group",
+    "disk": "vfkeep.host.vocabulary:disk_group",
     "demo": "vfkeep.demo:demo_command",
 }
 
@@ -81,7 +82,7 @@ def _log_level(ctx, param, value):
 def main() -> None:
     """Service a device-driver process while its devices keep running (OpenHCL MANA keepalive model).
 
-    Host commands (service, inspect, status, probe, traffic, exec, stop, events) take --run-dir DIR
+    Host commands (service, inspect, status, probe, traffic, disk, exec, stop, events) take --run-dir DIR
     (default $VFKEEP_RUN_DIR or /tmp/vfkeep-UID) and --json; the host's console has the same commands."""
 
 

@@ -208,9 +208,11 @@ class _CommaArg:
 
     @classmethod
     def parse(cls, text: str):
+        """Trailing fields with a default may be left out."""
         fields = dataclasses.fields(cls)
+        required = sum(f.default is dataclasses.MISSING for f in fields)
         parts = text.split(",")
-        if len(parts) != len(fields) or not all(parts):
+        if not required <= len(parts) <= len(fields) or not all(parts):
             raise ValueError(f"bad {cls.option} {text!r}: expected {','.join(f.name.upper() for f in fields)}")
         try:
             return cls(*(int(p) if f.type == "int" else p for f, p in zip(fields, parts)))
@@ -238,12 +240,15 @@ class NicConfig(_CommaArg):
 
 @dataclass(frozen=True)
 class NvmeConfig(_CommaArg):
-    """What the host tells a worker about NVMe controller `index` (`--nvme`): its PCI id and vfio-user socket."""
+    """What the host tells a worker about NVMe controller `index` (`--nvme`): its PCI id, vfio-user socket and,
+    when the guest has a block channel for it (disk INDEX of `--block-layout`), the channel's eventfds."""
 
     option = "--nvme"
     index: int
     pci_id: str
     socket: str
+    request_fd: int = -1
+    completion_fd: int = -1
 
 
 # -- records inside messages ---------------------------------------------------------------------------
@@ -297,11 +302,14 @@ class Start(Message):
 
 @dataclass(frozen=True)
 class Started(Message):
+    """`nics` and `nvme`: how each NIC and NVMe controller came up (a controller's record is a `NicRestore`)."""
+
     kind = "started"
     nics: tuple[NicRestore, ...]
     unclaimed_pool_allocations: tuple[UnclaimedAllocation, ...] = ()
     error: str | None = None
     phases_ms: dict[str, float] = field(default_factory=dict)
+    nvme: tuple[NicRestore, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -370,7 +378,8 @@ class SaveState(Message):
     """One "save guest VTL2 state" message of the old worker (spec §2.5): MORE_DATA with the next at most
     MAX_CHUNK bytes of the state, SUCCESS with the last ones and the save report (`nics`, `phases_ms`), or
     FAILURE alone, without payload: the save failed (`error`), the worker revived its NICs (`revived`) and
-    keeps running (§2.4). The host answers the SUCCESS message once (`SaveStateAnswer`), never a FAILURE."""
+    keeps running (§2.4). The host answers the SUCCESS message once (`SaveStateAnswer`), never a FAILURE.
+    `nvme` and `revived_nvme` are the same reports for the NVMe controllers."""
 
     kind = "save_state"
     status: TransferStatus
@@ -379,6 +388,8 @@ class SaveState(Message):
     phases_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     revived: tuple[NicRestore, ...] = ()
+    nvme: tuple[NicSaveOutcome, ...] = ()
+    revived_nvme: tuple[NicRestore, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -391,13 +402,15 @@ class SaveStateAnswer(Message):
 
 
 def save_state_messages(blob: bytes, nics: tuple[NicSaveOutcome, ...] = (),
-                        phases_ms: dict[str, float] | None = None) -> list[SaveState]:
+                        phases_ms: dict[str, float] | None = None,
+                        nvme: tuple[NicSaveOutcome, ...] = ()) -> list[SaveState]:
     """The old worker's messages for `blob`: MORE_DATA chunks of MAX_CHUNK bytes, then SUCCESS with the rest
     (possibly empty) and the report."""
     view = memoryview(blob)
     cut = max(0, (len(blob) - 1) // MAX_CHUNK) * MAX_CHUNK
     msgs = [SaveState(TransferStatus.MORE_DATA, bytes(view[i:i + MAX_CHUNK])) for i in range(0, cut, MAX_CHUNK)]
-    msgs.append(SaveState(TransferStatus.SUCCESS, bytes(view[cut:]), tuple(nics), dict(phases_ms or {})))
+    msgs.append(SaveState(TransferStatus.SUCCESS, bytes(view[cut:]), tuple(nics), dict(phases_ms or {}),
+                          nvme=tuple(nvme)))
     return msgs
 
 
@@ -484,6 +497,22 @@ class NicResult(Record):
 
 
 @dataclass(frozen=True)
+class NvmeResult(Record):
+    """One NVMe controller of a servicing: the path the worker took and what the controller itself saw."""
+
+    pci_id: str
+    restore_path: RestorePath
+    device_reset: bool         # the controller was reset: CC.EN 1->0 or an FLR
+    controller_enabled: bool   # the controller saw CC.EN 0->1 (a fresh init)
+    error: str | None = None
+    #: Why the path is not keepalive, as for a NIC ("keepalive not requested", ...).
+    reason: str | None = None
+    #: keepalive when the host requested NVMe keepalive, else fresh.
+    requested_path: RestorePath = RestorePath.FRESH
+    admin_commands: tuple[str, ...] = ()  # admin commands the controller fetched during the servicing
+
+
+@dataclass(frozen=True)
 class ServicingResult(Record):
     """What `vfkeep service --json` prints, the control socket's `service` returns and `last_servicing` keeps.
     `ok` is false only when the servicing failed; `status` also tells a degraded one apart."""
@@ -499,6 +528,9 @@ class ServicingResult(Record):
     timing: dict[str, Any] = field(default_factory=dict)  # the devices' timing parameters (DESIGN D9)
     error: str | None = None
     status: ServicingStatus = ServicingStatus.OK
+    nvme: tuple[NvmeResult, ...] = ()
+    io_blackout_ms: float | None = None  # from the guest disk agents; null without disk IO
+    io_errors: int | None = None
 
 
 # -- the channel -----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,7 +120,19 @@ def _run_argv(config, timing, hwc_latency_ms, flr_ms, worker_env) -> list[str]:
         argv.append("--datapath-keepalive")
     if config.guest != "agent":
         argv += ["--guest", config.guest]
+    if config.nvme:
+        argv += ["--nvme", str(config.nvme), "--disk-size", str(config.disk_size)]
+        for disk in config.disks:
+            argv += ["--disk", disk]
     return proc.vfkeep_argv(*argv)
+
+
+def _parse_size(text: str) -> int:
+    """`4096`, `64K`, `64M`, `1G` (binary units) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 4096, 64K, 64M or 1G", param_hint="--disk-size")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
 def _detach(argv: list[str], run_dir: str) -> None:
@@ -173,8 +186,17 @@ def _detach(argv: list[str], run_dir: str) -> None:
                    "MAC, 198.18.N.2) whose peer 198.18.N.1 sits behind the device's TAP; needs root")
 @click.option("--keep-worker-logs", type=click.IntRange(1), default=10, show_default=True, metavar="K",
               help="keep the logs of the last K worker generations in the run dir")
+@click.option("--nvme", type=int, default=0, show_default=True,
+              help="NVMe controllers (device processes, 0-16), each a guest disk with a block channel")
+@click.option("--disk", "disks", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="backing file of the next NVMe disk (repeat; its data outlives the run) [default: a sparse file "
+                   "in the run dir, removed when the host stops]")
+@click.option("--disk-size", callback=lambda ctx, param, v: _parse_size(v), default="64M", show_default=True,
+              metavar="SIZE",
+              help="size of each NVMe disk (4096, 64M, 1G)")
 def run_command(run_dir, detach, no_console, nics, backend, pool_pages, timing, hwc_latency_ms, flr_ms, prelaunch,
-                ring_slots, worker_cmd, worker_env, datapath_keepalive, guest, keep_worker_logs):
+                ring_slots, worker_cmd, worker_env, datapath_keepalive, guest, keep_worker_logs, nvme, disks,
+                disk_size):
     """Start the VM: guest memory, device processes, rings, worker; console unless --detach/--no-console."""
     from .. import netns
     from .vmm import Host, HostConfig, HostError
@@ -187,7 +209,8 @@ def run_command(run_dir, detach, no_console, nics, backend, pool_pages, timing, 
                             timing=timing_from(timing, hwc_latency_ms, flr_ms),
                             prelaunch=prelaunch, ring_slots=ring_slots, worker_cmd=worker_cmd,
                             worker_env=_env_pairs(worker_env, "--worker-env"), datapath_keepalive=datapath_keepalive,
-                            guest=guest, keep_worker_logs=keep_worker_logs)
+                            guest=guest, keep_worker_logs=keep_worker_logs, nvme=nvme,
+                            disks=[os.path.abspath(d) for d in disks], disk_size=disk_size)
         config.check()
     except (HostError, ValueError, click.BadParameter) as e:
         fail(f"run: {e.format_message() if isinstance(e, click.BadParameter) else e}", 2)
@@ -208,6 +231,7 @@ def _serve(host, run_dir: str, console: bool) -> int:
     """Boot, serve the control socket (and the console) until quit, `vfkeep stop` or a signal, then stop in
     order (worker first, then devices). Returns the exit status."""
     from .console import HostConsole
+    from .disks import DiskError
     from .traffic import TrafficError
     from .vmm import HostError
 
@@ -253,7 +277,8 @@ def _serve(host, run_dir: str, console: bool) -> int:
             host.start()
             server = control.serve(run_dir, {
                 "service": host.service, "inspect": host.inspect, "status": host.status, "probe": host.probe,
-                "traffic": host.traffic, "exec": host.exec, "stop": on_stop}, refused=(HostError, TrafficError),
+                "traffic": host.traffic, "disk": host.disk, "exec": host.exec, "stop": on_stop},
+                refused=(HostError, TrafficError, DiskError),
                 events=host.events)
             server.start()
         except Interrupted as e:

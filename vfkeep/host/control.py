@@ -2,7 +2,7 @@
 
 The socket speaks `vfkeep.rpc` (a thread per connection) and is the host's public API (docs/control-api.md):
 a greeting line on connect (API name and version, commands, capabilities), the `Host` operations
-(`service`, `inspect`, `status`, `probe`, `traffic`, `exec`, `stop`) and `events`, which turns its
+(`service`, `inspect`, `status`, `probe`, `traffic`, `disk`, `exec`, `stop`) and `events`, which turns its
 connection into a stream of the host's events (host/events.py). The CLI, the tests and the benchmarks all
 go through `HostClient` (`host/detached.py` adds starting a host in another process).
 """
@@ -98,6 +98,10 @@ class HostClient:
 
     def traffic(self, action: str, wait: float | None = rpc.DEFAULT_TIMEOUT, **args) -> dict:
         return self.call("traffic", {"action": action, **args}, wait)
+
+    def disk(self, action: str, wait: float | None = rpc.DEFAULT_TIMEOUT, **args) -> dict:
+        """Guest disk IO: `start` (rate, qd, read_pct, disk), `stop`, `stats`, `verify`, `status`."""
+        return self.call("disk", {"action": action, **args}, wait)
 
     def exec(self, nic: int, argv: list[str], timeout: float = 30.0, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
         """Run `argv` in guest `nic`'s network namespace (`--guest netns`): `{returncode, stdout, stderr, timed_out}`."""

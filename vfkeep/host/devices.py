@@ -1,4 +1,4 @@
-"""MANA device processes as the host sees them: spawn, control channel, what the device itself saw."""
+"""Device processes (MANA, NVMe) as the host sees them: spawn, control channel, what the device itself saw."""
 from __future__ import annotations
 
 import logging
@@ -127,3 +127,46 @@ class DeviceProcess:
             except FileNotFoundError:
                 pass
         return code
+
+
+def nvme_pci_id_for(index: int) -> str:
+    """VTL2 PCI address of NVMe controller `index` (a PCI domain of its own, apart from the NICs')."""
+    return f"{0xa100 + index:04x}:00:00.0"
+
+
+#: Admin commands a keepalive restore must not issue (spec nvme.md §13.3), as the controller logs them.
+NVME_KEEPALIVE_TRIPWIRES = ("CREATE_IO_CQ", "CREATE_IO_SQ", "IDENTIFY", "ASYNC_EVENT_REQUEST")
+
+
+class NvmeDeviceProcess(DeviceProcess):
+    """An NVMe controller emulator (`vfkeep nvme-device`) on a sparse disk file, `reset_method=none`."""
+
+    def __init__(self, index: int, child: subprocess.Popen, socket: str, stderr_path: str, disk: str):
+        super().__init__(index, child, socket, stderr_path)
+        self.pci_id = nvme_pci_id_for(index)
+        self.disk = disk
+
+    @classmethod
+    def spawn(cls, index: int, run_dir: str, disk: str, size: int, timing: DeviceTiming) -> "NvmeDeviceProcess":
+        """Natural host timing gives a natural controller; any other the realistic one (modelled enable and
+        disable) with the host's FLR time."""
+        sock = os.path.join(run_dir, f"nvme{index}.sock")
+        preset = "natural" if timing.preset == "natural" else "realistic"
+        argv = proc.vfkeep_argv("nvme-device", "--socket", sock, "--control", sock + ".ctl", "--disk", disk,
+                                "--size", str(size), "--reset-method", "none", "--timing", preset,
+                                "--flr-ms", f"{timing.flr_ms:g}", "--pci-id", nvme_pci_id_for(index),
+                                "--run-dir", run_dir)
+        stderr_path = os.path.join(run_dir, f"device-nvme{index}.stderr")
+        with open(stderr_path, "ab") as err:
+            child = proc.spawn(argv, stdout=err, stderr=err)
+        kv(log, logging.INFO, "nvme device spawned", index=index, pid=child.pid, socket=sock, disk=disk, size=size,
+           timing=preset)
+        return cls(index, child, sock, stderr_path, disk)
+
+    def since(self, before: dict) -> dict:
+        """What the controller saw since `before`: resets (CC.EN 1→0, FLR), enables and admin commands."""
+        entries = self.call("command_log", since=before["log_seq"])["entries"]
+        names = [e.get("name") for e in entries]
+        return {"device_reset": "CC_DISABLE" in names or "FLR" in names,
+                "controller_enabled": "CC_ENABLE" in names,
+                "admin_commands": [e["name"] for e in entries if e.get("kind") == "admin"]}

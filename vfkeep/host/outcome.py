@@ -15,9 +15,10 @@ _SAVE_FAILED_PREFIX = "save failed: "
 
 
 def nic_reason(requested_keepalive: bool, path: RestorePath, error: str | None, save: NicSaveOutcome | None,
-               old_config: str | None, new_config: str | None) -> tuple[str | None, bool]:
-    """(reason, degraded) for one NIC. `save` is the old worker's outcome for it (None when the save did not
-    complete); `old_config`/`new_config` are the workers' canonical MANA keepalive settings."""
+               old_config: str | None, new_config: str | None, kind: str = "MANA") -> tuple[str | None, bool]:
+    """(reason, degraded) for one device (a NIC, or with `kind` "NVMe" a controller). `save` is the old
+    worker's outcome for it (None when the save did not complete); `old_config`/`new_config` are the workers'
+    canonical keepalive settings of that kind."""
     if path is RestorePath.KEEPALIVE:
         return error, error is not None  # e.g. the kept vport did not fit the pool
     if not requested_keepalive:
@@ -31,10 +32,10 @@ def nic_reason(requested_keepalive: bool, path: RestorePath, error: str | None, 
     elif save.save_outcome is SaveOutcome.DEVICE_MISSING:
         reason = "save refused: device missing"
     elif save.save_outcome is SaveOutcome.SHUTDOWN:
-        reason = (f"keepalive not configured in the old worker (MANA keepalive {old_config})"
+        reason = (f"keepalive not configured in the old worker ({kind} keepalive {old_config})"
                   if old_config != "enabled" else "the old worker could not save for keepalive (no private pool)")
     elif path is RestorePath.FRESH:
-        reason = f"keepalive not configured in the new worker (MANA keepalive {new_config})"
+        reason = f"keepalive not configured in the new worker ({kind} keepalive {new_config})"
     else:
         reason = None
     if path is RestorePath.FALLBACK and error:

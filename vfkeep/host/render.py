@@ -80,9 +80,17 @@ def servicing_lines(result: dict) -> list[str]:
                    f"device_reset={value(n['device_reset'])} hwc_established={value(n['hwc_established'])} "
                    f"hwc_requests={n.get('hwc_requests', '-')} reason={value(n.get('reason'))} "
                    f"error={value(n['error'])}")
+    out += nvme_lines(result)
     if result.get("timing"):
         out.append("timing: device " + DeviceTiming.from_dict(result["timing"]).describe())
     return out
+
+
+def nvme_lines(result: dict) -> list[str]:
+    """One line per NVMe controller of a servicing result."""
+    return [f"nvme {n['pci_id']}: path={n['restore_path']} requested={n.get('requested_path', '-')} "
+            f"device_reset={value(n['device_reset'])} controller_enabled={value(n['controller_enabled'])} "
+            f"reason={value(n.get('reason'))} error={value(n['error'])}" for n in result.get("nvme") or []]
 
 
 def print_servicing(result: dict, c: Console) -> None:
@@ -92,11 +100,15 @@ def print_servicing(result: dict, c: Console) -> None:
             _line(c, line)
     else:
         c.print(table)
+        for line in nvme_lines(result):
+            _line(c, line)
     for u in result["unclaimed_pool_allocations"]:
         _line(c, f"unclaimed pool allocation freed: {u['device']} base_pfn {u['base_pfn']} ({u['pages']} pages, "
                  f"tag {u['tag']!r})")
     if result.get("blackout_ms") is not None:
         _line(c, f"blackout {result['blackout_ms']:.1f} ms, frames lost {result['frames_lost']}")
+    if result.get("io_blackout_ms") is not None:
+        _line(c, f"disk IO blackout {result['io_blackout_ms']:.1f} ms, IO errors {result['io_errors']}")
     if result.get("error"):
         _line(c, f"error: {result['error']}")
 
@@ -132,6 +144,33 @@ def print_stats(rows: list[dict], title: str, c: Console) -> None:
             _line(c, f"{title}: " + " ".join(f"{k}={row[k]}" for k, _ in STATS_COLUMNS))
     else:
         c.print(table)
+
+
+DISK_COLUMNS = (("disk", "disk"), ("completed", "completed"), ("errors", "errors"), ("verify_errors", "bad blocks"),
+                ("duplicates", "dup"), ("outstanding", "in flight"), ("iops", "IOPS"), ("p50", "lat p50 ms"),
+                ("p99", "lat p99 ms"), ("io_blackout_ms", "IO blackout ms"))
+
+
+def _disk_row(r: dict) -> dict:
+    lat = r.get("latency_ms") or {}
+    return {"disk": r["disk"], "completed": r["completed"], "errors": r["errors"], "verify_errors": r["verify_errors"],
+            "duplicates": r["duplicates"], "outstanding": r["outstanding"], "iops": value(r.get("iops")),
+            "p50": _ms(lat.get("p50")), "p99": _ms(lat.get("p99")), "io_blackout_ms": _ms(r["io_blackout_ms"])}
+
+
+def print_disk_stats(rows: list[dict], title: str, c: Console) -> None:
+    t = Table(title=title, title_justify="left")
+    for _, header in DISK_COLUMNS:
+        t.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        row = _disk_row(r)
+        t.add_row(*(str(row[k]) for k, _ in DISK_COLUMNS))
+    if plain(c) or not fits(c, t):
+        for r in rows:
+            row = _disk_row(r)
+            _line(c, f"{title}: " + " ".join(f"{k}={row[k]}" for k, _ in DISK_COLUMNS))
+    else:
+        c.print(t)
 
 
 def _ms(v: float | None) -> str:

@@ -13,7 +13,7 @@ from ..proto import underhill_pb2
 log = logging.getLogger("vfkeep.host.tamper")
 
 TAMPER_MODES = ("truncate", "corrupt", "firmware-missing", "firmware-unknown", "mana-pfn-outside-pool",
-                "dma-pfn-outside-pool", "pool-all-leaked")
+                "dma-pfn-outside-pool", "pool-all-leaked", "nvme-pfn-outside-pool")
 # Firmware variant 4 does not exist: a unit message under field 4 (key 0x22, length 0), kept as unknown.
 _UNKNOWN_FIRMWARE_VARIANT = b"\x22\x00"
 
@@ -21,7 +21,8 @@ _UNKNOWN_FIRMWARE_VARIANT = b"\x22\x00"
 def tamper_blob(blob: bytes, mode: str, layout: MemoryLayout) -> bytes:
     """truncate: cut inside the top-level message; corrupt: an invalid wire type in the first key;
     firmware-missing / firmware-unknown: `init_state.firmware_type` without a variant / with variant 4;
-    mana-pfn-outside-pool: every saved HWC buffer points past the pool; dma-pfn-outside-pool: the
+    mana-pfn-outside-pool: every saved HWC buffer points past the pool; nvme-pfn-outside-pool: every saved NVMe
+    admin queue pair points past the pool; dma-pfn-outside-pool: the
     pool's last slot claims pages past the pool; pool-all-leaked: every pool slot is saved as Leaked
     (valid per servicing spec 8.3, but nothing is left to re-attach or allocate)."""
     if mode == "truncate":
@@ -29,7 +30,7 @@ def tamper_blob(blob: bytes, mode: str, layout: MemoryLayout) -> bytes:
     elif mode == "corrupt":
         out = b"\x0f" + blob[1:]
     elif mode in ("firmware-missing", "firmware-unknown", "mana-pfn-outside-pool", "dma-pfn-outside-pool",
-                  "pool-all-leaked"):
+                  "pool-all-leaked", "nvme-pfn-outside-pool"):
         state = underhill_pb2.ServicingState.FromString(blob)
         init = state.init_state
         if mode.startswith("firmware-"):
@@ -39,6 +40,9 @@ def tamper_blob(blob: bytes, mode: str, layout: MemoryLayout) -> bytes:
         elif mode == "mana-pfn-outside-pool":
             for s in init.mana_state.states:
                 s.mana_device.gdma.mem.base_pfn = layout.pool.end_pfn + 16
+        elif mode == "nvme-pfn-outside-pool":
+            for disk in init.nvme_state.nvme_state.nvme_disks:
+                disk.driver_state.worker_data.admin.base_pfn = layout.pool.end_pfn + 16
         elif mode == "pool-all-leaked":
             for slot in init.dma_manager_state.private_pool.state:
                 slot.state.leaked.device_id, slot.state.leaked.tag = "hostile", "vfio dma"

@@ -20,16 +20,20 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import __version__, kill_points, netns, proc
-from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S, POOL_CONFIG_ENV,
-                        POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect, InspectReply, NicConfig, NicResult,
-                        NicRestore, RestorePath, Save, SaveState, ServicingResult, Shutdown, Started, TransferStatus,
-                        UnclaimedAllocation, capability_word, timeout_hint)
+from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S,
+                        NVME_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect,
+                        InspectReply, NicConfig, NicResult, NicRestore, NvmeConfig, NvmeResult, RestorePath, Save,
+                        SaveState, ServicingResult, Shutdown, Started, TransferStatus, UnclaimedAllocation,
+                        capability_word, timeout_hint)
 from ..device.timing import PRESETS, DeviceTiming
+from ..guest.block import BlockChannel, BlockLayout
 from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
 from ..log import kv
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
-from .devices import DeviceProcess, nic_mac
+from ..memory.guest_memory import PAGE_SIZE
+from .devices import DeviceProcess, NvmeDeviceProcess, nic_mac
+from .disks import DiskError, GuestDisks
 from .events import EventBus
 from .guest_net import GuestNetError, GuestNetwork
 from .outcome import nic_reason, servicing_status
@@ -60,12 +64,27 @@ SAFE_POINT_S = 10.0
 KEEP_WORKER_LOGS = 10
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
+#: NVMe: each controller's queue pairs (admin + 2 IO queues, 69 pages each, spec nvme.md §11.1) live in the
+#: pool under keepalive, else in worker RAM. The default pool gets room for two sets per disk: a servicing
+#: without the NVMe bit (E1) leaves the old set pending in the snapshot until the validation frees it, and
+#: the fresh init allocates the new one before that.
+NVME_QUEUE_PAGES = 3 * 69
+NVME_POOL_PAGES_PER_DISK = 2 * NVME_QUEUE_PAGES
+MAX_NVME = 16
+DEFAULT_DISK_SIZE = 64 << 20
+#: Blocks of each disk the guest disk agent uses (from LBA 0): 2048 chunks of 8 blocks, so a full
+#: verification reads back at most 8 MiB.
+DISK_AGENT_LBAS = 16384
+#: Guest block channel geometry: 256-slot rings, 64 data pages (queue depth up to 64 with 4 KiB IO).
+BLOCK_SLOTS = 256
+BLOCK_DATA_PAGES = 64
 
 
-def socket_names(nics: int) -> list[str]:
-    """The sockets a host with `nics` NICs creates in its run dir (for the sun_path length check)."""
-    last = max(nics, 1) - 1
-    return ["host.sock", f"nic{last}.sock.ctl", f"guest-agent-{last}.sock", f"guest-bridge-{last}.sock"]
+def socket_names(nics: int, nvme: int = 0) -> list[str]:
+    """The sockets a host with `nics` NICs and `nvme` disks creates in its run dir (sun_path length check)."""
+    last, disk = max(nics, 1) - 1, max(nvme, 1) - 1
+    return ["host.sock", f"nic{last}.sock.ctl", f"guest-agent-{last}.sock", f"guest-bridge-{last}.sock",
+            f"nvme{disk}.sock.ctl", f"disk-agent-{disk}.sock"]
 
 
 #: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring
@@ -91,6 +110,9 @@ class HostConfig:
     datapath_keepalive: bool = False  # DESIGN D7: every worker keeps the vport data path across keepalive
     keep_worker_logs: int = KEEP_WORKER_LOGS
     guest: str = "agent"  # "agent": traffic agents on request; "netns": a network namespace per NIC (root)
+    nvme: int = 0  # NVMe controllers (device processes), each with a guest block channel
+    disks: list[str] = field(default_factory=list)  # backing files of the first disks; the rest: sparse, run dir
+    disk_size: int = DEFAULT_DISK_SIZE
 
     def worker_argv(self, override: str | None = None) -> list[str]:
         cmd = override or self.worker_cmd
@@ -103,6 +125,13 @@ class HostConfig:
 
         if not 0 <= self.nics <= 64:
             raise HostError(f"--nics {self.nics} out of range [0, 64]")
+        if not 0 <= self.nvme <= MAX_NVME:
+            raise HostError(f"--nvme {self.nvme} out of range [0, {MAX_NVME}]")
+        if len(self.disks) > self.nvme:
+            raise HostError(f"{len(self.disks)} --disk files for --nvme {self.nvme}: at most one per NVMe controller")
+        if self.disk_size < DISK_AGENT_LBAS * 512 or self.disk_size % 4096:
+            raise HostError(f"--disk-size {self.disk_size}: a multiple of 4096 bytes, at least "
+                            f"{DISK_AGENT_LBAS * 512} (the guest disk agent's blocks)")
         if self.ring_slots < 1 or self.ring_slots & (self.ring_slots - 1) or self.ring_slots > 1 << 20:
             raise HostError(f"--ring-slots {self.ring_slots}: slot count must be a power of two in [1, {1 << 20}]")
         try:
@@ -112,7 +141,7 @@ class HostConfig:
         if getattr(backend, "kind", None) == "tap" and self.nics > 1:
             raise HostError(f"--backend {self.backend} with --nics {self.nics}: every device would open the same "
                             "TAP interface (busy); use one NIC per TAP backend")
-        name = max(socket_names(self.nics), key=len)
+        name = max(socket_names(self.nics, self.nvme), key=len)
         longest = os.path.join(os.path.abspath(self.run_dir), name)
         if len(longest.encode()) > MAX_SOCKET_PATH:
             raise HostError(f"--run-dir {os.path.abspath(self.run_dir)} is too long for UNIX sockets in it "
@@ -147,6 +176,11 @@ class Host:
         self.channel_layout: ChannelLayout | None = None
         self.channels: list[NicChannel] = []
         self.devices: list[DeviceProcess] = []
+        self.nvme_devices: list[NvmeDeviceProcess] = []
+        self.block_layout: BlockLayout | None = None
+        self.block_channels: list[BlockChannel] = []
+        self.guest_disks: GuestDisks | None = None
+        self._temp_disks: list[str] = []  # sparse disk files this run created (removed at teardown)
         self.worker: WorkerProcess | None = None
         self.configured = list(range(config.nics))
         self.generation = 0
@@ -303,6 +337,17 @@ class Host:
             raise HostError(f"traffic {action}: {e}") from None
         return self._submit(fn, **args) if action == "start" else fn(**args)
 
+    def disk(self, action: str, **args):
+        """`vfkeep disk`: as `traffic`, start (spawns agents) on the actor thread, the rest at once."""
+        if self.guest_disks is None:
+            raise HostError("host is not booted")
+        fn = self.guest_disks.operation(action)
+        try:
+            inspect.signature(fn).bind(**args)
+        except TypeError as e:
+            raise HostError(f"disk {action}: {e}") from None
+        return self._submit(fn, **args) if action == "start" else fn(**args)
+
     # -- boot / teardown -------------------------------------------------------------------------
     def _boot(self) -> None:
         cfg = self.config
@@ -323,19 +368,39 @@ class Host:
         pool_from_env = POOL_OVERRIDE_ENV in os.environ or POOL_CONFIG_ENV in os.environ
         if cfg.datapath_keepalive and cfg.pool_pages is None and not pool_from_env:
             pool += DATAPATH_POOL_PAGES_PER_NIC * cfg.nics  # kept vports live in the pool (fixed for the VM's life)
+        if cfg.pool_pages is None and not pool_from_env:
+            pool += NVME_POOL_PAGES_PER_DISK * cfg.nvme
         if cfg.nics:
             self.channel_layout = ChannelLayout(nics=cfg.nics, slots=cfg.ring_slots)
         ring_pages = self.channel_layout.total_pages if self.channel_layout else 0
-        layout = MemoryLayout(ring_pages + GUEST_SPARE_PAGES, WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC * cfg.nics, pool)
+        if cfg.nvme:
+            self.block_layout = BlockLayout(cfg.nvme, BLOCK_SLOTS, BLOCK_DATA_PAGES, ring_pages * PAGE_SIZE)
+        block_pages = self.block_layout.total_pages if self.block_layout else 0
+        layout = MemoryLayout(ring_pages + block_pages + GUEST_SPARE_PAGES,
+                              WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC * cfg.nics + NVME_QUEUE_PAGES * cfg.nvme, pool)
         self.mem = GuestMemory.create(layout)
         kv(log, logging.INFO, "guest memory created", layout=layout.to_str(), bytes=layout.size)
         for i in range(cfg.nics):
             self.channels.append(NicChannel.create(self.mem, self.channel_layout, i))
         self.guest_traffic = GuestTraffic(self.run_dir, self.mem, self.channel_layout, self.channels)
+        for i in range(cfg.nvme):
+            self.block_channels.append(BlockChannel.create(self.mem, self.block_layout, i))
+        if cfg.nvme:
+            self.guest_disks = GuestDisks(self.run_dir, self.mem, self.block_layout, self.block_channels,
+                                          DISK_AGENT_LBAS)
         for i in range(cfg.nics):
             backend = self.guest_net.device_backend(i) if self.guest_net else cfg.backend
             self.devices.append(DeviceProcess.spawn(i, self.run_dir, backend, cfg.timing))
-        for d in self.devices:
+        for i in range(cfg.nvme):
+            if i < len(cfg.disks):
+                disk = os.path.abspath(cfg.disks[i])
+            else:  # a sparse file of this run only: data persists across servicings, never across runs
+                disk = os.path.join(self.run_dir, f"nvme{i}.disk")
+                if os.path.exists(disk):
+                    os.unlink(disk)  # a dead run's
+                self._temp_disks.append(disk)
+            self.nvme_devices.append(NvmeDeviceProcess.spawn(i, self.run_dir, disk, cfg.disk_size, cfg.timing))
+        for d in [*self.devices, *self.nvme_devices]:
             d.wait_ready(BOOT_TIMEOUT_S)
         if self.guest_net is not None:
             for i in range(cfg.nics):
@@ -351,16 +416,23 @@ class Host:
         if pool < need:
             self.warnings.append(f"private pool of {pool} pages is smaller than the {need} pages the NICs' persistent "
                                  "allocations need: MANA keepalive is not possible for every NIC")
+        elif pool < (need := need + NVME_QUEUE_PAGES * cfg.nvme):
+            self.warnings.append(f"private pool of {pool} pages is smaller than the {need} pages the NICs' and NVMe "
+                                 "controllers' persistent allocations need: NVMe keepalive is not possible for every "
+                                 "disk")
         self.warnings += [f"nic {n.pci_id}: {n.error}" for n in started.nics if n.error]
+        self.warnings += [f"nvme {n.pci_id}: {n.error}" for n in started.nvme if n.error]
         for w in self.warnings:
             kv(log, logging.WARNING, "boot warning", warning=w)
         self._publish_nics(started.nics, "boot")
-        kv(log, logging.INFO, "host booted", nics=cfg.nics, pool_pages=pool, worker_pid=self.worker.pid,
-           paths=",".join(n.restore_path for n in started.nics))
+        kv(log, logging.INFO, "host booted", nics=cfg.nics, nvme=cfg.nvme, pool_pages=pool, worker_pid=self.worker.pid,
+           paths=",".join(n.restore_path for n in (*started.nics, *started.nvme)))
 
     def _teardown(self) -> None:
         if self.guest_traffic is not None:  # the guest first: no frames pushed at a NIC shutting down
             self.guest_traffic.close()
+        if self.guest_disks is not None:
+            self.guest_disks.close()
         if self.guest_net is not None:
             self.guest_net.end_bridges()
         if self.worker is not None:
@@ -372,11 +444,16 @@ class Host:
             code = self.worker.end()
             kv(log, logging.INFO, "worker shut down", generation=self.worker.generation, exit_status=code)
             self.worker = None
-        for d in self.devices:
+        for d in [*self.devices, *self.nvme_devices]:
             kv(log, logging.INFO, "device ended", pci_id=d.pci_id, exit_status=d.end())
+        for path in self._temp_disks:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         if self.guest_net is not None:  # after the devices: their TAPs are gone, nothing runs inside but leftovers
             self.guest_net.remove_namespaces()
-        for c in self.channels:
+        for c in [*self.channels, *self.block_channels]:
             c.close()
         if self.mem is not None:
             self.mem.close()
@@ -387,6 +464,8 @@ class Host:
         """The caller's environment, OpenVMM's test-harness defaults where unset, then overrides."""
         env = dict(os.environ)
         env.setdefault(MANA_KEEPALIVE_ENV, "host,privatepool")
+        if self.config.nvme:  # the boot shim's string when the host advertises NVMe keepalive and a pool exists
+            env.setdefault(NVME_KEEPALIVE_ENV, "host,privatepool")
         if self.config.datapath_keepalive:
             env[DATAPATH_KEEPALIVE_ENV] = "1"
         if POOL_OVERRIDE_ENV not in env and POOL_CONFIG_ENV not in env:
@@ -407,6 +486,12 @@ class Host:
             tx, rx = self.channels[i].bell_fds()
             args += ["--nic", NicConfig(i, self.devices[i].pci_id, self.devices[i].socket, tx, rx).to_arg()]
             fds += [tx, rx]
+        if self.block_layout is not None:
+            args += ["--block-layout", self.block_layout.to_str()]
+        for d, ch in zip(self.nvme_devices, self.block_channels):
+            req, cpl = ch.bell_fds()
+            args += ["--nvme", NvmeConfig(d.index, d.pci_id, d.socket, req, cpl).to_arg()]
+            fds += [req, cpl]
         return WorkerProcess.spawn(self.config.worker_argv(worker_cmd), args, fds, self.worker_env(extra_env),
                                    self.generation, self.run_dir)
 
@@ -515,7 +600,8 @@ class Host:
         self.events.publish("servicing_started", servicing=self.servicings, mana_keepalive=bool(mana_keepalive),
                             nvme_keepalive=bool(nvme_keepalive),
                             nics=[self.devices[i].pci_id for i in (self.configured if nics is None else sorted(set(nics)))])
-        before = [d.snapshot() for d in self.devices]
+        before = {"nics": [d.snapshot() for d in self.devices], "nvme": [d.snapshot() for d in self.nvme_devices],
+                  "disks": self.guest_disks.snapshot() if self.guest_disks is not None else {}}
         errors: list[str] = []
         next_env = dict(next_env or {})
         if kill_point in kill_points.RESTORE_POINTS:
@@ -553,10 +639,10 @@ class Host:
                     new.end()
                 self._phase("measure")
                 window = (window_start, time.monotonic_ns())
-                result = self._result(False, mana_keepalive, nvme_keepalive, saved.revived, (), before,
-                                      {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0,
-                                       "total": _ms(t0, t_saved)}, f"save failed: {saved.error}", window,
-                                      saved=saved, old=old, new=old)
+                phases = {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0, "total": _ms(t0, t_saved)}
+                result = self._result(False, mana_keepalive, nvme_keepalive, saved.revived, saved.revived_nvme, (),
+                                      before, phases, f"save failed: {saved.error}", window, saved=saved, old=old,
+                                      new=old)
                 return self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old,
                                     window=window)
             if self._stopping.is_set():
@@ -597,7 +683,7 @@ class Host:
                 errors.append(started.error)
             phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
                       "total": _ms(t0, t_done)}
-            result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics,
+            result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics, started.nvme,
                                   started.unclaimed_pool_allocations, before, phases, "; ".join(errors) or None,
                                   window, saved=saved, old=old, new=self.worker)
             return self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
@@ -641,8 +727,8 @@ class Host:
                     raise
         raise AssertionError("unreachable")
 
-    def _result(self, ok: bool, mana: bool, nvme: bool, nics: tuple[NicRestore, ...],
-                unclaimed: tuple[UnclaimedAllocation, ...], before: list[dict], phases: dict, error: str | None,
+    def _result(self, ok: bool, mana: bool, nvme: bool, nics: tuple[NicRestore, ...], disks: tuple[NicRestore, ...],
+                unclaimed: tuple[UnclaimedAllocation, ...], before: dict, phases: dict, error: str | None,
                 window: tuple[int, int], *, saved: SaveState | None, old: WorkerProcess,
                 new: WorkerProcess | None) -> ServicingResult:
         """The servicing result of DESIGN §10; device_reset / hwc_established come from the device, each NIC's
@@ -650,9 +736,11 @@ class Host:
         wait for the window's frames to come back, and the device's control requests would compete with the
         recovering data path for the device's one loop."""
         blackout_ms, frames_lost = self._traffic_window(*window)
-        by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before)}
+        io_blackout_ms, io_errors = (self.guest_disks.window(before["disks"], *window) if self.guest_disks is not None
+                                     else (None, None))
+        by_pci = {d.pci_id: (d, b) for d, b in zip(self.devices, before["nics"])}
         outcomes = {o.pci_id: o for o in saved.nics} if saved is not None else {}
-        old_cfg, new_cfg = _mana_config(old), _mana_config(new)
+        old_cfg, new_cfg = _keepalive_config(old, "mana"), _keepalive_config(new, "mana")
         out, degraded = [], []
         for n in nics:
             dev, snap = by_pci[n.pci_id]
@@ -662,8 +750,22 @@ class Host:
             out.append(NicResult(n.pci_id, n.restore_path, seen["device_reset"], seen["hwc_established"],
                                  seen["device_resets"], seen["hwc_requests"], seen["smc_messages"], n.error, reason,
                                  RestorePath.KEEPALIVE if mana else RestorePath.FRESH))
+        nvme_by_pci = {d.pci_id: (d, b) for d, b in zip(self.nvme_devices, before["nvme"])}
+        nvme_outcomes = {o.pci_id: o for o in saved.nvme} if saved is not None else {}
+        old_cfg, new_cfg = _keepalive_config(old, "nvme"), _keepalive_config(new, "nvme")
+        nvme_out = []
+        for n in disks:
+            dev, snap = nvme_by_pci[n.pci_id]
+            seen = dev.since(snap)
+            reason, worse = nic_reason(bool(nvme), n.restore_path, n.error, nvme_outcomes.get(n.pci_id), old_cfg,
+                                       new_cfg, kind="NVMe")
+            degraded.append(worse)
+            nvme_out.append(NvmeResult(n.pci_id, n.restore_path, seen["device_reset"], seen["controller_enabled"],
+                                       n.error, reason, RestorePath.KEEPALIVE if nvme else RestorePath.FRESH,
+                                       tuple(seen["admin_commands"])))
         return ServicingResult(ok, bool(mana), bool(nvme), tuple(out), unclaimed, phases, blackout_ms, frames_lost,
-                               self.config.timing.to_dict(), error, servicing_status(not ok, degraded))
+                               self.config.timing.to_dict(), error, servicing_status(not ok, degraded),
+                               tuple(nvme_out), io_blackout_ms, io_errors)
 
     def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
         """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agents
@@ -706,6 +808,8 @@ class Host:
                 "worker": None if w is None else {"pid": w.pid, "generation": w.generation, "alive": w.alive(),
                                                    "compat": w.hello.compat if w.hello else None},
                 "devices": [{"pci_id": d.pci_id, "pid": d.child.pid, "alive": d.alive()} for d in self.devices],
+                "nvme_devices": [{"pci_id": d.pci_id, "pid": d.child.pid, "alive": d.alive(), "disk": d.disk}
+                                 for d in self.nvme_devices],
                 "guest": self.config.guest,
                 "bridges": [{"nic": b.nic, "pid": b.child.pid, "alive": b.child.poll() is None}
                             for b in self.guest_net.bridges.values()] if self.guest_net else [],
@@ -729,7 +833,7 @@ class Host:
         tree["worker"] = None if w is None else {
             "pid": w.pid, "generation": w.generation, "alive": w.alive(),
             "note": "a servicing is in progress; the worker's own tree is shown once it completes"}
-        tree["devices"] = self._devices_tree()
+        tree["devices"], tree["nvme_devices"] = self._devices_tree(self.devices), self._devices_tree(self.nvme_devices)
         return tree
 
     def _host_tree(self) -> dict:
@@ -738,15 +842,17 @@ class Host:
                          "backend": self.config.backend, "guest": self.config.guest,
                          "memory": self.mem.layout.to_str(),
                          "channel": self.channel_layout.to_str() if self.channel_layout else None,
+                         "block_channel": self.block_layout.to_str() if self.block_layout else None,
                          "warnings": list(self.warnings),
                          "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}
                                    for c in self.channels]},
                 "servicing": self._servicing_view(), "last_servicing": self.last_servicing,
                 **({"guest_net": self.guest_net.status()} if self.guest_net else {})}
 
-    def _devices_tree(self) -> list[dict]:
+    @staticmethod
+    def _devices_tree(processes: list[DeviceProcess]) -> list[dict]:
         devices = []
-        for d in self.devices:
+        for d in processes:
             entry = {"pci_id": d.pci_id, "pid": d.child.pid, "socket": d.socket, "alive": d.alive()}
             try:
                 entry["counters"] = d.call("counters")
@@ -769,7 +875,8 @@ class Host:
                 if attempt == 0 and self.worker.wait_exit(1.0) is not None:
                     self._supervise()  # it just died: replace it now rather than at the next idle tick
         tree = self._host_tree()
-        tree["worker"], tree["devices"] = worker, self._devices_tree()
+        tree["worker"], tree["devices"] = worker, self._devices_tree(self.devices)
+        tree["nvme_devices"] = self._devices_tree(self.nvme_devices)
         return tree
 
     def _probe(self, nic: int, count: int, timeout: float) -> dict:
@@ -803,10 +910,11 @@ class Host:
         return {"nic": nic, "sent": pushed, "received": received, "ok": received == count}
 
 
-def _mana_config(w: WorkerProcess | None) -> str | None:
-    """A worker's canonical MANA keepalive setting, from its hello (a downlevel worker has none: disabled)."""
+def _keepalive_config(w: WorkerProcess | None, kind: str) -> str | None:
+    """A worker's canonical keepalive setting of device kind `kind` ("mana", "nvme"), from its hello (a
+    downlevel worker has none: disabled)."""
     hello = getattr(w, "hello", None)
-    return None if hello is None else hello.keepalive.get("mana", "disabled")
+    return None if hello is None else hello.keepalive.get(kind, "disabled")
 
 
 def _select(tree, path: str | None):

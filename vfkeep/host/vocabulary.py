@@ -1,6 +1,6 @@
 """The host commands, defined once for the CLI and the console.
 
-`service`, `inspect`, `status`, `probe`, `traffic`, `exec` and `stop` are click commands. `vfkeep CMD
+`service`, `inspect`, `status`, `probe`, `traffic`, `disk`, `exec` and `stop` are click commands. `vfkeep CMD
 --run-dir DIR ...` runs them against the host in DIR over its control socket (`RemoteTarget`); the host's
 console runs the very same command objects against its own `Host` (`LocalTarget`, passed as the click
 context object). So names, options, defaults, help and output are the same by construction; only
@@ -28,7 +28,7 @@ from .tamper import TAMPER_MODES
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 
 #: The commands both the CLI and the console have (the console adds `help` and `quit`).
-HOST_COMMANDS = ("service", "inspect", "status", "probe", "traffic", "exec", "stop")
+HOST_COMMANDS = ("service", "inspect", "status", "probe", "traffic", "disk", "exec", "stop")
 #: `vfkeep service --require-keepalive` when a NIC did not take the keepalive path.
 EXIT_NO_KEEPALIVE = 3
 
@@ -71,15 +71,14 @@ class LocalTarget:
         self.out = out
 
     def call(self, method: str, *args, wait: float | None = None, **kwargs) -> Any:
+        from .disks import DiskError
         from .traffic import TrafficError
         from .vmm import HostError
         if method == "stop":
             raise ConsoleStop()
         try:
-            if method == "traffic":
-                return self.host.traffic(*args, **kwargs)
             return getattr(self.host, method)(*args, **kwargs)
-        except (HostError, TrafficError, ValueError, TypeError) as e:
+        except (HostError, TrafficError, DiskError, ValueError, TypeError) as e:
             raise CommandError(f"{method}: {e}", "Refused") from None
 
 
@@ -283,6 +282,81 @@ def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
         render.print_stats(result["last_servicing"], "last servicing window", c)
 
 
+@click.group("disk")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="the host's run directory (also accepted after the subcommand)")
+@click.pass_context
+def disk_group(ctx, run_dir):
+    """Guest disk IO on a running host (`vfkeep run --nvme N`): one agent per NVMe disk issues verifiable reads
+    and writes and measures IOPS, latency and the IO blackout."""
+    if run_dir is not None:
+        ctx.meta["vfkeep.run_dir"] = run_dir
+
+
+disk_option = click.option("--disk", type=click.IntRange(0), default=None, help="only this disk [default: all]")
+
+
+@disk_group.command("start")
+@click.option("--rate", type=click.FloatRange(min=0, max=1_000_000), default=0, show_default=True,
+              help="requests per second per disk (0: as fast as the queue depth allows)")
+@click.option("--qd", type=click.IntRange(1, 64), default=8, show_default=True, help="requests in flight per disk")
+@click.option("--read-pct", type=click.IntRange(0, 100), default=50, show_default=True,
+              help="share of reads (of chunks already written)")
+@disk_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.pass_context
+def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
+    """Start (or re-pace) disk IO; starts the disk's agent on first use."""
+    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "start", rate=rate, qd=qd,
+                                                                      read_pct=read_pct, disk=disk, wait=60))
+    if as_json:
+        return _print_json(ctx, result)
+    for d in result["disks"]:
+        pace = f"{d['rate']:g} requests/s" if d["rate"] else "as fast as it goes"
+        _echo(ctx, f"disk {d['disk']}: {pace} at queue depth {d['qd']}, {d['read_pct']}% reads (agent pid {d['pid']})")
+
+
+@disk_group.command("stop")
+@disk_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.pass_context
+def disk_stop(ctx, disk, as_json, run_dir):
+    """Stop submitting (requests in flight still complete; agents keep their records until the host stops)."""
+    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "stop", disk=disk, wait=60))
+    if as_json:
+        return _print_json(ctx, result)
+    for d in result["disks"]:
+        _echo(ctx, f"disk {d['disk']}: stopped after {d['submitted']} requests")
+
+
+@disk_group.command("stats")
+@disk_option
+@click.option("--verify", is_flag=True, help="stop IO first and read back every block written (each must hold its "
+              "LBA and last generation)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.pass_context
+def disk_stats(ctx, disk, verify, as_json, run_dir):
+    """IO per disk since its agent started, and what the last servicing cost the guest's disks."""
+    def get():
+        target = _target(ctx, run_dir)
+        if verify:
+            target.call("disk", "verify", disk=disk, wait=180)
+        return target.call("disk", "stats", disk=disk, wait=120)
+
+    result = _json_errors(as_json, get)
+    if as_json:
+        return _print_json(ctx, result)
+    c = _console(ctx)
+    render.print_disk_stats(result["disks"], "disk IO since the agent started", c)
+    if result["last_servicing"]:
+        render.print_disk_stats(result["last_servicing"], "last servicing window", c)
+    if any(d["errors"] or d["verify_errors"] or d["duplicates"] for d in result["disks"]):
+        sys.exit(1)
+
+
 def _json_errors(as_json: bool, fn):
     try:
         return fn()
@@ -353,4 +427,4 @@ def stop_command(ctx, run_dir, as_json, timeout):
 
 COMMAND_OBJECTS: dict[str, click.Command] = {
     "service": service_command, "inspect": inspect_command, "status": status_command, "probe": probe_command,
-    "traffic": traffic_group, "exec": exec_command, "stop": stop_command}
+    "traffic": traffic_group, "disk": disk_group, "exec": exec_command, "stop": stop_command}

@@ -516,6 +516,11 @@ class NvmeDriver:
         nothing is touched (§11.7): the handle is closed without a reset and the memory stays allocated."""
         self._teardown(reset=not self.keepalive, free_memory=not self.keepalive)
 
+    def reset_after_save(self) -> None:
+        """The servicing this driver was saved for failed (DESIGN D4): the controller still runs the saved
+        queues, so reset it (CC.EN 1→0) and free the queue memory, as a normal teardown would."""
+        self._teardown(reset=True, free_memory=True)
+
     def _teardown(self, reset: bool, free_memory: bool = True) -> None:
         if self._wake < 0:
             return  # already torn down

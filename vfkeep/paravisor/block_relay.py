@@ -58,6 +58,10 @@ class BlockRelay:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def stop(self) -> None:
         """No more requests are popped; what is in flight stays in flight (for `inflight()` after the save)."""
         self._stop.set()

@@ -20,10 +20,11 @@ else ephemeral (worker RAM).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..contract import NVME_ALWAYS_FLR_ENV, NvmeConfig, RestorePath
+from ..contract import NVME_ALWAYS_FLR_ENV, NicRestore, NicSaveOutcome, NvmeConfig, RestorePath, SaveOutcome
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory
 from ..nvme_driver.driver import NvmeDriver, reset_controller
@@ -142,15 +143,6 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
     return NvmeDisk(cfg, drv, RestorePath.FRESH, flr)
 
 
-def save_disks(disks: list[NvmeDisk], cpu_count: int) -> underhill_pb2.NvmeManagerSavedState:
-    """Save every controller's driver (§12 item 1); the first failure propagates (the caller then
-    saves no NVMe state at all, as the reference does)."""
-    state = underhill_pb2.NvmeManagerSavedState(cpu_count=cpu_count)
-    for disk in disks:
-        state.nvme_disks.add(pci_id=disk.config.pci_id).driver_state.CopyFrom(disk.driver.save())
-    return state
-
-
 def saved_driver_states(state: underhill_pb2.ServicingState | None) -> tuple[dict[str, nvme_driver_pb2.NvmeDriverSavedState],
                                                                           int]:
     """pci_id -> saved driver state (first match), and the saver's cpu_count (field 10000)."""
@@ -165,16 +157,16 @@ def saved_driver_states(state: underhill_pb2.ServicingState | None) -> tuple[dic
 
 class NvmeManager:
     """The worker's NVMe manager: one `NvmeDisk` (and guest block relay, when the disk has a channel) per
-    configured controller, shaped for the worker's device-kind seam (DESIGN D10): `restore`, `save`,
-    `units`, `shutdown`, `inspect`, `client_names`.
+    configured controller. `NvmeKind` puts it behind the worker's device-kind seam (DESIGN D10).
 
     `save_restore_supported` = OPENHCL_NVME_KEEP_ALIVE enabled AND a private pool (spec §13.1). In the
     worker's save order (servicing §2.2) the DMA manager is saved first, then `save(keepalive)`: with
-    effective NVMe keepalive each driver is saved (the first failure makes the whole NVMe state absent,
-    as in the reference, §12 item 1); without it each controller is shut down (CC.EN 1→0, memory freed).
-    Either way the relays stop first and their in-flight guest requests become "storvsp/<pci_id>" units,
-    replayed by the next worker. Pool pages of controllers that were not saved stay in the DMA snapshot;
-    the next worker's validation frees and lists them (DESIGN D3/D8).
+    effective NVMe keepalive each driver is saved (a failure makes the whole NVMe state absent, as in the
+    reference, §12 item 1; vfkeep then resets every controller so the next worker finds them clean);
+    without it each controller is shut down (CC.EN 1→0, memory freed). Either way the relays stop first and
+    their in-flight guest requests become "storvsp/<pci_id>" units, replayed by the next worker. Pool pages
+    of controllers that were not saved stay in the DMA snapshot; the next worker's validation frees and
+    lists them (DESIGN D3/D8).
     """
 
     kind = "nvme"
@@ -187,58 +179,131 @@ class NvmeManager:
         self.cpu_count, self.io_queues, self.always_flr = cpu_count, io_queues, always_flr
         self.channels = channels or {}  # pci_id -> BlockChannel
         self.disks: list[NvmeDisk] = []
-        self.relays: dict = {}  # pci_id -> BlockRelay
+        self.relays: dict[str, BlockRelay] = {}
+        self._replay: dict[str, list] = {}  # pci_id -> saved guest requests, re-issued at start()
         self.errors: dict[str, str] = {}
+        self.create_ms: dict[str, float] = {}
 
     def client_names(self) -> list[str]:
         return [dma_client_name(c.pci_id) for c in self.configs]
 
-    def restore(self, state: underhill_pb2.ServicingState | None) -> list[dict]:
-        """Bring every controller up (keepalive restore where the state and the config allow), then start the
-        relays with the requests the previous worker had in flight. One result per controller."""
+    def restore(self, state: underhill_pb2.ServicingState | None, *, forced_fallback: str | None = None) -> list[dict]:
+        """Bring every controller up (keepalive restore where the state and the config allow) and prepare its
+        relay with the requests the previous worker had in flight; `start()` starts the relays. One result per
+        controller. `forced_fallback`: the saved state cannot be used (why): a controller with saved state
+        (every controller, when there is no state) is initialised fresh and reported as a fallback."""
         saved, _ = saved_driver_states(state)
         units = {u.name: u.state for u in state.units} if state is not None else {}
         results = []
         for cfg in self.configs:
+            t = time.perf_counter()
+            mine = saved.get(cfg.pci_id)
             try:
-                disk = create_device(cfg, self.mem, self.dma, saved=saved.get(cfg.pci_id),
+                disk = create_device(cfg, self.mem, self.dma, saved=None if forced_fallback else mine,
                                      save_restore_supported=self.save_restore_supported, cpu_count=self.cpu_count,
                                      io_queues=self.io_queues, always_flr=self.always_flr)
             except DEVICE_ERRORS + (DmaError,) as e:
                 self.errors[cfg.pci_id] = f"{type(e).__name__}: {e}"
                 kv(log, logging.ERROR, "nvme device could not be created", pci_id=cfg.pci_id, error=e)
-                results.append({"pci_id": cfg.pci_id, "restore_path": RestorePath.FRESH, "error": self.errors[cfg.pci_id]})
+                results.append({"pci_id": cfg.pci_id, "restore_path": RestorePath.FRESH, "flr": False,
+                                "error": self.errors[cfg.pci_id]})
                 continue
+            if forced_fallback and (state is None or mine is not None):
+                disk.restore_path, disk.error = RestorePath.FALLBACK, forced_fallback
+            self.create_ms[cfg.pci_id] = round((time.perf_counter() - t) * 1000, 3)
             self.disks.append(disk)
-            channel = self.channels.get(cfg.pci_id)
-            if channel is not None:
-                replay = BlockRelay.saved_requests(units[unit_name(cfg.pci_id)]) \
-                    if unit_name(cfg.pci_id) in units else []
-                relay = BlockRelay(channel, disk.driver, pci_id=cfg.pci_id)
-                relay.start(replay)
-                self.relays[cfg.pci_id] = relay
+            if cfg.pci_id in self.channels:
+                name = unit_name(cfg.pci_id)
+                self._replay[cfg.pci_id] = BlockRelay.saved_requests(units[name]) if name in units else []
+                self.relays[cfg.pci_id] = BlockRelay(self.channels[cfg.pci_id], disk.driver, pci_id=cfg.pci_id)
             results.append({"pci_id": cfg.pci_id, "restore_path": disk.restore_path, "flr": disk.flr,
                             "error": disk.error})
         return results
 
-    def save(self, keepalive: bool) -> underhill_pb2.NvmeManagerSavedState | None:
-        """Stop the relays, then save (effective keepalive) or shut down every controller."""
+    def start(self) -> None:
+        """Start every relay not running (replaying its saved requests once the restored commands drained)."""
+        for pci_id, relay in self.relays.items():
+            if not relay.running:
+                relay.start(self._replay.pop(pci_id, []))
+
+    def stop(self) -> None:
+        """Stop popping guest requests; what is in flight stays in flight."""
         for relay in self.relays.values():
             relay.stop()
-        if keepalive and self.save_restore_supported:
-            try:
-                return save_disks(self.disks, self.cpu_count)
-            except DEVICE_ERRORS as e:
-                kv(log, logging.ERROR, "nvme save failed: no NVMe state is saved", error=e)
-                return None
+
+    def save(self, keepalive: bool) -> tuple[underhill_pb2.NvmeManagerSavedState | None, list[NicSaveOutcome]]:
+        """Stop the relays, then save (effective keepalive) or shut down every controller. Returns field
+        10000's payload (None when nothing was saved) and one outcome per controller."""
+        self.stop()
+        if keepalive and self.save_restore_supported and self.disks:
+            state = underhill_pb2.NvmeManagerSavedState(cpu_count=self.cpu_count)
+            outcomes = []
+            for disk in self.disks:
+                try:
+                    driver_state = disk.driver.save()
+                except DEVICE_ERRORS as e:
+                    kv(log, logging.ERROR, "nvme save failed: no NVMe state is saved", pci_id=disk.config.pci_id,
+                       error=e)
+                    self._abandon_save()
+                    failed = f"{type(e).__name__}: {e}"
+                    return None, [NicSaveOutcome(d.config.pci_id, SaveOutcome.SAVE_FAILED,
+                                                 failed if d is disk else "another controller's save failed")
+                                  for d in self.disks]
+                state.nvme_disks.add(pci_id=disk.config.pci_id).driver_state.CopyFrom(driver_state)
+                outcomes.append(NicSaveOutcome(disk.config.pci_id, SaveOutcome.SAVED))
+            kv(log, logging.INFO, "nvme manager saved", disks=len(state.nvme_disks))
+            return state, outcomes
         for disk in self.disks:
             disk.driver.shutdown()
-        return None
+        return None, [NicSaveOutcome(d.config.pci_id, SaveOutcome.SHUTDOWN) for d in self.disks]
+
+    def _abandon_save(self) -> None:
+        """A save that will not be handed over: every controller is reset and its memory freed."""
+        for disk in self.disks:
+            if disk.driver.keepalive:
+                disk.driver.reset_after_save()
+            else:
+                disk.driver.shutdown()
 
     def units(self) -> list[underhill_pb2.SavedStateUnit]:
         """The relays' in-flight guest requests (call after `save`: nothing completes any more)."""
         return [underhill_pb2.SavedStateUnit(name=unit_name(pci_id), state=relay.save().SerializeToString())
                 for pci_id, relay in self.relays.items()]
+
+    def revive(self) -> None:
+        """After a failed servicing (DESIGN D4): every controller the save touched is reset and initialised
+        fresh; each relay comes back with the guest requests that were in flight (call `start()` next)."""
+        self._abandon_save()
+        old, self.disks = self.disks, []
+        for disk in old:
+            cfg = disk.config
+            disk.driver.dma.close()  # its name passes to the new driver's client
+            try:
+                new = create_device(cfg, self.mem, self.dma, saved=None,
+                                    save_restore_supported=self.save_restore_supported, cpu_count=self.cpu_count,
+                                    io_queues=self.io_queues, always_flr=self.always_flr)
+            except DEVICE_ERRORS + (DmaError,) as e:
+                self.errors[cfg.pci_id] = f"{type(e).__name__}: {e}"
+                kv(log, logging.ERROR, "nvme device could not be revived", pci_id=cfg.pci_id, error=e)
+                continue
+            self.disks.append(new)
+            relay = self.relays.pop(cfg.pci_id, None)
+            if relay is not None:
+                self._replay[cfg.pci_id] = relay.inflight()
+                relay.close()
+                self.relays[cfg.pci_id] = BlockRelay(self.channels[cfg.pci_id], new.driver, pci_id=cfg.pci_id)
+
+    def reports(self) -> list[NicRestore]:
+        """How each controller came up (`started`, `save_state` FAILURE's revived list)."""
+        up = {d.config.pci_id: d for d in self.disks}
+        out = []
+        for cfg in self.configs:
+            d = up.get(cfg.pci_id)
+            if d is None:
+                out.append(NicRestore(cfg.pci_id, RestorePath.FRESH, self.errors.get(cfg.pci_id, "not created")))
+            else:
+                out.append(NicRestore(cfg.pci_id, d.restore_path, d.error, d.flr, self.create_ms.get(cfg.pci_id, 0.0)))
+        return out
 
     def shutdown(self) -> None:
         """Normal teardown (no servicing): relays stopped, every controller reset."""

@@ -21,7 +21,8 @@ import click
 from .. import __version__, kill_points
 from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
-                        ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, RestoreCompleted,
+                        ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, NvmeConfig,
+                        RestoreCompleted,
                         RestoreState, RestoreStateRequest, Save, SaveState, SaveStateAnswer, Shutdown, Start, Started,
                         TransferStatus, decode, save_state_messages)
 from ..log import kv
@@ -29,6 +30,8 @@ from ..memory import DmaError, DmaManager, GuestMemory, MemoryLayout, RestoreErr
 from ..proto import underhill_pb2
 from .device_kind import DeviceKind, PreviousState
 from .mana_kind import ManaKind
+from .nvme_kind import NvmeKind
+from .nvme_manager import always_flr_from_env
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
 from .servicing import (ServicingStateError, TestConfig, complete_servicing_state, decode_servicing_state,
                         parse_test_config, reference_time, test_config_from_env)
@@ -67,7 +70,7 @@ class Worker:
     """One paravisor generation: the DMA manager and the device kinds, servicing save/restore."""
 
     def __init__(self, chan: Channel, mem: GuestMemory, nics: list[NicConfig], generation: int,
-                 downlevel: bool, channel_layout: str):
+                 downlevel: bool, channel_layout: str, nvme: list[NvmeConfig] = (), block_layout: str | None = None):
         self.chan = chan
         self.mem = mem
         self.generation = generation
@@ -82,8 +85,9 @@ class Worker:
         kill_points.arm_from_env(os.environ)
         self.dma: DmaManager | None = None
         self.mana = ManaKind(nics, mem, channel_layout, datapath_keepalive=datapath_keepalive)
+        self.nvme = NvmeKind(list(nvme), mem, block_layout, always_flr=always_flr_from_env(os.environ))
         #: In the order of spec §3 steps 4-6 and §2.2 steps 3-5 (NVMe, then networking).
-        self.kinds: list[DeviceKind] = [self.mana]
+        self.kinds: list[DeviceKind] = [self.nvme, self.mana]
         names = [n for kind in self.kinds for n in kind.client_names()]
         if len(set(names)) != len(names):
             raise ValueError(f"device kinds share DMA client names: {sorted(names)}")
@@ -163,10 +167,11 @@ class Worker:
                              "servicing_state_sha256": None if blob is None else hashlib.sha256(blob).hexdigest(),
                              "state_error": state_error, "dma_error": dma_error,
                              "unclaimed_pool_allocations": [u.to_json() for u in unclaimed], "phases_ms": phases}
-        nics = self.mana.reports()
+        nics, disks = self.mana.reports(), self.nvme.reports()
         kv(log, logging.INFO, "worker started", nics=len(nics), paths=",".join(n.restore_path for n in nics),
-           unclaimed=len(unclaimed), total_ms=phases["total"])
-        return Started(tuple(nics), tuple(unclaimed), error, phases)
+           nvme=len(disks), nvme_paths=",".join(n.restore_path for n in disks), unclaimed=len(unclaimed),
+           total_ms=phases["total"])
+        return Started(tuple(nics), tuple(unclaimed), error, phases, tuple(disks))
 
     def _config(self, kind: DeviceKind) -> KeepAliveConfig:
         """The kind's keepalive option (`OPENHCL_<NAME>_KEEP_ALIVE`)."""
@@ -213,14 +218,14 @@ class Worker:
                 self.send(result)
                 return False
             blob, outcomes, phases = result
-            for chunk in save_state_messages(blob, outcomes, phases):
+            for chunk in save_state_messages(blob, outcomes[self.mana.name], phases, outcomes[self.nvme.name]):
                 self.send(chunk)
             kill_points.reached("save.state_sent")
             answer = self._save_answer()
             if answer is TransferStatus.SUCCESS:
                 kill_points.reached("save.answered")
                 return True
-            self.send(self._save_failed(f"host did not take the servicing state ({answer.name})", list(outcomes)))
+            self.send(self._save_failed(f"host did not take the servicing state ({answer.name})", outcomes))
             return False
         finally:
             watchdog.cancel()
@@ -237,8 +242,8 @@ class Worker:
             return TransferStatus.FAILURE
         return TransferStatus.SUCCESS if msg.status is TransferStatus.SUCCESS else TransferStatus.FAILURE
 
-    def _save(self, msg: Save, hook: TestConfig | None) -> tuple[bytes, tuple, dict] | SaveState:
-        """The save itself: (blob, NIC outcomes, phases), or the FAILURE message after a failed save."""
+    def _save(self, msg: Save, hook: TestConfig | None) -> tuple[bytes, dict, dict] | SaveState:
+        """The save itself: (blob, outcomes per kind name, phases), or the FAILURE message after a failed save."""
         t_all = time.perf_counter()
         phases: dict[str, float] = {}
         eff = effective_keepalive(self.options, host_mana=msg.mana_keepalive, host_nvme=msg.nvme_keepalive,
@@ -260,7 +265,7 @@ class Worker:
         try:
             dma_state = self.dma.save() if eff.any else None
         except DmaError as e:  # e.g. allocations still pending after a strict validation failure
-            return self._save_failed(f"dma manager save failed: {e}", [])
+            return self._save_failed(f"dma manager save failed: {e}", {})
         phases["dma_save"] = _ms(t)
         kill_points.reached("save.dma_saved")
         # 3, 5: the device kinds (destructive), each saved only under its effective keepalive.
@@ -270,7 +275,6 @@ class Worker:
             t = time.perf_counter()
             outcomes[kind.name] = kind.save(getattr(eff, kind.name), state)
             phases[f"{kind.name}_save"] = _ms(t)
-        nic_outcomes = outcomes[self.mana.name]
         kill_points.reached("save.devices_saved")
 
         if hook is TestConfig.SERVICING_SAVE_CRASH:
@@ -278,7 +282,7 @@ class Worker:
             logging.shutdown()
             os._exit(70)
         if hook is TestConfig.SERVICING_SAVE_FAIL:
-            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", nic_outcomes)
+            return self._save_failed("test hook SERVICING_SAVE_FAIL after the inner save succeeded", outcomes)
 
         t = time.perf_counter()
         for h in logging.getLogger().handlers:
@@ -290,10 +294,12 @@ class Worker:
         phases["total"] = _ms(t_all)
         init = state.init_state
         kv(log, logging.INFO, "servicing state saved", bytes=len(blob), dma_state=dma_state is not None,
-           mana_states=len(init.mana_state.states) if init.HasField("mana_state") else -1, total_ms=phases["total"])
-        return blob, tuple(nic_outcomes), phases
+           mana_states=len(init.mana_state.states) if init.HasField("mana_state") else -1,
+           nvme_disks=len(init.nvme_state.nvme_state.nvme_disks) if init.HasField("nvme_state") else -1,
+           total_ms=phases["total"])
+        return blob, outcomes, phases
 
-    def _save_failed(self, error: str, outcomes: list[NicSaveOutcome]) -> SaveState:
+    def _save_failed(self, error: str, outcomes: dict[str, list[NicSaveOutcome]]) -> SaveState:
         """Spec §2.4 keeps the worker running but leaves saved drivers dead (E5); vfkeep revives them
         through the fresh path instead (DESIGN D4), and keepalive stays allowed for later requests (D5)."""
         kv(log, logging.ERROR, "servicing save failed, reviving NICs", error=error)
@@ -302,7 +308,9 @@ class Worker:
             kind.revive()
         for kind in self.kinds:
             kind.start()
-        return SaveState(TransferStatus.FAILURE, nics=tuple(outcomes), error=error, revived=tuple(self.mana.reports()))
+        return SaveState(TransferStatus.FAILURE, nics=tuple(outcomes.get(self.mana.name, ())), error=error,
+                         revived=tuple(self.mana.reports()), nvme=tuple(outcomes.get(self.nvme.name, ())),
+                         revived_nvme=tuple(self.nvme.reports()))
 
     # -- other requests -----------------------------------------------------------------------
     def inspect(self) -> dict:
@@ -376,19 +384,27 @@ class Worker:
 @click.option("--memory-layout", required=True, help="guest=N,worker=N,pool=N")
 @click.option("--channel-layout", default=None, help="nics=N,slots=N,slot_size=N,base=GPA (with NICs)")
 @click.option("--nic", "nics", multiple=True, help="INDEX,PCI_ID,SOCKET,TX_EVENTFD,RX_EVENTFD (repeat per NIC)")
+@click.option("--nvme", "nvme", multiple=True,
+              help="INDEX,PCI_ID,SOCKET[,REQUEST_EVENTFD,COMPLETION_EVENTFD] (repeat per NVMe controller; the "
+                   "eventfds: the guest block channel of disk INDEX)")
+@click.option("--block-layout", default=None, help="disks=N,slots=N,data_pages=N,base=GPA (with block channels)")
 @click.option("--compat", type=click.Choice(["current", "downlevel"]), default="current", show_default=True,
               help="downlevel: behave like a worker built before MANA keepalive")
-def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channel_layout, nics, compat):
+def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channel_layout, nics, nvme, block_layout,
+                   compat):
     """Paravisor worker process (started by `vfkeep run`)."""
     vlog.setup(f"worker-{generation}", run_dir)
     try:
         configs = [NicConfig.parse(text) for text in nics]
+        disks = [NvmeConfig.parse(text) for text in nvme]
         mem = GuestMemory.attach(memfd, MemoryLayout.from_str(memory_layout))
+        worker = Worker(Channel.from_fd(channel_fd), mem, configs, generation, compat == "downlevel", channel_layout,
+                        disks, block_layout)
     except ValueError as e:
         kv(log, logging.ERROR, "bad worker arguments", error=str(e))
         raise click.BadParameter(str(e)) from e
-    kv(log, logging.INFO, "worker up", generation=generation, compat=compat, nics=len(configs), pid=os.getpid())
-    worker = Worker(Channel.from_fd(channel_fd), mem, configs, generation, compat == "downlevel", channel_layout)
+    kv(log, logging.INFO, "worker up", generation=generation, compat=compat, nics=len(configs), nvme=len(disks),
+       pid=os.getpid())
     try:
         code = worker.serve()
     except Exception:
