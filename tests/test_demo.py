@@ -129,3 +129,33 @@ def test_demo_interrupted_leaves_nothing(tmp_path):
     assert "interrupted" in stdout
     assert session_members(child.pid) == []
     assert not (tmp_path / "report" / "results.json").exists()
+
+
+def test_demo_with_an_nvme_disk(tmp_path):
+    """`--nvme 1`: each path takes the disk along (keepalive: kept; reset paths: reset and re-enabled), the
+    table adds the disk IO blackout, no IO error, every block written verified, nothing left behind."""
+    out = tmp_path / "report"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
+    child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(out), "--timing", "natural", "--flr-ms", "10",
+                                              "--rate", "1000", "--servicings", "1", "--nvme", "1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            proc.end(child)
+    assert child.returncode == 0, stderr + stdout
+    assert session_members(child.pid) == []
+    for word in ("disk path", "disk IO blackout ms", "disk IO errors", "verified"):
+        assert word in stdout, stdout
+    report = json.loads((out / "results.json").read_text())
+    runs = {run["mode"]: run for run in report["runs"]}
+    assert [runs[m]["nvme_path"] for m in MODES] == ["fresh", "fresh", "keepalive", "keepalive"]
+    assert all(runs[m]["io_errors"] == 0 and runs[m]["io_blackout_ms"] is not None for m in MODES)
+    assert all(n["device_reset"] == (m in ("reset-flr", "reset")) for m in MODES for r in runs[m]["results"]
+               for n in r["nvme"])
+    (disk,) = report["disks"]
+    assert disk["errors"] == disk["verify_errors"] == disk["duplicates"] == 0 < disk["chunks_written"]
+    assert {"nvme-device", "disk-agent"} <= {p["role"] for p in report["processes"]}
+    assert not [p for p in report["processes"] if pid_alive(p["pid"])]

@@ -7,7 +7,9 @@ What each servicing cost the guest comes from the agents (blackout, frames lost)
 device comes from the device itself (HWC requests, FLRs, command log). Output: a table, a verdict that
 compares the medians and says plainly when the expected ordering did not hold (and the likely cause),
 `<out>/timeline.png` (delivery around each path's median servicing) and `<out>/results.json`. Exits 1 when
-a servicing did not take its path.
+a servicing did not take its path. With `--nvme N` the host also has N NVMe disks with guest disk IO running
+throughout (1000 IO/s, queue depth 8); each path takes the disks along (`servicing_paths.request`), the table adds the
+IO blackout per path, and every block is read back and verified at the end.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from .device.timing import DeviceTiming, timing_from, timing_options
 from .host.traffic import DEFAULT_SIZE
 from .host.vmm import Host, HostConfig
 from .log import kv
-from .servicing_paths import ORDER, REQUESTS, unexpected, wait_steady
+from .servicing_paths import ORDER, request, unexpected, wait_steady
 
 log = logging.getLogger("vfkeep.demo")
 
@@ -48,6 +50,10 @@ PLOT_AFTER_MS = 300
 BIN_MS = 5
 #: Progress steps besides one per servicing.
 STEPS = 4
+#: Guest disk IO of `--nvme`: requests per second and in flight per disk (paced: disk IO as fast as it goes
+#: would take the CPU the NIC's relay needs).
+DISK_RATE = 1000
+DISK_QD = 8
 #: Ambient load (1-minute average before the demo started) per CPU above which medians are not trusted.
 CONTENDED_LOAD_PER_CPU = 0.5
 
@@ -65,11 +71,11 @@ def machine() -> dict:
 
 class Demo:
     def __init__(self, run_dir: str, timing: DeviceTiming, rate: float, nics: int, servicings: int,
-                 progress: Progress):
+                 progress: Progress, nvme: int = 0):
         # Data-path keepalive on: the pool gets room for the kept vports (fixed at boot); the requests of
         # servicing_paths choose per servicing whether the next worker keeps its vport.
-        self.host = Host(HostConfig(run_dir=run_dir, nics=nics, timing=timing, datapath_keepalive=True))
-        self.rate, self.nics, self.timing, self.servicings = rate, nics, timing, servicings
+        self.host = Host(HostConfig(run_dir=run_dir, nics=nics, timing=timing, datapath_keepalive=True, nvme=nvme))
+        self.rate, self.nics, self.timing, self.servicings, self.nvme = rate, nics, timing, servicings, nvme
         self.progress = progress
         self.task = progress.add_task("starting", total=STEPS + servicings * len(ORDER))
         self.processes: list[dict] = []
@@ -86,6 +92,9 @@ class Demo:
         pids = [("worker", s["worker"]["pid"])] if s["worker"] else []
         pids += [("device", d["pid"]) for d in s["devices"]]
         pids += [("traffic-agent", a["pid"]) for a in self.host.traffic("status")["agents"]]
+        if self.nvme:
+            pids += [("nvme-device", d["pid"]) for d in s["nvme_devices"]]
+            pids += [("disk-agent", a["pid"]) for a in self.host.disk("status")["agents"]]
         for role, pid in pids:
             if not any(p["pid"] == pid for p in self.processes):
                 self.processes.append({"role": role, "pid": pid})
@@ -96,6 +105,8 @@ class Demo:
         self.done()
         self.step(f"guest traffic: {self.rate:g} frames/s per NIC")
         self.host.traffic("start", rate=self.rate, size=DEFAULT_SIZE)
+        if self.nvme:
+            self.host.disk("start", rate=DISK_RATE, qd=DISK_QD)
         self.note_processes()
         time.sleep(WARMUP_S)
         self.done()
@@ -108,6 +119,11 @@ class Demo:
         self.step("collecting traffic timelines")
         self.host.traffic("stop")
         overall = self.host.traffic("stats", settle_ms=200)["nics"]
+        disks = None
+        if self.nvme:
+            self.step("verifying every disk block written")
+            self.host.disk("verify")
+            disks = [{k: v for k, v in d.items() if k != "last_servicing"} for d in self.host.disk("stats")["disks"]]
         runs = [summarize(mode, samples[mode]) for mode in ORDER]
         for run in runs:
             start, end = run["median_servicing"]["window_ns"]
@@ -116,18 +132,21 @@ class Demo:
                                                 until_ns=end + PLOT_AFTER_MS * 1_000_000)
         self.done()
         return {"vfkeep_demo": 2, "timing": self.timing.to_dict(), "rate_fps": self.rate, "frame_size": DEFAULT_SIZE,
-                "nics": self.nics, "servicings": self.servicings, "prelaunch": self.host.config.prelaunch,
-                "machine": machine(), "traffic": [_window_stats(s) for s in overall], "runs": runs}
+                "nics": self.nics, "nvme": self.nvme, "disk_qd": DISK_QD if self.nvme else None,
+                "disk_rate": DISK_RATE if self.nvme else None,
+                "servicings": self.servicings, "prelaunch": self.host.config.prelaunch,
+                "machine": machine(), "traffic": [_window_stats(s) for s in overall], "disks": disks, "runs": runs}
 
     def service(self, mode: str) -> dict:
         """One servicing on `mode`'s path, then until the backlog it left has drained (else the next one's
         blackout would include draining it) and at least the plot's margins have passed."""
-        result = self.host.service(**REQUESTS[mode])
+        result = self.host.service(**request(mode, nvme=bool(self.nvme)))
         record = self.host.last_servicing
         window = self.host.traffic("status")["last_servicing"] or []
         self.note_processes()
         kv(log, logging.INFO, "demo servicing", mode=mode, blackout_ms=result["blackout_ms"],
-           frames_lost=result["frames_lost"], total_ms=result["phases_ms"]["total"])
+           frames_lost=result["frames_lost"], io_blackout_ms=result["io_blackout_ms"], io_errors=result["io_errors"],
+           total_ms=result["phases_ms"]["total"])
         waited = wait_steady(self.host.traffic, self.rate)
         time.sleep(max(0.0, (PLOT_BEFORE_MS + PLOT_AFTER_MS) / 1000 - waited))
         return {"result": result, "window_ns": record["window_ns"], "prelaunch_ms": record["prelaunch_ms"],
@@ -162,6 +181,11 @@ def summarize(mode: str, samples: list[dict]) -> dict:
         "blackout_ms": _median(blackouts), "blackout_ms_all": blackouts,
         "frames_lost": None if all(v is None for v in lost) else sum(v for v in lost if v is not None),
         "frames_lost_all": lost,
+        "io_blackout_ms": _median([r["io_blackout_ms"] for r in results]),
+        "io_blackout_ms_all": [r["io_blackout_ms"] for r in results],
+        "io_errors": None if all(r["io_errors"] is None for r in results) else sum(r["io_errors"] or 0
+                                                                                   for r in results),
+        "nvme_path": ",".join(sorted({n["restore_path"] for r in results for n in r["nvme"]})) or None,
         "hwc_requests": _median(hwc), "hwc_requests_all": hwc,
         "device_resets": _median(resets), "device_resets_all": resets,
         "restore_path": ",".join(sorted({n["restore_path"] for r in results for n in r["nics"]})),
@@ -274,7 +298,10 @@ def table(report: dict) -> Table:
                     "(interleaved); frames lost: all of them",
               title_justify="left", min_width=64,
               caption=f"{DeviceTiming.from_dict(report['timing']).describe()}, {report['rate_fps']:g} frames/s of "
-                      f"{report['frame_size']} B per NIC, {report['nics']} NIC(s); load average "
+                      f"{report['frame_size']} B per NIC, {report['nics']} NIC(s)"
+                      + (f", {report['nvme']} NVMe disk(s): {report['disk_rate']} IO/s at queue depth "
+                         f"{report['disk_qd']}" if report.get("nvme")
+                         else "") + "; load average "
                       f"{report['load_average_before']:.1f} on {report['machine']['cpus']} CPUs before the demo",
               caption_justify="left")
     t.add_column("", no_wrap=True)
@@ -294,6 +321,11 @@ def table(report: dict) -> Table:
     row("  / kp+datapath", lambda r: "-" if not base or r["blackout_ms"] is None
         else f"{r['blackout_ms'] / base:.1f}x")
     row("frames lost", lambda r: _count(r["frames_lost"]))
+    if report.get("nvme"):
+        row("disk path", lambda r: r["nvme_path"] or "-")
+        row("disk IO blackout ms", lambda r: _fmt(r["io_blackout_ms"]))
+        row("  min–max", lambda r: _range(r["io_blackout_ms_all"]))
+        row("disk IO errors", lambda r: _count(r["io_errors"]))
     for phase in ("save", "handoff", "restore"):
         row(f"{phase} ms", lambda r, p=phase: _fmt(r["phases_ms"][p]))
     return t
@@ -324,11 +356,14 @@ def _interrupt(signum, frame):
 @click.option("--rate", type=click.FloatRange(min=1, max=200_000), default=5000, show_default=True,
               help="guest frames per second per NIC")
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
+@click.option("--nvme", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="NVMe disks with guest disk IO (1000 IO/s, queue depth 8) across the same servicings; the table "
+                   "adds the disk IO blackout per path")
 @click.option("--servicings", type=click.IntRange(1, 100), default=DEFAULT_SERVICINGS, show_default=True,
               help="servicings per path (the table shows medians)")
 @click.option("--network", is_flag=True, help="instead: real ping and TCP from a guest network namespace across "
               "every servicing path; writes OUT/network.png and OUT/network.json (needs root; vfkeep/demo_net.py)")
-def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, servicings, network):
+def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvme, servicings, network):
     """Guest traffic across reset-flr, reset, keepalive and keepalive+datapath servicings: table, verdict,
     plot, JSON."""
     if network:
@@ -346,7 +381,7 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, ser
     try:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=Console(stderr=True), transient=True) as progress:
-            demo = Demo(run_dir, timing, rate, nics, servicings, progress)
+            demo = Demo(run_dir, timing, rate, nics, servicings, progress, nvme=nvme)
             try:
                 report = demo.run()
             finally:
@@ -382,9 +417,17 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, ser
     failed = [f"{r['mode']}: {msg}" for r in report["runs"] for msg in r["expectations_failed"]]
     for msg in failed:
         console.print(f"[red]unexpected:[/red] {msg}")
+    for d in report.get("disks") or []:
+        if d["errors"] or d["verify_errors"] or d["duplicates"]:
+            failed.append(f"disk {d['disk']}: {d['errors']} IO errors, {d['verify_errors']} bad blocks, "
+                          f"{d['duplicates']} duplicate completions")
+            console.print(f"[red]unexpected:[/red] {failed[-1]}")
     if not failed:
         console.print("every servicing took its path: keepalive kept the device (no FLR, no ESTABLISH_HWC); "
                       "reset re-established the HWC; reset-flr reset the device")
+        for d in report.get("disks") or []:
+            console.print(f"disk {d['disk']}: {d['completed']} requests, 0 errors, every one of "
+                          f"{d['chunks_written']} chunks written read back and verified")
     console.print(f"wrote {out_dir / 'timeline.png'} and {out_dir / 'results.json'} in {report['wall_s']} s")
     if failed:
         console.print(f"logs kept in {run_dir}")

@@ -11,13 +11,19 @@ The host must run with `--datapath-keepalive` (pool room for a kept vport, worke
 Serviced in `ORDER`, each request leaves the worker the next one expects: after `reset` the worker's
 vport is ephemeral (so `keepalive` rebuilds it); after `keepalive` it is in the pool (so
 `keepalive+datapath` keeps it); any keepalive-enabled worker can be saved for `reset-flr`.
+
+With NVMe disks (`request(path, nvme=True)`) each path does the same to the controllers: the keepalive
+paths set the NVMe bit too (no controller reset, no admin command); `reset` clears it (the old worker
+disables the controller, the new one enables it: the declared disable + enable time); `reset-flr` saves
+for keepalive but the next worker has NVMe keepalive disabled (the saved pages are freed, CC.EN 1→0,
+fresh init).
 """
 from __future__ import annotations
 
 import time
 from typing import Callable
 
-from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
+from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV
 
 ORDER = ("reset-flr", "reset", "keepalive", "keepalive+datapath")
 
@@ -39,11 +45,33 @@ EXPECTED = {
 }
 
 
+_NVME_RESET = {"restore_path": "fresh", "device_reset": True, "controller_enabled": True}
+_NVME_KEPT = {"restore_path": "keepalive", "device_reset": False, "controller_enabled": False}
+#: What each NVMe controller must report for a servicing on that path (with `request(path, nvme=True)`).
+EXPECTED_NVME = {"reset-flr": _NVME_RESET, "reset": _NVME_RESET, "keepalive": _NVME_KEPT,
+                 "keepalive+datapath": _NVME_KEPT}
+
+
+def request(path: str, nvme: bool = False) -> dict:
+    """The servicing request of `path`; with `nvme`, the NVMe controllers take the same path."""
+    req = {**REQUESTS[path], "next_env": dict(REQUESTS[path].get("next_env", {}))}
+    if nvme:
+        req["nvme_keepalive"] = req["mana_keepalive"]
+        if path == "reset-flr":
+            req["next_env"][NVME_KEEPALIVE_ENV] = "disabled"
+    return req
+
+
 def unexpected(path: str, result: dict) -> list[str]:
     """How a servicing result departs from what `path` must show (empty when it took that path)."""
     bad = [] if result["ok"] else [f"servicing failed: {result['error']}"]
     for n in result["nics"]:
         bad += [f"{n['pci_id']}: {k} is {n[k]!r}, expected {v!r}" for k, v in EXPECTED[path].items() if n[k] != v]
+    for n in result.get("nvme") or []:
+        bad += [f"nvme {n['pci_id']}: {k} is {n[k]!r}, expected {v!r}" for k, v in EXPECTED_NVME[path].items()
+                if n[k] != v]
+    if result.get("io_errors"):
+        bad.append(f"{result['io_errors']} disk IO errors")
     return bad
 
 
@@ -68,4 +96,4 @@ def wait_steady(traffic: Callable[..., dict], rate: float, timeout: float = 3.0)
     return time.monotonic() - t0
 
 
-__all__ = ["ORDER", "REQUESTS", "EXPECTED", "unexpected", "wait_steady"]
+__all__ = ["ORDER", "REQUESTS", "EXPECTED", "EXPECTED_NVME", "request", "unexpected", "wait_steady"]
