@@ -14,7 +14,9 @@ the state) as the host does with workers:
   resumes IO.
 IO blackout = first completion in generation 2 − last completion in generation 1 (CLOCK_MONOTONIC in
 both). Then IOPS and latency percentiles of one generation at QD 1 and QD 32 (2 IO queues, 4 KiB,
-50 % reads). Results: benchmarks/results/nvme.json.
+50 % reads). Then the same two paths as whole servicings of a host (`vfkeep run --nvme 1 --nics 0`, the
+guest disk agent at QD 8 and 2000 IO/s, a worker replaced each time): the servicing result's
+`io_blackout_ms` and `io_errors`, and every block verified at the end. Results: benchmarks/results/nvme.json.
 """
 from __future__ import annotations
 
@@ -186,6 +188,42 @@ def handover(sock: str, memfd: int, mode: str) -> dict:
             "errors": out1["errors"] + out2["errors"]}
 
 
+#: Guest disk IO of the host-level servicings (paced, so the CPU goes to the servicing, not to IO).
+HOST_RATE, HOST_QD = 2000, 8
+HOST_REQUESTS = {"keepalive": {"nvme_keepalive": True}, "reset": {}}
+
+
+def host_servicings(repeat: int, timing: str) -> dict:
+    """`repeat` servicings per path on one host, interleaved: the guest's IO blackout and errors per servicing
+    (from the servicing results), then every block read back."""
+    from vfkeep.host.detached import DetachedHost
+    rows = []
+    with DetachedHost.running("--nvme", "1", "--timing", timing, nics=0, wait=120) as host:
+        host.disk("start", rate=HOST_RATE, qd=HOST_QD)
+        time.sleep(0.5)
+        for _ in range(repeat):
+            for mode, request in HOST_REQUESTS.items():
+                r = host.service(**request)
+                (n,) = r["nvme"]
+                rows.append({"mode": mode, "path": n["restore_path"], "io_blackout_ms": r["io_blackout_ms"],
+                             "io_errors": r["io_errors"], "total_ms": r["phases_ms"]["total"],
+                             "admin_commands": len(n["admin_commands"])})
+                time.sleep(0.3)
+        host.disk("verify")
+        (disk,) = host.disk("stats")["disks"]
+    summary = {}
+    for mode in HOST_REQUESTS:
+        mine = [r for r in rows if r["mode"] == mode]
+        b = sorted(r["io_blackout_ms"] for r in mine)
+        summary[mode] = {"io_blackout_ms": {"median": round(statistics.median(b), 1), "min": round(b[0], 1),
+                                            "max": round(b[-1], 1)},
+                         "total_ms_median": round(statistics.median(r["total_ms"] for r in mine), 1),
+                         "paths": sorted({r["path"] for r in mine}), "io_errors": sum(r["io_errors"] for r in mine),
+                         "admin_commands": max(r["admin_commands"] for r in mine)}
+    return {"rate": HOST_RATE, "qd": HOST_QD, "paths": summary, "runs": rows,
+            "verified": {k: disk[k] for k in ("completed", "chunks_written", "errors", "verify_errors", "duplicates")}}
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
         _child(sys.argv[2])
@@ -218,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "max": round(b[-1], 1)},
                       "paths": sorted({r["path"] for r in runs if r["mode"] == mode}),
                       "errors": sum(r["errors"] for r in runs if r["mode"] == mode)}
+    host = host_servicings(args.repeat, args.timing)
     result = {"timing": make_timing(args.timing).to_dict(), "repeat": args.repeat, "handovers": rows, "runs": runs,
-              "iops": iops, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "python": platform.python_version()}}
+              "iops": iops, "host": host, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                                      "python": platform.python_version(),
+                                                      "load_average": round(os.getloadavg()[0], 2)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"NVMe IO blackout across a driver handover, {args.timing} timing {result['timing']}, "
@@ -230,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
               f"  paths {row['paths']}  errors {row['errors']}")
     for r in iops:
         print(f"  QD {r['qd']:2d}: {r['iops']} IOPS, latency p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms")
+    print(f"Whole servicings of a host (guest disk IO {HOST_RATE} IO/s at QD {HOST_QD}; median, min-max ms):")
+    for mode, row in host["paths"].items():
+        b = row["io_blackout_ms"]
+        print(f"  {mode:9s} {b['median']:7.1f}  ({b['min']}-{b['max']})  servicing {row['total_ms_median']} ms  "
+              f"paths {row['paths']}  IO errors {row['io_errors']}  admin commands {row['admin_commands']}")
+    print(f"  verified: {host['verified']}")
     return 0
 
 

@@ -5,7 +5,8 @@
 (a) bench_blackout: guest blackout and loss, keepalive vs reset paths, natural/realistic, prelaunch on/off;
 (b) bench_load: loss across servicing at 1k, 10k, 50k frames/s; (c) bench_throughput: round trip frames/s and
 Mbit/s at 64 B and 1500 B; (d) bench_servicing: servicing phase times for 1, 2, 4, 8 NICs; (e) bench_sensitivity:
-blackout of reset-flr, reset, keepalive and keepalive+datapath over HWC latency x FLR, against each path's floor.
+blackout of reset-flr, reset, keepalive and keepalive+datapath over HWC latency x FLR, against each path's floor;
+(f) bench_nvme: NVMe IO blackout keepalive vs reset with IO running (driver handover and whole servicings), IOPS.
 JSON and PNGs go to benchmarks/results/ (with --quick, fewer repetitions, to benchmarks/results/quick/ so the full
 results stay), then summary.md there.
 """
@@ -113,6 +114,14 @@ def summary_markdown(results: dict[str, dict]) -> str:
         out.append(f"| {mode} | {b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {row['errors']} |")
     out += [""] + [f"NVMe QD {r['qd']}: {r['iops']} IOPS, p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms"
                    for r in nv["iops"]]
+    hs = nv["host"]
+    out += ["", f"NVMe across whole servicings of a host (guest disk IO {hs['rate']} IO/s at QD {hs['qd']}; median, "
+                "min-max ms):", "", "| path | IO blackout | servicing | admin commands | IO errors |",
+            "|---|---:|---:|---:|---:|"]
+    for mode, row in hs["paths"].items():
+        b = row["io_blackout_ms"]
+        out.append(f"| {mode} | {b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {row['total_ms_median']:.1f} | "
+                   f"{row['admin_commands']} | {row['io_errors']} |")
     return "\n".join(out) + "\n"
 
 
