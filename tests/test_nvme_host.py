@@ -9,6 +9,7 @@ disabled on the new side, a hostile saved queue PFN.
 """
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -161,6 +162,32 @@ def test_failed_save_revives_the_controller_and_replays_the_guest_requests(host)
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
     r = host.service(mana_keepalive=True, nvme_keepalive=True)
     assert r["status"] == "ok" and r["nvme"][0]["restore_path"] == "keepalive", r
+
+
+def test_a_worker_that_dies_with_guest_requests_costs_no_io_error(host):
+    """The guest re-issues what a dead worker had taken from its ring when no saved state carries it: a crash
+    after the drivers were saved (D4: the next worker starts without state), and a worker killed between
+    servicings (the host replaces it)."""
+    nvme_ctl(host, "io_delay", ms=5)
+    try:
+        r, log = window(host, mana_keepalive=True, nvme_keepalive=True, test_config="SERVICING_SAVE_CRASH")
+    finally:
+        nvme_ctl(host, "clear_faults")
+    (n,) = r["nvme"]
+    assert r["status"] == "failed" and n["restore_path"] == "fresh" and n["device_reset"], r
+    assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
+    pid = host.status()["worker"]["pid"]
+    nvme_ctl(host, "io_delay", ms=5)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while host.status()["worker"]["pid"] == pid or not host.status()["worker"]["alive"]:
+            assert time.monotonic() < deadline, "the dead worker was not replaced"
+            time.sleep(0.05)
+    finally:
+        nvme_ctl(host, "clear_faults")
+    st = wait_io(host)
+    assert st["errors"] == st["duplicates"] == 0 and st["requeued"] > 0, st
 
 
 def test_every_block_verifies_after_the_servicings(host):

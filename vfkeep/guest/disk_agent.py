@@ -10,6 +10,7 @@ Control: a `vfkeep.rpc` socket; command(args) -> result:
     stats(since_ns=None, until_ns=None)     -> DiskIo.stats(): counters, outstanding, iops, latency_ms
                                                {p50, p99, max}, io_blackout_ms, bad_blocks, ...
     verify(qd=8, timeout=60)                -> {chunks, stats}: stop, wait, read back every chunk written
+    requeue(popped_before)                  -> {requeued}: re-push what a dead worker had popped (DiskIo.requeue)
     status()                                -> {running, counters, rings}
     quit()                                  -> {}, then the agent exits 0 (so does SIGTERM)
 
@@ -60,6 +61,7 @@ def control_server(path: str, io: DiskIo, quitting: threading.Event) -> rpc.Thre
                 "status": lambda: {"running": io.running, "counters": dict(io.counters),
                                    "rings": {"requests": io.channel.requests.stats().to_dict(),
                                              "completions": io.channel.completions.stats().to_dict()}},
+                "requeue": refused(lambda popped_before: {"requeued": io.requeue(popped_before)}),
                 "quit": quit_}
     return rpc.ThreadedServer(path, rpc.Dispatcher(log, commands), name="disk-agent-control")
 

@@ -8,10 +8,16 @@ completed write of its chunk put there. Counted: completions, errors (non-zero s
 failures, completions for no outstanding request (a duplicate) — and, from the timestamps, IOPS,
 latency percentiles and the IO blackout: the longest time with IO outstanding and nothing completing.
 Times are CLOCK_MONOTONIC ns, comparable with the host's servicing marks.
+
+`requeue(popped_before)`: a worker died with requests it had taken from the ring (popped: ring sequence
+below `popped_before`) and no saved state reached its successor; once every completion it pushed has been
+taken, those still outstanding are pushed again (same tag, same buffer), as a guest re-issues IO after a
+controller reset.
 """
 from __future__ import annotations
 
 import collections
+import queue
 import random
 import threading
 import time
@@ -42,13 +48,15 @@ class DiskIo:
         self.expected: dict[int, int] = {}  # chunk -> generation of its last completed write
         self.busy: set[int] = set()
         self.free_slots = list(range(self.max_qd))
-        self.inflight: dict[int, tuple] = {}  # tag -> (op, chunk, generation, slot, submit ns)
+        self.inflight: dict[int, list] = {}  # tag -> [op, chunk, generation, slot, submit ns, ring sequence]
         self.next_tag = 1
         self.done = collections.deque(maxlen=DONE_KEPT)  # (completion ns, latency ns, op)
         self.gaps: list[tuple[int, int]] = []  # (start, end ns): IO outstanding and none completing, > GAP_NS
         self._progress_ns = 0
         self.counters = {"submitted": 0, "completed": 0, "errors": 0, "verify_errors": 0, "duplicates": 0,
-                         "ring_full": 0}
+                         "ring_full": 0, "requeued": 0}
+        self._producer = threading.Lock()  # the request ring has one producer at a time (submitter, requeue)
+        self._requeues: queue.Queue = queue.Queue()
         self.bad_blocks: list[str] = []
         self._qd = 0
         self._stop = threading.Event()
@@ -116,15 +124,16 @@ class DiskIo:
         if op == OP_WRITE:
             self.mem.write(gpa, make_blocks(lba, self.io_blocks, generation, self.block_size))
         now = time.monotonic_ns()
-        with self.cv:
-            if not self.inflight:
-                self._progress_ns = now
-            self.inflight[tag] = (op, chunk, generation, slot, now)
-            self.counters["submitted"] += 1
-        if not self.channel.requests.push(Request(tag, op, self.io_blocks, lba, gpa).pack()):
-            with self.cv:  # cannot happen while qd < ring slots; counted, never silent
-                self.counters["ring_full"] += 1
-                self._release(tag)
+        with self._producer:
+            with self.cv:
+                if not self.inflight:
+                    self._progress_ns = now
+                self.inflight[tag] = [op, chunk, generation, slot, now, self.channel.requests.stats().tail]
+                self.counters["submitted"] += 1
+            if not self.channel.requests.push(Request(tag, op, self.io_blocks, lba, gpa).pack()):
+                with self.cv:  # cannot happen while qd < ring slots; counted, never silent
+                    self.counters["ring_full"] += 1
+                    self._release(tag)
 
     def _submit_loop(self, rate: float, qd: int, read_pct: int) -> None:
         interval = 1 / rate if rate else 0.0
@@ -159,21 +168,53 @@ class DiskIo:
         self.cv.notify_all()
         return entry
 
+    def requeue(self, popped_before: int, timeout: float = 10.0) -> int:
+        """Re-push the outstanding requests a dead worker had popped (ring sequence < `popped_before`), after
+        the completions it pushed are taken (the completion thread does it); returns how many."""
+        done, out = threading.Event(), []
+        self._requeues.put((popped_before, done, out))
+        if not done.wait(timeout):
+            raise TimeoutError(f"requeue not done within {timeout} s")
+        return out[0]
+
+    def _requeue(self, popped_before: int) -> int:
+        with self._producer:
+            with self.cv:
+                lost = sorted((e[5], tag) for tag, e in self.inflight.items() if e[5] < popped_before)
+            for _, tag in lost:
+                with self.cv:
+                    e = self.inflight[tag]
+                    e[5] = self.channel.requests.stats().tail
+                req = Request(tag, e[0], self.io_blocks, e[1] * self.io_blocks,
+                              self.channel.data_gpa + e[3] * self.io_bytes)
+                if not self.channel.requests.push(req.pack()):
+                    with self.cv:
+                        self.counters["ring_full"] += 1
+                        self._release(tag)
+            with self.cv:
+                self.counters["requeued"] += len(lost)
+        return len(lost)
+
     def _complete_loop(self) -> None:
         ring = self.channel.completions
         while not self._closing:
-            if not ring.wait(0.2):
-                continue
-            for raw in ring.pop_many(256):
-                tag, status = COMPLETION.unpack(raw)
-                self._completed(tag, status, time.monotonic_ns())
+            if ring.wait(0.2):
+                for raw in ring.pop_many(256):
+                    tag, status = COMPLETION.unpack(raw)
+                    self._completed(tag, status, time.monotonic_ns())
+                if len(ring):
+                    continue
+            while not self._requeues.empty():  # every completion pushed so far is taken
+                popped_before, done, out = self._requeues.get_nowait()
+                out.append(self._requeue(popped_before))
+                done.set()
 
     def _completed(self, tag: int, status: int, now: int) -> None:
         with self.cv:
             if tag not in self.inflight:
                 self.counters["duplicates"] += 1
                 return
-            op, chunk, generation, slot, t0 = self.inflight[tag]
+            op, chunk, generation, slot, t0 = self.inflight[tag][:5]
             if now - self._progress_ns > GAP_NS:
                 self.gaps.append((self._progress_ns, now))
             self._progress_ns = now

@@ -159,6 +159,22 @@ class GuestDisks:
                 kv(log, logging.WARNING, "no disk counters before the servicing", disk=a.disk, error=str(e))
         return out
 
+    def popped(self) -> dict[int, int]:
+        """Each disk's request-ring consumer position: what the worker had taken from the guest so far (call
+        once a worker died, before the next one runs)."""
+        return {i: ch.requests.stats().head for i, ch in enumerate(self.channels)}
+
+    def requeue(self, popped: dict[int, int]) -> None:
+        """A worker died with the requests it had popped (`popped()` taken after its death) and no saved state
+        reached its successor: each agent re-pushes those still outstanding. Never raises."""
+        for a in self._running():
+            try:
+                n = a.call("requeue", popped_before=popped[a.disk])["requeued"]
+            except DiskError as e:
+                kv(log, logging.WARNING, "disk requests could not be requeued", disk=a.disk, error=str(e))
+                continue
+            kv(log, logging.INFO, "disk requests requeued after a worker died with them", disk=a.disk, requests=n)
+
     def window(self, before: dict[int, dict], start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
         """(longest IO blackout ms, IO errors) of the servicing window over the disks whose IO ran in it
         (running at the snapshot); (None, None) when none did. Waits (at most RESUME_WAIT_S) for IO to

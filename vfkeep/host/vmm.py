@@ -181,6 +181,9 @@ class Host:
         self.block_channels: list[BlockChannel] = []
         self.guest_disks: GuestDisks | None = None
         self._temp_disks: list[str] = []  # sparse disk files this run created (removed at teardown)
+        #: Request-ring positions of the guest's disks when a worker died with the requests it had popped and
+        #: no saved state for them (DESIGN D4): the guest re-issues those once the next worker runs.
+        self._lost_requests: dict[int, int] | None = None
         self.worker: WorkerProcess | None = None
         self.configured = list(range(config.nics))
         self.generation = 0
@@ -514,14 +517,26 @@ class Host:
         kv(log, logging.ERROR, "worker died outside servicing, starting a replacement", generation=w.generation,
            pid=w.pid, exit_status=w.child.returncode)
         w.end()
+        self._lost_requests = self._disk_positions()
         new = None
         try:
             new = self.worker = self._start_worker({}, None, self.configured)
             self._publish_nics(new.start(None, BOOT_TIMEOUT_S).nics, "replacement")
+            self._requeue_lost()
         except WorkerFailed as e:
             kv(log, logging.ERROR, "replacement worker failed", error=str(e))
             if new is not None:
                 new.end()  # a hung replacement would look alive forever; dead, the next idle tick retries
+
+    def _disk_positions(self) -> dict[int, int] | None:
+        return self.guest_disks.popped() if self.guest_disks is not None else None
+
+    def _requeue_lost(self) -> None:
+        """After a worker died (or was ended) with guest disk requests and no saved state reached the worker
+        now running: the guest re-issues them (its disk agents)."""
+        lost, self._lost_requests = self._lost_requests, None
+        if lost is not None:
+            self.guest_disks.requeue(lost)
 
     # -- servicing -------------------------------------------------------------------------------
     def _phase(self, name: str) -> None:
@@ -654,6 +669,7 @@ class Host:
             self._phase("handoff")
             if saved is None:
                 old.end()
+                self._lost_requests = self._disk_positions()
             self.mem.scrub_worker_ram()
             handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
             if new is None:
@@ -678,6 +694,7 @@ class Host:
                 t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
                 if saved is not None:
                     self._retire(old, blob)
+            self._requeue_lost()
             self._phase("measure")
             if started.error:
                 errors.append(started.error)
@@ -713,6 +730,8 @@ class Host:
         for i, (cmd, state) in enumerate(attempts):
             if self._stopping.is_set():
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors)})")
+            if state is None:  # what the ended workers had taken from the guest's disks is theirs no more
+                self._lost_requests = self._disk_positions()
             try:
                 w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
                 self.worker = w
