@@ -581,7 +581,8 @@ class Host:
         except HostError as e:
             if self._servicing["number"] == self.servicings:  # it had started: say how it ended
                 self.events.publish("servicing_completed", servicing=self.servicings, status="failed", ok=False,
-                                    error=str(e), phases_ms={}, nics=[])
+                                    error=str(e), phases_ms={}, nics=[], nvme=[], io_blackout_ms=None,
+                                    io_errors=None)
             raise
         finally:
             self._servicing = None
@@ -811,7 +812,10 @@ class Host:
         self.events.publish("servicing_completed", servicing=self.servicings, status=str(result.status), ok=result.ok,
                             error=result.error, phases_ms=result.phases_ms,
                             nics=[{"pci_id": n.pci_id, "restore_path": str(n.restore_path), "reason": n.reason}
-                                  for n in result.nics])
+                                  for n in result.nics],
+                            nvme=[{"pci_id": n.pci_id, "restore_path": str(n.restore_path), "reason": n.reason}
+                                  for n in result.nvme], io_blackout_ms=result.io_blackout_ms,
+                            io_errors=result.io_errors)
         self._publish_nics(result.nics, "servicing")
         self._prune_worker_logs()
         kv(log, logging.INFO, "servicing done", status=result.status, total_ms=result.phases_ms["total"],
