@@ -62,7 +62,10 @@ def wait_io(host, more: int = 200, timeout: float = 30) -> dict:
 
 def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     wait_io(host)
-    nvme_ctl(host, "io_delay", ms=5)  # keep commands in flight at the save
+    # Commands in flight at the save (the relays stop first and what they have in flight may complete until
+    # the drivers are saved: a delay longer than that window keeps some outstanding).
+    nvme_ctl(host, "io_delay", ms=300)
+    time.sleep(0.1)
     try:
         r, log = window(host, mana_keepalive=True, nvme_keepalive=True)
     finally:
@@ -188,6 +191,13 @@ def test_a_worker_that_dies_with_guest_requests_costs_no_io_error(host):
         nvme_ctl(host, "clear_faults")
     st = wait_io(host)
     assert st["errors"] == st["duplicates"] == 0 and st["requeued"] > 0, st
+
+
+def test_require_keepalive_covers_the_nvme_controllers(host):
+    r = host.cli("service", "--run-dir", host.run_dir, "--mana-keepalive", "--require-keepalive")
+    assert r.returncode == 3 and "a100:00:00.0 (fresh: keepalive not requested)" in r.stderr, r.stderr
+    r = host.cli("service", "--run-dir", host.run_dir, "--mana-keepalive", "--nvme-keepalive", "--require-keepalive")
+    assert r.returncode == 0, r.stderr + r.stdout
 
 
 def test_every_block_verifies_after_the_servicings(host):

@@ -29,7 +29,7 @@ from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 
 #: The commands both the CLI and the console have (the console adds `help` and `quit`).
 HOST_COMMANDS = ("service", "inspect", "status", "probe", "traffic", "disk", "exec", "stop")
-#: `vfkeep service --require-keepalive` when a NIC did not take the keepalive path.
+#: `vfkeep service --require-keepalive` when a NIC or NVMe controller did not take the keepalive path.
 EXIT_NO_KEEPALIVE = 3
 
 
@@ -155,12 +155,13 @@ def _print_json(ctx: click.Context, data: Any) -> None:
               help="test hook: the worker SIGKILLs itself at this point of its save (save.*: the current worker) "
                    "or restore (restore.*: the next worker)")
 @click.option("--require-keepalive", is_flag=True,
-              help=f"exit {EXIT_NO_KEEPALIVE} unless every configured NIC took the keepalive path")
+              help=f"exit {EXIT_NO_KEEPALIVE} unless every configured NIC and NVMe controller took the keepalive path")
 def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeout, test_config, next_env,
                     next_worker_cmd, nic_list, tamper, kill_point, require_keepalive):
     """Service the paravisor: save the worker, start the next one, restore; print the servicing result.
 
-    Exit status: 0 ok or degraded, 1 failed, 2 bad usage, 3 keepalive required but not taken by every NIC."""
+    Exit status: 0 ok or degraded, 1 failed, 2 bad usage, 3 keepalive required but not taken by every NIC and
+    NVMe controller."""
     nics = None if nic_list is None else parse_nic_list(nic_list)
     result = _target(ctx, run_dir).call(
         "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
@@ -173,11 +174,15 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
     if result["status"] == "failed":
         sys.exit(1)
     if require_keepalive:
-        missed = [f"{n['pci_id']} ({n['restore_path']}: {n['reason']})" for n in result["nics"]
+        devices = [*result["nics"], *result.get("nvme", [])]
+        missed = [f"{n['pci_id']} ({n['restore_path']}: {n['reason']})" for n in devices
                   if n["restore_path"] != "keepalive"]
-        if missed or not result["mana_keepalive"]:
+        flags = [flag for flag, key, present in (("--mana-keepalive", "mana_keepalive", result["nics"]),
+                                                 ("--nvme-keepalive", "nvme_keepalive", result.get("nvme")))
+                 if (present or not devices and key == "mana_keepalive") and not result[key]]
+        if missed or flags:
             _echo(ctx, "vfkeep: service: keepalive required but not taken: "
-                  + ("; ".join(missed) if missed else "--mana-keepalive not given"), err=True)
+                  + ("; ".join(missed) if missed else f"{' and '.join(flags)} not given"), err=True)
             sys.exit(EXIT_NO_KEEPALIVE)
 
 
