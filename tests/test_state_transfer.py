@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import pytest
 
 from vfkeep import proc
-from vfkeep.contract import (MAX_CHUNK, HostCapabilities, InspectReply, Inspect, RestoreCompleted, RestoreState,
+from vfkeep.contract import (MAX_CHUNK, Channel, HostCapabilities, InspectReply, Inspect, RestoreCompleted, RestoreState,
                              RestoreStateRequest, Save, SaveState, SaveStateAnswer, Shutdown, Bye, Start, Started,
-                             TransferStatus, restore_state_messages)
+                             TransferStatus, restore_state_messages, save_state_messages)
 from vfkeep.host.worker_proc import WorkerProcess
 from vfkeep.memory import GuestMemory, MemoryLayout
 from vfkeep.memory.page_pool import PageAllocator
@@ -149,3 +150,36 @@ def test_a_refused_state_is_a_failed_save_and_the_worker_goes_on(spawn, mem):
     # ... and a later save that the host keeps works.
     done, blob = w.save(Save(HostCapabilities.MANA_KEEPALIVE, 30), 30)
     assert done.status is TransferStatus.SUCCESS and blob and w.wait_exit(30) == 0
+
+
+def test_a_worker_gone_after_sending_its_whole_state_still_hands_it_over():
+    """Kill-anywhere finding (issue 15 item 2, point `save.state_sent`): a worker killed after its last chunk,
+    before it read the host's answer, made the servicing fail (and its NICs take an FLR) whenever the host's
+    answer found the channel closed, and succeed when it did not: a race. The state is complete (the worker
+    released its devices for it), so the host keeps it either way."""
+    ours, theirs = Channel.pair()
+    blob = os.urandom(3 * MAX_CHUNK + 5)
+
+    closed = threading.Event()
+
+    def worker_killed_after_its_last_chunk():
+        theirs.recv(5)  # the save request
+        for msg in save_state_messages(blob):
+            theirs.send(msg.to_json())
+        theirs.close()
+        closed.set()
+
+    t = threading.Thread(target=worker_killed_after_its_last_chunk)
+    t.start()
+    t.join(0)
+    sleeper = proc.spawn(["sleep", "60"])
+    try:
+        w = WorkerProcess(sleeper, ours, 1, ["sleep"])
+        send = w.send
+        w.send = lambda msg: (closed.wait(5) if isinstance(msg, SaveStateAnswer) else None, send(msg))[1]
+        last, state = w.save(Save(int(HostCapabilities.MANA_KEEPALIVE)), timeout=5)
+    finally:
+        t.join(5)
+        proc.end(sleeper)
+        ours.close()
+    assert last.status is TransferStatus.SUCCESS and state == blob

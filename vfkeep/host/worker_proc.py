@@ -125,7 +125,8 @@ class WorkerProcess:
         """Ask for a save and collect the state: (the last message, the state) after SUCCESS, answered once;
         (the FAILURE message, None) when the save failed, including when the state exceeds `max_bytes`
         (answered FAILURE: the worker then reports its failed save). A chunk that breaks the protocol is
-        WorkerFailed. `timeout` (+ `grace`) bounds the whole exchange."""
+        WorkerFailed; a worker gone after its complete state is not (the state is kept). `timeout` (+ `grace`)
+        bounds the whole exchange."""
         deadline = time.monotonic() + timeout + grace
         self.send(request)
         parts: list[bytes] = []
@@ -153,7 +154,13 @@ class WorkerProcess:
                 if failed.status is not TransferStatus.FAILURE:
                     raise WorkerFailed(f"worker {self.generation} did not report the refused save as failed")
                 return failed, None
-            self.send(SaveStateAnswer(TransferStatus.SUCCESS))
+            try:
+                self.send(SaveStateAnswer(TransferStatus.SUCCESS))
+            except WorkerFailed as e:
+                # Gone after its last chunk (killed before it read the answer): the state is complete and the
+                # worker released its devices for it, so it is used, whether or not the answer got there first.
+                kv(log, logging.WARNING, "worker gone before the answer to its complete state; keeping the state",
+                   generation=self.generation, error=str(e))
             return msg, b"".join(parts)
 
     def start(self, blob: bytes | None, timeout: float) -> Started:
