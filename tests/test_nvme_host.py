@@ -79,6 +79,7 @@ def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     assert wait_io(host)["errors"] == 0
     relay = host.inspect("worker/nvme/disks/0/relay")
     assert relay["replayed"] > 0 and relay["errors"] == 0  # guest requests in flight at the save
+    assert relay["reissued_replayed"] <= relay["replayed"]  # what the guest re-issued too ran once
 
 
 def test_state_decode_shows_field_10000(host):
@@ -153,6 +154,23 @@ def test_saved_queue_pfn_outside_the_pool_takes_the_fallback(host):
     assert n["device_reset"] and n["controller_enabled"]
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
     assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+
+
+def test_an_unreadable_blob_loses_no_guest_request(host):
+    """The blob's "storvsp" units (the requests in flight at the save) are lost with it: the guest re-issues
+    what it still waits for and the controller, reset by the fallback, runs them."""
+    nvme_ctl(host, "io_delay", ms=300)
+    time.sleep(0.1)
+    try:
+        r, log = window(host, mana_keepalive=True, nvme_keepalive=True, tamper="truncate")
+    finally:
+        nvme_ctl(host, "clear_faults")
+    (n,) = r["nvme"]
+    assert n["restore_path"] == "fallback" and n["device_reset"], n
+    assert r["io_errors"] == 0
+    st = wait_io(host)
+    assert st["errors"] == st["duplicates"] == 0, st
+    assert host.inspect("worker/nvme/disks/0/relay")["replayed"] == 0
 
 
 def test_failed_save_revives_the_controller_and_replays_the_guest_requests(host):

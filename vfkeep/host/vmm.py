@@ -181,8 +181,9 @@ class Host:
         self.block_channels: list[BlockChannel] = []
         self.guest_disks: GuestDisks | None = None
         self._temp_disks: list[str] = []  # sparse disk files this run created (removed at teardown)
-        #: Request-ring positions of the guest's disks when a worker died with the requests it had popped and
-        #: no saved state for them (DESIGN D4): the guest re-issues those once the next worker runs.
+        #: Request-ring positions of the guest's disks when a worker stopped taking requests (saved, died or
+        #: ended): once the next worker runs the guest re-issues the ones it still waits for, so none is lost
+        #: whether or not a saved state carried them (the next relay ignores those it replays itself).
         self._lost_requests: dict[int, int] | None = None
         self.worker: WorkerProcess | None = None
         self.configured = list(range(config.nics))
@@ -532,8 +533,8 @@ class Host:
         return self.guest_disks.popped() if self.guest_disks is not None else None
 
     def _requeue_lost(self) -> None:
-        """After a worker died (or was ended) with guest disk requests and no saved state reached the worker
-        now running: the guest re-issues them (its disk agents)."""
+        """After a worker stopped with guest disk requests in flight (its save, its death) and the next one
+        runs: the guest re-issues them (its disk agents)."""
         lost, self._lost_requests = self._lost_requests, None
         if lost is not None:
             self.guest_disks.requeue(lost)
@@ -644,6 +645,8 @@ class Host:
                            kill_point if kill_point in kill_points.SAVE_POINTS else None)
             try:
                 saved, blob = old.save(request, timeout_s, grace=1.0)
+                if saved.status is TransferStatus.SUCCESS:  # its relays stopped before it saved
+                    self._lost_requests = self._disk_positions()
             except WorkerFailed as e:
                 errors.append(f"save: {e}")
                 kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
@@ -731,8 +734,7 @@ class Host:
         for i, (cmd, state) in enumerate(attempts):
             if self._stopping.is_set():
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors)})")
-            if state is None:  # what the ended workers had taken from the guest's disks is theirs no more
-                self._lost_requests = self._disk_positions()
+            self._lost_requests = self._disk_positions()  # what the ended workers had taken is theirs no more
             try:
                 w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
                 self.worker = w

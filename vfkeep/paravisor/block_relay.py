@@ -11,8 +11,10 @@ its completions), `inflight()` is what the guest is still waiting for — saved 
 unit. The next worker's relay `start(replay=...)`s: it waits until the restored NVMe commands drained
 (so no replayed request reaches the controller before the pre-save one it repeats has finished), then
 re-issues each saved request and goes on with the ring. Every request is completed to the guest exactly
-once: completions of pre-save commands went nowhere (their requester was the old process), and a
-replayed write rewrites the same data from the same guest pages.
+once: completions of pre-save commands went nowhere (their requester was the old process), a replayed
+write rewrites the same data from the same guest pages, and a request the guest re-issued after the
+handover (the host has it re-issue what it still waits for, in case no saved state carried it) is
+dropped when the relay replays it itself.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ class BlockRelay:
         self._stop = threading.Event()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: threading.Thread | None = None
-        self.counters = {"requests": 0, "completed": 0, "errors": 0, "refused": 0, "replayed": 0}
+        self.counters = {"requests": 0, "completed": 0, "errors": 0, "refused": 0, "replayed": 0,
+                         "reissued_replayed": 0}
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self, replay: list[Request] = ()) -> None:
@@ -99,6 +102,7 @@ class BlockRelay:
 
     # -- the relay thread ---------------------------------------------------------------------------
     def _run(self, replay: list[Request]) -> None:
+        replayed = {req.tag for req in replay}
         if replay:
             if not self.driver.wait_drained(DRAIN_TIMEOUT_S):
                 kv(log, logging.ERROR, "restored commands did not drain; replaying anyway", pci_id=self.pci_id)
@@ -112,7 +116,12 @@ class BlockRelay:
         poller.register(self._wakeup, select.POLLIN)
         while not self._stop.is_set():
             for raw in ring.pop_many(BATCH):
-                self._submit(Request.unpack(raw))
+                req = Request.unpack(raw)
+                if req.tag in replayed:  # the guest re-issued a request this relay replays: completed once
+                    replayed.discard(req.tag)
+                    self.counters["reissued_replayed"] += 1
+                    continue
+                self._submit(req)
             if not len(ring):
                 poller.poll(500)  # the doorbell is consumed after the poll: a ring in between is not lost
                 ring.doorbell.clear()
