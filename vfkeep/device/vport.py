@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import itertools
+import operator
 
 from vfkeep.gdma.constants import (
     CQE_INVALID,
@@ -156,7 +158,6 @@ class Vport:
         if not self.running or self.sq is None:
             return
         dev, sq, cq = self.dev, self.sq, self.tx_cq
-        counters = dev.counters
         try:
             wqes = sq.take_many(sq.mem.size, _TX_OOB_LONG)
         except DmaFault:
@@ -165,10 +166,22 @@ class Vport:
         if not wqes:
             return
         win = DmaWindow(dev.dma)
-        frames = []
         params = cq.params(sq.id, True)
         ok = codec.CQE.pack(_TX_COMPLETIONS[CQE_TX_OKAY], params)
         cqes = [ok] * len(wqes)
+        frames = _gather_run(wqes, win)
+        if frames is None:
+            frames = self._tx_frames(wqes, win, cqes, params)
+        try:
+            cq.post_many(b"".join(cqes))
+        except DmaFault:
+            dev.dma_fault("CQ", cq.id, len(wqes))
+        if frames:
+            dev.transmit_many(self, frames)
+
+    def _tx_frames(self, wqes: list[FetchedWqe], win: DmaWindow, cqes: list[bytes], params: int) -> list[bytes]:
+        """The frames of a batch WQE by WQE; an error completion replaces the OK one in `cqes`."""
+        frames = []
         for i, wqe in enumerate(wqes):
             sges = wqe[2]
             if len(sges) == 1 and not (wqe[3] or wqe[4]):  # the common WQE: one buffer, short OOB
@@ -178,16 +191,11 @@ class Vport:
                     continue
             result = self._tx_frame(wqe, win)
             if isinstance(result, int):
-                counters["tx_errors"] += 1
+                self.dev.counters["tx_errors"] += 1
                 cqes[i] = codec.CQE.pack(_TX_COMPLETIONS[result], params)
             else:
                 frames.append(result)
-        try:
-            cq.post_many(b"".join(cqes))
-        except DmaFault:
-            dev.dma_fault("CQ", cq.id, len(wqes))
-        if frames:
-            dev.transmit_many(self, frames)
+        return frames
 
     def _tx_frame(self, wqe: FetchedWqe, win: DmaWindow) -> bytes | int:
         """The frame of one send WQE, or the error completion type."""
@@ -262,7 +270,8 @@ class Vport:
         pack = codec.RX_CQE.pack
         cqes = []
         delivered = []
-        for frame in frames:
+        done = self._receive_run(frames, win, params, cqes, delivered)
+        for frame in frames[done:] if done else frames:
             while True:  # the oldest usable receive WQE; malformed ones are completed with an error
                 if not posted:
                     self.fetch_rx()
@@ -301,6 +310,38 @@ class Vport:
         cq.post_many(b"".join(cqes))  # reachable: checked above, and nothing unmaps memory during a batch
         dev.count_frames("in", delivered)
 
+    def _receive_run(self, frames: list[bytes], win: DmaWindow, params: int, cqes: list[bytes],
+                     delivered: list[bytes]) -> int:
+        """The common case of `receive_many` without a step per frame in Python: the oldest posted WQEs are
+        well formed with one buffer each that the frame fits in, all in one DMA mapping. Fills as many frames
+        as such WQEs are posted (appending their completions and the frames); 0 if the first ones are not
+        like that (the caller then goes frame by frame)."""
+        posted = self.posted
+        k = min(len(frames), len(posted))
+        if k < 2:
+            return 0
+        positions, errors, sges, _, _ = zip(*itertools.islice(posted, k))
+        if errors.count(None) != k or set(map(len, sges)) != {1}:
+            return 0
+        addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+        frames = frames[:k]
+        lengths = list(map(len, frames))
+        if not all(map(operator.ge, sizes, lengths)) or max(lengths) > MAX_FRAME:
+            return 0
+        low = min(addresses)
+        try:
+            buf = win.view(low, max(map(operator.add, addresses, lengths)) - low)
+        except DmaFault:
+            return 0
+        for address, length, frame in zip(addresses, lengths, frames):
+            o = address - low
+            buf[o:o + length] = frame
+        for _ in range(k):
+            posted.popleft()
+        cqes += map(codec.RX_CQE.pack, itertools.repeat(_RX_OK, k), lengths, positions, itertools.repeat(params, k))
+        delivered += frames
+        return k
+
     def inspect(self) -> dict:
         def q(x):
             return x.inspect() if x is not None else None
@@ -313,6 +354,25 @@ class Vport:
 
 
 __all__ = ["Vport", "rx_cqe_header", "vlan_tag", "MAX_FRAME", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
+
+
+def _gather_run(wqes: list[FetchedWqe], win: DmaWindow) -> list[bytes] | None:
+    """The frames of a batch of send WQEs that are all the common kind — well formed, one buffer, no OOB to
+    act on, at most `MAX_FRAME` bytes, all in one DMA mapping — copied out without a step per WQE in Python
+    beyond the copy; None if any is not (the caller then goes WQE by WQE)."""
+    _, errors, sges, in_sgl, oobs = zip(*wqes)
+    n = len(wqes)
+    if errors.count(None) != n or in_sgl.count(0) != n or oobs.count(b"") != n or set(map(len, sges)) != {1}:
+        return None
+    addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+    if max(sizes) > MAX_FRAME:
+        return None
+    low = min(addresses)
+    try:
+        buf = win.view(low, max(map(operator.add, addresses, sizes)) - low)
+    except DmaFault:
+        return None
+    return [bytes(buf[a - low:a - low + size]) for a, size in zip(addresses, sizes)]
 
 
 def _scatter(win: DmaWindow, sges: list[tuple[int, int]], frame: bytes) -> int:
