@@ -14,7 +14,8 @@ highest delivered rate with under 0.1 % loss (`max_lossless_fps_64`, `max_lossle
 1500 B its Mbit/s (`mbit_s_1500`); the previous path's are the same keys with `previous_` in front.
 Then per path: frames lost across keepalive servicings (HWC kept, vport queues recreated) at 10k, 50k and
 100k frames/s (`keepalive_servicing`), across data-path keepalive servicings (`--datapath-keepalive`, the
-vport's queues and buffers kept too) at 50k frames/s (`datapath_keepalive_servicing`), and the CPU an idle
+vport's queues and buffers kept too) at 50k frames/s (`datapath_keepalive_servicing`; with the host's default
+4096-slot guest rings and with 16384-slot ones, which hold a loaded machine's blackout), and the CPU an idle
 device, worker and agent use (`idle_cpu_percent`). The load average is recorded before and
 after each path: the machine may be shared. Everything on the path is Python processes, so this measures
 the model, not a NIC. Results: results/throughput.json, results/throughput.png.
@@ -43,6 +44,9 @@ RATES = (10000, 20000, 30000, 40000, 60000, 80000, 100000, 120000, 150000, 20000
 LOSSLESS = 0.001
 SERVICE_RATES = (10000, 50000, 100000)
 DATAPATH_SERVICE_RATES = (50000,)
+#: The host's default guest rings (82 ms at 50k frames/s), and rings that hold a blackout of a loaded machine.
+DEFAULT_RING_SLOTS = 4096
+DATAPATH_SERVICE_RING_SLOTS = (DEFAULT_RING_SLOTS, 16384)
 IDLE_S = 5.0
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -121,24 +125,25 @@ def sweep(host: TrafficHost, procs: Processes, size: int, rates: list[float], se
     return rows
 
 
-def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], servicings: int,
-                     datapath: bool) -> list[dict]:
+def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], servicings: int, datapath: bool,
+                     ring_slots: int = DEFAULT_RING_SLOTS) -> list[dict]:
     """Frames lost and blackout per keepalive servicing, per offered rate: on a host whose workers keep the
     vport's data path (`datapath`, DESIGN D7: `--datapath-keepalive`), or one whose vport queues are destroyed
-    and recreated (the HWC kept, as OpenHCL)."""
+    and recreated (the HWC kept, as OpenHCL); guest rings of `ring_slots` slots."""
     out = []
     args = ("--datapath-keepalive",) if datapath else ()
-    with TrafficHost.running(1, True, timing_from("natural"), *args, code_dir=code_dir) as host:
+    with TrafficHost.running(1, True, timing_from("natural"), *args, "--ring-slots", str(ring_slots),
+                             code_dir=code_dir) as host:
         for rate in rates:
             host.run_traffic(rate, 64, warmup_s=0.5)
             results = [host.service_measured("keepalive") for _ in range(servicings)]
-            row = {"offered_fps": rate, "frame_bytes": 64, "datapath_kept": datapath,
+            row = {"offered_fps": rate, "frame_bytes": 64, "datapath_kept": datapath, "ring_slots": ring_slots,
                    "frames_lost": [r["frames_lost"] for r in results],
                    "blackout_ms": summary([r["blackout_ms"] for r in results]),
                    "loadavg_1m": round(os.getloadavg()[0], 2)}
             out.append(row)
-            print(f"  {'data-path ' if datapath else ''}keepalive servicing at {rate:>7}/s: frames lost "
-                  f"{row['frames_lost']} blackout median {row['blackout_ms']['median']:.1f} ms", flush=True)
+            print(f"  {'data-path ' if datapath else ''}keepalive servicing at {rate:>7}/s, {ring_slots}-slot rings: "
+                  f"frames lost {row['frames_lost']} blackout median {row['blackout_ms']['median']:.1f} ms", flush=True)
         host.traffic("stop")
     return out
 
@@ -157,7 +162,8 @@ def run_path(name: str, code_dir: pathlib.Path | None, rates: list[float], secon
         idle = procs.percent()
         print(f"  idle cpu % {idle}", flush=True)
     service = servicing_losses(code_dir, SERVICE_RATES, servicings, datapath=False) if servicings else []
-    kept = servicing_losses(code_dir, DATAPATH_SERVICE_RATES, servicings, datapath=True) if servicings else []
+    kept = [row for slots in DATAPATH_SERVICE_RING_SLOTS
+            for row in servicing_losses(code_dir, DATAPATH_SERVICE_RATES, servicings, True, slots)] if servicings else []
     out: dict = {"code": str(code_dir) if code_dir else "this checkout", "rows": rows, "idle_cpu_percent": idle,
                  "keepalive_servicing": service, "datapath_keepalive_servicing": kept,
                  "loadavg_before": [round(x, 2) for x in load_before],
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
               "previous_rev": None if args.previous == "none" else args.previous, "paths": paths}
     for name, p in paths.items():
         p["keepalive_lost"] = {str(r["offered_fps"]): r["frames_lost"] for r in p["keepalive_servicing"]}
-        p["datapath_keepalive_lost"] = {str(r["offered_fps"]): r["frames_lost"]
+        p["datapath_keepalive_lost"] = {f"{r['offered_fps']}/s, {r['ring_slots']} slots": r["frames_lost"]
                                         for r in p["datapath_keepalive_servicing"]}
     for key in ("max_lossless_fps_64", "max_lossless_fps_1500", "mbit_s_1500", "keepalive_lost",
                 "datapath_keepalive_lost", "idle_cpu_percent"):
