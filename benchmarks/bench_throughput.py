@@ -40,7 +40,7 @@ from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 #: main before issue 16 (batched data path): the "previous" path of the side-by-side comparison.
 PREVIOUS_DATAPATH = "5b26661"
 SIZES = (64, 1500)
-RATES = (10000, 20000, 30000, 40000, 60000, 80000, 100000, 120000, 150000, 200000)
+RATES = (2500, 5000, 10000, 20000, 30000, 40000, 60000, 80000, 100000, 120000, 150000, 200000)
 LOSSLESS = 0.001
 SERVICE_RATES = (10000, 50000, 100000)
 DATAPATH_SERVICE_RATES = (50000,)

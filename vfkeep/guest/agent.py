@@ -57,7 +57,7 @@ MAX_RATE = 1_000_000
 MAX_LOST_SEQS = 1000
 RX_BATCH = 512
 #: Per wake-up the sender sends about this much time's worth of frames (Python cannot wake every 20 us).
-BURST_NS = 1_000_000
+BURST_NS = 2_000_000
 #: Tokens saved up while the sender could not run are capped at this much time's worth of frames (and at
 #: half the ring), so a scheduling hiccup does not turn into a burst that overflows the ring by itself.
 MAX_CATCH_UP_NS = 10_000_000
