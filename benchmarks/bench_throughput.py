@@ -12,7 +12,9 @@ host (natural timing, loopback backend, one NIC); the guest traffic agent offers
 Mbit/s delivered, loss, RTT, and the CPU each process used (device, worker, agent). Per path and size: the
 highest delivered rate with under 0.1 % loss (`max_lossless_fps_64`, `max_lossless_fps_1500`), and at
 1500 B its Mbit/s (`mbit_s_1500`); the previous path's are the same keys with `previous_` in front.
-Then per path: frames lost across keepalive servicings (HWC kept, vport queues recreated) at 10k, 50k and
+Then per path: frames lost (never delivered, counted once the backlog has drained; the servicing result's own
+count, frames not back within 200 ms, is kept as `not_back_in_200ms`) across keepalive servicings (HWC kept,
+vport queues recreated) at 10k, 50k and
 100k frames/s (`keepalive_servicing`), across data-path keepalive servicings (`--datapath-keepalive`, the
 vport's queues and buffers kept too) at 50k frames/s (`datapath_keepalive_servicing`; with the host's default
 4096-slot guest rings and with 16384-slot ones, which hold a loaded machine's blackout), and the CPU an idle
@@ -136,16 +138,29 @@ def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], serv
                              code_dir=code_dir) as host:
         for rate in rates:
             host.run_traffic(rate, 64, warmup_s=0.5)
-            results = [host.service_measured("keepalive") for _ in range(servicings)]
-            row = {"offered_fps": rate, "frame_bytes": 64, "datapath_kept": datapath, "ring_slots": ring_slots,
-                   "frames_lost": [r["frames_lost"] for r in results],
-                   "blackout_ms": summary([r["blackout_ms"] for r in results]),
+            results = [servicing_counted(host) for _ in range(servicings)]
+            row = {"offered_fps": rate, "frames_lost": [s["frames_lost"] for _, s in results],
+                   "lost_tx_ring_full": [s["lost_tx_ring_full"] for _, s in results],
+                   "not_back_in_200ms": [r["frames_lost"] for r, _ in results],
+                   "frame_bytes": 64, "datapath_kept": datapath, "ring_slots": ring_slots,
+                   "blackout_ms": summary([r["blackout_ms"] for r, _ in results]),
                    "loadavg_1m": round(os.getloadavg()[0], 2)}
             out.append(row)
             print(f"  {'data-path ' if datapath else ''}keepalive servicing at {rate:>7}/s, {ring_slots}-slot rings: "
-                  f"frames lost {row['frames_lost']} blackout median {row['blackout_ms']['median']:.1f} ms", flush=True)
+                  f"frames lost {row['frames_lost']} (tx ring full {row['lost_tx_ring_full']}; not back within 200 ms "
+                  f"{row['not_back_in_200ms']}) blackout median {row['blackout_ms']['median']:.1f} ms", flush=True)
         host.traffic("stop")
     return out
+
+
+def servicing_counted(host: TrafficHost) -> tuple[dict, dict]:
+    """One keepalive servicing: its result (whose `frames_lost` counts what had not come back 200 ms after the
+    window, late frames included) and, once the backlog has drained, the window's frames that never came back
+    (the agent's stats with a 2 s settle; `lost_tx_ring_full` of them refused by the full guest ring)."""
+    result = host.service_measured("keepalive")
+    (window,) = host.traffic("status")["last_servicing"]
+    (stats,) = host.traffic("stats", since_ns=window["start_ns"], until_ns=window["end_ns"], settle_ms=2000)["nics"]
+    return result, stats
 
 
 def run_path(name: str, code_dir: pathlib.Path | None, rates: list[float], seconds: float, servicings: int) -> dict:
