@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo demo-net test install proto bench clean deps-net fuzz fuzz-ci
+.PHONY: demo demo-net test install proto bench clean deps-net fuzz fuzz-ci mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -47,6 +47,10 @@ deps-net:
 # Regenerate the committed protobuf modules from vfkeep/proto/*.proto.
 proto: $(TSTAMP)
 	$(PY) -m vfkeep.proto.generate
+
+# Do the tests bite? Named breaks of critical behaviours, one at a time on a copy of the tree (tests/mutation.py).
+mutation: $(TSTAMP)
+	$(PY) tests/mutation.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

@@ -12,6 +12,8 @@ import select
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from vfkeep.gdma.constants import PAGE_SIZE
+
 from .errors import NoDmaClient
 
 if TYPE_CHECKING:
@@ -19,7 +21,9 @@ if TYPE_CHECKING:
 
 
 class DmaBuffer(Protocol):
-    """Contiguous, zeroed DMA memory; pages return only through `free()` (`vfkeep.memory.MemoryBlock`)."""
+    """Zeroed DMA memory: `view` is contiguous for the driver, `pfns` its pages in order, which need not be
+    consecutive (`vfkeep.memory.MemoryBlock`'s are; `base_pfn`/`gpa` are those of byte 0); pages return
+    only through `free()`."""
 
     base_pfn: int
     pages: int
@@ -30,6 +34,35 @@ class DmaBuffer(Protocol):
     persistent: bool
 
     def free(self) -> None: ...
+
+
+def _consecutive(pfns: list[int], first: int, last: int) -> bool:
+    return all(pfns[i + 1] == pfns[i] + 1 for i in range(first, last))
+
+
+def contiguous(block: DmaBuffer) -> bool:
+    """All pages of `block` are physically consecutive (what a saved state's base pfn + length can name)."""
+    pfns = block.pfns
+    return _consecutive(pfns, 0, len(pfns) - 1)
+
+
+def buffer_addresses(block: DmaBuffer, size: int, count: int, start: int = 0) -> list[int]:
+    """Device addresses of `count` ranges of `size` bytes laid end to end in `block` from byte `start`. A
+    block's pages need not be consecutive (the device learns queue memory as a page list, gdma spec 9.11), but
+    a range handed to the device as one address (an SGE) must be: ValueError otherwise."""
+    pfns = block.pfns
+    out = []
+    for offset in range(start, start + count * size, size):
+        first, last = offset // PAGE_SIZE, (offset + size - 1) // PAGE_SIZE
+        if not _consecutive(pfns, first, last):
+            raise ValueError(f"bytes [{offset}, {offset + size}) of a block cross non-consecutive pages")
+        out.append(pfns[first] * PAGE_SIZE + offset % PAGE_SIZE)
+    return out
+
+
+def dma_address(block: DmaBuffer, offset: int, length: int) -> int:
+    """Device address of bytes [offset, offset + length) of `block` (see `buffer_addresses`)."""
+    return buffer_addresses(block, length, 1, offset)[0]
 
 
 class DmaClient(Protocol):

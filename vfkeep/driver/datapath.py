@@ -23,7 +23,7 @@ from vfkeep.gdma.queues import Cqe, Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DmaBuffer
+from .backing import DmaBuffer, buffer_addresses
 from .errors import BadFrame, DeviceMissing, VportError
 from .gdma_driver import ALL_ONES32
 from .queues import CQE_SIZE, EQE_SIZE, CqEq, DoorbellPage, Wq
@@ -136,10 +136,11 @@ class VportDataPath:
         else:
             oob = ManaTxOob(s_oob=s_oob, l_oob=ManaTxLongOob(long_vp_offset=tx_vport_offset))
         header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=code))
+        addresses = buffer_addresses(buffers, self.max_frame, self._tx_nbuf) if write else []
         for pos in range(positions if write else 0):
             wqe = wqe_type.from_buffer(self._sq.mem, pos * self._tx_wqe_len)
             wqe.oob = oob
-            wqe.sge = Sge(address=buffers.gpa + (pos % self._tx_nbuf) * self.max_frame, mem_key=self.gdma.gpa_mkey)
+            wqe.sge = Sge(address=addresses[pos % self._tx_nbuf], mem_key=self.gdma.gpa_mkey)
             wqe.header = header
         self._tx_size_at = wqe_type.sge.offset + codec.SGE_SIZE_AT  # the one field a send rewrites
         self._tx_positions_mask = positions - 1
@@ -152,10 +153,10 @@ class VportDataPath:
         positions = self._rq.size // self._rx_wqe_len
         self._rx_view = buffers.view
         header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=CLIENT_OOB_8))
+        addresses = buffer_addresses(buffers, self.max_frame, self._rx_nbuf) if write else []
         for pos in range(positions if write else 0):
             wqe = ManaRxWqeOneSge.from_buffer(self._rq.mem, pos * self._rx_wqe_len)
-            wqe.sge = Sge(address=buffers.gpa + (pos % self._rx_nbuf) * self.max_frame, mem_key=self.gdma.gpa_mkey,
-                          size=self.max_frame)
+            wqe.sge = Sge(address=addresses[pos % self._rx_nbuf], mem_key=self.gdma.gpa_mkey, size=self.max_frame)
             wqe.header = header
         self._rx_done = 0
         self._rx_cq_words, self._rx_cq_halves = self._rx_cq.mem.cast("I"), self._rx_cq.mem.cast("H")

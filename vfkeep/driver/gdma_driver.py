@@ -44,7 +44,7 @@ from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaR
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DeviceBacking, DmaBuffer, Interrupts
+from .backing import DeviceBacking, DmaBuffer, Interrupts, contiguous, dma_address
 from .errors import (DEVICE_ERRORS, BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout,
                      ResetRequestPending, SaveFailed, SaveRefusedHwcFailure, SaveRefusedResetPending, SmcError)
 from .queues import U32, CqEq, DoorbellPage, Wq
@@ -131,6 +131,9 @@ class GdmaDriver:
         page = hwc_mem.view
         self._req_page = page[DRV_HWC_REQUEST_PAGE * PAGE_SIZE:(DRV_HWC_REQUEST_PAGE + 1) * PAGE_SIZE]
         self._resp_page = page[DRV_HWC_RESPONSE_PAGE * PAGE_SIZE:(DRV_HWC_RESPONSE_PAGE + 1) * PAGE_SIZE]
+        # Each of the six pages is addressed on its own: the buffer's pages need not be consecutive.
+        self._req_addr = dma_address(hwc_mem, DRV_HWC_REQUEST_PAGE * PAGE_SIZE, PAGE_SIZE)
+        self._resp_addr = dma_address(hwc_mem, DRV_HWC_RESPONSE_PAGE * PAGE_SIZE, PAGE_SIZE)
         self.hwc: HwcQueues | None = None
         self.established = False  # the device has an HWC on this buffer
         self.db_id = 0
@@ -303,7 +306,7 @@ class GdmaDriver:
         """One 32-byte receive WQE whose SGE covers the response page (gdma spec 7.4)."""
         wqe = HwcRecvWqe()
         wqe.header.params = WqeParams.from_int(DRV_HWC_RWQE_PARAMS)
-        wqe.sge = Sge(address=self.hwc_mem.gpa + DRV_HWC_RESPONSE_PAGE * PAGE_SIZE, mem_key=self.gpa_mkey,
+        wqe.sge = Sge(address=self._resp_addr, mem_key=self.gpa_mkey,
                       size=PAGE_SIZE)
         self.hwc.rq.write(wqe.to_bytes())
         self.hwc.rq.commit(num_rwqe=1)
@@ -430,7 +433,7 @@ class GdmaDriver:
             wqe.header.params = WqeParams.from_int(DRV_HWC_SWQE_PARAMS)
             wqe.oob.flags3.vscq_id = hwc.cq.id
             wqe.oob.flags4.vsq_id = hwc.sq.id
-            wqe.sge = Sge(address=self.hwc_mem.gpa + DRV_HWC_REQUEST_PAGE * PAGE_SIZE, mem_key=self.gpa_mkey,
+            wqe.sge = Sge(address=self._req_addr, mem_key=self.gpa_mkey,
                           size=len(req))
             if hwc.sq.available < DRV_HWC_SWQE_SIZE or hwc.rq.in_flight < RWQE_SIZE:
                 self.hwc_failure = True
@@ -659,6 +662,8 @@ class GdmaDriver:
                 raise SaveRefusedHwcFailure("cannot save/restore after HWC failure")
             if not self.hwc_mem.persistent:
                 raise SaveFailed(f"HWC buffer at pfn {self.hwc_mem.base_pfn} is not from the private pool")
+            if not contiguous(self.hwc_mem):  # the saved state names it by base pfn and length
+                raise SaveFailed(f"HWC buffer at pfn {self.hwc_mem.base_pfn} is not on consecutive pages")
 
     def save(self) -> mana_driver_pb2.GdmaDriverSavedState:
         """Everything a new driver needs to re-attach to this HWC (servicing spec 7.2). Refused (`SaveFailed`

@@ -23,9 +23,9 @@ from vfkeep import kill_points
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DmaBuffer
+from .backing import DmaBuffer, contiguous
 from .datapath import VportDataPath, VportQueues, VportStats, buffer_counts
-from .errors import DEVICE_ERRORS, VportError
+from .errors import DEVICE_ERRORS, SaveFailed, VportError
 from .queues import CqEq, DoorbellPage, Wq, is_power_of_two
 
 if TYPE_CHECKING:
@@ -188,6 +188,8 @@ class Vport:
         closed for this driver, and `release_kept()` returns its pool blocks (the device keeps using them: a
         pool snapshot taken before holds them for the next driver)."""
         self._check_open()
+        if not all(contiguous(b) for b in self._blocks):  # the saved state names blocks by base pfn and length
+            raise SaveFailed(f"vport {self.index} has queue memory on non-consecutive pages")
         state = mana_driver_pb2.VportSavedState(
             vport_index=self.index, vport_handle=self.handle, tx_vport_offset=self.tx_vport_offset,
             mac=int.from_bytes(self.mac, "big"), vector=self.vector, tx_wq_obj=self._tx_obj, rx_wq_obj=self._rx_obj,
