@@ -165,6 +165,7 @@ def copy_tree(dest: pathlib.Path) -> None:
 def run_tests(tree: pathlib.Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
     """pytest on `tests` inside `tree` (its `vfkeep` first on the path); (returncode, last lines)."""
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    env.pop("VFKEEP_SUITE_TMPDIR", None)  # run from the suite: the child session checks a temp dir of its own
     try:
         p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
                            cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
