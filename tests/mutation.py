@@ -90,6 +90,11 @@ MUTANTS = [
            "if resp.response.msg_size < body_size:", "if False:", HOSTILE),
     Mutant("driver: REGISTER_DEVICE doorbell page not checked", "vfkeep/driver/gdma_driver.py",
            "if resp.db_id >= self.layout.db_page_count:", "if False:", HOSTILE),
+    Mutant("driver: stray event during bring-up ignored", "vfkeep/driver/gdma_driver.py",
+           'raise BringUpError(f"unexpected event type {kind} during HWC bring-up")', "pass", HOSTILE),
+    Mutant("driver: RX completion longer than its buffer handed up", "vfkeep/driver/datapath.py",
+           "if header & _CQE_TYPE == CQE_RX_OKAY and length <= bs:", "if header & _CQE_TYPE == CQE_RX_OKAY:",
+           HOSTILE),
     # queue memory on non-consecutive pages
     Mutant("driver: HWC response page addressed as buffer base + offset", "vfkeep/driver/gdma_driver.py",
            "self._resp_addr = dma_address(hwc_mem, DRV_HWC_RESPONSE_PAGE * PAGE_SIZE, PAGE_SIZE)",

@@ -4,6 +4,8 @@ handle closed), and once the device behaves the VF manager's fresh init brings t
 (issue 15 item 4)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from driver_helpers import InProcessBench, loopback, numbered_frames
@@ -29,16 +31,20 @@ CHECKS = [  # mode, typed error, words of its message
     ("register_doorbell_out_of_range", BringUpError, "REGISTER_DEVICE gave doorbell page 1000"),
     ("protocol_version", BringUpError, "device speaks gdma protocol"),
     ("short_response", HwcFailure, "is shorter than the"),
+    ("bringup_stray_event", BringUpError, "unexpected event type 64 during HWC bring-up"),
+    ("init_done_missing", BringUpError, "HWC init events incomplete after 200 ms"),
+    ("no_mana_device", BringUpError, "LIST_DEVICES reports no MANA device"),
 ]
 
 
 def test_every_mode_has_its_check():
-    assert sorted(m for m, _, _ in CHECKS) == sorted(MODES)
+    assert sorted([m for m, _, _ in CHECKS] + ["rx_len_overstated"]) == sorted(MODES)
 
 
 @pytest.mark.parametrize("mode,error,match", CHECKS, ids=[c[0] for c in CHECKS])
 def test_driver_check_fires_and_ends_clean(mem, monkeypatch, mode, error, match):
     monkeypatch.setattr(gdma_driver, "HWC_POLL_TIMEOUT_IN_MS", 100)  # the SMC timeout, 10 s by the spec
+    monkeypatch.setattr(gdma_driver, "HWC_TIMEOUT_DEFAULT_IN_MS", 200)  # bring-up events and requests, 10 s
     bench = InProcessBench(mem)
     dma = DmaManager(mem)
     try:
@@ -55,6 +61,24 @@ def test_driver_check_fires_and_ends_clean(mem, monkeypatch, mode, error, match)
         assert dma.inspect()["worker_ram"]["allocated_pages"] == 0
     finally:
         bench.device.close()
+
+
+def test_rx_completion_longer_than_its_buffer_is_an_error(mem):
+    """A receive completion whose length exceeds the posted buffer: the driver counts an RX error and hands
+    nothing up (reading past the buffer would give the guest another frame's bytes)."""
+    bench = InProcessBench(mem)
+    dev = ManaDevice.new(bench.connect(DmaManager(mem), "nic0"), "nic0")
+    data = dev.open_vport(0).data
+    COMMANDS["hostile"](bench.device, mode="rx_len_overstated")
+    assert data.send(numbered_frames(20)) == 20
+    deadline = time.monotonic() + 5
+    while data.stats.rx_errors < 20 and time.monotonic() < deadline:
+        assert data.receive(64, timeout=0.05) == []
+    assert (data.stats.rx_errors, data.stats.rx_frames) == (20, 0)
+    COMMANDS["hostile"](bench.device, mode="rx_len_overstated", on=False)
+    assert len(loopback(dev.vports[0], numbered_frames(20))) == 20
+    dev.shutdown()
+    bench.device.close()
 
 
 def test_unknown_mode_is_refused(mem):

@@ -15,6 +15,10 @@ test can watch each check fire and the driver end with its typed error and nothi
 | `register_doorbell_out_of_range` | REGISTER_DEVICE gives doorbell page 1000 | `BringUpError` |
 | `protocol_version` | VERIFY_VF_DRIVER_VERSION answers a protocol the driver did not offer | `BringUpError` |
 | `short_response` | HWC responses declare (and carry) half their body | `HwcFailure` |
+| `bringup_stray_event` | a test event among the bring-up events | `BringUpError` |
+| `init_done_missing` | no INIT_DONE after the bring-up events | `BringUpError` (timeout) |
+| `no_mana_device` | LIST_DEVICES names only the HWC | `BringUpError` |
+| `rx_len_overstated` | RX completions claim 4096 bytes more than the frame | the frame is an RX error, never handed up |
 
 Modes are set on the core (`GdmaDevice.hostile`, control command `hostile`), survive an FLR like fault
 rules do, and are off by default: the emulator is faithful unless a test asks otherwise.
@@ -26,7 +30,8 @@ from vfkeep.gdma.regs import RegMap
 
 MODES = ("regmap_smc_size", "regmap_smc_outside_bar0", "regmap_db_page_size", "regmap_all_ones", "smc_silent",
          "smc_pf_owned", "hwc_doorbell_out_of_range", "init_event_missing", "register_doorbell_out_of_range",
-         "protocol_version", "short_response")
+         "protocol_version", "short_response", "bringup_stray_event", "init_done_missing", "no_mana_device",
+         "rx_len_overstated")
 BAD_DOORBELL_PAGE = 1000
 
 

@@ -44,6 +44,7 @@ from vfkeep.gdma.constants import (
     GDMA_EQE_HWC_INIT_DATA,
     GDMA_EQE_HWC_INIT_DONE,
     GDMA_EQE_HWC_INIT_EQ_ID_DB,
+    GDMA_EQE_TEST_EVENT,
     HWC_INIT_DATA_CQID,
     HWC_INIT_DATA_GPA_MKEY,
     HWC_INIT_DATA_MAX_NUM_CQS,
@@ -90,7 +91,10 @@ class Hwc:
             if ty == HWC_INIT_DATA_GPA_MKEY and "init_event_missing" in hostile:
                 continue
             eq.post(GDMA_EQE_HWC_INIT_DATA, HwcInitTypeData(value=value, ty=ty).to_bytes())
-        eq.post(GDMA_EQE_HWC_INIT_DONE)
+        if "bringup_stray_event" in hostile:
+            eq.post(GDMA_EQE_TEST_EVENT)
+        if "init_done_missing" not in hostile:
+            eq.post(GDMA_EQE_HWC_INIT_DONE)
 
     def doorbell(self) -> None:
         """SQ or RQ doorbell: serve while both a request and a response buffer are posted."""

@@ -171,6 +171,10 @@ def query_max_resources(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
 
 
 def list_devices(dev, hdr: GdmaReqHdr, body: bytes) -> bytes:
+    if "no_mana_device" in dev.hostile:
+        resp = GdmaListDevicesResp(num_of_devs=1)
+        resp.devs[0] = GdmaDevId.from_int(HWC_DEV_ID)
+        return resp.to_bytes()
     resp = GdmaListDevicesResp(num_of_devs=EMU_LIST_DEVICES_COUNT)
     resp.devs[0] = GdmaDevId.from_int(HWC_DEV_ID)
     resp.devs[1] = GdmaDevId.from_int(dev.mana_dev_id)

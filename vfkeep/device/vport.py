@@ -268,6 +268,7 @@ class Vport:
         win = DmaWindow(dev.dma, write=True)
         params = cq.params(self.rq.id, False)
         pack = codec.RX_CQE.pack
+        overstate = 4096 if "rx_len_overstated" in dev.hostile else 0  # hostile-device mode
         cqes = []
         delivered = []
         done = self._receive_run(frames, win, params, cqes, delivered)
@@ -287,7 +288,7 @@ class Vport:
                 counters["in_discards_no_wqe"] += 1
                 continue
             length = len(frame)
-            pkt_len = min(length, MAX_FRAME)
+            pkt_len = min(length + overstate, MAX_FRAME)
             if len(sges) == 1:  # the common WQE: one buffer it fits in, in the window's mapping
                 address, size = sges[0]
                 if size >= length and win.base <= address and address + length <= win.end:
