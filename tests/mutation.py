@@ -72,6 +72,9 @@ MUTANTS = [
     # the device writing outside a posted RX buffer
     Mutant("device: RX frame written 16 bytes past its buffer (one-SGE path)", "vfkeep/device/vport.py",
            "if size >= length and win.base <= address", "if size + 16 >= length and win.base <= address", CANARY),
+    Mutant("device: RX batch written 16 bytes past its buffers (batched path)", "vfkeep/device/vport.py",
+           "if not all(map(operator.ge, sizes, lengths)) or max(lengths) > MAX_FRAME:",
+           "if not all(s + 16 >= n for s, n in zip(sizes, lengths)) or max(lengths) > MAX_FRAME:", CANARY),
     Mutant("device: RX scatter writes 16 bytes past an SGE", "vfkeep/device/vport.py",
            "        n = min(size, len(frame))\n", "        n = min(size + 16, len(frame))\n", CANARY),
     # FLR state
@@ -93,7 +96,7 @@ MUTANTS = [
     Mutant("driver: stray event during bring-up ignored", "vfkeep/driver/gdma_driver.py",
            'raise BringUpError(f"unexpected event type {kind} during HWC bring-up")', "pass", HOSTILE),
     Mutant("driver: RX completion longer than its buffer handed up", "vfkeep/driver/datapath.py",
-           "if header & _CQE_TYPE == CQE_RX_OKAY and length <= bs:", "if header & _CQE_TYPE == CQE_RX_OKAY:",
+           "and max(lengths) <= bs:  # the common batch", "and True:  # the common batch",
            HOSTILE),
     # queue memory on non-consecutive pages
     Mutant("driver: HWC response page addressed as buffer base + offset", "vfkeep/driver/gdma_driver.py",
