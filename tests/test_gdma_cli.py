@@ -44,3 +44,27 @@ def test_table_output():
     assert result.exit_code == 0, result.output
     for text in ("RegMap", "vf_gdma_sriov_shared_reg_start", "bits 32–62", "DRV_GD_DRV_CAP_FLAGS1", "0x8014068"):
         assert text in result.output
+
+
+def test_nvme_layout_matches_spec():
+    """`vfkeep layout --device nvme --json`: the NVMe structs and constants, as spec nvme.md tables them."""
+    from test_nvme_layout import BITFIELDS as NVME_BITFIELDS, STRUCTS as NVME_STRUCTS
+
+    result = CliRunner().invoke(main, ["layout", "--device", "nvme", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    structs = data["structs"]
+    for name, (size, fields) in NVME_STRUCTS.items():
+        assert structs[name]["size"] == size, name
+        for field, (offset, length) in fields.items():
+            assert structs[name]["fields"][field] == {"offset": offset, "size": length}, (name, field)
+    for name, fields in NVME_BITFIELDS.items():
+        for field, (bit, width) in fields.items():
+            assert structs[name]["bitfields"][field] == {"bit": bit, "width": width}, (name, field)
+    assert not set(structs) & set(STRUCTS)  # no GDMA struct in the NVMe listing
+    consts = data["constants"]
+    assert (consts["IDENTIFY"], consts["CREATE_IO_CQ"], consts["NVM_READ"], consts["SQE_SIZE"]) == (6, 5, 2, 64)
+    table = CliRunner().invoke(main, ["layout", "--device", "nvme"], env={"COLUMNS": "160"})
+    assert table.exit_code == 0 and "NVMe wire structs" in table.output and "iocqes" in table.output
+    bad = CliRunner().invoke(main, ["layout", "--device", "scsi"])
+    assert bad.exit_code == 2 and "scsi" in bad.output

@@ -13,7 +13,7 @@ from . import __version__
 
 # name -> "module:attribute" of a click command; imported lazily so `vfkeep --help` is fast.
 COMMANDS: dict[str, str] = {
-    "layout": "vfkeep.gdma.layout:layout_command",
+    "layout": "vfkeep.layout:layout_command",
     "smoke": "vfkeep.vfio_user.smoke:smoke_command",
     "device": "vfkeep.device.main:device_command",
     "nvme-device": "vfkeep.nvme_device.main:nvme_device_command",
