@@ -46,6 +46,10 @@ def test_demo(tmp_path):
                  "every servicing took its path"):
         assert word in stdout, stdout
 
+    # Piped, the verdict is one unwrapped line naming every path (not cut at 80 columns).
+    (verdict_line,) = [line for line in stdout.splitlines() if line.startswith("verdict:")]
+    assert all(mode in verdict_line for mode in MODES), stdout
+
     report = json.loads((out / "results.json").read_text())
     assert json.loads(extra.read_text()) == report
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,6 +32,7 @@ from rich.table import Table
 from . import __version__
 from . import log as vlog
 from .device.timing import DeviceTiming, timing_from, timing_options
+from .host import render
 from .host.traffic import DEFAULT_SIZE
 from .host.vmm import Host, HostConfig
 from .log import kv
@@ -369,7 +370,7 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
     if network:
         from .demo_net import network_demo
         return network_demo(out, json_path, timing_from(timing, hwc_latency_ms, flr_ms), machine())
-    console = Console()
+    console = render.console()  # lines are not wrapped when piped (a table still fits its width)
     timing = timing_from(timing, hwc_latency_ms, flr_ms)
     load = os.getloadavg()[0]
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
