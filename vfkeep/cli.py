@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "traffic": "vfkeep.host.vocabulary:traffic_group",
     "disk": "vfkeep.host.vocabulary:disk_group",
     "demo": "vfkeep.demo:demo_command",
+    "chaos": "vfkeep.chaos:chaos_command",
 }
 
 

@@ -87,6 +87,38 @@ def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
     return proc.returncode
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (state, ppid, ...); None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of the live (not zombie) children of `pid`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (fields := _stat(name)) and int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(name))
+    return sorted(out)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of the processes whose command line contains `text` (e.g. a run dir)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
 def open_fd_count(pid: int | None = None) -> int:
     """Number of open file descriptors of a process (leak checks)."""
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))

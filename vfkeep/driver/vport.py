@@ -241,7 +241,7 @@ class Vport:
 
         With a reset request pending the device reclaims everything itself, and a device that is gone has
         nothing to undo, so nothing is sent (`silent_teardown`). If a request fails the device may still own
-        the queues, so their memory is leaked, not reused.
+        the queues, so their memory is not reused: it goes to the device's `leaked` until a reset.
         """
         if self.closed:
             return

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -83,8 +84,9 @@ def _is_host(pid: int) -> bool:
 
 
 def claim_run_dir(run_dir: str) -> str | None:
-    """Refuse a run dir a live host serves; clean up what a dead one left (pidfile, socket). Returns a note
-    about what was cleaned up, if anything."""
+    """Refuse a run dir a live host serves; clean up what a dead one (e.g. SIGKILLed: its children died with
+    it, PR_SET_PDEATHSIG) left: pidfile, control socket, the other sockets (devices, agents, bridges) and the
+    network namespaces of this run dir. Returns a note about what was cleaned up, if anything."""
     notes = []
     path = pidfile_path(run_dir)
     pid = _pidfile_pid(run_dir)
@@ -102,7 +104,39 @@ def claim_run_dir(run_dir: str) -> str | None:
             notes.append("its control socket")
         else:
             fail(f"a host is already running in {run_dir}; stop it with `vfkeep stop --run-dir {run_dir}`")
+    sockets = _remove_sockets(run_dir)
+    if sockets:
+        notes.append(f"sockets {', '.join(sockets)}")
+    namespaces = _remove_namespaces(run_dir)
+    if namespaces:
+        notes.append(f"network namespaces {', '.join(namespaces)}")
     return f"removed the {' and '.join(notes)} left in {run_dir}" if notes else None
+
+
+def _remove_sockets(run_dir: str) -> list[str]:
+    """Every socket file in the run dir: no host serves it any more, so nothing listens on them."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _remove_namespaces(run_dir: str) -> list[str]:
+    """The namespaces a dead `--guest netns` host of this run dir left, whatever this run's guest is."""
+    from .. import netns
+
+    if not netns.list_run(netns.run_id(run_dir)):
+        return []
+    try:
+        return netns.cleanup_run(netns.run_id(run_dir))
+    except netns.NetnsError as e:
+        fail(f"run: cannot remove the network namespaces a dead host left in {run_dir}: {e}")
 
 
 def _run_argv(config, timing, hwc_latency_ms, flr_ms, worker_env) -> list[str]:

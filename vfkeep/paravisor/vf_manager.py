@@ -112,10 +112,13 @@ class VfManager:
         self.missing = False  # the device is gone (spec 5.2 DeviceMissing) until it comes back
         self.vf_resets = 0    # run-time VF reconfigurations (EQE 135)
         self.hot_adds = 0     # NICs re-created after their device came back
+        self.recoveries = 0   # NICs re-created by the watcher after their init failed
         self.relay_stats = RelayStats()  # across the relays of this worker's re-created vports
         self.channel_layout: str | None = None
         self._monitor: threading.Thread | None = None
-        self._leaked: list = []  # blocks a failed teardown of a dropped device left allocated (ManaDevice.leaked)
+        #: Blocks a failed teardown of a dropped device left allocated (ManaDevice.leaked); freed once an FLR has
+        #: reset the function (`_free_leaked`).
+        self._leaked: list = []
         self._monitor_stop: int | None = None
 
     # -- creation ---------------------------------------------------------------------------
@@ -155,7 +158,7 @@ class VfManager:
             self.dev = ManaDevice.restore(self._open(persistent=True, restore=True), self.pci_id, saved.mana_device,
                                           defer_probe=True)
             self.hwc_persistent = True
-            self.vport = self.dev.vports.get(0) or self._open_vport()
+            self.vport = self.dev.vports.get(0) or self._open_vport(self.dev, self.hwc_persistent)
         except DeviceMissing:
             if self.dev is not None:  # gone after the restore: nothing to reset, nothing to send
                 self.dev.remove()
@@ -207,9 +210,7 @@ class VfManager:
         self._release_saved_buffers()
         self._create(persistent_hwc=self.dma.has_pool, force_flr=not reset_done)
         self.flr = True
-        for block in self._leaked:  # the function was reset: nothing uses them any more
-            block.free()
-        self._leaked = []
+        self._free_leaked()  # reset by the fresh init or, before it, by `reset_saved`
 
     def _fresh(self, persistent_hwc: bool, force_flr: bool = False) -> None:
         """Fresh init with the NoReset -> FLR retry (spec 6.4). A config that claims a pool this boot
@@ -226,7 +227,7 @@ class VfManager:
         """Fresh device + vport. A pool too full for the HWC buffer (e.g. saved state that left it all Leaked)
         gives an ephemeral buffer: the NIC works and only its next keepalive is lost, never a dead NIC."""
         try:
-            self.dev, self.flr = self._create_fresh(persistent_hwc, force_flr)
+            (self.dev, self.vport), self.flr = self._create_fresh(persistent_hwc, force_flr)
         except OutOfPoolMemory as e:
             if not persistent_hwc:
                 raise
@@ -234,31 +235,57 @@ class VfManager:
             self.error = f"{self.error}; {note}" if self.error else note
             kv(log, logging.ERROR, "no pool pages for the HWC buffer, using worker RAM", pci_id=self.pci_id)
             persistent_hwc = False
-            self.dev, self.flr = self._create_fresh(persistent_hwc, force_flr)
+            (self.dev, self.vport), self.flr = self._create_fresh(persistent_hwc, force_flr)
         self.hwc_persistent = persistent_hwc
-        self.vport = self._open_vport()
+        if self.flr:
+            self._free_leaked()
 
-    def _create_fresh(self, persistent_hwc: bool, force_flr: bool) -> tuple[ManaDevice, bool]:
-        """NoReset -> FLR (spec 6.4); the HWC buffer comes from the pool iff `persistent_hwc`."""
-        return fresh_mana_device(lambda: self._open(persistent=persistent_hwc), self.set_reset_method, self.pci_id,
-                                 force_flr=force_flr)
+    def _free_leaked(self) -> None:
+        """The function was reset: memory earlier failed teardowns left to it is ours again."""
+        leaked, self._leaked = self._leaked, []
+        for block in leaked:
+            block.free()
+        if leaked:
+            kv(log, logging.INFO, "freed queue memory left to the device before its reset", pci_id=self.pci_id,
+               pages=sum(b.pages for b in leaked))
+
+    def _create_fresh(self, persistent_hwc: bool, force_flr: bool) -> tuple[tuple[ManaDevice, object], bool]:
+        """NoReset -> FLR (spec 6.4) over the device and its vport; the HWC buffer comes from the pool iff
+        `persistent_hwc`. A vport that does not open (an HWC request failed) fails the attempt like a device
+        that does not come up: the device is shut down, its memory freed, and the FLR retry starts clean."""
+        def bring_up(backing):
+            dev = ManaDevice.new(backing, self.pci_id)
+            try:
+                return dev, self._open_vport(dev, persistent_hwc)
+            except BaseException:
+                try:
+                    dev.shutdown()
+                except DEVICE_ERRORS as e:
+                    kv(log, logging.WARNING, "shutting down the device whose vport failed", pci_id=self.pci_id,
+                       error=str(e))
+                self._leaked += dev.leaked
+                raise
+
+        return create_fresh(lambda: self._open(persistent=persistent_hwc), bring_up, self.set_reset_method,
+                            self.pci_id, what="mana device", errors=DEVICE_ERRORS, missing=(DeviceMissing,),
+                            force_flr=force_flr)
 
     def _open(self, *, persistent: bool, restore: bool = False) -> VfioBacking:
         """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr)."""
         return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
                          restore=restore)
 
-    def _open_vport(self):
+    def _open_vport(self, dev: ManaDevice, hwc_persistent: bool):
         """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has
         room; otherwise the NIC still works, only its queues are rebuilt at the next servicing)."""
-        if self.datapath_keepalive and self.hwc_persistent:
+        if self.datapath_keepalive and hwc_persistent:
             try:
-                return self.dev.open_vport(0, KEPT_VPORT, persistent=True)
+                return dev.open_vport(0, KEPT_VPORT, persistent=True)
             except OutOfPoolMemory as e:
                 note = f"pool exhausted ({e}); vport queues are ephemeral"
                 self.error = f"{self.error}; {note}" if self.error else note
                 kv(log, logging.ERROR, "no pool pages for the vport, using worker RAM", pci_id=self.pci_id)
-        return self.dev.open_vport(0, RELAY_VPORT)
+        return dev.open_vport(0, RELAY_VPORT)
 
     def _release_saved_buffers(self) -> None:
         if self.dma.has_pool:
@@ -300,6 +327,13 @@ class VfManager:
     def stop_relay(self) -> None:
         if self.relay is not None:
             self.relay.stop()
+
+    def _abandon_relay(self) -> None:
+        """Stop the relay of a vport about to be dropped without teardown (device gone, VF reset): sends the
+        device never completed die with its queues, counted in `tx_stranded` (once: the relay is forgotten)."""
+        if self.relay is not None:
+            self.relay.abandon()
+            self.relay = None
 
     # -- run time: VF reset requests, surprise removal, hot-add -------------------------------------
     def run(self, channel_layout: str | None) -> None:
@@ -352,10 +386,8 @@ class VfManager:
                         wait_s = 0.0  # events are waiting
                 except DEVICE_ERRORS:
                     wait_s = 0.0  # _check finds out what is wrong
-            elif self.missing:
+            else:  # missing (wait for the hot-add) or its init failed (retry): the same backoff
                 wait_s, backoff = backoff, min(backoff * 2, HOTPLUG_POLL_MAX_S)
-            else:
-                wait_s = None  # the NIC failed for another reason: nothing to watch
             poller = select.poll()
             for fd in fds:
                 poller.register(fd, select.POLLIN)
@@ -377,11 +409,16 @@ class VfManager:
                 self._removed()
             except DEVICE_ERRORS as e:
                 kv(log, logging.WARNING, "device check failed", pci_id=self.pci_id, error=str(e))
-        elif self.missing and self.device_present():
-            kv(log, logging.INFO, "device is back (hot-add): creating the NIC fresh", pci_id=self.pci_id)
-            # FLR first: the function may still hold queues on memory its removal freed.
+        elif self.missing:
+            if self.device_present():
+                kv(log, logging.INFO, "device is back (hot-add): creating the NIC fresh", pci_id=self.pci_id)
+                # FLR first: the function may still hold queues on memory its removal freed.
+                if self._recreate(force_flr=True):
+                    self.hot_adds += 1
+        elif dev is None:
+            kv(log, logging.WARNING, "nic did not come up: retrying with flr", pci_id=self.pci_id, error=self.error)
             if self._recreate(force_flr=True):
-                self.hot_adds += 1
+                self.recoveries += 1
 
     def _vf_reset(self) -> None:
         """EQE 135 at run time, a VF reconfiguration: stop the relay, tear down without HWC requests (the
@@ -389,7 +426,7 @@ class VfManager:
         then reset the function and create the NIC fresh; the new relay resumes the guest's traffic."""
         kv(log, logging.WARNING, "vf reset requested by the device: reconfiguring the nic", pci_id=self.pci_id,
            revoke_vtl0_vf=self.dev.gdma.events.revoke_vtl0_vf)
-        self.stop_relay()
+        self._abandon_relay()
         with VfManager._recreating:
             try:
                 self.dev.shutdown()
@@ -401,7 +438,7 @@ class VfManager:
 
     def _removed(self) -> None:
         kv(log, logging.WARNING, "device missing: tearing the nic down", pci_id=self.pci_id)
-        self.stop_relay()
+        self._abandon_relay()
         try:
             self.dev.remove()
         except DEVICE_ERRORS as e:
@@ -523,7 +560,7 @@ class VfManager:
     def inspect(self) -> dict:
         out = {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
                "create_ms": self.create_ms, "missing": self.missing, "vf_resets": self.vf_resets,
-               "hot_adds": self.hot_adds, "device": None}
+               "hot_adds": self.hot_adds, "recoveries": self.recoveries, "device": None}
         if self.dev is not None and not self.dev.closed:
             out["device"] = self.dev.inspect()
         if self.vport is not None and not self.vport.closed:

@@ -1,0 +1,73 @@
+"""`vfkeep chaos` (issue 15 item 1): plans are reproducible and cover the catalogue, the invariant checks catch what
+they exist for, and a short seeded campaign holds every invariant (`make chaos` runs 100 servicings)."""
+import json
+
+from vfkeep import chaos
+from vfkeep.killpoint import KILL_POINTS
+
+#: The suite's slice: servicings of seed SUITE_SEED (about 2-3 s each); `make chaos` runs 100 of seed 1.
+SUITE_SEED = 7
+SUITE_SERVICINGS = 16
+
+
+def test_plans_are_a_function_of_seed_and_index_and_cover_the_catalogue():
+    assert chaos.plan(3, 17, 2) == chaos.plan(3, 17, 2)
+    assert chaos.plan(3, 17, 2) != chaos.plan(4, 17, 2)
+    plans = [chaos.plan(1, i, 2) for i in range(1000)]
+    faults = [f for p in plans for f in p["faults"]]
+    assert {f["kind"] for f in faults} == set(chaos.FAULT_WEIGHTS)
+    assert {p["path"] for p in plans} == set(chaos.PATHS)
+    assert {f["point"] for f in faults if "point" in f} == set(KILL_POINTS)
+    assert {f["mode"] for f in faults if f["kind"] == "tamper"} == set(chaos.CHAOS_TAMPER_MODES)
+    assert {f["nic"] for f in faults if "nic" in f} == {0, 1}
+    assert not [f for f in plans[0]["faults"] if f["kind"] == "kill_old"]
+    for p in plans:
+        assert sum(f["kind"] in chaos.SAVE_FAULTS for f in p["faults"]) <= 1, p
+        assert len({f["kind"] for f in p["faults"]}) == len(p["faults"]), p
+    assert sum(not p["faults"] for p in plans) > 200  # clean servicings between the faulty ones
+
+
+class _Host:
+    def __init__(self, worker):
+        self.worker = worker
+
+    def inspect(self, path=None):
+        assert path == "worker"
+        return self.worker
+
+
+def _worker(devices: dict, slots: list, pending=0, leaked=0, vport_persistent=True):
+    return {"generation": 2,
+            "pool": {"total_pages": 200, "pending_pages": pending, "leaked_pages": leaked, "devices": devices,
+                     "slot_table": slots},
+            "nics": [{"pci_id": "p0", "device": {"hwc_buffer": {"pages": 6, "persistent": True}},
+                      "vport": {"persistent": vport_persistent}}]}
+
+
+def _pool_problems(worker) -> list:
+    c = chaos.Campaign("/nonexistent", 1, 1)
+    c.host = _Host(worker)
+    return c._check_pool()
+
+
+def test_pool_check_catches_leaks_overlaps_and_wrong_owners():
+    good_slots = [{"base_pfn": 100, "pages": 108}, {"base_pfn": 208, "pages": 92}]
+    assert _pool_problems(_worker({"nic_p0": 108}, good_slots)) == []
+    # a NIC that owns pages it has no live allocation for (a dropped device's HWC buffer)
+    (v,) = _pool_problems(_worker({"nic_p0": 108}, good_slots, vport_persistent=False))
+    assert v[0] == "pool_accounting" and "live persistent allocations" in v[1]
+    (v,) = _pool_problems(_worker({"nic_p0": 108}, [{"base_pfn": 100, "pages": 108},
+                                                     {"base_pfn": 200, "pages": 100}]))
+    assert "overlap" in v[1]
+    (v,) = _pool_problems(_worker({"nic_p0": 108}, good_slots, pending=6))
+    assert "pending 6" in v[1]
+
+
+def test_a_short_seeded_campaign_holds_every_invariant(tmp_path):
+    report = chaos.run_campaign(SUITE_SERVICINGS, SUITE_SEED, 2, 0, str(tmp_path / "chaos.json"), None,
+                                ("--timing", "natural"), progress=False)
+    assert report["servicings"] == SUITE_SERVICINGS
+    assert report["violations"] == [], json.dumps(report["violations"], indent=1)
+    saved = json.loads((tmp_path / "chaos.json").read_text())
+    assert {"servicings", "seed", "faults", "violations"} <= set(saved) and saved["seed"] == SUITE_SEED
+    assert sum(saved["faults"].values()) > 0

@@ -1,0 +1,87 @@
+"""Regressions for what `vfkeep chaos` found (issue 15): each test failed before its fix."""
+import time
+
+from servicing_helpers import HostRun
+
+
+def _owners(h: HostRun) -> tuple[dict, dict]:
+    return h.inspect("worker/pool")["devices"], h.inspect("worker/worker_ram")["devices"]
+
+
+def test_hwc_failure_while_opening_the_vport_takes_the_flr_retry(tmp_path):
+    """chaos seed 1, servicings 56/82/97/98: one failed CREATE_QUEUE (or CONFIG_VPORT_TX) during a fresh init's
+    vport open left the NIC without a vport until the next servicing, and its HWC buffer in the pool owned by
+    a device object nobody had any more. The vport open is part of the NoReset attempt: it fails, the device
+    is shut down (its pages freed), and the FLR retry brings the NIC up. The failed vport's queue memory, which
+    its teardown could not take back from the device (the HWC failed), is freed once the FLR has reset the
+    function (servicings 82/97: one pool page stayed owned)."""
+    h = HostRun(tmp_path / "run", "--datapath-keepalive")
+    try:
+        owners = _owners(h)
+        for request in ("CREATE_QUEUE", "CONFIG_VPORT_TX"):
+            h.device_control(0, "fail_request", type=request, mode="once")
+            r = h.service(mana_keepalive=False)
+            n = r["nics"][0]
+            assert n["restore_path"] == "fresh" and n["error"] is None, r
+            assert n["device_reset"], r  # the NoReset attempt failed; the FLR retry succeeded
+            assert h.probe()["ok"]
+            assert _owners(h) == owners
+    finally:
+        h.stop()
+
+
+DEVICE_DROPS = ("tx_dropped_link_down", "rx_dropped_link_down", "in_discards_no_wqe", "rx_dropped_unmapped",
+                "in_errors_rx_vport_disabled", "rx_dropped_no_vport", "rx_dropped_removed", "tx_errors", "rx_errors",
+                "tx_backend_errors", "rx_backend_errors")
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def test_frames_sent_into_a_removed_device_are_counted(tmp_path):
+    """chaos seed 1, servicings 45/54/91: frames the relay had posted when the device disappeared (its
+    doorbells go nowhere) died with the torn-down vport uncounted. They are `tx_stranded`, as for an
+    abandoned relay."""
+    h = HostRun(tmp_path / "run")
+    try:
+        h.traffic("start", rate=3000, size=128)
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > 300, 10, "traffic flows")
+        h.device_control(0, "surprise_removal", on=True)
+        _wait(lambda: h.inspect("worker/nics/0/missing"), 10, "the worker sees the device gone")
+        h.device_control(0, "surprise_removal", on=False)
+        _wait(lambda: not h.inspect("worker/nics/0/missing"), 15, "the device is back (hot-add)")
+        base = h.traffic("status")["agents"][0]["received"]
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 10, "traffic flows again")
+        h.traffic("stop")
+        s = h.traffic("stats", settle_ms=500)["nics"][0]
+        counters = h.device_control(0, "counters")["counters"]
+        rings = h.inspect("host/rings/0")
+        relay = h.inspect("worker/nics/0/relay")
+        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + sum(counters[k] for k in DEVICE_DROPS)
+                   + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"] + relay["tx_stranded"])
+        assert s["frames_lost"] > 0  # the removal did cost frames
+        assert s["frames_lost"] == counted, (s["frames_lost"], rings, relay, {k: counters[k] for k in DEVICE_DROPS})
+        assert s["duplicated"] == 0 and s["unknown"] == 0
+    finally:
+        h.stop()
+
+
+def test_a_nic_whose_last_init_attempt_failed_is_retried(tmp_path):
+    """chaos seed 1, servicings 56/98: on the reset-flr path the NoReset attempt fails (the HWC is live), so one
+    failed CONFIG_VPORT_TX in the FLR attempt left the NIC dead until the next servicing. The NIC's watcher
+    retries a NIC that did not come up (FLR, fresh init) with the hot-add backoff."""
+    h = HostRun(tmp_path / "run")
+    try:
+        h.device_control(0, "fail_request", type="CONFIG_VPORT_TX", mode="once")
+        r = h.service(mana_keepalive=True, next_env={"OPENHCL_MANA_KEEP_ALIVE": "disabled"})
+        assert "CONFIG_VPORT_TX" in (r["nics"][0]["error"] or ""), r
+        _wait(lambda: h.inspect("worker/nics/0/recoveries") == 1, 10, "the NIC is re-created")
+        assert h.inspect("worker/nics/0/error") is None
+        assert h.probe()["ok"]
+    finally:
+        h.stop()

@@ -1,0 +1,96 @@
+"""A host that dies by SIGKILL (issue 15 item 5): every child dies with it (PR_SET_PDEATHSIG), also in the middle
+of a servicing; the next `vfkeep run` on the same run dir removes what it left (pidfile, sockets, network
+namespaces) and says so."""
+import os
+import signal
+import stat
+import threading
+import time
+
+from netns_helpers import assert_nothing_left, needs_netns
+from servicing_helpers import HostRun, children_of, pid_alive
+from vfkeep import netns, rpc
+
+
+def sockets(run_dir) -> list[str]:
+    return sorted(n for n in os.listdir(run_dir) if stat.S_ISSOCK(os.lstat(os.path.join(run_dir, n)).st_mode))
+
+
+def kill_host(h: HostRun) -> list[int]:
+    """SIGKILL the host; returns its children, each gone."""
+    kids = h.children()
+    os.kill(h.pid, signal.SIGKILL)
+    h.child.wait(10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in kids if pid_alive(p)]
+    return kids
+
+
+def host_note(run_dir) -> str:
+    with open(os.path.join(run_dir, "host.stderr")) as f:
+        return f.read()
+
+
+def test_host_killed_mid_servicing_takes_every_child_and_the_next_run_cleans_up(tmp_path):
+    run_dir = tmp_path / "run"
+    h = HostRun(run_dir, nics=2)
+    h.traffic("start", rate=300)
+
+    def stuck():
+        try:
+            h.service(mana_keepalive=True, test_config="SERVICING_SAVE_STUCK", timeout=60)
+        except rpc.RpcError:
+            pass  # the host died under it
+
+    t = threading.Thread(target=stuck, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while (h.status()["servicing"] or {}).get("phase") != "save":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # devices 2, agents 2, the worker stuck in its save and the prelaunched next one
+    assert len(h.children()) == 6
+    kill_host(h)
+    t.join(10)
+    left = sockets(run_dir)
+    assert {"host.sock", "nic0.sock", "nic1.sock.ctl", "guest-agent-1.sock"} <= set(left), left
+    assert (run_dir / "host.pid").exists()
+
+    h2 = HostRun(run_dir, nics=1)
+    try:
+        note = host_note(run_dir)
+        assert "removed the pidfile of dead host pid" in note and "nic1.sock.ctl" in note, note
+        assert not {"nic1.sock", "nic1.sock.ctl", "guest-agent-1.sock"} & set(sockets(run_dir))
+        assert h2.probe()["ok"]
+    finally:
+        h2.stop()
+    assert sockets(run_dir) == [] and not (run_dir / "host.pid").exists()
+    assert children_of(h2.pid) == []
+
+
+@needs_netns
+def test_namespaces_of_a_killed_host_are_removed_by_the_next_run(tmp_path):
+    """Whatever the next run's guest is: a host without --guest netns removes them too."""
+    run_dir = tmp_path / "run"
+    rid = netns.run_id(str(run_dir))
+    h = HostRun(run_dir, "--guest", "netns")
+    try:
+        assert len(netns.list_run(rid)) == 2
+        kill_host(h)
+    except BaseException:
+        h.kill()
+        netns.cleanup_run(rid)
+        raise
+    try:
+        assert len(netns.list_run(rid)) == 2  # nothing ran to remove them
+        h2 = HostRun(run_dir)
+        try:
+            assert netns.guest_ns(rid, 0) in host_note(run_dir)
+            assert netns.list_run(rid) == []
+        finally:
+            h2.stop()
+        assert_nothing_left(rid)
+    finally:
+        netns.cleanup_run(rid)  # (only if something above failed)
