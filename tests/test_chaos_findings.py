@@ -85,3 +85,37 @@ def test_a_nic_whose_last_init_attempt_failed_is_retried(tmp_path):
         assert h.probe()["ok"]
     finally:
         h.stop()
+
+
+def test_frames_a_saving_worker_stranded_are_in_its_save_outcome(tmp_path):
+    """chaos seed 1, servicings 45/54/57/68: a device removed just before a servicing is found gone by the old
+    worker's save (`quiesce`), which counts the sends it strands in its relay's `tx_stranded` — and then exits
+    with the count. The save outcome of each NIC carries its relay counters, so the count outlives the worker
+    (`inspect last_servicing/save_outcomes`)."""
+    h = HostRun(tmp_path / "run")
+    try:
+        h.traffic("start", rate=3000, size=128)
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > 300, 10, "traffic flows")
+        relay_before = h.inspect("worker/nics/0/relay")
+        h.device_control(0, "surprise_removal", on=True)
+        r = h.service(mana_keepalive=True)
+        h.device_control(0, "surprise_removal", on=False)
+        _wait(lambda: not h.inspect("worker/nics/0/missing"), 15, "the device is back (hot-add)")
+        base = h.traffic("status")["agents"][0]["received"]
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 10, "traffic flows again")
+        h.traffic("stop")
+        s = h.traffic("stats", settle_ms=500)["nics"][0]
+        (outcome,) = h.inspect("last_servicing/save_outcomes")
+        assert outcome["save_outcome"] == "DeviceMissing", r
+        old_relay = outcome["relay"]
+        assert old_relay["tx_frames"] >= relay_before["tx_frames"]
+        counters = h.device_control(0, "counters")["counters"]
+        rings = h.inspect("host/rings/0")
+        relay = h.inspect("worker/nics/0/relay")
+        relay_drops = sum(r[k] for r in (old_relay, relay)
+                          for k in ("tx_dropped_bad_frame", "rx_dropped_too_big", "tx_stranded"))
+        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + sum(counters[k] for k in DEVICE_DROPS)
+                   + relay_drops)
+        assert s["frames_lost"] == counted, (s["frames_lost"], rings, old_relay, relay)
+    finally:
+        h.stop()

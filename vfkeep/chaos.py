@@ -4,7 +4,7 @@ faults from a catalogue, and the invariants checked after every one (issue 15 it
 A servicing's plan (path, faults) is a pure function of (seed, index) — `plan(seed, i, nics)` — so the JSON
 report (every plan, every violation) is enough to replay one (`--replay`). Faults reach the system through
 the ordinary test hooks: the servicing request (`test_config`, `tamper`, `next_env` with
-`VFKEEP_KILL_POINT`, see vfkeep/killpoint.py), and the device's control socket (fault rules, HWC stall,
+`VFKEEP_KILL_POINT` and `kill_point`, see vfkeep/kill_points.py), and the device's control socket (fault rules, HWC stall,
 surprise removal, EQE 135, link, a reset behind the driver's back), fired just before the servicing or
 when the host's events say the servicing entered its handoff or restore phase.
 
@@ -39,7 +39,7 @@ from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 from .device.timing import timing_from, timing_options
 from .host.detached import DetachedHost
 from .host.tamper import TAMPER_MODES
-from .killpoint import KILL_POINT_ENV, KILL_POINTS
+from .kill_points import KILL_POINT_ENV, RESTORE_POINTS, SAVE_POINTS
 from .vfio_user.control import control_call
 
 #: Servicing paths (as servicing_paths.ORDER) and the request each makes; the host runs with
@@ -50,8 +50,8 @@ PATHS = {
     "reset": {"mana_keepalive": False, "next_env": {}},
     "reset-flr": {"mana_keepalive": True, "next_env": {MANA_KEEPALIVE_ENV: "disabled"}},
 }
-SAVE_KILL_POINTS = tuple(p for p in KILL_POINTS if p.startswith("save."))
-RESTORE_KILL_POINTS = tuple(p for p in KILL_POINTS if p.startswith("restore."))
+SAVE_KILL_POINTS = tuple(SAVE_POINTS)
+RESTORE_KILL_POINTS = tuple(RESTORE_POINTS)
 #: HWC requests some servicing path sends (a `once` rule on one of them fails the next one sent).
 HWC_REQUESTS = ("GENERATE_TEST_EQE", "VERIFY_VF_DRIVER_VERSION", "LIST_DEVICES", "REGISTER_DEVICE",
                 "DEREGISTER_DEVICE", "QUERY_DEV_CONFIG", "QUERY_VPORT_CONFIG", "CONFIG_VPORT_TX", "CREATE_QUEUE",
@@ -89,7 +89,7 @@ KILLED_RELAY_BOUND = 1024
 
 
 def killed_with_running_relay(faults: list[dict]) -> bool:
-    return any(f["kind"] == "save_stuck" or (f["kind"] == "kill_old" and f["point"] == "save.start")
+    return any(f["kind"] == "save_stuck" or (f["kind"] == "kill_old" and f["point"] == "save.requested")
                or (f["kind"] == "kill_new" and f["point"] == "restore.started") for f in faults)
 KEPT_VPORT_PAGES = 102
 
@@ -103,8 +103,6 @@ def plan(seed: int, index: int, nics: int) -> dict:
     while len(kinds) < count:
         kind = rng.choices(list(FAULT_WEIGHTS), weights=list(FAULT_WEIGHTS.values()))[0]
         if kind in kinds or (kind in SAVE_FAULTS and any(k in SAVE_FAULTS for k in kinds)):
-            continue
-        if kind == "kill_old" and index == 0:  # armed by the previous servicing's next worker
             continue
         if {kind, *kinds} >= {"device_reset", "save_fail"}:  # no handover: the reset would hit a running worker
             continue
@@ -165,12 +163,11 @@ class Campaign:
 
     # -- host ------------------------------------------------------------------------------------
     def boot(self) -> None:
-        self.host = DetachedHost(self.run_dir, "--datapath-keepalive", "--keep-worker-logs", "20", *self.run_args,
+        self.host = DetachedHost(self.run_dir, "--datapath-keepalive", "--keep-worker-logs", "100000", *self.run_args,
                                  nics=self.nics, wait=SERVICE_TIMEOUT_S + 30)
         self._events = rpc.RpcClient(self.host.path, timeout=5.0)
         self._events.call("events")
         threading.Thread(target=self._watch_events, name="chaos-events", daemon=True).start()
-        self.host.traffic("start", rate=TRAFFIC_RATE, size=128)
         self._scan_logs()  # boot is not a servicing: offsets start here
 
     def close(self) -> None:
@@ -202,25 +199,26 @@ class Campaign:
         return control_call(os.path.join(self.run_dir, f"nic{nic}.sock.ctl"), cmd, timeout=10, **args)
 
     # -- one servicing ---------------------------------------------------------------------------
-    def run_one(self, p: dict, next_plan: dict | None) -> dict:
-        """Service by plan `p` (arming `next_plan`'s old-worker kill in the next worker), then check."""
+    def run_one(self, p: dict) -> dict:
+        """Service by plan `p`, then check the invariants."""
         i = p["index"]
         faults = p["faults"]
         request = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PATHS[p["path"]].items()}
         request["timeout"] = SERVICE_TIMEOUT_S
-        kill = [f["point"] for f in faults if f["kind"] == "kill_new"]
-        kill += [f["point"] for f in (next_plan or {}).get("faults", []) if f["kind"] == "kill_old"]
-        if kill:
-            request["next_env"][KILL_POINT_ENV] = ",".join(kill)
         for f in faults:
             k = f["kind"]
-            if k in ("save_fail", "save_stuck", "save_crash"):
+            if k == "kill_old":  # with the save request, to the old worker
+                request["kill_point"] = f["point"]
+            elif k == "kill_new":  # in the next worker's environment (a replacement runs without it)
+                request["next_env"][KILL_POINT_ENV] = f["point"]
+            elif k in ("save_fail", "save_stuck", "save_crash"):
                 request["test_config"] = f"SERVICING_{k.upper()}"
                 if k == "save_stuck":
                     request["timeout"] = STUCK_TIMEOUT_S
             elif k == "tamper":
                 request["tamper"] = f["mode"]
         before = self._counters()
+        old_generation = (self.host.status()["worker"] or {}).get("generation")
         self.host.traffic("start", rate=TRAFFIC_RATE, size=128)
         time.sleep(0.05)
         for f in faults:
@@ -238,6 +236,8 @@ class Campaign:
             error = f"{type(e).__name__}: {e}"
         took = time.monotonic() - t0
         self._disarm()
+        if result is not None:
+            self._saved_relay_drops(old_generation)
         record = {"index": i, "path": p["path"], "faults": [describe(f) for f in faults], "s": round(took, 3),
                   "status": result["status"] if result else "error", "blackout_ms": result and result["blackout_ms"],
                   "paths": [n["restore_path"] for n in result["nics"]] if result else None,
@@ -315,6 +315,14 @@ class Campaign:
         devices = [self.device(n, "counters")["counters"] for n in range(self.nics)]
         return {"rings": rings, "devices": devices}
 
+    def _saved_relay_drops(self, generation: int | None) -> None:
+        """The old worker's last relay counters, from its save outcomes (it exited with them)."""
+        outcomes = (self.host.inspect("last_servicing") or {}).get("save_outcomes") or []
+        seen = self._relay_seen.setdefault(generation, {})
+        for n, outcome in enumerate(outcomes):
+            drops = sum((outcome.get("relay") or {}).get(k, 0) for k in RELAY_DROPS)
+            seen[n] = max(seen.get(n, 0), drops)
+
     def _relay_drops(self) -> int:
         """Relay drops over every worker generation seen (each generation's last reading)."""
         try:
@@ -322,9 +330,9 @@ class Campaign:
         except rpc.RpcError:
             worker = None
         if isinstance(worker, dict) and "generation" in worker:
-            self._relay_seen[worker["generation"]] = {
-                n: sum((nic.get("relay") or {}).get(k, 0) for k in RELAY_DROPS)
-                for n, nic in enumerate(worker.get("nics") or [])}
+            seen = self._relay_seen.setdefault(worker["generation"], {})
+            for n, nic in enumerate(worker.get("nics") or []):
+                seen[n] = max(seen.get(n, 0), sum((nic.get("relay") or {}).get(k, 0) for k in RELAY_DROPS))
         return sum(sum(v.values()) for v in self._relay_seen.values())
 
     def _check(self, before: dict, record: dict, killed: bool) -> list[tuple[str, str]]:
@@ -457,7 +465,7 @@ class Campaign:
                 at = text.index("Traceback")
                 found.append(("no_traceback", f"{name}: {text[at:at + 600]}"))
             for line in text.splitlines():
-                if "killed at kill point" in line:
+                if "kill point reached" in line:
                     fired += [w.partition("=")[2] for w in line.split() if w.startswith("point=")]
         return fired
 
@@ -557,18 +565,16 @@ def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: st
         campaign = Campaign(os.path.join(tmp, "run"), nics, seed, run_args)
         try:
             campaign.boot()
-            # Warm-up (not counted): a plain keepalive servicing, then the baseline; it also arms the first
-            # plan's old-worker kill, as the servicing before it would.
-            campaign.run_one({"index": -1, "path": "keepalive+datapath", "faults": []}, plans[0])
+            # Warm-up (not counted): a plain keepalive servicing, then the baseline.
+            campaign.run_one({"index": -1, "path": "keepalive+datapath", "faults": []})
             campaign.records.clear()
             campaign.violations.clear()
             campaign.take_baseline()
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=console, disable=not progress, transient=False) as bar:
                 task = bar.add_task("servicings", total=len(plans))
-                for k, p in enumerate(plans):
-                    nxt = plans[k + 1] if k + 1 < len(plans) else None
-                    campaign.run_one(p, nxt)
+                for p in plans:
+                    campaign.run_one(p)
                     bar.update(task, advance=1, description=f"servicings, {len(campaign.violations)} violation(s)")
         except BaseException:
             keep = os.path.join(tempfile.gettempdir(), f"vfk-chaos-failed-{os.getpid()}")

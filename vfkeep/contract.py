@@ -268,6 +268,9 @@ class NicSaveOutcome(Record):
     pci_id: str
     save_outcome: SaveOutcome
     error: str | None = None
+    #: The NIC's relay counters once its IO stopped for the save: they end with this worker, so a drop it
+    #: counted last (e.g. sends stranded by a device found gone) is only visible here.
+    relay: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Each command is `fn(dev, **args) -> dict` and is reachable as
 | `hwc_stall` | `on` (default true) | `{hwc_stalled}` |
 | `surprise_removal` | `on` (default true) | `{removed}` |
 | `raise_reset_request` | `revoke_vtl0_vf` (default false) | `{posted}` (EQE 135 on the HWC EQ) |
+| `reset_function` | — | `{reset_count}` (an FLR behind the driver's back: the function loses its HWC and queues) |
 | `link` | `vport`, `up` | `{posted}` (EQE 133 link connect/disconnect on the HWC EQ) |
 | `inject_rx` | `vport`, `frame_hex` | `{delivered}` (the frame as if from the backend) |
 | `reset_counters` | — | `{}` |
@@ -82,6 +83,11 @@ def hostile(dev, mode: str, on: bool = True) -> dict:
     return {"hostile": dev.hostile.inspect()}
 
 
+def reset_function(dev) -> dict:
+    dev.flr("control")
+    return {"reset_count": dev.counters["reset_count"]}
+
+
 def _vport(dev, vport):
     if not isinstance(vport, int) or not 0 <= vport < len(dev.vports):
         raise ValueError(f"vport {vport!r} is not in 0..{len(dev.vports) - 1}")
@@ -110,6 +116,7 @@ def inject_rx(dev, vport: int, frame_hex: str) -> dict:
 
 
 COMMANDS = {fn.__name__: fn for fn in (state, counters, reset_counters, command_log, fail_request, clear_faults,
-                                       hwc_stall, surprise_removal, raise_reset_request, link, inject_rx, hostile)}
+                                       hwc_stall, surprise_removal, raise_reset_request, reset_function, link,
+                                       inject_rx, hostile)}
 
 __all__ = ["COMMANDS"]

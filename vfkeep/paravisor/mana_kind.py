@@ -96,12 +96,12 @@ class ManaKind:
         if not (keepalive and self.vf_managers):
             _each(VfManager.shutdown, self.vf_managers)
             return [NicSaveOutcome(vf.pci_id, SaveOutcome.DEVICE_MISSING if vf.missing else SaveOutcome.SHUTDOWN,
-                                   vf.error) for vf in self.vf_managers]
+                                   vf.error, vf.relay_counters()) for vf in self.vf_managers]
         wrapper = state.init_state.mana_state
         wrapper.SetInParent()
         outcomes = []
         for vf, (outcome, saved) in zip(self.vf_managers, _each(VfManager.save, self.vf_managers)):
-            outcomes.append(NicSaveOutcome(vf.pci_id, outcome, vf.error))
+            outcomes.append(NicSaveOutcome(vf.pci_id, outcome, vf.error, vf.relay_counters()))
             if saved is not None:
                 wrapper.states.add().CopyFrom(saved)
         kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(wrapper.states))

@@ -18,6 +18,7 @@ While the NIC runs (`run()` until `quiesce()`), its VF manager watches the devic
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -552,6 +553,10 @@ class VfManager:
     # -- reporting --------------------------------------------------------------------------
     def restore_report(self) -> NicRestore:
         return NicRestore(self.pci_id, self.restore_path, self.error, self.flr, self.create_ms)
+
+    def relay_counters(self) -> dict[str, int]:
+        """This worker's relay counters of the NIC (every relay it ran), for its save outcome."""
+        return dataclasses.asdict(self.relay_stats)
 
     def emuplat_info(self) -> dict:
         return {"pci_id": self.pci_id, "mac": self.vport.mac if self.vport else b"", "adapter_index": self.cfg.index,
