@@ -185,7 +185,7 @@ def test_failed_boot_leaves_nothing(tmp_path, root_ifaces):
 @needs_netns
 def test_next_run_removes_a_dead_runs_namespaces(tmp_path, root_ifaces):
     """SIGKILL leaves the namespaces behind (their processes die with the host); the next run with the same run
-    dir removes them before creating its own, and its stop leaves nothing."""
+    dir removes them before creating its own (and says so), and its stop leaves nothing."""
     first = HostRun(tmp_path / "run", "--guest", "netns")
     rid = netns.run_id(first.run_dir)
     try:
@@ -194,8 +194,8 @@ def test_next_run_removes_a_dead_runs_namespaces(tmp_path, root_ifaces):
         first.kill()
         assert netns.list_run(rid) == [f"vfk-{rid}-g0", f"vfk-{rid}-w0"]
         second = HostRun(tmp_path / "run", "--guest", "netns")
-        with open(os.path.join(second.run_dir, "host.log")) as f:
-            assert "removed namespaces a dead run left behind" in f.read()
+        with open(os.path.join(second.run_dir, "host.stderr")) as f:
+            assert f"network namespaces vfk-{rid}-g0, vfk-{rid}-w0" in f.read()
         r = second.cli("exec", "--run-dir", second.run_dir, "0", "ping", "-c", "2", "-i", "0.05", "-W", "5",
                        netns.peer_address(0))
         assert r.returncode == 0, r.stdout + r.stderr
