@@ -71,3 +71,13 @@ def test_a_short_seeded_campaign_holds_every_invariant(tmp_path):
     saved = json.loads((tmp_path / "chaos.json").read_text())
     assert {"servicings", "seed", "faults", "violations"} <= set(saved) and saved["seed"] == SUITE_SEED
     assert sum(saved["faults"].values()) > 0
+
+
+def test_a_short_campaign_with_nvme_holds_every_invariant(tmp_path):
+    """With --nvme: verified disk IO through each servicing, NVMe keepalive on most keepalive paths, IO and admin
+    command delays among the faults."""
+    report = chaos.run_campaign(6, 1, 1, 1, None, None, ("--timing", "natural"), progress=False)
+    assert report["violations"] == [], json.dumps(report["violations"], indent=1)
+    assert report["nvme"] == 1 and report["nvme_keepalive"] > 0
+    assert {"nvme_io_delay", "nvme_admin_delay"} <= set(report["faults"])
+    assert all(r["disk_paths"] for r in report["records"])

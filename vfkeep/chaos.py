@@ -1,7 +1,7 @@
 """`vfkeep chaos`: one host with guest traffic, N servicings, each on a random path with zero or more random
 faults from a catalogue, and the invariants checked after every one (issue 15 item 1).
 
-A servicing's plan (path, faults) is a pure function of (seed, index) — `plan(seed, i, nics)` — so the JSON
+A servicing's plan (path, faults) is a pure function of (seed, index) — `plan(seed, i, nics, nvme)` — so the JSON
 report (every plan, every violation) is enough to replay one (`--replay`). Faults reach the system through
 the ordinary test hooks: the servicing request (`test_config`, `tamper`, `next_env` with
 `VFKEEP_KILL_POINT` and `kill_point`, see vfkeep/kill_points.py), and the device's control socket (fault rules, HWC stall,
@@ -71,6 +71,11 @@ SAVE_FAULTS = ("save_fail", "save_stuck", "save_crash", "kill_old")
 FAULT_WEIGHTS = {"save_fail": 6, "save_stuck": 2, "save_crash": 3, "kill_old": 8, "kill_new": 10, "hwc_fail": 10,
                  "hwc_stall": 5, "surprise_removal": 6, "vf_reset": 8, "link_flap": 6, "device_reset": 2, "tamper": 6}
 
+#: NVMe faults (with --nvme): IO completions delayed for the servicing, or one admin command delayed 300 ms.
+NVME_FAULTS = ("nvme_io_delay", "nvme_admin_delay")
+NVME_ADMIN_OPCODES = ("IDENTIFY", "SET_FEATURES", "CREATE_IO_CQ", "CREATE_IO_SQ")
+DISK_RATE = 200
+
 STUCK_TIMEOUT_S = 2.0
 SERVICE_TIMEOUT_S = 30.0
 DEVICE_BOUND_S = 30.0
@@ -94,8 +99,9 @@ def killed_with_running_relay(faults: list[dict]) -> bool:
 KEPT_VPORT_PAGES = 102
 
 
-def plan(seed: int, index: int, nics: int) -> dict:
-    """Servicing `index`'s path and faults: a pure function of (seed, index, nics)."""
+def plan(seed: int, index: int, nics: int, nvme: int = 0) -> dict:
+    """Servicing `index`'s path and faults: a pure function of (seed, index, nics, nvme). The NVMe draws come
+    from a stream of their own, so the MANA plan of a seed does not depend on `nvme`."""
     rng = random.Random(f"vfkeep-chaos/{seed}/{index}")
     path = rng.choice(sorted(PATHS))
     count = rng.choices((0, 1, 2, 3), weights=(30, 45, 20, 5))[0]
@@ -108,7 +114,19 @@ def plan(seed: int, index: int, nics: int) -> dict:
             continue
         kinds.append(kind)
     faults = [_fault(rng, kind, nics) for kind in sorted(kinds)]
-    return {"index": index, "path": path, "faults": faults}
+    p = {"index": index, "path": path, "faults": faults}
+    if nvme:
+        disk_rng = random.Random(f"vfkeep-chaos/{seed}/{index}/nvme")
+        p["nvme_keepalive"] = PATHS[path]["mana_keepalive"] and disk_rng.random() < 0.8
+        if disk_rng.random() < 0.3:
+            kind = disk_rng.choice(NVME_FAULTS)
+            f = {"kind": kind, "disk": disk_rng.randrange(nvme), "trigger": disk_rng.choice(TRIGGERS)}
+            if kind == "nvme_io_delay":
+                f["ms"] = disk_rng.choice((5, 20, 50))
+            else:
+                f["opcode"] = disk_rng.choice(NVME_ADMIN_OPCODES)
+            p["faults"] = faults + [f]
+    return p
 
 
 def _fault(rng: random.Random, kind: str, nics: int) -> dict:
@@ -130,7 +148,8 @@ def _fault(rng: random.Random, kind: str, nics: int) -> dict:
 
 
 def describe(fault: dict) -> str:
-    extra = [str(fault[k]) for k in ("point", "mode", "request", "nic", "trigger", "ms") if k in fault]
+    extra = [str(fault[k]) for k in ("point", "mode", "request", "opcode", "nic", "disk", "trigger", "ms")
+             if k in fault]
     return fault["kind"] + (f"({','.join(extra)})" if extra else "")
 
 
@@ -149,6 +168,7 @@ class Campaign:
     nics: int
     seed: int
     run_args: tuple[str, ...] = ()
+    nvme: int = 0
     host: DetachedHost | None = None
     violations: list[dict] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
@@ -160,11 +180,13 @@ class Campaign:
     _events: rpc.RpcClient | None = None
     _relay_seen: dict[int, dict] = field(default_factory=dict)
     _relay_drops_before: int = 0
+    _nvme_pool: dict | None = None  # the NVMe controllers' pool pages after the warm-up (the same every time)
 
     # -- host ------------------------------------------------------------------------------------
     def boot(self) -> None:
-        self.host = DetachedHost(self.run_dir, "--datapath-keepalive", "--keep-worker-logs", "100000", *self.run_args,
-                                 nics=self.nics, wait=SERVICE_TIMEOUT_S + 30)
+        nvme = ("--nvme", str(self.nvme)) if self.nvme else ()
+        self.host = DetachedHost(self.run_dir, "--datapath-keepalive", "--keep-worker-logs", "100000", *nvme,
+                                 *self.run_args, nics=self.nics, wait=SERVICE_TIMEOUT_S + 30)
         self._events = rpc.RpcClient(self.host.path, timeout=5.0)
         self._events.call("events")
         threading.Thread(target=self._watch_events, name="chaos-events", daemon=True).start()
@@ -198,6 +220,9 @@ class Campaign:
     def device(self, nic: int, cmd: str, **args):
         return control_call(os.path.join(self.run_dir, f"nic{nic}.sock.ctl"), cmd, timeout=10, **args)
 
+    def nvme_device(self, disk: int, cmd: str, **args):
+        return control_call(os.path.join(self.run_dir, f"nvme{disk}.sock.ctl"), cmd, timeout=10, **args)
+
     # -- one servicing ---------------------------------------------------------------------------
     def run_one(self, p: dict) -> dict:
         """Service by plan `p`, then check the invariants."""
@@ -205,6 +230,8 @@ class Campaign:
         faults = p["faults"]
         request = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PATHS[p["path"]].items()}
         request["timeout"] = SERVICE_TIMEOUT_S
+        if self.nvme:
+            request["nvme_keepalive"] = p.get("nvme_keepalive", False)
         for f in faults:
             k = f["kind"]
             if k == "kill_old":  # with the save request, to the old worker
@@ -220,6 +247,9 @@ class Campaign:
         before = self._counters()
         old_generation = (self.host.status()["worker"] or {}).get("generation")
         self.host.traffic("start", rate=TRAFFIC_RATE, size=128)
+        disks_before = self._disk_counters()
+        if self.nvme:
+            self.host.disk("start", rate=DISK_RATE, qd=4)
         time.sleep(0.05)
         for f in faults:
             if "trigger" in f:
@@ -241,11 +271,14 @@ class Campaign:
         record = {"index": i, "path": p["path"], "faults": [describe(f) for f in faults], "s": round(took, 3),
                   "status": result["status"] if result else "error", "blackout_ms": result and result["blackout_ms"],
                   "paths": [n["restore_path"] for n in result["nics"]] if result else None,
+                  **({"disk_paths": [d["restore_path"] for d in result.get("nvme") or []],
+                      "io_errors": result.get("io_errors")} if result and self.nvme else {}),
                   "error": (result or {}).get("error") or error}
         found: list[tuple[str, str]] = []
         if error is not None:
             found.append(("servicing_completes", error))
         found += self._check(before, record, killed_with_running_relay(faults))
+        found += self._check_disks(disks_before)
         fired = self._scan_logs(found)
         record["kill_points_fired"] = fired
         for invariant, detail in found:
@@ -256,6 +289,8 @@ class Campaign:
         return record
 
     def _arm(self, f: dict) -> None:
+        if f["kind"] in NVME_FAULTS:
+            return self._arm_nvme(f)
         nic, kind, ms = f["nic"], f["kind"], f.get("ms", 0) / 1000
 
         def later(action):
@@ -289,6 +324,18 @@ class Campaign:
         with self._lock:
             self._pending.setdefault(f["trigger"], []).append(action)
 
+    def _arm_nvme(self, f: dict) -> None:
+        disk = f["disk"]
+        if f["kind"] == "nvme_io_delay":
+            def action():
+                self._guarded(lambda: self.nvme_device(disk, "io_delay", ms=f["ms"]))
+        else:
+            def action():
+                self._guarded(lambda: self.nvme_device(disk, "admin_fault", opcode=f["opcode"], action="delay",
+                                                       ms=300, mode="once"))
+        with self._lock:
+            self._pending.setdefault(f["trigger"], []).append(action)
+
     @staticmethod
     def _guarded(fn) -> None:
         try:
@@ -308,6 +355,8 @@ class Campaign:
             self._guarded(action)  # idempotent (stall off, present again, link up)
         for nic in range(self.nics):
             self._guarded(lambda: self.device(nic, "clear_faults"))
+        for disk in range(self.nvme):
+            self._guarded(lambda: self.nvme_device(disk, "clear_faults"))
 
     # -- invariants ------------------------------------------------------------------------------
     def _counters(self) -> dict:
@@ -362,6 +411,41 @@ class Campaign:
         self._relay_drops_before = relay_now
         return found + self._check_static()
 
+    def _disk_counters(self) -> dict[int, dict]:
+        if not self.nvme:
+            return {}
+        return {a["disk"]: a.get("counters", {}) for a in self.host.disk("status")["agents"] if a.get("alive")}
+
+    def _check_disks(self, before: dict[int, dict]) -> list[tuple[str, str]]:
+        """Every disk completes IO again within the bound; once stopped, every request the guest issued has
+        completed, none with an error, a failed verification or twice."""
+        if not self.nvme:
+            return []
+        deadline = time.monotonic() + DEVICE_BOUND_S
+        base = self._disk_counters()
+        while True:
+            now = self._disk_counters()
+            if all(now.get(d, {}).get("completed", 0) >= base.get(d, {}).get("completed", 0) + 10
+                   for d in range(self.nvme)):
+                break
+            if time.monotonic() > deadline:
+                self.host.disk("stop")
+                return [("devices_work", f"not every disk completed IO again within {DEVICE_BOUND_S:g} s: {now}")]
+            time.sleep(0.05)
+        self.host.disk("stop")
+        deadline = time.monotonic() + DEVICE_BOUND_S
+        while True:
+            now = self._disk_counters()
+            if all(c.get("submitted", 0) == c.get("completed", 0) for c in now.values()):
+                break
+            if time.monotonic() > deadline:
+                return [("io_accounted", f"requests still outstanding {DEVICE_BOUND_S:g} s after IO stopped: {now}")]
+            time.sleep(0.05)
+        bad = {d: {k: c.get(k, 0) - before.get(d, {}).get(k, 0) for k in ("errors", "verify_errors", "duplicates")}
+               for d, c in now.items()}
+        bad = {d: v for d, v in bad.items() if any(v.values())}
+        return [("io_accounted", f"IO errors, failed verifications or duplicates per disk: {bad}")] if bad else []
+
     def _wait_working(self) -> str | None:
         """None once the worker is up and every NIC's agent received new frames; else what did not happen."""
         deadline = time.monotonic() + DEVICE_BOUND_S
@@ -414,8 +498,14 @@ class Campaign:
                 pages += KEPT_VPORT_PAGES
             if pages:
                 expected[f"nic_{nic['pci_id']}"] = pages
-        if pool["devices"] != expected:
-            problems.append(f"pool owners {pool['devices']} != live persistent allocations {expected}")
+        nics = {k: v for k, v in pool["devices"].items() if k.startswith("nic_")}
+        if nics != expected:
+            problems.append(f"pool owners {nics} != live persistent allocations {expected}")
+        others = {k: v for k, v in pool["devices"].items() if not k.startswith("nic_")}
+        if self._nvme_pool is None:
+            self._nvme_pool = others
+        elif others != self._nvme_pool:
+            problems.append(f"NVMe pool owners {others} != {self._nvme_pool} after the warm-up")
         return [("pool_accounting", "; ".join(problems))] if problems else []
 
     def _check_processes(self) -> list[tuple[str, str]]:
@@ -504,6 +594,7 @@ def summarize(campaign: Campaign, seed: int, nics: int, nvme: int, duration_s: f
     return {"servicings": len(campaign.records), "seed": seed, "nics": nics, "nvme": nvme,
             "faults": dict(sorted(faults.items())), "violations": campaign.violations,
             "paths": dict(sorted(paths.items())), "statuses": statuses,
+            "nvme_keepalive": sum(1 for p in plans[:len(campaign.records)] if p.get("nvme_keepalive")),
             "servicings_without_fault": sum(1 for p in plans[:len(campaign.records)] if not p["faults"]),
             "uncounted_in_killed_workers": sum(r.get("uncounted_in_killed_worker", 0) for r in campaign.records),
             "blackout_ms": percentiles(blackouts), "duration_s": round(duration_s, 1),
@@ -537,17 +628,17 @@ def print_summary(report: dict, console) -> None:
                       f"{v['detail'][:300]}", markup=True, highlight=False)
 
 
-def _replay_plans(replay: str, seed: int, nics: int) -> tuple[list[dict], int, int]:
+def _replay_plans(replay: str, seed: int, nics: int, nvme: int) -> tuple[list[dict], int, int, int]:
     """`--replay INDEX` (with --seed) or `--replay REPORT.json` (every servicing with a violation)."""
     if replay.isdigit():
-        return [plan(seed, int(replay), nics)], seed, nics
+        return [plan(seed, int(replay), nics, nvme)], seed, nics, nvme
     with open(replay) as f:
         report = json.load(f)
-    seed, nics = report["seed"], report["nics"]
+    seed, nics, nvme = report["seed"], report["nics"], report.get("nvme", 0)
     indexes = sorted({v["servicing"] for v in report["violations"]})
     if not indexes:
         raise click.ClickException(f"{replay} has no violation to replay")
-    return [plan(seed, i, nics) for i in indexes], seed, nics
+    return [plan(seed, i, nics, nvme) for i in indexes], seed, nics, nvme
 
 
 def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: str | None, replay: str | None,
@@ -557,16 +648,16 @@ def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: st
 
     console = console or Console(stderr=True)
     if replay is not None:
-        plans, seed, nics = _replay_plans(replay, seed, nics)
+        plans, seed, nics, nvme = _replay_plans(replay, seed, nics, nvme)
     else:
-        plans = [plan(seed, i, nics) for i in range(servicings)]
+        plans = [plan(seed, i, nics, nvme) for i in range(servicings)]
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vfk-chaos-") as tmp:
-        campaign = Campaign(os.path.join(tmp, "run"), nics, seed, run_args)
+        campaign = Campaign(os.path.join(tmp, "run"), nics, seed, run_args, nvme)
         try:
             campaign.boot()
             # Warm-up (not counted): a plain keepalive servicing, then the baseline.
-            campaign.run_one({"index": -1, "path": "keepalive+datapath", "faults": []})
+            campaign.run_one({"index": -1, "path": "keepalive+datapath", "faults": [], "nvme_keepalive": bool(nvme)})
             campaign.records.clear()
             campaign.violations.clear()
             campaign.take_baseline()
@@ -601,8 +692,9 @@ def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: st
 @click.option("--servicings", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
-@click.option("--nvme", type=click.IntRange(0, 0), default=0, show_default=True,
-              help="NVMe controllers (not yet: the host has no NVMe devices)")
+@click.option("--nvme", type=click.IntRange(0, 8), default=0, show_default=True,
+              help="NVMe controllers, each with a disk under verified guest IO (NVMe keepalive on most keepalive "
+                   "servicings, IO and admin command delays among the faults)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the report here")
 @click.option("--replay", default=None, metavar="REPORT.json|INDEX",
               help="re-run the servicings with a violation in REPORT.json (its seed and NICs), or servicing INDEX of "
