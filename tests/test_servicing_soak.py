@@ -5,22 +5,9 @@ import signal
 import time
 
 from servicing_helpers import HostRun, children_of, pid_alive
-from vfkeep.proc import open_fd_count
+from vfkeep.proc import open_fd_count, processes_mentioning
 
 SERVICINGS = 50
-
-
-def processes_mentioning(text: str) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        out.append(int(name))
-            except OSError:
-                pass
-    return out
 
 
 def fd_count(pid: int) -> int:
