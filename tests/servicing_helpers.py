@@ -6,6 +6,7 @@ import subprocess
 import time
 
 from vfkeep import proc
+from vfkeep.proc import stat_fields
 from vfkeep.host.detached import DetachedHost
 from vfkeep.vfio_user.control import control_call
 
@@ -59,15 +60,6 @@ class HostRun(DetachedHost):
 
 #: Indexes into stat_fields().
 PPID, SESSION = 1, 3
-
-
-def stat_fields(pid: int | str) -> list[str] | None:
-    """/proc/<pid>/stat after the command name (state, ppid, pgrp, session, ...); None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
 
 
 def live_processes(field: int, value: int) -> list[int]:

@@ -28,23 +28,6 @@ def cli(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.
                           env={**CLEAN_ENV, "COLUMNS": "200", **(env or {})}, stdin=subprocess.DEVNULL)
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (a run dir): what a run left behind."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        fields = stat_fields(name)
-        if text.encode() in cmdline and fields and fields[0] != "Z":
-            out.append(int(name))
-    return out
-
-
 def leftovers(run_dir) -> list[str]:
     """Sockets and pidfile a stopped host must not leave."""
     if not os.path.isdir(run_dir):
@@ -103,7 +86,7 @@ def test_boot_failure_ends_run_fast_with_one_line(tmp_path, case):
     assert len(lines) == 1 and cause in lines[0], r.stderr
     if code == 1:  # it got as far as starting processes: the line names the log to read
         assert "log: " in lines[0] or "see " in lines[0], lines[0]
-    assert not processes_mentioning(run_dir) and leftovers(run_dir) == []
+    assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
 
 
 def test_run_dir_too_long_for_sockets(tmp_path):
@@ -129,7 +112,7 @@ def test_device_failing_at_start_up_ends_run_fast(tmp_path):
     assert r.returncode == 1 and took < 10, (took, r.stderr)
     (line,) = r.stderr.strip().splitlines()
     assert "device nic0 exited" in line and "busy" in line and "device-nic0.stderr" in line, line
-    assert not processes_mentioning(run_dir) and leftovers(run_dir) == []
+    assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
 
 
 # -- --detach, pidfile, signals -------------------------------------------------------------------------
@@ -147,7 +130,7 @@ def test_detach_returns_with_host_running_and_signals_stop_it_in_order(tmp_path,
         assert control.HostClient(run_dir, wait=5).status()["host_pid"] == pid
         again = cli("run", "--detach", "--run-dir", run_dir)
         assert again.returncode == 1 and f"already running in {run_dir} (pid {pid})" in again.stderr
-        kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and (stat_fields(p) or [0, 0])[1] == str(pid)]
+        kids = proc.children(pid)
         assert kids
         os.kill(pid, sig)
         wait_gone(pid)
@@ -248,7 +231,7 @@ def test_console_ctrl_c(tmp_path):
             os.kill(con.pid, signal.SIGKILL)
             os.waitpid(con.pid, 0)
         os.close(con.fd)
-    assert not processes_mentioning(run_dir) and leftovers(run_dir) == []
+    assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
     assert_worker_before_devices(run_dir)
     with open(os.path.join(run_dir, "console_history")) as f:
         assert "status" in f.read()
@@ -277,7 +260,7 @@ def test_console_ctrl_c_during_a_stuck_servicing_waits_for_a_safe_point_then_sto
             os.kill(con.pid, signal.SIGKILL)
             os.waitpid(con.pid, 0)
         os.close(con.fd)
-    assert not processes_mentioning(run_dir) and leftovers(run_dir) == []
+    assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
     assert_worker_before_devices(run_dir)
 
 

@@ -87,8 +87,8 @@ def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
     return proc.returncode
 
 
-def _stat(pid: int | str) -> list[str] | None:
-    """/proc/<pid>/stat after the command name (state, ppid, ...); None once the process is gone."""
+def stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (state, ppid, pgrp, session, ...); None once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()
@@ -100,22 +100,25 @@ def children(pid: int) -> list[int]:
     """PIDs of the live (not zombie) children of `pid`."""
     out = []
     for name in os.listdir("/proc"):
-        if name.isdigit() and (fields := _stat(name)) and int(fields[1]) == pid and fields[0] != "Z":
+        if name.isdigit() and (fields := stat_fields(name)) and int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(name))
     return sorted(out)
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """PIDs of the processes whose command line contains `text` (e.g. a run dir)."""
+    """PIDs of the live (not zombie) processes other than this one whose command line contains `text`
+    (e.g. a run dir): what a run left behind."""
     out = []
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        out.append(int(name))
-            except OSError:
-                pass
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if text.encode() in cmdline and (fields := stat_fields(name)) and fields[0] != "Z":
+            out.append(int(name))
     return out
 
 
