@@ -16,9 +16,11 @@ Then per path: frames lost (never delivered, counted once the backlog has draine
 count, frames not back within 200 ms, is kept as `not_back_in_200ms`) across keepalive servicings (HWC kept,
 vport queues recreated) at 10k, 50k and
 100k frames/s (`keepalive_servicing`), across data-path keepalive servicings (`--datapath-keepalive`, the
-vport's queues and buffers kept too) at 50k frames/s (`datapath_keepalive_servicing`; with the host's default
-4096-slot guest rings and with 16384-slot ones, which hold a loaded machine's blackout), and the CPU an idle
-device, worker and agent use (`idle_cpu_percent`). The load average is recorded before and
+vport's queues and buffers kept too) at 50k frames/s (`datapath_keepalive_servicing`, the host's default
+4096-slot guest rings: with the agent's non-blocking sender, whose frames the full tx ring refuses, and with
+its blocking one (`traffic start --backpressure`, this checkout only), whose frames wait in a guest queue and
+which stops sending while that is full: `backpressured` counts the frames it did not send then, delayed by
+the guest and not lost), and the CPU an idle device, worker and agent use (`idle_cpu_percent`). The load average is recorded before and
 after each path: the machine may be shared. Everything on the path is Python processes, so this measures
 the model, not a NIC. Results: results/throughput.json, results/throughput.png.
 """
@@ -46,9 +48,10 @@ RATES = (2500, 5000, 10000, 20000, 30000, 40000, 60000, 80000, 100000, 120000, 1
 LOSSLESS = 0.001
 SERVICE_RATES = (10000, 50000, 100000)
 DATAPATH_SERVICE_RATES = (50000,)
-#: The host's default guest rings (82 ms at 50k frames/s), and rings that hold a blackout of a loaded machine.
+#: The host's default guest rings (82 ms at 50k frames/s).
 DEFAULT_RING_SLOTS = 4096
-DATAPATH_SERVICE_RING_SLOTS = (DEFAULT_RING_SLOTS, 16384)
+#: Data-path keepalive servicings with the non-blocking guest sender and the blocking one.
+DATAPATH_SERVICE_SENDERS = (False, True)
 IDLE_S = 5.0
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -128,27 +131,31 @@ def sweep(host: TrafficHost, procs: Processes, size: int, rates: list[float], se
 
 
 def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], servicings: int, datapath: bool,
-                     ring_slots: int = DEFAULT_RING_SLOTS) -> list[dict]:
+                     backpressure: bool = False) -> list[dict]:
     """Frames lost and blackout per keepalive servicing, per offered rate: on a host whose workers keep the
     vport's data path (`datapath`, DESIGN D7: `--datapath-keepalive`), or one whose vport queues are destroyed
-    and recreated (the HWC kept, as OpenHCL); guest rings of `ring_slots` slots."""
+    and recreated (the HWC kept, as OpenHCL); the guest's blocking sender (`backpressure`) or non-blocking one."""
     out = []
     args = ("--datapath-keepalive",) if datapath else ()
-    with TrafficHost.running(1, True, timing_from("natural"), *args, "--ring-slots", str(ring_slots),
+    with TrafficHost.running(1, True, timing_from("natural"), *args, "--ring-slots", str(DEFAULT_RING_SLOTS),
                              code_dir=code_dir) as host:
         for rate in rates:
-            host.run_traffic(rate, 64, warmup_s=0.5)
+            host.run_traffic(rate, 64, warmup_s=0.5, backpressure=backpressure)
             results = [servicing_counted(host) for _ in range(servicings)]
             row = {"offered_fps": rate, "frames_lost": [s["frames_lost"] for _, s in results],
                    "lost_tx_ring_full": [s["lost_tx_ring_full"] for _, s in results],
+                   "backpressured": [s["backpressured"] for _, s in results],
                    "not_back_in_200ms": [r["frames_lost"] for r, _ in results],
-                   "frame_bytes": 64, "datapath_kept": datapath, "ring_slots": ring_slots,
+                   "frame_bytes": 64, "datapath_kept": datapath, "ring_slots": DEFAULT_RING_SLOTS,
+                   "backpressure": backpressure, "rtt_max_ms": [s["rtt_ms"]["max"] for _, s in results],
                    "blackout_ms": summary([r["blackout_ms"] for r, _ in results]),
                    "loadavg_1m": round(os.getloadavg()[0], 2)}
             out.append(row)
-            print(f"  {'data-path ' if datapath else ''}keepalive servicing at {rate:>7}/s, {ring_slots}-slot rings: "
-                  f"frames lost {row['frames_lost']} (tx ring full {row['lost_tx_ring_full']}; not back within 200 ms "
-                  f"{row['not_back_in_200ms']}) blackout median {row['blackout_ms']['median']:.1f} ms", flush=True)
+            print(f"  {'data-path ' if datapath else ''}keepalive servicing at {rate:>7}/s, "
+                  f"{'blocking' if backpressure else 'non-blocking'} sender: frames lost {row['frames_lost']} "
+                  f"(tx ring full {row['lost_tx_ring_full']}; not back within 200 ms {row['not_back_in_200ms']}; "
+                  f"backpressured {row['backpressured']}) blackout median {row['blackout_ms']['median']:.1f} ms",
+                  flush=True)
         host.traffic("stop")
     return out
 
@@ -156,10 +163,14 @@ def servicing_losses(code_dir: pathlib.Path | None, rates: tuple[int, ...], serv
 def servicing_counted(host: TrafficHost) -> tuple[dict, dict]:
     """One keepalive servicing: its result (whose `frames_lost` counts what had not come back 200 ms after the
     window, late frames included) and, once the backlog has drained, the window's frames that never came back
-    (the agent's stats with a 2 s settle; `lost_tx_ring_full` of them refused by the full guest ring)."""
+    (the agent's stats with a 2 s settle; `lost_tx_ring_full` of them refused by the full guest ring) and the
+    frames a blocking sender did not send from the servicing until its backlog drained (`backpressured`)."""
+    before = host.traffic("status")["agents"][0].get("backpressured", 0)
     result = host.service_measured("keepalive")
-    (window,) = host.traffic("status")["last_servicing"]
+    status = host.traffic("status")
+    (window,) = status["last_servicing"]
     (stats,) = host.traffic("stats", since_ns=window["start_ns"], until_ns=window["end_ns"], settle_ms=2000)["nics"]
+    stats["backpressured"] = status["agents"][0].get("backpressured", 0) - before
     return result, stats
 
 
@@ -177,8 +188,10 @@ def run_path(name: str, code_dir: pathlib.Path | None, rates: list[float], secon
         idle = procs.percent()
         print(f"  idle cpu % {idle}", flush=True)
     service = servicing_losses(code_dir, SERVICE_RATES, servicings, datapath=False) if servicings else []
-    kept = [row for slots in DATAPATH_SERVICE_RING_SLOTS
-            for row in servicing_losses(code_dir, DATAPATH_SERVICE_RATES, servicings, True, slots)] if servicings else []
+    senders = DATAPATH_SERVICE_SENDERS if code_dir is None else (False,)  # older agents have no blocking sender
+    kept = [row for blocking in senders
+            for row in servicing_losses(code_dir, DATAPATH_SERVICE_RATES, servicings, True, blocking)] \
+        if servicings else []
     out: dict = {"code": str(code_dir) if code_dir else "this checkout", "rows": rows, "idle_cpu_percent": idle,
                  "keepalive_servicing": service, "datapath_keepalive_servicing": kept,
                  "loadavg_before": [round(x, 2) for x in load_before],
@@ -230,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
               "previous_rev": None if args.previous == "none" else args.previous, "paths": paths}
     for name, p in paths.items():
         p["keepalive_lost"] = {str(r["offered_fps"]): r["frames_lost"] for r in p["keepalive_servicing"]}
-        p["datapath_keepalive_lost"] = {f"{r['offered_fps']}/s, {r['ring_slots']} slots": r["frames_lost"]
-                                        for r in p["datapath_keepalive_servicing"]}
+        p["datapath_keepalive_lost"] = {f"{r['offered_fps']}/s, {'blocking' if r['backpressure'] else 'non-blocking'}"
+                                        f" sender": r["frames_lost"] for r in p["datapath_keepalive_servicing"]}
     for key in ("max_lossless_fps_64", "max_lossless_fps_1500", "mbit_s_1500", "keepalive_lost",
                 "datapath_keepalive_lost", "idle_cpu_percent"):
         result[key] = paths["current"][key]

@@ -20,10 +20,11 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 class TrafficHost(ServicingHost):
-    def run_traffic(self, rate: float, size: int = 128, warmup_s: float = 0.5) -> None:
-        """Start (or re-pace) traffic on every NIC and let it reach a steady state."""
+    def run_traffic(self, rate: float, size: int = 128, warmup_s: float = 0.5, backpressure: bool = False) -> None:
+        """Start (or re-pace) traffic on every NIC and let it reach a steady state; `backpressure`: the agents'
+        blocking sender (a host of older code does not know the argument: it is only sent when set)."""
         self.rate = rate
-        self.traffic("start", rate=rate, size=size)
+        self.traffic("start", rate=rate, size=size, **({"backpressure": True} if backpressure else {}))
         time.sleep(warmup_s)
 
     def service_measured(self, path: str) -> dict:

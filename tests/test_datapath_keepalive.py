@@ -265,3 +265,25 @@ def test_queue_memory_a_failed_teardown_leaked_is_freed_after_the_fallback_flr(b
     held = {(s["base_pfn"], s["pages"]) for s in dma.inspect()["pool"]["slot_table"] if s["state"] == "allocated"}
     assert held == live
     assert len(loopback(vf.vport, frames(50))) == 50
+
+
+def test_blocking_guest_sender_loses_nothing_across_data_path_keepalive_servicings(tmp_path):
+    """The guest's blocking sender (`traffic start --backpressure`): frames that find the tx ring full wait in the
+    guest queue, so across data-path keepalive servicings no frame is refused by the ring, none is lost, and
+    those that arrive keep their order; what the blocked sender did not send is reported, not lost."""
+    host = HostRun(tmp_path / "run", "--datapath-keepalive")
+    try:
+        traffic(host, "start", "--rate", "20000", "--size", "64", "--backpressure")
+        for _ in range(2):
+            r = host.service(mana_keepalive=True)
+            assert r["ok"] and r["nics"][0]["restore_path"] == "keepalive", r
+        traffic(host, "stop")
+        s = traffic(host, "stats", "--settle-ms", "10000")["nics"][0]
+        assert s["settled"] and s["frames_lost"] == 0 and s["received"] == s["sent"] > 0
+        assert s["lost_tx_ring_full"] == s["lost_guest_queue"] == s["rings"]["tx"]["dropped_full"] == 0
+        assert s["duplicated"] == s["reordered"] == 0
+        assert s["agent"]["backpressure"] and s["backpressured"] >= 0
+    except BaseException:
+        host.kill()
+        raise
+    host.stop()

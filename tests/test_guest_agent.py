@@ -14,7 +14,7 @@ import pytest
 
 from helpers import LineChild
 from vfkeep import rpc
-from vfkeep.guest.agent import AgentClient, AgentError, guest_mac, spawn_agent
+from vfkeep.guest.agent import TXQUEUELEN, AgentClient, AgentError, guest_mac, spawn_agent
 from vfkeep.guest.ring import ChannelLayout, NicChannel
 from vfkeep.guest.stats import parse_frame
 from vfkeep.memory import GuestMemory, MemoryLayout
@@ -63,7 +63,11 @@ while handled < limit:
     if select.select([wake_r], [], [], 0)[0]:
         relay(ch.tx.pop_many(ch.tx.slots))  # terminated: hand on what is queued, then stop
         break
-    frames = ch.tx.pop_many(int(min(256, limit - handled)))
+    room = ch.rx.free_slots  # take no more than the guest's rx ring holds: this stand-in drops nothing there
+    if not room:
+        time.sleep(0.001)
+        continue
+    frames = ch.tx.pop_many(int(min(256, room, limit - handled)))
     if frames:
         relay(frames)
         if not reported and handled >= opt["report_after"]:
@@ -212,6 +216,57 @@ def test_ring_full_is_counted_not_silent(env):
     st = client.stats(settle_ms=10_000)
     assert st["settled"] and time.monotonic() - t0 < 5
     assert st["received"] == CHANNEL.slots and st["frames_lost"] == refused
+
+
+def _blocked(client) -> dict:
+    """Wait until the blocking sender is blocked: ring full, guest queue full, frames given up."""
+    deadline = time.monotonic() + 10
+    while (st := client.status())["backpressured"] == 0:
+        assert time.monotonic() < deadline, "the blocking sender never blocked"
+        time.sleep(0.01)
+    return st
+
+
+def test_blocking_sender_queues_then_delivers_everything_it_sent(env):
+    """Backpressure: with no relay the tx ring fills, then the guest queue, then the sender blocks; nothing is
+    refused. Once a relay drains the ring, every frame sent arrives, in order: the frames the blocked sender
+    did not send are counted as backpressured (delayed), not lost."""
+    mem, ch, agent, client, reflector, _ = env
+    client.start(rate=20000, size=64, backpressure=True)
+    st = _blocked(client)
+    assert st["guest_queue"] == TXQUEUELEN and st["tx_ring_full"] == 0 and st["backpressure"]
+    assert st["rings"]["tx"]["used"] == CHANNEL.slots and st["rings"]["tx"]["dropped_full"] == 0
+    r = reflector()
+    deadline = time.monotonic() + 10
+    while client.status()["guest_queue"]:
+        assert time.monotonic() < deadline, "the guest queue never drained"
+        time.sleep(0.01)
+    client.stop()
+    st = client.stats(settle_ms=5000)
+    assert st["settled"] and st["lost"] == st["frames_lost"] == 0 and st["received"] == st["sent"], \
+        {k: st[k] for k in ("settled", "lost", "sent", "received", "lost_seqs", "agent", "rings")}
+    assert st["reordered"] == st["duplicated"] == 0
+    assert st["lost_tx_ring_full"] == st["lost_guest_queue"] == st["rings"]["tx"]["dropped_full"] == 0
+    assert st["backpressured"] == st["agent"]["backpressured"] > 0
+    assert r.finish()["forwarded"] == st["sent"]
+
+
+def test_blocking_sender_stopped_on_a_stuck_ring_purges_its_queue_counted(env):
+    """Stopping a blocked sender whose ring never drains discards its guest queue after STOP_FLUSH_S, as an
+    interface reset purges a qdisc: those frames are lost and counted (`lost_guest_queue`), the newest seqs."""
+    mem, ch, agent, client, reflector, _ = env
+    client.start(rate=20000, size=64, backpressure=True)
+    _blocked(client)
+    client.stop()
+    st = client.stats()
+    assert st["agent"]["guest_queue"] == 0 and st["agent"]["guest_queue_purged"] == TXQUEUELEN
+    assert st["lost_guest_queue"] == TXQUEUELEN and st["lost_tx_ring_full"] == 0
+    assert st["sent"] == CHANNEL.slots + TXQUEUELEN
+    frames = ch.tx.pop_many(CHANNEL.slots)  # the test relays the ring's frames back itself
+    assert ch.rx.push_many(frames) == CHANNEL.slots
+    st = client.stats(settle_ms=10_000)
+    assert st["received"] == CHANNEL.slots and st["frames_lost"] == TXQUEUELEN
+    assert st["lost_seqs_truncated"] is False and st["lost_seqs"] == list(range(CHANNEL.slots, st["sent"]))
 
 
 def test_bad_control_input_gets_error_and_agent_keeps_running(env):

@@ -8,17 +8,26 @@ worker was replaced: the blackout, and every frame that never came back.
 
 Records are kept for the whole life of the process, compactly: the send time of seq N is
 `sent_ns[N]` (seqs are consecutive from 0 and never reused, even across stop/start), arrivals are
-three parallel arrays. A frame the tx ring refuses (full) still takes a seq, so it shows up as
-lost — counted by the ring's `dropped_full` and the agent's `tx_ring_full` — never silently.
+three parallel arrays. Two guest senders (`start(..., backpressure=)`):
+
+- non-blocking (default): a frame the full tx ring refuses still takes a seq, so it shows up as
+  lost — counted by the ring's `dropped_full` and the agent's `tx_ring_full` — never silently.
+- blocking (`backpressure=True`), as a Linux guest's netvsc + qdisc + blocking socket: while the tx
+  ring is full, frames wait in a guest queue of TXQUEUELEN frames (sent, with their seq and send
+  time; pushed in order as the ring drains), and while that queue is full too the sender is blocked
+  and sends nothing. Frames its pacing owed meanwhile beyond its catch-up allowance are never sent:
+  counted as `backpressured` (delayed by the guest stack, not lost). Frames still queued when the
+  sender stops and the ring does not drain within STOP_FLUSH_S are discarded and counted lost
+  (`guest_queue_purged`), as an interface reset purges its qdisc.
 
 Control: a `vfkeep.rpc` socket (JSON lines, `{"id", "cmd", "args"}` -> `{"id", "ok", "result"|"error"}`);
 command(args) -> result:
 
-    start(rate, size)                        -> {rate, size, first_seq}
+    start(rate, size, backpressure=False)    -> {rate, size, backpressure, first_seq}
     stop()                                   -> {sent}
     stats(since_ns|since_mark, until_ns|until_mark, settle_ms=0)
                                              -> TrafficStats.to_dict() fields, frames_lost, lost_tx_ring_full,
-                                                window, settled, rings, agent
+                                                lost_guest_queue, backpressured, window, settled, rings, agent
     timeline(bin_ms=10, <window as for stats>) -> {t0_ns, bin_ms, bins: [...], marks: [...]}
     mark(label, t_ns=now)                    -> {label, t_ns}
     marks()                                  -> {marks: [{label, t_ns}, ...]}
@@ -61,11 +70,15 @@ BURST_NS = 2_000_000
 #: Tokens saved up while the sender could not run are capped at this much time's worth of frames (and at
 #: half the ring), so a scheduling hiccup does not turn into a burst that overflows the ring by itself.
 MAX_CATCH_UP_NS = 10_000_000
+#: The blocking sender's guest queue (frames), Linux's default `txqueuelen`.
+TXQUEUELEN = 1000
+#: How long `stop` lets the blocking sender's guest queue drain into the tx ring before purging it.
+STOP_FLUSH_S = 2.0
 #: How often the control server's loop looks for a shutdown request (bounds the exit latency).
 CONTROL_POLL_S = 0.05
 
 # Per-seq fate in `_status`.
-_PENDING, _RECEIVED, _REFUSED = 0, 1, 2
+_PENDING, _RECEIVED, _REFUSED, _PURGED = 0, 1, 2, 3
 
 
 def guest_mac(nic: int) -> bytes:
@@ -100,7 +113,14 @@ class TrafficAgent:
         self._rx_send_ns = array.array("q")
         self._rx_ns = array.array("q")
         self._rx_cond = threading.Condition()
-        self.counters = {"tx_ring_full": 0, "pacing_shortfall": 0, "rx_other": 0, "rx_bad": 0, "rx_unknown_seq": 0}
+        self.backpressure = False
+        self.counters = {"tx_ring_full": 0, "pacing_shortfall": 0, "backpressured": 0, "guest_queue_purged": 0,
+                         "rx_other": 0, "rx_bad": 0, "rx_unknown_seq": 0}
+        # The blocking sender's guest queue: frames sent (seq and send time taken) that wait for tx ring room.
+        self._queue: list[bytes] = []
+        # When the blocked sender gave up frames (`backpressured`), and how many: for per-window counts.
+        self._bp_ns = array.array("q")
+        self._bp_count = array.array("q")
         self.errors: list[str] = []
         self.marks: list[tuple[str, int]] = []
         self._control_lock = threading.Lock()  # start/stop from concurrent control connections
@@ -111,23 +131,26 @@ class TrafficAgent:
         self._receiver.start()
 
     # -- sending -------------------------------------------------------------------------------
-    def start(self, rate: Any, size: Any) -> dict:
-        """Begin (or re-pace) traffic; seqs continue from where the last run stopped."""
+    def start(self, rate: Any, size: Any, backpressure: Any = False) -> dict:
+        """Begin (or re-pace) traffic; seqs continue from where the last run stopped. `backpressure`: the
+        blocking sender (module docstring), else the non-blocking one."""
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= MAX_RATE:
             raise rpc.Refused(f"rate {rate!r} must be a number of frames/s in (0, {MAX_RATE}]")
         if not isinstance(size, int) or isinstance(size, bool) or not MIN_FRAME <= size <= self.max_size:
             raise rpc.Refused(f"size {size!r} must be an integer number of bytes in [{MIN_FRAME}, {self.max_size}] "
                              f"(the ring slot payload)")
+        if not isinstance(backpressure, bool):
+            raise rpc.Refused(f"backpressure {backpressure!r} must be true or false")
         with self._control_lock:
-            self._stop_sender()
-            self.rate, self.size = rate, size
+            self._stop_sender(flush=not backpressure)  # a re-paced blocking sender pushes the queue first
+            self.rate, self.size, self.backpressure = rate, size, backpressure
             self._halt = threading.Event()
-            self._sender = threading.Thread(target=self._send_loop, args=(rate, size, self._halt),
+            self._sender = threading.Thread(target=self._send_loop, args=(rate, size, backpressure, self._halt),
                                             name="agent-tx", daemon=True)
             first_seq = len(self._sent_ns)
             self._sender.start()
-        kv(log, logging.INFO, "traffic started", rate=rate, size=size, first_seq=first_seq)
-        return {"rate": rate, "size": size, "first_seq": first_seq}
+        kv(log, logging.INFO, "traffic started", rate=rate, size=size, backpressure=backpressure, first_seq=first_seq)
+        return {"rate": rate, "size": size, "backpressure": backpressure, "first_seq": first_seq}
 
     def stop(self) -> dict:
         with self._control_lock:
@@ -136,49 +159,97 @@ class TrafficAgent:
         kv(log, logging.INFO, "traffic stopped", was_running=was_running, sent=len(self._sent_ns))
         return {"sent": len(self._sent_ns)}
 
-    def _stop_sender(self) -> bool:
+    def _stop_sender(self, flush: bool = True) -> bool:
+        """Stop the sender thread; with `flush`, then let the guest queue drain (module docstring)."""
         if self._sender is None:
             return False
         self._halt.set()
         self._sender.join()
         self._sender = None
+        if flush and self._queue:
+            self._flush_queue()
         return True
 
-    def _send_loop(self, rate: float, size: int, halt: threading.Event) -> None:
-        """Token bucket on the monotonic clock: wake about every BURST_NS, send what is due in one push."""
+    def _flush_queue(self) -> None:
+        deadline = time.monotonic() + STOP_FLUSH_S
+        while self._push_queued() and time.monotonic() < deadline and not self._closing.is_set():
+            time.sleep(BURST_NS / 1e9)
+        if self._queue:
+            first = len(self._sent_ns) - len(self._queue)  # the queue holds the newest seqs
+            self._status[first:] = bytes([_PURGED]) * len(self._queue)
+            self.counters["guest_queue_purged"] += len(self._queue)
+            kv(log, logging.WARNING, "guest queue purged", frames=len(self._queue))
+            self._queue = []
+
+    def _push_queued(self) -> int:
+        """Push what fits of the guest queue into the tx ring, in order; the frames still queued. Only this
+        producer fills the ring, so everything offered within `free_slots` is accepted (nothing refused)."""
+        queue = self._queue
+        room = self.channel.tx.free_slots
+        if queue and room:
+            taken = self.channel.tx.push_many(queue[:room])
+            self._queue = queue = queue[taken:]
+        return len(queue)
+
+    def _send_loop(self, rate: float, size: int, backpressure: bool, halt: threading.Event) -> None:
+        """Token bucket on the monotonic clock: wake about every BURST_NS, send what is due in one push.
+        Tokens beyond the catch-up depth are given up: `backpressured` if the blocked sender could not send
+        them, else `pacing_shortfall` (the sender was not scheduled in time)."""
         burst = max(1, round(rate * BURST_NS / 1e9))
         depth = max(burst, min(round(rate * MAX_CATCH_UP_NS / 1e9), self.channel.tx.slots // 2))
         tokens = float(burst)
         last = time.monotonic_ns()
+        blocked = False
         try:
             while not halt.is_set():
                 now = time.monotonic_ns()
                 tokens += (now - last) * rate / 1e9
                 last = now
                 if tokens > depth:
-                    self.counters["pacing_shortfall"] += int(tokens - depth)
-                    tokens -= int(tokens - depth)
+                    excess = int(tokens - depth)
+                    if blocked:
+                        self.counters["backpressured"] += excess
+                        self._bp_ns.append(now)
+                        self._bp_count.append(excess)
+                    else:
+                        self.counters["pacing_shortfall"] += excess
+                    tokens -= excess
                 n = int(tokens)
-                if n:
-                    self._send_burst(n, size)
-                    tokens -= n
-                if tokens < burst:
+                if n or self._queue:
+                    sent = self._send_burst(n, size, backpressure)
+                    tokens -= sent
+                    blocked = sent < n
+                if blocked or self._queue:
+                    halt.wait(BURST_NS / 1e9)  # poll for ring room (the relay does not signal it)
+                elif tokens < burst:
                     halt.wait((burst - tokens) / rate)
         except Exception as e:  # a dead sender must show in status/stats, not only on stderr
             self._fail("sender", e)
 
-    def _send_burst(self, n: int, size: int) -> None:
-        """One push of `n` frames: they are published together, so they carry one send time."""
+    def _send_burst(self, n: int, size: int, backpressure: bool) -> int:
+        """One push of up to `n` new frames, published together, so they carry one send time; returns how many
+        were sent. The blocking sender pushes its guest queue first and sends only what the ring and the queue
+        have room for; the non-blocking one sends all `n` and the ring refuses what does not fit."""
+        if backpressure:
+            queued = self._push_queued()
+            n = min(n, self.channel.tx.free_slots + TXQUEUELEN - queued)
+            if n <= 0:
+                return 0
         seq = len(self._sent_ns)
         t = time.monotonic_ns()
         frames = make_frames(seq, n, size, t, self.src, self.dst)
         with self._tx_lock:  # records first: a frame may come back before push_many returns
             self._sent_ns.extend(array.array("q", (t,)) * n)
             self._status.extend(bytes(n))
+        if backpressure:
+            self._queue += frames
+            self._push_queued()
+            return n
         accepted = self.channel.tx.push_many(frames)
         if accepted < n:
             self._status[seq + accepted:seq + n] = bytes([_REFUSED]) * (n - accepted)
             self.counters["tx_ring_full"] += n - accepted
+        return n
 
     # -- receiving -----------------------------------------------------------------------------
     def _receive_loop(self) -> None:
@@ -274,6 +345,11 @@ class TrafficAgent:
             done = self._rx_cond.wait_for(settled, timeout=settle_ms / 1000)
         return since, until, lo, max(lo, hi), done
 
+    def _backpressured(self, since: int, until: int) -> int:
+        """Frames the blocked sender gave up between `since` and `until` (delayed by the guest, never sent)."""
+        lo, hi = bisect.bisect_left(self._bp_ns, since), bisect.bisect_right(self._bp_ns, until)
+        return sum(self._bp_count[lo:hi])
+
     def _records(self, lo: int, hi: int) -> tuple[list, list]:
         """(seq, send_ns) for seqs [lo, hi) and every arrival of those seqs, in arrival order."""
         sent_ns = self._sent_ns
@@ -298,6 +374,8 @@ class TrafficAgent:
         out.update({
             "frames_lost": st.lost,
             "lost_tx_ring_full": self._status.count(_REFUSED, lo, hi),
+            "lost_guest_queue": self._status.count(_PURGED, lo, hi),
+            "backpressured": self._backpressured(since, until),
             "blackout_start_ns": st.blackout_start_ns, "blackout_end_ns": st.blackout_end_ns,
             "window": {"since_ns": since, "until_ns": until, "first_seq": lo, "end_seq": hi},
             "settled": settled,
@@ -339,14 +417,14 @@ class TrafficAgent:
 
     def status(self) -> dict:
         running = self._sender is not None and self._sender.is_alive()
-        return {"running": running, "rate": self.rate, "size": self.size,
-                "sent": len(self._sent_ns), "received": len(self._rx_ns), **self.counters,
+        return {"running": running, "rate": self.rate, "size": self.size, "backpressure": self.backpressure,
+                "guest_queue": len(self._queue), "sent": len(self._sent_ns), "received": len(self._rx_ns), **self.counters,
                 "errors": list(self.errors)}
 
     def close(self) -> None:
         """Stop both threads; the caller closes the channel and memory afterwards."""
         with self._control_lock:
-            self._stop_sender()
+            self._stop_sender(flush=False)
         self._closing.set()
         self.channel.rx.doorbell.ring()
         self._receiver.join()
@@ -384,8 +462,8 @@ class AgentClient:
         """One request (arguments that are None are left out); its result."""
         return self._rpc.call(cmd, {k: v for k, v in args.items() if v is not None})
 
-    def start(self, rate: float, size: int = 128) -> dict:
-        return self.call("start", rate=rate, size=size)
+    def start(self, rate: float, size: int = 128, backpressure: bool = False) -> dict:
+        return self.call("start", rate=rate, size=size, backpressure=backpressure)
 
     def stop(self) -> dict:
         return self.call("stop")

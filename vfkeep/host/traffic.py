@@ -134,7 +134,8 @@ class GuestTraffic:
             return list(pool.map(fn, agents))
 
     # -- operations ------------------------------------------------------------------------------
-    def start(self, rate: float = DEFAULT_RATE, size: int = DEFAULT_SIZE, nic: int | None = None) -> dict:
+    def start(self, rate: float = DEFAULT_RATE, size: int = DEFAULT_SIZE, nic: int | None = None,
+              backpressure: bool = False) -> dict:
         nics = self._nics(nic)
         if not nics:
             raise TrafficError("the host has no NICs")
@@ -142,9 +143,10 @@ class GuestTraffic:
         for i in nics:
             agent = self._agent(i)
             agent.call("mark", label=START_MARK)
-            reply = agent.call("start", rate=rate, size=size)
+            reply = agent.call("start", rate=rate, size=size, backpressure=backpressure)
             out.append({"nic": i, "pid": agent.child.pid, **reply})
-        kv(log, logging.INFO, "traffic started", nics=",".join(map(str, nics)), rate=rate, size=size)
+        kv(log, logging.INFO, "traffic started", nics=",".join(map(str, nics)), rate=rate, size=size,
+           backpressure=backpressure)
         return {"nics": out}
 
     def stop(self, nic: int | None = None) -> dict:

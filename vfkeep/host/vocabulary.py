@@ -239,14 +239,18 @@ nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="o
               help="frames per second per NIC")
 @click.option("--size", type=click.IntRange(60, 2044), default=DEFAULT_SIZE, show_default=True,
               help="frame size in bytes")
+@click.option("--backpressure", is_flag=True,
+              help="a blocking guest sender: frames wait in a 1000-frame guest queue while the tx ring is full "
+                   "and the sender blocks while that is full too (delayed, not lost) [default: the full ring "
+                   "refuses frames, counted lost]")
 @nic_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
 @click.pass_context
-def traffic_start(ctx, rate, size, nic, as_json, run_dir):
+def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
     """Start (or re-pace) traffic; starts the NIC's agent on first use."""
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "start", rate=rate, size=size,
-                                                                      nic=nic, wait=60))
+                                                                      nic=nic, backpressure=backpressure, wait=60))
     if as_json:
         return _print_json(ctx, result)
     for n in result["nics"]:
