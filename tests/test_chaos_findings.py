@@ -1,4 +1,5 @@
 """Regressions for what `vfkeep chaos` found (issue 15): each test failed before its fix."""
+import threading
 import time
 
 from servicing_helpers import HostRun
@@ -117,5 +118,56 @@ def test_frames_a_saving_worker_stranded_are_in_its_save_outcome(tmp_path):
         counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + sum(counters[k] for k in DEVICE_DROPS)
                    + relay_drops)
         assert s["frames_lost"] == counted, (s["frames_lost"], rings, old_relay, relay)
+    finally:
+        h.stop()
+
+
+def _lost_and_counted(h: HostRun, before: dict, old_relays: list[dict]) -> tuple[dict, int]:
+    """(the guest's traffic stats, frames the drop counters account for since `before`)."""
+    h.traffic("stop")
+    s = h.traffic("stats", settle_ms=500)["nics"][0]
+    counters = h.device_control(0, "counters")["counters"]
+    rings = h.inspect("host/rings/0")
+    relay = h.inspect("worker/nics/0/relay")
+    counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"]
+               + sum(counters[k] - before["device"][k] for k in DEVICE_DROPS)
+               + sum(r[k] for r in (*old_relays, relay)
+                     for k in ("tx_dropped_bad_frame", "rx_dropped_too_big", "tx_stranded")))
+    return s, counted
+
+
+def test_a_replacement_does_not_resume_a_kept_vport_its_killed_predecessor_moved_on(tmp_path):
+    """chaos seed 1, servicing 865: under data-path keepalive the new worker resumes the kept vport and starts
+    its relay before the deferred HWC probe, so a kill at `restore.hwc` comes after its relay moved frames: it
+    consumed completions and posted sends the saved state does not record. The host gave the replacement the
+    same saved state, which resumed the vport at the stale positions: it reaped completions of sends it never
+    posted (tx_outstanding -16) and re-read receive completions its predecessor had delivered (28 frames
+    twice, 29 lost). Once guest IO moved since the handoff, the saved state is stale: the replacement starts
+    without it (the NIC comes back through FLR, DESIGN D4), and what the killed worker held is lost with it
+    (at most the vport's buffers), never delivered twice. The HWC is stalled for the first 50 ms of the
+    restore, so the killed worker's relay surely ran first (and moved fewer frames than its queues hold: a
+    stale state that far behind is caught by the overflow check of the CQ)."""
+    h = HostRun(tmp_path / "run", "--datapath-keepalive")
+    try:
+        h.service(mana_keepalive=True)  # the vport is in the pool from now on
+        h.traffic("start", rate=1000, size=128)
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > 100, 10, "traffic flows")
+        before = {"device": h.device_control(0, "counters")["counters"]}
+        h.device_control(0, "hwc_stall", on=True)
+        unstall = threading.Timer(0.05, lambda: h.device_control(0, "hwc_stall", on=False))
+        unstall.start()
+        try:
+            r = h.service(mana_keepalive=True, kill_point="restore.hwc")
+        finally:
+            unstall.join()
+        assert "restore.hwc" in h.worker_log(h.status()["worker"]["generation"] - 1)
+        n = r["nics"][0]
+        assert n["restore_path"] != "keepalive", r  # not the stale state
+        base = h.traffic("status")["agents"][0]["received"]
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 15, "traffic flows again")
+        old_relays = [o["relay"] for o in h.inspect("last_servicing/save_outcomes")]
+        s, counted = _lost_and_counted(h, before, old_relays)
+        assert s["duplicated"] == 0 and s["unknown"] == 0, s
+        assert counted <= s["frames_lost"] <= counted + 64 + 128, (s, counted)  # the killed worker's vport at most
     finally:
         h.stop()
