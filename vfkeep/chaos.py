@@ -86,16 +86,20 @@ DEVICE_DROPS = ("tx_dropped_link_down", "rx_dropped_link_down", "in_discards_no_
                 "in_errors_rx_vport_disabled", "rx_dropped_no_vport", "rx_dropped_removed", "tx_errors", "rx_errors",
                 "tx_backend_errors", "rx_backend_errors")
 RELAY_DROPS = ("tx_dropped_bad_frame", "rx_dropped_too_big", "tx_stranded")
-#: A worker killed while its relay runs (before its save stopped it, or once `started` was sent; a stuck save
-#: is ended the same way) takes the frames it held with it: the batch it popped, its vport's posted sends and
+#: A worker killed while its relay runs (before its save stopped it, or once its restore started the relay; a
+#: stuck save is ended the same way) takes the frames it held with it: the batch it popped, its vport's posted sends and
 #: received frames it had not handed on. Nothing is left to count them, so the campaign reports them as
 #: `uncounted_in_killed_workers` and only a loss above this bound per NIC (the vport's buffers) is a violation.
 KILLED_RELAY_BOUND = 1024
 
 
-def killed_with_running_relay(faults: list[dict]) -> bool:
+def killed_with_running_relay(p: dict) -> bool:
+    """Under data-path keepalive the new worker's relay runs before its deferred HWC probe, so a kill at
+    `restore.hwc` takes frames too (and its replacement starts without the saved state the relay moved past)."""
+    hwc_after_relay = "restore.hwc" if p["path"] == "keepalive+datapath" else None
     return any(f["kind"] == "save_stuck" or (f["kind"] == "kill_old" and f["point"] == "save.requested")
-               or (f["kind"] == "kill_new" and f["point"] == "restore.started") for f in faults)
+               or (f["kind"] == "kill_new" and f["point"] in ("restore.started", hwc_after_relay))
+               for f in p["faults"])
 KEPT_VPORT_PAGES = 102
 
 
@@ -277,7 +281,7 @@ class Campaign:
         found: list[tuple[str, str]] = []
         if error is not None:
             found.append(("servicing_completes", error))
-        found += self._check(before, record, killed_with_running_relay(faults))
+        found += self._check(before, record, killed_with_running_relay(p))
         found += self._check_disks(disks_before)
         fired = self._scan_logs(found)
         record["kill_points_fired"] = fired

@@ -529,6 +529,15 @@ class Host:
             if new is not None:
                 new.end()  # a hung replacement would look alive forever; dead, the next idle tick retries
 
+    def _guest_io_positions(self) -> tuple[tuple[int, int], ...]:
+        """Where the worker side of every guest ring stands (net tx head and rx tail, disk request head and
+        completion tail). A restoring worker moves them only once its relays run, i.e. once it has resumed the
+        kept devices from the saved state: their queue positions are then past the ones the state records, and a
+        replacement resuming them from it would take completions twice and post where the device has been
+        (chaos seed 1, servicing 865)."""
+        return (*((c.tx.stats().head, c.rx.stats().tail) for c in self.channels),
+                *((c.requests.stats().head, c.completions.stats().tail) for c in self.block_channels))
+
     def _disk_positions(self) -> dict[int, int] | None:
         return self.guest_disks.popped() if self.guest_disks is not None else None
 
@@ -686,13 +695,20 @@ class Host:
             self._phase("restore")
             started = None
             t_handoff = time.perf_counter()
+            io_at_handoff = self._guest_io_positions()
             try:
                 started = new.start(handed, timeout_s)
             except WorkerFailed as e:
-                # The new worker hung or died before it finished restoring: replace it, same blob.
+                # The new worker hung or died before it finished restoring: replace it, with the same blob
+                # unless the dead worker had resumed guest IO from it (then the devices moved past it).
                 errors.append(f"restore: {e}")
                 kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
                 new.end()
+                if handed is not None and self._guest_io_positions() != io_at_handoff:
+                    kv(log, logging.WARNING, "the failed worker had resumed guest IO: its saved state is stale, "
+                       "the replacement starts without it")
+                    errors.append("replacement: without the saved state (the failed worker had resumed guest IO)")
+                    handed = None
                 started = self._replace_worker(handed, next_worker_cmd, configured, timeout_s, errors)
             finally:
                 t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
