@@ -2,7 +2,14 @@
 import threading
 import time
 
+from driver_helpers import InProcessBench, numbered_frames
 from servicing_helpers import HostRun
+from vfkeep.driver.mana import ManaDevice
+from vfkeep.guest.ring import ChannelLayout, NicChannel
+from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.paravisor.net_relay import NetRelay
+
+LAYOUT = MemoryLayout(guest_pages=64, worker_pages=512, pool_pages=0)  # the in-process tests' guest memory
 
 
 def _owners(h: HostRun) -> tuple[dict, dict]:
@@ -171,3 +178,32 @@ def test_a_replacement_does_not_resume_a_kept_vport_its_killed_predecessor_moved
         assert counted <= s["frames_lost"] <= counted + 64 + 128, (s, counted)  # the killed worker's vport at most
     finally:
         h.stop()
+
+
+def test_sends_whose_doorbell_a_briefly_removed_device_lost_are_rung_again(mem):
+    """chaos seed 1, servicings 739-741: a device removed for 50 ms, too short for the worker's presence poll,
+    lost the SQ doorbell of the sends the relay posted meanwhile. Nothing rang it again: with every send buffer
+    posted and none completing, the relay waited for TX completions for good, and the kept vport carried the
+    stall through two keepalive servicings. A send queue with work outstanding and no completion for
+    `TX_TIMEOUT_S` has its doorbells rung again (a tail the device already has is ignored, gdma spec 4.3)."""
+    bench = InProcessBench(mem)
+    dev = ManaDevice.new(bench.connect(DmaManager(mem), "nic0"), "nic0")
+    data = dev.open_vport(0).data
+    channel = NicChannel.create(mem, ChannelLayout(nics=1, slots=16, slot_size=2048), 0)
+    relay = NetRelay(channel, data, "nic0")
+    relay.start()
+    try:
+        bench.device.removed = True  # writes go nowhere; the driver reads nothing that would tell it
+        sent = numbered_frames(12)
+        assert channel.tx.push_many(sent) == 12
+        channel.tx.doorbell.ring()
+        _wait(lambda: not len(channel.tx) and data.tx_outstanding == 12, 5, "the relay posted the sends")
+        bench.device.removed = False
+        _wait(lambda: len(channel.rx) == 12, 10, "the lost sends are sent (loopback: they come back)")
+        assert sorted(bytes(f[12:]) for f in channel.rx.pop_many(12)) == sorted(f[12:] for f in sent)
+        assert data.stats.tx_timeouts >= 1
+    finally:
+        relay.stop()
+        dev.shutdown()
+        channel.close()
+        bench.device.close()
