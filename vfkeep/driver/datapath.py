@@ -46,6 +46,13 @@ _CQ_ID_SHIFT, _CQ_ID_MASK = codec.EQE_COMPLETION_DATA.shift["cq_id"], codec.EQE_
 assert codec.RX_COMP.format == "<I4xH" and _RX_HDR_AT % 4 == 0 and _RX_LEN_AT % 2 == 0
 
 
+#: Sends outstanding this long without a TX completion: the device may never have seen their doorbell (written
+#: while it was briefly removed: the posted write went nowhere and no read told the driver), so the SQ and RQ
+#: doorbells are rung again with the current tails. Harmless if it had: a tail that adds no bytes is ignored
+#: (gdma spec 4.3). The TX watchdog of a NIC driver, far shorter than Linux's 5 s as nothing here is slower.
+TX_TIMEOUT_S = 1.0
+
+
 def tx_wqe_len(short: bool) -> int:
     return wqe_length(CLIENT_OOB_8 if short else CLIENT_OOB_24, 1)
 
@@ -107,6 +114,7 @@ class VportDataPath:
         self.max_frame = buffer_size
         self.stats = VportStats()
         self.tx_failed = False
+        self.tx_timeouts = 0  # sends outstanding without a completion for TX_TIMEOUT_S: doorbells rung again
         self.closed = False
         self._short = bool(short)
         self._tx_nbuf, self._rx_nbuf = buffer_counts(self._sq.size, self._tx_cq.size, self._rq.size,
@@ -146,6 +154,7 @@ class VportDataPath:
         self._tx_positions_mask = positions - 1
         self._tx_posted = 0
         self._tx_done = 0
+        self._tx_progress_at = time.monotonic()  # the last TX completion, or posting with nothing outstanding
 
     def _format_rx(self, buffers: DmaBuffer, write: bool) -> None:
         """Write every RQ position once (`write`); position p receives into buffer p mod nbuf, in posting order."""
@@ -202,6 +211,8 @@ class VportDataPath:
             pos += 1
         nbytes = sum(lengths)
         sq.advance_tail(n * self._tx_wqe_len)
+        if self._tx_posted == self._tx_done:
+            self._tx_progress_at = time.monotonic()
         self._tx_posted += n
         sq.commit()
         self.stats.tx_frames += n
@@ -224,6 +235,7 @@ class VportDataPath:
                     kv(log, logging.ERROR, "tx queue disabled by the device", vport=self.index, sq=self._sq.id)
         done = len(offsets)
         self._tx_done += done
+        self._tx_progress_at = time.monotonic()
         self._sq.advance_head(done * self._tx_wqe_len)
         return done
 
@@ -333,6 +345,8 @@ class VportDataPath:
         self._check_open()
         self.take_events()
         self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
+        if self._tx_posted != self._tx_done and time.monotonic() - self._tx_progress_at > TX_TIMEOUT_S:
+            self._tx_timeout()
         if self._rx_cq.pending():
             return False
         arm_tx = need_tx and self._tx_posted != self._tx_done
@@ -378,6 +392,18 @@ class VportDataPath:
         if not self._eq_armed:
             self._eq.arm()
             self._eq_armed = True
+
+    def _tx_timeout(self) -> None:
+        """Sends outstanding and no completion for TX_TIMEOUT_S: ring the SQ and RQ doorbells again (a lost RQ
+        doorbell starves the receive side the same way) and arm every queue again."""
+        self.tx_timeouts += 1
+        kv(log, logging.WARNING, "tx timeout: ringing the doorbells again", vport=self.index, sq=self._sq.id,
+           tx_outstanding=self.tx_outstanding, timeouts=self.tx_timeouts)
+        self._tx_progress_at = time.monotonic()
+        self._post_rx()
+        self._rq.commit()
+        self._sq.commit()
+        self.rearm()
 
     def rearm(self) -> None:
         """Forget what is armed: the next `prepare_wait` arms every queue again (after a wait that timed out,

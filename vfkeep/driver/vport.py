@@ -175,7 +175,8 @@ class Vport:
         """Identity, queue ids and driver-side counters; a plain read, safe from another thread than the
         data path's (which owns the queues)."""
         return {"index": self.index, "handle": self.handle, "mac": self.mac.hex(":"), "persistent": self.persistent,
-                **self.queue_ids(), "stats": asdict(self.stats)}
+                **self.queue_ids(), "stats": asdict(self.stats),
+                "tx_timeouts": self.data.tx_timeouts if self.data is not None else 0}
 
     def _check_open(self) -> None:
         if self.closed:
