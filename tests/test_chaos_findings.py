@@ -207,3 +207,25 @@ def test_sends_whose_doorbell_a_briefly_removed_device_lost_are_rung_again(mem):
         dev.shutdown()
         channel.close()
         bench.device.close()
+
+
+def test_a_function_reset_behind_the_workers_back_is_found_by_the_tx_watchdog(tmp_path):
+    """An FLR behind the worker's back outside a servicing (the campaign's `device_reset` fault when it lands
+    after the restore) took the function's HWC and queues, and nothing the worker reads showed it: the NIC
+    stayed dead. Sends that the device no longer completes even after the TX watchdog rang their doorbells
+    again (`TX_HUNG_TIMEOUTS` timeouts in a row) make the NIC reset the function and come up fresh; the sends
+    lost with the old queues are counted (`tx_stranded`)."""
+    h = HostRun(tmp_path / "run")
+    try:
+        h.traffic("start", rate=1000, size=128)
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > 100, 10, "traffic flows")
+        before = {"device": h.device_control(0, "counters")["counters"]}
+        h.device_control(0, "reset_function")
+        base = h.traffic("status")["agents"][0]["received"]
+        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 20, "traffic flows again")
+        assert h.inspect("worker/nics/0/tx_hang_resets") == 1
+        s, counted = _lost_and_counted(h, before, [])
+        assert s["frames_lost"] > 0  # the reset did cost frames
+        assert s["frames_lost"] == counted and s["duplicated"] == 0 and s["unknown"] == 0, (s, counted)
+    finally:
+        h.stop()
