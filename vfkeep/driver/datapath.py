@@ -24,7 +24,7 @@ from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
 from .backing import DmaBuffer, buffer_addresses
-from .errors import BadFrame, DeviceMissing, VportError
+from .errors import BadFrame, DeviceMissing, TxHung, VportError
 from .gdma_driver import ALL_ONES32
 from .queues import CQE_SIZE, EQE_SIZE, CqEq, DoorbellPage, Wq
 
@@ -51,6 +51,9 @@ assert codec.RX_COMP.format == "<I4xH" and _RX_HDR_AT % 4 == 0 and _RX_LEN_AT % 
 #: doorbells are rung again with the current tails. Harmless if it had: a tail that adds no bytes is ignored
 #: (gdma spec 4.3). The TX watchdog of a NIC driver, far shorter than Linux's 5 s as nothing here is slower.
 TX_TIMEOUT_S = 1.0
+#: Watchdog timeouts in a row (no completion in between) after which the send queue is hung: `prepare_wait`
+#: raises TxHung, and the NIC resets the function (an FLR behind the driver's back leaves nothing else to see).
+TX_HUNG_TIMEOUTS = 3
 
 
 def tx_wqe_len(short: bool) -> int:
@@ -115,6 +118,7 @@ class VportDataPath:
         self.stats = VportStats()
         self.tx_failed = False
         self.tx_timeouts = 0  # sends outstanding without a completion for TX_TIMEOUT_S: doorbells rung again
+        self._tx_timeouts_in_a_row = 0
         self.closed = False
         self._short = bool(short)
         self._tx_nbuf, self._rx_nbuf = buffer_counts(self._sq.size, self._tx_cq.size, self._rq.size,
@@ -236,6 +240,7 @@ class VportDataPath:
         done = len(offsets)
         self._tx_done += done
         self._tx_progress_at = time.monotonic()
+        self._tx_timeouts_in_a_row = 0
         self._sq.advance_head(done * self._tx_wqe_len)
         return done
 
@@ -346,6 +351,9 @@ class VportDataPath:
         self.take_events()
         self._reap_tx()  # TX completions are the vport's own work: consume them, never report them as waiting
         if self._tx_posted != self._tx_done and time.monotonic() - self._tx_progress_at > TX_TIMEOUT_S:
+            if self._tx_timeouts_in_a_row >= TX_HUNG_TIMEOUTS:
+                raise TxHung(f"vport {self.index}: {self.tx_outstanding} sends without a completion after "
+                             f"{self._tx_timeouts_in_a_row} TX timeouts")
             self._tx_timeout()
         if self._rx_cq.pending():
             return False
@@ -397,6 +405,7 @@ class VportDataPath:
         """Sends outstanding and no completion for TX_TIMEOUT_S: ring the SQ and RQ doorbells again (a lost RQ
         doorbell starves the receive side the same way) and arm every queue again."""
         self.tx_timeouts += 1
+        self._tx_timeouts_in_a_row += 1
         kv(log, logging.WARNING, "tx timeout: ringing the doorbells again", vport=self.index, sq=self._sq.id,
            tx_outstanding=self.tx_outstanding, timeouts=self.tx_timeouts)
         self._tx_progress_at = time.monotonic()

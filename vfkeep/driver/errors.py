@@ -103,6 +103,11 @@ class VportError(DriverError):
     """A vport cannot be opened or used."""
 
 
+class TxHung(VportError):
+    """Sends stopped completing although the TX watchdog rang their doorbells again: the function lost its
+    queues (e.g. reset behind the driver's back)."""
+
+
 class BadFrame(VportError, ValueError):
     """A frame is empty or larger than one packet buffer."""
 
