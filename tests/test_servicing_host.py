@@ -80,6 +80,20 @@ def test_save_stuck_times_out_then_next_servicing_is_fresh_decision(host):
     assert host.service(mana_keepalive=True)["ok"]
 
 
+def test_prelaunched_worker_asks_for_the_state_before_the_save_ends(host):
+    """The prelaunched next worker is started for the servicing before the save (issue 10): its request for
+    the saved state already waits when the host has the state. When the save then fails (D4, here: stuck
+    past --timeout), that worker is ended and one without state takes over: the fresh path, as before."""
+    gen = host.inspect("worker/generation")
+    r = host.service(mana_keepalive=True, timeout=1.0, test_config="SERVICING_SAVE_STUCK")
+    assert not r["ok"] and "did not answer within" in r["error"]
+    assert "servicing state requested" in host.worker_log(gen + 1)  # while the old worker hung in its save
+    assert host.inspect("worker/generation") == gen + 2
+    assert "servicing state requested" not in host.worker_log(gen + 2)
+    assert host.inspect("worker/restore/servicing_state_bytes") is None
+    assert host.service(mana_keepalive=True)["ok"]
+
+
 def test_save_crash_starts_worker_anyway(host):
     r = host.service(mana_keepalive=True, test_config="SERVICING_SAVE_CRASH")
     assert not r["ok"] and "closed its channel" in r["error"]

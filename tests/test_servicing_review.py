@@ -145,6 +145,7 @@ class _FakeWorker:
         self.fail_with = fail_with
         self.sent: list[dict] = []
         self.ended = False
+        self.servicing_begun = False
 
     def alive(self):
         return not self.ended
@@ -170,6 +171,7 @@ class _FakeWorker:
         return self.recv(timeout, *expected)
 
     save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
+    begin_servicing = WorkerProcess.begin_servicing
     start = WorkerProcess.start
     _recv_by = WorkerProcess._recv_by
 
@@ -206,16 +208,19 @@ def test_service_never_leaks_the_prelaunched_worker(tmp_path, monkeypatch):
 
 def test_service_broken_state_transfer_is_d4_not_a_crash(tmp_path, monkeypatch):
     """An old worker whose state transfer breaks spec §2.5 (a chunk over 8192 bytes): the host takes none of
-    it, ends the worker and the new one starts without state (D4); the result says why, nothing escapes."""
+    it, ends the worker, and a worker without state starts (D4; the prelaunched one, already waiting for a
+    state, is ended); the result says why, nothing escapes."""
     old = _FakeWorker(1, [SaveState(TransferStatus.MORE_DATA, b"x" * 8192),
                           SaveState(TransferStatus.SUCCESS, b"x" * 8193)])
-    new = _FakeWorker(2, [_STARTED])
-    host = _fake_host(tmp_path, monkeypatch, old, [new])
+    new = _FakeWorker(2)
+    fresh = _FakeWorker(3, [_STARTED])
+    host = _fake_host(tmp_path, monkeypatch, old, [new, fresh])
     result = host._service(mana_keepalive=True)
     assert result["ok"] is False and "more than 8192" in result["error"]
     assert old.ended and not any(isinstance(m, SaveStateAnswer) for m in old.sent)
-    assert new.sent == [Start()]
-    assert host.worker is new and old.ended and not new.ended
+    assert new.sent == [Start(servicing=True)] and new.ended
+    assert fresh.sent == [Start()]
+    assert host.worker is fresh and old.ended and not fresh.ended
 
 
 def test_service_replacement_that_fails_too_falls_back_to_fresh(tmp_path, monkeypatch):

@@ -8,12 +8,17 @@ import time
 
 
 class KeyValueFormatter(logging.Formatter):
-    """`ts=... level=... proc=... logger=... msg="..." k=v ...` (values from `extra={"kv": {...}}`)."""
+    """`ts=... mono=... level=... proc=... logger=... msg="..." k=v ...` (values from `extra={"kv": {...}}`).
+
+    `mono` is CLOCK_MONOTONIC in nanoseconds when the line was written (a file handler formats inside the
+    logging call): one clock for every process of the machine, the one the guest agents and the host's
+    servicing windows use, so a servicing can be traced across the run dir's logs to the microsecond."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         parts = [
             f"ts={ts}.{int(record.msecs):03d}Z",
+            f"mono={time.monotonic_ns()}",
             f"level={record.levelname.lower()}",
             f"pid={record.process}",
             f"logger={record.name}",

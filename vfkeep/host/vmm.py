@@ -639,7 +639,12 @@ class Host:
         if self.config.prelaunch:
             try:
                 new = self._servicing["next"] = self._start_worker(next_env, next_worker_cmd, configured)
+                # It asks for the saved state now; the host answers that request once it has the state, so no
+                # start/request round trip is left inside the window (spec §2.5 order unchanged).
+                new.begin_servicing()
             except WorkerFailed as e:
+                if new is not None:
+                    new.end()
                 raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
         prelaunch_ms = _ms(t_pre, time.perf_counter())
         self._phase("save")
@@ -683,6 +688,9 @@ class Host:
             if saved is None:
                 old.end()
                 self._lost_requests = self._disk_positions()
+                if new is not None:  # it waits for a saved state there is none of: D4 starts one without
+                    new.end()
+                    new = None
             self.mem.scrub_worker_ram()
             handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
             if new is None:

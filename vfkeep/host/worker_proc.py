@@ -31,6 +31,7 @@ class WorkerProcess:
         self.argv = argv
         self.hello: Hello | None = None
         self.spawned_at = time.perf_counter()
+        self.servicing_begun = False
 
     @property
     def pid(self) -> int:
@@ -163,11 +164,20 @@ class WorkerProcess:
                    generation=self.generation, error=str(e))
             return msg, b"".join(parts)
 
+    def begin_servicing(self) -> None:
+        """`start` a prelaunched worker as the next one of a servicing before the saved state exists: it
+        requests the state (REQUEST_DATA) and waits for it, so `start(blob)` answers a request already there."""
+        self.send(Start(servicing=True))
+        self.servicing_begun = True
+
     def start(self, blob: bytes | None, timeout: float) -> Started:
-        """`start`; with a saved state (a servicing) answer the worker's REQUEST_DATA with it in chunks and
-        take its restore-completed report before `started`."""
+        """`start` (unless `begin_servicing` sent it); with a saved state (a servicing) answer the worker's
+        REQUEST_DATA with it in chunks and take its restore-completed report before `started`."""
+        if self.servicing_begun and blob is None:
+            raise ValueError("a worker told to restore a saved state cannot start without one")
         deadline = time.monotonic() + timeout
-        self.send(Start(servicing=blob is not None))
+        if not self.servicing_begun:
+            self.send(Start(servicing=blob is not None))
         if blob is not None:
             req = self._recv_by(deadline, timeout, RestoreStateRequest)
             if req.status is not TransferStatus.REQUEST_DATA:

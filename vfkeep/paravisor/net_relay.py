@@ -54,6 +54,10 @@ class NetRelay:
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._stop_lock = threading.Lock()
+        #: Set once this relay has handed the guest its first received frames, or has nothing to do (it goes to
+        #: sleep idle), or has ended: the data path is back, so work that would compete with it for the CPU
+        #: (a deferred HWC probe) may start.
+        self.resumed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
     def start(self) -> None:
@@ -72,6 +76,7 @@ class NetRelay:
                 self._thread.join()
             os.close(self._stop_fd)
             self._stop_fd = None
+            self.resumed.set()  # (also for a relay never started: nobody waits for it)
         kv(log, logging.INFO, "relay stopped", pci_id=self.pci_id, **asdict(self.stats))
 
     def abandon(self) -> None:
@@ -89,11 +94,14 @@ class NetRelay:
         kv(log, logging.INFO, "relay running", pci_id=self.pci_id, tx_head=self.channel.tx.stats().head,
            rx_tail=self.channel.rx.stats().tail)
         moved = False
+        rx_before = self.stats.rx_frames
         try:
             while not self._stopping:
                 tx_bell.clear()
                 if self._pump():
                     moved = True
+                    if not self.resumed.is_set() and self.stats.rx_frames != rx_before:
+                        self._resume(self.stats.rx_frames - rx_before)
                     continue
                 moderate, moved = moved and not len(self.channel.tx), False
                 if moderate:
@@ -111,6 +119,8 @@ class NetRelay:
                     continue
                 if len(self.channel.tx) and self.datapath.tx_free:
                     continue
+                if not self.resumed.is_set():
+                    self._resume(self.stats.rx_frames - rx_before)
                 if not poller.poll(IDLE_WAIT_MS):
                     self.datapath.rearm()  # idle: arm everything again, in case a notification was lost
                 self.stats.wakeups += 1
@@ -123,6 +133,12 @@ class NetRelay:
             self._fail(e)
         except (*DEVICE_ERRORS, RingError) as e:
             self._fail(e)
+        finally:
+            self.resumed.set()
+
+    def _resume(self, frames: int) -> None:
+        self.resumed.set()
+        kv(log, logging.INFO, "relay resumed", pci_id=self.pci_id, rx_frames=frames)
 
     def _pump(self) -> int:
         """Everything the vport received, then one batch of sends; returns the frames moved. Receiving first

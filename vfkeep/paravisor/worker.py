@@ -108,6 +108,7 @@ class Worker:
             blob = self._fetch_servicing_state()
             kill_points.reached("restore.state_received")
             phases["fetch"] = _ms(t)
+            kv(log, logging.INFO, "servicing state received", bytes=None if blob is None else len(blob))
             if blob is None:
                 state_error = "host aborted the servicing state transfer"
                 kv(log, logging.ERROR, "no servicing state, every NIC takes the fallback path", error=state_error)
@@ -163,6 +164,8 @@ class Worker:
         for kind in self.kinds:
             kind.start()
         phases["total"] = _ms(t_all)
+        if os.environ.get("PROFILE_WORKER") and msg.servicing:
+            import sitecustomize; sitecustomize._dump()
         self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
                              "servicing_state_sha256": None if blob is None else hashlib.sha256(blob).hexdigest(),
                              "state_error": state_error, "dma_error": dma_error,
@@ -181,6 +184,7 @@ class Worker:
         """Spec §2.5, new side: REQUEST_DATA, then the host's responses until SUCCESS (the state) or FAILURE
         (aborted: None). Each header's length must equal its payload; anything else is StateTransferError."""
         self.send(RestoreStateRequest())
+        kv(log, logging.INFO, "servicing state requested")
         parts: list[bytes] = []
         while True:
             try:

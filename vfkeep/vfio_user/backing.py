@@ -46,11 +46,11 @@ def _call(fn: Callable, *args):
 class VfioBacking:
     """`DeviceBacking` over one vfio-user connection (thread-safe: VfioDevice serialises requests)."""
 
-    def __init__(self, dev: VfioDevice, dma: DmaClients | None):
+    def __init__(self, dev: VfioDevice, dma: DmaClients | None, bar0_len: int, msix_count: int):
         self.dev = dev
         self.dma = dma
-        self.bar0_len = _call(lambda: dev.region_info(REGION_BAR0).size)
-        self.msix_count = _call(lambda: dev.irq_info(IRQ_MSIX).count)
+        self.bar0_len = bar0_len
+        self.msix_count = msix_count
 
     def read(self, offset: int, size: int) -> bytes:
         return _call(self.dev.region_read, REGION_BAR0, offset, size)
@@ -91,8 +91,8 @@ def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None,
     dev = None
     try:
         dev = _call(VfioDevice.restore if restore else VfioDevice.new, path, timeout)
-        _call(dev.map_guest_memory, mem)
-        return VfioBacking(dev, dma)
+        bar0, msix = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX)
+        return VfioBacking(dev, dma, bar0.size, msix.count)
     except BaseException:
         try:
             if dev is not None:

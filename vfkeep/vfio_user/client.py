@@ -141,11 +141,17 @@ class VfioDevice:
 
     @classmethod
     def _open(cls, path: str | os.PathLike, timeout: float) -> "VfioDevice":
+        """Connect, then VERSION and DEVICE_GET_INFO pipelined: one round trip (a failed VERSION closes the
+        session, and its error is the one raised)."""
         sock = connect_unix(path, time.monotonic() + timeout, DeviceMissing)
         dev = cls(sock, os.fspath(path), timeout)
         try:
-            dev._version()
-            dev.info = dev.device_info()
+            version, info = dev._requests([
+                (Command.VERSION, encode_version(VERSION_MAJOR, VERSION_MINOR, {
+                    "max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE}), ()),
+                (Command.DEVICE_GET_INFO, DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ())])
+            dev._check_version(version)
+            dev.info = dev._device_info(info)
         except BaseException:
             dev.close()
             raise
@@ -153,9 +159,7 @@ class VfioDevice:
            regions=dev.info.num_regions, irqs=dev.info.num_irqs)
         return dev
 
-    def _version(self) -> None:
-        payload = self._request(Command.VERSION, encode_version(
-            VERSION_MAJOR, VERSION_MINOR, {"max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE}))
+    def _check_version(self, payload: bytes) -> None:
         try:
             major, minor, caps = decode_version(payload)
         except CommandError as e:
@@ -167,33 +171,64 @@ class VfioDevice:
 
     # -- info -----------------------------------------------------------------------------------
     def device_info(self) -> DeviceInfo:
-        reply = self._request(Command.DEVICE_GET_INFO, DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0))
+        return self._device_info(self._request(Command.DEVICE_GET_INFO, DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0)))
+
+    def _device_info(self, reply: bytes) -> DeviceInfo:
         _, flags, num_regions, num_irqs = self._unpack(DEVICE_INFO, reply, Command.DEVICE_GET_INFO)
         return DeviceInfo(flags, num_regions, num_irqs)
 
     def region_info(self, index: int) -> RegionInfo:
-        reply = self._request(Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
+        return self._region_info(self._requests([self._region_info_request(index)])[0])
+
+    @staticmethod
+    def _region_info_request(index: int) -> tuple[int, bytes, tuple]:
+        return Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0), ()
+
+    def _region_info(self, reply: bytes) -> RegionInfo:
         _, flags, idx, _, size, _ = self._unpack(REGION_INFO, reply[:REGION_INFO.size], Command.DEVICE_GET_REGION_INFO)
         return RegionInfo(idx, flags, size)
 
     def irq_info(self, index: int) -> IrqInfo:
-        reply = self._request(Command.DEVICE_GET_IRQ_INFO, IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))
+        return self._irq_info(self._requests([self._irq_info_request(index)])[0])
+
+    @staticmethod
+    def _irq_info_request(index: int) -> tuple[int, bytes, tuple]:
+        return Command.DEVICE_GET_IRQ_INFO, IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0), ()
+
+    def _irq_info(self, reply: bytes) -> IrqInfo:
         _, flags, idx, count = self._unpack(IRQ_INFO, reply, Command.DEVICE_GET_IRQ_INFO)
         return IrqInfo(idx, flags, count)
 
     # -- DMA ------------------------------------------------------------------------------------
     def dma_map(self, fd: int, file_offset: int, iova: int, size: int) -> None:
         """Let the device reach [iova, iova+size) = `size` bytes of file `fd` at `file_offset`."""
-        flags = DMA_MAP_READ | DMA_MAP_WRITE
         with self._lock:
-            self._request(Command.DMA_MAP, DMA_MAP.pack(DMA_MAP.size, flags, file_offset, iova, size), fds=[fd])
-            if not any((m.iova, m.size) == (iova, size) for m in self._maps):  # an exact repeat is a no-op
-                self._maps.append(_Mapping(iova, size, os.dup(fd), file_offset, flags))
+            self._requests([self._dma_map_request(fd, file_offset, iova, size)])
+            self._mapped(fd, file_offset, iova, size)
+
+    @staticmethod
+    def _dma_map_request(fd: int, file_offset: int, iova: int, size: int) -> tuple[int, bytes, tuple]:
+        return (Command.DMA_MAP, DMA_MAP.pack(DMA_MAP.size, DMA_MAP_READ | DMA_MAP_WRITE, file_offset, iova, size),
+                (fd,))
+
+    def _mapped(self, fd: int, file_offset: int, iova: int, size: int) -> None:
+        if not any((m.iova, m.size) == (iova, size) for m in self._maps):  # an exact repeat is a no-op
+            self._maps.append(_Mapping(iova, size, os.dup(fd), file_offset, DMA_MAP_READ | DMA_MAP_WRITE))
 
     def map_guest_memory(self, mem: GuestMemory) -> None:
         """All of guest memory (guest RAM, worker RAM, pool: one file, contiguous) in one DMA_MAP, IOVA = file
         offset (so PFNs agree everywhere)."""
         self.dma_map(mem.fd, 0, 0, mem.layout.size)
+
+    def map_and_query(self, mem: GuestMemory, region: int, irq: int) -> tuple[RegionInfo, IrqInfo]:
+        """`map_guest_memory`, REGION_INFO of `region` and IRQ_INFO of `irq`, pipelined: what a driver needs
+        before its first register access, in one round trip."""
+        with self._lock:
+            mapped, region_reply, irq_reply = self._requests([
+                self._dma_map_request(mem.fd, 0, 0, mem.layout.size), self._region_info_request(region),
+                self._irq_info_request(irq)])
+            self._mapped(mem.fd, 0, 0, mem.layout.size)
+            return self._region_info(region_reply), self._irq_info(irq_reply)
 
     def dma_unmap(self, iova: int = 0, size: int = 0, *, unmap_all: bool = False) -> None:
         flags = DMA_UNMAP_ALL if unmap_all else 0
@@ -273,29 +308,42 @@ class VfioDevice:
 
     # -- transport ------------------------------------------------------------------------------
     def _request(self, command: int, payload: bytes, *, fds: list[int] | tuple[int, ...] = (), no_reply: bool = False) -> bytes:
-        name = command_name(command)
+        return self._requests([(command, payload, fds)], no_reply=no_reply)[0]
+
+    def _requests(self, batch: list[tuple[int, bytes, list[int] | tuple[int, ...]]], *,
+                  no_reply: bool = False) -> list[bytes]:
+        """Send each (command, payload, fds) of `batch` without waiting, then take the replies in order: the
+        server handles and answers commands in arrival order (vfio-user spec 1.4), so a batch costs one round
+        trip. The first error reply raises as that command alone would; nothing of the batch is used then
+        (the commands after it may have been applied: callers batch only what they would give up together)."""
         with self._lock:
             if self._sock is None:
-                raise DeviceMissing(f"{name}: not connected to {self.path}")
-            msg_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFF
+                raise DeviceMissing(f"{command_name(batch[0][0])}: not connected to {self.path}")
+            sent: list[tuple[int, int]] = []
+            command = batch[0][0]
+            replies = []
             try:
                 try:
-                    self._send(msg_id, command, TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0), payload, fds=fds)
-                    reply = None if no_reply else self._wait_reply(msg_id, command)
-                    self._flush()  # answers to server commands that came with our reply
+                    for command, payload, fds in batch:
+                        msg_id = self._next_id
+                        self._next_id = (self._next_id + 1) & 0xFFFF
+                        self._send(msg_id, command, TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0), payload,
+                                   fds=fds)
+                        sent.append((msg_id, command))
+                    for msg_id, command in ([] if no_reply else sent):
+                        reply = self._wait_reply(msg_id, command)
+                        if reply.is_error:
+                            raise VfioError(reply.error if 0 < reply.error <= 4096 else errno.EINVAL, command)
+                        replies.append(reply.payload)
+                    self._flush()  # answers to server commands that came with our replies
                 except TimeoutError:
-                    raise VfioTimeout(f"{name}: device at {self.path} does not read its socket "
+                    raise VfioTimeout(f"{command_name(command)}: device at {self.path} does not read its socket "
                                       f"({self.timeout} s)") from None
-                if reply is None:
-                    return b""
             except PeerClosed as e:  # SendAborted included: a half-sent message ends the connection
-                raise self._gone(f"{name}: {e}") from None
+                raise self._gone(f"{command_name(command)}: {e}") from None
             except FramingError as e:
                 raise self._protocol_error(f"unreadable message from server: {e}") from None
-        if reply.is_error:
-            raise VfioError(reply.error if 0 < reply.error <= 4096 else errno.EINVAL, command)
-        return reply.payload
+        return replies or [b""]
 
     def _send(self, msg_id: int, command: int, flags: int, payload: bytes, *, error: int = 0, fds=()) -> None:
         send_message(self._sock, msg_id, command, flags, payload, error=error, fds=fds, timeout=self.timeout,

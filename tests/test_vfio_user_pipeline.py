@@ -1,0 +1,112 @@
+"""The driver's attach pipelines its commands (vfio-user spec 1.4: a client may send several commands without
+waiting; the server answers in order): connect + VERSION + DEVICE_GET_INFO, then DMA_MAP + REGION_INFO +
+IRQ_INFO, two round trips instead of five (issue 10: every round trip of a restore is in the guest's blackout).
+
+The server here answers nothing until it has the whole batch, so a client that waits for each reply before
+sending the next command times out."""
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+
+import pytest
+
+from vfkeep.driver.errors import BackingError
+from vfkeep.memory import MemoryLayout
+from vfkeep.vfio_user import protocol as p
+from vfkeep.vfio_user.backing import open_vfio
+
+LAYOUT = MemoryLayout(guest_pages=16, worker_pages=16, pool_pages=0)
+TIMEOUT = 2.0
+
+
+class BatchServer:
+    """Reads each batch (a number of commands) whole before it answers any of them, in order; `fail` names
+    a command to answer with EINVAL."""
+
+    def __init__(self, path: str, batches: list[int], fail: int | None = None):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.batches, self.fail = batches, fail
+        self.seen: list[list[int]] = []
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.setblocking(False)
+                reader = p.FrameReader()
+                for size in self.batches:
+                    batch = [p.wait_message(conn, reader, TIMEOUT) for _ in range(size)]
+                    self.seen.append([m.command for m in batch])
+                    for m in batch:
+                        m.close_fds()
+                        error = errno.EINVAL if m.command == self.fail else 0
+                        p.send_message(conn, m.msg_id, m.command, p.TYPE_REPLY | (p.FLAG_ERROR if error else 0),
+                                       b"" if error else self._answer(m), error=error, timeout=TIMEOUT)
+                p.wait_message(conn, reader, TIMEOUT)  # until the client hangs up
+        except (p.PeerClosed, TimeoutError) as e:
+            if len(self.seen) < len(self.batches):
+                self.error = e
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            self.error = e
+
+    @staticmethod
+    def _answer(m: p.Message) -> bytes:
+        if m.command == p.Command.VERSION:
+            return p.encode_version(0, 0, {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20})
+        if m.command == p.Command.DEVICE_GET_INFO:
+            return p.DEVICE_INFO.pack(p.DEVICE_INFO.size, p.DEVICE_FLAGS_PCI, 9, 5)
+        if m.command == p.Command.DEVICE_GET_REGION_INFO:
+            return p.REGION_INFO.pack(p.REGION_INFO.size, p.REGION_INFO_READ | p.REGION_INFO_WRITE, 0, 0, 8192, 0)
+        if m.command == p.Command.DEVICE_GET_IRQ_INFO:
+            return p.IRQ_INFO.pack(p.IRQ_INFO.size, p.IRQ_INFO_EVENTFD, p.IRQ_MSIX, 4)
+        return b""
+
+    def close(self) -> None:
+        self.thread.join(TIMEOUT + 1)
+        self.listener.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    made = []
+
+    def start(batches: list[int], fail: int | None = None) -> tuple[BatchServer, str]:
+        path = str(tmp_path / f"batch{len(made)}.sock")
+        made.append(BatchServer(path, batches, fail))
+        return made[-1], path
+
+    yield start
+    for s in made:
+        s.close()
+
+
+def test_attach_is_two_pipelined_batches(server, mem):
+    srv, path = server([2, 3])
+    backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
+    assert (backing.bar0_len, backing.msix_count) == (8192, 4)
+    backing.close()
+    srv.close()
+    assert srv.error is None
+    assert srv.seen == [[p.Command.VERSION, p.Command.DEVICE_GET_INFO],
+                        [p.Command.DMA_MAP, p.Command.DEVICE_GET_REGION_INFO, p.Command.DEVICE_GET_IRQ_INFO]]
+
+
+def test_an_error_reply_in_a_batch_fails_the_attach_naming_its_command(server, mem):
+    srv, path = server([2, 3], fail=p.Command.DEVICE_GET_REGION_INFO)
+    with pytest.raises(BackingError, match="DEVICE_GET_REGION_INFO failed: EINVAL"):
+        open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
+    srv.close()
+
+
+def test_a_refused_version_is_the_error_even_with_info_pipelined_behind_it(server, mem):
+    srv, path = server([2], fail=p.Command.VERSION)
+    with pytest.raises(BackingError, match="VERSION failed: EINVAL"):
+        open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
+    srv.close()
