@@ -66,8 +66,9 @@ def read_log(path: str) -> list[tuple[int, str, str]]:
 
 
 def milestones(logs: dict[str, list], window: tuple[int, int], blackout: tuple[int, int]) -> dict[str, float]:
-    """First line of each milestone in [window start - 5 ms, window end], in ms from the blackout start."""
-    lo, hi = window[0] - 5_000_000, window[1]
+    """First line of each milestone from 5 ms before the servicing window until it and the blackout have ended,
+    in ms from the blackout start."""
+    lo, hi = window[0] - 5_000_000, max(window[1], blackout[1])
     logs = {**logs, "agent": [(blackout[0], "BLACKOUT_START", ""), (blackout[1], "BLACKOUT_END", "")]}
     found = {}
     for label, proc, msg, *extra in MILESTONES:
