@@ -52,6 +52,21 @@ def test_full_and_empty(mem):
     assert ring.pop() is None
 
 
+def test_pop_into_hands_views_and_keeps_the_frames_if_the_consumer_fails(mem):
+    """The zero-copy consumer sees the slots themselves; head moves only after it returned."""
+    ring = Ring.create(mem, 0, slots=4, slot_size=64)
+    assert ring.push_many([frame(i) for i in range(3)]) == 3
+
+    def fail(views):
+        assert all(isinstance(v, memoryview) for v in views) and list(map(bytes, views)) == [frame(0), frame(1)]
+        raise RuntimeError("consumer failed")
+    with pytest.raises(RuntimeError):
+        ring.pop_into(fail, 2)
+    assert len(ring) == 3 and ring.stats().bytes_popped == 0
+    assert ring.pop_into(lambda views: None, 8) == 3
+    assert len(ring) == 0 and ring.stats().bytes_popped == 3 * 16 and ring.pop_into(fail, 8) == 0
+
+
 def test_frame_sizes(mem):
     ring = Ring.create(mem, 0, slots=2, slot_size=64)
     assert ring.max_frame == 60
@@ -181,7 +196,8 @@ def test_wait_ignores_stale_ring(mem):
        ops=st.lists(st.one_of(st.tuples(st.just("push"), st.integers(0, 60)),
                               st.tuples(st.just("push_many"), st.lists(st.integers(0, 60), max_size=10)),
                               st.tuples(st.just("pop"), st.none()),
-                              st.tuples(st.just("pop_many"), st.integers(0, 10))), max_size=60))
+                              st.tuples(st.just("pop_many"), st.integers(0, 10)),
+                              st.tuples(st.just("pop_into"), st.integers(0, 10))), max_size=60))
 def test_ring_matches_deque_model(slots_log2, ops):
     slots = 1 << slots_log2
     with GuestMemory.create(LAYOUT) as m:
@@ -211,8 +227,12 @@ def test_ring_matches_deque_model(slots_log2, ops):
                 dropped += max(0, len(fs) - room)
             elif op == "pop":
                 assert ring.pop() == (model.popleft() if model else None)
-            else:
+            elif op == "pop_many":
                 assert ring.pop_many(arg) == [model.popleft() for _ in range(min(arg, len(model)))]
+            else:
+                got: list[bytes] = []
+                n = ring.pop_into(lambda views: got.extend(map(bytes, views)), arg)
+                assert got == [model.popleft() for _ in range(min(arg, len(model)))] and n == len(got)
             assert len(ring) == len(model) and ring.free_slots == slots - len(model)
             assert ring.stats().dropped_full == dropped
         ring.close()

@@ -72,6 +72,9 @@ def test_parse_frames_agrees_with_parse_frame(frames):
         else:
             good.append((p.seq, p.send_ns))
     assert list(zip(seqs, sends)) == good and other == n_other and [str(e) for e in bad] == n_bad
+    # the agent parses frames in place in its ring (views): the same result
+    v_seqs, v_sends, v_other, v_bad = parse_frames(list(map(memoryview, frames)))
+    assert (v_seqs, v_sends, v_other, list(map(str, v_bad))) == (seqs, sends, other, list(map(str, bad)))
 
 
 def test_percentile_nearest_rank():

@@ -2,9 +2,9 @@
 
 Per vport: at most one SQ and one RQ, each with its CQ (CREATE_WQ_OBJ), and a
 `running` flag set by CONFIG_VPORT_RX (`rx_enable`). Work happens in batches:
-an SQ doorbell processes every pending send WQE (completions in posting
-order, written as one batch with at most one notification, then the frames go
-to the backend as one batch); an RQ doorbell fetches up to 256 receive WQEs
+an SQ doorbell processes every pending send WQE (the frames go to the backend
+as one batch, then their completions in posting order, written as one batch
+with at most one notification); an RQ doorbell fetches up to 256 receive WQEs
 into the device (`EMU_MAX_RX_OUTSTANDING`); a batch of frames from the backend
 fills the oldest ones in order and completes them as one batch. A batch
 touches guest memory through `DmaWindow`s and `gdma.codec` records: one
@@ -154,7 +154,8 @@ class Vport:
 
     # -- TX ----------------------------------------------------------------------------------
     def sq_doorbell(self) -> None:
-        """Every pending send WQE: completions first (one batch), then the frames to the backend (one batch)."""
+        """Every pending send WQE: the frames to the backend (one batch, read in place from the TX buffers), then
+    their completions (one batch)."""
         if not self.running or self.sq is None:
             return
         dev, sq, cq = self.dev, self.sq, self.tx_cq
@@ -172,12 +173,12 @@ class Vport:
         frames = _gather_run(wqes, win)
         if frames is None:
             frames = self._tx_frames(wqes, win, cqes, params)
-        try:
+        if frames:
+            dev.transmit_many(self, frames)
+        try:  # after the backend has the frames: a completion hands the buffer back to the driver
             cq.post_many(b"".join(cqes))
         except DmaFault:
             dev.dma_fault("CQ", cq.id, len(wqes))
-        if frames:
-            dev.transmit_many(self, frames)
 
     def _tx_frames(self, wqes: list[FetchedWqe], win: DmaWindow, cqes: list[bytes], params: int) -> list[bytes]:
         """The frames of a batch WQE by WQE; an error completion replaces the OK one in `cqes`."""
@@ -357,10 +358,11 @@ class Vport:
 __all__ = ["Vport", "rx_cqe_header", "vlan_tag", "MAX_FRAME", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
 
 
-def _gather_run(wqes: list[FetchedWqe], win: DmaWindow) -> list[bytes] | None:
+def _gather_run(wqes: list[FetchedWqe], win: DmaWindow) -> list[memoryview] | None:
     """The frames of a batch of send WQEs that are all the common kind — well formed, one buffer, no OOB to
-    act on, at most `MAX_FRAME` bytes, all in one DMA mapping — copied out without a step per WQE in Python
-    beyond the copy; None if any is not (the caller then goes WQE by WQE)."""
+    act on, at most `MAX_FRAME` bytes, all in one DMA mapping — as views of their buffers (no copy: valid until
+    the WQEs are completed), without a step per WQE in Python beyond the slice; None if any is not (the caller
+    then goes WQE by WQE)."""
     _, errors, sges, in_sgl, oobs = zip(*wqes)
     n = len(wqes)
     if errors.count(None) != n or in_sgl.count(0) != n or oobs.count(b"") != n or set(map(len, sges)) != {1}:
@@ -373,7 +375,7 @@ def _gather_run(wqes: list[FetchedWqe], win: DmaWindow) -> list[bytes] | None:
         buf = win.view(low, max(map(operator.add, addresses, sizes)) - low)
     except DmaFault:
         return None
-    return [bytes(buf[a - low:a - low + size]) for a, size in zip(addresses, sizes)]
+    return [buf[a - low:a - low + size] for a, size in zip(addresses, sizes)]
 
 
 def _scatter(win: DmaWindow, sges: list[tuple[int, int]], frame: bytes) -> int:

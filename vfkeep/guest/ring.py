@@ -46,7 +46,7 @@ import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..log import kv
 from ..memory.guest_memory import PAGE_SIZE, GuestMemory, MemoryLayout
@@ -316,13 +316,22 @@ class Ring:
 
     def pop_many(self, max_frames: int) -> list[bytes]:
         """Up to `max_frames` oldest frames (copied out), then one `head` update for the batch."""
+        out: list[bytes] = []
+        self.pop_into(lambda views: out.extend(map(bytes, views)), max_frames)
+        return out
+
+    def pop_into(self, consume: Callable[[list[memoryview]], object], max_frames: int) -> int:
+        """Hand up to `max_frames` oldest frames to `consume` as one list of views of their slots (valid only
+        during the call: no copy), then one `head` update for the batch; returns how many. If `consume` raises,
+        the frames stay in the ring."""
         c, buf, size = self._ctr, self._buf, self.slot_size
         head = c[_HEAD]
         n = min(max_frames, self._used(head, c[_TAIL]))
         if n <= 0:
-            return []
+            return 0
         _fence()  # tail before payloads
-        out: list[bytes] = []
+        views: list[memoryview] = []
+        nbytes = 0
         for first, count in self._runs(head, n):
             stride = self._stride
             lengths = self._slot_words[first * stride:(first + count) * stride:stride].tolist()
@@ -332,12 +341,14 @@ class Ring:
                                   f"payload is {self.max_frame} bytes")
             off = HEADER_SIZE + first * size + SLOT_LEN_SIZE
             for length in lengths:
-                out.append(bytes(buf[off:off + length]))
+                views.append(buf[off:off + length])
                 off += size
+            nbytes += sum(lengths)
+        consume(views)
         _fence()  # payloads read before the producer may reuse the slots
         c[_HEAD] = (head + n) & _U64
-        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + sum(map(len, out))) & _U64
-        return out
+        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + nbytes) & _U64
+        return n
 
     def wait(self, timeout: float | None) -> bool:
         """Consumer: block until the ring holds a frame; False on timeout.

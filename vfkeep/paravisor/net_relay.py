@@ -151,15 +151,19 @@ class NetRelay:
             if n < BATCH:
                 break
         room = min(BATCH, self.datapath.tx_free)
-        frames = self.channel.tx.pop_many(room) if room else []
-        if frames:
-            self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
+        taken = self.channel.tx.pop_into(self._send, room) if room else 0
+        if not taken:
+            self.datapath.send([])  # reap the TX completions
+        return moved + taken
+
+    def _send(self, frames: list[memoryview]) -> None:
+        """Frames from the guest tx ring, copied straight from its slots into TX buffers (one doorbell)."""
+        self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
         try:
             sent = self.datapath.send(frames)
         except BadFrame as e:
             sent = self._send_one_by_one(frames, e)
         self.stats.tx_frames += sent
-        return moved + len(frames)
 
     def _receive(self) -> int:
         """One batch vport -> guest rx ring, copied straight from the packet buffers; returns the frames taken
@@ -189,7 +193,7 @@ class NetRelay:
             if not self._receive():
                 break
 
-    def _send_one_by_one(self, frames: list[bytes], first_error: BadFrame) -> int:
+    def _send_one_by_one(self, frames: list[memoryview], first_error: BadFrame) -> int:
         """A batch held a frame the vport cannot carry: send the rest, count the bad ones."""
         kv(log, logging.WARNING, "dropping frames the vport cannot carry", pci_id=self.pci_id, error=first_error)
         sent = 0
