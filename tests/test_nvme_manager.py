@@ -108,6 +108,16 @@ def tamper_cid_duplicate(s, mem):
     cmds.add(command=cmds[0].command)
 
 
+def tamper_cid_out_of_range(s, mem):
+    """The saved AER's CID (and await_aen_cid with it) names a slot beyond the admin queue's pending table."""
+    admin = s.worker_data.admin
+    cmd = bytearray(admin.handler_data.pending_cmds.commands[0].command)
+    cid = int.from_bytes(cmd[2:4], "little") & ~0x3FF | 1000
+    cmd[2:4] = cid.to_bytes(2, "little")
+    admin.handler_data.pending_cmds.commands[0].command = bytes(cmd)
+    admin.handler_data.aer_handler.await_aen_cid = cid
+
+
 def tamper_await_aen_cid(s, mem):
     s.worker_data.admin.handler_data.aer_handler.await_aen_cid ^= 0x3FF
 
@@ -135,7 +145,7 @@ def tamper_short_identify(s, mem):
 
 
 TAMPERS = [tamper_admin_pfn_into_guest_ram, tamper_io_pfn_elsewhere_in_pool, tamper_mem_len, tamper_qid_zero,
-           tamper_qid_above_max, tamper_cid_duplicate, tamper_await_aen_cid, tamper_pending_larger_than_queue,
+           tamper_qid_above_max, tamper_cid_duplicate, tamper_cid_out_of_range, tamper_await_aen_cid, tamper_pending_larger_than_queue,
            tamper_sq_tail_out_of_ring, tamper_vector, tamper_short_identify]
 
 

@@ -56,6 +56,11 @@ def _check_queue_pair(name: str, qp: pb.QueuePairSavedState, qid: int | None) ->
         if len(c.command) != SQE_SIZE:
             raise InvalidSavedState(f"{name}: a pending command is {len(c.command)} bytes, not {SQE_SIZE}")
         cid = int.from_bytes(c.command[2:4], "little")
+        # Slots are taken lowest free first and at most sq_entries - 1 commands are pending at a time, so a
+        # saver never uses a slot at or beyond sq_entries - 1.
+        if cid & CID_KEY_MASK >= qp.sq_entries - 1:
+            raise InvalidSavedState(f"{name}: CID {cid:#06x} names slot {cid & CID_KEY_MASK}, beyond the "
+                                    f"{qp.sq_entries - 1}-entry pending table")
         if cid & CID_KEY_MASK in slots:
             raise InvalidSavedState(f"{name}: two pending commands share CID slot {cid & CID_KEY_MASK}")
         slots.add(cid & CID_KEY_MASK)
