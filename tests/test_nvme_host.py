@@ -4,8 +4,10 @@ guest disk IO at queue depth 16 from the host's disk agent, servicing over the c
 One host for the module (its tests run in order and share the disk's IO, which runs throughout and is
 verified block by block at the end): keepalive during IO (the controller's command log shows no CREATE IO
 CQ/SQ, IDENTIFY or new AER in the window), completions delayed 2 s, no NVMe bit (reset and re-enable),
-mixed flags both ways (the other device fresh, its stale pool pages freed and listed), keepalive
-disabled on the new side, a hostile saved queue PFN.
+mixed flags both ways (the other device fresh, its stale pool pages freed and listed; under strict pool
+mode the reference's failure), keepalive disabled on the new side, hostile saved queues (PFN outside the
+pool, wrong mem_len, qid / CID out of range, a pending table larger than the queue: `--tamper nvme-*`), a
+previous release's blob without field 10000.
 """
 import json
 import os
@@ -17,6 +19,7 @@ import pytest
 
 from servicing_helpers import HostRun
 from vfkeep import proc
+from vfkeep.proto import underhill_pb2
 from vfkeep.vfio_user.control import control_call
 
 TRIPWIRES = {"CREATE_IO_CQ", "CREATE_IO_SQ", "IDENTIFY", "ASYNC_EVENT_REQUEST", "CC_ENABLE", "CC_DISABLE", "FLR"}
@@ -82,12 +85,42 @@ def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     assert relay["reissued_replayed"] <= relay["replayed"]  # what the guest re-issued too ran once
 
 
-def test_state_decode_shows_field_10000(host):
+def field_names(descriptor, seen=None) -> set[str]:
+    """Every field name of a message type and the message types below it."""
+    seen = set() if seen is None else seen
+    if descriptor.full_name in seen:
+        return set()
+    seen.add(descriptor.full_name)
+    names = set()
+    for fd in descriptor.fields:
+        names.add(fd.name)
+        if fd.message_type is not None:
+            names |= field_names(fd.message_type, seen)
+    return names
+
+
+def keys_in(tree) -> set[str]:
+    if isinstance(tree, dict):
+        return set(tree) | {k for v in tree.values() for k in keys_in(v)}
+    if isinstance(tree, list):
+        return {k for v in tree for k in keys_in(v)}
+    return set()
+
+
+def test_state_decode_shows_field_10000_with_every_nvme_field(host):
+    """`vfkeep state decode --json` on the state the keepalive servicing handed over (commands in flight):
+    field 10000, and every field of the NVMe schema somewhere in it — except those at their default in this
+    state, which the decoder leaves out like any absent field."""
     out = subprocess.run(proc.vfkeep_argv("state", "decode", "--json", os.path.join(host.run_dir,
                                                                                         "servicing_state.bin")),
                          capture_output=True, text=True, timeout=60, check=True)
-    text = out.stdout
-    assert "nvme_state" in text and "a100:00:00.0" in text and "identify_ctrl" in text and "pending_cmds" in text
+    decoded = json.loads(out.stdout)
+    assert decoded["summary"]["field_numbers"]["nvme_state"] == 10000
+    assert decoded["summary"]["nvme_state"] == ["a100:00:00.0"]
+    nvme = decoded["state"]["init_state"]["nvme_state"]
+    at_default = {"unmapped", "last_aen"}  # no fused queues; no event arrived in the window
+    missing = field_names(underhill_pb2.NvmeSavedState.DESCRIPTOR) - at_default - keys_in(nvme)
+    assert not missing, missing
 
 
 def test_keepalive_with_completions_delayed_2s(host):
@@ -117,6 +150,7 @@ def test_servicing_without_the_nvme_bit_resets_and_re_enables_the_controller(hos
     stale = [(u["device"], u["pages"]) for u in r["unclaimed_pool_allocations"]]
     assert stale == [("nvme_a100:00:00.0", QUEUE_PAGES)] * 3, stale
     assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+    assert host.inspect("worker/pool/pending_pages") == 0
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
 
 
@@ -127,6 +161,7 @@ def test_nvme_keepalive_only_boots_mana_fresh_without_leaks(host):
     assert not TRIPWIRES & set(log), log
     assert [(u["device"], u["pages"]) for u in r["unclaimed_pool_allocations"]] == [("nic_d186:00:00.0", 6)]
     assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+    assert host.inspect("worker/pool/pending_pages") == 0
     assert host.probe(0, 4)["ok"]
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
 
@@ -137,8 +172,15 @@ def test_keepalive_disabled_on_the_new_side_frees_buffers_and_resets(host):
     (n,) = r["nvme"]
     assert n["restore_path"] == "fresh" and r["status"] == "degraded", r
     assert n["reason"] == "keepalive not configured in the new worker (NVMe keepalive disabled)"
-    assert log.index("CC_DISABLE") < log.index("CC_ENABLE"), log
+    assert n["device_reset"] and n["controller_enabled"]
+    assert log.count("CC_DISABLE") == 1 and log.index("CC_DISABLE") < log.index("CC_ENABLE"), log
+    # The saved queue blocks were attached and freed (none left for the validation to list), and the new
+    # worker's queues are in worker RAM (an ephemeral client): no NVMe page left in the pool.
+    freed = [line for line in host.worker_log(host.inspect("worker/generation")).splitlines()
+             if "freed saved nvme buffers" in line]
+    assert len(freed) == 1 and f"pages={3 * QUEUE_PAGES}" in freed[0], freed
     assert [u for u in r["unclaimed_pool_allocations"] if u["device"].startswith("nvme_")] == []
+    assert pool_devices(host) == {"nic_d186:00:00.0": 6} and host.inspect("worker/pool/pending_pages") == 0
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
     # That worker keeps its queues in worker RAM: the next keepalive servicing saves no NVMe state.
     r = host.service(mana_keepalive=True, nvme_keepalive=True)
@@ -154,6 +196,79 @@ def test_saved_queue_pfn_outside_the_pool_takes_the_fallback(host):
     assert n["device_reset"] and n["controller_enabled"]
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
     assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+
+
+def nvme_counters(host) -> dict:
+    return nvme_ctl(host, "counters")["counters"]
+
+
+def assert_queues_on_the_controllers_pool_pages(host) -> None:
+    """Every SQ and CQ the controller runs lies inside a pool slot allocated to its own DMA client."""
+    slots = [(s["base_pfn"] * 4096, (s["base_pfn"] + s["pages"]) * 4096)
+             for s in host.inspect("worker/pool")["slot_table"]
+             if s["state"] == "allocated" and s["owner"] == "nvme_a100:00:00.0"]
+    state = nvme_ctl(host, "state")
+    queues = [(q["base"], q["size"] * 64) for q in state["sqs"]] + [(q["base"], q["size"] * 16) for q in state["cqs"]]
+    assert len(queues) == 6, state
+    for base, nbytes in queues:
+        assert any(lo <= base and base + nbytes <= hi for lo, hi in slots), (base, nbytes, slots)
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("nvme-mem-len", "admin queue: mem_len 286720 is not the 282624-byte queue pair block"),
+    ("nvme-qid-out-of-range", "IO queue 3: qid repeated or above max_io_queues 2"),
+    ("nvme-cid-out-of-range", "admin queue: CID"),
+    ("nvme-pending-overflow", "admin queue: 256 pending commands do not fit a 256-entry queue"),
+])
+def test_hostile_saved_queues_take_the_fresh_path_inside_the_devices_pages(host, mode, error):
+    """A typed error, then the fresh path (controller reset and re-enabled); the restore attached and freed the
+    saved queue blocks and wrote nothing (no DMA fault, no stray doorbell at the controller); the controller's
+    queues are on its own pool pages; nothing leaks and the disk works."""
+    before = nvme_counters(host)
+    r, log = window(host, mana_keepalive=True, nvme_keepalive=True, tamper=mode)
+    (n,) = r["nvme"]
+    assert n["restore_path"] == "fallback" and r["status"] == "degraded", r
+    assert n["reason"].startswith("saved state rejected: InvalidSavedState: ") and error in n["reason"], n
+    assert n["device_reset"] and n["controller_enabled"]
+    assert log.index("CC_DISABLE") < log.index("CC_ENABLE") < log.index("IDENTIFY") < log.index("CREATE_IO_CQ"), log
+    after = nvme_counters(host)
+    assert [after[k] - before[k] for k in ("dma_faults", "bad_doorbells", "queue_failures")] == [0, 0, 0], after
+    assert_queues_on_the_controllers_pool_pages(host)
+    assert [u for u in r["unclaimed_pool_allocations"] if u["device"].startswith("nvme_")] == []
+    assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+    assert host.inspect("worker/pool/pending_pages") == 0
+    assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
+
+
+def test_a_previous_release_blob_without_field_10000_restores_nvme_fresh(host):
+    """The old worker saved the controller for keepalive (left running, queues in the pool), but the state
+    the new worker gets has no field 10000: the controller is reset and initialised fresh, its stale pool
+    pages are freed and listed, and the disk works."""
+    r, log = window(host, mana_keepalive=True, nvme_keepalive=True, tamper="nvme-state-missing")
+    (n,), (nic,) = r["nvme"], r["nics"]
+    assert nic["restore_path"] == "keepalive" and n["restore_path"] == "fresh", r
+    assert n["reason"] == "no saved state for it reached the new worker" and r["status"] == "degraded", n
+    assert n["device_reset"] and n["controller_enabled"] and "IDENTIFY" in n["admin_commands"]
+    assert log.index("CC_DISABLE") < log.index("CC_ENABLE"), log
+    stale = [(u["device"], u["pages"]) for u in r["unclaimed_pool_allocations"]]
+    assert stale == [("nvme_a100:00:00.0", QUEUE_PAGES)] * 3, stale
+    assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+    assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
+
+
+def test_mixed_flags_under_strict_pool_fail_like_openhcl_and_the_disk_keeps_working(host):
+    """VFKEEP_STRICT_POOL=1 (DESIGN D8): MANA only leaves the controller's stale pages unclaimed:
+    "unrestored allocations found" naming them, the pages stay pending; NVMe still came up fresh and IO
+    flows. A servicing without keepalive (no DMA state handed over) gives a clean pool again."""
+    r = host.service(mana_keepalive=True, next_env={"VFKEEP_STRICT_POOL": "1"})
+    assert not r["ok"] and "unrestored allocations found: nvme_a100:00:00.0" in r["error"], r
+    assert r["nvme"][0]["restore_path"] == "fresh" and r["nics"][0]["restore_path"] == "keepalive"
+    assert host.inspect("worker/pool/pending_pages") == 3 * QUEUE_PAGES
+    assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
+    r = host.service()
+    assert r["ok"] and host.inspect("worker/pool/pending_pages") == 0, r
+    assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+    assert wait_io(host)["errors"] == 0
 
 
 def test_an_unreadable_blob_loses_no_guest_request(host):

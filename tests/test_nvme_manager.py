@@ -4,6 +4,7 @@ on the new side; NoReset → FLR; OPENHCL_NVME_ALWAYS_FLR."""
 import pytest
 
 from vfkeep import proc
+from vfkeep.host.tamper import NVME_QUEUE_TAMPERS
 from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.nvme import NVM_WRITE
 from vfkeep.nvme_device.main import start_nvme_device
@@ -89,18 +90,9 @@ def tamper_io_pfn_elsewhere_in_pool(s, mem):
     s.worker_data.io[0].queue_data.base_pfn = mem.layout.pool.end_pfn - 69
 
 
-def tamper_mem_len(s, mem):
-    s.worker_data.admin.mem_len += 4096
-
-
 def tamper_qid_zero(s, mem):
     q = s.worker_data.io[1].queue_data
     q.qid = q.handler_data.sq_state.sqid = q.handler_data.cq_state.cqid = 0
-
-
-def tamper_qid_above_max(s, mem):
-    q = s.worker_data.io[1].queue_data
-    q.qid = q.handler_data.sq_state.sqid = q.handler_data.cq_state.cqid = s.worker_data.max_io_queues + 1
 
 
 def tamper_cid_duplicate(s, mem):
@@ -108,28 +100,8 @@ def tamper_cid_duplicate(s, mem):
     cmds.add(command=cmds[0].command)
 
 
-def tamper_cid_out_of_range(s, mem):
-    """The saved AER's CID (and await_aen_cid with it) names a slot beyond the admin queue's pending table."""
-    admin = s.worker_data.admin
-    cmd = bytearray(admin.handler_data.pending_cmds.commands[0].command)
-    cid = int.from_bytes(cmd[2:4], "little") & ~0x3FF | 1000
-    cmd[2:4] = cid.to_bytes(2, "little")
-    admin.handler_data.pending_cmds.commands[0].command = bytes(cmd)
-    admin.handler_data.aer_handler.await_aen_cid = cid
-
-
 def tamper_await_aen_cid(s, mem):
     s.worker_data.admin.handler_data.aer_handler.await_aen_cid ^= 0x3FF
-
-
-def tamper_pending_larger_than_queue(s, mem):
-    admin = s.worker_data.admin
-    admin.sq_entries = admin.handler_data.sq_state.len = 2
-    admin.handler_data.sq_state.head = admin.handler_data.sq_state.tail = 0
-    admin.handler_data.sq_state.committed_tail = 0
-    cmd = bytearray(admin.handler_data.pending_cmds.commands[0].command)
-    cmd[2:4] = (int.from_bytes(cmd[2:4], "little") ^ 1).to_bytes(2, "little")
-    admin.handler_data.pending_cmds.commands.add(command=bytes(cmd))
 
 
 def tamper_sq_tail_out_of_ring(s, mem):
@@ -144,17 +116,20 @@ def tamper_short_identify(s, mem):
     s.identify_ctrl = s.identify_ctrl[:100]
 
 
-TAMPERS = [tamper_admin_pfn_into_guest_ram, tamper_io_pfn_elsewhere_in_pool, tamper_mem_len, tamper_qid_zero,
-           tamper_qid_above_max, tamper_cid_duplicate, tamper_cid_out_of_range, tamper_await_aen_cid, tamper_pending_larger_than_queue,
-           tamper_sq_tail_out_of_ring, tamper_vector, tamper_short_identify]
+TAMPERS = [tamper_admin_pfn_into_guest_ram, tamper_io_pfn_elsewhere_in_pool, tamper_qid_zero, tamper_cid_duplicate,
+           tamper_await_aen_cid, tamper_sq_tail_out_of_ring, tamper_vector, tamper_short_identify]
 
 
-@pytest.mark.parametrize("tamper", TAMPERS, ids=lambda f: f.__name__.removeprefix("tamper_"))
+@pytest.mark.parametrize("tamper", [*TAMPERS, *NVME_QUEUE_TAMPERS],  # and the host's `--tamper nvme-*` modes
+                         ids=lambda t: t if isinstance(t, str) else t.__name__.removeprefix("tamper_"))
 def test_hostile_saved_state_takes_the_fresh_path_and_writes_nothing_outside_the_device(sock, mem, saved, tamper):
     state, dma_state = saved
     bad = nvme_driver_pb2.NvmeDriverSavedState()
     bad.CopyFrom(state)
-    tamper(bad, mem)
+    if isinstance(tamper, str):
+        NVME_QUEUE_TAMPERS[tamper](bad, mem.layout)
+    else:
+        tamper(bad, mem)
     outside = (mem.read(mem.layout.guest.gpa, mem.layout.guest.size),
                mem.read(mem.layout.worker.gpa, mem.layout.worker.size))
     dma, disk = restore(sock, mem, bad, dma_state)

@@ -34,8 +34,10 @@ def nic_reason(requested_keepalive: bool, path: RestorePath, error: str | None, 
     elif save.save_outcome is SaveOutcome.SHUTDOWN:
         reason = (f"keepalive not configured in the old worker ({kind} keepalive {old_config})"
                   if old_config != "enabled" else "the old worker could not save for keepalive (no private pool)")
-    elif path is RestorePath.FRESH:
+    elif path is RestorePath.FRESH and new_config != "enabled":
         reason = f"keepalive not configured in the new worker ({kind} keepalive {new_config})"
+    elif path is RestorePath.FRESH:  # saved, but the state the new worker got has none for it
+        reason = "no saved state for it reached the new worker"
     else:
         reason = None
     if path is RestorePath.FALLBACK and error:
