@@ -7,8 +7,7 @@ from __future__ import annotations
 import logging
 
 from ..log import kv
-from ..memory import MemoryLayout
-from ..nvme import CID_KEY_MASK, PAGE_SIZE
+from ..memory import PAGE_SIZE, MemoryLayout
 from ..proto import nvme_driver_pb2, underhill_pb2
 
 log = logging.getLogger("vfkeep.host.tamper")
@@ -35,6 +34,11 @@ def _with_cid(command: bytes, cid: int) -> bytes:
     return command[:2] + cid.to_bytes(2, "little") + command[4:]
 
 
+def _slot_mask(qp: nvme_driver_pb2.QueuePairSavedState) -> int:
+    """The CID bits that index the pending table, as the saver wrote them (`cid_key_bits`, 10)."""
+    return (1 << qp.handler_data.pending_cmds.cid_key_bits) - 1
+
+
 def _cid_out_of_range(d, layout: MemoryLayout) -> None:
     """The admin queue's first pending command (the outstanding AER; await_aen_cid follows it) gets a CID whose
     slot is the queue's entry count: past its pending table."""
@@ -44,7 +48,7 @@ def _cid_out_of_range(d, layout: MemoryLayout) -> None:
         h.pending_cmds.commands.add(command=bytes(64))
     first = h.pending_cmds.commands[0]
     old = int.from_bytes(first.command[2:4], "little")
-    new = old & ~CID_KEY_MASK | admin.sq_entries
+    new = old & ~_slot_mask(admin) | admin.sq_entries
     first.command = _with_cid(first.command, new)
     if h.aer_handler.HasField("await_aen_cid") and h.aer_handler.await_aen_cid == old:
         h.aer_handler.await_aen_cid = new
@@ -55,8 +59,9 @@ def _pending_overflow(d, layout: MemoryLayout) -> None:
     admin = _admin(d)
     cmds = admin.handler_data.pending_cmds.commands
     template = cmds[0].command if cmds else bytes(64)
-    used = {int.from_bytes(c.command[2:4], "little") & CID_KEY_MASK for c in cmds}
-    free = (s for s in range(CID_KEY_MASK + 1) if s not in used)
+    mask = _slot_mask(admin)
+    used = {int.from_bytes(c.command[2:4], "little") & mask for c in cmds}
+    free = (s for s in range(mask + 1) if s not in used)
     while len(cmds) < admin.sq_entries:
         cmds.add(command=_with_cid(template, next(free)))
 
