@@ -285,7 +285,8 @@ def test_probe_refused_while_a_traffic_agent_owns_the_rings(tmp_path):
     agent does the same corrupts counters and steals the agent's frames. The host must refuse it."""
     import pytest
 
-    from vfkeep.host.traffic import GuestTraffic, _Agent
+    from vfkeep.host.agents import Agent
+    from vfkeep.host.traffic import GuestTraffic
     from vfkeep.host.vmm import Host, HostConfig, HostError
 
     class _Poisoned:
@@ -296,7 +297,7 @@ def test_probe_refused_while_a_traffic_agent_owns_the_rings(tmp_path):
     host.channel_layout = types.SimpleNamespace(slots=16)
     host.channels = [types.SimpleNamespace(tx=_Poisoned(), rx=_Poisoned())]
     host.guest_traffic = GuestTraffic(str(tmp_path), None, host.channel_layout, host.channels)
-    host.guest_traffic._agents[0] = _Agent(0, types.SimpleNamespace(poll=lambda: None, pid=1), "x.sock")
+    host.guest_traffic._agents[0] = Agent(0, types.SimpleNamespace(poll=lambda: None, pid=1), "x.sock")
     with pytest.raises(HostError, match="traffic agent"):
         host._probe(0, 4, 0.1)
 
