@@ -1,13 +1,16 @@
-"""Test helpers shared by the device and driver tests: the emulator core in-process behind the driver's backing
-interface (`InProcessBacking`, `InProcessBench`) and loopback traffic helpers."""
+"""Test helpers shared by the device and driver tests: the emulator cores in-process behind the drivers' backing
+interface (`InProcessBacking`, `InProcessBench` for MANA, `NvmeBacking` for NVMe) and loopback traffic helpers."""
 from __future__ import annotations
 
 import os
+import threading
 
 from vfkeep.device.core import GdmaDevice
 from vfkeep.device.dma import MappedMemory
 from vfkeep.driver.backing import DmaClients
 from vfkeep.memory import DmaManager, GuestMemory
+from vfkeep.nvme import BAR0_LEN
+from vfkeep.nvme_device.core import NvmeController
 from vfkeep.paravisor.vf_manager import nic_dma_clients
 
 
@@ -26,6 +29,18 @@ class EventfdIrqs:
             self.latched.add(vector)
         else:
             os.eventfd_write(fd, 1)
+
+    def attach(self, vector: int) -> int:
+        """A new eventfd for `vector` (the old one closed); an interrupt latched meanwhile is delivered on it."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        old = self.fds.pop(vector, None)
+        if old is not None:
+            os.close(old)
+        self.fds[vector] = fd
+        if vector in self.latched:
+            self.latched.discard(vector)
+            os.eventfd_write(fd, 1)
+        return fd
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -59,15 +74,7 @@ class InProcessBacking:
         self.device.bar0.write(offset, value.to_bytes(8, "little"))
 
     def set_irq(self, vector):
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        old = self.irqs.fds.pop(vector, None)
-        if old is not None:
-            os.close(old)
-        self.irqs.fds[vector] = fd
-        if vector in self.irqs.latched:
-            self.irqs.latched.discard(vector)
-            os.eventfd_write(fd, 1)
-        return fd
+        return self.irqs.attach(vector)
 
     def clear_irqs(self):
         self.irqs.close()
@@ -131,3 +138,42 @@ def loopback(vport, frames: list[bytes], batch: int = 64, timeout: float = 2.0) 
 
 def same_payloads(got: list[bytes], sent: list[bytes]) -> bool:
     return [g[12:] for g in got] == [s[12:] for s in sent]
+
+
+class NvmeBacking:
+    """The NVMe controller core behind the driver's backing interface (the emulator answers each doorbell
+    before the write returns)."""
+
+    msix_count = 16
+
+    def __init__(self, ctrl: NvmeController, irqs: EventfdIrqs):
+        self.bar0_len = BAR0_LEN
+        self.ctrl, self.irqs = ctrl, irqs
+        self.lock = threading.Lock()
+        ctrl.client_connected(ctrl.epoch + 1)
+
+    def read32(self, off):
+        with self.lock:
+            return int.from_bytes(self.ctrl.read(off, 4), "little")
+
+    def read64(self, off):
+        with self.lock:
+            return int.from_bytes(self.ctrl.read(off, 8), "little")
+
+    def write32(self, off, value, posted=False):
+        with self.lock:
+            self.ctrl.write(off, value.to_bytes(4, "little"))
+
+    def write64(self, off, value, posted=False):
+        with self.lock:
+            self.ctrl.write(off, value.to_bytes(8, "little"))
+
+    def set_irq(self, vector):
+        return self.irqs.attach(vector)
+
+    def clear_irqs(self):
+        pass
+
+    def close(self):
+        self.irqs.close()
+        self.ctrl.client_disconnected()

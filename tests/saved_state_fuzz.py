@@ -52,8 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from google.protobuf.descriptor import FieldDescriptor  # noqa: E402
 
-from driver_helpers import InProcessBench, loopback, numbered_frames, same_payloads  # noqa: E402
-import vfkeep.nvme as nvme  # noqa: E402
+from driver_helpers import EventfdIrqs, InProcessBench, NvmeBacking, loopback, numbered_frames, same_payloads  # noqa: E402
 from vfkeep import savestate  # noqa: E402
 from vfkeep.device.dma import MappedMemory  # noqa: E402
 from vfkeep.driver import gdma_driver  # noqa: E402
@@ -455,62 +454,6 @@ def raw_edit(rng: random.Random, blob: bytes) -> tuple[bytes, Mutation]:
 
 
 # -- the devices and their golden save -------------------------------------------------------------------------
-class NvmeIrqs:
-    def __init__(self):
-        self.fds: dict[int, int] = {}
-
-    def trigger(self, vector):
-        fd = self.fds.get(vector)
-        if fd is not None:
-            os.eventfd_write(fd, 1)
-
-
-class NvmeBacking:
-    """The NVMe controller core behind the driver's backing interface (the emulator answers each doorbell
-    before the write returns)."""
-
-    msix_count = 16
-
-    def __init__(self, ctrl: NvmeController, irqs: NvmeIrqs):
-        self.bar0_len = nvme.BAR0_LEN
-        self.ctrl, self.irqs = ctrl, irqs
-        self.lock = threading.Lock()
-        ctrl.client_connected(ctrl.epoch + 1)
-
-    def read32(self, off):
-        with self.lock:
-            return int.from_bytes(self.ctrl.read(off, 4), "little")
-
-    def read64(self, off):
-        with self.lock:
-            return int.from_bytes(self.ctrl.read(off, 8), "little")
-
-    def write32(self, off, value, posted=False):
-        with self.lock:
-            self.ctrl.write(off, value.to_bytes(4, "little"))
-
-    def write64(self, off, value, posted=False):
-        with self.lock:
-            self.ctrl.write(off, value.to_bytes(8, "little"))
-
-    def set_irq(self, vector):
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        old = self.irqs.fds.pop(vector, None)
-        if old is not None:
-            os.close(old)
-        self.irqs.fds[vector] = fd
-        return fd
-
-    def clear_irqs(self):
-        pass
-
-    def close(self):
-        for fd in self.irqs.fds.values():
-            os.close(fd)
-        self.irqs.fds.clear()
-        self.ctrl.client_disconnected()
-
-
 class RecordingDma(MappedMemory):
     """The MANA emulator's DMA space, recording every range it writes (a write window is narrowed to the range
     asked for, so each write range passes through here)."""
@@ -578,7 +521,7 @@ def build_golden(mem: GuestMemory) -> Golden:
     dma = DmaManager(mem, strict_pool=False)
     dev = ManaDevice.new(bench.connect(dma, NIC), NIC)
     dev.open_vport(0, KEPT_VPORT, persistent=True)
-    irqs = NvmeIrqs()
+    irqs = EventfdIrqs()
     ctrl = NvmeController(MemoryDma(mem), irqs, None, namespaces=make_namespaces(Disk(None, 1 << 20), 1, 1 << 20))
     drv = NvmeDriver.new(NvmeBacking(ctrl, irqs), dma.new_client(OWNERS[DISK][0], persistent=True), DISK,
                          cpu_count=CPU_COUNT, io_queues=1)
@@ -623,7 +566,7 @@ class Case:
         self.irqs = self.bench.irqs
         self.bench.device = golden.mana_device.copy(mem, RecordingDma(mem, self.mana_writes), self.irqs)
         self.bench.epoch = self.bench.device.epoch
-        self.nvme_irqs = NvmeIrqs()
+        self.nvme_irqs = EventfdIrqs()
         self.ctrl = golden.nvme_ctrl.copy(mem, RecordingNvmeDma(mem, self.nvme_touched), self.nvme_irqs)
         self.dma = DmaManager(mem, strict_pool=False)
         self.mana: ManaDevice | None = None

@@ -6,13 +6,14 @@
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
+from driver_helpers import EventfdIrqs, NvmeBacking
 
 import vfkeep.nvme as nvme
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
@@ -29,63 +30,12 @@ SETTINGS = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-class Irqs:
-    def __init__(self):
-        self.fds: dict[int, int] = {}
-
-    def trigger(self, vector):
-        fd = self.fds.get(vector)
-        if fd is not None:
-            os.eventfd_write(fd, 1)
-
-
-class Backing:
-    """The controller core behind the driver's backing interface, one call at a time."""
-
-    msix_count = 16
-    bar0_len = nvme.BAR0_LEN
-
-    def __init__(self, ctrl: NvmeController, irqs: Irqs):
-        self.ctrl, self.irqs, self.lock = ctrl, irqs, threading.Lock()
-        ctrl.client_connected(ctrl.epoch + 1)
-
-    def read32(self, off):
-        with self.lock:
-            return int.from_bytes(self.ctrl.read(off, 4), "little")
-
-    def read64(self, off):
-        with self.lock:
-            return int.from_bytes(self.ctrl.read(off, 8), "little")
-
-    def write32(self, off, value, posted=False):
-        with self.lock:
-            self.ctrl.write(off, value.to_bytes(4, "little"))
-
-    def write64(self, off, value, posted=False):
-        with self.lock:
-            self.ctrl.write(off, value.to_bytes(8, "little"))
-
-    def set_irq(self, vector):
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.irqs.fds[vector] = fd
-        return fd
-
-    def clear_irqs(self):
-        pass
-
-    def close(self):
-        for fd in self.irqs.fds.values():
-            os.close(fd)
-        self.irqs.fds.clear()
-        self.ctrl.client_disconnected()
-
-
 def saved_rig(mem):
     """A controller with a driver that wrote a block and was saved: (ctrl, irqs, state, dma_state)."""
-    irqs = Irqs()
+    irqs = EventfdIrqs()
     ctrl = NvmeController(MemoryDma(mem), irqs, None, namespaces=make_namespaces(Disk(None, 1 << 20), 1, 1 << 20))
     dma = DmaManager(mem, strict_pool=False)
-    drv = NvmeDriver.new(Backing(ctrl, irqs), dma.new_client("nvme_x", persistent=True), "x", cpu_count=2)
+    drv = NvmeDriver.new(NvmeBacking(ctrl, irqs), dma.new_client("nvme_x", persistent=True), "x", cpu_count=2)
     drv.namespace(1).write(0, 8, mem.layout.guest.gpa)
     state = drv.save()
     dma_state = dma.save()
@@ -146,7 +96,7 @@ def test_mutated_saved_state_is_restored_or_refused_and_touches_nothing_else(mem
     before = [mem.read(gpa, n) for gpa, n in outside_pool]
     pool = bytearray(mem.read(mem.layout.pool.gpa, mem.layout.pool.size))
     try:
-        drv = NvmeDriver.restore(Backing(ctrl, irqs), client, "x", saved, cpu_count=2)
+        drv = NvmeDriver.restore(NvmeBacking(ctrl, irqs), client, "x", saved, cpu_count=2)
         event("restored")
     except NvmeError as e:
         event(f"refused: {type(e).__name__}")
@@ -168,7 +118,7 @@ def test_mutated_saved_state_is_restored_or_refused_and_touches_nothing_else(mem
 @given(cmds=st.lists(st.binary(min_size=64, max_size=64), min_size=1, max_size=12), to_io=st.booleans())
 @settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_commands_get_a_status_never_an_exception(mem, cmds, to_io):
-    irqs = Irqs()
+    irqs = EventfdIrqs()
     ctrl = NvmeController(MemoryDma(mem), irqs, None, namespaces=make_namespaces(Disk(None, 1 << 20), 1, 1 << 20))
     asq, acq, iosq, iocq = (mem.layout.worker.gpa + i * 4096 for i in range(4))
     ctrl.write(nvme.REG_AQA, (15 | 15 << 16).to_bytes(4, "little"))
@@ -219,7 +169,7 @@ def test_an_event_handled_while_the_driver_shuts_down_ends_quietly(mem, monkeypa
         return result
 
     monkeypatch.setattr(NvmeDriver, "_submit_wait", shut_down_meanwhile)
-    NvmeDriver.restore(Backing(ctrl, irqs), dma.new_client("nvme_x", persistent=True), "x", state, cpu_count=2)
+    NvmeDriver.restore(NvmeBacking(ctrl, irqs), dma.new_client("nvme_x", persistent=True), "x", state, cpu_count=2)
     assert handled.wait(5)
     for t in [t for t in threading.enumerate() if t.name == "aen-x"]:
         t.join(5)

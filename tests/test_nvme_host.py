@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from saved_state_fuzz import all_fields
 from servicing_helpers import HostRun
 from vfkeep import proc
 from vfkeep.proto import underhill_pb2
@@ -85,20 +86,6 @@ def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     assert relay["reissued_replayed"] <= relay["replayed"]  # what the guest re-issued too ran once
 
 
-def field_names(descriptor, seen=None) -> set[str]:
-    """Every field name of a message type and the message types below it."""
-    seen = set() if seen is None else seen
-    if descriptor.full_name in seen:
-        return set()
-    seen.add(descriptor.full_name)
-    names = set()
-    for fd in descriptor.fields:
-        names.add(fd.name)
-        if fd.message_type is not None:
-            names |= field_names(fd.message_type, seen)
-    return names
-
-
 def keys_in(tree) -> set[str]:
     if isinstance(tree, dict):
         return set(tree) | {k for v in tree.values() for k in keys_in(v)}
@@ -119,7 +106,8 @@ def test_state_decode_shows_field_10000_with_every_nvme_field(host):
     assert decoded["summary"]["nvme_state"] == ["a100:00:00.0"]
     nvme = decoded["state"]["init_state"]["nvme_state"]
     at_default = {"unmapped", "last_aen"}  # no fused queues; no event arrived in the window
-    missing = field_names(underhill_pb2.NvmeSavedState.DESCRIPTOR) - at_default - keys_in(nvme)
+    every = {name.rsplit(".", 1)[1] for name in all_fields(underhill_pb2.NvmeSavedState.DESCRIPTOR)}
+    missing = every - at_default - keys_in(nvme)
     assert not missing, missing
 
 
