@@ -9,7 +9,8 @@ temporary `git worktree` of that commit (its host, worker, device and agent proc
 `cwd` and PYTHONPATH), so it is exactly the code of that commit, not a mode of this one. For each path: one
 host (natural timing, loopback backend, one NIC); the guest traffic agent offers rising rates of 64 B and
 1500 B frames until two rates in a row lose 0.1 % or more. Per rate: frames/s sent and delivered back,
-Mbit/s delivered, loss, RTT, and the CPU each process used (device, worker, agent). Per path and size: the
+Mbit/s delivered, loss, RTT, and the CPU each process used (device, worker, agent), also per delivered frame
+(`cpu_us_per_frame`: CPU-time counters, the comparison that holds on a shared machine). Per path and size: the
 highest delivered rate with under 0.1 % loss (`max_lossless_fps_64`, `max_lossless_fps_1500`), and at
 1500 B its Mbit/s (`mbit_s_1500`); the previous path's are the same keys with `previous_` in front.
 Then per path: frames lost (never delivered, counted once the backlog has drained; the servicing result's own
@@ -87,9 +88,13 @@ class Processes:
     def mark(self) -> None:
         self.t0, self.c0 = time.monotonic(), {k: cpu_seconds(p) for k, p in self.pids.items()}
 
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds each process used since `mark`."""
+        return {k: cpu_seconds(p) - self.c0[k] for k, p in self.pids.items()}
+
     def percent(self) -> dict[str, float]:
         dt = time.monotonic() - self.t0
-        return {k: round(100 * (cpu_seconds(p) - self.c0[k]) / dt, 1) for k, p in self.pids.items()}
+        return {k: round(100 * used / dt, 1) for k, used in self.seconds().items()}
 
 
 def measure(host: TrafficHost, procs: Processes, rate: float, size: int, seconds: float) -> dict:
@@ -98,14 +103,16 @@ def measure(host: TrafficHost, procs: Processes, rate: float, size: int, seconds
     t0 = time.monotonic_ns()
     time.sleep(seconds)
     t1 = time.monotonic_ns()
-    cpu = procs.percent()
+    cpu, used = procs.percent(), procs.seconds()
     (s,) = host.traffic("stats", since_ns=t0, until_ns=t1, settle_ms=300)["nics"]
     dur = (t1 - t0) / 1e9
     delivered = s["sent"] - s["frames_lost"]
+    per_frame = {k: round(1e6 * v / delivered, 2) if delivered else None for k, v in used.items()}
     return {"offered_fps": rate, "frame_bytes": size, "seconds": round(dur, 3), "sent_fps": round(s["sent"] / dur),
             "delivered_fps": round(delivered / dur), "mbit_per_s": round(delivered * size * 8 / dur / 1e6, 1),
             "loss": round(s["frames_lost"] / s["sent"], 5) if s["sent"] else None,
             "lost_tx_ring_full": s["lost_tx_ring_full"], "rtt_ms": s["rtt_ms"], "cpu_percent": cpu,
+            "cpu_us_per_frame": per_frame,
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
@@ -121,6 +128,7 @@ def sweep(host: TrafficHost, procs: Processes, size: int, rates: list[float], se
         rows.append(row)
         print(f"  {size:>5} B offered {rate:>7.0f}/s: sent {row['sent_fps']:>7}/s delivered {row['delivered_fps']:>7}/s"
               f" {row['mbit_per_s']:>7.1f} Mbit/s loss {row['loss']:.3%} cpu {row['cpu_percent']} "
+              f"us/frame {row['cpu_us_per_frame']} "
               f"load {row['loadavg_1m']}", flush=True)
         lossy = 0 if lossless(row) else lossy + 1
         if lossy == 2:
@@ -200,6 +208,7 @@ def run_path(name: str, code_dir: pathlib.Path | None, rates: list[float], secon
         best = max((r for r in rows if r["frame_bytes"] == size and lossless(r)), key=lambda r: r["delivered_fps"],
                    default=None)
         out[f"max_lossless_fps_{size}"] = best["delivered_fps"] if best else None
+        out[f"cpu_us_per_frame_at_max_lossless_{size}"] = best["cpu_us_per_frame"] if best else None
         if size == 1500:
             out["mbit_s_1500"] = best["mbit_per_s"] if best else None
         out[f"max_delivered_fps_{size}"] = max(r["delivered_fps"] for r in rows if r["frame_bytes"] == size)
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         p["datapath_keepalive_lost"] = {f"{r['offered_fps']}/s, {'blocking' if r['backpressure'] else 'non-blocking'}"
                                         f" sender": r["frames_lost"] for r in p["datapath_keepalive_servicing"]}
     for key in ("max_lossless_fps_64", "max_lossless_fps_1500", "mbit_s_1500", "keepalive_lost",
-                "datapath_keepalive_lost", "idle_cpu_percent"):
+                "datapath_keepalive_lost", "idle_cpu_percent", "cpu_us_per_frame_at_max_lossless_64"):
         result[key] = paths["current"][key]
         if "previous" in paths:
             result[f"previous_{key}"] = paths["previous"][key]

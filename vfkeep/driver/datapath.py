@@ -8,6 +8,7 @@ creates and destroys the device objects behind it, and never touches the queues 
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import logging
 import time
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vfkeep.driver.vport")
 
 RX_WQE_LEN = ctypes.sizeof(ManaRxWqeOneSge)
-_SGE_LEN = codec.record(None, (0, codec.field_span(Sge, "size")[1]))
 _CQE_TYPE = codec.CQE_HDR.mask["cqe_type"]
 assert codec.CQE_HDR.shift["cqe_type"] == 0
 _EQE_TYPE = codec.EQE_PARAMS.mask["event_type"]
@@ -155,6 +155,8 @@ class VportDataPath:
             wqe.sge = Sge(address=addresses[pos % self._tx_nbuf], mem_key=self.gdma.gpa_mkey)
             wqe.header = header
         self._tx_size_at = wqe_type.sge.offset + codec.SGE_SIZE_AT  # the one field a send rewrites
+        assert self._tx_size_at % 4 == 0 and self._tx_wqe_len % 4 == 0 and codec.field_span(Sge, "size")[1] == 4
+        self._sq_words = self._sq.mem.cast("I")
         self._tx_positions_mask = positions - 1
         self._tx_posted = 0
         self._tx_done = 0
@@ -204,15 +206,20 @@ class VportDataPath:
             raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
         self._post_rx()  # before the SQ doorbell: their replies (loopback) must find every buffer posted
         sq = self._sq
-        ring, wqe_len, size_at, set_size = sq.mem, self._tx_wqe_len, self._tx_size_at, _SGE_LEN.pack_into
+        wqe_len = self._tx_wqe_len
         pos = sq.tail // wqe_len
-        pmask, bmask = self._tx_positions_mask, self._tx_nbuf - 1
-        for f, length in zip(frames[:n], lengths):
-            p = pos & pmask
-            off = (p & bmask) * bs
-            view[off:off + length] = f
-            set_size(ring, p * wqe_len + size_at, length)
-            pos += 1
+        positions, nbuf = self._tx_positions_mask + 1, self._tx_nbuf
+        done = 0
+        while done < n:  # runs of consecutive SQ positions and buffers (two at most where either wraps)
+            p, b = (pos + done) % positions, (pos + done) % nbuf
+            count = min(n - done, positions - p, nbuf - b)
+            run = lengths[done:done + count]
+            for f, off, length in zip(frames[done:done + count], range(b * bs, (b + count) * bs, bs), run):
+                view[off:off + length] = f
+            # the SGE size of every WQE of the run, as one strided column of the SQ
+            at = (p * wqe_len + self._tx_size_at) // 4
+            self._sq_words[at:at + count * wqe_len // 4:wqe_len // 4] = array.array("I", run)
+            done += count
         nbytes = sum(lengths)
         sq.advance_tail(n * self._tx_wqe_len)
         if self._tx_posted == self._tx_done:
@@ -289,7 +296,11 @@ class VportDataPath:
         headers, lengths = self._rx_completions(offsets)
         if headers.count(headers[0]) == len(headers) and headers[0] & _CQE_TYPE == CQE_RX_OKAY \
                 and max(lengths) <= bs:  # the common batch: every frame received whole
-            views = [view[((seq + i) & bmask) * bs:((seq + i) & bmask) * bs + n] for i, n in enumerate(lengths)]
+            first = seq & bmask
+            if first + len(lengths) <= bmask + 1:  # no wrap: the buffers are consecutive
+                views = [view[o:o + n] for o, n in zip(range(first * bs, (first + len(lengths)) * bs, bs), lengths)]
+            else:
+                views = [view[((seq + i) & bmask) * bs:((seq + i) & bmask) * bs + n] for i, n in enumerate(lengths)]
         else:
             views = [view[((seq + i) & bmask) * bs:((seq + i) & bmask) * bs + n]
                      for i, (header, n) in enumerate(zip(headers, lengths))

@@ -340,9 +340,7 @@ class Ring:
                 raise RingCorrupt(f"ring at gpa {self.gpa:#x}: slot {slot} holds length {max(lengths)}, slot "
                                   f"payload is {self.max_frame} bytes")
             off = HEADER_SIZE + first * size + SLOT_LEN_SIZE
-            for length in lengths:
-                views.append(buf[off:off + length])
-                off += size
+            views += [buf[o:o + length] for o, length in zip(range(off, off + count * size, size), lengths)]
             nbytes += sum(lengths)
         consume(views)
         _fence()  # payloads read before the producer may reuse the slots
