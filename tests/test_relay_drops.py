@@ -108,3 +108,20 @@ def test_tx_stranded_on_abandon(relay_bench):
     assert relay.stats.tx_frames == 6
     assert relay.stats.tx_stranded == 6
     assert relay.stats.rx_frames == 0
+
+
+def test_guest_frames_leave_the_tx_ring_after_their_copy_and_before_the_doorbell(relay_bench, monkeypatch):
+    """The relay copies guest frames straight from their ring slots (no copy in between), so it may release the
+    slots only once the frames are in TX buffers — and does so before the SQ doorbell: a worker killed between
+    the two loses those frames (counted by the next worker as never sent), never sends them twice."""
+    relay, channel, _ = relay_bench(slots=16)
+    sq = relay.datapath.queues.sq
+    at_doorbell = []
+    commit = sq.commit
+    monkeypatch.setattr(sq, "commit", lambda *a, **k: (at_doorbell.append(len(channel.tx)), commit(*a, **k))[1])
+    sent = numbered_frames(12)
+    assert channel.tx.push_many(sent) == 12
+    assert relay._pump() == 12  # the relay's own pass, on this thread
+    assert at_doorbell == [0] and relay.stats.tx_frames == 12
+    relay._drain()  # hands the guest what came back (the in-process loopback answered the doorbell)
+    assert [f[12:] for f in channel.rx.pop_many(16)] == [f[12:] for f in sent]

@@ -191,9 +191,11 @@ class VportDataPath:
     def tx_free(self) -> int:
         return self._tx_nbuf - self.tx_outstanding
 
-    def send(self, frames: Sequence[bytes | bytearray | memoryview]) -> int:
+    def send(self, frames: Sequence[bytes | bytearray | memoryview],
+             before_doorbell: Callable[[int], object] | None = None) -> int:
         """Queue as many frames as there are free TX buffers (one copy each, one doorbell for the batch).
-        Returns how many were taken, from the front of `frames`."""
+        Returns how many were taken, from the front of `frames`; `before_doorbell(n)` runs once they are
+        copied, before the doorbell (the caller may reuse their memory from then on)."""
         self._check_open()
         self._reap_tx()
         n = min(len(frames), self._tx_nbuf - (self._tx_posted - self._tx_done))
@@ -225,6 +227,8 @@ class VportDataPath:
         if self._tx_posted == self._tx_done:
             self._tx_progress_at = time.monotonic()
         self._tx_posted += n
+        if before_doorbell is not None:
+            before_doorbell(n)
         sq.commit()
         self.stats.tx_frames += n
         self.stats.tx_bytes += nbytes

@@ -322,16 +322,24 @@ class Ring:
 
     def pop_into(self, consume: Callable[[list[memoryview]], object], max_frames: int) -> int:
         """Hand up to `max_frames` oldest frames to `consume` as one list of views of their slots (valid only
-        during the call: no copy), then one `head` update for the batch; returns how many. If `consume` raises,
+        during the call: no copy), then release them (one `head` update); returns how many. If `consume` raises,
         the frames stay in the ring."""
+        views = self.peek(max_frames)
+        if views:
+            consume(views)
+            self.release(views)
+        return len(views)
+
+    def peek(self, max_frames: int) -> list[memoryview]:
+        """Views of up to `max_frames` oldest frames in their slots; nothing is consumed. They stay valid until
+        `release`: the producer does not reuse a slot before the head passes it."""
         c, buf, size = self._ctr, self._buf, self.slot_size
         head = c[_HEAD]
         n = min(max_frames, self._used(head, c[_TAIL]))
         if n <= 0:
-            return 0
+            return []
         _fence()  # tail before payloads
         views: list[memoryview] = []
-        nbytes = 0
         for first, count in self._runs(head, n):
             stride = self._stride
             lengths = self._slot_words[first * stride:(first + count) * stride:stride].tolist()
@@ -341,12 +349,15 @@ class Ring:
                                   f"payload is {self.max_frame} bytes")
             off = HEADER_SIZE + first * size + SLOT_LEN_SIZE
             views += [buf[o:o + length] for o, length in zip(range(off, off + count * size, size), lengths)]
-            nbytes += sum(lengths)
-        consume(views)
+        return views
+
+    def release(self, frames: list[memoryview]) -> None:
+        """Consume the oldest frames, which a `peek` returned (`frames`, or its first ones): one `head` update;
+        their slots are the producer's again, so their views must not be read afterwards."""
+        c = self._ctr
         _fence()  # payloads read before the producer may reuse the slots
-        c[_HEAD] = (head + n) & _U64
-        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + nbytes) & _U64
-        return n
+        c[_HEAD] = (c[_HEAD] + len(frames)) & _U64
+        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + sum(map(len, frames))) & _U64
 
     def wait(self, timeout: float | None) -> bool:
         """Consumer: block until the ring holds a frame; False on timeout.

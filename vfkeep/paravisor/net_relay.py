@@ -2,8 +2,9 @@
 
 The rings and their counters live in guest memory, so a relay started by the next worker continues
 exactly where this one stopped. Frames are taken from the tx ring only when the vport has a free
-TX buffer for them, so stopping for servicing never strands a popped frame; every frame that is
-dropped anyway is counted.
+TX buffer for them, so stopping for servicing never strands a popped frame, and only once copied
+into it, before the SQ doorbell, so a worker killed meanwhile never sends one twice; every frame
+that is dropped anyway is counted.
 """
 from __future__ import annotations
 
@@ -151,19 +152,23 @@ class NetRelay:
             if n < BATCH:
                 break
         room = min(BATCH, self.datapath.tx_free)
-        taken = self.channel.tx.pop_into(self._send, room) if room else 0
-        if not taken:
+        frames = self.channel.tx.peek(room) if room else []
+        if not frames:
             self.datapath.send([])  # reap the TX completions
-        return moved + taken
-
-    def _send(self, frames: list[memoryview]) -> None:
-        """Frames from the guest tx ring, copied straight from its slots into TX buffers (one doorbell)."""
+            return moved
         self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
         try:
-            sent = self.datapath.send(frames)
+            # Copied straight from the ring slots into TX buffers; the slots are released before the SQ doorbell,
+            # so a worker killed in between has lost these frames at most, never sends them twice (the next
+            # relay starts after them).
+            sent = taken = self.datapath.send(frames,
+                                              before_doorbell=lambda n: self.channel.tx.release(frames[:n]))
         except BadFrame as e:
-            sent = self._send_one_by_one(frames, e)
+            frames = list(map(bytes, frames))  # copies: the slots go back to the guest first
+            self.channel.tx.release(frames)
+            sent, taken = self._send_one_by_one(frames, e), len(frames)
         self.stats.tx_frames += sent
+        return moved + taken
 
     def _receive(self) -> int:
         """One batch vport -> guest rx ring, copied straight from the packet buffers; returns the frames taken
@@ -193,7 +198,7 @@ class NetRelay:
             if not self._receive():
                 break
 
-    def _send_one_by_one(self, frames: list[memoryview], first_error: BadFrame) -> int:
+    def _send_one_by_one(self, frames: list[bytes], first_error: BadFrame) -> int:
         """A batch held a frame the vport cannot carry: send the rest, count the bad ones."""
         kv(log, logging.WARNING, "dropping frames the vport cannot carry", pci_id=self.pci_id, error=first_error)
         sent = 0
