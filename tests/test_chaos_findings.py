@@ -223,9 +223,34 @@ def test_a_function_reset_behind_the_workers_back_is_found_by_the_tx_watchdog(tm
         h.device_control(0, "reset_function")
         base = h.traffic("status")["agents"][0]["received"]
         _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 20, "traffic flows again")
-        assert h.inspect("worker/nics/0/tx_hang_resets") == 1
+        assert h.inspect("worker/nics/0/relay_failure_resets") == 1
         s, counted = _lost_and_counted(h, before, [])
         assert s["frames_lost"] > 0  # the reset did cost frames
         assert s["frames_lost"] == counted and s["duplicated"] == 0 and s["unknown"] == 0, (s, counted)
     finally:
         h.stop()
+
+
+def test_a_queue_the_device_overflowed_stops_the_relay_as_a_device_failure(mem):
+    """The relay once died with QueueOverflow on its vport's EQ (after a hot-add under load) and the NIC stayed
+    dead until the next servicing. A relay stopped by a device error other than DeviceMissing flags
+    `device_failed`, on which the NIC resets the function and comes up fresh (as for a hung send queue,
+    test above). Here the RX CQ's next entry carries an owner count two laps ahead."""
+    from vfkeep.gdma.constants import OWNER_COUNT_SHIFT_IN_LAST_BYTE, OWNER_MASK
+    bench = InProcessBench(mem)
+    dev = ManaDevice.new(bench.connect(DmaManager(mem), "nic0"), "nic0")
+    data = dev.open_vport(0).data
+    channel = NicChannel.create(mem, ChannelLayout(nics=1, slots=16, slot_size=2048), 0)
+    relay = NetRelay(channel, data, "nic0")
+    try:
+        cq = data.queues.rx_cq
+        last = (cq.next & (cq.size - 1)) + cq.entry_size - 1
+        cq.mem[last] = (((cq.next // cq.size) + 2) & OWNER_MASK) << OWNER_COUNT_SHIFT_IN_LAST_BYTE
+        relay.start()
+        _wait(lambda: relay.error is not None, 5, "the relay stops")
+        assert "QueueOverflow" in relay.error and relay.device_failed and not relay.device_missing
+    finally:
+        relay.stop()
+        dev.shutdown()
+        channel.close()
+        bench.device.close()

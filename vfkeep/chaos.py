@@ -69,7 +69,7 @@ SAVE_FAULTS = ("save_fail", "save_stuck", "save_crash", "kill_old")
 
 #: Relative weights of the catalogue (a device reset during the handover costs the HWC probe's 10 s timeout).
 #: A device reset is only fired during a handover (at run time only the TX watchdog finds one, after about 4 s of
-#: hung sends: `VfManager._tx_hang`).
+#: hung sends: `VfManager._relay_failed`).
 FAULT_WEIGHTS = {"save_fail": 6, "save_stuck": 2, "save_crash": 3, "kill_old": 8, "kill_new": 10, "hwc_fail": 10,
                  "hwc_stall": 5, "surprise_removal": 6, "vf_reset": 8, "link_flap": 6, "device_reset": 2, "tamper": 6}
 

@@ -14,7 +14,7 @@ import select
 import threading
 from dataclasses import asdict, dataclass
 
-from ..driver.errors import DEVICE_ERRORS, BadFrame, DeviceMissing, TxHung
+from ..driver.errors import DEVICE_ERRORS, BadFrame, DeviceMissing
 from ..driver.datapath import VportDataPath
 from ..guest.ring import NicChannel, RingError
 from ..log import kv
@@ -51,7 +51,9 @@ class NetRelay:
         self.stats = RelayStats() if stats is None else stats  # a NIC's relays after a re-creation count on
         self.error: str | None = None
         self.device_missing = False
-        self.tx_hung = False  # stopped by TxHung: the NIC resets the function (VfManager._tx_hang)
+        #: Stopped by a device error other than DeviceMissing (a hung send queue, an overflowed queue): the vport
+        #: is unusable, and the NIC resets the function (VfManager._relay_failed).
+        self.device_failed = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
         self._stop_lock = threading.Lock()
@@ -129,10 +131,10 @@ class NetRelay:
         except DeviceMissing as e:
             self.device_missing = True
             self._fail(e)
-        except TxHung as e:
-            self.tx_hung = True
+        except DEVICE_ERRORS as e:
+            self.device_failed = True
             self._fail(e)
-        except (*DEVICE_ERRORS, RingError) as e:
+        except RingError as e:
             self._fail(e)
         finally:
             self.resumed.set()

@@ -115,7 +115,7 @@ class VfManager:
         self.device_present = presence_probe(cfg.socket)
         self.missing = False  # the device is gone (spec 5.2 DeviceMissing) until it comes back
         self.vf_resets = 0    # run-time VF reconfigurations (EQE 135)
-        self.tx_hang_resets = 0  # run-time function resets after a hung send queue (`_tx_hang`)
+        self.relay_failure_resets = 0  # run-time function resets after the relay failed (`_relay_failed`)
         self.hot_adds = 0     # NICs re-created after their device came back
         self.recoveries = 0   # NICs re-created by the watcher after their init failed
         self.relay_stats = RelayStats()  # across the relays of this worker's re-created vports
@@ -410,8 +410,8 @@ class VfManager:
                 dev.poll_events()
                 if dev.reset_pending:
                     self._vf_reset()
-                elif self.relay is not None and self.relay.tx_hung:
-                    self._tx_hang()
+                elif self.relay is not None and self.relay.device_failed:
+                    self._relay_failed()
                 elif (self.relay is not None and self.relay.device_missing) or not dev.present():
                     self._removed()
             except DeviceMissing:
@@ -445,12 +445,13 @@ class VfManager:
             if self._recreate(force_flr=True, locked=True):
                 self.vf_resets += 1
 
-    def _tx_hang(self) -> None:
-        """The relay's sends stopped completing although the TX watchdog rang their doorbells again: the function
-        lost its queues behind the driver's back (an FLR), which no register or event shows. Like a removal
-        that came back: tear down without a request (the HWC is likely gone too), the sends counted in
-        `tx_stranded`, then reset the function and create the NIC fresh."""
-        kv(log, logging.WARNING, "tx hang: resetting the nic", pci_id=self.pci_id, error=self.relay.error)
+    def _relay_failed(self) -> None:
+        """The relay stopped on a device error: its vport is unusable. Mostly sends that stopped completing
+        although the TX watchdog rang their doorbells again (`TxHung`): the function lost its queues behind the
+        driver's back (an FLR), which no register or event shows; or a queue the device overflowed. Like a
+        removal that came back: tear down without a request (the HWC may be gone too), the outstanding sends
+        counted in `tx_stranded`, then reset the function and create the NIC fresh."""
+        kv(log, logging.WARNING, "relay failed: resetting the nic", pci_id=self.pci_id, error=self.relay.error)
         self._abandon_relay()
         with VfManager._recreating:
             try:
@@ -459,7 +460,7 @@ class VfManager:
                 kv(log, logging.WARNING, "teardown of the hung device failed", pci_id=self.pci_id, error=str(e))
             self.dev = self.vport = self.relay = None
             if self._recreate(force_flr=True, locked=True):
-                self.tx_hang_resets += 1
+                self.relay_failure_resets += 1
 
     def _removed(self) -> None:
         kv(log, logging.WARNING, "device missing: tearing the nic down", pci_id=self.pci_id)
@@ -589,7 +590,7 @@ class VfManager:
     def inspect(self) -> dict:
         out = {"pci_id": self.pci_id, "restore_path": self.restore_path, "error": self.error, "flr": self.flr,
                "create_ms": self.create_ms, "missing": self.missing, "vf_resets": self.vf_resets,
-               "tx_hang_resets": self.tx_hang_resets, "hot_adds": self.hot_adds, "recoveries": self.recoveries, "device": None}
+               "relay_failure_resets": self.relay_failure_resets, "hot_adds": self.hot_adds, "recoveries": self.recoveries, "device": None}
         if self.dev is not None and not self.dev.closed:
             out["device"] = self.dev.inspect()
         if self.vport is not None and not self.vport.closed:
