@@ -254,3 +254,23 @@ def test_a_queue_the_device_overflowed_stops_the_relay_as_a_device_failure(mem):
         dev.shutdown()
         channel.close()
         bench.device.close()
+
+
+def test_a_restore_kill_point_the_restore_did_not_reach_is_disarmed_once_it_is_over(tmp_path):
+    """chaos seed 1, servicings 534-535: the next worker was armed to die at `restore.vport`, which a kept vport's
+    restore never reaches (it opens no vport), so it survived that servicing — and died at run time when a hot-add
+    opened a vport during the next one, taking 64 frames with it uncounted. A restore kill point is for the
+    restore: the worker disarms it once `started` is sent."""
+    h = HostRun(tmp_path / "run", "--datapath-keepalive")
+    try:
+        h.service(mana_keepalive=True)  # the vport is in the pool from now on
+        r = h.service(mana_keepalive=True, kill_point="restore.vport")
+        assert r["status"] == "ok" and r["nics"][0]["restore_path"] == "keepalive", r  # never reached
+        generation = h.status()["worker"]["generation"]
+        h.device_control(0, "raise_reset_request")  # EQE 135: the NIC is re-created, a vport opened
+        _wait(lambda: h.inspect("worker/nics/0/vf_resets") == 1, 15, "the NIC is re-created by the same worker")
+        assert h.status()["worker"]["generation"] == generation
+        assert "kill point reached" not in h.worker_log(generation)
+        assert h.probe()["ok"]
+    finally:
+        h.stop()
