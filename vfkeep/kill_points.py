@@ -7,8 +7,9 @@ worker dies there (SIGKILL, itself: no finally, no atexit, no flushed buffers bu
 
 Arming: `VFKEEP_KILL_POINT=NAME` in a worker's environment (read when the worker starts; the host sets it for
 the next worker of one servicing: `service(kill_point=...)` with a restore point), or `arm(NAME)` (the worker
-arms the save point a save request carries, `Save.kill_point`). Every name is in `POINTS`, which maps it to
-what has happened when it is reached; the kill-anywhere test (tests/test_kill_points.py) kills at each.
+arms the save point a save request carries, `Save.kill_point`). A restore point is disarmed once the restore
+is over (`started` sent): run-time re-creations of a NIC pass the same code. Every name is in `POINTS`, which
+maps it to what has happened when it is reached; the kill-anywhere test (tests/test_kill_points.py) kills at each.
 
 Stdlib only: the driver, the paravisor and the host all import it.
 """
