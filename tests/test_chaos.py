@@ -81,3 +81,17 @@ def test_a_short_campaign_with_nvme_holds_every_invariant(tmp_path):
     assert report["nvme"] == 1 and report["nvme_keepalive"] > 0
     assert {"nvme_io_delay", "nvme_admin_delay"} <= set(report["faults"])
     assert all(r["disk_paths"] for r in report["records"])
+
+
+def test_process_counts_are_compared_once_they_settle():
+    """chaos seed 1, servicing 76: one reading found a fifth process naming the run dir (baseline 4) right
+    after the servicing, gone by the next one. A leaked process stays: the counts are read again for up to
+    PROCESS_SETTLE_S before one is a violation."""
+    c = chaos.Campaign("/nonexistent", 1, 1)
+    c.baseline = chaos.Baseline(children=3, run_dir_processes=4, host_fds=20, device_fds=[10])
+    readings = iter([chaos.Baseline(3, 5, 20, [10]), chaos.Baseline(3, 4, 20, [10])])
+    c._measure = lambda: next(readings)
+    assert c._check_processes() == []
+    c._measure = lambda: chaos.Baseline(3, 5, 20, [10])  # a process that stays is a violation
+    (v,) = c._check_processes()
+    assert v == ("processes_fds", "5 processes name the run dir, baseline 4")
