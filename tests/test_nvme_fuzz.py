@@ -174,3 +174,36 @@ def test_an_event_handled_while_the_driver_shuts_down_ends_quietly(mem, monkeypa
     for t in [t for t in threading.enumerate() if t.name == "aen-x"]:
         t.join(5)
     assert errors == []
+
+
+def test_an_event_handled_at_once_does_not_break_the_restore(mem, monkeypatch):
+    """Under load the saved event's handler can shut the driver down before `restore` returns (seen in the
+    suite: the restore's last log line read the admin queue teardown had dropped -> AttributeError). Run
+    the handler inline, at its thread's start, so that order always happens: the restore still succeeds."""
+    import vfkeep.nvme_driver.driver as driver_mod
+
+    class InlineAen(threading.Thread):
+        def start(self):
+            if self.name.startswith("aen-"):
+                self.run()
+            else:
+                super().start()
+
+    ctrl, irqs, state, dma_state = saved_rig(mem)
+    state.worker_data.admin.handler_data.aer_handler.last_aen = 2 | 4 << 16
+    dma = DmaManager(mem, strict_pool=False)
+    dma.restore(dma_state)
+    submit_wait = NvmeDriver._submit_wait
+    shut = []
+
+    def shut_down_meanwhile(self, qp, cmd, timeout):
+        result = submit_wait(self, qp, cmd, timeout)
+        self.shutdown()
+        shut.append(self)
+        return result
+
+    monkeypatch.setattr(NvmeDriver, "_submit_wait", shut_down_meanwhile)
+    monkeypatch.setattr(driver_mod.threading, "Thread", InlineAen)
+    drv = NvmeDriver.restore(NvmeBacking(ctrl, irqs), dma.new_client("nvme_x", persistent=True), "x", state,
+                             cpu_count=2)
+    assert shut == [drv]

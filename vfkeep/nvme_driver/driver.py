@@ -502,14 +502,15 @@ class NvmeDriver:
             self.namespaces[ns.nsid] = Namespace(self, ns.nsid, bytes(ns.identify_ns))
         # Decided from the saved state, before the interrupt thread can deliver the saved AER's event.
         pending_aen, awaiting = self.last_aen, self.aer_cid is not None
+        # Logged before the threads start: an event handler may shut the driver down at once.
+        kv(log, logging.INFO, "nvme driver restored", device=self.device_id, io_queues=len(self.io),
+           admin_pending=len(self.admin.pending), io_pending=self._presave_io, awaiting_aen=self.aer_cid)
         self._start_thread()
         if pending_aen is not None:
             threading.Thread(target=self._handle_aen, args=(pending_aen,), name=f"aen-{self.device_id}",
                              daemon=True).start()
         elif not awaiting:
             self._arm_aer()
-        kv(log, logging.INFO, "nvme driver restored", device=self.device_id, io_queues=len(self.io),
-           admin_pending=len(self.admin.pending), io_pending=self._presave_io, awaiting_aen=self.aer_cid)
 
     def shutdown(self) -> None:
         """Normal teardown: CC.EN 1→0 (bounded wait), close the handle, free the queue memory. After `save()`
