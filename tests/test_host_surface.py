@@ -115,6 +115,30 @@ def test_device_failing_at_start_up_ends_run_fast(tmp_path):
     assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
 
 
+def test_an_nvme_device_failing_at_start_up_is_named(tmp_path):
+    """A disk file that cannot be created: the NVMe controller exits at start-up and the one-line cause names
+    it (nvme0 and its own stderr file), not a NIC."""
+    run_dir = str(tmp_path / "run")
+    r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", "--nics", "0", "--nvme", "1",
+            "--disk", str(tmp_path / "missing" / "x.img"))
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "device nvme0 exited" in line and "device-nvme0.stderr" in line and "nic0" not in line, line
+    assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
+
+
+def test_disk_commands_on_a_host_without_disks_say_so(tmp_path):
+    run_dir = str(tmp_path / "run")
+    r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", "--nics", "0")
+    assert r.returncode == 0, r.stderr
+    try:
+        d = cli("disk", "--run-dir", run_dir, "start")
+        assert d.returncode != 0 and "no NVMe disks" in d.stderr and "--nvme N" in d.stderr, d.stderr
+    finally:
+        assert cli("stop", "--run-dir", run_dir).returncode == 0
+    assert not proc.processes_mentioning(run_dir)
+
+
 # -- --detach, pidfile, signals -------------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_detach_returns_with_host_running_and_signals_stop_it_in_order(tmp_path, sig):

@@ -57,6 +57,8 @@ def remove_if_empty(path: str | None) -> None:
 
 
 class DeviceProcess:
+    kind = "nic"  # names the device in messages and its files: nic0, nvme0
+
     def __init__(self, index: int, child: subprocess.Popen, socket: str, stderr_path: str):
         self.index = index
         self.stderr_path = stderr_path
@@ -86,14 +88,14 @@ class DeviceProcess:
         deadline = time.monotonic() + timeout
         while True:
             if self.child.poll() is not None:
-                raise DeviceFailed(f"device nic{self.index} exited with status {self.child.returncode} during "
+                raise DeviceFailed(f"device {self.kind}{self.index} exited with status {self.child.returncode} during "
                                    f"start-up: {last_line(self.stderr_path) or 'no message'} (see {self.stderr_path})")
             try:
                 self.call("ping", timeout=0.2)
                 return
             except rpc.RpcError:
                 if time.monotonic() > deadline:
-                    raise DeviceFailed(f"device nic{self.index} did not answer on {self.control} within {timeout:g} s "
+                    raise DeviceFailed(f"device {self.kind}{self.index} did not answer on {self.control} within {timeout:g} s "
                                        f"(see {self.stderr_path})") from None
 
     def call(self, cmd: str, timeout: float = 5.0, **args) -> dict:
@@ -140,6 +142,7 @@ NVME_KEEPALIVE_TRIPWIRES = ("CREATE_IO_CQ", "CREATE_IO_SQ", "IDENTIFY", "ASYNC_E
 
 class NvmeDeviceProcess(DeviceProcess):
     """An NVMe controller emulator (`vfkeep nvme-device`) on a sparse disk file, `reset_method=none`."""
+    kind = "nvme"
 
     def __init__(self, index: int, child: subprocess.Popen, socket: str, stderr_path: str, disk: str):
         super().__init__(index, child, socket, stderr_path)

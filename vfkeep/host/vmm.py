@@ -344,7 +344,8 @@ class Host:
     def disk(self, action: str, **args):
         """`vfkeep disk`: as `traffic`, start (spawns agents) on the actor thread, the rest at once."""
         if self.guest_disks is None:
-            raise HostError("host is not booted")
+            raise HostError("host is not booted" if self.config.nvme else
+                            "this host has no NVMe disks: start it with `vfkeep run --nvme N`")
         fn = self.guest_disks.operation(action)
         try:
             inspect.signature(fn).bind(**args)
