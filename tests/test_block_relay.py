@@ -123,6 +123,20 @@ def test_guest_io_across_a_servicing_without_keepalive(rig, mem):
     assert_every_request_once(stats)
 
 
+def test_iops_of_a_window_is_over_the_window_not_over_its_burst(rig, mem):
+    """A servicing window whose IO all completes in one burst after the restore (found in review: 16
+    completions within 0.4 ms reported as 40,022 IOPS): the rate is completions over the window asked for."""
+    io = DiskIo(rig[1], mem, lbas=LBAS)
+    try:
+        t0 = time.monotonic_ns() - 2_000_000_000
+        for i in range(16):
+            io.done.append((t0 + 1_000_000_000 + i * 25_000, 100_000, OP_READ))
+        st = io.stats(t0, t0 + 2_000_000_000)
+        assert st["window_completions"] == 16 and st["iops"] == 8
+        assert 14 <= io.stats()["iops"] <= 16  # the whole run: from its first completion to now (about 1 s)
+    finally:
+        io.close()
+
 def test_relay_refuses_requests_outside_the_data_area(rig, mem):
     sock, channel, worker, command = rig
     child, up = worker(False, {})

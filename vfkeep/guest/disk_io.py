@@ -245,7 +245,8 @@ class DiskIo:
 
     # -- statistics ---------------------------------------------------------------------------------
     def stats(self, since_ns: int | None = None, until_ns: int | None = None) -> dict:
-        """Counters for the whole run; IOPS, latency percentiles and the blackout of [since, until]."""
+        """Counters for the whole run; IOPS (completions over [since, until]), latency percentiles and the
+        blackout of [since, until]."""
         now = time.monotonic_ns()
         lo, hi = since_ns or 0, min(until_ns or now, now)
         with self.cv:
@@ -262,7 +263,8 @@ class DiskIo:
         def pct(p: float) -> float | None:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))] / 1e6, 3) if lat else None
 
-        span = (max(d[0] for d in done) - min(d[0] for d in done)) / 1e9 if len(done) > 1 else 0
+        # Over the window asked for (a burst after a servicing is not a rate); the whole run from its first IO.
+        span = (hi - (lo if since_ns else min(d[0] for d in done))) / 1e9 if done else 0
         return {**counters, "outstanding": outstanding, "window_completions": len(done),
                 "iops": round(len(done) / span) if span else None,
                 "latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0)},

@@ -127,8 +127,10 @@ class GuestDisks(AgentPool):
             except DiskError as e:
                 kv(log, logging.WARNING, "no disk numbers for the servicing window", disk=a.index, error=str(e))
                 return None
-            errors = sum(st[k] - before[a.index]["counters"][k] for k in ERROR_COUNTERS)
-            return {"disk": a.index, "start_ns": start_ns, "end_ns": end_ns, "io_errors": errors, **st}
+            # The agent's counters are for its whole run: the window's row shows what changed in it.
+            counted = {k: st[k] - v for k, v in before[a.index]["counters"].items() if k in st}
+            errors = sum(counted[k] for k in ERROR_COUNTERS)
+            return {"disk": a.index, "start_ns": start_ns, "end_ns": end_ns, "io_errors": errors, **st, **counted}
 
         measured = [m for m in self.each(one, self.running()) if m is not None]
         self.last_servicing = measured or None
