@@ -44,23 +44,27 @@ class GuardedBlock:
         self.inner.free()
 
 
-class GuardedClient:
-    """A `DmaClient` that hands out guarded blocks."""
+class WrappedClient:
+    """A DMA client standing in for `inner`: a test wrapper overrides `allocate_dma_buffer` only."""
 
-    def __init__(self, inner, owner: "Canaries"):
+    def __init__(self, inner, owner):
         self.inner, self.owner = inner, owner
         self.persistent, self.region = inner.persistent, inner.region
-
-    def allocate_dma_buffer(self, nbytes: int) -> GuardedBlock:
-        block = GuardedBlock(self.inner.allocate_dma_buffer(nbytes + 2 * PAGE_SIZE), self.owner, f"{nbytes}-byte block")
-        self.owner.blocks.append(block)
-        return block
 
     def attach_pending_buffers(self):
         return self.inner.attach_pending_buffers()
 
     def close(self) -> None:
         self.inner.close()
+
+
+class GuardedClient(WrappedClient):
+    """A `DmaClient` that hands out guarded blocks."""
+
+    def allocate_dma_buffer(self, nbytes: int) -> GuardedBlock:
+        block = GuardedBlock(self.inner.allocate_dma_buffer(nbytes + 2 * PAGE_SIZE), self.owner, f"{nbytes}-byte block")
+        self.owner.blocks.append(block)
+        return block
 
 
 class Canaries:

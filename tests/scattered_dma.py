@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+from dma_canary import WrappedClient
 from vfkeep.memory.guest_memory import PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -53,10 +54,10 @@ class ScatteredBlock:
         _libc.munmap(self._addr, self.len)
 
 
-class ScatteredClient:
+class ScatteredClient(WrappedClient):
     def __init__(self, inner, fd: int, owner: "ScatteredClients"):
-        self.inner, self.fd, self.owner = inner, fd, owner
-        self.persistent, self.region = inner.persistent, inner.region
+        super().__init__(inner, owner)
+        self.fd = fd
 
     def allocate_dma_buffer(self, nbytes: int):
         n = -(-nbytes // PAGE_SIZE)
@@ -69,12 +70,6 @@ class ScatteredClient:
         block = ScatteredBlock(self.fd, kept, self.inner.persistent)
         self.owner.blocks.append(block)
         return block
-
-    def attach_pending_buffers(self):
-        return self.inner.attach_pending_buffers()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class ScatteredClients:

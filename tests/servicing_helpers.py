@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
@@ -57,6 +58,17 @@ class HostRun(DetachedHost):
         alive = [p for p in kids if pid_alive(p)]
         assert not alive, f"children left behind: {alive}"
 
+
+def kill_host(h: HostRun) -> list[int]:
+    """SIGKILL the host; returns its children, each gone."""
+    kids = h.children()
+    os.kill(h.pid, signal.SIGKILL)
+    h.child.wait(10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in kids if pid_alive(p)]
+    return kids
 
 #: Indexes into stat_fields().
 PPID, SESSION = 1, 3

@@ -51,6 +51,12 @@ def _wait(cond, timeout: float, what: str):
     return value
 
 
+def _flows_again(h, timeout: float) -> None:
+    """Until NIC 0's agent received 100 more frames."""
+    base = h.traffic("status")["agents"][0]["received"]
+    _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, timeout, "traffic flows again")
+
+
 def test_frames_sent_into_a_removed_device_are_counted(tmp_path):
     """chaos seed 1, servicings 45/54/91: frames the relay had posted when the device disappeared (its
     doorbells go nowhere) died with the torn-down vport uncounted. They are `tx_stranded`, as for an
@@ -63,8 +69,7 @@ def test_frames_sent_into_a_removed_device_are_counted(tmp_path):
         _wait(lambda: h.inspect("worker/nics/0/missing"), 10, "the worker sees the device gone")
         h.device_control(0, "surprise_removal", on=False)
         _wait(lambda: not h.inspect("worker/nics/0/missing"), 15, "the device is back (hot-add)")
-        base = h.traffic("status")["agents"][0]["received"]
-        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 10, "traffic flows again")
+        _flows_again(h, 10)
         h.traffic("stop")
         s = h.traffic("stats", settle_ms=500)["nics"][0]
         counters = h.device_control(0, "counters")["counters"]
@@ -109,8 +114,7 @@ def test_frames_a_saving_worker_stranded_are_in_its_save_outcome(tmp_path):
         r = h.service(mana_keepalive=True)
         h.device_control(0, "surprise_removal", on=False)
         _wait(lambda: not h.inspect("worker/nics/0/missing"), 15, "the device is back (hot-add)")
-        base = h.traffic("status")["agents"][0]["received"]
-        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 10, "traffic flows again")
+        _flows_again(h, 10)
         h.traffic("stop")
         s = h.traffic("stats", settle_ms=500)["nics"][0]
         (outcome,) = h.inspect("last_servicing/save_outcomes")
@@ -170,8 +174,7 @@ def test_a_replacement_does_not_resume_a_kept_vport_its_killed_predecessor_moved
         assert "restore.hwc" in h.worker_log(h.status()["worker"]["generation"] - 1)
         n = r["nics"][0]
         assert n["restore_path"] != "keepalive", r  # not the stale state
-        base = h.traffic("status")["agents"][0]["received"]
-        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 15, "traffic flows again")
+        _flows_again(h, 15)
         old_relays = [o["relay"] for o in h.inspect("last_servicing/save_outcomes")]
         s, counted = _lost_and_counted(h, before, old_relays)
         assert s["duplicated"] == 0 and s["unknown"] == 0, s
@@ -221,8 +224,7 @@ def test_a_function_reset_behind_the_workers_back_is_found_by_the_tx_watchdog(tm
         _wait(lambda: h.traffic("status")["agents"][0]["received"] > 100, 10, "traffic flows")
         before = {"device": h.device_control(0, "counters")["counters"]}
         h.device_control(0, "reset_function")
-        base = h.traffic("status")["agents"][0]["received"]
-        _wait(lambda: h.traffic("status")["agents"][0]["received"] > base + 100, 20, "traffic flows again")
+        _flows_again(h, 20)
         assert h.inspect("worker/nics/0/relay_failure_resets") == 1
         s, counted = _lost_and_counted(h, before, [])
         assert s["frames_lost"] > 0  # the reset did cost frames

@@ -2,30 +2,17 @@
 of a servicing; the next `vfkeep run` on the same run dir removes what it left (pidfile, sockets, network
 namespaces) and says so."""
 import os
-import signal
 import stat
 import threading
 import time
 
 from netns_helpers import assert_nothing_left, needs_netns
-from servicing_helpers import HostRun, children_of, pid_alive
+from servicing_helpers import HostRun, children_of, kill_host
 from vfkeep import netns, rpc
 
 
 def sockets(run_dir) -> list[str]:
     return sorted(n for n in os.listdir(run_dir) if stat.S_ISSOCK(os.lstat(os.path.join(run_dir, n)).st_mode))
-
-
-def kill_host(h: HostRun) -> list[int]:
-    """SIGKILL the host; returns its children, each gone."""
-    kids = h.children()
-    os.kill(h.pid, signal.SIGKILL)
-    h.child.wait(10)
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in kids if pid_alive(p)]
-    return kids
 
 
 def host_note(run_dir) -> str:

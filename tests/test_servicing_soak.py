@@ -4,7 +4,7 @@ import os
 import signal
 import time
 
-from servicing_helpers import HostRun, children_of, pid_alive
+from servicing_helpers import HostRun, children_of, kill_host, pid_alive
 from vfkeep.proc import open_fd_count, processes_mentioning
 
 SERVICINGS = 50
@@ -53,14 +53,7 @@ def test_host_killed_children_die(tmp_path):
     """PR_SET_PDEATHSIG: a SIGKILLed host leaves no device or worker behind."""
     h = HostRun(tmp_path / "run")
     h.service(mana_keepalive=True)  # children spawned during a servicing too
-    kids = h.children()
-    assert len(kids) == 2
-    os.kill(h.pid, signal.SIGKILL)
-    h.child.wait(10)
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in kids if pid_alive(p)]
+    assert len(kill_host(h)) == 2
 
 
 def test_ctrl_c_stops_cleanly(tmp_path):
