@@ -106,6 +106,23 @@ def test_servicing_output_is_never_cut(terminal):
     assert "…" not in out and LONG_REASON in out.replace("\n", "") and "servicing degraded" in out
 
 
+def test_fallback_line_says_each_thing_once():
+    """The reason of a fallback already quotes the error: a line shows it once, not as reason= and error=."""
+    r = _result()
+    r["nics"][0]["error"] = "failed to decode servicing state (138 bytes)"
+    r["nics"][0]["reason"] = "saved state rejected: failed to decode servicing state (138 bytes)"
+    r["nvme"] = [{"pci_id": "a100:00:00.0", "restore_path": "fallback", "requested_path": "keepalive",
+                  "device_reset": True, "controller_enabled": True, "error": "InvalidSavedState: bad qid",
+                  "reason": "saved state rejected: InvalidSavedState: bad qid"}]
+    lines = render.servicing_lines(r)
+    nic = next(ln for ln in lines if ln.startswith("nic "))
+    nvme = next(ln for ln in lines if ln.startswith("nvme "))
+    assert nic.count("failed to decode servicing state") == 1 and "error=" not in nic, nic
+    assert nvme.count("bad qid") == 1 and "error=" not in nvme, nvme
+    r["nics"][0]["reason"] = "keepalive not requested"  # an error the reason does not carry is still shown
+    assert "error=failed to decode servicing state (138 bytes)" in render.servicing_lines(r)[1]
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     h = HostRun(tmp_path_factory.mktemp("cli") / "run", "--keep-worker-logs", "2")

@@ -209,7 +209,7 @@ def assert_queues_on_the_controllers_pool_pages(host) -> None:
     ("nvme-mem-len", "admin queue: mem_len 286720 is not the 282624-byte queue pair block"),
     ("nvme-qid-out-of-range", "IO queue 3: qid repeated or above max_io_queues 2"),
     ("nvme-cid-out-of-range", "admin queue: CID"),
-    ("nvme-pending-overflow", "admin queue: 256 pending commands do not fit a 256-entry queue"),
+    ("nvme-pending-overflow", "admin queue: 256 pending commands, more than the 255 a 256-entry queue holds"),
 ])
 def test_hostile_saved_queues_take_the_fresh_path_inside_the_devices_pages(host, mode, error):
     """A typed error, then the fresh path (controller reset and re-enabled); the restore attached and freed the

@@ -186,6 +186,17 @@ def test_validate_accepts_a_real_state(saved):
     validate(decode(saved[0].SerializeToString()), msix_count=16, cpu_count=2)
 
 
+def test_pending_overflow_names_what_the_queue_holds(saved):
+    """A queue of N entries holds N - 1 commands (one entry stays empty, spec nvme.md §4): the message says
+    so rather than "N do not fit an N-entry queue"."""
+    bad = nvme_driver_pb2.NvmeDriverSavedState()
+    bad.CopyFrom(saved[0])
+    NVME_QUEUE_TAMPERS["nvme-pending-overflow"](bad, LAYOUT)
+    with pytest.raises(InvalidSavedState) as e:
+        validate(bad, msix_count=16, cpu_count=2)
+    assert "admin queue: 256 pending commands, more than the 255 a 256-entry queue holds" in str(e.value)
+
+
 def test_state_decode_shows_field_10000_with_every_nvme_field(tmp_path, saved):
     from vfkeep.host.decode import decode_file
     from vfkeep.paravisor.nvme_manager import saved_driver_states

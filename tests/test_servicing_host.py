@@ -39,6 +39,21 @@ def test_result_shape_and_state_file(host):
     assert "init_state" in human.stdout and "private_pool" in human.stdout
 
 
+def test_state_file_is_what_the_new_worker_was_given(host):
+    """With --tamper the run dir's servicing_state.bin is the tampered blob the new worker got; the old
+    worker's own save is beside it as servicing_state.untampered.bin, which the next servicing removes."""
+    state, saved = (os.path.join(host.run_dir, n) for n in ("servicing_state.bin", "servicing_state.untampered.bin"))
+    host.service(mana_keepalive=True, tamper="truncate")
+    with open(state, "rb") as f, open(saved, "rb") as g:
+        handed, original = f.read(), g.read()
+    assert handed == original[:len(original) // 2] and handed
+    out = host.cli("state", "decode", state)
+    assert out.returncode == 2 and "not a ServicingState" in out.stderr
+    assert host.service(mana_keepalive=True)["ok"]
+    assert not os.path.exists(saved)
+    assert host.cli("state", "decode", state).returncode == 0
+
+
 def test_no_keepalive_omits_dma_state(host):
     r = host.service()
     assert r["ok"]

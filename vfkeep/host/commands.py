@@ -437,7 +437,9 @@ def state_group():
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
 def decode_command(file, as_json):
-    """Pretty-print a ServicingState blob (the host keeps the last one as <run-dir>/servicing_state.bin).
+    """Pretty-print a ServicingState blob (the host keeps the last one it handed to a new worker as
+    <run-dir>/servicing_state.bin; after `service --tamper` that is the tampered blob, and the old worker's own
+    save is <run-dir>/servicing_state.untampered.bin).
     Exit 2 when the file is not a ServicingState (empty, truncated, not protobuf, no init_state)."""
     try:
         data = decode_file(file)

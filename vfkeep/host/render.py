@@ -73,13 +73,21 @@ def servicing_table(result: dict) -> Table:
     return t
 
 
+def _why(n: dict) -> str:
+    """`reason=... error=...` of one device, the error only when the reason does not already quote it (a
+    fallback's reason is "saved state rejected: <error>")."""
+    reason, error = n.get("reason"), n["error"]
+    if error and reason and error in reason:
+        return f"reason={value(reason)}"
+    return f"reason={value(reason)} error={value(error)}"
+
+
 def servicing_lines(result: dict) -> list[str]:
     out = [f"servicing {_status(result)}: {_summary(result)}"]
     for n in result["nics"]:
         out.append(f"nic {n['pci_id']}: path={n['restore_path']} requested={n.get('requested_path', '-')} "
                    f"device_reset={value(n['device_reset'])} hwc_established={value(n['hwc_established'])} "
-                   f"hwc_requests={n.get('hwc_requests', '-')} reason={value(n.get('reason'))} "
-                   f"error={value(n['error'])}")
+                   f"hwc_requests={n.get('hwc_requests', '-')} {_why(n)}")
     out += nvme_lines(result)
     if result.get("timing"):
         out.append("timing: device " + DeviceTiming.from_dict(result["timing"]).describe())
@@ -90,7 +98,7 @@ def nvme_lines(result: dict) -> list[str]:
     """One line per NVMe controller of a servicing result."""
     return [f"nvme {n['pci_id']}: path={n['restore_path']} requested={n.get('requested_path', '-')} "
             f"device_reset={value(n['device_reset'])} controller_enabled={value(n['controller_enabled'])} "
-            f"reason={value(n.get('reason'))} error={value(n['error'])}" for n in result.get("nvme") or []]
+            f"{_why(n)}" for n in result.get("nvme") or []]
 
 
 def print_servicing(result: dict, c: Console) -> None:

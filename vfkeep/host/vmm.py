@@ -44,6 +44,8 @@ from .worker_proc import WorkerFailed, WorkerProcess
 log = logging.getLogger("vfkeep.host")
 
 STATE_FILE = "servicing_state.bin"
+#: With `--tamper`: the old worker's save as it sent it (STATE_FILE holds the tampered blob the new worker got).
+UNTAMPERED_STATE_FILE = "servicing_state.untampered.bin"
 DEFAULT_TIMEOUT_S = 60.0
 HELLO_TIMEOUT_S = 60.0
 BOOT_TIMEOUT_S = 60.0
@@ -713,16 +715,17 @@ class Host:
                 errors.append(f"restore: {e}")
                 kv(log, logging.ERROR, "new worker failed to restore, starting a replacement", error=str(e))
                 new.end()
+                again = handed
                 if handed is not None and self._guest_io_positions() != io_at_handoff:
                     kv(log, logging.WARNING, "the failed worker had resumed guest IO: its saved state is stale, "
                        "the replacement starts without it")
                     errors.append("replacement: without the saved state (the failed worker had resumed guest IO)")
-                    handed = None
-                started = self._replace_worker(handed, next_worker_cmd, configured, timeout_s, errors)
+                    again = None
+                started = self._replace_worker(again, next_worker_cmd, configured, timeout_s, errors)
             finally:
                 t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
                 if saved is not None:
-                    self._retire(old, blob)
+                    self._retire(old, blob, handed)
             self._requeue_lost()
             self._phase("measure")
             if started.error:
@@ -740,15 +743,22 @@ class Host:
                 new.end()
             raise
 
-    def _retire(self, old: WorkerProcess, blob: bytes | None) -> None:
+    def _retire(self, old: WorkerProcess, blob: bytes | None, handed: bytes | None) -> None:
         """After the handover: the old worker exits by itself after `saved` (ended if it does not), and the
-        blob it sent is kept in the run dir for `vfkeep state decode`."""
+        blob the new worker was given is kept in the run dir for `vfkeep state decode` (STATE_FILE); when a
+        test hook tampered with it, the old worker's own save is kept beside it (UNTAMPERED_STATE_FILE)."""
         if old.wait_exit(5.0) is None:
             kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
         old.end()
-        if blob is not None:
+        untampered = os.path.join(self.run_dir, UNTAMPERED_STATE_FILE)
+        if handed is not None:
             with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
+                f.write(handed)
+        if blob is not None and handed is not None and handed != blob:
+            with open(untampered, "wb") as f:
                 f.write(blob)
+        elif os.path.exists(untampered):
+            os.unlink(untampered)  # of an earlier servicing: it would pass for this one's
 
     def _replace_worker(self, blob: bytes | None, worker_cmd: str | None, configured: list[int], timeout_s: float,
                         errors: list[str]) -> Started:

@@ -48,7 +48,8 @@ def _check_queue_pair(name: str, qp: pb.QueuePairSavedState, qid: int | None) ->
             raise InvalidSavedState(f"{name}: {what} {value} is not below the ring length {limit}")
     commands = h.pending_cmds.commands
     if len(commands) > qp.sq_entries - 1:
-        raise InvalidSavedState(f"{name}: {len(commands)} pending commands do not fit a {qp.sq_entries}-entry queue")
+        raise InvalidSavedState(f"{name}: {len(commands)} pending commands, more than the {qp.sq_entries - 1} a "
+                                f"{qp.sq_entries}-entry queue holds (one entry stays empty)")
     if h.pending_cmds.next_cid_high_bits > 0xFFFF:
         raise InvalidSavedState(f"{name}: next_cid_high_bits {h.pending_cmds.next_cid_high_bits} is not a u16")
     slots = set()
