@@ -67,6 +67,50 @@ def test_options_before_or_after_the_subcommand(tmp_path):
     assert f"no host answering in {run_dir}" in before.stderr and before.stderr == after.stderr
 
 
+FAILURES = [  # (argv, exit status, command named in the failure line); DIR: a run dir with no host
+    (("service", "--run-dir", "DIR"), 1, "service"), (("inspect", "--run-dir", "DIR"), 1, "inspect"),
+    (("status", "--run-dir", "DIR"), 1, "status"), (("probe", "--run-dir", "DIR"), 1, "probe"),
+    (("traffic", "stats", "--run-dir", "DIR"), 1, "traffic stats"),
+    (("traffic", "--run-dir", "DIR", "start"), 1, "traffic start"),
+    (("disk", "stats", "--verify", "--run-dir", "DIR"), 1, "disk stats"),
+    (("exec", "--run-dir", "DIR", "0", "true"), 1, "exec"), (("events", "--run-dir", "DIR"), 1, "events"),
+    (("service", "--run-dir", "DIR", "--timeout", "-1"), 2, "service"),
+    (("service", "--run-dir", "DIR", "--nics", "x"), 2, "service"),
+    (("disk", "stats", "--disk", "-1"), 2, "disk stats"), (("traffic", "start", "--rate", "0"), 2, "traffic start"),
+    (("inspect", "--run-dir", "FILE"), 2, "inspect"), (("run", "--run-dir", "FILE/x", "--no-console"), 2, "run"),
+    (("run", "--nics", "-1", "--run-dir", "DIR"), 2, "run"), (("run", "--disk-size", "lots"), 2, "run"),
+    (("run", "--bogus"), 2, "run"), (("state", "decode", "DIR/none.bin"), 2, "state decode"),
+    (("state", "decode", "FILE"), 2, "state decode"), (("chaos", "--servicings", "0"), 2, "chaos"),
+    (("nosuch",), 2, None), (("--bogus",), 2, None),
+]
+
+
+@pytest.mark.parametrize("argv, code, command", FAILURES, ids=[" ".join(a) for a, _, _ in FAILURES])
+def test_every_failure_is_one_line_naming_the_command(tmp_path, argv, code, command):
+    """Bad run dir, no host, bad option values: one line `vfkeep: COMMAND: cause` on stderr (the log to read
+    where there is one), nothing else, and the exit status; never click's `Error:`/`Usage:` form."""
+    (tmp_path / "file").write_bytes(b"not a directory")
+    args = [a.replace("DIR", str(tmp_path / "nohost")).replace("FILE", str(tmp_path / "file")) for a in argv]
+    r = vfkeep(*args, timeout=60)
+    assert r.returncode == code and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"vfkeep: {command}: " if command else "vfkeep: "), line
+    if code == 1:
+        assert "is a host running?" in line and "vfkeep run --run-dir" in line, line
+
+
+def test_refusals_and_failed_results_end_in_the_same_line(tmp_path):
+    """A host's refusal is named once (not "disk: disk: ..."), with the host log."""
+    h = HostRun(tmp_path / "run", nics=0)
+    try:
+        r = vfkeep("disk", "start", "--run-dir", h.run_dir)
+        (line,) = r.stderr.splitlines()
+        assert r.returncode == 1 and line.startswith("vfkeep: disk start: this host has no NVMe disks"), line
+        assert line.endswith(f"(host log: {h.run_dir}/host.log)"), line
+    finally:
+        h.stop()
+
+
 def test_version_and_json_errors(tmp_path):
     for flag in ("--version", "-V"):
         r = vfkeep(flag)

@@ -329,3 +329,24 @@ def test_every_block_verifies_after_the_servicings(host):
     (st,) = host.disk("stats")["disks"]
     assert st["chunks_written"] > 0 and st["outstanding"] == 0
     assert st["errors"] == st["verify_errors"] == st["duplicates"] == 0, json.dumps(st)
+
+
+def test_disk_stats_verify_says_what_it_checked_and_names_bad_blocks(host):
+    """`disk stats --verify` (text) says that a verify ran, how many chunks and blocks it read back and the bad
+    blocks it found; a bad block is in the agent's log and the command fails with one line naming the log.
+    (Last in the module: it corrupts the disk.)"""
+    r = host.cli("disk", "stats", "--verify", "--run-dir", host.run_dir)
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("verify: ")]
+    chunks = host.disk("stats")["disks"][0]["chunks_written"]
+    assert line == f"verify: disk 0: read back {chunks} chunks ({chunks * 8} blocks), 0 bad blocks", line
+    with open(os.path.join(host.run_dir, "nvme0.disk"), "r+b") as f:
+        f.write(b"\xa5" * (1 << 20))  # the first 256 chunks: some of them written
+    r = host.cli("disk", "stats", "--verify", "--run-dir", host.run_dir)
+    agent_log = os.path.join(host.run_dir, "disk-agent-0.log")
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("verify: ")]
+    assert r.returncode == 1 and f"read back {chunks} chunks" in line and " bad blocks: lba " in line, r.stdout
+    assert r.stderr.splitlines()[-1].startswith("vfkeep: disk stats: disk 0: ") and agent_log in r.stderr, r.stderr
+    with open(agent_log) as f:
+        text = f.read()
+    assert "block verification failed" in text and "lba=" in text and "verify found bad blocks" in text

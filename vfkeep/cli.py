@@ -34,6 +34,18 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def failure_line(command: str, e: click.ClickException) -> str:
+    """Every failure's one line (stderr): `vfkeep: COMMAND: cause`; a usage error adds where the help is."""
+    if isinstance(e, click.UsageError) and e.ctx is not None:
+        names, c = [], e.ctx
+        while c.parent is not None:  # the root's name is however vfkeep was started
+            names.append(c.info_name)
+            c = c.parent
+        command = " ".join(reversed(names))
+    hint = f" (`{' '.join(filter(None, ('vfkeep', command, '--help')))}`)" if isinstance(e, click.UsageError) else ""
+    return f"vfkeep: {command + ': ' if command else ''}{e.format_message()}{hint}"
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         present = {n for n, target in COMMANDS.items() if importlib.util.find_spec(target.split(":")[0])}
@@ -48,21 +60,36 @@ class LazyGroup(click.Group):
                 raise click.ClickException(f"command {name!r} is unavailable: {e}") from e
         return super().get_command(ctx, name)
 
+    def resolve_command(self, ctx, args):
+        """Also notes the command's name (`disk stats` for a subcommand), which its failure line names."""
+        name, cmd, rest = super().resolve_command(ctx, args)
+        sub = next((w for w in rest if isinstance(cmd, click.Group) and w in cmd.commands), None)
+        ctx.meta["vfkeep.command"] = f"{name} {sub}" if sub else name
+        return name, cmd, rest
+
     def parse_args(self, ctx, args):
         ctx.meta["vfkeep.json"] = "--json" in args
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as e:
+            self._fail(ctx, e)
 
     def invoke(self, ctx):
-        """Under --json, a usage error (a bad option value, say) is a JSON error object on stdout too."""
-        as_json = ctx.meta.get("vfkeep.json", False)
+        """A failure is one line on stderr (`failure_line`); under --json, a JSON error object on stdout (a
+        usage error, a bad option value say, too)."""
         try:
             return super().invoke(ctx)
         except click.ClickException as e:
-            if not as_json:
-                raise
+            self._fail(ctx, e)
+
+    @staticmethod
+    def _fail(ctx, e: click.ClickException):
+        if ctx.meta.get("vfkeep.json", False):
             kind = getattr(e, "kind", None) or ("Usage" if isinstance(e, click.UsageError) else "Error")
             click.echo(json.dumps({"ok": False, "error": {"type": kind, "message": e.format_message()}}))
-            sys.exit(e.exit_code)
+        else:
+            click.echo(failure_line(ctx.meta.get("vfkeep.command", ""), e), err=True)
+        sys.exit(e.exit_code)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -9,7 +9,8 @@ Control: a `vfkeep.rpc` socket; command(args) -> result:
     stop()                                  -> {submitted}
     stats(since_ns=None, until_ns=None)     -> DiskIo.stats(): counters, outstanding, iops, latency_ms
                                                {p50, p99, max}, io_blackout_ms, bad_blocks, ...
-    verify(qd=8, timeout=60)                -> {chunks, stats}: stop, wait, read back every chunk written
+    verify(qd=8, timeout=60)                -> {chunks, blocks, verify_errors, bad_blocks, stats}: stop, wait,
+                                               read back every chunk written; what this read-back found
     requeue(popped_before)                  -> {requeued}: re-push what a dead worker had popped (DiskIo.requeue)
     status()                                -> {running, counters, rings}
     quit()                                  -> {}, then the agent exits 0 (so does SIGTERM)
@@ -55,7 +56,13 @@ def control_server(path: str, io: DiskIo, quitting: threading.Event) -> rpc.Thre
         return {}
 
     def verify(qd: int = 8, timeout: float = 60.0) -> dict:
-        return {"chunks": io.verify_all(qd, timeout), "stats": io.stats()}
+        errors, kept = io.counters["verify_errors"], len(io.bad_blocks)
+        chunks = io.verify_all(qd, timeout)
+        found, bad = io.counters["verify_errors"] - errors, io.bad_blocks[kept:kept + 20]
+        kv(log, logging.ERROR if found else logging.INFO, "verify found bad blocks" if found else "verify done",
+           chunks=chunks, blocks=chunks * io.io_blocks, bad_blocks=found, first=bad[0] if bad else None)
+        return {"chunks": chunks, "blocks": chunks * io.io_blocks, "verify_errors": found, "bad_blocks": bad,
+                "stats": io.stats()}
 
     commands = {"start": refused(io.start), "stop": io.stop, "stats": refused(io.stats), "verify": refused(verify),
                 "status": lambda: {"running": io.running, "counters": dict(io.counters),

@@ -17,14 +17,20 @@ controller reset.
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import random
 import threading
 import time
 
+from ..log import kv
 from .block import COMPLETION, OP_READ, OP_WRITE, BlockChannel, Request
 from .disk_blocks import BadBlock, check_block, make_blocks
 
+log = logging.getLogger("vfkeep.guest.disk_io")
+
+#: Bad blocks kept (and logged one by one); the counter counts them all.
+BAD_BLOCKS_KEPT = 100
 #: Completions kept for windowed statistics (about 10 minutes at 5,000 IOPS).
 DONE_KEPT = 3_000_000
 #: Stretches without a completion shorter than this are not recorded (the blackout's resolution).
@@ -98,13 +104,15 @@ class DiskIo:
             return self.cv.wait_for(lambda: not self.inflight, timeout)
 
     def verify_all(self, qd: int = 8, timeout: float = 60.0) -> int:
-        """Read back every chunk ever written (reads check the blocks as usual); the number read."""
+        """Read back every chunk ever written (reads check the blocks as usual); the number read. TimeoutError
+        when reads are still outstanding after `timeout` (the check did not finish)."""
         self.stop()
         chunks = sorted(self.expected)
         for chunk in chunks:
             slot = self._take(chunk, timeout)
             self._submit(OP_READ, chunk, slot)
-        self.wait_idle(timeout)
+        if not self.wait_idle(timeout):
+            raise TimeoutError(f"verify: {len(self.inflight)} reads still outstanding after {timeout:g} s")
         return len(chunks)
 
     # -- submission ---------------------------------------------------------------------------------
@@ -240,8 +248,9 @@ class DiskIo:
                 why = f"lba {lba}: generation {got}, expected {generation}"
             if got != generation:
                 self.counters["verify_errors"] += 1
-                if len(self.bad_blocks) < 100:
+                if len(self.bad_blocks) < BAD_BLOCKS_KEPT:
                     self.bad_blocks.append(why)
+                    kv(log, logging.ERROR, "block verification failed", lba=lba, chunk=chunk, detail=why)
 
     # -- statistics ---------------------------------------------------------------------------------
     def stats(self, since_ns: int | None = None, until_ns: int | None = None) -> dict:

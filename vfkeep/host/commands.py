@@ -68,6 +68,11 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def no_host(run_dir: str, e: rpc.Unavailable) -> str:
+    """Why a command found no host in `run_dir`, and how to start one there."""
+    return f"{e}; is a host running? (`vfkeep run --run-dir {os.path.abspath(run_dir)} --detach`)"
+
+
 def pidfile_path(run_dir: str) -> str:
     return os.path.join(run_dir, PIDFILE)
 
@@ -420,6 +425,8 @@ def events_command(run_dir, as_json, count, timeout):
     except rpc.Timeout:
         return
     except rpc.RpcError as e:
+        if isinstance(e, rpc.Unavailable) and not seen:
+            raise click.ClickException(no_host(run_dir, e)) from None
         raise click.ClickException(f"{e} (host log: {os.path.join(os.path.abspath(run_dir), LOG_NAME)})") from None
 
 

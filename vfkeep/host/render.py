@@ -117,8 +117,6 @@ def print_servicing(result: dict, c: Console) -> None:
         _line(c, f"blackout {result['blackout_ms']:.1f} ms, frames lost {result['frames_lost']}")
     if result.get("io_blackout_ms") is not None:
         _line(c, f"disk IO blackout {result['io_blackout_ms']:.1f} ms, IO errors {result['io_errors']}")
-    if result.get("error"):
-        _line(c, f"error: {result['error']}")
 
 
 # -- traffic -------------------------------------------------------------------------------------------------
@@ -179,6 +177,16 @@ def print_disk_stats(rows: list[dict], title: str, c: Console) -> None:
             _line(c, f"{title}: " + " ".join(f"{k}={row[k]}" for k, _ in DISK_COLUMNS))
     else:
         c.print(t)
+
+
+def verify_line(v: dict) -> str:
+    """What one disk's read-back (`disk stats --verify`) checked and found."""
+    line = (f"verify: disk {v['disk']}: read back {v['chunks']} chunks ({v['blocks']} blocks), "
+            f"{v['verify_errors']} bad blocks")
+    if v["bad_blocks"]:
+        more = v["verify_errors"] - len(v["bad_blocks"])
+        line += ": " + ", ".join(v["bad_blocks"]) + (f" (and {more} more)" if more > 0 else "")
+    return line
 
 
 def _ms(v: float | None) -> str:

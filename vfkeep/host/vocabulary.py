@@ -22,7 +22,7 @@ import click
 from .. import kill_points, rpc
 from ..contract import SAVE_TEST_CONFIGS
 from . import control, render
-from .commands import (LOG_NAME, _env_pairs, _is_host, _pidfile_pid, _running, default_run_dir,
+from .commands import (LOG_NAME, _env_pairs, _is_host, _pidfile_pid, _running, default_run_dir, no_host,
                        parse_nic_list)
 from .tamper import TAMPER_MODES
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
@@ -55,10 +55,9 @@ class RemoteTarget:
         try:
             return getattr(client, method)(*args, **kwargs)
         except rpc.Unavailable as e:
-            raise CommandError(f"{e}; is a host running? (`vfkeep run --run-dir {self.run_dir} --detach`)",
-                               type(e).__name__) from None
-        except rpc.RpcError as e:
-            raise CommandError(f"{e} (host log: {self.log})", e.type) from None
+            raise CommandError(no_host(self.run_dir, e), type(e).__name__) from None
+        except rpc.RpcError as e:  # the host says "METHOD: why"; the failure line names the command already
+            raise CommandError(f"{str(e).removeprefix(method + ': ')} (host log: {self.log})", e.type) from None
 
 
 class LocalTarget:
@@ -163,7 +162,8 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
     Exit status: 0 ok or degraded, 1 failed, 2 bad usage, 3 keepalive required but not taken by every NIC and
     NVMe controller."""
     nics = None if nic_list is None else parse_nic_list(nic_list)
-    result = _target(ctx, run_dir).call(
+    target = _target(ctx, run_dir)
+    result = target.call(
         "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
         test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
         next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper, kill_point=kill_point)
@@ -172,7 +172,9 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
     else:
         render.print_servicing(result, _console(ctx))
     if result["status"] == "failed":
-        sys.exit(1)
+        if as_json:
+            sys.exit(1)
+        raise CommandError(f"servicing failed: {result['error']} (host log: {_log(target)})")
     if require_keepalive:
         devices = [*result["nics"], *result.get("nvme", [])]
         missed = [f"{n['pci_id']} ({n['restore_path']}: {n['reason']})" for n in devices
@@ -212,13 +214,18 @@ def status_command(ctx, run_dir, as_json):
 @click.argument("count", type=click.IntRange(1), default=8)
 def probe_command(ctx, run_dir, as_json, nic, count):
     """Push COUNT test frames into NIC's guest tx ring and wait for them on its rx ring (loopback backend)."""
-    r = _target(ctx, run_dir).call("probe", nic, count, wait=60)
+    target = _target(ctx, run_dir)
+    r = target.call("probe", nic, count, wait=60)
     if as_json:
         _print_json(ctx, r)
-    else:
-        _echo(ctx, f"nic {r['nic']}: {r['received']}/{r['sent']} frames came back")
+        if not r["ok"]:
+            sys.exit(1)
+        return
+    _echo(ctx, f"nic {r['nic']}: {r['received']}/{r['sent']} frames came back")
     if not r["ok"]:
-        sys.exit(1)
+        where = os.path.join(target.run_dir, "")
+        raise CommandError(f"nic {r['nic']}: {r['sent'] - r['received']} of {r['sent']} frames did not come back "
+                           f"(logs: {where}worker-*.log, {where}device-nic{r['nic']}.log)")
 
 
 @click.group("traffic")
@@ -349,21 +356,40 @@ def disk_stop(ctx, disk, as_json, run_dir):
 @click.pass_context
 def disk_stats(ctx, disk, verify, as_json, run_dir):
     """IO per disk since its agent started, and what the last servicing cost the guest's disks."""
+    target = _target(ctx, run_dir)
+
     def get():
-        target = _target(ctx, run_dir)
-        if verify:
-            target.call("disk", "verify", disk=disk, wait=180)
-        return target.call("disk", "stats", disk=disk, wait=120)
+        checked = target.call("disk", "verify", disk=disk, wait=180)["disks"] if verify else None
+        stats = target.call("disk", "stats", disk=disk, wait=120)
+        if checked is not None:  # what the read-back found (its stats are in `disks`)
+            stats["verify"] = [{k: v for k, v in d.items() if k != "stats"} for d in checked]
+        return stats
 
     result = _json_errors(as_json, get)
+    failed = [d for d in result["disks"] if d["errors"] or d["verify_errors"] or d["duplicates"]]
     if as_json:
-        return _print_json(ctx, result)
+        _print_json(ctx, result)
+        if failed:
+            sys.exit(1)
+        return
     c = _console(ctx)
     render.print_disk_stats(result["disks"], "disk IO since the agent started", c)
     if result["last_servicing"]:
         render.print_disk_stats(result["last_servicing"], "last servicing window", c)
-    if any(d["errors"] or d["verify_errors"] or d["duplicates"] for d in result["disks"]):
-        sys.exit(1)
+    for v in result.get("verify") or []:
+        _echo(ctx, render.verify_line(v))
+    if failed:
+        raise CommandError("; ".join(_disk_failure(target, d) for d in failed))
+
+
+def _disk_failure(target, d: dict) -> str:
+    agent_log = os.path.join(target.run_dir, f"disk-agent-{d['disk']}.log")
+    return (f"disk {d['disk']}: {d['verify_errors']} bad blocks, {d['errors']} IO errors, {d['duplicates']} "
+            f"duplicate completions (see {agent_log})")
+
+
+def _log(target) -> str:
+    return os.path.join(target.run_dir, LOG_NAME)
 
 
 def _json_errors(as_json: bool, fn):
@@ -393,7 +419,7 @@ def exec_command(ctx, run_dir, as_json, timeout, nic, argv):
         if r["stderr"]:
             _echo(ctx, r["stderr"].rstrip("\n"), err=True)
         if r["timed_out"]:
-            _echo(ctx, f"ended after {timeout:g} s", err=True)
+            raise CommandError(f"{' '.join(argv)!r} was ended after {timeout:g} s", "Timeout")
     code = r["returncode"]
     if r["timed_out"] or code:
         sys.exit(code if code is not None and code > 0 else 1)
