@@ -187,6 +187,9 @@ def test_saved_queue_pfn_outside_the_pool_takes_the_fallback(host):
     assert n["device_reset"] and n["controller_enabled"]
     assert r["io_errors"] == 0 and wait_io(host)["errors"] == 0
     assert pool_devices(host) == {"nvme_a100:00:00.0": 3 * QUEUE_PAGES, "nic_d186:00:00.0": 6}
+    with open(os.path.join(host.run_dir, "host.log")) as f:  # the host's log says why, as for a NIC
+        done = [ln for ln in f if 'msg="servicing done"' in ln][-1]
+    assert "nvme_paths=fallback" in done and "a100:00:00.0: saved state rejected: " in done, done
 
 
 def nvme_counters(host) -> dict:

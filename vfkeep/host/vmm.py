@@ -855,9 +855,10 @@ class Host:
                             io_errors=result.io_errors)
         self._publish_nics(result.nics, "servicing")
         self._prune_worker_logs()
+        devices = (*result.nics, *result.nvme)
         kv(log, logging.INFO, "servicing done", status=result.status, total_ms=result.phases_ms["total"],
-           paths=",".join(n.restore_path for n in result.nics), error=result.error,
-           reasons="; ".join(f"{n.pci_id}: {n.reason}" for n in result.nics if n.reason))
+           paths=",".join(n.restore_path for n in result.nics), nvme_paths=",".join(n.restore_path for n in result.nvme),
+           error=result.error, reasons="; ".join(f"{n.pci_id}: {n.reason}" for n in devices if n.reason))
         return self.last_servicing["result"]
 
     # -- inspection ------------------------------------------------------------------------------
