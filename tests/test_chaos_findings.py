@@ -2,6 +2,8 @@
 import threading
 import time
 
+import pytest
+
 from driver_helpers import InProcessBench, numbered_frames
 from servicing_helpers import HostRun
 from vfkeep.driver.mana import ManaDevice
@@ -276,3 +278,56 @@ def test_a_restore_kill_point_the_restore_did_not_reach_is_disarmed_once_it_is_o
         assert h.probe()["ok"]
     finally:
         h.stop()
+
+
+class _Killed(BaseException):
+    """The worker's SIGKILL, in-process: nothing of the relay catches it."""
+
+
+def test_frames_a_killed_worker_rang_into_a_downed_link_are_not_sent_again(mem, monkeypatch):
+    """chaos seed 1, servicing 906 (tree 0ef0466; new worker killed at `restore.started` during a 1 s link
+    flap): 41 frames lost, 43 in the drop counters. The killed worker's relay had rung the SQ doorbell for frames
+    it copied straight from the guest's tx ring slots but had not yet released the slots; the device dropped them
+    (link down: `tx_dropped_link_down`), and the replacement's relay found them still in the ring and sent them
+    again, delivered once the link was up: counted as dropped and delivered. A frame leaves the tx ring before the
+    doorbell that sends it, so a kill loses it at most (counted by the device or by no one), never sends it twice.
+    Here the worker dies just after its first SQ doorbell, with the link down; the replacement starts fresh (the
+    function reset, a new vport) with the link up again."""
+    bench = InProcessBench(mem)
+    link = bench.device.vports[0]
+    channel = NicChannel.create(mem, ChannelLayout(nics=1, slots=16, slot_size=2048), 0)
+    sent = numbered_frames(12)
+    killed = ManaDevice.new(bench.connect(DmaManager(mem), "nic0"), "nic0")
+    replacement = None
+    try:
+        relay = NetRelay(channel, killed.open_vport(0).data, "nic0")
+        sq = relay.datapath.queues.sq
+        commit = sq.commit
+
+        def doorbell_then_die(*args, **kwargs):
+            commit(*args, **kwargs)
+            raise _Killed
+
+        monkeypatch.setattr(sq, "commit", doorbell_then_die)
+        link.link_up = False
+        assert channel.tx.push_many(sent) == 12
+        with pytest.raises(_Killed):
+            relay._pump()  # the relay's pass, on this thread: it dies at its first SQ doorbell
+        assert bench.device.counters["tx_dropped_link_down"] == 12
+        link.link_up = True
+        bench.device.flr("the replacement's fresh init")
+        replacement = ManaDevice.new(bench.connect(DmaManager(mem), "nic0"), "nic0")
+        relay = NetRelay(channel, replacement.open_vport(0).data, "nic0")
+        relay._pump()
+        relay._drain()  # hands the guest what came back (the in-process loopback answered the doorbell)
+        received = {bytes(f[12:]) for f in channel.rx.pop_many(16)}
+        lost = len({f[12:] for f in sent} - received)
+        counted = (bench.device.counters["tx_dropped_link_down"] + channel.tx.stats().dropped_full
+                   + channel.rx.stats().dropped_full + relay.stats.tx_dropped_bad_frame
+                   + relay.stats.rx_dropped_too_big + relay.stats.tx_stranded)
+        assert (lost, counted) == (12, 12), f"{len(received)} of the counted frames delivered too"
+    finally:
+        if replacement is not None:
+            replacement.shutdown()
+        channel.close()
+        bench.device.close()
