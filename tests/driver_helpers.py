@@ -73,6 +73,10 @@ class InProcessBacking:
     def write64(self, offset, value, posted=False):
         self.device.bar0.write(offset, value.to_bytes(8, "little"))
 
+    def write64_posted_many(self, writes):
+        for offset, value in writes:
+            self.write64(offset, value, posted=True)
+
     def set_irq(self, vector):
         return self.irqs.attach(vector)
 
@@ -167,6 +171,10 @@ class NvmeBacking:
     def write64(self, off, value, posted=False):
         with self.lock:
             self.ctrl.write(off, value.to_bytes(8, "little"))
+
+    def write64_posted_many(self, writes):
+        for off, value in writes:
+            self.write64(off, value, posted=True)
 
     def set_irq(self, vector):
         return self.irqs.attach(vector)

@@ -428,3 +428,25 @@ def test_received_buffers_are_posted_again_with_the_next_send_or_wait(bench, mem
         bench.device.deliver(0, sent[n])
         assert data.receive_batch(lambda views: None, 64) == 1
         assert rings == ([] if n < data._rx_nbuf // 4 else [rq_db])
+
+
+def test_an_hwc_request_is_one_burst_of_posted_writes(bench, mem):
+    """Each request reaches the device as one burst: the CQ and EQ arms, the RQ doorbell of the receive WQE that
+    replaces the one the request consumes, the SQ doorbell, in that order; nothing else is written, and at rest
+    one receive WQE stays posted (what a saved HWC carries over, spec 6.3)."""
+    dma = DmaManager(mem, strict_pool=False)
+    backing = bench.connect(dma, "nic0")
+    dev = ManaDevice.new(backing, "nic0")
+    writes, bursts = [], []
+    write64 = backing.write64
+    backing.write64 = lambda offset, value, posted=False: (writes.append(offset), write64(offset, value, posted))
+    backing.write64_posted_many = lambda w: (bursts.append([offset for offset, _ in w]),
+                                             [write64(offset, value, True) for offset, value in w])
+    hwc = dev.gdma.hwc
+    for _ in range(3):
+        dev.gdma.verify_vf_driver_version()
+        assert hwc.rq.in_flight == 32 and hwc.sq.in_flight == 0
+    assert writes == []
+    assert bursts == [[hwc.cq._db_addr, hwc.eq._db_addr, hwc.rq._db_addr, hwc.sq._db_addr]] * 3
+    device_hwc = bench.device.hwc
+    assert device_hwc.rq.pending and not device_hwc.sq.pending  # the device sees the posted receive WQE too

@@ -17,6 +17,9 @@ class Bar0Log:
     def write64(self, offset, value, posted=False):
         self.writes.append((offset, value, posted))
 
+    def write64_posted_many(self, writes):
+        self.writes.extend((offset, value, True) for offset, value in writes)
+
 
 class Producer:
     """Device side of a CQ/EQ as gdma spec 6.5 describes it: counter starts at the capacity."""

@@ -110,3 +110,27 @@ def test_a_refused_version_is_the_error_even_with_info_pipelined_behind_it(serve
     with pytest.raises(BackingError, match="VERSION failed: EINVAL"):
         open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
     srv.close()
+
+
+def test_posted_writes_go_out_as_one_burst_in_order():
+    """`write64_posted_many`: every write a REGION_WRITE without reply, in order, all in one send (the device
+    takes them in one wake-up: one read gets them all)."""
+    from vfkeep.vfio_user.client import VfioDevice
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    dev = VfioDevice(ours, "pair", TIMEOUT)
+    try:
+        dev.write64_posted_many([(0x1800, 1), (0x1FF8, 2), (0x1000, 3)])
+        data = theirs.recv(1 << 16)
+        reader = p.FrameReader()
+        reader._buf += data  # parse what that one read returned, nothing more
+        msgs = [reader._next() for _ in range(3)]
+        assert reader._next() is None
+        assert [m.command for m in msgs] == [p.Command.REGION_WRITE] * 3 and all(m.no_reply for m in msgs)
+        assert [p.REGION_ACCESS.unpack_from(m.payload) for m in msgs] == [(0x1800, 0, 8), (0x1FF8, 0, 8),
+                                                                          (0x1000, 0, 8)]
+        assert [int.from_bytes(m.payload[p.REGION_ACCESS.size:], "little") for m in msgs] == [1, 2, 3]
+        assert len({m.msg_id for m in msgs}) == 3
+    finally:
+        dev.close()
+        theirs.close()

@@ -6,9 +6,11 @@ dispatches (GDMA §9 by code; device-specific §11 only for the registered MANA
 device), posts the SQ CQE, writes `GdmaRespHdr` + body into the receive WQE's
 buffers (at most `resp.msg_size` bytes) and posts the RQ CQE with `HwcRxOob`.
 
-Every request costs the modelled `timing.hwc_latency_ms` (the WQEs are
-taken at once, the request runs and is answered after the delay, on the event
-loop so the data path keeps running); `hwc_stall` stops taking requests.
+Every request costs the modelled `timing.hwc_latency_ms`: the WQEs are taken
+and the request runs at once, and it is answered (CQEs, response) after the
+delay, on the event loop so the data path keeps running; the emulator's own
+work thus falls inside the modelled time instead of adding to it (a
+firmware's work is part of its latency). `hwc_stall` stops taking requests.
 
 The RQ completion (`HwcRxOob`) serves both drivers: OpenHCL's ignores it;
 Linux's (gdma.md Appendix L.2) finds the response buffer through
@@ -112,23 +114,28 @@ class Hwc:
                 dev.dma_fault("RQ", self.rq.id)
                 return
             delay_ms = dev.timing.hwc_latency_ms
-            if delay_ms:
-                self.busy = True
-                dev.call_later(delay_ms / 1000, lambda s=swqe, r=rwqe: self._serve_later(s, r))
-                return
-            self.serve(swqe, rwqe)
+            dev.counters["modelled_hwc_ms_total"] += delay_ms
+            if not delay_ms:
+                self.answer(rwqe, self._execute(swqe, rwqe))
+                continue
+            # The latency runs from the moment the WQEs are taken; the request runs inside it (the loop is single
+            # threaded: the timer cannot fire before `_execute` returns) and only the answer waits.
+            self.busy = True
+            in_flight = [rwqe, b""]
+            dev.call_later(delay_ms / 1000, lambda: self._answer_later(*in_flight))
+            in_flight[1] = self._execute(swqe, rwqe)
+            return
 
-    def _serve_later(self, swqe: WqeRef, rwqe: WqeRef) -> None:
-        if self.stopped:  # destroyed or reset while the request was in flight
+    def _answer_later(self, rwqe: WqeRef, response: bytes) -> None:
+        if self.stopped:  # destroyed or reset while the request was in flight: no answer
             return
         self.busy = False
-        self.serve(swqe, rwqe)
+        self.answer(rwqe, response)
         self.doorbell()
 
-    def serve(self, swqe: WqeRef, rwqe: WqeRef) -> None:
+    def answer(self, rwqe: WqeRef, response: bytes) -> None:
+        """Complete a request `_execute` ran: send CQE, the response into the receive WQE's buffers, receive CQE."""
         dev = self.dev
-        response = self._execute(swqe, rwqe)
-        dev.counters["modelled_hwc_ms_total"] += dev.timing.hwc_latency_ms
         try:
             self.cq.post(b"", self.sq.id, True)
             oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position)

@@ -132,6 +132,10 @@ class DeviceBacking(Protocol):
 
     def write64(self, offset: int, value: int, posted: bool = False) -> None: ...
 
+    def write64_posted_many(self, writes: list[tuple[int, int]]) -> None:
+        """Posted 64-bit writes (offset, value), applied in order; a transport sends them as one burst."""
+        ...
+
     def set_irq(self, vector: int) -> int:
         """Assign an eventfd to MSI-X `vector` and return it (the device writes 1 to raise the vector)."""
         ...

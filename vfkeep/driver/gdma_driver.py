@@ -302,14 +302,18 @@ class GdmaDriver:
             raise BringUpError(f"HWC init events did not provide {', '.join(missing)}")
         return init
 
-    def _post_receive_wqe(self) -> None:
-        """One 32-byte receive WQE whose SGE covers the response page (gdma spec 7.4)."""
+    def _post_receive_wqe(self, ring: bool = True) -> tuple[int, int]:
+        """One 32-byte receive WQE whose SGE covers the response page (gdma spec 7.4); rings the RQ doorbell
+        unless `ring` is False (then the caller rings the returned (address, value) with others)."""
         wqe = HwcRecvWqe()
         wqe.header.params = WqeParams.from_int(DRV_HWC_RWQE_PARAMS)
         wqe.sge = Sge(address=self._resp_addr, mem_key=self.gpa_mkey,
                       size=PAGE_SIZE)
         self.hwc.rq.write(wqe.to_bytes())
-        self.hwc.rq.commit(num_rwqe=1)
+        doorbell = self.hwc.rq.commit_write(num_rwqe=1)
+        if ring:
+            self.hwc.rq.doorbell.ring(*doorbell)
+        return doorbell
 
     def _query_max_resources(self, num_vps: int) -> None:
         r = self.request(GDMA_QUERY_MAX_RESOURCES, HWC_DEV_ID)
@@ -435,20 +439,21 @@ class GdmaDriver:
             wqe.oob.flags4.vsq_id = hwc.sq.id
             wqe.sge = Sge(address=self._req_addr, mem_key=self.gpa_mkey,
                           size=len(req))
-            if hwc.sq.available < DRV_HWC_SWQE_SIZE or hwc.rq.in_flight < RWQE_SIZE:
+            if hwc.sq.available < DRV_HWC_SWQE_SIZE or hwc.rq.in_flight < RWQE_SIZE or hwc.rq.available < RWQE_SIZE:
                 self.hwc_failure = True
                 raise HwcFailure(f"{name}: HWC queues out of step (sq free {hwc.sq.available}, rq posted "
                                  f"{hwc.rq.in_flight})", code, None)
             start = time.monotonic()
             try:
                 hwc.sq.write(wqe.to_bytes())
-                self._arm_hwc()
-                hwc.sq.commit()
+                # Spec 8.3 step 4 (a receive WQE to replace the one this request consumes) is done here, before
+                # the request instead of after it, so its doorbell rides in the request's burst: one message
+                # per request, and at rest one receive WQE stays posted as before.
+                self._arm_hwc(self._post_receive_wqe(ring=False), hwc.sq.commit_write())
                 interrupt_lost = self._wait_completions(code, name, start,
                                                         (timeout_ms or self.hwc_timeout_ms) / 1000)
                 hwc.sq.advance_head(DRV_HWC_SWQE_SIZE)
                 hwc.rq.advance_head(RWQE_SIZE)
-                self._post_receive_wqe()
                 self.process_events(ack=False)  # the completion event the arm produced; the next arm reports it
             except BaseException:
                 # The exchange is out of step with the device now: never save or reuse this HWC.
@@ -476,15 +481,16 @@ class GdmaDriver:
                 return None
             return spec.response.from_bytes(self._resp_page, RESP_HDR_SIZE)
 
-    def _arm_hwc(self) -> None:
-        """Arm the HWC CQ and EQ: the next completion raises vector 0. Done before ringing the SQ doorbell, so
-        arms and doorbell reach the device as one burst of posted writes and no poll-arm-repoll is needed
-        (the reference driver polls first, gdma spec 6.6: the same notifications for two more messages per
-        request). Unconsumed events are consumed first, or the EQ would fire at once."""
+    def _arm_hwc(self, *then: tuple[int, int]) -> None:
+        """Arm the HWC CQ and EQ: the next completion raises vector 0; `then`: doorbells rung right after (the
+        SQ's, for a request). Arms and doorbell go to the device as one burst of posted writes, one wake-up,
+        and no poll-arm-repoll is needed (the reference driver polls first, gdma spec 6.6: the same
+        notifications for two more messages per request). Unconsumed events are consumed first, or the EQ would
+        fire at once."""
         self.irq.clear(DRV_HWC_MSIX)
         self.process_events(ack=False)
-        self.hwc.cq.arm()
-        self.hwc.eq.arm()
+        hwc = self.hwc
+        hwc.eq.doorbell.ring_many([hwc.cq.arm_write(), hwc.eq.arm_write(), *then])
 
     @staticmethod
     def _spin_for(cq: CqEq, budget_s: float) -> bool:

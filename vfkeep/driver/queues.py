@@ -30,6 +30,8 @@ class Bar0(Protocol):
 
     def write64(self, offset: int, value: int, posted: bool = False) -> None: ...
 
+    def write64_posted_many(self, writes: list[tuple[int, int]]) -> None: ...
+
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
@@ -53,6 +55,11 @@ class DoorbellPage:
     def ring(self, address: int, value: int) -> None:
         # Posted: the server handles messages in order, so the next read or reply flushes it.
         self.bar0.write64(address, value, posted=True)
+
+    def ring_many(self, writes: list[tuple[int, int]]) -> None:
+        """Several doorbells (address, value), e.g. from `CqEq.arm_write` and `Wq.commit_write`, in this order as
+        one burst of posted writes: the device takes them in one wake-up."""
+        self.bar0.write64_posted_many(writes)
 
     def save(self) -> mana_driver_pb2.DoorbellSavedState:
         return mana_driver_pb2.DoorbellSavedState(doorbell_id=self.page_id, page_count=self.page_count)
@@ -149,9 +156,16 @@ class CqEq:
         """Ask for a notification; the device fires at once if unconsumed entries remain (gdma spec 4.2)."""
         self._ring(1)
 
+    def arm_write(self) -> tuple[int, int]:
+        """The (address, value) of `arm()`, for `DoorbellPage.ring_many`."""
+        return self._db_addr, self._doorbell_value(1)
+
     def _ring(self, arm: int) -> None:
+        self.doorbell.ring(self._db_addr, self._doorbell_value(arm))
+
+    def _doorbell_value(self, arm: int) -> int:
         tail = cq_eq_doorbell_tail(self.next, self.size, self.entry_size)
-        self.doorbell.ring(self._db_addr, CqEqDoorbellValue(id=self.id, tail=tail, arm=arm).to_int())
+        return CqEqDoorbellValue(id=self.id, tail=tail, arm=arm).to_int()
 
 
 class Wq:
@@ -213,5 +227,8 @@ class Wq:
 
     def commit(self, num_rwqe: int = 0) -> None:
         """Ring the doorbell with the current tail; `num_rwqe` (RQ only) is truncated to 8 bits."""
-        value = WqDoorbellValue(id=self.id, num_rwqe=num_rwqe & 0xFF, tail=self.tail).to_int()
-        self.doorbell.ring(self._db_addr, value)
+        self.doorbell.ring(*self.commit_write(num_rwqe))
+
+    def commit_write(self, num_rwqe: int = 0) -> tuple[int, int]:
+        """The (address, value) of `commit(num_rwqe)`, for `DoorbellPage.ring_many`."""
+        return self._db_addr, WqDoorbellValue(id=self.id, num_rwqe=num_rwqe & 0xFF, tail=self.tail).to_int()

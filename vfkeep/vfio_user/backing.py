@@ -67,6 +67,9 @@ class VfioBacking:
     def write64(self, offset: int, value: int, posted: bool = False) -> None:
         _call(self.dev.write64, offset, value, posted)
 
+    def write64_posted_many(self, writes: list[tuple[int, int]]) -> None:
+        _call(self.dev.write64_posted_many, writes)
+
     def set_irq(self, vector: int) -> int:
         return _call(self.dev.set_irq, vector)
 

@@ -33,7 +33,7 @@ from .protocol import (DEVICE_FLAGS_RESET, DEVICE_INFO, DMA_MAP, DMA_MAP_READ, D
                        IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, REGION_ACCESS,
                        REGION_BAR0, REGION_INFO, TYPE_COMMAND, TYPE_REPLY, VERSION_MAJOR, VERSION_MINOR, Command,
                        CommandError, FrameReader, FramingError, Message, PeerClosed, command_name, decode_version,
-                       encode_version, send_message)
+                       encode_message, encode_version, send_frames, send_message)
 
 log = logging.getLogger("vfkeep.vfio_user.client")
 
@@ -250,6 +250,36 @@ class VfioDevice:
         self._check_count(len(data))
         self._request(Command.REGION_WRITE, REGION_ACCESS.pack(offset, index, len(data)) + bytes(data),
                       no_reply=posted)
+
+    def region_writes_posted(self, index: int, writes: list[tuple[int, bytes]]) -> None:
+        """Posted writes of (offset, data) to region `index`, in order, sent as one burst: the device takes them
+        in one wake-up (a driver arming queues and ringing a doorbell together, like write-combined MMIO)."""
+        for _, data in writes:
+            self._check_count(len(data))
+        with self._lock:
+            if self._sock is None:
+                raise DeviceMissing(f"REGION_WRITE: not connected to {self.path}")
+            frames = []
+            for offset, data in writes:
+                frames.append(encode_message(self._next_id, Command.REGION_WRITE, TYPE_COMMAND | FLAG_NO_REPLY,
+                                             REGION_ACCESS.pack(offset, index, len(data)) + bytes(data)))
+                self._next_id = (self._next_id + 1) & 0xFFFF
+            try:
+                try:
+                    send_frames(self._sock, b"".join(frames), Command.REGION_WRITE, timeout=self.timeout,
+                                on_readable=self._pump)
+                    self._flush()
+                except TimeoutError:
+                    raise VfioTimeout(f"REGION_WRITE: device at {self.path} does not read its socket "
+                                      f"({self.timeout} s)") from None
+            except PeerClosed as e:
+                raise self._gone(f"REGION_WRITE: {e}") from None
+            except FramingError as e:
+                raise self._protocol_error(f"unreadable message from server: {e}") from None
+
+    def write64_posted_many(self, writes: list[tuple[int, int]]) -> None:
+        """Posted 64-bit BAR0 writes (offset, value), in order, in one burst (`region_writes_posted`)."""
+        self.region_writes_posted(REGION_BAR0, [(offset, value.to_bytes(8, "little")) for offset, value in writes])
 
     def read32(self, offset: int) -> int:
         return int.from_bytes(self.region_read(REGION_BAR0, offset, 4), "little")

@@ -248,8 +248,21 @@ def send_message(sock: socket.socket, msg_id: int, command: int, flags: int, pay
     if it does not drain its socket in time; SendAborted for either once any byte went out.
     `on_readable` is called whenever the socket has input meanwhile (it must read, not send): a peer
     that is itself sending to us cannot then deadlock against this send (addendum A2)."""
-    total = HEADER_SIZE + len(payload)
-    data = memoryview(HEADER.pack(msg_id & 0xFFFF, command, total, flags, error) + payload)
+    send_frames(sock, encode_message(msg_id, command, flags, payload, error), command, fds=fds, timeout=timeout,
+                on_readable=on_readable)
+
+
+def encode_message(msg_id: int, command: int, flags: int, payload: bytes = b"", error: int = 0) -> bytes:
+    """One message as it goes on the wire: header, then payload."""
+    return HEADER.pack(msg_id & 0xFFFF, command, HEADER_SIZE + len(payload), flags, error) + payload
+
+
+def send_frames(sock: socket.socket, frames: bytes, command: int, *, fds: list[int] | tuple[int, ...] = (),
+                timeout: float = 5.0, on_readable: Callable[[], None] | None = None) -> None:
+    """Send `frames` (one or more encoded messages, `command` naming the first for errors) as `send_message`
+    does: messages sent back to back in one write reach the peer in one wake-up."""
+    total = len(frames)
+    data = memoryview(frames)
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     deadline = time.monotonic() + timeout
     while data:
