@@ -80,6 +80,9 @@ class InProcessBacking:
     def set_irq(self, vector):
         return self.irqs.attach(vector)
 
+    def set_irqs(self, vectors):
+        return [self.irqs.attach(v) for v in vectors]
+
     def clear_irqs(self):
         self.irqs.close()
 

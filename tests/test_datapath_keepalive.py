@@ -84,7 +84,13 @@ def test_deferred_probe_resumes_the_data_path_before_any_hwc_request(bench, mem)
     the probe then runs as in a plain restore."""
     state, ids, dma, pending = kept_after_traffic(bench, mem, undelivered=5)
     seq = bench.device.command_log.seq
-    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, defer_probe=True)
+    backing = bench.connect(dma, "nic0", fresh=False)
+    exchanges = []  # the vectors (HWC, kept vport) are assigned in one exchange with the device
+    set_irqs = backing.set_irqs
+    backing.set_irq = lambda v: pytest.fail(f"vector {v} assigned on its own")
+    backing.set_irqs = lambda vectors: (exchanges.append(list(vectors)), set_irqs(vectors))[1]
+    dev = ManaDevice.restore(backing, "nic0", state, defer_probe=True)
+    assert exchanges == [[0, state.vports[0].vector]] and state.vports[0].vector != 0
     assert dev.probe_pending and bench.log_since(seq) == []
     vport = dev.vports[0]
     assert same_payloads(vport.data.receive(64, timeout=1.0), pending)

@@ -1,6 +1,7 @@
 """The driver's attach pipelines its commands (vfio-user spec 1.4: a client may send several commands without
 waiting; the server answers in order): connect + VERSION + DEVICE_GET_INFO, then DMA_MAP + REGION_INFO +
-IRQ_INFO, two round trips instead of five (issue 10: every round trip of a restore is in the guest's blackout).
+IRQ_INFO (one batch for a restore, two for a fresh attach, which may reset the device before it maps memory) instead
+of five round trips (issue 10: every round trip of a restore is in the guest's blackout).
 
 The server here answers nothing until it has the whole batch, so a client that waits for each reply before
 sending the next command times out."""
@@ -87,26 +88,43 @@ def server(tmp_path):
         s.close()
 
 
-def test_attach_is_two_pipelined_batches(server, mem):
-    srv, path = server([2, 3])
+RESTORE_BATCH = [p.Command.VERSION, p.Command.DEVICE_GET_INFO, p.Command.DMA_MAP, p.Command.DEVICE_GET_REGION_INFO,
+                 p.Command.DEVICE_GET_IRQ_INFO]
+
+
+def test_a_restore_attach_is_one_pipelined_batch_and_kept_vectors_one_more(server, mem):
+    """A restore resets nothing, so handshake and mapping go in one batch; the vectors it needs (the HWC's and a
+    kept vport's) are assigned in a second one, one DEVICE_SET_IRQS each."""
+    srv, path = server([5, 2])
     backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
     assert (backing.bar0_len, backing.msix_count) == (8192, 4)
+    fds = backing.set_irqs([0, 1])
+    assert len(set(fds)) == 2
     backing.close()
     srv.close()
     assert srv.error is None
-    assert srv.seen == [[p.Command.VERSION, p.Command.DEVICE_GET_INFO],
-                        [p.Command.DMA_MAP, p.Command.DEVICE_GET_REGION_INFO, p.Command.DEVICE_GET_IRQ_INFO]]
+    assert srv.seen == [RESTORE_BATCH, [p.Command.DEVICE_SET_IRQS] * 2]
+
+
+def test_a_fresh_attach_is_two_pipelined_batches(server, mem):
+    """A fresh attach may reset the device (when it says it can) before mapping memory: two batches."""
+    srv, path = server([2, 3])
+    backing = open_vfio(path, mem, None, restore=False, timeout=TIMEOUT)
+    backing.close()
+    srv.close()
+    assert srv.error is None
+    assert srv.seen == [RESTORE_BATCH[:2], RESTORE_BATCH[2:]]
 
 
 def test_an_error_reply_in_a_batch_fails_the_attach_naming_its_command(server, mem):
-    srv, path = server([2, 3], fail=p.Command.DEVICE_GET_REGION_INFO)
+    srv, path = server([5], fail=p.Command.DEVICE_GET_REGION_INFO)
     with pytest.raises(BackingError, match="DEVICE_GET_REGION_INFO failed: EINVAL"):
         open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
     srv.close()
 
 
 def test_a_refused_version_is_the_error_even_with_info_pipelined_behind_it(server, mem):
-    srv, path = server([2], fail=p.Command.VERSION)
+    srv, path = server([5], fail=p.Command.VERSION)
     with pytest.raises(BackingError, match="VERSION failed: EINVAL"):
         open_vfio(path, mem, None, restore=True, timeout=TIMEOUT)
     srv.close()

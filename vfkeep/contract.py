@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import math
 import select
@@ -172,6 +173,13 @@ def _from_json(tp: Any, value: Any, where: str) -> Any:
     raise ContractError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r:.80}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """`typing.get_type_hints` once per class: it evaluates the string annotations anew at every call (compiling
+    each), a cost every message of a servicing would pay again on its critical path."""
+    return typing.get_type_hints(cls)
+
+
 class Record:
     """A frozen dataclass with one JSON form: `to_json()` and its inverse `from_json()`."""
 
@@ -181,7 +189,7 @@ class Record:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str | None = None):
         where = where or cls.__name__
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in data:

@@ -140,6 +140,10 @@ class DeviceBacking(Protocol):
         """Assign an eventfd to MSI-X `vector` and return it (the device writes 1 to raise the vector)."""
         ...
 
+    def set_irqs(self, vectors: list[int]) -> list[int]:
+        """`set_irq` for each vector, in one exchange with the device."""
+        ...
+
     def clear_irqs(self) -> None: ...
 
     def close(self) -> None:
@@ -155,14 +159,15 @@ class Interrupts:
         self._backing = backing
         self._fds: dict[int, int] = {}
 
-    def map(self, vector: int) -> int:
-        """Eventfd of `vector`, assigning it on first use; non-blocking so a stale wake-up never hangs a read."""
-        fd = self._fds.get(vector)
-        if fd is None:
-            fd = self._backing.set_irq(vector)
-            os.set_blocking(fd, False)
-            self._fds[vector] = fd
-        return fd
+    def map(self, vector: int, *more: int) -> int:
+        """Eventfd of `vector`, assigning it on first use; non-blocking so a stale wake-up never hangs a read.
+        `more`: vectors the caller will need too, assigned in the same exchange with the device."""
+        new = [v for v in dict.fromkeys((vector, *more)) if v not in self._fds]
+        if new:
+            for v, fd in zip(new, self._backing.set_irqs(new) if len(new) > 1 else [self._backing.set_irq(new[0])]):
+                os.set_blocking(fd, False)
+                self._fds[v] = fd
+        return self._fds[vector]
 
     def fd(self, vector: int) -> int:
         return self._fds[vector]

@@ -174,10 +174,11 @@ class GdmaDriver:
 
     @classmethod
     def restore(cls, backing: DeviceBacking, layout: Bar0Layout, hwc_mem: DmaBuffer,
-                state: mana_driver_pb2.GdmaDriverSavedState) -> GdmaDriver:
+                state: mana_driver_pb2.GdmaDriverSavedState, vectors: tuple[int, ...] = ()) -> GdmaDriver:
         """Re-attach to an HWC the device kept alive, from state `save_restore.validate_gdma_state` accepted:
         the four queues on pages 0-3 of `hwc_mem`, no ESTABLISH_HWC, no bring-up events, no new receive WQE
-        (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3, gdma 13.3)."""
+        (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3, gdma 13.3).
+        `vectors`: those of kept vports, mapped in the same exchange as vector 0."""
         drv = cls(backing, layout, hwc_mem)
         s = state
         eq = CqEq.restore("eq", s.eq, drv.queue_memory(DRV_HWC_EQ_PAGE), drv.doorbell_page(s.eq.doorbell.doorbell_id))
@@ -189,9 +190,8 @@ class GdmaDriver:
         drv.db_id, drv.pdid, drv.gpa_mkey = s.db_id, s.pdid, s.gpa_mkey
         drv.activity_id, drv.num_msix, drv.min_queue_avail = s.hwc_activity_id, s.num_msix, s.min_queue_avail
         drv.events.link_toggle = [(t.vport_index, t.link_up) for t in s.link_toggle]
-        drv.irq.map(DRV_HWC_MSIX)
-        eq.arm()
-        cq.arm()
+        drv.irq.map(DRV_HWC_MSIX, *vectors)
+        eq.doorbell.ring_many([eq.arm_write(), cq.arm_write()])
         kv(log, logging.INFO, "gdma driver restored", eq=eq.id, cq=cq.id, rq=rq.id, sq=sq.id,
            base_pfn=hwc_mem.base_pfn, activity_id=hex(drv.activity_id))
         return drv

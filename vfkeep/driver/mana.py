@@ -101,7 +101,7 @@ class ManaDevice:
             raise
         kept_blocks = [b for group in kept for b in group]
         try:
-            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma)
+            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, tuple(v.vector for v in state.vports))
         except BaseException:
             for block in (hwc_mem, *kept_blocks):
                 block.free()

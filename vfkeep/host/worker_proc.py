@@ -189,6 +189,12 @@ class WorkerProcess:
                 kv(log, logging.WARNING, "worker reported a failed restore", generation=self.generation)
         return self._recv_by(deadline, timeout, Started)
 
+    def dismiss(self, timeout: float) -> int | None:
+        """After its saved state was taken (it idles until then): close the channel, on which the worker exits;
+        its exit status, or None if it did not exit within `timeout` (then the caller ends it)."""
+        self.chan.close()
+        return self.wait_exit(timeout)
+
     def alive(self) -> bool:
         return self.child.poll() is None
 

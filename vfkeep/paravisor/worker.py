@@ -316,6 +316,22 @@ class Worker:
                          revived=tuple(self.mana.reports()), nvme=tuple(outcomes.get(self.nvme.name, ())),
                          revived_nvme=tuple(self.nvme.reports()))
 
+    def _exit_after_save(self) -> None:
+        """The host has the state: do nothing (spec §2.3 step 5) until the host closes the channel, then exit
+        without closing device handles or running finalizers: kept devices must not see a teardown (the VFIO
+        handle is "leaked" as in spec §5.2). Exiting at once would spend the CPU a process exit takes while
+        the next worker restores on the same CPUs, inside the guest's blackout; the host ends this worker once
+        the next one runs."""
+        kv(log, logging.INFO, "state handed over, idle until the host ends this worker")
+        try:
+            while True:
+                self.chan.recv()  # nothing is expected; anything the host still sends is ignored
+        except (ChannelClosed, ValueError, OSError):
+            pass
+        kv(log, logging.INFO, "exiting after save")
+        logging.shutdown()
+        os._exit(0)
+
     # -- other requests -----------------------------------------------------------------------
     def inspect(self) -> dict:
         return {
@@ -364,11 +380,7 @@ class Worker:
                     kill_points.arm(None)
                 elif isinstance(msg, Save) and self.dma is not None:
                     if self.save(msg):
-                        # Exit without closing device handles or running finalizers: kept devices must not
-                        # see a teardown (the VFIO handle is "leaked" as in spec §5.2).
-                        kv(log, logging.INFO, "exiting after save")
-                        logging.shutdown()
-                        os._exit(0)
+                        self._exit_after_save()
                 elif isinstance(msg, Inspect):
                     self.send(InspectReply(self.inspect()))
                 elif isinstance(msg, Shutdown):

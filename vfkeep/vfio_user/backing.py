@@ -73,6 +73,9 @@ class VfioBacking:
     def set_irq(self, vector: int) -> int:
         return _call(self.dev.set_irq, vector)
 
+    def set_irqs(self, vectors: list[int]) -> list[int]:
+        return _call(self.dev.set_irqs, vectors)
+
     def clear_irqs(self) -> None:
         _call(self.dev.clear_irqs)
 
@@ -93,8 +96,11 @@ def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None,
     (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today)."""
     dev = None
     try:
-        dev = _call(VfioDevice.restore if restore else VfioDevice.new, path, timeout)
-        bar0, msix = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX)
+        if restore:  # nothing to wait for between handshake and mapping: one pipeline
+            dev, bar0, msix = _call(VfioDevice.restore_mapped, path, mem, REGION_BAR0, IRQ_MSIX, timeout)
+        else:  # (VfioDevice.new resets the device, when it can, before memory is mapped)
+            dev = _call(VfioDevice.new, path, timeout)
+            bar0, msix = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX)
         return VfioBacking(dev, dma, bar0.size, msix.count)
     except BaseException:
         try:

@@ -140,16 +140,32 @@ class VfioDevice:
         return cls._open(path, timeout)
 
     @classmethod
-    def _open(cls, path: str | os.PathLike, timeout: float) -> "VfioDevice":
+    def restore_mapped(cls, path: str | os.PathLike, mem: GuestMemory, region: int, irq: int,
+                       timeout: float = DEFAULT_TIMEOUT_S) -> tuple["VfioDevice", RegionInfo, IrqInfo]:
+        """`restore` and `map_and_query` pipelined behind the handshake: one round trip after the connect (a
+        restore resets nothing, so nothing has to wait for DEVICE_GET_INFO's answer)."""
+        dev, (mapped, region_reply, irq_reply) = cls._open(path, timeout, [
+            cls._dma_map_request(mem.fd, 0, 0, mem.layout.size), cls._region_info_request(region),
+            cls._irq_info_request(irq)])
+        try:
+            dev._mapped(mem.fd, 0, 0, mem.layout.size)
+            return dev, dev._region_info(region_reply), dev._irq_info(irq_reply)
+        except BaseException:
+            dev.close()
+            raise
+
+    @classmethod
+    def _open(cls, path: str | os.PathLike, timeout: float, then: list[tuple] | None = None):
         """Connect, then VERSION and DEVICE_GET_INFO pipelined: one round trip (a failed VERSION closes the
-        session, and its error is the one raised)."""
+        session, and its error is the one raised). With `then` (more commands, pipelined behind them):
+        (device, their replies)."""
         sock = connect_unix(path, time.monotonic() + timeout, DeviceMissing)
         dev = cls(sock, os.fspath(path), timeout)
         try:
-            version, info = dev._requests([
+            version, info, *more = dev._requests([
                 (Command.VERSION, encode_version(VERSION_MAJOR, VERSION_MINOR, {
                     "max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE}), ()),
-                (Command.DEVICE_GET_INFO, DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ())])
+                (Command.DEVICE_GET_INFO, DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ()), *(then or ())])
             dev._check_version(version)
             dev.info = dev._device_info(info)
         except BaseException:
@@ -157,7 +173,7 @@ class VfioDevice:
             raise
         kv(log, logging.INFO, "attached to device", path=dev.path, flags=f"{dev.info.flags:#x}",
            regions=dev.info.num_regions, irqs=dev.info.num_irqs)
-        return dev
+        return dev if then is None else (dev, more)
 
     def _check_version(self, payload: bytes) -> None:
         try:
@@ -297,19 +313,26 @@ class VfioDevice:
     def set_irq(self, vector: int) -> int:
         """Assign a new eventfd to MSI-X `vector` and return it (the caller polls/reads it; this
         object keeps owning it). A previous eventfd of the vector is closed."""
-        efd = os.eventfd(0, os.EFD_CLOEXEC)
+        return self.set_irqs([vector])[0]
+
+    def set_irqs(self, vectors: list[int]) -> list[int]:
+        """`set_irq` for each of `vectors`, one DEVICE_SET_IRQS each, pipelined: one round trip."""
+        efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in vectors]
+        flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
         with self._lock:
             try:
-                self._request(Command.DEVICE_SET_IRQS, IRQ_SET.pack(
-                    IRQ_SET.size, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_MSIX, vector, 1), fds=[efd])
+                self._requests([(Command.DEVICE_SET_IRQS, IRQ_SET.pack(IRQ_SET.size, flags, IRQ_MSIX, vector, 1),
+                                 [efd]) for vector, efd in zip(vectors, efds)])
             except BaseException:
-                os.close(efd)
+                for efd in efds:
+                    os.close(efd)
                 raise
-            old = self._irq_fds.pop(vector, None)
-            if old is not None:
-                os.close(old)
-            self._irq_fds[vector] = efd
-        return efd
+            for vector, efd in zip(vectors, efds):
+                old = self._irq_fds.pop(vector, None)
+                if old is not None:
+                    os.close(old)
+                self._irq_fds[vector] = efd
+        return efds
 
     def clear_irqs(self) -> None:
         """Disable every MSI-X vector on the device and close our eventfds."""
