@@ -164,8 +164,6 @@ class Worker:
         for kind in self.kinds:
             kind.start()
         phases["total"] = _ms(t_all)
-        if os.environ.get("PROFILE_WORKER") and msg.servicing:
-            import sitecustomize; sitecustomize._dump()
         self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
                              "servicing_state_sha256": None if blob is None else hashlib.sha256(blob).hexdigest(),
                              "state_error": state_error, "dma_error": dma_error,
