@@ -517,6 +517,11 @@ class NvmeDriver:
         nothing is touched (§11.7): the handle is closed without a reset and the memory stays allocated."""
         self._teardown(reset=not self.keepalive, free_memory=not self.keepalive)
 
+    def release_handle(self) -> None:
+        """After a save the servicing kept: close the device handle without a command (the controller keeps
+        running the saved queues, its memory stays allocated for the next driver), as a process exit would."""
+        self.backing.close()
+
     def reset_after_save(self) -> None:
         """The servicing this driver was saved for failed (DESIGN D4): the controller still runs the saved
         queues, so reset it (CC.EN 1→0) and free the queue memory, as a normal teardown would."""

@@ -44,7 +44,8 @@ class DeviceKind(Protocol):
       (step 7), then `start()` (step 8: guest IO moves again);
     - save (spec §2.1-2.2): `stop()` (guest IO stops), the emulation-platform state and the DMA manager's
       (steps 1-2), then `save(keepalive, state)` per kind (steps 3 and 5: NVMe before MANA, destructive);
-      if the servicing then fails, `revive()` and `start()` (DESIGN D4);
+      if the servicing then fails, `revive()` and `start()` (DESIGN D4); once the host has the state,
+      `handed_over()`;
     - `shutdown()` for a normal stop, `inspect()` at any time.
 
     A kind never raises for one device: a device that cannot come up or be saved is reported in its
@@ -75,6 +76,10 @@ class DeviceKind(Protocol):
 
     def revive(self) -> None:
         """After a failed servicing, bring back in place every device `save` tore down (E5, DESIGN D4)."""
+
+    def handed_over(self) -> None:
+        """The host has the state and this worker will only exit: release every handle a saved device still
+        holds, as the exit would (no command, no reset), so the next worker can attach before this one ends."""
 
     def shutdown(self) -> None:
         """Normal teardown (no servicing): stop IO, shut every device down."""

@@ -107,6 +107,9 @@ class ManaKind:
         kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(wrapper.states))
         return outcomes
 
+    def handed_over(self) -> None:
+        """Nothing is left open: a saved MANA device released its handle in `save`."""
+
     def revive(self) -> None:
         """Every saved device is reset before any NIC allocates again (their saves returned their pool pages
         while the devices kept using them), then each NIC comes back."""

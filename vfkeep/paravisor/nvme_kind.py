@@ -82,6 +82,10 @@ class NvmeKind:
     def revive(self) -> None:
         self.manager.revive()
 
+    def handed_over(self) -> None:
+        if self.manager is not None:
+            self.manager.handed_over()
+
     def shutdown(self) -> None:
         if self.manager is not None:
             self.manager.shutdown()

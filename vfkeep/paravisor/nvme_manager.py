@@ -305,6 +305,13 @@ class NvmeManager:
                 out.append(NicRestore(cfg.pci_id, d.restore_path, d.error, d.flr, self.create_ms.get(cfg.pci_id, 0.0)))
         return out
 
+    def handed_over(self) -> None:
+        """The servicing took the saved state: each saved driver's handle is released without touching the
+        controller (a revive would have needed it for the reset)."""
+        for disk in self.disks:
+            if disk.driver.keepalive:
+                disk.driver.release_handle()
+
     def shutdown(self) -> None:
         """Normal teardown (no servicing): relays stopped, every controller reset."""
         for relay in self.relays.values():

@@ -320,6 +320,8 @@ class Worker:
         handle is "leaked" as in spec §5.2). Exiting at once would spend the CPU a process exit takes while
         the next worker restores on the same CPUs, inside the guest's blackout; the host ends this worker once
         the next one runs."""
+        for kind in self.kinds:
+            kind.handed_over()
         kv(log, logging.INFO, "state handed over, idle until the host ends this worker")
         try:
             while True:
