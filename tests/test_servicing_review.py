@@ -157,6 +157,9 @@ class _FakeWorker:
     def wait_exit(self, timeout):
         return 0
 
+    def dismiss(self, timeout):
+        return 0
+
     def send(self, msg):
         self.sent.append(msg)
 
