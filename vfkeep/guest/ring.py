@@ -238,7 +238,7 @@ class Ring:
         except RingCorrupt:
             ring.close()
             raise
-        kv(log, logging.INFO, "ring attached", gpa=hex(gpa), slots=slots, slot_size=slot_size,
+        kv(log, logging.DEBUG, "ring attached", gpa=hex(gpa), slots=slots, slot_size=slot_size,
            head=ring._ctr[_HEAD], tail=ring._ctr[_TAIL], used=used)
         return ring
 

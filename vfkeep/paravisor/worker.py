@@ -322,7 +322,7 @@ class Worker:
         the next one runs."""
         for kind in self.kinds:
             kind.handed_over()
-        kv(log, logging.INFO, "state handed over, idle until the host ends this worker")
+        kv(log, logging.DEBUG, "state handed over, idle until the host ends this worker")
         try:
             while True:
                 self.chan.recv()  # nothing is expected; anything the host still sends is ignored

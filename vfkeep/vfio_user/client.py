@@ -171,7 +171,7 @@ class VfioDevice:
         except BaseException:
             dev.close()
             raise
-        kv(log, logging.INFO, "attached to device", path=dev.path, flags=f"{dev.info.flags:#x}",
+        kv(log, logging.DEBUG, "attached to device", path=dev.path, flags=f"{dev.info.flags:#x}",
            regions=dev.info.num_regions, irqs=dev.info.num_irqs)
         return dev if then is None else (dev, more)
 
