@@ -51,6 +51,13 @@ def test_console_and_cli_commands_are_one_definition():
             assert {"--json", "--run-dir"} <= opts, (name, sub.name, opts)
 
 
+def test_console_help_lines_are_whole_sentences():
+    """`help` in the console (and `vfkeep --help`) shows each command's first sentence: never cut at an "e.g."."""
+    for name in HOST_COMMANDS:
+        short = COMMAND_OBJECTS[name].get_short_help_str(200)
+        assert not short.endswith(("e.g.", "i.e.")), (name, short)
+
+
 def test_console_and_cli_report_the_same_usage_error(tmp_path):
     buf = io.StringIO()
     HostConsole(_Stub(), Console(file=buf, width=300)).onecmd("service-vtl2 --timeout abc")

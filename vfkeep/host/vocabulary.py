@@ -407,8 +407,8 @@ def _json_errors(as_json: bool, fn):
 @click.argument("nic", type=click.IntRange(0))
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(ctx, run_dir, as_json, timeout, nic, argv):
-    """Run a command in guest NIC's network namespace (`vfkeep run --guest netns`), e.g. `exec 0 ping -c 3
-    198.18.0.1`; its output is shown when it ends."""
+    """Run a command in guest NIC's network namespace (`vfkeep run --guest netns`); its output is shown when
+    it ends. For example `exec 0 ping -c 3 198.18.0.1`."""
     r = _target(ctx, run_dir).call("exec", nic, list(argv), timeout, wait=timeout + 10)
     if as_json:
         _print_json(ctx, r)
