@@ -96,7 +96,7 @@ def claim_run_dir(run_dir: str) -> str | None:
     path = pidfile_path(run_dir)
     pid = _pidfile_pid(run_dir)
     if pid is not None and pid != os.getpid() and _is_host(pid):
-        fail(f"a host is already running in {run_dir} (pid {pid}); stop it with `vfkeep stop --run-dir {run_dir}`")
+        fail(f"run: a host is already running in {run_dir} (pid {pid}); stop it with `vfkeep stop --run-dir {run_dir}`")
     if os.path.exists(path):
         os.unlink(path)
         notes.append(f"pidfile of dead host pid {pid}")
@@ -108,7 +108,7 @@ def claim_run_dir(run_dir: str) -> str | None:
             os.unlink(sock)
             notes.append("its control socket")
         else:
-            fail(f"a host is already running in {run_dir}; stop it with `vfkeep stop --run-dir {run_dir}`")
+            fail(f"run: a host is already running in {run_dir}; stop it with `vfkeep stop --run-dir {run_dir}`")
     sockets = _remove_sockets(run_dir)
     if sockets:
         notes.append(f"sockets {', '.join(sockets)}")
@@ -187,7 +187,7 @@ def _detach(argv: list[str], run_dir: str) -> None:
         if code is not None:
             from .devices import last_line
             cause = last_line(stderr_path).removeprefix("vfkeep: ")  # the host's own one-line cause
-            fail(cause or f"host exited with status {code} during start-up (see {stderr_path})", code or 1)
+            fail(cause or f"run: host exited with status {code} during start-up (see {stderr_path})", code or 1)
         try:
             status = control.HostClient(run_dir, wait=2.0).status()
         except rpc.RpcError:
@@ -198,7 +198,7 @@ def _detach(argv: list[str], run_dir: str) -> None:
             click.echo(f"warning: {w}", err=True)
         return
     child.kill()
-    fail(f"host did not answer within {DETACH_READY_S:g} s; it was ended (see {log_path})")
+    fail(f"run: host did not answer within {DETACH_READY_S:g} s; it was ended (see {log_path})")
 
 
 @click.command("run")
