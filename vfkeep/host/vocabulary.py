@@ -149,7 +149,9 @@ def _print_json(ctx: click.Context, data: Any) -> None:
 @click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
 @click.option("--next-worker-cmd", metavar="CMD", help="command of the next worker only")
 @click.option("--nics", "nic_list", metavar="I,J,...", help="NICs configured in the next worker [default: same]")
-@click.option("--tamper", type=click.Choice(TAMPER_MODES), help="test hook: damage the state handed over")
+@click.option("--tamper", type=click.Choice(TAMPER_MODES),
+              help="test hook: damage the state handed over (RUN_DIR/servicing_state.bin is then the damaged blob "
+                   "the next worker got, servicing_state.untampered.bin the current worker's save)")
 @click.option("--kill-point", type=click.Choice(list(kill_points.POINTS)),
               help="test hook: the worker SIGKILLs itself at this point of its save (save.*: the current worker) "
                    "or restore (restore.*: the next worker)")
