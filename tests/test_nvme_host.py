@@ -343,6 +343,10 @@ def test_disk_stats_verify_says_what_it_checked_and_names_bad_blocks(host):
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("verify: ")]
     chunks = host.disk("stats")["disks"][0]["chunks_written"]
     assert line == f"verify: disk 0: read back {chunks} chunks ({chunks * 8} blocks), 0 bad blocks", line
+    r = host.cli("disk", "stats", "--verify", "--json", "--run-dir", host.run_dir)
+    (v,) = json.loads(r.stdout)["verify"]
+    assert r.returncode == 0 and v == {"disk": 0, "chunks": chunks, "blocks": chunks * 8, "verify_errors": 0,
+                                       "bad_blocks": []}, v
     with open(os.path.join(host.run_dir, "nvme0.disk"), "r+b") as f:
         f.write(b"\xa5" * (1 << 20))  # the first 256 chunks: some of them written
     r = host.cli("disk", "stats", "--verify", "--run-dir", host.run_dir)
