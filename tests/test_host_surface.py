@@ -296,6 +296,15 @@ def shared(tmp_path_factory):
     h.stop()
 
 
+def test_a_timeout_too_short_for_any_worker_still_ends_in_a_result(shared):
+    """--timeout bounds the save and the next worker's restore; the last-resort worker (no state, default
+    command) gets the default time, so a servicing always ends in a result and a running worker."""
+    r = shared.service(mana_keepalive=True, timeout=0.001)
+    assert r["status"] == "failed" and "did not answer within 0.001 s" in r["error"], r
+    assert shared.status()["worker"]["alive"]
+    assert shared.service(mana_keepalive=True)["ok"]
+
+
 def service_cli(host, *args: str) -> tuple[int, dict]:
     r = cli("service", "--run-dir", host.run_dir, "--mana-keepalive", "--require-keepalive", "--json", *args,
             timeout=120)

@@ -768,16 +768,17 @@ class Host:
                         errors: list[str]) -> Started:
         """The next worker failed before `started`: a replacement gets the same blob; if that one fails too
         (the blob or the command hangs it), a default worker starts without state, so the NICs come back
-        through the fresh path (D4). A worker that did not start is ended, never left current."""
-        attempts = [(worker_cmd, blob), (None, None)]
-        for i, (cmd, state) in enumerate(attempts):
+        through the fresh path (D4) — in the default time, as a servicing's `timeout` too short for any
+        worker must not leave none. A worker that did not start is ended, never left current."""
+        attempts = [(worker_cmd, blob, timeout_s), (None, None, max(timeout_s, DEFAULT_TIMEOUT_S))]
+        for i, (cmd, state, limit) in enumerate(attempts):
             if self._stopping.is_set():
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors)})")
             self._lost_requests = self._disk_positions()  # what the ended workers had taken is theirs no more
             try:
                 w = self._start_worker({}, cmd, configured)  # (ended by _start_worker if it fails)
                 self.worker = w
-                return w.start(state, timeout_s)
+                return w.start(state, limit)
             except WorkerFailed as e:
                 if self.worker is not None:
                     self.worker.end()  # dead, so the idle tick replaces it if this was the last attempt

@@ -143,7 +143,8 @@ def _print_json(ctx: click.Context, data: Any) -> None:
 @click.option("--mana-keepalive", is_flag=True, help="host allows MANA keepalive for this servicing")
 @click.option("--nvme-keepalive", "-n", is_flag=True, help="host allows NVMe keepalive for this servicing")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SEC",
-              help="save timeout: the worker must have saved within SEC seconds [default: 60]")
+              help="the worker must have saved, and the next one restored, within SEC seconds each (a replacement "
+                   "without state then gets the default) [default: 60]")
 @click.option("--test-config", type=click.Choice(SAVE_TEST_CONFIGS, case_sensitive=False), metavar="HOOK",
               help="test hook for the current worker's save: " + "|".join(SAVE_TEST_CONFIGS))
 @click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
