@@ -31,6 +31,9 @@ from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 HOST_COMMANDS = ("service", "inspect", "status", "probe", "traffic", "disk", "exec", "stop")
 #: `vfkeep service --require-keepalive` when a NIC or NVMe controller did not take the keepalive path.
 EXIT_NO_KEEPALIVE = 3
+#: What `traffic stats|stop` and `disk stats|stop` say when no agent runs yet (rather than an empty table).
+NO_TRAFFIC = "no traffic agent running; start traffic first (`vfkeep traffic start`)"
+NO_DISK_IO = "no disk agent running; start disk IO first (`vfkeep disk start`)"
 
 
 class CommandError(click.ClickException):
@@ -277,6 +280,8 @@ def traffic_stop(ctx, nic, as_json, run_dir):
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stop", nic=nic, wait=60))
     if as_json:
         return _print_json(ctx, result)
+    if not result["nics"]:
+        return _echo(ctx, NO_TRAFFIC)
     for n in result["nics"]:
         _echo(ctx, f"nic {n['nic']}: stopped after {n['sent']} frames")
 
@@ -295,6 +300,8 @@ def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
                                                                       settle_ms=settle_ms, wait=120))
     if as_json:
         return _print_json(ctx, result)
+    if not result["nics"]:
+        return _echo(ctx, NO_TRAFFIC)
     c = _console(ctx)
     render.print_stats(result["nics"], "traffic since the last start", c)
     if result["last_servicing"]:
@@ -346,6 +353,8 @@ def disk_stop(ctx, disk, as_json, run_dir):
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "stop", disk=disk, wait=60))
     if as_json:
         return _print_json(ctx, result)
+    if not result["disks"]:
+        return _echo(ctx, NO_DISK_IO)
     for d in result["disks"]:
         _echo(ctx, f"disk {d['disk']}: stopped after {d['submitted']} requests")
 
@@ -375,6 +384,8 @@ def disk_stats(ctx, disk, verify, as_json, run_dir):
         if failed:
             sys.exit(1)
         return
+    if not result["disks"]:
+        return _echo(ctx, NO_DISK_IO)
     c = _console(ctx)
     render.print_disk_stats(result["disks"], "disk IO since the agent started", c)
     if result["last_servicing"]:
