@@ -17,6 +17,7 @@ PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 #: Pattern the host writes over worker RAM at servicing: stale pointers read this.
 POISON = bytes.fromhex("deadbeefbaadf00d") * (PAGE_SIZE // 8)
+POISON_BLOCK = POISON * 16
 
 
 class MemoryError_(Exception):
@@ -167,19 +168,16 @@ class GuestMemory:
 
     # -- servicing --------------------------------------------------------------------------
     def scrub_worker_ram(self) -> None:
-        """Fill worker RAM with the poison pattern; guest RAM and pool are untouched. One page is written, then
-        the filled part is copied onto the rest, doubling each time: a dozen memcpys, not one per page (it is
-        on the servicing's critical path)."""
+        """Fill worker RAM with the poison pattern; guest RAM and pool are untouched. A 64 KiB block of the
+        pattern, which stays in the CPU's cache, is copied over it block by block: close to memset speed (it is
+        on the servicing's critical path), where copying the filled part onto the rest reads as much memory as
+        it writes."""
         start, size = self.layout.worker.gpa, self.layout.worker.size
-        if not size:
-            return
         view = self._view
-        view[start:start + PAGE_SIZE] = POISON
-        done = PAGE_SIZE
-        while done < size:
-            n = min(done, size - done)
-            view[start + done:start + done + n] = view[start:start + n]
-            done += n
+        end = start + size
+        for off in range(start, end, len(POISON_BLOCK)):
+            n = min(len(POISON_BLOCK), end - off)
+            view[off:off + n] = POISON_BLOCK[:n] if n < len(POISON_BLOCK) else POISON_BLOCK
 
     def close(self) -> None:
         self._view.release()
