@@ -163,3 +163,46 @@ def test_demo_with_an_nvme_disk(tmp_path):
     assert disk["errors"] == disk["verify_errors"] == disk["duplicates"] == 0 < disk["chunks_written"]
     assert {"nvme-device", "disk-agent"} <= {p["role"] for p in report["processes"]}
     assert not [p for p in report["processes"] if pid_alive(p["pid"])]
+
+
+def test_a_servicing_the_guest_did_not_measure_is_counted_not_dropped():
+    """results.json had blackout_ms_all [608.5, 15.8, None, 10.4, 31.7]: the table said "median of 5" and
+    "frames lost 0"; it must say 4/5 were measured, and the verdict must say so."""
+    from vfkeep.demo import table
+
+    timing = DeviceTiming(hwc_latency_ms=1.0, flr_ms=100.0)
+    kd = {**run_summary("keepalive+datapath", [1.0], 4, 0), "blackout_ms": 23.75,
+          "blackout_ms_all": [608.5, 15.8, None, 10.4, 31.7]}
+    runs = [run_summary("reset-flr", [180, 190, 200], 17, 1), run_summary("reset", [60, 62, 64], 22, 0),
+            run_summary("keepalive", [30, 31, 33], 19, 0), kd]
+    held, lines = verdict(runs, timing, load=0.1, cpus=2)
+    assert "keepalive+datapath: 1 of 5 servicings not measured" in lines[-1]
+    assert not [line for line in lines if line.startswith(("reset-flr:", "reset:", "keepalive:"))]
+
+    for r in runs:
+        n = len(r["blackout_ms_all"])
+        r.update(frames_lost=0, frames_lost_all=[None if b is None else 0 for b in r["blackout_ms_all"]],
+                 restore_path="x", hwc_established=False, phases_ms=dict.fromkeys(("save", "handoff", "restore"), 1.0),
+                 servicings=n)
+    report = {"runs": runs, "servicings": 5, "timing": timing.to_dict(), "rate_fps": 1000, "frame_size": 128,
+              "nics": 1, "load_average_before": 0.1, "machine": {"cpus": 2}}
+    from rich.console import Console
+    console = Console(width=200, record=True)
+    console.print(table(report))
+    text = console.export_text()
+    blackout = next(line for line in text.splitlines() if "│ blackout ms" in line)
+    lost = next(line for line in text.splitlines() if "│ frames lost" in line)
+    assert "(4/5 measured)" in blackout and "(4/5 measured)" in lost
+    assert blackout.count("measured") == 1
+
+
+def test_age_is_the_whole_process_lifetime():
+    """The demo's 'took N s' line is the process's age (start-up and writing the report included)."""
+    age = proc.age_s()
+    assert 0 < age < 24 * 3600
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        assert proc.age_s(child.pid) < age
+    finally:
+        child.kill()
+        child.wait()

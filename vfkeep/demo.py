@@ -31,6 +31,7 @@ from rich.table import Table
 
 from . import __version__
 from . import log as vlog
+from . import proc
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host import render
 from .host.traffic import DEFAULT_SIZE
@@ -180,6 +181,7 @@ def summarize(mode: str, samples: list[dict]) -> dict:
     return {
         "mode": mode, "servicings": len(samples),
         "blackout_ms": _median(blackouts), "blackout_ms_all": blackouts,
+        "measured": len([b for b in blackouts if b is not None]),
         "frames_lost": None if all(v is None for v in lost) else sum(v for v in lost if v is not None),
         "frames_lost_all": lost,
         "io_blackout_ms": _median([r["io_blackout_ms"] for r in results]),
@@ -216,13 +218,27 @@ def verdict(runs: list[dict], timing: DeviceTiming, load: float, cpus: int) -> t
         if load >= CONTENDED_LOAD_PER_CPU * cpus:
             lines.append(f"the machine was busy (load average {load:.1f} on {cpus} CPUs before the demo): the "
                          "ratios are noisy")
-        return True, lines
+        return True, lines + unmeasured(runs)
     lines = ["expected ordering did NOT hold (median blackout; expected " + " < ".join(order) + ")"]
     for a, b in reversed_pairs:
         ra, rb = by_mode[a], by_mode[b]
         lines.append(f"{a} ({ra['blackout_ms']:.1f} ms) was not shorter than {b} ({rb['blackout_ms']:.1f} ms): "
                      + likely_cause(ra, rb, timing, load, cpus))
-    return False, lines
+    return False, lines + unmeasured(runs)
+
+
+def unmeasured(runs: list[dict]) -> list[str]:
+    """One line per path with servicings the guest traffic did not measure (a stats call failed or nothing was
+    sent in the window): its median and frames lost cover only the measured ones."""
+    lines = []
+    for r in runs:
+        values = r["blackout_ms_all"]
+        missing = len([v for v in values if v is None])
+        if missing:
+            lines.append(f"{r['mode']}: {missing} of {len(values)} servicings not measured (no traffic numbers for "
+                         "the window, see host.log): its median and frames lost cover the other "
+                         f"{len(values) - missing}")
+    return lines
 
 
 def likely_cause(fast: dict, slow: dict, timing: DeviceTiming, load: float, cpus: int) -> str:
@@ -276,7 +292,7 @@ def plot(report: dict, path: pathlib.Path) -> None:
                    label="servicing (save request → NICs up)")
         for edge in (0, end_ms):
             ax.axvline(edge, color="tab:orange", linewidth=1.2)
-        ax.set_title(f"{run['mode']}: median of {run['servicings']}: blackout {_fmt(run['blackout_ms'])} ms, "
+        ax.set_title(f"{run['mode']}: median of {_measured_count(run)}: blackout {_fmt(run['blackout_ms'])} ms, "
                      f"{_count(run['hwc_requests'])} HWC requests, {_count(run['device_resets'])} FLR, "
                      f"frames lost {_count(run['frames_lost'])} in all", fontsize=9)
         ax.set_ylabel("frames/s (nic 0)")
@@ -317,11 +333,11 @@ def table(report: dict) -> Table:
     row("HWC re-established", lambda r: "yes" if r["hwc_established"] else "no")
     row("HWC requests", lambda r: _count(r["hwc_requests"]))
     row("device resets", lambda r: _count(r["device_resets"]))
-    row("blackout ms", lambda r: _fmt(r["blackout_ms"]))
+    row("blackout ms", lambda r: _fmt(r["blackout_ms"]) + _of_measured(r))
     row("  min–max", lambda r: _range(r["blackout_ms_all"]))
     row("  / kp+datapath", lambda r: "-" if not base or r["blackout_ms"] is None
         else f"{r['blackout_ms'] / base:.1f}x")
-    row("frames lost", lambda r: _count(r["frames_lost"]))
+    row("frames lost", lambda r: _count(r["frames_lost"]) + _of_measured(r))
     if report.get("nvme"):
         row("disk path", lambda r: r["nvme_path"] or "-")
         row("disk IO blackout ms", lambda r: _fmt(r["io_blackout_ms"]))
@@ -330,6 +346,19 @@ def table(report: dict) -> Table:
     for phase in ("save", "handoff", "restore"):
         row(f"{phase} ms", lambda r, p=phase: _fmt(r["phases_ms"][p]))
     return t
+
+
+def _measured_count(run: dict) -> str:
+    """'5', or '4/5' when one servicing was not measured."""
+    n = len(run["blackout_ms_all"])
+    m = len([v for v in run["blackout_ms_all"] if v is not None])
+    return str(n) if m == n else f"{m}/{n}"
+
+
+def _of_measured(run: dict) -> str:
+    """' (4/5 measured)' when the guest traffic measured only some of the path's servicings."""
+    count = _measured_count(run)
+    return f" ({count} measured)" if "/" in count else ""
 
 
 def _fmt(v: float | None) -> str:
@@ -430,7 +459,8 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
         for d in report.get("disks") or []:
             console.print(f"disk {d['disk']}: {d['completed']} requests, 0 errors, every one of "
                           f"{d['chunks_written']} chunks written read back and verified")
-    console.print(f"wrote {out_dir / 'timeline.png'} and {out_dir / 'results.json'} in {report['wall_s']} s")
+    console.print(f"wrote {out_dir / 'timeline.png'} and {out_dir / 'results.json'}; the demo took "
+                  f"{proc.age_s():.1f} s in all")
     if failed:
         console.print(f"logs kept in {run_dir}")
         raise SystemExit(1)

@@ -96,6 +96,13 @@ def stat_fields(pid: int | str) -> list[str] | None:
         return None
 
 
+def age_s(pid: int | str = "self") -> float:
+    """Seconds since the process started (for the current one: interpreter start-up and imports included)."""
+    start_ticks = int(stat_fields(pid)[19])
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def children(pid: int) -> list[int]:
     """PIDs of the live (not zombie) children of `pid`."""
     out = []
