@@ -99,6 +99,9 @@ def _log_level(ctx, param, value):
     """Every vfkeep process of this command (host, devices, workers, agents) logs at this level."""
     if value is not None:
         os.environ["VFKEEP_LOG_LEVEL"] = value
+    elif os.environ.get("VFKEEP_LOG_LEVEL", "info").lower() not in LOG_LEVELS:  # not silently "info"
+        raise click.BadParameter(f"{os.environ['VFKEEP_LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}",
+                                 param_hint="$VFKEEP_LOG_LEVEL")
     return value
 
 

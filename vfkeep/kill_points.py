@@ -50,6 +50,9 @@ RESTORE_POINTS: dict[str, str] = {
     "restore.started": "`started` is sent: the servicing is over for the host",
 }
 POINTS: dict[str, str] = {**SAVE_POINTS, **RESTORE_POINTS}
+#: Reached after the host has the servicing result: the kill is no part of it (the host replaces the worker as
+#: one that "died outside servicing"; frames lost meanwhile are in no servicing result).
+AFTER_RESULT = ("restore.started",)
 
 _armed: str | None = None
 

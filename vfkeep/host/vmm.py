@@ -952,6 +952,9 @@ class Host:
             raise HostError(f"nic {nic} out of range [0, {len(self.channels)})")
         if not 1 <= count <= self.channel_layout.slots:
             raise HostError(f"count {count} out of range [1, {self.channel_layout.slots}]")
+        if nic not in self.configured:  # nothing would answer: say why rather than "0 of N came back"
+            raise HostError(f"nic {nic} is not configured in the worker (configured: "
+                            f"{','.join(map(str, self.configured)) or 'none'}; `service --nics` chooses them)")
         if self.guest_traffic is not None and self.guest_traffic.has_agent(nic):
             # The rings are single-producer/single-consumer and the agent is the guest's producer and consumer.
             raise HostError(f"nic {nic}'s rings belong to its traffic agent; use `traffic stats` instead of probe")

@@ -109,6 +109,16 @@ def _target(ctx: click.Context, run_dir: str | None):
     return RemoteTarget(run_dir or ctx.meta.get("vfkeep.run_dir") or default_run_dir())
 
 
+class UpperChoice(click.Choice):
+    """Case-insensitive choice whose error lists the values as the help and README write them (upper case)."""
+
+    def __init__(self, choices):
+        super().__init__(choices, case_sensitive=False)
+
+    def get_invalid_choice_message(self, value, ctx) -> str:
+        return f"{value!r} is not one of {', '.join(self.choices)}"
+
+
 # -- shared options ---------------------------------------------------------------------------------------
 def host_command(name: str, **settings):
     """A host command: `--run-dir` and `--json` added, errors printed as JSON under --json."""
@@ -148,7 +158,7 @@ def _print_json(ctx: click.Context, data: Any) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SEC",
               help="the worker must have saved, and the next one restored, within SEC seconds each (a replacement "
                    "without state then gets the default) [default: 60]")
-@click.option("--test-config", type=click.Choice(SAVE_TEST_CONFIGS, case_sensitive=False), metavar="HOOK",
+@click.option("--test-config", type=UpperChoice(SAVE_TEST_CONFIGS), metavar="HOOK",
               help="test hook for the current worker's save: " + "|".join(SAVE_TEST_CONFIGS))
 @click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
 @click.option("--next-worker-cmd", metavar="CMD", help="command of the next worker only")
@@ -169,6 +179,11 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
     NVMe controller."""
     nics = None if nic_list is None else parse_nic_list(nic_list)
     target = _target(ctx, run_dir)
+    if nics is not None:  # out of range is bad usage (exit 2) too; only the host knows its NIC count
+        count = target.call("status")["nics"]
+        if bad := [i for i in nics if i >= count]:
+            raise click.BadParameter(f"NIC {','.join(map(str, bad))} out of range: the host has {count} NIC(s), "
+                                     f"0 to {count - 1}", param_hint="--nics")
     result = target.call(
         "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
         test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
@@ -177,6 +192,10 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
         _print_json(ctx, result)
     else:
         render.print_servicing(result, _console(ctx))
+        if kill_point in kill_points.AFTER_RESULT:
+            _echo(ctx, f"note: --kill-point {kill_point} kills the new worker after this result was returned: the "
+                  "host replaces it as a worker that died outside servicing (host log); frames lost meanwhile are "
+                  "in no servicing result")
     if result["status"] == "failed":
         if as_json:
             sys.exit(1)

@@ -31,6 +31,7 @@ class WorkerProcess:
         self.argv = argv
         self.hello: Hello | None = None
         self.spawned_at = time.perf_counter()
+        self.spawned_wall = time.time()
         self.servicing_begun = False
 
     @property
@@ -113,8 +114,21 @@ class WorkerProcess:
         code = self.wait_exit(1.0)
         status = "still running" if code is None else (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
         last = last_line(self.stderr_path) if self.stderr_path else ""
-        where = f" (see {self.stderr_path})" if self.stderr_path else ""
+        where = self.log_to_read(bool(last)) if self.stderr_path else None
+        where = f" (see {where})" if where else ""
         return f"{status}{': ' + last if last else ''}{where}"
+
+    def log_to_read(self, printed: bool) -> str | None:
+        """A file that exists and says more: the stderr file when the worker printed something (an empty one
+        is removed), else its own log; None when it wrote neither (e.g. a foreign --worker-cmd: the host's
+        log, which every failure line names anyway)."""
+        if printed:
+            return self.stderr_path
+        own = os.path.join(os.path.dirname(self.stderr_path), f"worker-{self.generation}.log")
+        try:  # (not a previous host's worker of the same generation)
+            return own if os.path.getmtime(own) >= self.spawned_wall - 1 else None
+        except OSError:
+            return None
 
     # -- the saved-state transfer (servicing spec §2.5) -------------------------------------------
     def _recv_by(self, deadline: float, timeout: float, *expected: type[Message]) -> Message:

@@ -1,0 +1,67 @@
+"""A new user's review of main: bad usage exits 2 and names values as the help does, a probe of an unconfigured
+NIC says so, and a worker that wrote no stderr is not pointed at a .stderr file that does not exist."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from servicing_helpers import HostRun
+from test_cli_surface import vfkeep
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    h = HostRun(tmp_path_factory.mktemp("review") / "run", nics=2)
+    yield h
+    h.stop()
+
+
+def _one_line(r) -> str:
+    (line,) = r.stderr.splitlines()
+    return line
+
+
+def test_nics_out_of_range_is_bad_usage(host):
+    r = vfkeep("service", "--run-dir", host.run_dir, "--nics", "5")
+    assert r.returncode == 2, r.stderr
+    assert "NIC 5 out of range: the host has 2 NIC(s)" in _one_line(r)
+
+
+def test_unknown_test_config_lists_the_values_as_the_help_writes_them():
+    r = vfkeep("service", "--run-dir", "/nonexistent", "--test-config", "BOGUS")
+    assert r.returncode == 2
+    assert "SERVICING_SAVE_STUCK" in _one_line(r) and "servicing_save_stuck" not in r.stderr
+
+
+def test_bad_log_level_in_the_environment_is_refused():
+    r = vfkeep("status", "--run-dir", "/nonexistent", env={"VFKEEP_LOG_LEVEL": "bogus"})
+    assert r.returncode == 2 and "$VFKEEP_LOG_LEVEL" in _one_line(r) and "'bogus'" in r.stderr
+    r = vfkeep("status", "--run-dir", "/nonexistent", env={"VFKEEP_LOG_LEVEL": "WARNING"})
+    assert r.returncode == 1 and "is a host running?" in r.stderr  # accepted, any case
+
+
+def test_probe_of_an_unconfigured_nic_says_it_is_not_configured(host):
+    assert host.service(nics=[0])["status"] == "ok"
+    try:
+        r = vfkeep("probe", "1", "--run-dir", host.run_dir)
+        assert r.returncode == 1 and "nic 1 is not configured in the worker (configured: 0;" in _one_line(r)
+    finally:
+        assert host.service(nics=[0, 1])["status"] == "ok"
+
+
+def test_a_worker_that_never_logged_is_not_pointed_at_a_missing_stderr_file(host):
+    r = vfkeep("service", "--run-dir", host.run_dir, "--next-worker-cmd", "/bin/false")
+    line = _one_line(r)
+    assert r.returncode == 1 and "exit status 1" in line, line
+    for path in line.replace("(", " ").replace(")", " ").split():
+        if path.startswith(host.run_dir):
+            assert os.path.exists(path), line
+    assert ".stderr" not in line
+
+
+def test_a_kill_after_the_result_is_said_to_be_after_it(host):
+    """restore.started is reached after the host has the result: the output must not let the ok stand alone."""
+    r = vfkeep("service", "--run-dir", host.run_dir, "--kill-point", "restore.started")
+    assert r.returncode == 0, r.stderr
+    assert "note: --kill-point restore.started kills the new worker after this result was returned" in r.stdout
