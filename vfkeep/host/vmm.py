@@ -685,7 +685,10 @@ class Host:
                 return self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old,
                                     window=window)
             if self._stopping.is_set():
-                # The host is stopping (its interrupt ended the worker): no new worker, the teardown follows.
+                # The host is stopping (its interrupt ended the worker): no new worker, the teardown follows. A
+                # worker that did not answer its save is stuck: ended now, not asked for a clean shutdown.
+                if saved is None:
+                    old.kill()
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
             # Handoff: worker RAM is poisoned and the blob handed over. A worker that sent `saved` has released
             # its devices and touches nothing any more, so its exit and the state file wait until the next
