@@ -81,3 +81,27 @@ def test_namespaces_of_a_killed_host_are_removed_by_the_next_run(tmp_path):
         assert_nothing_left(rid)
     finally:
         netns.cleanup_run(rid)  # (only if something above failed)
+
+
+def test_a_killed_nvme_hosts_disk_file_goes_with_the_next_stop_or_run(tmp_path):
+    """nvme0.disk (64 MiB sparse) and the empty device-nvme0.stderr outlived a SIGKILLed --nvme host, also
+    after the next run/stop without --nvme; the README says the disk file goes when the host stops."""
+    import subprocess
+    from vfkeep import proc
+
+    run_dir = tmp_path / "run"
+    for cleaner in ("stop", "run"):
+        h = HostRun(run_dir, "--nvme", "1", nics=0)
+        kill_host(h)
+        assert (run_dir / "nvme0.disk").exists() and (run_dir / "device-nvme0.stderr").exists()
+        if cleaner == "stop":
+            r = subprocess.run(proc.vfkeep_argv("stop", "--run-dir", str(run_dir)), capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0 and "nothing to stop" in r.stdout, r.stderr
+        else:
+            h2 = HostRun(run_dir, nics=0)
+            try:
+                assert "files device-nvme0.stderr, nvme0.disk" in host_note(run_dir), host_note(run_dir)
+            finally:
+                h2.stop()
+        assert not (run_dir / "nvme0.disk").exists() and not (run_dir / "device-nvme0.stderr").exists()

@@ -115,7 +115,27 @@ def claim_run_dir(run_dir: str) -> str | None:
     namespaces = _remove_namespaces(run_dir)
     if namespaces:
         notes.append(f"network namespaces {', '.join(namespaces)}")
+    files = remove_leftover_files(run_dir)
+    if files:
+        notes.append(f"files {', '.join(files)}")
     return f"removed the {' and '.join(notes)} left in {run_dir}" if notes else None
+
+
+def remove_leftover_files(run_dir: str) -> list[str]:
+    """What a dead host could not remove at teardown: its sparse disks (`nvmeN.disk`, this run's only: data
+    never persists across runs) and its children's stderr files that stayed empty (host.stderr: the starting
+    host's own, opened by whoever started it)."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        try:
+            if re.fullmatch(r"nvme\d+\.disk", name) or (name.endswith(".stderr") and name != "host.stderr"
+                                                            and os.path.getsize(path) == 0):
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def _remove_sockets(run_dir: str) -> list[str]:

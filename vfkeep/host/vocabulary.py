@@ -23,6 +23,7 @@ from .. import kill_points, rpc
 from ..contract import SAVE_TEST_CONFIGS
 from . import control, render
 from .commands import (LOG_NAME, _env_pairs, _is_host, _pidfile_pid, _running, default_run_dir, no_host,
+                       remove_leftover_files,
                        parse_nic_list)
 from .tamper import TAMPER_MODES
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
@@ -473,6 +474,8 @@ def stop_command(ctx, run_dir, as_json, timeout):
             raise
         pid = _pidfile_pid(run_dir)
         if pid is None or not _is_host(pid):
+            if os.path.isdir(run_dir):
+                remove_leftover_files(run_dir)  # a SIGKILLed host's disk files, say
             out = {"stopped": None, "run_dir": run_dir, "note": "no host running; nothing to stop"}
             _echo(ctx, json.dumps(out) if as_json else f"no host running in {run_dir}; nothing to stop")
             return
