@@ -432,8 +432,10 @@ def test_service_rejects_bad_input_before_asking(shared, args, message):
 
 def test_host_rejects_out_of_range_nics(shared):
     before = shared.status()["servicings"]
-    r = cli("service", "--run-dir", shared.run_dir, "--nics", "0,5")
-    assert r.returncode == 1 and "nics [5] out of range [0, 1)" in r.stderr
+    r = cli("service", "--run-dir", shared.run_dir, "--nics", "0,5")  # bad usage, as README says: exit 2
+    assert r.returncode == 2 and "NIC 5 out of range: the host has 1 NIC(s)" in r.stderr, r.stderr
+    with pytest.raises(rpc.Refused, match=r"nics \[5\] out of range \[0, 1\)"):  # the host checks too
+        shared.service(nics=[0, 5])
     with pytest.raises(rpc.Refused, match="at least one NIC"):
         shared.service(nics=[])
     assert shared.status()["servicings"] == before
