@@ -94,3 +94,18 @@ def test_stop_during_a_stuck_save_kills_the_stuck_worker_at_once(tmp_path):
     log = open(os.path.join(h.run_dir, "host.log")).read()
     assert "worker did not shut down cleanly" not in log
     assert 'msg="worker shut down" generation=1 exit_status=-9' in log, log[-2000:]
+
+
+def test_a_save_that_timed_out_reports_no_handoff(host):
+    """`--test-config SERVICING_SAVE_STUCK --timeout 1`: no state was handed over, so there is no handoff time
+    (it was "handoff 2000.3 ms"); the save is said to have failed."""
+    import json
+    from vfkeep.host import render
+
+    r = vfkeep("service", "--run-dir", host.run_dir, "--json", "--test-config", "SERVICING_SAVE_STUCK", "--timeout", "1")
+    result = json.loads(r.stdout)
+    assert r.returncode == 1 and "did not answer within 1 s" in result["error"], r.stdout
+    phases = result["phases_ms"]
+    assert phases["handoff"] is None and phases["restore"] > 0 and phases["total"] >= phases["save"]
+    summary = render._summary(result)
+    assert "save failed after " in summary and "handoff none (no state handed over)" in summary, summary

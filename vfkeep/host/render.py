@@ -54,8 +54,11 @@ def _status(result: dict) -> str:
 def _summary(result: dict) -> str:
     flags = ", ".join(f for f, on in (("mana", result["mana_keepalive"]), ("nvme", result["nvme_keepalive"])) if on)
     ph = result["phases_ms"]
-    return (f"keepalive flags: {flags or 'none'}; save {ph['save']:.1f} ms, handoff {ph['handoff']:.1f} ms, "
-            f"restore {ph['restore']:.1f} ms, total {ph['total']:.1f} ms")
+    failed_save = (result.get("error") or "").startswith("save")
+    handoff = "none (no state handed over)" if ph["handoff"] is None else f"{ph['handoff']:.1f} ms"
+    restore = "none" if ph["restore"] is None else f"{ph['restore']:.1f} ms"
+    return (f"keepalive flags: {flags or 'none'}; save {'failed after ' if failed_save else ''}{ph['save']:.1f} ms, "
+            f"handoff {handoff}, restore {restore}, total {ph['total']:.1f} ms")
 
 
 def servicing_table(result: dict) -> Table:

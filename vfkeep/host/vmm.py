@@ -678,7 +678,7 @@ class Host:
                     new.end()
                 self._phase("measure")
                 window = (window_start, time.monotonic_ns())
-                phases = {"save": _ms(t0, t_saved), "handoff": 0.0, "restore": 0.0, "total": _ms(t0, t_saved)}
+                phases = {"save": _ms(t0, t_saved), "handoff": None, "restore": None, "total": _ms(t0, t_saved)}
                 result = self._result(False, mana_keepalive, nvme_keepalive, saved.revived, saved.revived_nvme, (),
                                       before, phases, f"save failed: {saved.error}", window, saved=saved, old=old,
                                       new=old)
@@ -736,8 +736,9 @@ class Host:
             self._phase("measure")
             if started.error:
                 errors.append(started.error)
-            phases = {"save": _ms(t0, t_saved), "handoff": _ms(t_saved, t_handoff), "restore": _ms(t_handoff, t_done),
-                      "total": _ms(t0, t_done)}
+            # No state handed over (the save failed, D4): no handoff phase, not its time as one (total has it).
+            phases = {"save": _ms(t0, t_saved), "handoff": None if saved is None else _ms(t_saved, t_handoff),
+                      "restore": _ms(t_handoff, t_done), "total": _ms(t0, t_done)}
             result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics, started.nvme,
                                   started.unclaimed_pool_allocations, before, phases, "; ".join(errors) or None,
                                   window, saved=saved, old=old, new=self.worker)
