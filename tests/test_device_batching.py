@@ -3,6 +3,7 @@ writes (owner bits across laps included) with the same notifications, frames kee
 frame of an overloaded batch is either delivered or counted once."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from device_driver_helper import Pages, TestDriver, VportQueues, frame, in_process_device
 from vfkeep.device.queues import Cq, Eq, QueueMemory, Wq
 from vfkeep.gdma import codec
-from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32
+from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, DB_RQ
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.memory import GuestMemory, MemoryLayout
 
@@ -168,3 +169,39 @@ def test_a_batch_to_an_unmapped_completion_queue_counts_every_frame_and_keeps_th
     device.deliver_many(0, [frame(vp.mac, PEER, s) for s in range(5, 15)])  # the 8 buffers are still posted
     assert seqs(vp.wait_rx(8)) == list(range(5, 13))
     assert device.counters["in_discards_no_wqe"] == 2 and device.counters["rx_dropped_unmapped"] == 5
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 40), posted=st.integers(0, 40), size=st.integers(22, 300),
+       layout=st.sampled_from(["even", "reversed", "one_short", "one_malformed", "link_down"]))
+def test_a_block_of_frames_lands_as_frame_by_frame_delivery_does(n, posted, size, layout):
+    """Frames of one length from the backend as one block (`deliver_block`: one copy into evenly spaced buffers,
+    CQEs as one array) write the same buffers, completions and counters as `deliver_many` — also where the posted
+    buffers are not evenly spaced, one is too short or malformed, fewer are posted than frames arrive, or the
+    link is down (every frame delivered or counted once)."""
+    results = []
+    for as_block in (False, True):
+        with GuestMemory.create(LAYOUT) as mem:
+            device, port = in_process_device(mem)
+            drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=1.0)
+            drv.bring_up()
+            vp = VportQueues(drv)
+            vp.start(rx_buffers=0)
+            for i in range(posted):
+                if layout == "one_malformed" and i == posted // 2:
+                    vp.rq.put(bytes(32))  # a zeroed WQE: no SGE
+                    vp.rx_posted += 1
+                    drv.ring_wq(DB_RQ, vp.rq, num_rwqe=1)
+                    continue
+                vp.post_rx(1, address=vp.rx_buf(posted - i if layout == "reversed" else i),
+                           size=size - 1 if layout == "one_short" and i == posted // 2 else None)
+            device.vports[0].link_up = layout != "link_down"
+            frames = [frame(vp.mac, PEER, s, size) for s in range(n)]
+            if as_block:
+                device.deliver_block(0, np.frombuffer(b"".join(frames), np.uint8).reshape(n, size))
+            else:
+                device.deliver_many(0, frames)
+            results.append((bytes(mem.view(vp.rx_cq.gpa, vp.rx_cq.size)),
+                            bytes(mem.view(vp.rx_bufs, vp.rx_slots * vp.buf_size)), dict(device.counters)))
+            port.irqs.close()
+    assert results[0] == results[1]

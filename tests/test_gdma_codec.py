@@ -5,6 +5,7 @@ and every record the data path packs or unpacks.
 """
 import ctypes
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -92,6 +93,27 @@ def test_rx_completion(hdr, pkt_len, wqe_offset, params, raw):
     assert codec.RX_COMP.unpack_from(raw) == (got.cqe_hdr.to_int(), got.ppi[0].pkt_len)
     assert codec.RX_CQE.unpack(raw) == (got.cqe_hdr.to_int(), got.ppi[0].pkt_len, got.rx_wqe_offset,
                                         gdma.Cqe.from_bytes(raw).params.to_int())
+
+
+@given(cqes=st.lists(st.tuples(field_values(gdma.ManaCqeHeader), u(16), u(32), field_values(gdma.CqeParams)),
+                    max_size=8))
+def test_rx_completions_as_numpy_columns(cqes):
+    """A batch of RX completions packed as one structured array (`RX_CQE_DTYPE`) equals the ctypes CQEs."""
+    arr = np.zeros(len(cqes), codec.RX_CQE_DTYPE)
+    refs = []
+    for i, (hdr, pkt_len, wqe_offset, params) in enumerate(cqes):
+        arr[i] = (codec.CQE_HDR.pack(**hdr), pkt_len, wqe_offset, codec.CQE_PARAMS.pack(**params))
+        oob = gdma.ManaRxcompOob(cqe_hdr=gdma.ManaCqeHeader(**hdr), rx_wqe_offset=wqe_offset)
+        oob.ppi[0].pkt_len = pkt_len
+        ref = gdma.Cqe(params=gdma.CqeParams(**params))
+        ref.data[:] = oob.to_bytes()
+        refs.append(ref.to_bytes())
+    assert arr.tobytes() == b"".join(refs)
+
+
+def test_record_dtype_rejects_fields_beyond_the_size():
+    with pytest.raises(ValueError, match="beyond"):
+        codec.record_dtype(4, a=(2, 4))
 
 
 @given(raw=st.binary(min_size=64, max_size=64))

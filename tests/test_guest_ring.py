@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,8 +198,12 @@ def test_wait_ignores_stale_ring(mem):
                               st.tuples(st.just("push_many"), st.lists(st.integers(0, 60), max_size=10)),
                               st.tuples(st.just("pop"), st.none()),
                               st.tuples(st.just("pop_many"), st.integers(0, 10)),
-                              st.tuples(st.just("pop_into"), st.integers(0, 10))), max_size=60))
+                              st.tuples(st.just("pop_into"), st.integers(0, 10)),
+                              st.tuples(st.just("push_block"), st.tuples(st.integers(0, 10), st.integers(0, 60))),
+                              st.tuples(st.just("peek_blocks"), st.integers(0, 10))), max_size=60))
 def test_ring_matches_deque_model(slots_log2, ops):
+    """Every producer and consumer call, blocks (`push_block`, `peek_blocks` + `release_count`) included, against a
+    deque, across wraps and full rings."""
     slots = 1 << slots_log2
     with GuestMemory.create(LAYOUT) as m:
         ring = Ring.create(m, 0, slots=slots, slot_size=64)
@@ -229,6 +234,21 @@ def test_ring_matches_deque_model(slots_log2, ops):
                 assert ring.pop() == (model.popleft() if model else None)
             elif op == "pop_many":
                 assert ring.pop_many(arg) == [model.popleft() for _ in range(min(arg, len(model)))]
+            elif op == "push_block":
+                n, size = arg
+                fs = [fresh(size) for _ in range(n)]
+                room = slots - len(model)
+                assert ring.push_block(np.frombuffer(b"".join(fs), np.uint8).reshape(n, size)) == min(room, n)
+                model.extend(fs[:room])
+                dropped += max(0, n - room)
+            elif op == "peek_blocks":
+                blocks = ring.peek_blocks(arg)
+                got = [bytes(row[:n]) for rows, lengths in blocks for row, n in zip(rows, lengths)]
+                assert len(blocks) <= 2 and got == list(model)[:min(arg, len(model))]
+                ring.release_count(len(got), sum(map(len, got)))
+                for _ in got:
+                    model.popleft()
+                del blocks
             else:
                 got: list[bytes] = []
                 n = ring.pop_into(lambda views: got.extend(map(bytes, views)), arg)

@@ -55,6 +55,8 @@ import logging
 import operator
 import time
 
+import numpy as np
+
 from vfkeep.gdma.constants import (
     DB_CQ,
     DB_EQ,
@@ -386,6 +388,41 @@ class GdmaDevice:
         c[f"hc_{direction}_broadcast_octets"] += bcast_bytes
         c[f"hc_{direction}_multicast_pkts"] += mcast
         c[f"hc_{direction}_multicast_octets"] += mcast_bytes
+
+    def count_block(self, direction: str, frames: np.ndarray) -> None:
+        """`count_frames` for frames of one length, the rows of `frames`: a batch of unicast frames (the group
+        bit of the first byte clear) needs no step per frame."""
+        n, length = frames.shape
+        if n and (frames[:, 0] & 1).any():
+            self.count_frames(direction, [row.tobytes() for row in frames])
+            return
+        c = self.counters
+        frames_key, bytes_key = ("frames_rx", "bytes_rx") if direction == "in" else ("frames_tx", "bytes_tx")
+        c[frames_key] += n
+        c[bytes_key] += n * length
+        c[f"hc_{direction}_octets"] += n * length
+        c[f"hc_{direction}_ucast_pkts"] += n
+        c[f"hc_{direction}_ucast_octets"] += n * length
+
+    def transmit_block(self, vport: Vport, frames: np.ndarray) -> None:
+        """`transmit_many` for frames of one length, the rows of `frames` (a view of the TX buffers: valid during
+        the call); a backend without `send_block` gets them as views."""
+        if not vport.link_up:
+            self.counters["tx_dropped_link_down"] += len(frames)
+            return
+        self.count_block("out", frames)
+        send_block = getattr(self.backend, "send_block", None)
+        if send_block is not None:
+            send_block(vport.index, frames)
+        else:
+            self.backend.send_many(vport.index, list(map(memoryview, frames)))
+
+    def deliver_block(self, index: int, frames: np.ndarray) -> None:
+        """`deliver_many` for frames of one length, the rows of `frames`."""
+        if self.removed:
+            self.counters["rx_dropped_removed"] += len(frames)
+            return
+        self.vports[index].receive_block(frames)
 
     def transmit_many(self, vport: Vport, frames: list[bytes] | list[memoryview]) -> None:
         """A batch of frames a vport sent, in order, to the backend (views of TX buffers: valid during the call)."""

@@ -438,22 +438,44 @@ class Wq:
         return out
 
     def _take_run(self, ring: memoryview, out: list[FetchedWqe], limit: int, oob_min: int) -> int:
-        """Fetch a run of WQEs of one shape at head — one SGE, an inline OOB shorter than `oob_min`, the same
-        params word, none crossing the ring end — with a few strided slices of the ring instead of a record
-        per WQE (a driver posts every WQE of a queue in one shape). Appends what `take()` would return for
-        each; 0 if the WQE at head does not start such a run."""
+        """Fetch a run of WQEs of one shape at head (`_run_at`), appending what `take()` would return for each;
+        0 if the WQE at head does not start such a run."""
+        run = self._run_at(ring, limit, oob_min)
+        if run is None:
+            return 0
+        pos, length, oob_in_sgl, addresses, sizes = run
+        out += [((pos + d) & U32, None, [(a, n)], oob_in_sgl, b"")
+                for d, a, n in zip(range(0, len(sizes) * length, length), addresses, sizes)]
+        return len(sizes)
+
+    def take_block(self, limit: int, oob_min: int = WQE_MAX_SIZE) -> tuple[list[int], list[int]] | None:
+        """Fetch and consume a run of at least two WQEs of one shape at head — well formed, one SGE, no inline
+        OOB of `oob_min` bytes or more, none crossing the ring end — without a record per WQE: (their SGE
+        addresses, their SGE sizes); None (nothing consumed) if the WQE at head starts no such run.
+        DmaFault if the ring is unreachable."""
+        if self.mem.base is None or not limit or self.tail == self.head:
+            return None
+        ring = DmaWindow(self.dev.dma).view(self.mem.base, self.mem.size)
+        run = self._run_at(ring, limit, oob_min)
+        return None if run is None or run[2] else (run[3], run[4])
+
+    def _run_at(self, ring: memoryview, limit: int, oob_min: int) -> tuple[int, int, int, list, list] | None:
+        """Consume a run of WQEs of one shape at head — one SGE, an inline OOB shorter than `oob_min`, the same
+        params word, none crossing the ring end — read with a few strided slices of the ring instead of a record
+        per WQE (a driver posts every WQE of a queue in one shape): (position of the first, WQE length,
+        client_oob_in_sgl, SGE addresses, SGE sizes); None if the WQE at head does not start a run of two."""
         pos, size = self.head, len(ring)
         off = pos % size
         if off + _WQE_HEADER_SIZE > size:
-            return 0
+            return None
         word = _WQE_PARAMS.unpack_from(ring, off)[0]
         run = _run_shape(word)
         if run is None:
-            return 0
+            return None
         length, sge_at, oob_in_sgl, oob_end = run
         count = min(limit, ((self.tail - pos) & U32) // length, (size - off) // length)
         if count < 2 or oob_end - _WQE_HEADER_SIZE >= oob_min:
-            return 0
+            return None
         words, quads = ring.cast("I"), ring.cast("Q")
         end = off + count * length
         params = words[(off + _PARAMS_OFFSET) // 4:end // 4:length // 4].tolist()
@@ -462,10 +484,8 @@ class Wq:
             end = off + count * length
         addresses = quads[(off + sge_at + _SGE_ADDRESS[0]) // 8:end // 8:length // 8].tolist()
         sizes = words[(off + sge_at + _SGE_SIZE[0]) // 4:end // 4:length // 4].tolist()
-        out += [((pos + d) & U32, None, [(a, n)], oob_in_sgl, b"")
-                for d, a, n in zip(range(0, count * length, length), addresses, sizes)]
         self.head = (pos + count * length) & U32
-        return count
+        return pos, length, oob_in_sgl, addresses, sizes
 
     def inspect(self) -> dict:
         return {"id": self.id, "head": self.head, "tail": self.tail, **self.mem.inspect()}

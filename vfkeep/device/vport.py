@@ -41,6 +41,8 @@ import ctypes
 import itertools
 import operator
 
+import numpy as np
+
 from vfkeep.gdma.constants import (
     CQE_INVALID,
     CQE_RX_OBJECT_FENCE,
@@ -159,26 +161,42 @@ class Vport:
         if not self.running or self.sq is None:
             return
         dev, sq, cq = self.dev, self.sq, self.tx_cq
+        params = cq.params(sq.id, True)
+        ok = codec.CQE.pack(_TX_COMPLETIONS[CQE_TX_OKAY], params)
         try:
+            while (run := sq.take_block(sq.mem.size, _TX_OOB_LONG)) is not None:
+                win = DmaWindow(dev.dma)
+                addresses, sizes = run
+                rows = _block(win, addresses, sizes[0]) if sizes.count(sizes[0]) == len(sizes) else None
+                if rows is None:  # not one block of guest memory: frame by frame
+                    self._transmit(win, [(0, None, [(a, n)], 0, b"") for a, n in zip(addresses, sizes)], ok, params)
+                    continue
+                dev.transmit_block(self, rows)
+                self._complete_tx(ok * len(sizes), len(sizes))
             wqes = sq.take_many(sq.mem.size, _TX_OOB_LONG)
         except DmaFault:
             dev.dma_fault("SQ", sq.id)
             return
-        if not wqes:
-            return
-        win = DmaWindow(dev.dma)
-        params = cq.params(sq.id, True)
-        ok = codec.CQE.pack(_TX_COMPLETIONS[CQE_TX_OKAY], params)
+        if wqes:
+            self._transmit(DmaWindow(dev.dma), wqes, ok, params)
+
+    def _transmit(self, win: DmaWindow, wqes: list[FetchedWqe], ok: bytes, params: int) -> None:
+        """Send WQEs to the backend and complete them, WQE by WQE where a run of them cannot go at once."""
+        dev = self.dev
         cqes = [ok] * len(wqes)
         frames = _gather_run(wqes, win)
         if frames is None:
             frames = self._tx_frames(wqes, win, cqes, params)
         if frames:
             dev.transmit_many(self, frames)
-        try:  # after the backend has the frames: a completion hands the buffer back to the driver
-            cq.post_many(b"".join(cqes))
+        self._complete_tx(b"".join(cqes), len(wqes))
+
+    def _complete_tx(self, cqes: bytes, n: int) -> None:
+        """After the backend has the frames: a completion hands the buffer back to the driver."""
+        try:
+            self.tx_cq.post_many(cqes)
         except DmaFault:
-            dev.dma_fault("CQ", cq.id, len(wqes))
+            self.dev.dma_fault("CQ", self.tx_cq.id, n)
 
     def _tx_frames(self, wqes: list[FetchedWqe], win: DmaWindow, cqes: list[bytes], params: int) -> list[bytes]:
         """The frames of a batch WQE by WQE; an error completion replaces the OK one in `cqes`."""
@@ -312,6 +330,36 @@ class Vport:
         cq.post_many(b"".join(cqes))  # reachable: checked above, and nothing unmaps memory during a batch
         dev.count_frames("in", delivered)
 
+    def receive_block(self, frames: np.ndarray) -> None:
+        """`receive_many` for frames of one length, the rows of `frames`: when the oldest posted receive WQEs
+        are well formed with one buffer each that the frame fits in, evenly spaced in one DMA mapping (how a
+        driver posts its buffers), the frames are written as one block copy and completed as one array of
+        CQEs; otherwise, and for what no such WQE takes, frame by frame."""
+        n, length = frames.shape
+        posted, cq, dev = self.posted, self.rx_cq, self.dev
+        k = 0
+        if self.running and self.link_up and length and "rx_len_overstated" not in dev.hostile:
+            if len(posted) < n:
+                self.fetch_rx()
+            k = min(n, len(posted))
+        if k >= 2 and cq.reachable():
+            positions, errors, sges, _, _ = zip(*itertools.islice(posted, k))
+            if errors.count(None) == k and set(map(len, sges)) == {1}:
+                addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+                rows = _block(DmaWindow(dev.dma, write=True), addresses, length) if min(sizes) >= length else None
+                if rows is not None:
+                    rows[:] = frames[:k]
+                    for _ in range(k):
+                        posted.popleft()
+                    cqes = np.zeros(k, codec.RX_CQE_DTYPE)
+                    cqes["cqe_hdr"], cqes["pkt_len"], cqes["params"] = _RX_OK, length, cq.params(self.rq.id, False)
+                    cqes["rx_wqe_offset"] = positions
+                    cq.post_many(cqes.tobytes())
+                    dev.count_block("in", frames[:k])
+                    frames = frames[k:]
+        if len(frames):
+            self.receive_many([row.tobytes() for row in frames])
+
     def _receive_run(self, frames: list[bytes], win: DmaWindow, params: int, cqes: list[bytes],
                      delivered: list[bytes]) -> int:
         """The common case of `receive_many` without a step per frame in Python: the oldest posted WQEs are
@@ -356,6 +404,21 @@ class Vport:
 
 
 __all__ = ["Vport", "rx_cqe_header", "vlan_tag", "MAX_FRAME", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
+
+
+def _block(win: DmaWindow, addresses: list[int] | tuple[int, ...], length: int) -> np.ndarray | None:
+    """The `length` bytes at each of `addresses` as the rows of one uint8 array (a view of guest memory: no
+    copy), if the addresses are evenly spaced at least `length` apart and inside one DMA mapping and a frame of
+    `length` bytes is one the data path carries whole (12 to `MAX_FRAME` bytes); else None."""
+    n, low = len(addresses), addresses[0]
+    stride = addresses[1] - low if n > 1 else length
+    if not 12 <= length <= MAX_FRAME or stride < length or list(addresses) != list(range(low, low + n * stride, stride)):
+        return None
+    try:
+        buf = np.frombuffer(win.view(low, (n - 1) * stride + length), np.uint8)
+    except DmaFault:
+        return None
+    return np.lib.stride_tricks.as_strided(buf, (n, length), (stride, 1))
 
 
 def _gather_run(wqes: list[FetchedWqe], win: DmaWindow) -> list[memoryview] | None:

@@ -15,11 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
+
 from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CQE_RX_OKAY, CQE_TX_GDMA_ERR, CQE_TX_OKAY,
                                    DRV_RX_MAX_POSTED, GDMA_EQE_COMPLETION, MANA_LONG_PKT_FMT, MANA_SHORT_PKT_FMT)
 from vfkeep.gdma import codec
-from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxLongOob, ManaTxOob, ManaTxShortOob,
-                                  ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
+from vfkeep.gdma.datapath import (ManaRxcompOob, ManaRxWqeOneSge, ManaTxCompOob, ManaTxLongOob, ManaTxOob,
+                                  ManaTxShortOob, ManaTxWqeLongOneSge, ManaTxWqeShortOneSge)
 from vfkeep.gdma.queues import Cqe, Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
@@ -44,6 +46,9 @@ _CQ_ID_SHIFT, _CQ_ID_MASK = codec.EQE_COMPLETION_DATA.shift["cq_id"], codec.EQE_
 (_RX_HDR_AT, _), (_RX_LEN_AT, _) = (codec.field_span(ManaRxcompOob, f, codec.field_span(Cqe, "data")[0])
                                     for f in ("cqe_hdr", "ppi.0.pkt_len"))
 assert codec.RX_COMP.format == "<I4xH" and _RX_HDR_AT % 4 == 0 and _RX_LEN_AT % 2 == 0
+#: Byte offset in a CQE of a TX completion's cqe_hdr (`codec.TX_COMP`).
+_TX_HDR_AT = codec.field_span(ManaTxCompOob, "cqe_hdr", codec.field_span(Cqe, "data")[0])[0]
+assert codec.TX_COMP.format == "<I" and _TX_HDR_AT == 0
 
 
 #: Sends outstanding this long without a TX completion: the device may never have seen their doorbell (written
@@ -54,6 +59,11 @@ TX_TIMEOUT_S = 1.0
 #: Watchdog timeouts in a row (no completion in between) after which the send queue is hung: `prepare_wait`
 #: raises TxHung, and the NIC resets the function (an FLR behind the driver's back leaves nothing else to see).
 TX_HUNG_TIMEOUTS = 3
+
+
+def _rows(view: memoryview, count: int, size: int) -> np.ndarray:
+    """The first `count` buffers of `size` bytes of a packet-buffer block, as the rows of one uint8 array."""
+    return np.frombuffer(view, np.uint8, count * size).reshape(count, size)
 
 
 def tx_wqe_len(short: bool) -> int:
@@ -140,6 +150,7 @@ class VportDataPath:
         assert self._tx_wqe_len == ctypes.sizeof(wqe_type)
         positions = self._sq.size // self._tx_wqe_len
         self._tx_view = buffers.view
+        self._tx_rows = _rows(buffers.view, self._tx_nbuf, self.max_frame)
         s_oob = ManaTxShortOob(pkt_fmt=MANA_SHORT_PKT_FMT if short else MANA_LONG_PKT_FMT,
                                vcq_num=self._tx_cq.id, vsq_frame=(self._sq.id >> 10) & 0x3FFF)
         if short:
@@ -167,6 +178,7 @@ class VportDataPath:
         self._rx_wqe_len = RX_WQE_LEN
         positions = self._rq.size // self._rx_wqe_len
         self._rx_view = buffers.view
+        self._rx_rows = _rows(buffers.view, self._rx_nbuf, self.max_frame)
         header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=CLIENT_OOB_8))
         addresses = buffer_addresses(buffers, self.max_frame, self._rx_nbuf) if write else []
         for pos in range(positions if write else 0):
@@ -175,6 +187,7 @@ class VportDataPath:
             wqe.header = header
         self._rx_done = 0
         self._rx_cq_words, self._rx_cq_halves = self._rx_cq.mem.cast("I"), self._rx_cq.mem.cast("H")
+        self._tx_cq_words = self._tx_cq.mem.cast("I")
         self._rx_unposted = 0  # buffers received and handed on, not yet posted again (`_post_rx`)
 
     def post_receive_buffers(self) -> None:
@@ -207,22 +220,62 @@ class VportDataPath:
             bad = next(x for x in lengths if not 0 < x <= bs)
             raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
         self._post_rx()  # before the SQ doorbell: their replies (loopback) must find every buffer posted
-        sq = self._sq
-        wqe_len = self._tx_wqe_len
-        pos = sq.tail // wqe_len
-        positions, nbuf = self._tx_positions_mask + 1, self._tx_nbuf
-        done = 0
-        while done < n:  # runs of consecutive SQ positions and buffers (two at most where either wraps)
-            p, b = (pos + done) % positions, (pos + done) % nbuf
-            count = min(n - done, positions - p, nbuf - b)
+        for done, p, b, count in self._tx_runs(n):
             run = lengths[done:done + count]
             for f, off, length in zip(frames[done:done + count], range(b * bs, (b + count) * bs, bs), run):
                 view[off:off + length] = f
-            # the SGE size of every WQE of the run, as one strided column of the SQ
-            at = (p * wqe_len + self._tx_size_at) // 4
-            self._sq_words[at:at + count * wqe_len // 4:wqe_len // 4] = array.array("I", run)
+            self._tx_sizes(p, run)
+        self._post_sends(n, sum(lengths), before_doorbell)
+        return n
+
+    def send_blocks(self, blocks: Sequence[tuple[np.ndarray, list[int]]],
+                    before_doorbell: Callable[[int], object] | None = None) -> int:
+        """`send` for frames given as blocks: the first `lengths[i]` bytes of row i of each block's rows (uint8,
+        e.g. guest ring slots, `Ring.peek_blocks`). Each run of consecutive TX buffers is filled by one block copy
+        of the run's longest frame (the bytes after a shorter frame are not part of it: its SGE size ends it)."""
+        self._check_open()
+        self._reap_tx()
+        free = self._tx_nbuf - (self._tx_posted - self._tx_done)
+        lengths = [n for _, run in blocks for n in run][:free]
+        n = len(lengths)
+        if n <= 0:
+            return 0
+        bs = self.max_frame
+        if min(lengths) <= 0 or max(lengths) > bs:
+            bad = next(x for x in lengths if not 0 < x <= bs)
+            raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
+        self._post_rx()  # before the SQ doorbell: their replies (loopback) must find every buffer posted
+        rows = blocks[0][0] if len(blocks) == 1 else np.concatenate([b for b, _ in blocks])
+        for done, p, b, count in self._tx_runs(n):
+            run = lengths[done:done + count]
+            width = max(run)
+            self._tx_rows[b:b + count, :width] = rows[done:done + count, :width]
+            self._tx_sizes(p, run)
+        self._post_sends(n, sum(lengths), before_doorbell)
+        return n
+
+    def _tx_runs(self, n: int) -> list[tuple[int, int, int, int]]:
+        """(frames before, SQ position, TX buffer, count) of the runs of consecutive SQ positions and buffers the
+        next `n` sends take (two at most where either wraps)."""
+        pos = self._sq.tail // self._tx_wqe_len
+        positions, nbuf = self._tx_positions_mask + 1, self._tx_nbuf
+        out, done = [], 0
+        while done < n:
+            p, b = (pos + done) % positions, (pos + done) % nbuf
+            count = min(n - done, positions - p, nbuf - b)
+            out.append((done, p, b, count))
             done += count
-        nbytes = sum(lengths)
+        return out
+
+    def _tx_sizes(self, position: int, sizes: list[int]) -> None:
+        """The SGE size of every WQE of a run from SQ `position`, as one strided column of the SQ."""
+        wqe_len = self._tx_wqe_len
+        at = (position * wqe_len + self._tx_size_at) // 4
+        self._sq_words[at:at + len(sizes) * wqe_len // 4:wqe_len // 4] = array.array("I", sizes)
+
+    def _post_sends(self, n: int, nbytes: int, before_doorbell: Callable[[int], object] | None) -> None:
+        """Hand the `n` sends just written to the device: SQ tail, `before_doorbell(n)`, one doorbell."""
+        sq = self._sq
         sq.advance_tail(n * self._tx_wqe_len)
         if self._tx_posted == self._tx_done:
             self._tx_progress_at = time.monotonic()
@@ -232,7 +285,6 @@ class VportDataPath:
         sq.commit()
         self.stats.tx_frames += n
         self.stats.tx_bytes += nbytes
-        return n
 
     def _reap_tx(self) -> int:
         """Consume TX completions; each frees the oldest send WQE and its buffer (in-order completion)."""
@@ -240,9 +292,8 @@ class VportDataPath:
         offsets = cq.poll_many(cq.size // CQE_SIZE)
         if not offsets:
             return 0
-        mem, unpack = cq.mem, codec.TX_COMP.unpack_from
-        for off in offsets:
-            cqe_type = unpack(mem, off)[0] & _CQE_TYPE
+        for header in self._tx_completion_headers(offsets):
+            cqe_type = header & _CQE_TYPE
             if cqe_type != CQE_TX_OKAY:
                 self.stats.tx_errors += 1
                 if cqe_type == CQE_TX_GDMA_ERR and not self.tx_failed:
@@ -255,12 +306,38 @@ class VportDataPath:
         self._sq.advance_head(done * self._tx_wqe_len)
         return done
 
+    def _tx_completion_headers(self, offsets: list[int]) -> list[int]:
+        """The cqe_hdr words of the TX CQEs at `offsets` (`poll_many`), read as a strided column of the CQ, not a
+        record per CQE; none for the usual batch, all with one CQE_TX_OKAY header."""
+        headers = self._cqe_columns(self._tx_cq_words, offsets, _TX_HDR_AT)
+        same = headers.count(headers[0]) == len(headers)
+        return [] if same and headers[0] & _CQE_TYPE == CQE_TX_OKAY else headers
+
+    @staticmethod
+    def _cqe_columns(words: memoryview, offsets: list[int], at: int) -> list[int]:
+        """The u32 at byte `at` of each CQE at `offsets` (`poll_many`: consecutive, restarting at 0 at most once,
+        where the ring wraps), read as one or two strided slices of the CQ's words."""
+        if offsets[-1] - offsets[0] == (len(offsets) - 1) * CQE_SIZE:
+            return words[(offsets[0] + at) // 4:(offsets[-1] + CQE_SIZE) // 4:CQE_SIZE // 4].tolist()
+        out: list[int] = []
+        i = 0
+        while i < len(offsets):
+            start = offsets[i]
+            n = next((j for j in range(i + 1, len(offsets)) if offsets[j] != offsets[j - 1] + CQE_SIZE),
+                     len(offsets)) - i
+            out += words[(start + at) // 4:(start + n * CQE_SIZE) // 4:CQE_SIZE // 4].tolist()
+            i += n
+        return out
+
     # -- receiving -------------------------------------------------------------------------------
-    def receive_batch(self, consume: Callable[[list[memoryview]], object], max_frames: int = 256) -> int:
+    def receive_batch(self, consume: Callable[[list[memoryview]], object], max_frames: int = 256,
+                      consume_rows: Callable[[np.ndarray, int], object] | None = None) -> int:
         """Hand up to `max_frames` received frames to `consume` as one list of views of the packet buffers
-        (valid only during the call: the buffers are re-posted afterwards, with one doorbell); no waiting."""
+        (valid only during the call: the buffers are re-posted afterwards, with one doorbell); no waiting. With
+        `consume_rows`, a batch of frames of one length in consecutive buffers goes to it instead, as
+        (buffers as the rows of one array, the length): one block copy for the caller instead of one per frame."""
         self._check_open()
-        return self._drain_rx(consume, max_frames)
+        return self._drain_rx(consume, max_frames, consume_rows)
 
     def receive_into(self, sink: Callable[[memoryview], object], max_frames: int = 64, timeout: float = 0.0) -> int:
         """Hand up to `max_frames` received frames to `sink` one by one as views of the packet buffers (valid
@@ -291,7 +368,8 @@ class VportDataPath:
         self.receive_into(lambda view: frames.append(bytes(view)), max_frames, timeout)
         return frames
 
-    def _drain_rx(self, consume: Callable[[list[memoryview]], object], max_frames: int) -> int:
+    def _drain_rx(self, consume: Callable[[list[memoryview]], object], max_frames: int,
+                  consume_rows: Callable[[np.ndarray, int], object] | None = None) -> int:
         cq = self._rx_cq
         offsets = cq.poll_many(max_frames)
         if not offsets:
@@ -301,6 +379,11 @@ class VportDataPath:
         if headers.count(headers[0]) == len(headers) and headers[0] & _CQE_TYPE == CQE_RX_OKAY \
                 and max(lengths) <= bs:  # the common batch: every frame received whole
             first = seq & bmask
+            if first + len(lengths) <= bmask + 1 and consume_rows is not None \
+                    and lengths.count(lengths[0]) == len(lengths):  # one length, consecutive buffers: one block
+                consume_rows(self._rx_rows[first:first + len(lengths)], lengths[0])
+                self._rx_taken(len(offsets), len(lengths), lengths[0] * len(lengths))
+                return len(lengths)
             if first + len(lengths) <= bmask + 1:  # no wrap: the buffers are consecutive
                 views = [view[o:o + n] for o, n in zip(range(first * bs, (first + len(lengths)) * bs, bs), lengths)]
             else:
@@ -311,16 +394,20 @@ class VportDataPath:
                      if header & _CQE_TYPE == CQE_RX_OKAY and n <= bs]
         if views:
             consume(views)
-        taken = len(offsets)
-        self._rx_done = seq + taken
+        self._rx_taken(len(offsets), len(views), sum(map(len, views)))
+        return len(views)
+
+    def _rx_taken(self, taken: int, frames: int, nbytes: int) -> None:
+        """`taken` RX completions consumed, `frames` of them good frames of `nbytes` in all: their buffers are to
+        be posted again (a quarter of them at once at most)."""
+        self._rx_done += taken
         self._rq.advance_head(taken * self._rx_wqe_len)
         self._rx_unposted += taken
         if self._rx_unposted >= self._rx_nbuf // 4:
             self._post_rx()
-        self.stats.rx_errors += taken - len(views)
-        self.stats.rx_frames += len(views)
-        self.stats.rx_bytes += sum(map(len, views))
-        return len(views)
+        self.stats.rx_errors += taken - frames
+        self.stats.rx_frames += frames
+        self.stats.rx_bytes += nbytes
 
     def _rx_completions(self, offsets: list[int]) -> tuple[list[int], list[int]]:
         """(cqe_hdr, pkt_len) of the RX CQEs at `offsets` (`poll_many`: consecutive, restarting at 0 at most

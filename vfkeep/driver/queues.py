@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, OWNER_MASK, WQE_ALIGNMENT
 from vfkeep.gdma.queues import Cqe, Eqe, cq_eq_doorbell_tail, owner_state
-from vfkeep.gdma.regs import CqEqDoorbellValue, WqDoorbellValue, doorbell_address
+from vfkeep.gdma.codec import CQ_EQ_DOORBELL, WQ_DOORBELL
+from vfkeep.gdma.regs import doorbell_address
 from vfkeep.proto import mana_driver_pb2
 
 from .errors import QueueOverflow
@@ -165,7 +166,7 @@ class CqEq:
 
     def _doorbell_value(self, arm: int) -> int:
         tail = cq_eq_doorbell_tail(self.next, self.size, self.entry_size)
-        return CqEqDoorbellValue(id=self.id, tail=tail, arm=arm).to_int()
+        return CQ_EQ_DOORBELL.pack(id=self.id, tail=tail, arm=arm)
 
 
 class Wq:
@@ -231,4 +232,4 @@ class Wq:
 
     def commit_write(self, num_rwqe: int = 0) -> tuple[int, int]:
         """The (address, value) of `commit(num_rwqe)`, for `DoorbellPage.ring_many`."""
-        return self._db_addr, WqDoorbellValue(id=self.id, num_rwqe=num_rwqe & 0xFF, tail=self.tail).to_int()
+        return self._db_addr, WQ_DOORBELL.pack(id=self.id, num_rwqe=num_rwqe & 0xFF, tail=self.tail)

@@ -10,12 +10,16 @@ with it; tests check every codec against the ctypes structs field by field.
   per field for inner loops.
 - `record(size, *spans)`: a little-endian `struct.Struct` holding the given `(offset, size)` fields in
   order with padding in between, e.g. the three fields of an RX completion the device fills in.
+- `record_dtype(size, **spans)`: the same layout as a numpy structured dtype with named fields, for a batch of
+  entries packed as one array (a column per field) instead of a record per entry.
 - Named instances below: what the device and driver data paths read and write per frame or per batch.
 """
 from __future__ import annotations
 
 import ctypes
 import struct
+
+import numpy as np
 
 from .base import BitfieldWord, WireStruct, bit_position
 from .datapath import ManaCqeHeader, ManaRxcompOob, ManaTxCompOob, ManaTxLongOob, ManaTxOob, ManaTxShortOob
@@ -53,6 +57,15 @@ def record(size: int | None, *spans: tuple[int, int]) -> struct.Struct:
             raise ValueError(f"fields end at {pos}, beyond the record size {size}")
         fmt += f"{size - pos}x" if size > pos else ""
     return struct.Struct(fmt)
+
+
+def record_dtype(size: int, **spans: tuple[int, int]) -> np.dtype:
+    """Little-endian numpy structured dtype of `size` bytes with unsigned fields named as given, at their
+    `(offset, size)` spans (1, 2, 4 or 8 bytes); the bytes in between are zero in `np.zeros` arrays of it."""
+    if max(off + n for off, n in spans.values()) > size:
+        raise ValueError(f"fields end beyond the record size {size}")
+    return np.dtype({"names": list(spans), "formats": [f"<u{n}" for _, n in spans.values()],
+                     "offsets": [off for off, _ in spans.values()], "itemsize": size})
 
 
 class Bits:
@@ -110,6 +123,10 @@ _DATA = field_span(Cqe, "data")[0]
 RX_CQE = record(CQE_SIZE, *(field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len",
                                                                           "rx_wqe_offset")),
                 field_span(Cqe, "params"))
+#: `RX_CQE` as a numpy dtype: a batch of RX completions packed as columns.
+RX_CQE_DTYPE = record_dtype(CQE_SIZE, **dict(zip(("cqe_hdr", "pkt_len", "rx_wqe_offset"), (
+    field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len", "rx_wqe_offset")))),
+    params=field_span(Cqe, "params"))
 #: What the driver reads of an RX completion: cqe_hdr and ppi[0].pkt_len.
 RX_COMP = record(None, *(field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len")))
 #: What the driver reads of a TX completion: cqe_hdr.
@@ -124,7 +141,7 @@ OWNER_SHIFT_IN_LAST_BYTE = OWNER_SHIFT - 24
 
 
 __all__ = [
-    "Bits", "field_span", "record", "WQE_PARAMS", "CQE_PARAMS", "EQE_PARAMS", "CQE_HDR", "EQE_COMPLETION_DATA",
+    "Bits", "field_span", "record", "record_dtype", "RX_CQE_DTYPE", "WQE_PARAMS", "CQE_PARAMS", "EQE_PARAMS", "CQE_HDR", "EQE_COMPLETION_DATA",
     "TX_SHORT_OOB", "TX_LONG_OOB", "CQ_EQ_DOORBELL", "WQ_DOORBELL", "CQE_SIZE", "EQE_SIZE", "WQE_PARAMS_AT",
     "SGE", "SGE_SIZE_AT", "TX_OOB", "CQE", "RX_CQE", "RX_COMP", "TX_COMP", "EQE_COMPLETION", "OWNER_SHIFT",
     "OWNER_SHIFT_IN_LAST_BYTE",

@@ -57,7 +57,7 @@ from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
 from ..proc import NotReady, spawn_ready
 from .ring import ChannelLayout, NicChannel, RingError
-from .stats import MIN_FRAME, TrafficStats, make_frames, parse_frames, percentile, windowed_delivery
+from .stats import MIN_FRAME, TrafficStats, parse_frames, percentile, windowed_delivery
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ class TrafficAgent:
     """Sender thread, receiver thread and the records; the control server calls its public methods."""
 
     def __init__(self, channel: NicChannel):
+        # Frames are built and checked as numpy blocks; imported here, as the host imports this module for the
+        # client only and has no use for numpy.
+        from .blocks import make_frame_block, parse_frame_block
+        self._make_block, self._parse_block = make_frame_block, parse_frame_block
         self.channel = channel
         self.src, self.dst = guest_mac(channel.nic), peer_mac(channel.nic)
         self.max_size = min(channel.tx.max_frame, channel.rx.max_frame)
@@ -116,8 +120,10 @@ class TrafficAgent:
         self.backpressure = False
         self.counters = {"tx_ring_full": 0, "pacing_shortfall": 0, "backpressured": 0, "guest_queue_purged": 0,
                          "rx_other": 0, "rx_bad": 0, "rx_unknown_seq": 0}
-        # The blocking sender's guest queue: frames sent (seq and send time taken) that wait for tx ring room.
-        self._queue: list[bytes] = []
+        # The blocking sender's guest queue: frames sent (seq and send time taken) that wait for tx ring room, as
+        # blocks of frames of one size (`make_frame_block`), oldest first; `_queued` frames in all.
+        self._queue: list = []
+        self._queued = 0
         # When the blocked sender gave up frames (`backpressured`), and how many: for per-window counts.
         self._bp_ns = array.array("q")
         self._bp_count = array.array("q")
@@ -166,7 +172,7 @@ class TrafficAgent:
         self._halt.set()
         self._sender.join()
         self._sender = None
-        if flush and self._queue:
+        if flush and self._queued:
             self._flush_queue()
         return True
 
@@ -174,22 +180,26 @@ class TrafficAgent:
         deadline = time.monotonic() + STOP_FLUSH_S
         while self._push_queued() and time.monotonic() < deadline and not self._closing.is_set():
             time.sleep(BURST_NS / 1e9)
-        if self._queue:
-            first = len(self._sent_ns) - len(self._queue)  # the queue holds the newest seqs
-            self._status[first:] = bytes([_PURGED]) * len(self._queue)
-            self.counters["guest_queue_purged"] += len(self._queue)
-            kv(log, logging.WARNING, "guest queue purged", frames=len(self._queue))
-            self._queue = []
+        if self._queued:
+            first = len(self._sent_ns) - self._queued  # the queue holds the newest seqs
+            self._status[first:] = bytes([_PURGED]) * self._queued
+            self.counters["guest_queue_purged"] += self._queued
+            kv(log, logging.WARNING, "guest queue purged", frames=self._queued)
+            self._queue, self._queued = [], 0
 
     def _push_queued(self) -> int:
         """Push what fits of the guest queue into the tx ring, in order; the frames still queued. Only this
         producer fills the ring, so everything offered within `free_slots` is accepted (nothing refused)."""
-        queue = self._queue
-        room = self.channel.tx.free_slots
-        if queue and room:
-            taken = self.channel.tx.push_many(queue[:room])
-            self._queue = queue = queue[taken:]
-        return len(queue)
+        tx = self.channel.tx
+        while self._queue and tx.free_slots:
+            block = self._queue[0]
+            taken = tx.push_block(block[:tx.free_slots])
+            self._queued -= taken
+            if taken < len(block):
+                self._queue[0] = block[taken:]
+                break
+            self._queue.pop(0)
+        return self._queued
 
     def _send_loop(self, rate: float, size: int, backpressure: bool, halt: threading.Event) -> None:
         """Token bucket on the monotonic clock: wake about every BURST_NS, send what is due in one push.
@@ -215,11 +225,11 @@ class TrafficAgent:
                         self.counters["pacing_shortfall"] += excess
                     tokens -= excess
                 n = int(tokens)
-                if n or self._queue:
+                if n or self._queued:
                     sent = self._send_burst(n, size, backpressure)
                     tokens -= sent
                     blocked = sent < n
-                if blocked or self._queue:
+                if blocked or self._queued:
                     halt.wait(BURST_NS / 1e9)  # poll for ring room (the relay does not signal it)
                 elif tokens < burst:
                     halt.wait((burst - tokens) / rate)
@@ -237,15 +247,16 @@ class TrafficAgent:
                 return 0
         seq = len(self._sent_ns)
         t = time.monotonic_ns()
-        frames = make_frames(seq, n, size, t, self.src, self.dst)
+        frames = self._make_block(seq, n, size, t, self.src, self.dst)
         with self._tx_lock:  # records first: a frame may come back before push_many returns
             self._sent_ns.extend(array.array("q", (t,)) * n)
             self._status.extend(bytes(n))
         if backpressure:
-            self._queue += frames
+            self._queue.append(frames)
+            self._queued += n
             self._push_queued()
             return n
-        accepted = self.channel.tx.push_many(frames)
+        accepted = self.channel.tx.push_block(frames)
         if accepted < n:
             self._status[seq + accepted:seq + n] = bytes([_REFUSED]) * (n - accepted)
             self.counters["tx_ring_full"] += n - accepted
@@ -256,14 +267,28 @@ class TrafficAgent:
         rx = self.channel.rx
         try:
             while not self._closing.is_set():
-                # parsed in place in the ring's slots (no copy)
-                if not rx.pop_into(lambda views: self._record_arrivals(views, time.monotonic_ns()), RX_BATCH):
+                # parsed in place in the ring's slots (no copy), then released
+                blocks = rx.peek_blocks(RX_BATCH)
+                if not blocks:
                     rx.doorbell.wait(None)  # close() rings it to end the loop
+                    continue
+                now = time.monotonic_ns()
+                for rows, lengths in blocks:
+                    self._record_arrivals(rows, lengths, now)
+                rx.release_count(sum(len(lengths) for _, lengths in blocks),
+                                 sum(sum(lengths) for _, lengths in blocks))
         except Exception as e:  # a dead receiver must show in status/stats, not only on stderr
             self._fail("receiver", e)
 
-    def _record_arrivals(self, frames: list[bytes] | list[memoryview], now: int) -> None:
-        seqs, sends, other, bad = parse_frames(frames)
+    def _record_arrivals(self, rows, lengths: list[int], now: int) -> None:
+        """Record a run of received frames, the rows of `rows` (ring slots) of `lengths` bytes: a run of our frames
+        of one size is parsed as one block, anything else frame by frame."""
+        size = lengths[0]
+        parsed = self._parse_block(rows[:, :size], size) if lengths.count(size) == len(lengths) else None
+        if parsed is not None:
+            (seqs, sends), other, bad = parsed, 0, []
+        else:
+            seqs, sends, other, bad = parse_frames([memoryview(row[:n]) for row, n in zip(rows, lengths)])
         self.counters["rx_other"] += other
         self.counters["rx_bad"] += len(bad)
         for e in bad:
@@ -419,7 +444,7 @@ class TrafficAgent:
     def status(self) -> dict:
         running = self._sender is not None and self._sender.is_alive()
         return {"running": running, "rate": self.rate, "size": self.size, "backpressure": self.backpressure,
-                "guest_queue": len(self._queue), "sent": len(self._sent_ns), "received": len(self._rx_ns), **self.counters,
+                "guest_queue": self._queued, "sent": len(self._sent_ns), "received": len(self._rx_ns), **self.counters,
                 "errors": list(self.errors)}
 
     def close(self) -> None:

@@ -202,6 +202,7 @@ class Ring:
         # Every slot's length word, as one strided array: a batch reads or writes all of them at once.
         self._slot_words = self._buf[HEADER_SIZE:].cast("I")
         self._stride = slot_size // SLOT_LEN_SIZE
+        self._slot_rows = None  # `_rows()`
 
     @classmethod
     def create(cls, mem: GuestMemory, gpa: int, slots: int, slot_size: int,
@@ -302,6 +303,40 @@ class Ring:
             self.doorbell.ring()
         return accepted
 
+    def _rows(self):
+        """The slots as the rows of one numpy array, for batches copied as one block (`push_block`, `peek_blocks`).
+        Made on first use: only the agent and the relay move blocks (numpy is theirs; the host formats rings)."""
+        if self._slot_rows is None:
+            import numpy as np
+            self._slot_rows = np.frombuffer(self._buf, np.uint8, self.slots * self.slot_size,
+                                            HEADER_SIZE).reshape(self.slots, self.slot_size)
+        return self._slot_rows
+
+    def push_block(self, frames) -> int:
+        """`push_many` for frames of one length, the rows of `frames` (numpy, n x length uint8): each run of slots is
+        written as one block copy, not a copy per frame."""
+        n, length = frames.shape
+        if length > self.max_frame:
+            raise ValueError(f"frame of {length} bytes exceeds the ring's slot payload of {self.max_frame} bytes")
+        c = self._ctr
+        tail = c[_TAIL]
+        accepted = min(self.slots - self._used(c[_HEAD], tail), n)
+        done = 0
+        for first, count in self._runs(tail, accepted):
+            stride = self._stride
+            self._slot_words[first * stride:(first + count) * stride:stride] = array.array("I", [length]) * count
+            self._rows()[first:first + count, SLOT_LEN_SIZE:SLOT_LEN_SIZE + length] = frames[done:done + count]
+            done += count
+        if accepted:
+            _fence()  # payloads before tail
+            c[_TAIL] = (tail + accepted) & _U64
+            c[_BYTES_PUSHED] = (c[_BYTES_PUSHED] + accepted * length) & _U64
+        if n > accepted:
+            c[_DROPPED_FULL] = (c[_DROPPED_FULL] + n - accepted) & _U64
+        if accepted and self.doorbell is not None:
+            self.doorbell.ring()
+        return accepted
+
     def _runs(self, counter: int, n: int) -> list[tuple[int, int]]:
         """(first slot, count) of the slots of counters [counter, counter + n): one run, two at the wrap."""
         first = counter & self._mask
@@ -351,13 +386,38 @@ class Ring:
             views += [buf[o:o + length] for o, length in zip(range(off, off + count * size, size), lengths)]
         return views
 
+    def peek_blocks(self, max_frames: int) -> list[tuple[object, list[int]]]:
+        """`peek` as blocks: per run of consecutive slots (two at most, where the ring wraps), the payloads as the
+        rows of one array (count x slot payload uint8, a view of the slots) and the frame lengths. Release with
+        `release_count`."""
+        c = self._ctr
+        head = c[_HEAD]
+        n = min(max_frames, self._used(head, c[_TAIL]))
+        if n <= 0:
+            return []
+        _fence()  # tail before payloads
+        out = []
+        for first, count in self._runs(head, n):
+            stride = self._stride
+            lengths = self._slot_words[first * stride:(first + count) * stride:stride].tolist()
+            if max(lengths) > self.max_frame:
+                slot = first + next(i for i, length in enumerate(lengths) if length > self.max_frame)
+                raise RingCorrupt(f"ring at gpa {self.gpa:#x}: slot {slot} holds length {max(lengths)}, slot "
+                                  f"payload is {self.max_frame} bytes")
+            out.append((self._rows()[first:first + count, SLOT_LEN_SIZE:], lengths))
+        return out
+
+    def release_count(self, n: int, nbytes: int) -> None:
+        """`release` of the `n` oldest frames, `nbytes` long together."""
+        c = self._ctr
+        _fence()  # payloads read before the producer may reuse the slots
+        c[_HEAD] = (c[_HEAD] + n) & _U64
+        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + nbytes) & _U64
+
     def release(self, frames: list[memoryview]) -> None:
         """Consume the oldest frames, which a `peek` returned (`frames`, or its first ones): one `head` update;
         their slots are the producer's again, so their views must not be read afterwards."""
-        c = self._ctr
-        _fence()  # payloads read before the producer may reuse the slots
-        c[_HEAD] = (c[_HEAD] + len(frames)) & _U64
-        c[_BYTES_POPPED] = (c[_BYTES_POPPED] + sum(map(len, frames))) & _U64
+        self.release_count(len(frames), sum(map(len, frames)))
 
     def wait(self, timeout: float | None) -> bool:
         """Consumer: block until the ring holds a frame; False on timeout.
@@ -379,6 +439,7 @@ class Ring:
 
     def close(self) -> None:
         """Release the views into guest memory (the doorbell belongs to the caller)."""
+        self._slot_rows = None  # an export of _buf: released before it
         self._slot_words.release()
         self._ctr.release()
         self._buf.release()

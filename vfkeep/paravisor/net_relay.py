@@ -154,20 +154,22 @@ class NetRelay:
             if n < BATCH:
                 break
         room = min(BATCH, self.datapath.tx_free)
-        frames = self.channel.tx.peek(room) if room else []
-        if not frames:
+        tx = self.channel.tx
+        blocks = tx.peek_blocks(room) if room else []
+        if not blocks:
             self.datapath.send([])  # reap the TX completions
             return moved
+        lengths = [n for _, run in blocks for n in run]
         self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
         try:
             # Copied straight from the ring slots into TX buffers; the slots are released before the SQ doorbell,
             # so a worker killed in between has lost these frames at most, never sends them twice (the next
             # relay starts after them).
-            sent = taken = self.datapath.send(frames,
-                                              before_doorbell=lambda n: self.channel.tx.release(frames[:n]))
+            sent = taken = self.datapath.send_blocks(
+                blocks, before_doorbell=lambda n: tx.release_count(n, sum(lengths[:n])))
         except BadFrame as e:
-            frames = list(map(bytes, frames))  # copies: the slots go back to the guest first
-            self.channel.tx.release(frames)
+            frames = [bytes(row[:n]) for rows, run in blocks for row, n in zip(rows, run)]  # copies: the slots go
+            tx.release_count(len(frames), sum(lengths))  # back to the guest first
             sent, taken = self._send_one_by_one(frames, e), len(frames)
         self.stats.tx_frames += sent
         return moved + taken
@@ -175,7 +177,16 @@ class NetRelay:
     def _receive(self) -> int:
         """One batch vport -> guest rx ring, copied straight from the packet buffers; returns the frames taken
         from the vport."""
-        return self.datapath.receive_batch(self._to_guest, BATCH)
+        return self.datapath.receive_batch(self._to_guest, BATCH, self._block_to_guest)
+
+    def _block_to_guest(self, rows, length: int) -> None:
+        """`_to_guest` for frames of one `length`, the rows of `rows`: one block copy."""
+        if length > self.channel.rx.max_frame:
+            self.stats.rx_dropped_too_big += len(rows)
+            return
+        pushed = self.channel.rx.push_block(rows[:, :length])
+        self.stats.rx_frames += pushed
+        self.stats.rx_dropped_ring_full += len(rows) - pushed
 
     def _to_guest(self, views: list[memoryview]) -> None:
         """Push received frames to the guest; a frame larger than a ring slot, or one the full ring refuses,
