@@ -173,7 +173,7 @@ def test_a_batch_to_an_unmapped_completion_queue_counts_every_frame_and_keeps_th
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), posted=st.integers(0, 40), size=st.integers(22, 300),
-       layout=st.sampled_from(["even", "reversed", "one_short", "one_malformed", "link_down"]))
+       layout=st.sampled_from(["even", "wrapped", "reversed", "one_short", "one_malformed", "link_down"]))
 def test_a_block_of_frames_lands_as_frame_by_frame_delivery_does(n, posted, size, layout):
     """Frames of one length from the backend as one block (`deliver_block`: one copy into evenly spaced buffers,
     CQEs as one array) write the same buffers, completions and counters as `deliver_many` — also where the posted
@@ -193,7 +193,8 @@ def test_a_block_of_frames_lands_as_frame_by_frame_delivery_does(n, posted, size
                     vp.rx_posted += 1
                     drv.ring_wq(DB_RQ, vp.rq, num_rwqe=1)
                     continue
-                vp.post_rx(1, address=vp.rx_buf(posted - i if layout == "reversed" else i),
+                at = {"reversed": posted - i, "wrapped": (i + posted // 2) % posted}.get(layout, i)
+                vp.post_rx(1, address=vp.rx_buf(at),
                            size=size - 1 if layout == "one_short" and i == posted // 2 else None)
             device.vports[0].link_up = layout != "link_down"
             frames = [frame(vp.mac, PEER, s, size) for s in range(n)]
@@ -205,3 +206,22 @@ def test_a_block_of_frames_lands_as_frame_by_frame_delivery_does(n, posted, size
                             bytes(mem.view(vp.rx_bufs, vp.rx_slots * vp.buf_size)), dict(device.counters)))
             port.irqs.close()
     assert results[0] == results[1]
+
+
+def test_sends_across_the_end_of_the_tx_buffers_keep_order(up):
+    """A batch of sends whose buffers wrap (evenly spaced up to the last buffer, then from the first again) goes
+    out as two blocks, in order; so do mixed sizes (frame by frame)."""
+    device, drv = up
+    vp = VportQueues(drv)
+    vp.start(rx_buffers=200)
+    sizes = [64] * 600 + [60, 1500, 64] * 66  # the third batch of 200 wraps at TX buffer 512
+    sent = [frame(PEER, vp.mac, s, n) for s, n in enumerate(sizes)]
+    rx = []
+    for i in range(0, len(sent), 200):
+        vp.send(sent[i:i + 200])
+        rx += vp.wait_rx(len(sent[i:i + 200]))
+        assert vp.wait_tx(len(sent[i:i + 200])) == [32] * len(sent[i:i + 200])
+        vp.post_rx(len(sent[i:i + 200]))
+    assert seqs(rx) == list(range(len(sent))) and [len(f) for _, f in rx] == sizes
+    assert all(f[12:] == g[12:] for (_, f), g in zip(rx, sent))
+    assert device.counters["frames_tx"] == device.counters["frames_rx"] == len(sent)

@@ -167,12 +167,16 @@ class Vport:
             while (run := sq.take_block(sq.mem.size, _TX_OOB_LONG)) is not None:
                 win = DmaWindow(dev.dma)
                 addresses, sizes = run
-                rows = _block(win, addresses, sizes[0]) if sizes.count(sizes[0]) == len(sizes) else None
-                if rows is None:  # not one block of guest memory: frame by frame
-                    self._transmit(win, [(0, None, [(a, n)], 0, b"") for a, n in zip(addresses, sizes)], ok, params)
-                    continue
-                dev.transmit_block(self, rows)
-                self._complete_tx(ok * len(sizes), len(sizes))
+                while addresses:  # blocks of evenly spaced buffers of one size (a driver's buffers wrap once)
+                    k = min(_even_prefix(addresses), _same_prefix(sizes))
+                    rows = _block(win, addresses[:k], sizes[0]) if k >= 2 else None
+                    if rows is None:  # not one block of guest memory: the rest frame by frame
+                        self._transmit(win, [(0, None, [(a, n)], 0, b"") for a, n in zip(addresses, sizes)], ok,
+                                       params)
+                        break
+                    dev.transmit_block(self, rows)
+                    self._complete_tx(ok * k, k)
+                    addresses, sizes = addresses[k:], sizes[k:]
             wqes = sq.take_many(sq.mem.size, _TX_OOB_LONG)
         except DmaFault:
             dev.dma_fault("SQ", sq.id)
@@ -346,17 +350,22 @@ class Vport:
             positions, errors, sges, _, _ = zip(*itertools.islice(posted, k))
             if errors.count(None) == k and set(map(len, sges)) == {1}:
                 addresses, sizes = zip(*map(operator.itemgetter(0), sges))
-                rows = _block(DmaWindow(dev.dma, write=True), addresses, length) if min(sizes) >= length else None
+                k = _even_prefix(addresses)  # a driver's buffers wrap once: the rest go frame by frame
+                rows = _block(DmaWindow(dev.dma, write=True), addresses[:k], length) \
+                    if k >= 2 and min(sizes[:k]) >= length else None
                 if rows is not None:
                     rows[:] = frames[:k]
                     for _ in range(k):
                         posted.popleft()
                     cqes = np.zeros(k, codec.RX_CQE_DTYPE)
                     cqes["cqe_hdr"], cqes["pkt_len"], cqes["params"] = _RX_OK, length, cq.params(self.rq.id, False)
-                    cqes["rx_wqe_offset"] = positions
+                    cqes["rx_wqe_offset"] = positions[:k]
                     cq.post_many(cqes.tobytes())
                     dev.count_block("in", frames[:k])
                     frames = frames[k:]
+                    if len(frames) >= 2:  # the buffers after the wrap
+                        self.receive_block(frames)
+                        return
         if len(frames):
             self.receive_many([row.tobytes() for row in frames])
 
@@ -404,6 +413,24 @@ class Vport:
 
 
 __all__ = ["Vport", "rx_cqe_header", "vlan_tag", "MAX_FRAME", "VENDOR_ERR_MALFORMED_WQE", "VENDOR_ERR_DMA_FAULT"]
+
+
+def _even_prefix(addresses: list[int] | tuple[int, ...]) -> int:
+    """How many of the first `addresses` are evenly spaced (all of them, the usual case, in one comparison)."""
+    n = len(addresses)
+    if n < 3:
+        return n
+    low, stride = addresses[0], addresses[1] - addresses[0]
+    expected = range(low, low + n * stride, stride)
+    if stride > 0 and list(addresses) == list(expected):
+        return n
+    return next(i for i, (a, e) in enumerate(zip(addresses, expected)) if a != e) if stride > 0 else 1
+
+
+def _same_prefix(values: list[int]) -> int:
+    """How many of the first `values` equal the first one."""
+    n = len(values)
+    return n if values.count(values[0]) == n else next(i for i, v in enumerate(values) if v != values[0])
 
 
 def _block(win: DmaWindow, addresses: list[int] | tuple[int, ...], length: int) -> np.ndarray | None:

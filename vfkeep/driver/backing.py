@@ -136,6 +136,10 @@ class DeviceBacking(Protocol):
         """Posted 64-bit writes (offset, value), applied in order; a transport sends them as one burst."""
         ...
 
+    # Optional: `posted_batch()`, a context manager inside which posted writes may be held back and sent to the
+    # device together at its end (one message burst per batch of doorbells); a backing without it sends each
+    # at once.
+
     def set_irq(self, vector: int) -> int:
         """Assign an eventfd to MSI-X `vector` and return it (the device writes 1 to raise the vector)."""
         ...

@@ -9,6 +9,7 @@ creates and destroys the device objects behind it, and never touches the queues 
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import logging
 import time
@@ -435,6 +436,13 @@ class VportDataPath:
             self._rx_unposted = 0
             self._rq.advance_tail(n * self._rx_wqe_len)
             self._rq.commit(num_rwqe=n)
+
+    def doorbells_batched(self):
+        """Context in which the doorbells this data path rings reach the device together at its end, in order (the
+        backing's `posted_batch`; at once where it has none): a pass of the relay — RQ doorbell, arms, SQ doorbell —
+        is then one message burst and one device wake-up."""
+        batch = getattr(self.gdma.backing, "posted_batch", None)
+        return batch() if batch is not None else contextlib.nullcontext()
 
     # -- waiting ---------------------------------------------------------------------------------
     def fileno(self) -> int:

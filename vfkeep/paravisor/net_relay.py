@@ -22,8 +22,8 @@ from ..log import kv
 log = logging.getLogger("vfkeep.worker.relay")
 
 #: Frames per vport call (one receive batch, one send batch; one doorbell each). Half the relay vport's TX
-#: buffers: the device works on one batch while the relay fills the next (256 measured slower, 64 too).
-BATCH = 128
+#: buffers: the device works on one batch while the relay fills the next.
+BATCH = 256
 DRAIN_MAX_BATCHES = 64
 IDLE_WAIT_MS = 1000
 #: After moving frames, how long the relay waits for more guest frames before it arms the vport's queues and
@@ -101,7 +101,9 @@ class NetRelay:
         try:
             while not self._stopping:
                 tx_bell.clear()
-                if self._pump():
+                with self.datapath.doorbells_batched():  # the pass's doorbells: one burst, one device wake-up
+                    moved_now = self._pump()
+                if moved_now:
                     moved = True
                     if not self.resumed.is_set() and self.stats.rx_frames != rx_before:
                         self._resume(self.stats.rx_frames - rx_before)
@@ -118,7 +120,9 @@ class NetRelay:
                         self.stats.wakeups += 1
                         continue
                 # Wake for TX completions only if guest frames wait for a TX buffer; otherwise reap them later.
-                if not self.datapath.prepare_wait(need_tx=bool(len(self.channel.tx))):
+                with self.datapath.doorbells_batched():
+                    ready = not self.datapath.prepare_wait(need_tx=bool(len(self.channel.tx)))
+                if ready:
                     continue
                 if len(self.channel.tx) and self.datapath.tx_free:
                     continue

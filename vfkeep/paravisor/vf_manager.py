@@ -39,9 +39,11 @@ from ..vfio_user.backing import VfioBacking, open_vfio, presence_probe, reset_me
 from .device_kind import CreateFailed, create_fresh, release_pending_buffers
 from .net_relay import NetRelay, RelayStats
 
-#: The relay's vport: twice as many receive buffers (512, the reference's cap) as send buffers (256), so
-#: frames the device loops back while the relay is still sending never find the RX queue empty.
-RELAY_VPORT = VportConfig(rx_cq_size=32768)
+#: The relay's vport: 512 send buffers and 512 receive buffers (the reference's cap; 541 pages with the queues).
+#: The relay receives everything before it sends, and posts the buffers again before the SQ doorbell, so the
+#: device finds a posted buffer for every frame in flight; the two 256-frame batches in flight carry a round
+#: trip to the device that waits for a CPU (a loaded machine) with twice the frames the 256 of before did.
+RELAY_VPORT = VportConfig(tx_cq_size=32768, rx_cq_size=32768)
 #: The relay's vport under data-path keepalive (DESIGN D7): in the private pool, so smaller (64 TX / 128 RX
 #: buffers, 102 pages with the queues) to leave room for other NICs; same 2:1 RX:TX ratio.
 KEPT_VPORT = VportConfig(tx_wq_size=4096, tx_cq_size=4096, rx_wq_size=4096, rx_cq_size=8192)

@@ -9,6 +9,7 @@ driver and the paravisor never see a `vfkeep.vfio_user` error class.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -69,6 +70,15 @@ class VfioBacking:
 
     def write64_posted_many(self, writes: list[tuple[int, int]]) -> None:
         _call(self.dev.write64_posted_many, writes)
+    @contextlib.contextmanager
+    def posted_batch(self):
+        """Posted writes (doorbells) inside the block go to the device together at its end (`VfioDevice`)."""
+        batch = self.dev.posted_batch()
+        batch.__enter__()
+        try:
+            yield
+        finally:
+            _call(batch.__exit__, None, None, None)
 
     def set_irq(self, vector: int) -> int:
         return _call(self.dev.set_irq, vector)

@@ -14,6 +14,7 @@ the unfinished message.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -111,6 +112,7 @@ class VfioDevice:
         self._sock: socket.socket | None = sock
         self._reader = FrameReader(MAX_MSG_FDS)
         self._lock = threading.RLock()  # set_irq/clear_irqs hold it around _request
+        self._posted = threading.local()  # `posted_batch`: the thread's posted writes not sent yet
         self._next_id = 0
         self._inbox: collections.deque[Message] = collections.deque()  # replies read while sending
         self._outbox: collections.deque[tuple] = collections.deque()  # our replies to server commands
@@ -262,16 +264,53 @@ class VfioDevice:
 
     def region_write(self, index: int, offset: int, data: bytes, posted: bool = False) -> None:
         """`posted` sets no-reply: the server handles commands in order, so any later reply
-        proves the write was applied (a read doubles as a flush)."""
+        proves the write was applied (a read doubles as a flush). Inside `posted_batch` a posted write waits
+        for the end of the batch (or the thread's next request) and goes out with the others."""
         self._check_count(len(data))
+        batch = getattr(self._posted, "batch", None)
+        if posted and batch is not None:
+            batch.append((index, offset, bytes(data)))
+            return
         self._request(Command.REGION_WRITE, REGION_ACCESS.pack(offset, index, len(data)) + bytes(data),
                       no_reply=posted)
+
+    @contextlib.contextmanager
+    def posted_batch(self):
+        """Posted writes of this thread inside the block (doorbells) leave together at its end, in order, as one
+        burst (`region_writes_posted`): a write-combining buffer, so the device reads a whole batch of doorbells in
+        one wake-up. A request of the thread meanwhile sends them first (order is kept); they are sent even if the
+        block raises."""
+        if getattr(self._posted, "batch", None) is not None:  # nested: the outer block sends
+            yield
+            return
+        self._posted.batch = []
+        try:
+            yield
+        finally:
+            batch, self._posted.batch = self._posted.batch, None
+            self._send_posted(batch)
+
+    def _send_waiting(self) -> None:
+        """Send the thread's posted writes held by `posted_batch` now (before another request of the thread)."""
+        batch = getattr(self._posted, "batch", None)
+        if batch:
+            self._posted.batch = []
+            self._send_posted(batch)
+
+    def _send_posted(self, batch: list[tuple[int, int, bytes]]) -> None:
+        """(region, offset, data) posted writes in order: a burst per run of writes to one region."""
+        start = 0
+        for i in range(1, len(batch) + 1):
+            if i == len(batch) or batch[i][0] != batch[start][0]:
+                self.region_writes_posted(batch[start][0], [(offset, data) for _, offset, data in batch[start:i]])
+                start = i
 
     def region_writes_posted(self, index: int, writes: list[tuple[int, bytes]]) -> None:
         """Posted writes of (offset, data) to region `index`, in order, sent as one burst: the device takes them
         in one wake-up (a driver arming queues and ringing a doorbell together, like write-combined MMIO)."""
         for _, data in writes:
             self._check_count(len(data))
+        self._send_waiting()
         with self._lock:
             if self._sock is None:
                 raise DeviceMissing(f"REGION_WRITE: not connected to {self.path}")
@@ -369,6 +408,7 @@ class VfioDevice:
         server handles and answers commands in arrival order (vfio-user spec 1.4), so a batch costs one round
         trip. The first error reply raises as that command alone would; nothing of the batch is used then
         (the commands after it may have been applied: callers batch only what they would give up together)."""
+        self._send_waiting()  # the thread's posted writes go first
         with self._lock:
             if self._sock is None:
                 raise DeviceMissing(f"{command_name(batch[0][0])}: not connected to {self.path}")

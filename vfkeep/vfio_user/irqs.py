@@ -2,6 +2,7 @@
 latch so an interrupt raised while no eventfd is assigned (a driver handover) is not lost."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -27,6 +28,7 @@ class IrqTable:
         self._pending: set[tuple[int, int]] = set()
         self.delivered = 0
         self.latched = 0
+        self._held: dict[tuple[int, int], int] | None = None  # `coalescing`: vector -> eventfd, to signal at the end
 
     # -- device side ----------------------------------------------------------------------------
     def trigger(self, vector: int, index: int = IRQ_MSIX) -> bool:
@@ -40,8 +42,29 @@ class IrqTable:
                 self._pending.add(key)
                 self.latched += 1
             return False
+        if self._held is not None:
+            self._held[key] = fd
+            return True
         self._signal(key, fd)
         return True
+
+    @contextlib.contextmanager
+    def coalescing(self):
+        """Interrupts raised inside the block are signalled at its end, once per vector (the server handles a
+        burst of client messages in one: the client is woken once, after the device has done the whole burst,
+        not in the middle of it). A vector whose eventfd was replaced or removed meanwhile is not signalled: its
+        old driver is gone. Latching is unchanged (an unassigned vector latches at once)."""
+        if self._held is not None:
+            yield
+            return
+        self._held = {}
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for key, fd in held.items():
+                if self._fds.get(key) == fd:
+                    self._signal(key, fd)
 
     def assigned(self, vector: int, index: int = IRQ_MSIX) -> bool:
         return (index, vector) in self._fds

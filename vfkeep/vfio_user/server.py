@@ -161,6 +161,10 @@ class VfioUserServer:
         kv(log, logging.INFO, "function level reset", epoch=self.epoch, why=why, resets=self.resets)
 
     def _readable(self) -> None:
+        with self.irqs.coalescing():  # the interrupts of a burst of messages: once, after all of it
+            self._read_burst()
+
+    def _read_burst(self) -> None:
         conn = self._conn
         for _ in range(MESSAGES_PER_WAKEUP):
             if conn is not self._conn:
