@@ -7,6 +7,7 @@ The server here answers nothing until it has the whole batch, so a client that w
 sending the next command times out."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import threading
@@ -152,3 +153,32 @@ def test_posted_writes_go_out_as_one_burst_in_order():
     finally:
         dev.close()
         theirs.close()
+
+
+def test_posted_writes_in_a_batch_leave_together_in_order_at_its_end():
+    """`posted_batch`: a write-combining buffer for doorbells. Nothing reaches the socket inside the block; at
+    its end every posted write is there, in order, as consecutive messages — also when the block raises."""
+    from vfkeep.vfio_user.client import VfioDevice
+
+    ours, device_end = socket.socketpair()
+    ours.setblocking(False)
+    device_end.setblocking(False)
+    dev = VfioDevice(ours, "pair", TIMEOUT)
+    reader = p.FrameReader()
+    try:
+        for fail in (False, True):
+            with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+                with dev.posted_batch():
+                    for i in range(3):
+                        dev.write64(0x2000 + 8 * i, i, posted=True)
+                    with pytest.raises(BlockingIOError):
+                        device_end.recv(1, socket.MSG_PEEK)
+                    if fail:
+                        raise RuntimeError("the batch's caller failed")
+            got = [p.wait_message(device_end, reader, TIMEOUT) for _ in range(3)]
+            assert [m.command for m in got] == [p.Command.REGION_WRITE] * 3 and all(m.no_reply for m in got)
+            assert [p.REGION_ACCESS.unpack_from(m.payload)[0] for m in got] == [0x2000, 0x2008, 0x2010]
+            assert [m.msg_id for m in got] == list(range(got[0].msg_id, got[0].msg_id + 3))
+    finally:
+        dev.close()
+        device_end.close()

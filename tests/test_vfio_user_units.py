@@ -226,6 +226,26 @@ def test_disable_closes_every_vector():
     assert not any(t.assigned(v) for v in range(4))
 
 
+def test_interrupts_raised_in_a_coalescing_block_are_signalled_once_at_its_end():
+    """The server's burst of messages: the client is woken once per vector, after the burst; a vector whose
+    eventfd was replaced meanwhile is not signalled (its driver is gone); an unassigned one latches at once."""
+    t = _table()
+    efd, other = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    t.set_irqs(0x24, p.IRQ_MSIX, 1, 1, b"", [efd])
+    t.set_irqs(0x24, p.IRQ_MSIX, 2, 1, b"", [other])
+    with t.coalescing():
+        assert t.trigger(1) is True and t.trigger(1) is True and t.trigger(2) is True
+        assert t.trigger(0) is False and t.pending() == [0]
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)  # nothing yet
+        replacement = os.eventfd(0, os.EFD_NONBLOCK)
+        t.set_irqs(0x24, p.IRQ_MSIX, 2, 1, b"", [replacement])  # vector 2 has a new driver
+    assert os.eventfd_read(efd) == 1 and t.delivered == 1
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(replacement)
+    t.drop_all()
+
+
 @pytest.mark.parametrize("flags,index,start,count,data,nfds", [
     (0x26, 2, 0, 1, b"", 0),    # two DATA bits
     (0x64, 2, 0, 1, b"", 1),    # unknown bit
