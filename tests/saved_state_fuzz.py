@@ -72,7 +72,7 @@ from vfkeep.paravisor.vf_manager import KEPT_VPORT  # noqa: E402
 from vfkeep.proto import underhill_pb2  # noqa: E402
 
 PAGE = 4096
-LAYOUT = MemoryLayout(guest_pages=16, worker_pages=64, pool_pages=256)
+LAYOUT = MemoryLayout(guest_pages=16, worker_pages=64, pool_pages=384)
 NIC, DISK = "nic0", "nvme0"
 #: Clients (owners) of each device: what its DMA may touch is what these attached or allocated.
 OWNERS = {NIC: ("nic_nic0", "nic_nic0_ephemeral"), DISK: ("nvme_nvme0", "nvme_nvme0_check")}

@@ -36,9 +36,13 @@ class _Host:
         return self.worker
 
 
+#: A NIC's pool pages under data-path keepalive: the HWC buffer and the kept vport.
+OWN = 6 + chaos.KEPT_VPORT_PAGES
+
+
 def _worker(devices: dict, slots: list, pending=0, leaked=0, vport_persistent=True):
     return {"generation": 2,
-            "pool": {"total_pages": 200, "pending_pages": pending, "leaked_pages": leaked, "devices": devices,
+            "pool": {"total_pages": OWN + 92, "pending_pages": pending, "leaked_pages": leaked, "devices": devices,
                      "slot_table": slots},
             "nics": [{"pci_id": "p0", "device": {"hwc_buffer": {"pages": 6, "persistent": True}},
                       "vport": {"persistent": vport_persistent}}]}
@@ -51,15 +55,15 @@ def _pool_problems(worker) -> list:
 
 
 def test_pool_check_catches_leaks_overlaps_and_wrong_owners():
-    good_slots = [{"base_pfn": 100, "pages": 108}, {"base_pfn": 208, "pages": 92}]
-    assert _pool_problems(_worker({"nic_p0": 108}, good_slots)) == []
+    good_slots = [{"base_pfn": 100, "pages": OWN}, {"base_pfn": 100 + OWN, "pages": 92}]
+    assert _pool_problems(_worker({"nic_p0": OWN}, good_slots)) == []
     # a NIC that owns pages it has no live allocation for (a dropped device's HWC buffer)
-    (v,) = _pool_problems(_worker({"nic_p0": 108}, good_slots, vport_persistent=False))
+    (v,) = _pool_problems(_worker({"nic_p0": OWN}, good_slots, vport_persistent=False))
     assert v[0] == "pool_accounting" and "live persistent allocations" in v[1]
-    (v,) = _pool_problems(_worker({"nic_p0": 108}, [{"base_pfn": 100, "pages": 108},
-                                                     {"base_pfn": 200, "pages": 100}]))
+    (v,) = _pool_problems(_worker({"nic_p0": OWN}, [{"base_pfn": 100, "pages": OWN},
+                                                     {"base_pfn": 100 + OWN - 8, "pages": 100}]))
     assert "overlap" in v[1]
-    (v,) = _pool_problems(_worker({"nic_p0": 108}, good_slots, pending=6))
+    (v,) = _pool_problems(_worker({"nic_p0": OWN}, good_slots, pending=6))
     assert "pending 6" in v[1]
 
 

@@ -17,7 +17,7 @@ from vfkeep.paravisor import vf_manager
 from vfkeep.paravisor.vf_manager import KEPT_VPORT, fresh_mana_device, release_nic_buffers
 from vfkeep.proto import mana_driver_pb2
 
-LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=256)
+LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=512)  # room for two kept vports
 #: Device commands that build or tear down a vport's data path: none may run in a data-path keepalive window.
 QUEUE_COMMANDS = ("CREATE_QUEUE", "CREATE_WQ_OBJ", "DESTROY_WQ_OBJ", "DISABLE_QUEUE", "CONFIG_VPORT_RX",
                   "DMA_REGION")
@@ -47,7 +47,7 @@ def kept_after_traffic(bench, mem, undelivered: int = 0):
     dma = DmaManager(mem, strict_pool=True)
     dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
     vport = dev.open_vport(0, KEPT_VPORT, persistent=True)
-    assert (vport.data._tx_nbuf, vport.data._rx_nbuf) == (64, 128)
+    assert (vport.data._tx_nbuf, vport.data._rx_nbuf) == (128, 256)
     assert len(loopback(vport, frames(300))) == 300
     pending = frames(undelivered, 96)
     assert vport.data.send(pending) == undelivered  # looped back into posted RX buffers, not taken
@@ -64,7 +64,7 @@ def test_kept_vport_resumes_without_queue_commands(bench, mem):
     seq = bench.device.command_log.seq
     state, ids, dma, pending = kept_after_traffic(bench, mem, undelivered=20)
     (v,) = state.vports
-    assert (v.tx_buffers, v.rx_buffers, len(v.mem)) == (64, 128, 7)
+    assert (v.tx_buffers, v.rx_buffers, len(v.mem)) == (128, 256, 7)
     dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state.SerializeToString())
     assert dma.validate_restore() == []
     vport = dev.vports[0]
@@ -132,8 +132,8 @@ def test_option_off_vport_is_ephemeral_and_torn_down(bench, mem):
     (lambda v, pool: setattr(v.mem[6], "base_pfn", v.mem[5].base_pfn), "not a re-attached block"),
     (lambda v, pool: setattr(v.sq, "id", 1 << 24), "24 bits"),
     (lambda v, pool: setattr(v.rx_cq, "size", 3 << 12), "power of two"),
-    (lambda v, pool: setattr(v, "rx_buffers", 256), "buffer counts"),
-    (lambda v, pool: setattr(v, "tx_posted", v.tx_done + 65), "sends outstanding"),
+    (lambda v, pool: setattr(v, "rx_buffers", 512), "buffer counts"),
+    (lambda v, pool: setattr(v, "tx_posted", v.tx_done + 129), "sends outstanding"),
     (lambda v, pool: setattr(v, "rx_done", v.rx_done + 1), "receives done"),
     (lambda v, pool: setattr(v, "vector", 7), "vector 7"),
     (lambda v, pool: setattr(v, "vport_index", 5), "not a free vport"),
@@ -150,7 +150,7 @@ def test_hostile_kept_vport_is_refused_then_fresh_init_works(bench, mem, mutate,
     assert flr
     assert len(loopback(dev.open_vport(0, KEPT_VPORT, persistent=True), frames(100))) == 100
     assert dma.validate_restore() == []
-    assert dma.inspect()["pool"]["allocated_pages"] == 6 + 102  # HWC + the new vport: nothing of the old leaked
+    assert dma.inspect()["pool"]["allocated_pages"] == 6 + 202  # HWC + the new vport: nothing of the old leaked
 
 
 # -- through the host: guest traffic across servicing ------------------------------------------------
@@ -164,7 +164,7 @@ def test_keepalive_servicing_keeps_the_data_path_under_traffic(tmp_path):
     host = HostRun(tmp_path / "run", "--datapath-keepalive")
     try:
         pool = host.inspect("worker/pool")
-        assert pool["total_pages"] == 512 + 160
+        assert pool["total_pages"] == 512 + 256
         vport = host.inspect("worker/nics/0/vport")
         assert vport["persistent"]
         ids = {k: vport[k] for k in ("eq", "sq", "tx_cq", "rq", "rx_cq")}
@@ -187,7 +187,7 @@ def test_keepalive_servicing_keeps_the_data_path_under_traffic(tmp_path):
         # A save abandoned after the device kept its vport frees the kept memory before the revive.
         r = host.service(mana_keepalive=True, test_config="SERVICING_SAVE_FAIL")
         assert not r["ok"] and r["nics"][0]["restore_path"] == "fallback", r
-        assert host.inspect("worker/pool")["allocated_pages"] == 6 + 102
+        assert host.inspect("worker/pool")["allocated_pages"] == 6 + 202
         assert host.inspect("worker/nics/0/vport")["persistent"]
         stats = traffic(host, "stats", "--settle-ms", "10000")["nics"][0]
         assert stats["settled"] and stats["duplicated"] == 0

@@ -14,7 +14,7 @@ from vfkeep import kill_points, rpc
 
 NICS = 2
 HWC_POOL_PAGES = 6
-KEPT_VPORT_POOL_PAGES = 102
+KEPT_VPORT_POOL_PAGES = 202
 
 #: Per point: the servicing's status and the paths a NIC may take. A save killed before the devices were saved
 #: leaves no state (fresh; the live HWC makes NoReset fail, so FLR); once the whole state was sent, the host has

@@ -103,7 +103,7 @@ def killed_with_running_relay(p: dict) -> bool:
     return any(f["kind"] == "save_stuck" or (f["kind"] == "kill_old" and f["point"] == "save.requested")
                or (f["kind"] == "kill_new" and f["point"] in ("restore.started", hwc_after_relay))
                for f in p["faults"])
-KEPT_VPORT_PAGES = 102
+KEPT_VPORT_PAGES = 202
 
 
 def plan(seed: int, index: int, nics: int, nvme: int = 0) -> dict:

@@ -239,7 +239,7 @@ def _detach(argv: list[str], run_dir: str) -> None:
 @click.option("--worker-env", multiple=True, metavar="KEY=VAL", help="extra environment for every worker")
 @click.option("--datapath-keepalive", is_flag=True,
               help="workers keep the vport queues and buffers across MANA keepalive (VFKEEP_DATAPATH_KEEPALIVE=1; "
-                   "default pool +160 pages per NIC)")
+                   "default pool +256 pages per NIC)")
 @click.option("--guest", type=click.Choice(["agent", "netns"]), default="agent", show_default=True,
               help="agent: traffic agents on request; netns: per NIC a network namespace with a TAP (the NIC's "
                    "MAC, 198.18.N.2) whose peer 198.18.N.1 sits behind the device's TAP; needs root")

@@ -54,11 +54,11 @@ BOOT_TIMEOUT_S = 60.0
 GUEST_SPARE_PAGES = 256
 WORKER_BASE_PAGES = 1024
 WORKER_PAGES_PER_NIC = 768
-DATAPATH_POOL_PAGES_PER_NIC = 160  # a kept vport (102 pages) and the HWC buffer (6), with room to spare
+DATAPATH_POOL_PAGES_PER_NIC = 256  # a kept vport (202 pages) and the HWC buffer (6), with room to spare
 #: Pool pages each NIC's persistent allocations need: the 6-page HWC buffer (spec gdma.md), plus a kept
-#: vport (102 pages) under data-path keepalive.
+#: vport (202 pages) under data-path keepalive.
 HWC_BUFFER_PAGES = 6
-KEPT_VPORT_PAGES = 102
+KEPT_VPORT_PAGES = 202
 #: An interrupt during a servicing waits this long for it to complete (a safe point) before the host ends
 #: the workers; devices are ended after the workers either way.
 SAFE_POINT_S = 10.0
