@@ -1,10 +1,13 @@
 """Regression tests for host/worker robustness bugs found in review (no device processes needed)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 import types
+
+import pytest
 
 from vfkeep.contract import Hello, SaveState, SaveStateAnswer, Start, Started, TransferStatus
 from vfkeep.host.worker_proc import WorkerProcess
@@ -59,10 +62,17 @@ class _Vport:
     def send(self, frames):
         return 0
 
-    def receive_batch(self, consume, n):
+    def receive_batch(self, consume, n, consume_block=None):
         return 0
 
+    def doorbells_batched(self):
+        return contextlib.nullcontext()
 
+    def take_events(self):
+        return False
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # the relay thread must not die
 def test_relay_stop_twice_leaves_other_fds_alone():
     """A NIC whose revive failed keeps its stopped relay; the next save stops it again. The second stop
     must not write to (or close) the stop eventfd's number, which by then may be another open file."""
@@ -71,7 +81,7 @@ def test_relay_stop_twice_leaves_other_fds_alone():
     vport = _Vport()
     relay = NetRelay(channel, vport, "test:00:00.0")
     relay.start()
-    time.sleep(0.05)
+    assert relay.resumed.wait(5), "the relay never reached its idle wait"
     stop_fd = relay._stop_fd
     relay.stop()
     other = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the lowest free number: the stop fd's
