@@ -22,23 +22,28 @@ def session_members(sid: int) -> list[int]:
     return live_processes(SESSION, sid)
 
 
-def test_demo(tmp_path):
-    """All four paths, each taking its path; medians and device counts in the JSON; nothing left behind
-    (no process, nothing in the temp dir)."""
-    out, extra, tmp = tmp_path / "report", tmp_path / "copy.json", tmp_path / "tmp"
-    tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
-    env["TMPDIR"] = str(tmp)
-    child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(out), "--json", str(extra), "--timing", "natural",
-                                              "--flr-ms", "10", "--rate", "2000", "--servicings", "2"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
+def _demo(*args: str, **env_extra: str):
+    """`vfkeep demo ARGS` to its end (ended by PID on a timeout) without the caller's OPENHCL_/VFKEEP_ settings;
+    checked to exit 0. Returns (child, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))} | env_extra
+    child = subprocess.Popen(proc.vfkeep_argv("demo", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = child.communicate(timeout=120)
     finally:
         if child.poll() is None:
             proc.end(child)
     assert child.returncode == 0, stderr + stdout
+    return child, stdout, stderr
+
+
+def test_demo(tmp_path):
+    """All four paths, each taking its path; medians and device counts in the JSON; nothing left behind
+    (no process, nothing in the temp dir)."""
+    out, extra, tmp = tmp_path / "report", tmp_path / "copy.json", tmp_path / "tmp"
+    tmp.mkdir()
+    child, stdout, stderr = _demo("--out", str(out), "--json", str(extra), "--timing", "natural", "--flr-ms", "10",
+                                  "--rate", "2000", "--servicings", "2", TMPDIR=str(tmp))
     assert session_members(child.pid) == [] and os.listdir(tmp) == []
 
     for word in (*MODES, "restore path", "HWC re-established", "HWC requests", "device resets", "blackout ms",
@@ -139,17 +144,8 @@ def test_demo_with_an_nvme_disk(tmp_path):
     """`--nvme 1`: each path takes the disk along (keepalive: kept; reset paths: reset and re-enabled), the
     table adds the disk IO blackout, no IO error, every block written verified, nothing left behind."""
     out = tmp_path / "report"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
-    child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(out), "--timing", "natural", "--flr-ms", "10",
-                                              "--rate", "1000", "--servicings", "1", "--nvme", "1"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
-    try:
-        stdout, stderr = child.communicate(timeout=120)
-    finally:
-        if child.poll() is None:
-            proc.end(child)
-    assert child.returncode == 0, stderr + stdout
+    child, stdout, stderr = _demo("--out", str(out), "--timing", "natural", "--flr-ms", "10", "--rate", "1000",
+                                  "--servicings", "1", "--nvme", "1")
     assert session_members(child.pid) == []
     for word in ("disk path", "disk IO blackout ms", "disk IO errors", "verified"):
         assert word in stdout, stdout
