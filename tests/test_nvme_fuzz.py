@@ -55,12 +55,12 @@ def _set_scalar(msg, fd, value):
 def _scalar_fields(msg, out):
     for fd in msg.DESCRIPTOR.fields:
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
-            if fd.label == FieldDescriptor.LABEL_REPEATED:
+            if fd.is_repeated:
                 for m in getattr(msg, fd.name):
                     _scalar_fields(m, out)
             elif msg.HasField(fd.name):
                 _scalar_fields(getattr(msg, fd.name), out)
-        elif fd.label != FieldDescriptor.LABEL_REPEATED:
+        elif not fd.is_repeated:
             out.append((msg, fd))
     return out
 

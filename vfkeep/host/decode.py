@@ -47,7 +47,7 @@ def to_tree(msg: Message) -> dict:
     out = {}
     for fd, value in msg.ListFields():
         key = fd.name
-        if fd.label == FieldDescriptor.LABEL_REPEATED:
+        if fd.is_repeated:
             out[key] = [_value(fd, v) for v in value]
         else:
             out[key] = _value(fd, value)
