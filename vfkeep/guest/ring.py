@@ -368,20 +368,9 @@ class Ring:
     def peek(self, max_frames: int) -> list[memoryview]:
         """Views of up to `max_frames` oldest frames in their slots; nothing is consumed. They stay valid until
         `release`: the producer does not reuse a slot before the head passes it."""
-        c, buf, size = self._ctr, self._buf, self.slot_size
-        head = c[_HEAD]
-        n = min(max_frames, self._used(head, c[_TAIL]))
-        if n <= 0:
-            return []
-        _fence()  # tail before payloads
+        buf, size = self._buf, self.slot_size
         views: list[memoryview] = []
-        for first, count in self._runs(head, n):
-            stride = self._stride
-            lengths = self._slot_words[first * stride:(first + count) * stride:stride].tolist()
-            if max(lengths) > self.max_frame:
-                slot = first + next(i for i, length in enumerate(lengths) if length > self.max_frame)
-                raise RingCorrupt(f"ring at gpa {self.gpa:#x}: slot {slot} holds length {max(lengths)}, slot "
-                                  f"payload is {self.max_frame} bytes")
+        for first, count, lengths in self._checked_runs(max_frames):
             off = HEADER_SIZE + first * size + SLOT_LEN_SIZE
             views += [buf[o:o + length] for o, length in zip(range(off, off + count * size, size), lengths)]
         return views
@@ -390,13 +379,19 @@ class Ring:
         """`peek` as blocks: per run of consecutive slots (two at most, where the ring wraps), the payloads as the
         rows of one array (count x slot payload uint8, a view of the slots) and the frame lengths. Release with
         `release_count`."""
+        return [(self._rows()[first:first + count, SLOT_LEN_SIZE:], lengths)
+                for first, count, lengths in self._checked_runs(max_frames)]
+
+    def _checked_runs(self, max_frames: int) -> list[tuple[int, int, list[int]]]:
+        """Up to `max_frames` oldest frames as runs of consecutive slots (first, count, frame lengths), every
+        length checked against the slot payload (a guest may write anything there)."""
         c = self._ctr
         head = c[_HEAD]
         n = min(max_frames, self._used(head, c[_TAIL]))
         if n <= 0:
             return []
         _fence()  # tail before payloads
-        out = []
+        runs = []
         for first, count in self._runs(head, n):
             stride = self._stride
             lengths = self._slot_words[first * stride:(first + count) * stride:stride].tolist()
@@ -404,8 +399,8 @@ class Ring:
                 slot = first + next(i for i, length in enumerate(lengths) if length > self.max_frame)
                 raise RingCorrupt(f"ring at gpa {self.gpa:#x}: slot {slot} holds length {max(lengths)}, slot "
                                   f"payload is {self.max_frame} bytes")
-            out.append((self._rows()[first:first + count, SLOT_LEN_SIZE:], lengths))
-        return out
+            runs.append((first, count, lengths))
+        return runs
 
     def release_count(self, n: int, nbytes: int) -> None:
         """`release` of the `n` oldest frames, `nbytes` long together."""
