@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from device_driver_helper import Pages, TestDriver, VportQueues, frame, in_process_device
 from vfkeep.device.queues import Cq, Eq, QueueMemory, Wq
 from vfkeep.gdma import codec
-from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, DB_RQ
+from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, DB_RQ, DB_SQ
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.memory import GuestMemory, MemoryLayout
 
@@ -225,3 +225,33 @@ def test_sends_across_the_end_of_the_tx_buffers_keep_order(up):
     assert seqs(rx) == list(range(len(sent))) and [len(f) for _, f in rx] == sizes
     assert all(f[12:] == g[12:] for (_, f), g in zip(rx, sent))
     assert device.counters["frames_tx"] == device.counters["frames_rx"] == len(sent)
+
+
+def lso_wqe(vp: VportQueues, address: int, size: int) -> bytes:
+    """A send WQE marked LSO (`client_oob_in_sgl`) with one SGE, which §12.1 says the device completes with
+    CQE_TX_GDMA_ERR; the same shape as the common send WQE otherwise, so a run of them looks like a block."""
+    wqe = bytearray(vp.tx_wqe(address, size))
+    params = WqeParams(num_sgl_entries=1, inline_client_oob_size=CLIENT_OOB_8, client_oob_in_sgl=1)
+    wqe[:8] = WqeHeader(params=params).to_bytes()
+    return bytes(wqe)
+
+
+@pytest.mark.parametrize("kinds", ["LLLL", "LN", "NNLLN", "NL"])
+def test_lso_send_wqes_with_one_sge_are_each_completed_with_an_error_in_order(up, kinds):
+    """Every send WQE gets one completion in posting order (the driver frees its FIFO by them), also where a run
+    of one-SGE LSO WQEs (an error each: CQE_TX_GDMA_ERR, counted in malformed_wqes) sits among normal ones."""
+    device, drv = up
+    vp = VportQueues(drv)
+    vp.start(rx_buffers=16)
+    for i, kind in enumerate(kinds):
+        buf = vp.tx_bufs + i * vp.buf_size
+        vp.mem.write(buf, frame(PEER, vp.mac, i))
+        vp.sq.put(lso_wqe(vp, buf, 64) if kind == "L" else vp.tx_wqe(buf, 64))
+    drv.ring_wq(DB_SQ, vp.sq)
+    want = [42 if kind == "L" else 32 for kind in kinds]  # CQE_TX_GDMA_ERR / CQE_TX_OKAY
+    assert vp.wait_tx(len(kinds)) == want and vp.poll_tx() == []
+    assert device.vports[0].sq.head == vp.sq.tail
+    assert device.counters["malformed_wqes"] == kinds.count("L")
+    assert device.counters["frames_tx"] == kinds.count("N")
+    assert seqs(vp.wait_rx(kinds.count("N"))) == [i for i, kind in enumerate(kinds) if kind == "N"]
+

@@ -449,21 +449,25 @@ class Wq:
         return len(sizes)
 
     def take_block(self, limit: int, oob_min: int = WQE_MAX_SIZE) -> tuple[list[int], list[int]] | None:
-        """Fetch and consume a run of at least two WQEs of one shape at head — well formed, one SGE, no inline
+        """Fetch and consume a run of WQEs of one shape at head (`_run_at`) — well formed, one SGE, not LSO
+        (`client_oob_in_sgl` with one SGE breaks §12.1's rules: each is an error, left to `take_many`), no inline
         OOB of `oob_min` bytes or more, none crossing the ring end — without a record per WQE: (their SGE
-        addresses, their SGE sizes); None (nothing consumed) if the WQE at head starts no such run.
-        DmaFault if the ring is unreachable."""
+        addresses, their SGE sizes), one WQE's when the next one differs; None, nothing consumed, if the WQE
+        at head starts no such run. DmaFault if the ring is unreachable."""
         if self.mem.base is None or not limit or self.tail == self.head:
             return None
         ring = DmaWindow(self.dev.dma).view(self.mem.base, self.mem.size)
-        run = self._run_at(ring, limit, oob_min)
-        return None if run is None or run[2] else (run[3], run[4])
+        run = self._run_at(ring, limit, oob_min, lso=False)
+        return None if run is None else (run[3], run[4])
 
-    def _run_at(self, ring: memoryview, limit: int, oob_min: int) -> tuple[int, int, int, list, list] | None:
+    def _run_at(self, ring: memoryview, limit: int, oob_min: int,
+                lso: bool = True) -> tuple[int, int, int, list, list] | None:
         """Consume a run of WQEs of one shape at head — one SGE, an inline OOB shorter than `oob_min`, the same
-        params word, none crossing the ring end — read with a few strided slices of the ring instead of a record
-        per WQE (a driver posts every WQE of a queue in one shape): (position of the first, WQE length,
-        client_oob_in_sgl, SGE addresses, SGE sizes); None if the WQE at head does not start a run of two."""
+        params word, none crossing the ring end, `client_oob_in_sgl` only if `lso` — read with a few strided
+        slices of the ring instead of a record per WQE (a driver posts every WQE of a queue in one shape):
+        (position of the first, WQE length, client_oob_in_sgl, SGE addresses, SGE sizes). The run is one WQE
+        long when the params word of the next one differs; None, nothing consumed, if the WQE at head is not
+        of that shape or fewer than two of its length are pending before the ring end."""
         pos, size = self.head, len(ring)
         off = pos % size
         if off + _WQE_HEADER_SIZE > size:
@@ -474,7 +478,7 @@ class Wq:
             return None
         length, sge_at, oob_in_sgl, oob_end = run
         count = min(limit, ((self.tail - pos) & U32) // length, (size - off) // length)
-        if count < 2 or oob_end - _WQE_HEADER_SIZE >= oob_min:
+        if count < 2 or oob_end - _WQE_HEADER_SIZE >= oob_min or (oob_in_sgl and not lso):
             return None
         words, quads = ring.cast("I"), ring.cast("Q")
         end = off + count * length
