@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from device_driver_helper import Pages, TestDriver, VportQueues, frame, in_process_device
 from vfkeep.device.queues import Cq, Eq, QueueMemory, Wq
 from vfkeep.gdma import codec
-from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, DB_RQ, DB_SQ
+from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, DB_RQ, DB_SQ, PAGE_SIZE
+from vfkeep.gdma.datapath import ManaRxWqeOneSge
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.memory import GuestMemory, MemoryLayout
 
@@ -255,3 +256,43 @@ def test_lso_send_wqes_with_one_sge_are_each_completed_with_an_error_in_order(up
     assert device.counters["frames_tx"] == kinds.count("N")
     assert seqs(vp.wait_rx(kinds.count("N"))) == [i for i, kind in enumerate(kinds) if kind == "N"]
 
+
+def test_a_large_block_into_receive_buffers_posted_in_evenly_spaced_pairs_is_all_delivered(mem):
+    """A driver may post its receive buffers in pairs, each pair evenly spaced but the pairs not: a block of
+    2,000 frames then fills them two at a time (no recursion per pair), every frame written to its buffer and
+    completed — also when the block comes from the vport's own sends (loopback), each of which is completed."""
+    n, size, stride = 2000, 64, 128
+    device, port = in_process_device(mem)
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=1.0)
+    drv.bring_up()
+    vp = VportQueues(drv, sq_size=65536, rq_size=65536, cq_size=65536, buf_size=256)
+    vp.start(rx_buffers=0)
+    bufs = drv.pages.alloc(3 * n // 2 * stride // PAGE_SIZE + 1)
+    addresses = [bufs + (i // 2 * 3 + i % 2) * stride for i in range(n)]  # pairs: 0 1, 3 4, 6 7, ...
+
+    def post():
+        for address in addresses:
+            wqe = ManaRxWqeOneSge(header=WqeHeader(params=WqeParams(num_sgl_entries=1,
+                                                                     inline_client_oob_size=CLIENT_OOB_8)))
+            wqe.sge = Sge(address=address, mem_key=drv.gpa_mkey, size=stride)
+            vp.rq.put(wqe.to_bytes())
+        drv.ring_wq(DB_RQ, vp.rq, num_rwqe=n)
+
+    def received():
+        return [bytes(mem.view(a, size)) for a in addresses]
+
+    post()
+    frames = [frame(vp.mac, PEER, s, size) for s in range(n)]
+    device.deliver_block(0, np.frombuffer(b"".join(frames), np.uint8).reshape(n, size))
+    rx_cq = device.vports[0].rx_cq
+    assert device.counters["frames_rx"] == n and rx_cq.tail - rx_cq.cap == n
+    assert received() == frames and not device.vports[0].posted
+
+    post()  # the same buffers again, filled from the vport's own sends
+    sent = [frame(PEER, vp.mac, s, size) for s in range(n, 2 * n)]
+    vp.send(sent)
+    tx_cq = device.vports[0].tx_cq
+    assert device.counters["frames_tx"] == n and tx_cq.tail - tx_cq.cap == n  # every send completed
+    assert device.counters["frames_rx"] == 2 * n and rx_cq.tail - rx_cq.cap == 2 * n
+    assert [f[12:] for f in received()] == [f[12:] for f in sent]
+    port.irqs.close()

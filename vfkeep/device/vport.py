@@ -335,37 +335,37 @@ class Vport:
         dev.count_frames("in", delivered)
 
     def receive_block(self, frames: np.ndarray) -> None:
-        """`receive_many` for frames of one length, the rows of `frames`: when the oldest posted receive WQEs
+        """`receive_many` for frames of one length, the rows of `frames`: while the oldest posted receive WQEs
         are well formed with one buffer each that the frame fits in, evenly spaced in one DMA mapping (how a
-        driver posts its buffers), the frames are written as one block copy and completed as one array of
-        CQEs; otherwise, and for what no such WQE takes, frame by frame."""
-        n, length = frames.shape
+        driver posts its buffers; they wrap once, giving two blocks), the frames are written block by block,
+        each as one copy completed by one array of CQEs; the rest frame by frame."""
+        length = frames.shape[1]
         posted, cq, dev = self.posted, self.rx_cq, self.dev
-        k = 0
-        if self.running and self.link_up and length and "rx_len_overstated" not in dev.hostile:
-            if len(posted) < n:
+        usable = self.running and self.link_up and length and "rx_len_overstated" not in dev.hostile
+        while usable and len(frames) >= 2:
+            if len(posted) < len(frames):
                 self.fetch_rx()
-            k = min(n, len(posted))
-        if k >= 2 and cq.reachable():
+            k = min(len(frames), len(posted))
+            if k < 2 or not cq.reachable():
+                break
             positions, errors, sges, _, _ = zip(*itertools.islice(posted, k))
-            if errors.count(None) == k and set(map(len, sges)) == {1}:
-                addresses, sizes = zip(*map(operator.itemgetter(0), sges))
-                k = _even_prefix(addresses)  # a driver's buffers wrap once: the rest go frame by frame
-                rows = _block(DmaWindow(dev.dma, write=True), addresses[:k], length) \
-                    if k >= 2 and min(sizes[:k]) >= length else None
-                if rows is not None:
-                    rows[:] = frames[:k]
-                    for _ in range(k):
-                        posted.popleft()
-                    cqes = np.zeros(k, codec.RX_CQE_DTYPE)
-                    cqes["cqe_hdr"], cqes["pkt_len"], cqes["params"] = _RX_OK, length, cq.params(self.rq.id, False)
-                    cqes["rx_wqe_offset"] = positions[:k]
-                    cq.post_many(cqes.tobytes())
-                    dev.count_block("in", frames[:k])
-                    frames = frames[k:]
-                    if len(frames) >= 2:  # the buffers after the wrap
-                        self.receive_block(frames)
-                        return
+            if errors.count(None) != k or set(map(len, sges)) != {1}:
+                break
+            addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+            k = _even_prefix(addresses)
+            rows = _block(DmaWindow(dev.dma, write=True), addresses[:k], length) \
+                if k >= 2 and min(sizes[:k]) >= length else None
+            if rows is None:
+                break
+            rows[:] = frames[:k]
+            for _ in range(k):
+                posted.popleft()
+            cqes = np.zeros(k, codec.RX_CQE_DTYPE)
+            cqes["cqe_hdr"], cqes["pkt_len"], cqes["params"] = _RX_OK, length, cq.params(self.rq.id, False)
+            cqes["rx_wqe_offset"] = positions[:k]
+            cq.post_many(cqes.tobytes())
+            dev.count_block("in", frames[:k])
+            frames = frames[k:]
         if len(frames):
             self.receive_many([row.tobytes() for row in frames])
 
