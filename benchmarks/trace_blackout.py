@@ -10,6 +10,7 @@ the median of each step (from the milestone before it, over the servicings that 
 `make bench`:
 
     python -m benchmarks.trace_blackout [--repeat 10] [--rate FPS] [--timing ...] [--json PATH] [--keep DIR]
+        [--paths keepalive+datapath]
 """
 from __future__ import annotations
 
@@ -103,8 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--flr-ms", type=float)
     ap.add_argument("--json")
     ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (every log, for a closer look)")
+    ap.add_argument("--paths", default=",".join(ORDER),
+                    help="comma-separated paths of ORDER (default: all, in ORDER's order) or one path, which then "
+                         "follows itself")
     args = ap.parse_args(argv)
-    paths = ORDER  # in this order each path leaves the worker the next one expects
+    # In ORDER each path leaves the worker the next one expects, and each path the one it expects itself.
+    chosen = set(args.paths.split(","))
+    if not (chosen == set(ORDER) or (len(chosen) == 1 and chosen <= set(ORDER))):
+        ap.error(f"--paths: all of {', '.join(ORDER)} or one of them, got {args.paths!r}")
+    paths = ORDER if len(chosen) > 1 else tuple(chosen)
     timing = timing_from(args.timing, args.hwc_latency_ms, args.flr_ms)
     load_before = os.getloadavg()
     samples: dict[str, list] = {p: [] for p in paths}
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"timing": timing.to_dict(), "rate_fps": args.rate, "repeat": args.repeat,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "paths": {p: {"blackout_ms": statistics.median(b for b in blackouts[p] if b is not None),
-                            "blackout_ms_all": blackouts[p], "milestones": summarize(samples[p])}
+                            "blackout_ms_all": blackouts[p], "milestones": summarize(samples[p]),
+                            "servicings": samples[p]}
                         for p in paths}}
     print(f"{timing.describe()}, {args.rate:g} frames/s, {args.repeat} servicings per path; load average "
           f"{load_before[0]:.1f} before, {report['load_average_after'][0]:.1f} after")
