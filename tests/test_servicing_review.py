@@ -156,6 +156,7 @@ class _FakeWorker:
         self.sent: list[dict] = []
         self.ended = False
         self.servicing_begun = False
+        self._state_request = None
 
     def alive(self):
         return not self.ended
@@ -185,6 +186,10 @@ class _FakeWorker:
 
     save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
     begin_servicing = WorkerProcess.begin_servicing
+
+    def take_state_request(self, wait_s):
+        return False  # (the scripted replies hold it, for start to read)
+
     start = WorkerProcess.start
     _recv_by = WorkerProcess._recv_by
 

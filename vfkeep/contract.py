@@ -621,3 +621,18 @@ class Channel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _evaluate_annotations() -> None:
+    """Every record's annotations, evaluated once at import (a worker imports this before its hello) rather than
+    at the first `from_json` of each class, which for the next worker is the saved state inside the servicing
+    window (about 0.25 ms)."""
+    todo = [Record]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if dataclasses.is_dataclass(cls):
+            _type_hints(cls)
+
+
+_evaluate_annotations()

@@ -33,6 +33,8 @@ class WorkerProcess:
         self.spawned_at = time.perf_counter()
         self.spawned_wall = time.time()
         self.servicing_begun = False
+        #: Its REQUEST_DATA as received by `take_state_request` (unchecked: `start` checks it), else None.
+        self._state_request = None
 
     @property
     def pid(self) -> int:
@@ -184,6 +186,18 @@ class WorkerProcess:
         self.send(Start(servicing=True))
         self.servicing_begun = True
 
+    def take_state_request(self, wait_s: float) -> bool:
+        """Read the REQUEST_DATA a `begin_servicing` worker sends at once, if it comes within `wait_s`, so that
+        reading it is not left for the servicing window; `start` checks it as if it had read it itself. A
+        worker that does not send it in time (hung, dead, a foreign command) is left to `start` as before."""
+        if not self.servicing_begun or self._state_request is not None:
+            return self._state_request is not None
+        try:
+            self._state_request = self.chan.recv(wait_s)
+        except (ChannelTimeout, ChannelClosed, ValueError):  # (a torn or bad frame stays buffered for start)
+            return False
+        return True
+
     def start(self, blob: bytes | None, timeout: float) -> Started:
         """`start` (unless `begin_servicing` sent it); with a saved state (a servicing) answer the worker's
         REQUEST_DATA with it in chunks and take its restore-completed report before `started`."""
@@ -193,7 +207,9 @@ class WorkerProcess:
         if not self.servicing_begun:
             self.send(Start(servicing=blob is not None))
         if blob is not None:
-            req = self._recv_by(deadline, timeout, RestoreStateRequest)
+            early, self._state_request = self._state_request, None
+            req = self._check(early, (RestoreStateRequest,)) if early is not None else \
+                self._recv_by(deadline, timeout, RestoreStateRequest)
             if req.status is not TransferStatus.REQUEST_DATA:
                 raise WorkerFailed(f"worker {self.generation} asked for the state with status {req.status.name}")
             for msg in restore_state_messages(blob):

@@ -1,0 +1,74 @@
+"""The order of the handoff's steps that keep work out of a servicing's critical path (docs/internals.md,
+"A servicing, end to end"): what may happen before the old worker stops its relay does, and nothing the spec
+orders is reordered."""
+from __future__ import annotations
+
+import subprocess
+import threading
+
+from vfkeep.contract import (HOST_MESSAGES, Channel, RestoreCompleted, RestoreStateRequest, Start, Started,
+                             TransferStatus, decode)
+from vfkeep.host.worker_proc import WorkerProcess
+
+
+class _Peer:
+    """The worker's side of a host channel, answering a restore as a worker does (spec §2.5)."""
+
+    def __init__(self):
+        self.ours, self.theirs = Channel.pair()
+        self.child = subprocess.Popen(["sleep", "30"])
+        self.host_side = WorkerProcess(self.child, self.ours, 2, ["sleep"])
+        self.received: list = []
+
+    def restore(self, send_request: bool) -> threading.Thread:
+        def run():
+            if send_request:
+                self.theirs.send(RestoreStateRequest().to_json())
+            while True:
+                msg = decode(self.theirs.recv(5.0), HOST_MESSAGES)
+                self.received.append(msg)
+                if msg.status is TransferStatus.SUCCESS:
+                    break
+            self.theirs.send(RestoreCompleted(TransferStatus.SUCCESS).to_json())
+            self.theirs.send(Started(nics=()).to_json())
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
+
+    def close(self):
+        self.host_side.end()
+        self.theirs.close()
+
+
+def test_prelaunched_workers_state_request_is_read_before_the_save():
+    """The host reads a prelaunched worker's REQUEST_DATA when it begins the servicing, not in the window: with
+    the state in hand it answers at once, without waiting for a request (spec §2.5 order unchanged)."""
+    peer = _Peer()
+    try:
+        w = peer.host_side
+        w.begin_servicing()
+        assert decode(peer.theirs.recv(5.0), HOST_MESSAGES) == Start(servicing=True)
+        peer.theirs.send(RestoreStateRequest().to_json())
+        assert w.take_state_request(5.0) is True
+        t = peer.restore(send_request=False)  # nothing more comes from the worker before the state
+        assert w.start(b"saved state", 5.0) == Started(nics=())
+        t.join(5.0)
+        assert b"".join(m.payload for m in peer.received) == b"saved state"
+    finally:
+        peer.close()
+
+
+def test_state_request_not_there_yet_is_read_in_the_window_as_before():
+    """A worker that has not asked (yet) by then costs only the early read: `start` waits for its request."""
+    peer = _Peer()
+    try:
+        w = peer.host_side
+        w.begin_servicing()
+        assert decode(peer.theirs.recv(5.0), HOST_MESSAGES) == Start(servicing=True)
+        assert w.take_state_request(0.01) is False
+        t = peer.restore(send_request=True)
+        assert w.start(b"saved state", 5.0) == Started(nics=())
+        t.join(5.0)
+        assert b"".join(m.payload for m in peer.received) == b"saved state"
+    finally:
+        peer.close()
