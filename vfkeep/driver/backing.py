@@ -41,9 +41,10 @@ def _consecutive(pfns: list[int], first: int, last: int) -> bool:
 
 
 def contiguous(block: DmaBuffer) -> bool:
-    """All pages of `block` are physically consecutive (what a saved state's base pfn + length can name)."""
+    """All pages of `block` are physically consecutive (what a saved state's base pfn + length can name).
+    (Compared as one list: a data-path keepalive save checks blocks of hundreds of pages in the window.)"""
     pfns = block.pfns
-    return _consecutive(pfns, 0, len(pfns) - 1)
+    return not pfns or pfns == list(range(pfns[0], pfns[0] + len(pfns)))
 
 
 def buffer_addresses(block: DmaBuffer, size: int, count: int, start: int = 0) -> list[int]:

@@ -29,7 +29,7 @@ from typing import Callable
 from ..contract import NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.backing import DeviceBacking, DmaClients
 from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
-from ..driver.mana import ManaDevice
+from ..driver.mana import RESTORE_FIRST_READ, ManaDevice
 from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
@@ -284,7 +284,7 @@ class VfManager:
     def _open(self, *, persistent: bool, restore: bool = False) -> VfioBacking:
         """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr)."""
         return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
-                         restore=restore)
+                         restore=restore, prefetch=RESTORE_FIRST_READ if restore else None)
 
     def _open_vport(self, dev: ManaDevice, hwc_persistent: bool):
         """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has

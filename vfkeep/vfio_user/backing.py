@@ -47,13 +47,20 @@ def _call(fn: Callable, *args):
 class VfioBacking:
     """`DeviceBacking` over one vfio-user connection (thread-safe: VfioDevice serialises requests)."""
 
-    def __init__(self, dev: VfioDevice, dma: DmaClients | None, bar0_len: int, msix_count: int):
+    def __init__(self, dev: VfioDevice, dma: DmaClients | None, bar0_len: int, msix_count: int,
+                 prefetched: tuple[int, bytes] | None = None):
         self.dev = dev
         self.dma = dma
         self.bar0_len = bar0_len
         self.msix_count = msix_count
+        #: (offset, bytes) of a BAR0 read the attach made for the driver (`open_vfio(prefetch=)`): its first read
+        #: of exactly that range is answered from it, once.
+        self._prefetched = prefetched
 
     def read(self, offset: int, size: int) -> bytes:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == offset and len(prefetched[1]) == size:
+            return prefetched[1]
         return _call(self.dev.region_read, REGION_BAR0, offset, size)
 
     def read32(self, offset: int) -> int:
@@ -99,19 +106,24 @@ class VfioBacking:
 
 
 def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None, *, restore: bool = False,
-              timeout: float = DEFAULT_TIMEOUT_S) -> VfioBacking:
+              timeout: float = DEFAULT_TIMEOUT_S, prefetch: tuple[int, int] | None = None) -> VfioBacking:
     """Connect to the device and map guest memory. Fresh (`restore=False`) sends DEVICE_RESET when the
     device's reset_method is flr; restore never resets. `timeout` bounds the connect and every reply.
     The backing owns `dma` from here on: it is closed with the backing, or at once if opening fails
-    (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today)."""
+    (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today).
+    `prefetch` = (offset, size) with `restore`: the BAR0 read the driver makes first (its register map), sent
+    in the attach's round trip; the driver's read of that range is answered from it."""
     dev = None
     try:
+        prefetched = None
         if restore:  # nothing to wait for between handshake and mapping: one pipeline
-            dev, bar0, msix = _call(VfioDevice.restore_mapped, path, mem, REGION_BAR0, IRQ_MSIX, timeout)
+            dev, bar0, msix, data = _call(VfioDevice.restore_mapped, path, mem, REGION_BAR0, IRQ_MSIX, timeout,
+                                          prefetch)
+            prefetched = None if prefetch is None else (prefetch[0], data)
         else:  # (VfioDevice.new resets the device, when it can, before memory is mapped)
             dev = _call(VfioDevice.new, path, timeout)
             bar0, msix = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX)
-        return VfioBacking(dev, dma, bar0.size, msix.count)
+        return VfioBacking(dev, dma, bar0.size, msix.count, prefetched)
     except BaseException:
         try:
             if dev is not None:

@@ -143,15 +143,21 @@ class VfioDevice:
 
     @classmethod
     def restore_mapped(cls, path: str | os.PathLike, mem: GuestMemory, region: int, irq: int,
-                       timeout: float = DEFAULT_TIMEOUT_S) -> tuple["VfioDevice", RegionInfo, IrqInfo]:
+                       timeout: float = DEFAULT_TIMEOUT_S, read: tuple[int, int] | None = None
+                       ) -> tuple["VfioDevice", RegionInfo, IrqInfo, bytes | None]:
         """`restore` and `map_and_query` pipelined behind the handshake: one round trip after the connect (a
-        restore resets nothing, so nothing has to wait for DEVICE_GET_INFO's answer)."""
-        dev, (mapped, region_reply, irq_reply) = cls._open(path, timeout, [
-            cls._dma_map_request(mem.fd, 0, 0, mem.layout.size), cls._region_info_request(region),
-            cls._irq_info_request(irq)])
+        restore resets nothing, so nothing has to wait for DEVICE_GET_INFO's answer). `read` = (offset, count):
+        a REGION_READ of `region` the caller needs next (a driver's register map), in the same round trip; its
+        bytes are the last item (None without `read`)."""
+        more = [cls._dma_map_request(mem.fd, 0, 0, mem.layout.size), cls._region_info_request(region),
+                cls._irq_info_request(irq)]
+        if read is not None:
+            more.append((Command.REGION_READ, REGION_ACCESS.pack(read[0], region, read[1]), ()))
+        dev, (mapped, region_reply, irq_reply, *read_reply) = cls._open(path, timeout, more)
         try:
             dev._mapped(mem.fd, 0, 0, mem.layout.size)
-            return dev, dev._region_info(region_reply), dev._irq_info(irq_reply)
+            data = dev._region_read_reply(read_reply[0], read[1]) if read is not None else None
+            return dev, dev._region_info(region_reply), dev._irq_info(irq_reply), data
         except BaseException:
             dev.close()
             raise
@@ -257,7 +263,10 @@ class VfioDevice:
     # -- regions --------------------------------------------------------------------------------
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         self._check_count(count)
-        reply = self._request(Command.REGION_READ, REGION_ACCESS.pack(offset, index, count))
+        return self._region_read_reply(self._request(Command.REGION_READ, REGION_ACCESS.pack(offset, index, count)),
+                                       count)
+
+    def _region_read_reply(self, reply: bytes, count: int) -> bytes:
         if len(reply) != REGION_ACCESS.size + count:
             raise self._protocol_error(f"REGION_READ reply of {len(reply)} bytes for a {count}-byte read")
         return reply[REGION_ACCESS.size:]
