@@ -25,6 +25,9 @@ class RecordingKind:
     def client_names(self):
         return ["nvme_recording"]
 
+    def prepare(self):
+        self.calls.append(("nvme", "prepare"))
+
     def configure(self, dma):
         self.calls.append(("nvme", "configure", type(dma).__name__))
 
@@ -69,7 +72,8 @@ def worker(mem, monkeypatch):
     monkeypatch.setenv(MANA_KEEPALIVE_ENV, "host,privatepool")
     monkeypatch.setenv(NVME_KEEPALIVE_ENV, "host,privatepool")
     calls: list = []
-    recording(calls, ManaKind, "mana", ("configure", "restore", "start", "stop", "save", "revive"), monkeypatch)
+    recording(calls, ManaKind, "mana", ("prepare", "configure", "restore", "start", "stop", "save", "revive"),
+              monkeypatch)
     recording(calls, DmaManager, "dma", ("save", "validate_restore"), monkeypatch)
     host, chan = Channel.pair()
     w = worker_module.Worker(chan, mem, [], generation=1, downlevel=False, channel_layout=None)
@@ -99,6 +103,7 @@ def test_restore_order_configure_restore_validate_then_start(worker):
     started = worker.start(Start())
     assert started.error is None and started.nics == ()
     assert worker.calls == [
+        ("nvme", "prepare"), ("mana", "prepare"),
         ("nvme", "configure", "DmaManager"), ("nvme", "restore", True, "enabled"),
         ("mana", "configure"), ("mana", "restore"),
         ("dma", "validate_restore"),
@@ -107,6 +112,25 @@ def test_restore_order_configure_restore_validate_then_start(worker):
     assert set(started.phases_ms) == {"decode", "dma_restore", "nvme_restore", "mana_restore", "validate", "total"}
     tree = worker.inspect()
     assert tree["nvme"] == {"recording": True} and tree["nics"] == [] and "slot_table" in tree["pool"]
+
+
+def test_next_worker_asks_for_the_state_then_prepares_its_kinds_before_reading_it(worker):
+    """As the next worker of a servicing: REQUEST_DATA goes out first (the host reads it before the save), then
+    every kind prepares (a prelaunched worker: outside the window), and only then does the worker wait for the
+    state; an aborted transfer still brings every kind up."""
+    import select
+
+    from vfkeep.contract import RestoreState, RestoreStateRequest
+
+    def prepare():  # whether the request already waits for the host, and the host's answer for the worker
+        worker.calls.append(("nvme", "prepare", bool(select.select([worker.host.sock], [], [], 0)[0]),
+                             bool(select.select([worker.chan.sock], [], [], 0)[0])))
+
+    worker.kinds[0].prepare = prepare
+    worker.host.send(RestoreState(0, TransferStatus.FAILURE).to_json())
+    worker.start(Start(servicing=True))
+    assert decode(worker.host.recv(5), WORKER_MESSAGES) == RestoreStateRequest()
+    assert worker.calls[:2] == [("nvme", "prepare", True, True), ("mana", "prepare")]  # the answer, still unread
 
 
 def test_save_order_stop_dma_then_each_kind_with_its_effective_keepalive(worker):

@@ -72,3 +72,37 @@ def test_state_request_not_there_yet_is_read_in_the_window_as_before():
         assert b"".join(m.payload for m in peer.received) == b"saved state"
     finally:
         peer.close()
+
+
+
+def test_mana_kind_prepare_attaches_each_nics_rings_for_its_relay(tmp_path):
+    """`ManaKind.prepare` (before the saved state arrives) attaches every NIC's guest rings; the NIC's VF manager
+    is created with them, so its relay start attaches nothing in the window."""
+    import os
+
+    from vfkeep.contract import NicConfig
+    from vfkeep.guest.ring import ChannelLayout, NicChannel
+    from vfkeep.memory import GuestMemory, MemoryLayout
+    from vfkeep.paravisor.device_kind import PreviousState
+    from vfkeep.paravisor.mana_kind import ManaKind
+    from vfkeep.paravisor.options import KeepAliveConfig
+    from vfkeep.paravisor import vf_manager
+
+    layout = ChannelLayout(nics=1, slots=16)
+    mem = GuestMemory.create(MemoryLayout(layout.total_pages + 4, 16, 16))
+    NicChannel.create(mem, layout, 0)
+    tx, rx = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    kind = ManaKind([NicConfig(0, "nic0", str(tmp_path / "none.sock"), tx, rx)], mem, layout.to_str())
+    created = []
+    original = vf_manager.VfManager.create
+    try:
+        kind.prepare()
+        channel = kind.channels[0]
+        assert channel.tx.gpa == layout.tx_gpa(0) and channel.rx.gpa == layout.rx_gpa(0)
+        vf_manager.VfManager.create = classmethod(lambda cls, cfg, mem, dma, **kw: created.append(kw["channel"]))
+        kind.restore(PreviousState(), KeepAliveConfig.DISABLED)
+        assert created == [channel]
+    finally:
+        vf_manager.VfManager.create = original
+        kind.channels[0].close()
+        mem.close()

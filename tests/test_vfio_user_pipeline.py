@@ -123,6 +123,22 @@ def test_a_restore_fetches_the_drivers_first_read_in_its_batch(server, mem):
     assert srv.seen == [[*RESTORE_BATCH, p.Command.REGION_READ], [p.Command.REGION_READ]]
 
 
+def test_a_restore_assigns_the_drivers_first_vectors_in_its_batch(server, mem):
+    """`irqs`: the vectors a keepalive restore assigns first (the HWC's and a kept vport's) go in the attach's
+    batch with the register-map read: one round trip for everything the restore needs before it arms its queues.
+    The driver's `set_irqs` of exactly those takes their eventfds; any other assignment goes to the device."""
+    srv, path = server([8, 1])
+    backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    assert backing.read(0, 40) == bytes(40)
+    fds = backing.set_irqs([0, 1])
+    assert len(set(fds)) == 2 and backing.set_irq(2) not in fds  # the second batch
+    backing.close()
+    srv.close()
+    assert srv.error is None
+    assert srv.seen == [[*RESTORE_BATCH, p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS, p.Command.DEVICE_SET_IRQS],
+                        [p.Command.DEVICE_SET_IRQS]]
+
+
 def test_a_fresh_attach_is_two_pipelined_batches(server, mem):
     """A fresh attach may reset the device (when it says it can) before mapping memory: two batches."""
     srv, path = server([2, 3])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from vfkeep.gdma.constants import DRV_DEFAULT_LINK_SPEED_BPS, HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS
+from vfkeep.gdma.constants import DRV_DEFAULT_LINK_SPEED_BPS, DRV_HWC_MSIX, HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS
 from vfkeep.gdma.hwc import GdmaDevId
 from vfkeep import kill_points
 from vfkeep.log import kv
@@ -37,6 +37,16 @@ DEFAULT_NUM_VPS = 2
 #: (offset, size) of the BAR0 read `ManaDevice.restore` makes first (the register map): a backing may fetch it
 #: while it attaches (`open_vfio(prefetch=)`), one device round trip less in a servicing's window.
 RESTORE_FIRST_READ = (0, REGMAP_SIZE)
+
+
+def restore_vectors(saved: mana_driver_pb2.ManaDeviceSavedState) -> tuple[int, ...]:
+    """The MSI-X vectors `ManaDevice.restore` of `saved` assigns first, in its order (the HWC's, then the kept
+    vports'), for a backing to assign while it attaches (`open_vfio(irqs=)`); () when one is not below the saved
+    state's own vector count (the restore's validation then refuses the state with its own error)."""
+    vectors = (DRV_HWC_MSIX, *(v.vector for v in saved.vports))
+    if not all(v < saved.gdma.num_msix for v in vectors):
+        return ()
+    return tuple(dict.fromkeys(vectors))
 
 
 class ManaDevice:

@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 
 from ..contract import NicConfig, NicRestore, NicSaveOutcome, SaveOutcome
+from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
 from ..memory import DmaManager, GuestMemory
 from ..proto import underhill_pb2
@@ -45,9 +46,27 @@ class ManaKind:
         self.datapath_keepalive = datapath_keepalive
         self.dma: DmaManager | None = None
         self.vf_managers: list[VfManager] = []
+        #: Guest rings attached by `prepare`, by NIC index.
+        self.channels: dict[int, NicChannel] = {}
 
     def client_names(self) -> list[str]:
         return [name for cfg in self.nic_configs for name in dma_client_names(cfg.pci_id)]
+
+    def prepare(self) -> None:
+        """Attach each NIC's guest rings now (their header checks and views, about 0.15 ms per NIC in a new
+        process), so the relays that start at the end of the restore find them ready. Nothing is cached in a ring
+        object, so attaching while the previous worker's relay still moves frames is safe; a ring that does not
+        attach is left to the NIC's relay start, which reports it."""
+        if self.channel_layout is None:
+            return
+        layout = ChannelLayout.from_str(self.channel_layout)
+        for cfg in self.nic_configs:
+            if cfg.index not in self.channels:
+                try:
+                    self.channels[cfg.index] = NicChannel.attach(self.mem, layout, cfg.index, cfg.tx_bell_fd,
+                                                                 cfg.rx_bell_fd)
+                except RingError:
+                    pass
 
     def configure(self, dma: DmaManager) -> None:
         self.dma = dma
@@ -64,7 +83,8 @@ class ManaKind:
                keepalive_config=config.canonical)
             forced = previous.unusable if previous.state is None or match is not None else None
             return VfManager.create(cfg, self.mem, self.dma, saved=match, keepalive=config.is_enabled,
-                                    force_fallback=forced, datapath_keepalive=self.datapath_keepalive)
+                                    force_fallback=forced, datapath_keepalive=self.datapath_keepalive,
+                                    channel=self.channels.get(cfg.index))
 
         self.vf_managers = _each(create, self.nic_configs)
         known = {c.pci_id for c in self.nic_configs}

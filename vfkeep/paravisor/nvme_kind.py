@@ -46,6 +46,9 @@ class NvmeKind:
     def client_names(self) -> list[str]:
         return [dma_client_name(c.pci_id) for c in self.configs]
 
+    def prepare(self) -> None:
+        """Nothing: the block relays attach their rings when they start."""
+
     def configure(self, dma: DmaManager) -> None:
         self.dma = dma
 

@@ -29,7 +29,7 @@ from typing import Callable
 from ..contract import NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.backing import DeviceBacking, DmaClients
 from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
-from ..driver.mana import RESTORE_FIRST_READ, ManaDevice
+from ..driver.mana import RESTORE_FIRST_READ, ManaDevice, restore_vectors
 from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
@@ -133,11 +133,14 @@ class VfManager:
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
-               force_fallback: str | None, datapath_keepalive: bool = False) -> "VfManager":
+               force_fallback: str | None, datapath_keepalive: bool = False,
+               channel: NicChannel | None = None) -> "VfManager":
         """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
         with its error (and shows as DeviceMissing at the next save). `datapath_keepalive` (DESIGN D7)
-        puts the vport in the pool so a keepalive save keeps it running."""
+        puts the vport in the pool so a keepalive save keeps it running. `channel`: the NIC's guest rings,
+        attached already (else its relay start attaches them)."""
         vf = cls(cfg, mem, dma)
+        vf.channel = channel
         vf.keepalive = keepalive
         vf.datapath_keepalive = datapath_keepalive and keepalive
         t = time.perf_counter()
@@ -164,8 +167,8 @@ class VfManager:
     def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState) -> None:
         kv(log, logging.INFO, "restoring gdma driver", pci_id=self.pci_id, base_pfn=saved.mana_device.gdma.mem.base_pfn)
         try:
-            self.dev = ManaDevice.restore(self._open(persistent=True, restore=True), self.pci_id, saved.mana_device,
-                                          defer_probe=True)
+            backing = self._open(persistent=True, restore=True, irqs=restore_vectors(saved.mana_device))
+            self.dev = ManaDevice.restore(backing, self.pci_id, saved.mana_device, defer_probe=True)
             self.hwc_persistent = True
             self.vport = self.dev.vports.get(0) or self._open_vport(self.dev, self.hwc_persistent)
         except DeviceMissing:
@@ -281,10 +284,12 @@ class VfManager:
                             self.pci_id, what="mana device", errors=DEVICE_ERRORS, missing=(DeviceMissing,),
                             force_flr=force_flr)
 
-    def _open(self, *, persistent: bool, restore: bool = False) -> VfioBacking:
-        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr)."""
+    def _open(self, *, persistent: bool, restore: bool = False, irqs: tuple[int, ...] = ()) -> VfioBacking:
+        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr). A
+        restore's attach also fetches the register map and assigns `irqs`, what the driver's restore needs first:
+        one round trip for all of it."""
         return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
-                         restore=restore, prefetch=RESTORE_FIRST_READ if restore else None)
+                         restore=restore, prefetch=RESTORE_FIRST_READ if restore else None, irqs=irqs)
 
     def _open_vport(self, dev: ManaDevice, hwc_persistent: bool):
         """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has

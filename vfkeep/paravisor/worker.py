@@ -105,6 +105,11 @@ class Worker:
         if msg.servicing:
             t = time.perf_counter()
             kill_points.reached("restore.before_state")
+            self.send(RestoreStateRequest())
+            kv(log, logging.INFO, "servicing state requested")
+        for kind in self.kinds:  # before the state arrives: a prelaunched worker does this outside the window
+            kind.prepare()
+        if msg.servicing:
             blob = self._fetch_servicing_state()
             kill_points.reached("restore.state_received")
             phases["fetch"] = _ms(t)
@@ -179,10 +184,8 @@ class Worker:
         return getattr(self.options, f"{kind.name}_keepalive")
 
     def _fetch_servicing_state(self) -> bytes | None:
-        """Spec §2.5, new side: REQUEST_DATA, then the host's responses until SUCCESS (the state) or FAILURE
-        (aborted: None). Each header's length must equal its payload; anything else is StateTransferError."""
-        self.send(RestoreStateRequest())
-        kv(log, logging.INFO, "servicing state requested")
+        """Spec §2.5, new side, once REQUEST_DATA went out: the host's responses until SUCCESS (the state) or
+        FAILURE (aborted: None). Each header's length must equal its payload; anything else is StateTransferError."""
         parts: list[bytes] = []
         while True:
             try:

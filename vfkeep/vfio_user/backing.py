@@ -48,7 +48,7 @@ class VfioBacking:
     """`DeviceBacking` over one vfio-user connection (thread-safe: VfioDevice serialises requests)."""
 
     def __init__(self, dev: VfioDevice, dma: DmaClients | None, bar0_len: int, msix_count: int,
-                 prefetched: tuple[int, bytes] | None = None):
+                 prefetched: tuple[int, bytes] | None = None, assigned: tuple[int, ...] = ()):
         self.dev = dev
         self.dma = dma
         self.bar0_len = bar0_len
@@ -56,6 +56,9 @@ class VfioBacking:
         #: (offset, bytes) of a BAR0 read the attach made for the driver (`open_vfio(prefetch=)`): its first read
         #: of exactly that range is answered from it, once.
         self._prefetched = prefetched
+        #: MSI-X vectors the attach assigned for the driver (`open_vfio(irqs=)`): its first `set_irqs` of exactly
+        #: these vectors (or `set_irq` of the one) takes their eventfds without an exchange with the device.
+        self._assigned = list(assigned)
 
     def read(self, offset: int, size: int) -> bytes:
         prefetched, self._prefetched = self._prefetched, None
@@ -88,9 +91,12 @@ class VfioBacking:
             _call(batch.__exit__, None, None, None)
 
     def set_irq(self, vector: int) -> int:
-        return _call(self.dev.set_irq, vector)
+        return self.set_irqs([vector])[0]
 
     def set_irqs(self, vectors: list[int]) -> list[int]:
+        assigned, self._assigned = self._assigned, []
+        if assigned and list(vectors) == assigned:
+            return self.dev.irq_fds(assigned)
         return _call(self.dev.set_irqs, vectors)
 
     def clear_irqs(self) -> None:
@@ -106,24 +112,28 @@ class VfioBacking:
 
 
 def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None, *, restore: bool = False,
-              timeout: float = DEFAULT_TIMEOUT_S, prefetch: tuple[int, int] | None = None) -> VfioBacking:
+              timeout: float = DEFAULT_TIMEOUT_S, prefetch: tuple[int, int] | None = None,
+              irqs: tuple[int, ...] = ()) -> VfioBacking:
     """Connect to the device and map guest memory. Fresh (`restore=False`) sends DEVICE_RESET when the
     device's reset_method is flr; restore never resets. `timeout` bounds the connect and every reply.
     The backing owns `dma` from here on: it is closed with the backing, or at once if opening fails
     (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today).
     `prefetch` = (offset, size) with `restore`: the BAR0 read the driver makes first (its register map), sent
-    in the attach's round trip; the driver's read of that range is answered from it."""
+    in the attach's round trip; the driver's read of that range is answered from it. `irqs` with `restore`: the
+    MSI-X vectors the driver assigns first, assigned in that round trip too (its `set_irqs` of them is then
+    answered without another)."""
     dev = None
     try:
         prefetched = None
         if restore:  # nothing to wait for between handshake and mapping: one pipeline
             dev, bar0, msix, data = _call(VfioDevice.restore_mapped, path, mem, REGION_BAR0, IRQ_MSIX, timeout,
-                                          prefetch)
+                                          prefetch, tuple(irqs))
             prefetched = None if prefetch is None else (prefetch[0], data)
         else:  # (VfioDevice.new resets the device, when it can, before memory is mapped)
+            irqs = ()
             dev = _call(VfioDevice.new, path, timeout)
             bar0, msix = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX)
-        return VfioBacking(dev, dma, bar0.size, msix.count, prefetched)
+        return VfioBacking(dev, dma, bar0.size, msix.count, prefetched, tuple(irqs))
     except BaseException:
         try:
             if dev is not None:

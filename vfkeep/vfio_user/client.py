@@ -143,20 +143,29 @@ class VfioDevice:
 
     @classmethod
     def restore_mapped(cls, path: str | os.PathLike, mem: GuestMemory, region: int, irq: int,
-                       timeout: float = DEFAULT_TIMEOUT_S, read: tuple[int, int] | None = None
-                       ) -> tuple["VfioDevice", RegionInfo, IrqInfo, bytes | None]:
+                       timeout: float = DEFAULT_TIMEOUT_S, read: tuple[int, int] | None = None,
+                       irqs: tuple[int, ...] = ()) -> tuple["VfioDevice", RegionInfo, IrqInfo, bytes | None]:
         """`restore` and `map_and_query` pipelined behind the handshake: one round trip after the connect (a
-        restore resets nothing, so nothing has to wait for DEVICE_GET_INFO's answer). `read` = (offset, count):
-        a REGION_READ of `region` the caller needs next (a driver's register map), in the same round trip; its
-        bytes are the last item (None without `read`)."""
+        restore resets nothing, so nothing has to wait for DEVICE_GET_INFO's answer). In the same round trip:
+        `read` = (offset, count), a REGION_READ of `region` the caller needs next (a driver's register map; its
+        bytes are the last item, None without `read`), and `irqs`, MSI-X vectors assigned as `set_irqs` does
+        (their eventfds in `irq_fds`)."""
         more = [cls._dma_map_request(mem.fd, 0, 0, mem.layout.size), cls._region_info_request(region),
                 cls._irq_info_request(irq)]
         if read is not None:
             more.append((Command.REGION_READ, REGION_ACCESS.pack(read[0], region, read[1]), ()))
-        dev, (mapped, region_reply, irq_reply, *read_reply) = cls._open(path, timeout, more)
+        efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in irqs]
+        more += [cls._set_irq_request(vector, efd) for vector, efd in zip(irqs, efds)]
+        try:
+            dev, (mapped, region_reply, irq_reply, *rest) = cls._open(path, timeout, more)
+        except BaseException:
+            for efd in efds:
+                os.close(efd)
+            raise
+        dev._irq_fds.update(zip(irqs, efds))  # (closed with the device from here on)
         try:
             dev._mapped(mem.fd, 0, 0, mem.layout.size)
-            data = dev._region_read_reply(read_reply[0], read[1]) if read is not None else None
+            data = dev._region_read_reply(rest[0], read[1]) if read is not None else None
             return dev, dev._region_info(region_reply), dev._irq_info(irq_reply), data
         except BaseException:
             dev.close()
@@ -366,11 +375,9 @@ class VfioDevice:
     def set_irqs(self, vectors: list[int]) -> list[int]:
         """`set_irq` for each of `vectors`, one DEVICE_SET_IRQS each, pipelined: one round trip."""
         efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in vectors]
-        flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER
         with self._lock:
             try:
-                self._requests([(Command.DEVICE_SET_IRQS, IRQ_SET.pack(IRQ_SET.size, flags, IRQ_MSIX, vector, 1),
-                                 [efd]) for vector, efd in zip(vectors, efds)])
+                self._requests([self._set_irq_request(vector, efd) for vector, efd in zip(vectors, efds)])
             except BaseException:
                 for efd in efds:
                     os.close(efd)
@@ -381,6 +388,15 @@ class VfioDevice:
                     os.close(old)
                 self._irq_fds[vector] = efd
         return efds
+
+    @staticmethod
+    def _set_irq_request(vector: int, efd: int) -> tuple[int, bytes, tuple]:
+        return (Command.DEVICE_SET_IRQS,
+                IRQ_SET.pack(IRQ_SET.size, IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER, IRQ_MSIX, vector, 1), (efd,))
+
+    def irq_fds(self, vectors) -> list[int]:
+        """The eventfds assigned to `vectors` (KeyError for one that has none)."""
+        return [self._irq_fds[v] for v in vectors]
 
     def clear_irqs(self) -> None:
         """Disable every MSI-X vector on the device and close our eventfds."""
