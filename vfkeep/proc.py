@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -16,6 +17,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent thread exits (no orphans)."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def freeze_heap() -> None:
+    """Once a long-running process has imported and set up what it keeps: those objects leave the cyclic
+    collector's scans (`gc.freeze`). A full collection then looks only at what the process made since, not at the
+    30,000 objects of its modules, whose scan paused a worker, device or guest agent for 10-25 ms at a time on a
+    loaded machine (inside a servicing window: its blackout; in the guest agent: its measurement)."""
+    gc.freeze()
 
 
 def _interrupt(signum, frame):

@@ -15,7 +15,7 @@ import click
 
 from vfkeep import log as vlog
 from vfkeep.log import kv
-from vfkeep.proc import spawn, vfkeep_argv
+from vfkeep.proc import freeze_heap, spawn, vfkeep_argv
 from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
 
@@ -72,6 +72,7 @@ def device_command(socket_path, control_path, reset_method, timing, hwc_latency_
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     kv(log, logging.INFO, "MANA device serving", name=name, socket=socket_path, reset_method=reset_method,
        timing=timing.to_dict(), backend=packet_backend.inspect(), vports=vports)
+    freeze_heap()
     try:
         server.run()
     finally:

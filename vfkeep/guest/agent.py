@@ -55,7 +55,7 @@ from typing import Any
 from .. import rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import NotReady, spawn_ready
+from ..proc import NotReady, freeze_heap, spawn_ready
 from .ring import ChannelLayout, NicChannel, RingError
 from .stats import MIN_FRAME, TrafficStats, parse_frames, percentile, windowed_delivery
 
@@ -575,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         kv(log, logging.ERROR, "cannot attach to the guest channel", nic=args.nic, error=repr(e))
         return 2
     agent = TrafficAgent(channel)
+    freeze_heap()  # (its threads start with the first `start`)
     server = control_server(args.control, agent, quit_event)
     server.start(poll_interval=CONTROL_POLL_S)
     kv(log, logging.INFO, "traffic agent ready", nic=args.nic, control=args.control, pid=os.getpid(),

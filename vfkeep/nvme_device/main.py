@@ -15,7 +15,7 @@ import click
 
 from vfkeep import log as vlog
 from vfkeep.log import kv
-from vfkeep.proc import spawn, vfkeep_argv
+from vfkeep.proc import freeze_heap, spawn, vfkeep_argv
 from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
 
@@ -82,6 +82,7 @@ def nvme_device_command(socket_path, control_path, disk, size, namespaces, block
     kv(log, logging.INFO, "NVMe device serving", name=name, socket=socket_path, disk=disk or "(memory)",
        namespaces=namespaces, size=size, block_size=block_size, reset_method=reset_method,
        timing=timing_params.to_dict(), msix=msix)
+    freeze_heap()
     try:
         server.run()
     finally:

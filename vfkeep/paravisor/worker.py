@@ -18,7 +18,7 @@ import time
 
 import click
 
-from .. import __version__, kill_points
+from .. import __version__, kill_points, proc
 from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
                         ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, NvmeConfig,
@@ -427,6 +427,7 @@ def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channe
         raise click.BadParameter(str(e)) from e
     kv(log, logging.INFO, "worker up", generation=generation, compat=compat, nics=len(configs), nvme=len(disks),
        pid=os.getpid())
+    proc.freeze_heap()
     try:
         code = worker.serve()
     except Exception:
