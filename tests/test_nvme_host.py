@@ -97,6 +97,13 @@ def keys_in(tree) -> set[str]:
     return set()
 
 
+def test_each_device_writes_its_log_and_stderr_under_one_name(host):
+    """device-nvme0.log beside device-nvme0.stderr, as device-nic0.*: not the PCI id (a100:00:00.0) for one."""
+    names = set(os.listdir(host.run_dir))
+    assert {"device-nvme0.log", "device-nvme0.stderr", "device-nic0.log", "device-nic0.stderr"} <= names, names
+    assert not [n for n in names if "a100" in n], names
+
+
 def test_state_decode_shows_field_10000_with_every_nvme_field(host):
     """`vfkeep state decode --json` on the state the keepalive servicing handed over (commands in flight):
     field 10000, and every field of the NVMe schema somewhere in it — except those at their default in this

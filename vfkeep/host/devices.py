@@ -157,13 +157,12 @@ class NvmeDeviceProcess(DeviceProcess):
         preset = "natural" if timing.preset == "natural" else "realistic"
         argv = proc.vfkeep_argv("nvme-device", "--socket", sock, "--control", sock + ".ctl", "--disk", disk,
                                 "--size", str(size), "--reset-method", "none", "--timing", preset,
-                                "--flr-ms", f"{timing.flr_ms:g}", "--pci-id", nvme_pci_id_for(index),
-                                "--run-dir", run_dir)
+                                "--flr-ms", f"{timing.flr_ms:g}", "--run-dir", run_dir)
         stderr_path = os.path.join(run_dir, f"device-nvme{index}.stderr")
         with open(stderr_path, "ab") as err:
             child = proc.spawn(argv, stdout=err, stderr=err)
-        kv(log, logging.INFO, "nvme device spawned", index=index, pid=child.pid, socket=sock, disk=disk, size=size,
-           timing=preset)
+        kv(log, logging.INFO, "nvme device spawned", index=index, pci_id=nvme_pci_id_for(index), pid=child.pid,
+           socket=sock, disk=disk, size=size, timing=preset)
         return cls(index, child, sock, stderr_path, disk)
 
     def since(self, before: dict) -> dict:
