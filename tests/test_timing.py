@@ -2,6 +2,9 @@
 
 Modelled time is checked from the device's own counters (requests x latency), never the wall clock.
 """
+import json
+from pathlib import Path
+
 import pytest
 
 from device_driver_helper import Pages, TestDriver, in_process_device
@@ -9,6 +12,7 @@ from servicing_helpers import HostRun
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.gdma.constants import GDMA_QUERY_MAX_RESOURCES
 from vfkeep.memory import MemoryLayout
+from vfkeep.nvme_device.core import make_timing
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=256, pool_pages=0)
 
@@ -25,6 +29,27 @@ def test_presets_are_named_values_and_overrides_make_custom():
         with pytest.raises(ValueError, match="must be in"):
             DeviceTiming(**bad)
     assert set(PRESETS) == {"natural", "realistic"}
+
+
+def test_every_timing_object_names_its_preset_under_one_key():
+    """MANA and NVMe devices, results, demo and benchmark JSON all say `preset` (the NVMe one said `name`)."""
+    assert make_timing("realistic").to_dict() == {"preset": "realistic", "enable_ms": 100.0, "disable_ms": 20.0,
+                                                  "flr_ms": 100.0, "admin_ms": 1.0}
+    assert make_timing("natural", admin_ms=2).to_dict()["preset"] == "custom"
+    assert make_timing("natural", admin_ms=0).to_dict()["preset"] == "natural"  # values, not the name
+
+    def timings(node):
+        if isinstance(node, dict):
+            yield from ([node["timing"]] if isinstance(node.get("timing"), dict) else [])
+            for v in node.values():
+                yield from timings(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from timings(v)
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    for path in results.glob("*.json"):
+        for t in timings(json.loads(path.read_text())):
+            assert "preset" in t and "name" not in t, (path.name, t)
 
 
 def test_in_process_device_models_the_declared_latency(mem):

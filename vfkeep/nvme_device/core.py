@@ -58,21 +58,26 @@ RESET_METHODS = ("none", "flr")
 
 @dataclass(frozen=True)
 class Timing:
-    name: str
     enable_ms: float = 0.0
     disable_ms: float = 0.0
     flr_ms: float = 0.0
     admin_ms: float = 0.0
 
+    @property
+    def preset(self) -> str:
+        """The preset these values equal, else "custom" (as the MANA device's `DeviceTiming`)."""
+        return next((name for name, t in TIMINGS.items() if t == self), "custom")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The `timing` object the controller reports: the same `preset` key as every other timing object."""
+        return {"preset": self.preset, **asdict(self)}
 
 
 TIMINGS = {
-    "natural": Timing("natural"),
+    "natural": Timing(),
     # Conveniences, not claims (DESIGN D9): an enable that costs about what a fresh MANA bring-up does,
     # Linux's 100 ms FLR wait, and a millisecond per admin command.
-    "realistic": Timing("realistic", enable_ms=100.0, disable_ms=20.0, flr_ms=100.0, admin_ms=1.0),
+    "realistic": Timing(enable_ms=100.0, disable_ms=20.0, flr_ms=100.0, admin_ms=1.0),
 }
 
 
@@ -84,8 +89,7 @@ def make_timing(preset: str = "natural", **overrides: float | None) -> Timing:
     for k, v in given.items():
         if v < 0:
             raise ValueError(f"{k} must be >= 0, got {v}")
-    timing = replace(TIMINGS[preset], **given)
-    return timing if not given else replace(timing, name=f"{preset}+custom")
+    return replace(TIMINGS[preset], **given)
 
 
 COUNTERS = (
