@@ -93,7 +93,21 @@ def test_run_dir_too_long_for_sockets(tmp_path):
     run_dir = str(tmp_path / ("d" * 110))
     r = cli("run", "--detach", "--run-dir", run_dir, timeout=30)
     assert r.returncode == 2 and "too long for UNIX sockets" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "guest-agent-0.sock" in r.stderr, r.stderr  # the socket that is too long, not a --guest netns one
     assert not os.path.exists(run_dir)
+
+
+@pytest.mark.parametrize("options, sock", [({"nics": 1}, "guest-agent-0.sock"),
+                                           ({"nics": 2, "guest": "netns"}, "guest-bridge-1.sock"),
+                                           ({"nics": 0, "nvme": 1}, "disk-agent-0.sock")])
+def test_run_dir_too_long_names_a_socket_the_run_would_create(options, sock):
+    """The message names the longest socket of this configuration (it named guest-bridge-0.sock for every run)."""
+    from vfkeep.host.vmm import HostConfig, HostError
+
+    run_dir = "/tmp/" + "d" * (107 - len("/tmp/") - len(sock))  # with "/" + sock one byte too long
+    with pytest.raises(HostError, match=rf"> 107 bytes for {sock}\)"):
+        HostConfig(run_dir=run_dir, **options).check()
+    HostConfig(run_dir=run_dir[:-1], **options).check()  # one byte shorter fits
 
 
 def test_device_failing_at_start_up_ends_run_fast(tmp_path):

@@ -85,11 +85,16 @@ BLOCK_SLOTS = 256
 BLOCK_DATA_PAGES = 64
 
 
-def socket_names(nics: int, nvme: int = 0) -> list[str]:
-    """The sockets a host with `nics` NICs and `nvme` disks creates in its run dir (sun_path length check)."""
-    last, disk = max(nics, 1) - 1, max(nvme, 1) - 1
-    return ["host.sock", f"nic{last}.sock.ctl", f"guest-agent-{last}.sock", f"guest-bridge-{last}.sock",
-            f"nvme{disk}.sock.ctl", f"disk-agent-{disk}.sock"]
+def socket_names(nics: int, nvme: int = 0, guest: str = "agent") -> list[str]:
+    """The sockets a host with `nics` NICs, `nvme` disks and this `guest` creates in its run dir, the last of
+    each kind (sun_path length check: the message names one the run would really create)."""
+    names = ["host.sock"]
+    if nics:
+        guest_sock = "guest-bridge" if guest == "netns" else "guest-agent"
+        names += [f"nic{nics - 1}.sock.ctl", f"{guest_sock}-{nics - 1}.sock"]
+    if nvme:
+        names += [f"nvme{nvme - 1}.sock.ctl", f"disk-agent-{nvme - 1}.sock"]
+    return names
 
 
 #: Guest channel ring depth: frames the guest sends while no worker relays wait here, so the ring
@@ -146,7 +151,7 @@ class HostConfig:
         if getattr(backend, "kind", None) == "tap" and self.nics > 1:
             raise HostError(f"--backend {self.backend} with --nics {self.nics}: every device would open the same "
                             "TAP interface (busy); use one NIC per TAP backend")
-        name = max(socket_names(self.nics, self.nvme), key=len)
+        name = max(socket_names(self.nics, self.nvme, self.guest), key=len)
         longest = os.path.join(os.path.abspath(self.run_dir), name)
         if len(longest.encode()) > MAX_SOCKET_PATH:
             raise HostError(f"--run-dir {os.path.abspath(self.run_dir)} is too long for UNIX sockets in it "
