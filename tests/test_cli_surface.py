@@ -280,3 +280,67 @@ def test_interrupted_demo_leaves_nothing_in_the_temp_dir(tmp_path):
             proc.end(child)
     assert child.returncode == 130 and "temporary run dir removed" in stdout
     assert os.listdir(tmp) == []
+
+
+# `vfkeep demo` / `vfkeep chaos` with what they drive stubbed (no host): how each ends when something fails.
+_ENDINGS = '''
+import os, sys
+from vfkeep import chaos, demo
+from vfkeep.cli import main
+
+case = sys.argv[1]
+
+
+class Demo:
+    def __init__(self, *args, **kwargs):
+        if case == "demo-boot":
+            raise RuntimeError("host exited with 1 during boot:\\n(the host's last lines)")
+        self.host, self.processes = self, {}
+
+    def step(self, text):
+        pass
+
+    def stop(self):
+        pass
+
+    def run(self):
+        return {"machine": {"cpus": 2}, "runs": [{"mode": "keepalive", "expectations_failed": ["the device saw an FLR"]},
+                                                 {"mode": "reset", "expectations_failed": ["no ESTABLISH_HWC"]}]}
+
+
+class Campaign(chaos.Campaign):
+    def boot(self):
+        os.makedirs(self.run_dir)
+        raise RuntimeError("host not ready within 60 s:\\n(the host's last lines)")
+
+    def close(self):
+        pass
+
+
+demo.Demo, demo.plot, demo.table, demo.verdict = Demo, lambda *a: None, lambda r: "", lambda *a: (True, ["held"])
+chaos.Campaign, chaos.print_summary = Campaign, lambda *a: None
+if case == "chaos-violation":
+    chaos.run_campaign = lambda *a: {"servicings": 16, "run_dir_kept": "/tmp/vfk-chaos-run-1", "violations": [
+        {"servicing": 7, "invariant": "frames", "fault": "kill_new", "path": "reset", "detail": "3 lost"}]}
+main([case.split("-")[0], "--out", os.path.join(sys.argv[2], "report")] if case.startswith("demo") else
+     ["chaos", "--servicings", "2"], prog_name="vfkeep")
+'''
+
+
+@pytest.mark.parametrize("case, line", [
+    ("demo-boot", "vfkeep: demo: host exited with 1 during boot (see TMP/vfkeep-demo-*/host.log)"),
+    ("demo-unexpected", "vfkeep: demo: unexpected: keepalive: the device saw an FLR (and 1 more above) "
+                        "(see TMP/vfkeep-demo-*/host.log)"),
+    ("chaos-boot", "vfkeep: chaos: stopped after 0 servicings: host not ready within 60 s "
+                   "(see TMP/vfk-chaos-failed-*/host.log)"),
+    ("chaos-violation", "vfkeep: chaos: 1 violation(s) in 16 servicings, the first in servicing 7 (frames) "
+                        "(see /tmp/vfk-chaos-run-1/host.log)")])
+def test_demo_and_chaos_end_a_failure_in_the_one_line_form(tmp_path, case, line):
+    """Exit 1 with `vfkeep: COMMAND: cause (see LOG)` as the only stderr line, as every other command (the demo
+    said "logs kept in DIR" on stdout, chaos printed its run dir on a line of its own or a traceback)."""
+    import fnmatch
+    r = subprocess.run([sys.executable, "-c", _ENDINGS, case, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, env={**CLEAN_ENV, "TMPDIR": str(tmp_path)}, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    (got,) = r.stderr.splitlines()
+    assert fnmatch.fnmatchcase(got, line.replace("TMP", str(tmp_path))), got

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import click
 
 from . import proc, rpc
+from .cli import one_line
 from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 from .device.timing import timing_from, timing_options
 from .host.detached import DetachedHost
@@ -656,6 +657,15 @@ def _replay_plans(replay: str, seed: int, nics: int, nvme: int) -> tuple[list[di
     return [plan(seed, i, nics, nvme) for i in indexes], seed, nics, nvme
 
 
+def _keep(campaign: Campaign, why: str) -> str:
+    """Stop the campaign's host and move its run dir out of the temporary one, for its logs."""
+    keep = os.path.join(tempfile.gettempdir(), f"vfk-chaos-{why}-{os.getpid()}")
+    campaign.close()
+    if os.path.exists(campaign.run_dir):
+        os.rename(campaign.run_dir, keep)
+    return keep
+
+
 def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: str | None, replay: str | None,
                  run_args: tuple[str, ...], console=None, progress: bool = True) -> dict:
     from rich.console import Console
@@ -682,21 +692,19 @@ def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: st
                 for p in plans:
                     campaign.run_one(p)
                     bar.update(task, advance=1, description=f"servicings, {len(campaign.violations)} violation(s)")
+        except Exception as e:
+            keep = _keep(campaign, "failed")
+            raise click.ClickException(f"stopped after {len(campaign.records)} servicings: {one_line(e)} "
+                                       f"(see {os.path.join(keep, 'host.log')})") from e
         except BaseException:
-            keep = os.path.join(tempfile.gettempdir(), f"vfk-chaos-failed-{os.getpid()}")
-            campaign.close()
-            os.rename(campaign.run_dir, keep)
-            console.print(f"chaos: stopped; run dir kept in {keep}")
+            console.print(f"chaos: stopped; run dir kept in {_keep(campaign, 'failed')}")
             raise
-        if campaign.violations:
-            keep = os.path.join(tempfile.gettempdir(), f"vfk-chaos-run-{os.getpid()}")
-            campaign.close()
-            os.rename(campaign.run_dir, keep)
-            console.print(f"chaos: run dir with the logs kept in {keep}")
-        else:
+        keep = _keep(campaign, "run") if campaign.violations else None
+        if keep is None:
             campaign.close()
     report = summarize(campaign, seed, nics, nvme, time.monotonic() - t0, plans)
     report["plans"] = plans
+    report["run_dir_kept"] = keep
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
@@ -727,4 +735,8 @@ def chaos_command(servicings, seed, nics, nvme, json_path, replay, timing, hwc_l
     console = Console(stderr=True)
     report = run_campaign(servicings, seed, nics, nvme, json_path, replay, run_args, console)
     print_summary(report, Console())
-    raise SystemExit(1 if report["violations"] else 0)
+    if report["violations"]:
+        first = report["violations"][0]
+        raise click.ClickException(f"{len(report['violations'])} violation(s) in {report['servicings']} servicings, "
+                                   f"the first in servicing {first['servicing']} ({first['invariant']}) "
+                                   f"(see {os.path.join(report['run_dir_kept'], 'host.log')})")

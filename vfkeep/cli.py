@@ -46,6 +46,11 @@ def failure_line(command: str, e: click.ClickException) -> str:
     return f"vfkeep: {command + ': ' if command else ''}{e.format_message()}{hint}"
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's first line, for a failure line (some messages go on with a log excerpt)."""
+    return next((ln.strip().rstrip(":") for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         present = {n for n, target in COMMANDS.items() if importlib.util.find_spec(target.split(":")[0])}

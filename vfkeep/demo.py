@@ -32,6 +32,7 @@ from rich.table import Table
 from . import __version__
 from . import log as vlog
 from . import proc
+from .cli import one_line
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host import render
 from .host.traffic import DEFAULT_SIZE
@@ -409,8 +410,9 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
     t0 = time.monotonic()
     report = demo = None
     try:
+        err = Console(stderr=True)  # (not on a terminal: no progress at all, not even the empty line it leaves)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as progress:
+                      console=err, transient=True, disable=not err.is_terminal) as progress:
             demo = Demo(run_dir, timing, rate, nics, servicings, progress, nvme=nvme)
             try:
                 report = demo.run()
@@ -438,7 +440,7 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
         raise SystemExit(130) from None
     except Exception as e:
         kv(log, logging.ERROR, "demo failed", error=repr(e))
-        raise click.ClickException(f"demo failed: {e} (logs in {run_dir})") from e
+        raise click.ClickException(f"{one_line(e)} (see {os.path.join(run_dir, 'host.log')})") from e
     console.print(table(report))
     held, lines = report["verdict"]["ordering_held"], report["verdict"]["lines"]
     console.print(("[green]verdict:[/green] " if held and len(lines) == 1 else "[yellow]verdict:[/yellow] ")
@@ -462,6 +464,6 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
     console.print(f"wrote {out_dir / 'timeline.png'} and {out_dir / 'results.json'}; the demo took "
                   f"{proc.age_s():.1f} s in all")
     if failed:
-        console.print(f"logs kept in {run_dir}")
-        raise SystemExit(1)
+        more = f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""
+        raise click.ClickException(f"unexpected: {failed[0]}{more} (see {os.path.join(run_dir, 'host.log')})")
     shutil.rmtree(run_dir, ignore_errors=True)

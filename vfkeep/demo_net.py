@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import shutil
 import signal
@@ -32,6 +33,7 @@ from rich.table import Table
 
 from . import log as vlog
 from . import netns
+from .cli import one_line
 from .device.timing import DeviceTiming
 from .guest.netload import Pinger, TcpStream
 from .host.vmm import Host, HostConfig
@@ -274,7 +276,7 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
         raise SystemExit(130) from None
     except Exception as e:
         kv(log, logging.ERROR, "network demo failed", error=repr(e))
-        raise click.ClickException(f"network demo failed: {e} (logs in {run_dir})") from e
+        raise click.ClickException(f"network demo: {one_line(e)} (see {os.path.join(run_dir, 'host.log')})") from e
     console.print(table(report))
     failed = problems(report)
     for msg in failed:
@@ -284,6 +286,7 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
                       f"{report['tcp']['received']:,} bytes, all in order; ping lost replies only inside servicing windows")
     console.print(f"wrote {out_dir / 'network.png'} and {out_dir / 'network.json'} in {report['wall_s']} s")
     if failed:
-        console.print(f"logs kept in {run_dir}")
-        raise SystemExit(1)
+        more = f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""
+        raise click.ClickException(f"network demo: unexpected: {failed[0]}{more} "
+                                   f"(see {os.path.join(run_dir, 'host.log')})")
     shutil.rmtree(run_dir, ignore_errors=True)
