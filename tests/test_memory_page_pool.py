@@ -107,6 +107,23 @@ def test_leaked_slots_are_never_reused_and_survive_save():
     assert a.save().state[0].state.WhichOneof("variant") == "leaked"
 
 
+def test_quarantined_pages_are_never_reused_survive_save_and_come_back_when_released():
+    """A device that could not be reset may still write pages it was freed from: `quarantine` marks the free
+    slots in those ranges Leaked (an allocation made meanwhile is left alone), `release_quarantined` frees
+    only what it marked."""
+    a = PageAllocator(POOL)
+    x, y = a.allocate(4, "nvme_0", "t"), a.allocate(2, "other", "t")
+    a.free(x)
+    assert a.quarantine([(100, 4), (104, 2)], "nvme_0", "q") == 4  # y is someone else's live allocation
+    assert table(a)[:2] == [(100, 4, Leaked("nvme_0", "q")), (104, 2, Allocated("other", "t"))]
+    assert a.allocate(4, "d", "t").base_pfn == 106
+    b = PageAllocator(POOL)
+    b.restore(a.save())
+    assert table(b)[0] == (100, 4, Leaked("nvme_0", "q"))
+    assert b.release_quarantined("nvme_0", "other tag") == 0 and b.release_quarantined("nvme_0", "q") == 4
+    assert table(b)[0] == (100, 4, Free())
+
+
 # -- property tests ---------------------------------------------------------------------------
 
 ops = st.lists(st.one_of(st.tuples(st.just("alloc"), st.integers(1, 20), st.sampled_from(["nic_a", "nic_b", "nvme"])),

@@ -8,10 +8,12 @@ from vfkeep.host.tamper import NVME_QUEUE_TAMPERS
 from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.nvme import NVM_WRITE
 from vfkeep.nvme_device.main import start_nvme_device
-from vfkeep.nvme_driver.errors import InvalidSavedState
+from vfkeep.nvme_driver.errors import DEVICE_ERRORS, InvalidSavedState
 from vfkeep.nvme_driver.saved_state import decode, validate
 from vfkeep.contract import NvmeConfig
 from vfkeep.contract import RestorePath as P
+from vfkeep.driver.errors import DeviceMissing
+from vfkeep.paravisor import nvme_manager
 from vfkeep.paravisor.nvme_manager import always_flr_from_env, create_device
 from vfkeep.proto import nvme_driver_pb2
 from vfkeep.vfio_user import control_call
@@ -141,6 +143,66 @@ def test_hostile_saved_state_takes_the_fresh_path_and_writes_nothing_outside_the
     assert dma.validate_restore() == []  # the saved queue memory was re-attached and freed, none leaked
     assert dma.inspect()["pool"]["devices"] == {"nvme_nvme0": 3 * 69}
     disk.driver.shutdown()
+
+
+def controller_pages(sock) -> set[int]:
+    """Every page the controller's queues occupy, as the controller itself addresses them (SQE 64, CQE 16 B)."""
+    st = ctl(sock, "state")
+    queues = [(q["base"], q["size"] * 64) for q in st["sqs"]] + [(q["base"], q["size"] * 16) for q in st["cqs"]]
+    return {pfn for base, size in queues for pfn in range(base >> 12, (base + size + 4095) >> 12)}
+
+
+def allocatable_pool_pages(dma) -> set[int]:
+    """Every pool page a new allocation can still get: the pages of the free slots (first fit takes only those)."""
+    return {pfn for slot in dma.inspect()["pool"]["slot_table"] if slot["state"] == "free"
+            for pfn in range(slot["base_pfn"], slot["base_pfn"] + slot["pages"])}
+
+
+def test_a_fallback_that_cannot_reset_the_controller_never_hands_its_pages_out(sock, mem, saved, monkeypatch):
+    """The keepalive restore fails and so does every fresh init (the function cannot be reached), after the
+    saved pages were freed (the spec's order): the controller, still enabled, may write its queues there, so
+    those pages are quarantined until a fresh init of the controller resets it (they were handed out)."""
+    state, dma_state = saved
+    queues = controller_pages(sock)
+    assert ctl(sock, "state")["enabled"] and queues
+    dma = DmaManager(mem, strict_pool=False)
+    dma.restore(dma_state)
+
+    def unreachable(*args, **kwargs):  # (as a missing socket does after its 5 s connect retries)
+        raise DeviceMissing("cannot connect: the function does not answer")
+    with monkeypatch.context() as m, pytest.raises(DEVICE_ERRORS):
+        m.setattr(nvme_manager, "open_vfio", unreachable)
+        m.setattr(nvme_manager, "reset_method_setter", unreachable)
+        create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, save_restore_supported=True,
+                      cpu_count=2, ready_timeout_s=5)
+    assert ctl(sock, "state")["enabled"] and controller_pages(sock) == queues  # it still runs them
+    free = allocatable_pool_pages(dma)
+    assert free and not free & queues
+    assert dma.inspect()["pool"]["leaked_pages"] == 3 * 69 and dma.validate_restore() == []
+    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=None, save_restore_supported=True,
+                         cpu_count=2, ready_timeout_s=5)  # a later fresh init resets it: the pages come back
+    assert disk.restore_path == P.FRESH and dma.inspect()["pool"]["leaked_pages"] == 0
+    assert read_back(disk.driver, mem) == bytes([7]) * (BLOCKS * 512)
+    disk.driver.shutdown()
+    assert len(allocatable_pool_pages(dma)) == LAYOUT.pool_pages
+
+
+def test_a_fallback_whose_fresh_init_fails_leaves_the_controller_disabled_and_frees_its_pages(sock, mem, saved):
+    """Every fresh init fails after the controller was reset (IDENTIFY refused): it ends disabled, so the saved
+    pages are free again, not quarantined."""
+    state, dma_state = saved
+    state = nvme_driver_pb2.NvmeDriverSavedState.FromString(state.SerializeToString())
+    tamper_vector(state, mem)  # the keepalive restore refuses it: the fallback
+    ctl(sock, "admin_fault", opcode="IDENTIFY", action="fail", mode="always", cdw10=1)
+    dma = DmaManager(mem, strict_pool=False)
+    dma.restore(dma_state)
+    with pytest.raises(DEVICE_ERRORS):
+        create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, save_restore_supported=True,
+                      cpu_count=2, ready_timeout_s=5)
+    st = ctl(sock, "state")
+    assert not st["enabled"] and not st["ready"] and st["sqs"] == [] and st["cqs"] == []
+    assert dma.inspect()["pool"]["leaked_pages"] == 0
+    assert len(allocatable_pool_pages(dma)) == LAYOUT.pool_pages
 
 
 def test_truncated_blob_is_a_typed_error():

@@ -26,6 +26,8 @@ log = logging.getLogger("vfkeep.memory.dma")
 
 #: Allocation tag of driver buffers (servicing spec 7.3).
 VFIO_DMA_TAG = "vfio dma"
+#: Tag of the Leaked slots `quarantine` makes.
+QUARANTINE_TAG = "quarantined: device not reset"
 
 
 def strict_pool_from_env(environ: Mapping[str, str]) -> bool:
@@ -204,6 +206,29 @@ class DmaManager:
             kv(log, logging.WARNING, "freed unclaimed pool allocation", device=u.device, base_pfn=u.base_pfn,
                pages=u.pages, tag=u.tag)
         return unclaimed
+
+    # -- a device that may still reach freed pages ----------------------------------------
+    def saved_pages(self, device_name: str) -> list[tuple[int, int]]:
+        """(base_pfn, pages) the pool holds pending restore for `device_name` (the pool's own record, not
+        the device's untrusted saved state)."""
+        return self._pool.pending_of(device_name) if self.has_pool else []
+
+    def quarantine(self, device_name: str, ranges: list[tuple[int, int]]) -> int:
+        """Never hand out again the free pool pages of `ranges`: a device that could not be reset may still
+        write them (its queues were there). Carried through saves until `release_quarantined`."""
+        pages = self._pool.quarantine(ranges, device_name, QUARANTINE_TAG) if ranges and self.has_pool else 0
+        if pages:
+            kv(log, logging.WARNING, "pool pages quarantined: the device was not reset", device=device_name,
+               pages=pages)
+        return pages
+
+    def release_quarantined(self, device_name: str) -> int:
+        """The device has been reset since: its quarantined pages are free again."""
+        pages = self._pool.release_quarantined(device_name, QUARANTINE_TAG) if self.has_pool else 0
+        if pages:
+            kv(log, logging.INFO, "quarantined pool pages released: the device was reset", device=device_name,
+               pages=pages)
+        return pages
 
     def inspect(self) -> dict:
         """Both allocators: page totals, pages per device and the slot table (`PageAllocator.inspect`)."""

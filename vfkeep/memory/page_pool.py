@@ -29,7 +29,8 @@ class Allocated:
 
 @dataclass(frozen=True)
 class Leaked:
-    """Never reused; carried through later saves (only ever produced by a restore)."""
+    """Never reused; carried through later saves. Produced by a restore (a saved leaked slot) and by
+    `quarantine`: pages a device that could not be reset may still reach by DMA."""
     device: str
     tag: str
 
@@ -113,6 +114,33 @@ class PageAllocator:
                     self._slots[i] = Slot(slot.base_pfn, slot.size_pages, Allocated(device, slot.state.tag))
                     attached.append(self._slots[i])
             return attached
+
+    def pending_of(self, device: str) -> list[tuple[int, int]]:
+        """(base_pfn, pages) of every slot pending restore for `device`."""
+        with self._lock:
+            return [(s.base_pfn, s.size_pages) for s in self._slots
+                    if isinstance(s.state, PendingRestore) and s.state.device == device]
+
+    def quarantine(self, ranges: list[tuple[int, int]], device: str, tag: str) -> int:
+        """Mark Leaked (never reused) every free slot overlapping one of `ranges`; returns the pages marked.
+        A slot allocated again meanwhile is someone else's and is left as it is."""
+        with self._lock:
+            marked = 0
+            for i, s in enumerate(self._slots):
+                if isinstance(s.state, Free) and any(s.base_pfn < b + n and b < s.end_pfn for b, n in ranges):
+                    self._slots[i] = Slot(s.base_pfn, s.size_pages, Leaked(device, tag))
+                    marked += s.size_pages
+            return marked
+
+    def release_quarantined(self, device: str, tag: str) -> int:
+        """Free the slots `quarantine` marked for `device` (it has been reset since); returns the pages."""
+        with self._lock:
+            freed = 0
+            for i, s in enumerate(self._slots):
+                if isinstance(s.state, Leaked) and (s.state.device, s.state.tag) == (device, tag):
+                    self._slots[i] = Slot(s.base_pfn, s.size_pages, FREE)
+                    freed += s.size_pages
+            return freed
 
     def pending(self) -> list[Slot]:
         with self._lock:

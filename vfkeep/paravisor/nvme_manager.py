@@ -16,6 +16,12 @@ Fresh path: reset methods `none` then `flr` (only `flr` with OPENHCL_NVME_ALWAYS
 written to the device (the sysfs stand-in) before the attempt; a success after `flr` writes `none` back
 (not with ALWAYS_FLR). DMA client `nvme_<pci_id>`: persistent iff K (all queue memory in the pool),
 else ephemeral (worker RAM).
+
+The saved pages are freed before the controller is reset, as in the reference; a fresh init resets an
+enabled controller (or FLRs it) before it allocates, so nothing is handed them while it may still write
+them. If no fresh init succeeds, the controller may still run its old queues there: unless
+`clear_existing_state` disables it then, the pages are quarantined (pool slots `Leaked`, never allocated,
+carried through saves) until a later fresh init of the controller succeeds.
 """
 from __future__ import annotations
 
@@ -74,7 +80,7 @@ def release_pending_buffers(client) -> int:
 def create_fresh(cfg: NvmeConfig, mem: GuestMemory, client, *, cpu_count: int, io_queues: int, always_flr: bool,
                  ready_timeout_s: float | None = None) -> tuple[NvmeDriver, bool]:
     """Fresh init over reset methods [none, flr] (or [flr]); returns (driver, flr happened); the last
-    error if every attempt failed."""
+    error if every attempt failed (the client is then closed: its name is free for a later attempt)."""
     methods = ["flr"] if always_flr else ["none", "flr"]
     for i, method in enumerate(methods):
         _set_method(cfg, method)
@@ -84,6 +90,7 @@ def create_fresh(cfg: NvmeConfig, mem: GuestMemory, client, *, cpu_count: int, i
         except DEVICE_ERRORS as e:
             kv(log, logging.WARNING, "nvme fresh init failed", pci_id=cfg.pci_id, reset_method=method, error=e)
             if i == len(methods) - 1:
+                client.close()
                 raise
             continue
         if method == "flr" and not always_flr:
@@ -92,11 +99,45 @@ def create_fresh(cfg: NvmeConfig, mem: GuestMemory, client, *, cpu_count: int, i
     raise AssertionError("unreachable")
 
 
+def clear_existing_state(cfg: NvmeConfig, mem: GuestMemory, ready_timeout_s: float | None) -> str | None:
+    """Open without reset, CC.EN 1→0 and wait RDY=0 (spec §13.2); None once the controller is disabled,
+    else why not (only warned, as in the reference)."""
+    try:
+        backing = open_vfio(cfg.socket, mem, None, restore=True)
+        try:
+            reset_controller(backing, cfg.pci_id, ready_timeout_s)
+        finally:
+            backing.close()
+    except DEVICE_ERRORS as e:
+        kv(log, logging.WARNING, "clearing the controller's existing state failed", pci_id=cfg.pci_id, error=e)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, save_restore_supported: bool,
                   cpu_count: int, io_queues: int = 2, always_flr: bool = False,
                   ready_timeout_s: float | None = None) -> NvmeDisk:
-    """The spawner decision table of the module docstring."""
+    """The spawner decision table of the module docstring. The saved pages are freed before the controller
+    is reset (the spec's order); if no fresh init then succeeds and the controller cannot be disabled, they
+    are quarantined — never handed out again while it may still write them — until a fresh init resets it."""
     name = dma_client_name(cfg.pci_id)
+    saved_pages = dma.saved_pages(name) if saved is not None else []
+    try:
+        disk = _create_device(cfg, mem, dma, name, saved=saved, save_restore_supported=save_restore_supported,
+                              cpu_count=cpu_count, io_queues=io_queues, always_flr=always_flr,
+                              ready_timeout_s=ready_timeout_s)
+    except DEVICE_ERRORS + (DmaError,):
+        if saved_pages and clear_existing_state(cfg, mem, ready_timeout_s) is not None:
+            dma.quarantine(name, saved_pages)
+        raise
+    if disk.restore_path != RestorePath.KEEPALIVE:  # a fresh init reset (or FLRed) the controller
+        dma.release_quarantined(name)
+    return disk
+
+
+def _create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, name: str, *, saved,
+                   save_restore_supported: bool, cpu_count: int, io_queues: int, always_flr: bool,
+                   ready_timeout_s: float | None) -> NvmeDisk:
     error = None
     if saved is not None and save_restore_supported:
         _set_method(cfg, "none")
@@ -129,14 +170,7 @@ def create_device(cfg: NvmeConfig, mem: GuestMemory, dma: DmaManager, *, saved, 
             kv(log, logging.INFO, "freed saved nvme buffers", pci_id=cfg.pci_id, pages=freed)
         except DmaError as e:
             kv(log, logging.WARNING, "could not free saved nvme buffers", pci_id=cfg.pci_id, error=e)
-        try:
-            backing = open_vfio(cfg.socket, mem, None, restore=True)
-            try:
-                reset_controller(backing, cfg.pci_id, ready_timeout_s)
-            finally:
-                backing.close()
-        except DEVICE_ERRORS as e:
-            kv(log, logging.WARNING, "clearing the controller's existing state failed", pci_id=cfg.pci_id, error=e)
+        clear_existing_state(cfg, mem, ready_timeout_s)
     client = dma.new_client(name, persistent=save_restore_supported)
     drv, flr = create_fresh(cfg, mem, client, cpu_count=cpu_count, io_queues=io_queues, always_flr=always_flr,
                             ready_timeout_s=ready_timeout_s)
