@@ -698,6 +698,7 @@ class Host:
                 # worker that did not answer its save is stuck: ended now, not asked for a clean shutdown.
                 if saved is None:
                     old.kill()
+                    old.wait_exit(5.0)  # reaped before the teardown looks: it must not ask a killed worker
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
             # Handoff: worker RAM is poisoned and the blob handed over. A worker that sent `saved` has released
             # its devices and touches nothing any more, so its exit and the state file wait until the next
