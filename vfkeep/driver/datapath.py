@@ -67,6 +67,21 @@ def _rows(view: memoryview, count: int, size: int) -> np.ndarray:
     return np.frombuffer(view, np.uint8, count * size).reshape(count, size)
 
 
+#: Byte offset of an SGE's u64 address in the SGE (`_format_ring` writes it as a column).
+_SGE_ADDRESS_AT = codec.field_span(Sge, "address")[0]
+assert codec.field_span(Sge, "address")[1] == 8
+
+
+def _format_ring(ring: memoryview, wqe: bytes, positions: int, address_at: int, addresses: np.ndarray) -> None:
+    """Write `wqe` at each of the `positions` WQE slots of `ring`, with position p's SGE address (at byte
+    `address_at` of the WQE) set to addresses[p mod len(addresses)]: one array copy per column, not a WQE
+    object per position (a vport's rings are formatted inside the servicing blackout)."""
+    slots = np.frombuffer(ring, np.uint8, positions * len(wqe)).reshape(positions, len(wqe))
+    slots[:] = np.frombuffer(wqe, np.uint8)
+    slots[:, address_at:address_at + 8] = np.resize(addresses.astype("<u8"), positions).view(np.uint8).reshape(
+        positions, 8)
+
+
 def tx_wqe_len(short: bool) -> int:
     return wqe_length(CLIENT_OOB_8 if short else CLIENT_OOB_24, 1)
 
@@ -159,13 +174,11 @@ class VportDataPath:
             oob = s_oob
         else:
             oob = ManaTxOob(s_oob=s_oob, l_oob=ManaTxLongOob(long_vp_offset=tx_vport_offset))
-        header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=code))
-        addresses = buffer_addresses(buffers, self.max_frame, self._tx_nbuf) if write else []
-        for pos in range(positions if write else 0):
-            wqe = wqe_type.from_buffer(self._sq.mem, pos * self._tx_wqe_len)
-            wqe.oob = oob
-            wqe.sge = Sge(address=addresses[pos % self._tx_nbuf], mem_key=self.gdma.gpa_mkey)
-            wqe.header = header
+        if write:
+            wqe = wqe_type(oob=oob, sge=Sge(mem_key=self.gdma.gpa_mkey),
+                           header=WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=code)))
+            _format_ring(self._sq.mem, wqe.to_bytes(), positions, wqe_type.sge.offset + _SGE_ADDRESS_AT,
+                         buffer_addresses(buffers, self.max_frame, self._tx_nbuf))
         self._tx_size_at = wqe_type.sge.offset + codec.SGE_SIZE_AT  # the one field a send rewrites
         assert self._tx_size_at % 4 == 0 and self._tx_wqe_len % 4 == 0 and codec.field_span(Sge, "size")[1] == 4
         self._sq_words = self._sq.mem.cast("I")
@@ -180,12 +193,12 @@ class VportDataPath:
         positions = self._rq.size // self._rx_wqe_len
         self._rx_view = buffers.view
         self._rx_rows = _rows(buffers.view, self._rx_nbuf, self.max_frame)
-        header = WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=CLIENT_OOB_8))
-        addresses = buffer_addresses(buffers, self.max_frame, self._rx_nbuf) if write else []
-        for pos in range(positions if write else 0):
-            wqe = ManaRxWqeOneSge.from_buffer(self._rq.mem, pos * self._rx_wqe_len)
-            wqe.sge = Sge(address=addresses[pos % self._rx_nbuf], mem_key=self.gdma.gpa_mkey, size=self.max_frame)
-            wqe.header = header
+        if write:
+            wqe = ManaRxWqeOneSge(sge=Sge(mem_key=self.gdma.gpa_mkey, size=self.max_frame),
+                                  header=WqeHeader(params=WqeParams(num_sgl_entries=1,
+                                                                    inline_client_oob_size=CLIENT_OOB_8)))
+            _format_ring(self._rq.mem, wqe.to_bytes(), positions, ManaRxWqeOneSge.sge.offset + _SGE_ADDRESS_AT,
+                         buffer_addresses(buffers, self.max_frame, self._rx_nbuf))
         self._rx_done = 0
         self._rx_cq_words, self._rx_cq_halves = self._rx_cq.mem.cast("I"), self._rx_cq.mem.cast("H")
         self._tx_cq_words = self._tx_cq.mem.cast("I")
