@@ -433,6 +433,30 @@ def test_event_loop_timers_readers_and_stop():
     os.close(w)
 
 
+def test_a_timer_s_interrupts_are_signalled_once_after_it():
+    """What the server sets as the loop's step: a modelled HWC answer (a timer) posts two CQEs, each raising
+    the vector; the driver is woken once, after the whole answer, not at the first CQE."""
+    loop, t = EventLoop(), _table()
+    loop.step = t.coalescing
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    t.set_irqs(0x24, p.IRQ_MSIX, 0, 1, b"", [efd])
+    seen = []
+
+    def answer():
+        t.trigger(0)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)  # not signalled yet: the answer is not complete
+        t.trigger(0)
+        seen.append("answered")
+
+    loop.call_later(0.001, answer)
+    loop.call_later(0.005, loop.stop)
+    loop.run()
+    assert seen == ["answered"] and os.eventfd_read(efd) == 1 and t.delivered == 1
+    loop.close()
+    t.drop_all()
+
+
 def test_version_deeply_nested_json():
     with pytest.raises(p.CommandError):
         p.decode_version(bytes(4) + b"[" * 100000 + b"\0")

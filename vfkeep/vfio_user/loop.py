@@ -2,6 +2,7 @@
 device's own backends and timers: one thread means device state needs no locks."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import heapq
 import itertools
@@ -51,6 +52,9 @@ class EventLoop:
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._running = False
+        #: Context each wake-up's callbacks (ready readers, then due timers) run inside; the vfio-user server
+        #: sets its interrupt coalescing here, so one wake-up of the device signals each vector once, at its end.
+        self.step: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         # stop() may come from a signal handler: a byte on this pipe wakes select().
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add_reader(self._wake_r, self._drain_wake)
@@ -79,17 +83,19 @@ class EventLoop:
             timeout = None
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
-            for key, _ in self._selector.select(timeout):
-                if not self._running:
-                    break
-                current = self._selector.get_map().get(key.fd)  # an earlier callback may have removed it
-                if current is not None:
-                    self._guard(current.data)
-            now = time.monotonic()
-            while self._running and self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                if not timer.cancelled:
-                    self._guard(timer.callback)
+            ready = self._selector.select(timeout)
+            with self.step():
+                for key, _ in ready:
+                    if not self._running:
+                        break
+                    current = self._selector.get_map().get(key.fd)  # an earlier callback may have removed it
+                    if current is not None:
+                        self._guard(current.data)
+                now = time.monotonic()
+                while self._running and self._timers and self._timers[0][0] <= now:
+                    timer = heapq.heappop(self._timers)[2]
+                    if not timer.cancelled:
+                        self._guard(timer.callback)
 
     def stop(self) -> None:
         """Make `run()` return; safe from signal handlers and other threads."""

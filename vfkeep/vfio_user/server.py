@@ -70,6 +70,9 @@ class VfioUserServer:
         # unless ERR has exactly 1). Assignable; never signalled: no unrecoverable error or removal
         # request is modelled.
         self.irqs = IrqTable([1 if i in (IRQ_ERR, IRQ_REQ) else device.irq_count(i) for i in range(NUM_PCI_IRQS)])
+        # The interrupts of one wake-up (a burst of client messages, a timer such as a modelled HWC answer, a
+        # backend's frames): once per vector, after all of it, so the client is woken once and finds it done.
+        self.loop.step = self.irqs.coalescing
         self.epoch = 0
         self.resets = 0
         self._regions = {i: (size, flags & (REGION_INFO_READ | REGION_INFO_WRITE))
@@ -161,10 +164,6 @@ class VfioUserServer:
         kv(log, logging.INFO, "function level reset", epoch=self.epoch, why=why, resets=self.resets)
 
     def _readable(self) -> None:
-        with self.irqs.coalescing():  # the interrupts of a burst of messages: once, after all of it
-            self._read_burst()
-
-    def _read_burst(self) -> None:
         conn = self._conn
         for _ in range(MESSAGES_PER_WAKEUP):
             if conn is not self._conn:
