@@ -10,6 +10,7 @@ import ctypes
 import logging
 import os
 import random
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from vfkeep.gdma.constants import (
     RWQE_SIZE, SMC_HDR_OFFSET, SMC_MSG_TYPE_DESTROY_HWC, SMC_MSG_TYPE_DESTROY_HWC_VERSION,
     SMC_MSG_TYPE_ESTABLISH_HWC, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT, SMC_MSG_TYPE_REPORT_HWC_TIMEOUT_VERSION,
     request_name)
-from vfkeep.gdma.hwc import GdmaDevId, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRecvWqe, HwcSendWqe
+from vfkeep.gdma.codec import SGE_SIZE_AT
+from vfkeep.gdma.hwc import (GdmaDevId, GdmaReqHdr, GdmaRespHdr, HwcInitEqIdDb, HwcInitTypeData, HwcRecvWqe,
+                             HwcSendWqe)
 from vfkeep.gdma.messages import RESP_HDR_SIZE, message_spec, request_header
 from vfkeep.gdma.queues import EqeCompletionData, EqeDataReconfig, EqeVfReset, Sge, WqeParams
 from vfkeep.gdma.regs import (EstablishHwc, RegMap, SmcProtoHdr, SmcReportHwcTimeout, SmcReportHwcTimeoutFlags,
@@ -56,6 +59,11 @@ REGMAP_SIZE = ctypes.sizeof(RegMap)
 SMC_WINDOW_SIZE = 32
 HWC_BUFFER_LEN = DRV_HWC_NUM_PAGES * PAGE_SIZE
 PRODUCT_NAME = b"vfkeep"
+_U32 = struct.Struct("<I")
+#: Where a send WQE's SGE size and a request header's activity id are: the two fields a request patches into
+#: its templates (`GdmaDriver._templates`).
+_SWQE_SIZE_AT = HwcSendWqe.sge.offset + SGE_SIZE_AT
+_ACTIVITY_ID_AT = GdmaReqHdr.activity_id.offset
 #: After an HWC interrupt that came with the first CQE of an answer, how long to poll for the second (the
 #: device posts it within the same step) before arming and sleeping again: two doorbells saved per request.
 SECOND_CQE_SPIN_S = 0.0002
@@ -149,6 +157,9 @@ class GdmaDriver:
         self.closed = False
         self.hwc_timeout_ms = HWC_TIMEOUT_DEFAULT_IN_MS
         self._warning_ms = HWC_WARNING_TIME_IN_MS
+        self._wqe_key: tuple[int, int, int] | None = None
+        self._send_wqe = self._recv_wqe = b""
+        self._headers: dict[tuple[int, int], bytes] = {}
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -302,14 +313,39 @@ class GdmaDriver:
             raise BringUpError(f"HWC init events did not provide {', '.join(missing)}")
         return init
 
+    def _templates(self) -> tuple[bytes, bytes]:
+        """(send WQE, receive WQE) of this HWC (gdma spec 7.4): every field is fixed by the HWC's ids, gpa_mkey
+        and pages except the send SGE's size, which a request patches in. Built once, not per request."""
+        hwc = self.hwc
+        key = (self.gpa_mkey, hwc.cq.id, hwc.sq.id)
+        if key != self._wqe_key:
+            send = HwcSendWqe()
+            send.header.params = WqeParams.from_int(DRV_HWC_SWQE_PARAMS)
+            send.oob.flags3.vscq_id = hwc.cq.id
+            send.oob.flags4.vsq_id = hwc.sq.id
+            send.sge = Sge(address=self._req_addr, mem_key=self.gpa_mkey)
+            recv = HwcRecvWqe()
+            recv.header.params = WqeParams.from_int(DRV_HWC_RWQE_PARAMS)
+            recv.sge = Sge(address=self._resp_addr, mem_key=self.gpa_mkey, size=PAGE_SIZE)
+            self._wqe_key, self._send_wqe, self._recv_wqe = key, send.to_bytes(), recv.to_bytes()
+        return self._send_wqe, self._recv_wqe
+
+    def _request_header(self, code: int, dev_id: int | GdmaDevId) -> tuple[bytearray, int]:
+        """The `GdmaReqHdr` of `code` to `dev_id` (from `gdma.messages`, built once per pair), with the next
+        activity id; and its expected `resp.msg_size`."""
+        key = (code, dev_id if isinstance(dev_id, int) else dev_id.to_int())
+        raw = self._headers.get(key)
+        if raw is None:
+            raw = self._headers[key] = request_header(code, dev_id, 0).to_bytes()
+        self.activity_id = (self.activity_id + 1) & U32
+        hdr = bytearray(raw)
+        _U32.pack_into(hdr, _ACTIVITY_ID_AT, self.activity_id)
+        return hdr, message_spec(code).resp_msg_size
+
     def _post_receive_wqe(self, ring: bool = True) -> tuple[int, int]:
         """One 32-byte receive WQE whose SGE covers the response page (gdma spec 7.4); rings the RQ doorbell
         unless `ring` is False (then the caller rings the returned (address, value) with others)."""
-        wqe = HwcRecvWqe()
-        wqe.header.params = WqeParams.from_int(DRV_HWC_RWQE_PARAMS)
-        wqe.sge = Sge(address=self._resp_addr, mem_key=self.gpa_mkey,
-                      size=PAGE_SIZE)
-        self.hwc.rq.write(wqe.to_bytes())
+        self.hwc.rq.write(self._templates()[1])
         doorbell = self.hwc.rq.commit_write(num_rwqe=1)
         if ring:
             self.hwc.rq.doorbell.ring(*doorbell)
@@ -427,25 +463,20 @@ class GdmaDriver:
             if self.hwc_failure:
                 raise HwcFailure(f"{name}: cannot use the HWC after an earlier HWC failure", code, None)
             hwc = self.hwc
-            self.activity_id = (self.activity_id + 1) & U32
-            hdr = request_header(code, dev_id, self.activity_id)
-            req = hdr.to_bytes() + (body.to_bytes() if body is not None else b"")
+            req, resp_size = self._request_header(code, dev_id)
+            if body is not None:
+                req += body.to_bytes()
             self._req_page[:len(req)] = req
-            self._resp_page[:hdr.resp.msg_size] = bytes(hdr.resp.msg_size)
-
-            wqe = HwcSendWqe()
-            wqe.header.params = WqeParams.from_int(DRV_HWC_SWQE_PARAMS)
-            wqe.oob.flags3.vscq_id = hwc.cq.id
-            wqe.oob.flags4.vsq_id = hwc.sq.id
-            wqe.sge = Sge(address=self._req_addr, mem_key=self.gpa_mkey,
-                          size=len(req))
+            self._resp_page[:resp_size] = bytes(resp_size)
+            wqe = bytearray(self._templates()[0])
+            _U32.pack_into(wqe, _SWQE_SIZE_AT, len(req))
             if hwc.sq.available < DRV_HWC_SWQE_SIZE or hwc.rq.in_flight < RWQE_SIZE or hwc.rq.available < RWQE_SIZE:
                 self.hwc_failure = True
                 raise HwcFailure(f"{name}: HWC queues out of step (sq free {hwc.sq.available}, rq posted "
                                  f"{hwc.rq.in_flight})", code, None)
             start = time.monotonic()
             try:
-                hwc.sq.write(wqe.to_bytes())
+                hwc.sq.write(wqe)
                 # Spec 8.3 step 4 (a receive WQE to replace the one this request consumes) is done here, before
                 # the request instead of after it, so its doorbell rides in the request's burst: one message
                 # per request, and at rest one receive WQE stays posted as before.
@@ -472,7 +503,7 @@ class GdmaDriver:
             if resp.status != 0:
                 self.hwc_failure = True
                 raise HwcFailure(f"{name} failed with status {resp.status}", code, resp.status)
-            body_size = hdr.resp.msg_size - RESP_HDR_SIZE
+            body_size = resp_size - RESP_HDR_SIZE
             if resp.response.msg_size < body_size:
                 self.hwc_failure = True
                 raise HwcFailure(f"{name}: response of {resp.response.msg_size} bytes is shorter than the "

@@ -8,6 +8,7 @@ member is also exported as a plain module-level name (`GDMA_CREATE_QUEUE`,
 from __future__ import annotations
 
 import enum
+import functools
 
 
 def _export(cls: type[enum.Enum]) -> type[enum.Enum]:
@@ -394,9 +395,11 @@ def all_constants() -> dict[str, int]:
     }
 
 
+@functools.lru_cache(maxsize=512)
 def request_name(code: int, smc: bool = False) -> str:
     """Spec name of an HWC request code (GDMA, then MANA) or, with `smc`, of an SMC message type: what the
-    device's command log, the driver's errors and the logs call it; UNKNOWN_0x.. for a code without one."""
+    device's command log, the driver's errors and the logs call it; UNKNOWN_0x.. for a code without one.
+    Cached: driver and device name every request they handle."""
     for enum_cls in (SmcMsgType,) if smc else (GdmaRequestType, ManaCommandCode):
         try:
             return enum_cls(code).name
