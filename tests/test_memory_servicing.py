@@ -58,3 +58,13 @@ def test_save_in_one_process_restore_in_another(tmp_path):
         assert (new["again"], new["unclaimed"]) == (0, 0)
         assert new["usage"]["devices"] == {"nic_1": 9} and new["usage"]["pending_pages"] == 0
         assert mem.read(0, len(guest)) == guest
+
+
+def test_a_populated_mapping_is_the_same_memory():
+    """A prelaunched worker maps guest memory with its page tables filled (`populate`) before the host scrubs
+    worker RAM: it sees the scrub, and its writes are everyone's."""
+    with GuestMemory.create(LAYOUT) as host, GuestMemory.attach(host.fd, LAYOUT, populate=True) as worker:
+        host.scrub_worker_ram()
+        assert worker.read(LAYOUT.worker.gpa, 4096) == POISON
+        worker.write(LAYOUT.pool.gpa, b"kept")
+        assert host.read(LAYOUT.pool.gpa, 4) == b"kept"

@@ -106,7 +106,7 @@ class MemoryLayout:
 class GuestMemory:
     """A mapping of the shared guest memory file with bounds-checked access."""
 
-    def __init__(self, fd: int, layout: MemoryLayout, *, owns_fd: bool = True):
+    def __init__(self, fd: int, layout: MemoryLayout, *, owns_fd: bool = True, populate: bool = False):
         size = os.fstat(fd).st_size
         if size < layout.size:
             raise OutOfBounds(f"memory file is {size} bytes, layout needs {layout.size}")
@@ -114,7 +114,8 @@ class GuestMemory:
         self.layout = layout
         self.size = layout.size
         self._owns_fd = owns_fd
-        self._mmap = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        self._mmap = mmap.mmap(fd, self.size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         self._view = memoryview(self._mmap)
 
     @classmethod
@@ -127,9 +128,12 @@ class GuestMemory:
         return cls(fd, layout)
 
     @classmethod
-    def attach(cls, fd: int, layout: MemoryLayout) -> "GuestMemory":
-        """Map an existing memory file (inherited or received fd); the caller keeps its own fd."""
-        return cls(os.dup(fd), layout)
+    def attach(cls, fd: int, layout: MemoryLayout, *, populate: bool = False) -> "GuestMemory":
+        """Map an existing memory file (inherited or received fd); the caller keeps its own fd. `populate`
+        fills the page tables now (MAP_POPULATE) rather than a page fault at a time on first touch: a
+        prelaunched worker does it before the servicing, so a restore that zeroes and formats a vport's
+        memory takes no fault per page inside the guest's blackout."""
+        return cls(os.dup(fd), layout, populate=populate)
 
     # -- addressing -------------------------------------------------------------------------
     def check(self, gpa: int, length: int) -> None:

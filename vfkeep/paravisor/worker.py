@@ -419,7 +419,7 @@ def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channe
     try:
         configs = [NicConfig.parse(text) for text in nics]
         disks = [NvmeConfig.parse(text) for text in nvme]
-        mem = GuestMemory.attach(memfd, MemoryLayout.from_str(memory_layout))
+        mem = GuestMemory.attach(memfd, MemoryLayout.from_str(memory_layout), populate=True)
         worker = Worker(Channel.from_fd(channel_fd), mem, configs, generation, compat == "downlevel", channel_layout,
                         disks, block_layout)
     except ValueError as e:
