@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from device_driver_helper import Pages, TestDriver, in_process_device
+from device_driver_helper import Pages, TestDriver, in_process_device, wait_eventfd
 from servicing_helpers import HostRun
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
-from vfkeep.gdma.constants import GDMA_QUERY_MAX_RESOURCES
+from vfkeep.gdma.constants import DB_CQ, DB_EQ, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE, GDMA_QUERY_MAX_RESOURCES
+from vfkeep.gdma.requests import GdmaGenerateTestEventReq
 from vfkeep.memory import MemoryLayout
 from vfkeep.nvme_device.core import make_timing
 
@@ -77,6 +78,35 @@ def test_in_process_device_models_the_declared_latency(mem):
     device.flr("test")
     assert device.counters["modelled_flr_ms_total"] == 20 and device.counters["reset_count"] == 2
     assert device.inspect()["timing"] == {"preset": "custom", "hwc_latency_ms": 0.25, "flr_ms": 10.0}
+
+
+def test_a_delayed_request_raises_its_effects_interrupts_with_its_answer(mem):
+    """GENERATE_TEST_EQE posts its event when the device takes the request, but vector 0 fires only with the
+    answer, after the modelled latency: the driver is woken once per request, not by the event and then again."""
+    class Loop:
+        def __init__(self):
+            self.timers = []
+
+        def call_later(self, delay, cb):
+            self.timers.append((delay, cb))
+
+    loop = Loop()
+    device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=1, flr_ms=0))
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.1)
+    drv.establish_hwc()
+    wait_eventfd(drv.irq(0), 0)  # the bring-up events' interrupt
+    before = device.counters["interrupts"]
+    drv.ring_cq_eq(DB_CQ, drv.hwc_cq, arm=True)  # armed before the request, as vfkeep's driver does
+    drv.ring_cq_eq(DB_EQ, drv.hwc_eq, arm=True)
+    with pytest.raises(TimeoutError):  # no interrupt until the answer
+        drv.send_request(GDMA_GENERATE_TEST_EQE, GdmaGenerateTestEventReq(queue_index=drv.hwc_eq.id).to_bytes())
+    assert drv.wakeups == 0 and device.counters["interrupts"] == before
+    loop.timers.pop()[1]()  # the latency has passed: the answer
+    assert device.counters["interrupts"] > before and wait_eventfd(drv.irq(0), 0)
+    assert drv.hwc_cq.poll() is not None and drv.hwc_cq.poll() is not None
+    drv.drain_eq(drv.hwc_eq)
+    assert [ty for ty, _ in drv.events] == [GDMA_EQE_TEST_EVENT]
+    assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 1 == 1
 
 
 def test_run_passes_the_parameters_to_the_device_and_reports_them(tmp_path):

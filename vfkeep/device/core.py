@@ -50,6 +50,7 @@ A DMA fault is never an exception out of the device: it is counted
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import operator
@@ -152,6 +153,7 @@ class GdmaDevice:
         self.config = ConfigSpace()
         self.msix_bar = MsixBar()
         self.hwc: Hwc | None = None
+        self._held_interrupts: dict[int, None] | None = None  # `interrupts_held`: vectors raised meanwhile
         self._power_on()
         self.backend = backend if backend is not None else LoopbackBackend()
         self.backend.attach(self)
@@ -316,8 +318,24 @@ class GdmaDevice:
             self.counters["bad_doorbells"] += 1
 
     def interrupt(self, vector: int) -> None:
+        if self._held_interrupts is not None:
+            self._held_interrupts[vector] = None
+            return
         self.counters["interrupts"] += 1
         self.irq.trigger(vector)
+
+    @contextlib.contextmanager
+    def interrupts_held(self):
+        """Vectors raised inside the block are not signalled but collected in the list it yields, in order, once
+        each, for the caller to raise later (`interrupt`): a request whose answer waits for the modelled latency
+        raises the interrupts of its effects (a test EQE) with its answer, not before it."""
+        outer, self._held_interrupts = self._held_interrupts, {}
+        raised: list[int] = []
+        try:
+            yield raised
+        finally:
+            raised.extend(self._held_interrupts)
+            self._held_interrupts = outer
 
     def post_eqe(self, eq: Eq, event_type: int, payload: bytes = b"") -> bool:
         try:

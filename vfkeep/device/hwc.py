@@ -10,7 +10,9 @@ Every request costs the modelled `timing.hwc_latency_ms`: the WQEs are taken
 and the request runs at once, and it is answered (CQEs, response) after the
 delay, on the event loop so the data path keeps running; the emulator's own
 work thus falls inside the modelled time instead of adding to it (a
-firmware's work is part of its latency). `hwc_stall` stops taking requests.
+firmware's work is part of its latency). The interrupts of what the request
+did (GENERATE_TEST_EQE's event) are raised with the answer: the driver learns
+of a request's effects when it completes. `hwc_stall` stops taking requests.
 
 The RQ completion (`HwcRxOob`) serves both drivers: OpenHCL's ignores it;
 Linux's (gdma.md Appendix L.2) finds the response buffer through
@@ -119,18 +121,22 @@ class Hwc:
                 self.answer(rwqe, self._execute(swqe, rwqe))
                 continue
             # The latency runs from the moment the WQEs are taken; the request runs inside it (the loop is single
-            # threaded: the timer cannot fire before `_execute` returns) and only the answer waits.
+            # threaded: the timer cannot fire before `_execute` returns) and only the answer waits, with the
+            # interrupts the request's effects raised (a test EQE): the driver is woken once, by the answer.
             self.busy = True
-            in_flight = [rwqe, b""]
+            in_flight = [rwqe, b"", []]
             dev.call_later(delay_ms / 1000, lambda: self._answer_later(*in_flight))
-            in_flight[1] = self._execute(swqe, rwqe)
+            with dev.interrupts_held() as in_flight[2]:
+                in_flight[1] = self._execute(swqe, rwqe)
             return
 
-    def _answer_later(self, rwqe: WqeRef, response: bytes) -> None:
+    def _answer_later(self, rwqe: WqeRef, response: bytes, interrupts: list[int]) -> None:
         if self.stopped:  # destroyed or reset while the request was in flight: no answer
             return
         self.busy = False
         self.answer(rwqe, response)
+        for vector in interrupts:
+            self.dev.interrupt(vector)
         self.doorbell()
 
     def answer(self, rwqe: WqeRef, response: bytes) -> None:
