@@ -145,6 +145,23 @@ def test_save_then_restore_without_establish_or_register(bench, mem):
     assert dev.save().gdma.mem.base_pfn == g.mem.base_pfn  # and again, for the next servicing
 
 
+def test_a_restore_maps_every_vector_at_once(bench, mem):
+    """The HWC's vector and the data vectors (1 .. num_msix - 1) go to the device in one exchange at restore,
+    so rebuilding the vport afterwards assigns none (each assignment is a round trip inside the blackout)."""
+    state, dma = saved_after_bringup(bench, mem)
+    backing = bench.connect(dma, "nic0", fresh=False)
+    calls = []
+    set_irq, set_irqs = backing.set_irq, backing.set_irqs
+    backing.set_irq = lambda v: (calls.append([v]), set_irq(v))[1]
+    backing.set_irqs = lambda vs: (calls.append(list(vs)), set_irqs(vs))[1]
+    dev = ManaDevice.restore(backing, "nic0", state.SerializeToString())
+    assert calls == [[0, 1]] and state.gdma.num_msix == 2
+    vport = dev.open_vport(0, SMALL)
+    assert calls == [[0, 1]] and vport.vector == 1
+    assert len(loopback(vport, frames(10))) == 10  # its interrupts arrive on the vector mapped at restore
+    dev.shutdown()
+
+
 def test_the_device_save_releases_its_pool_memory_so_only_an_earlier_snapshot_can_restore(bench, mem):
     """Spec 2.2: saving the MANA device returns its HWC buffer to the pool (the live slot table shows it
     Free) although the device keeps using it, so the pool snapshot must come first. Swapped, the snapshot

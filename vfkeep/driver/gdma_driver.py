@@ -189,7 +189,7 @@ class GdmaDriver:
         """Re-attach to an HWC the device kept alive, from state `save_restore.validate_gdma_state` accepted:
         the four queues on pages 0-3 of `hwc_mem`, no ESTABLISH_HWC, no bring-up events, no new receive WQE
         (the posted one is in the saved RQ indices); map vector 0 and arm the EQ and CQ (spec 6.3, gdma 13.3).
-        `vectors`: those of kept vports, mapped in the same exchange as vector 0."""
+        `vectors`: those of kept vports and of vports to be opened, mapped in the same exchange as vector 0."""
         drv = cls(backing, layout, hwc_mem)
         s = state
         eq = CqEq.restore("eq", s.eq, drv.queue_memory(DRV_HWC_EQ_PAGE), drv.doorbell_page(s.eq.doorbell.doorbell_id))

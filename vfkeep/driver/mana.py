@@ -114,7 +114,10 @@ class ManaDevice:
             raise
         kept_blocks = [b for group in kept for b in group]
         try:
-            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, tuple(v.vector for v in state.vports))
+            # Every vector the device uses (HWC, kept vports, the vports to be opened: 1 .. num_msix - 1) in the
+            # one exchange that maps the HWC's, not one more per vport opened.
+            vectors = (*(v.vector for v in state.vports), *range(1, state.gdma.num_msix))
+            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, vectors)
         except BaseException:
             for block in (hwc_mem, *kept_blocks):
                 block.free()
