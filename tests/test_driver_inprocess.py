@@ -447,6 +447,21 @@ def test_received_buffers_are_posted_again_with_the_next_send_or_wait(bench, mem
         assert rings == ([] if n < data._rx_nbuf // 4 else [rq_db])
 
 
+def test_smc_messages_are_posted_writes(bench, mem):
+    """ESTABLISH_HWC's seven payload dwords and header, and DESTROY_HWC's header, are posted writes (one burst
+    over vfio-user, `posted_batch`): the header read after them is the message's only round trip."""
+    backing = bench.connect(DmaManager(mem, strict_pool=False), "nic0")
+    log = []
+    write32 = backing.write32
+    backing.write32 = lambda offset, value, posted=False: (log.append(posted), write32(offset, value, posted))
+    dev = ManaDevice.new(backing, "nic0")
+    assert log == [True] * 8
+    assert dev.shutdown()
+    assert log == [True] * 9
+    assert [e["name"] for e in bench.device.command_log.since(0) if e["kind"] == "smc"] == [
+        "SMC_MSG_TYPE_ESTABLISH_HWC", "SMC_MSG_TYPE_DESTROY_HWC"]
+
+
 def test_an_hwc_request_is_one_burst_of_posted_writes(bench, mem):
     """Each request reaches the device as one burst: the CQ and EQ arms, the RQ doorbell of the receive WQE that
     replaces the one the request consumes, the SQ doorbell, in that order; nothing else is written, and at rest

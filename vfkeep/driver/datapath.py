@@ -9,7 +9,6 @@ creates and destroys the device objects behind it, and never touches the queues 
 from __future__ import annotations
 
 import array
-import contextlib
 import ctypes
 import logging
 import time
@@ -454,8 +453,7 @@ class VportDataPath:
         """Context in which the doorbells this data path rings reach the device together at its end, in order (the
         backing's `posted_batch`; at once where it has none): a pass of the relay — RQ doorbell, arms, SQ doorbell —
         is then one message burst and one device wake-up."""
-        batch = getattr(self.gdma.backing, "posted_batch", None)
-        return batch() if batch is not None else contextlib.nullcontext()
+        return self.gdma.posted_batch()
 
     # -- waiting ---------------------------------------------------------------------------------
     def fileno(self) -> int:

@@ -6,6 +6,7 @@ requests are serialised by a lock; one request is outstanding at a time, matched
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -230,13 +231,22 @@ class GdmaDriver:
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 
+    def posted_batch(self):
+        """Context in which the posted writes to this device reach it together at its end, in order (the backing's
+        `posted_batch`; at once where it has none): one message burst, one device wake-up."""
+        batch = getattr(self.backing, "posted_batch", None)
+        return batch() if batch is not None else contextlib.nullcontext()
+
     def _smc_send(self, msg_type: int, hdr: SmcProtoHdr, payload: bytes | None, what: str) -> None:
-        """Write the payload dwords, then the header (the "go" signal), and wait for a successful reply."""
+        """Write the payload dwords, then the header (the "go" signal), and wait for a successful reply. The writes
+        are posted, as MMIO writes are, and leave as one burst: the header read that follows comes after them
+        (the device takes its messages in order), so a message costs one round trip, not one per dword."""
         base = self.layout.shmem_offset
-        if payload is not None:
-            for i in range(0, SMC_HDR_OFFSET, 4):
-                self.backing.write32(base + i, int.from_bytes(payload[i:i + 4], "little"))
-        self.backing.write32(base + SMC_HDR_OFFSET, hdr.to_int())
+        with self.posted_batch():
+            if payload is not None:
+                for i in range(0, SMC_HDR_OFFSET, 4):
+                    self.backing.write32(base + i, int.from_bytes(payload[i:i + 4], "little"), posted=True)
+            self.backing.write32(base + SMC_HDR_OFFSET, hdr.to_int(), posted=True)
         deadline = time.monotonic() + HWC_POLL_TIMEOUT_IN_MS / 1000
         delay = 0.0
         while True:
