@@ -162,6 +162,20 @@ def test_a_restore_maps_every_vector_at_once(bench, mem):
     dev.shutdown()
 
 
+def test_a_fresh_init_maps_the_vport_vectors_with_the_hwc_s(bench, mem):
+    """Fresh: vector 0 and the vports' (1 .. num_vps - 1) in the one exchange before ESTABLISH_HWC."""
+    backing = bench.connect(DmaManager(mem, strict_pool=False), "nic0")
+    calls = []
+    set_irq, set_irqs = backing.set_irq, backing.set_irqs
+    backing.set_irq = lambda v: (calls.append([v]), set_irq(v))[1]
+    backing.set_irqs = lambda vs: (calls.append(list(vs)), set_irqs(vs))[1]
+    dev = ManaDevice.new(backing, "nic0")
+    vport = dev.open_vport(0, SMALL)
+    assert calls == [[0, 1]] and vport.vector == 1
+    assert len(loopback(vport, frames(10))) == 10
+    dev.shutdown()
+
+
 def test_the_device_save_releases_its_pool_memory_so_only_an_earlier_snapshot_can_restore(bench, mem):
     """Spec 2.2: saving the MANA device returns its HWC buffer to the pool (the live slot table shows it
     Free) although the device keeps using it, so the pool snapshot must come first. Swapped, the snapshot

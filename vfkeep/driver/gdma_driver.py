@@ -177,7 +177,7 @@ class GdmaDriver:
             raise
         drv = cls(backing, layout, mem)
         try:
-            drv._establish_hwc()
+            drv._establish_hwc(num_vps)
             drv._query_max_resources(num_vps)
         except BaseException:
             drv.close()
@@ -261,9 +261,11 @@ class GdmaDriver:
             raise SmcError(f"{what} refused by the device (SMC status {reply.status})", msg_type, reply.status)
 
     # -- HWC bring-up (gdma spec 7) -----------------------------------------------------------
-    def _establish_hwc(self) -> None:
+    def _establish_hwc(self, num_vps: int) -> None:
         pfns = self.hwc_mem.pfns
-        self.irq.map(DRV_HWC_MSIX)
+        # The HWC's vector and those the vports may use (at most one each: 1 .. num_vps - 1), in one exchange, not
+        # one more round trip per vport opened.
+        self.irq.map(DRV_HWC_MSIX, *range(1, min(num_vps, self.backing.msix_count)))
         msg = EstablishHwc.build(pfns[DRV_HWC_EQ_PAGE], pfns[DRV_HWC_CQ_PAGE], pfns[DRV_HWC_RQ_PAGE],
                                  pfns[DRV_HWC_SQ_PAGE], msix=DRV_HWC_MSIX)
         raw = msg.to_bytes()
