@@ -127,8 +127,8 @@ class CommandLog:
         self.entries.append(entry)
         ok = status in (None, 0)
         level = logging.WARNING if not ok else logging.DEBUG if kind == "hwc" else logging.INFO
-        kv(log, level, f"{kind} {name}",
-           **{k: v for k, v in entry.items() if k not in ("kind", "name", "t")})
+        if log.isEnabledFor(level):  # a successful HWC request's line is usually not written: skip building it
+            kv(log, level, f"{kind} {name}", **{k: v for k, v in entry.items() if k not in ("kind", "name", "t")})
         return entry
 
     def since(self, seq: int = 0) -> list[dict]:
