@@ -6,7 +6,8 @@ available, prelaunch on, 1 NIC, guest traffic), services it `--repeat` times on 
 `vfkeep.servicing_paths.ORDER` (interleaved), and for each servicing takes the first log line of each
 milestone below from the host, the old worker, the new worker and the device, plus the guest's blackout start
 and end from the agent. Per path it prints the median time of each milestone from the blackout start, and
-the median of each step (from the milestone before it, over the servicings that logged both). A diagnostic, not part of
+the median of each step (from the milestone before it, over the servicings that logged both), and the CPU the old
+worker's save and the new worker's restore used (from their log lines). A diagnostic, not part of
 `make bench`:
 
     python -m benchmarks.trace_blackout [--repeat 10] [--rate FPS] [--timing ...] [--json PATH] [--keep DIR]
@@ -81,6 +82,18 @@ def milestones(logs: dict[str, list], window: tuple[int, int], blackout: tuple[i
     return found
 
 
+def worker_cpu_ms(logs: dict[str, list], window: tuple[int, int]) -> dict[str, float]:
+    """The CPU the old worker's save and the new worker's restore used (`cpu_ms` of their log lines): what the
+    work costs, which on a loaded machine the wall clock does not show."""
+    out = {}
+    for key, proc, msg in (("save_cpu_ms", "old", "servicing state saved"), ("restore_cpu_ms", "new", "worker started")):
+        for t, m, rest in logs.get(proc, ()):
+            if m == msg and t >= window[0] - 5_000_000 and (cpu := re.search(r"\bcpu_ms=([0-9.]+)", rest)):
+                out[key] = float(cpu.group(1))
+                break
+    return out
+
+
 def summarize(samples: list[dict[str, float]]) -> list[dict]:
     """Per milestone, in the order of their median times: the median ms from the blackout start, and the median
     step from the milestone before it in that order, over the servicings that logged both."""
@@ -116,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     timing = timing_from(args.timing, args.hwc_latency_ms, args.flr_ms)
     load_before = os.getloadavg()
     samples: dict[str, list] = {p: [] for p in paths}
+    cpu: dict[str, list] = {p: [] for p in paths}
     blackouts: dict[str, list] = {p: [] for p in paths}
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="vfkeep-trace-")) \
             as run_dir:
@@ -150,11 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
             logs = {**shared, "old": read_log(os.path.join(run_dir, f"worker-{old}.log")),
                     "new": read_log(os.path.join(run_dir, f"worker-{new}.log"))}
             samples[path].append(milestones(logs, window, blackout))
+            cpu[path].append(worker_cpu_ms(logs, window))
     report = {"timing": timing.to_dict(), "rate_fps": args.rate, "repeat": args.repeat,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "paths": {p: {"blackout_ms": statistics.median(b for b in blackouts[p] if b is not None),
                             "blackout_ms_all": blackouts[p], "milestones": summarize(samples[p]),
-                            "servicings": samples[p]}
+                            "servicings": samples[p],
+                            **{k: statistics.median(c[k] for c in cpu[p] if k in c)
+                               for k in ("save_cpu_ms", "restore_cpu_ms") if any(k in c for c in cpu[p])}}
                         for p in paths}}
     print(f"{timing.describe()}, {args.rate:g} frames/s, {args.repeat} servicings per path; load average "
           f"{load_before[0]:.1f} before, {report['load_average_after'][0]:.1f} after")
@@ -162,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
         r = report["paths"][p]
         print(f"\n{p}: blackout median {r['blackout_ms']:.1f} ms "
               f"(all: {', '.join(f'{b:.1f}' for b in r['blackout_ms_all'] if b is not None)})")
+        if "restore_cpu_ms" in r:
+            print(f"  worker CPU (median): save {r.get('save_cpu_ms', float('nan')):.1f} ms, restore "
+                  f"{r['restore_cpu_ms']:.1f} ms")
         print(f"  {'ms from blackout start':>22}  {'step':>7}  milestone")
         for row in r["milestones"]:
             step = "" if row["step_ms"] is None else f"{row['step_ms']:7.2f}"
