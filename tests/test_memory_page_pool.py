@@ -85,6 +85,19 @@ def test_new_memory_is_zeroed():
         assert mem.read((s.base_pfn + 2) << 12, 4096) == POISON  # only the allocation is touched
 
 
+@pytest.mark.parametrize("offset,length", [(0, 0), (0, 65536), (100, 70000), (4096, 17 * 4096 + 5)])
+def test_zero_clears_exactly_the_range(offset, length):
+    """`GuestMemory.zero` copies a 64 KiB zero block: whole blocks, then the tail; nothing outside the range."""
+    layout = MemoryLayout(guest_pages=1, worker_pages=32, pool_pages=0)
+    with GuestMemory.create(layout) as mem:
+        mem.scrub_worker_ram()
+        start = layout.worker.gpa + offset
+        mem.zero(start, length)
+        assert mem.read(start, length) == bytes(length)
+        before, after = mem.read(layout.worker.gpa, offset), mem.read(start + length, 4096)
+        assert before == (POISON * 32)[:offset] and after == (POISON * 2)[(start + length) % 4096:][:4096]
+
+
 def test_restore_refuses_a_table_with_live_allocations():
     a = PageAllocator(POOL)
     saved = a.save()

@@ -18,6 +18,8 @@ PAGE_SHIFT = 12
 #: Pattern the host writes over worker RAM at servicing: stale pointers read this.
 POISON = bytes.fromhex("deadbeefbaadf00d") * (PAGE_SIZE // 8)
 POISON_BLOCK = POISON * 16
+#: What `zero` copies block by block (a `bytes(n)` of a fresh allocation's size costs page faults of its own).
+ZERO_BLOCK = bytes(len(POISON_BLOCK))
 
 
 class MemoryError_(Exception):
@@ -153,6 +155,17 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+
+    def zero(self, gpa: int, length: int) -> None:
+        """Zero [gpa, gpa+length) by copying a cache-resident zero block: memset speed, where writing a
+        `bytes(length)` first builds (and faults in) a buffer of that size. New DMA memory is zeroed this way."""
+        view = self.view(gpa, length)
+        block = len(ZERO_BLOCK)
+        for off in range(0, length - block + 1, block):
+            view[off:off + block] = ZERO_BLOCK
+        tail = length % block
+        if tail:
+            view[length - tail:] = ZERO_BLOCK[:tail]
 
     def read_u32(self, gpa: int) -> int:
         self.check(gpa, 4)

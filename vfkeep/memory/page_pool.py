@@ -93,7 +93,7 @@ class PageAllocator:
                 raise OutOfPoolMemory(f"unable to allocate {pages} pages for {device}: {self.label} has "
                                       f"{free} free pages (largest contiguous run {largest})")
             if self._mem is not None:
-                self._mem.write(new.base_pfn << PAGE_SHIFT, bytes(pages << PAGE_SHIFT))
+                self._mem.zero(new.base_pfn << PAGE_SHIFT, pages << PAGE_SHIFT)
             return new
 
     def free(self, slot: Slot) -> None:
