@@ -4,18 +4,21 @@ import threading
 
 import pytest
 
-from driver_helpers import InProcessBench, loopback, same_payloads
+from driver_helpers import EventfdIrqs, InProcessBacking, InProcessBench, loopback, same_payloads
 from driver_helpers import numbered_frames as frames
 from vfkeep.device import control
+from vfkeep.device.core import GdmaDevice
+from vfkeep.device.dma import MappedMemory
+from vfkeep.device.timing import DeviceTiming
 from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
                                   RestoredMemoryNotFound, RestoreError, SaveRefusedHwcFailure,
                                   SaveRefusedResetPending, SmcError)
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.driver.vport import VportConfig
-from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, MANA_QUERY_STATS
+from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, GDMA_LIST_DEVICES, HWC_DEV_ID, MANA_QUERY_STATS
 from vfkeep.gdma.regs import WqDoorbellValue
 from vfkeep.memory import DmaManager, MemoryLayout
-from vfkeep.paravisor.vf_manager import fresh_mana_device
+from vfkeep.paravisor.vf_manager import fresh_mana_device, nic_dma_clients
 from vfkeep.proto import mana_driver_pb2
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=512, pool_pages=64)
@@ -496,3 +499,69 @@ def test_an_hwc_request_is_one_burst_of_posted_writes(bench, mem):
     assert bursts == [[hwc.cq._db_addr, hwc.eq._db_addr, hwc.rq._db_addr, hwc.sq._db_addr]] * 3
     device_hwc = bench.device.hwc
     assert device_hwc.rq.pending and not device_hwc.sq.pending  # the device sees the posted receive WQE too
+
+
+class HeldLoop:
+    """The device's loop, for a modelled latency: a delayed answer waits in `timers` until the test runs it."""
+
+    def __init__(self):
+        self.timers = []
+
+    def call_later(self, delay, callback):
+        self.timers.append(callback)
+
+
+def test_meanwhile_runs_while_the_device_works_on_the_request(mem):
+    """`request(meanwhile=)`: the device has taken the request and not answered it when `meanwhile` runs."""
+    loop = HeldLoop()
+    irqs = EventfdIrqs()
+    device = GdmaDevice(MappedMemory(mem), irqs, loop)
+    dma = DmaManager(mem, strict_pool=False)
+    dev = ManaDevice.new(InProcessBacking(device, irqs, 1, nic_dma_clients(dma, "nic0", True)), "nic0")
+    device.timing = DeviceTiming(hwc_latency_ms=1, flr_ms=0)  # from now on answers wait for the loop
+    seen = []
+
+    def meanwhile():
+        seen.append((device.counters["hwc_requests"], dev.gdma.hwc.cq.pending()))
+        loop.timers.pop()()  # the latency has passed: the device answers
+
+    before = device.counters["hwc_requests"]
+    dev.gdma.request(GDMA_LIST_DEVICES, HWC_DEV_ID, meanwhile=meanwhile)
+    assert seen == [(before + 1, False)] and not dev.gdma.hwc_failure
+    assert device.counters["modelled_hwc_ms_total"] == 1
+
+
+def test_a_failing_meanwhile_is_raised_after_the_request_completed(bench, mem):
+    """The request is still completed and checked: the HWC stays in step and usable. A request that fails
+    raises its own error (and marks the HWC failed), not the other."""
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
+    with pytest.raises(ZeroDivisionError):
+        dev.gdma.request(GDMA_LIST_DEVICES, HWC_DEV_ID, meanwhile=lambda: 1 / 0)
+    assert not dev.gdma.hwc_failure and dev.gdma.mana_dev_id() == dev.dev_id  # the next request works
+    control.COMMANDS["fail_request"](bench.device, type="GDMA_LIST_DEVICES", mode="once")
+    with pytest.raises(HwcFailure, match="GDMA_LIST_DEVICES failed with status"):
+        dev.gdma.request(GDMA_LIST_DEVICES, HWC_DEV_ID, meanwhile=lambda: 1 / 0)
+    assert dev.gdma.hwc_failure
+    dev.shutdown()
+
+
+def test_a_vport_whose_data_path_cannot_be_built_is_undone(bench, mem, monkeypatch):
+    """The packet buffers and rings are built during CONFIG_VPORT_RX (`meanwhile`): if that fails, RX was
+    enabled all the same, and closing the vport disables it first, then destroys every queue; the HWC is fine."""
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
+    seq = bench.device.command_log.seq
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the packet buffers")
+
+    with monkeypatch.context() as m:
+        m.setattr("vfkeep.driver.vport.VportDataPath", broken)
+        with pytest.raises(MemoryError):
+            dev.open_vport(0, SMALL)
+    names = bench.log_since(seq)
+    assert names[names.index("MANA_CONFIG_VPORT_RX"):] == [
+        "MANA_CONFIG_VPORT_RX", "MANA_CONFIG_VPORT_RX", "MANA_DESTROY_WQ_OBJ", "MANA_DESTROY_WQ_OBJ",
+        "GDMA_DISABLE_QUEUE"]
+    assert not dev.gdma.hwc_failure and not dev.vports and dev.leaked == []
+    assert len(loopback(dev.open_vport(0, SMALL), frames(20))) == 20
+    dev.shutdown()

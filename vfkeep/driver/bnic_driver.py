@@ -1,6 +1,8 @@
 """BNIC (MANA) requests over the HWC (gdma spec 11), addressed to the MANA device id."""
 from __future__ import annotations
 
+from typing import Callable
+
 from vfkeep.gdma.bnic import (ManaCfgRxSteerReq, ManaCfgRxSteerReqDriver, ManaConfigVportReq, ManaConfigVportResp,
                               ManaCreateWqobjReq, ManaCreateWqobjResp, ManaDestroyWqobjReq, ManaQueryDeviceCfgReq,
                               ManaQueryDeviceCfgResp, ManaQueryFilterStateReq, ManaQueryStatisticsRequest,
@@ -50,14 +52,15 @@ class BnicDriver:
         self.gdma.request(MANA_DESTROY_WQ_OBJ, self.dev_id, ManaDestroyWqobjReq(wq_type=wq_type, wq_obj_handle=wq_obj))
 
     def config_vport_rx(self, vport: int, *, rx_enable: Tristate, rss_enable: Tristate,
-                        default_rxobj: int | None = None) -> None:
-        """Start (default RX object, no RSS) or stop a vport's traffic (gdma spec 11.8)."""
+                        default_rxobj: int | None = None, meanwhile: Callable[[], object] | None = None) -> None:
+        """Start (default RX object, no RSS) or stop a vport's traffic (gdma spec 11.8); `meanwhile`: see
+        `GdmaDriver.request`."""
         body = ManaCfgRxSteerReqDriver()
         body.req = ManaCfgRxSteerReq(vport=vport, num_indir_entries=0, indir_tab_offset=CFG_RX_INDIR_TAB_OFFSET,
                                      rx_enable=rx_enable, rss_enable=rss_enable,
                                      update_default_rxobj=int(default_rxobj is not None),
                                      default_rxobj=default_rxobj or 0)
-        self.gdma.request(MANA_CONFIG_VPORT_RX, self.dev_id, body)
+        self.gdma.request(MANA_CONFIG_VPORT_RX, self.dev_id, body, meanwhile=meanwhile)
 
     def query_stats(self, mask: int = STATISTICS_FLAGS_ALL) -> ManaQueryStatisticsResponse:
         return self.gdma.request(MANA_QUERY_STATS, self.dev_id, ManaQueryStatisticsRequest(requested_statistics=mask))

@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from vfkeep import __version__
 from vfkeep.gdma.base import WireStruct
@@ -456,11 +457,16 @@ class GdmaDriver:
 
     # -- HWC requests (gdma spec 8) -------------------------------------------------------------
     def request(self, code: int, dev_id: int | GdmaDevId, body: WireStruct | None = None, *,
-                timeout_ms: int | None = None) -> WireStruct | None:
+                timeout_ms: int | None = None, meanwhile: Callable[[], object] | None = None) -> WireStruct | None:
         """Send one request over the HWC and return the response body (None for empty responses).
 
         Body and response types come from `vfkeep.gdma.messages`. A non-zero status or a timeout marks
         the HWC failed; from then on (and while a reset request is pending) requests fail locally.
+
+        `meanwhile` runs once the request is on its way (doorbells rung) and before its answer is awaited: CPU
+        work that does not depend on the answer, done inside the device's latency rather than after it. It must
+        not use the HWC. If it raises, the request is still completed and checked; its own error comes first,
+        then `meanwhile`'s is raised (the device state the request made is the caller's to undo).
         """
         spec = message_spec(code)
         name = request_name(code)
@@ -493,6 +499,12 @@ class GdmaDriver:
                 # the request instead of after it, so its doorbell rides in the request's burst: one message
                 # per request, and at rest one receive WQE stays posted as before.
                 self._arm_hwc(self._post_receive_wqe(ring=False), hwc.sq.commit_write())
+                meanwhile_error = None
+                if meanwhile is not None:
+                    try:
+                        meanwhile()
+                    except Exception as e:  # noqa: BLE001 - raised once the request is complete
+                        meanwhile_error = e
                 interrupt_lost = self._wait_completions(code, name, start,
                                                         (timeout_ms or self.hwc_timeout_ms) / 1000)
                 hwc.sq.advance_head(DRV_HWC_SWQE_SIZE)
@@ -520,6 +532,8 @@ class GdmaDriver:
                 self.hwc_failure = True
                 raise HwcFailure(f"{name}: response of {resp.response.msg_size} bytes is shorter than the "
                                  f"{body_size}-byte body", code, None)
+            if meanwhile_error is not None:
+                raise meanwhile_error
             if spec.response is None:
                 return None
             return spec.response.from_bytes(self._resp_page, RESP_HDR_SIZE)

@@ -104,14 +104,21 @@ class Vport:
         kill_points.reached("restore.vport")
         self._rx_obj, rq, rx_cq = self._create_wq_obj(GDMA_RQ, cfg.rx_wq_size, cfg.rx_cq_size, eq_id, doorbell)
 
-        ntx, nrx = buffer_counts(sq.size, tx_cq.size, rq.size, rx_cq.size, short)
-        tx_buffers, rx_buffers = self._alloc(ntx * cfg.buffer_size), self._alloc(nrx * cfg.buffer_size)
-        self.data = VportDataPath(gdma, self.index, self.vector, VportQueues(eq, sq, tx_cq, rq, rx_cq), tx_buffers,
-                                  rx_buffers, buffer_size=cfg.buffer_size, short=short,
-                                  tx_vport_offset=self.tx_vport_offset, format=True)
-        bnic.config_vport_rx(self.handle, rx_enable=Tristate.TRUE, rss_enable=Tristate.FALSE,
-                             default_rxobj=self._rx_obj)
-        self._resources.append(self._stop_rx)
+        def build_data_path() -> None:
+            """Packet buffers and formatted rings: needed only to post the receive buffers (gdma spec 13.1 step
+            24, after CONFIG_VPORT_RX), so built while the device works on CONFIG_VPORT_RX."""
+            ntx, nrx = buffer_counts(sq.size, tx_cq.size, rq.size, rx_cq.size, short)
+            tx_buffers, rx_buffers = self._alloc(ntx * cfg.buffer_size), self._alloc(nrx * cfg.buffer_size)
+            self.data = VportDataPath(gdma, self.index, self.vector, VportQueues(eq, sq, tx_cq, rq, rx_cq),
+                                      tx_buffers, rx_buffers, buffer_size=cfg.buffer_size, short=short,
+                                      tx_vport_offset=self.tx_vport_offset, format=True)
+
+        try:
+            bnic.config_vport_rx(self.handle, rx_enable=Tristate.TRUE, rss_enable=Tristate.FALSE,
+                                 default_rxobj=self._rx_obj, meanwhile=build_data_path)
+        finally:
+            if not gdma.hwc_failure:  # RX is on (also when only building the data path failed): undo it first
+                self._resources.append(self._stop_rx)
         # Then post the receive buffers, as the reference data path does (gdma spec 13.1 step 24).
         self.data.post_receive_buffers()
         kv(log, logging.INFO, "vport open", vport=self.index, mac=self.mac.hex(":"), **self.queue_ids(),
