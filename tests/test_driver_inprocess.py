@@ -13,7 +13,7 @@ from vfkeep.device.timing import DeviceTiming
 from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
                                   RestoredMemoryNotFound, RestoreError, SaveRefusedHwcFailure,
                                   SaveRefusedResetPending, SmcError)
-from vfkeep.driver.mana import ManaDevice
+from vfkeep.driver.mana import ManaDevice, restore_vectors
 from vfkeep.driver.vport import VportConfig
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, GDMA_LIST_DEVICES, HWC_DEV_ID, MANA_QUERY_STATS
 from vfkeep.gdma.regs import WqDoorbellValue
@@ -159,6 +159,7 @@ def test_a_restore_maps_every_vector_at_once(bench, mem):
     backing.set_irqs = lambda vs: (calls.append(list(vs)), set_irqs(vs))[1]
     dev = ManaDevice.restore(backing, "nic0", state.SerializeToString())
     assert calls == [[0, 1]] and state.gdma.num_msix == 2
+    assert restore_vectors(state) == (0, 1)  # what an attach assigns for it (`open_vfio(irqs=)`): all of them
     vport = dev.open_vport(0, SMALL)
     assert calls == [[0, 1]] and vport.vector == 1
     assert len(loopback(vport, frames(10))) == 10  # its interrupts arrive on the vector mapped at restore

@@ -39,14 +39,21 @@ DEFAULT_NUM_VPS = 2
 RESTORE_FIRST_READ = (0, REGMAP_SIZE)
 
 
+def _vectors(saved: mana_driver_pb2.ManaDeviceSavedState) -> tuple[int, ...]:
+    """Every MSI-X vector the restored device uses, in the order `ManaDevice.restore` assigns them: the HWC's,
+    the kept vports', then the data vectors a vport opened later takes (1 .. num_msix - 1), so that opening one
+    assigns none (each assignment is a round trip inside the servicing's window)."""
+    return tuple(dict.fromkeys((DRV_HWC_MSIX, *(v.vector for v in saved.vports), *range(1, saved.gdma.num_msix))))
+
+
 def restore_vectors(saved: mana_driver_pb2.ManaDeviceSavedState) -> tuple[int, ...]:
-    """The MSI-X vectors `ManaDevice.restore` of `saved` assigns first, in its order (the HWC's, then the kept
-    vports'), for a backing to assign while it attaches (`open_vfio(irqs=)`); () when one is not below the saved
-    state's own vector count (the restore's validation then refuses the state with its own error)."""
-    vectors = (DRV_HWC_MSIX, *(v.vector for v in saved.vports))
+    """The MSI-X vectors `ManaDevice.restore` of `saved` assigns first, in its order, for a backing to assign
+    while it attaches (`open_vfio(irqs=)`); () when one is not below the saved state's own vector count (the
+    restore's validation then refuses the state with its own error)."""
+    vectors = _vectors(saved)
     if not all(v < saved.gdma.num_msix for v in vectors):
         return ()
-    return tuple(dict.fromkeys(vectors))
+    return vectors
 
 
 class ManaDevice:
@@ -114,10 +121,7 @@ class ManaDevice:
             raise
         kept_blocks = [b for group in kept for b in group]
         try:
-            # Every vector the device uses (HWC, kept vports, the vports to be opened: 1 .. num_msix - 1) in the
-            # one exchange that maps the HWC's, not one more per vport opened.
-            vectors = (*(v.vector for v in state.vports), *range(1, state.gdma.num_msix))
-            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, vectors)
+            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, _vectors(state)[1:])
         except BaseException:
             for block in (hwc_mem, *kept_blocks):
                 block.free()
