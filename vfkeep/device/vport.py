@@ -348,10 +348,10 @@ class Vport:
             k = min(len(frames), len(posted))
             if k < 2 or not cq.reachable():
                 break
-            positions, errors, sges, _, _ = zip(*itertools.islice(posted, k))
-            if errors.count(None) != k or set(map(len, sges)) != {1}:
+            run = self._oldest_posted(k)
+            if run is None:
                 break
-            addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+            positions, addresses, sizes = run
             k = _even_prefix(addresses)
             rows = _block(DmaWindow(dev.dma, write=True), addresses[:k], length) \
                 if k >= 2 and min(sizes[:k]) >= length else None
@@ -377,12 +377,10 @@ class Vport:
         like that (the caller then goes frame by frame)."""
         posted = self.posted
         k = min(len(frames), len(posted))
-        if k < 2:
+        run = self._oldest_posted(k) if k >= 2 else None
+        if run is None:
             return 0
-        positions, errors, sges, _, _ = zip(*itertools.islice(posted, k))
-        if errors.count(None) != k or set(map(len, sges)) != {1}:
-            return 0
-        addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+        positions, addresses, sizes = run
         frames = frames[:k]
         lengths = list(map(len, frames))
         if not all(map(operator.ge, sizes, lengths)) or max(lengths) > MAX_FRAME:
@@ -400,6 +398,15 @@ class Vport:
         cqes += map(codec.RX_CQE.pack, itertools.repeat(_RX_OK, k), lengths, positions, itertools.repeat(params, k))
         delivered += frames
         return k
+
+    def _oldest_posted(self, k: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
+        """(ring positions, SGE addresses, SGE sizes) of the oldest `k` posted receive WQEs if all are well formed
+        with one SGE (how a driver posts them: the batch paths need nothing else); None if any is not."""
+        positions, errors, sges, _, _ = zip(*itertools.islice(self.posted, k))
+        if errors.count(None) != k or set(map(len, sges)) != {1}:
+            return None
+        addresses, sizes = zip(*map(operator.itemgetter(0), sges))
+        return positions, addresses, sizes
 
     def inspect(self) -> dict:
         def q(x):
@@ -434,12 +441,12 @@ def _same_prefix(values: list[int]) -> int:
 
 
 def _block(win: DmaWindow, addresses: list[int] | tuple[int, ...], length: int) -> np.ndarray | None:
-    """The `length` bytes at each of `addresses` as the rows of one uint8 array (a view of guest memory: no
-    copy), if the addresses are evenly spaced at least `length` apart and inside one DMA mapping and a frame of
-    `length` bytes is one the data path carries whole (12 to `MAX_FRAME` bytes); else None."""
+    """The `length` bytes at each of `addresses` — evenly spaced (an `_even_prefix`) — as the rows of one uint8
+    array (a view of guest memory: no copy), if they are at least `length` apart and inside one DMA mapping and
+    a frame of `length` bytes is one the data path carries whole (12 to `MAX_FRAME` bytes); else None."""
     n, low = len(addresses), addresses[0]
     stride = addresses[1] - low if n > 1 else length
-    if not 12 <= length <= MAX_FRAME or stride < length or list(addresses) != list(range(low, low + n * stride, stride)):
+    if not 12 <= length <= MAX_FRAME or stride < length:
         return None
     try:
         buf = np.frombuffer(win.view(low, (n - 1) * stride + length), np.uint8)
