@@ -293,14 +293,7 @@ class Ring:
                 buf[off:off + n] = f
                 off += size
             done += count
-        if accepted:
-            _fence()  # payloads before tail
-            c[_TAIL] = (tail + accepted) & _U64
-            c[_BYTES_PUSHED] = (c[_BYTES_PUSHED] + sum(lengths[:accepted])) & _U64
-        if len(frames) > accepted:
-            c[_DROPPED_FULL] = (c[_DROPPED_FULL] + len(frames) - accepted) & _U64
-        if accepted and self.doorbell is not None:
-            self.doorbell.ring()
+        self._publish(tail, accepted, sum(lengths[:accepted]), len(frames) - accepted)
         return accepted
 
     def _rows(self):
@@ -327,15 +320,22 @@ class Ring:
             self._slot_words[first * stride:(first + count) * stride:stride] = array.array("I", [length]) * count
             self._rows()[first:first + count, SLOT_LEN_SIZE:SLOT_LEN_SIZE + length] = frames[done:done + count]
             done += count
+        self._publish(tail, accepted, accepted * length, n - accepted)
+        return accepted
+
+    def _publish(self, tail: int, accepted: int, nbytes: int, refused: int) -> None:
+        """After the payloads of `accepted` frames (`nbytes` in all) are in their slots from counter `tail`: move
+        the tail past them (fenced: a consumer never sees a tail before its payloads), count them and the
+        `refused` ones, and ring the doorbell if anything was published."""
+        c = self._ctr
         if accepted:
-            _fence()  # payloads before tail
+            _fence()
             c[_TAIL] = (tail + accepted) & _U64
-            c[_BYTES_PUSHED] = (c[_BYTES_PUSHED] + accepted * length) & _U64
-        if n > accepted:
-            c[_DROPPED_FULL] = (c[_DROPPED_FULL] + n - accepted) & _U64
+            c[_BYTES_PUSHED] = (c[_BYTES_PUSHED] + nbytes) & _U64
+        if refused:
+            c[_DROPPED_FULL] = (c[_DROPPED_FULL] + refused) & _U64
         if accepted and self.doorbell is not None:
             self.doorbell.ring()
-        return accepted
 
     def _runs(self, counter: int, n: int) -> list[tuple[int, int]]:
         """(first slot, count) of the slots of counters [counter, counter + n): one run, two at the wrap."""
