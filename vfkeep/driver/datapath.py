@@ -42,13 +42,13 @@ assert codec.CQE_HDR.shift["cqe_type"] == 0
 _EQE_TYPE = codec.EQE_PARAMS.mask["event_type"]
 assert codec.EQE_PARAMS.shift["event_type"] == 0
 _CQ_ID_SHIFT, _CQ_ID_MASK = codec.EQE_COMPLETION_DATA.shift["cq_id"], codec.EQE_COMPLETION_DATA.mask["cq_id"]
-#: Byte offsets in a CQE of what the driver reads of an RX completion (`codec.RX_COMP`): cqe_hdr, pkt_len.
+#: Byte offsets in a CQE of what the driver reads of an RX completion, as u32 and u16 columns: cqe_hdr, pkt_len.
 (_RX_HDR_AT, _), (_RX_LEN_AT, _) = (codec.field_span(ManaRxcompOob, f, codec.field_span(Cqe, "data")[0])
                                     for f in ("cqe_hdr", "ppi.0.pkt_len"))
-assert codec.RX_COMP.format == "<I4xH" and _RX_HDR_AT % 4 == 0 and _RX_LEN_AT % 2 == 0
-#: Byte offset in a CQE of a TX completion's cqe_hdr (`codec.TX_COMP`).
+assert _RX_HDR_AT % 4 == 0 and _RX_LEN_AT % 2 == 0
+#: Byte offset in a CQE of a TX completion's cqe_hdr, read as a u32 column.
 _TX_HDR_AT = codec.field_span(ManaTxCompOob, "cqe_hdr", codec.field_span(Cqe, "data")[0])[0]
-assert codec.TX_COMP.format == "<I" and _TX_HDR_AT == 0
+assert _TX_HDR_AT % 4 == 0
 
 
 #: Sends outstanding this long without a TX completion: the device may never have seen their doorbell (written
@@ -327,20 +327,15 @@ class VportDataPath:
         return [] if same and headers[0] & _CQE_TYPE == CQE_TX_OKAY else headers
 
     @staticmethod
-    def _cqe_columns(words: memoryview, offsets: list[int], at: int) -> list[int]:
-        """The u32 at byte `at` of each CQE at `offsets` (`poll_many`: consecutive, restarting at 0 at most once,
-        where the ring wraps), read as one or two strided slices of the CQ's words."""
+    def _cqe_columns(items: memoryview, offsets: list[int], at: int) -> list[int]:
+        """The item (u32 or u16: `items` is the whole CQ cast to it) at byte `at` of each CQE at `offsets`
+        (`poll_many`: consecutive, restarting at 0 at most once, where the ring wraps), read as one strided
+        slice, or two: up to the ring end and from its start."""
+        size, step = items.itemsize, CQE_SIZE // items.itemsize
+        end = (offsets[-1] + CQE_SIZE) // size
         if offsets[-1] - offsets[0] == (len(offsets) - 1) * CQE_SIZE:
-            return words[(offsets[0] + at) // 4:(offsets[-1] + CQE_SIZE) // 4:CQE_SIZE // 4].tolist()
-        out: list[int] = []
-        i = 0
-        while i < len(offsets):
-            start = offsets[i]
-            n = next((j for j in range(i + 1, len(offsets)) if offsets[j] != offsets[j - 1] + CQE_SIZE),
-                     len(offsets)) - i
-            out += words[(start + at) // 4:(start + n * CQE_SIZE) // 4:CQE_SIZE // 4].tolist()
-            i += n
-        return out
+            return items[(offsets[0] + at) // size:end:step].tolist()
+        return items[(offsets[0] + at) // size::step].tolist() + items[at // size:end:step].tolist()
 
     # -- receiving -------------------------------------------------------------------------------
     def receive_batch(self, consume: Callable[[list[memoryview]], object], max_frames: int = 256,
@@ -423,21 +418,10 @@ class VportDataPath:
         self.stats.rx_bytes += nbytes
 
     def _rx_completions(self, offsets: list[int]) -> tuple[list[int], list[int]]:
-        """(cqe_hdr, pkt_len) of the RX CQEs at `offsets` (`poll_many`: consecutive, restarting at 0 at most
-        once, where the ring wraps), read as strided columns of the CQ, not a record per CQE."""
-        words, halves = self._rx_cq_words, self._rx_cq_halves
-        headers: list[int] = []
-        lengths: list[int] = []
-        i = 0
-        while i < len(offsets):
-            start = offsets[i]
-            n = len(offsets) - i if offsets[-1] - start == (len(offsets) - 1 - i) * CQE_SIZE else \
-                next(j for j in range(i + 1, len(offsets)) if offsets[j] != offsets[j - 1] + CQE_SIZE) - i
-            end = start + n * CQE_SIZE
-            headers += words[(start + _RX_HDR_AT) // 4:end // 4:CQE_SIZE // 4].tolist()
-            lengths += halves[(start + _RX_LEN_AT) // 2:end // 2:CQE_SIZE // 2].tolist()
-            i += n
-        return headers, lengths
+        """(cqe_hdr, pkt_len) of the RX CQEs at `offsets` (`poll_many`), read as strided columns of the CQ, not a
+        record per CQE."""
+        return (self._cqe_columns(self._rx_cq_words, offsets, _RX_HDR_AT),
+                self._cqe_columns(self._rx_cq_halves, offsets, _RX_LEN_AT))
 
     def _post_rx(self) -> None:
         """Post the received buffers again: the WQE at the new tail already points at each. Deferred from the

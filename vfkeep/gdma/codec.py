@@ -22,7 +22,7 @@ import struct
 import numpy as np
 
 from .base import BitfieldWord, WireStruct, bit_position
-from .datapath import ManaCqeHeader, ManaRxcompOob, ManaTxCompOob, ManaTxLongOob, ManaTxOob, ManaTxShortOob
+from .datapath import ManaCqeHeader, ManaRxcompOob, ManaTxLongOob, ManaTxOob, ManaTxShortOob
 from .queues import Cqe, CqeParams, Eqe, EqeCompletionData, EqeParams, Sge, WqeHeader, WqeParams
 from .regs import CqEqDoorbellValue, WqDoorbellValue
 
@@ -110,8 +110,6 @@ CQE_SIZE = ctypes.sizeof(Cqe)
 EQE_SIZE = ctypes.sizeof(Eqe)
 #: Byte offset of the WQE header's params dword (num SGEs, OOB size code, ...).
 WQE_PARAMS_AT = field_span(WqeHeader, "params")[0]
-#: One SGE: address, mem_key, size.
-SGE = record(ctypes.sizeof(Sge), *(field_span(Sge, f) for f in ("address", "mem_key", "size")))
 #: Byte offset of `size` inside an SGE (the driver rewrites only the length per frame).
 SGE_SIZE_AT = field_span(Sge, "size")[0]
 #: Long-form TX OOB as its two words (`ManaTxShortOob`, `ManaTxLongOob`).
@@ -127,10 +125,6 @@ RX_CQE = record(CQE_SIZE, *(field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_h
 RX_CQE_DTYPE = record_dtype(CQE_SIZE, **dict(zip(("cqe_hdr", "pkt_len", "rx_wqe_offset"), (
     field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len", "rx_wqe_offset")))),
     params=field_span(Cqe, "params"))
-#: What the driver reads of an RX completion: cqe_hdr and ppi[0].pkt_len.
-RX_COMP = record(None, *(field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len")))
-#: What the driver reads of a TX completion: cqe_hdr.
-TX_COMP = record(None, field_span(ManaTxCompOob, "cqe_hdr", _DATA))
 #: A completion EQE: its payload (`EqeCompletionData` word) and params.
 EQE_COMPLETION = record(EQE_SIZE, (field_span(Eqe, "data")[0], ctypes.sizeof(EqeCompletionData)),
                         field_span(Eqe, "params"))
@@ -143,6 +137,6 @@ OWNER_SHIFT_IN_LAST_BYTE = OWNER_SHIFT - 24
 __all__ = [
     "Bits", "field_span", "record", "record_dtype", "RX_CQE_DTYPE", "WQE_PARAMS", "CQE_PARAMS", "EQE_PARAMS", "CQE_HDR", "EQE_COMPLETION_DATA",
     "TX_SHORT_OOB", "TX_LONG_OOB", "CQ_EQ_DOORBELL", "WQ_DOORBELL", "CQE_SIZE", "EQE_SIZE", "WQE_PARAMS_AT",
-    "SGE", "SGE_SIZE_AT", "TX_OOB", "CQE", "RX_CQE", "RX_COMP", "TX_COMP", "EQE_COMPLETION", "OWNER_SHIFT",
+    "SGE_SIZE_AT", "TX_OOB", "CQE", "RX_CQE", "EQE_COMPLETION", "OWNER_SHIFT",
     "OWNER_SHIFT_IN_LAST_BYTE",
 ]
