@@ -67,6 +67,9 @@ MAX_FRAME = 0xFFFF  # `pkt_len` is a u16
 _TPID_8021Q = b"\x81\x00"
 _TX_OOB_LONG = ctypes.sizeof(ManaTxOob)
 _S_OOB, _L_OOB = codec.TX_SHORT_OOB, codec.TX_LONG_OOB
+#: Fewest frames worth a block: a shorter one costs more than frame-by-frame batching, and ending the block path
+#: there bounds its work however a driver spaces its buffers (blocks of two would make it quadratic).
+_MIN_BLOCK = 8
 
 
 def _tx_completion(cqe_type: int) -> bytes:
@@ -169,7 +172,7 @@ class Vport:
                 addresses, sizes = run
                 while addresses:  # blocks of evenly spaced buffers of one size (a driver's buffers wrap once)
                     k = min(_even_prefix(addresses), _same_prefix(sizes))
-                    rows = _block(win, addresses[:k], sizes[0]) if k >= 2 else None
+                    rows = _block(win, addresses[:k], sizes[0]) if k >= _MIN_BLOCK else None
                     if rows is None:  # not one block of guest memory: the rest frame by frame
                         self._transmit(win, [(0, None, [(a, n)], 0, b"") for a, n in zip(addresses, sizes)], ok,
                                        params)
@@ -342,11 +345,11 @@ class Vport:
         length = frames.shape[1]
         posted, cq, dev = self.posted, self.rx_cq, self.dev
         usable = self.running and self.link_up and length and "rx_len_overstated" not in dev.hostile
-        while usable and len(frames) >= 2:
+        while usable and len(frames) >= _MIN_BLOCK:
             if len(posted) < len(frames):
                 self.fetch_rx()
             k = min(len(frames), len(posted))
-            if k < 2 or not cq.reachable():
+            if k < _MIN_BLOCK or not cq.reachable():
                 break
             run = self._oldest_posted(k)
             if run is None:
@@ -354,7 +357,7 @@ class Vport:
             positions, addresses, sizes = run
             k = _even_prefix(addresses)
             rows = _block(DmaWindow(dev.dma, write=True), addresses[:k], length) \
-                if k >= 2 and min(sizes[:k]) >= length else None
+                if k >= _MIN_BLOCK and min(sizes[:k]) >= length else None
             if rows is None:
                 break
             rows[:] = frames[:k]
