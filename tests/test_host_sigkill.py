@@ -83,6 +83,32 @@ def test_namespaces_of_a_killed_host_are_removed_by_the_next_run(tmp_path):
         netns.cleanup_run(rid)  # (only if something above failed)
 
 
+@needs_netns
+def test_stop_after_a_killed_netns_host_removes_what_the_next_run_would_and_says_so(tmp_path):
+    """`vfkeep stop` with no host running left the namespaces, pidfile and sockets of a SIGKILLed
+    `--guest netns` host, saying `nothing to stop` (new-user review item 5)."""
+    import subprocess
+    from vfkeep import proc
+
+    run_dir = tmp_path / "run"
+    rid = netns.run_id(str(run_dir))
+    h = HostRun(run_dir, "--guest", "netns")
+    try:
+        kill_host(h)
+        assert len(netns.list_run(rid)) == 2 and (run_dir / "host.pid").exists()
+        r = subprocess.run(proc.vfkeep_argv("stop", "--run-dir", str(run_dir)), capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        for name in ("pidfile of dead host pid", "host.sock", "nic0.sock.ctl", "guest-bridge-0.sock",
+                     netns.guest_ns(rid, 0), netns.wire_ns(rid, 0)):
+            assert name in r.stdout, (name, r.stdout)
+        assert netns.list_run(rid) == [] and sockets(run_dir) == [] and not (run_dir / "host.pid").exists()
+        assert_nothing_left(rid)
+    finally:
+        h.kill()
+        netns.cleanup_run(rid)  # (only if something above failed)
+
+
 def test_a_killed_nvme_hosts_disk_file_goes_with_the_next_stop_or_run(tmp_path):
     """nvme0.disk (64 MiB sparse) and the empty device-nvme0.stderr outlived a SIGKILLed --nvme host, also
     after the next run/stop without --nvme; the README says the disk file goes when the host stops."""
@@ -97,7 +123,8 @@ def test_a_killed_nvme_hosts_disk_file_goes_with_the_next_stop_or_run(tmp_path):
         if cleaner == "stop":
             r = subprocess.run(proc.vfkeep_argv("stop", "--run-dir", str(run_dir)), capture_output=True, text=True,
                                timeout=60)
-            assert r.returncode == 0 and "nothing to stop" in r.stdout, r.stderr
+            assert r.returncode == 0 and "no host running" in r.stdout, r.stderr
+            assert "sockets host.sock, nvme0.sock, nvme0.sock.ctl and files device-nvme0.stderr, nvme0.disk" in r.stdout
         else:
             h2 = HostRun(run_dir, nics=0)
             try:

@@ -130,15 +130,18 @@ def test_device_failing_at_start_up_ends_run_fast(tmp_path):
 
 
 def test_an_nvme_device_failing_at_start_up_is_named(tmp_path):
-    """A disk file that cannot be created: the NVMe controller exits at start-up and the one-line cause names
-    it (nvme0 and its own stderr file), not a NIC."""
-    run_dir = str(tmp_path / "run")
-    r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", "--nics", "0", "--nvme", "1",
-            "--disk", str(tmp_path / "missing" / "x.img"))
+    """A socket path the NVMe controller cannot take (somebody's regular file there): it exits at start-up and
+    the one-line cause names it (nvme0 and its own stderr file), not a NIC; the file stays."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "nvme0.sock").write_text("not ours")
+    r = cli("run", "--detach", "--run-dir", str(run_dir), "--timing", "natural", "--nics", "0", "--nvme", "1")
     assert r.returncode == 1, r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert "device nvme0 exited" in line and "device-nvme0.stderr" in line and "nic0" not in line, line
-    assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
+    assert "is not a socket" in (run_dir / "device-nvme0.stderr").read_text()
+    assert not proc.processes_mentioning(str(run_dir)) and leftovers(str(run_dir)) == ["nvme0.sock"]
+    assert (run_dir / "nvme0.sock").read_text() == "not ours"
 
 
 def test_disk_commands_on_a_host_without_disks_say_so(tmp_path):

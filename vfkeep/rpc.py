@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .log import kv
-from .sockets import connect_unix, listen_unix, send_all, unlink_if_ours, wait_fd
+from .sockets import bind_error, claim_socket_path, connect_unix, listen_unix, send_all, unlink_if_ours, wait_fd
 
 #: Longest request line, newline included.
 MAX_LINE = 1 << 20
@@ -248,10 +248,7 @@ class ThreadedServer:
         self.path = path
         self.dispatcher = dispatcher
         self.name = name
-        try:
-            os.unlink(path)  # a stale socket of a dead process (callers check for a live one first)
-        except FileNotFoundError:
-            pass
+        claim_socket_path(path)  # a stale socket of a dead process; never a live one
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
@@ -290,7 +287,10 @@ class ThreadedServer:
                 finally:
                     source.close()
 
-        self._server = _ThreadingUnixServer(path, Handler)
+        try:
+            self._server = _ThreadingUnixServer(path, Handler)
+        except OSError as e:
+            raise bind_error(path, e) from None
         self._inode = os.stat(path).st_ino
         self._thread: threading.Thread | None = None
 

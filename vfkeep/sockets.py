@@ -4,18 +4,66 @@ from __future__ import annotations
 import os
 import select
 import socket
+import stat
 import time
 
 
-def listen_unix(path: str) -> tuple[socket.socket, int]:
-    """Non-blocking listening socket at `path` and the inode of its file, replacing a stale socket file
-    left by a dead process."""
+class SocketPathError(OSError):
+    """A socket cannot be created at a path: its directory is missing, something else is there, or another
+    process listens on it (a path is never taken from a live server or from a file that is not a socket)."""
+
+
+def is_stale_socket(path: str) -> bool:
+    """`path` is a socket file nobody listens on (connect refused): a dead process's, safe to replace."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:  # accepted, backlog full (EAGAIN), no permission: somebody's, not ours to remove
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def claim_socket_path(path: str) -> None:
+    """Make `path` free for bind(): remove a stale socket there; SocketPathError if a live socket or any
+    other file is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket; not replacing it")
+    if not is_stale_socket(path):
+        raise SocketPathError(f"another process is listening on {path}")
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def bind_error(path: str, e: OSError) -> SocketPathError:
+    """bind() failed: the cause as one line naming the path."""
+    return SocketPathError(f"cannot create socket {path}: {e.strerror or e}")
+
+
+def listen_unix(path: str) -> tuple[socket.socket, int]:
+    """Non-blocking listening socket at `path` and the inode of its file, replacing a stale socket file
+    left by a dead process (never a live one or another kind of file: SocketPathError)."""
+    claim_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.bind(path)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise bind_error(path, e) from None
     sock.listen(16)
     sock.setblocking(False)
     return sock, os.stat(path).st_ino

@@ -18,6 +18,7 @@ from vfkeep.log import kv
 from vfkeep.proc import freeze_heap, spawn, vfkeep_argv
 from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
+from vfkeep.sockets import SocketPathError
 
 from .backends import BackendError, parse_backend
 from .core import RESET_METHODS
@@ -66,7 +67,7 @@ def device_command(socket_path, control_path, reset_method, timing, hwc_latency_
                             timing=timing, name=name)
     try:
         server = VfioUserServer(socket_path, device, control_path=control_path)
-    except BackendError as e:
+    except (BackendError, SocketPathError) as e:
         raise click.ClickException(str(e)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())

@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from .. import log as vlog
 from .. import proc, rpc
 from ..device.timing import timing_from, timing_options
 from ..log import kv
-from . import control, render
+from . import control, leftovers, render
 from .decode import UndecodableState, decode_file
 
 log = logging.getLogger("vfkeep.host")
@@ -39,8 +38,16 @@ def _env_pairs(pairs: tuple[str, ...], option: str) -> dict[str, str]:
     return env
 
 
+def _nonempty_run_dir(ctx, param, value):
+    """An empty --run-dir would be the current directory, whatever that holds: refused."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("must name a directory, got ''", param_hint="--run-dir")
+    return value
+
+
 run_dir_option = click.option("--run-dir", default=default_run_dir, show_default="$VFKEEP_RUN_DIR or /tmp/vfkeep-UID",
-                              type=click.Path(file_okay=False), help="directory of the host's sockets, logs, state")
+                              type=click.Path(file_okay=False), callback=_nonempty_run_dir,
+                              help="directory of the host's sockets, logs, state")
 
 
 #: Exit status of `vfkeep run` after each signal (128 + signal number, as a shell reports it).
@@ -88,80 +95,37 @@ def _is_host(pid: int) -> bool:
         return False
 
 
-def claim_run_dir(run_dir: str) -> str | None:
+def claim_run_dir(run_dir: str, keep: tuple[str, ...] = ()) -> str | None:
     """Refuse a run dir a live host serves; clean up what a dead one (e.g. SIGKILLed: its children died with
-    it, PR_SET_PDEATHSIG) left: pidfile, control socket, the other sockets (devices, agents, bridges) and the
-    network namespaces of this run dir. Returns a note about what was cleaned up, if anything."""
-    notes = []
-    path = pidfile_path(run_dir)
+    it, PR_SET_PDEATHSIG) left (`remove_dead_hosts_leftovers`), never a path in `keep` (this run's --disk
+    files). Returns a note about what was cleaned up, if anything."""
     pid = _pidfile_pid(run_dir)
     if pid is not None and pid != os.getpid() and _is_host(pid):
         fail(f"run: a host is already running in {run_dir} (pid {pid}); stop it with `vfkeep stop --run-dir {run_dir}`")
-    if os.path.exists(path):
-        os.unlink(path)
-        notes.append(f"pidfile of dead host pid {pid}")
-    sock = control.socket_path(run_dir)
-    if os.path.exists(sock):
+    if os.path.exists(control.socket_path(run_dir)):
         try:
             control.HostClient(run_dir, wait=2.0).status()
         except rpc.Unavailable:
-            os.unlink(sock)
-            notes.append("its control socket")
+            pass  # stale: removed below
         else:
             fail(f"run: a host is already running in {run_dir}; stop it with `vfkeep stop --run-dir {run_dir}`")
-    sockets = _remove_sockets(run_dir)
-    if sockets:
-        notes.append(f"sockets {', '.join(sockets)}")
-    namespaces = _remove_namespaces(run_dir)
-    if namespaces:
-        notes.append(f"network namespaces {', '.join(namespaces)}")
-    files = remove_leftover_files(run_dir)
-    if files:
-        notes.append(f"files {', '.join(files)}")
-    return f"removed the {' and '.join(notes)} left in {run_dir}" if notes else None
+    return remove_dead_hosts_leftovers(run_dir, "run", keep)
 
 
-def remove_leftover_files(run_dir: str) -> list[str]:
-    """What a dead host could not remove at teardown: its sparse disks (`nvmeN.disk`, this run's only: data
-    never persists across runs) and its children's stderr files that stayed empty (host.stderr: the starting
-    host's own, opened by whoever started it)."""
-    removed = []
-    for name in sorted(os.listdir(run_dir)):
-        path = os.path.join(run_dir, name)
-        try:
-            if re.fullmatch(r"nvme\d+\.disk", name) or (name.endswith(".stderr") and name != "host.stderr"
-                                                            and os.path.getsize(path) == 0):
-                os.unlink(path)
-                removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _remove_sockets(run_dir: str) -> list[str]:
-    """Every socket file in the run dir: no host serves it any more, so nothing listens on them."""
-    removed = []
-    for name in sorted(os.listdir(run_dir)):
-        path = os.path.join(run_dir, name)
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-                removed.append(name)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def _remove_namespaces(run_dir: str) -> list[str]:
-    """The namespaces a dead `--guest netns` host of this run dir left, whatever this run's guest is."""
-    from .. import netns
-
-    if not netns.list_run(netns.run_id(run_dir)):
-        return []
+def remove_dead_hosts_leftovers(run_dir: str, command: str, keep: tuple[str, ...] = ()) -> str | None:
+    """What a host that died without its teardown left, and only that (`leftovers`): its pidfile, its
+    sockets nobody listens on, its network namespaces, the disk files it created, its children's empty
+    stderr files. Returns "removed the ... left in DIR", or None when there was nothing."""
+    notes = []
+    pid = _pidfile_pid(run_dir)
+    if os.path.exists(pidfile_path(run_dir)):
+        os.unlink(pidfile_path(run_dir))
+        notes.append(f"pidfile of dead host pid {pid}")
     try:
-        return netns.cleanup_run(netns.run_id(run_dir))
-    except netns.NetnsError as e:
-        fail(f"run: cannot remove the network namespaces a dead host left in {run_dir}: {e}")
+        notes += leftovers.remove_leftovers(run_dir, keep)
+    except leftovers.LeftoverError as e:
+        fail(f"{command}: {e}")
+    return f"removed the {' and '.join(notes)} left in {run_dir}" if notes else None
 
 
 def _run_argv(config, timing, hwc_latency_ms, flr_ms, worker_env) -> list[str]:
@@ -277,7 +241,7 @@ def run_command(run_dir, detach, no_console, nics, backend, pool_pages, timing, 
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         fail(f"run: cannot create --run-dir {run_dir}: {e.strerror}", 2)
-    cleaned = claim_run_dir(run_dir)
+    cleaned = claim_run_dir(run_dir, keep=tuple(config.disks))
     if cleaned:
         click.echo(f"vfkeep: {cleaned}", err=True)
     if detach:

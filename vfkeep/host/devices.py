@@ -10,6 +10,7 @@ from .. import proc, rpc
 from ..device.mac import DEFAULT_MAC, MAX_VPORTS, vport_mac
 from ..device.timing import DeviceTiming
 from ..log import kv
+from ..sockets import is_stale_socket
 from ..vfio_user.control import control_call
 
 log = logging.getLogger("vfkeep.host.device")
@@ -120,14 +121,16 @@ class DeviceProcess:
         return self.child.poll() is None
 
     def end(self) -> int | None:
-        """End by PID; remove the sockets a device that died could not remove itself."""
+        """End by PID; remove the sockets a device that died could not remove itself (nothing else: a file
+        that kept it from starting is somebody's)."""
         code = proc.end(self.child)
         remove_if_empty(self.stderr_path)
         for path in (self.socket, self.control):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            if is_stale_socket(path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         return code
 
 

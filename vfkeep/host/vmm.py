@@ -36,6 +36,7 @@ from .devices import DeviceProcess, NvmeDeviceProcess, nic_mac
 from .disks import DiskError, GuestDisks
 from .events import EventBus
 from .guest_net import GuestNetError, GuestNetwork
+from .leftovers import created_files, forget_created, record_created
 from .outcome import nic_reason, servicing_status
 from .tamper import TAMPER_MODES, tamper_blob
 from .traffic import GuestTraffic
@@ -137,8 +138,11 @@ class HostConfig:
             raise HostError(f"--nics {self.nics} out of range [0, 64]")
         if not 0 <= self.nvme <= MAX_NVME:
             raise HostError(f"--nvme {self.nvme} out of range [0, {MAX_NVME}]")
+        if self.disks and not self.nvme:
+            raise HostError("--disk needs --nvme N: it backs one of the N NVMe controllers")
         if len(self.disks) > self.nvme:
             raise HostError(f"{len(self.disks)} --disk files for --nvme {self.nvme}: at most one per NVMe controller")
+        self._check_disks()
         if self.disk_size < DISK_AGENT_LBAS * 512 or self.disk_size % 4096:
             raise HostError(f"--disk-size {self.disk_size}: a multiple of 4096 bytes, at least "
                             f"{DISK_AGENT_LBAS * 512} (the guest disk agent's blocks)")
@@ -164,6 +168,35 @@ class HostConfig:
                 raise HostError(f"--worker-cmd {self.worker_cmd!r}: {e}") from None
             if not argv:
                 raise HostError("--worker-cmd is empty")
+
+
+    def _check_disks(self) -> None:
+        """Each disk its own file (two controllers on one file corrupt each other's blocks), a --disk file
+        that can be opened, and never the user's file taken for one of this run's own sparse files."""
+        seen: dict[str, int] = {}
+        for i, disk in enumerate(self.disks):
+            real = os.path.realpath(disk)
+            if real in seen:
+                raise HostError(f"--disk {disk} given for disks {seen[real]} and {i}: two NVMe controllers on one "
+                                "file corrupt each other's blocks")
+            seen[real] = i
+            if os.path.isdir(real) or not os.path.isdir(os.path.dirname(real)):
+                raise HostError(f"--disk {disk}: not a file in an existing directory")
+            if not os.access(real if os.path.exists(real) else os.path.dirname(real), os.R_OK | os.W_OK):
+                raise HostError(f"--disk {disk}: no permission to read and write it")
+        ours = set(created_files(self.run_dir))
+        for i in range(len(self.disks), self.nvme):
+            own = self.temp_disk(i)
+            if os.path.realpath(own) in seen:
+                raise HostError(f"--disk {own} is where disk {i}'s sparse file of this run goes (--nvme {self.nvme}, "
+                                f"{len(self.disks)} --disk); give every disk a --disk file or use another name")
+            if os.path.lexists(own) and os.path.basename(own) not in ours:
+                raise HostError(f"{own} exists and vfkeep did not create it: disk {i}'s sparse file of this run "
+                                "would replace it; pass it with --disk to use it, or move it")
+
+    def temp_disk(self, index: int) -> str:
+        """Disk `index`'s sparse file when no --disk names one: this run's only, removed at teardown."""
+        return os.path.join(os.path.abspath(self.run_dir), f"nvme{index}.disk")
 
 
 def _timeout(value: float | None) -> float:
@@ -413,9 +446,8 @@ class Host:
             if i < len(cfg.disks):
                 disk = os.path.abspath(cfg.disks[i])
             else:  # a sparse file of this run only: data persists across servicings, never across runs
-                disk = os.path.join(self.run_dir, f"nvme{i}.disk")
-                if os.path.exists(disk):
-                    os.unlink(disk)  # a dead run's
+                disk = cfg.temp_disk(i)
+                record_created(self.run_dir, disk)  # so a SIGKILLed host's next run or stop removes it
                 self._temp_disks.append(disk)
             self.nvme_devices.append(NvmeDeviceProcess.spawn(i, self.run_dir, disk, cfg.disk_size, cfg.timing))
         for d in [*self.devices, *self.nvme_devices]:
@@ -469,6 +501,8 @@ class Host:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        if self._temp_disks:
+            forget_created(self.run_dir)
         if self.guest_net is not None:  # after the devices: their TAPs are gone, nothing runs inside but leftovers
             self.guest_net.remove_namespaces()
         for c in [*self.channels, *self.block_channels]:

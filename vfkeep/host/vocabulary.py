@@ -22,9 +22,8 @@ import click
 from .. import kill_points, rpc
 from ..contract import SAVE_TEST_CONFIGS
 from . import control, render
-from .commands import (LOG_NAME, _env_pairs, _is_host, _pidfile_pid, _running, default_run_dir, no_host,
-                       remove_leftover_files,
-                       parse_nic_list)
+from .commands import (LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running, default_run_dir,
+                       no_host, parse_nic_list, remove_dead_hosts_leftovers)
 from .tamper import TAMPER_MODES
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 
@@ -134,7 +133,7 @@ def host_command(name: str, **settings):
                 json_error(e)
 
         run = click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")(run)
-        run = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+        run = click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
                            help="the host's run directory [default: $VFKEEP_RUN_DIR or /tmp/vfkeep-UID; "
                                 "the console's own host there]")(run)
         return click.command(name, **settings)(click.pass_context(run))
@@ -255,7 +254,7 @@ def probe_command(ctx, run_dir, as_json, nic, count):
 
 
 @click.group("traffic")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
               help="the host's run directory (also accepted after the subcommand)")
 @click.pass_context
 def traffic_group(ctx, run_dir):
@@ -278,7 +277,8 @@ nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="o
                    "refuses frames, counted lost]")
 @nic_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+              help="the host's run directory")
 @click.pass_context
 def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
     """Start (or re-pace) traffic; starts the NIC's agent on first use."""
@@ -293,7 +293,8 @@ def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
 @traffic_group.command("stop")
 @nic_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+              help="the host's run directory")
 @click.pass_context
 def traffic_stop(ctx, nic, as_json, run_dir):
     """Stop sending (agents keep running, and keep their records, until the host stops)."""
@@ -312,7 +313,8 @@ def traffic_stop(ctx, nic, as_json, run_dir):
               help="wait up to this long for frames still in flight [default: 10 x the NIC's measured RTT p99, "
                    "100-2000 ms; the wait ends as soon as every frame came back]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+              help="the host's run directory")
 @click.pass_context
 def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
     """Delivery since the last start, per NIC, and what the last servicing cost the guest."""
@@ -329,7 +331,7 @@ def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
 
 
 @click.group("disk")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
               help="the host's run directory (also accepted after the subcommand)")
 @click.pass_context
 def disk_group(ctx, run_dir):
@@ -350,7 +352,8 @@ disk_option = click.option("--disk", type=click.IntRange(0), default=None, help=
               help="share of reads (of chunks already written)")
 @disk_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+              help="the host's run directory")
 @click.pass_context
 def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
     """Start (or re-pace) disk IO; starts the disk's agent on first use."""
@@ -366,7 +369,8 @@ def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
 @disk_group.command("stop")
 @disk_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+              help="the host's run directory")
 @click.pass_context
 def disk_stop(ctx, disk, as_json, run_dir):
     """Stop submitting (requests in flight still complete; agents keep their records until the host stops)."""
@@ -384,7 +388,8 @@ def disk_stop(ctx, disk, as_json, run_dir):
 @click.option("--verify", is_flag=True, help="stop IO first and read back every block written (each must hold its "
               "LBA and last generation)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="the host's run directory")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+              help="the host's run directory")
 @click.pass_context
 def disk_stats(ctx, disk, verify, as_json, run_dir):
     """IO per disk since its agent started, and what the last servicing cost the guest's disks."""
@@ -474,10 +479,12 @@ def stop_command(ctx, run_dir, as_json, timeout):
             raise
         pid = _pidfile_pid(run_dir)
         if pid is None or not _is_host(pid):
-            if os.path.isdir(run_dir):
-                remove_leftover_files(run_dir)  # a SIGKILLed host's disk files, say
-            out = {"stopped": None, "run_dir": run_dir, "note": "no host running; nothing to stop"}
-            _echo(ctx, json.dumps(out) if as_json else f"no host running in {run_dir}; nothing to stop")
+            # a SIGKILLed host's leftovers: what the next `run` would remove
+            removed = remove_dead_hosts_leftovers(run_dir, "stop") if os.path.isdir(run_dir) else None
+            note = f"no host running; {removed}" if removed else "no host running; nothing to stop"
+            out = {"stopped": None, "run_dir": run_dir, "note": note, "removed": removed}
+            _echo(ctx, json.dumps(out) if as_json else
+                  f"no host running in {run_dir}; {removed or 'nothing to stop'}")
             return
         os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting)
         reply = {"host_pid": pid, "servicing_phase": None}

@@ -18,6 +18,7 @@ from vfkeep.log import kv
 from vfkeep.proc import freeze_heap, spawn, vfkeep_argv
 from vfkeep.vfio_user.control import wait_until_answering
 from vfkeep.vfio_user.server import VfioUserServer
+from vfkeep.sockets import SocketPathError
 
 from .core import RESET_METHODS, TIMINGS, make_timing
 from .namespace import BLOCK_SIZES, Disk, make_namespaces
@@ -76,7 +77,10 @@ def nvme_device_command(socket_path, control_path, disk, size, namespaces, block
         raise click.ClickException(f"cannot open disk {disk}: {e}") from None
     device = NvmeVfioDevice(reset_method, msix_count=msix, max_io_queues=max_io_queues, timing=timing_params,
                             name=name, namespaces=make_namespaces(backing, namespaces, size, int(block_size)))
-    server = VfioUserServer(socket_path, device, control_path=control_path)
+    try:
+        server = VfioUserServer(socket_path, device, control_path=control_path)
+    except SocketPathError as e:
+        raise click.ClickException(str(e)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     kv(log, logging.INFO, "NVMe device serving", name=name, socket=socket_path, disk=disk or "(memory)",

@@ -80,8 +80,13 @@ class VfioUserServer:
         self._num_regions = max(NUM_PCI_REGIONS, max(self._regions, default=0) + 1)
         self._conn: _Connection | None = None
         self._listener, self._inode = listen_unix(self.socket_path)
+        try:
+            self.control = control_server(control_path or self.socket_path + ".ctl", self.loop)
+        except OSError:
+            unlink_if_ours(self.socket_path, self._inode)  # nothing serves it
+            self._listener.close()
+            raise
         self.loop.add_reader(self._listener.fileno(), self._accept)
-        self.control = control_server(control_path or self.socket_path + ".ctl", self.loop)
         self.control.register("ping", lambda: {"pid": os.getpid()})
         self.control.register("epoch", lambda: {"epoch": self.epoch, "connected": self.connected})
         self.control.register("get_reset_method", lambda: {"value": device.reset_method})
