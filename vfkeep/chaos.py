@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import click
 
 from . import proc, rpc
-from .cli import one_line
+from .cli import one_line, output_file
 from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 from .device.timing import timing_from, timing_options
 from .host.detached import DetachedHost
@@ -645,13 +646,26 @@ def print_summary(report: dict, console) -> None:
 
 
 def _replay_plans(replay: str, seed: int, nics: int, nvme: int) -> tuple[list[dict], int, int, int]:
-    """`--replay INDEX` (with --seed) or `--replay REPORT.json` (every servicing with a violation)."""
-    if replay.isdigit():
+    """`--replay INDEX` (with --seed) or `--replay REPORT.json` (every servicing with a violation). A value
+    that is neither is bad usage (click.BadParameter), found before anything starts."""
+    def bad(why: str) -> click.BadParameter:
+        return click.BadParameter(why, param_hint="--replay")
+
+    if re.fullmatch(r"\s*-?\d+\s*", replay):
+        if int(replay) < 0:
+            raise bad(f"servicing index {replay.strip()} is negative")
         return [plan(seed, int(replay), nics, nvme)], seed, nics, nvme
-    with open(replay) as f:
-        report = json.load(f)
-    seed, nics, nvme = report["seed"], report["nics"], report.get("nvme", 0)
-    indexes = sorted({v["servicing"] for v in report["violations"]})
+    try:
+        with open(replay) as f:
+            report = json.load(f)
+        seed, nics, nvme = report["seed"], report["nics"], report.get("nvme", 0)
+        indexes = sorted({v["servicing"] for v in report["violations"]})
+    except FileNotFoundError:
+        raise bad(f"{replay!r} is neither a servicing index nor an existing report file") from None
+    except OSError as e:
+        raise bad(f"cannot read {replay}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not a chaos report
+        raise bad(f"{replay} is not a chaos report (--json of `vfkeep chaos`): {e}") from None
     if not indexes:
         raise click.ClickException(f"{replay} has no violation to replay")
     return [plan(seed, i, nics, nvme) for i in indexes], seed, nics, nvme
@@ -718,7 +732,8 @@ def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: st
 @click.option("--nvme", type=click.IntRange(0, 8), default=0, show_default=True,
               help="NVMe controllers, each with a disk under verified guest IO (NVMe keepalive on most keepalive "
                    "servicings, IO and admin command delays among the faults)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write the report here")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, callback=output_file,
+              help="write the report here")
 @click.option("--replay", default=None, metavar="REPORT.json|INDEX",
               help="re-run the servicings with a violation in REPORT.json (its seed and NICs), or servicing INDEX of "
                    "--seed, each after a warm-up servicing on a fresh host")
@@ -728,6 +743,8 @@ def chaos_command(servicings, seed, nics, nvme, json_path, replay, timing, hwc_l
     from rich.console import Console
 
     timing_from(timing, hwc_latency_ms, flr_ms)  # (a bad combination is a usage error before anything starts)
+    if replay is not None:
+        _replay_plans(replay, seed, nics, nvme)  # (likewise a --replay that names nothing to replay)
     run_args = ("--timing", timing)
     for opt, value in (("--hwc-latency-ms", hwc_latency_ms), ("--flr-ms", flr_ms)):
         if value is not None:

@@ -68,6 +68,8 @@ class LazyGroup(click.Group):
     def resolve_command(self, ctx, args):
         """Also notes the command's name (`disk stats` for a subcommand), which its failure line names."""
         name, cmd, rest = super().resolve_command(ctx, args)
+        if any(not p.is_flag for p in getattr(cmd, "params", ()) if "--json" in getattr(p, "opts", ())):
+            ctx.meta["vfkeep.json"] = False  # demo's and chaos's --json PATH is a report, not JSON errors
         sub = next((w for w in rest if isinstance(cmd, click.Group) and w in cmd.commands), None)
         ctx.meta["vfkeep.command"] = f"{name} {sub}" if sub else name
         return name, cmd, rest
@@ -95,6 +97,21 @@ class LazyGroup(click.Group):
         else:
             click.echo(failure_line(ctx.meta.get("vfkeep.command", ""), e), err=True)
         sys.exit(e.exit_code)
+
+
+def output_file(ctx, param, value):
+    """A report path (`--json PATH` of demo and chaos), checked before minutes of work that end in writing
+    it: not a directory, in an existing directory we may write to."""
+    if value is None:
+        return value
+    where = os.path.dirname(os.path.abspath(value))
+    if os.path.isdir(value):
+        raise click.BadParameter(f"{value} is a directory")
+    if not os.path.isdir(where):
+        raise click.BadParameter(f"cannot write {value}: directory {where} does not exist")
+    if not os.access(value if os.path.exists(value) else where, os.W_OK):
+        raise click.BadParameter(f"cannot write {value}: permission denied")
+    return value
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

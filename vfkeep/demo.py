@@ -32,7 +32,7 @@ from rich.table import Table
 from . import __version__
 from . import log as vlog
 from . import proc
-from .cli import one_line
+from .cli import one_line, output_file
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host import render
 from .host.traffic import DEFAULT_SIZE
@@ -382,7 +382,8 @@ def _interrupt(signum, frame):
 @click.command("demo")
 @click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False),
               help="directory for timeline.png and results.json")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="also write the results JSON here")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=output_file,
+              help="also write the results JSON here")
 @timing_options("realistic")
 @click.option("--rate", type=click.FloatRange(min=1, max=200_000), default=5000, show_default=True,
               help="guest frames per second per NIC")
