@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 
 import click
@@ -51,6 +52,32 @@ def one_line(e: BaseException) -> str:
     return next((ln.strip().rstrip(":") for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP ending a command as Ctrl-C does (`signals_interrupt`)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def signals_interrupt() -> None:
+    """SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
+def interrupted_line(command: str, e: KeyboardInterrupt) -> tuple[str, int]:
+    """An interrupted command's one line, `vfkeep: COMMAND: interrupted (SIGINT)[; what became of its work]`
+    (a command sets `e.note`), and its exit status, 128 + the signal's number as a shell reports it."""
+    signum = getattr(e, "signum", None) or signal.SIGINT
+    note = getattr(e, "note", None)
+    return (f"vfkeep: {command + ': ' if command else ''}interrupted ({signal.Signals(signum).name})"
+            f"{'; ' + note if note else ''}", 128 + signum)
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         present = {n for n, target in COMMANDS.items() if importlib.util.find_spec(target.split(":")[0])}
@@ -88,6 +115,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except click.ClickException as e:
             self._fail(ctx, e)
+        except KeyboardInterrupt as e:  # not click's "Aborted!", exit 1
+            line, code = interrupted_line(ctx.meta.get("vfkeep.command", ""), e)
+            click.echo(line, err=True)
+            sys.exit(code)
 
     @staticmethod
     def _fail(ctx, e: click.ClickException):

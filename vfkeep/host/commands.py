@@ -56,6 +56,8 @@ PIDFILE = "host.pid"
 LOG_NAME = "host.log"
 #: `vfkeep run --detach` waits this long for the host it started to answer.
 DETACH_READY_S = 60.0
+#: ... and, interrupted, this long for it to stop (its boot wait and orderly stop) before it is killed.
+DETACH_STOP_S = 30.0
 
 
 class Interrupted(KeyboardInterrupt):
@@ -161,10 +163,27 @@ def _parse_size(text: str) -> int:
 def _detach(argv: list[str], run_dir: str) -> None:
     """Start the host in a session of its own (no terminal, survives this shell) and return once it answers;
     if it exits first, its one-line cause is ours."""
+    from ..cli import signals_interrupt
+
     log_path = os.path.join(run_dir, LOG_NAME)
     stderr_path = os.path.join(run_dir, "host.stderr")
+    signals_interrupt()
     with open(stderr_path, "ab") as err:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+    try:
+        _wait_detached(child, run_dir, stderr_path, log_path)
+    except KeyboardInterrupt as e:  # the host would boot on in its own session: stop it (SIGTERM: in order)
+        child.terminate()
+        try:
+            child.wait(DETACH_STOP_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        e.note = f"the host starting in the background (pid {child.pid}) was stopped, every child ended"
+        raise
+
+
+def _wait_detached(child: subprocess.Popen, run_dir: str, stderr_path: str, log_path: str) -> None:
     deadline = time.monotonic() + DETACH_READY_S
     while time.monotonic() < deadline:
         code = child.poll()
@@ -306,7 +325,8 @@ def _serve(host, run_dir: str, console: bool) -> int:
             server.start()
         except Interrupted as e:
             kv(log, logging.INFO, "interrupted during boot", cause=e.describe())
-            say(f"{e.describe()} during start-up: stopped (log: {log_path})")
+            click.echo(f"vfkeep: run: interrupted ({e.describe()}) during start-up; every child ended (log: "
+                       f"{log_path})", err=True)
             return SIGNAL_EXIT.get(e.signum, 1)
         except Exception as e:  # noqa: BLE001 - any boot failure: one line naming the cause and the log
             kv(log, logging.ERROR, "host failed to start", error=str(e))

@@ -241,6 +241,8 @@ class Host:
         self._servicing: dict | None = None
         self._stopping = threading.Event()
         self._idle = threading.Event()  # clear while a servicing runs on the actor
+        self._booted = threading.Event()
+        self._starting: WorkerProcess | None = None  # the worker spawned last (during boot: the one it waits for)
         self._idle.set()
         #: What the control socket's `events` streams (host/events.py); `_nic_states` is the last NIC state
         #: published per pci_id, so `nic_state` is sent on changes only.
@@ -278,6 +280,8 @@ class Host:
             raise HostError("host is stopping")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((fn, args, kwargs, fut))
+        while not concurrent.futures.wait([fut], timeout=0.2).done:
+            pass  # (waking up: a signal another thread took runs its handler here, e.g. SIGTERM during boot)
         return fut.result()
 
     def start(self) -> None:
@@ -288,6 +292,7 @@ class Host:
         except BaseException:
             self.stop()
             raise
+        self._booted.set()
 
     def servicing_phase(self) -> str | None:
         """The phase of the servicing in progress (prelaunch, save, handoff, restore, measure), or None."""
@@ -310,6 +315,8 @@ class Host:
                    phase=self.servicing_phase())
                 for w in list(self._servicing_workers()):
                     w.kill()
+        if not self._booted.is_set() and self._starting is not None:
+            self._starting.kill()  # an interrupted boot waiting (up to a minute) for its first worker ends now
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((self._teardown, (), {}, fut))
         self._stopped.set()
@@ -549,7 +556,7 @@ class Host:
 
     def _start_worker(self, extra_env: dict[str, str], worker_cmd: str | None, configured: list[int]) -> WorkerProcess:
         """Spawn a worker and wait for its hello (imports done); a worker that does not come up is ended."""
-        w = self._spawn_worker(extra_env, worker_cmd, configured)
+        w = self._starting = self._spawn_worker(extra_env, worker_cmd, configured)
         try:
             w.wait_hello(HELLO_TIMEOUT_S)
         except WorkerFailed:

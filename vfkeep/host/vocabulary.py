@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from .. import kill_points, rpc
+from ..cli import signals_interrupt
 from ..contract import SAVE_TEST_CONFIGS
 from . import control, render
 from .commands import (LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running, default_run_dir,
@@ -184,10 +185,17 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
         if bad := [i for i in nics if i >= count]:
             raise click.BadParameter(f"NIC {','.join(map(str, bad))} out of range: the host has {count} NIC(s), "
                                      f"0 to {count - 1}", param_hint="--nics")
-    result = target.call(
-        "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
-        test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
-        next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper, kill_point=kill_point)
+    if ctx.find_object(LocalTarget) is None:
+        signals_interrupt()
+    try:
+        result = target.call(
+            "service", mana_keepalive=mana_keepalive, nvme_keepalive=nvme_keepalive, timeout=timeout,
+            test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
+            next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper, kill_point=kill_point)
+    except KeyboardInterrupt as e:
+        e.note = (f"the servicing carries on in the host (`vfkeep status --run-dir {target.run_dir}` shows it; its "
+                  "result, once done: `inspect last_servicing`)")
+        raise
     if as_json:
         _print_json(ctx, result)
     else:

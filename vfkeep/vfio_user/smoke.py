@@ -22,6 +22,7 @@ import zlib
 import click
 
 from vfkeep import log as vlog
+from vfkeep.cli import signals_interrupt
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.proc import end, spawn
 
@@ -70,6 +71,21 @@ def smoke_command(run_dir: pathlib.Path | None) -> None:
     temporary = run_dir is None
     run_dir = run_dir or pathlib.Path(tempfile.mkdtemp(prefix="vfkeep-smoke-"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    signals_interrupt()
+    try:
+        _scenario(run_dir)
+    except KeyboardInterrupt as e:
+        if temporary:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        e.note = f"every process ended, run directory {run_dir} {'removed' if temporary else 'kept'}"
+        raise
+    if temporary:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _say("smoke", f"removed the run directory {run_dir}")
+
+
+def _scenario(run_dir: pathlib.Path) -> None:
+    """The handover itself; a failed check raises (the run dir is kept, named)."""
     vlog.setup("smoke", run_dir)
     sock = run_dir / "testdev.sock"
     state_file, result_file = run_dir / "saved-state.json", run_dir / "driver2-result.json"
@@ -113,9 +129,6 @@ def smoke_command(run_dir: pathlib.Path | None) -> None:
     if not all(checks.values()):
         raise click.ClickException(f"smoke scenario failed (logs kept in {run_dir})")
     _say("smoke", "keepalive handover OK")
-    if temporary:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        _say("smoke", f"removed the run directory {run_dir}")
 
 
 def _run_driver(mem: GuestMemory, role: str, sock: pathlib.Path, state_file: pathlib.Path, run_dir: pathlib.Path,
@@ -130,6 +143,9 @@ def _run_driver(mem: GuestMemory, role: str, sock: pathlib.Path, state_file: pat
     except subprocess.TimeoutExpired:
         end(proc)
         raise click.ClickException(f"{role} did not finish within {CHILD_TIMEOUT_S} s") from None
+    except KeyboardInterrupt:
+        end(proc)
+        raise
     if code != 0:
         raise click.ClickException(f"{role} exited with status {code}")
 
