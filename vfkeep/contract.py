@@ -260,6 +260,11 @@ class NvmeConfig(_CommaArg):
 
 
 # -- records inside messages ---------------------------------------------------------------------------
+#: How a NIC's `error` begins when it is only a note: the pool had no room, so the NIC works on worker RAM
+#: and only its next keepalive is lost (the worker's `VfManager`; the host's servicing status reads it).
+POOL_EXHAUSTED = "pool exhausted"
+
+
 @dataclass(frozen=True)
 class NicRestore(Record):
     """How one NIC came up in a worker (`started`, and `save_failed`'s revived NICs)."""

@@ -8,7 +8,7 @@ failed (`error`). Computed by the host from what the workers reported; nothing h
 """
 from __future__ import annotations
 
-from ..contract import NicSaveOutcome, RestorePath, SaveOutcome, ServicingStatus
+from ..contract import POOL_EXHAUSTED, NicSaveOutcome, RestorePath, SaveOutcome, ServicingStatus
 
 NOT_REQUESTED = "keepalive not requested"
 _SAVE_FAILED_PREFIX = "save failed: "
@@ -21,8 +21,9 @@ def nic_reason(requested_keepalive: bool, path: RestorePath, error: str | None, 
     canonical keepalive settings of that kind."""
     if path is RestorePath.KEEPALIVE:
         return error, error is not None  # e.g. the kept vport did not fit the pool
-    if not requested_keepalive:
-        return (error, True) if error else (NOT_REQUESTED, False)
+    if not requested_keepalive:  # fresh was asked of it: degraded only if it did not come up that way
+        down = path is RestorePath.FALLBACK or (error is not None and not error.startswith(POOL_EXHAUSTED))
+        return (f"{NOT_REQUESTED}; {error}" if error else NOT_REQUESTED), down
     if save is None:
         reason = "save did not complete"
     elif save.save_outcome is SaveOutcome.SAVE_FAILED:

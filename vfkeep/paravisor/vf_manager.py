@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable
 
-from ..contract import NicConfig, NicRestore, RestorePath, SaveOutcome
+from ..contract import POOL_EXHAUSTED, NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.backing import DeviceBacking, DmaClients
 from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
 from ..driver.mana import RESTORE_FIRST_READ, ManaDevice, restore_vectors
@@ -245,7 +245,7 @@ class VfManager:
         except OutOfPoolMemory as e:
             if not persistent_hwc:
                 raise
-            note = f"pool exhausted ({e}); HWC buffer is ephemeral"
+            note = f"{POOL_EXHAUSTED} ({e}); HWC buffer is ephemeral"
             self.error = f"{self.error}; {note}" if self.error else note
             kv(log, logging.ERROR, "no pool pages for the HWC buffer, using worker RAM", pci_id=self.pci_id)
             persistent_hwc = False
@@ -298,7 +298,7 @@ class VfManager:
             try:
                 return dev.open_vport(0, KEPT_VPORT, persistent=True)
             except OutOfPoolMemory as e:
-                note = f"pool exhausted ({e}); vport queues are ephemeral"
+                note = f"{POOL_EXHAUSTED} ({e}); vport queues are ephemeral"
                 self.error = f"{self.error}; {note}" if self.error else note
                 kv(log, logging.ERROR, "no pool pages for the vport, using worker RAM", pci_id=self.pci_id)
         return dev.open_vport(0, RELAY_VPORT)
