@@ -35,3 +35,30 @@ def test_a_servicing_without_keepalive_on_a_tiny_pool_is_ok(tmp_path):
         assert r["status"] == "ok", r
     finally:
         h.stop()
+
+
+def test_a_dead_device_is_named_in_the_log_the_warnings_and_a_refused_servicing(tmp_path):
+    """Item 19: after kill -9 of the NIC's device process host.log said nothing, `warnings: []`, and service
+    failed with a bare `cannot connect to .../nic0.sock.ctl: Connection refused`."""
+    import os
+    import signal
+    import time
+
+    h = HostRun(tmp_path / "run")
+    try:
+        pid = h.status()["devices"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not h.status()["warnings"]:  # the host notices at its next idle tick (0.5 s)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        log = os.path.join(h.run_dir, "device-nic0.log")
+        died = f"device nic0 (d186:00:00.0, pid {pid}) died, killed by SIGKILL (see {log})"
+        assert h.status()["warnings"] == [died]
+        with open(os.path.join(h.run_dir, "host.log")) as f:
+            assert 'msg="device died"' in f.read()
+        r = h.cli("service", "--run-dir", h.run_dir, "--mana-keepalive")
+        assert r.returncode == 1 and r.stderr.startswith(f"vfkeep: service: {died}: a servicing needs every "
+                                                         "device running"), r.stderr
+    finally:
+        h.stop()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import time
 
@@ -119,6 +120,16 @@ class DeviceProcess:
 
     def alive(self) -> bool:
         return self.child.poll() is None
+
+    def death(self) -> str | None:
+        """None while it runs; else which device died, how, and the log that says why (host log, status
+        warnings, a refused servicing)."""
+        code = self.child.poll()
+        if code is None:
+            return None
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        log_path = os.path.join(os.path.dirname(self.socket), f"device-{self.kind}{self.index}.log")
+        return f"device {self.kind}{self.index} ({self.pci_id}, pid {self.child.pid}) died, {how} (see {log_path})"
 
     def end(self) -> int | None:
         """End by PID; remove the sockets a device that died could not remove itself (nothing else: a file

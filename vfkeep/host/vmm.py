@@ -566,7 +566,9 @@ class Host:
 
     def _supervise(self) -> None:
         """A worker that died outside a servicing is replaced through the fresh path (a NIC is never
-        left dead, DESIGN D4)."""
+        left dead, DESIGN D4). A device process that died is reported once (host log, status warnings):
+        nothing restarts it, its NIC or disk is gone for the VM's life."""
+        self._report_dead_devices()
         w = self.worker
         if w is None or self._stopped.is_set() or w.alive():
             return
@@ -635,9 +637,21 @@ class Host:
                 self.events.publish("nic_state", pci_id=n.pci_id, restore_path=state[0], error=n.error,
                                     worker_generation=gen, cause=cause)
 
+    def _report_dead_devices(self) -> list[str]:
+        """Every dead device's line; each new one logged and added to the warnings."""
+        deaths = [death for d in [*self.devices, *self.nvme_devices] if (death := d.death())]
+        for death in deaths:
+            if death not in self.warnings:
+                kv(log, logging.ERROR, "device died", detail=death)
+                self.warnings.append(death)
+        return deaths
+
     def _service(self, *args, **kwargs) -> dict:
         if self._stopping.is_set():
             raise HostError("host is stopping")
+        if deaths := self._report_dead_devices():
+            raise HostError(f"{'; '.join(deaths)}: a servicing needs every device running; stop the VM and run it "
+                            "again")
         self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None,
                            "number": self.servicings + 1}
         self._idle.clear()
