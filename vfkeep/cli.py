@@ -37,13 +37,15 @@ COMMANDS: dict[str, str] = {
 
 def failure_line(command: str, e: click.ClickException) -> str:
     """Every failure's one line (stderr): `vfkeep: COMMAND: cause`; a usage error adds where the help is."""
+    where = command  # whose --help has the option
     if isinstance(e, click.UsageError) and e.ctx is not None:
         names, c = [], e.ctx
         while c.parent is not None:  # the root's name is however vfkeep was started
             names.append(c.info_name)
             c = c.parent
-        command = " ".join(reversed(names))
-    hint = f" (`{' '.join(filter(None, ('vfkeep', command, '--help')))}`)" if isinstance(e, click.UsageError) else ""
+        where = " ".join(reversed(names))
+        command = where or command  # (an option of vfkeep itself, --log-level: still the command it was for)
+    hint = f" (`{' '.join(filter(None, ('vfkeep', where, '--help')))}`)" if isinstance(e, click.UsageError) else ""
     return f"vfkeep: {command + ': ' if command else ''}{e.format_message()}{hint}"
 
 
@@ -103,6 +105,8 @@ class LazyGroup(click.Group):
 
     def parse_args(self, ctx, args):
         ctx.meta["vfkeep.json"] = "--json" in args
+        # the command named, so that a bad option of vfkeep itself (--log-level) names it too
+        ctx.meta["vfkeep.command"] = next((a for a in args if a in COMMANDS or a in self.commands), "")
         try:
             return super().parse_args(ctx, args)
         except click.ClickException as e:

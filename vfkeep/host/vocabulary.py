@@ -185,6 +185,9 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
         if bad := [i for i in nics if i >= count]:
             raise click.BadParameter(f"NIC {','.join(map(str, bad))} out of range: the host has {count} NIC(s), "
                                      f"0 to {count - 1}", param_hint="--nics")
+    if tamper and tamper.startswith("nvme-") and not target.call("status")["nvme_devices"]:
+        raise click.BadParameter(f"{tamper} damages saved NVMe controllers; the host has none (`run --nvme N`)",
+                                 param_hint="--tamper")
     if ctx.find_object(LocalTarget) is None:
         signals_interrupt()
     try:
