@@ -96,3 +96,23 @@ def test_interrupted_service_says_the_servicing_carries_on(tmp_path):
         assert h.inspect("last_servicing")["result"]["status"] == "failed"
     finally:
         h.stop()
+
+
+def test_interrupted_chaos_keeps_its_run_dir_as_interrupted_and_writes_a_partial_report(tmp_path):
+    """Item 11: chaos said `Aborted!` (exit 1) and 'run dir kept in /tmp/vfk-chaos-failed-PID', no --json."""
+    import glob
+    import json
+
+    report = tmp_path / "chaos.json"
+    child = start("chaos", "--servicings", "100", "--json", str(report), env={"TMPDIR": str(tmp_path)})
+    # the warm-up servicing is done once its result is recorded: the campaign runs
+    wait_for(lambda: glob.glob(str(tmp_path / "vfk-chaos-*" / "run" / "last_servicing.json")), child, timeout=120)
+    _, err = interrupt(child, signal.SIGINT)
+    assert child.returncode == 130, err
+    keep = tmp_path / f"vfk-chaos-interrupted-{child.pid}"
+    line = last_line(err)
+    assert line.startswith("vfkeep: chaos: interrupted (SIGINT); stopped after ") and line.endswith(
+        f"of 100 servicings, run dir kept in {keep}, partial report in {report}"), line
+    data = json.loads(report.read_text())
+    assert data["interrupted"] and data["run_dir_kept"] == str(keep) and data["servicings"] < 100
+    assert (keep / "host.log").exists() and not proc.processes_mentioning(str(tmp_path))

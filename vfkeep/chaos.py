@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import click
 
 from . import proc, rpc
-from .cli import one_line, output_file
+from .cli import one_line, output_file, signals_interrupt
 from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 from .device.timing import timing_from, timing_options
 from .host.detached import DetachedHost
@@ -710,15 +710,28 @@ def run_campaign(servicings: int, seed: int, nics: int, nvme: int, json_path: st
             keep = _keep(campaign, "failed")
             raise click.ClickException(f"stopped after {len(campaign.records)} servicings: {one_line(e)} "
                                        f"(see {os.path.join(keep, 'host.log')})") from e
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: what ran so far is reported
+            keep = _keep(campaign, "interrupted")
+            report = _report(campaign, seed, nics, nvme, t0, plans, keep, json_path, interrupted=True)
+            e.note = (f"stopped after {report['servicings']} of {len(plans)} servicings, run dir kept in {keep}"
+                      + (f", partial report in {json_path}" if json_path else ""))
+            raise
         except BaseException:
             console.print(f"chaos: stopped; run dir kept in {_keep(campaign, 'failed')}")
             raise
         keep = _keep(campaign, "run") if campaign.violations else None
         if keep is None:
             campaign.close()
+    return _report(campaign, seed, nics, nvme, t0, plans, keep, json_path)
+
+
+def _report(campaign: Campaign, seed: int, nics: int, nvme: int, t0: float, plans: list[dict], keep: str | None,
+            json_path: str | None, interrupted: bool = False) -> dict:
+    """The campaign's report (`summarize` + plans, the kept run dir), written to `json_path` if given."""
     report = summarize(campaign, seed, nics, nvme, time.monotonic() - t0, plans)
     report["plans"] = plans
     report["run_dir_kept"] = keep
+    report["interrupted"] = interrupted
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
@@ -743,6 +756,7 @@ def chaos_command(servicings, seed, nics, nvme, json_path, replay, timing, hwc_l
     from rich.console import Console
 
     timing_from(timing, hwc_latency_ms, flr_ms)  # (a bad combination is a usage error before anything starts)
+    signals_interrupt()  # SIGTERM ends the campaign as Ctrl-C does: host stopped, partial report written
     if replay is not None:
         _replay_plans(replay, seed, nics, nvme)  # (likewise a --replay that names nothing to replay)
     run_args = ("--timing", timing)
