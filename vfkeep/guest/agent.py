@@ -79,6 +79,8 @@ CONTROL_POLL_S = 0.05
 
 # Per-seq fate in `_status`.
 _PENDING, _RECEIVED, _REFUSED, _PURGED = 0, 1, 2, 3
+#: Frame size of `probe` (as the host's own probe).
+PROBE_SIZE = 64
 
 
 def guest_mac(nic: int) -> bytes:
@@ -164,6 +166,30 @@ class TrafficAgent:
             self.rate = 0
         kv(log, logging.INFO, "traffic stopped", was_running=was_running, sent=len(self._sent_ns))
         return {"sent": len(self._sent_ns)}
+
+    def probe(self, count: Any, timeout_s: Any = 2.0) -> dict:
+        """`vfkeep probe` on this agent's NIC while its traffic is stopped (the agent holds the rings, which are
+        single-producer/single-consumer): `count` frames pushed at once and awaited for `timeout_s`. They
+        join the records as any frames sent."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise rpc.Refused(f"count {count!r} must be an integer >= 1")
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
+            raise rpc.Refused(f"timeout_s {timeout_s!r} must be a positive number of seconds")
+        with self._control_lock:
+            if self._sender is not None:
+                raise rpc.Refused("traffic is running: `traffic stats` shows what comes back")
+            with self._rx_cond:
+                arrivals = len(self._rx_seq)
+            first = len(self._sent_ns)
+            self._send_burst(count, PROBE_SIZE, backpressure=False)
+            sent = sum(1 for st in self._status[first:first + count] if st != _REFUSED)
+            deadline = time.monotonic() + timeout_s
+            with self._rx_cond:
+                while (received := sum(1 for seq in self._rx_seq[arrivals:] if first <= seq < first + count)) < sent:
+                    if not self._rx_cond.wait(max(0.0, deadline - time.monotonic())):
+                        break
+        kv(log, logging.INFO, "probe", sent=sent, received=received)
+        return {"sent": sent, "received": received}
 
     def _stop_sender(self, flush: bool = True) -> bool:
         """Stop the sender thread; with `flush`, then let the guest queue drain (module docstring)."""
@@ -470,7 +496,8 @@ def control_server(path: str, agent: TrafficAgent, quitting: threading.Event) ->
         quitting.set()
         return {}
 
-    commands = {"start": agent.start, "stop": agent.stop, "stats": agent.stats, "timeline": agent.timeline,
+    commands = {"start": agent.start, "stop": agent.stop, "probe": agent.probe, "stats": agent.stats,
+                "timeline": agent.timeline,
                 "mark": agent.mark, "marks": lambda: {"marks": agent.marks_list()},
                 "status": lambda: dict(agent.status(), rings=agent.rings()), "quit": quit_}
     return rpc.ThreadedServer(path, rpc.Dispatcher(log, commands), name="agent-control")

@@ -39,7 +39,7 @@ from .guest_net import GuestNetError, GuestNetwork
 from .leftovers import created_files, forget_created, record_created
 from .outcome import nic_reason, servicing_status
 from .tamper import TAMPER_MODES, tamper_blob
-from .traffic import GuestTraffic
+from .traffic import GuestTraffic, TrafficError
 from .worker_proc import WorkerFailed, WorkerProcess
 
 log = logging.getLogger("vfkeep.host")
@@ -1025,8 +1025,13 @@ class Host:
             raise HostError(f"nic {nic} is not configured in the worker (configured: "
                             f"{','.join(map(str, self.configured)) or 'none'}; `service --nics` chooses them)")
         if self.guest_traffic is not None and self.guest_traffic.has_agent(nic):
-            # The rings are single-producer/single-consumer and the agent is the guest's producer and consumer.
-            raise HostError(f"nic {nic}'s rings belong to its traffic agent; use `traffic stats` instead of probe")
+            # The rings are single-producer/single-consumer and the agent is the guest's producer and consumer:
+            # it probes (refused while its traffic runs).
+            try:
+                r = self.guest_traffic.agent(nic).call("probe", count=count, timeout_s=timeout)
+            except TrafficError as e:
+                raise HostError(f"{e}; nic {nic}'s rings belong to its traffic agent") from None
+            return {"nic": nic, "sent": r["sent"], "received": r["received"], "ok": r["received"] == count}
         if self.guest_net is not None and self.guest_net.owns_rings(nic):
             raise HostError(f"nic {nic}'s rings belong to its guest bridge (--guest netns); use `exec {nic} ping ...`")
         ch = self.channels[nic]
