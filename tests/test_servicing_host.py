@@ -25,7 +25,7 @@ def test_result_shape_and_state_file(host):
     r = host.service(mana_keepalive=True)
     assert set(r) == RESULT_KEYS
     assert r["ok"] and r["error"] is None and r["nics"] == []
-    assert set(r["phases_ms"]) == {"save", "handoff", "restore", "total"}
+    assert set(r["phases_ms"]) == {"save", "handoff", "replacement", "restore", "total"}
     assert r["phases_ms"]["total"] >= r["phases_ms"]["save"]
     assert r["blackout_ms"] is None and r["frames_lost"] is None
 

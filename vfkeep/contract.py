@@ -538,7 +538,7 @@ class ServicingResult(Record):
     nvme_keepalive: bool
     nics: tuple[NicResult, ...]
     unclaimed_pool_allocations: tuple[UnclaimedAllocation, ...]
-    phases_ms: dict[str, float | None]  # save, handoff, restore, total; null: the phase did not happen
+    phases_ms: dict[str, float | None]  # save, handoff, replacement, restore, total; null: did not happen
     blackout_ms: float | None = None  # from the guest traffic agents; null without traffic
     frames_lost: int | None = None
     timing: dict[str, Any] = field(default_factory=dict)  # the devices' timing parameters (DESIGN D9)

@@ -57,8 +57,9 @@ def _summary(result: dict) -> str:
     failed_save = (result.get("error") or "").startswith("save")
     handoff = "none (no state handed over)" if ph["handoff"] is None else f"{ph['handoff']:.1f} ms"
     restore = "none" if ph["restore"] is None else f"{ph['restore']:.1f} ms"
+    replacement = "" if ph.get("replacement") is None else f", replacement worker {ph['replacement']:.1f} ms"
     return (f"keepalive flags: {flags or 'none'}; save {'failed after ' if failed_save else ''}{ph['save']:.1f} ms, "
-            f"handoff {handoff}, restore {restore}, total {ph['total']:.1f} ms")
+            f"handoff {handoff}{replacement}, restore {restore}, total {ph['total']:.1f} ms")
 
 
 def servicing_table(result: dict) -> Table:

@@ -742,7 +742,8 @@ class Host:
                     new.end()
                 self._phase("measure")
                 window = (window_start, time.monotonic_ns())
-                phases = {"save": _ms(t0, t_saved), "handoff": None, "restore": None, "total": _ms(t0, t_saved)}
+                phases = {"save": _ms(t0, t_saved), "handoff": None, "replacement": None, "restore": None,
+                          "total": _ms(t0, t_saved)}
                 result = self._result(False, mana_keepalive, nvme_keepalive, saved.revived, saved.revived_nvme, (),
                                       before, phases, f"save failed: {saved.error}", window, saved=saved, old=old,
                                       new=old)
@@ -801,9 +802,12 @@ class Host:
             self._phase("measure")
             if started.error:
                 errors.append(started.error)
-            # No state handed over (the save failed, D4): no handoff phase, not its time as one (total has it).
-            phases = {"save": _ms(t0, t_saved), "handoff": None if saved is None else _ms(t_saved, t_handoff),
-                      "restore": _ms(t_handoff, t_done), "total": _ms(t0, t_done)}
+            # No state handed over (the save failed, D4): no handoff phase; ending the failed worker and starting
+            # one without state is `replacement` instead (null otherwise), so the phases add up to the total.
+            between = _ms(t_saved, t_handoff)
+            phases = {"save": _ms(t0, t_saved), "handoff": None if saved is None else between,
+                      "replacement": between if saved is None else None, "restore": _ms(t_handoff, t_done),
+                      "total": _ms(t0, t_done)}
             result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics, started.nvme,
                                   started.unclaimed_pool_allocations, before, phases, "; ".join(errors) or None,
                                   window, saved=saved, old=old, new=self.worker)
