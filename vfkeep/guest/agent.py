@@ -150,6 +150,7 @@ class TrafficAgent:
         if not isinstance(backpressure, bool):
             raise rpc.Refused(f"backpressure {backpressure!r} must be true or false")
         with self._control_lock:
+            previous = self.rate if self._sender is not None else 0  # re-paced: said, not silent
             self._stop_sender(flush=not backpressure)  # a re-paced blocking sender pushes the queue first
             self.rate, self.size, self.backpressure = rate, size, backpressure
             self._halt = threading.Event()
@@ -158,7 +159,8 @@ class TrafficAgent:
             first_seq = len(self._sent_ns)
             self._sender.start()
         kv(log, logging.INFO, "traffic started", rate=rate, size=size, backpressure=backpressure, first_seq=first_seq)
-        return {"rate": rate, "size": size, "backpressure": backpressure, "first_seq": first_seq}
+        return {"rate": rate, "size": size, "backpressure": backpressure, "first_seq": first_seq,
+                "previous_rate": previous}
 
     def stop(self) -> dict:
         with self._control_lock:

@@ -944,6 +944,7 @@ class Host:
         w, last = self.worker, self.last_servicing
         return {"host_pid": os.getpid(), "version": __version__, "run_dir": self.run_dir,
                 "nics": len(self.devices), "configured_nics": list(self.configured),
+                "ring_slots": self.config.ring_slots,
                 "worker": None if w is None else {"pid": w.pid, "generation": w.generation, "alive": w.alive(),
                                                    "compat": w.hello.compat if w.hello else None},
                 "devices": [{"pci_id": d.pci_id, "pid": d.child.pid, "alive": d.alive()} for d in self.devices],

@@ -251,6 +251,12 @@ def status_command(ctx, run_dir, as_json):
 def probe_command(ctx, run_dir, as_json, nic, count):
     """Push COUNT test frames into NIC's guest tx ring and wait for them on its rx ring (loopback backend)."""
     target = _target(ctx, run_dir)
+    status = target.call("status")  # out of range is bad usage (exit 2); only the host knows its NICs and rings
+    if nic >= status["nics"]:
+        raise click.BadParameter(f"NIC {nic} out of range: the host has {status['nics']} NIC(s)", param_hint="NIC")
+    if count > status["ring_slots"]:
+        raise click.BadParameter(f"{count} frames do not fit the {status['ring_slots']}-slot ring",
+                                 param_hint="COUNT")
     r = target.call("probe", nic, count, wait=60)
     if as_json:
         _print_json(ctx, r)
@@ -298,7 +304,8 @@ def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
     if as_json:
         return _print_json(ctx, result)
     for n in result["nics"]:
-        _echo(ctx, f"nic {n['nic']}: {n['rate']:g} frames/s of {n['size']} bytes (agent pid {n['pid']})")
+        again = f"; re-paced: it was running at {n['previous_rate']:g} frames/s" if n.get("previous_rate") else ""
+        _echo(ctx, f"nic {n['nic']}: {n['rate']:g} frames/s of {n['size']} bytes (agent pid {n['pid']}){again}")
 
 
 @traffic_group.command("stop")
