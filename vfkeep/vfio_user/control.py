@@ -44,3 +44,7 @@ def wait_until_answering(proc: subprocess.Popen, ctl_path: str | os.PathLike, ti
                 proc.kill()
                 proc.wait()
                 raise RuntimeError(f"{what} did not answer on {os.fspath(ctl_path)} within {timeout} s") from None
+        except KeyboardInterrupt:  # (Ctrl-C, or SIGTERM made one): the caller never gets it to end
+            proc.kill()
+            proc.wait()
+            raise
