@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from .. import __version__, kill_points, netns, proc
+from .. import __version__, kill_points, netns, proc, rpc
 from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S,
                         NVME_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect,
                         InspectReply, NicConfig, NicResult, NicRestore, NvmeConfig, NvmeResult, RestorePath, Save,
@@ -1034,7 +1034,7 @@ class Host:
             # it probes (refused while its traffic runs).
             try:
                 r = self.guest_traffic.agent(nic).call("probe", count=count, timeout_s=timeout)
-            except TrafficError as e:
+            except (TrafficError, rpc.RpcError) as e:
                 raise HostError(f"{e}; nic {nic}'s rings belong to its traffic agent") from None
             return {"nic": nic, "sent": r["sent"], "received": r["received"], "ok": r["received"] == count}
         if self.guest_net is not None and self.guest_net.owns_rings(nic):
