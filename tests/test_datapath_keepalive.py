@@ -175,12 +175,16 @@ def test_keepalive_servicing_keeps_the_data_path_under_traffic(tmp_path):
             window = [e["name"] for e in host.device_control(0, "command_log", since=seq)["entries"]]
             assert r["ok"] and r["nics"][0]["restore_path"] == "keepalive", r
             assert queue_commands(window) == [], window
-            assert r["frames_lost"] == 0, r
+            # None: the guest sent nothing inside the window (a loaded machine can leave the agent without a CPU
+            # for all of a data-path keepalive's few ms); the whole run's count below covers it either way.
+            assert r["frames_lost"] in (0, None), r
             vport = host.inspect("worker/nics/0/vport")
             assert {k: vport[k] for k in ids} == ids and vport["persistent"]
         # Not effective without the host's keepalive flag: the vport is rebuilt as today.
         r = host.service()
-        assert r["ok"] and r["nics"][0]["restore_path"] == "fresh" and r["frames_lost"] == 0
+        assert r["ok"] and r["nics"][0]["restore_path"] == "fresh" and r["frames_lost"] in (0, None), r
+        stats = traffic(host, "stats", "--settle-ms", "10000")["nics"][0]  # every frame sent so far came back
+        assert stats["settled"] and stats["frames_lost"] == 0 and stats["sent"] > 0, stats
         # A hostile state (HWC buffer outside the pool) takes the fallback; the NIC still carries traffic.
         r = host.service(mana_keepalive=True, tamper="mana-pfn-outside-pool")
         assert r["nics"][0]["restore_path"] == "fallback"
