@@ -203,9 +203,9 @@ def run(latencies: list[float], flrs: list[float], repeat: int, rate: float) -> 
             load = os.getloadavg()[0]
             t = time.monotonic()
             samples, blob = measure_cell(timing, repeat, rate)
+            samples = {p: measured(p, s) for p, s in samples.items()}
             raw.append((timing, samples, {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
                                           "wall_s": round(time.monotonic() - t, 1)}))
-            samples = {p: measured(p, s) for p, s in samples.items()}
             print(f"FLR {flr:g} ms, HWC {latency:g} ms: " + ", ".join(
                 f"{p} {statistics.median(x['blackout_ms'] for x in samples[p][0]):.1f}" for p in ORDER)
                 + f" ms (median; load {load:.1f})", flush=True)
