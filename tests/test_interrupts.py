@@ -15,9 +15,16 @@ from vfkeep import proc
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
 
 
+def _sigint_default() -> None:
+    """A command started from a suite run in the background of a non-interactive shell inherits SIGINT ignored
+    (so Python installs no KeyboardInterrupt handler): these tests are about what Ctrl-C does, so it acts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(proc.vfkeep_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, stdin=subprocess.DEVNULL, env={**CLEAN_ENV, **(env or {})})
+                            start_new_session=True, stdin=subprocess.DEVNULL, env={**CLEAN_ENV, **(env or {})},
+                            preexec_fn=_sigint_default)
 
 
 def wait_for(what, child: subprocess.Popen, timeout: float = 60) -> None:
