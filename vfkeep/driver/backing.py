@@ -38,10 +38,6 @@ class DmaBuffer(Protocol):
     def free(self) -> None: ...
 
 
-def _consecutive(pfns: list[int], first: int, last: int) -> bool:
-    return all(pfns[i + 1] == pfns[i] + 1 for i in range(first, last))
-
-
 def contiguous(block: DmaBuffer) -> bool:
     """All pages of `block` are physically consecutive (what a saved state's base pfn + length can name).
     (Compared as one list: a data-path keepalive save checks blocks of hundreds of pages in the window.)"""
