@@ -22,6 +22,17 @@ POISON_BLOCK = POISON * 16
 ZERO_BLOCK = bytes(len(POISON_BLOCK))
 
 
+def _fill(view: memoryview, block: bytes) -> None:
+    """Repeat `block` over `view`, copying it block by block: a 64 KiB block stays in the CPU's cache, so this
+    runs close to memset speed, where copying the filled part onto the rest reads as much memory as it writes."""
+    size, length = len(block), len(view)
+    for off in range(0, length - size + 1, size):
+        view[off:off + size] = block
+    tail = length % size
+    if tail:
+        view[length - tail:] = block[:tail]
+
+
 class MemoryError_(Exception):
     """Base of guest-memory errors."""
 
@@ -157,15 +168,9 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def zero(self, gpa: int, length: int) -> None:
-        """Zero [gpa, gpa+length) by copying a cache-resident zero block: memset speed, where writing a
-        `bytes(length)` first builds (and faults in) a buffer of that size. New DMA memory is zeroed this way."""
-        view = self.view(gpa, length)
-        block = len(ZERO_BLOCK)
-        for off in range(0, length - block + 1, block):
-            view[off:off + block] = ZERO_BLOCK
-        tail = length % block
-        if tail:
-            view[length - tail:] = ZERO_BLOCK[:tail]
+        """Zero [gpa, gpa+length) (`_fill`): writing a `bytes(length)` would first build (and fault in) a buffer
+        of that size. New DMA memory is zeroed this way."""
+        _fill(self.view(gpa, length), ZERO_BLOCK)
 
     def read_u32(self, gpa: int) -> int:
         self.check(gpa, 4)
@@ -185,16 +190,9 @@ class GuestMemory:
 
     # -- servicing --------------------------------------------------------------------------
     def scrub_worker_ram(self) -> None:
-        """Fill worker RAM with the poison pattern; guest RAM and pool are untouched. A 64 KiB block of the
-        pattern, which stays in the CPU's cache, is copied over it block by block: close to memset speed (it is
-        on the servicing's critical path), where copying the filled part onto the rest reads as much memory as
-        it writes."""
-        start, size = self.layout.worker.gpa, self.layout.worker.size
-        view = self._view
-        end = start + size
-        for off in range(start, end, len(POISON_BLOCK)):
-            n = min(len(POISON_BLOCK), end - off)
-            view[off:off + n] = POISON_BLOCK[:n] if n < len(POISON_BLOCK) else POISON_BLOCK
+        """Fill worker RAM with the poison pattern (`_fill`: it is on the servicing's critical path); guest RAM
+        and pool are untouched."""
+        _fill(self.view(self.layout.worker.gpa, self.layout.worker.size), POISON_BLOCK)
 
     def close(self) -> None:
         self._view.release()
