@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import array
 import ctypes
+import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -222,17 +223,11 @@ class VportDataPath:
         """Queue as many frames as there are free TX buffers (one copy each, one doorbell for the batch).
         Returns how many were taken, from the front of `frames`; `before_doorbell(n)` runs once they are
         copied, before the doorbell (the caller may reuse their memory from then on)."""
-        self._check_open()
-        self._reap_tx()
-        n = min(len(frames), self._tx_nbuf - (self._tx_posted - self._tx_done))
-        if n <= 0:
+        lengths = self._start_send(map(len, frames))
+        n = len(lengths)
+        if not n:
             return 0
         bs, view = self.max_frame, self._tx_view
-        lengths = list(map(len, frames[:n]))
-        if min(lengths) <= 0 or max(lengths) > bs:
-            bad = next(x for x in lengths if not 0 < x <= bs)
-            raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
-        self._post_rx()  # before the SQ doorbell: their replies (loopback) must find every buffer posted
         for done, p, b, count in self._tx_runs(n):
             run = lengths[done:done + count]
             for f, off, length in zip(frames[done:done + count], range(b * bs, (b + count) * bs, bs), run):
@@ -246,18 +241,10 @@ class VportDataPath:
         """`send` for frames given as blocks: the first `lengths[i]` bytes of row i of each block's rows (uint8,
         e.g. guest ring slots, `Ring.peek_blocks`). Each run of consecutive TX buffers is filled by one block copy
         of the run's longest frame (the bytes after a shorter frame are not part of it: its SGE size ends it)."""
-        self._check_open()
-        self._reap_tx()
-        free = self._tx_nbuf - (self._tx_posted - self._tx_done)
-        lengths = [n for _, run in blocks for n in run][:free]
+        lengths = self._start_send(itertools.chain.from_iterable(run for _, run in blocks))
         n = len(lengths)
-        if n <= 0:
+        if not n:
             return 0
-        bs = self.max_frame
-        if min(lengths) <= 0 or max(lengths) > bs:
-            bad = next(x for x in lengths if not 0 < x <= bs)
-            raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
-        self._post_rx()  # before the SQ doorbell: their replies (loopback) must find every buffer posted
         rows = blocks[0][0] if len(blocks) == 1 else np.concatenate([b for b, _ in blocks])
         for done, p, b, count in self._tx_runs(n):
             run = lengths[done:done + count]
@@ -266,6 +253,21 @@ class VportDataPath:
             self._tx_sizes(p, run)
         self._post_sends(n, sum(lengths), before_doorbell)
         return n
+
+    def _start_send(self, lengths: Iterable[int]) -> list[int]:
+        """The start of `send` and `send_blocks`: the lengths of the frames the send takes (from the front, as many
+        as there are free TX buffers), each checked to fit a buffer (BadFrame); if any, the received buffers are
+        posted first (before the SQ doorbell: their replies (loopback) must find every buffer posted)."""
+        self._check_open()
+        self._reap_tx()
+        taken = list(itertools.islice(lengths, max(self.tx_free, 0)))
+        if taken:
+            bs = self.max_frame
+            if min(taken) <= 0 or max(taken) > bs:
+                bad = next(x for x in taken if not 0 < x <= bs)
+                raise BadFrame(f"frame of {bad} bytes does not fit a {bs}-byte buffer")
+            self._post_rx()
+        return taken
 
     def _tx_runs(self, n: int) -> list[tuple[int, int, int, int]]:
         """(frames before, SQ position, TX buffer, count) of the runs of consecutive SQ positions and buffers the
