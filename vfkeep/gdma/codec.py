@@ -117,14 +117,14 @@ TX_OOB = record(None, field_span(ManaTxOob, "s_oob"), field_span(ManaTxOob, "l_o
 #: A whole CQE: 60 data bytes and the params dword.
 CQE = record(CQE_SIZE, field_span(Cqe, "data"), field_span(Cqe, "params"))
 _DATA = field_span(Cqe, "data")[0]
+_RX_CQE_SPANS = {"cqe_hdr": field_span(ManaRxcompOob, "cqe_hdr", _DATA),
+                 "pkt_len": field_span(ManaRxcompOob, "ppi.0.pkt_len", _DATA),
+                 "rx_wqe_offset": field_span(ManaRxcompOob, "rx_wqe_offset", _DATA),
+                 "params": field_span(Cqe, "params")}
 #: RX completion CQE as the device writes it: cqe_hdr, ppi[0].pkt_len, rx_wqe_offset, params.
-RX_CQE = record(CQE_SIZE, *(field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len",
-                                                                          "rx_wqe_offset")),
-                field_span(Cqe, "params"))
+RX_CQE = record(CQE_SIZE, *_RX_CQE_SPANS.values())
 #: `RX_CQE` as a numpy dtype: a batch of RX completions packed as columns.
-RX_CQE_DTYPE = record_dtype(CQE_SIZE, **dict(zip(("cqe_hdr", "pkt_len", "rx_wqe_offset"), (
-    field_span(ManaRxcompOob, f, _DATA) for f in ("cqe_hdr", "ppi.0.pkt_len", "rx_wqe_offset")))),
-    params=field_span(Cqe, "params"))
+RX_CQE_DTYPE = record_dtype(CQE_SIZE, **_RX_CQE_SPANS)
 #: A completion EQE: its payload (`EqeCompletionData` word) and params.
 EQE_COMPLETION = record(EQE_SIZE, (field_span(Eqe, "data")[0], ctypes.sizeof(EqeCompletionData)),
                         field_span(Eqe, "params"))
