@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from device_driver_helper import Pages, TestDriver, VportQueues, frame, in_process_device
 from vfkeep.device.queues import Cq, Eq, QueueMemory, Wq
 from vfkeep.gdma import codec
-from vfkeep.gdma.constants import CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, DB_RQ, DB_SQ, PAGE_SIZE
+from vfkeep.gdma.constants import (CLIENT_OOB_8, CLIENT_OOB_24, CLIENT_OOB_32, CQE_RX_OKAY, DB_RQ, DB_SQ,
+                                   PAGE_SIZE)
 from vfkeep.gdma.datapath import ManaRxWqeOneSge
 from vfkeep.gdma.queues import Sge, WqeHeader, WqeParams, wqe_length
 from vfkeep.memory import GuestMemory, MemoryLayout
@@ -296,3 +297,30 @@ def test_a_large_block_into_receive_buffers_posted_in_evenly_spaced_pairs_is_all
     assert device.counters["frames_rx"] == 2 * n and rx_cq.tail - rx_cq.cap == 2 * n
     assert [f[12:] for f in received()] == [f[12:] for f in sent]
     port.irqs.close()
+
+
+def test_wqes_that_all_name_one_buffer_are_each_sent_and_received(up):
+    """A driver may post several WQEs on one buffer (the same frame sent again, receive buffers reused): their
+    addresses are then not evenly spaced with a positive stride, so the block paths leave them to the frame by
+    frame ones; every send is still completed and every frame delivered (a zero stride once raised out of the
+    doorbell, leaving the WQEs taken but never completed)."""
+    device, drv = up
+    vp = VportQueues(drv)
+    vp.start(rx_buffers=0)
+    n = 10
+    for _ in range(n):
+        vp.post_rx(1, address=vp.rx_buf(0))
+    buf = vp.tx_bufs
+    vp.mem.write(buf, frame(PEER, vp.mac, 7))
+    for _ in range(n):
+        vp.sq.put(vp.tx_wqe(buf, 64))
+    drv.ring_wq(DB_SQ, vp.sq)
+    assert vp.wait_tx(n) == [32] * n
+    assert [kind for kind, _ in vp.wait_rx(n)] == [CQE_RX_OKAY] * n
+    assert seqs([(None, vp.mem.read(vp.rx_buf(0), 64))]) == [7]  # (the helper reads buffers by index)
+    assert device.counters["frames_tx"] == device.counters["frames_rx"] == n
+    for _ in range(n):  # a block from the backend into them
+        vp.post_rx(1, address=vp.rx_buf(0))
+    device.deliver_block(0, np.frombuffer(b"".join(frame(vp.mac, PEER, 8) for _ in range(n)), np.uint8).reshape(n, 64))
+    assert [kind for kind, _ in vp.wait_rx(n)] == [CQE_RX_OKAY] * n
+    assert seqs([(None, vp.mem.read(vp.rx_buf(0), 64))]) == [8] and device.counters["frames_rx"] == 2 * n

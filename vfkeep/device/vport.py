@@ -431,10 +431,12 @@ def _even_prefix(addresses: list[int] | tuple[int, ...]) -> int:
     if n < 3:
         return n
     low, stride = addresses[0], addresses[1] - addresses[0]
+    if stride <= 0:  # (several WQEs on one buffer, or buffers in descending order: no block)
+        return 1
     expected = range(low, low + n * stride, stride)
-    if stride > 0 and list(addresses) == list(expected):
+    if list(addresses) == list(expected):
         return n
-    return next(i for i, (a, e) in enumerate(zip(addresses, expected)) if a != e) if stride > 0 else 1
+    return next(i for i, (a, e) in enumerate(zip(addresses, expected)) if a != e)
 
 
 def _same_prefix(values: list[int]) -> int:
