@@ -343,9 +343,9 @@ class GdmaDriver:
             self._wqe_key, self._send_wqe, self._recv_wqe = key, send.to_bytes(), recv.to_bytes()
         return self._send_wqe, self._recv_wqe
 
-    def _request_header(self, code: int, dev_id: int | GdmaDevId) -> tuple[bytearray, int]:
+    def _request_header(self, code: int, dev_id: int | GdmaDevId) -> bytearray:
         """The `GdmaReqHdr` of `code` to `dev_id` (from `gdma.messages`, built once per pair), with the next
-        activity id; and its expected `resp.msg_size`."""
+        activity id."""
         key = (code, dev_id if isinstance(dev_id, int) else dev_id.to_int())
         raw = self._headers.get(key)
         if raw is None:
@@ -353,7 +353,7 @@ class GdmaDriver:
         self.activity_id = (self.activity_id + 1) & U32
         hdr = bytearray(raw)
         _U32.pack_into(hdr, _ACTIVITY_ID_AT, self.activity_id)
-        return hdr, message_spec(code).resp_msg_size
+        return hdr
 
     def _post_receive_wqe(self, ring: bool = True) -> tuple[int, int]:
         """One 32-byte receive WQE whose SGE covers the response page (gdma spec 7.4); rings the RQ doorbell
@@ -481,7 +481,7 @@ class GdmaDriver:
             if self.hwc_failure:
                 raise HwcFailure(f"{name}: cannot use the HWC after an earlier HWC failure", code, None)
             hwc = self.hwc
-            req, resp_size = self._request_header(code, dev_id)
+            req, resp_size = self._request_header(code, dev_id), spec.resp_msg_size
             if body is not None:
                 req += body.to_bytes()
             self._req_page[:len(req)] = req
