@@ -55,11 +55,15 @@ def one_line(e: BaseException) -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP ending a command as Ctrl-C does (`signals_interrupt`)."""
+    """SIGTERM or SIGHUP ending a command as Ctrl-C does (`signals_interrupt`); in `vfkeep run`'s host, also
+    `vfkeep stop` (signum None) asking it to stop."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int | None):
         super().__init__(signum)
         self.signum = signum
+
+    def describe(self) -> str:
+        return "stop requested" if self.signum is None else signal.Signals(self.signum).name
 
 
 def signals_interrupt() -> None:

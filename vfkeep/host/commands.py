@@ -16,6 +16,7 @@ import click
 
 from .. import log as vlog
 from .. import proc, rpc
+from ..cli import Interrupted, signals_interrupt
 from ..device.timing import timing_from, timing_options
 from ..log import kv
 from . import control, leftovers, render
@@ -58,17 +59,6 @@ LOG_NAME = "host.log"
 DETACH_READY_S = 60.0
 #: ... and, interrupted, this long for it to stop (its boot wait and orderly stop) before it is killed.
 DETACH_STOP_S = 30.0
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal (or `vfkeep stop`, signum None) asks the host to stop; raised on the main thread."""
-
-    def __init__(self, signum: int | None):
-        super().__init__(signum)
-        self.signum = signum
-
-    def describe(self) -> str:
-        return "stop requested" if self.signum is None else signal.Signals(self.signum).name
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -163,8 +153,6 @@ def _parse_size(text: str) -> int:
 def _detach(argv: list[str], run_dir: str) -> None:
     """Start the host in a session of its own (no terminal, survives this shell) and return once it answers;
     if it exits first, its one-line cause is ours."""
-    from ..cli import signals_interrupt
-
     log_path = os.path.join(run_dir, LOG_NAME)
     stderr_path = os.path.join(run_dir, "host.stderr")
     signals_interrupt()
