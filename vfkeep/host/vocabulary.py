@@ -121,6 +121,12 @@ class UpperChoice(click.Choice):
 
 
 # -- shared options ---------------------------------------------------------------------------------------
+def target_run_dir_option(help: str = "the host's run directory"):
+    """The `--run-dir` of every command run against a host (unset: `_target` picks; empty: refused)."""
+    return click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
+                        help=help)
+
+
 def host_command(name: str, **settings):
     """A host command: `--run-dir` and `--json` added, errors printed as JSON under --json."""
     def decorate(fn):
@@ -134,9 +140,8 @@ def host_command(name: str, **settings):
                 json_error(e)
 
         run = click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")(run)
-        run = click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-                           help="the host's run directory [default: $VFKEEP_RUN_DIR or /tmp/vfkeep-UID; "
-                                "the console's own host there]")(run)
+        run = target_run_dir_option("the host's run directory [default: $VFKEEP_RUN_DIR or /tmp/vfkeep-UID; "
+                                    "the console's own host there]")(run)
         return click.command(name, **settings)(click.pass_context(run))
     return decorate
 
@@ -271,8 +276,7 @@ def probe_command(ctx, run_dir, as_json, nic, count):
 
 
 @click.group("traffic")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory (also accepted after the subcommand)")
+@target_run_dir_option("the host's run directory (also accepted after the subcommand)")
 @click.pass_context
 def traffic_group(ctx, run_dir):
     """Guest traffic on a running host: one agent per NIC sends paced frames and measures what comes back."""
@@ -294,8 +298,7 @@ nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="o
                    "refuses frames, counted lost]")
 @nic_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory")
+@target_run_dir_option()
 @click.pass_context
 def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
     """Start (or re-pace) traffic; starts the NIC's agent on first use."""
@@ -311,8 +314,7 @@ def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
 @traffic_group.command("stop")
 @nic_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory")
+@target_run_dir_option()
 @click.pass_context
 def traffic_stop(ctx, nic, as_json, run_dir):
     """Stop sending (agents keep running, and keep their records, until the host stops)."""
@@ -331,8 +333,7 @@ def traffic_stop(ctx, nic, as_json, run_dir):
               help="wait up to this long for frames still in flight [default: 10 x the NIC's measured RTT p99, "
                    "100-2000 ms; the wait ends as soon as every frame came back]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory")
+@target_run_dir_option()
 @click.pass_context
 def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
     """Delivery since the last start, per NIC, and what the last servicing cost the guest."""
@@ -349,8 +350,7 @@ def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
 
 
 @click.group("disk")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory (also accepted after the subcommand)")
+@target_run_dir_option("the host's run directory (also accepted after the subcommand)")
 @click.pass_context
 def disk_group(ctx, run_dir):
     """Guest disk IO on a running host (`vfkeep run --nvme N`): one agent per NVMe disk issues verifiable reads
@@ -370,8 +370,7 @@ disk_option = click.option("--disk", type=click.IntRange(0), default=None, help=
               help="share of reads (of chunks already written)")
 @disk_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory")
+@target_run_dir_option()
 @click.pass_context
 def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
     """Start (or re-pace) disk IO; starts the disk's agent on first use."""
@@ -387,8 +386,7 @@ def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
 @disk_group.command("stop")
 @disk_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory")
+@target_run_dir_option()
 @click.pass_context
 def disk_stop(ctx, disk, as_json, run_dir):
     """Stop submitting (requests in flight still complete; agents keep their records until the host stops)."""
@@ -406,8 +404,7 @@ def disk_stop(ctx, disk, as_json, run_dir):
 @click.option("--verify", is_flag=True, help="stop IO first and read back every block written (each must hold its "
               "LBA and last generation)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None, callback=_nonempty_run_dir,
-              help="the host's run directory")
+@target_run_dir_option()
 @click.pass_context
 def disk_stats(ctx, disk, verify, as_json, run_dir):
     """IO per disk since its agent started, and what the last servicing cost the guest's disks."""
