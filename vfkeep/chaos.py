@@ -40,6 +40,7 @@ from .cli import one_line, output_file, signals_interrupt
 from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 from .device.timing import timing_from, timing_options
 from .host.detached import DetachedHost
+from .host.vmm import KEPT_VPORT_PAGES
 from .kill_points import KILL_POINT_ENV, RESTORE_POINTS, SAVE_POINTS
 from .vfio_user.control import control_call
 
@@ -105,7 +106,6 @@ def killed_with_running_relay(p: dict) -> bool:
     return any(f["kind"] == "save_stuck" or (f["kind"] == "kill_old" and f["point"] == "save.requested")
                or (f["kind"] == "kill_new" and f["point"] in ("restore.started", hwc_after_relay))
                for f in p["faults"])
-KEPT_VPORT_PAGES = 202
 
 
 def plan(seed: int, index: int, nics: int, nvme: int = 0) -> dict:
