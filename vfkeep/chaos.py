@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import click
 
 from . import proc, rpc
-from .cli import one_line, output_file, signals_interrupt
+from .cli import one_line, output_file
 from .contract import DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV
 from .device.timing import timing_from, timing_options
 from .host.detached import DetachedHost
@@ -756,7 +756,7 @@ def chaos_command(servicings, seed, nics, nvme, json_path, replay, timing, hwc_l
     from rich.console import Console
 
     timing_from(timing, hwc_latency_ms, flr_ms)  # (a bad combination is a usage error before anything starts)
-    signals_interrupt()  # SIGTERM ends the campaign as Ctrl-C does: host stopped, partial report written
+    proc.signals_interrupt()  # SIGTERM ends the campaign as Ctrl-C does: host stopped, partial report written
     if replay is not None:
         _replay_plans(replay, seed, nics, nvme)  # (likewise a --replay that names nothing to replay)
     run_args = ("--timing", timing)

@@ -54,27 +54,6 @@ def one_line(e: BaseException) -> str:
     return next((ln.strip().rstrip(":") for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP ending a command as Ctrl-C does (`signals_interrupt`); in `vfkeep run`'s host, also
-    `vfkeep stop` (signum None) asking it to stop."""
-
-    def __init__(self, signum: int | None):
-        super().__init__(signum)
-        self.signum = signum
-
-    def describe(self) -> str:
-        return "stop requested" if self.signum is None else signal.Signals(self.signum).name
-
-
-def signals_interrupt() -> None:
-    """SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N."""
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, interrupt)
-
-
 def interrupted_line(command: str, e: KeyboardInterrupt) -> tuple[str, int]:
     """An interrupted command's one line, `vfkeep: COMMAND: interrupted (SIGINT)[; what became of its work]`
     (a command sets `e.note`), and its exit status, 128 + the signal's number as a shell reports it."""

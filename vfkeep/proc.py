@@ -27,15 +27,33 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal ending a command as Ctrl-C does (`signals_interrupt`); in `vfkeep run`'s host, also `vfkeep stop`
+    (signum None) asking it to stop. `cli.interrupted_line` reports it."""
+
+    def __init__(self, signum: int | None):
+        super().__init__(signum)
+        self.signum = signum
+
+    def describe(self) -> str:
+        return "stop requested" if self.signum is None else signal.Signals(self.signum).name
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise Interrupted(signum)
+
+
+def signals_interrupt() -> None:
+    """SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
 
 
 def interrupt_on_signals() -> None:
-    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt in the main thread, whatever this process inherited
-    (a shell's `&` or nohup ignore SIGINT): long-running commands then unwind and end their children."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    """`signals_interrupt`, and SIGINT too, whatever this process inherited (a shell's `&` or nohup ignore
+    SIGINT): long-running commands then unwind and end their children."""
+    signals_interrupt()
+    signal.signal(signal.SIGINT, _interrupt)
 
 
 def vfkeep_argv(*args: str) -> list[str]:

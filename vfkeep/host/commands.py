@@ -16,9 +16,9 @@ import click
 
 from .. import log as vlog
 from .. import proc, rpc
-from ..cli import Interrupted, signals_interrupt
 from ..device.timing import timing_from, timing_options
 from ..log import kv
+from ..proc import Interrupted, signals_interrupt
 from . import control, leftovers, render
 from .decode import UndecodableState, decode_file
 

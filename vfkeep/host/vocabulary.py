@@ -20,8 +20,8 @@ from typing import Any
 import click
 
 from .. import kill_points, rpc
-from ..cli import signals_interrupt
 from ..contract import SAVE_TEST_CONFIGS
+from ..proc import signals_interrupt
 from . import control, render
 from .commands import (LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running, default_run_dir,
                        no_host, parse_nic_list, remove_dead_hosts_leftovers)

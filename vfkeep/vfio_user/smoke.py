@@ -22,9 +22,8 @@ import zlib
 import click
 
 from vfkeep import log as vlog
-from vfkeep.cli import signals_interrupt
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
-from vfkeep.proc import end, spawn
+from vfkeep.proc import end, signals_interrupt, spawn
 
 from .client import VfioDevice
 from .control import control_call
