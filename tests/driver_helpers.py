@@ -1,5 +1,6 @@
 """Test helpers shared by the device and driver tests: the emulator cores in-process behind the drivers' backing
-interface (`InProcessBacking`, `InProcessBench` for MANA, `NvmeBacking` for NVMe) and loopback traffic helpers."""
+interface (`InProcessBacking`, `InProcessBench` for MANA, `NvmeBacking` for NVMe), a held device loop
+(`HeldLoop`) and loopback traffic helpers."""
 from __future__ import annotations
 
 import os
@@ -91,6 +92,17 @@ class InProcessBacking:
         self.device.client_disconnected()
         if self.dma is not None:
             self.dma.close()
+
+
+class HeldLoop:
+    """The device's loop, for a modelled latency: a delayed answer waits in `timers` as (delay, callback) until
+    the test runs it."""
+
+    def __init__(self):
+        self.timers = []
+
+    def call_later(self, delay, callback):
+        self.timers.append((delay, callback))
 
 
 class InProcessBench:

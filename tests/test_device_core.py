@@ -5,6 +5,7 @@ import pytest
 
 from device_driver_helper import (MANA_DEV_ID, SHMEM_HDR, ConsumerRing, Pages, TestDriver, VportQueues, cqe_params,
                                   eqe_type, frame, in_process_device)
+from driver_helpers import HeldLoop
 from vfkeep.device.control import COMMANDS
 from vfkeep.device.vport import VENDOR_ERR_DMA_FAULT, VENDOR_ERR_MALFORMED_WQE
 from vfkeep.gdma.bnic import (ManaCfgRxSteerReqDriver, ManaCreateWqobjReq, ManaDestroyWqobjReq,
@@ -526,14 +527,7 @@ def test_rx_without_dma_mapping_is_dropped_and_keeps_the_buffer(up, mem):
 
 
 def test_realistic_timing_models_hwc_latency_and_flr(mem):
-    class Loop:
-        def __init__(self):
-            self.timers = []
-
-        def call_later(self, delay, cb):
-            self.timers.append((delay, cb))
-
-    loop = Loop()
+    loop = HeldLoop()
     device, port = in_process_device(mem, loop=loop, timing="realistic", reset_method="flr")
     drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.2)
     drv.establish_hwc()

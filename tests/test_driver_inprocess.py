@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from driver_helpers import EventfdIrqs, InProcessBacking, InProcessBench, loopback, same_payloads
+from driver_helpers import EventfdIrqs, HeldLoop, InProcessBacking, InProcessBench, loopback, same_payloads
 from driver_helpers import numbered_frames as frames
 from vfkeep.device import control
 from vfkeep.device.core import GdmaDevice
@@ -502,16 +502,6 @@ def test_an_hwc_request_is_one_burst_of_posted_writes(bench, mem):
     assert device_hwc.rq.pending and not device_hwc.sq.pending  # the device sees the posted receive WQE too
 
 
-class HeldLoop:
-    """The device's loop, for a modelled latency: a delayed answer waits in `timers` until the test runs it."""
-
-    def __init__(self):
-        self.timers = []
-
-    def call_later(self, delay, callback):
-        self.timers.append(callback)
-
-
 def test_meanwhile_runs_while_the_device_works_on_the_request(mem):
     """`request(meanwhile=)`: the device has taken the request and not answered it when `meanwhile` runs."""
     loop = HeldLoop()
@@ -524,7 +514,7 @@ def test_meanwhile_runs_while_the_device_works_on_the_request(mem):
 
     def meanwhile():
         seen.append((device.counters["hwc_requests"], dev.gdma.hwc.cq.pending()))
-        loop.timers.pop()()  # the latency has passed: the device answers
+        loop.timers.pop()[1]()  # the latency has passed: the device answers
 
     before = device.counters["hwc_requests"]
     dev.gdma.request(GDMA_LIST_DEVICES, HWC_DEV_ID, meanwhile=meanwhile)

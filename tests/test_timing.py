@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from device_driver_helper import Pages, TestDriver, in_process_device, wait_eventfd
+from driver_helpers import HeldLoop
 from servicing_helpers import HostRun
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE, GDMA_QUERY_MAX_RESOURCES
@@ -54,14 +55,7 @@ def test_every_timing_object_names_its_preset_under_one_key():
 
 
 def test_in_process_device_models_the_declared_latency(mem):
-    class Loop:
-        def __init__(self):
-            self.timers = []
-
-        def call_later(self, delay, cb):
-            self.timers.append((delay, cb))
-
-    loop = Loop()
+    loop = HeldLoop()
     device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=0.25, flr_ms=10),
                                      reset_method="flr")
     drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.2)
@@ -83,14 +77,7 @@ def test_in_process_device_models_the_declared_latency(mem):
 def test_a_delayed_request_raises_its_effects_interrupts_with_its_answer(mem):
     """GENERATE_TEST_EQE posts its event when the device takes the request, but vector 0 fires only with the
     answer, after the modelled latency: the driver is woken once per request, not by the event and then again."""
-    class Loop:
-        def __init__(self):
-            self.timers = []
-
-        def call_later(self, delay, cb):
-            self.timers.append((delay, cb))
-
-    loop = Loop()
+    loop = HeldLoop()
     device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=1, flr_ms=0))
     drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.1)
     drv.establish_hwc()
