@@ -8,7 +8,16 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from vfkeep.proc import end, spawn
+from vfkeep.proc import end, spawn, vfkeep_argv
+
+#: This environment without the caller's OPENHCL_/VFKEEP_ settings: a command under test takes its defaults.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
+
+
+def vfkeep(*args: str, timeout: float = 60, cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`vfkeep ARGS` to its end as a script runs it: output piped, no stdin, under a deadline."""
+    return subprocess.run(vfkeep_argv(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env,
+                          stdin=subprocess.DEVNULL)
 
 
 class LineChild:

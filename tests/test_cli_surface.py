@@ -14,13 +14,12 @@ import click
 import pytest
 from rich.console import Console
 
+from helpers import CLEAN_ENV
 from servicing_helpers import HostRun, live_processes, SESSION
 from vfkeep import cli, proc
 from vfkeep.host import render
 from vfkeep.host.console import HostConsole
 from vfkeep.host.vocabulary import COMMAND_OBJECTS, HOST_COMMANDS
-
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
 
 
 def vfkeep(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import time
 
+from helpers import CLEAN_ENV
 from servicing_helpers import SESSION, live_processes, pid_alive
 from vfkeep import proc
 from vfkeep.demo import verdict
@@ -25,9 +26,8 @@ def session_members(sid: int) -> list[int]:
 def _demo(*args: str, **env_extra: str):
     """`vfkeep demo ARGS` to its end (ended by PID on a timeout) without the caller's OPENHCL_/VFKEEP_ settings;
     checked to exit 0. Returns (child, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))} | env_extra
     child = subprocess.Popen(proc.vfkeep_argv("demo", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env, start_new_session=True)
+                             text=True, env=CLEAN_ENV | env_extra, start_new_session=True)
     try:
         stdout, stderr = child.communicate(timeout=120)
     finally:

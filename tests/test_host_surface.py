@@ -15,12 +15,12 @@ import time
 
 import pytest
 
+from helpers import CLEAN_ENV
 from servicing_helpers import SESSION, HostRun, pid_alive, stat_fields
 from vfkeep import proc, rpc
 from vfkeep.host import control
 
 VFKEEP = proc.vfkeep_argv()
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
 
 
 def cli(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:

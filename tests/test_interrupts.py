@@ -9,10 +9,9 @@ import time
 
 import pytest
 
+from helpers import CLEAN_ENV
 from servicing_helpers import SESSION, HostRun, children_of, live_processes, pid_alive
 from vfkeep import proc
-
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENHCL_", "VFKEEP_"))}
 
 
 def _sigint_default() -> None:

@@ -4,13 +4,7 @@ import subprocess
 
 import pytest
 
-from vfkeep import proc
-
-
-def vfkeep(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    # the timeout is far below what a campaign or demo takes: reaching it means the check came too late
-    return subprocess.run(proc.vfkeep_argv(*args), capture_output=True, text=True, timeout=60, cwd=cwd,
-                          stdin=subprocess.DEVNULL)
+from helpers import vfkeep
 
 
 def usage_line(r: subprocess.CompletedProcess, command: str) -> str:

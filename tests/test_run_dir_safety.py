@@ -6,17 +6,12 @@ import subprocess
 
 import pytest
 
+from helpers import vfkeep
 from servicing_helpers import HostRun
-from vfkeep import proc
 from vfkeep.host import leftovers
 from vfkeep.sockets import SocketPathError, listen_unix
 
 DATA = b"the user's own blocks\n" * 100
-
-
-def vfkeep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(proc.vfkeep_argv(*args), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def stale_socket(path) -> None:
@@ -106,8 +101,7 @@ def test_run_leaves_other_programs_sockets_alone(tmp_path):
 def test_an_empty_run_dir_is_refused(tmp_path, cmd):
     """Item 3: `--run-dir ""` meant the current directory (`vfkeep run` then cleaned it up)."""
     (tmp_path / "mine.stderr").write_text("")
-    r = subprocess.run(proc.vfkeep_argv(*cmd, "--run-dir", ""), capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path, stdin=subprocess.DEVNULL)
+    r = vfkeep(*cmd, "--run-dir", "", cwd=tmp_path)
     assert r.returncode == 2, r
     assert "--run-dir" in one_line(r) and "must name a directory" in r.stderr
     assert os.listdir(tmp_path) == ["mine.stderr"]

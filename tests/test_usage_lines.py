@@ -1,15 +1,8 @@
 """Bad usage is exit 2 with one line naming the command (new-user review item 20)."""
-import subprocess
-
 import pytest
 
+from helpers import vfkeep
 from servicing_helpers import HostRun
-from vfkeep import proc
-
-
-def vfkeep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(proc.vfkeep_argv(*args), capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)
 
 
 def test_a_bad_log_level_names_the_command_it_was_for():
