@@ -53,3 +53,27 @@ def run_json(argv: Sequence[str], pass_fds: Sequence[int], timeout: float) -> di
         return json.loads(out)
     finally:
         end(child)
+
+
+def wait_for(what, timeout: float = 60, child: subprocess.Popen | None = None) -> None:
+    """Poll `what()` until it is true; fail at the deadline (`child` ended by PID) or as soon as `child` has exited,
+    with its output."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        if child is not None and child.poll() is not None:
+            raise AssertionError(f"the child exited first ({child.returncode}): {child.communicate()}")
+        if time.monotonic() >= deadline:
+            if child is not None:
+                end(child)
+            raise AssertionError(f"not within {timeout} s" + (f": {child.communicate()}" if child else ""))
+        time.sleep(0.05)
+
+
+def interrupt(child: subprocess.Popen, sig: int) -> tuple[str, str]:
+    """Send `sig` to `child` and read it to its end (ended by PID if it is still running after a minute)."""
+    try:
+        child.send_signal(sig)
+        return child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            end(child)

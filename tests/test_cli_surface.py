@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import click
 import pytest
 from rich.console import Console
 
-from helpers import CLEAN_ENV
+from helpers import CLEAN_ENV, interrupt, wait_for
 from servicing_helpers import HostRun, live_processes, SESSION
 from vfkeep import cli, proc
 from vfkeep.host import render
@@ -267,16 +266,8 @@ def test_interrupted_demo_leaves_nothing_in_the_temp_dir(tmp_path):
     child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(tmp_path / "report"), "--timing", "natural"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              env={**CLEAN_ENV, "TMPDIR": str(tmp)})
-    try:
-        deadline = time.monotonic() + 60
-        while len(live_processes(SESSION, child.pid)) < 3:  # demo + device + worker
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            time.sleep(0.05)
-        child.send_signal(signal.SIGINT)
-        stdout, _ = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            proc.end(child)
+    wait_for(lambda: len(live_processes(SESSION, child.pid)) >= 3, child=child)  # demo + device + worker
+    stdout, _ = interrupt(child, signal.SIGINT)
     assert child.returncode == 130 and "temporary run dir removed" in stdout
     assert os.listdir(tmp) == []
 

@@ -4,9 +4,8 @@ import os
 import signal
 import statistics
 import subprocess
-import time
 
-from helpers import CLEAN_ENV
+from helpers import CLEAN_ENV, interrupt, wait_for
 from servicing_helpers import SESSION, live_processes, pid_alive
 from vfkeep import proc
 from vfkeep.demo import verdict
@@ -124,16 +123,8 @@ def test_demo_interrupted_leaves_nothing(tmp_path):
     """Ctrl-C while the demo's host, worker, device and agent run: exit 130, every process ended."""
     child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(tmp_path / "report"), "--timing", "natural"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(session_members(child.pid)) < 4:  # demo + device + worker + traffic agent
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            time.sleep(0.05)
-        child.send_signal(signal.SIGINT)
-        stdout, stderr = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            proc.end(child)
+    wait_for(lambda: len(session_members(child.pid)) >= 4, child=child)  # demo + device + worker + traffic agent
+    stdout, stderr = interrupt(child, signal.SIGINT)
     assert child.returncode == 130, stderr
     assert "interrupted" in stdout
     assert session_members(child.pid) == []

@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import CLEAN_ENV
+from helpers import CLEAN_ENV, interrupt, wait_for
 from servicing_helpers import SESSION, HostRun, children_of, live_processes, pid_alive
 from vfkeep import proc
 
@@ -26,22 +25,6 @@ def start(*args: str, env: dict | None = None) -> subprocess.Popen:
                             preexec_fn=_sigint_default)
 
 
-def wait_for(what, child: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-        time.sleep(0.05)
-
-
-def interrupt(child: subprocess.Popen, sig: int) -> tuple[str, str]:
-    try:
-        child.send_signal(sig)
-        return child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            proc.end(child)
-
-
 def last_line(err: str) -> str:
     assert "Traceback" not in err and "Aborted!" not in err, err
     return err.strip().splitlines()[-1]
@@ -51,7 +34,7 @@ def last_line(err: str) -> str:
 def test_interrupted_smoke_removes_its_temporary_run_dir(tmp_path, sig):
     """Item 8: the temporary run dir was removed only when the scenario passed."""
     child = start("smoke", env={"TMPDIR": str(tmp_path)})
-    wait_for(lambda: len(live_processes(SESSION, child.pid)) >= 2, child)  # smoke + its test device
+    wait_for(lambda: len(live_processes(SESSION, child.pid)) >= 2, child=child)  # smoke + its test device
     _, err = interrupt(child, sig)
     assert child.returncode == 128 + sig, err
     line = last_line(err)
@@ -70,9 +53,9 @@ def test_interrupted_start_up_stops_the_host(tmp_path, how):
     its session; the boot itself waited for its worker before it stopped."""
     run_dir = tmp_path / "run"
     child = start("run", how, "--run-dir", str(run_dir), "--timing", "natural", "--worker-cmd", SILENT_WORKER)
-    wait_for(lambda: (run_dir / "host.pid").exists(), child)
+    wait_for(lambda: (run_dir / "host.pid").exists(), child=child)
     host = int((run_dir / "host.pid").read_text())
-    wait_for(lambda: len(children_of(host)) >= 2, child)  # its device and its worker
+    wait_for(lambda: len(children_of(host)) >= 2, child=child)  # its device and its worker
     kids = children_of(host)
     _, err = interrupt(child, signal.SIGINT)
     assert child.returncode == 130, err
@@ -90,15 +73,12 @@ def test_interrupted_service_says_the_servicing_carries_on(tmp_path):
     h = HostRun(tmp_path / "run")
     try:
         child = start("service", "--run-dir", h.run_dir, "--test-config", "SERVICING_SAVE_STUCK", "--timeout", "1")
-        wait_for(lambda: h.status()["servicing"] is not None, child)
+        wait_for(lambda: h.status()["servicing"] is not None, child=child)
         _, err = interrupt(child, signal.SIGINT)
         assert child.returncode == 130, err
         assert last_line(err).startswith("vfkeep: service: interrupted (SIGINT); the servicing carries on in the "
                                          "host"), err
-        deadline = time.monotonic() + 60
-        while h.status()["servicing"] is not None:  # it completes on its own (a stuck save: the fresh path)
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: h.status()["servicing"] is None)  # it completes on its own (a stuck save: the fresh path)
         assert h.inspect("last_servicing")["result"]["status"] == "failed"
     finally:
         h.stop()
@@ -112,7 +92,7 @@ def test_interrupted_chaos_keeps_its_run_dir_as_interrupted_and_writes_a_partial
     report = tmp_path / "chaos.json"
     child = start("chaos", "--servicings", "100", "--json", str(report), env={"TMPDIR": str(tmp_path)})
     # the warm-up servicing is done once its result is recorded: the campaign runs
-    wait_for(lambda: glob.glob(str(tmp_path / "vfk-chaos-*" / "run" / "last_servicing.json")), child, timeout=120)
+    wait_for(lambda: glob.glob(str(tmp_path / "vfk-chaos-*" / "run" / "last_servicing.json")), 120, child)
     _, err = interrupt(child, signal.SIGINT)
     assert child.returncode == 130, err
     keep = tmp_path / f"vfk-chaos-interrupted-{child.pid}"

@@ -1,5 +1,6 @@
 """`degraded` means a NIC did not take the path requested of it (README, DESIGN §10): a NIC asked for fresh
 that came up fresh is not degraded, whatever note it has (new-user review item 15)."""
+from helpers import wait_for
 from servicing_helpers import HostRun
 from vfkeep.contract import RestorePath
 from vfkeep.host.outcome import NOT_REQUESTED, nic_reason
@@ -42,16 +43,12 @@ def test_a_dead_device_is_named_in_the_log_the_warnings_and_a_refused_servicing(
     failed with a bare `cannot connect to .../nic0.sock.ctl: Connection refused`."""
     import os
     import signal
-    import time
 
     h = HostRun(tmp_path / "run")
     try:
         pid = h.status()["devices"][0]["pid"]
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not h.status()["warnings"]:  # the host notices at its next idle tick (0.5 s)
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: h.status()["warnings"], 30)  # the host notices at its next idle tick (0.5 s)
         log = os.path.join(h.run_dir, "device-nic0.log")
         died = f"device nic0 (d186:00:00.0, pid {pid}) died, killed by SIGKILL (see {log})"
         assert h.status()["warnings"] == [died]
