@@ -148,15 +148,21 @@ def test_save_then_restore_without_establish_or_register(bench, mem):
     assert dev.save().gdma.mem.base_pfn == g.mem.base_pfn  # and again, for the next servicing
 
 
+def vector_assignments(backing) -> list[list[int]]:
+    """The vectors of each `set_irq`/`set_irqs` exchange on `backing` from now on, one list per exchange."""
+    calls = []
+    set_irq, set_irqs = backing.set_irq, backing.set_irqs
+    backing.set_irq = lambda v: (calls.append([v]), set_irq(v))[1]
+    backing.set_irqs = lambda vs: (calls.append(list(vs)), set_irqs(vs))[1]
+    return calls
+
+
 def test_a_restore_maps_every_vector_at_once(bench, mem):
     """The HWC's vector and the data vectors (1 .. num_msix - 1) go to the device in one exchange at restore,
     so rebuilding the vport afterwards assigns none (each assignment is a round trip inside the blackout)."""
     state, dma = saved_after_bringup(bench, mem)
     backing = bench.connect(dma, "nic0", fresh=False)
-    calls = []
-    set_irq, set_irqs = backing.set_irq, backing.set_irqs
-    backing.set_irq = lambda v: (calls.append([v]), set_irq(v))[1]
-    backing.set_irqs = lambda vs: (calls.append(list(vs)), set_irqs(vs))[1]
+    calls = vector_assignments(backing)
     dev = ManaDevice.restore(backing, "nic0", state.SerializeToString())
     assert calls == [[0, 1]] and state.gdma.num_msix == 2
     assert restore_vectors(state) == (0, 1)  # what an attach assigns for it (`open_vfio(irqs=)`): all of them
@@ -169,10 +175,7 @@ def test_a_restore_maps_every_vector_at_once(bench, mem):
 def test_a_fresh_init_maps_the_vport_vectors_with_the_hwc_s(bench, mem):
     """Fresh: vector 0 and the vports' (1 .. num_vps - 1) in the one exchange before ESTABLISH_HWC."""
     backing = bench.connect(DmaManager(mem, strict_pool=False), "nic0")
-    calls = []
-    set_irq, set_irqs = backing.set_irq, backing.set_irqs
-    backing.set_irq = lambda v: (calls.append([v]), set_irq(v))[1]
-    backing.set_irqs = lambda vs: (calls.append(list(vs)), set_irqs(vs))[1]
+    calls = vector_assignments(backing)
     dev = ManaDevice.new(backing, "nic0")
     vport = dev.open_vport(0, SMALL)
     assert calls == [[0, 1]] and vport.vector == 1
