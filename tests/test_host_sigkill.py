@@ -6,6 +6,7 @@ import stat
 import threading
 import time
 
+from helpers import vfkeep
 from netns_helpers import assert_nothing_left, needs_netns
 from servicing_helpers import HostRun, children_of, kill_host
 from vfkeep import netns, rpc
@@ -87,17 +88,13 @@ def test_namespaces_of_a_killed_host_are_removed_by_the_next_run(tmp_path):
 def test_stop_after_a_killed_netns_host_removes_what_the_next_run_would_and_says_so(tmp_path):
     """`vfkeep stop` with no host running left the namespaces, pidfile and sockets of a SIGKILLed
     `--guest netns` host, saying `nothing to stop` (new-user review item 5)."""
-    import subprocess
-    from vfkeep import proc
-
     run_dir = tmp_path / "run"
     rid = netns.run_id(str(run_dir))
     h = HostRun(run_dir, "--guest", "netns")
     try:
         kill_host(h)
         assert len(netns.list_run(rid)) == 2 and (run_dir / "host.pid").exists()
-        r = subprocess.run(proc.vfkeep_argv("stop", "--run-dir", str(run_dir)), capture_output=True, text=True,
-                           timeout=60)
+        r = vfkeep("stop", "--run-dir", str(run_dir))
         assert r.returncode == 0, r.stderr
         for name in ("pidfile of dead host pid", "host.sock", "nic0.sock.ctl", "guest-bridge-0.sock",
                      netns.guest_ns(rid, 0), netns.wire_ns(rid, 0)):
@@ -112,17 +109,13 @@ def test_stop_after_a_killed_netns_host_removes_what_the_next_run_would_and_says
 def test_a_killed_nvme_hosts_disk_file_goes_with_the_next_stop_or_run(tmp_path):
     """nvme0.disk (64 MiB sparse) and the empty device-nvme0.stderr outlived a SIGKILLed --nvme host, also
     after the next run/stop without --nvme; the README says the disk file goes when the host stops."""
-    import subprocess
-    from vfkeep import proc
-
     run_dir = tmp_path / "run"
     for cleaner in ("stop", "run"):
         h = HostRun(run_dir, "--nvme", "1", nics=0)
         kill_host(h)
         assert (run_dir / "nvme0.disk").exists() and (run_dir / "device-nvme0.stderr").exists()
         if cleaner == "stop":
-            r = subprocess.run(proc.vfkeep_argv("stop", "--run-dir", str(run_dir)), capture_output=True, text=True,
-                               timeout=60)
+            r = vfkeep("stop", "--run-dir", str(run_dir))
             assert r.returncode == 0 and "no host running" in r.stdout, r.stderr
             assert "sockets host.sock, nvme0.sock, nvme0.sock.ctl and files device-nvme0.stderr, nvme0.disk" in r.stdout
         else:
