@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import click
 
 from vfkeep import log as vlog
-from vfkeep.log import kv
-from vfkeep.proc import freeze_heap, spawn, vfkeep_argv
-from vfkeep.vfio_user.control import wait_until_answering
-from vfkeep.vfio_user.server import VfioUserServer
+from vfkeep.vfio_user.control import start_device_process
+from vfkeep.vfio_user.server import VfioUserServer, serve_until_stopped
 from vfkeep.sockets import SocketPathError
 
 from .backends import BackendError, parse_backend
@@ -69,30 +66,14 @@ def device_command(socket_path, control_path, reset_method, timing, hwc_latency_
         server = VfioUserServer(socket_path, device, control_path=control_path)
     except (BackendError, SocketPathError) as e:
         raise click.ClickException(str(e)) from None
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    kv(log, logging.INFO, "MANA device serving", name=name, socket=socket_path, reset_method=reset_method,
-       timing=timing.to_dict(), backend=packet_backend.inspect(), vports=vports)
-    freeze_heap()
-    try:
-        server.run()
-    finally:
-        device.close()
-        server.close()
-        kv(log, logging.INFO, "MANA device stopped", name=name,
-           counters={k: v for k, v in device.core.counters.items() if v})
+    serve_until_stopped(server, device, log, "MANA device", name, socket=socket_path, reset_method=reset_method,
+                        timing=timing.to_dict(), backend=packet_backend.inspect(), vports=vports)
 
 
 def start_device(socket_path: str | os.PathLike, *args: str, control_path: str | os.PathLike | None = None,
                  timeout: float = 10.0, **popen_kwargs) -> subprocess.Popen:
     """Run `vfkeep device --socket PATH [--control PATH] ARGS...` as a child; return when it answers."""
-    argv = vfkeep_argv("device", "--socket", os.fspath(socket_path), *args)
-    ctl = os.fspath(control_path) if control_path else f"{os.fspath(socket_path)}.ctl"
-    if control_path:
-        argv += ["--control", ctl]
-    proc = spawn(argv, **popen_kwargs)
-    wait_until_answering(proc, ctl, timeout, f"device ({' '.join(argv)})")
-    return proc
+    return start_device_process("device", socket_path, args, control_path, timeout, "device", **popen_kwargs)
 
 
 __all__ = ["device_command", "start_device", "parse_mac"]

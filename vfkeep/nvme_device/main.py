@@ -7,17 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import subprocess
 from pathlib import Path
 
 import click
 
 from vfkeep import log as vlog
-from vfkeep.log import kv
-from vfkeep.proc import freeze_heap, spawn, vfkeep_argv
-from vfkeep.vfio_user.control import wait_until_answering
-from vfkeep.vfio_user.server import VfioUserServer
+from vfkeep.vfio_user.control import start_device_process
+from vfkeep.vfio_user.server import VfioUserServer, serve_until_stopped
 from vfkeep.sockets import SocketPathError
 
 from .core import RESET_METHODS, TIMINGS, make_timing
@@ -81,31 +78,15 @@ def nvme_device_command(socket_path, control_path, disk, size, namespaces, block
         server = VfioUserServer(socket_path, device, control_path=control_path)
     except SocketPathError as e:
         raise click.ClickException(str(e)) from None
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    kv(log, logging.INFO, "NVMe device serving", name=name, socket=socket_path, disk=disk or "(memory)",
-       namespaces=namespaces, size=size, block_size=block_size, reset_method=reset_method,
-       timing=timing_params.to_dict(), msix=msix)
-    freeze_heap()
-    try:
-        server.run()
-    finally:
-        device.close()
-        server.close()
-        kv(log, logging.INFO, "NVMe device stopped", name=name,
-           counters={k: v for k, v in device.core.counters.items() if v})
+    serve_until_stopped(server, device, log, "NVMe device", name, socket=socket_path, disk=disk or "(memory)",
+                        namespaces=namespaces, size=size, block_size=block_size, reset_method=reset_method,
+                        timing=timing_params.to_dict(), msix=msix)
 
 
 def start_nvme_device(socket_path: str | os.PathLike, *args: str, control_path: str | os.PathLike | None = None,
                       timeout: float = 10.0, **popen_kwargs) -> subprocess.Popen:
     """Run `vfkeep nvme-device --socket PATH [--control PATH] ARGS...` as a child; return when it answers."""
-    argv = vfkeep_argv("nvme-device", "--socket", os.fspath(socket_path), *args)
-    ctl = os.fspath(control_path) if control_path else f"{os.fspath(socket_path)}.ctl"
-    if control_path:
-        argv += ["--control", ctl]
-    proc = spawn(argv, **popen_kwargs)
-    wait_until_answering(proc, ctl, timeout, f"nvme device ({' '.join(argv)})")
-    return proc
+    return start_device_process("nvme-device", socket_path, args, control_path, timeout, "nvme device", **popen_kwargs)
 
 
 __all__ = ["nvme_device_command", "start_nvme_device", "parse_size"]

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from .. import rpc
+from ..proc import spawn, vfkeep_argv
 
 log = logging.getLogger("vfkeep.vfio_user.control")
 
@@ -48,3 +49,17 @@ def wait_until_answering(proc: subprocess.Popen, ctl_path: str | os.PathLike, ti
             proc.kill()
             proc.wait()
             raise
+
+
+def start_device_process(command: str, socket_path: str | os.PathLike, args: tuple[str, ...],
+                         control_path: str | os.PathLike | None, timeout: float, what: str,
+                         **popen_kwargs) -> subprocess.Popen:
+    """Run `vfkeep COMMAND --socket PATH [--control PATH] ARGS...` (a device emulator) as a child; return when it
+    answers on its control socket (PATH.ctl unless given)."""
+    argv = vfkeep_argv(command, "--socket", os.fspath(socket_path), *args)
+    ctl = os.fspath(control_path) if control_path else f"{os.fspath(socket_path)}.ctl"
+    if control_path:
+        argv += ["--control", ctl]
+    proc = spawn(argv, **popen_kwargs)
+    wait_until_answering(proc, ctl, timeout, f"{what} ({' '.join(argv)})")
+    return proc

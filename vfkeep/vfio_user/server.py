@@ -15,10 +15,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import struct
 
 from vfkeep.log import kv
+from vfkeep.proc import freeze_heap
 from vfkeep.sockets import listen_unix, unlink_if_ours
 
 from .control import control_server
@@ -376,3 +378,19 @@ def _unpack(layout: struct.Struct, msg: Message) -> tuple:
         raise CommandError(errno.EINVAL, f"{command_name(msg.command)} payload is {len(msg.payload)} bytes, "
                                          f"expected {layout.size}")
     return layout.unpack(msg.payload)
+
+
+def serve_until_stopped(server: "VfioUserServer", device, log: logging.Logger, what: str, name: str,
+                        **fields) -> None:
+    """A device process's life: serve until SIGTERM or SIGINT, then close and log what the device counted."""
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    kv(log, logging.INFO, f"{what} serving", name=name, **fields)
+    freeze_heap()
+    try:
+        server.run()
+    finally:
+        device.close()
+        server.close()
+        kv(log, logging.INFO, f"{what} stopped", name=name,
+           counters={k: v for k, v in device.core.counters.items() if v})
