@@ -206,5 +206,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    proc.interrupt_on_signals()
+    proc.signals_interrupt()
     main()

@@ -158,5 +158,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    proc.interrupt_on_signals()
+    proc.signals_interrupt()
     sys.exit(main())

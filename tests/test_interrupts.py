@@ -13,16 +13,10 @@ from servicing_helpers import SESSION, HostRun, children_of, live_processes, pid
 from vfkeep import proc
 
 
-def _sigint_default() -> None:
-    """A command started from a suite run in the background of a non-interactive shell inherits SIGINT ignored
-    (so Python installs no KeyboardInterrupt handler): these tests are about what Ctrl-C does, so it acts."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+def start(*args: str, env: dict | None = None, preexec_fn=None) -> subprocess.Popen:
     return subprocess.Popen(proc.vfkeep_argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, stdin=subprocess.DEVNULL, env={**CLEAN_ENV, **(env or {})},
-                            preexec_fn=_sigint_default)
+                            preexec_fn=preexec_fn)
 
 
 def last_line(err: str) -> str:
@@ -40,6 +34,18 @@ def test_interrupted_smoke_removes_its_temporary_run_dir(tmp_path, sig):
     line = last_line(err)
     assert line.startswith(f"vfkeep: smoke: interrupted ({signal.Signals(sig).name}); every process ended") \
         and line.endswith("removed"), line
+    assert os.listdir(tmp_path) == [] and live_processes(SESSION, child.pid) == []
+
+
+def test_a_command_started_with_sigint_ignored_is_still_interrupted_by_it(tmp_path):
+    """A script's `vfkeep ... &` (and a suite run that way) passes SIGINT ignored: Python then installs no
+    KeyboardInterrupt handler, and smoke ran to its end through the interrupt (exit 0, as in a fresh-clone CI)."""
+    child = start("smoke", env={"TMPDIR": str(tmp_path)},
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for(lambda: len(live_processes(SESSION, child.pid)) >= 2, child=child)
+    _, err = interrupt(child, signal.SIGINT)
+    assert child.returncode == 130, err
+    assert last_line(err).startswith("vfkeep: smoke: interrupted (SIGINT)")
     assert os.listdir(tmp_path) == [] and live_processes(SESSION, child.pid) == []
 
 

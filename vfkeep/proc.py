@@ -44,16 +44,11 @@ def _interrupt(signum, frame):
 
 
 def signals_interrupt() -> None:
-    """SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    """SIGINT, SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N.
+    SIGINT whatever the command inherited: a script's `&` (or nohup) passes it ignored, Python then installs no
+    KeyboardInterrupt handler, and Ctrl-C or `kill -INT` would be lost on a long-running command."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-
-
-def interrupt_on_signals() -> None:
-    """`signals_interrupt`, and SIGINT too, whatever this process inherited (a shell's `&` or nohup ignore
-    SIGINT): long-running commands then unwind and end their children."""
-    signals_interrupt()
-    signal.signal(signal.SIGINT, _interrupt)
 
 
 def vfkeep_argv(*args: str) -> list[str]:
