@@ -7,8 +7,11 @@ available, prelaunch on, 1 NIC, guest traffic), services it `--repeat` times on 
 milestone below from the host, the old worker, the new worker and the device, plus the guest's blackout start
 and end from the agent. Per path it prints the median time of each milestone from the blackout start, and
 the median of each step (from the milestone before it, over the servicings that logged both), and the CPU the old
-worker's save and the new worker's restore used (from their log lines). A diagnostic, not part of
-`make bench`:
+worker's save and the new worker's restore used (from their log lines). With one path of those that do not leave
+the worker what they expect themselves (`servicing_paths.FOLLOWS_ITSELF`), each servicing is preceded by one on
+the path that does (`preparing`), not counted. Every counted servicing must have taken its path, HWC request
+count included (`servicing_paths.unexpected`), else the report lists it and the exit status is 1. A diagnostic,
+not part of `make bench`:
 
     python -m benchmarks.trace_blackout [--repeat 10] [--rate FPS] [--timing ...] [--json PATH] [--keep DIR]
         [--paths keepalive+datapath]
@@ -27,7 +30,7 @@ import time
 from vfkeep import log as vlog
 from vfkeep.device.timing import timing_from
 from vfkeep.host.vmm import Host, HostConfig
-from vfkeep.servicing_paths import ORDER, request, wait_steady
+from vfkeep.servicing_paths import FOLLOWS_ITSELF, ORDER, preparing, request, unexpected, wait_steady
 
 #: (label, process, message[, key=value the line must carry]) in the order they happen in a servicing;
 #: `old`/`new` are the worker saved and the one that restores. A path shows the ones it passes.
@@ -119,13 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (every log, for a closer look)")
     ap.add_argument("--paths", default=",".join(ORDER),
                     help="comma-separated paths of ORDER (default: all, in ORDER's order) or one path, which then "
-                         "follows itself")
+                         "follows itself or, if it cannot, the servicing that prepares it (not counted)")
     args = ap.parse_args(argv)
     # In ORDER each path leaves the worker the next one expects, and each path the one it expects itself.
     chosen = set(args.paths.split(","))
     if not (chosen == set(ORDER) or (len(chosen) == 1 and chosen <= set(ORDER))):
         ap.error(f"--paths: all of {', '.join(ORDER)} or one of them, got {args.paths!r}")
     paths = ORDER if len(chosen) > 1 else tuple(chosen)
+    prepare = preparing(paths[0]) if len(paths) == 1 and paths[0] not in FOLLOWS_ITSELF else None
     timing = timing_from(args.timing, args.hwc_latency_ms, args.flr_ms)
     load_before = os.getloadavg()
     samples: dict[str, list] = {p: [] for p in paths}
@@ -136,16 +140,23 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         vlog.setup("host", run_dir)
         host = Host(HostConfig(run_dir=run_dir, nics=1, timing=timing, datapath_keepalive=True,
-                               keep_worker_logs=len(paths) * args.repeat + 2))
+                               keep_worker_logs=len(paths) * args.repeat * (2 if prepare else 1) + 2))
         host.start()
         try:
             host.traffic("start", rate=args.rate, size=128)
             time.sleep(0.5)
-            pending = []
-            for _ in range(args.repeat):
+            pending, wrong = [], []
+            for i in range(args.repeat):
+                if prepare:
+                    if bad := unexpected(prepare, host.service(**request(prepare))):
+                        raise SystemExit(f"preparing servicing {i + 1} ({prepare}): {'; '.join(bad)}")
+                    wait_steady(host.traffic, args.rate)
+                    time.sleep(0.2)
                 for path in paths:
                     old = host.status()["worker"]["generation"]
                     result = host.service(**request(path))
+                    wrong += [f"{path} servicing {i + 1}: {msg}"
+                              for msg in unexpected(path, result, count_requests=True)]
                     window = host.last_servicing["window_ns"]
                     agent = (host.traffic("status")["last_servicing"] or [{}])[0]
                     pending.append((path, old, host.status()["worker"]["generation"], window,
@@ -165,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "new": read_log(os.path.join(run_dir, f"worker-{new}.log"))}
             samples[path].append(milestones(logs, window, blackout))
             cpu[path].append(worker_cpu_ms(logs, window))
-    report = {"timing": timing.to_dict(), "rate_fps": args.rate, "repeat": args.repeat,
+    report = {"timing": timing.to_dict(), "rate_fps": args.rate, "repeat": args.repeat, "prepared_by": prepare,
+              "unexpected": wrong,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "paths": {p: {"blackout_ms": statistics.median(b for b in blackouts[p] if b is not None),
                             "blackout_ms_all": blackouts[p], "milestones": summarize(samples[p]),
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                             **{k: statistics.median(c[k] for c in cpu[p] if k in c)
                                for k in ("save_cpu_ms", "restore_cpu_ms") if any(k in c for c in cpu[p])}}
                         for p in paths}}
-    print(f"{timing.describe()}, {args.rate:g} frames/s, {args.repeat} servicings per path; load average "
+    print(f"{timing.describe()}, {args.rate:g} frames/s, {args.repeat} servicings per path"
+          f"{f' (each after a {prepare} servicing, not counted)' if prepare else ''}; load average "
           f"{load_before[0]:.1f} before, {report['load_average_after'][0]:.1f} after")
     for p in paths:
         r = report["paths"][p]
@@ -189,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if wrong:
+        raise SystemExit("servicings that did not take their path (their numbers are above):\n  " + "\n  ".join(wrong))
     return report
 
 

@@ -10,6 +10,7 @@ from servicing_helpers import SESSION, live_processes, pid_alive
 from vfkeep import proc
 from vfkeep.demo import verdict
 from vfkeep.device.timing import DeviceTiming
+from vfkeep.servicing_paths import HWC_REQUESTS
 from vfkeep.servicing_paths import ORDER as MODES
 
 RESULT_KEYS = {"ok", "mana_keepalive", "nvme_keepalive", "nics", "unclaimed_pool_allocations", "phases_ms",
@@ -78,6 +79,7 @@ def test_demo(tmp_path):
     assert [runs[m]["hwc_established"] for m in MODES] == [True, True, False, False]
     # Keeping the data path too saves the vport's queue commands (which ones: test_datapath_keepalive).
     assert runs["keepalive+datapath"]["hwc_requests"] < runs["keepalive"]["hwc_requests"]
+    assert {m: runs[m]["hwc_requests"] for m in MODES} == HWC_REQUESTS
 
     roles = {p["role"] for p in report["processes"]}
     assert roles == {"worker", "device", "traffic-agent"}

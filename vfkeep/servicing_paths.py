@@ -10,7 +10,10 @@
 The host must run with `--datapath-keepalive` (pool room for a kept vport, workers keep it by default).
 Serviced in `ORDER`, each request leaves the worker the next one expects: after `reset` the worker's
 vport is ephemeral (so `keepalive` rebuilds it); after `keepalive` it is in the pool (so
-`keepalive+datapath` keeps it); any keepalive-enabled worker can be saved for `reset-flr`.
+`keepalive+datapath` keeps it); any keepalive-enabled worker can be saved for `reset-flr`. Only `reset` and
+`keepalive+datapath` also leave the worker what they themselves expect (`FOLLOWS_ITSELF`): after `keepalive`
+the vport is in the pool (a second `keepalive` would keep it: a data-path keepalive), after `reset-flr` the
+worker has MANA keepalive disabled (nothing to keep); `preparing(path)` is the servicing to run first.
 
 With NVMe disks (`request(path, nvme=True)`) each path does the same to the controllers: the keepalive
 paths set the NVMe bit too (no controller reset, no admin command); `reset` clears it (the old worker
@@ -45,6 +48,19 @@ EXPECTED = {
 }
 
 
+#: HWC requests each NIC's device counts in a servicing on that path, with one vport open (every host of the
+#: demo and the benchmarks): what tells a keepalive that rebuilt the vport from one that kept it.
+HWC_REQUESTS = {"reset-flr": 17, "reset": 22, "keepalive": 19, "keepalive+datapath": 4}
+
+#: The paths whose servicing leaves the worker what they expect themselves.
+FOLLOWS_ITSELF = frozenset({"reset", "keepalive+datapath"})
+
+
+def preparing(path: str) -> str:
+    """The path whose servicing leaves the worker what `path` expects: the one before it in `ORDER`."""
+    return ORDER[ORDER.index(path) - 1]
+
+
 _NVME_RESET = {"restore_path": "fresh", "device_reset": True, "controller_enabled": True}
 _NVME_KEPT = {"restore_path": "keepalive", "device_reset": False, "controller_enabled": False}
 #: What each NVMe controller must report for a servicing on that path (with `request(path, nvme=True)`).
@@ -62,11 +78,14 @@ def request(path: str, nvme: bool = False) -> dict:
     return req
 
 
-def unexpected(path: str, result: dict) -> list[str]:
-    """How a servicing result departs from what `path` must show (empty when it took that path)."""
+def unexpected(path: str, result: dict, count_requests: bool = False) -> list[str]:
+    """How a servicing result departs from what `path` must show (empty when it took that path); with
+    `count_requests`, also each NIC's HWC requests against `HWC_REQUESTS` (hosts with one vport per NIC)."""
     bad = [] if result["ok"] else [f"servicing failed: {result['error']}"]
     for n in result["nics"]:
         bad += [f"{n['pci_id']}: {k} is {n[k]!r}, expected {v!r}" for k, v in EXPECTED[path].items() if n[k] != v]
+        if count_requests and n["hwc_requests"] != HWC_REQUESTS[path]:
+            bad.append(f"{n['pci_id']}: {n['hwc_requests']} HWC requests, expected {HWC_REQUESTS[path]}")
     for n in result.get("nvme") or []:
         bad += [f"nvme {n['pci_id']}: {k} is {n[k]!r}, expected {v!r}" for k, v in EXPECTED_NVME[path].items()
                 if n[k] != v]
@@ -96,4 +115,5 @@ def wait_steady(traffic: Callable[..., dict], rate: float, timeout: float = 3.0)
     return time.monotonic() - t0
 
 
-__all__ = ["ORDER", "REQUESTS", "EXPECTED", "EXPECTED_NVME", "request", "unexpected", "wait_steady"]
+__all__ = ["ORDER", "REQUESTS", "EXPECTED", "EXPECTED_NVME", "HWC_REQUESTS", "FOLLOWS_ITSELF", "preparing", "request",
+           "unexpected", "wait_steady"]
