@@ -3,6 +3,7 @@
 Modelled time is checked from the device's own counters (requests x latency), never the wall clock.
 """
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,16 @@ import pytest
 from device_driver_helper import Pages, TestDriver, in_process_device, wait_eventfd
 from driver_helpers import HeldLoop
 from servicing_helpers import HostRun
+from vfkeep import proc
+from vfkeep.device.main import start_device
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE, GDMA_QUERY_MAX_RESOURCES
 from vfkeep.gdma.requests import GdmaGenerateTestEventReq
-from vfkeep.memory import MemoryLayout
+from vfkeep.driver.mana import ManaDevice
+from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.paravisor.vf_manager import nic_dma_clients
+from vfkeep.vfio_user import control_call
+from vfkeep.vfio_user.backing import open_vfio
 from vfkeep.nvme_device.core import make_timing
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=256, pool_pages=0)
@@ -94,6 +101,53 @@ def test_a_delayed_request_raises_its_effects_interrupts_with_its_answer(mem):
     drv.drain_eq(drv.hwc_eq)
     assert [ty for ty, _ in drv.events] == [GDMA_EQE_TEST_EVENT]
     assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 1 == 1
+
+
+def test_the_latency_runs_from_the_arrival_of_the_requests_doorbell(mem):
+    """Over a transport the device knows when a doorbell message had arrived (`received_at`: its socket read); the
+    answer is due the modelled latency after that, not after the device got round to taking the request, so its
+    own wake-up and work fall inside the latency. A request that waited longer than the latency (a stall) is
+    answered at once; each still counts the whole latency."""
+    loop = HeldLoop()
+    arrived = [0.0]
+    device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=1000, flr_ms=0),
+                                     received_at=lambda: arrived[0])
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.05)
+    drv.establish_hwc()
+    drv.irq(0)
+    drv.mem.write(drv.req_page, bytes(40))
+    for ago, due in ((0.25, (0.5, 0.75)), (2.0, (0.0, 0.0))):
+        arrived[0] = time.monotonic() - ago
+        with pytest.raises(TimeoutError):  # the answer waits for the loop
+            drv.send_request(GDMA_QUERY_MAX_RESOURCES)
+        (delay, answer), = loop.timers
+        assert due[0] <= delay <= due[1], (ago, delay)
+        loop.timers.clear()
+        answer()
+        assert drv.hwc_cq.poll() is not None and drv.hwc_cq.poll() is not None
+        drv.post_hwc_rwqe()
+    assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 1000 == 2000
+
+
+def test_over_vfio_user_no_answer_comes_before_the_latency(tmp_path, mem):
+    """Counted from the message's arrival, a request still takes at least the modelled latency from the driver's
+    send (a lower bound, never flaky), and the device's counters say requests x latency."""
+    sock = str(tmp_path / "nic.sock")
+    device = start_device(sock, "--hwc-latency-ms", "30", "--run-dir", str(tmp_path))
+    try:
+        dev = ManaDevice.new(open_vfio(sock, mem, nic_dma_clients(DmaManager(mem, strict_pool=False), "t", False)),
+                             "t")
+        try:
+            for _ in range(3):
+                t = time.monotonic()
+                dev.gdma.verify_vf_driver_version()
+                assert time.monotonic() - t >= 0.030
+        finally:
+            dev.shutdown()
+        c = control_call(sock + ".ctl", "counters")["counters"]
+        assert c["hwc_requests"] >= 3 and c["modelled_hwc_ms_total"] == c["hwc_requests"] * 30
+    finally:
+        proc.end(device)
 
 
 def test_run_passes_the_parameters_to_the_device_and_reports_them(tmp_path):

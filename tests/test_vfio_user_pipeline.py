@@ -11,6 +11,7 @@ import contextlib
 import errno
 import socket
 import threading
+import time
 
 import pytest
 
@@ -214,3 +215,20 @@ def test_posted_writes_in_a_batch_leave_together_in_order_at_its_end():
     finally:
         dev.close()
         device_end.close()
+
+
+def test_the_reader_says_by_when_its_messages_had_arrived():
+    """`FrameReader.received_at`: just after the socket read that brought the message in, so never before it was
+    sent (a device models its latency from it)."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    reader = p.FrameReader()
+    try:
+        for i in range(2):
+            sent = time.monotonic()
+            ours.sendall(p.encode_message(i, p.Command.REGION_WRITE, p.FLAG_NO_REPLY, bytes(24)))
+            msg = p.wait_message(theirs, reader, TIMEOUT)
+            assert msg.msg_id == i and sent <= reader.received_at <= time.monotonic()
+    finally:
+        ours.close()
+        theirs.close()

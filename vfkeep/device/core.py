@@ -55,6 +55,7 @@ import enum
 import logging
 import operator
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -131,10 +132,15 @@ class GdmaDevice:
     """One MANA VF: BAR0, SMC, HWC, GDMA/BNIC state, vports and the data path."""
 
     def __init__(self, dma, irq, loop=None, *, vports: int = 1, mac: bytes = DEFAULT_MAC, backend=None,
-                 timing: DeviceTiming | str = "natural", reset_method: str = "none", name: str = "mana0"):
+                 timing: DeviceTiming | str = "natural", reset_method: str = "none", name: str = "mana0",
+                 received_at: Callable[[], float] | None = None):
         if vports < 1:
             raise ValueError(f"a device needs at least one vport, got {vports}")
         self.dma, self.irq, self.loop, self.name = dma, irq, loop, name
+        #: When the message being handled had reached the device (CLOCK_MONOTONIC s, from the transport): an
+        #: HWC request's modelled latency runs from its doorbell's arrival. None (in-process): from when it
+        #: is taken, which is when it was rung.
+        self.received_at = received_at
         self.timing = PRESETS[timing] if isinstance(timing, str) else timing
         self.reset_method = reset_method
         self.counters: dict[str, int | float] = dict.fromkeys(COUNTERS, 0)

@@ -7,10 +7,12 @@ device), posts the SQ CQE, writes `GdmaRespHdr` + body into the receive WQE's
 buffers (at most `resp.msg_size` bytes) and posts the RQ CQE with `HwcRxOob`.
 
 Every request costs the modelled `timing.hwc_latency_ms`: the WQEs are taken
-and the request runs at once, and it is answered (CQEs, response) after the
-delay, on the event loop so the data path keeps running; the emulator's own
-work thus falls inside the modelled time instead of adding to it (a
-firmware's work is part of its latency). The interrupts of what the request
+and the request runs at once, and it is answered (CQEs, response) that long
+after its doorbell reached the device (`GdmaDevice.received_at`: the socket
+read of the message), on the event loop so the data path keeps running; the
+emulator's own work (the burst's other messages, the request) thus falls
+inside the modelled time instead of adding to it (a firmware's work is part
+of its latency). The interrupts of what the request
 did (GENERATE_TEST_EQE's event) are raised with the answer: the driver learns
 of a request's effects when it completes. `hwc_stall` stops taking requests.
 
@@ -34,6 +36,7 @@ carries `vendor_err` `VENDOR_ERR_MALFORMED_WQE` and `tx_oob_data_size` 0.
 from __future__ import annotations
 
 import ctypes
+import time
 
 from vfkeep.gdma.constants import (
     EMU_FAILURE_STATUS,
@@ -120,12 +123,17 @@ class Hwc:
             if not delay_ms:
                 self.answer(rwqe, self._execute(swqe, rwqe))
                 continue
-            # The latency runs from the moment the WQEs are taken; the request runs inside it (the loop is single
-            # threaded: the timer cannot fire before `_execute` returns) and only the answer waits, with the
-            # interrupts the request's effects raised (a test EQE): the driver is woken once, by the answer.
+            # The latency runs from the arrival of the doorbell that posted the request (the message's socket
+            # read; a request rung while another was in flight arrived no later), not from the moment the device
+            # got round to it; the request runs inside it (the loop is single threaded: the timer cannot fire
+            # before `_execute` returns) and only the answer waits, with the interrupts the request's effects
+            # raised (a test EQE): the driver is woken once, by the answer.
+            delay_s = delay_ms / 1000
+            if dev.received_at is not None:
+                delay_s = max(0.0, dev.received_at() + delay_s - time.monotonic())
             self.busy = True
             in_flight = [rwqe, b"", []]
-            dev.call_later(delay_ms / 1000, lambda: self._answer_later(*in_flight))
+            dev.call_later(delay_s, lambda: self._answer_later(*in_flight))
             with dev.interrupts_held() as in_flight[2]:
                 in_flight[1] = self._execute(swqe, rwqe)
             return

@@ -60,7 +60,8 @@ class ManaVfioDevice(CoreBackedDevice):
         super().__init__(reset_method=reset_method, **core_kwargs)
 
     def make_core(self, server, **core_kwargs) -> GdmaDevice:
-        return GdmaDevice(ServerDma(server.dma), server.irqs, server.loop, **core_kwargs)
+        return GdmaDevice(ServerDma(server.dma), server.irqs, server.loop, received_at=server.received_at,
+                          **core_kwargs)
 
     def regions(self) -> dict[int, tuple[int, int]]:
         rw = REGION_INFO_READ | REGION_INFO_WRITE

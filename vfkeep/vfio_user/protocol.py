@@ -305,6 +305,10 @@ class FrameReader:
         self._buf = bytearray()  # received, not yet returned
         self._pos = 0  # stream offset of _buf[0]
         self._fd_marks: collections.deque[tuple[int, list[int]]] = collections.deque()  # (read end, fds)
+        #: CLOCK_MONOTONIC s just after the socket read that brought the last bytes in: every message `read`
+        #: returned so far had arrived by then (a device models latency from it, not from when it got round
+        #: to the message).
+        self.received_at = 0.0
 
     @property
     def buffered(self) -> bool:
@@ -337,6 +341,7 @@ class FrameReader:
             if not data:
                 self.discard()
                 raise PeerClosed("end of file")
+            self.received_at = time.monotonic()
             self._buf += data
 
     def _next(self) -> Message | None:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import struct
+import time
 
 from vfkeep.log import kv
 from vfkeep.proc import freeze_heap
@@ -112,6 +113,12 @@ class VfioUserServer:
     @property
     def connected(self) -> bool:
         return self._conn is not None
+
+    def received_at(self) -> float:
+        """When the client's message being handled had reached the device at the latest (CLOCK_MONOTONIC s: the
+        socket read that brought it in); now if no client is connected."""
+        conn = self._conn
+        return conn.reader.received_at if conn is not None else time.monotonic()
 
     def run(self) -> None:
         self.loop.run()
