@@ -16,6 +16,7 @@ from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRe
 from vfkeep.driver.mana import ManaDevice, restore_vectors
 from vfkeep.driver.vport import VportConfig
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, GDMA_LIST_DEVICES, HWC_DEV_ID, MANA_QUERY_STATS
+from vfkeep.gdma.constants import request_name
 from vfkeep.gdma.regs import WqDoorbellValue
 from vfkeep.memory import DmaManager, MemoryLayout
 from vfkeep.paravisor.vf_manager import fresh_mana_device, nic_dma_clients
@@ -537,6 +538,28 @@ def test_a_failing_meanwhile_is_raised_after_the_request_completed(bench, mem):
         dev.gdma.request(GDMA_LIST_DEVICES, HWC_DEV_ID, meanwhile=lambda: 1 / 0)
     assert dev.gdma.hwc_failure
     dev.shutdown()
+
+
+def test_a_vport_allocates_its_memory_while_the_device_works_on_a_request(bench, mem, monkeypatch):
+    """Opening a vport allocates its five queues' memory during QUERY_VPORT_CONFIG and its packet buffers during
+    CONFIG_VPORT_RX (`meanwhile`), none between the requests that hand memory to the device."""
+    dev = ManaDevice.new(bench.connect(DmaManager(mem, strict_pool=False), "nic0"), "nic0")
+    in_flight, allocated = [None], []
+    request, client = dev.gdma.request, dev.dma.kind(False)
+    allocate = client.allocate_dma_buffer
+
+    def tracked(code, *args, **kwargs):
+        in_flight[0] = request_name(code)
+        try:
+            return request(code, *args, **kwargs)
+        finally:
+            in_flight[0] = None
+
+    monkeypatch.setattr(dev.gdma, "request", tracked)
+    monkeypatch.setattr(client, "allocate_dma_buffer", lambda n: (allocated.append(in_flight[0]), allocate(n))[1])
+    vport = dev.open_vport(0, SMALL)
+    assert allocated == ["MANA_QUERY_VPORT_CONFIG"] * 5 + ["MANA_CONFIG_VPORT_RX"] * 2
+    assert len(loopback(vport, frames(20))) == 20
 
 
 def test_a_vport_whose_data_path_cannot_be_built_is_undone(bench, mem, monkeypatch):

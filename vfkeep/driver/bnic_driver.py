@@ -30,8 +30,11 @@ class BnicDriver:
                                     proto_micro_ver=DRV_MANA_PROTO_MICRO)
         return self.gdma.request(MANA_QUERY_DEV_CONFIG, self.dev_id, req)
 
-    def query_vport_config(self, vport_index: int) -> ManaQueryVportCfgResp:
-        return self.gdma.request(MANA_QUERY_VPORT_CONFIG, self.dev_id, ManaQueryVportCfgReq(vport_index=vport_index))
+    def query_vport_config(self, vport_index: int,
+                           meanwhile: Callable[[], object] | None = None) -> ManaQueryVportCfgResp:
+        """`meanwhile`: see `GdmaDriver.request`."""
+        return self.gdma.request(MANA_QUERY_VPORT_CONFIG, self.dev_id, ManaQueryVportCfgReq(vport_index=vport_index),
+                                 meanwhile=meanwhile)
 
     def query_filter_state(self, vport: int) -> bool:
         """True if the vport's traffic is steered to the VTL0 VF."""

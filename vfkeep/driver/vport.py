@@ -85,7 +85,16 @@ class Vport:
     # -- open -------------------------------------------------------------------------------
     def _open(self) -> None:
         dev, gdma, bnic, cfg = self.dev, self.dev.gdma, self.dev.bnic, self.config
-        vcfg = bnic.query_vport_config(self.index)
+        mem: dict[str, DmaBuffer] = {}
+
+        def allocate_queues() -> None:
+            """The queues' memory (in `SAVED_BLOCKS` order) depends on no answer: allocated and zeroed while the
+            device works on the first request, not between the requests that hand it to the device."""
+            for name, size in (("eq", cfg.eq_size), ("sq", cfg.tx_wq_size), ("tx_cq", cfg.tx_cq_size),
+                               ("rq", cfg.rx_wq_size), ("rx_cq", cfg.rx_cq_size)):
+                mem[name] = self._alloc(size)
+
+        vcfg = bnic.query_vport_config(self.index, meanwhile=allocate_queues)
         self.handle, self.mac = vcfg.vport, bytes(vcfg.mac_addr)
         if dev.dev_config.pf_cap_flags1.query_filter_state:
             self.direction_to_vtl0 = bnic.query_filter_state(self.handle)
@@ -94,15 +103,17 @@ class Vport:
         short = tx.short_form_allowed and tx.tx_vport_offset <= MAX_SHORT_VP_OFFSET
 
         doorbell = gdma.doorbell_page(gdma.db_id)
-        eq_mem = self._alloc(cfg.eq_size)
+        eq_mem = mem["eq"]
         gdma.irq.map(self.vector)
         eq_id = gdma.create_eq(dev.dev_id, self._region(eq_mem), cfg.eq_size, self.vector)
         self._consumed(1, lambda: gdma.disable_eq(dev.dev_id, eq_id))
         eq = CqEq("eq", eq_mem.view, eq_id, doorbell)
 
-        self._tx_obj, sq, tx_cq = self._create_wq_obj(GDMA_SQ, cfg.tx_wq_size, cfg.tx_cq_size, eq_id, doorbell)
+        self._tx_obj, sq, tx_cq = self._create_wq_obj(GDMA_SQ, mem["sq"], cfg.tx_wq_size, mem["tx_cq"], cfg.tx_cq_size,
+                                                      eq_id, doorbell)
         kill_points.reached("restore.vport")
-        self._rx_obj, rq, rx_cq = self._create_wq_obj(GDMA_RQ, cfg.rx_wq_size, cfg.rx_cq_size, eq_id, doorbell)
+        self._rx_obj, rq, rx_cq = self._create_wq_obj(GDMA_RQ, mem["rq"], cfg.rx_wq_size, mem["rx_cq"], cfg.rx_cq_size,
+                                                      eq_id, doorbell)
 
         def build_data_path() -> None:
             """Packet buffers and formatted rings: needed only to post the receive buffers (gdma spec 13.1 step
@@ -124,12 +135,11 @@ class Vport:
         kv(log, logging.INFO, "vport open", vport=self.index, mac=self.mac.hex(":"), **self.queue_ids(),
            vector=self.vector, short_form=bool(short))
 
-    def _create_wq_obj(self, wq_type: int, wq_size: int, cq_size: int, eq_id: int,
-                       doorbell: DoorbellPage) -> tuple[int, Wq, CqEq]:
-        """A work queue and its CQ (parent: this vport's EQ) on new memory; CREATE_WQ_OBJ consumes both regions.
-        Returns (wq_obj, WQ, CQ)."""
+    def _create_wq_obj(self, wq_type: int, wq_mem: DmaBuffer, wq_size: int, cq_mem: DmaBuffer, cq_size: int,
+                       eq_id: int, doorbell: DoorbellPage) -> tuple[int, Wq, CqEq]:
+        """A work queue and its CQ (parent: this vport's EQ) on the given memory; CREATE_WQ_OBJ consumes both
+        regions. Returns (wq_obj, WQ, CQ)."""
         bnic = self.dev.bnic
-        wq_mem, cq_mem = self._alloc(wq_size), self._alloc(cq_size)
         r = bnic.create_wq_obj(self.handle, wq_type, self._region(wq_mem), self._region(cq_mem), wq_size, cq_size,
                                eq_id)
         self._consumed(2, lambda: bnic.destroy_wq_obj(wq_type, r.wq_obj))
