@@ -13,7 +13,7 @@ from vfkeep.device.timing import DeviceTiming
 from vfkeep.driver.errors import (DeviceMissing, HwcFailure, HwcTimeout, ResetRequestPending,
                                   RestoredMemoryNotFound, RestoreError, SaveRefusedHwcFailure,
                                   SaveRefusedResetPending, SmcError)
-from vfkeep.driver.mana import ManaDevice, restore_vectors
+from vfkeep.driver.mana import ManaDevice, fresh_vectors, restore_vectors
 from vfkeep.driver.vport import VportConfig
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, GDMA_LIST_DEVICES, HWC_DEV_ID, MANA_QUERY_STATS
 from vfkeep.gdma.constants import request_name
@@ -180,6 +180,7 @@ def test_a_fresh_init_maps_the_vport_vectors_with_the_hwc_s(bench, mem):
     dev = ManaDevice.new(backing, "nic0")
     vport = dev.open_vport(0, SMALL)
     assert calls == [[0, 1]] and vport.vector == 1
+    assert fresh_vectors() == (0, 1)  # what a fresh attach assigns for it (`open_vfio(irqs=)`)
     assert len(loopback(vport, frames(10))) == 10
     dev.shutdown()
 

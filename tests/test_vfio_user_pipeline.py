@@ -150,6 +150,21 @@ def test_a_fresh_attach_is_two_pipelined_batches(server, mem):
     assert srv.seen == [RESTORE_BATCH[:2], RESTORE_BATCH[2:]]
 
 
+def test_a_fresh_attach_fetches_the_drivers_first_read_and_vectors_with_its_mapping(server, mem):
+    """A fresh MANA init reads the register map and assigns its vectors first: with `prefetch` and `irqs` both go
+    in the mapping's batch (after the handshake, and a reset if there is one), as a restore's do."""
+    srv, path = server([2, 6, 1])
+    backing = open_vfio(path, mem, None, restore=False, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    assert backing.read(0, 40) == bytes(40)
+    fds = backing.set_irqs([0, 1])
+    assert len(set(fds)) == 2 and backing.set_irq(2) not in fds  # the third batch
+    backing.close()
+    srv.close()
+    assert srv.error is None
+    assert srv.seen == [RESTORE_BATCH[:2], [*RESTORE_BATCH[2:], p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS,
+                                            p.Command.DEVICE_SET_IRQS], [p.Command.DEVICE_SET_IRQS]]
+
+
 def test_an_error_reply_in_a_batch_fails_the_attach_naming_its_command(server, mem):
     srv, path = server([5], fail=p.Command.DEVICE_GET_REGION_INFO)
     with pytest.raises(BackingError, match="DEVICE_GET_REGION_INFO failed: EINVAL"):

@@ -34,9 +34,16 @@ log = logging.getLogger("vfkeep.driver.mana")
 
 #: VTL2 processors the driver spreads interrupts over: vector 0 carries the HWC, data EQs use the others.
 DEFAULT_NUM_VPS = 2
-#: (offset, size) of the BAR0 read `ManaDevice.restore` makes first (the register map): a backing may fetch it
-#: while it attaches (`open_vfio(prefetch=)`), one device round trip less in a servicing's window.
+#: (offset, size) of the BAR0 read `ManaDevice.restore` (and `.new`) makes first (the register map): a backing may
+#: fetch it while it attaches (`open_vfio(prefetch=)`), one device round trip less in a servicing's window.
 RESTORE_FIRST_READ = (0, REGMAP_SIZE)
+
+
+def fresh_vectors(num_vps: int = DEFAULT_NUM_VPS) -> tuple[int, ...]:
+    """The MSI-X vectors `ManaDevice.new(num_vps=)` assigns first, in its order (the HWC's, then the data vectors
+    1 .. num_vps - 1 in the same exchange), for a backing to assign while it attaches (`open_vfio(irqs=)`); a
+    device with fewer vectors gets its own assignment instead."""
+    return (DRV_HWC_MSIX, *range(1, num_vps))
 
 
 def _vectors(saved: mana_driver_pb2.ManaDeviceSavedState) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ from typing import Callable
 from ..contract import POOL_EXHAUSTED, NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.backing import DeviceBacking, DmaClients
 from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
-from ..driver.mana import RESTORE_FIRST_READ, ManaDevice, restore_vectors
+from ..driver.mana import RESTORE_FIRST_READ, ManaDevice, fresh_vectors, restore_vectors
 from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
@@ -284,12 +284,12 @@ class VfManager:
                             self.pci_id, what="mana device", errors=DEVICE_ERRORS, missing=(DeviceMissing,),
                             force_flr=force_flr)
 
-    def _open(self, *, persistent: bool, restore: bool = False, irqs: tuple[int, ...] = ()) -> VfioBacking:
-        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr). A
-        restore's attach also fetches the register map and assigns `irqs`, what the driver's restore needs first:
-        one round trip for all of it."""
+    def _open(self, *, persistent: bool, restore: bool = False, irqs: tuple[int, ...] | None = None) -> VfioBacking:
+        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr). The
+        attach also fetches the register map and assigns `irqs` (default: those of a fresh init), what the
+        driver needs first: one round trip for all of it with the mapping."""
         return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
-                         restore=restore, prefetch=RESTORE_FIRST_READ if restore else None, irqs=irqs)
+                         restore=restore, prefetch=RESTORE_FIRST_READ, irqs=fresh_vectors() if irqs is None else irqs)
 
     def _open_vport(self, dev: ManaDevice, hwc_persistent: bool):
         """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has

@@ -118,21 +118,18 @@ def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None,
     device's reset_method is flr; restore never resets. `timeout` bounds the connect and every reply.
     The backing owns `dma` from here on: it is closed with the backing, or at once if opening fails
     (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today).
-    `prefetch` = (offset, size) with `restore`: the BAR0 read the driver makes first (its register map), sent
-    in the attach's round trip; the driver's read of that range is answered from it. `irqs` with `restore`: the
-    MSI-X vectors the driver assigns first, assigned in that round trip too (its `set_irqs` of them is then
-    answered without another)."""
+    `prefetch` = (offset, size): the BAR0 read the driver makes first (its register map), sent in the mapping's
+    round trip; the driver's read of that range is answered from it. `irqs`: the MSI-X vectors the driver
+    assigns first, assigned in that round trip too (its `set_irqs` of them is then answered without another)."""
     dev = None
     try:
-        prefetched = None
         if restore:  # nothing to wait for between handshake and mapping: one pipeline
             dev, bar0, msix, data = _call(VfioDevice.restore_mapped, path, mem, REGION_BAR0, IRQ_MSIX, timeout,
                                           prefetch, tuple(irqs))
-            prefetched = None if prefetch is None else (prefetch[0], data)
-        else:  # (VfioDevice.new resets the device, when it can, before memory is mapped)
-            irqs = ()
+        else:  # VfioDevice.new resets the device, when it can, before memory is mapped: two round trips
             dev = _call(VfioDevice.new, path, timeout)
-            bar0, msix = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX)
+            bar0, msix, data = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX, prefetch, tuple(irqs))
+        prefetched = None if prefetch is None else (prefetch[0], data)
         return VfioBacking(dev, dma, bar0.size, msix.count, prefetched, tuple(irqs))
     except BaseException:
         try:

@@ -150,26 +150,44 @@ class VfioDevice:
         `read` = (offset, count), a REGION_READ of `region` the caller needs next (a driver's register map; its
         bytes are the last item, None without `read`), and `irqs`, MSI-X vectors assigned as `set_irqs` does
         (their eventfds in `irq_fds`)."""
+        more, efds = cls._attach_requests(mem, region, irq, read, irqs)
+        try:
+            dev, replies = cls._open(path, timeout, more)
+        except BaseException:
+            for efd in efds:
+                os.close(efd)
+            raise
+        try:
+            return dev, *dev._attached(mem, read, irqs, efds, replies)
+        except BaseException:
+            dev.close()
+            raise
+
+    @classmethod
+    def _attach_requests(cls, mem: GuestMemory, region: int, irq: int, read: tuple[int, int] | None,
+                         irqs: tuple[int, ...]) -> tuple[list[tuple], list[int]]:
+        """DMA_MAP of guest memory, REGION_INFO of `region`, IRQ_INFO of `irq`, `read`'s REGION_READ and a SET_IRQS
+        per vector of `irqs`: what a driver needs before it runs, as one pipeline. Returns it with the new
+        eventfds of `irqs` (the caller's to close if the pipeline is not sent)."""
         more = [cls._dma_map_request(mem.fd, 0, 0, mem.layout.size), cls._region_info_request(region),
                 cls._irq_info_request(irq)]
         if read is not None:
             more.append((Command.REGION_READ, REGION_ACCESS.pack(read[0], region, read[1]), ()))
         efds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in irqs]
-        more += [cls._set_irq_request(vector, efd) for vector, efd in zip(irqs, efds)]
-        try:
-            dev, (mapped, region_reply, irq_reply, *rest) = cls._open(path, timeout, more)
-        except BaseException:
-            for efd in efds:
-                os.close(efd)
-            raise
-        dev._irq_fds.update(zip(irqs, efds))  # (closed with the device from here on)
-        try:
-            dev._mapped(mem.fd, 0, 0, mem.layout.size)
-            data = dev._region_read_reply(rest[0], read[1]) if read is not None else None
-            return dev, dev._region_info(region_reply), dev._irq_info(irq_reply), data
-        except BaseException:
-            dev.close()
-            raise
+        return more + [cls._set_irq_request(vector, efd) for vector, efd in zip(irqs, efds)], efds
+
+    def _attached(self, mem: GuestMemory, read: tuple[int, int] | None, irqs: tuple[int, ...], efds: list[int],
+                  replies: list[bytes]) -> tuple[RegionInfo, IrqInfo, bytes | None]:
+        """The replies of an `_attach_requests` pipeline; the eventfds belong to this device from here on."""
+        mapped, region_reply, irq_reply, *rest = replies
+        for vector, efd in zip(irqs, efds):
+            old = self._irq_fds.pop(vector, None)
+            if old is not None:
+                os.close(old)
+            self._irq_fds[vector] = efd
+        self._mapped(mem.fd, 0, 0, mem.layout.size)
+        data = self._region_read_reply(rest[0], read[1]) if read is not None else None
+        return self._region_info(region_reply), self._irq_info(irq_reply), data
 
     @classmethod
     def _open(cls, path: str | os.PathLike, timeout: float, then: list[tuple] | None = None):
@@ -253,15 +271,20 @@ class VfioDevice:
         offset (so PFNs agree everywhere)."""
         self.dma_map(mem.fd, 0, 0, mem.layout.size)
 
-    def map_and_query(self, mem: GuestMemory, region: int, irq: int) -> tuple[RegionInfo, IrqInfo]:
+    def map_and_query(self, mem: GuestMemory, region: int, irq: int, read: tuple[int, int] | None = None,
+                      irqs: tuple[int, ...] = ()) -> tuple[RegionInfo, IrqInfo, bytes | None]:
         """`map_guest_memory`, REGION_INFO of `region` and IRQ_INFO of `irq`, pipelined: what a driver needs
-        before its first register access, in one round trip."""
+        before its first register access, in one round trip; `read` and `irqs` as `restore_mapped` (the read's
+        bytes are the last item, None without `read`)."""
         with self._lock:
-            mapped, region_reply, irq_reply = self._requests([
-                self._dma_map_request(mem.fd, 0, 0, mem.layout.size), self._region_info_request(region),
-                self._irq_info_request(irq)])
-            self._mapped(mem.fd, 0, 0, mem.layout.size)
-            return self._region_info(region_reply), self._irq_info(irq_reply)
+            batch, efds = self._attach_requests(mem, region, irq, read, irqs)
+            try:
+                replies = self._requests(batch)
+            except BaseException:
+                for efd in efds:
+                    os.close(efd)
+                raise
+            return self._attached(mem, read, irqs, efds, replies)
 
     def dma_unmap(self, iova: int = 0, size: int = 0, *, unmap_all: bool = False) -> None:
         flags = DMA_UNMAP_ALL if unmap_all else 0
