@@ -357,3 +357,29 @@ def test_surprise_removal_fails_pending_io_and_the_driver_reports_the_device_gon
     disk.driver.shutdown()  # the reset fails (device gone): teardown goes on
     assert statuses == []  # never completed, never completed twice
     ctl(sock, "surprise_removal", on=False)
+
+
+def test_a_teardown_whose_reset_does_not_complete_keeps_the_queue_memory(tmp_path, mem):
+    """Shutdown resets the controller, then frees its queues' pages; when the reset does not complete (RDY stays
+    1 past the driver's timeout), the controller may still write them, so they stay allocated (the reference
+    keeps its VFIO handle then) instead of going back to the allocator for the next buffer."""
+    path = str(tmp_path / "nvme0.sock")
+    p = start_nvme_device(path, "--run-dir", str(tmp_path), "--size", "1M", "--disable-ms", "5000")
+    try:
+        dma = DmaManager(mem, strict_pool=False)
+        disk = create_device(NvmeConfig(0, "nvme0", path), mem, dma, saved=None, save_restore_supported=True,
+                             cpu_count=2, ready_timeout_s=0.3)
+        queues = controller_pages(path)
+        assert queues and not allocatable_pool_pages(dma) & queues
+        disk.driver.shutdown()
+        assert ctl(path, "state")["ready"]  # the disable has not finished
+        assert not allocatable_pool_pages(dma) & queues
+    finally:
+        proc.end(p)
+
+
+def test_a_teardown_whose_reset_completes_frees_the_queue_memory(sock, mem):
+    dma, disk = bring_up(sock, mem)
+    assert len(allocatable_pool_pages(dma)) < LAYOUT.pool_pages
+    disk.driver.shutdown()
+    assert not ctl(sock, "state")["ready"] and len(allocatable_pool_pages(dma)) == LAYOUT.pool_pages

@@ -533,18 +533,26 @@ class NvmeDriver:
         self._stop_thread()
         for qp in self._queue_pairs():
             qp.stop("shut down")
-        if reset and not self.failed:
+        quiet = not reset  # a teardown without reset frees only what no controller was given (or nothing)
+        if reset:
             try:
                 self._reset()
-            except Exception as e:  # noqa: BLE001 - a dead device cannot be reset; teardown goes on
+                quiet = True
+            except DeviceGone:
+                quiet = True  # a function that is gone writes nothing
+            except Exception as e:  # noqa: BLE001 - a failed reset must not stop the teardown
                 kv(log, logging.WARNING, "controller reset at teardown failed", device=self.device_id, error=str(e))
         try:
             self.backing.close()
         finally:
             self._irq_fds.clear()  # the backing owned and closed them
-            if free_memory:
+            if free_memory and quiet:
                 for qp in self._queue_pairs():
                     qp.block.free()
+            elif free_memory and self._queue_pairs():
+                kv(log, logging.WARNING, "queue memory kept allocated: the controller was not reset and may "
+                   "still write it", device=self.device_id,
+                   pages=sum(qp.block.pages for qp in self._queue_pairs()))
             self.admin, self.io = None, []
             os.close(self._wake)
             self._wake = -1
