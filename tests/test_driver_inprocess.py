@@ -185,6 +185,19 @@ def test_a_fresh_init_maps_the_vport_vectors_with_the_hwc_s(bench, mem):
     dev.shutdown()
 
 
+def test_a_shutdown_releases_the_handle_without_unmapping_interrupts_first(bench, mem):
+    """The interrupts go with the handle: no DEVICE_SET_IRQS disabling them before the disconnect (a round trip
+    in a reset's window); the shutdown's last exchanges are DEREGISTER_DEVICE and DESTROY_HWC."""
+    backing = bench.connect(DmaManager(mem, strict_pool=False), "nic0")
+    dev = ManaDevice.new(backing, "nic0")
+    seq, calls = bench.device.command_log.seq, []
+    clear, close = backing.clear_irqs, backing.close
+    backing.clear_irqs = lambda: (calls.append("clear_irqs"), clear())
+    backing.close = lambda: (calls.append("close"), close())
+    assert dev.shutdown()
+    assert calls[0] == "close" and bench.log_since(seq) == ["GDMA_DEREGISTER_DEVICE", "SMC_MSG_TYPE_DESTROY_HWC"]
+
+
 def test_the_device_save_releases_its_pool_memory_so_only_an_earlier_snapshot_can_restore(bench, mem):
     """Spec 2.2: saving the MANA device returns its HWC buffer to the pool (the live slot table shows it
     Free) although the device keeps using it, so the pool snapshot must come first. Swapped, the snapshot

@@ -151,8 +151,6 @@ class DeviceBacking(Protocol):
         """`set_irq` for each vector, in one exchange with the device."""
         ...
 
-    def clear_irqs(self) -> None: ...
-
     def close(self) -> None:
         """Release the handle without resetting the device (a reset, if any, is the device's reset_method),
         then close the DMA clients."""
@@ -195,9 +193,3 @@ class Interrupts:
         if poller.poll(max(0, int(timeout_s * 1000 + 0.999))):
             return self.clear(vector) or True
         return False
-
-    def unmap_all(self) -> None:
-        """Detach every eventfd from the device (the device latches interrupts until a new one arrives)."""
-        if self._fds:
-            self._backing.clear_irqs()
-            self._fds.clear()

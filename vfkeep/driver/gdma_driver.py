@@ -765,11 +765,8 @@ class GdmaDriver:
                 kv(log, logging.INFO, "teardown: hwc failed, not destroying it")
             elif self.established:
                 self._destroy_hwc()
-            if not self.saved:  # saved: the handle goes back next, which drops them (servicing spec 5.3: no-op)
-                try:
-                    self.irq.unmap_all()
-                except Exception as e:  # a gone device cannot fail the teardown
-                    kv(log, logging.WARNING, "unmapping interrupts failed", error=e)
+            # No separate unmapping of the interrupts: releasing the handle drops them (the device latches what
+            # it raises after that), a round trip less in a reset's window.
             try:
                 self.backing.close()
             finally:

@@ -99,9 +99,6 @@ class VfioBacking:
             return self.dev.irq_fds(assigned)
         return _call(self.dev.set_irqs, vectors)
 
-    def clear_irqs(self) -> None:
-        _call(self.dev.clear_irqs)
-
     def close(self) -> None:
         """Disconnect (never a reset from here), then release the DMA clients."""
         try:
