@@ -12,6 +12,7 @@ from device_driver_helper import Pages, TestDriver, in_process_device, wait_even
 from driver_helpers import HeldLoop
 from servicing_helpers import HostRun
 from vfkeep import proc
+from vfkeep.device.hwc import ANSWER_EARLY_S
 from vfkeep.device.main import start_device
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, GDMA_EQE_TEST_EVENT, GDMA_GENERATE_TEST_EQE, GDMA_QUERY_MAX_RESOURCES
@@ -106,27 +107,29 @@ def test_a_delayed_request_raises_its_effects_interrupts_with_its_answer(mem):
 def test_the_latency_runs_from_the_arrival_of_the_requests_doorbell(mem):
     """Over a transport the device knows when a doorbell message had arrived (`received_at`: its socket read); the
     answer is due the modelled latency after that, not after the device got round to taking the request, so its
-    own wake-up and work fall inside the latency. A request that waited longer than the latency (a stall) is
-    answered at once; each still counts the whole latency."""
+    own wake-up and work fall inside the latency. The timer is set `ANSWER_EARLY_S` before the answer is due (a
+    timer fires late) and the device waits out the rest: a timer that fires early still answers no earlier. A
+    request that waited longer than the latency (a stall) is answered at once; each counts the whole latency."""
     loop = HeldLoop()
     arrived = [0.0]
-    device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=1000, flr_ms=0),
+    device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=100, flr_ms=0),
                                      received_at=lambda: arrived[0])
-    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.05)
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.01)
     drv.establish_hwc()
     drv.irq(0)
     drv.mem.write(drv.req_page, bytes(40))
-    for ago, due in ((0.25, (0.5, 0.75)), (2.0, (0.0, 0.0))):
+    for ago, due in ((0.025, (0.05, 0.075 - ANSWER_EARLY_S)), (0.2, (0.0, 0.0))):
         arrived[0] = time.monotonic() - ago
         with pytest.raises(TimeoutError):  # the answer waits for the loop
             drv.send_request(GDMA_QUERY_MAX_RESOURCES)
         (delay, answer), = loop.timers
         assert due[0] <= delay <= due[1], (ago, delay)
         loop.timers.clear()
-        answer()
+        answer()  # at once, i.e. early: it waits until the latency has passed
+        assert time.monotonic() >= arrived[0] + 0.1
         assert drv.hwc_cq.poll() is not None and drv.hwc_cq.poll() is not None
         drv.post_hwc_rwqe()
-    assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 1000 == 2000
+    assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 100 == 200
 
 
 def test_over_vfio_user_no_answer_comes_before_the_latency(tmp_path, mem):
