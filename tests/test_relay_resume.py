@@ -1,6 +1,7 @@
-"""A restarted relay says when the guest's traffic is back (`NetRelay.resumed`), and a data-path keepalive's
-deferred HWC probe waits for that (issue 10: the probe's requests competed with the relay's first frames for
-the worker's CPU inside the guest's blackout).
+"""A restarted relay says when the guest's traffic is back (`NetRelay.resumed`), and the rest of the worker's start
+waits for that: a data-path keepalive's deferred HWC probe, the monitors and the `started` reply (issue 10: the
+probe's requests, and the host's work and the old worker's exit that the reply sets off, competed with the relay's
+first frames for the CPUs inside the guest's blackout).
 
 The relay runs over a real driver and the in-process emulator (loopback backend), as in test_relay_drops."""
 from __future__ import annotations
@@ -9,9 +10,9 @@ import threading
 
 from driver_helpers import numbered_frames
 from test_relay_drops import LAYOUT, relay_bench  # noqa: F401 (the fixture and the memory it needs)
-from vfkeep.paravisor import vf_manager
+from vfkeep.paravisor import mana_kind
+from vfkeep.paravisor.mana_kind import ManaKind
 from vfkeep.paravisor.vf_manager import VfManager
-from vfkeep.contract import NicConfig
 
 
 def test_resumed_once_the_guest_frames_waiting_at_the_start_came_back(relay_bench):
@@ -31,15 +32,18 @@ def test_resumed_when_there_is_nothing_to_relay(relay_bench):
     relay.stop()
 
 
-def test_resumed_when_the_device_never_completes_the_sends(relay_bench):
-    """Nothing comes back (the vport stopped behind the driver's back): the relay goes idle, which counts."""
+def test_not_resumed_while_its_sends_are_outstanding(relay_bench):
+    """Nothing comes back (the vport stopped behind the driver's back): the relay goes idle with its sends
+    outstanding, which is not a resumed data path (those frames are the guest's blackout end); whoever waits
+    uses its timeout. Stopping sets it."""
     relay, channel, bench = relay_bench()
     bench.device.vports[0].stop()
     assert channel.tx.push_many(numbered_frames(4)) == 4
     relay.start()
-    assert relay.resumed.wait(5)
-    assert len(channel.rx) == 0
+    assert not relay.resumed.wait(0.3)
+    assert relay.stats.tx_frames == 4 and len(channel.rx) == 0
     relay.abandon()
+    assert relay.resumed.is_set()
 
 
 def test_resumed_once_stopped_even_if_never_started(relay_bench):
@@ -54,37 +58,43 @@ class _Relay:
         self.resumed = threading.Event()
 
 
-class _Device:
-    """Records whether the relay had resumed when the probe ran."""
+class _Vf:
+    """A VF manager that records its calls in `events`, with its relay resuming after `resume_s` (never: None)."""
 
-    def __init__(self, relay: _Relay):
-        self.relay = relay
-        self.probe_pending = True
-        self.probed_after_resume: bool | None = None
+    def __init__(self, name: str, events: list, resume_s: float | None):
+        self.name, self.events, self.resume_s = name, events, resume_s
+        self.relay = _Relay()
 
-    def probe(self) -> None:
-        self.probed_after_resume = self.relay.resumed.is_set()
-        self.probe_pending = False
+    def start_traffic(self, channel_layout):
+        self.events.append(("relay started", self.name))
+        if self.resume_s is not None:
+            threading.Timer(self.resume_s, self.relay.resumed.set).start()
 
+    def wait_resumed(self, deadline):
+        return VfManager.wait_resumed(self, deadline)
 
-def _manager(relay: _Relay) -> tuple[VfManager, _Device]:
-    vf = VfManager(NicConfig(0, "nic0", "unused.sock", -1, -1), None, None)
-    vf.relay, vf.dev = relay, _Device(relay)
-    return vf, vf.dev
-
-
-def test_deferred_probe_waits_for_the_relay_to_resume():
-    relay = _Relay()
-    vf, dev = _manager(relay)
-    timer = threading.Timer(0.05, relay.resumed.set)
-    timer.start()
-    vf.finish_restore()
-    timer.join()
-    assert dev.probed_after_resume is True and not dev.probe_pending
+    def run(self):
+        self.events.append(("probe", self.name, self.relay.resumed.is_set()))
 
 
-def test_deferred_probe_runs_anyway_when_the_relay_does_not_resume(monkeypatch):
-    monkeypatch.setattr(vf_manager, "PROBE_AFTER_RELAY_S", 0.01)
-    vf, dev = _manager(_Relay())
-    vf.finish_restore()
-    assert dev.probed_after_resume is False and not dev.probe_pending
+def _kind(*vfs: _Vf) -> ManaKind:
+    kind = ManaKind([], None, "unused")
+    kind.vf_managers = list(vfs)
+    return kind
+
+
+def test_every_relay_starts_before_the_rest_of_the_start_which_waits_for_them():
+    """Probes, monitors and the worker's `started` reply (ManaKind.start returns) come after every NIC's relay
+    has handed the guest its first frames back: they would take the CPU from the relays' first passes."""
+    events = []
+    kind = _kind(_Vf("nic0", events, 0.05), _Vf("nic1", events, 0.02))
+    kind.start()
+    assert events == [("relay started", "nic0"), ("relay started", "nic1"), ("probe", "nic0", True),
+                      ("probe", "nic1", True)]
+
+
+def test_the_start_goes_on_when_a_relay_does_not_resume(monkeypatch):
+    monkeypatch.setattr(mana_kind, "RESUME_WAIT_S", 0.01)
+    events = []
+    _kind(_Vf("nic0", events, None)).start()
+    assert events == [("relay started", "nic0"), ("probe", "nic0", False)]

@@ -42,7 +42,7 @@ class _Ring:
 class _Vport:
     """A vport's data path that never has work."""
 
-    tx_free = 0
+    tx_free = tx_outstanding = 0
 
     def __init__(self):
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

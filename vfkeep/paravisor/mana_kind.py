@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 
 from ..contract import NicConfig, NicRestore, NicSaveOutcome, SaveOutcome
 from ..guest.ring import ChannelLayout, NicChannel, RingError
@@ -22,6 +23,10 @@ from .vf_manager import VfManager, dma_client_names
 
 #: The networking step of the worker: its lines read as the worker's (`vfkeep.worker`).
 log = logging.getLogger("vfkeep.worker")
+#: After a start or restore the worker waits at most this long (for all NICs) for the relays to hand the guest
+#: its first frames (`NetRelay.resumed`) before anything else runs: a deferred HWC probe (data-path keepalive),
+#: the monitors, the `started` reply. A relay that moves nothing says so at once (it goes idle).
+RESUME_WAIT_S = 0.1
 
 
 def _each(fn, items: list) -> list:
@@ -97,9 +102,19 @@ class ManaKind:
         return [vf.restore_report() for vf in self.vf_managers]
 
     def start(self) -> None:
-        """Relays start and each VF manager watches its device (VF reset requests, removal, hot-add)."""
+        """Every NIC's relay starts; once they have handed the guest its first frames back (or have nothing to
+        do; `RESUME_WAIT_S` at most, for all of them), deferred HWC probes run and each VF manager watches its
+        device (VF reset requests, removal, hot-add). The worker's `started` reply waits for it too: that reply
+        sets the host going (the old worker's exit, the traffic marks and statistics), and all of it, like the
+        probes and the rest of this start, would take the two CPUs and this process's GIL from the relays' first
+        passes, inside the guest's blackout."""
         for vf in self.vf_managers:
-            vf.run(self.channel_layout)
+            vf.start_traffic(self.channel_layout)
+        deadline = time.monotonic() + RESUME_WAIT_S
+        for vf in self.vf_managers:
+            vf.wait_resumed(deadline)
+        for vf in self.vf_managers:
+            vf.run()
 
     # -- save (spec §2.2 steps 1 and 5) --------------------------------------------------------------
     def stop(self) -> None:

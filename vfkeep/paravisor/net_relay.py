@@ -58,8 +58,10 @@ class NetRelay:
         self._stopping = False
         self._stop_lock = threading.Lock()
         #: Set once this relay has handed the guest its first received frames, or has nothing to do (it goes to
-        #: sleep idle), or has ended: the data path is back, so work that would compete with it for the CPU
-        #: (a deferred HWC probe) may start.
+        #: sleep idle with no send outstanding), or has ended: the data path is back, so work that would compete
+        #: with it for the CPU (a deferred HWC probe, the rest of the worker's start) may start. Sends outstanding
+        #: when it goes idle (the device has not answered within MODERATION_MS) do not count: their frames are
+        #: the guest's blackout end; whoever waits uses a timeout for a device that never answers.
         self.resumed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
@@ -126,7 +128,7 @@ class NetRelay:
                     continue
                 if len(self.channel.tx) and self.datapath.tx_free:
                     continue
-                if not self.resumed.is_set():
+                if not self.resumed.is_set() and not self.datapath.tx_outstanding:
                     self._resume(self.stats.rx_frames - rx_before)
                 if not poller.poll(IDLE_WAIT_MS):
                     self.datapath.rearm()  # idle: arm everything again, in case a notification was lost

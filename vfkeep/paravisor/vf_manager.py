@@ -58,9 +58,6 @@ NIC_ERRORS = (*DEVICE_ERRORS, DmaError, CreateFailed)
 #: first wait between probes for a missing one coming back; that wait doubles up to HOTPLUG_POLL_MAX_S.
 PRESENCE_POLL_S = 0.2
 HOTPLUG_POLL_MAX_S = 5.0
-#: A deferred HWC probe (data-path keepalive) waits at most this long for the restarted relay to hand the guest
-#: its first frames (`NetRelay.resumed`): a relay that moves nothing says so at once (it goes idle).
-PROBE_AFTER_RELAY_S = 0.1
 
 
 def dma_client_names(pci_id: str) -> tuple[str, str]:
@@ -185,14 +182,13 @@ class VfManager:
 
     def finish_restore(self) -> None:
         """Run the HWC probe a keepalive restore with kept vports left for after the relay restarted (DESIGN
-        D7; docs/internals.md says why), once the relay has resumed the guest's traffic. If it fails, the device lost its state during the handover: the relay
+        D7; docs/internals.md says why), called once the relay has resumed the guest's traffic (`ManaKind.start`).
+        If it fails, the device lost its state during the handover: the relay
         is abandoned while the device is still open (its drain still reaches it; sends it never completed are
         counted in `tx_stranded`), then the NIC takes the D2 fallback and a relay starts on the new vport (a
         device that is gone waits for the monitor instead)."""
         if self.dev is None or not self.dev.probe_pending:
             return
-        if self.relay is not None:  # the guest's first frames first: the probe would compete for the CPU
-            self.relay.resumed.wait(PROBE_AFTER_RELAY_S)
         try:
             self.dev.probe()
         except (*DEVICE_ERRORS, DmaError) as e:
@@ -352,11 +348,20 @@ class VfManager:
             self.relay = None
 
     # -- run time: VF reset requests, surprise removal, hot-add -------------------------------------
-    def run(self, channel_layout: str | None) -> None:
-        """Guest traffic moves (the relay; then a deferred HWC probe, `finish_restore`) and the device is
-        watched, until `quiesce()`."""
+    def start_traffic(self, channel_layout: str | None) -> None:
+        """Guest traffic moves: the relay starts (`run` follows once it has resumed)."""
         self.channel_layout = channel_layout
         self.start_relay()
+
+    def wait_resumed(self, deadline: float) -> bool:
+        """Wait until the relay has handed the guest its first frames back or has nothing to do
+        (`NetRelay.resumed`), at most until `deadline` (time.monotonic()); True if it has (or there is none)."""
+        relay = self.relay
+        return relay is None or relay.resumed.wait(max(0.0, deadline - time.monotonic()))
+
+    def run(self) -> None:
+        """After `start_traffic`: a deferred HWC probe (`finish_restore`), then the device is watched, until
+        `quiesce()`."""
         self.finish_restore()
         self._monitor_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._monitor = threading.Thread(target=self._watch, name=f"vf-{self.pci_id}", daemon=True)
