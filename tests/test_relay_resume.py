@@ -10,7 +10,7 @@ import threading
 
 from driver_helpers import numbered_frames
 from test_relay_drops import LAYOUT, relay_bench  # noqa: F401 (the fixture and the memory it needs)
-from vfkeep.paravisor import mana_kind
+from vfkeep.paravisor import mana_kind, net_relay
 from vfkeep.paravisor.mana_kind import ManaKind
 from vfkeep.paravisor.vf_manager import VfManager
 
@@ -98,3 +98,28 @@ def test_the_start_goes_on_when_a_relay_does_not_resume(monkeypatch):
     events = []
     _kind(_Vf("nic0", events, None)).start()
     assert events == [("relay started", "nic0"), ("probe", "nic0", False)]
+
+
+def test_the_first_send_takes_the_oldest_frames_of_the_backlog_alone(relay_bench):
+    """A backlog the guest queued while no relay ran: the first SQ doorbell carries only FIRST_BATCH frames, the
+    oldest, so the device hands them back while the relay copies the rest (the guest's blackout ends with them);
+    then full batches, and every frame comes back in order."""
+    relay, channel, bench = relay_bench(slots=32)
+    batches = []
+    vport = bench.device.vports[0]
+    sq_doorbell = vport.sq_doorbell
+
+    def recording():
+        before = bench.device.counters["frames_tx"]
+        sq_doorbell()
+        if bench.device.counters["frames_tx"] != before:
+            batches.append(bench.device.counters["frames_tx"] - before)
+    vport.sq_doorbell = vport.sq.on_doorbell = recording
+    sent = numbered_frames(30)
+    assert channel.tx.push_many(sent) == 30
+    relay.start()
+    assert relay.resumed.wait(5)
+    relay.stop()
+    assert batches == [net_relay.FIRST_BATCH, 30 - net_relay.FIRST_BATCH]
+    got = channel.rx.pop_many(32)
+    assert [f[12:] for f in got] == [f[12:] for f in sent]

@@ -26,6 +26,11 @@ log = logging.getLogger("vfkeep.worker.relay")
 BATCH = 256
 DRAIN_MAX_BATCHES = 64
 IDLE_WAIT_MS = 1000
+#: A relay's first send takes at most this many of the guest's frames (the oldest), alone in its pass: the
+#: device starts on them (and hands them back) while the relay copies the rest of the backlog the guest queued
+#: while no relay ran, so the guest's first frames back (its blackout end) do not wait for the whole backlog's
+#: send, transmit and receive. At least the device's block size (8 frames, `device.vport._MIN_BLOCK`).
+FIRST_BATCH = 16
 #: After moving frames, how long the relay waits for more guest frames before it arms the vport's queues and
 #: sleeps: a frame from the wire meanwhile waits at most this long (a received loopback frame is announced by
 #: the arms sent with its send).
@@ -63,6 +68,7 @@ class NetRelay:
         #: when it goes idle (the device has not answered within MODERATION_MS) do not count: their frames are
         #: the guest's blackout end; whoever waits uses a timeout for a device that never answers.
         self.resumed = threading.Event()
+        self._sent = False  # the first send is FIRST_BATCH frames at most
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
     def start(self) -> None:
@@ -159,13 +165,14 @@ class NetRelay:
             moved += n
             if n < BATCH:
                 break
-        room = min(BATCH, self.datapath.tx_free)
+        room = min(BATCH if self._sent else FIRST_BATCH, self.datapath.tx_free)
         tx = self.channel.tx
         blocks = tx.peek_blocks(room) if room else []
         if not blocks:
             self.datapath.send([])  # reap the TX completions
             return moved
         lengths = [n for _, run in blocks for n in run]
+        self._sent = True
         self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
         try:
             # Copied straight from the ring slots into TX buffers; the slots are released before the SQ doorbell,
