@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vfkeep.driver.errors import QueueOverflow
-from vfkeep.driver.queues import CqEq, DoorbellPage, Wq
+from vfkeep.driver.queues import POLL_RUN, CqEq, DoorbellPage, Wq
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, GDMA_EQE_TEST_EVENT
 from vfkeep.gdma.queues import Cqe, CqeParams, Eqe, EqeParams, owner_count
 from vfkeep.gdma.regs import CqEqDoorbellValue, WqDoorbellValue
@@ -79,6 +79,37 @@ def test_poll_many_equals_polling_one_at_a_time(kind, batches):
             singles.append(off)
         assert many.poll_many(take) == singles and many.next == one.next
         outstanding -= len(singles)
+
+
+class _ReadLog:
+    """A queue's memory that counts the bytes read through slices (`poll_many` reads owner bytes so)."""
+
+    def __init__(self, mem):
+        self.mem, self.sliced = mem, 0
+
+    def __len__(self):
+        return len(self.mem)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            self.sliced += len(range(*key.indices(len(self.mem))))
+        return self.mem[key]
+
+
+def test_poll_many_of_a_few_new_entries_reads_few_owner_bytes():
+    """Each owner byte is a cache line of the queue: a poll that finds 3 new entries (or none) of 512 reads
+    POLL_RUN of them, not the whole ring; a run of many is still taken in one call."""
+    mem = _ReadLog(memoryview(bytearray(32768)))
+    q = CqEq("cq", mem, 24, doorbell())
+    dev = Producer(mem.mem, 64)
+    for _ in range(3):
+        dev.post(0)
+    assert q.poll_many(512) == [0, 64, 128] and mem.sliced == POLL_RUN
+    mem.sliced = 0
+    assert q.poll_many(512) == [] and mem.sliced == POLL_RUN
+    for _ in range(300):
+        dev.post(0)
+    assert len(q.poll_many(512)) == 300
 
 
 def test_poll_many_detects_overflow_where_single_polls_do():

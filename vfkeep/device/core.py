@@ -103,6 +103,11 @@ assert EMU_QUEUE_ID_OFFSET + EMU_NUM_EQ <= 1 << 16
 _BROADCAST = b"\xff" * 6
 _FIRST_BYTE = operator.itemgetter(0)
 _GROUP_BIT = bytes(b & 1 for b in range(256))  # translate table: byte -> its group (multicast) bit
+#: The counters of a batch of frames by direction ("in" received, "out" sent): frames, bytes, then QUERY_STATS'
+#: octets, unicast packets/octets, broadcast packets/octets, multicast packets/octets (named once, not per batch).
+_COUNTER_KEYS = {d: (f"frames_{x}", f"bytes_{x}", f"hc_{d}_octets", f"hc_{d}_ucast_pkts", f"hc_{d}_ucast_octets",
+                     f"hc_{d}_broadcast_pkts", f"hc_{d}_broadcast_octets", f"hc_{d}_multicast_pkts",
+                     f"hc_{d}_multicast_octets") for d, x in (("in", "rx"), ("out", "tx"))}
 
 
 class ResetMethod(str, enum.Enum):
@@ -402,31 +407,32 @@ class GdmaDevice:
                     mcast += 1
                     mcast_bytes += len(f)
         n = len(frames)
-        frames_key, bytes_key = ("frames_rx", "bytes_rx") if direction == "in" else ("frames_tx", "bytes_tx")
+        frames_key, bytes_key, octets, ucast_pkts, ucast_octets, bcast_pkts, bcast_octets, mcast_pkts, \
+            mcast_octets = _COUNTER_KEYS[direction]
         c[frames_key] += n
         c[bytes_key] += nbytes
-        c[f"hc_{direction}_octets"] += nbytes
-        c[f"hc_{direction}_ucast_pkts"] += n - bcast - mcast
-        c[f"hc_{direction}_ucast_octets"] += nbytes - bcast_bytes - mcast_bytes
-        c[f"hc_{direction}_broadcast_pkts"] += bcast
-        c[f"hc_{direction}_broadcast_octets"] += bcast_bytes
-        c[f"hc_{direction}_multicast_pkts"] += mcast
-        c[f"hc_{direction}_multicast_octets"] += mcast_bytes
+        c[octets] += nbytes
+        c[ucast_pkts] += n - bcast - mcast
+        c[ucast_octets] += nbytes - bcast_bytes - mcast_bytes
+        c[bcast_pkts] += bcast
+        c[bcast_octets] += bcast_bytes
+        c[mcast_pkts] += mcast
+        c[mcast_octets] += mcast_bytes
 
     def count_block(self, direction: str, frames: np.ndarray) -> None:
         """`count_frames` for frames of one length, the rows of `frames`: a batch of unicast frames (the group
         bit of the first byte clear) needs no step per frame."""
         n, length = frames.shape
-        if n and (frames[:, 0] & 1).any():
+        if n and frames[:, 0].tobytes().translate(_GROUP_BIT).count(1):
             self.count_frames(direction, [row.tobytes() for row in frames])
             return
         c = self.counters
-        frames_key, bytes_key = ("frames_rx", "bytes_rx") if direction == "in" else ("frames_tx", "bytes_tx")
+        frames_key, bytes_key, octets, ucast_pkts, ucast_octets = _COUNTER_KEYS[direction][:5]
         c[frames_key] += n
         c[bytes_key] += n * length
-        c[f"hc_{direction}_octets"] += n * length
-        c[f"hc_{direction}_ucast_pkts"] += n
-        c[f"hc_{direction}_ucast_octets"] += n * length
+        c[octets] += n * length
+        c[ucast_pkts] += n
+        c[ucast_octets] += n * length
 
     def transmit_block(self, vport: Vport, frames: np.ndarray) -> None:
         """`transmit_many` for frames of one length, the rows of `frames` (a view of the TX buffers: valid during

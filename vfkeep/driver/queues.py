@@ -21,6 +21,8 @@ from .errors import QueueOverflow
 U32 = 0xFFFFFFFF
 CQE_SIZE = 64
 EQE_SIZE = 16
+#: Entries whose owner bytes `CqEq.poll_many` reads first (then twice as many while all are new).
+POLL_RUN = 16
 #: `bytes.translate` tables per consumer owner count: an entry's last byte -> b"n" new, b"e" empty, b"o" overflow.
 _OWNER_STATES = [bytes(ord({"new": "n", "empty": "e", "overflow": "o"}[
     owner_state(b, cur * EQE_SIZE, EQE_SIZE)]) for b in range(256)) for cur in range(OWNER_MASK + 1)]
@@ -121,12 +123,17 @@ class CqEq:
 
     def poll_many(self, max_entries: int) -> list[int]:
         """Byte offsets in `mem` of up to `max_entries` new entries, in order (all consumed): the owner bytes
-        of a run are read at once (§6.5), so a batch costs a few slicing operations, not a poll per entry."""
+        of a run are read at once (§6.5), so a batch costs a few slicing operations, not a poll per entry. The runs
+        start at POLL_RUN entries and double while all are new: each owner byte is a cache line of the queue, and
+        a poll usually finds a few entries or none (a run to the ring end read hundreds, cold, per poll)."""
         out: list[int] = []
         esz, size = self.entry_size, self.size
+        chunk = POLL_RUN
         while len(out) < max_entries:
             off = self.next & (size - 1)
-            run = min(max_entries - len(out), (size - off) // esz)  # up to the ring end (the lap changes there)
+            # up to the ring end (the lap changes there)
+            run = min(max_entries - len(out), (size - off) // esz, chunk)
+            chunk *= 2
             cur = (self.next // size) & OWNER_MASK
             states = bytes(self.mem[off + esz - 1:off + run * esz:esz]).translate(_OWNER_STATES[cur])
             new = len(states) - len(states.lstrip(b"n"))
