@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from driver_helpers import numbered_frames
-from test_relay_drops import LAYOUT, relay_bench  # noqa: F401 (the fixture and the memory it needs)
+from test_relay_drops import LAYOUT, relay_bench, wait_tx_taken  # noqa: F401 (the fixture and the memory it needs)
 from vfkeep.paravisor import mana_kind, net_relay
 from vfkeep.paravisor.mana_kind import ManaKind
 from vfkeep.paravisor.vf_manager import VfManager
@@ -100,26 +100,41 @@ def test_the_start_goes_on_when_a_relay_does_not_resume(monkeypatch):
     assert events == [("relay started", "nic0"), ("probe", "nic0", False)]
 
 
-def test_the_first_send_takes_the_oldest_frames_of_the_backlog_alone(relay_bench):
+def test_the_first_send_takes_the_oldest_frames_alone_and_hands_them_back_before_the_rest(relay_bench,
+                                                                                       monkeypatch):
     """A backlog the guest queued while no relay ran: the first SQ doorbell carries only FIRST_BATCH frames, the
-    oldest, so the device hands them back while the relay copies the rest (the guest's blackout ends with them);
-    then full batches, and every frame comes back in order."""
+    oldest; the relay waits for the device's answer and hands those frames to the guest (its blackout ends with
+    them) before it copies the rest; every frame comes back, in order."""
+    monkeypatch.setattr(net_relay, "MODERATION_MS", 10_000)  # the wait ends with the device's answer only
     relay, channel, bench = relay_bench(slots=32)
-    batches = []
     vport = bench.device.vports[0]
+    vport.stop()  # the device takes the sends once the test restarts the vport
+    batches = []  # (frames the device transmitted, frames the guest had back by then)
     sq_doorbell = vport.sq_doorbell
 
     def recording():
         before = bench.device.counters["frames_tx"]
         sq_doorbell()
         if bench.device.counters["frames_tx"] != before:
-            batches.append(bench.device.counters["frames_tx"] - before)
+            batches.append((bench.device.counters["frames_tx"] - before, len(channel.rx)))
     vport.sq_doorbell = vport.sq.on_doorbell = recording
+    waiting = threading.Event()
+    prepare_wait = relay.datapath.prepare_wait
+
+    def noting_the_wait(need_tx=True):
+        ready = prepare_wait(need_tx)
+        waiting.set()
+        return ready
+    relay.datapath.prepare_wait = noting_the_wait
     sent = numbered_frames(30)
     assert channel.tx.push_many(sent) == 30
     relay.start()
+    assert waiting.wait(5)
+    assert relay.stats.tx_frames == net_relay.FIRST_BATCH  # the rest waits for the device's answer
+    vport.start()
     assert relay.resumed.wait(5)
+    wait_tx_taken(channel)
     relay.stop()
-    assert batches == [net_relay.FIRST_BATCH, 30 - net_relay.FIRST_BATCH]
+    assert batches == [(net_relay.FIRST_BATCH, 0), (30 - net_relay.FIRST_BATCH, net_relay.FIRST_BATCH)]
     got = channel.rx.pop_many(32)
     assert [f[12:] for f in got] == [f[12:] for f in sent]

@@ -26,10 +26,11 @@ log = logging.getLogger("vfkeep.worker.relay")
 BATCH = 256
 DRAIN_MAX_BATCHES = 64
 IDLE_WAIT_MS = 1000
-#: A relay's first send takes at most this many of the guest's frames (the oldest), alone in its pass: the
-#: device starts on them (and hands them back) while the relay copies the rest of the backlog the guest queued
-#: while no relay ran, so the guest's first frames back (its blackout end) do not wait for the whole backlog's
-#: send, transmit and receive. At least the device's block size (8 frames, `device.vport._MIN_BLOCK`).
+#: A relay's first send takes at most this many of the guest's frames (the oldest), alone: the relay then waits
+#: for the device's answer (MODERATION_MS at most) and hands those frames back before it copies the rest of the
+#: backlog the guest queued while no relay ran, so the guest's first frames back (its blackout end) wait neither
+#: for the whole backlog's transmit and receive nor for the copy of the rest. At least the device's block size
+#: (8 frames, `device.vport._MIN_BLOCK`).
 FIRST_BATCH = 16
 #: After moving frames, how long the relay waits for more guest frames before it arms the vport's queues and
 #: sleeps: a frame from the wire meanwhile waits at most this long (a received loopback frame is announced by
@@ -69,6 +70,7 @@ class NetRelay:
         #: the guest's blackout end; whoever waits uses a timeout for a device that never answers.
         self.resumed = threading.Event()
         self._sent = False  # the first send is FIRST_BATCH frames at most
+        self._first_sent = False  # ... and the pass that made it waits for the device's answer
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
     def start(self) -> None:
@@ -100,8 +102,11 @@ class NetRelay:
     def _run(self) -> None:
         tx_bell = self.channel.tx.doorbell
         poller = select.poll()
+        answer = select.poll()  # the device's answer (or a stop), not the guest's frames
         for fd in (tx_bell.fd, self.datapath.fileno(), self._stop_fd):
             poller.register(fd, select.POLLIN)
+            if fd != tx_bell.fd:
+                answer.register(fd, select.POLLIN)
         kv(log, logging.INFO, "relay running", pci_id=self.pci_id, tx_head=self.channel.tx.stats().head,
            rx_tail=self.channel.rx.stats().tail)
         moved = False
@@ -115,6 +120,9 @@ class NetRelay:
                     moved = True
                     if not self.resumed.is_set() and self.stats.rx_frames != rx_before:
                         self._resume(self.stats.rx_frames - rx_before)
+                    elif self._first_sent and len(self.channel.tx):
+                        self._await_answer(answer)
+                    self._first_sent = False
                     continue
                 moderate, moved = moved and not len(self.channel.tx), False
                 if moderate:
@@ -151,6 +159,15 @@ class NetRelay:
         finally:
             self.resumed.set()
 
+    def _await_answer(self, answer: select.poll) -> None:
+        """After the first send of a backlog: wait (MODERATION_MS at most) until the device has answered it —
+        frames back, or its TX completions (a backend that returns nothing) — so that the next pass hands those
+        frames to the guest before it copies the rest of the backlog."""
+        with self.datapath.doorbells_batched():
+            waiting = self.datapath.prepare_wait(need_tx=True)
+        if waiting and answer.poll(MODERATION_MS):
+            self.stats.wakeups += 1
+
     def _resume(self, frames: int) -> None:
         self.resumed.set()
         kv(log, logging.INFO, "relay resumed", pci_id=self.pci_id, rx_frames=frames)
@@ -172,7 +189,7 @@ class NetRelay:
             self.datapath.send([])  # reap the TX completions
             return moved
         lengths = [n for _, run in blocks for n in run]
-        self._sent = True
+        self._first_sent, self._sent = not self._sent, True
         self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
         try:
             # Copied straight from the ring slots into TX buffers; the slots are released before the SQ doorbell,
