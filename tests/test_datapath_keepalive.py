@@ -297,3 +297,39 @@ def test_blocking_guest_sender_loses_nothing_across_data_path_keepalive_servicin
         host.kill()
         raise
     host.stop()
+
+
+def test_a_deferred_restore_rings_its_doorbells_in_one_burst(bench, mem):
+    """The HWC's EQ and CQ arms and the kept vport's arms leave in one `posted_batch` (one device wake-up
+    inside the servicing's window), and none outside it."""
+    import contextlib
+    state, _, dma, _ = kept_after_traffic(bench, mem)
+    backing = bench.connect(dma, "nic0", fresh=False)
+    bursts, held = [], None
+    write64, write64_many = backing.write64, backing.write64_posted_many
+
+    def posted(offset, value, posted=False):
+        assert posted and held is not None, "a doorbell outside the burst"
+        held.append((offset, value))
+
+    @contextlib.contextmanager
+    def posted_batch():
+        nonlocal held
+        held = []
+        try:
+            yield
+        finally:
+            bursts.append(held)
+            held = None
+            for offset, value in bursts[-1]:
+                write64(offset, value, posted=True)
+
+    backing.write64, backing.posted_batch = posted, posted_batch
+    backing.write64_posted_many = lambda writes: [posted(o, v, True) for o, v in writes]
+    dev = ManaDevice.restore(backing, "nic0", state, defer_probe=True)
+    backing.write64, backing.write64_posted_many = write64, write64_many
+    del backing.posted_batch  # (this one holds writes until its end, also past a read: for the restore only)
+    assert len(bursts) == 1 and len(bursts[0]) >= 4  # HWC EQ + CQ, the vport's EQ + RX CQ (at least)
+    assert len(loopback(dev.vports[0], frames(50))) == 50
+    dev.probe()
+    assert dev.shutdown()

@@ -628,3 +628,17 @@ def test_shared_wire_steers_by_destination_mac(mem):
     seqs = [[int.from_bytes(f[14:22], "little") for _, f in vp.poll_rx()] for vp in vps]
     assert seqs == [[2], [1, 2]] and device.counters["rx_dropped_no_vport"] == 1
     assert device.counters["hc_in_broadcast_pkts"] == 2
+
+
+def test_a_connect_is_in_the_command_log_but_its_line_is_debug(caplog):
+    """The vfio-user server's "client connected" line says it already (a reconnect is in a servicing's window:
+    every line costs the device CPU there); a disconnect keeps its INFO line (it carries the reset method)."""
+    import logging
+
+    from vfkeep.device.faults import CommandLog
+    log = CommandLog()
+    with caplog.at_level(logging.INFO, logger="vfkeep.device.commands"):
+        log.add("event", "CONNECT", 3)
+        log.add("event", "DISCONNECT", 3, reset_method="none")
+    assert [e["name"] for e in log.since(0)] == ["CONNECT", "DISCONNECT"]
+    assert [r.getMessage() for r in caplog.records] == ["event DISCONNECT"]

@@ -78,3 +78,21 @@ def test_memory_on_scattered_pages_is_never_saved(scattered):
     dev.open_vport(0, persistent=True)
     with pytest.raises(SaveFailed, match="not on consecutive pages|non-consecutive pages"):
         dev.save()
+
+
+def test_one_address_agrees_with_the_address_arrays_on_any_page_order():
+    """`dma_address` (one range, plain integers: used inside a restore's window) gives the address
+    `buffer_addresses` gives for the same range, and refuses a range across non-consecutive pages."""
+    from types import SimpleNamespace
+
+    from vfkeep.driver.backing import buffer_addresses, dma_address
+    block = SimpleNamespace(pfns=[90, 91, 40, 41, 42, 7])
+    for offset, length in [(0, PAGE_SIZE), (5 * PAGE_SIZE, PAGE_SIZE), (2 * PAGE_SIZE + 8, 2 * PAGE_SIZE),
+                           (2 * PAGE_SIZE + 100, 50), (PAGE_SIZE - 8, 8)]:
+        got = dma_address(block, offset, length)
+        assert type(got) is int and got == int(buffer_addresses(block, length, 1, offset)[0])
+    for offset, length in [(PAGE_SIZE, 2 * PAGE_SIZE), (4 * PAGE_SIZE + 1, PAGE_SIZE), (2 * PAGE_SIZE - 8, 9)]:
+        with pytest.raises(ValueError, match="non-consecutive"):
+            dma_address(block, offset, length)
+        with pytest.raises(ValueError, match="non-consecutive"):
+            buffer_addresses(block, length, 1, offset)

@@ -247,3 +247,34 @@ def test_the_reader_says_by_when_its_messages_had_arrived():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_the_server_answers_the_commands_that_came_with_the_connect_in_one_burst(tmp_path, monkeypatch):
+    """A client pipelines its attach behind the connect: the server's accept serves what already arrived (without
+    another pass of its loop, which is not run here), and the replies of one wake-up leave in one send, so the
+    client wakes once for the batch."""
+    from vfkeep.vfio_user import server as server_module
+    from vfkeep.vfio_user.testdev import TestDevice
+    sends = []
+    real_send_frames = server_module.send_frames
+    monkeypatch.setattr(server_module, "send_frames",
+                        lambda sock, frames, *a, **k: (sends.append(len(frames)), real_send_frames(sock, frames, *a, **k)))
+    path = str(tmp_path / "dev.sock")
+    srv = server_module.VfioUserServer(path, TestDevice())
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(path)
+        p.send_message(client, 0, p.Command.VERSION, p.TYPE_COMMAND, p.encode_version(0, 0, {"max_msg_fds": 16}))
+        p.send_message(client, 1, p.Command.DEVICE_GET_INFO, p.TYPE_COMMAND,
+                       p.DEVICE_INFO.pack(p.DEVICE_INFO.size, 0, 0, 0))
+        srv._accept()
+        client.setblocking(False)
+        reader = p.FrameReader()
+        replies = [reader.read(client), reader.read(client)]
+        assert [(r.msg_id, r.command, r.type) for r in replies] == [
+            (0, p.Command.VERSION, p.TYPE_REPLY), (1, p.Command.DEVICE_GET_INFO, p.TYPE_REPLY)]
+        assert len(sends) == 1 and sends[0] == sum(p.HEADER_SIZE + len(r.payload) for r in replies)
+    finally:
+        client.close()
+        srv.close()
+        srv.loop.close()

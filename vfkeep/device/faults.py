@@ -126,7 +126,8 @@ class CommandLog:
                  "status": status, "injected": injected, **details}
         self.entries.append(entry)
         ok = status in (None, 0)
-        level = logging.WARNING if not ok else logging.DEBUG if kind == "hwc" else logging.INFO
+        # A successful HWC request and a connect (the vfio-user server's "client connected" line says it) are DEBUG.
+        level = logging.WARNING if not ok else logging.DEBUG if kind == "hwc" or name == "CONNECT" else logging.INFO
         if log.isEnabledFor(level):  # a successful HWC request's line is usually not written: skip building it
             kv(log, level, f"{kind} {name}", **{k: v for k, v in entry.items() if k not in ("kind", "name", "t")})
         return entry

@@ -7,6 +7,7 @@ names) is its manager's keepalive policy (servicing spec 4), not the driver's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 from dataclasses import dataclass
@@ -64,8 +65,20 @@ def buffer_addresses(block: DmaBuffer, size: int, count: int, start: int = 0) ->
 
 
 def dma_address(block: DmaBuffer, offset: int, length: int) -> int:
-    """Device address of bytes [offset, offset + length) of `block` (see `buffer_addresses`)."""
-    return int(buffer_addresses(block, length, 1, offset)[0])
+    """Device address of bytes [offset, offset + length) of `block` (see `buffer_addresses`). One range: plain
+    integers, no arrays (numpy's first calls in a new process cost a restore's window 0.3 ms)."""
+    pfns = block.pfns
+    first, last = offset // PAGE_SIZE, (offset + max(length, 1) - 1) // PAGE_SIZE
+    if list(pfns[first:last + 1]) != list(range(pfns[first], pfns[first] + last - first + 1)):
+        raise ValueError(f"bytes [{offset}, {offset + length}) of a block cross non-consecutive pages")
+    return pfns[first] * PAGE_SIZE + offset % PAGE_SIZE
+
+
+def posted_batch(backing: "DeviceBacking"):
+    """Context in which posted writes to the device reach it together at its end, in order (the backing's
+    `posted_batch`; at once where it has none): one message burst, one device wake-up."""
+    batch = getattr(backing, "posted_batch", None)
+    return batch() if batch is not None else contextlib.nullcontext()
 
 
 class DmaClient(Protocol):

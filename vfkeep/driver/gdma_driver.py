@@ -6,7 +6,6 @@ requests are serialised by a lock; one request is outstanding at a time, matched
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -49,7 +48,7 @@ from vfkeep.gdma.requests import (GdmaChangeMsixVectorIndexForEq, GdmaCreateDmaR
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DeviceBacking, DmaBuffer, Interrupts, contiguous, dma_address
+from .backing import DeviceBacking, DmaBuffer, Interrupts, contiguous, dma_address, posted_batch
 from .errors import (DEVICE_ERRORS, BadRegisterMap, BringUpError, DeviceMissing, HwcFailure, HwcTimeout,
                      ResetRequestPending, SaveFailed, SaveRefusedHwcFailure, SaveRefusedResetPending, SmcError)
 from .queues import U32, CqEq, DoorbellPage, Wq
@@ -235,8 +234,7 @@ class GdmaDriver:
     def posted_batch(self):
         """Context in which the posted writes to this device reach it together at its end, in order (the backing's
         `posted_batch`; at once where it has none): one message burst, one device wake-up."""
-        batch = getattr(self.backing, "posted_batch", None)
-        return batch() if batch is not None else contextlib.nullcontext()
+        return posted_batch(self.backing)
 
     def _smc_send(self, msg_type: int, hdr: SmcProtoHdr, payload: bytes | None, what: str) -> None:
         """Write the payload dwords, then the header (the "go" signal), and wait for a successful reply. The writes

@@ -13,6 +13,7 @@ The driver's memory comes from the DMA clients of its backing: the HWC buffer fr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from vfkeep.gdma.constants import DRV_DEFAULT_LINK_SPEED_BPS, DRV_HWC_MSIX, HWC_TIMEOUT_FOR_SHUTDOWN_IN_MS
@@ -21,7 +22,7 @@ from vfkeep import kill_points
 from vfkeep.log import kv
 from vfkeep.proto import mana_driver_pb2
 
-from .backing import DeviceBacking, DmaBuffer, DmaClient
+from .backing import DeviceBacking, DmaBuffer, DmaClient, posted_batch
 from .bnic_driver import BnicDriver
 from .errors import (DEVICE_ERRORS, BringUpError, DeviceMissing, DriverError, InvalidSavedState, NoDmaClient,
                      RestoreError, RestoredMemoryNotFound)
@@ -127,26 +128,31 @@ class ManaDevice:
             backing.close()
             raise
         kept_blocks = [b for group in kept for b in group]
+        deferred = defer_probe and bool(state.vports)
+        dev = None
         try:
-            gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, _vectors(state)[1:])
-        except BaseException:
-            for block in (hwc_mem, *kept_blocks):
-                block.free()
-            backing.close()
-            raise
-        dev = cls(gdma, pci_id)
-        dev._kept_blocks = kept_blocks
-        try:
-            if defer_probe and state.vports:
-                dev._restore_vports(state.vports, kept)
-                dev.probe_pending = True
-            else:
+            # Deferred: the HWC's arms and the kept vports' go to the device in one burst (one device wake-up).
+            with posted_batch(backing) if deferred else contextlib.nullcontext():
+                try:
+                    gdma = GdmaDriver.restore(backing, layout, hwc_mem, state.gdma, _vectors(state)[1:])
+                except BaseException:
+                    for block in (hwc_mem, *kept_blocks):
+                        block.free()
+                    backing.close()
+                    raise
+                dev = cls(gdma, pci_id)
+                dev._kept_blocks = kept_blocks
+                if deferred:
+                    dev._restore_vports(state.vports, kept)
+                    dev.probe_pending = True
+            if not deferred:
                 dev._init_device(register=False, probe_timeout_ms=probe_timeout_ms)
                 dev._check_kept_indices(s.vport_index for s in state.vports)
                 dev._restore_vports(state.vports, kept)
                 dev._kept_blocks = []  # the vports own them now
         except BaseException:
-            dev.drop_restored()
+            if dev is not None:
+                dev.drop_restored()
             raise
         counts = {"kept_vports": len(dev.vports), "probe_pending": True} if dev.probe_pending else \
             {"vports": dev.num_vports}

@@ -12,6 +12,7 @@ the connection (A5). This server never sends DMA_READ/DMA_WRITE.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -34,7 +35,8 @@ from .protocol import (DEFAULT_MAX_DMA_MAPS, DEFAULT_MAX_MSG_FDS, DEVICE_FLAGS_P
                        IRQ_INFO_EVENTFD, IRQ_SET, MAX_DATA_XFER_SIZE, MAX_MSG_FDS, NUM_PCI_IRQS, NUM_PCI_REGIONS,
                        PAGE_SIZES, REGION_ACCESS, REGION_INFO, REGION_INFO_READ, REGION_INFO_WRITE, TYPE_COMMAND,
                        TYPE_REPLY, VERSION_FIXED, VERSION_MAJOR, VERSION_MINOR, Command, CommandError, FrameReader, FramingError,
-                       Message, PeerClosed, command_name, decode_version, encode_version, send_message)
+                       Message, PeerClosed, command_name, decode_version, encode_message, encode_version, send_frames,
+                       send_message)
 
 log = logging.getLogger("vfkeep.vfio_user.server")
 
@@ -44,6 +46,8 @@ SEND_TIMEOUT_S = 5.0
 #: after serving the control channel, backends and timers: a client posting doorbells back to back can
 #: keep the device busy but cannot starve them.
 MESSAGES_PER_WAKEUP = 64
+#: A reply with a payload this big (a large REGION_READ) is sent at once with the ones held before it.
+HELD_REPLY_BYTES = 1 << 16
 #: Commands logged only at DEBUG: register traffic is the data path, and the ones a reconnecting driver sends
 #: are a servicing's critical path (their own lines, version, dma map, set irqs, are DEBUG too: every line costs
 #: the device tens of microseconds while the driver waits; "client connected" marks the attach at INFO).
@@ -57,6 +61,9 @@ class _Connection:
         self.epoch = epoch
         self.reader = FrameReader(MAX_MSG_FDS)
         self.negotiated = False
+        #: Replies to the commands of one wake-up (`_readable`), sent together at its end: the client wakes once
+        #: for a pipelined batch (an attach: up to ten commands), not once per reply. None outside a wake-up.
+        self.replies: list[tuple[int, bytes]] | None = None
 
 
 class VfioUserServer:
@@ -153,9 +160,15 @@ class VfioUserServer:
         self.loop.add_reader(sock.fileno(), self._readable)
         kv(log, logging.INFO, "client connected", epoch=self.epoch)
         self.device.client_connected(self.epoch)
+        # A client pipelines its attach behind the connect (open_vfio): serve what already arrived now, not
+        # after another pass of the loop (a reconnect inside a servicing's window waits for it).
+        self._readable()
 
     def _disconnect(self, reason: str) -> None:
-        conn, self._conn = self._conn, None
+        conn = self._conn
+        with contextlib.suppress(PeerClosed, TimeoutError, OSError):  # e.g. the error reply of a failed VERSION
+            self._send_held(conn)
+        self._conn = None
         self.loop.remove_reader(conn.sock.fileno())
         conn.reader.discard()
         conn.sock.close()
@@ -179,6 +192,18 @@ class VfioUserServer:
 
     def _readable(self) -> None:
         conn = self._conn
+        conn.replies = []
+        try:
+            self._serve_messages(conn)
+        finally:
+            if conn is self._conn:
+                try:
+                    self._send_held(conn)
+                except (PeerClosed, TimeoutError, OSError) as e:
+                    self._disconnect(f"reply failed: {e}")
+            conn.replies = None
+
+    def _serve_messages(self, conn: _Connection) -> None:
         for _ in range(MESSAGES_PER_WAKEUP):
             if conn is not self._conn:
                 return
@@ -240,11 +265,29 @@ class VfioUserServer:
     def _send(self, conn: _Connection, msg: Message, payload: bytes, error: int = 0) -> None:
         if msg.no_reply or conn is not self._conn:
             return
+        if conn.replies is not None:
+            conn.replies.append((msg.command, encode_message(msg.msg_id, msg.command,
+                                                             TYPE_REPLY | (FLAG_ERROR if error else 0), payload, error)))
+            if len(conn.replies) < MESSAGES_PER_WAKEUP and len(payload) < HELD_REPLY_BYTES:
+                return
+            try:
+                self._send_held(conn)
+            except (PeerClosed, TimeoutError, OSError) as e:
+                self._disconnect(f"reply failed: {e}")
+            return
         try:
             send_message(conn.sock, msg.msg_id, msg.command, TYPE_REPLY | (FLAG_ERROR if error else 0), payload,
                          error=error, timeout=SEND_TIMEOUT_S)
         except (PeerClosed, TimeoutError, OSError) as e:
             self._disconnect(f"reply failed: {e}")
+
+    @staticmethod
+    def _send_held(conn: _Connection) -> None:
+        """Send the replies held in this wake-up (`_Connection.replies`) as one burst."""
+        held = conn.replies
+        if held:
+            conn.replies = []
+            send_frames(conn.sock, b"".join(frame for _, frame in held), held[0][0], timeout=SEND_TIMEOUT_S)
 
     # -- handlers: each returns the reply payload or raises CommandError -----------------------
     def _version(self, conn: _Connection, msg: Message) -> bytes:
@@ -257,7 +300,8 @@ class VfioUserServer:
         if max_fds > 1024:
             raise CommandError(errno.EINVAL, f"client max_msg_fds {max_fds} outside 0..1024")
         conn.negotiated = True
-        kv(log, logging.DEBUG, "version negotiated", epoch=conn.epoch, client_minor=minor, caps=caps)
+        if log.isEnabledFor(logging.DEBUG):  # (the attach's commands are a servicing's critical path)
+            kv(log, logging.DEBUG, "version negotiated", epoch=conn.epoch, client_minor=minor, caps=caps)
         # Only keys the client proposed, valued with our limits; unsupported ones (migration, twin_socket,
         # write_multiple) are left out, which means unsupported; no JSON proposed, none sent (addendum A4).
         ours = {"max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE,
@@ -274,9 +318,10 @@ class VfioUserServer:
             raise CommandError(errno.EINVAL, f"DMA_MAP takes at most one memory fd, got {len(msg.fds)}")
         fd = msg.fds[0] if msg.fds else None  # no fd: a message-only range the device cannot reach (A1)
         added = self.dma.map(fd, offset, address, size, flags)
-        kv(log, logging.DEBUG if added else logging.INFO, "dma map" if added else "dma map repeated (no-op)", epoch=conn.epoch,
-           iova=f"{address:#x}", size=f"{size:#x}", offset=f"{offset:#x}", flags=f"{flags:#x}", maps=len(self.dma),
-           fd=fd is not None)
+        level = logging.DEBUG if added else logging.INFO
+        if log.isEnabledFor(level):
+            kv(log, level, "dma map" if added else "dma map repeated (no-op)", epoch=conn.epoch, iova=f"{address:#x}",
+               size=f"{size:#x}", offset=f"{offset:#x}", flags=f"{flags:#x}", maps=len(self.dma), fd=fd is not None)
         return b""
 
     def _dma_unmap(self, conn: _Connection, msg: Message) -> bytes:
@@ -325,8 +370,9 @@ class VfioUserServer:
         if argsz != len(msg.payload):
             raise CommandError(errno.EINVAL, f"DEVICE_SET_IRQS argsz {argsz} != payload size {len(msg.payload)}")
         self.irqs.set_irqs(flags, index, start, count, msg.payload[IRQ_SET.size:], msg.fds)
-        kv(log, logging.DEBUG, "set irqs", epoch=conn.epoch, flags=f"{flags:#x}", index=index, start=start,
-           count=count)
+        if log.isEnabledFor(logging.DEBUG):
+            kv(log, logging.DEBUG, "set irqs", epoch=conn.epoch, flags=f"{flags:#x}", index=index, start=start,
+               count=count)
         return b""
 
     def _region_read(self, conn: _Connection, msg: Message) -> bytes:
