@@ -167,14 +167,14 @@ class VportDataPath:
         positions = self._sq.size // self._tx_wqe_len
         self._tx_view = buffers.view
         self._tx_rows = _rows(buffers.view, self._tx_nbuf, self.max_frame)
-        s_oob = ManaTxShortOob(pkt_fmt=MANA_SHORT_PKT_FMT if short else MANA_LONG_PKT_FMT,
-                               vcq_num=self._tx_cq.id, vsq_frame=(self._sq.id >> 10) & 0x3FFF)
-        if short:
-            s_oob.short_vp_offset = tx_vport_offset
-            oob = s_oob
-        else:
-            oob = ManaTxOob(s_oob=s_oob, l_oob=ManaTxLongOob(long_vp_offset=tx_vport_offset))
-        if write:
+        if write:  # (a restored ring holds them: no ctypes objects built inside the restore's window)
+            s_oob = ManaTxShortOob(pkt_fmt=MANA_SHORT_PKT_FMT if short else MANA_LONG_PKT_FMT,
+                                   vcq_num=self._tx_cq.id, vsq_frame=(self._sq.id >> 10) & 0x3FFF)
+            if short:
+                s_oob.short_vp_offset = tx_vport_offset
+                oob = s_oob
+            else:
+                oob = ManaTxOob(s_oob=s_oob, l_oob=ManaTxLongOob(long_vp_offset=tx_vport_offset))
             wqe = wqe_type(oob=oob, sge=Sge(mem_key=self.gdma.gpa_mkey),
                            header=WqeHeader(params=WqeParams(num_sgl_entries=1, inline_client_oob_size=code)))
             _format_ring(self._sq.mem, wqe.to_bytes(), positions, wqe_type.sge.offset + _SGE_ADDRESS_AT,

@@ -19,6 +19,7 @@ from ..proto import underhill_pb2
 from .device_kind import PreviousState
 from .options import KeepAliveConfig
 from .servicing import mana_states_by_pci_id
+from .net_relay import RelayThread
 from .vf_manager import VfManager, dma_client_names
 
 #: The networking step of the worker: its lines read as the worker's (`vfkeep.worker`).
@@ -53,19 +54,23 @@ class ManaKind:
         self.vf_managers: list[VfManager] = []
         #: Guest rings attached by `prepare`, by NIC index.
         self.channels: dict[int, NicChannel] = {}
+        #: Relay threads started by `prepare`, by NIC index (each NIC's first relay runs on its own).
+        self.relay_threads: dict[int, RelayThread] = {}
 
     def client_names(self) -> list[str]:
         return [name for cfg in self.nic_configs for name in dma_client_names(cfg.pci_id)]
 
     def prepare(self) -> None:
         """Attach each NIC's guest rings now (their header checks and views, about 0.15 ms per NIC in a new
-        process), so the relays that start at the end of the restore find them ready. Nothing is cached in a ring
-        object, so attaching while the previous worker's relay still moves frames is safe; a ring that does not
-        attach is left to the NIC's relay start, which reports it."""
+        process) and start its relay's thread (`RelayThread`), so the relays that start at the end of the restore
+        find both ready. Nothing is cached in a ring object, so attaching while the previous worker's relay still
+        moves frames is safe; a ring that does not attach is left to the NIC's relay start, which reports it."""
         if self.channel_layout is None:
             return
         layout = ChannelLayout.from_str(self.channel_layout)
         for cfg in self.nic_configs:
+            if cfg.index not in self.relay_threads:
+                self.relay_threads[cfg.index] = RelayThread(f"relay-{cfg.pci_id}")
             if cfg.index not in self.channels:
                 try:
                     self.channels[cfg.index] = NicChannel.attach(self.mem, layout, cfg.index, cfg.tx_bell_fd,
@@ -89,7 +94,8 @@ class ManaKind:
             forced = previous.unusable if previous.state is None or match is not None else None
             return VfManager.create(cfg, self.mem, self.dma, saved=match, keepalive=config.is_enabled,
                                     force_fallback=forced, datapath_keepalive=self.datapath_keepalive,
-                                    channel=self.channels.get(cfg.index))
+                                    channel=self.channels.get(cfg.index),
+                                    relay_thread=self.relay_threads.pop(cfg.index, None))
 
         self.vf_managers = _each(create, self.nic_configs)
         known = {c.pci_id for c in self.nic_configs}

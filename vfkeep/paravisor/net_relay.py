@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import threading
 from dataclasses import asdict, dataclass
@@ -49,6 +50,28 @@ class RelayStats:
     wakeups: int = 0
 
 
+class RelayThread:
+    """A relay's thread, started before its relay exists (`ManaKind.prepare`, before the saved state arrives): a
+    thread start — the clone, its first scheduling, the starter waiting for it to run — is then not in a restore's
+    window. `NetRelay.start(thread)` hands it the relay's loop; `cancel()` ends one no relay took."""
+
+    def __init__(self, name: str):
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, target) -> None:
+        self._work.put(target)
+
+    def cancel(self) -> None:
+        self._work.put(None)
+
+    def _main(self) -> None:
+        target = self._work.get()
+        if target is not None:
+            target()
+
+
 class NetRelay:
     def __init__(self, channel: NicChannel, datapath: VportDataPath, pci_id: str, stats: RelayStats | None = None):
         self.channel = channel
@@ -73,8 +96,13 @@ class NetRelay:
         self._first_sent = False  # ... and the pass that made it waits for the device's answer
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, thread: RelayThread | None = None) -> None:
+        """Run on `thread` (started ahead: `RelayThread`), else on a thread of its own started now."""
+        if thread is None:
+            self._thread.start()
+        else:
+            self._thread = thread.thread
+            thread.run(self._run)
 
     def stop(self) -> None:
         """Stop moving frames and wait for the thread; the vport is then free for save or shutdown.

@@ -37,7 +37,7 @@ from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
 from ..vfio_user.backing import VfioBacking, open_vfio, presence_probe, reset_method_setter
 from .device_kind import CreateFailed, create_fresh, release_pending_buffers
-from .net_relay import NetRelay, RelayStats
+from .net_relay import NetRelay, RelayStats, RelayThread
 
 #: The relay's vport: 512 send buffers and 512 receive buffers (the reference's cap; 541 pages with the queues).
 #: The relay receives everything before it sends, and posts the buffers again before the SQ doorbell, so the
@@ -126,18 +126,21 @@ class VfManager:
         #: reset the function (`_free_leaked`).
         self._leaked: list = []
         self._monitor_stop: int | None = None
+        #: The relay thread `ManaKind.prepare` started for this NIC: the first relay runs on it.
+        self.relay_thread: RelayThread | None = None
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
                force_fallback: str | None, datapath_keepalive: bool = False,
-               channel: NicChannel | None = None) -> "VfManager":
+               channel: NicChannel | None = None, relay_thread: RelayThread | None = None) -> "VfManager":
         """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
         with its error (and shows as DeviceMissing at the next save). `datapath_keepalive` (DESIGN D7)
         puts the vport in the pool so a keepalive save keeps it running. `channel`: the NIC's guest rings,
-        attached already (else its relay start attaches them)."""
+        attached already (else its relay start attaches them); `relay_thread`: the thread its first relay runs on
+        (started already, else the relay starts one)."""
         vf = cls(cfg, mem, dma)
-        vf.channel = channel
+        vf.channel, vf.relay_thread = channel, relay_thread
         vf.keepalive = keepalive
         vf.datapath_keepalive = datapath_keepalive and keepalive
         t = time.perf_counter()
@@ -322,7 +325,10 @@ class VfManager:
 
     # -- relay ------------------------------------------------------------------------------
     def start_relay(self) -> None:
+        thread, self.relay_thread = self.relay_thread, None
         if self.vport is None:
+            if thread is not None:
+                thread.cancel()
             return
         if self.channel is None:
             try:
@@ -332,9 +338,11 @@ class VfManager:
                 note = f"guest channel unusable: {e}"
                 self.error = f"{self.error}; {note}" if self.error else note
                 kv(log, logging.ERROR, "guest channel rings unusable, no relay", pci_id=self.pci_id, error=str(e))
+                if thread is not None:
+                    thread.cancel()
                 return
         self.relay = NetRelay(self.channel, self.vport.data, self.pci_id, self.relay_stats)
-        self.relay.start()
+        self.relay.start(thread)
 
     def stop_relay(self) -> None:
         if self.relay is not None:

@@ -1,0 +1,72 @@
+"""A relay's thread is started before the saved state arrives (`ManaKind.prepare`, `RelayThread`): a restore hands
+it the relay instead of starting a thread inside the guest's blackout (issue 10, session 7).
+
+The relay runs over a real driver and the in-process emulator (loopback backend), as in test_relay_drops."""
+from __future__ import annotations
+
+import os
+import threading
+
+from driver_helpers import numbered_frames
+from test_relay_drops import LAYOUT, relay_bench  # noqa: F401 (the fixture and the memory it needs)
+from vfkeep.contract import NicConfig
+from vfkeep.paravisor.net_relay import RelayThread
+from vfkeep.paravisor.vf_manager import VfManager
+
+
+def test_a_relay_runs_on_the_thread_started_before_it(relay_bench):
+    """`RelayThread` (started by `ManaKind.prepare`, before the saved state arrives): the relay's loop runs on it,
+    no thread is started in the restore's window, and `stop()` still waits for the loop to end."""
+    relay, channel, _ = relay_bench(slots=16)
+    ahead = RelayThread("relay-nic0")
+    before = threading.active_count()
+    assert channel.tx.push_many(numbered_frames(8)) == 8
+    relay.start(ahead)
+    assert relay.resumed.wait(5) and threading.active_count() == before
+    assert relay._thread is ahead.thread and len(channel.rx) > 0
+    relay.stop()
+    assert not ahead.thread.is_alive()
+
+
+def test_a_relay_thread_no_relay_took_ends():
+    """A NIC that got no relay (its device did not come up) ends the thread prepared for it."""
+    vf = VfManager(NicConfig(0, "nic0", "unused.sock", -1, -1), None, None)
+    vf.relay_thread = ahead = RelayThread("relay-nic0")
+    vf.start_relay()  # no vport
+    ahead.thread.join(5)
+    assert not ahead.thread.is_alive() and vf.relay_thread is None and vf.relay is None
+
+
+def test_the_mana_kind_prepares_a_relay_thread_per_nic_and_ends_one_no_relay_took(tmp_path, monkeypatch):
+    """`ManaKind.prepare` starts each NIC's relay thread before the state arrives; a NIC whose device does not
+    come up takes none, and its thread ends once the kind starts."""
+    from vfkeep.driver.errors import DeviceMissing
+    from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+    from vfkeep.paravisor.device_kind import PreviousState
+    from vfkeep.paravisor.mana_kind import ManaKind
+    from vfkeep.paravisor.options import KeepAliveConfig
+
+    def absent(self, *args, **kwargs):
+        raise DeviceMissing("no device")
+
+    monkeypatch.setattr(VfManager, "_fresh", absent)
+    mem = GuestMemory.create(MemoryLayout(guest_pages=64, worker_pages=16, pool_pages=16))
+    bells = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(2)]
+    kind = ManaKind([NicConfig(0, "nic0", str(tmp_path / "absent.sock"), *bells)], mem,
+                    "nics=1,slots=16,slot_size=2048,base=0")
+    try:
+        kind.prepare()
+        ahead = kind.relay_threads[0]
+        assert ahead.thread.is_alive() and ahead.thread.name == "relay-nic0"
+        kind.configure(DmaManager(mem))
+        kind.restore(PreviousState(None, None), KeepAliveConfig.DISABLED)
+        (vf,) = kind.vf_managers
+        assert vf.dev is None and vf.relay_thread is ahead and kind.relay_threads == {}
+        kind.start()
+        ahead.thread.join(5)
+        assert not ahead.thread.is_alive()
+    finally:
+        kind.shutdown()
+        for fd in bells:
+            os.close(fd)
+        mem.close()
