@@ -16,3 +16,41 @@ def test_line_has_the_monotonic_clock_of_its_writing():
     m = re.fullmatch(r'ts=\S+Z mono=(\d+) level=info pid=\d+ logger=vfkeep\.test msg=hello k="v w"', line)
     assert m, line
     assert before <= int(m.group(1)) <= after
+
+
+def test_held_lines_are_written_later_in_order_with_the_time_they_were_logged(tmp_path):
+    """`hold_lines` (the old worker's save, the host's handoff: no line formatted or written in the servicing
+    window) keeps each line's `mono` from when it was logged; `write_held_lines` writes them in order, and so
+    does the handler's close (`logging.shutdown`, at a worker's exit)."""
+    import logging
+
+    from vfkeep import log as vlog
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        vlog.setup("held", tmp_path)
+        path = tmp_path / "held.log"
+        log = logging.getLogger("vfkeep.test")
+        vlog.hold_lines()
+        before = time.monotonic_ns()
+        vlog.kv(log, logging.INFO, "first", n=1)
+        vlog.kv(log, logging.INFO, "second", n=2)
+        logged = time.monotonic_ns()
+        assert path.read_text() == ""
+        vlog.write_held_lines()
+        lines = path.read_text().splitlines()
+        assert [re.search(r"msg=(\w+)", line).group(1) for line in lines] == ["first", "second"]
+        monos = [int(re.search(r"mono=(\d+)", line).group(1)) for line in lines]
+        assert before <= monos[0] <= monos[1] <= logged
+        vlog.hold_lines()
+        vlog.kv(log, logging.INFO, "third")
+        root.handlers[0].close()
+        assert path.read_text().splitlines()[-1].endswith("msg=third")
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)

@@ -20,7 +20,7 @@ import os
 import signal
 from typing import Mapping
 
-from .log import kv
+from .log import kv, write_held_lines
 
 log = logging.getLogger("vfkeep.kill_points")
 
@@ -87,6 +87,5 @@ def reached(name: str) -> None:
     if name != _armed:
         return
     kv(log, logging.WARNING, "test hook: kill point reached, SIGKILL", point=name, pid=os.getpid())
-    for h in logging.getLogger().handlers:
-        h.flush()
+    write_held_lines()  # (held lines too: a SIGKILL writes nothing)
     os.kill(os.getpid(), signal.SIGKILL)

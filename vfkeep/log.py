@@ -11,8 +11,8 @@ import time
 class KeyValueFormatter(logging.Formatter):
     """`ts=... mono=... level=... proc=... logger=... msg="..." k=v ...` (values from `extra={"kv": {...}}`).
 
-    `mono` is CLOCK_MONOTONIC in nanoseconds when the line was written (a file handler formats inside the
-    logging call): one clock for every process of the machine, the one the guest agents and the host's
+    `mono` is CLOCK_MONOTONIC in nanoseconds when the line was logged (`_Holding` stamps it, so a line held
+    through a servicing window keeps its time; else when it is formatted): one clock for every process of the machine, the one the guest agents and the host's
     servicing windows use, so a servicing can be traced across the run dir's logs to the microsecond.
 
     A line costs a servicing's critical path about 10 us of CPU per process (was 25): the date part of `ts` is
@@ -27,7 +27,7 @@ class KeyValueFormatter(logging.Formatter):
             self._date, self._second = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), second
         parts = [
             f"ts={self._date}.{int(record.msecs):03d}Z",
-            f"mono={time.monotonic_ns()}",
+            f"mono={getattr(record, 'mono', None) or time.monotonic_ns()}",
             f"level={record.levelname.lower()}",
             f"pid={record.process}",
             f"logger={record.name}",
@@ -48,6 +48,63 @@ def _quote(v: object) -> str:
     if s == "" or _NEEDS_QUOTES.search(s):
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return s
+
+
+class _Holding:
+    """A handler that can hold its lines (`hold_lines()`) and write them later (`write_held_lines()`, or when it
+    is closed, as `logging.shutdown` does at exit): formatting and writing a line costs a process 10-50 us of CPU,
+    which in a servicing window is taken from the guest's blackout. Each line is stamped with its `mono` when it is
+    logged, so a held line says when it happened, not when it was written."""
+
+    _held: list[logging.LogRecord] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:  # (under the handler's lock)
+        record.mono = time.monotonic_ns()
+        if self._held is not None:
+            self._held.append(record)
+        else:
+            super().emit(record)
+
+    def hold_lines(self) -> None:
+        with self.lock:
+            if self._held is None:
+                self._held = []
+
+    def write_held_lines(self) -> None:  # (not `release`: a Handler's release() unlocks it)
+        with self.lock:
+            held, self._held = self._held, None
+            for record in held or ():
+                super().emit(record)
+
+    def close(self) -> None:
+        self.write_held_lines()
+        super().close()
+
+
+class _HoldingFileHandler(_Holding, logging.FileHandler):
+    pass
+
+
+class _HoldingStreamHandler(_Holding, logging.StreamHandler):
+    pass
+
+
+def hold_lines() -> None:
+    """Hold this process's log lines until `write_held_lines()` (or its exit): around work on a servicing's critical
+    path (the old worker's save, the host's handoff). A line logged meanwhile is written with its own `mono`; a
+    process killed (SIGKILL) before it writes them loses them, so a kill point writes them first."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, _Holding):
+            h.hold_lines()
+
+
+def write_held_lines() -> None:
+    """Write the held lines (in order) and flush every handler."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, _Holding):
+            h.write_held_lines()
+        h.flush()
+        h.flush()
 
 
 def kv(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:
@@ -74,9 +131,9 @@ def setup(process_name: str, run_dir: str | os.PathLike | None = None, level: in
     if run_dir is not None:
         path = pathlib.Path(run_dir) / f"{process_name}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path)
+        handler: logging.Handler = _HoldingFileHandler(path)
     else:
-        handler = logging.StreamHandler()
+        handler = _HoldingStreamHandler()
     handler.setFormatter(KeyValueFormatter())
     root.addHandler(handler)
     root.setLevel(level)

@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .. import __version__, kill_points, netns, proc, rpc
+from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S,
                         NVME_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect,
                         InspectReply, NicConfig, NicResult, NicRestore, NvmeConfig, NvmeResult, RestorePath, Save,
@@ -727,6 +728,9 @@ class Host:
             request = Save(capability_word(mana_keepalive=bool(mana_keepalive), nvme_keepalive=bool(nvme_keepalive)),
                            timeout_hint(DEFAULT_TIMEOUT_S if timeout is None else timeout), correlation_id, test_config,
                            kill_point if kill_point in kill_points.SAVE_POINTS else None)
+            # The host's lines are written once the next worker has started (or the servicing ended): see
+            # `vlog.hold_lines`; each one formatted and written in the window is CPU taken from the blackout.
+            vlog.hold_lines()
             try:
                 saved, blob = old.save(request, timeout_s, grace=1.0)
                 if saved.status is TransferStatus.SUCCESS:  # its relays stopped before it saved
@@ -796,6 +800,7 @@ class Host:
                 started = self._replace_worker(again, next_worker_cmd, configured, timeout_s, errors)
             finally:
                 t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
+                vlog.write_held_lines()
                 if saved is not None:
                     self._retire(old, blob, handed)
             self._requeue_lost()
@@ -818,6 +823,8 @@ class Host:
             if new is not None and new is not self.worker:
                 new.end()
             raise
+        finally:
+            vlog.write_held_lines()
 
     def _retire(self, old: WorkerProcess, blob: bytes | None, handed: bytes | None) -> None:
         """After the handover: the old worker, idle since it handed its state over, is dismissed now, once the

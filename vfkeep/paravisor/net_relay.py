@@ -118,7 +118,7 @@ class NetRelay:
             os.close(self._stop_fd)
             self._stop_fd = None
             self.resumed.set()  # (also for a relay never started: nobody waits for it)
-        kv(log, logging.INFO, "relay stopped", pci_id=self.pci_id, **asdict(self.stats))
+        kv(log, logging.INFO, "relay stopped", pci_id=self.pci_id, **vars(self.stats))  # (asdict: a deep copy)
 
     def abandon(self) -> None:
         """Stop for good: the vport is dropped without teardown (a deferred HWC probe failed, the FLR fallback

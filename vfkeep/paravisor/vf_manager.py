@@ -18,7 +18,6 @@ While the NIC runs (`run()` until `quiesce()`), its VF manager watches the devic
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import select
@@ -603,7 +602,7 @@ class VfManager:
 
     def relay_counters(self) -> dict[str, int]:
         """This worker's relay counters of the NIC (every relay it ran), for its save outcome."""
-        return dataclasses.asdict(self.relay_stats)
+        return dict(vars(self.relay_stats))  # (ints only: asdict's deep copy costs 20 us in the save window)
 
     def emuplat_info(self) -> dict:
         return {"pci_id": self.pci_id, "mac": self.vport.mac if self.vport else b"", "adapter_index": self.cfg.index,
