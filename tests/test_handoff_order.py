@@ -106,3 +106,22 @@ def test_mana_kind_prepare_attaches_each_nics_rings_for_its_relay(tmp_path):
         vf_manager.VfManager.create = original
         kind.channels[0].close()
         mem.close()
+
+
+def test_the_save_watchdog_is_armed_not_started_by_a_save_and_fires_once_at_the_last_deadline():
+    """Spec §2.1's watchdog thread exists before any save (starting one in the save cost it 0.1-0.25 ms before the
+    relay stopped); arming sets the deadline (timeout minus dump-collection time), disarming clears it, and a
+    re-armed watchdog fires at its new deadline only."""
+    from vfkeep.paravisor.worker import DUMP_COLLECTION_S, Watchdog
+
+    fired: list[float] = []
+    done = threading.Event()
+    before = threading.active_count()
+    dog = Watchdog(fire=lambda timeout_s: (fired.append(timeout_s), done.set()))
+    assert threading.active_count() == before + 1
+    dog.arm(DUMP_COLLECTION_S + 60)
+    dog.disarm()
+    dog.arm(DUMP_COLLECTION_S + 0.05)
+    assert threading.active_count() == before + 1  # armed, not started
+    assert done.wait(5.0)
+    assert fired == [DUMP_COLLECTION_S + 0.05]
