@@ -1,4 +1,5 @@
 """Host mechanics without NICs: result shape, state decode, inspect, D4/D5 hooks, console, bad input."""
+import datetime
 import json
 import os
 import subprocess
@@ -37,6 +38,17 @@ def test_result_shape_and_state_file(host):
     assert decoded["summary"]["mana_state"] is None          # no VF managers: absent, not empty
     human = host.cli("state", "decode", blob)
     assert "init_state" in human.stdout and "private_pool" in human.stdout
+
+
+def test_state_reaches_the_new_worker_before_anything_is_written_to_disk(host):
+    """The blob goes to the next worker straight from the old one's message; the run dir's copy is written only once
+    the next worker has started (off the servicing's critical path), so its mtime is after that worker's line."""
+    host.service(mana_keepalive=True)
+    generation = host.status()["worker"]["generation"]
+    started = [line for line in host.worker_log(generation).splitlines() if 'msg="worker started"' in line][-1]
+    ts = started.split()[0]  # ts=YYYY-MM-DDTHH:MM:SS.mmmZ (UTC, ms truncated)
+    logged = datetime.datetime.fromisoformat(ts[3:-1]).replace(tzinfo=datetime.timezone.utc).timestamp()
+    assert os.stat(os.path.join(host.run_dir, "servicing_state.bin")).st_mtime >= logged
 
 
 def test_state_file_is_what_the_new_worker_was_given(host):
