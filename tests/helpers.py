@@ -20,6 +20,20 @@ def vfkeep(*args: str, timeout: float = 60, cwd=None, env: dict | None = None) -
                           stdin=subprocess.DEVNULL)
 
 
+def run_to_end(argv: Sequence[str], *, env: dict, cwd=None, timeout: float = 120) -> tuple[subprocess.Popen, str, str]:
+    """ARGV to its end in a session of its own (so its leftovers can be looked up by it), ended by PID on a
+    timeout; checked to exit 0. Returns (child, stdout, stderr)."""
+    child = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            end(child)
+    assert child.returncode == 0, stderr + stdout
+    return child, stdout, stderr
+
+
 class LineChild:
     """A child whose stdout is read line by line under a deadline."""
 

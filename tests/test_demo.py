@@ -5,7 +5,7 @@ import signal
 import statistics
 import subprocess
 
-from helpers import CLEAN_ENV, interrupt, wait_for
+from helpers import CLEAN_ENV, interrupt, run_to_end, wait_for
 from servicing_helpers import SESSION, live_processes, pid_alive
 from vfkeep import proc
 from vfkeep.demo import verdict
@@ -24,17 +24,8 @@ def session_members(sid: int) -> list[int]:
 
 
 def _demo(*args: str, **env_extra: str):
-    """`vfkeep demo ARGS` to its end (ended by PID on a timeout) without the caller's OPENHCL_/VFKEEP_ settings;
-    checked to exit 0. Returns (child, stdout, stderr)."""
-    child = subprocess.Popen(proc.vfkeep_argv("demo", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=CLEAN_ENV | env_extra, start_new_session=True)
-    try:
-        stdout, stderr = child.communicate(timeout=120)
-    finally:
-        if child.poll() is None:
-            proc.end(child)
-    assert child.returncode == 0, stderr + stdout
-    return child, stdout, stderr
+    """`vfkeep demo ARGS` to its end without the caller's OPENHCL_/VFKEEP_ settings (helpers.run_to_end)."""
+    return run_to_end(proc.vfkeep_argv("demo", *args), env=CLEAN_ENV | env_extra)
 
 
 def test_demo(tmp_path):

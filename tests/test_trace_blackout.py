@@ -2,13 +2,11 @@
 not leave the worker what it expects itself (a second `keepalive` in a row would keep the vport its first put
 in the pool: a data-path keepalive)."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from helpers import CLEAN_ENV
+from helpers import CLEAN_ENV, run_to_end
 from servicing_helpers import SESSION, live_processes
-from vfkeep import proc
 from vfkeep.servicing_paths import FOLLOWS_ITSELF, HWC_REQUESTS, ORDER, preparing, unexpected
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,16 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_keepalive_alone_is_prepared_by_a_reset_and_rebuilds_the_vport_each_time(tmp_path):
     out = tmp_path / "trace.json"
-    child = subprocess.Popen([sys.executable, "-m", "benchmarks.trace_blackout", "--paths", "keepalive", "--repeat",
-                              "2", "--timing", "natural", "--rate", "1000", "--json", str(out)], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
-                             start_new_session=True)
-    try:
-        stdout, stderr = child.communicate(timeout=120)
-    finally:
-        if child.poll() is None:
-            proc.end(child)
-    assert child.returncode == 0, stderr + stdout
+    child, stdout, _ = run_to_end([sys.executable, "-m", "benchmarks.trace_blackout", "--paths", "keepalive",
+                                   "--repeat", "2", "--timing", "natural", "--rate", "1000", "--json", str(out)],
+                                  env=CLEAN_ENV, cwd=ROOT)
     assert live_processes(SESSION, child.pid) == []
     report = json.loads(out.read_text())
     assert report["prepared_by"] == "reset" and report["unexpected"] == []
