@@ -104,7 +104,6 @@ def write_held_lines() -> None:
         if isinstance(h, _Holding):
             h.write_held_lines()
         h.flush()
-        h.flush()
 
 
 def kv(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:

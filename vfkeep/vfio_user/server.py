@@ -197,10 +197,7 @@ class VfioUserServer:
             self._serve_messages(conn)
         finally:
             if conn is self._conn:
-                try:
-                    self._send_held(conn)
-                except (PeerClosed, TimeoutError, OSError) as e:
-                    self._disconnect(f"reply failed: {e}")
+                self._flush_replies(conn)
             conn.replies = None
 
     def _serve_messages(self, conn: _Connection) -> None:
@@ -268,16 +265,19 @@ class VfioUserServer:
         if conn.replies is not None:
             conn.replies.append((msg.command, encode_message(msg.msg_id, msg.command,
                                                              TYPE_REPLY | (FLAG_ERROR if error else 0), payload, error)))
-            if len(conn.replies) < MESSAGES_PER_WAKEUP and len(payload) < HELD_REPLY_BYTES:
-                return
-            try:
-                self._send_held(conn)
-            except (PeerClosed, TimeoutError, OSError) as e:
-                self._disconnect(f"reply failed: {e}")
+            if len(conn.replies) >= MESSAGES_PER_WAKEUP or len(payload) >= HELD_REPLY_BYTES:
+                self._flush_replies(conn)
             return
         try:
             send_message(conn.sock, msg.msg_id, msg.command, TYPE_REPLY | (FLAG_ERROR if error else 0), payload,
                          error=error, timeout=SEND_TIMEOUT_S)
+        except (PeerClosed, TimeoutError, OSError) as e:
+            self._disconnect(f"reply failed: {e}")
+
+    def _flush_replies(self, conn: _Connection) -> None:
+        """Send the held replies; a client that cannot take them is disconnected."""
+        try:
+            self._send_held(conn)
         except (PeerClosed, TimeoutError, OSError) as e:
             self._disconnect(f"reply failed: {e}")
 
