@@ -54,3 +54,30 @@ def test_held_lines_are_written_later_in_order_with_the_time_they_were_logged(tm
         for h in saved_handlers:
             root.addHandler(h)
         root.setLevel(saved_level)
+
+
+def test_a_line_logged_at_a_given_time_keeps_it(tmp_path):
+    """`kv_at`: a line about a moment on a critical path, written once the path is done (the restarted relay's
+    "relay running"), carries that moment's `mono`, held or not."""
+    from vfkeep import log as vlog
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        vlog.setup("at", tmp_path)
+        log = logging.getLogger("vfkeep.test")
+        then = time.monotonic_ns() - 5_000_000
+        vlog.kv_at(log, logging.INFO, then, "earlier", n=1)
+        vlog.hold_lines()
+        vlog.kv_at(log, logging.INFO, then + 1, "held")
+        vlog.write_held_lines()
+        lines = (tmp_path / "at.log").read_text().splitlines()
+        assert [int(re.search(r"mono=(\d+)", line).group(1)) for line in lines] == [then, then + 1]
+        assert "msg=earlier n=1" in lines[0]
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)

@@ -14,8 +14,9 @@ import pytest
 from driver_helpers import InProcessBench, numbered_frames
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.driver.vport import VportConfig
-from vfkeep.guest.ring import SLOT_LEN_SIZE, ChannelLayout, NicChannel
+from vfkeep.guest.ring import SLOT_LEN_SIZE, ChannelLayout, NicChannel, Ring
 from vfkeep.memory import DmaManager, MemoryLayout
+from vfkeep.paravisor import net_relay
 from vfkeep.paravisor.net_relay import NetRelay
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=512, pool_pages=0)
@@ -125,3 +126,32 @@ def test_guest_frames_leave_the_tx_ring_after_their_copy_and_before_the_doorbell
     assert at_doorbell == [0] and relay.stats.tx_frames == 12
     relay._drain()  # hands the guest what came back (the in-process loopback answered the doorbell)
     assert [f[12:] for f in channel.rx.pop_many(16)] == [f[12:] for f in sent]
+
+
+
+def _quiet_push(channel, frames) -> None:
+    """Push guest frames without ringing the relay's doorbell: frames it has not taken when it is stopped (they
+    came in during its last wait, or while its thread waited for the worker's GIL)."""
+    assert Ring.attach(channel.tx.mem, channel.tx.gpa).push_many(frames) == len(frames)
+
+
+@pytest.mark.parametrize("abandon", [False, True])
+def test_a_stop_sends_what_the_guest_queued_as_a_last_batch_and_an_abandon_leaves_it(relay_bench, monkeypatch,
+                                                                                        abandon):
+    """The guest's blackout starts at the first frame the old relay does not take: on a stop for servicing the
+    frames still in the tx ring go out as one last batch and come back before the save (the guest has them now,
+    not after the whole servicing from the next relay). An abandoned vport is dropped: they stay in the ring, for
+    the relay of the NIC's next vport."""
+    monkeypatch.setattr(net_relay, "IDLE_WAIT_MS", 60_000)  # the relay sleeps until the stop
+    relay, channel, _ = relay_bench(slots=32)
+    relay.start()
+    assert relay.resumed.wait(5)  # nothing to do: asleep (or about to be), the tx ring not looked at again
+    sent = numbered_frames(12)
+    _quiet_push(channel, sent)
+    if abandon:
+        relay.abandon()
+        assert len(channel.tx) == 12 and len(channel.rx) == 0 and relay.stats.tx_stranded == 0
+    else:
+        relay.stop()
+        assert len(channel.tx) == 0 and relay.stats.tx_frames == relay.stats.rx_frames == 12
+        assert [f[12:] for f in channel.rx.pop_many(16)] == [f[12:] for f in sent]

@@ -6,10 +6,14 @@ first frames for the CPUs inside the guest's blackout).
 The relay runs over a real driver and the in-process emulator (loopback backend), as in test_relay_drops."""
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 from driver_helpers import numbered_frames
 from test_relay_drops import LAYOUT, relay_bench, wait_tx_taken  # noqa: F401 (the fixture and the memory it needs)
+from vfkeep.gdma.codec import CQ_EQ_DOORBELL
+from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_SQ, EMU_DB_PAGE_SIZE
 from vfkeep.paravisor import mana_kind, net_relay
 from vfkeep.paravisor.mana_kind import ManaKind
 from vfkeep.paravisor.vf_manager import VfManager
@@ -111,21 +115,22 @@ def test_the_first_send_takes_the_oldest_frames_alone_and_hands_them_back_before
     vport.stop()  # the device takes the sends once the test restarts the vport
     batches = []  # (frames the device transmitted, frames the guest had back by then)
     sq_doorbell = vport.sq_doorbell
+    one_at_a_time = threading.Lock()  # the test's vport.start() and the relay's next doorbell (its answer wakes it)
 
     def recording():
-        before = bench.device.counters["frames_tx"]
-        sq_doorbell()
-        if bench.device.counters["frames_tx"] != before:
-            batches.append((bench.device.counters["frames_tx"] - before, len(channel.rx)))
+        with one_at_a_time:
+            before, back = bench.device.counters["frames_tx"], len(channel.rx)
+            sq_doorbell()
+            if bench.device.counters["frames_tx"] != before:
+                batches.append((bench.device.counters["frames_tx"] - before, back))
     vport.sq_doorbell = vport.sq.on_doorbell = recording
     waiting = threading.Event()
-    prepare_wait = relay.datapath.prepare_wait
+    await_answer = relay._await_answer
 
-    def noting_the_wait(need_tx=True):
-        ready = prepare_wait(need_tx)
+    def noting_the_wait(answer):
         waiting.set()
-        return ready
-    relay.datapath.prepare_wait = noting_the_wait
+        await_answer(answer)
+    relay._await_answer = noting_the_wait
     sent = numbered_frames(30)
     assert channel.tx.push_many(sent) == 30
     relay.start()
@@ -138,3 +143,114 @@ def test_the_first_send_takes_the_oldest_frames_alone_and_hands_them_back_before
     assert batches == [(net_relay.FIRST_BATCH, 0), (30 - net_relay.FIRST_BATCH, net_relay.FIRST_BATCH)]
     got = channel.rx.pop_many(32)
     assert [f[12:] for f in got] == [f[12:] for f in sent]
+
+
+class _Lines(logging.Handler):
+    """The relay's log records as they are emitted."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+
+def test_the_running_line_is_written_after_the_first_send_with_the_time_the_relay_started(relay_bench):
+    """Formatting and writing "relay running" took the restarted relay 0.1-0.2 ms of CPU before its first send,
+    inside the guest's blackout: it is written once the guest has frames back, with the time the relay started
+    (`mono`, what trace_blackout reads), and once."""
+    relay, channel, bench = relay_bench(slots=32)
+    lines = _Lines()
+    logger = logging.getLogger("vfkeep.worker.relay")
+    logger.addHandler(lines)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    vport = bench.device.vports[0]
+    at_first_send = []
+    sq_doorbell = vport.sq_doorbell
+
+    def recording():
+        if not at_first_send:
+            at_first_send.append((time.monotonic_ns(), lines.messages()))
+        sq_doorbell()
+    vport.sq_doorbell = vport.sq.on_doorbell = recording
+    try:
+        assert channel.tx.push_many(numbered_frames(20)) == 20
+        before = time.monotonic_ns()
+        relay.start()
+        assert relay.resumed.wait(5)
+        wait_tx_taken(channel)
+        relay.stop()
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    sent_at, written_by_then = at_first_send[0]
+    assert "relay running" not in written_by_then
+    running = [r for r in lines.records if r.getMessage() == "relay running"]
+    assert len(running) == 1 and before <= running[0].mono <= sent_at
+    assert lines.messages().index("relay running") < lines.messages().index("relay resumed")
+
+
+def test_the_running_line_is_written_by_a_relay_that_never_resumed(relay_bench):
+    relay, channel, bench = relay_bench()
+    bench.device.vports[0].stop()  # nothing comes back
+    lines = _Lines()
+    logger = logging.getLogger("vfkeep.worker.relay")
+    logger.addHandler(lines)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert channel.tx.push_many(numbered_frames(4)) == 4
+        relay.start()
+        assert not relay.resumed.wait(0.2)
+        relay.stop()
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    assert lines.messages().count("relay running") == 1 and "relay resumed" not in lines.messages()
+
+
+def test_the_first_send_arms_what_answers_it_and_the_wait_for_the_answer_sends_nothing(relay_bench, monkeypatch):
+    """The restarted relay's first send goes with the arms of the RX CQ, the TX CQ and the EQ, before its SQ
+    doorbell, in one burst: the relay then waits for the device's answer (frames back, or TX completions) without
+    a `prepare_wait` — a second burst of doorbells for the device to handle, and 0.1 ms of the relay's CPU, in the
+    guest's blackout. Nothing is rung between the first SQ doorbell and the device's answer."""
+    monkeypatch.setattr(net_relay, "MODERATION_MS", 10_000)  # the wait ends with the device's answer only
+    relay, channel, bench = relay_bench(slots=32)
+    vport = bench.device.vports[0]
+    vport.stop()  # the device takes the sends once the test restarts the vport
+    data = relay.datapath
+    ids = {data.queues.tx_cq.id: "tx_cq arm", data.queues.rx_cq.id: "rx_cq arm"}
+    rung = []
+    doorbell = bench.device.doorbell
+
+    def recording(offset, value):
+        queue_offset = offset % EMU_DB_PAGE_SIZE
+        if queue_offset == DB_SQ:
+            rung.append("sq")
+        elif queue_offset in (DB_CQ, DB_EQ) and CQ_EQ_DOORBELL.get(value, "arm"):
+            rung.append("eq arm" if queue_offset == DB_EQ else ids[CQ_EQ_DOORBELL.get(value, "id")])
+        doorbell(offset, value)
+    monkeypatch.setattr(bench.device, "doorbell", recording)
+    waits = []
+    monkeypatch.setattr(data, "prepare_wait", lambda *a, **k: waits.append(1))
+    waiting = threading.Event()
+    await_answer = relay._await_answer
+
+    def noting_the_wait(answer):
+        waiting.set()
+        await_answer(answer)
+    relay._await_answer = noting_the_wait
+    assert channel.tx.push_many(numbered_frames(30)) == 30
+    relay.start()
+    assert waiting.wait(5)
+    first = rung[:rung.index("sq") + 1]
+    assert first[-1] == "sq" and {"tx_cq arm", "rx_cq arm", "eq arm"} <= set(first)
+    vport.start()
+    assert relay.resumed.wait(5)
+    relay.stop()
+    assert rung[len(first)] != "tx_cq arm" and not waits

@@ -59,7 +59,7 @@ class _Holding:
     _held: list[logging.LogRecord] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # (under the handler's lock)
-        record.mono = time.monotonic_ns()
+        record.__dict__.setdefault("mono", time.monotonic_ns())  # (`kv_at` gives its own)
         if self._held is not None:
             self._held.append(record)
         else:
@@ -109,6 +109,12 @@ def write_held_lines() -> None:
 def kv(logger: logging.Logger, level: int, msg: str, **fields: object) -> None:
     """Log `msg` with structured key=value fields."""
     logger.log(level, msg, extra={"kv": fields})
+
+
+def kv_at(logger: logging.Logger, level: int, mono_ns: int, msg: str, **fields: object) -> None:
+    """`kv`, stamped with `mono_ns` (CLOCK_MONOTONIC ns: when it happened) instead of the time of the call: a line
+    about a moment on a critical path, written once the path is done."""
+    logger.log(level, msg, extra={"kv": fields, "mono": mono_ns})
 
 
 #: `vfkeep --log-level` sets it for every process a command starts (they inherit the environment).

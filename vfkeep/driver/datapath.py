@@ -468,13 +468,15 @@ class VportDataPath:
         self._arm(arm_tx)
         return not (self._rx_cq.pending() or (arm_tx and self._tx_cq.pending()) or self._eq.pending())
 
-    def arm_rx(self) -> None:
+    def arm_rx(self, tx: bool = False) -> None:
         """Make sure received frames interrupt (RX CQ and EQ armed), e.g. before a send whose frames may
         come back, without waiting: a caller that polls the guest ring for a while before `prepare_wait`
-        (interrupt moderation) sends the arms with its next SQ doorbell."""
+        (interrupt moderation) sends the arms with its next SQ doorbell. `tx`: TX completions interrupt too
+        (the TX CQ armed), so a caller that waits for the answer to the send that follows needs no
+        `prepare_wait`, and no second burst of doorbells, whichever completion the device sends first."""
         self._check_open()
         self.take_events()
-        self._arm(False)
+        self._arm(tx)
 
     def take_events(self) -> bool:
         """Consume a pending interrupt and the EQ's new events, noting which queues notified (they are disarmed

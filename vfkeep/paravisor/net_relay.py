@@ -13,12 +13,13 @@ import os
 import queue
 import select
 import threading
+import time
 from dataclasses import asdict, dataclass
 
 from ..driver.errors import DEVICE_ERRORS, BadFrame, DeviceMissing
 from ..driver.datapath import VportDataPath
 from ..guest.ring import NicChannel, RingError
-from ..log import kv
+from ..log import kv, kv_at
 
 log = logging.getLogger("vfkeep.worker.relay")
 
@@ -85,6 +86,7 @@ class NetRelay:
         self.device_failed = False
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
+        self._last_batch = False
         self._stop_lock = threading.Lock()
         #: Set once this relay has handed the guest its first received frames, or has nothing to do (it goes to
         #: sleep idle with no send outstanding), or has ended: the data path is back, so work that would compete
@@ -94,6 +96,10 @@ class NetRelay:
         self.resumed = threading.Event()
         self._sent = False  # the first send is FIRST_BATCH frames at most
         self._first_sent = False  # ... and the pass that made it waits for the device's answer
+        #: (mono ns, tx head, rx tail) of the relay's start, for its "relay running" line: written once the guest
+        #: has its first frames back (`_resume`) or the relay ends, stamped with this time (`kv_at`) — formatting
+        #: and writing it first took the relay 0.1-0.2 ms of CPU inside the guest's blackout.
+        self._running: tuple[int, int, int] | None = None
         self._thread = threading.Thread(target=self._run, name=f"relay-{pci_id}", daemon=True)
 
     def start(self, thread: RelayThread | None = None) -> None:
@@ -104,13 +110,15 @@ class NetRelay:
             self._thread = thread.thread
             thread.run(self._run)
 
-    def stop(self) -> None:
+    def stop(self, last_batch: bool = True) -> None:
         """Stop moving frames and wait for the thread; the vport is then free for save or shutdown.
+        `last_batch`: what the guest queued meanwhile goes out as one last batch (`_drain`).
         Idempotent: a second stop must not write to or close the stop eventfd's number again (by then it
         may belong to another file, e.g. a device socket)."""
         with self._stop_lock:
             if self._stop_fd is None:
                 return
+            self._last_batch = last_batch
             self._stopping = True
             os.eventfd_write(self._stop_fd, 1)
             if self._thread.ident is not None:  # started
@@ -123,8 +131,9 @@ class NetRelay:
     def abandon(self) -> None:
         """Stop for good: the vport is dropped without teardown (a deferred HWC probe failed, the FLR fallback
         follows). What came back is drained to the guest as at any stop; sends the device never completed
-        are lost, counted in `tx_stranded`."""
-        self.stop()
+        are lost, counted in `tx_stranded`. The guest's frames still queued stay in its ring (no last batch
+        into a vport being dropped)."""
+        self.stop(last_batch=False)
         self.stats.tx_stranded += self.datapath.tx_outstanding
 
     def _run(self) -> None:
@@ -135,8 +144,7 @@ class NetRelay:
             poller.register(fd, select.POLLIN)
             if fd != tx_bell.fd:
                 answer.register(fd, select.POLLIN)
-        kv(log, logging.INFO, "relay running", pci_id=self.pci_id, tx_head=self.channel.tx.stats().head,
-           rx_tail=self.channel.rx.stats().tail)
+        self._running = (time.monotonic_ns(), self.channel.tx.stats().head, self.channel.rx.stats().tail)
         moved = False
         rx_before = self.stats.rx_frames
         try:
@@ -185,20 +193,28 @@ class NetRelay:
         except RingError as e:
             self._fail(e)
         finally:
+            self._log_running()
             self.resumed.set()
 
     def _await_answer(self, answer: select.poll) -> None:
         """After the first send of a backlog: wait (MODERATION_MS at most) until the device has answered it —
         frames back, or its TX completions (a backend that returns nothing) — so that the next pass hands those
-        frames to the guest before it copies the rest of the backlog."""
-        with self.datapath.doorbells_batched():
-            waiting = self.datapath.prepare_wait(need_tx=True)
-        if waiting and answer.poll(MODERATION_MS):
+        frames to the guest before it copies the rest of the backlog. That send armed both (`arm_rx(tx=True)`, in
+        the burst of its SQ doorbell), so the wait itself sends the device nothing."""
+        if answer.poll(MODERATION_MS):
             self.stats.wakeups += 1
 
     def _resume(self, frames: int) -> None:
         self.resumed.set()
+        self._log_running()
         kv(log, logging.INFO, "relay resumed", pci_id=self.pci_id, rx_frames=frames)
+
+    def _log_running(self) -> None:
+        """The "relay running" line, once, stamped with the relay's start (`_running`)."""
+        if self._running is not None:
+            mono, tx_head, rx_tail = self._running
+            self._running = None
+            kv_at(log, logging.INFO, mono, "relay running", pci_id=self.pci_id, tx_head=tx_head, rx_tail=rx_tail)
 
     def _pump(self) -> int:
         """Everything the vport received, then one batch of sends; returns the frames moved. Receiving first
@@ -218,7 +234,9 @@ class NetRelay:
             return moved
         lengths = [n for _, run in blocks for n in run]
         self._first_sent, self._sent = not self._sent, True
-        self.datapath.arm_rx()  # what comes back interrupts (the arms go just before the SQ doorbell)
+        # What comes back interrupts (the arms go just before the SQ doorbell); after the first send, so do its TX
+        # completions: the relay waits for either (`_await_answer`).
+        self.datapath.arm_rx(tx=self._first_sent)
         try:
             # Copied straight from the ring slots into TX buffers; the slots are released before the SQ doorbell,
             # so a worker killed in between has lost these frames at most, never sends them twice (the next
@@ -262,9 +280,20 @@ class NetRelay:
         """After the last send, hand the guest what the vport still holds, so stopping for servicing
         strands no frame in queues the save then destroys. The device handles messages in order, so once
         a register read returns it has processed every doorbell before it: the frames in flight have
-        completed and (loopback) come back. Bounded, as a wire backend may keep delivering."""
+        completed and (loopback) come back. Bounded, as a wire backend may keep delivering. The read is also
+        the stop's presence check (`VfManager.quiesce`), so it is made even with no send outstanding.
+
+        Then, on a stop with `last_batch` (servicing, shutdown; not an abandon), what the guest queued meanwhile
+        — frames that came in during the relay's last wait or while the worker read the save request (the
+        relay's thread waiting for the GIL) — goes out as one batch, brought back by one more read: the guest
+        gets them now, not from the next worker's relay, and its blackout starts at its next frame."""
         self.datapath.sync()
         self.datapath.send([])  # reap the TX completions
+        if self._last_batch and len(self.channel.tx) and self.datapath.tx_free:
+            with self.datapath.doorbells_batched():
+                self._pump()  # (receives first: what came back frees RX buffers for what it sends)
+            self.datapath.sync()
+            self.datapath.send([])
         for _ in range(DRAIN_MAX_BATCHES):
             if not self._receive():
                 break
