@@ -104,6 +104,36 @@ def test_a_delayed_request_raises_its_effects_interrupts_with_its_answer(mem):
     assert device.counters["modelled_hwc_ms_total"] == device.counters["hwc_requests"] * 1 == 1
 
 
+def test_a_delayed_answer_is_written_before_it_is_due_and_only_published_then(mem):
+    """When the answer's timer fires (`ANSWER_EARLY_S` before the due time) the device writes the response and the
+    two CQEs but their owner bytes, its Python work for the answer; what it does at the due time is only the owner
+    bytes and the notification. Until then the driver sees no CQE, no completion EQE and no interrupt."""
+    loop = HeldLoop()
+    device, port = in_process_device(mem, loop=loop, timing=DeviceTiming(hwc_latency_ms=1, flr_ms=0))
+    drv = TestDriver(port, mem, Pages(mem, mem.layout.worker), timeout=0.1)
+    drv.establish_hwc()
+    wait_eventfd(drv.irq(0), 0)
+    drv.ring_cq_eq(DB_CQ, drv.hwc_cq, arm=True)
+    drv.ring_cq_eq(DB_EQ, drv.hwc_eq, arm=True)
+    with pytest.raises(TimeoutError):
+        drv.send_request(GDMA_QUERY_MAX_RESOURCES)
+    hwc, seen = device.hwc, {}
+    stage = hwc._stage_answer
+
+    def watched_stage(rwqe, response):
+        publish = stage(rwqe, response)
+        seen["staged"] = (drv.mem.read(drv.resp_page, len(response)) == response, drv.hwc_cq.poll(),
+                          drv.hwc_eq.poll(), device.counters["interrupts"])
+        return publish
+    hwc._stage_answer = watched_stage
+    before = device.counters["interrupts"]
+    loop.timers.pop()[1]()
+    assert seen["staged"] == (True, None, None, before)  # written, but nothing a driver can see
+    assert drv.hwc_cq.poll() is not None and drv.hwc_cq.poll() is not None and drv.hwc_cq.poll() is None
+    assert device.counters["interrupts"] == before + 1 and wait_eventfd(drv.irq(0), 0)
+    assert drv.drain_eq(drv.hwc_eq) == 1
+
+
 def test_the_latency_runs_from_the_arrival_of_the_requests_doorbell(mem):
     """Over a transport the device knows when a doorbell message had arrived (`received_at`: its socket read); the
     answer is due the modelled latency after that, not after the device got round to taking the request, so its

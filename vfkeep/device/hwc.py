@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from typing import Callable
 
 from vfkeep.gdma.constants import (
     EMU_FAILURE_STATUS,
@@ -77,6 +78,10 @@ _TX_OOB_SIZE = ctypes.sizeof(HwcTxOob)
 #: would add to every modelled latency. So an answer over a transport is scheduled this much before it is due and
 #: the device spins the rest (at most this long, about 0.06 ms per request): never early, rarely late.
 ANSWER_EARLY_S = 0.0001
+
+
+def _nothing() -> None:
+    """The publication of an answer that could not be staged."""
 
 
 class Hwc:
@@ -146,27 +151,43 @@ class Hwc:
     def _answer_later(self, rwqe: WqeRef, response: bytes, interrupts: list[int], due: float | None) -> None:
         if self.stopped:  # destroyed or reset while the request was in flight: no answer
             return
-        while due is not None and time.monotonic() < due:  # woken early on purpose (ANSWER_EARLY_S)
+        # The timer fired early on purpose (ANSWER_EARLY_S): what the driver cannot see yet is written now, and
+        # at the due time only the CQEs' owner bytes, so the answer is not the emulator's work late.
+        publish = self._stage_answer(rwqe, response)
+        while due is not None and time.monotonic() < due:
             pass
         self.busy = False
-        self.answer(rwqe, response)
+        publish()
         for vector in interrupts:
             self.dev.interrupt(vector)
         self.doorbell()
 
     def answer(self, rwqe: WqeRef, response: bytes) -> None:
         """Complete a request `_execute` ran: send CQE, the response into the receive WQE's buffers, receive CQE."""
+        self._stage_answer(rwqe, response)()
+
+    def _stage_answer(self, rwqe: WqeRef, response: bytes) -> Callable[[], None]:
+        """`answer` but its publication: the response is written into the receive WQE's buffers and the two CQEs
+        (send, then receive) but their owner bytes into the CQ; the returned call writes those (the driver sees
+        the answer from then on) and notifies. A DMA fault is counted: the response buffer's leaves the
+        receive CQE out, the CQ's the whole answer."""
         dev = self.dev
+        cq = self.cq
+        entries = cq.entry(b"", self.sq.id, True)
         try:
-            self.cq.post(b"", self.sq.id, True)
             oob = HwcRxOob(wqe_addr_low_or_offset=rwqe.position)
             if rwqe.error:
                 oob.flags.vendor_err = VENDOR_ERR_MALFORMED_WQE
             else:
                 oob.tx_oob_data_size = dev.scatter(rwqe.sges, response)
-            self.cq.post(oob.to_bytes(), self.rq.id, False)
+            entries += cq.entry(oob.to_bytes(), self.rq.id, False)
         except DmaFault:
-            dev.dma_fault("HWC", self.cq.id)
+            dev.dma_fault("HWC", cq.id)
+        try:
+            return cq.stage_many(entries)
+        except DmaFault:
+            dev.dma_fault("HWC", cq.id)
+            return _nothing
 
     def _execute(self, swqe: WqeRef, rwqe: WqeRef) -> bytes:
         """Run one request; returns the response bytes (header + body, at most `resp.msg_size`). A request

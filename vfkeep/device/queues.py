@@ -201,9 +201,17 @@ class _EntryRing:
 
     def post_many(self, entries: bytes | bytearray) -> None:
         """Write a batch of entries (their params dwords without owner bits) with one notification at the end
-        if the queue was armed. Per lap, all bytes but each entry's last go first (that byte keeps the
-        previous lap's owner count, so a reader sees nothing new), then the last bytes in order (§6.5).
-        May raise `DmaFault` before anything is written, then nothing changed."""
+        if the queue was armed (`stage_many`, published at once). May raise `DmaFault` before anything is
+        written, then nothing changed."""
+        self.stage_many(entries)()
+
+    def stage_many(self, entries: bytes | bytearray) -> Callable[[], None]:
+        """`post_many` in two halves: this one writes everything a reader cannot see yet and returns the other,
+        which publishes the batch. Per lap, all bytes but each entry's last go first (that byte keeps the
+        previous lap's owner count, so a reader sees nothing new); the returned call writes the last bytes in
+        order (§6.5), advances the tail and notifies if the queue is armed then. Nothing else may post to this
+        queue in between, and both halves run in one step of the device's loop (the views are not kept across
+        a DMA unmap). May raise `DmaFault` before anything is written, then nothing changed."""
         size, cap = self.entry_size, self.cap
         n = len(entries) // size
         laps = []  # (views, entry bytes, owner count) per lap
@@ -215,6 +223,7 @@ class _EntryRing:
             chunk = bytes(entries[done * size:(done + count) * size])
             laps.append((self.mem.windows(self.dev.dma, slot * size, count * size), chunk, owner_count(counter, cap)))
             done += count
+        owner_bytes = []  # (view, its entries' last bytes with the new owner count)
         for views, chunk, owner in laps:
             body = bytearray(chunk)
             last = chunk[size - 1::size]
@@ -224,12 +233,17 @@ class _EntryRing:
             for v in views:
                 k = len(v)
                 v[:] = body[pos:pos + k]
-                v[size - 1::size] = final[pos // size:(pos + k) // size]
+                owner_bytes.append((v, final[pos // size:(pos + k) // size]))
                 pos += k
-        self.tail += n
-        if n and self.armed:
-            self.armed = False
-            self.notify()
+
+        def publish() -> None:
+            for v, final in owner_bytes:
+                v[size - 1::size] = final
+            self.tail += n
+            if n and self.armed:
+                self.armed = False
+                self.notify()
+        return publish
 
     def reachable(self) -> bool:
         """True if the whole ring can be written now (a batch checks this before it consumes anything)."""
@@ -291,6 +305,7 @@ class Cq(_EntryRing):
         super().__init__(dev, qid, mem)
         self.parent = parent
         self._params: dict[tuple[int, int], int] = {}
+        self._completion = EqeCompletionData(cq_id=qid).to_bytes()  # the payload of its every completion EQE
 
     def params(self, wq_number: int, is_send_wq: bool) -> int:
         """`CqeParams` (without owner bits) of a completion for that WQ."""
@@ -305,10 +320,16 @@ class Cq(_EntryRing):
         self._post(data, self.params(wq_number, is_send_wq))
         self.dev.counters["cqes_posted"] += 1
 
-    def post_many(self, entries: bytes | bytearray) -> None:
-        """Write whole CQEs (`codec.CQE`/`codec.RX_CQE` packed, params from `params()`); see `_EntryRing`."""
-        super().post_many(entries)
+    def stage_many(self, entries: bytes | bytearray) -> Callable[[], None]:
+        """Whole CQEs (`codec.CQE`/`codec.RX_CQE` packed, params from `params()`, or `entry()`); see
+        `_EntryRing` (`post_many` is this published at once)."""
+        publish = super().stage_many(entries)
         self.dev.counters["cqes_posted"] += len(entries) // CQE_SIZE
+        return publish
+
+    def entry(self, data: bytes, wq_number: int, is_send_wq: bool) -> bytes:
+        """One CQE for `stage_many`/`post_many`: `data` (≤ 60 bytes) and the params of a completion for that WQ."""
+        return data.ljust(CQE_SIZE - 4, b"\0") + self.params(wq_number, is_send_wq).to_bytes(4, "little")
 
     def notify(self) -> None:
         """Completion EQE (payload = CQ id) to the parent EQ; a lost notification is counted, not raised."""
@@ -316,7 +337,7 @@ class Cq(_EntryRing):
             self.dev.counters["lost_notifications"] += 1
             return
         try:
-            self.parent.post(GDMA_EQE_COMPLETION, EqeCompletionData(cq_id=self.id).to_bytes())
+            self.parent.post(GDMA_EQE_COMPLETION, self._completion)
         except DmaFault:
             self.dev.dma_fault("EQ", self.parent.id)
 
