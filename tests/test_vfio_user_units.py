@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import select
 import socket
 import threading
 
@@ -244,6 +245,46 @@ def test_interrupts_raised_in_a_coalescing_block_are_signalled_once_at_its_end()
     with pytest.raises(BlockingIOError):
         os.eventfd_read(replacement)
     t.drop_all()
+
+
+def test_a_bursts_interrupts_are_signalled_before_its_replies_are_sent(tmp_path):
+    """A client that has its reply finds the interrupts the same burst raised signalled already, and consumes them
+    before it arms and sleeps (the MANA driver clears vector 0 before each HWC request). Signalled at the end of
+    the loop's step instead, after the replies, they woke a driver that had gone on meanwhile (it preempts the
+    device as soon as the reply is sent): on a fresh init's first HWC request, one stale wake-up, one more arm
+    burst and one more device wake-up."""
+    from vfkeep.vfio_user.server import VfioUserServer
+    from vfkeep.vfio_user.testdev import REG_DOORBELL, REG_ID, TestDevice
+    path = str(tmp_path / "dev.sock")
+    server = VfioUserServer(path, TestDevice())
+    client = socket.socket(socket.AF_UNIX)
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    seen = []
+    flush = server._flush_replies
+
+    def watched_flush(conn):
+        seen.append(bool(conn.replies) and select.select([efd], [], [], 0)[0] == [efd])
+        flush(conn)
+    server._flush_replies = watched_flush
+    try:
+        client.connect(path)
+        # As the MANA driver's SMC exchange: posted writes that raise an interrupt, then a read that waits.
+        p.send_message(client, 1, p.Command.VERSION, p.TYPE_COMMAND, p.encode_version(0, 0, None))
+        p.send_message(client, 2, p.Command.DEVICE_SET_IRQS, p.TYPE_COMMAND, p.IRQ_SET.pack(
+            p.IRQ_SET.size, p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER, p.IRQ_MSIX, 1, 1), fds=[efd])
+        p.send_message(client, 3, p.Command.REGION_WRITE, p.TYPE_COMMAND | p.FLAG_NO_REPLY,
+                       p.REGION_ACCESS.pack(REG_DOORBELL, p.REGION_BAR0, 4) + (1).to_bytes(4, "little"))
+        p.send_message(client, 4, p.Command.REGION_READ, p.TYPE_COMMAND,
+                       p.REGION_ACCESS.pack(REG_ID, p.REGION_BAR0, 4))
+        server.loop.call_later(0.5, server.stop)  # one step takes the connect and the burst behind it
+        server.run()
+        assert seen and seen[0] is True
+        assert os.eventfd_read(efd) == 1  # once
+    finally:
+        client.close()
+        server.close()
+        server.loop.close()
+        os.close(efd)
 
 
 @pytest.mark.parametrize("flags,index,start,count,data,nfds", [

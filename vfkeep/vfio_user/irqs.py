@@ -66,6 +66,19 @@ class IrqTable:
                 if self._fds.get(key) == fd:
                     self._signal(key, fd)
 
+    def signal_held(self) -> None:
+        """Signal what the enclosing `coalescing` block has held so far, now (it goes on holding what comes
+        after). The server does so before it sends a burst's replies: a client that has its reply then finds the
+        interrupts the burst raised signalled already and consumes them before it sleeps, instead of being woken
+        by them later, as if by something new (the woken client may preempt the device as soon as the reply
+        is sent, before the step's end)."""
+        held = self._held
+        if held:
+            self._held = {}
+            for key, fd in held.items():
+                if self._fds.get(key) == fd:
+                    self._signal(key, fd)
+
     def assigned(self, vector: int, index: int = IRQ_MSIX) -> bool:
         return (index, vector) in self._fds
 

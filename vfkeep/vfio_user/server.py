@@ -197,6 +197,7 @@ class VfioUserServer:
             self._serve_messages(conn)
         finally:
             if conn is self._conn:
+                self.irqs.signal_held()  # what the burst raised, before its replies (`IrqTable.signal_held`)
                 self._flush_replies(conn)
             conn.replies = None
 
