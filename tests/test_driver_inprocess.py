@@ -501,7 +501,8 @@ def test_smc_messages_are_posted_writes(bench, mem):
 def test_an_hwc_request_is_one_burst_of_posted_writes(bench, mem):
     """Each request reaches the device as one burst: the CQ and EQ arms, the RQ doorbell of the receive WQE that
     replaces the one the request consumes, the SQ doorbell, in that order; nothing else is written, and at rest
-    one receive WQE stays posted (what a saved HWC carries over, spec 6.3)."""
+    one receive WQE stays posted (what a saved HWC carries over, spec 6.3). The driver reads its EQ twice per
+    request."""
     dma = DmaManager(mem, strict_pool=False)
     backing = bench.connect(dma, "nic0")
     dev = ManaDevice.new(backing, "nic0")
@@ -511,11 +512,17 @@ def test_an_hwc_request_is_one_burst_of_posted_writes(bench, mem):
     backing.write64_posted_many = lambda w: (bursts.append([offset for offset, _ in w]),
                                              [write64(offset, value, True) for offset, value in w])
     hwc = dev.gdma.hwc
+    eq_reads = []
+    poll_offset = hwc.eq.poll_offset
+    hwc.eq.poll_offset = lambda: eq_reads.append(poll_offset()) or eq_reads[-1]
     for _ in range(3):
         dev.gdma.verify_vf_driver_version()
         assert hwc.rq.in_flight == 32 and hwc.sq.in_flight == 0
     assert writes == []
     assert bursts == [[hwc.cq._db_addr, hwc.eq._db_addr, hwc.rq._db_addr, hwc.sq._db_addr]] * 3
+    # The EQ is read once before the burst (nothing new) and once after the answer (its completion event, then
+    # nothing): not again to arm, nor before the first sleep.
+    assert [off is None for off in eq_reads] == [True, False, True] * 3
     device_hwc = bench.device.hwc
     assert device_hwc.rq.pending and not device_hwc.sq.pending  # the device sees the posted receive WQE too
 

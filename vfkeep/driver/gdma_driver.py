@@ -496,7 +496,7 @@ class GdmaDriver:
                 # Spec 8.3 step 4 (a receive WQE to replace the one this request consumes) is done here, before
                 # the request instead of after it, so its doorbell rides in the request's burst: one message
                 # per request, and at rest one receive WQE stays posted as before.
-                self._arm_hwc(self._post_receive_wqe(ring=False), hwc.sq.commit_write())
+                self._arm_hwc(self._post_receive_wqe(ring=False), hwc.sq.commit_write(), consumed=True)
                 meanwhile_error = None
                 if meanwhile is not None:
                     try:
@@ -536,14 +536,16 @@ class GdmaDriver:
                 return None
             return spec.response.from_bytes(self._resp_page, RESP_HDR_SIZE)
 
-    def _arm_hwc(self, *then: tuple[int, int]) -> None:
+    def _arm_hwc(self, *then: tuple[int, int], consumed: bool = False) -> None:
         """Arm the HWC CQ and EQ: the next completion raises vector 0; `then`: doorbells rung right after (the
         SQ's, for a request). Arms and doorbell go to the device as one burst of posted writes, one wake-up,
         and no poll-arm-repoll is needed (the reference driver polls first, gdma spec 6.6: the same
-        notifications for two more messages per request). Unconsumed events are consumed first, or the EQ would
-        fire at once."""
+        notifications for two more messages per request). Unconsumed events are consumed first (unless the caller
+        just did: `consumed`), or the EQ would fire at once (an event that slips in between does that: the
+        device fires on an arm that leaves entries unconsumed, gdma spec 4.2)."""
         self.irq.clear(DRV_HWC_MSIX)
-        self.process_events(ack=False)
+        if not consumed:
+            self.process_events(ack=False)
         hwc = self.hwc
         hwc.eq.doorbell.ring_many([hwc.cq.arm_write(), hwc.eq.arm_write(), *then])
 
@@ -559,7 +561,9 @@ class GdmaDriver:
 
     def _wait_completions(self, code: int, name: str, start: float, timeout_s: float) -> bool:
         """Wait for the two HWC CQEs (send, then receive) without checking which is which (gdma spec 8.3); CQ
-        and EQ are armed. Returns True if a completion was found only after a sleep that no interrupt ended."""
+        and EQ are armed, with every event consumed. Events are consumed again (a reset request ends the wait)
+        when the driver re-arms and after a sleep that no interrupt ended; with the EQ armed, any other event
+        wakes it. Returns True if a completion was found only after a sleep that no interrupt ended."""
         cq = self.hwc.cq
         deadline = start + timeout_s
         interval = HWC_INTERRUPT_POLL_WAIT_MIN_MS / 1000
@@ -577,7 +581,8 @@ class GdmaDriver:
                 self._arm_hwc()
                 armed = True
                 continue
-            self.process_events(ack=False)
+            if slept_in_vain:
+                self.process_events(ack=False)
             if self.events.reset_pending:
                 raise ResetRequestPending(f"{name}: HWC reset request arrived while waiting for the response")
             remaining = deadline - time.monotonic()
