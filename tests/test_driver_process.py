@@ -121,3 +121,35 @@ def test_negative_control_fresh_init_trips_the_wires(device, mem, tmp_path):
     assert len(establish) == 2 and all(e["status"] == 1 for e in establish)  # NoReset attempt, then after FLR
     assert any(e["kind"] == "flr" for e in log)
     assert ctl(sock, "get_reset_method")["value"] == "flr"  # left for the next open to reset
+
+
+@pytest.mark.parametrize("method_set", [True, False])
+def test_a_fresh_init_after_setting_reset_method_none_attaches_in_one_round_trip(device, mem, monkeypatch,
+                                                                                  method_set):
+    """The NoReset attempt (servicing spec 6.4) sets the device's reset method to none first: the open then cannot
+    reset the device, so it attaches as a restore does, its handshake and mapping in one pipelined round trip
+    (`VfioDevice.new` would wait for DEVICE_GET_INFO's answer before mapping). If setting the method failed, the
+    open still decides for itself (and would reset a device whose method is flr)."""
+    from vfkeep.contract import NicConfig
+    from vfkeep.paravisor.vf_manager import VfManager
+    from vfkeep.vfio_user import VfioDevice
+    sock = device("--reset-method", "flr")
+    opened = []
+    new = VfioDevice.new.__func__
+    monkeypatch.setattr(VfioDevice, "new", classmethod(lambda cls, *a, **k: opened.append("new") or new(cls, *a, **k)))
+    vf = VfManager(NicConfig(0, "nic0", sock, -1, -1), mem, DmaManager(mem, strict_pool=False))
+    if not method_set:
+        def refused(method):
+            raise DeviceMissing("control channel refused")
+        vf.set_reset_method = refused
+    vf._fresh(persistent_hwc=False)
+    try:
+        assert vf.dev is not None and vf.vport is not None and not vf.flr
+        state = ctl(sock, "state")
+        if method_set:
+            assert opened == [] and state["reset_method"] == "none"
+        else:
+            assert opened == ["new"] and state["reset_method"] == "flr"
+        assert ctl(sock, "counters")["counters"]["reset_count"] == (0 if method_set else 1)
+    finally:
+        vf.dev.shutdown()

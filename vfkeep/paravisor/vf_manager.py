@@ -278,14 +278,23 @@ class VfManager:
                 self._leaked += dev.leaked
                 raise
 
-        return create_fresh(lambda: self._open(persistent=persistent_hwc), bring_up, self.set_reset_method,
-                            self.pci_id, what="mana device", errors=DEVICE_ERRORS, missing=(DeviceMissing,),
-                            force_flr=force_flr)
+        method = [None]  # the reset method create_fresh has set (None: not set, or setting it failed)
+
+        def set_reset_method(value: str) -> None:
+            method[0] = None
+            self.set_reset_method(value)
+            method[0] = value
+
+        # With the method set to none the open cannot reset the device (no DEVICE_RESET to decide on): the attach
+        # is one pipelined round trip, as a restore's, instead of the handshake's answer and then the mapping.
+        return create_fresh(lambda: self._open(persistent=persistent_hwc, restore=method[0] == "none"), bring_up,
+                            set_reset_method, self.pci_id, what="mana device", errors=DEVICE_ERRORS,
+                            missing=(DeviceMissing,), force_flr=force_flr)
 
     def _open(self, *, persistent: bool, restore: bool = False, irqs: tuple[int, ...] | None = None) -> VfioBacking:
-        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr). The
-        attach also fetches the register map and assigns `irqs` (default: those of a fresh init), what the
-        driver needs first: one round trip for all of it with the mapping."""
+        """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr;
+        `restore`: never resets). The attach also fetches the register map and assigns `irqs` (default: those of a
+        fresh init), what the driver needs first: one round trip for all of it with the mapping."""
         return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
                          restore=restore, prefetch=RESTORE_FIRST_READ, irqs=fresh_vectors() if irqs is None else irqs)
 
