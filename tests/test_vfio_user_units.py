@@ -287,6 +287,25 @@ def test_a_bursts_interrupts_are_signalled_before_its_replies_are_sent(tmp_path)
         os.close(efd)
 
 
+def test_setting_the_reset_method_it_already_has_is_a_debug_line(tmp_path, caplog):
+    """A reset path's fresh init sets none on a device that has it already, inside its window: only a change is
+    worth an INFO line."""
+    import logging
+
+    from vfkeep.vfio_user.server import VfioUserServer
+    from vfkeep.vfio_user.testdev import TestDevice
+    server = VfioUserServer(str(tmp_path / "dev.sock"), TestDevice())
+    try:
+        with caplog.at_level(logging.INFO, logger="vfkeep.vfio_user.server"):
+            assert server._set_reset_method("none") == {"value": "none", "previous": "none"}
+            assert server._set_reset_method("flr") == {"value": "flr", "previous": "none"}
+        assert [(r.levelname, r.getMessage(), r.kv) for r in caplog.records] == [
+            ("INFO", "reset method set", {"previous": "none", "value": "flr"})]
+    finally:
+        server.close()
+        server.loop.close()
+
+
 @pytest.mark.parametrize("flags,index,start,count,data,nfds", [
     (0x26, 2, 0, 1, b"", 0),    # two DATA bits
     (0x64, 2, 0, 1, b"", 1),    # unknown bit

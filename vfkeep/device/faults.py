@@ -112,8 +112,8 @@ class FaultInjector:
 
 class CommandLog:
     """Bounded list of what the device was asked to do, with connection epochs (also written to the log: HWC
-    requests that succeeded at DEBUG, as one line per request is a cost on every servicing's critical path;
-    the `command_log` control command has them all)."""
+    requests and SMC messages that succeeded at DEBUG, as one line per request is a cost on every servicing's
+    critical path; the `command_log` control command has them all)."""
 
     def __init__(self) -> None:
         self.entries: collections.deque[dict] = collections.deque(maxlen=LOG_LIMIT)
@@ -126,8 +126,11 @@ class CommandLog:
                  "status": status, "injected": injected, **details}
         self.entries.append(entry)
         ok = status in (None, 0)
-        # A successful HWC request and a connect (the vfio-user server's "client connected" line says it) are DEBUG.
-        level = logging.WARNING if not ok else logging.DEBUG if kind == "hwc" or name == "CONNECT" else logging.INFO
+        # A successful HWC request or SMC message (the reset paths' ESTABLISH_HWC and DESTROY_HWC are in their
+        # window, the driver waiting on the mailbox) and a connect (the vfio-user server's "client connected" line
+        # says it) are DEBUG.
+        level = logging.WARNING if not ok else logging.DEBUG if kind in ("hwc", "smc") or name == "CONNECT" \
+            else logging.INFO
         if log.isEnabledFor(level):  # a successful HWC request's line is usually not written: skip building it
             kv(log, level, f"{kind} {name}", **{k: v for k, v in entry.items() if k not in ("kind", "name", "t")})
         return entry

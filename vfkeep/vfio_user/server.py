@@ -422,7 +422,9 @@ class VfioUserServer:
     def _set_reset_method(self, value: str) -> dict:
         previous = self.device.reset_method
         self.device.reset_method = value  # the device checks it: a bad value is an error reply
-        kv(log, logging.INFO, "reset method changed", previous=previous, value=value)
+        # A reset path's fresh init sets none on a device that has it (in its window): only a change is INFO.
+        kv(log, logging.INFO if value != previous else logging.DEBUG, "reset method set", previous=previous,
+           value=value)
         return {"value": value, "previous": previous}
 
 
