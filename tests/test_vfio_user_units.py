@@ -295,6 +295,7 @@ def test_setting_the_reset_method_it_already_has_is_a_debug_line(tmp_path, caplo
     from vfkeep.vfio_user.server import VfioUserServer
     from vfkeep.vfio_user.testdev import TestDevice
     server = VfioUserServer(str(tmp_path / "dev.sock"), TestDevice())
+    caplog.clear()  # (its "listening" line)
     try:
         with caplog.at_level(logging.INFO, logger="vfkeep.vfio_user.server"):
             assert server._set_reset_method("none") == {"value": "none", "previous": "none"}
