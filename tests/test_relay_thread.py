@@ -70,3 +70,21 @@ def test_the_mana_kind_prepares_a_relay_thread_per_nic_and_ends_one_no_relay_too
         for fd in bells:
             os.close(fd)
         mem.close()
+
+
+def test_the_stop_drains_on_the_stopping_thread_once_the_relay_thread_has_ended(relay_bench, monkeypatch):
+    """The drain's last frames to the guest are where a servicing's blackout starts: it runs after the relay's
+    thread has ended and the stopping thread woke from the join (0.05-0.45 ms under load), on that thread, not
+    before them on the relay's."""
+    relay, channel, _ = relay_bench(slots=16)
+    backing = relay.datapath.gdma.backing
+    reads = []
+    read32 = backing.read32
+    monkeypatch.setattr(backing, "read32", lambda offset: (
+        reads.append((threading.current_thread(), relay._thread.is_alive())), read32(offset))[1])
+    assert channel.tx.push_many(numbered_frames(8)) == 8
+    relay.start()
+    assert relay.resumed.wait(5)
+    relay.stop()
+    assert reads == [(threading.current_thread(), False)]  # the drain's register read
+    assert len(channel.rx) == 8
