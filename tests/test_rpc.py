@@ -61,6 +61,21 @@ def test_every_failure_is_one_structured_error(line, rid, error_type, text):
     assert reply["error"]["type"] == error_type and text in reply["error"]["message"], reply
 
 
+def test_a_commands_signature_is_taken_once_when_it_is_registered(monkeypatch):
+    """Arguments are checked against the signature taken at registration, not one computed per request (a
+    reset path's `set_reset_method` is in its window)."""
+    import inspect
+    dispatcher = _dispatcher()
+    taken = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda fn: taken.append(fn) or signature(fn))
+    assert dispatcher.handle(b'{"id": 1, "cmd": "add", "args": {"a": 1, "b": 2}}')["result"] == 3
+    assert dispatcher.handle(b'{"id": 2, "cmd": "add", "args": {"c": 1}}')["error"]["type"] == "BadArguments"
+    assert taken == []
+    dispatcher.register("sub", lambda a, b: a - b)
+    assert len(taken) == 1 and dispatcher.handle(b'{"cmd": "sub", "args": {"a": 3, "b": 1}}')["result"] == 2
+
+
 @pytest.fixture
 def threaded(tmp_path):
     server = rpc.ThreadedServer(str(tmp_path / "t.sock"), _dispatcher())
