@@ -5,6 +5,8 @@ fatal), and it reports restore-completed; the bytes arrive unchanged."""
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 import os
 import threading
 
@@ -186,3 +188,56 @@ def test_a_worker_gone_after_sending_its_whole_state_still_hands_it_over():
         proc.end(sleeper)
         ours.close()
     assert last.status is TransferStatus.SUCCESS and state == blob
+
+
+class _ScriptedHost:
+    """The host end of a worker run in this process: `recv` hands out `script` (then waits forever), `send` keeps
+    what the worker sent with the worker's log file as it was at that moment (the worker's own thread sends)."""
+
+    def __init__(self, script: list, log_path):
+        self.script, self.log_path, self.sent = list(script), log_path, []
+
+    def recv(self, timeout=None):
+        if not self.script:
+            threading.Event().wait()
+        return self.script.pop(0).to_json()
+
+    def send(self, msg: dict) -> None:
+        self.sent.append((msg["type"], time.monotonic_ns(),
+                          self.log_path.read_text() if self.log_path.exists() else ""))
+
+
+def test_the_new_worker_writes_its_restore_lines_once_it_has_restored(mem, tmp_path, monkeypatch):
+    """Each log line the new worker formats and writes before its relays run is CPU inside the guest's blackout:
+    from its state request until it has restored, the lines are held (`vfkeep.log.hold_lines`) and written just
+    before `started`, each with the time it was logged (its `mono`)."""
+    import logging
+
+    from vfkeep import log as vlog
+    from vfkeep.paravisor.worker import Worker
+
+    monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        vlog.setup("worker-2", tmp_path)
+        host = _ScriptedHost([Start(servicing=True), *restore_state_messages(fragmented_pool_state(mem)),
+                              Shutdown()], tmp_path / "worker-2.log")
+        assert Worker(host, mem, [], 2, False, None).serve() == 0
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)
+    sent = {kind: (t, log) for kind, t, log in host.sent}
+    assert list(sent) == ["hello", "restore_state_request", "restore_completed", "started", "bye"], list(sent)
+    completed_at, log_at_completed = sent["restore_completed"]
+    assert "servicing state requested" in log_at_completed  # (written: the host may end a worker waiting for it)
+    for line in ("servicing state received", "dma manager restored", "worker started"):
+        assert line not in log_at_completed
+        held = [entry for entry in sent["started"][1].splitlines() if f'msg="{line}"' in entry]
+        assert len(held) == 1 and int(re.search(r" mono=(\d+) ", held[0]).group(1)) < sent["started"][0]
+    received = next(entry for entry in sent["started"][1].splitlines() if 'msg="servicing state received"' in entry)
+    assert int(re.search(r" mono=(\d+) ", received).group(1)) < completed_at  # logged then, written later
