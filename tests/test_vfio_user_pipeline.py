@@ -17,6 +17,7 @@ import pytest
 
 from vfkeep.driver.errors import BackingError
 from vfkeep.memory import MemoryLayout
+from vfkeep.vfio_user import client as client_module
 from vfkeep.vfio_user import protocol as p
 from vfkeep.vfio_user.backing import open_vfio
 
@@ -138,6 +139,29 @@ def test_a_restore_assigns_the_drivers_first_vectors_in_its_batch(server, mem):
     assert srv.error is None
     assert srv.seen == [[*RESTORE_BATCH, p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS, p.Command.DEVICE_SET_IRQS],
                         [p.Command.DEVICE_SET_IRQS]]
+
+
+def test_a_restore_attach_sends_its_commands_without_fds_together(server, mem, monkeypatch):
+    """Each sendmsg of the attach is a wake-up of the device and a system call of the worker in the servicing's
+    window: commands without fds leave together, one with fds alone (its fds on the sendmsg that starts with its
+    header, vfio-user spec 1.6): [VERSION, DEVICE_GET_INFO], [DMA_MAP + memfd], [REGION_INFO, IRQ_INFO,
+    REGION_READ], and one [SET_IRQS + eventfd] per vector."""
+    sends = []
+    real = p.send_frames
+
+    def counted(sock, frames, command, *, fds=(), **kwargs):
+        if threading.current_thread() is threading.main_thread():  # (not the server's replies)
+            sends.append((len(frames), len(fds)))
+        return real(sock, frames, command, fds=fds, **kwargs)
+
+    monkeypatch.setattr(p, "send_frames", counted)
+    monkeypatch.setattr(client_module, "send_frames", counted)
+    srv, path = server([8])
+    backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    backing.close()
+    srv.close()
+    assert srv.error is None and len(srv.seen[0]) == 8
+    assert [n for _, n in sends] == [0, 1, 0, 1, 1], sends
 
 
 def test_a_fresh_attach_is_two_pipelined_batches(server, mem):

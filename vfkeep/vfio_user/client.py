@@ -455,7 +455,9 @@ class VfioDevice:
         """Send each (command, payload, fds) of `batch` without waiting, then take the replies in order: the
         server handles and answers commands in arrival order (vfio-user spec 1.4), so a batch costs one round
         trip. The first error reply raises as that command alone would; nothing of the batch is used then
-        (the commands after it may have been applied: callers batch only what they would give up together)."""
+        (the commands after it may have been applied: callers batch only what they would give up together).
+        Consecutive commands without fds leave in one sendmsg (one wake-up of the server, not one per command); a
+        command with fds goes alone, its fds on the sendmsg that starts with its header (spec 1.6)."""
         self._send_waiting()  # the thread's posted writes go first
         with self._lock:
             if self._sock is None:
@@ -465,12 +467,18 @@ class VfioDevice:
             replies = []
             try:
                 try:
+                    flags = TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0)
+                    group: list[tuple[int, bytes]] = []  # (command, encoded) without fds, not sent yet
                     for command, payload, fds in batch:
                         msg_id = self._next_id
                         self._next_id = (self._next_id + 1) & 0xFFFF
-                        self._send(msg_id, command, TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0), payload,
-                                   fds=fds)
+                        if fds:
+                            self._send_group(group)
+                            self._send(msg_id, command, flags, payload, fds=fds)
+                        else:
+                            group.append((command, encode_message(msg_id, command, flags, payload)))
                         sent.append((msg_id, command))
+                    self._send_group(group)
                     for msg_id, command in ([] if no_reply else sent):
                         reply = self._wait_reply(msg_id, command)
                         if reply.is_error:
@@ -489,6 +497,13 @@ class VfioDevice:
     def _send(self, msg_id: int, command: int, flags: int, payload: bytes, *, error: int = 0, fds=()) -> None:
         send_message(self._sock, msg_id, command, flags, payload, error=error, fds=fds, timeout=self.timeout,
                      on_readable=self._pump)
+
+    def _send_group(self, group: list[tuple[int, bytes]]) -> None:
+        """Send (command, encoded message) pairs without fds in one sendmsg, and empty `group`."""
+        if group:
+            send_frames(self._sock, b"".join(frame for _, frame in group), group[0][0], timeout=self.timeout,
+                        on_readable=self._pump)
+            group.clear()
 
     def _flush(self) -> None:
         """Send our replies to server commands, now that no message of ours is half-sent."""
