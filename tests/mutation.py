@@ -114,7 +114,7 @@ MUTANTS = [
     Mutant("restore: saved HWC buffer length not checked", "vfkeep/driver/save_restore.py",
            "if state.mem.len != HWC_BUFFER_LEN:", "if False:", ("tests/test_driver_saved_state.py",)),
     Mutant("restore: overlapping saved pool slots accepted", "vfkeep/memory/page_pool.py",
-           "        if s.base_pfn < next_pfn:\n", "        if False:\n", ("tests/test_memory_dma_manager.py",)),
+           "        if base_pfn < next_pfn:\n", "        if False:\n", ("tests/test_memory_dma_manager.py",)),
     Mutant("restore: kept vport's MSI-X vector not checked", "vfkeep/driver/save_restore.py",
            "if not state.vector < num_msix:", "if False:", ("tests/test_vport_saved_state.py",)),
     Mutant("restore: kept vport index allowed one past 24 bits", "vfkeep/driver/save_restore.py",

@@ -243,33 +243,37 @@ def slots_from_saved(state: pagepool_pb2.PagePoolState, region: Region) -> list[
         raise RestoreError(f"pool ranges do not match: saved {_fmt_ranges(saved)}, this boot {_fmt_ranges(ours)}")
     slots: list[Slot] = []
     next_pfn = region.base_pfn
-    for i, s in enumerate(state.state):
-        where = f"saved slot {i} (base_pfn {s.base_pfn}, {s.size_pages} pages)"
-        if s.size_pages == 0:
-            raise RestoreError(f"{where}: size must be non-zero")
-        if not region.contains_pfn(s.base_pfn, s.size_pages):
-            raise RestoreError(f"{where} lies outside the pool pfns [{region.base_pfn}, {region.end_pfn})")
-        if s.base_pfn < next_pfn:
+    for i, s in enumerate(state.state):  # (the error texts are made only on an error: this runs in the blackout)
+        base_pfn, size_pages = s.base_pfn, s.size_pages
+        if size_pages == 0:
+            raise RestoreError(f"{_where(i, s)}: size must be non-zero")
+        if not region.contains_pfn(base_pfn, size_pages):
+            raise RestoreError(f"{_where(i, s)} lies outside the pool pfns [{region.base_pfn}, {region.end_pfn})")
+        if base_pfn < next_pfn:
             prev = slots[-1]
-            raise RestoreError(f"{where} overlaps saved slot pfns [{prev.base_pfn}, {prev.end_pfn})")
-        if s.base_pfn > next_pfn:
-            raise RestoreError(f"missing slots in saved state: pfns [{next_pfn}, {s.base_pfn}) not covered")
-        slots.append(Slot(s.base_pfn, s.size_pages, _state_from_saved(s, where)))
-        next_pfn = s.base_pfn + s.size_pages
+            raise RestoreError(f"{_where(i, s)} overlaps saved slot pfns [{prev.base_pfn}, {prev.end_pfn})")
+        if base_pfn > next_pfn:
+            raise RestoreError(f"missing slots in saved state: pfns [{next_pfn}, {base_pfn}) not covered")
+        slots.append(Slot(base_pfn, size_pages, _state_from_saved(s, i)))
+        next_pfn = base_pfn + size_pages
     if next_pfn != region.end_pfn:
         raise RestoreError(f"missing slots in saved state: pfns [{next_pfn}, {region.end_pfn}) not covered")
     return slots
 
 
-def _state_from_saved(s: pagepool_pb2.SlotSavedState, where: str) -> SlotState:
+def _where(i: int, s: pagepool_pb2.SlotSavedState) -> str:
+    return f"saved slot {i} (base_pfn {s.base_pfn}, {s.size_pages} pages)"
+
+
+def _state_from_saved(s: pagepool_pb2.SlotSavedState, i: int) -> SlotState:
     variant = s.state.WhichOneof("variant") if s.HasField("state") else None
     if variant is None:
-        raise RestoreError(f"{where} has a missing or unknown slot state")
+        raise RestoreError(f"{_where(i, s)} has a missing or unknown slot state")
     if variant == "free":
         return FREE
     owner = getattr(s.state, variant)
     if not owner.device_id:
-        raise RestoreError(f"{where} is {variant} but names no device")
+        raise RestoreError(f"{_where(i, s)} is {variant} but names no device")
     return PendingRestore(owner.device_id, owner.tag) if variant == "allocated" else Leaked(owner.device_id, owner.tag)
 
 
