@@ -207,10 +207,9 @@ class _ScriptedHost:
                           self.log_path.read_text() if self.log_path.exists() else ""))
 
 
-def test_the_new_worker_writes_its_restore_lines_once_it_has_restored(mem, tmp_path, monkeypatch):
-    """Each log line the new worker formats and writes before its relays run is CPU inside the guest's blackout:
-    from its state request until it has restored, the lines are held (`vfkeep.log.hold_lines`) and written just
-    before `started`, each with the time it was logged (its `mono`)."""
+def _restore_in_process(mem, tmp_path, monkeypatch) -> _ScriptedHost:
+    """A NIC-less worker of this process restores `fragmented_pool_state` (its log: tmp_path/worker-2.log); what it
+    sent, with `kind_start` where its device kinds started."""
     import logging
 
     from vfkeep import log as vlog
@@ -223,7 +222,11 @@ def test_the_new_worker_writes_its_restore_lines_once_it_has_restored(mem, tmp_p
         vlog.setup("worker-2", tmp_path)
         host = _ScriptedHost([Start(servicing=True), *restore_state_messages(fragmented_pool_state(mem)),
                               Shutdown()], tmp_path / "worker-2.log")
-        assert Worker(host, mem, [], 2, False, None).serve() == 0
+        worker = Worker(host, mem, [], 2, False, None)
+        for kind in worker.kinds:
+            start = kind.start
+            monkeypatch.setattr(kind, "start", lambda start=start: (host.send({"type": "kind_start"}), start())[1])
+        assert worker.serve() == 0
     finally:
         for h in list(root.handlers):
             root.removeHandler(h)
@@ -231,8 +234,23 @@ def test_the_new_worker_writes_its_restore_lines_once_it_has_restored(mem, tmp_p
         for h in saved_handlers:
             root.addHandler(h)
         root.setLevel(saved_level)
+    return host
+
+
+def test_the_new_worker_reports_restore_completed_once_its_devices_run(mem, tmp_path, monkeypatch):
+    """Spec §3 step 8: the VPs start, then the host is told how the restore went. Told before the relays started,
+    the host woke (and took a CPU) just when the relays' first passes needed it, inside the guest's blackout."""
+    kinds = [kind for kind, _, _ in _restore_in_process(mem, tmp_path, monkeypatch).sent]
+    assert kinds == ["hello", "restore_state_request", "kind_start", "kind_start", "restore_completed", "started",
+                     "bye"], kinds
+
+
+def test_the_new_worker_writes_its_restore_lines_once_it_has_restored(mem, tmp_path, monkeypatch):
+    """Each log line the new worker formats and writes before its relays run is CPU inside the guest's blackout:
+    from its state request until it has restored, the lines are held (`vfkeep.log.hold_lines`) and written just
+    before `started`, each with the time it was logged (its `mono`)."""
+    host = _restore_in_process(mem, tmp_path, monkeypatch)
     sent = {kind: (t, log) for kind, t, log in host.sent}
-    assert list(sent) == ["hello", "restore_state_request", "restore_completed", "started", "bye"], list(sent)
     completed_at, log_at_completed = sent["restore_completed"]
     assert "servicing state requested" in log_at_completed  # (written: the host may end a worker waiting for it)
     for line in ("servicing state received", "dma manager restored", "worker started"):

@@ -46,7 +46,7 @@ RESTORE_POINTS: dict[str, str] = {
     "restore.hwc": "a NIC's HWC is rebuilt from its saved state and answered the test event; "
                    "LIST_DEVICES and QUERY_DEV_CONFIG are not sent",
     "restore.vport": "a vport is half built: its EQ and send queue exist, its receive queue does not",
-    "restore.validated": "the pool is validated and restore-completed sent; no relay runs",
+    "restore.validated": "the pool is validated; no relay runs, restore-completed is not sent",
     "restore.started": "`started` is sent: the servicing is over for the host",
 }
 POINTS: dict[str, str] = {**SAVE_POINTS, **RESTORE_POINTS}

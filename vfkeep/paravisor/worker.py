@@ -199,14 +199,15 @@ class Worker:
             unclaimed = e.allocations
             kv(log, logging.ERROR, "strict pool validation failed", error=error)
         phases["validate"] = _ms(t)
+        kill_points.reached("restore.validated")
+
+        # Step 8: guest IO moves again, then the host is told how the restore went (spec §3 step 8, §2.5): not
+        # before, where its wake-up took CPU from the relays' first passes, inside the guest's blackout.
+        for kind in self.kinds:
+            kind.start()
         if msg.servicing:
             status = TransferStatus.SUCCESS if error is None and state_error is None else TransferStatus.FAILURE
             self.send(RestoreCompleted(status))
-        kill_points.reached("restore.validated")
-
-        # Step 8: guest IO moves again.
-        for kind in self.kinds:
-            kind.start()
         phases["total"] = _ms(t_all)
         self.restore_info = {"servicing_state_bytes": None if blob is None else len(blob),
                              "servicing_state_sha256": None if blob is None else hashlib.sha256(blob).hexdigest(),
