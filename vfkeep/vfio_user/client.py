@@ -37,6 +37,9 @@ from .protocol import (DEVICE_FLAGS_RESET, DEVICE_INFO, DMA_MAP, DMA_MAP_READ, D
                        encode_message, encode_version, send_frames, send_message)
 
 log = logging.getLogger("vfkeep.vfio_user.client")
+#: Our VERSION payload (spec 3.1), always the same: encoded once, not in every attach (a servicing's window).
+_PROPOSAL = encode_version(VERSION_MAJOR, VERSION_MINOR, {"max_msg_fds": MAX_MSG_FDS,
+                                                         "max_data_xfer_size": MAX_DATA_XFER_SIZE})
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -197,10 +200,8 @@ class VfioDevice:
         sock = connect_unix(path, time.monotonic() + timeout, DeviceMissing)
         dev = cls(sock, os.fspath(path), timeout)
         try:
-            version, info, *more = dev._requests([
-                (Command.VERSION, encode_version(VERSION_MAJOR, VERSION_MINOR, {
-                    "max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE}), ()),
-                (Command.DEVICE_GET_INFO, DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ()), *(then or ())])
+            version, info, *more = dev._requests([(Command.VERSION, _PROPOSAL, ()), (Command.DEVICE_GET_INFO,
+                                                   DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ()), *(then or ())])
             dev._check_version(version)
             dev.info = dev._device_info(info)
         except BaseException:
