@@ -32,18 +32,33 @@ def dev(vfio_testdev):
 SERVER_CAPS = {"max_msg_fds": 16, "max_data_xfer_size": 1048576, "max_dma_maps": 65535, "pgsizes": 4096}
 
 
-@pytest.mark.parametrize("proposed, answered", [
+PROPOSALS = [
     ({"max_msg_fds": 16}, {"max_msg_fds": 16}),
     ({"max_msg_fds": 253, "max_data_xfer_size": 4096, "max_dma_maps": 8, "pgsizes": 4096,
       "migration": {"pgsize": 4096, "max_bitmap_size": 1}, "twin_socket": {"supported": True},
       "write_multiple": True}, SERVER_CAPS),
     ({}, {}),
     (None, None),
-])
+]
+
+
+@pytest.mark.parametrize("proposed, answered", PROPOSALS)
 def test_version_reply_carries_only_proposed_capabilities(vfio_testdev, proposed, answered):
     """Addendum A4: only keys the client proposed, each with the server's own limit; unsupported ones
     (migration, twin_socket, write_multiple) omitted; no JSON proposed, a 4-byte reply."""
     sock, _ = vfio_testdev()
+    _check_version_reply(sock, proposed, answered)
+
+
+def test_one_server_answers_each_clients_own_proposal(vfio_testdev):
+    """The server encodes a VERSION reply once per proposal (a reconnect is in a servicing's window): clients that
+    propose differently, one after the other, still each get the answer to their own proposal."""
+    sock, _ = vfio_testdev()
+    for proposed, answered in PROPOSALS * 2:
+        _check_version_reply(sock, proposed, answered)
+
+
+def _check_version_reply(sock, proposed, answered) -> None:
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(sock))
     s.setblocking(False)

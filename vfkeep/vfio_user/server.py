@@ -76,6 +76,7 @@ class VfioUserServer:
         self.device = device
         self.loop = loop or EventLoop()
         self.dma = DmaSpace(max_dma_maps)
+        self._version_replies: dict[tuple, bytes] = {}  # (minor, the proposed keys we answer) -> VERSION reply
         # ERR and REQ: one vector each, whatever the device (addendum A3: QEMU gives up error recovery
         # unless ERR has exactly 1). Assignable; never signalled: no unrecoverable error or removal
         # request is modelled.
@@ -314,8 +315,14 @@ class VfioUserServer:
         ours = {"max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER_SIZE,
                 "max_dma_maps": self.dma.max_maps, "pgsizes": PAGE_SIZES}
         proposed_json = len(msg.payload) > VERSION_FIXED.size
-        return encode_version(VERSION_MAJOR, min(minor, VERSION_MINOR),
-                              {k: v for k, v in ours.items() if k in caps} if proposed_json else None)
+        # The same client proposes the same at every attach (a reconnect is in a servicing's window): the reply is
+        # encoded once per answer (json.dumps with separators builds an encoder per call).
+        key = (min(minor, VERSION_MINOR), tuple(k for k in ours if k in caps) if proposed_json else None)
+        reply = self._version_replies.get(key)
+        if reply is None:
+            reply = self._version_replies[key] = encode_version(
+                VERSION_MAJOR, key[0], None if key[1] is None else {k: ours[k] for k in key[1]})
+        return reply
 
     def _dma_map(self, conn: _Connection, msg: Message) -> bytes:
         argsz, flags, offset, address, size = _unpack(DMA_MAP, msg)
