@@ -157,6 +157,8 @@ class _FakeWorker:
         self.ended = False
         self.servicing_begun = False
         self._state_request = None
+        self._offered = None
+        self._handed_over = False
 
     def alive(self):
         return not self.ended
@@ -185,6 +187,8 @@ class _FakeWorker:
         return self.recv(timeout, *expected)
 
     save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
+    offer_state = WorkerProcess.offer_state
+    hand_over = WorkerProcess.hand_over
     begin_servicing = WorkerProcess.begin_servicing
 
     def take_state_request(self, wait_s):

@@ -446,13 +446,20 @@ def save_state_messages(blob: bytes, nics: tuple[NicSaveOutcome, ...] = (),
     return msgs
 
 
-def restore_state_messages(blob: bytes) -> list[RestoreState]:
-    """The host's responses carrying `blob`: MORE_DATA chunks of MAX_CHUNK bytes, the last one SUCCESS."""
+def restore_state_messages(blob: bytes, final: bool = True) -> list[RestoreState]:
+    """The host's responses carrying `blob`: MORE_DATA chunks of MAX_CHUNK bytes, the last one SUCCESS; with
+    `final` False all of them MORE_DATA, and `STATE_GO` ends the transfer later (the host's handoff: the state
+    travels while the host scrubs, the end of the transfer is the go to restore)."""
     msgs = [RestoreState(len(chunk), TransferStatus.MORE_DATA, chunk) for chunk in
             (blob[i:i + MAX_CHUNK] for i in range(0, max(len(blob), 1), MAX_CHUNK))]
-    last = msgs[-1]
-    msgs[-1] = RestoreState(last.length, TransferStatus.SUCCESS, last.payload)
+    if final:
+        last = msgs[-1]
+        msgs[-1] = RestoreState(last.length, TransferStatus.SUCCESS, last.payload)
     return msgs
+
+
+#: The response that ends a transfer whose bytes went ahead as MORE_DATA (spec §2.5: SUCCESS, zero-length payload).
+STATE_GO = RestoreState(0, TransferStatus.SUCCESS)
 
 
 @dataclass(frozen=True)
@@ -639,6 +646,14 @@ class Channel:
             if not chunk:
                 raise ChannelClosed("peer closed the channel")
             self._buf += chunk
+
+    def ready(self) -> bool:
+        """A whole frame is buffered or the peer has sent more: a `recv` now would not wait for it to send."""
+        if len(self._buf) >= _HEADER.size:
+            n, p = _HEADER.unpack_from(self._buf)
+            if len(self._buf) >= _HEADER.size + n + p:
+                return True
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def close(self) -> None:
         self.sock.close()

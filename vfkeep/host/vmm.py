@@ -770,8 +770,14 @@ class Host:
                 if new is not None:  # it waits for a saved state there is none of: D4 starts one without
                     new.end()
                     new = None
-            self.mem.scrub_worker_ram()
             handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
+            if new is not None and handed is not None:
+                # The state goes ahead (MORE_DATA) to the prelaunched worker, which reads and decodes it while worker
+                # RAM is scrubbed; the transfer's end after the scrub is its go to restore (`offer_state`).
+                new.offer_state(handed)
+            # Where the guest rings stand: nothing moves them until the next worker's relays run, after the go.
+            io_at_handoff = self._guest_io_positions()
+            self.mem.scrub_worker_ram()
             if new is None:
                 try:
                     new = self._start_worker(next_env, next_worker_cmd, configured)
@@ -779,12 +785,16 @@ class Host:
                     errors.append(f"next worker: {e}")
                     new = self._start_worker({}, None, configured)
             self.worker, self.configured = new, configured
-            self._phase("restore")
             started = None
             t_handoff = time.perf_counter()
-            io_at_handoff = self._guest_io_positions()
+            deadline = time.monotonic() + timeout_s
             try:
-                started = new.start(handed, timeout_s)
+                try:
+                    if handed is not None:
+                        new.hand_over(handed, timeout_s, deadline)  # (after `offer_state`: only the go)
+                finally:
+                    self._phase("restore")
+                started = new.start(handed, timeout_s, deadline)
             except WorkerFailed as e:
                 # The new worker hung or died before it finished restoring: replace it, with the same blob
                 # unless the dead worker had resumed guest IO from it (then the devices moved past it).

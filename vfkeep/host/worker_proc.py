@@ -8,9 +8,9 @@ import subprocess
 import time
 
 from .. import proc
-from ..contract import (MAX_CHUNK, MAX_SERVICING_STATE, Channel, ChannelClosed, ChannelTimeout, ContractError, Hello,
-                        InspectReply, Message, RestoreCompleted, RestoreStateRequest, Save, SaveState, SaveStateAnswer,
-                        Start, Started, TransferStatus, restore_state_messages)
+from ..contract import (MAX_CHUNK, MAX_SERVICING_STATE, STATE_GO, Channel, ChannelClosed, ChannelTimeout, ContractError,
+                        Hello, InspectReply, Message, RestoreCompleted, RestoreStateRequest, Save, SaveState,
+                        SaveStateAnswer, Start, Started, TransferStatus, restore_state_messages)
 from ..log import kv
 from .devices import last_line, remove_if_empty
 
@@ -35,6 +35,10 @@ class WorkerProcess:
         self.servicing_begun = False
         #: Its REQUEST_DATA as received by `take_state_request` (unchecked: `start` checks it), else None.
         self._state_request = None
+        #: The state `offer_state` sent ahead (all of it as MORE_DATA), else None; `hand_over` then sends the go.
+        self._offered: bytes | None = None
+        #: The state transfer ended (SUCCESS sent): `start` only waits for the restore.
+        self._handed_over = False
 
     @property
     def pid(self) -> int:
@@ -198,15 +202,36 @@ class WorkerProcess:
             return False
         return True
 
-    def start(self, blob: bytes | None, timeout: float) -> Started:
-        """`start` (unless `begin_servicing` sent it); with a saved state (a servicing) answer the worker's
-        REQUEST_DATA with it in chunks and take its restore-completed report before `started`."""
-        if self.servicing_begun and blob is None:
-            raise ValueError("a worker told to restore a saved state cannot start without one")
-        deadline = time.monotonic() + timeout
+    def offer_state(self, blob: bytes) -> bool:
+        """Send `blob` ahead, before the host scrubs worker RAM, to a worker whose REQUEST_DATA `take_state_request`
+        took: every chunk as MORE_DATA, so the worker reads (and decodes) it while the host scrubs, and the transfer's
+        end, the SUCCESS `hand_over` sends after the scrub, is the go to restore (spec §2.5 unchanged: the state is
+        complete only with SUCCESS; DESIGN: scrub before the new worker restores). False, nothing sent, when there
+        is no such request or it is not a REQUEST_DATA (then `start` reports it); a worker gone meanwhile is found by
+        `hand_over` too."""
+        req = self._state_request
+        if req is None or self._offered is not None or self._handed_over:
+            return False
+        try:
+            if self._check(req, (RestoreStateRequest,)).status is not TransferStatus.REQUEST_DATA:
+                return False
+            for msg in restore_state_messages(blob, final=False):
+                self.send(msg)
+        except WorkerFailed:
+            return False
+        self._state_request, self._offered = None, blob
+        return True
+
+    def hand_over(self, blob: bytes, timeout: float, deadline: float | None = None) -> None:
+        """Spec §2.5, host side: answer the worker's REQUEST_DATA with `blob`, ending with SUCCESS (after an
+        `offer_state` of the same blob, only that SUCCESS, empty: the go). `Start` first unless `begin_servicing`
+        sent it. `timeout` bounds the wait for the request (by `deadline` when given)."""
+        if self._offered is not None and self._offered is not blob:
+            raise ValueError("a worker that was offered one saved state cannot be handed another")
+        deadline = time.monotonic() + timeout if deadline is None else deadline
         if not self.servicing_begun:
-            self.send(Start(servicing=blob is not None))
-        if blob is not None:
+            self.begin_servicing()
+        if self._offered is None:
             early, self._state_request = self._state_request, None
             req = self._check(early, (RestoreStateRequest,)) if early is not None else \
                 self._recv_by(deadline, timeout, RestoreStateRequest)
@@ -214,9 +239,25 @@ class WorkerProcess:
                 raise WorkerFailed(f"worker {self.generation} asked for the state with status {req.status.name}")
             for msg in restore_state_messages(blob):
                 self.send(msg)
+        else:
+            self.send(STATE_GO)
+        self._handed_over = True
+
+    def start(self, blob: bytes | None, timeout: float, deadline: float | None = None) -> Started:
+        """`start` (unless `begin_servicing` sent it); with a saved state (a servicing) hand it over (unless
+        `hand_over` did) and take the worker's restore-completed report before `started`; all of it within
+        `timeout` (by `deadline`, when given: the one `hand_over` had)."""
+        if self.servicing_begun and blob is None:
+            raise ValueError("a worker told to restore a saved state cannot start without one")
+        deadline = time.monotonic() + timeout if deadline is None else deadline
+        if blob is not None:
+            if not self._handed_over:
+                self.hand_over(blob, timeout, deadline)
             done = self._recv_by(deadline, timeout, RestoreCompleted)
             if done.status is not TransferStatus.SUCCESS:
                 kv(log, logging.WARNING, "worker reported a failed restore", generation=self.generation)
+        elif not self.servicing_begun:
+            self.send(Start(servicing=False))
         return self._recv_by(deadline, timeout, Started)
 
     def dismiss(self, timeout: float) -> int | None:

@@ -126,6 +126,8 @@ class Worker:
         if len(set(names)) != len(names):
             raise ValueError(f"device kinds share DMA client names: {sorted(names)}")
         self.restore_info: dict = {}
+        #: (bytes, state, error) of the saved state decoded while waiting for the end of its transfer, else None.
+        self._early_decode: tuple | None = None
         self.last_save_error: str | None = None
         self.watchdog = Watchdog()
 
@@ -159,10 +161,8 @@ class Worker:
         t = time.perf_counter()
         state = None
         if blob is not None:
-            try:
-                state = decode_servicing_state(blob, downlevel=self.downlevel)
-            except ServicingStateError as e:
-                state_error = str(e)
+            state, state_error = self._decode_state(blob)
+            if state_error is not None:
                 kv(log, logging.ERROR, "servicing state unusable, every NIC takes the fallback path", error=state_error)
         phases["decode"] = _ms(t)
 
@@ -223,10 +223,25 @@ class Worker:
         """The kind's keepalive option (`OPENHCL_<NAME>_KEEP_ALIVE`)."""
         return getattr(self.options, f"{kind.name}_keepalive")
 
+    def _decode_state(self, blob: bytes) -> tuple[underhill_pb2.ServicingState | None, str | None]:
+        """(the decoded state, None) or (None, why it is unusable); the decode made while the host scrubbed
+        (`_fetch_servicing_state`) when it was of these same bytes."""
+        early, self._early_decode = self._early_decode, None
+        if early is not None and early[0] == blob:
+            return early[1], early[2]
+        try:
+            return decode_servicing_state(blob, downlevel=self.downlevel), None
+        except ServicingStateError as e:
+            return None, str(e)
+
     def _fetch_servicing_state(self) -> bytes | None:
         """Spec §2.5, new side, once REQUEST_DATA went out: the host's responses until SUCCESS (the state) or
-        FAILURE (aborted: None). Each header's length must equal its payload; anything else is StateTransferError."""
+        FAILURE (aborted: None). Each header's length must equal its payload; anything else is StateTransferError.
+        A host that sends the state ahead and its end (SUCCESS) once it has scrubbed worker RAM leaves this worker
+        waiting between the two: it decodes what it has meanwhile (only decodes: nothing is restored before the
+        SUCCESS), and the restore uses that decode if the SUCCESS added no bytes."""
         parts: list[bytes] = []
+        self._early_decode = None
         while True:
             try:
                 msg = decode(self.chan.recv(), HOST_MESSAGES)
@@ -244,6 +259,9 @@ class Worker:
             parts.append(msg.payload)
             if msg.status is TransferStatus.SUCCESS:
                 return b"".join(parts)
+            if not self.chan.ready():
+                blob = b"".join(parts)
+                self._early_decode = (blob, *self._decode_state(blob))
 
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
     def save(self, msg: Save) -> bool:

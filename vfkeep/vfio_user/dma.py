@@ -56,6 +56,12 @@ class DmaSpace:
         self.max_maps = max_maps
         self._maps: list[DmaMapping] = []
         self._starts: list[int] = []
+        #: The mappings of a client that left (`retire_all`): out of the table, so the device cannot reach them,
+        #: but not unmapped yet. The next client's DMA_MAP of the same range of the same file takes one over
+        #: (a servicing's new worker maps all of guest memory again), so neither that client's attach nor the
+        #: device's first accesses after it pay for a fresh mapping (mmap, a page fault per page touched), and
+        #: the old client's munmap is not in the window; `release_retired` unmaps the rest.
+        self._retired: list[DmaMapping] = []
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -90,6 +96,11 @@ class DmaSpace:
         if len(self._maps) >= self.max_maps:
             raise CommandError(errno.ENOSPC, f"DMA_MAP: already {len(self._maps)} mappings, "
                                              f"max_dma_maps is {self.max_maps}")
+        key = (iova, size, file_offset, flags, file_id)
+        for i, m in enumerate(self._retired):
+            if fd is not None and (m.iova, m.size, m.file_offset, m.flags, m.file_id) == key:
+                self._insert(self._retired.pop(i))
+                return True
         mm = view = None
         if fd is not None:
             base = file_offset - file_offset % _PAGE
@@ -100,11 +111,13 @@ class DmaSpace:
             except (OSError, ValueError, OverflowError) as e:
                 raise CommandError(errno.EINVAL, f"DMA_MAP: cannot mmap the file: {e}") from None
             view = memoryview(mm)[delta:delta + size]
-        mapping = DmaMapping(iova, size, file_offset, flags, file_id, mm, view)
-        i = bisect.bisect(self._starts, iova)
-        self._maps.insert(i, mapping)
-        self._starts.insert(i, iova)
+        self._insert(DmaMapping(iova, size, file_offset, flags, file_id, mm, view))
         return True
+
+    def _insert(self, mapping: DmaMapping) -> None:
+        i = bisect.bisect(self._starts, mapping.iova)
+        self._maps.insert(i, mapping)
+        self._starts.insert(i, mapping.iova)
 
     def unmap(self, iova: int, size: int) -> None:
         """Remove the mapping that matches exactly; ENOENT otherwise (no splitting)."""
@@ -117,6 +130,23 @@ class DmaSpace:
     def unmap_all(self) -> None:
         maps, self._maps, self._starts = self._maps, [], []
         for m in maps:
+            m.release()
+
+    def retire_all(self) -> None:
+        """A client left: every mapping leaves the table at once; those with a file wait in `_retired` for the
+        next client to map them again (earlier retired ones are released now)."""
+        self.release_retired()
+        maps, self._maps, self._starts = self._maps, [], []
+        self._retired = maps
+
+    @property
+    def retired(self) -> int:
+        return len(self._retired)
+
+    def release_retired(self) -> None:
+        """Unmap the retired mappings nobody took over."""
+        retired, self._retired = self._retired, []
+        for m in retired:
             m.release()
 
     # -- device side ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 
-from vfkeep.log import kv, kv_at
+from vfkeep.log import hold_lines, kv, kv_at, write_held_lines
 from vfkeep.proc import freeze_heap
 from vfkeep.sockets import listen_unix, unlink_if_ours
 
@@ -48,6 +48,10 @@ SEND_TIMEOUT_S = 5.0
 MESSAGES_PER_WAKEUP = 64
 #: A reply with a payload this big (a large REGION_READ) is sent at once with the ones held before it.
 HELD_REPLY_BYTES = 1 << 16
+#: A client's disconnect holds the device's log lines this long (`vfkeep.log.hold_lines`; each keeps its `mono`): in
+#: a servicing the old worker's disconnect, the new one's connect and attach are inside the guest's blackout, where
+#: formatting and writing a line cost the device 0.1-0.2 ms of CPU each on a loaded machine.
+DISCONNECT_LINES_HELD_S = 0.25
 #: Commands logged only at DEBUG: register traffic is the data path, and the ones a reconnecting driver sends
 #: are a servicing's critical path (their own lines, version, dma map, set irqs, are DEBUG too: every line costs
 #: the device tens of microseconds while the driver waits; "client connected" marks the attach at INFO).
@@ -141,6 +145,7 @@ class VfioUserServer:
             self._conn.sock.close()
             self._conn = None
         self.dma.unmap_all()
+        self.dma.release_retired()
         self.irqs.drop_all()
         self.control.close()
         self.loop.remove_reader(self._listener.fileno())
@@ -179,8 +184,10 @@ class VfioUserServer:
         self.loop.remove_reader(conn.sock.fileno())
         conn.reader.discard()
         conn.sock.close()
+        hold_lines()
+        self.loop.call_later(DISCONNECT_LINES_HELD_S, write_held_lines)
         maps = len(self.dma)
-        self.dma.unmap_all()
+        self.dma.retire_all()  # (unmapped once the next client's attach is served, unless it takes them over)
         self.irqs.drop_all()
         kv(log, logging.INFO, "client disconnected", epoch=conn.epoch, reason=reason, dropped_dma_maps=maps,
            reset_method=self.device.reset_method)
@@ -207,6 +214,8 @@ class VfioUserServer:
                 self.irqs.signal_held()  # what the burst raised, before its replies (`IrqTable.signal_held`)
                 self._flush_replies(conn)
             conn.replies = None
+            if self.dma.retired and len(self.dma):  # the client's attach mapped memory and has its replies
+                self.dma.release_retired()
 
     def _serve_messages(self, conn: _Connection) -> None:
         for _ in range(MESSAGES_PER_WAKEUP):
