@@ -189,6 +189,7 @@ class _FakeWorker:
     save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
     offer_state = WorkerProcess.offer_state
     hand_over = WorkerProcess.hand_over
+    _check = WorkerProcess._check
     begin_servicing = WorkerProcess.begin_servicing
 
     def take_state_request(self, wait_s):
@@ -397,3 +398,40 @@ def test_save_transport_timeout_is_save_failed_for_that_nic_only(tmp_path, monke
         assert released == [True] and "BackingTimeout" in vf.error
     finally:
         mem.close()
+
+
+def test_the_state_goes_to_the_next_worker_before_the_scrub_and_its_go_after(tmp_path, monkeypatch):
+    """The handoff (DESIGN: scrub before the new worker restores): the prelaunched worker, whose REQUEST_DATA the
+    host read before the save, gets every byte of the state as MORE_DATA before the host scrubs worker RAM, and the
+    transfer's end (SUCCESS, no payload: its go to restore, spec §2.5) only after the scrub."""
+    from vfkeep.contract import STATE_GO, RestoreCompleted, RestoreState, RestoreStateRequest
+
+    blob = b"\x0a\x00" * 5000  # two chunks
+    old = _FakeWorker(1, [SaveState(TransferStatus.MORE_DATA, blob[:8192]), SaveState(TransferStatus.SUCCESS,
+                                                                                      blob[8192:])])
+    new = _FakeWorker(2, [RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
+    new._state_request = RestoreStateRequest().to_json()  # (read early, as `take_state_request` does)
+    at_scrub = []
+    host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: at_scrub.append(list(new.sent)))
+    result = host._service(mana_keepalive=True)
+    assert result["ok"] is True, result["error"]
+    ahead = [m for m in at_scrub[0] if isinstance(m, RestoreState)]
+    assert [m.status for m in ahead] == [TransferStatus.MORE_DATA] * 2
+    assert b"".join(m.payload for m in ahead) == blob
+    assert new.sent == [Start(servicing=True), *ahead, STATE_GO]
+    assert STATE_GO == RestoreState(0, TransferStatus.SUCCESS, b"")
+
+
+def test_a_next_worker_whose_state_request_is_not_in_yet_gets_the_whole_state_after_the_scrub(tmp_path,
+                                                                                             monkeypatch):
+    """Nothing goes ahead to a worker the host has no REQUEST_DATA from: after the scrub it gets the state whole,
+    its last chunk SUCCESS, once it asked (spec §2.5)."""
+    from vfkeep.contract import RestoreCompleted, RestoreState, RestoreStateRequest
+
+    old = _FakeWorker(1, [SaveState(TransferStatus.SUCCESS, b"state")])
+    new = _FakeWorker(2, [RestoreStateRequest(), RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
+    at_scrub = []
+    host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: at_scrub.append(list(new.sent)))
+    assert host._service(mana_keepalive=True)["ok"] is True
+    assert at_scrub == [[Start(servicing=True)]]
+    assert new.sent == [Start(servicing=True), RestoreState(5, TransferStatus.SUCCESS, b"state")]

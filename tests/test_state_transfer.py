@@ -15,7 +15,7 @@ import pytest
 from vfkeep import proc
 from vfkeep.contract import (MAX_CHUNK, Channel, HostCapabilities, InspectReply, Inspect, RestoreCompleted, RestoreState,
                              RestoreStateRequest, Save, SaveState, SaveStateAnswer, Shutdown, Bye, Start, Started,
-                             TransferStatus, restore_state_messages, save_state_messages)
+                             STATE_GO, TransferStatus, restore_state_messages, save_state_messages)
 from vfkeep.host.worker_proc import WorkerProcess
 from vfkeep.memory import GuestMemory, MemoryLayout
 from vfkeep.memory.page_pool import PageAllocator
@@ -202,6 +202,9 @@ class _ScriptedHost:
             threading.Event().wait()
         return self.script.pop(0).to_json()
 
+    def ready(self) -> bool:
+        return bool(self.script)
+
     def send(self, msg: dict) -> None:
         self.sent.append((msg["type"], time.monotonic_ns(),
                           self.log_path.read_text() if self.log_path.exists() else ""))
@@ -259,3 +262,54 @@ def test_the_new_worker_writes_its_restore_lines_once_it_has_restored(mem, tmp_p
         assert len(held) == 1 and int(re.search(r" mono=(\d+) ", held[0]).group(1)) < sent["started"][0]
     received = next(entry for entry in sent["started"][1].splitlines() if 'msg="servicing state received"' in entry)
     assert int(re.search(r" mono=(\d+) ", received).group(1)) < completed_at  # logged then, written later
+
+
+def test_a_state_sent_ahead_is_restored_only_at_its_go_and_not_at_all_when_the_host_aborts(spawn, mem):
+    """The host sends the state ahead (all MORE_DATA: `offer_state`) and scrubs; the worker restores nothing
+    until the transfer's end: with the go (SUCCESS, no payload) it restores that state; with FAILURE instead it
+    starts without state (spec §2.5), although it held every byte of a valid one."""
+    blob = fragmented_pool_state(mem)
+    for end, slots in ((STATE_GO, FRAGMENTS + 1), (RestoreState(0, TransferStatus.FAILURE), 1)):
+        w = spawn()
+        w.begin_servicing()
+        assert w.take_state_request(30) is True
+        assert w.offer_state(blob) is True
+        w.send(end)
+        completed = w.recv(30, RestoreCompleted).status
+        w.recv(30, Started)
+        got = inspect(w)
+        assert completed is (TransferStatus.SUCCESS if end is STATE_GO else TransferStatus.FAILURE)
+        assert got["pool"]["slots"] == slots
+        assert got["restore"]["servicing_state_bytes"] == (len(blob) if end is STATE_GO else None)
+
+
+def test_bytes_that_come_with_the_success_are_decoded_with_the_ones_before():
+    """A worker waiting between chunks decodes what it has (`_fetch_servicing_state`); when the SUCCESS brings
+    more bytes, the state it restores is decoded from all of them, not from that earlier part."""
+    from vfkeep.paravisor.worker import Worker
+
+    state = underhill_pb2.ServicingState()
+    complete_servicing_state(state, nics=[], dma_state=None, correlation_id=None, vm_stop_reference_time=123456789,
+                             flush_logs_us=0)
+    blob = state.SerializeToString()
+    head, tail = blob[:len(blob) // 2], blob[len(blob) // 2:]
+    host, theirs = Channel.pair()
+    w = Worker.__new__(Worker)
+    w.chan, w.downlevel, w._early_decode = theirs, False, None
+    decoded_head = threading.Event()
+    decode = w._decode_state
+    w._decode_state = lambda b: (decode(b), b == head and decoded_head.set())[0]
+    got = []
+    t = threading.Thread(target=lambda: got.append(w._fetch_servicing_state()))
+    try:
+        host.send(RestoreState(len(head), TransferStatus.MORE_DATA, head).to_json())
+        t.start()
+        assert decoded_head.wait(10)
+        host.send(RestoreState(len(tail), TransferStatus.SUCCESS, tail).to_json())
+        t.join(10)
+        assert got == [blob]
+        restored, error = w._decode_state(blob)
+        assert error is None and restored.init_state.vm_stop_reference_time == 123456789
+    finally:
+        host.close()
+        theirs.close()

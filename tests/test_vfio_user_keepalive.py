@@ -136,3 +136,29 @@ def test_control_refuses_bad_reset_method(vfio_testdev):
     with pytest.raises(BadArguments):
         control_call(f"{sock}.ctl", "set_reset_method")
     assert control_call(f"{sock}.ctl", "get_reset_method")["value"] == "none"
+
+
+def test_the_next_client_takes_over_the_mapping_the_last_one_left_and_the_rest_is_unmapped_after_its_attach(
+        vfio_testdev):
+    """A servicing's new worker maps all of guest memory again: the device keeps the old worker's mapping out of its
+    table (no DMA reaches it) and the new worker's DMA_MAP of the same range takes it over, without a new mmap; a
+    kept mapping the next client does not take over is unmapped once that client's attach is served."""
+    sock, _ = vfio_testdev(reset_method="none")
+    ctl = f"{sock}.ctl"
+    mem = GuestMemory.create(MemoryLayout(guest_pages=2, worker_pages=2, pool_pages=2))
+    try:
+        with VfioDevice.new(sock) as dev:
+            dev.map_guest_memory(mem)
+        state = wait_detached(sock)
+        assert (state["dma_maps"], state["retired_dma_maps"], state["files_mapped"]) == (0, 1, 1)
+        with VfioDevice.restore(sock) as dev:
+            dev.map_guest_memory(mem)
+            state = control_call(ctl, "state")
+            assert (state["dma_maps"], state["retired_dma_maps"], state["files_mapped"]) == (1, 0, 1)
+        wait_detached(sock)
+        with VfioDevice.restore(sock) as dev:
+            dev.dma_map(mem.fd, 0, 0, 4096)  # not the range the last client mapped
+            state = control_call(ctl, "state")
+            assert (state["dma_maps"], state["retired_dma_maps"], state["files_mapped"]) == (1, 0, 2)
+    finally:
+        mem.close()

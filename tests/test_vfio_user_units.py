@@ -521,3 +521,30 @@ def test_a_timer_s_interrupts_are_signalled_once_after_it():
 def test_version_deeply_nested_json():
     with pytest.raises(p.CommandError):
         p.decode_version(bytes(4) + b"[" * 100000 + b"\0")
+
+
+def test_a_leaving_clients_mappings_are_retired_and_the_next_client_takes_the_same_range_over(memfd):
+    """A disconnect retires the client's mappings: out of the table at once (the device cannot reach them), not
+    unmapped; the next client's DMA_MAP of the same range of the same file with the same flags takes one over (no
+    new mmap: a servicing's new worker maps all of guest memory again, and the device's first accesses then take
+    no page faults); one that no client took over is unmapped by `release_retired`."""
+    d = DmaSpace(4)
+    d.map(memfd, 0, 0x0, 8192, 0x3)
+    d.map(memfd, 8192, 0x10000, 4096, 0x3)
+    kept, other = d._maps[0].mm, d._maps[1].mm
+    assert d.files_mapped == 2
+    d.retire_all()
+    assert (len(d), d.retired) == (0, 2)
+    with pytest.raises(DmaFault):
+        d.read(0x0, 1)
+    assert d.map(memfd, 0, 0x0, 8192, 0x3) is True
+    assert (len(d), d.retired, d.files_mapped) == (1, 1, 2) and d._maps[0].mm is kept
+    assert d.map(memfd, 8192, 0x10000, 4096, 0x1) is True  # other flags: a mapping of its own
+    assert d.files_mapped == 3 and d.retired == 1
+    d.release_retired()
+    assert d.retired == 0 and other.closed and not kept.closed
+    d.write(0x10, b"kept")
+    assert os.pread(memfd, 4, 0x10) == b"kept"
+    d.retire_all()
+    d.retire_all()  # a second disconnect unmaps what the first retired
+    assert kept.closed and d.retired == 0

@@ -62,6 +62,8 @@ class DmaSpace:
         #: device's first accesses after it pay for a fresh mapping (mmap, a page fault per page touched), and
         #: the old client's munmap is not in the window; `release_retired` unmaps the rest.
         self._retired: list[DmaMapping] = []
+        #: Files mapped (mmap calls) over this space's life: a taken-over mapping is not one more.
+        self.files_mapped = 0
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -111,6 +113,7 @@ class DmaSpace:
             except (OSError, ValueError, OverflowError) as e:
                 raise CommandError(errno.EINVAL, f"DMA_MAP: cannot mmap the file: {e}") from None
             view = memoryview(mm)[delta:delta + size]
+            self.files_mapped += 1
         self._insert(DmaMapping(iova, size, file_offset, flags, file_id, mm, view))
         return True
 

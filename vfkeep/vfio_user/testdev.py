@@ -176,7 +176,8 @@ class TestDevice(VfioUserDevice):
         return {"scratch": self.reg(REG_SCRATCH), "counter": self.reg(REG_COUNTER),
                 "irq_count": self.reg(REG_IRQ_COUNT), "pending": s.irqs.pending(), "irqs_delivered": s.irqs.delivered,
                 "irqs_latched": s.irqs.latched, "resets": s.resets,
-                "dma_maps": len(s.dma), "epoch": s.epoch, "connected": s.connected,
+                "dma_maps": len(s.dma), "retired_dma_maps": s.dma.retired, "files_mapped": s.dma.files_mapped,
+                "epoch": s.epoch, "connected": s.connected,
                 "reset_method": self.reset_method}
 
 
