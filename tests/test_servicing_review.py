@@ -173,7 +173,7 @@ class _FakeWorker:
     def dismiss(self, timeout):
         return 0
 
-    def send(self, msg):
+    def send(self, msg, frame=None):
         self.sent.append(msg)
 
     def recv(self, timeout, *expected, grace=0.0):

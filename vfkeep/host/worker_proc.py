@@ -17,6 +17,10 @@ from .devices import last_line, remove_if_empty
 log = logging.getLogger("vfkeep.host.worker")
 
 
+#: The go (`STATE_GO`) as it goes on the channel, made once: it leaves right after the scrub, in the guest's blackout.
+_GO_FRAME = Channel.frame(STATE_GO.to_json())
+
+
 class WorkerFailed(Exception):
     """The worker died, closed its channel, answered wrongly or not in time."""
 
@@ -67,9 +71,10 @@ class WorkerProcess:
            compat=msg.compat, startup_ms=round((time.perf_counter() - self.spawned_at) * 1000, 1))
         return msg
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, frame: bytes | None = None) -> None:
+        """`frame`: `msg` as `Channel.frame` made it ahead of time."""
         try:
-            self.chan.send(msg.to_json())
+            self.chan.send_frame(frame or Channel.frame(msg.to_json()))
         except ChannelClosed as e:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
 
@@ -240,7 +245,7 @@ class WorkerProcess:
             for msg in restore_state_messages(blob):
                 self.send(msg)
         else:
-            self.send(STATE_GO)
+            self.send(STATE_GO, _GO_FRAME)
         self._handed_over = True
 
     def start(self, blob: bytes | None, timeout: float, deadline: float | None = None) -> Started:
