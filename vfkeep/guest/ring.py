@@ -255,6 +255,16 @@ class Ring:
         return self._used(self._ctr[_HEAD], self._ctr[_TAIL])
 
     @property
+    def head(self) -> int:
+        """The consumer's position (frames taken so far), as `stats().head` without the rest of the stats."""
+        return self._ctr[_HEAD]
+
+    @property
+    def tail(self) -> int:
+        """The producer's position (frames published so far)."""
+        return self._ctr[_TAIL]
+
+    @property
     def free_slots(self) -> int:
         return self.slots - len(self)
 

@@ -593,8 +593,8 @@ class Host:
         kept devices from the saved state: their queue positions are then past the ones the state records, and a
         replacement resuming them from it would take completions twice and post where the device has been
         (chaos seed 1, servicing 865)."""
-        return (*((c.tx.stats().head, c.rx.stats().tail) for c in self.channels),
-                *((c.requests.stats().head, c.completions.stats().tail) for c in self.block_channels))
+        return (*((c.tx.head, c.rx.tail) for c in self.channels),
+                *((c.requests.head, c.completions.tail) for c in self.block_channels))
 
     def _disk_positions(self) -> dict[int, int] | None:
         return self.guest_disks.popped() if self.guest_disks is not None else None
