@@ -313,3 +313,41 @@ def test_bytes_that_come_with_the_success_are_decoded_with_the_ones_before():
     finally:
         host.close()
         theirs.close()
+
+
+def test_a_started_worker_rehearses_its_save_and_the_save_it_then_makes_is_its_own(mem, monkeypatch):
+    """After `started` (outside any blackout) the worker runs its save's side-effect-free steps once (their first
+    calls in a process cost two to four times more, and a worker saves once, inside the next blackout); that
+    changes nothing: the pool is as it was and the later save carries that save's correlation id."""
+    import uuid
+
+    from vfkeep.paravisor import worker as worker_mod
+    from vfkeep.paravisor.servicing import decode_servicing_state, guid_from_uuid
+
+    calls = []
+    complete = worker_mod.complete_servicing_state
+    monkeypatch.setattr(worker_mod, "complete_servicing_state",
+                        lambda state, **kw: (calls.append(kw["correlation_id"]), complete(state, **kw))[1])
+    monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
+    host, theirs = Channel.pair()
+    w = worker_mod.Worker(theirs, mem, [], 1, False, None)
+    t = threading.Thread(target=w.serve, daemon=True)
+    t.start()
+    try:
+        assert host.recv(10)["type"] == "hello"
+        host.send(Start().to_json())
+        assert host.recv(10)["type"] == "started"
+        host.send(Inspect().to_json())
+        tree = host.recv(10)["tree"]
+        assert len(calls) == 1 and tree["pool"]["slots"] == 1 and tree["last_save_error"] is None
+        cid = str(uuid.uuid4())
+        host.send(Save(HostCapabilities.MANA_KEEPALIVE, 30, cid).to_json())
+        last = host.recv(10)
+        assert last["type"] == "save_state" and last["status"] == TransferStatus.SUCCESS
+        state = decode_servicing_state(last["payload"], downlevel=False)
+        assert calls[1:] == [cid] and state.init_state.correlation_id == guid_from_uuid(uuid.UUID(cid))
+        assert [s.state.WhichOneof("variant") for s in state.init_state.dma_manager_state.private_pool.state] == ["free"]
+    finally:
+        host.close()
+        t.join(10)
+        theirs.close()
