@@ -630,9 +630,10 @@ def test_shared_wire_steers_by_destination_mac(mem):
     assert device.counters["hc_in_broadcast_pkts"] == 2
 
 
-def test_a_connect_and_successful_requests_are_in_the_command_log_but_their_lines_are_debug(caplog):
-    """The vfio-user server's "client connected" line says it already (a reconnect is in a servicing's window:
-    every line costs the device CPU there); a disconnect keeps its INFO line (it carries the reset method)."""
+def test_a_connect_a_disconnect_and_successful_requests_are_in_the_command_log_but_their_lines_are_debug(caplog):
+    """The vfio-user server's "client connected" and "client disconnected" lines (the latter with the reset method)
+    say them already (both are in a servicing's window: every line costs the device CPU there); an event that is
+    neither keeps its INFO line."""
     import logging
 
     from vfkeep.device.faults import CommandLog
@@ -640,12 +641,14 @@ def test_a_connect_and_successful_requests_are_in_the_command_log_but_their_line
     with caplog.at_level(logging.INFO, logger="vfkeep.device.commands"):
         log.add("event", "CONNECT", 3)
         log.add("event", "DISCONNECT", 3, reset_method="none")
+        log.add("event", "SET_RESET_METHOD", 3, value="flr")
         # Successful requests, HWC and SMC alike, are DEBUG too (a reset path's window has an SMC message at each
         # end); a failed one is a WARNING.
         log.add("smc", "SMC_MSG_TYPE_ESTABLISH_HWC", 3, code=1, status=0)
         log.add("hwc", "GDMA_LIST_DEVICES", 3, code=0x105, status=0)
         log.add("smc", "SMC_MSG_TYPE_DESTROY_HWC", 3, code=2, status=1)
-    assert [e["name"] for e in log.since(0)] == ["CONNECT", "DISCONNECT", "SMC_MSG_TYPE_ESTABLISH_HWC",
-                                                 "GDMA_LIST_DEVICES", "SMC_MSG_TYPE_DESTROY_HWC"]
+    assert [e["name"] for e in log.since(0)] == ["CONNECT", "DISCONNECT", "SET_RESET_METHOD",
+                                                 "SMC_MSG_TYPE_ESTABLISH_HWC", "GDMA_LIST_DEVICES",
+                                                 "SMC_MSG_TYPE_DESTROY_HWC"]
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
-        ("INFO", "event DISCONNECT"), ("WARNING", "smc SMC_MSG_TYPE_DESTROY_HWC")]
+        ("INFO", "event SET_RESET_METHOD"), ("WARNING", "smc SMC_MSG_TYPE_DESTROY_HWC")]
