@@ -333,3 +333,23 @@ def test_a_deferred_restore_rings_its_doorbells_in_one_burst(bench, mem):
     assert len(loopback(dev.vports[0], frames(50))) == 50
     dev.probe()
     assert dev.shutdown()
+
+
+def test_a_rehearsed_save_changes_nothing_and_records_what_the_save_then_records(bench, mem):
+    """`ManaDevice.rehearse_save` (the worker runs it once after it started, so the save's first calls are not in
+    the next blackout): no device command, nothing closed, saved or freed, the kept vport still passes traffic; and
+    it holds what the save then records for the HWC and the kept vport's memory."""
+    dma = DmaManager(mem, strict_pool=True)
+    dev = ManaDevice.new(bench.connect(dma, "nic0"), "nic0")
+    vport = dev.open_vport(0, KEPT_VPORT, persistent=True)
+    assert len(loopback(vport, frames(100))) == 100
+    seq, pool = bench.device.command_log.seq, dma.inspect()
+    rehearsed = dev.rehearse_save()
+    assert bench.device.command_log.since(seq) == [] and dma.inspect() == pool
+    assert not (dev.closed or dev.saved or vport.closed)
+    assert len(loopback(vport, frames(100))) == 100
+    state = dev.save()
+    assert (rehearsed.gdma.eq, rehearsed.gdma.sq, rehearsed.gdma.mem, rehearsed.gdma.db_id) == \
+        (state.gdma.eq, state.gdma.sq, state.gdma.mem, state.gdma.db_id)
+    assert [(v.vport_index, list(v.mem), v.eq.id, v.sq.id) for v in rehearsed.vports] == \
+        [(v.vport_index, list(v.mem), v.eq.id, v.sq.id) for v in state.vports]

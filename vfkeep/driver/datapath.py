@@ -551,6 +551,10 @@ class VportDataPath:
         self._check_open()
         self._reap_tx()
         self._post_rx()  # the saved RQ tail is the one the device has
+        self.record(state)
+
+    def record(self, state: mana_driver_pb2.VportSavedState) -> None:
+        """The queues, buffer layout and counters into `state`, changing nothing (`save` reaps and posts first)."""
         q = self.queues
         state.eq.CopyFrom(q.eq.save())
         state.tx_cq.CopyFrom(q.tx_cq.save())

@@ -736,6 +736,12 @@ class GdmaDriver:
         subclasses) after an HWC failure or with a reset request pending; once saved, `close()` leaves the
         HWC running and its buffer allocated for the next driver."""
         self._check_savable()
+        state = self.saved_state()
+        self.saved = True
+        return state
+
+    def saved_state(self) -> mana_driver_pb2.GdmaDriverSavedState:
+        """What `save` records, without its checks and without marking the driver saved (`ManaDevice.rehearse_save`)."""
         hwc = self.hwc
         state = mana_driver_pb2.GdmaDriverSavedState(
             eq=hwc.eq.save(), cq=hwc.cq.save(), rq=hwc.rq.save(), sq=hwc.sq.save(), db_id=self.db_id,
@@ -744,7 +750,6 @@ class GdmaDriver:
         state.mem.base_pfn, state.mem.len = self.hwc_mem.base_pfn, HWC_BUFFER_LEN
         for vport_index, up in self.events.link_toggle:
             state.link_toggle.add(vport_index=vport_index, link_up=up)
-        self.saved = True
         return state
 
     def close(self) -> None:

@@ -350,6 +350,16 @@ class ManaDevice:
            base_pfn=state.gdma.mem.base_pfn, activity_id=hex(state.gdma.hwc_activity_id))
         return state
 
+    def rehearse_save(self) -> mana_driver_pb2.ManaDeviceSavedState:
+        """The state `save` would return now, changing nothing (no check, nothing closed or marked saved): the
+        worker runs it once after it started, so the save's first calls in the process are not inside the next
+        servicing's blackout."""
+        state = mana_driver_pb2.ManaDeviceSavedState(gdma=self.gdma.saved_state())
+        for vport in self.vports.values():
+            if vport.persistent and not vport.closed:
+                state.vports.append(vport.rehearse_save())
+        return state
+
     def shutdown(self) -> bool:
         """Normal (non-keepalive) shutdown: vports, DEREGISTER_DEVICE with a 100 ms timeout, DESTROY_HWC
         (servicing spec 5.3). Returns False if the device was not shut down cleanly; the caller should then

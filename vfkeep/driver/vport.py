@@ -208,17 +208,28 @@ class Vport:
         self._check_open()
         if not all(contiguous(b) for b in self._blocks):  # the saved state names blocks by base pfn and length
             raise SaveFailed(f"vport {self.index} has queue memory on non-consecutive pages")
-        state = mana_driver_pb2.VportSavedState(
-            vport_index=self.index, vport_handle=self.handle, tx_vport_offset=self.tx_vport_offset,
-            mac=int.from_bytes(self.mac, "big"), vector=self.vector, tx_wq_obj=self._tx_obj, rx_wq_obj=self._rx_obj,
-            direction_to_vtl0=self.direction_to_vtl0)
+        state = self._saved_state()
         self.data.save(state)
-        for block in self._blocks:
-            state.mem.add(base_pfn=block.base_pfn, len=block.len)
         self.closed = self.data.closed = True
         self.dev._vport_closed(self)
         kv(log, logging.INFO, "vport kept for data-path keepalive", vport=self.index, **self.queue_ids(),
            tx_outstanding=self.data.tx_outstanding, rx_done=state.rx_done)
+        return state
+
+    def _saved_state(self) -> mana_driver_pb2.VportSavedState:
+        """The vport's own part of its saved state (the data path adds its queues: `VportDataPath.save`/`record`)."""
+        state = mana_driver_pb2.VportSavedState(
+            vport_index=self.index, vport_handle=self.handle, tx_vport_offset=self.tx_vport_offset,
+            mac=int.from_bytes(self.mac, "big"), vector=self.vector, tx_wq_obj=self._tx_obj, rx_wq_obj=self._rx_obj,
+            direction_to_vtl0=self.direction_to_vtl0)
+        for block in self._blocks:
+            state.mem.add(base_pfn=block.base_pfn, len=block.len)
+        return state
+
+    def rehearse_save(self) -> mana_driver_pb2.VportSavedState:
+        """What `save` would record now, changing nothing (no reaping, no posting, the vport stays open)."""
+        state = self._saved_state()
+        self.data.record(state)
         return state
 
     def release_kept(self) -> None:

@@ -157,6 +157,16 @@ class ManaKind:
         kv(log, logging.INFO, "MANA device state successfully saved for keepalive", count=len(wrapper.states))
         return outcomes
 
+    def rehearse_save(self, state: underhill_pb2.ServicingState) -> None:
+        """Field 10003 as a save under keepalive would fill it now, into a scratch `state`, changing nothing
+        (`Worker._warm_save_path`)."""
+        wrapper = state.init_state.mana_state
+        wrapper.SetInParent()
+        for vf in self.vf_managers:
+            saved = vf.rehearse_save()
+            if saved is not None:
+                wrapper.states.add().CopyFrom(saved)
+
     def handed_over(self) -> None:
         """Nothing is left open: a saved MANA device released its handle in `save`."""
 

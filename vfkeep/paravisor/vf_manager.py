@@ -552,6 +552,12 @@ class VfManager:
             return SaveOutcome.SAVE_FAILED, None
         return SaveOutcome.SAVED, mana_driver_pb2.ManaSavedState(mana_device=state, pci_id=self.pci_id)
 
+    def rehearse_save(self) -> mana_driver_pb2.ManaSavedState | None:
+        """What `save` would record now, changing nothing (`ManaDevice.rehearse_save`); None without a device."""
+        if self.dev is None or self.dev.closed:
+            return None
+        return mana_driver_pb2.ManaSavedState(mana_device=self.dev.rehearse_save(), pci_id=self.pci_id)
+
     def _set_flr_and_release(self) -> None:
         try:
             self.set_reset_method("flr")
