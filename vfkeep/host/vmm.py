@@ -763,6 +763,11 @@ class Host:
             # Handoff: worker RAM is poisoned and the blob handed over. A worker that sent `saved` has released
             # its devices and touches nothing any more, so its exit and the state file wait until the next
             # worker is up (off the critical path); one that failed (D4) may still run: ended first.
+            handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
+            if new is not None and handed is not None:
+                # The state goes ahead (MORE_DATA) to the prelaunched worker first, which reads and decodes it while
+                # worker RAM is scrubbed; the transfer's end after the scrub is its go to restore (`offer_state`).
+                new.offer_state(handed)
             self._phase("handoff")
             if saved is None:
                 old.end()
@@ -770,11 +775,6 @@ class Host:
                 if new is not None:  # it waits for a saved state there is none of: D4 starts one without
                     new.end()
                     new = None
-            handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
-            if new is not None and handed is not None:
-                # The state goes ahead (MORE_DATA) to the prelaunched worker, which reads and decodes it while worker
-                # RAM is scrubbed; the transfer's end after the scrub is its go to restore (`offer_state`).
-                new.offer_state(handed)
             # Where the guest rings stand: nothing moves them until the next worker's relays run, after the go.
             io_at_handoff = self._guest_io_positions()
             self.mem.scrub_worker_ram()
