@@ -125,3 +125,45 @@ def test_the_save_watchdog_is_armed_not_started_by_a_save_and_fires_once_at_the_
     assert threading.active_count() == before + 1  # armed, not started
     assert done.wait(5.0)
     assert fired == [DUMP_COLLECTION_S + 0.05]
+
+
+def test_save_hands_the_state_ahead_on_the_last_frame_before_decoding_it():
+    """`WorkerProcess.save(ahead=)`: called once, with the whole state, when the last chunk's frame says SUCCESS,
+    before its report is decoded (a malformed report is WorkerFailed after that) and answered; not for MORE_DATA
+    chunks, a FAILURE or a state over the size limit."""
+    import pytest
+
+    from vfkeep.contract import MAX_CHUNK, Save, SaveState, SaveStateAnswer, save_state_messages
+    from vfkeep.host.worker_proc import WorkerFailed
+
+    blob = bytes(range(256)) * 40  # two chunks
+    for report, limit, expect_ahead, expect_ok in ((None, 1 << 20, True, True), ("bogus", 1 << 20, True, False),
+                                                  (None, MAX_CHUNK, False, True)):
+        peer = _Peer()
+        try:
+            msgs = [m.to_json() for m in save_state_messages(blob)]
+            if report is not None:
+                msgs[-1]["nics"] = report
+            if limit == MAX_CHUNK:  # refused: the worker reports its failed save (spec §2.4)
+                msgs.append(SaveState(TransferStatus.FAILURE, error="host did not take it").to_json())
+            for m in msgs:
+                peer.theirs.send(m)
+            seen = []
+            w = peer.host_side
+            ahead = lambda state: seen.append((state, peer.theirs.ready()))  # noqa: E731
+            if expect_ok:
+                last, state = w.save(Save(2), 5.0, max_bytes=limit, ahead=ahead, answer=False)
+                assert w._answer_due is (limit > MAX_CHUNK)
+                w.answer_kept()
+            else:
+                with pytest.raises(WorkerFailed, match="malformed"):
+                    w.save(Save(2), 5.0, max_bytes=limit, ahead=ahead, answer=False)
+            assert seen == ([(blob, True)] if expect_ahead else []), seen  # (the save request: not read yet)
+            replies = []
+            while peer.theirs.ready():
+                replies.append(decode(peer.theirs.recv(1.0), {**HOST_MESSAGES}))
+            answers = [r for r in replies if isinstance(r, SaveStateAnswer)]
+            assert answers == ([SaveStateAnswer(TransferStatus.SUCCESS)] if expect_ok and limit > MAX_CHUNK else
+                               [SaveStateAnswer(TransferStatus.FAILURE)] if limit == MAX_CHUNK else [])
+        finally:
+            peer.close()

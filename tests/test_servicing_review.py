@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from vfkeep.contract import Hello, SaveState, SaveStateAnswer, Start, Started, TransferStatus
+from vfkeep.contract import Hello, Save, SaveState, SaveStateAnswer, Start, Started, TransferStatus
 from vfkeep.host.worker_proc import WorkerProcess
 from vfkeep.paravisor.net_relay import NetRelay
 
@@ -159,6 +159,7 @@ class _FakeWorker:
         self._state_request = None
         self._offered = None
         self._handed_over = False
+        self._answer_due = False
 
     def alive(self):
         return not self.ended
@@ -176,17 +177,21 @@ class _FakeWorker:
     def send(self, msg, frame=None):
         self.sent.append(msg)
 
-    def recv(self, timeout, *expected, grace=0.0):
+    def recv(self, timeout, *expected, grace=0.0, peek=None):
         from vfkeep.host.worker_proc import WorkerFailed
         if self.fail_with or not self.replies:
             raise WorkerFailed(self.fail_with or f"worker {self.generation} did not answer within {timeout} s")
-        return self.replies.pop(0)
+        msg = self.replies.pop(0)
+        if peek is not None:
+            peek(msg.to_json())
+        return msg
 
     def request(self, msg, timeout, *expected, grace=0.0):
         self.send(msg)
         return self.recv(timeout, *expected)
 
     save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
+    answer_kept = WorkerProcess.answer_kept
     offer_state = WorkerProcess.offer_state
     hand_over = WorkerProcess.hand_over
     _check = WorkerProcess._check
@@ -435,3 +440,50 @@ def test_a_next_worker_whose_state_request_is_not_in_yet_gets_the_whole_state_af
     assert host._service(mana_keepalive=True)["ok"] is True
     assert at_scrub == [[Start(servicing=True)]]
     assert new.sent == [Start(servicing=True), RestoreState(5, TransferStatus.SUCCESS, b"state")]
+
+
+def test_the_host_scrubs_as_the_last_chunk_arrives_and_answers_the_old_worker_after_the_go(tmp_path, monkeypatch):
+    """Once the old worker's last chunk says SUCCESS (it has saved and released its devices) the state goes ahead
+    and worker RAM is scrubbed before that message's report is decoded; the go follows, and the old worker's answer
+    (spec §2.5: once, SUCCESS) only after it: nothing but the scrub and the decode stands between the state's
+    arrival and the go."""
+    from vfkeep.contract import STATE_GO, RestoreCompleted, RestoreState, RestoreStateRequest
+
+    order = []
+    old = _FakeWorker(1, [SaveState(TransferStatus.SUCCESS, b"state")])
+    new = _FakeWorker(2, [RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
+    new._state_request = RestoreStateRequest().to_json()
+    for w, who in ((old, "old"), (new, "new")):
+        w.sent = types.SimpleNamespace(append=lambda m, who=who: order.append((who, m)))
+    host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: order.append("scrub"))
+    assert host._service(mana_keepalive=True)["ok"] is True
+    assert order[0] == ("new", Start(servicing=True)) and order[1][0] == "old" and isinstance(order[1][1], Save)
+    assert order[2:] == [("new", RestoreState(5, TransferStatus.MORE_DATA, b"state")), "scrub", ("new", STATE_GO),
+                         ("old", SaveStateAnswer(TransferStatus.SUCCESS))], order
+
+
+def test_a_last_message_that_fails_to_decode_after_its_state_went_ahead_is_d4(tmp_path, monkeypatch):
+    """The state went ahead and worker RAM was scrubbed on the frame's SUCCESS, but the message itself is unusable
+    (WorkerFailed): D4. The prelaunched worker, which never got its go, is ended; the old worker is ended and its
+    RAM scrubbed again (it may have run after the first scrub); a worker without state starts."""
+    from vfkeep.contract import RestoreStateRequest
+    from vfkeep.host.worker_proc import WorkerFailed
+
+    class Malformed(_FakeWorker):
+        def save(self, request, timeout, grace=0.0, ahead=None, answer=True):
+            ahead(b"state")
+            raise WorkerFailed("worker 1 sent a malformed message: nics")
+
+    scrubs = []
+    old = Malformed(1)
+    new = _FakeWorker(2)
+    new._state_request = RestoreStateRequest().to_json()
+    fresh = _FakeWorker(3, [_STARTED])
+    host = _fake_host(tmp_path, monkeypatch, old, [new, fresh],
+                      scrub=lambda: scrubs.append((old.ended, new.ended)))
+    result = host._service(mana_keepalive=True)
+    assert result["ok"] is False and "malformed" in result["error"]
+    assert scrubs == [(False, False), (True, True)]
+    assert new.ended and old.ended and host.worker is fresh and fresh.sent == [Start()]
+    assert not any(getattr(m, "status", None) is TransferStatus.SUCCESS and m.length == 0 for m in new.sent
+                   if hasattr(m, "length"))

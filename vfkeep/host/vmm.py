@@ -30,7 +30,7 @@ from ..device.timing import PRESETS, DeviceTiming
 from ..guest.block import BlockChannel, BlockLayout
 from ..guest.ring import ChannelLayout, NicChannel
 from ..guest.stats import make_frame, parse_frame
-from ..log import kv
+from ..log import kv, kv_at
 from ..memory import GuestMemory, MemoryLayout, pool_pages_from_env
 from ..memory.guest_memory import PAGE_SIZE
 from .devices import DeviceProcess, NvmeDeviceProcess, nic_mac
@@ -607,14 +607,17 @@ class Host:
             self.guest_disks.requeue(lost)
 
     # -- servicing -------------------------------------------------------------------------------
-    def _phase(self, name: str) -> None:
+    def _phase(self, name: str, at_ns: int | None = None) -> None:
+        """The servicing enters phase `name`, now or (`at_ns`, CLOCK_MONOTONIC) when that happened: a phase whose
+        start was on the critical path is entered once the path is done, its line stamped with its start."""
         s = self._servicing
         if s is None:  # (a servicing driven by hand, as unit tests do)
             return
+        at_ns = time.monotonic_ns() if at_ns is None else at_ns
         self.events.publish("phase_done", servicing=s["number"], phase=s["phase"],
-                            ms=round((time.monotonic() - s["since"]) * 1000, 3))
-        s.update(phase=name, since=time.monotonic())
-        kv(log, logging.INFO, "servicing phase", phase=name)
+                            ms=round((at_ns / 1e9 - s["since"]) * 1000, 3))
+        s.update(phase=name, since=at_ns / 1e9)
+        kv_at(log, logging.INFO, at_ns, "servicing phase", phase=name)
 
     def _prune_worker_logs(self) -> None:
         """Keep the logs of the last `keep_worker_logs` worker generations (the run dir must not grow forever)."""
@@ -731,14 +734,29 @@ class Host:
             # The host's lines are written once the next worker has started (or the servicing ended): see
             # `vlog.hold_lines`; each one formatted and written in the window is CPU taken from the blackout.
             vlog.hold_lines()
+            early: dict = {}
+
+            def hand_ahead(state: bytes) -> None:
+                """The old worker's last chunk says SUCCESS: it has saved and released its devices. Its state goes
+                ahead (MORE_DATA) to the prelaunched worker, which reads and decodes it meanwhile, and worker RAM is
+                scrubbed now; the message's report is decoded after the scrub, the go (`hand_over`) follows, and
+                only then the old worker's answer and the bookkeeping (all of it was before the scrub)."""
+                early.update(t=time.perf_counter(), mono=time.monotonic_ns())
+                early["handed"] = handed = tamper_blob(state, tamper, self.mem.layout) if tamper else state
+                new.offer_state(handed)
+                # Where the guest rings stand: nothing moves them until the next worker's relays run, after the go.
+                early["io"] = self._guest_io_positions()
+                self.mem.scrub_worker_ram()
+
             try:
-                saved, blob = old.save(request, timeout_s, grace=1.0)
+                saved, blob = old.save(request, timeout_s, grace=1.0, ahead=hand_ahead if new is not None else None,
+                                       answer=False)
                 if saved.status is TransferStatus.SUCCESS:  # its relays stopped before it saved
                     self._lost_requests = self._disk_positions()
             except WorkerFailed as e:
                 errors.append(f"save: {e}")
                 kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
-            t_saved = time.perf_counter()
+            t_saved = early.get("t") or time.perf_counter()
 
             if saved is not None and saved.status is TransferStatus.FAILURE:
                 # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
@@ -759,25 +777,26 @@ class Host:
                 if saved is None:
                     old.kill()
                     old.wait_exit(5.0)  # reaped before the teardown looks: it must not ask a killed worker
+                else:
+                    old.answer_kept()  # (it idles until the teardown ends it)
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
-            # Handoff: worker RAM is poisoned and the blob handed over. A worker that sent `saved` has released
-            # its devices and touches nothing any more, so its exit and the state file wait until the next
-            # worker is up (off the critical path); one that failed (D4) may still run: ended first.
-            handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
-            if new is not None and handed is not None:
-                # The state goes ahead (MORE_DATA) to the prelaunched worker first, which reads and decodes it while
-                # worker RAM is scrubbed; the transfer's end after the scrub is its go to restore (`offer_state`).
-                new.offer_state(handed)
-            self._phase("handoff")
-            if saved is None:
-                old.end()
-                self._lost_requests = self._disk_positions()
-                if new is not None:  # it waits for a saved state there is none of: D4 starts one without
-                    new.end()
-                    new = None
-            # Where the guest rings stand: nothing moves them until the next worker's relays run, after the go.
-            io_at_handoff = self._guest_io_positions()
-            self.mem.scrub_worker_ram()
+            # Handoff: worker RAM is poisoned and the blob handed over (with a prelaunched worker: done by
+            # `hand_ahead` already, but for the go). A worker that sent `saved` has released its devices and
+            # touches nothing any more, so its exit and the state file wait until the next worker is up (off the
+            # critical path); one that failed (D4) may still run: ended first, then its RAM scrubbed (again).
+            if saved is not None and early:
+                handed, io_at_handoff = early["handed"], early["io"]
+            else:
+                handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
+                self._phase("handoff")
+                if saved is None:
+                    old.end()
+                    self._lost_requests = self._disk_positions()
+                    if new is not None:  # it waits for a saved state there is none of: D4 starts one without
+                        new.end()
+                        new = None
+                io_at_handoff = self._guest_io_positions()
+                self.mem.scrub_worker_ram()
             if new is None:
                 try:
                     new = self._start_worker(next_env, next_worker_cmd, configured)
@@ -793,6 +812,10 @@ class Host:
                     if handed is not None:
                         new.hand_over(handed, timeout_s, deadline)  # (after `offer_state`: only the go)
                 finally:
+                    if saved is not None:
+                        old.answer_kept()
+                    if saved is not None and early:
+                        self._phase("handoff", at_ns=early["mono"])
                     self._phase("restore")
                 started = new.start(handed, timeout_s, deadline)
             except WorkerFailed as e:

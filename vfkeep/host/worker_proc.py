@@ -43,6 +43,8 @@ class WorkerProcess:
         self._offered: bytes | None = None
         #: The state transfer ended (SUCCESS sent): `start` only waits for the restore.
         self._handed_over = False
+        #: `save(answer=False)` took a state and left its SUCCESS answer for `answer_kept`.
+        self._answer_due = False
 
     @property
     def pid(self) -> int:
@@ -78,11 +80,12 @@ class WorkerProcess:
         except ChannelClosed as e:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
 
-    def recv(self, timeout: float | None, *expected: type[Message], grace: float = 0.0) -> Message:
+    def recv(self, timeout: float | None, *expected: type[Message], grace: float = 0.0, peek=None) -> Message:
         """Next message, which must be of one of the `expected` types, within `timeout` (+ `grace`, which errors
         do not mention: the timeout is the one the user gave). A late `inspect` reply (its request timed out) is
         skipped: the worker never sends one unasked, and taking it for the answer to the next request (a save!)
-        would end a worker that is doing fine."""
+        would end a worker that is doing fine. `peek(frame)` sees the frame (parsed JSON) before it is checked and
+        decoded."""
         deadline = None if timeout is None else time.monotonic() + timeout + grace
         while True:
             msg = self._recv_one(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
@@ -90,6 +93,8 @@ class WorkerProcess:
                 kv(log, logging.WARNING, "skipping a late inspect reply", generation=self.generation)
                 continue
             break
+        if peek is not None:
+            peek(msg)
         return self._check(msg, expected)
 
     def _recv_one(self, remaining: float | None, timeout: float | None):
@@ -142,23 +147,35 @@ class WorkerProcess:
             return None
 
     # -- the saved-state transfer (servicing spec §2.5) -------------------------------------------
-    def _recv_by(self, deadline: float, timeout: float, *expected: type[Message]) -> Message:
+    def _recv_by(self, deadline: float, timeout: float, *expected: type[Message], peek=None) -> Message:
         """`recv` against the deadline of a whole exchange; errors name its `timeout`."""
-        return self.recv(timeout, *expected, grace=deadline - time.monotonic() - timeout)
+        return self.recv(timeout, *expected, grace=deadline - time.monotonic() - timeout, peek=peek)
 
-    def save(self, request: Save, timeout: float, grace: float = 0.0,
-             max_bytes: int = MAX_SERVICING_STATE) -> tuple[SaveState, bytes | None]:
+    def save(self, request: Save, timeout: float, grace: float = 0.0, max_bytes: int = MAX_SERVICING_STATE,
+             ahead=None, answer: bool = True) -> tuple[SaveState, bytes | None]:
         """Ask for a save and collect the state: (the last message, the state) after SUCCESS, answered once;
         (the FAILURE message, None) when the save failed, including when the state exceeds `max_bytes`
         (answered FAILURE: the worker then reports its failed save). A chunk that breaks the protocol is
         WorkerFailed; a worker gone after its complete state is not (the state is kept). `timeout` (+ `grace`)
-        bounds the whole exchange."""
+        bounds the whole exchange. `ahead(state)` is called with the state as soon as the last chunk's frame says
+        SUCCESS, before that message is decoded (the report it carries) and answered; with `answer` False the
+        SUCCESS answer waits for `answer_kept`."""
         deadline = time.monotonic() + timeout + grace
         self.send(request)
         parts: list[bytes] = []
         size = 0
+
+        def last_chunk(frame) -> None:
+            if ahead is None or not isinstance(frame, dict):
+                return
+            payload = frame.get("payload", b"")
+            if frame.get("type") == SaveState.kind and \
+                    frame.get("status") == TransferStatus.SUCCESS.value and isinstance(payload, bytes) and \
+                    len(payload) <= MAX_CHUNK and size + len(payload) <= max_bytes:
+                ahead(b"".join((*parts, payload)))
+
         while True:
-            msg = self._recv_by(deadline, timeout, SaveState)
+            msg = self._recv_by(deadline, timeout, SaveState, peek=last_chunk)
             if msg.status is TransferStatus.FAILURE:
                 if msg.payload:
                     raise WorkerFailed(f"worker {self.generation} sent a FAILURE save_state with a payload")
@@ -180,14 +197,24 @@ class WorkerProcess:
                 if failed.status is not TransferStatus.FAILURE:
                     raise WorkerFailed(f"worker {self.generation} did not report the refused save as failed")
                 return failed, None
-            try:
-                self.send(SaveStateAnswer(TransferStatus.SUCCESS))
-            except WorkerFailed as e:
-                # Gone after its last chunk (killed before it read the answer): the state is complete and the
-                # worker released its devices for it, so it is used, whether or not the answer got there first.
-                kv(log, logging.WARNING, "worker gone before the answer to its complete state; keeping the state",
-                   generation=self.generation, error=str(e))
+            self._answer_due = True
+            if answer:
+                self.answer_kept()
             return msg, b"".join(parts)
+
+    def answer_kept(self) -> None:
+        """The SUCCESS answer to a state `save` took, if not sent yet: the worker, idle until then, exits once the
+        host closes the channel."""
+        if not self._answer_due:
+            return
+        self._answer_due = False
+        try:
+            self.send(SaveStateAnswer(TransferStatus.SUCCESS))
+        except WorkerFailed as e:
+            # Gone after its last chunk (killed before it read the answer): the state is complete and the
+            # worker released its devices for it, so it is used, whether or not the answer got there first.
+            kv(log, logging.WARNING, "worker gone before the answer to its complete state; keeping the state",
+               generation=self.generation, error=str(e))
 
     def begin_servicing(self) -> None:
         """`start` a prelaunched worker as the next one of a servicing before the saved state exists: it
