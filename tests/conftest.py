@@ -7,12 +7,19 @@ import shutil
 import tempfile
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from vfkeep.memory import GuestMemory
 from vfkeep.proc import end
 
 
 SUITE_TMP_ENV = "VFKEEP_SUITE_TMPDIR"
+
+# Property tests assert behaviour, not speed: Hypothesis' 200 ms per-example deadline and its "data generation too
+# slow" check fail on a loaded 2-CPU machine (a landing saw test_gdma_codec miss the deadline, then pass alone).
+# Loaded here, before the test modules are imported, so every @settings inherits it.
+settings.register_profile("vfkeep", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("vfkeep")
 
 
 def pytest_configure(config):
