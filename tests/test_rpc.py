@@ -97,39 +97,6 @@ def looped(tmp_path):
     loop.close()
 
 
-def test_the_loop_server_answers_a_request_sent_behind_the_connect_when_it_accepts(tmp_path):
-    """`rpc.call` sends its request right after connecting: the accept answers it in the same pass of the loop (a
-    reset path's `set_reset_method` is in its window), and a client that has sent nothing yet is served later."""
-    class Loop:  # records the readers; nothing runs unless the test calls it
-        def __init__(self):
-            self.readers = {}
-
-        def add_reader(self, fd, cb):
-            self.readers[fd] = cb
-
-        def remove_reader(self, fd):
-            self.readers.pop(fd, None)
-
-    loop = Loop()
-    server = rpc.LoopServer(tmp_path / "l.sock", loop, _dispatcher())
-    try:
-        with socket.socket(socket.AF_UNIX) as early, socket.socket(socket.AF_UNIX) as late:
-            early.connect(server.path)
-            early.sendall(b'{"id": 1, "cmd": "add", "args": {"a": 2}}\n')
-            loop.readers[server._listener.fileno()]()  # the listener is readable: one accept, nothing else
-            early.setblocking(False)
-            assert json.loads(early.recv(4096)) == {"id": 1, "ok": True, "result": 2}
-            served = set(loop.readers)
-            late.connect(server.path)
-            loop.readers[server._listener.fileno()]()  # nothing to read yet: it waits for the loop
-            late.sendall(b'{"id": 2, "cmd": "add", "args": {"a": 3}}\n')
-            (late_reader,) = (cb for fd, cb in loop.readers.items() if fd not in served)
-            late_reader()
-            assert json.loads(late.recv(4096)) == {"id": 2, "ok": True, "result": 3}
-    finally:
-        server.close()
-
-
 @pytest.mark.parametrize("server", ["threaded", "looped"])
 def test_both_servers_answer_pipelined_requests_in_order_and_close_on_an_oversized_line(server, request):
     path = request.getfixturevalue(server)

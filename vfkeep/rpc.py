@@ -349,9 +349,6 @@ class LoopServer:
         conn.setblocking(False)
         self._clients[conn.fileno()] = (conn, bytearray())
         self.loop.add_reader(conn.fileno(), lambda fd=conn.fileno(): self._readable(fd))
-        # A client sends its request right behind the connect (`call`): answer what already came now, not after
-        # another pass of the loop (a device's `set_reset_method` is in a reset path's window).
-        self._readable(conn.fileno())
 
     def _readable(self, fd: int) -> None:
         conn, buf = self._clients[fd]
