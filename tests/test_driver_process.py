@@ -153,30 +153,3 @@ def test_a_fresh_init_after_setting_reset_method_none_attaches_in_one_round_trip
         assert ctl(sock, "counters")["counters"]["reset_count"] == (0 if method_set else 1)
     finally:
         vf.dev.shutdown()
-
-
-def test_a_prepared_control_connection_carries_the_fresh_inits_reset_method(device, mem, monkeypatch):
-    """`ManaKind.prepare` opens each device's control connection before the state arrives
-    (`control_connection`): a fresh init in the window sets the reset method over it, connecting nothing. Once
-    that connection has failed, a call connects on its own."""
-    from vfkeep import rpc
-    from vfkeep.contract import NicConfig
-    from vfkeep.paravisor.vf_manager import VfManager
-    from vfkeep.vfio_user.backing import control_connection
-    sock = device("--reset-method", "flr")
-    control = control_connection(sock)
-    assert control is not None
-    connects = []
-    connect = rpc.RpcClient.__init__
-    monkeypatch.setattr(rpc.RpcClient, "__init__", lambda self, *a, **k: connects.append(a) or connect(self, *a, **k))
-    vf = VfManager.create(NicConfig(0, "nic0", sock, -1, -1), mem, DmaManager(mem, strict_pool=False), saved=None,
-                          keepalive=False, force_fallback=None, control=control)
-    try:
-        assert vf.dev is not None and vf.error is None and connects == []
-        assert ctl(sock, "state")["reset_method"] == "none"
-        control.close()  # broken: the next change connects on its own
-        connects.clear()
-        vf.set_reset_method("flr")
-        assert len(connects) == 1 and ctl(sock, "state")["reset_method"] == "flr"
-    finally:
-        vf.dev.shutdown()

@@ -11,13 +11,11 @@ import concurrent.futures
 import logging
 import time
 
-from .. import rpc
 from ..contract import NicConfig, NicRestore, NicSaveOutcome, SaveOutcome
 from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
 from ..memory import DmaManager, GuestMemory
 from ..proto import underhill_pb2
-from ..vfio_user.backing import control_connection
 from .device_kind import PreviousState
 from .options import KeepAliveConfig
 from .servicing import mana_states_by_pci_id
@@ -58,8 +56,6 @@ class ManaKind:
         self.channels: dict[int, NicChannel] = {}
         #: Relay threads started by `prepare`, by NIC index (each NIC's first relay runs on its own).
         self.relay_threads: dict[int, RelayThread] = {}
-        #: Control-channel connections opened by `prepare`, by NIC index (None: the device did not answer).
-        self.controls: dict[int, rpc.RpcClient | None] = {}
 
     def client_names(self) -> list[str]:
         return [name for cfg in self.nic_configs for name in dma_client_names(cfg.pci_id)]
@@ -68,11 +64,7 @@ class ManaKind:
         """Attach each NIC's guest rings now (their header checks and views, about 0.15 ms per NIC in a new
         process) and start its relay's thread (`RelayThread`), so the relays that start at the end of the restore
         find both ready. Nothing is cached in a ring object, so attaching while the previous worker's relay still
-        moves frames is safe; a ring that does not attach is left to the NIC's relay start, which reports it. And
-        open each device's control connection (`control_connection`): a fresh init sets its reset method over it."""
-        for cfg in self.nic_configs:
-            if cfg.index not in self.controls:
-                self.controls[cfg.index] = control_connection(cfg.socket)
+        moves frames is safe; a ring that does not attach is left to the NIC's relay start, which reports it."""
         if self.channel_layout is None:
             return
         layout = ChannelLayout.from_str(self.channel_layout)
@@ -103,8 +95,7 @@ class ManaKind:
             return VfManager.create(cfg, self.mem, self.dma, saved=match, keepalive=config.is_enabled,
                                     force_fallback=forced, datapath_keepalive=self.datapath_keepalive,
                                     channel=self.channels.get(cfg.index),
-                                    relay_thread=self.relay_threads.pop(cfg.index, None),
-                                    control=self.controls.get(cfg.index))
+                                    relay_thread=self.relay_threads.pop(cfg.index, None))
 
         self.vf_managers = _each(create, self.nic_configs)
         known = {c.pci_id for c in self.nic_configs}

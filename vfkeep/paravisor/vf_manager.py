@@ -25,7 +25,6 @@ import threading
 import time
 from typing import Callable
 
-from .. import rpc
 from ..contract import POOL_EXHAUSTED, NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.backing import DeviceBacking, DmaClients
 from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
@@ -133,18 +132,14 @@ class VfManager:
     @classmethod
     def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
                force_fallback: str | None, datapath_keepalive: bool = False,
-               channel: NicChannel | None = None, relay_thread: RelayThread | None = None,
-               control: rpc.RpcClient | None = None) -> "VfManager":
+               channel: NicChannel | None = None, relay_thread: RelayThread | None = None) -> "VfManager":
         """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
         with its error (and shows as DeviceMissing at the next save). `datapath_keepalive` (DESIGN D7)
         puts the vport in the pool so a keepalive save keeps it running. `channel`: the NIC's guest rings,
         attached already (else its relay start attaches them); `relay_thread`: the thread its first relay runs on
-        (started already, else the relay starts one); `control`: the device's control connection, opened already
-        (else each reset-method change connects)."""
+        (started already, else the relay starts one)."""
         vf = cls(cfg, mem, dma)
         vf.channel, vf.relay_thread = channel, relay_thread
-        if control is not None:
-            vf.set_reset_method = reset_method_setter(cfg.socket, control)
         vf.keepalive = keepalive
         vf.datapath_keepalive = datapath_keepalive and keepalive
         t = time.perf_counter()

@@ -142,46 +142,11 @@ def control_path(path: str | os.PathLike) -> str:
     return os.fspath(path) + ".ctl"
 
 
-#: How long `control_connection` waits for the device's first answer (it runs before the state arrives: a device
-#: that does not answer at once must not hold the restore up).
-CONTROL_WARM_TIMEOUT_S = 0.5
-
-
-def control_connection(path: str | os.PathLike, timeout: float = DEFAULT_TIMEOUT_S) -> rpc.RpcClient | None:
-    """A connection to the device's control channel, opened ahead of the servicing window (a prelaunched worker's
-    `ManaKind.prepare`) and used once (`get_reset_method`), so that a fresh init's `set_reset_method` in the
-    window neither connects nor runs the client's code for the first time (0.76 ms at load 3 in a reset path's
-    window). None if the device does not answer now (a later call then connects on its own)."""
-    try:
-        client = rpc.RpcClient(control_path(path), timeout)
-    except rpc.RpcError:
-        return None
-    try:
-        client.call("get_reset_method", timeout=CONTROL_WARM_TIMEOUT_S)
-    except rpc.RpcError:
-        client.close()
-        return None
-    return client
-
-
-def reset_method_setter(path: str | os.PathLike, connection: rpc.RpcClient | None = None) -> Callable[[str], None]:
-    """Writes the device's reset_method ("none" | "flr") through its control channel (driver errors only): over
-    `connection` when given (`control_connection`), else, and once that connection has failed, over a connection
-    of its own per call."""
+def reset_method_setter(path: str | os.PathLike) -> Callable[[str], None]:
+    """Writes the device's reset_method ("none" | "flr") through its control channel (driver errors only)."""
     ctl = control_path(path)
-    held = [connection]
 
     def set_reset_method(method: str) -> None:
-        client = held[0]
-        if client is not None:
-            try:
-                client.call("set_reset_method", {"value": method})
-                return
-            except rpc.Unavailable:  # the connection broke (a device restarted): not used again
-                held[0] = None
-                client.close()
-            except rpc.RpcError as e:
-                raise driver_error(e) from e
         _call(lambda: control_call(ctl, "set_reset_method", value=method))
 
     return set_reset_method
