@@ -1,11 +1,15 @@
 """`proc.spawn_ready`: a child is returned only once it says ready; otherwise it is ended and the caller
-learns whether it exited (with its status) or timed out — and no pipe end leaks either way."""
+learns whether it exited (with its status) or timed out — and no pipe end leaks either way. `proc.spawn`: an
+interrupt while a child is being started is raised once it exists, and it is ended."""
+import os
+import signal
+import subprocess
 import sys
 
 import pytest
 
 from servicing_helpers import pid_alive
-from vfkeep.proc import NotReady, end, open_fd_count, spawn_ready
+from vfkeep.proc import Interrupted, NotReady, end, open_fd_count, signals_interrupt, spawn, spawn_ready
 
 CHILD = """
 import argparse, os, sys, time
@@ -61,3 +65,29 @@ def test_spawn_failure_leaks_no_pipe(monkeypatch):
         with pytest.raises(OSError):
             spawn_ready(child("ready"))
     assert open_fd_count() == fds
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_a_child_starts_ends_the_child(sig, monkeypatch):
+    """The child exists (and can be seen) from its fork on, before `spawn` returns it: a signal then used to
+    raise in a fork hook (swallowed: the command ran on, test_interrupts) or before the caller owned the child
+    (left running: a smoke interrupted at its device's start). Here it comes as soon as the child exists."""
+    started = []
+
+    def popen_then_signal(*a, **k):
+        started.append(real_popen(*a, **k))
+        os.kill(os.getpid(), sig)
+        return started[-1]
+
+    real_popen = subprocess.Popen
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signals_interrupt()
+        monkeypatch.setattr(subprocess, "Popen", popen_then_signal)
+        with pytest.raises(Interrupted) as e:
+            spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    (proc,) = started
+    assert e.value.signum == sig and proc.returncode is not None and not pid_alive(proc.pid)

@@ -56,12 +56,36 @@ def vfkeep_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "vfkeep.cli", *args]
 
 
+#: The signals `signals_interrupt` turns into Interrupted.
+INTERRUPTS = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+
+
+def _child_setup() -> None:
+    """In the forked child: die with the parent, and take the interrupt signals again (`spawn` held them)."""
+    die_with_parent()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+
+
 def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, str] | None = None,
           stdout=None, stderr=None, cwd: str | None = None) -> subprocess.Popen:
     """Start a child that is killed if we die, in a process group of its own: a terminal's Ctrl-C reaches
-    only the process in the foreground group (the host), which ends its children in order."""
-    return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
-                            cwd=cwd, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL, process_group=0)
+    only the process in the foreground group (the host), which ends its children in order.
+    An interrupt that arrives while the child is being started (it is visible from its fork on, the caller owns
+    it only once this returns) is held until the child exists and is then raised here, after the child is ended:
+    it is never left running with nobody to end it (a smoke interrupted at its device's start left it behind)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        child = subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
+                                 cwd=cwd, preexec_fn=_child_setup, stdin=subprocess.DEVNULL, process_group=0)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # (a held interrupt's handler runs here)
+    except BaseException:
+        end(child)
+        raise
+    return child
 
 
 class NotReady(Exception):
@@ -82,9 +106,13 @@ def spawn_ready(argv: Sequence[str], *, pass_fds: Sequence[int] = (), timeout: f
             proc = spawn([*argv, "--ready-fd", str(ready_w)], pass_fds=(*pass_fds, ready_w))
         finally:
             os.close(ready_w)
-        readable, _, _ = select.select([ready_r], [], [], timeout)
-        if readable and os.read(ready_r, 64) == b"ready\n":
-            return proc
+        try:
+            readable, _, _ = select.select([ready_r], [], [], timeout)
+            if readable and os.read(ready_r, 64) == b"ready\n":
+                return proc
+        except BaseException:  # an interrupt: the caller never gets the child to end
+            end(proc)
+            raise
     finally:
         os.close(ready_r)
     try:

@@ -558,6 +558,8 @@ class Host:
     def _start_worker(self, extra_env: dict[str, str], worker_cmd: str | None, configured: list[int]) -> WorkerProcess:
         """Spawn a worker and wait for its hello (imports done); a worker that does not come up is ended."""
         w = self._starting = self._spawn_worker(extra_env, worker_cmd, configured)
+        if self._stopping.is_set() and not self._booted.is_set():
+            w.kill()  # an interrupted boot's stop came during the spawn, before it could see this worker to end it
         try:
             w.wait_hello(HELLO_TIMEOUT_S)
         except WorkerFailed:

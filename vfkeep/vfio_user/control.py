@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from .. import rpc
-from ..proc import spawn, vfkeep_argv
+from ..proc import end, spawn, vfkeep_argv
 
 log = logging.getLogger("vfkeep.vfio_user.control")
 
@@ -32,7 +32,7 @@ def control_call(path: str | os.PathLike, cmd: str, timeout: float = 5.0, **args
 
 def wait_until_answering(proc: subprocess.Popen, ctl_path: str | os.PathLike, timeout: float, what: str) -> None:
     """Wait until a just-spawned device process answers `ping` on its control socket; RuntimeError if it
-    exits first or stays silent for `timeout` seconds (it is then killed)."""
+    exits first or stays silent for `timeout` seconds (it is then killed). An interrupt: the caller ends it."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -45,10 +45,6 @@ def wait_until_answering(proc: subprocess.Popen, ctl_path: str | os.PathLike, ti
                 proc.kill()
                 proc.wait()
                 raise RuntimeError(f"{what} did not answer on {os.fspath(ctl_path)} within {timeout} s") from None
-        except KeyboardInterrupt:  # (Ctrl-C, or SIGTERM made one): the caller never gets it to end
-            proc.kill()
-            proc.wait()
-            raise
 
 
 def start_device_process(command: str, socket_path: str | os.PathLike, args: tuple[str, ...],
@@ -61,5 +57,9 @@ def start_device_process(command: str, socket_path: str | os.PathLike, args: tup
     if control_path:
         argv += ["--control", ctl]
     proc = spawn(argv, **popen_kwargs)
-    wait_until_answering(proc, ctl, timeout, f"{what} ({' '.join(argv)})")
+    try:
+        wait_until_answering(proc, ctl, timeout, f"{what} ({' '.join(argv)})")
+    except BaseException:  # (an interrupt from the moment spawn returned: nobody else could end it)
+        end(proc)
+        raise
     return proc
