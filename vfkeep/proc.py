@@ -72,7 +72,8 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, s
     only the process in the foreground group (the host), which ends its children in order.
     An interrupt that arrives while the child is being started (it is visible from its fork on, the caller owns
     it only once this returns) is held until the child exists and is then raised here, after the child is ended:
-    it is never left running with nobody to end it (a smoke interrupted at its device's start left it behind)."""
+    it is never left running with nobody to end it (a smoke interrupted at its device's start left it behind).
+    (Held by the spawning thread: the main thread of a command, where its handlers run and the signal lands.)"""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
     try:
         child = subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
