@@ -1,13 +1,16 @@
 """Child processes in tests, always under a deadline: a stuck or dead child fails the test instead of hanging it."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import select
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from vfkeep.log import setup as setup_process_log
 from vfkeep.proc import end, spawn, vfkeep_argv
 
 #: This environment without the caller's OPENHCL_/VFKEEP_ settings: a command under test takes its defaults.
@@ -91,3 +94,21 @@ def interrupt(child: subprocess.Popen, sig: int) -> tuple[str, str]:
     finally:
         if child.poll() is None:
             end(child)
+
+
+@contextlib.contextmanager
+def process_log(name: str, run_dir) -> Iterator[None]:
+    """This test process logs as process `name` does (`vfkeep.log.setup`: RUN_DIR/NAME.log) until the block ends;
+    then the root logger's handlers and level are put back and the block's handlers closed."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    try:
+        setup_process_log(name, run_dir)
+        yield
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)

@@ -6,6 +6,8 @@ import time
 
 from vfkeep.log import KeyValueFormatter
 
+from helpers import process_log
+
 
 def test_line_has_the_monotonic_clock_of_its_writing():
     record = logging.LogRecord("vfkeep.test", logging.INFO, __file__, 1, "hello", None, None)
@@ -22,14 +24,9 @@ def test_held_lines_are_written_later_in_order_with_the_time_they_were_logged(tm
     """`hold_lines` (the old worker's save, the host's handoff: no line formatted or written in the servicing
     window) keeps each line's `mono` from when it was logged; `write_held_lines` writes them in order, and so
     does the handler's close (`logging.shutdown`, at a worker's exit)."""
-    import logging
-
     from vfkeep import log as vlog
 
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    try:
-        vlog.setup("held", tmp_path)
+    with process_log("held", tmp_path):
         path = tmp_path / "held.log"
         log = logging.getLogger("vfkeep.test")
         vlog.hold_lines()
@@ -45,15 +42,8 @@ def test_held_lines_are_written_later_in_order_with_the_time_they_were_logged(tm
         assert before <= monos[0] <= monos[1] <= logged
         vlog.hold_lines()
         vlog.kv(log, logging.INFO, "third")
-        root.handlers[0].close()
+        logging.getLogger().handlers[0].close()
         assert path.read_text().splitlines()[-1].endswith("msg=third")
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        for h in saved_handlers:
-            root.addHandler(h)
-        root.setLevel(saved_level)
 
 
 def test_a_line_logged_at_a_given_time_keeps_it(tmp_path):
@@ -61,10 +51,7 @@ def test_a_line_logged_at_a_given_time_keeps_it(tmp_path):
     "relay running"), carries that moment's `mono`, held or not."""
     from vfkeep import log as vlog
 
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    try:
-        vlog.setup("at", tmp_path)
+    with process_log("at", tmp_path):
         log = logging.getLogger("vfkeep.test")
         then = time.monotonic_ns() - 5_000_000
         vlog.kv_at(log, logging.INFO, then, "earlier", n=1)
@@ -74,10 +61,3 @@ def test_a_line_logged_at_a_given_time_keeps_it(tmp_path):
         lines = (tmp_path / "at.log").read_text().splitlines()
         assert [int(re.search(r"mono=(\d+)", line).group(1)) for line in lines] == [then, then + 1]
         assert "msg=earlier n=1" in lines[0]
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        for h in saved_handlers:
-            root.addHandler(h)
-        root.setLevel(saved_level)

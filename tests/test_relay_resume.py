@@ -19,6 +19,17 @@ from vfkeep.paravisor.mana_kind import ManaKind
 from vfkeep.paravisor.vf_manager import VfManager
 
 
+def noting_the_wait(relay) -> threading.Event:
+    """An event set when the relay starts waiting for the device's answer to its first send (`_await_answer`)."""
+    waiting = threading.Event()
+    await_answer = relay._await_answer
+
+    def noting(answer):
+        waiting.set()
+        await_answer(answer)
+    relay._await_answer = noting
+    return waiting
+
 def test_resumed_once_the_guest_frames_waiting_at_the_start_came_back(relay_bench):
     relay, channel, _ = relay_bench(slots=16)
     assert channel.tx.push_many(numbered_frames(12)) == 12  # the guest sent while no relay ran
@@ -124,13 +135,7 @@ def test_the_first_send_takes_the_oldest_frames_alone_and_hands_them_back_before
             if bench.device.counters["frames_tx"] != before:
                 batches.append((bench.device.counters["frames_tx"] - before, back))
     vport.sq_doorbell = vport.sq.on_doorbell = recording
-    waiting = threading.Event()
-    await_answer = relay._await_answer
-
-    def noting_the_wait(answer):
-        waiting.set()
-        await_answer(answer)
-    relay._await_answer = noting_the_wait
+    waiting = noting_the_wait(relay)
     sent = numbered_frames(30)
     assert channel.tx.push_many(sent) == 30
     relay.start()
@@ -238,13 +243,7 @@ def test_the_first_send_arms_what_answers_it_and_the_wait_for_the_answer_sends_n
     monkeypatch.setattr(bench.device, "doorbell", recording)
     waits = []
     monkeypatch.setattr(data, "prepare_wait", lambda *a, **k: waits.append(1))
-    waiting = threading.Event()
-    await_answer = relay._await_answer
-
-    def noting_the_wait(answer):
-        waiting.set()
-        await_answer(answer)
-    relay._await_answer = noting_the_wait
+    waiting = noting_the_wait(relay)
     assert channel.tx.push_many(numbered_frames(30)) == 30
     relay.start()
     assert waiting.wait(5)

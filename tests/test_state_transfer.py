@@ -23,6 +23,8 @@ from vfkeep.paravisor.servicing import complete_servicing_state
 from vfkeep.paravisor.worker import EXIT_TRANSFER_FAILED
 from vfkeep.proto import dma_manager_pb2, underhill_pb2
 
+from helpers import process_log
+
 POOL_PAGES = 4096
 FRAGMENTS = 3000  # free one-page slots (never merged, spec 8.2): about 11 bytes each in the saved slot table
 
@@ -213,16 +215,10 @@ class _ScriptedHost:
 def _restore_in_process(mem, tmp_path, monkeypatch) -> _ScriptedHost:
     """A NIC-less worker of this process restores `fragmented_pool_state` (its log: tmp_path/worker-2.log); what it
     sent, with `kind_start` where its device kinds started."""
-    import logging
-
-    from vfkeep import log as vlog
     from vfkeep.paravisor.worker import Worker
 
     monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    try:
-        vlog.setup("worker-2", tmp_path)
+    with process_log("worker-2", tmp_path):
         host = _ScriptedHost([Start(servicing=True), *restore_state_messages(fragmented_pool_state(mem)),
                               Shutdown()], tmp_path / "worker-2.log")
         worker = Worker(host, mem, [], 2, False, None)
@@ -230,13 +226,6 @@ def _restore_in_process(mem, tmp_path, monkeypatch) -> _ScriptedHost:
             start = kind.start
             monkeypatch.setattr(kind, "start", lambda start=start: (host.send({"type": "kind_start"}), start())[1])
         assert worker.serve() == 0
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-        for h in saved_handlers:
-            root.addHandler(h)
-        root.setLevel(saved_level)
     return host
 
 

@@ -273,22 +273,34 @@ def test_the_reader_says_by_when_its_messages_had_arrived():
         theirs.close()
 
 
-def test_the_server_answers_the_commands_that_came_with_the_connect_in_one_burst(tmp_path, monkeypatch):
-    """A client pipelines its attach behind the connect: the server's accept serves what already arrived (without
-    another pass of its loop, which is not run here), and the replies of one wake-up leave in one send, so the
-    client wakes once for the batch."""
+@contextlib.contextmanager
+def _client_at_the_door(tmp_path, monkeypatch, on_send):
+    """A vfio-user server on the test device (its loop is not run) and a client that connected and sent VERSION,
+    not yet accepted; `on_send(frames)` sees every send of the server's replies."""
     from vfkeep.vfio_user import server as server_module
     from vfkeep.vfio_user.testdev import TestDevice
-    sends = []
     real_send_frames = server_module.send_frames
     monkeypatch.setattr(server_module, "send_frames",
-                        lambda sock, frames, *a, **k: (sends.append(len(frames)), real_send_frames(sock, frames, *a, **k)))
+                        lambda sock, frames, *a, **k: (on_send(frames), real_send_frames(sock, frames, *a, **k))[1])
     path = str(tmp_path / "dev.sock")
     srv = server_module.VfioUserServer(path, TestDevice())
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.connect(path)
         p.send_message(client, 0, p.Command.VERSION, p.TYPE_COMMAND, p.encode_version(0, 0, {"max_msg_fds": 16}))
+        yield srv, client
+    finally:
+        client.close()
+        srv.close()
+        srv.loop.close()
+
+
+def test_the_server_answers_the_commands_that_came_with_the_connect_in_one_burst(tmp_path, monkeypatch):
+    """A client pipelines its attach behind the connect: the server's accept serves what already arrived (without
+    another pass of its loop, which is not run here), and the replies of one wake-up leave in one send, so the
+    client wakes once for the batch."""
+    sends = []
+    with _client_at_the_door(tmp_path, monkeypatch, lambda frames: sends.append(len(frames))) as (srv, client):
         p.send_message(client, 1, p.Command.DEVICE_GET_INFO, p.TYPE_COMMAND,
                        p.DEVICE_INFO.pack(p.DEVICE_INFO.size, 0, 0, 0))
         srv._accept()
@@ -298,10 +310,6 @@ def test_the_server_answers_the_commands_that_came_with_the_connect_in_one_burst
         assert [(r.msg_id, r.command, r.type) for r in replies] == [
             (0, p.Command.VERSION, p.TYPE_REPLY), (1, p.Command.DEVICE_GET_INFO, p.TYPE_REPLY)]
         assert len(sends) == 1 and sends[0] == sum(p.HEADER_SIZE + len(r.payload) for r in replies)
-    finally:
-        client.close()
-        srv.close()
-        srv.loop.close()
 
 
 def test_the_server_writes_its_connect_line_after_answering_the_attach(tmp_path, monkeypatch):
@@ -310,12 +318,7 @@ def test_the_server_writes_its_connect_line_after_answering_the_attach(tmp_path,
     time of the accept (`mono`, the trace's "device: client connected")."""
     import logging
 
-    from vfkeep.vfio_user import server as server_module
-    from vfkeep.vfio_user.testdev import TestDevice
     events = []
-    real_send_frames = server_module.send_frames
-    monkeypatch.setattr(server_module, "send_frames", lambda sock, frames, *a, **k: (
-        events.append(("replies", time.monotonic_ns())), real_send_frames(sock, frames, *a, **k)))
 
     class Lines(logging.Handler):
         def emit(self, record):
@@ -326,19 +329,14 @@ def test_the_server_writes_its_connect_line_after_answering_the_attach(tmp_path,
     server_log.addHandler(lines)
     level = server_log.level
     server_log.setLevel(logging.INFO)  # (setLevel: the logger caches what is enabled)
-    path = str(tmp_path / "dev.sock")
-    srv = server_module.VfioUserServer(path, TestDevice())
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        client.connect(path)
-        p.send_message(client, 0, p.Command.VERSION, p.TYPE_COMMAND, p.encode_version(0, 0, {"max_msg_fds": 16}))
-        before = time.monotonic_ns()
-        srv._accept()
+        with _client_at_the_door(tmp_path, monkeypatch,
+                                 lambda frames: events.append(("replies", time.monotonic_ns()))) as (srv, _):
+            before = time.monotonic_ns()
+            srv._accept()
     finally:
         server_log.removeHandler(lines)
         server_log.setLevel(level)
-        client.close()
-        srv.close()
     (replies, sent_at), (connected, connected_at) = [e for e in events if e[0] in ("replies", "client connected")]
     assert (replies, connected) == ("replies", "client connected")
     assert before <= connected_at <= sent_at
