@@ -12,8 +12,9 @@ class KeyValueFormatter(logging.Formatter):
     """`ts=... mono=... level=... proc=... logger=... msg="..." k=v ...` (values from `extra={"kv": {...}}`).
 
     `mono` is CLOCK_MONOTONIC in nanoseconds when the line was logged (`_Holding` stamps it, so a line held
-    through a servicing window keeps its time; else when it is formatted): one clock for every process of the machine, the one the guest agents and the host's
-    servicing windows use, so a servicing can be traced across the run dir's logs to the microsecond.
+    through a servicing window keeps its time; else when it is formatted): one clock for every process of the
+    machine, the one the guest agents and the host's servicing windows use, so a servicing can be traced across
+    the run dir's logs to the microsecond.
 
     A line costs a servicing's critical path about 10 us of CPU per process (was 25): the date part of `ts` is
     formatted once per second, and values are quoted only when they must be."""

@@ -32,19 +32,24 @@ def control_call(path: str | os.PathLike, cmd: str, timeout: float = 5.0, **args
 
 def wait_until_answering(proc: subprocess.Popen, ctl_path: str | os.PathLike, timeout: float, what: str) -> None:
     """Wait until a just-spawned device process answers `ping` on its control socket; RuntimeError if it
-    exits first or stays silent for `timeout` seconds (it is then killed). An interrupt: the caller ends it."""
+    exits first or stays silent for `timeout` seconds (it is then killed). On an interrupt (or any other error)
+    it is ended too: the caller, which never got it, cannot."""
     deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} during start-up")
-        try:
-            control_call(ctl_path, "ping", timeout=0.2)
-            return
-        except rpc.RpcError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"{what} did not answer on {os.fspath(ctl_path)} within {timeout} s") from None
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode} during start-up")
+            try:
+                control_call(ctl_path, "ping", timeout=0.2)
+                return
+            except rpc.RpcError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError(f"{what} did not answer on {os.fspath(ctl_path)} within {timeout} s") from None
+    except BaseException:
+        end(proc)
+        raise
 
 
 def start_device_process(command: str, socket_path: str | os.PathLike, args: tuple[str, ...],
@@ -57,9 +62,5 @@ def start_device_process(command: str, socket_path: str | os.PathLike, args: tup
     if control_path:
         argv += ["--control", ctl]
     proc = spawn(argv, **popen_kwargs)
-    try:
-        wait_until_answering(proc, ctl, timeout, f"{what} ({' '.join(argv)})")
-    except BaseException:  # (an interrupt from the moment spawn returned: nobody else could end it)
-        end(proc)
-        raise
+    wait_until_answering(proc, ctl, timeout, f"{what} ({' '.join(argv)})")
     return proc

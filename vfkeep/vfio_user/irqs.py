@@ -62,9 +62,7 @@ class IrqTable:
             yield
         finally:
             held, self._held = self._held, None
-            for key, fd in held.items():
-                if self._fds.get(key) == fd:
-                    self._signal(key, fd)
+            self._signal_still_assigned(held)
 
     def signal_held(self) -> None:
         """Signal what the enclosing `coalescing` block has held so far, now (it goes on holding what comes
@@ -72,12 +70,15 @@ class IrqTable:
         interrupts the burst raised signalled already and consumes them before it sleeps, instead of being woken
         by them later, as if by something new (the woken client may preempt the device as soon as the reply
         is sent, before the step's end)."""
-        held = self._held
-        if held:
-            self._held = {}
-            for key, fd in held.items():
-                if self._fds.get(key) == fd:
-                    self._signal(key, fd)
+        if self._held:
+            held, self._held = self._held, {}
+            self._signal_still_assigned(held)
+
+    def _signal_still_assigned(self, held: dict[tuple[int, int], int]) -> None:
+        """Signal each held (vector: eventfd) whose eventfd is still the assigned one (its old driver is gone)."""
+        for key, fd in held.items():
+            if self._fds.get(key) == fd:
+                self._signal(key, fd)
 
     def assigned(self, vector: int, index: int = IRQ_MSIX) -> bool:
         return (index, vector) in self._fds

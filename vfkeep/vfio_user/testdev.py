@@ -33,7 +33,7 @@ import click
 from vfkeep import log as vlog
 from vfkeep import pci
 from vfkeep.log import kv
-from vfkeep.proc import end, spawn
+from vfkeep.proc import spawn
 
 from .control import wait_until_answering
 from .device import RESET_METHODS, RESET_NONE, VfioUserDevice, check_reset_method
@@ -192,11 +192,7 @@ def start_testdev(socket_path: str | os.PathLike, *, reset_method: str = RESET_N
     if max_dma_maps is not None:
         argv += ["--max-dma-maps", str(max_dma_maps)]
     proc = spawn(argv)
-    try:
-        wait_until_answering(proc, f"{socket_path}.ctl", timeout, "test device")
-    except BaseException:  # (an interrupt from the moment spawn returned: nobody else could end it)
-        end(proc)
-        raise
+    wait_until_answering(proc, f"{socket_path}.ctl", timeout, "test device")
     return proc
 
 
