@@ -35,7 +35,7 @@ import time
 
 from vfkeep import proc
 from vfkeep.device.main import start_device
-from vfkeep.device.timing import DeviceTiming
+from vfkeep.device.timing import MAX_FLR_MS, MAX_HWC_LATENCY_MS, DeviceTiming
 from vfkeep.driver.mana import ManaDevice
 from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
@@ -303,17 +303,44 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+def _ms_list(limit: float):
+    """argparse type: comma-separated milliseconds, each in [0, limit] (the device's own bounds)."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"comma-separated numbers of ms expected, got {text!r}") from None
+        if not all(0 <= v <= limit for v in values):
+            raise argparse.ArgumentTypeError(f"each value must be in [0, {limit:g}] ms, got {text!r}")
+        return values
+    return parse
+
+
+def _at_least(minimum: float, kind=float):
+    """argparse type: a number >= `minimum`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--latencies", default=",".join(f"{x:g}" for x in LATENCIES), help="HWC latencies, ms")
-    ap.add_argument("--flrs", default=",".join(f"{x:g}" for x in FLRS), help="FLR waits, ms")
-    ap.add_argument("--repeat", type=int, default=10, help="servicings per path and cell")
-    ap.add_argument("--rate", type=float, default=10000, help="guest frames/s during the servicings")
+    ap.add_argument("--latencies", type=_ms_list(MAX_HWC_LATENCY_MS), default=list(LATENCIES),
+                    help=f"HWC latencies, ms, comma-separated (default: {','.join(f'{x:g}' for x in LATENCIES)})")
+    ap.add_argument("--flrs", type=_ms_list(MAX_FLR_MS), default=list(FLRS),
+                    help=f"FLR waits, ms, comma-separated (default: {','.join(f'{x:g}' for x in FLRS)})")
+    ap.add_argument("--repeat", type=_at_least(1, int), default=10, help="servicings per path and cell")
+    ap.add_argument("--rate", type=_at_least(1), default=10000, help="guest frames/s during the servicings")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/sensitivity.json)")
     args = ap.parse_args(argv)
     t = time.monotonic()
-    rows, costs = run([float(x) for x in args.latencies.split(",")], [float(x) for x in args.flrs.split(",")],
-                      args.repeat, args.rate)
+    rows, costs = run(args.latencies, args.flrs, args.repeat, args.rate)
     ratios = cell_ratios(rows)
     path = write("sensitivity", {"repeat": args.repeat, "rate_fps": args.rate, "frame_size": 128, "nics": 1,
                                  "prelaunch": True, "paths": list(ORDER), "fixed_costs": costs,

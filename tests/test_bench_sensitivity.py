@@ -1,4 +1,6 @@
-"""bench_sensitivity's summary over cells whose servicings the guest traffic did not all measure."""
+"""bench_sensitivity: its summary over cells whose servicings the guest traffic did not all measure, and its arguments."""
+import pytest
+
 from benchmarks import bench_sensitivity as bench
 
 
@@ -19,3 +21,18 @@ def test_an_unmeasured_servicing_is_counted_and_the_rest_summarised(monkeypatch)
         assert r["unmeasured"] == 1 and r["blackout_ms"]["median"] == 11.0, r
         # fixed + (4 HWC requests + 4 SMC messages) x one round trip + 4 HWC requests x the modelled latency
         assert r["floor_ms"] == 1.0 + (4 + 4) * 0.25 + 4 * 1.0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--latencies", "x"], "--latencies: comma-separated numbers of ms expected"),
+    (["--latencies", "1,99999"], "--latencies: each value must be in [0, 10000] ms"),
+    (["--flrs", "-5"], "--flrs: each value must be in [0, 60000] ms"),
+    (["--repeat", "0"], "--repeat: must be at least 1"),
+    (["--rate", "0"], "--rate: must be at least 1"),
+])
+def test_bad_arguments_are_a_usage_error_before_anything_runs(args, says, monkeypatch, capsys):
+    """A bad sweep is refused with one usage line (exit 2), not a traceback after a host was booted."""
+    monkeypatch.setattr(bench, "run", lambda *a: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2 and says in capsys.readouterr().err
