@@ -16,8 +16,12 @@ reconnecting over vfio-user as a keepalive restore does: one pipelined batch of 
 REGION_INFO and IRQ_INFO, one register-map read, one pipelined pair of SET_IRQS), plus per device
 round trip (HWC request or SMC message) the measured cost of one request at zero modelled latency, plus
 the modelled latency per HWC request and the modelled FLR wait per FLR, counting only the round trips and
-FLRs the device logged before the guest's blackout ended (the ones the data path waited for). The fixed
-costs are measured here too, in micro-benchmarks after the cells. Reported: median / floor per path.
+FLRs the device logged before the guest's blackout ended (the ones the data path waited for), plus one data
+round trip: the blackout ends only when a frame the guest sent comes back, guest -> relay -> device -> relay ->
+guest, so the floor counts the guest's RTT p50 of the undisturbed traffic at the same rate, measured in the same
+cell between the servicings (`undisturbed`; with no servicing at all the guest's blackout metric reads about
+that much too). The fixed costs are measured in micro-benchmarks after the cells. Reported: median / floor per
+path.
 A servicing the guest traffic did not measure is counted per path (`unmeasured`), not a failed run.
 Results: results/sensitivity.json and .png.
 """
@@ -52,6 +56,8 @@ LATENCIES = (0.0, 0.25, 1.0, 4.0)
 FLRS = (10.0, 100.0)
 #: Worker RAM the host scrubs at each servicing with one NIC.
 WORKER_PAGES = WORKER_BASE_PAGES + WORKER_PAGES_PER_NIC
+#: An undisturbed window between servicings: long enough for a few hundred frames at the default rate.
+UNDISTURBED_S = 0.1
 COUNTS = tuple(f"{p}{k}" for p in ("", "critical_") for k in ("hwc_requests", "smc_messages", "device_resets"))
 COLORS = {"reset-flr": "tab:red", "reset": "tab:orange", "keepalive": "tab:blue", "keepalive+datapath": "tab:green"}
 
@@ -82,19 +88,31 @@ def service(host: TrafficHost, path: str, rate: float) -> dict:
             "critical_device_resets": sum(e["kind"] == "flr" for e in before)}
 
 
-def measure_cell(timing: DeviceTiming, repeat: int, rate: float) -> tuple[dict[str, list[dict]], bytes]:
-    """All paths of one cell, interleaved; also the last keepalive+datapath saved state (for the handoff cost)."""
+def undisturbed(host: TrafficHost, window_s: float = UNDISTURBED_S) -> dict:
+    """The guest's traffic over a window with no servicing: its RTT p50 (one data round trip, what the floor
+    counts) and what its blackout metric reads there."""
+    since = time.monotonic_ns()
+    time.sleep(window_s)
+    (nic,) = host.traffic("stats", since_ns=since, until_ns=time.monotonic_ns())["nics"]
+    return {"rtt_ms": nic["rtt_ms"]["p50"], "blackout_ms": nic["blackout_ms"]}
+
+
+def measure_cell(timing: DeviceTiming, repeat: int, rate: float) -> tuple[dict[str, list[dict]], dict, bytes]:
+    """All paths of one cell, interleaved, with an undisturbed window after each round (its median RTT p50 and
+    blackout); also the last keepalive+datapath saved state (for the handoff cost)."""
     with TrafficHost.running(1, True, timing, "--datapath-keepalive") as host:
         host.run_traffic(rate)
         for path in ORDER:  # warm-up round: page cache, first restore
             service(host, path, rate)
         samples: dict[str, list[dict]] = {path: [] for path in ORDER}
+        quiet = []
         for _ in range(repeat):
             for path in ORDER:
                 samples[path].append(service(host, path, rate))
+            quiet.append(undisturbed(host))
         with open(os.path.join(host.run_dir, "servicing_state.bin"), "rb") as f:
             blob = f.read()
-    return samples, blob
+    return samples, {k: round(statistics.median(q[k] for q in quiet), 3) for k in ("rtt_ms", "blackout_ms")}, blob
 
 
 # -- fixed costs (micro-benchmarks of the necessary steps) ----------------------------------------------------
@@ -187,11 +205,12 @@ def fixed_costs(blob: bytes, n: int = 200) -> dict:
     return costs
 
 
-def floor_ms(counts: dict, timing: DeviceTiming, costs: dict) -> float:
-    """The least a servicing can cost whose data path waited for these device round trips (see the module
-    docstring)."""
+def floor_ms(counts: dict, timing: DeviceTiming, costs: dict, rtt_ms: float) -> float:
+    """The least a servicing can cost whose data path waited for these device round trips and then carried one
+    frame around (`rtt_ms`, the undisturbed traffic's; see the module docstring)."""
     hwc, smc, flr = (counts[f"critical_{k}"] for k in ("hwc_requests", "smc_messages", "device_resets"))
-    return costs["fixed_ms"] + (hwc + smc) * costs["request_ms"] + hwc * timing.hwc_latency_ms + flr * timing.flr_ms
+    return (costs["fixed_ms"] + (hwc + smc) * costs["request_ms"] + hwc * timing.hwc_latency_ms
+            + flr * timing.flr_ms + rtt_ms)
 
 
 # -- run, summarise, plot ---------------------------------------------------------------------------------------
@@ -202,20 +221,23 @@ def run(latencies: list[float], flrs: list[float], repeat: int, rate: float) -> 
             timing = DeviceTiming(hwc_latency_ms=latency, flr_ms=flr)
             load = os.getloadavg()[0]
             t = time.monotonic()
-            samples, blob = measure_cell(timing, repeat, rate)
+            samples, quiet, blob = measure_cell(timing, repeat, rate)
             samples = {p: measured(p, s) for p, s in samples.items()}
-            raw.append((timing, samples, {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
+            raw.append((timing, samples, {"datapath_rtt_ms": quiet["rtt_ms"],
+                                          "undisturbed_blackout_ms": quiet["blackout_ms"],
+                                          "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
                                           "wall_s": round(time.monotonic() - t, 1)}))
             print(f"FLR {flr:g} ms, HWC {latency:g} ms: " + ", ".join(
                 f"{p} {statistics.median(x['blackout_ms'] for x in samples[p][0]):.1f}" for p in ORDER)
-                + f" ms (median; load {load:.1f})", flush=True)
+                + f" ms (median; undisturbed: RTT p50 {quiet['rtt_ms']:.2f}, blackout {quiet['blackout_ms']:.2f};"
+                f" load {load:.1f})", flush=True)
     costs = fixed_costs(blob)
     rows = []
     for timing, samples, meta in raw:
         for path in ORDER:
             s, unmeasured = samples[path]
             counts = {k: statistics.median(x[k] for x in s) for k in COUNTS}
-            floor = floor_ms(counts, timing, costs)
+            floor = floor_ms(counts, timing, costs, meta["datapath_rtt_ms"])
             blackout = summary([x["blackout_ms"] for x in s])
             rows.append({"timing": timing.to_dict(), "path": path, "blackout_ms": blackout,
                          "frames_lost": summary([x["frames_lost"] for x in s]), **counts,
@@ -270,8 +292,16 @@ def counts_markdown(rows: list[dict], costs: dict) -> str:
     lines += ["", f"Fixed costs: handoff {costs['handoff_ms']:.3f} ms (a {costs['blob_bytes']}-byte saved state "
                   f"to a prelaunched process, parsed), scrub {costs['scrub_ms']:.3f} ms ({WORKER_PAGES} pages at "
                   f"memset speed), vfio-user reconnect {costs['reconnect_ms']:.3f} ms; one device round trip "
-                  f"{costs['request_ms']:.3f} ms + the modelled latency."]
+                  f"{costs['request_ms']:.3f} ms + the modelled latency; one data round trip (the undisturbed "
+                  f"guest RTT p50) {_spread(r['datapath_rtt_ms'] for r in rows)} ms, with no servicing the "
+                  f"blackout metric reads {_spread(r['undisturbed_blackout_ms'] for r in rows)} ms."]
     return "\n".join(lines)
+
+
+def _spread(values) -> str:
+    """One value, or the range over the cells."""
+    lo, hi = min(values := list(values)), max(values)
+    return f"{lo:.3f}" if lo == hi else f"{lo:.3f}–{hi:.3f} (per cell in the JSON)"
 
 
 def plot(rows: list[dict], path) -> None:
