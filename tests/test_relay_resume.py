@@ -253,3 +253,63 @@ def test_the_first_send_arms_what_answers_it_and_the_wait_for_the_answer_sends_n
     assert relay.resumed.wait(5)
     relay.stop()
     assert rung[len(first)] != "tx_cq arm" and not waits
+
+
+def noting_the_guest_wait(relay) -> threading.Event:
+    """An event set when the relay starts waiting for the guest to take its first frames back (`_await_guest`)."""
+    waiting = threading.Event()
+    await_guest = relay._await_guest
+
+    def noting():
+        waiting.set()
+        await_guest()
+    relay._await_guest = noting
+    return waiting
+
+
+def test_the_first_frames_back_go_alone_until_the_guest_has_taken_them(relay_bench, monkeypatch):
+    """The guest's first frames back (its blackout end) are handed over alone: the relay sends nothing more — the
+    rest of the backlog would keep it and the device busy on the two CPUs the just-woken guest needs — and is not
+    `resumed` (the rest of the worker's start waits for that) until the guest has taken them."""
+    monkeypatch.setattr(net_relay, "GUEST_TAKE_WAIT_S", 10_000)  # the wait ends when the guest takes them only
+    relay, channel, bench = relay_bench(slots=32)
+    waiting = noting_the_guest_wait(relay)
+    sent = numbered_frames(30)
+    assert channel.tx.push_many(sent) == 30
+    relay.start()
+    assert waiting.wait(5)
+    assert len(channel.rx) == net_relay.FIRST_BATCH and len(channel.tx) == 30 - net_relay.FIRST_BATCH
+    assert bench.device.counters["frames_tx"] == net_relay.FIRST_BATCH and not relay.resumed.is_set()
+    got = channel.rx.pop_many(32)  # the guest takes them
+    assert relay.resumed.wait(5)
+    wait_tx_taken(channel)
+    relay.stop()
+    got += channel.rx.pop_many(32)
+    assert [f[12:] for f in got] == [f[12:] for f in sent]
+
+
+def test_a_guest_that_does_not_take_its_first_frames_back_holds_the_rest_only_briefly(relay_bench, monkeypatch):
+    monkeypatch.setattr(net_relay, "GUEST_TAKE_WAIT_S", 0.01)
+    relay, channel, bench = relay_bench(slots=32)
+    assert channel.tx.push_many(numbered_frames(30)) == 30
+    relay.start()
+    assert relay.resumed.wait(5)
+    wait_tx_taken(channel)
+    relay.stop()
+    assert bench.device.counters["frames_tx"] == 30 and len(channel.rx) == 30
+
+
+def test_a_stop_ends_the_wait_for_the_guest(relay_bench, monkeypatch):
+    """A relay stopped while it waits for the guest to take its first frames stops at once (the stop's eventfd
+    ends the wait), and the stop's last batch still sends what the guest queued."""
+    monkeypatch.setattr(net_relay, "GUEST_TAKE_WAIT_S", 10_000)
+    relay, channel, bench = relay_bench(slots=32)
+    waiting = noting_the_guest_wait(relay)
+    assert channel.tx.push_many(numbered_frames(30)) == 30
+    relay.start()
+    assert waiting.wait(5)
+    stopping = threading.Thread(target=relay.stop)
+    stopping.start()
+    stopping.join(5)
+    assert not stopping.is_alive() and relay.resumed.is_set()
+    assert bench.device.counters["frames_tx"] == 30 and len(channel.tx) == 0

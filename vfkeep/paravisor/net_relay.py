@@ -38,6 +38,13 @@ FIRST_BATCH = 16
 #: sleeps: a frame from the wire meanwhile waits at most this long (a received loopback frame is announced by
 #: the arms sent with its send).
 MODERATION_MS = 1
+#: A relay's first frames back to the guest (its blackout end) go alone: the relay sends nothing more (the rest of
+#: the backlog, which would keep it and the device busy) and sets `resumed` (which starts the rest of the worker's
+#: start) only once the guest has taken them, at most this long after handing them over, looking every
+#: GUEST_LOOK_S. On two CPUs a relay and a device that go on working had the woken guest wait for one of them,
+#: up to a millisecond.
+GUEST_TAKE_WAIT_S = 0.002
+GUEST_LOOK_S = 50e-6
 
 
 @dataclass
@@ -88,9 +95,10 @@ class NetRelay:
         self._stopping = False
         self._last_batch = False
         self._stop_lock = threading.Lock()
-        #: Set once this relay has handed the guest its first received frames, or has nothing to do (it goes to
-        #: sleep idle with no send outstanding), or has ended: the data path is back, so work that would compete
-        #: with it for the CPU (a deferred HWC probe, the rest of the worker's start) may start. Sends outstanding
+        #: Set once the guest has taken the first received frames this relay handed it (`GUEST_TAKE_WAIT_S` at most
+        #: after handing them over), or the relay has nothing to do (it goes to sleep idle with no send
+        #: outstanding), or has ended: the data path is back, so work that would compete with it for the CPU (a
+        #: deferred HWC probe, the rest of the worker's start) may start. Sends outstanding
         #: when it goes idle (the device has not answered within MODERATION_MS) do not count: their frames are
         #: the guest's blackout end; whoever waits uses a timeout for a device that never answers.
         self.resumed = threading.Event()
@@ -170,17 +178,19 @@ class NetRelay:
             poller.register(fd, select.POLLIN)
             if fd != tx_bell.fd:
                 answer.register(fd, select.POLLIN)
-        self._running = (time.monotonic_ns(), self.channel.tx.stats().head, self.channel.rx.stats().tail)
+        self._running = (time.monotonic_ns(), self.channel.tx.head, self.channel.rx.tail)
         moved = False
         rx_before = self.stats.rx_frames
         while not self._stopping:
             tx_bell.clear()
             with self.datapath.doorbells_batched():  # the pass's doorbells: one burst, one device wake-up
-                moved_now = self._pump()
+                moved_now = self._pump(first_back_alone=not self.resumed.is_set())
             if moved_now:
                 moved = True
                 if not self.resumed.is_set() and self.stats.rx_frames != rx_before:
-                    self._resume(self.stats.rx_frames - rx_before)
+                    handed = time.monotonic_ns()
+                    self._await_guest()
+                    self._resume(self.stats.rx_frames - rx_before, handed)
                 elif self._first_sent and len(self.channel.tx):
                     self._await_answer(answer)
                 self._first_sent = False
@@ -204,7 +214,7 @@ class NetRelay:
             if len(self.channel.tx) and self.datapath.tx_free:
                 continue
             if not self.resumed.is_set() and not self.datapath.tx_outstanding:
-                self._resume(self.stats.rx_frames - rx_before)
+                self._resume(self.stats.rx_frames - rx_before, time.monotonic_ns())
             if not poller.poll(IDLE_WAIT_MS):
                 self.datapath.rearm()  # idle: arm everything again, in case a notification was lost
             self.stats.wakeups += 1
@@ -217,10 +227,21 @@ class NetRelay:
         if answer.poll(MODERATION_MS):
             self.stats.wakeups += 1
 
-    def _resume(self, frames: int) -> None:
+    def _await_guest(self) -> None:
+        """After handing the guest its first frames back (a pass that sent nothing): sleep until the guest has
+        taken them (its rx ring is empty), `GUEST_TAKE_WAIT_S` at most, or a stop, so the guest's receiver, just
+        woken, finds a CPU that neither this relay nor the device it would send the rest to holds."""
+        rx, stop_fd = self.channel.rx, self._stop_fd
+        deadline = time.monotonic() + GUEST_TAKE_WAIT_S
+        while len(rx) and not self._stopping and time.monotonic() < deadline:
+            select.select((stop_fd,), (), (), GUEST_LOOK_S)
+
+    def _resume(self, frames: int, mono: int) -> None:
+        """`resumed`, and the "relay resumed" line stamped with `mono` (when the guest had its first frames back, or
+        the relay found nothing to do)."""
         self.resumed.set()
         self._log_running()
-        kv(log, logging.INFO, "relay resumed", pci_id=self.pci_id, rx_frames=frames)
+        kv_at(log, logging.INFO, mono, "relay resumed", pci_id=self.pci_id, rx_frames=frames)
 
     def _log_running(self) -> None:
         """The "relay running" line, once, stamped with the relay's start (`_running`)."""
@@ -229,16 +250,20 @@ class NetRelay:
             self._running = None
             kv_at(log, logging.INFO, mono, "relay running", pci_id=self.pci_id, tx_head=tx_head, rx_tail=rx_tail)
 
-    def _pump(self) -> int:
+    def _pump(self, first_back_alone: bool = False) -> int:
         """Everything the vport received, then one batch of sends; returns the frames moved. Receiving first
         frees RX buffers, posted again just before the sends can bring more frames back (loopback), so the
-        device does not run out of them."""
+        device does not run out of them. `first_back_alone`: a pass that hands the guest frames sends nothing
+        (`_await_guest` follows)."""
         moved = 0
+        rx_frames = self.stats.rx_frames
         for _ in range(DRAIN_MAX_BATCHES):
             n = self._receive()
             moved += n
             if n < BATCH:
                 break
+        if first_back_alone and self.stats.rx_frames != rx_frames:
+            return moved
         room = min(BATCH if self._sent else FIRST_BATCH, self.datapath.tx_free)
         tx = self.channel.tx
         blocks = tx.peek_blocks(room) if room else []
