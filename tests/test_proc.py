@@ -68,11 +68,13 @@ def test_spawn_failure_leaks_no_pipe(monkeypatch):
     assert open_fd_count() == fds
 
 
+@pytest.mark.parametrize("session", [False, True])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_while_a_child_starts_ends_the_child(sig, monkeypatch):
+def test_an_interrupt_while_a_child_starts_ends_the_child(sig, session, monkeypatch):
     """The child exists (and can be seen) from its fork on, before `spawn` returns it: a signal then used to
     raise in a fork hook (swallowed: the command ran on, test_interrupts) or before the caller owned the child
-    (left running: a smoke interrupted at its device's start). Here it comes as soon as the child exists."""
+    (left running: a smoke interrupted at its device's start; the `run --detach` host, started with a plain
+    Popen, booted on in its session). Here it comes as soon as the child exists."""
     started = []
 
     def popen_then_signal(*a, **k):
@@ -86,9 +88,23 @@ def test_an_interrupt_while_a_child_starts_ends_the_child(sig, monkeypatch):
         signals_interrupt()
         monkeypatch.setattr(subprocess, "Popen", popen_then_signal)
         with pytest.raises(Interrupted) as e:
-            spawn([sys.executable, "-c", "import time; time.sleep(60)"])
+            spawn([sys.executable, "-c", "import time; time.sleep(60)"], session=session)
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
     (proc,) = started
     assert e.value.signum == sig and proc.returncode is not None and not pid_alive(proc.pid)
+
+
+def test_a_session_child_leads_its_own_session_and_takes_interrupts():
+    """`spawn(session=True)` (the `run --detach` host): a session of its own, and the interrupts `spawn` held
+    while starting it are not held in it (a host that ignored SIGTERM could not be stopped)."""
+    child = spawn([sys.executable, "-c", "import time; time.sleep(60)"], session=True)
+    try:
+        assert os.getsid(child.pid) == child.pid
+        with open(f"/proc/{child.pid}/status") as f:
+            blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+        assert not [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if blocked & (1 << (s - 1))]
+    finally:
+        end(child)
+    assert child.returncode == -signal.SIGTERM

@@ -60,24 +60,32 @@ def vfkeep_argv(*args: str) -> list[str]:
 INTERRUPTS = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
 
-def _child_setup() -> None:
-    """In the forked child: die with the parent, and take the interrupt signals again (`spawn` held them)."""
-    die_with_parent()
+def _take_interrupts() -> None:
+    """In the forked child: take the interrupt signals again (`spawn` held them)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
 
 
+def _child_setup() -> None:
+    """In the forked child: die with the parent, and take the interrupt signals again."""
+    die_with_parent()
+    _take_interrupts()
+
+
 def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, str] | None = None,
-          stdout=None, stderr=None, cwd: str | None = None) -> subprocess.Popen:
+          stdout=None, stderr=None, cwd: str | None = None, session: bool = False) -> subprocess.Popen:
     """Start a child that is killed if we die, in a process group of its own: a terminal's Ctrl-C reaches
-    only the process in the foreground group (the host), which ends its children in order.
+    only the process in the foreground group (the host), which ends its children in order. `session`: instead a
+    session of its own that outlives us (a `run --detach` host).
     An interrupt that arrives while the child is being started (it is visible from its fork on, the caller owns
     it only once this returns) is held until the child exists and is then raised here, after the child is ended:
     it is never left running with nobody to end it (a smoke interrupted at its device's start left it behind).
     (Held by the spawning thread: the main thread of a command, where its handlers run and the signal lands.)"""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    how = {"start_new_session": True, "preexec_fn": _take_interrupts} if session else {
+        "process_group": 0, "preexec_fn": _child_setup}
     try:
         child = subprocess.Popen(list(argv), pass_fds=tuple(pass_fds), env=env, stdout=stdout, stderr=stderr,
-                                 cwd=cwd, preexec_fn=_child_setup, stdin=subprocess.DEVNULL, process_group=0)
+                                 cwd=cwd, stdin=subprocess.DEVNULL, **how)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise

@@ -156,18 +156,18 @@ def _detach(argv: list[str], run_dir: str) -> None:
     log_path = os.path.join(run_dir, LOG_NAME)
     stderr_path = os.path.join(run_dir, "host.stderr")
     signals_interrupt()
-    with open(stderr_path, "ab") as err:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
+    child = None
     try:
-        _wait_detached(child, run_dir, stderr_path, log_path)
-    except KeyboardInterrupt as e:  # the host would boot on in its own session: stop it (SIGTERM: in order)
-        child.terminate()
+        with open(stderr_path, "ab") as err:  # an interrupt during the start: `spawn` ends the host it started
+            child = proc.spawn(argv, stdout=err, stderr=err, session=True)
         try:
-            child.wait(DETACH_STOP_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        e.note = f"the host starting in the background (pid {child.pid}) was stopped, every child ended"
+            _wait_detached(child, run_dir, stderr_path, log_path)
+        except KeyboardInterrupt:  # the host would boot on in its own session: stop it (SIGTERM: in order)
+            proc.end(child, DETACH_STOP_S)
+            raise
+    except KeyboardInterrupt as e:
+        pid = f" (pid {child.pid})" if child else ""
+        e.note = f"the host starting in the background{pid} was stopped, every child ended"
         raise
 
 
