@@ -74,6 +74,44 @@ def test_state_request_not_there_yet_is_read_in_the_window_as_before():
         peer.close()
 
 
+def test_the_state_goes_ahead_without_decoding_or_encoding_a_message(monkeypatch):
+    """`take_state_request` checks the early REQUEST_DATA when it reads it (before the save), so `offer_state`,
+    between the old worker's last frame and the scrub, decodes nothing and encodes no message (its frames are
+    `state_ahead_frames`, the same bytes `Channel.frame` makes of `restore_state_messages(final=False)`); a request
+    that is not a REQUEST_DATA is never answered ahead (`start` reports it)."""
+    import pytest
+
+    from vfkeep.contract import MAX_CHUNK, Record, restore_state_messages, state_ahead_frames
+
+    for size in (0, 1, 760, MAX_CHUNK, MAX_CHUNK + 1, 3 * MAX_CHUNK + 5):
+        blob = (bytes(range(256)) * (size // 256 + 1))[:size]
+        assert state_ahead_frames(blob) == b"".join(Channel.frame(m.to_json())
+                                                    for m in restore_state_messages(blob, final=False))
+    for status, ahead in ((TransferStatus.REQUEST_DATA, True), (TransferStatus.FAILURE, False)):
+        peer = _Peer()
+        try:
+            w = peer.host_side
+            w.begin_servicing()
+            decode(peer.theirs.recv(5.0), HOST_MESSAGES)
+            peer.theirs.send(RestoreStateRequest(status).to_json())
+            assert w.take_state_request(5.0) is True
+            with monkeypatch.context() as m:
+                def no_codec(*args, **kwargs):
+                    raise AssertionError("a message decoded or encoded while the state goes ahead")
+                for name in ("to_json", "from_json"):
+                    m.setattr(Record, name, no_codec)
+                m.setattr(Channel, "frame", no_codec)
+                assert w.offer_state(b"saved state") is ahead
+            if ahead:
+                msg = decode(peer.theirs.recv(5.0), HOST_MESSAGES)
+                assert (msg.status, msg.payload) == (TransferStatus.MORE_DATA, b"saved state")
+            else:
+                assert not peer.theirs.ready()
+                with pytest.raises(Exception, match="FAILURE"):
+                    w.hand_over(b"saved state", 1.0)
+        finally:
+            peer.close()
+
 
 def test_mana_kind_prepare_attaches_each_nics_rings_for_its_relay(tmp_path):
     """`ManaKind.prepare` (before the saved state arrives) attaches every NIC's guest rings; the NIC's VF manager

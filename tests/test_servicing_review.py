@@ -9,7 +9,8 @@ import types
 
 import pytest
 
-from vfkeep.contract import Hello, Save, SaveState, SaveStateAnswer, Start, Started, TransferStatus
+from vfkeep.contract import (HOST_MESSAGES, Hello, RestoreStateRequest, Save, SaveState, SaveStateAnswer, Start, Started,
+                             TransferStatus)
 from vfkeep.host.worker_proc import WorkerProcess
 from vfkeep.paravisor.net_relay import NetRelay
 
@@ -156,6 +157,7 @@ class _FakeWorker:
         self.ended = False
         self.servicing_begun = False
         self._state_request = None
+        self._request_ready = False
         self._offered = None
         self._handed_over = False
         self._answer_due = False
@@ -174,7 +176,11 @@ class _FakeWorker:
         return 0
 
     def send(self, msg, frame=None):
-        self.sent.append(msg)
+        self.sent.extend([msg] if msg is not None else _messages_in(frame))
+
+    def requested_early(self):
+        """Its REQUEST_DATA read and checked before the save, as `take_state_request` does."""
+        self._state_request, self._request_ready = RestoreStateRequest().to_json(), True
 
     def recv(self, timeout, *expected, grace=0.0, peek=None):
         from vfkeep.host.worker_proc import WorkerFailed
@@ -192,6 +198,7 @@ class _FakeWorker:
     save = WorkerProcess.save  # the transfer protocol over the scripted send/recv
     answer_kept = WorkerProcess.answer_kept
     offer_state = WorkerProcess.offer_state
+    handed_over = WorkerProcess.handed_over
     hand_over = WorkerProcess.hand_over
     _check = WorkerProcess._check
     begin_servicing = WorkerProcess.begin_servicing
@@ -201,6 +208,22 @@ class _FakeWorker:
 
     start = WorkerProcess.start
     _recv_by = WorkerProcess._recv_by
+
+
+def _messages_in(frames: bytes) -> list:
+    """The host messages in frames made ahead (`state_ahead_frames`), as the worker reads them."""
+    from vfkeep.contract import Channel, decode
+
+    ours, theirs = Channel.pair()
+    try:
+        ours.send_frame(frames)
+        out = [decode(theirs.recv(1.0), HOST_MESSAGES)]
+        while theirs.ready():
+            out.append(decode(theirs.recv(1.0), HOST_MESSAGES))
+        return out
+    finally:
+        ours.close()
+        theirs.close()
 
 
 _STARTED = Started(nics=())
@@ -414,7 +437,7 @@ def test_the_state_goes_to_the_next_worker_before_the_scrub_and_its_go_after(tmp
     old = _FakeWorker(1, [SaveState(TransferStatus.MORE_DATA, blob[:8192]), SaveState(TransferStatus.SUCCESS,
                                                                                       blob[8192:])])
     new = _FakeWorker(2, [RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
-    new._state_request = RestoreStateRequest().to_json()  # (read early, as `take_state_request` does)
+    new.requested_early()
     at_scrub = []
     host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: at_scrub.append(list(new.sent)))
     result = host._service(mana_keepalive=True)
@@ -441,31 +464,66 @@ def test_a_next_worker_whose_state_request_is_not_in_yet_gets_the_whole_state_af
     assert new.sent == [Start(servicing=True), RestoreState(5, TransferStatus.SUCCESS, b"state")]
 
 
-def test_the_host_scrubs_as_the_last_chunk_arrives_and_answers_the_old_worker_after_the_go(tmp_path, monkeypatch):
+def test_the_host_sends_the_go_right_after_the_scrub_and_decodes_the_report_after_it(tmp_path, monkeypatch):
     """Once the old worker's last chunk says SUCCESS (it has saved and released its devices) the state goes ahead
-    and worker RAM is scrubbed before that message's report is decoded; the go follows, and the old worker's answer
-    (spec §2.5: once, SUCCESS) only after it: nothing but the scrub and the decode stands between the state's
-    arrival and the go."""
-    from vfkeep.contract import STATE_GO, RestoreCompleted, RestoreState, RestoreStateRequest
+    and worker RAM is scrubbed, and the go follows the scrub at once: nothing but the scrub stands between the
+    state's arrival and the go. The last message's report is decoded after the go, and the old worker's answer
+    (spec §2.5: once, SUCCESS) comes after that."""
+    from vfkeep.contract import STATE_GO, RestoreCompleted, RestoreState
 
     order = []
-    old = _FakeWorker(1, [SaveState(TransferStatus.SUCCESS, b"state")])
+
+    class Decoding(_FakeWorker):
+        def recv(self, timeout, *expected, grace=0.0, peek=None):
+            msg = super().recv(timeout, *expected, grace=grace, peek=peek)  # (`peek` sees the frame first)
+            order.append("decode")
+            return msg
+
+    old = Decoding(1, [SaveState(TransferStatus.SUCCESS, b"state")])
     new = _FakeWorker(2, [RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
-    new._state_request = RestoreStateRequest().to_json()
+    new.requested_early()
     for w, who in ((old, "old"), (new, "new")):
-        w.sent = types.SimpleNamespace(append=lambda m, who=who: order.append((who, m)))
+        w.sent = types.SimpleNamespace(append=lambda m, who=who: order.append((who, m)),
+                                       extend=lambda ms, who=who: order.extend((who, m) for m in ms))
     host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: order.append("scrub"))
     assert host._service(mana_keepalive=True)["ok"] is True
     assert order[0] == ("new", Start(servicing=True)) and order[1][0] == "old" and isinstance(order[1][1], Save)
     assert order[2:] == [("new", RestoreState(5, TransferStatus.MORE_DATA, b"state")), "scrub", ("new", STATE_GO),
-                         ("old", SaveStateAnswer(TransferStatus.SUCCESS))], order
+                         "decode", ("old", SaveStateAnswer(TransferStatus.SUCCESS))], order
 
 
-def test_a_last_message_that_fails_to_decode_after_its_state_went_ahead_is_d4(tmp_path, monkeypatch):
-    """The state went ahead and worker RAM was scrubbed on the frame's SUCCESS, but the message itself is unusable
-    (WorkerFailed): D4. The prelaunched worker, which never got its go, is ended; the old worker is ended and its
+def test_a_last_message_whose_report_fails_to_decode_after_the_go_keeps_the_state(tmp_path, monkeypatch):
+    """The state went ahead, worker RAM was scrubbed and the go sent on the frame's SUCCESS; then the message's
+    report turns out unusable (WorkerFailed). The state was complete and the next worker restores from it (it
+    validates any state): the servicing reports the error, the old worker (owed no answer) is ended, and no second
+    scrub, no worker without state follows."""
+    from vfkeep.contract import STATE_GO, RestoreCompleted
+    from vfkeep.host.worker_proc import WorkerFailed
+
+    class Malformed(_FakeWorker):
+        def save(self, request, timeout, grace=0.0, ahead=None, answer=True):
+            ahead(b"state")
+            raise WorkerFailed("worker 1 sent a malformed message: nics")
+
+    scrubs = []
+    old = Malformed(1)
+    new = _FakeWorker(2, [RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
+    new.requested_early()
+    host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: scrubs.append((old.ended, new.ended)))
+    result = host._service(mana_keepalive=True)
+    assert result["ok"] is False and "malformed" in result["error"]
+    assert scrubs == [(False, False)]
+    assert old.ended and not new.ended and host.worker is new
+    assert new.sent[-1] == STATE_GO and new.sent.count(STATE_GO) == 1
+    assert not any(isinstance(m, SaveStateAnswer) for m in old.sent)
+    with open(os.path.join(host.run_dir, "servicing_state.bin"), "rb") as f:
+        assert f.read() == b"state"
+
+
+def test_a_last_message_that_fails_to_decode_before_any_go_is_d4(tmp_path, monkeypatch):
+    """No go went (the next worker's state request was not in before the save, so nothing went ahead): a last
+    message that fails to decode is D4 as ever. The prelaunched worker is ended; the old worker is ended and its
     RAM scrubbed again (it may have run after the first scrub); a worker without state starts."""
-    from vfkeep.contract import RestoreStateRequest
     from vfkeep.host.worker_proc import WorkerFailed
 
     class Malformed(_FakeWorker):
@@ -476,7 +534,6 @@ def test_a_last_message_that_fails_to_decode_after_its_state_went_ahead_is_d4(tm
     scrubs = []
     old = Malformed(1)
     new = _FakeWorker(2)
-    new._state_request = RestoreStateRequest().to_json()
     fresh = _FakeWorker(3, [_STARTED])
     host = _fake_host(tmp_path, monkeypatch, old, [new, fresh],
                       scrub=lambda: scrubs.append((old.ended, new.ended)))
@@ -484,5 +541,4 @@ def test_a_last_message_that_fails_to_decode_after_its_state_went_ahead_is_d4(tm
     assert result["ok"] is False and "malformed" in result["error"]
     assert scrubs == [(False, False), (True, True)]
     assert new.ended and old.ended and host.worker is fresh and fresh.sent == [Start()]
-    assert not any(getattr(m, "status", None) is TransferStatus.SUCCESS and m.length == 0 for m in new.sent
-                   if hasattr(m, "length"))
+    assert new.sent == [Start(servicing=True)]

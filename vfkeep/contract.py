@@ -668,6 +668,29 @@ class Channel:
         self.sock.close()
 
 
+def _state_ahead_template() -> tuple[bytes, bytes]:
+    """The JSON `Channel.frame` makes of a MORE_DATA `RestoreState`, cut where its length goes."""
+    mark = 987654321987654321
+    text = Channel.frame(RestoreState(mark, TransferStatus.MORE_DATA).to_json())[_HEADER.size:]
+    head, tail = text.split(b"%d" % mark)
+    return head, tail
+
+
+_AHEAD_HEAD, _AHEAD_TAIL = _state_ahead_template()
+
+
+def state_ahead_frames(blob: bytes) -> bytes:
+    """The frames `Channel.frame` makes of `restore_state_messages(blob, final=False)`, back to back, for one send:
+    the host sends them after the old worker's last frame, inside the guest's blackout, where making each message's
+    record and JSON cost about 0.1 ms of Python run cold; here only the length goes into the same JSON."""
+    out: list[bytes] = []
+    for i in range(0, max(len(blob), 1), MAX_CHUNK):
+        chunk = blob[i:i + MAX_CHUNK]
+        text = b"%s%d%s" % (_AHEAD_HEAD, len(chunk), _AHEAD_TAIL)
+        out += (_HEADER.pack(len(text), len(chunk)), text, chunk)
+    return b"".join(out)
+
+
 def _plan_every_record() -> None:
     """Every record's plan, made once at import (a worker imports this before its hello) rather than at the first
     `from_json` of each class, which for the next worker is the saved state inside the servicing window (about

@@ -740,15 +740,24 @@ class Host:
 
             def hand_ahead(state: bytes) -> None:
                 """The old worker's last chunk says SUCCESS: it has saved and released its devices. Its state goes
-                ahead (MORE_DATA) to the prelaunched worker, which reads and decodes it meanwhile, and worker RAM is
-                scrubbed now; the message's report is decoded after the scrub, the go (`hand_over`) follows, and
-                only then the old worker's answer and the bookkeeping (all of it was before the scrub)."""
+                ahead (MORE_DATA) to the prelaunched worker, which reads and decodes it meanwhile, worker RAM is
+                scrubbed, and the go (`hand_over`) follows the scrub at once; the message's report is decoded after
+                the go (a malformed one no longer holds the complete state back: see below), then the old worker's
+                answer and the bookkeeping. No go while the host is stopping, nor to a worker the state could not go
+                ahead to (then as before: after the decode)."""
                 early.update(t=time.perf_counter(), mono=time.monotonic_ns())
-                early["handed"] = handed = tamper_blob(state, tamper, self.mem.layout) if tamper else state
-                new.offer_state(handed)
+                handed = tamper_blob(state, tamper, self.mem.layout) if tamper else state
+                early.update(state=state, handed=handed)
+                offered = new.offer_state(handed)
                 # Where the guest rings stand: nothing moves them until the next worker's relays run, after the go.
                 early["io"] = self._guest_io_positions()
                 self.mem.scrub_worker_ram()
+                if offered and not self._stopping.is_set():
+                    try:
+                        new.hand_over(handed, timeout_s)  # (only the go)
+                        early["go"] = time.monotonic_ns()
+                    except WorkerFailed:  # gone: not this save's failure; the hand_over below meets it again
+                        pass
 
             try:
                 saved, blob = old.save(request, timeout_s, grace=1.0, ahead=hand_ahead if new is not None else None,
@@ -757,7 +766,18 @@ class Host:
                     self._lost_requests = self._disk_positions()
             except WorkerFailed as e:
                 errors.append(f"save: {e}")
-                kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)", error=str(e))
+                if new is not None and new.handed_over:
+                    # The go went with the scrub: the state was complete (its frame said SUCCESS, every byte in
+                    # bounds) and the next worker restores from it, validating it as any state; only the report
+                    # the old worker sent with it is unusable. The old worker is ended (it is owed no answer).
+                    kv(log, logging.ERROR, "worker's last save message unusable; its state, complete and handed "
+                       "over, is kept", error=str(e))
+                    saved, blob = SaveState(TransferStatus.SUCCESS), early["state"]
+                    old.end()
+                    self._lost_requests = self._disk_positions()
+                else:
+                    kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)",
+                       error=str(e))
             t_saved = early.get("t") or time.perf_counter()
 
             if saved is not None and saved.status is TransferStatus.FAILURE:
@@ -773,9 +793,10 @@ class Host:
                                       new=old)
                 return self._record(result, saved=saved, started=None, prelaunch_ms=prelaunch_ms, worker=old,
                                     window=window)
-            if self._stopping.is_set():
+            if self._stopping.is_set() and not (new is not None and new.handed_over):
                 # The host is stopping (its interrupt ended the worker): no new worker, the teardown follows. A
-                # worker that did not answer its save is stuck: ended now, not asked for a clean shutdown.
+                # worker that did not answer its save is stuck: ended now, not asked for a clean shutdown. (One
+                # that got the go restores, as after any go: the stop waits for its safe point.)
                 if saved is None:
                     old.kill()
                     old.wait_exit(5.0)  # reaped before the teardown looks: it must not ask a killed worker
@@ -812,13 +833,13 @@ class Host:
             try:
                 try:
                     if handed is not None:
-                        new.hand_over(handed, timeout_s, deadline)  # (after `offer_state`: only the go)
+                        new.hand_over(handed, timeout_s, deadline)  # (unless `hand_ahead` sent the go)
                 finally:
                     if saved is not None:
                         old.answer_kept()
                     if saved is not None and early:
                         self._phase("handoff", at_ns=early["mono"])
-                    self._phase("restore")
+                    self._phase("restore", at_ns=early.get("go"))
                 started = new.start(handed, timeout_s, deadline)
             except WorkerFailed as e:
                 # The new worker hung or died before it finished restoring: replace it, with the same blob

@@ -10,7 +10,7 @@ import time
 from .. import proc
 from ..contract import (MAX_CHUNK, MAX_SERVICING_STATE, STATE_GO, Channel, ChannelClosed, ChannelTimeout, ContractError,
                         Hello, InspectReply, Message, RestoreCompleted, RestoreStateRequest, Save, SaveState,
-                        SaveStateAnswer, Start, Started, TransferStatus, restore_state_messages)
+                        SaveStateAnswer, Start, Started, TransferStatus, restore_state_messages, state_ahead_frames)
 from ..log import kv
 from .devices import last_line, remove_if_empty
 
@@ -37,8 +37,10 @@ class WorkerProcess:
         self.spawned_at = time.perf_counter()
         self.spawned_wall = time.time()
         self.servicing_begun = False
-        #: Its REQUEST_DATA as received by `take_state_request` (unchecked: `start` checks it), else None.
+        #: Its REQUEST_DATA as received by `take_state_request` (`hand_over` reports what is wrong with it), else None.
         self._state_request = None
+        #: `take_state_request` found that request a REQUEST_DATA: `offer_state` may answer it.
+        self._request_ready = False
         #: The state `offer_state` sent ahead (all of it as MORE_DATA), else None; `hand_over` then sends the go.
         self._offered: bytes | None = None
         #: The state transfer ended (SUCCESS sent): `start` only waits for the restore.
@@ -49,6 +51,11 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self.child.pid
+
+    @property
+    def handed_over(self) -> bool:
+        """The state transfer to this worker ended (SUCCESS sent): it restores."""
+        return self._handed_over
 
     @classmethod
     def spawn(cls, argv_prefix: list[str], args: list[str], pass_fds: list[int], env: dict[str, str],
@@ -73,8 +80,8 @@ class WorkerProcess:
            compat=msg.compat, startup_ms=round((time.perf_counter() - self.spawned_at) * 1000, 1))
         return msg
 
-    def send(self, msg: Message, frame: bytes | None = None) -> None:
-        """`frame`: `msg` as `Channel.frame` made it ahead of time."""
+    def send(self, msg: Message | None, frame: bytes | None = None) -> None:
+        """`frame`: `msg` as `Channel.frame` made it ahead of time (or the frames of several, `msg` None)."""
         try:
             self.chan.send_frame(frame or Channel.frame(msg.to_json()))
         except ChannelClosed as e:
@@ -232,6 +239,11 @@ class WorkerProcess:
             self._state_request = self.chan.recv(wait_s)
         except (ChannelTimeout, ChannelClosed, ValueError):  # (a torn or bad frame stays buffered for start)
             return False
+        try:  # checked now, before the save: `offer_state` runs inside the guest's blackout
+            self._request_ready = self._check(self._state_request, (RestoreStateRequest,)).status \
+                is TransferStatus.REQUEST_DATA
+        except WorkerFailed:
+            self._request_ready = False
         return True
 
     def offer_state(self, blob: bytes) -> bool:
@@ -240,31 +252,31 @@ class WorkerProcess:
         end, the SUCCESS `hand_over` sends after the scrub, is the go to restore (spec §2.5 unchanged: the state is
         complete only with SUCCESS; DESIGN: scrub before the new worker restores). False, nothing sent, when there
         is no such request or it is not a REQUEST_DATA (then `start` reports it); a worker gone meanwhile is found by
-        `hand_over` too."""
-        req = self._state_request
-        if req is None or self._offered is not None or self._handed_over:
+        `hand_over` too. One send of frames made without a message object (`state_ahead_frames`): this runs between
+        the old worker's last frame and the scrub."""
+        if not self._request_ready or self._offered is not None or self._handed_over:
             return False
         try:
-            if self._check(req, (RestoreStateRequest,)).status is not TransferStatus.REQUEST_DATA:
-                return False
-            for msg in restore_state_messages(blob, final=False):
-                self.send(msg)
+            self.send(None, state_ahead_frames(blob))
         except WorkerFailed:
             return False
-        self._state_request, self._offered = None, blob
+        self._state_request, self._request_ready, self._offered = None, False, blob
         return True
 
     def hand_over(self, blob: bytes, timeout: float, deadline: float | None = None) -> None:
         """Spec §2.5, host side: answer the worker's REQUEST_DATA with `blob`, ending with SUCCESS (after an
         `offer_state` of the same blob, only that SUCCESS, empty: the go). `Start` first unless `begin_servicing`
-        sent it. `timeout` bounds the wait for the request (by `deadline` when given)."""
+        sent it. `timeout` bounds the wait for the request (by `deadline` when given). Once per worker: a second call
+        for the same blob sends nothing."""
         if self._offered is not None and self._offered is not blob:
             raise ValueError("a worker that was offered one saved state cannot be handed another")
+        if self._handed_over:
+            return
         deadline = time.monotonic() + timeout if deadline is None else deadline
         if not self.servicing_begun:
             self.begin_servicing()
         if self._offered is None:
-            early, self._state_request = self._state_request, None
+            early, self._state_request, self._request_ready = self._state_request, None, False
             req = self._check(early, (RestoreStateRequest,)) if early is not None else \
                 self._recv_by(deadline, timeout, RestoreStateRequest)
             if req.status is not TransferStatus.REQUEST_DATA:
