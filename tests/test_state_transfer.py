@@ -207,6 +207,12 @@ class _ScriptedHost:
     def ready(self) -> bool:
         return bool(self.script)
 
+    def take(self, frame: bytes, timeout=None) -> bool:
+        if self.script and Channel.frame(self.script[0].to_json()) == frame:
+            self.script.pop(0)
+            return True
+        return False
+
     def send(self, msg: dict) -> None:
         self.sent.append((msg["type"], time.monotonic_ns(),
                           self.log_path.read_text() if self.log_path.exists() else ""))
@@ -304,6 +310,76 @@ def test_bytes_that_come_with_the_success_are_decoded_with_the_ones_before():
         theirs.close()
 
 
+def test_the_go_after_a_state_sent_ahead_is_known_by_its_bytes_and_anything_else_decoded_as_before(monkeypatch):
+    """Between the state sent ahead and the host's go the new worker waits: the go (`STATE_GO_FRAME`) is recognized
+    without parsing or decoding a message (`Channel.take`), inside the guest's blackout; any other response there
+    (a FAILURE, a chunk with more bytes) is decoded and checked as before."""
+    from vfkeep.paravisor import worker as worker_mod
+
+    decoded = []
+    real_decode = worker_mod.decode
+    monkeypatch.setattr(worker_mod, "decode", lambda data, kinds: (decoded.append(data["status"]),
+                                                                     real_decode(data, kinds))[1])
+    for end, expect in ((STATE_GO, b"state"), (RestoreState(0, TransferStatus.FAILURE), None),
+                        (RestoreState(3, TransferStatus.SUCCESS, b"end"), b"stateend")):
+        host, theirs = Channel.pair()
+        w = worker_mod.Worker.__new__(worker_mod.Worker)
+        w.chan, w.downlevel, w._early_decode = theirs, False, None
+        try:
+            decoded.clear()
+            host.send(RestoreState(5, TransferStatus.MORE_DATA, b"state").to_json())
+            host.send(end.to_json())
+            assert w._fetch_servicing_state() == expect
+            assert decoded == [TransferStatus.MORE_DATA.value] + ([] if end is STATE_GO else [end.status.value])
+            assert not theirs.ready()
+        finally:
+            host.close()
+            theirs.close()
+
+
+def test_the_save_makes_the_top_level_state_before_the_relays_stop(mem, monkeypatch):
+    """Step 1 of the save (the emulation platform's state) and the rest of the top-level state that needs no device
+    stopped (correlation id, VM stop time) are made before the device kinds stop their IO: while the relays still
+    serve the guest, not in its blackout. What follows the stop only adds the DMA manager's and the devices' parts."""
+    import uuid
+
+    from vfkeep.paravisor import worker as worker_mod
+    from vfkeep.paravisor.servicing import decode_servicing_state, guid_from_uuid
+
+    order = []
+    begin, finish = worker_mod.begin_servicing_state, worker_mod.finish_servicing_state
+    monkeypatch.setattr(worker_mod, "begin_servicing_state",
+                        lambda state, **kw: (order.append("begin"), begin(state, **kw))[1])
+    monkeypatch.setattr(worker_mod, "finish_servicing_state",
+                        lambda state, **kw: (order.append("finish"), finish(state, **kw))[1])
+    monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
+    host, theirs = Channel.pair()
+    w = worker_mod.Worker(theirs, mem, [], 1, False, None)
+    for kind in w.kinds:
+        monkeypatch.setattr(kind, "stop", lambda kind=kind: order.append(f"stop {kind.name}"))
+    t = threading.Thread(target=w.serve, daemon=True)
+    t.start()
+    try:
+        assert host.recv(10)["type"] == "hello"
+        host.send(Start().to_json())
+        assert host.recv(10)["type"] == "started"
+        host.send(Inspect().to_json())  # (answered once the rehearsal after `started` is done)
+        assert host.recv(10)["type"] == InspectReply.kind
+        order.clear()
+        cid = str(uuid.uuid4())
+        host.send(Save(HostCapabilities.MANA_KEEPALIVE, 30, cid).to_json())
+        last = host.recv(10)
+        assert last["type"] == "save_state" and last["status"] == TransferStatus.SUCCESS
+        assert order == ["begin", "stop nvme", "stop mana", "finish"]
+        init = decode_servicing_state(last["payload"], downlevel=False).init_state
+        assert init.correlation_id == guid_from_uuid(uuid.UUID(cid)) and init.vm_stop_reference_time > 0
+        assert init.HasField("dma_manager_state")
+    finally:
+        host.close()
+        t.join(10)
+        theirs.close()
+
+
 def test_a_started_worker_rehearses_its_save_and_the_save_it_then_makes_is_its_own(mem, monkeypatch):
     """After `started` (outside any blackout) the worker runs its save's side-effect-free steps once (their first
     calls in a process cost two to four times more, and a worker saves once, inside the next blackout); that
@@ -314,9 +390,9 @@ def test_a_started_worker_rehearses_its_save_and_the_save_it_then_makes_is_its_o
     from vfkeep.paravisor.servicing import decode_servicing_state, guid_from_uuid
 
     calls = []
-    complete = worker_mod.complete_servicing_state
-    monkeypatch.setattr(worker_mod, "complete_servicing_state",
-                        lambda state, **kw: (calls.append(kw["correlation_id"]), complete(state, **kw))[1])
+    begin = worker_mod.begin_servicing_state
+    monkeypatch.setattr(worker_mod, "begin_servicing_state",
+                        lambda state, **kw: (calls.append(kw["correlation_id"]), begin(state, **kw))[1])
     monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
     host, theirs = Channel.pair()
     w = worker_mod.Worker(theirs, mem, [], 1, False, None)

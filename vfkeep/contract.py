@@ -629,6 +629,26 @@ class Channel:
     def recv(self, timeout: float | None = None) -> Any:
         """Next frame, parsed (ValueError when it is not JSON), its payload (if any) as `payload` when the
         JSON is an object; `timeout` None waits forever."""
+        end = self._buffer_frame(timeout)
+        n, p = _HEADER.unpack_from(self._buf)
+        msg = json.loads(bytes(self._buf[_HEADER.size:_HEADER.size + n]))
+        if p and isinstance(msg, dict):
+            msg["payload"] = bytes(self._buf[_HEADER.size + n:end])
+        del self._buf[:end]
+        return msg
+
+    def take(self, frame: bytes, timeout: float | None = None) -> bool:
+        """Wait for the next frame as `recv` does; when its bytes are `frame`'s (made by `frame`), consume it and
+        return True, else leave it for `recv` and return False: a message known to the byte (the host's go) is then
+        recognized without parsing or decoding it."""
+        end = self._buffer_frame(timeout)
+        if end != len(frame) or self._buf[:end] != frame:
+            return False
+        del self._buf[:end]
+        return True
+
+    def _buffer_frame(self, timeout: float | None) -> int:
+        """Read until a whole frame is buffered (ChannelTimeout after `timeout`, None: forever): its end."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if len(self._buf) >= _HEADER.size:
@@ -637,11 +657,7 @@ class Channel:
                     raise ChannelClosed(f"message of {n} + {p} bytes exceeds {MAX_MESSAGE}")
                 end = _HEADER.size + n + p
                 if len(self._buf) >= end:
-                    msg = json.loads(bytes(self._buf[_HEADER.size:_HEADER.size + n]))
-                    if p and isinstance(msg, dict):
-                        msg["payload"] = bytes(self._buf[_HEADER.size + n:end])
-                    del self._buf[:end]
-                    return msg
+                    return end
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if remaining == 0.0:
                 raise ChannelTimeout("no message from peer in time")
@@ -677,6 +693,9 @@ def _state_ahead_template() -> tuple[bytes, bytes]:
 
 
 _AHEAD_HEAD, _AHEAD_TAIL = _state_ahead_template()
+#: `STATE_GO` as it goes on the channel, made once: the host sends it right after its scrub and the new worker knows
+#: it by its bytes (`Channel.take`), both inside the guest's blackout.
+STATE_GO_FRAME = Channel.frame(STATE_GO.to_json())
 
 
 def state_ahead_frames(blob: bytes) -> bytes:

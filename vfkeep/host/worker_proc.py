@@ -8,17 +8,14 @@ import subprocess
 import time
 
 from .. import proc
-from ..contract import (MAX_CHUNK, MAX_SERVICING_STATE, STATE_GO, Channel, ChannelClosed, ChannelTimeout, ContractError,
-                        Hello, InspectReply, Message, RestoreCompleted, RestoreStateRequest, Save, SaveState,
-                        SaveStateAnswer, Start, Started, TransferStatus, restore_state_messages, state_ahead_frames)
+from ..contract import (MAX_CHUNK, MAX_SERVICING_STATE, STATE_GO, STATE_GO_FRAME, Channel, ChannelClosed,
+                        ChannelTimeout, ContractError, Hello, InspectReply, Message, RestoreCompleted, RestoreStateRequest, Save,
+                        SaveState, SaveStateAnswer, Start, Started, TransferStatus, restore_state_messages,
+                        state_ahead_frames)
 from ..log import kv
 from .devices import last_line, remove_if_empty
 
 log = logging.getLogger("vfkeep.host.worker")
-
-
-#: The go (`STATE_GO`) as it goes on the channel, made once: it leaves right after the scrub, in the guest's blackout.
-_GO_FRAME = Channel.frame(STATE_GO.to_json())
 
 
 class WorkerFailed(Exception):
@@ -284,7 +281,7 @@ class WorkerProcess:
             for msg in restore_state_messages(blob):
                 self.send(msg)
         else:
-            self.send(STATE_GO, _GO_FRAME)
+            self.send(STATE_GO, STATE_GO_FRAME)
         self._handed_over = True
 
     def start(self, blob: bytes | None, timeout: float, deadline: float | None = None) -> Started:

@@ -77,11 +77,20 @@ def reference_time() -> int:
 def complete_servicing_state(state: underhill_pb2.ServicingState, *, nics: list[dict], dma_state,
                              correlation_id: str | None, vm_stop_reference_time: int, flush_logs_us: int) -> None:
     """Add the worker's own parts of the top-level state (spec §2.6) to `state`, which holds the device
-    kinds' parts already (MANA: field 10003).
+    kinds' parts already (MANA: field 10003): `begin_servicing_state`'s, then `finish_servicing_state`'s.
 
     nics: [{pci_id, mac (6 bytes), adapter_index, vports}] for the netvsp state, saved regardless of
     keepalive. dma_state: `OpenhclDmaManagerState` or None (present iff a keepalive mode was effective).
     """
+    begin_servicing_state(state, nics=nics, correlation_id=correlation_id,
+                          vm_stop_reference_time=vm_stop_reference_time)
+    finish_servicing_state(state, dma_state=dma_state, flush_logs_us=flush_logs_us)
+
+
+def begin_servicing_state(state: underhill_pb2.ServicingState, *, nics: list[dict], correlation_id: str | None,
+                          vm_stop_reference_time: int) -> None:
+    """The parts of the top-level state known before the worker stops any IO (the emulation platform's, the ids,
+    the VM stop time): the old worker adds them before its relays stop, outside the guest's blackout."""
     init = state.init_state
     init.firmware_type.none.SetInParent()
     init.vm_stop_reference_time = vm_stop_reference_time
@@ -97,6 +106,11 @@ def complete_servicing_state(state: underhill_pb2.ServicingState, *, nics: list[
             netvsp.direction_to_vtl0.add(value=False)
         if nic["mac"]:
             index_list.entries.add(mac_address=nic["mac"], adapter_index=nic["adapter_index"])
+
+
+def finish_servicing_state(state: underhill_pb2.ServicingState, *, dma_state, flush_logs_us: int) -> None:
+    """The parts known only once the devices are saved: the DMA manager's state and the log flush's time."""
+    init = state.init_state
     init.flush_logs_result.duration_us = flush_logs_us
     if dma_state is not None:
         init.dma_manager_state.CopyFrom(dma_state)

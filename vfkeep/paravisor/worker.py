@@ -21,9 +21,9 @@ import click
 
 from .. import __version__, kill_points, proc
 from .. import log as vlog
-from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, Bye, Channel, ChannelClosed, ContractError,
-                        ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome, NvmeConfig,
-                        RestoreCompleted, RestoreState, RestoreStateRequest, Save, SaveOutcome, SaveState,
+from ..contract import (DATAPATH_KEEPALIVE_ENV, HOST_MESSAGES, STATE_GO_FRAME, Bye, Channel, ChannelClosed,
+                        ContractError, ErrorReply, Hello, Inspect, InspectReply, Message, NicConfig, NicSaveOutcome,
+                        NvmeConfig, RestoreCompleted, RestoreState, RestoreStateRequest, Save, SaveOutcome, SaveState,
                         SaveStateAnswer, Shutdown, Start, Started, TransferStatus, decode, save_state_messages)
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, MemoryLayout, RestoreError, UnrestoredAllocations
@@ -33,8 +33,8 @@ from .mana_kind import ManaKind
 from .nvme_kind import NvmeKind
 from .nvme_manager import always_flr_from_env
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
-from .servicing import (ServicingStateError, TestConfig, complete_servicing_state, decode_servicing_state,
-                        parse_test_config, reference_time, test_config_from_env)
+from .servicing import (ServicingStateError, TestConfig, begin_servicing_state, decode_servicing_state,
+                        finish_servicing_state, parse_test_config, reference_time, test_config_from_env)
 
 log = logging.getLogger("vfkeep.worker")
 
@@ -243,6 +243,8 @@ class Worker:
         parts: list[bytes] = []
         self._early_decode = None
         while True:
+            if parts and self.chan.take(STATE_GO_FRAME):  # the go after the state went ahead: known by its bytes
+                return b"".join(parts)
             try:
                 msg = decode(self.chan.recv(), HOST_MESSAGES)
             except (ContractError, ValueError) as e:
@@ -321,7 +323,11 @@ class Worker:
                                   pool_present=self.dma.has_pool)
         kv(log, logging.INFO, "save requested", capabilities=hex(msg.capabilities),
            timeout_hint_s=msg.timeout_hint_s, effective_mana=eff.mana, effective_nvme=eff.nvme)
-        vm_stop = reference_time()
+        # 1: emulation-platform state, before NICs are torn down: with the rest of the top-level state that needs
+        # no device stopped (its ids, the VM stop time), made while the relays still run (not in the blackout).
+        state = underhill_pb2.ServicingState()
+        begin_servicing_state(state, nics=self.mana.emuplat(), correlation_id=msg.correlation_id,
+                              vm_stop_reference_time=reference_time())
 
         t = time.perf_counter()
         for kind in self.kinds:
@@ -329,8 +335,6 @@ class Worker:
         phases["stop_io"] = _ms(t)
         kill_points.reached("save.io_stopped")
 
-        # 1: emulation-platform state, before NICs are torn down.
-        nics_emuplat = self.mana.emuplat()
         # 2: DMA manager state before any device's, only when a keepalive mode is effective.
         t = time.perf_counter()
         try:
@@ -340,7 +344,6 @@ class Worker:
         phases["dma_save"] = _ms(t)
         kill_points.reached("save.dma_saved")
         # 3, 5: the device kinds (destructive), each saved only under its effective keepalive.
-        state = underhill_pb2.ServicingState()
         outcomes: dict[str, list] = {}
         for kind in self.kinds:
             t = time.perf_counter()
@@ -359,8 +362,7 @@ class Worker:
         for h in logging.getLogger().handlers:
             h.flush()
         flush_us = int((time.perf_counter() - t) * 1e6)
-        complete_servicing_state(state, nics=nics_emuplat, dma_state=dma_state, correlation_id=msg.correlation_id,
-                                 vm_stop_reference_time=vm_stop, flush_logs_us=flush_us)
+        finish_servicing_state(state, dma_state=dma_state, flush_logs_us=flush_us)
         blob = state.SerializeToString()
         phases["total"] = _ms(t_all)
         init = state.init_state
@@ -413,11 +415,11 @@ class Worker:
             except DmaError:  # (a slot still pending restore: the save refuses it too)
                 dma_state = None
             state = underhill_pb2.ServicingState()
+            begin_servicing_state(state, nics=self.mana.emuplat(), correlation_id=str(uuid.uuid4()),
+                                  vm_stop_reference_time=reference_time())
             if not self.downlevel:
                 self.mana.rehearse_save(state)
-            complete_servicing_state(state, nics=self.mana.emuplat(), dma_state=dma_state,
-                                     correlation_id=str(uuid.uuid4()), vm_stop_reference_time=reference_time(),
-                                     flush_logs_us=0)
+            finish_servicing_state(state, dma_state=dma_state, flush_logs_us=0)
             nics, disks = ([NicSaveOutcome(n.pci_id, SaveOutcome.SAVED, None, {}) for n in kind.reports()]
                            for kind in (self.mana, self.nvme))
             for msg in save_state_messages(state.SerializeToString(), nics, {"total": 0.0}, disks):
