@@ -88,3 +88,29 @@ def test_the_stop_drains_on_the_stopping_thread_once_the_relay_thread_has_ended(
     relay.stop()
     assert reads == [(threading.current_thread(), False)]  # the drain's register read
     assert len(channel.rx) == 8
+
+
+def test_the_mana_kind_makes_the_rings_block_views_before_the_state_arrives():
+    """The relay's first passes copy the guest's frames as blocks of ring slots; the view of the slots as one array
+    (`Ring._rows`, made on first use) is made by `ManaKind.prepare`, with the ring attach, not in those passes."""
+    from vfkeep.guest.ring import ChannelLayout, NicChannel
+    from vfkeep.memory import GuestMemory, MemoryLayout
+    from vfkeep.paravisor.mana_kind import ManaKind
+
+    mem = GuestMemory.create(MemoryLayout(guest_pages=64, worker_pages=16, pool_pages=16))
+    layout = "nics=1,slots=16,slot_size=2048,base=0"
+    host_side = NicChannel.create(mem, ChannelLayout.from_str(layout), 0)
+    kind = ManaKind([NicConfig(0, "nic0", "unused.sock", *host_side.bell_fds())], mem, layout)
+    try:
+        kind.prepare()
+        channel = kind.channels[0]
+        assert channel.tx._slot_rows is not None and channel.rx._slot_rows is not None
+    finally:
+        for ahead in kind.relay_threads.values():
+            ahead.cancel()
+            ahead.thread.join(5)
+        for channel in kind.channels.values():
+            channel.tx.close()
+            channel.rx.close()
+        host_side.close()
+        mem.close()

@@ -62,6 +62,9 @@ class _Vport:
     def send(self, frames):
         return 0
 
+    def rx_pending(self):
+        return False
+
     def receive_batch(self, consume, n, consume_block=None):
         return 0
 

@@ -478,6 +478,12 @@ class VportDataPath:
         self.take_events()
         self._arm(tx)
 
+    def rx_pending(self) -> bool:
+        """Whether a received frame (or an RX error) waits in the RX CQ: one owner byte read, where a `receive_batch`
+        that finds nothing costs a poll of the CQ and the batch's set-up."""
+        self._check_open()
+        return self._rx_cq.pending()
+
     def take_events(self) -> bool:
         """Consume a pending interrupt and the EQ's new events, noting which queues notified (they are disarmed
         now): `fileno()` is not readable again until the next interrupt. True if received frames wait."""

@@ -550,6 +550,12 @@ class NicChannel:
                                     f"layout says {layout.slots}x{layout.slot_size}")
         return cls(nic, tx, rx)
 
+    def block_views(self) -> None:
+        """Make both rings' block views now (`Ring._rows`, 0.02 ms the first time in a process), e.g. before a
+        restore, not in a relay's first passes."""
+        self.tx._rows()
+        self.rx._rows()
+
     def bell_fds(self) -> tuple[int, int]:
         """(tx, rx) eventfds, for pass_fds."""
         return self.tx.doorbell.fd, self.rx.doorbell.fd

@@ -61,10 +61,11 @@ class ManaKind:
         return [name for cfg in self.nic_configs for name in dma_client_names(cfg.pci_id)]
 
     def prepare(self) -> None:
-        """Attach each NIC's guest rings now (their header checks and views, about 0.15 ms per NIC in a new
-        process) and start its relay's thread (`RelayThread`), so the relays that start at the end of the restore
-        find both ready. Nothing is cached in a ring object, so attaching while the previous worker's relay still
-        moves frames is safe; a ring that does not attach is left to the NIC's relay start, which reports it."""
+        """Attach each NIC's guest rings now (their header checks and views, block views included, about 0.15 ms
+        per NIC in a new process) and start its relay's thread (`RelayThread`), so the relays that start at the end
+        of the restore find both ready. Nothing is cached in a ring object, so attaching while the previous worker's
+        relay still moves frames is safe; a ring that does not attach is left to the NIC's relay start, which
+        reports it."""
         if self.channel_layout is None:
             return
         layout = ChannelLayout.from_str(self.channel_layout)
@@ -75,6 +76,7 @@ class ManaKind:
                 try:
                     self.channels[cfg.index] = NicChannel.attach(self.mem, layout, cfg.index, cfg.tx_bell_fd,
                                                                  cfg.rx_bell_fd)
+                    self.channels[cfg.index].block_views()  # (not in the relay's first passes)
                 except RingError:
                     pass
 
