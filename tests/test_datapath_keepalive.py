@@ -240,7 +240,7 @@ def test_kept_vport_saved_under_another_index_takes_the_fallback(bench, mem, mon
     state.vports[0].vport_index = 1
     saved = mana_driver_pb2.ManaSavedState(pci_id="nic0", mana_device=state)
     monkeypatch.setattr(vf_manager, "reset_method_setter", lambda path: bench.set_reset_method)
-    monkeypatch.setattr(vf_manager.VfManager, "_open", lambda self, persistent, restore=False, irqs=(): bench.connect(
+    monkeypatch.setattr(vf_manager.VfManager, "_open", lambda self, persistent, restore=False, irqs=(), ahead=None: bench.connect(
         self.dma, self.pci_id, fresh=not restore, persistent=persistent))
     vf = vf_manager.VfManager.create(NicConfig(0, "nic0", "unused.sock", -1, -1), mem, dma, saved=saved,
                                      keepalive=True, force_fallback=None, datapath_keepalive=True)
@@ -265,7 +265,7 @@ def test_queue_memory_a_failed_teardown_leaked_is_freed_after_the_fallback_flr(b
     bench.device.faults.add("MANA_CONFIG_VPORT_RX", "once")   # the new persistent vport fails to open ...
     bench.device.faults.add("MANA_DESTROY_WQ_OBJ", "once")    # ... and to tear down: its blocks are leaked
     monkeypatch.setattr(vf_manager, "reset_method_setter", lambda path: bench.set_reset_method)
-    monkeypatch.setattr(vf_manager.VfManager, "_open", lambda self, persistent, restore=False, irqs=(): bench.connect(
+    monkeypatch.setattr(vf_manager.VfManager, "_open", lambda self, persistent, restore=False, irqs=(), ahead=None: bench.connect(
         self.dma, self.pci_id, fresh=not restore, persistent=persistent))
     vf = vf_manager.VfManager.create(NicConfig(0, "nic0", "unused.sock", -1, -1), mem, dma, saved=saved,
                                      keepalive=True, force_fallback=None, datapath_keepalive=True)

@@ -28,6 +28,9 @@ class RecordingKind:
     def prepare(self):
         self.calls.append(("nvme", "prepare"))
 
+    def attach_ahead(self, state, config):
+        self.calls.append(("nvme", "attach_ahead", state is None, config.canonical))
+
     def configure(self, dma):
         self.calls.append(("nvme", "configure", type(dma).__name__))
 
@@ -72,9 +75,9 @@ def worker(mem, monkeypatch):
     monkeypatch.setenv(MANA_KEEPALIVE_ENV, "host,privatepool")
     monkeypatch.setenv(NVME_KEEPALIVE_ENV, "host,privatepool")
     calls: list = []
-    recording(calls, ManaKind, "mana", ("prepare", "configure", "restore", "start", "stop", "save", "revive"),
-              monkeypatch)
-    recording(calls, DmaManager, "dma", ("save", "validate_restore"), monkeypatch)
+    recording(calls, ManaKind, "mana", ("prepare", "attach_ahead", "configure", "restore", "start", "stop", "save",
+                                        "revive"), monkeypatch)
+    recording(calls, DmaManager, "dma", ("save", "restore", "validate_restore"), monkeypatch)
     host, chan = Channel.pair()
     w = worker_module.Worker(chan, mem, [], generation=1, downlevel=False, channel_layout=None)
     # In the NVMe kind's place: before networking (spec §3 step 4, §2.2 step 3).
@@ -104,6 +107,7 @@ def test_restore_order_configure_restore_validate_then_start(worker):
     assert started.error is None and started.nics == ()
     assert worker.calls == [
         ("nvme", "prepare"), ("mana", "prepare"),
+        ("nvme", "attach_ahead", True, "enabled"), ("mana", "attach_ahead"),
         ("nvme", "configure", "DmaManager"), ("nvme", "restore", True, "enabled"),
         ("mana", "configure"), ("mana", "restore"),
         ("dma", "validate_restore"),
@@ -157,3 +161,23 @@ def test_failed_save_revives_every_kind_then_restarts_its_io(worker):
     (failed,) = saved_state(worker)
     assert failed.status is TransferStatus.FAILURE and "SERVICING_SAVE_FAIL" in failed.error
     assert worker.calls[-4:] == [("nvme", "revive"), ("mana", "revive"), ("nvme", "start"), ("mana", "start")]
+
+
+def test_every_kind_gets_the_decoded_state_to_attach_ahead_before_the_dma_manager_restores(worker, mem):
+    """As the next worker of a servicing: once the state is decoded, each kind may send its devices' attach
+    (`attach_ahead`, so a device answers while the restore runs) before the DMA manager restores (step 2) and
+    before any kind is configured or restores."""
+    from vfkeep.contract import RestoreState
+    from vfkeep.paravisor.servicing import complete_servicing_state
+
+    state = underhill_pb2.ServicingState()
+    complete_servicing_state(state, nics=[], dma_state=DmaManager(mem).save(), correlation_id=None,
+                             vm_stop_reference_time=0, flush_logs_us=0)
+    blob = state.SerializeToString()
+    worker.host.send(RestoreState(len(blob), TransferStatus.SUCCESS, blob).to_json())
+    started = worker.start(Start(servicing=True))
+    assert started.error is None
+    first = worker.calls.index(("nvme", "attach_ahead", False, "enabled"))
+    assert worker.calls[first:first + 5] == [
+        ("nvme", "attach_ahead", False, "enabled"), ("mana", "attach_ahead"), ("dma", "restore"),
+        ("nvme", "configure", "DmaManager"), ("nvme", "restore", False, "enabled")]

@@ -153,3 +153,22 @@ def test_a_fresh_init_after_setting_reset_method_none_attaches_in_one_round_trip
         assert ctl(sock, "counters")["counters"]["reset_count"] == (0 if method_set else 1)
     finally:
         vf.dev.shutdown()
+
+
+def test_a_nic_that_does_not_take_the_keepalive_restore_cancels_the_attach_sent_ahead_first(device, mem):
+    """The next worker sends a NIC's restore attach ahead (`attach_ahead_for`); a NIC whose path turns out to be
+    another (here: no saved state, a fresh init) disconnects it before anything else, or its own open would wait
+    behind it (the device serves one client at a time)."""
+    from vfkeep.contract import NicConfig, RestorePath
+    from vfkeep.driver.mana import RESTORE_FIRST_READ, fresh_vectors
+    from vfkeep.paravisor.vf_manager import VfManager
+    from vfkeep.vfio_user.backing import attach_ahead
+
+    sock = device("--reset-method", "none")
+    pending = attach_ahead(sock, mem, prefetch=RESTORE_FIRST_READ, irqs=fresh_vectors())
+    vf = VfManager.create(NicConfig(0, "nic0", sock, -1, -1), mem, DmaManager(mem, strict_pool=False), saved=None,
+                          keepalive=False, force_fallback=None, ahead=pending)
+    assert (vf.error, vf.restore_path, vf.flr) == (None, RestorePath.FRESH, False)
+    names = [e["name"] for e in ctl(sock, "command_log")["entries"]]
+    assert names.count("CONNECT") == 2 and names.index("DISCONNECT") < names.index("CONNECT", 1)
+    vf.shutdown()

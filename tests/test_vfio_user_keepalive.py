@@ -162,3 +162,23 @@ def test_the_next_client_takes_over_the_mapping_the_last_one_left_and_the_rest_i
             assert (state["dma_maps"], state["retired_dma_maps"], state["files_mapped"]) == (1, 0, 2)
     finally:
         mem.close()
+
+
+def test_a_cancelled_attach_sent_ahead_is_taken_by_the_device_before_a_control_call_that_follows(vfio_testdev):
+    """A next worker whose NIC does not take the keepalive path cancels the attach it sent ahead and may then set
+    the reset method to flr (a fallback): `cancel()` returns once the device has taken the disconnect, so that
+    control call, on the other socket, can neither find the client still attached nor turn the disconnect into a
+    reset."""
+    sock, _ = vfio_testdev(reset_method="none")
+    mem = GuestMemory.create(MemoryLayout(guest_pages=2, worker_pages=2, pool_pages=2))
+    try:
+        for _ in range(3):
+            pending = VfioDevice.attach_ahead(sock, mem, p.REGION_BAR0, p.IRQ_MSIX, irqs=(0, 1))
+            pending.cancel()
+            assert control_call(f"{sock}.ctl", "state")["connected"] is False
+            control_call(f"{sock}.ctl", "set_reset_method", value="flr")
+            control_call(f"{sock}.ctl", "set_reset_method", value="none")
+        state = control_call(f"{sock}.ctl", "state")
+        assert (state["resets"], state["epoch"]) == (0, 3)
+    finally:
+        mem.close()

@@ -19,7 +19,7 @@ from vfkeep.driver.errors import BackingError
 from vfkeep.memory import MemoryLayout
 from vfkeep.vfio_user import client as client_module
 from vfkeep.vfio_user import protocol as p
-from vfkeep.vfio_user.backing import open_vfio
+from vfkeep.vfio_user.backing import attach_ahead, open_vfio
 
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=16, pool_pages=0)
 TIMEOUT = 2.0
@@ -35,6 +35,7 @@ class BatchServer:
         self.listener.listen(1)
         self.batches, self.fail = batches, fail
         self.seen: list[list[int]] = []
+        self.answered = threading.Event()  # the first batch is answered
         self.error: Exception | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -53,6 +54,7 @@ class BatchServer:
                         error = errno.EINVAL if m.command == self.fail else 0
                         p.send_message(conn, m.msg_id, m.command, p.TYPE_REPLY | (p.FLAG_ERROR if error else 0),
                                        b"" if error else self._answer(m), error=error, timeout=TIMEOUT)
+                    self.answered.set()
                 p.wait_message(conn, reader, TIMEOUT)  # until the client hangs up
         except (p.PeerClosed, TimeoutError) as e:
             if len(self.seen) < len(self.batches):
@@ -139,6 +141,42 @@ def test_a_restore_assigns_the_drivers_first_vectors_in_its_batch(server, mem):
     assert srv.error is None
     assert srv.seen == [[*RESTORE_BATCH, p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS, p.Command.DEVICE_SET_IRQS],
                         [p.Command.DEVICE_SET_IRQS]]
+
+
+def test_an_attach_sent_ahead_is_answered_before_anyone_waits_for_it_and_read_by_the_open(server, mem):
+    """`attach_ahead` (the next worker, before its DMA manager restores): the whole restore attach goes out without
+    waiting, so the device (this one answers only a whole batch) serves it while the caller works; the open that
+    follows reads those answers, with no exchange of its own."""
+    srv, path = server([8])
+    pending = attach_ahead(path, mem, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    assert srv.answered.wait(TIMEOUT)  # nobody has read a reply yet
+    backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1), ahead=pending)
+    assert backing.read(0, 40) == bytes(40) and len(set(backing.set_irqs([0, 1]))) == 2
+    backing.close()
+    srv.close()
+    assert srv.error is None
+    assert srv.seen == [[*RESTORE_BATCH, p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS, p.Command.DEVICE_SET_IRQS]]
+
+
+def test_an_attach_sent_ahead_for_other_vectors_is_cancelled_and_the_open_attaches_anew(server, mem):
+    """An attach sent ahead that does not fit the open (other vectors: the final state differs from the one it
+    was sent for) is disconnected first; the open then makes its own."""
+    first, path = server([8])
+    pending = attach_ahead(path, mem, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    assert first.answered.wait(TIMEOUT)
+    first.listener.close()  # (the open's connection goes to the second server on the same path)
+    import os
+    os.unlink(path)
+    second = BatchServer(path, [7])
+    try:
+        backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0,),
+                            ahead=pending)
+        backing.close()
+    finally:
+        second.close()
+        first.close()
+    assert first.error is None and second.error is None
+    assert second.seen == [[*RESTORE_BATCH, p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS]]
 
 
 def test_a_restore_attach_sends_its_commands_without_fds_together(server, mem, monkeypatch):

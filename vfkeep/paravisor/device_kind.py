@@ -39,7 +39,8 @@ class PreviousState:
 class DeviceKind(Protocol):
     """One keepalive device kind in the worker. The worker calls, in this order:
 
-    - restore (spec §3): `prepare()` before the saved state is fetched, `configure(dma)` once the DMA manager exists and has restored its state (step 2),
+    - restore (spec §3): `prepare()` before the saved state is fetched, `attach_ahead(state, config)` once it is
+      decoded, `configure(dma)` once the DMA manager exists and has restored its state (step 2),
       `restore(previous, config)` (steps 4 and 6: NVMe, then networking), the DMA manager's validation
       (step 7), then `start()` (step 8: guest IO moves again);
     - save (spec §2.1-2.2): `stop()` (guest IO stops), the emulation-platform state and the DMA manager's
@@ -60,6 +61,11 @@ class DeviceKind(Protocol):
     def prepare(self) -> None:
         """Before the saved state is fetched (a prelaunched worker: while the previous one still runs): what does
         not depend on the state and touches no device, so that it is not done in the servicing window."""
+
+    def attach_ahead(self, state: underhill_pb2.ServicingState | None, config: KeepAliveConfig) -> None:
+        """Once the saved state is decoded, before the DMA manager restores: send the transport attach of each
+        device `restore` will take the keepalive path for (no DMA client, nothing of the state applied), so the
+        device answers while the worker restores; `restore` reads the answers (any other path cancels it)."""
 
     def configure(self, dma: DmaManager) -> None:
         """This boot's DMA manager, before any of its clients exists (spec 8.3)."""

@@ -49,6 +49,9 @@ class NvmeKind:
     def prepare(self) -> None:
         """Nothing: the block relays attach their rings when they start."""
 
+    def attach_ahead(self, state, config: KeepAliveConfig) -> None:
+        """Nothing: the NVMe manager's restore opens its controllers."""
+
     def configure(self, dma: DmaManager) -> None:
         self.dma = dma
 

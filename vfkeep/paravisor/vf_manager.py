@@ -34,7 +34,8 @@ from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
 from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
 from ..proto import mana_driver_pb2
-from ..vfio_user.backing import VfioBacking, open_vfio, presence_probe, reset_method_setter
+from ..vfio_user.backing import (PendingAttach, VfioBacking, attach_ahead, open_vfio, presence_probe,
+                                 reset_method_setter)
 from .device_kind import CreateFailed, create_fresh, release_pending_buffers
 from .net_relay import NetRelay, RelayStats, RelayThread
 
@@ -85,6 +86,25 @@ def fresh_mana_device(open_device: Callable[[], DeviceBacking], set_reset_method
                         what="mana device", errors=DEVICE_ERRORS, missing=(DeviceMissing,), force_flr=force_flr)
 
 
+def attach_ahead_for(cfg: NicConfig, mem: GuestMemory, saved: mana_driver_pb2.ManaSavedState) -> PendingAttach | None:
+    """The attach `VfManager.create`'s keepalive restore of `saved` makes (`_open`), sent now: the device serves it
+    while the worker restores its DMA manager and the kinds before networking (it needs no DMA client and applies
+    nothing of the saved state). None if it could not be sent (the restore then finds out for itself)."""
+    try:
+        return attach_ahead(cfg.socket, mem, prefetch=RESTORE_FIRST_READ, irqs=restore_vectors(saved.mana_device))
+    except DEVICE_ERRORS as e:
+        kv(log, logging.WARNING, "attaching ahead failed", pci_id=cfg.pci_id, error=str(e))
+        return None
+
+
+def _cancel(ahead: PendingAttach, pci_id: str) -> None:
+    """An attach sent ahead that the NIC's path does not use: disconnected (once the device has taken it)."""
+    try:
+        ahead.cancel()
+    except Exception as e:  # noqa: BLE001 - the path that follows opens its own connection
+        kv(log, logging.WARNING, "cancelling the attach sent ahead failed", pci_id=pci_id, error=str(e))
+
+
 def release_nic_buffers(dma: DmaManager, pci_id: str) -> int:
     """Attach and free a NIC's saved pool buffers (spec 6.2) when its saved state is not used; pages freed."""
     return release_pending_buffers(dma, dma_client_names(pci_id)[0])
@@ -132,22 +152,27 @@ class VfManager:
     @classmethod
     def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
                force_fallback: str | None, datapath_keepalive: bool = False,
-               channel: NicChannel | None = None, relay_thread: RelayThread | None = None) -> "VfManager":
+               channel: NicChannel | None = None, relay_thread: RelayThread | None = None,
+               ahead: PendingAttach | None = None) -> "VfManager":
         """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
         with its error (and shows as DeviceMissing at the next save). `datapath_keepalive` (DESIGN D7)
         puts the vport in the pool so a keepalive save keeps it running. `channel`: the NIC's guest rings,
         attached already (else its relay start attaches them); `relay_thread`: the thread its first relay runs on
-        (started already, else the relay starts one)."""
+        (started already, else the relay starts one); `ahead`: the keepalive restore's attach, sent already
+        (`attach_ahead_for`; cancelled first on any other path)."""
         vf = cls(cfg, mem, dma)
         vf.channel, vf.relay_thread = channel, relay_thread
         vf.keepalive = keepalive
         vf.datapath_keepalive = datapath_keepalive and keepalive
         t = time.perf_counter()
         try:
+            if ahead is not None and (force_fallback or saved is None or not keepalive):
+                _cancel(ahead, vf.pci_id)
+                ahead = None
             if force_fallback:
                 vf._fallback(force_fallback)
             elif saved is not None and keepalive:
-                vf._keepalive_restore(saved)
+                vf._keepalive_restore(saved, ahead)
             elif saved is not None:
                 kv(log, logging.WARNING, "have saved state from keepalive but restoring on an unsupported host",
                    pci_id=vf.pci_id)
@@ -163,10 +188,10 @@ class VfManager:
         vf.create_ms = round((time.perf_counter() - t) * 1000, 3)
         return vf
 
-    def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState) -> None:
+    def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState, ahead: PendingAttach | None = None) -> None:
         kv(log, logging.INFO, "restoring gdma driver", pci_id=self.pci_id, base_pfn=saved.mana_device.gdma.mem.base_pfn)
         try:
-            backing = self._open(persistent=True, restore=True, irqs=restore_vectors(saved.mana_device))
+            backing = self._open(persistent=True, restore=True, irqs=restore_vectors(saved.mana_device), ahead=ahead)
             self.dev = ManaDevice.restore(backing, self.pci_id, saved.mana_device, defer_probe=True)
             self.hwc_persistent = True
             self.vport = self.dev.vports.get(0) or self._open_vport(self.dev, self.hwc_persistent)
@@ -291,12 +316,20 @@ class VfManager:
                             set_reset_method, self.pci_id, what="mana device", errors=DEVICE_ERRORS,
                             missing=(DeviceMissing,), force_flr=force_flr)
 
-    def _open(self, *, persistent: bool, restore: bool = False, irqs: tuple[int, ...] | None = None) -> VfioBacking:
+    def _open(self, *, persistent: bool, restore: bool = False, irqs: tuple[int, ...] | None = None,
+              ahead: PendingAttach | None = None) -> VfioBacking:
         """This NIC's device backing with its DMA clients (a fresh open resets a device whose method is flr;
         `restore`: never resets). The attach also fetches the register map and assigns `irqs` (default: those of a
-        fresh init), what the driver needs first: one round trip for all of it with the mapping."""
-        return open_vfio(self.cfg.socket, self.mem, nic_dma_clients(self.dma, self.pci_id, persistent),
-                         restore=restore, prefetch=RESTORE_FIRST_READ, irqs=fresh_vectors() if irqs is None else irqs)
+        fresh init), what the driver needs first: one round trip for all of it with the mapping; `ahead`: that
+        attach, sent already (`attach_ahead_for`)."""
+        try:
+            clients = nic_dma_clients(self.dma, self.pci_id, persistent)
+        except BaseException:
+            if ahead is not None:
+                _cancel(ahead, self.pci_id)
+            raise
+        return open_vfio(self.cfg.socket, self.mem, clients, restore=restore, prefetch=RESTORE_FIRST_READ,
+                         irqs=fresh_vectors() if irqs is None else irqs, ahead=ahead)
 
     def _open_vport(self, dev: ManaDevice, hwc_persistent: bool):
         """Vport 0 for the relay: in the pool under data-path keepalive (if the HWC is too and the pool has

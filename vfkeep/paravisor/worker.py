@@ -165,6 +165,7 @@ class Worker:
             if state_error is not None:
                 kv(log, logging.ERROR, "servicing state unusable, every NIC takes the fallback path", error=state_error)
         phases["decode"] = _ms(t)
+        self._attach_ahead(state)
 
         # Step 2: the DMA manager restores before any client exists.
         t = time.perf_counter()
@@ -219,6 +220,13 @@ class Worker:
            total_ms=phases["total"], cpu_ms=_cpu_ms(cpu))
         return Started(tuple(nics), tuple(unclaimed), error, phases, tuple(disks))
 
+    def _attach_ahead(self, state: underhill_pb2.ServicingState | None) -> None:
+        """The devices the kinds will restore from `state` have their attach sent (`DeviceKind.attach_ahead`: no
+        DMA client, nothing of the state applied): each device answers it while this worker waits for the end of
+        the transfer or restores what comes before the device (the DMA manager, the kinds before it)."""
+        for kind in self.kinds:
+            kind.attach_ahead(state, self._config(kind))
+
     def _config(self, kind: DeviceKind) -> KeepAliveConfig:
         """The kind's keepalive option (`OPENHCL_<NAME>_KEEP_ALIVE`)."""
         return getattr(self.options, f"{kind.name}_keepalive")
@@ -238,8 +246,9 @@ class Worker:
         """Spec §2.5, new side, once REQUEST_DATA went out: the host's responses until SUCCESS (the state) or
         FAILURE (aborted: None). Each header's length must equal its payload; anything else is StateTransferError.
         A host that sends the state ahead and its end (SUCCESS) once it has scrubbed worker RAM leaves this worker
-        waiting between the two: it decodes what it has meanwhile (only decodes: nothing is restored before the
-        SUCCESS), and the restore uses that decode if the SUCCESS added no bytes."""
+        waiting between the two: it decodes what it has meanwhile and sends the attach of the devices that state
+        would restore (`_attach_ahead`; nothing is restored before the SUCCESS), and the restore uses that decode if
+        the SUCCESS added no bytes (an attach that does not fit the final state is cancelled)."""
         parts: list[bytes] = []
         self._early_decode = None
         while True:
@@ -264,6 +273,8 @@ class Worker:
             if not self.chan.ready():
                 blob = b"".join(parts)
                 self._early_decode = (blob, *self._decode_state(blob))
+                if self._early_decode[1] is not None:
+                    self._attach_ahead(self._early_decode[1])
 
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
     def save(self, msg: Save) -> bool:

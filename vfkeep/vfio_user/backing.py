@@ -18,7 +18,7 @@ from vfkeep.driver.backing import DmaClients
 from vfkeep.driver.errors import BackingError, BackingTimeout, DeviceMissing
 from vfkeep.memory.guest_memory import GuestMemory
 
-from .client import DEFAULT_TIMEOUT_S, VfioClientError, VfioDevice, VfioTimeout
+from .client import DEFAULT_TIMEOUT_S, PendingAttach, VfioClientError, VfioDevice, VfioTimeout
 from .client import DeviceMissing as TransportGone
 from .control import control_call
 from .protocol import IRQ_MSIX, REGION_BAR0
@@ -110,19 +110,26 @@ class VfioBacking:
 
 def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None, *, restore: bool = False,
               timeout: float = DEFAULT_TIMEOUT_S, prefetch: tuple[int, int] | None = None,
-              irqs: tuple[int, ...] = ()) -> VfioBacking:
+              irqs: tuple[int, ...] = (), ahead: PendingAttach | None = None) -> VfioBacking:
     """Connect to the device and map guest memory. Fresh (`restore=False`) sends DEVICE_RESET when the
     device's reset_method is flr; restore never resets. `timeout` bounds the connect and every reply.
     The backing owns `dma` from here on: it is closed with the backing, or at once if opening fails
     (None: the device's driver is handed its DMA client some other way, as the NVMe driver is today).
     `prefetch` = (offset, size): the BAR0 read the driver makes first (its register map), sent in the mapping's
     round trip; the driver's read of that range is answered from it. `irqs`: the MSI-X vectors the driver
-    assigns first, assigned in that round trip too (its `set_irqs` of them is then answered without another)."""
+    assigns first, assigned in that round trip too (its `set_irqs` of them is then answered without another).
+    `ahead`: a restore's attach of this device sent earlier (`attach_ahead`) with the same `prefetch` and `irqs`:
+    its answers are read instead of connecting (one with others is cancelled first); the backing owns it."""
     dev = None
     try:
+        if ahead is not None and not (restore and (ahead.read, ahead.irqs) == (prefetch, tuple(irqs))):
+            _call(ahead.cancel)
+            ahead = None
         if restore:  # nothing to wait for between handshake and mapping: one pipeline
-            dev, bar0, msix, data = _call(VfioDevice.restore_mapped, path, mem, REGION_BAR0, IRQ_MSIX, timeout,
-                                          prefetch, tuple(irqs))
+            pending = ahead or _call(VfioDevice.attach_ahead, path, mem, REGION_BAR0, IRQ_MSIX, timeout, prefetch,
+                                     tuple(irqs))
+            ahead = None
+            dev, bar0, msix, data = _call(pending.finish)
         else:  # VfioDevice.new resets the device, when it can, before memory is mapped: two round trips
             dev = _call(VfioDevice.new, path, timeout)
             bar0, msix, data = _call(dev.map_and_query, mem, REGION_BAR0, IRQ_MSIX, prefetch, tuple(irqs))
@@ -130,12 +137,21 @@ def open_vfio(path: str | os.PathLike, mem: GuestMemory, dma: DmaClients | None,
         return VfioBacking(dev, dma, bar0.size, msix.count, prefetched, tuple(irqs))
     except BaseException:
         try:
+            if ahead is not None:
+                ahead.cancel()
             if dev is not None:
                 dev.close()
         finally:
             if dma is not None:
                 dma.close()
         raise
+
+
+def attach_ahead(path: str | os.PathLike, mem: GuestMemory, *, timeout: float = DEFAULT_TIMEOUT_S,
+                 prefetch: tuple[int, int] | None = None, irqs: tuple[int, ...] = ()) -> PendingAttach:
+    """A restore's attach (`open_vfio(restore=True)`) sent now, its answers read by the `open_vfio(ahead=)` that
+    follows: the device serves it while the caller works (driver errors only)."""
+    return _call(VfioDevice.attach_ahead, path, mem, REGION_BAR0, IRQ_MSIX, timeout, prefetch, tuple(irqs))
 
 
 def control_path(path: str | os.PathLike) -> str:

@@ -153,18 +153,22 @@ class VfioDevice:
         `read` = (offset, count), a REGION_READ of `region` the caller needs next (a driver's register map; its
         bytes are the last item, None without `read`), and `irqs`, MSI-X vectors assigned as `set_irqs` does
         (their eventfds in `irq_fds`)."""
+        return cls.attach_ahead(path, mem, region, irq, timeout, read, irqs).finish()
+
+    @classmethod
+    def attach_ahead(cls, path: str | os.PathLike, mem: GuestMemory, region: int, irq: int,
+                     timeout: float = DEFAULT_TIMEOUT_S, read: tuple[int, int] | None = None,
+                     irqs: tuple[int, ...] = ()) -> "PendingAttach":
+        """`restore_mapped`'s connect and pipeline, sent now without waiting for a reply: the device serves it while
+        the caller does other work, and `PendingAttach.finish()` reads the answers (or `cancel()` disconnects)."""
         more, efds = cls._attach_requests(mem, region, irq, read, irqs)
         try:
-            dev, replies = cls._open(path, timeout, more)
+            dev, sent = cls._open_ahead(path, timeout, more)
         except BaseException:
             for efd in efds:
                 os.close(efd)
             raise
-        try:
-            return dev, *dev._attached(mem, read, irqs, efds, replies)
-        except BaseException:
-            dev.close()
-            raise
+        return PendingAttach(dev, sent, mem, read, tuple(irqs), efds)
 
     @classmethod
     def _attach_requests(cls, mem: GuestMemory, region: int, irq: int, read: tuple[int, int] | None,
@@ -197,19 +201,35 @@ class VfioDevice:
         """Connect, then VERSION and DEVICE_GET_INFO pipelined: one round trip (a failed VERSION closes the
         session, and its error is the one raised). With `then` (more commands, pipelined behind them):
         (device, their replies)."""
+        dev, sent = cls._open_ahead(path, timeout, then or [])
+        replies = dev._opened(sent)
+        return dev if then is None else (dev, replies)
+
+    @classmethod
+    def _open_ahead(cls, path: str | os.PathLike, timeout: float, then: list[tuple]) -> tuple["VfioDevice", list]:
+        """`_open`'s connect and its commands sent: (device, what `_opened` takes the replies of)."""
         sock = connect_unix(path, time.monotonic() + timeout, DeviceMissing)
         dev = cls(sock, os.fspath(path), timeout)
         try:
-            version, info, *more = dev._requests([(Command.VERSION, _PROPOSAL, ()), (Command.DEVICE_GET_INFO,
-                                                   DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ()), *(then or ())])
-            dev._check_version(version)
-            dev.info = dev._device_info(info)
+            return dev, dev._send_requests([(Command.VERSION, _PROPOSAL, ()), (Command.DEVICE_GET_INFO,
+                                            DEVICE_INFO.pack(DEVICE_INFO.size, 0, 0, 0), ()), *then])
         except BaseException:
             dev.close()
             raise
-        kv(log, logging.DEBUG, "attached to device", path=dev.path, flags=f"{dev.info.flags:#x}",
-           regions=dev.info.num_regions, irqs=dev.info.num_irqs)
-        return dev if then is None else (dev, more)
+
+    def _opened(self, sent: list[tuple[int, int]]) -> list[bytes]:
+        """The handshake's replies (checked) for `_open_ahead`'s `sent`; the replies of the commands behind it.
+        Any failure closes the connection."""
+        try:
+            version, info, *more = self._take_replies(sent)
+            self._check_version(version)
+            self.info = self._device_info(info)
+        except BaseException:
+            self.close()
+            raise
+        kv(log, logging.DEBUG, "attached to device", path=self.path, flags=f"{self.info.flags:#x}",
+           regions=self.info.num_regions, irqs=self.info.num_irqs)
+        return more
 
     def _check_version(self, payload: bytes) -> None:
         try:
@@ -456,44 +476,65 @@ class VfioDevice:
         """Send each (command, payload, fds) of `batch` without waiting, then take the replies in order: the
         server handles and answers commands in arrival order (vfio-user spec 1.4), so a batch costs one round
         trip. The first error reply raises as that command alone would; nothing of the batch is used then
-        (the commands after it may have been applied: callers batch only what they would give up together).
-        Consecutive commands without fds leave in one sendmsg (one wake-up of the server, not one per command); a
-        command with fds goes alone, its fds on the sendmsg that starts with its header (spec 1.6)."""
+        (the commands after it may have been applied: callers batch only what they would give up together)."""
         self._send_waiting()  # the thread's posted writes go first
+        with self._lock:
+            sent = self._send_requests(batch, no_reply=no_reply)
+            return self._take_replies([] if no_reply else sent)
+
+    def _send_requests(self, batch: list[tuple[int, bytes, list[int] | tuple[int, ...]]], *,
+                       no_reply: bool = False) -> list[tuple[int, int]]:
+        """`_requests`' sending half: (msg_id, command) of each command sent, for `_take_replies`. Consecutive
+        commands without fds leave in one sendmsg (one wake-up of the server, not one per command); a command
+        with fds goes alone, its fds on the sendmsg that starts with its header (spec 1.6)."""
         with self._lock:
             if self._sock is None:
                 raise DeviceMissing(f"{command_name(batch[0][0])}: not connected to {self.path}")
             sent: list[tuple[int, int]] = []
-            command = batch[0][0]
+            current = [batch[0][0]]
+            with self._transport_errors(current):
+                flags = TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0)
+                group: list[tuple[int, bytes]] = []  # (command, encoded) without fds, not sent yet
+                for command, payload, fds in batch:
+                    current[0] = command
+                    msg_id = self._next_id
+                    self._next_id = (self._next_id + 1) & 0xFFFF
+                    if fds:
+                        self._send_group(group)
+                        self._send(msg_id, command, flags, payload, fds=fds)
+                    else:
+                        group.append((command, encode_message(msg_id, command, flags, payload)))
+                    sent.append((msg_id, command))
+                self._send_group(group)
+            return sent
+
+    def _take_replies(self, sent: list[tuple[int, int]]) -> list[bytes]:
+        """`_requests`' receiving half: the replies to `sent`, in order ([b""] for none)."""
+        with self._lock:
             replies = []
-            try:
-                try:
-                    flags = TYPE_COMMAND | (FLAG_NO_REPLY if no_reply else 0)
-                    group: list[tuple[int, bytes]] = []  # (command, encoded) without fds, not sent yet
-                    for command, payload, fds in batch:
-                        msg_id = self._next_id
-                        self._next_id = (self._next_id + 1) & 0xFFFF
-                        if fds:
-                            self._send_group(group)
-                            self._send(msg_id, command, flags, payload, fds=fds)
-                        else:
-                            group.append((command, encode_message(msg_id, command, flags, payload)))
-                        sent.append((msg_id, command))
-                    self._send_group(group)
-                    for msg_id, command in ([] if no_reply else sent):
-                        reply = self._wait_reply(msg_id, command)
-                        if reply.is_error:
-                            raise VfioError(reply.error if 0 < reply.error <= 4096 else errno.EINVAL, command)
-                        replies.append(reply.payload)
-                    self._flush()  # answers to server commands that came with our replies
-                except TimeoutError:
-                    raise VfioTimeout(f"{command_name(command)}: device at {self.path} does not read its socket "
-                                      f"({self.timeout} s)") from None
-            except PeerClosed as e:  # SendAborted included: a half-sent message ends the connection
-                raise self._gone(f"{command_name(command)}: {e}") from None
-            except FramingError as e:
-                raise self._protocol_error(f"unreadable message from server: {e}") from None
-        return replies or [b""]
+            current = [sent[0][1] if sent else Command.VERSION]
+            with self._transport_errors(current):
+                for msg_id, command in sent:
+                    current[0] = command
+                    reply = self._wait_reply(msg_id, command)
+                    if reply.is_error:
+                        raise VfioError(reply.error if 0 < reply.error <= 4096 else errno.EINVAL, command)
+                    replies.append(reply.payload)
+                self._flush()  # answers to server commands that came with our replies
+            return replies or [b""]
+
+    @contextlib.contextmanager
+    def _transport_errors(self, current: list[int]):
+        """The socket's failures as this client's errors, named after the command `current[0]`."""
+        try:
+            yield
+        except TimeoutError:
+            raise VfioTimeout(f"{command_name(current[0])}: device at {self.path} does not read its socket "
+                              f"({self.timeout} s)") from None
+        except PeerClosed as e:  # SendAborted included: a half-sent message ends the connection
+            raise self._gone(f"{command_name(current[0])}: {e}") from None
+        except FramingError as e:
+            raise self._protocol_error(f"unreadable message from server: {e}") from None
 
     def _send(self, msg_id: int, command: int, flags: int, payload: bytes, *, error: int = 0, fds=()) -> None:
         send_message(self._sock, msg_id, command, flags, payload, error=error, fds=fds, timeout=self.timeout,
@@ -646,3 +687,57 @@ class VfioDevice:
             raise self._protocol_error(f"{command_name(command)} reply is {len(payload)} bytes, "
                                        f"expected {layout.size}")
         return layout.unpack(payload)
+
+
+class PendingAttach:
+    """A restore's attach (`VfioDevice.attach_ahead`) sent, its replies not read yet: `finish()` reads them and
+    returns what `restore_mapped` returns; `cancel()` disconnects instead. One of the two, once."""
+
+    def __init__(self, dev: VfioDevice, sent: list[tuple[int, int]], mem: GuestMemory,
+                 read: tuple[int, int] | None, irqs: tuple[int, ...], efds: list[int]):
+        self._dev: VfioDevice | None = dev
+        self._sent, self._mem, self.read, self.irqs, self._efds = sent, mem, read, irqs, efds
+
+    def _take(self) -> VfioDevice:
+        dev, self._dev = self._dev, None
+        if dev is None:
+            raise VfioClientError("the attach was finished or cancelled already")
+        return dev
+
+    def finish(self) -> tuple[VfioDevice, RegionInfo, IrqInfo, bytes | None]:
+        dev = self._take()
+        try:
+            replies = dev._opened(self._sent)
+        except BaseException:
+            self._close_efds()
+            raise
+        try:
+            return dev, *dev._attached(self._mem, self.read, self.irqs, self._efds, replies)
+        except BaseException:
+            dev.close()
+            raise
+
+    def cancel(self) -> None:
+        """Disconnect without using the attach, returning once the device has taken the disconnect (it closes its
+        end; at most the connection's timeout): a control call that follows (e.g. a fallback setting the reset
+        method to flr) must not reach the device first and turn the disconnect into a reset."""
+        dev = self._take()
+        try:
+            sock = dev._sock
+            if sock is not None:
+                sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + dev.timeout
+                while True:
+                    wait_fd(sock, select.POLLIN, deadline)
+                    if not sock.recv(65536):
+                        break
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            dev.close()
+            self._close_efds()
+
+    def _close_efds(self) -> None:
+        for efd in self._efds:
+            os.close(efd)
+        self._efds = []
