@@ -79,6 +79,20 @@ def test_kept_vport_resumes_without_queue_commands(bench, mem):
     assert [m.base_pfn for m in again.vports[0].mem] == [m.base_pfn for m in v.mem]
 
 
+def test_a_kept_vport_restores_without_looking_up_a_wire_struct_layout(bench, mem, monkeypatch):
+    """Offsets in the WQEs and completions come from the ctypes layouts once, at import: resuming a kept vport (in
+    the guest's blackout) looks none up (a check at the restore did, 15-50 us)."""
+    from vfkeep.gdma import codec
+
+    state, ids, dma, _ = kept_after_traffic(bench, mem)
+
+    def looked_up(*args):
+        raise AssertionError(f"a wire-struct layout looked up in the restore: {args}")
+    monkeypatch.setattr(codec, "field_span", looked_up)
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, defer_probe=True)
+    assert dev.vports[0].queue_ids() == ids
+
+
 def test_deferred_probe_resumes_the_data_path_before_any_hwc_request(bench, mem):
     """defer_probe: the kept vport carries traffic before the HWC probe (test event ... QUERY_DEV_CONFIG) ran;
     the probe then runs as in a plain restore."""

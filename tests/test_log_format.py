@@ -111,3 +111,20 @@ def test_a_held_kv_line_still_reaches_a_handler_of_its_own_logger_at_once(tmp_pa
             assert (tmp_path / "own.log").read_text().endswith("msg=now\n")
         finally:
             log.removeHandler(handler)
+
+
+def test_after_cache_levels_a_first_line_looks_no_level_up(tmp_path, monkeypatch):
+    """`cache_levels` (a worker, before it serves): the first line on a logger its restore uses does not walk the
+    logger hierarchy for its level inside the blackout."""
+    from vfkeep import log as vlog
+
+    with process_log("levels", tmp_path):
+        log = logging.getLogger("vfkeep.test.levels")
+        vlog.cache_levels()
+        looked_up = []
+        monkeypatch.setattr(logging.Logger, "getEffectiveLevel", lambda self: looked_up.append(self.name) or 0)
+        vlog.kv(log, logging.INFO, "first")
+        vlog.kv(log, logging.DEBUG, "below the level")
+        assert looked_up == []
+        vlog.write_held_lines()
+        assert (tmp_path / "levels.log").read_text().endswith("msg=first\n")

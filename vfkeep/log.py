@@ -156,6 +156,17 @@ def kv_at(logger: logging.Logger, level: int, mono_ns: int, msg: str, **fields: 
         logger.log(level, msg, extra={"kv": fields, "mono": mono_ns})
 
 
+def cache_levels() -> None:
+    """Look every existing logger's level up now, for each level (`Logger.isEnabledFor` caches it per logger):
+    a worker does it before it serves, so the first line of each of the half-dozen loggers its restore logs on does
+    not walk the logger hierarchy inside the guest's blackout (the only first-use cost a restore showed in a fresh
+    process). A level or handler change empties every logger's cache again."""
+    for logger in [logging.root, *logging.root.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+                logger.isEnabledFor(level)
+
+
 #: `vfkeep --log-level` sets it for every process a command starts (they inherit the environment).
 LEVEL_ENV = "VFKEEP_LOG_LEVEL"
 

@@ -70,6 +70,7 @@ def _rows(view: memoryview, count: int, size: int) -> np.ndarray:
 #: Byte offset of an SGE's u64 address in the SGE (`_format_ring` writes it as a column).
 _SGE_ADDRESS_AT = codec.field_span(Sge, "address")[0]
 assert codec.field_span(Sge, "address")[1] == 8
+assert codec.field_span(Sge, "size")[1] == 4  # (a send rewrites it as a u32 word)
 
 
 def _format_ring(ring: memoryview, wqe: bytes, positions: int, address_at: int, addresses: np.ndarray) -> None:
@@ -180,7 +181,7 @@ class VportDataPath:
             _format_ring(self._sq.mem, wqe.to_bytes(), positions, wqe_type.sge.offset + _SGE_ADDRESS_AT,
                          buffer_addresses(buffers, self.max_frame, self._tx_nbuf))
         self._tx_size_at = wqe_type.sge.offset + codec.SGE_SIZE_AT  # the one field a send rewrites
-        assert self._tx_size_at % 4 == 0 and self._tx_wqe_len % 4 == 0 and codec.field_span(Sge, "size")[1] == 4
+        assert self._tx_size_at % 4 == 0 and self._tx_wqe_len % 4 == 0
         self._sq_words = self._sq.mem.cast("I")
         self._tx_positions_mask = positions - 1
         self._tx_posted = 0

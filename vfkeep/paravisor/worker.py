@@ -532,6 +532,7 @@ def worker_command(run_dir, generation, channel_fd, memfd, memory_layout, channe
         raise click.BadParameter(str(e)) from e
     kv(log, logging.INFO, "worker up", generation=generation, compat=compat, nics=len(configs), nvme=len(disks),
        pid=os.getpid())
+    vlog.cache_levels()
     proc.freeze_heap()
     try:
         code = worker.serve()
