@@ -183,7 +183,8 @@ def test_a_worker_gone_after_sending_its_whole_state_still_hands_it_over():
     try:
         w = WorkerProcess(sleeper, ours, 1, ["sleep"])
         send = w.send
-        w.send = lambda msg: (closed.wait(5) if isinstance(msg, SaveStateAnswer) else None, send(msg))[1]
+        w.send = lambda msg, frame=None: (closed.wait(5) if isinstance(msg, SaveStateAnswer) else None,
+                                          send(msg, frame))[1]
         last, state = w.save(Save(int(HostCapabilities.MANA_KEEPALIVE)), timeout=5)
     finally:
         t.join(5)

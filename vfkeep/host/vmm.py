@@ -741,10 +741,10 @@ class Host:
             def hand_ahead(state: bytes) -> None:
                 """The old worker's last chunk says SUCCESS: it has saved and released its devices. Its state goes
                 ahead (MORE_DATA) to the prelaunched worker, which reads and decodes it meanwhile, worker RAM is
-                scrubbed, and the go (`hand_over`) follows the scrub at once; the message's report is decoded after
-                the go (a malformed one no longer holds the complete state back: see below), then the old worker's
-                answer and the bookkeeping. No go while the host is stopping, nor to a worker the state could not go
-                ahead to (then as before: after the decode)."""
+                scrubbed, and the go (`hand_over`) follows the scrub at once, then the old worker's answer; the
+                message's report is decoded after those (a malformed one no longer holds the complete state back: see
+                below), then the bookkeeping. No go while the host is stopping, nor to a worker the state could not
+                go ahead to (then as before: after the decode)."""
                 early.update(t=time.perf_counter(), mono=time.monotonic_ns())
                 handed = tamper_blob(state, tamper, self.mem.layout) if tamper else state
                 early.update(state=state, handed=handed)
@@ -757,7 +757,13 @@ class Host:
                         new.hand_over(handed, timeout_s)  # (only the go)
                         early["go"] = time.monotonic_ns()
                     except WorkerFailed:  # gone: not this save's failure; the hand_over below meets it again
-                        pass
+                        return
+                    # The state is kept now whatever the report holds: the old worker's answer at once (so it releases
+                    # what it still holds, e.g. NVMe handles the next worker attaches to), then the woken worker, often
+                    # queued on this CPU (the scheduler places a wakee by its waker), runs before the decode and
+                    # the bookkeeping below.
+                    old.answer_kept()
+                    os.sched_yield()
 
             try:
                 saved, blob = old.save(request, timeout_s, grace=1.0, ahead=hand_ahead if new is not None else None,
@@ -769,7 +775,7 @@ class Host:
                 if new is not None and new.handed_over:
                     # The go went with the scrub: the state was complete (its frame said SUCCESS, every byte in
                     # bounds) and the next worker restores from it, validating it as any state; only the report
-                    # the old worker sent with it is unusable. The old worker is ended (it is owed no answer).
+                    # the old worker sent with it is unusable. The old worker (answered: the state is kept) is ended.
                     kv(log, logging.ERROR, "worker's last save message unusable; its state, complete and handed "
                        "over, is kept", error=str(e))
                     saved, blob = SaveState(TransferStatus.SUCCESS), early["state"]

@@ -17,6 +17,9 @@ from .devices import last_line, remove_if_empty
 
 log = logging.getLogger("vfkeep.host.worker")
 
+#: The SUCCESS answer to a kept state, made once: it leaves right after the go, inside the guest's blackout.
+_KEPT_FRAME = Channel.frame(SaveStateAnswer(TransferStatus.SUCCESS).to_json())
+
 
 class WorkerFailed(Exception):
     """The worker died, closed its channel, answered wrongly or not in time."""
@@ -44,6 +47,8 @@ class WorkerProcess:
         self._handed_over = False
         #: `save(answer=False)` took a state and left its SUCCESS answer for `answer_kept`.
         self._answer_due = False
+        #: That answer went (once: spec §2.5).
+        self._answer_sent = False
 
     @property
     def pid(self) -> int:
@@ -163,7 +168,8 @@ class WorkerProcess:
         WorkerFailed; a worker gone after its complete state is not (the state is kept). `timeout` (+ `grace`)
         bounds the whole exchange. `ahead(state)` is called with the state as soon as the last chunk's frame says
         SUCCESS, before that message is decoded (the report it carries) and answered; with `answer` False the
-        SUCCESS answer waits for `answer_kept`."""
+        SUCCESS answer waits for `answer_kept`, which `ahead` may call already: from that frame on the state is
+        kept, whatever the report holds."""
         deadline = time.monotonic() + timeout + grace
         self.send(request)
         parts: list[bytes] = []
@@ -176,6 +182,7 @@ class WorkerProcess:
             if frame.get("type") == SaveState.kind and \
                     frame.get("status") == TransferStatus.SUCCESS.value and isinstance(payload, bytes) and \
                     len(payload) <= MAX_CHUNK and size + len(payload) <= max_bytes:
+                self._answer_due = True
                 ahead(b"".join((*parts, payload)))
 
         while True:
@@ -201,7 +208,7 @@ class WorkerProcess:
                 if failed.status is not TransferStatus.FAILURE:
                     raise WorkerFailed(f"worker {self.generation} did not report the refused save as failed")
                 return failed, None
-            self._answer_due = True
+            self._answer_due = not self._answer_sent
             if answer:
                 self.answer_kept()
             return msg, b"".join(parts)
@@ -211,9 +218,9 @@ class WorkerProcess:
         host closes the channel."""
         if not self._answer_due:
             return
-        self._answer_due = False
+        self._answer_due, self._answer_sent = False, True
         try:
-            self.send(SaveStateAnswer(TransferStatus.SUCCESS))
+            self.send(SaveStateAnswer(TransferStatus.SUCCESS), _KEPT_FRAME)
         except WorkerFailed as e:
             # Gone after its last chunk (killed before it read the answer): the state is complete and the
             # worker released its devices for it, so it is used, whether or not the answer got there first.
