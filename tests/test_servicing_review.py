@@ -550,3 +550,31 @@ def test_a_last_message_that_fails_to_decode_before_any_go_is_d4(tmp_path, monke
     assert scrubs == [(False, False), (True, True)]
     assert new.ended and old.ended and host.worker is fresh and fresh.sent == [Start()]
     assert new.sent == [Start(servicing=True)]
+
+
+def test_the_old_worker_is_dismissed_after_the_servicing_window_is_measured(tmp_path, monkeypatch):
+    """The old worker's exit (1-3 ms of CPU) waits until the guest's frames of the window are back and measured:
+    right after `started` it took the two CPUs from the new relay's first passes and the guest's catching up. On
+    an error after the handover it is still dismissed."""
+    from vfkeep.contract import RestoreCompleted
+
+    for fail in (False, True):
+        old = _FakeWorker(1, [SaveState(TransferStatus.SUCCESS, b"state")])
+        new = _FakeWorker(2, [RestoreStateRequest(), RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
+        host = _fake_host(tmp_path, monkeypatch, old, [new])
+        old_alive_when_measured = []
+
+        def measure(start_ns, end_ns, old=old, fail=fail):
+            old_alive_when_measured.append(not old.ended)
+            if fail:
+                raise RuntimeError("measurement failed")
+            return 1.0, 0
+
+        monkeypatch.setattr(host, "_traffic_window", measure)
+        if fail:
+            with pytest.raises(RuntimeError):
+                host._service(mana_keepalive=True)
+        else:
+            assert host._service(mana_keepalive=True)["ok"] is True
+        assert old_alive_when_measured == [True]
+        assert old.ended, "the old worker was left running"

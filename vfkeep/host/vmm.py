@@ -723,6 +723,7 @@ class Host:
                     new.end()
                 raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
         prelaunch_ms = _ms(t_pre, time.perf_counter())
+        retiring: WorkerProcess | None = None  # the old worker once the next one runs, until `_retire` ends it
         self._phase("save")
 
         try:
@@ -811,8 +812,9 @@ class Host:
                 raise HostError(f"servicing abandoned: the host is stopping ({'; '.join(errors) or 'after the save'})")
             # Handoff: worker RAM is poisoned and the blob handed over (with a prelaunched worker: done by
             # `hand_ahead` already, but for the go). A worker that sent `saved` has released its devices and
-            # touches nothing any more, so its exit and the state file wait until the next worker is up (off the
-            # critical path); one that failed (D4) may still run: ended first, then its RAM scrubbed (again).
+            # touches nothing any more, so the state file waits until the next worker is up and its exit until the
+            # window is measured (off the critical path, `_retire`); one that failed (D4) may still run: ended
+            # first, then its RAM scrubbed (again).
             if saved is not None and early:
                 handed, io_at_handoff = early["handed"], early["io"]
             else:
@@ -864,7 +866,8 @@ class Host:
                 t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
                 vlog.write_held_lines()
                 if saved is not None:
-                    self._retire(old, blob, handed)
+                    self._keep_handed_state(blob, handed)
+                    retiring = old
             self._requeue_lost()
             self._phase("measure")
             if started.error:
@@ -878,9 +881,14 @@ class Host:
             result = self._result(not errors, mana_keepalive, nvme_keepalive, started.nics, started.nvme,
                                   started.unclaimed_pool_allocations, before, phases, "; ".join(errors) or None,
                                   window, saved=saved, old=old, new=self.worker)
+            if retiring is not None:
+                retiring, done = None, retiring
+                self._retire(done)
             return self._record(result, saved=saved, started=started, prelaunch_ms=prelaunch_ms, worker=self.worker,
                                 window=window)
         except BaseException:
+            if retiring is not None:
+                self._retire(retiring)
             # Never leak the prelaunched (or just started) next worker: it is nobody's once we raise.
             if new is not None and new is not self.worker:
                 new.end()
@@ -888,14 +896,18 @@ class Host:
         finally:
             vlog.write_held_lines()
 
-    def _retire(self, old: WorkerProcess, blob: bytes | None, handed: bytes | None) -> None:
-        """After the handover: the old worker, idle since it handed its state over, is dismissed now, once the
-        next one runs (its exit would take CPU from the restore), ended if it does not exit; and the blob the
-        new worker was given is kept in the run dir for `vfkeep state decode` (STATE_FILE); when a test hook
-        tampered with it, the old worker's own save is kept beside it (UNTAMPERED_STATE_FILE)."""
+    def _retire(self, old: WorkerProcess) -> None:
+        """The old worker, idle since it handed its state over, is dismissed once the next one runs and the
+        servicing window is measured (on an error, at once), ended if it does not exit. Its exit (1-3 ms of CPU,
+        the kernel freeing its address space) came right after `started` before, on the same two CPUs as the new
+        relay's first passes and the guest's receiver catching up: it made the guest's blackout longer."""
         if old.dismiss(5.0) is None:
             kv(log, logging.WARNING, "old worker did not exit after save, ending it", pid=old.pid)
         old.end()
+
+    def _keep_handed_state(self, blob: bytes | None, handed: bytes | None) -> None:
+        """The blob the new worker was given is kept in the run dir for `vfkeep state decode` (STATE_FILE); when
+        a test hook tampered with it, the old worker's own save is kept beside it (UNTAMPERED_STATE_FILE)."""
         untampered = os.path.join(self.run_dir, UNTAMPERED_STATE_FILE)
         if handed is not None:
             with open(os.path.join(self.run_dir, STATE_FILE), "wb") as f:
