@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from helpers import wait_for
 from saved_state_fuzz import all_fields
 from servicing_helpers import HostRun
 from vfkeep import proc
@@ -66,12 +67,17 @@ def wait_io(host, more: int = 200, timeout: float = 30) -> dict:
 
 def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     before = wait_io(host, more=1000)
-    # Commands in flight at the save (the relays stop first and what they have in flight may complete until
-    # the drivers are saved: a delay longer than that window keeps some outstanding).
-    nvme_ctl(host, "io_delay", ms=300)
-    time.sleep(0.1)
+    # Commands in flight at the save: the disk's QD 16 in flight, each completing 3 s after its fetch, longer than
+    # the servicing (with 300 ms, the 16 completed as a burst and the guest's turnaround — slow while the next
+    # worker is prelaunched — sometimes left none in flight at the save: 1 run in 3 under load).
+    nvme_ctl(host, "io_delay", ms=3000)
+    relay_at = "worker/nvme/disks/0/relay"
+    done = host.disk("stats")["disks"][0]["completed"]
+    # what was fetched before the delay completed and the next 16 (delayed) went out
+    wait_for(lambda: host.disk("stats")["disks"][0]["completed"] > done and host.inspect(relay_at)["inflight"] == 16,
+             10)
     try:
-        r, log = window(host, mana_keepalive=True, nvme_keepalive=True)
+        r, log = window(host, mana_keepalive=True, nvme_keepalive=True, timeout=10)
     finally:
         nvme_ctl(host, "clear_faults")
     (n,) = r["nvme"]
@@ -83,9 +89,11 @@ def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     total = wait_io(host)
     assert total["errors"] == 0
     (w,) = host.disk("stats")["last_servicing"]  # the window's own numbers, not the agent's whole run
-    assert 0 < w["completed"] < before["completed"] and w["io_errors"] == 0
-    relay = host.inspect("worker/nvme/disks/0/relay")
-    assert relay["replayed"] > 0 and relay["errors"] == 0  # guest requests in flight at the save
+    assert w["completed"] < before["completed"] and w["io_errors"] == 0
+    # the guest requests in flight at the save, replayed once the restored commands drained
+    wait_for(lambda: host.inspect(relay_at)["replayed"] > 0, 15)
+    relay = host.inspect(relay_at)
+    assert relay["errors"] == 0
     assert relay["reissued_replayed"] <= relay["replayed"]  # what the guest re-issued too ran once
 
 
