@@ -498,22 +498,26 @@ def test_the_host_sends_the_go_right_after_the_scrub_and_decodes_the_report_afte
                          ("old", SaveStateAnswer(TransferStatus.SUCCESS)), "yield", "decode"], order
 
 
+class _MalformedLastMessage(_FakeWorker):
+    """An old worker whose last frame says SUCCESS (its state goes ahead) and whose message then fails to decode."""
+
+    def save(self, request, timeout, grace=0.0, ahead=None, answer=True):
+        from vfkeep.host.worker_proc import WorkerFailed
+
+        self._answer_due = True  # (as `WorkerProcess.save` does on the last frame's SUCCESS)
+        ahead(b"state")
+        raise WorkerFailed("worker 1 sent a malformed message: nics")
+
+
 def test_a_last_message_whose_report_fails_to_decode_after_the_go_keeps_the_state(tmp_path, monkeypatch):
     """The state went ahead, worker RAM was scrubbed and the go sent on the frame's SUCCESS; then the message's
     report turns out unusable (WorkerFailed). The state was complete and the next worker restores from it (it
     validates any state): the servicing reports the error, the old worker (answered once: the state is kept) is
     ended, and no second scrub, no worker without state follows."""
     from vfkeep.contract import STATE_GO, RestoreCompleted
-    from vfkeep.host.worker_proc import WorkerFailed
-
-    class Malformed(_FakeWorker):
-        def save(self, request, timeout, grace=0.0, ahead=None, answer=True):
-            self._answer_due = True  # (as `WorkerProcess.save` does on the last frame's SUCCESS)
-            ahead(b"state")
-            raise WorkerFailed("worker 1 sent a malformed message: nics")
 
     scrubs = []
-    old = Malformed(1)
+    old = _MalformedLastMessage(1)
     new = _FakeWorker(2, [RestoreCompleted(TransferStatus.SUCCESS), _STARTED])
     new.requested_early()
     host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: scrubs.append((old.ended, new.ended)))
@@ -531,16 +535,9 @@ def test_a_last_message_that_fails_to_decode_before_any_go_is_d4(tmp_path, monke
     """No go went (the next worker's state request was not in before the save, so nothing went ahead): a last
     message that fails to decode is D4 as ever. The prelaunched worker is ended; the old worker is ended and its
     RAM scrubbed again (it may have run after the first scrub); a worker without state starts."""
-    from vfkeep.host.worker_proc import WorkerFailed
-
-    class Malformed(_FakeWorker):
-        def save(self, request, timeout, grace=0.0, ahead=None, answer=True):
-            self._answer_due = True  # (as `WorkerProcess.save` does on the last frame's SUCCESS)
-            ahead(b"state")
-            raise WorkerFailed("worker 1 sent a malformed message: nics")
 
     scrubs = []
-    old = Malformed(1)
+    old = _MalformedLastMessage(1)
     new = _FakeWorker(2)
     fresh = _FakeWorker(3, [_STARTED])
     host = _fake_host(tmp_path, monkeypatch, old, [new, fresh],

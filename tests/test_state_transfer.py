@@ -4,6 +4,7 @@ worker asks for it with REQUEST_DATA, each response's header length must equal i
 fatal), and it reports restore-completed; the bytes arrive unchanged."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
@@ -354,16 +355,11 @@ def test_the_save_makes_the_top_level_state_before_the_relays_stop(mem, monkeypa
     monkeypatch.setattr(worker_mod, "finish_servicing_state",
                         lambda state, **kw: (order.append("finish"), finish(state, **kw))[1])
     monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
-    host, theirs = Channel.pair()
-    w = worker_mod.Worker(theirs, mem, [], 1, False, None)
-    for kind in w.kinds:
-        monkeypatch.setattr(kind, "stop", lambda kind=kind: order.append(f"stop {kind.name}"))
-    t = threading.Thread(target=w.serve, daemon=True)
-    t.start()
-    try:
-        assert host.recv(10)["type"] == "hello"
-        host.send(Start().to_json())
-        assert host.recv(10)["type"] == "started"
+    def record_stops(w):
+        for kind in w.kinds:
+            monkeypatch.setattr(kind, "stop", lambda kind=kind: order.append(f"stop {kind.name}"))
+
+    with _started_worker(mem, record_stops) as host:
         host.send(Inspect().to_json())  # (answered once the rehearsal after `started` is done)
         assert host.recv(10)["type"] == InspectReply.kind
         order.clear()
@@ -375,10 +371,6 @@ def test_the_save_makes_the_top_level_state_before_the_relays_stop(mem, monkeypa
         init = decode_servicing_state(last["payload"], downlevel=False).init_state
         assert init.correlation_id == guid_from_uuid(uuid.UUID(cid)) and init.vm_stop_reference_time > 0
         assert init.HasField("dma_manager_state")
-    finally:
-        host.close()
-        t.join(10)
-        theirs.close()
 
 
 def test_a_started_worker_rehearses_its_save_and_the_save_it_then_makes_is_its_own(mem, monkeypatch):
@@ -395,14 +387,7 @@ def test_a_started_worker_rehearses_its_save_and_the_save_it_then_makes_is_its_o
     monkeypatch.setattr(worker_mod, "begin_servicing_state",
                         lambda state, **kw: (calls.append(kw["correlation_id"]), begin(state, **kw))[1])
     monkeypatch.setenv("OPENHCL_MANA_KEEP_ALIVE", "host,privatepool")
-    host, theirs = Channel.pair()
-    w = worker_mod.Worker(theirs, mem, [], 1, False, None)
-    t = threading.Thread(target=w.serve, daemon=True)
-    t.start()
-    try:
-        assert host.recv(10)["type"] == "hello"
-        host.send(Start().to_json())
-        assert host.recv(10)["type"] == "started"
+    with _started_worker(mem) as host:
         host.send(Inspect().to_json())
         tree = host.recv(10)["tree"]
         assert len(calls) == 1 and tree["pool"]["slots"] == 1 and tree["last_save_error"] is None
@@ -413,6 +398,24 @@ def test_a_started_worker_rehearses_its_save_and_the_save_it_then_makes_is_its_o
         state = decode_servicing_state(last["payload"], downlevel=False)
         assert calls[1:] == [cid] and state.init_state.correlation_id == guid_from_uuid(uuid.UUID(cid))
         assert [s.state.WhichOneof("variant") for s in state.init_state.dma_manager_state.private_pool.state] == ["free"]
+
+
+@contextlib.contextmanager
+def _started_worker(mem, before_serving=lambda w: None):
+    """A worker serving on a thread, said hello and started (`before_serving(worker)` first); yields the host's
+    end of its channel, closed and the thread joined after."""
+    from vfkeep.paravisor import worker as worker_mod
+
+    host, theirs = Channel.pair()
+    w = worker_mod.Worker(theirs, mem, [], 1, False, None)
+    before_serving(w)
+    t = threading.Thread(target=w.serve, daemon=True)
+    t.start()
+    try:
+        assert host.recv(10)["type"] == "hello"
+        host.send(Start().to_json())
+        assert host.recv(10)["type"] == "started"
+        yield host
     finally:
         host.close()
         t.join(10)
