@@ -77,7 +77,7 @@ def worker(mem, monkeypatch):
     calls: list = []
     recording(calls, ManaKind, "mana", ("prepare", "attach_ahead", "configure", "restore", "start", "stop", "save",
                                         "revive"), monkeypatch)
-    recording(calls, DmaManager, "dma", ("save", "restore", "validate_restore"), monkeypatch)
+    recording(calls, DmaManager, "dma", ("save", "prepare_restore", "restore", "validate_restore"), monkeypatch)
     host, chan = Channel.pair()
     w = worker_module.Worker(chan, mem, [], generation=1, downlevel=False, channel_layout=None)
     # In the NVMe kind's place: before networking (spec §3 step 4, §2.2 step 3).
@@ -106,8 +106,7 @@ def test_restore_order_configure_restore_validate_then_start(worker):
     started = worker.start(Start())
     assert started.error is None and started.nics == ()
     assert worker.calls == [
-        ("nvme", "prepare"), ("mana", "prepare"),
-        ("nvme", "attach_ahead", True, "enabled"), ("mana", "attach_ahead"),
+        ("nvme", "prepare"), ("mana", "prepare"),  # (no saved state: nothing to attach ahead)
         ("nvme", "configure", "DmaManager"), ("nvme", "restore", True, "enabled"),
         ("mana", "configure"), ("mana", "restore"),
         ("dma", "validate_restore"),
@@ -178,6 +177,6 @@ def test_every_kind_gets_the_decoded_state_to_attach_ahead_before_the_dma_manage
     started = worker.start(Start(servicing=True))
     assert started.error is None
     first = worker.calls.index(("nvme", "attach_ahead", False, "enabled"))
-    assert worker.calls[first:first + 5] == [
-        ("nvme", "attach_ahead", False, "enabled"), ("mana", "attach_ahead"), ("dma", "restore"),
-        ("nvme", "configure", "DmaManager"), ("nvme", "restore", False, "enabled")]
+    assert worker.calls[first:first + 6] == [
+        ("nvme", "attach_ahead", False, "enabled"), ("mana", "attach_ahead"), ("dma", "prepare_restore"),
+        ("dma", "restore"), ("nvme", "configure", "DmaManager"), ("nvme", "restore", False, "enabled")]

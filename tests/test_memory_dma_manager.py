@@ -183,16 +183,43 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["restore", "prepared ahead"])
 @pytest.mark.parametrize("case", BAD)
-def test_restore_rejects_bad_saved_state_and_changes_nothing(mem, saved, case):
+def test_restore_rejects_bad_saved_state_and_changes_nothing(mem, saved, case, prepared):
+    """Also when the state was checked ahead (`prepare_restore`, before the go): its error comes with the restore."""
     mutate, message = BAD[case]
     dma = DmaManager(mem, strict_pool=False)
     before = dma.inspect()["pool"]
+    bad = _mutated(saved, mutate)
+    if prepared:
+        dma.prepare_restore(bad)
+        assert dma.inspect()["pool"] == before
     with pytest.raises(RestoreError, match=message):
-        dma.restore(_mutated(saved, mutate))
+        dma.restore(bad)
     assert dma.inspect()["pool"] == before == fresh_usage(mem)
     dma.restore(saved)  # still restorable: the failed attempt left nothing behind
     assert dma.inspect()["pool"]["pending_pages"] == 12
+
+
+def test_a_restore_prepared_ahead_applies_nothing_and_only_to_the_state_it_checked(mem, saved):
+    """`prepare_restore` (the new worker's, before the host's go) leaves the pool as it is; the restore of that same
+    message installs the table it checked, the restore of any other message checks that one."""
+    plain = DmaManager(mem, strict_pool=False)
+    plain.restore(saved)
+    dma = DmaManager(mem, strict_pool=False)
+    dma.prepare_restore(saved)
+    assert dma.inspect()["pool"] == fresh_usage(mem)
+    dma.restore(saved)
+    assert dma.inspect()["pool"] == plain.inspect()["pool"] and dma.inspect()["pool"]["pending_pages"] == 12
+    other = DmaManager(mem, strict_pool=False)
+    other.prepare_restore(saved)
+    with pytest.raises(RestoreError, match="missing slots"):
+        other.restore(_mutated(saved, BAD["gap"][0]))
+    assert other.inspect()["pool"] == fresh_usage(mem)
+    checked_bad = DmaManager(mem, strict_pool=False)
+    checked_bad.prepare_restore(_mutated(saved, BAD["overlap"][0]))
+    checked_bad.restore(saved)
+    assert checked_bad.inspect()["pool"] == plain.inspect()["pool"]
 
 
 def test_restore_rejects_truncated_and_garbage_bytes(mem, saved):

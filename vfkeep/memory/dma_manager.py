@@ -20,7 +20,7 @@ from vfkeep.savestate import parse_saved
 from .errors import (ClientClosed, DeviceNameInUse, InvalidSize, NoPrivatePool, NotPersistent, RestoreError,
                      UnrestoredAllocations)
 from .guest_memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, Region
-from .page_pool import PageAllocator, Slot
+from .page_pool import PageAllocator, Slot, slots_from_saved
 
 log = logging.getLogger("vfkeep.memory.dma")
 
@@ -138,6 +138,8 @@ class DmaManager:
         self._clients: dict[tuple[bool, str], weakref.ref[DmaClient]] = {}
         self._client_created = False
         self._restored = False
+        #: (saved state message, its pool slots or the RestoreError it raises) checked by `prepare_restore`.
+        self._prepared: tuple | None = None
 
     @property
     def has_pool(self) -> bool:
@@ -171,21 +173,40 @@ class DmaManager:
             msg.private_pool.CopyFrom(self._pool.save())
         return msg
 
+    def prepare_restore(self, state: dma_manager_pb2.OpenhclDmaManagerState) -> None:
+        """Check `state` now for a later `restore` of the same message, which then only installs the slot table
+        made here (or raises the error found here): a new worker does it with the state it decoded before the
+        host's go, so the check is not in the guest's blackout. Nothing is applied: the pool stays as it is."""
+        try:
+            self._prepared = (state, self._saved_slots(state))
+        except RestoreError as e:
+            self._prepared = (state, e)
+
+    def _saved_slots(self, state: dma_manager_pb2.OpenhclDmaManagerState | bytes) -> list | None:
+        """The pool's slot table of untrusted saved `state`, checked against this boot (None: no pool state)."""
+        msg = parse_saved(dma_manager_pb2.OpenhclDmaManagerState, state, "dma manager saved state", RestoreError)
+        if msg.HasField("shared_pool"):
+            raise RestoreError("saved state for shared pool but no shared pool")
+        if not msg.HasField("private_pool"):
+            return None
+        if not self.has_pool:
+            raise RestoreError("saved state for private pool but no private pool")
+        return slots_from_saved(msg.private_pool, self._pool.region)
+
     def restore(self, state: dma_manager_pb2.OpenhclDmaManagerState | bytes) -> None:
         """Load untrusted saved state before any client exists; saved allocations become pending.
         Raises RestoreError and leaves the pool untouched on any problem."""
+        prepared, self._prepared = self._prepared, None
         with self._lock:
             if self._client_created:
                 raise RestoreError("existing allocators present, pool must be empty to restore")
             if self._restored:
                 raise RestoreError("dma manager state was already restored")
-            msg = parse_saved(dma_manager_pb2.OpenhclDmaManagerState, state, "dma manager saved state", RestoreError)
-            if msg.HasField("shared_pool"):
-                raise RestoreError("saved state for shared pool but no shared pool")
-            if msg.HasField("private_pool"):
-                if not self.has_pool:
-                    raise RestoreError("saved state for private pool but no private pool")
-                self._pool.restore(msg.private_pool)
+            slots = prepared[1] if prepared is not None and prepared[0] is state else self._saved_slots(state)
+            if isinstance(slots, RestoreError):
+                raise slots
+            if slots is not None:
+                self._pool.restore(slots)
             self._restored = True
         usage = self._pool.usage()
         kv(log, logging.INFO, "dma manager restored", pending_pages=usage["pending_pages"],

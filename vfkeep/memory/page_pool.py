@@ -204,9 +204,10 @@ class PageAllocator:
             msg.ranges.append(_region_range(self.region))
             return msg
 
-    def restore(self, state: pagepool_pb2.PagePoolState) -> None:
-        """Replace a fresh table with a validated saved one; on any error nothing changes."""
-        slots = slots_from_saved(state, self.region)
+    def restore(self, state: pagepool_pb2.PagePoolState | list[Slot]) -> None:
+        """Replace a fresh table with a validated saved one (or the slots `slots_from_saved` made of it for this
+        allocator's region); on any error nothing changes."""
+        slots = state if isinstance(state, list) else slots_from_saved(state, self.region)
         with self._lock:
             if any(not isinstance(s.state, Free) for s in self._slots):
                 raise RestoreError(f"existing allocations present in {self.label}, pool must be empty to restore")

@@ -62,10 +62,11 @@ class DeviceKind(Protocol):
         """Before the saved state is fetched (a prelaunched worker: while the previous one still runs): what does
         not depend on the state and touches no device, so that it is not done in the servicing window."""
 
-    def attach_ahead(self, state: underhill_pb2.ServicingState | None, config: KeepAliveConfig) -> None:
-        """Once the saved state is decoded, before the DMA manager restores: send the transport attach of each
-        device `restore` will take the keepalive path for (no DMA client, nothing of the state applied), so the
-        device answers while the worker restores; `restore` reads the answers (any other path cancels it)."""
+    def attach_ahead(self, state: underhill_pb2.ServicingState, config: KeepAliveConfig) -> None:
+        """Once the saved state is decoded (not without one), before the DMA manager restores: send the transport
+        attach of each device `restore` will take the keepalive path for (no DMA client, nothing of the state
+        applied), so the device answers while the worker restores; `restore` reads the answers (any other path
+        cancels it)."""
 
     def configure(self, dma: DmaManager) -> None:
         """This boot's DMA manager, before any of its clients exists (spec 8.3)."""

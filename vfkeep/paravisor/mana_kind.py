@@ -82,7 +82,7 @@ class ManaKind:
                 except RingError:
                     pass
 
-    def attach_ahead(self, state: underhill_pb2.ServicingState | None, config: KeepAliveConfig) -> None:
+    def attach_ahead(self, state: underhill_pb2.ServicingState, config: KeepAliveConfig) -> None:
         """Each NIC that will take the keepalive restore (its saved state, keepalive enabled) has its device attach
         sent now (`attach_ahead_for`): the device answers while the DMA manager and the kinds before networking
         restore, not while the NIC's restore waits (0.5-0.8 ms of the guest's blackout under data-path keepalive)."""

@@ -128,6 +128,8 @@ class Worker:
         self.restore_info: dict = {}
         #: (bytes, state, error) of the saved state decoded while waiting for the end of its transfer, else None.
         self._early_decode: tuple | None = None
+        #: The decoded state whose restore `_prepare_ahead` prepared.
+        self._prepared_for: underhill_pb2.ServicingState | None = None
         self.last_save_error: str | None = None
         self.watchdog = Watchdog()
 
@@ -146,6 +148,8 @@ class Worker:
             kv(log, logging.INFO, "servicing state requested")
         for kind in self.kinds:  # before the state arrives: a prelaunched worker does this outside the window
             kind.prepare()
+        # Step 2's DMA manager depends on nothing: built before the state arrives, restored after it (below).
+        self.dma = DmaManager(self.mem)
         if msg.servicing:
             # The restore's lines are held until it is done (`serve` writes them before `started`), each stamped
             # when it was logged (`vlog.hold_lines`): formatting and writing the ten or so before the relay runs
@@ -165,11 +169,10 @@ class Worker:
             if state_error is not None:
                 kv(log, logging.ERROR, "servicing state unusable, every NIC takes the fallback path", error=state_error)
         phases["decode"] = _ms(t)
-        self._attach_ahead(state)
+        self._prepare_ahead(state)
 
         # Step 2: the DMA manager restores before any client exists.
         t = time.perf_counter()
-        self.dma = DmaManager(self.mem)
         dma_error = None
         if state is not None and state.init_state.HasField("dma_manager_state"):
             try:
@@ -220,7 +223,19 @@ class Worker:
            total_ms=phases["total"], cpu_ms=_cpu_ms(cpu))
         return Started(tuple(nics), tuple(unclaimed), error, phases, tuple(disks))
 
-    def _attach_ahead(self, state: underhill_pb2.ServicingState | None) -> None:
+    def _prepare_ahead(self, state: underhill_pb2.ServicingState | None) -> None:
+        """What the restore of `state` can do before the host's go, nothing of the state applied (the order of spec
+        §3 holds): each device's attach sent (`_attach_ahead`) and the DMA manager's saved state checked
+        (`DmaManager.prepare_restore`). Once per state: from the decode made while the host scrubbed, else after
+        the go."""
+        if state is None or state is self._prepared_for:
+            return
+        self._prepared_for = state
+        self._attach_ahead(state)
+        if state.init_state.HasField("dma_manager_state"):
+            self.dma.prepare_restore(state.init_state.dma_manager_state)
+
+    def _attach_ahead(self, state: underhill_pb2.ServicingState) -> None:
         """The devices the kinds will restore from `state` have their attach sent (`DeviceKind.attach_ahead`: no
         DMA client, nothing of the state applied): each device answers it while this worker waits for the end of
         the transfer or restores what comes before the device (the DMA manager, the kinds before it)."""
@@ -246,9 +261,9 @@ class Worker:
         """Spec §2.5, new side, once REQUEST_DATA went out: the host's responses until SUCCESS (the state) or
         FAILURE (aborted: None). Each header's length must equal its payload; anything else is StateTransferError.
         A host that sends the state ahead and its end (SUCCESS) once it has scrubbed worker RAM leaves this worker
-        waiting between the two: it decodes what it has meanwhile and sends the attach of the devices that state
-        would restore (`_attach_ahead`; nothing is restored before the SUCCESS), and the restore uses that decode if
-        the SUCCESS added no bytes (an attach that does not fit the final state is cancelled)."""
+        waiting between the two: it decodes what it has meanwhile and prepares that state's restore (`_prepare_ahead`;
+        nothing is restored before the SUCCESS), and the restore uses that decode if the SUCCESS added no bytes (an
+        attach that does not fit the final state is cancelled, a DMA state check not of the final state redone)."""
         parts: list[bytes] = []
         self._early_decode = None
         while True:
@@ -273,8 +288,7 @@ class Worker:
             if not self.chan.ready():
                 blob = b"".join(parts)
                 self._early_decode = (blob, *self._decode_state(blob))
-                if self._early_decode[1] is not None:
-                    self._attach_ahead(self._early_decode[1])
+                self._prepare_ahead(self._early_decode[1])
 
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
     def save(self, msg: Save) -> bool:
