@@ -266,8 +266,9 @@ def test_posted_writes_go_out_as_one_burst_in_order():
 
 
 def test_posted_writes_in_a_batch_leave_together_in_order_at_its_end():
-    """`posted_batch`: a write-combining buffer for doorbells. Nothing reaches the socket inside the block; at
-    its end every posted write is there, in order, as consecutive messages — also when the block raises."""
+    """`posted_batch`: a write-combining buffer for doorbells. Nothing reaches the socket inside the block, a burst
+    of writes (`write64_posted_many`, a queue's arms) included; at its end every posted write is there, in order, as
+    consecutive messages — also when the block raises."""
     from vfkeep.vfio_user.client import VfioDevice
 
     ours, device_end = socket.socketpair()
@@ -279,8 +280,8 @@ def test_posted_writes_in_a_batch_leave_together_in_order_at_its_end():
         for fail in (False, True):
             with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
                 with dev.posted_batch():
-                    for i in range(3):
-                        dev.write64(0x2000 + 8 * i, i, posted=True)
+                    dev.write64(0x2000, 0, posted=True)
+                    dev.write64_posted_many([(0x2008, 1), (0x2010, 2)])
                     with pytest.raises(BlockingIOError):
                         device_end.recv(1, socket.MSG_PEEK)
                     if fail:

@@ -364,14 +364,23 @@ class VfioDevice:
         start = 0
         for i in range(1, len(batch) + 1):
             if i == len(batch) or batch[i][0] != batch[start][0]:
-                self.region_writes_posted(batch[start][0], [(offset, data) for _, offset, data in batch[start:i]])
+                self._send_writes(batch[start][0], [(offset, data) for _, offset, data in batch[start:i]])
                 start = i
 
     def region_writes_posted(self, index: int, writes: list[tuple[int, bytes]]) -> None:
         """Posted writes of (offset, data) to region `index`, in order, sent as one burst: the device takes them
-        in one wake-up (a driver arming queues and ringing a doorbell together, like write-combined MMIO)."""
+        in one wake-up (a driver arming queues and ringing a doorbell together, like write-combined MMIO). Inside
+        this thread's `posted_batch` they join its burst, as single posted writes do."""
         for _, data in writes:
             self._check_count(len(data))
+        batch = getattr(self._posted, "batch", None)
+        if batch is not None:
+            batch.extend((index, offset, bytes(data)) for offset, data in writes)
+            return
+        self._send_writes(index, writes)
+
+    def _send_writes(self, index: int, writes: list[tuple[int, bytes]]) -> None:
+        """`region_writes_posted`'s burst, sent now (after the thread's posted writes held before it)."""
         self._send_waiting()
         with self._lock:
             if self._sock is None:
