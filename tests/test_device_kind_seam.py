@@ -1,5 +1,7 @@
 """The worker drives every device kind through one seam (DESIGN D10) in the order of servicing spec §3 (restore)
 and §2.2 (save): a recording kind stands in for the next one (NVMe) beside the MANA kind, in-process."""
+import threading
+
 import pytest
 
 from vfkeep.contract import (MANA_KEEPALIVE_ENV, NVME_KEEPALIVE_ENV, WORKER_MESSAGES, Channel, HostCapabilities,
@@ -21,6 +23,7 @@ class RecordingKind:
 
     def __init__(self, calls: list):
         self.calls = calls
+        self.settled = threading.Event()
 
     def client_names(self):
         return ["nvme_recording"]
@@ -30,6 +33,11 @@ class RecordingKind:
 
     def attach_ahead(self, state, config):
         self.calls.append(("nvme", "attach_ahead", state is None, config.canonical))
+
+    def settle_ahead(self):
+        self.calls.append(("nvme", "settle_ahead"))
+        self.settled.set()
+        return []
 
     def configure(self, dma):
         self.calls.append(("nvme", "configure", type(dma).__name__))
@@ -180,3 +188,32 @@ def test_every_kind_gets_the_decoded_state_to_attach_ahead_before_the_dma_manage
     assert worker.calls[first:first + 6] == [
         ("nvme", "attach_ahead", False, "enabled"), ("mana", "attach_ahead"), ("dma", "prepare_restore"),
         ("dma", "restore"), ("nvme", "configure", "DmaManager"), ("nvme", "restore", False, "enabled")]
+
+
+def test_a_state_sent_ahead_is_prepared_before_the_go_and_restored_only_after_it(worker, mem):
+    """The host sends the state ahead (MORE_DATA), scrubs, then sends its go: meanwhile the worker decodes the state,
+    each kind sends its attaches and reads their answers (`attach_ahead`, `settle_ahead`) and the DMA manager checks
+    its saved state (`prepare_restore`); nothing is restored, configured or started before the go."""
+    from vfkeep.contract import STATE_GO, RestoreState
+    from vfkeep.paravisor.servicing import complete_servicing_state
+
+    state = underhill_pb2.ServicingState()
+    complete_servicing_state(state, nics=[], dma_state=DmaManager(mem).save(), correlation_id=None,
+                             vm_stop_reference_time=0, flush_logs_us=0)
+    blob = state.SerializeToString()
+    nvme = worker.kinds[0]
+    worker.host.send(RestoreState(len(blob), TransferStatus.MORE_DATA, blob).to_json())
+    started = []
+    thread = threading.Thread(target=lambda: started.append(worker.start(Start(servicing=True))))
+    thread.start()
+    try:
+        assert nvme.settled.wait(10)
+        before_go = list(worker.calls)
+    finally:
+        worker.host.send(STATE_GO.to_json())
+        thread.join(10)
+    assert before_go[-4:] == [("nvme", "attach_ahead", False, "enabled"), ("mana", "attach_ahead"),
+                              ("dma", "prepare_restore"), ("nvme", "settle_ahead")]
+    assert started and started[0].error is None
+    after_go = worker.calls[len(before_go):]
+    assert after_go[:3] == [("dma", "restore"), ("nvme", "configure", "DmaManager"), ("nvme", "restore", False, "enabled")]

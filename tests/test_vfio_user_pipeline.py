@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import select
 import socket
 import threading
 import time
 
 import pytest
 
-from vfkeep.driver.errors import BackingError
+from vfkeep.driver.errors import BackingError, DeviceMissing
 from vfkeep.memory import MemoryLayout
 from vfkeep.vfio_user import client as client_module
 from vfkeep.vfio_user import protocol as p
@@ -27,13 +28,13 @@ TIMEOUT = 2.0
 
 class BatchServer:
     """Reads each batch (a number of commands) whole before it answers any of them, in order; `fail` names
-    a command to answer with EINVAL."""
+    a command to answer with EINVAL; `gate`: set once the first batch may be answered."""
 
-    def __init__(self, path: str, batches: list[int], fail: int | None = None):
+    def __init__(self, path: str, batches: list[int], fail: int | None = None, gate: threading.Event | None = None):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
-        self.batches, self.fail = batches, fail
+        self.batches, self.fail, self.gate = batches, fail, gate
         self.seen: list[list[int]] = []
         self.answered = threading.Event()  # the first batch is answered
         self.error: Exception | None = None
@@ -49,6 +50,8 @@ class BatchServer:
                 for size in self.batches:
                     batch = [p.wait_message(conn, reader, TIMEOUT) for _ in range(size)]
                     self.seen.append([m.command for m in batch])
+                    if self.gate is not None and not self.gate.wait(TIMEOUT):
+                        raise TimeoutError("the test never opened the gate")
                     for m in batch:
                         m.close_fds()
                         error = errno.EINVAL if m.command == self.fail else 0
@@ -86,9 +89,9 @@ class BatchServer:
 def server(tmp_path):
     made = []
 
-    def start(batches: list[int], fail: int | None = None) -> tuple[BatchServer, str]:
+    def start(batches: list[int], fail: int | None = None, gate: threading.Event | None = None) -> tuple[BatchServer, str]:
         path = str(tmp_path / f"batch{len(made)}.sock")
-        made.append(BatchServer(path, batches, fail))
+        made.append(BatchServer(path, batches, fail, gate))
         return made[-1], path
 
     yield start
@@ -156,6 +159,55 @@ def test_an_attach_sent_ahead_is_answered_before_anyone_waits_for_it_and_read_by
     srv.close()
     assert srv.error is None
     assert srv.seen == [[*RESTORE_BATCH, p.Command.REGION_READ, p.Command.DEVICE_SET_IRQS, p.Command.DEVICE_SET_IRQS]]
+
+
+def _settled(pending) -> bool:
+    """`settle()` until it is done (True) or the device sends nothing more for TIMEOUT (False)."""
+    while not pending.settle():
+        if not select.select([pending.fileno()], [], [], TIMEOUT)[0]:
+            return False
+    return True
+
+
+def test_an_attach_sent_ahead_settles_once_answered_and_the_open_then_reads_nothing(server, mem, monkeypatch):
+    """`settle()` (the next worker, while it waits for the host's go): False while the device has not answered
+    every command of the attach, then it finishes the attach; the open after the go takes that, reading nothing."""
+    gate = threading.Event()
+    srv, path = server([8], gate=gate)
+    pending = attach_ahead(path, mem, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    assert pending.settle() is False
+    gate.set()
+    assert _settled(pending)
+    monkeypatch.setattr(client_module.VfioDevice, "_take_replies", lambda *a: pytest.fail("read after the settle"))
+    backing = open_vfio(path, mem, None, restore=True, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1), ahead=pending)
+    assert backing.read(0, 40) == bytes(40) and len(set(backing.set_irqs([0, 1]))) == 2
+    assert (backing.bar0_len, backing.msix_count) == (8192, 4)
+    backing.close()
+    srv.close()
+    assert srv.error is None and not srv.thread.is_alive()
+
+
+def test_a_settled_attach_that_does_not_fit_is_disconnected_and_one_that_failed_fails_the_open(server, mem, tmp_path):
+    """A settled attach the open cannot use (other vectors) is disconnected like an unsettled one; an attach whose
+    device vanished before it answered settles on that error, and the open after the go raises it as its own."""
+    srv, path = server([8])
+    pending = attach_ahead(path, mem, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    assert _settled(pending)
+    pending.cancel()
+    srv.close()
+    assert srv.error is None and not srv.thread.is_alive()  # (it saw the hang-up)
+
+    gone = str(tmp_path / "gone.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(gone)
+    listener.listen(1)
+    pending = attach_ahead(gone, mem, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1))
+    conn, _ = listener.accept()
+    conn.close()
+    listener.close()
+    assert _settled(pending)
+    with pytest.raises(DeviceMissing):
+        open_vfio(gone, mem, None, restore=True, timeout=TIMEOUT, prefetch=(0, 40), irqs=(0, 1), ahead=pending)
 
 
 def test_an_attach_sent_ahead_for_other_vectors_is_cancelled_and_the_open_attaches_anew(server, mem):

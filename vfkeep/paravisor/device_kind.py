@@ -40,7 +40,7 @@ class DeviceKind(Protocol):
     """One keepalive device kind in the worker. The worker calls, in this order:
 
     - restore (spec §3): `prepare()` before the saved state is fetched, `attach_ahead(state, config)` once it is
-      decoded, `configure(dma)` once the DMA manager exists and has restored its state (step 2),
+      decoded, `settle_ahead()` while the worker still waits for the host's go, `configure(dma)` once the DMA manager exists and has restored its state (step 2),
       `restore(previous, config)` (steps 4 and 6: NVMe, then networking), the DMA manager's validation
       (step 7), then `start()` (step 8: guest IO moves again);
     - save (spec §2.1-2.2): `stop()` (guest IO stops), the emulation-platform state and the DMA manager's
@@ -67,6 +67,11 @@ class DeviceKind(Protocol):
         attach of each device `restore` will take the keepalive path for (no DMA client, nothing of the state
         applied), so the device answers while the worker restores; `restore` reads the answers (any other path
         cancels it)."""
+
+    def settle_ahead(self) -> list[int]:
+        """While the worker waits for the host's go after `attach_ahead`: read the answers the devices have sent,
+        without waiting, and finish each attach they complete (nothing of the state applied, no DMA client), so
+        `restore` does not read them after the go. Returns the fds to wait on for the answers still to come."""
 
     def configure(self, dma: DmaManager) -> None:
         """This boot's DMA manager, before any of its clients exists (spec 8.3)."""

@@ -52,6 +52,10 @@ class NvmeKind:
     def attach_ahead(self, state, config: KeepAliveConfig) -> None:
         """Nothing: the NVMe manager's restore opens its controllers."""
 
+    def settle_ahead(self) -> list[int]:
+        """Nothing was attached ahead."""
+        return []
+
     def configure(self, dma: DmaManager) -> None:
         self.dma = dma
 

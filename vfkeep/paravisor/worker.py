@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -288,7 +289,17 @@ class Worker:
             if not self.chan.ready():
                 blob = b"".join(parts)
                 self._early_decode = (blob, *self._decode_state(blob))
-                self._prepare_ahead(self._early_decode[1])
+                if self._early_decode[1] is not None:
+                    self._prepare_ahead(self._early_decode[1])
+                    self._settle_ahead()
+
+    def _settle_ahead(self) -> None:
+        """Until the host's next message (its go, mostly): the devices' answers to the attaches sent ahead read as
+        they come, each attach finished once all of its answers are in (`DeviceKind.settle_ahead`)."""
+        waiting = [fd for kind in self.kinds for fd in kind.settle_ahead()]
+        while waiting and not self.chan.ready():
+            select.select([self.chan, *waiting], [], [])
+            waiting = [fd for kind in self.kinds for fd in kind.settle_ahead()]
 
     # -- save (spec §2.2-2.4) -----------------------------------------------------------------
     def save(self, msg: Save) -> bool:

@@ -700,12 +700,41 @@ class VfioDevice:
 
 class PendingAttach:
     """A restore's attach (`VfioDevice.attach_ahead`) sent, its replies not read yet: `finish()` reads them and
-    returns what `restore_mapped` returns; `cancel()` disconnects instead. One of the two, once."""
+    returns what `restore_mapped` returns; `cancel()` disconnects instead. One of the two, once. `settle()` may
+    finish it earlier, as soon as the device has answered, for `finish()` to hand over then."""
 
     def __init__(self, dev: VfioDevice, sent: list[tuple[int, int]], mem: GuestMemory,
                  read: tuple[int, int] | None, irqs: tuple[int, ...], efds: list[int]):
         self._dev: VfioDevice | None = dev
         self._sent, self._mem, self.read, self.irqs, self._efds = sent, mem, read, irqs, efds
+        #: (what `finish` returned, None) or (None, what it raised) once `settle` finished the attach.
+        self._settled: tuple | None = None
+
+    def fileno(self) -> int:
+        """The connection's socket, readable when answers come (until the attach is settled, finished or
+        cancelled)."""
+        return self._dev._sock.fileno()
+
+    def settle(self) -> bool:
+        """Read what the device has answered so far, without waiting; once every answer is in, finish the attach
+        now (`finish` then returns what it made, or raises what it raised). True once settled (or finished or
+        cancelled): a worker waiting for the host's go reads the answers then, not in the restore after the go."""
+        dev = self._dev
+        if dev is None:
+            return True
+        try:
+            with dev._lock, dev._transport_errors([Command.VERSION]):
+                dev._pump()
+                answered = {m.msg_id for m in dev._inbox}
+            if not all(msg_id in answered for msg_id, _ in self._sent):
+                return False
+            self._settled = (self.finish(), None)
+        except Exception as e:  # noqa: BLE001 - kept for `finish`, whose caller handles it as if raised there
+            if self._dev is not None:  # the read failed (finish cleans up after itself)
+                self._take().close()
+                self._close_efds()
+            self._settled = (None, e)
+        return True
 
     def _take(self) -> VfioDevice:
         dev, self._dev = self._dev, None
@@ -714,6 +743,11 @@ class PendingAttach:
         return dev
 
     def finish(self) -> tuple[VfioDevice, RegionInfo, IrqInfo, bytes | None]:
+        if self._settled is not None:
+            (result, error), self._settled = self._settled, None
+            if error is not None:
+                raise error
+            return result
         dev = self._take()
         try:
             replies = dev._opened(self._sent)
@@ -730,23 +764,32 @@ class PendingAttach:
         """Disconnect without using the attach, returning once the device has taken the disconnect (it closes its
         end; at most the connection's timeout): a control call that follows (e.g. a fallback setting the reset
         method to flr) must not reach the device first and turn the disconnect into a reset."""
-        dev = self._take()
-        try:
-            sock = dev._sock
-            if sock is not None:
-                sock.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + dev.timeout
-                while True:
-                    wait_fd(sock, select.POLLIN, deadline)
-                    if not sock.recv(65536):
-                        break
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            dev.close()
-            self._close_efds()
+        if self._settled is not None:  # finished by `settle`: the device and the vectors' eventfds are its now
+            (result, _), self._settled = self._settled, None
+            if result is not None:
+                _disconnect(result[0])
+            return
+        _disconnect(self._take())
+        self._close_efds()
 
     def _close_efds(self) -> None:
         for efd in self._efds:
             os.close(efd)
         self._efds = []
+
+
+def _disconnect(dev: VfioDevice) -> None:
+    """Close `dev`'s connection once the device has taken the disconnect (`PendingAttach.cancel`)."""
+    try:
+        sock = dev._sock
+        if sock is not None:
+            sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + dev.timeout
+            while True:
+                wait_fd(sock, select.POLLIN, deadline)
+                if not sock.recv(65536):
+                    break
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        dev.close()
