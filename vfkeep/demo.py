@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -57,7 +58,8 @@ STEPS = 4
 #: would take the CPU the NIC's relay needs).
 DISK_RATE = 1000
 DISK_QD = 8
-#: Ambient load (1-minute average before the demo started) per CPU above which medians are not trusted.
+#: CPU time other work took during the demo, per CPU, above which its medians are not trusted (the demo's own
+#: processes are not counted: they are what is measured).
 CONTENDED_LOAD_PER_CPU = 0.5
 
 
@@ -70,6 +72,26 @@ def machine() -> dict:
         pass
     return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cpus": os.cpu_count(),
             "python": platform.python_version(), "vfkeep": __version__}
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, including time the hypervisor gave to others (steal);
+    CPU seconds this process and its reaped children used): two of them bracket the demo's run so that
+    `other_cpus` can tell other work's load from the demo's own."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return busy, own
+
+
+def other_cpus(before: tuple[float, float], after: tuple[float, float], wall_s: float) -> float:
+    """CPUs' worth of work other than the demo's during it (average over `wall_s`): what competed with its
+    servicings for the CPUs (the load average before the demo says only what ran in the minute before it)."""
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, other / wall_s) if wall_s > 0 else 0.0
 
 
 class Demo:
@@ -203,9 +225,10 @@ def summarize(mode: str, samples: list[dict]) -> dict:
 
 
 # -- verdict ----------------------------------------------------------------------------------------------------
-def verdict(runs: list[dict], timing: DeviceTiming, load: float, cpus: int) -> tuple[bool, list[str]]:
+def verdict(runs: list[dict], timing: DeviceTiming, busy: float, cpus: int) -> tuple[bool, list[str]]:
     """Compare the median blackouts in EXPECTED_ORDER. (True, [summary]) when every path was shorter than the
-    next; else (False, [summary, one line per pair that did not hold, with its likely cause])."""
+    next; else (False, [summary, one line per pair that did not hold, with its likely cause]). `busy`: CPUs'
+    worth of other work during the demo (`other_cpus`)."""
     by_mode = {r["mode"]: r for r in runs}
     order = [m for m in EXPECTED_ORDER if by_mode.get(m, {}).get("blackout_ms") is not None]
     chain = " < ".join(f"{m} {by_mode[m]['blackout_ms']:.1f} ms" for m in order)
@@ -216,15 +239,15 @@ def verdict(runs: list[dict], timing: DeviceTiming, load: float, cpus: int) -> t
                   for m in order[1:] if by_mode[order[0]]["blackout_ms"] > 0]
         lines = [f"expected ordering held (median blackout): {chain}" + (f"; {', '.join(ratios)}" if ratios
                                                                               else "")]
-        if load >= CONTENDED_LOAD_PER_CPU * cpus:
-            lines.append(f"the machine was busy (load average {load:.1f} on {cpus} CPUs before the demo): the "
+        if busy >= CONTENDED_LOAD_PER_CPU * cpus:
+            lines.append(f"the machine was busy (other work used {busy:.1f} of {cpus} CPUs during the demo): the "
                          "ratios are noisy")
         return True, lines + unmeasured(runs)
     lines = ["expected ordering did NOT hold (median blackout; expected " + " < ".join(order) + ")"]
     for a, b in reversed_pairs:
         ra, rb = by_mode[a], by_mode[b]
         lines.append(f"{a} ({ra['blackout_ms']:.1f} ms) was not shorter than {b} ({rb['blackout_ms']:.1f} ms): "
-                     + likely_cause(ra, rb, timing, load, cpus))
+                     + likely_cause(ra, rb, timing, busy, cpus))
     return False, lines + unmeasured(runs)
 
 
@@ -242,22 +265,30 @@ def unmeasured(runs: list[dict]) -> list[str]:
     return lines
 
 
-def likely_cause(fast: dict, slow: dict, timing: DeviceTiming, load: float, cpus: int) -> str:
-    """Why `fast` (expected shorter) was not: the machine was busy, or the timing model gives the two paths
-    less device time apart than the run-to-run spread."""
-    if load >= CONTENDED_LOAD_PER_CPU * cpus:
-        return (f"likely CPU contention: the load average was {load:.1f} on {cpus} CPUs before the demo started, "
-                "and every servicing is several Python processes waking each other")
-    modelled = ((slow["hwc_requests"] or 0) - (fast["hwc_requests"] or 0)) * timing.hwc_latency_ms \
-        + ((slow["device_resets"] or 0) - (fast["device_resets"] or 0)) * timing.flr_ms
-    spread = max(max(v for v in r["blackout_ms_all"] if v is not None) - min(v for v in r["blackout_ms_all"]
-                                                                              if v is not None) for r in (fast, slow))
+def likely_cause(fast: dict, slow: dict, timing: DeviceTiming, busy: float, cpus: int) -> str:
+    """Why `fast` (expected shorter) was not, from the run itself: the device time the timing model puts between
+    the two paths (their device counters × the timing parameters) against the run-to-run spread of their
+    blackouts; then other work's CPU load during the demo; else unexplained."""
+    terms = [(slow[key] - fast[key], name, cost) for key, name, cost in (
+        ("device_resets", "FLR", timing.flr_ms), ("hwc_requests", "HWC requests", timing.hwc_latency_ms))
+        if slow[key] is not None and fast[key] is not None and slow[key] != fast[key]]
+    modelled = sum(n * cost for n, _, cost in terms)
+    model = " ".join(f"{'−' if n < 0 else '+' if i else ''} {abs(n):g} {name} × {cost:g} ms"
+                     for i, (n, name, cost) in enumerate(terms)).strip() or "no device work apart"
+    spread, widest = max(((max(v) - min(v), r["mode"]) for r in (fast, slow)
+                          if (v := [b for b in r["blackout_ms_all"] if b is not None])), key=lambda s: s[0])
+    if modelled < 0:
+        return (f"the timing model itself makes {slow['mode']} {-modelled:.1f} ms shorter ({model}; "
+                f"{timing.describe()})")
     if modelled <= spread:
-        return (f"the timing model puts only {modelled:.1f} ms of device time between them ({timing.describe()}), "
-                f"within the run-to-run spread of {spread:.1f} ms: likely scheduling noise; try more servicings "
-                "(--servicings) or a quieter machine")
-    return (f"not explained by the load ({load:.1f} on {cpus} CPUs) or the timing model ({modelled:.1f} ms of "
-            "device time between them): look at the phases in results.json and the logs")
+        return (f"the modelled difference {modelled:.1f} ms ({model}) is within the measured spread {spread:.1f} ms "
+                f"(min–max of {widest}): try more servicings (--servicings)")
+    if busy >= CONTENDED_LOAD_PER_CPU * cpus:
+        return (f"likely CPU contention: other work used {busy:.1f} of {cpus} CPUs during the demo (the modelled "
+                f"difference {modelled:.1f} ms exceeds the measured spread {spread:.1f} ms)")
+    return (f"unexplained: the modelled difference {modelled:.1f} ms ({model}) exceeds the measured spread "
+            f"{spread:.1f} ms and other work used only {busy:.1f} of {cpus} CPUs; see the phases in results.json "
+            "and host.log")
 
 
 # -- output -----------------------------------------------------------------------------------------------------
@@ -319,8 +350,8 @@ def table(report: dict) -> Table:
                       f"{report['frame_size']} B per NIC, {report['nics']} NIC(s)"
                       + (f", {report['nvme']} NVMe disk(s): {report['disk_rate']} IO/s at queue depth "
                          f"{report['disk_qd']}" if report.get("nvme")
-                         else "") + "; load average "
-                      f"{report['load_average_before']:.1f} on {report['machine']['cpus']} CPUs before the demo",
+                         else "") + f"; other work used {report['other_cpus']:.1f} of {report['machine']['cpus']} "
+                      "CPUs during the demo",
               caption_justify="left")
     t.add_column("", no_wrap=True)
     for run in runs:
@@ -408,7 +439,7 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
     vlog.setup("host", run_dir)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # whatever was inherited (nohup, `&`): ours
         signal.signal(sig, _interrupt)
-    t0 = time.monotonic()
+    t0, cpu_before = time.monotonic(), cpu_seconds()
     report = demo = None
     try:
         err = Console(stderr=True)  # (not on a terminal: no progress at all, not even the empty line it leaves)
@@ -424,8 +455,9 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
             report["wall_s"] = round(time.monotonic() - t0, 1)
             report["load_average_before"] = round(load, 2)
             report["load_average_after"] = round(os.getloadavg()[0], 2)
-            # the value the table's caption shows (rounding twice gave "3.5" there and "3.6" in the verdict)
-            held, lines = verdict(report["runs"], timing, report["load_average_before"], report["machine"]["cpus"] or 1)
+            # rounded as the table's caption shows it (rounding twice gave "3.5" there and "3.6" in the verdict)
+            report["other_cpus"] = round(other_cpus(cpu_before, cpu_seconds(), time.monotonic() - t0), 2)
+            held, lines = verdict(report["runs"], timing, report["other_cpus"], report["machine"]["cpus"] or 1)
             report["verdict"] = {"ordering_held": held, "lines": lines}
             demo.step("writing the report")
             out_dir = pathlib.Path(out)
