@@ -229,10 +229,10 @@ def run(latencies: list[float], flrs: list[float], repeat: int, rate: float) -> 
                                           "undisturbed_blackout_ms": quiet["blackout_ms"],
                                           "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
                                           "wall_s": round(time.monotonic() - t, 1)}))
-            print(f"FLR {flr:g} ms, HWC {latency:g} ms: " + ", ".join(
+            print(f"FLR {flr:g} ms, HWC {latency:g} ms/request: median blackout " + ", ".join(
                 f"{p} {statistics.median(x['blackout_ms'] for x in samples[p][0]):.1f}" for p in ORDER)
-                + f" ms (median; undisturbed: RTT p50 {quiet['rtt_ms']:.2f}, blackout {quiet['blackout_ms']:.2f};"
-                f" load {load:.1f})", flush=True)
+                + f" ms; with no servicing: RTT p50 {quiet['rtt_ms']:.2f} ms, longest gap {quiet['blackout_ms']:.2f} ms;"
+                f" load {load:.1f}", flush=True)
     costs = fixed_costs(blob)
     rows = []
     for timing, samples, meta in raw:
@@ -269,8 +269,10 @@ def cell_ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], ratios: list[dict]) -> str:
-    lines = ["Each cell: guest blackout median / p95 ms (median over the path's floor; `floor_ms` per row in the JSON).",
-             "","| FLR ms | HWC ms/request | " + " | ".join(ORDER) + " | reset / kp+dp | reset-flr / kp+dp |",
+    n = rows[0]["blackout_ms"]["n"] + rows[0]["unmeasured"]
+    lines = [f"Guest blackout, ms: median / p95 of {n} servicings per path, (Nx) = median / the path's floor; the last "
+             "two columns: median / keepalive+datapath's.",
+             "", "| FLR ms | HWC ms/request | " + " | ".join(ORDER) + " | reset / kp+dp | reset-flr / kp+dp |",
              "|---:|---:|" + "---:|" * (len(ORDER) + 2)]
     for ratio in ratios:
         cell = {r["path"]: r for r in rows
@@ -285,26 +287,31 @@ def markdown(rows: list[dict], ratios: list[dict]) -> str:
 
 def counts_markdown(rows: list[dict], costs: dict) -> str:
     """What each path cost the device (per servicing, the same in every cell) and the fixed costs."""
-    lines = ["| path | HWC requests | SMC messages | FLRs | of which waited for (before the blackout ended; fewest) |",
+    lines = ["Device work per servicing, from the device's counters (first cell; `rows` in the JSON has every cell's); "
+             "waited for: logged before the guest's blackout ended (the fewest of the path's servicings).", "",
+             "| path | HWC requests | SMC messages | FLRs | waited for: HWC / SMC / FLR |",
              "|---|---:|---:|---:|---|"]
     for path in ORDER:
         r = next(r for r in rows if r["path"] == path)
         lines.append(f"| {path} | {r['hwc_requests']:g} | {r['smc_messages']:g} | {r['device_resets']:g} | "
                      f"{r['critical_hwc_requests']:g} / {r['critical_smc_messages']:g} / "
                      f"{r['critical_device_resets']:g} |")
-    lines += ["", f"Fixed costs: handoff {costs['handoff_ms']:.3f} ms (a {costs['blob_bytes']}-byte saved state "
-                  f"to a prelaunched process, parsed), scrub {costs['scrub_ms']:.3f} ms ({WORKER_PAGES} pages at "
-                  f"memset speed), vfio-user reconnect {costs['reconnect_ms']:.3f} ms; one device round trip "
-                  f"{costs['request_ms']:.3f} ms + the modelled latency; one data round trip (the undisturbed "
-                  f"guest RTT p50) {_spread(r['datapath_rtt_ms'] for r in rows)} ms, with no servicing the "
-                  f"blackout metric reads {_spread(r['undisturbed_blackout_ms'] for r in rows)} ms."]
+    lines += ["", f"Floor = {costs['fixed_ms']:.3f} ms fixed (handoff {costs['handoff_ms']:.3f}: a "
+                  f"{costs['blob_bytes']}-byte saved state to a prelaunched process, parsed; scrub {costs['scrub_ms']:.3f}: "
+                  f"{WORKER_PAGES} pages at memset speed; vfio-user reconnect {costs['reconnect_ms']:.3f})",
+              f"  + {costs['request_ms']:.3f} ms per device round trip waited for (HWC request or SMC message) + the "
+              "modelled latency per HWC request + the FLR wait per FLR waited for",
+              f"  + one data round trip, the guest's RTT p50 with no servicing: "
+              f"{_spread(rows, 'datapath_rtt_ms')}.",
+              f"A lower bound: with no servicing the blackout metric (the longest gap) reads "
+              f"{_spread(rows, 'undisturbed_blackout_ms')}."]
     return "\n".join(lines)
 
 
-def _spread(values) -> str:
-    """One value, or the range over the cells."""
-    lo, hi = min(values := list(values)), max(values)
-    return f"{lo:.3f}" if lo == hi else f"{lo:.3f}–{hi:.3f} (per cell in the JSON)"
+def _spread(rows: list[dict], key: str) -> str:
+    """`key`'s one value in ms, or its range over the cells (naming the JSON key that has each cell's)."""
+    lo, hi = min(r[key] for r in rows), max(r[key] for r in rows)
+    return f"{lo:.3f} ms" if lo == hi else f"{lo:.3f}–{hi:.3f} ms (by cell: `{key}` in the JSON)"
 
 
 def plot(rows: list[dict], path) -> None:
@@ -379,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "prelaunch": True, "paths": list(ORDER), "fixed_costs": costs,
                                  "wall_s": round(time.monotonic() - t, 1), "rows": rows, "ratios": ratios}, args.out)
     plot(rows, path.with_suffix(".png"))
-    print(markdown(rows, ratios))
-    print(counts_markdown(rows, costs))
+    print(markdown(rows, ratios), counts_markdown(rows, costs), sep="\n\n")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 

@@ -100,7 +100,7 @@ def summary_markdown(results: dict[str, dict]) -> str:
 
     se = results["sensitivity"]
     out += ["", f"Guest blackout vs the device timing model ({se['rate_fps']:g} frames/s of {se['frame_size']} B, "
-                f"{se['repeat']} servicings per path and cell, paths interleaved; median / p95 ms (median / floor)):",
+                "paths interleaved):",
             "", bench_sensitivity.markdown(se["rows"], se["ratios"]), "",
             bench_sensitivity.counts_markdown(se["rows"], se["fixed_costs"])]
 
