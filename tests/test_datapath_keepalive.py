@@ -2,6 +2,7 @@
 survive a keepalive servicing; no queue is destroyed or created, nothing is lost, and a hostile kept-vport
 state takes the fallback path. Default behaviour (option off) is covered by the existing servicing tests."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -165,6 +166,48 @@ def test_hostile_kept_vport_is_refused_then_fresh_init_works(bench, mem, mutate,
     assert len(loopback(dev.open_vport(0, KEPT_VPORT, persistent=True), frames(100))) == 100
     assert dma.validate_restore() == []
     assert dma.inspect()["pool"]["allocated_pages"] == 6 + 202  # HWC + the new vport: nothing of the old leaked
+
+
+def test_a_state_checked_ahead_is_not_checked_again_and_a_check_of_anything_else_does_not_count(bench, mem,
+                                                                                                  monkeypatch):
+    """`check_device_state` made ahead (the next worker, before the go: `vf_manager.check_ahead`) spares the restore
+    its checks only for that same state object, register map, pool and vector count; a hostile state restored with
+    the check of a good one is still refused (nothing of it used)."""
+    from vfkeep.driver import mana as mana_module
+    from vfkeep.driver.gdma_driver import map_bar0
+    from vfkeep.driver.save_restore import check_device_state
+
+    state, _, dma, _ = kept_after_traffic(bench, mem)
+    backing = bench.connect(dma, "nic0", fresh=False)
+    checked = check_device_state(state, map_bar0(backing), LAYOUT.pool, backing.msix_count)
+    hostile = mana_driver_pb2.ManaDeviceSavedState()
+    hostile.CopyFrom(state)
+    hostile.vports[0].sq.id = 1 << 24
+    with pytest.raises(RestoreError, match="24 bits"):
+        ManaDevice.restore(backing, "nic0", hostile, checked=checked)
+    same = mana_driver_pb2.ManaDeviceSavedState()
+    same.CopyFrom(state)
+    other_pool = type(LAYOUT.pool)(LAYOUT.pool.name, LAYOUT.pool.base_pfn, LAYOUT.pool.pages + 1)
+    layout, msix = checked.layout, checked.msix_count
+    assert checked.covers(state, layout, LAYOUT.pool, msix)
+    bigger = type(layout)(**{**vars(layout), "bar0_len": 2 * layout.bar0_len})
+    assert not any([checked.covers(same, layout, LAYOUT.pool, msix), checked.covers(state, layout, other_pool, msix),
+                    checked.covers(state, layout, LAYOUT.pool, msix + 1), checked.covers(state, bigger, LAYOUT.pool, msix)])
+    # The worker's check ahead, from the answers of its settled attach: only of a state that passes.
+    answered = SimpleNamespace(answers=lambda: (SimpleNamespace(size=backing.bar0_len),
+                                                SimpleNamespace(count=backing.msix_count), bench.device.bar0.read(0, 40)))
+    ahead = vf_manager.check_ahead(answered, mana_driver_pb2.ManaSavedState(mana_device=state), LAYOUT.pool)
+    assert ahead == checked
+    assert vf_manager.check_ahead(answered, mana_driver_pb2.ManaSavedState(mana_device=hostile), LAYOUT.pool) is None
+    unanswered = SimpleNamespace(answers=lambda: None)  # (the attach failed: the restore meets its error)
+    assert vf_manager.check_ahead(unanswered, mana_driver_pb2.ManaSavedState(mana_device=state), LAYOUT.pool) is None
+    checks = []
+    monkeypatch.setattr(mana_module, "check_device_state", lambda *args: checks.append(args))
+    dev = ManaDevice.restore(bench.connect(dma, "nic0", fresh=False), "nic0", state, defer_probe=True, checked=checked)
+    assert checks == []
+    assert len(loopback(dev.vports[0], frames(50))) == 50
+    dev.probe()
+    assert dev.shutdown()
 
 
 # -- through the host: guest traffic across servicing ------------------------------------------------

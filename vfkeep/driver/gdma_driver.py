@@ -88,7 +88,14 @@ def map_bar0(backing: DeviceBacking) -> Bar0Layout:
     bar0_len = backing.bar0_len
     if bar0_len < REGMAP_SIZE:
         raise BadRegisterMap(f"BAR0 is {bar0_len} bytes, the register map needs {REGMAP_SIZE}")
-    raw = backing.read(0, REGMAP_SIZE)
+    return bar0_layout(bar0_len, backing.read(0, REGMAP_SIZE))
+
+
+def bar0_layout(bar0_len: int, raw: bytes) -> Bar0Layout:
+    """`map_bar0`'s checks of `raw`, the register map read from a BAR0 of `bar0_len` bytes: its layout, else
+    BadRegisterMap (DeviceMissing when it reads all ones)."""
+    if bar0_len < REGMAP_SIZE or len(raw) != REGMAP_SIZE:
+        raise BadRegisterMap(f"a register map of {len(raw)} bytes in a BAR0 of {bar0_len}: it has {REGMAP_SIZE}")
     if int.from_bytes(raw[:4], "little") == ALL_ONES32:
         raise DeviceMissing("device not present: BAR0 register map reads all ones")
     regs = RegMap.from_bytes(raw)

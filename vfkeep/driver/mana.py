@@ -27,8 +27,7 @@ from .bnic_driver import BnicDriver
 from .errors import (DEVICE_ERRORS, BringUpError, DeviceMissing, DriverError, InvalidSavedState, NoDmaClient,
                      RestoreError, RestoredMemoryNotFound)
 from .gdma_driver import REGMAP_SIZE, GdmaDriver, map_bar0
-from .save_restore import (check_hwc_block, decode_device_state, validate_gdma_state, validate_vport_state,
-                           vport_block_sizes)
+from .save_restore import CheckedState, check_device_state, check_hwc_block, decode_device_state, vport_block_sizes
 from .vport import SAVED_BLOCKS, Vport, VportConfig
 
 log = logging.getLogger("vfkeep.driver.mana")
@@ -98,7 +97,8 @@ class ManaDevice:
 
     @classmethod
     def restore(cls, backing: DeviceBacking, pci_id: str, saved: mana_driver_pb2.ManaDeviceSavedState | bytes, *,
-                probe_timeout_ms: int | None = None, defer_probe: bool = False) -> ManaDevice:
+                probe_timeout_ms: int | None = None, defer_probe: bool = False,
+                checked: CheckedState | None = None) -> ManaDevice:
         """Keepalive restore (servicing spec 6.3): validate the saved state, re-attach the HWC buffer through
         the backing's persistent DMA client, rebuild the HWC without ESTABLISH_HWC or REGISTER_DEVICE, then
         continue like a fresh device. On failure the backing is closed, attached pool buffers are freed, and
@@ -111,7 +111,10 @@ class ManaDevice:
 
         `defer_probe` with kept vports (DESIGN D7): those need no HWC request to run, so they are resumed
         first and the HWC requests (test event ... QUERY_DEV_CONFIG) are left to `probe()`, which the
-        caller runs once the data path is back (`probe_pending`)."""
+        caller runs once the data path is back (`probe_pending`).
+
+        `checked`: the state's checks made ahead (`check_device_state`, e.g. before the servicing's go): skipped
+        here when they were of this state object, this backing's register map and vector count and its pool."""
         try:
             persistent = backing.dma.persistent
             if persistent is None:
@@ -120,9 +123,8 @@ class ManaDevice:
             if not state.HasField("gdma"):
                 raise InvalidSavedState("saved mana device state has no gdma state")
             layout = map_bar0(backing)
-            validate_gdma_state(state.gdma, layout, persistent.region, backing.msix_count)
-            for v in state.vports:
-                validate_vport_state(v, layout, persistent.region, state.gdma.db_id, state.gdma.num_msix)
+            if checked is None or not checked.covers(state, layout, persistent.region, backing.msix_count):
+                check_device_state(state, layout, persistent.region, backing.msix_count)
             hwc_mem, kept = _attach_saved_buffers(persistent, state)
         except BaseException:
             backing.close()

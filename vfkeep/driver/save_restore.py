@@ -7,6 +7,8 @@ and restoring themselves are the components' `save()` / `restore(...)` (queues, 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from vfkeep.gdma.constants import DB_CQ, DB_EQ, DB_RQ, DB_SQ, DRV_HWC_NUM_PAGES, DRV_HWC_SWQE_SIZE, PAGE_SIZE
 from vfkeep.gdma.constants import RWQE_SIZE, WQE_ALIGNMENT
 from vfkeep.memory.guest_memory import Region
@@ -95,6 +97,31 @@ def validate_gdma_state(state: mana_driver_pb2.GdmaDriverSavedState, layout: Bar
         if toggle.vport_index >= VPORT_INDEX_LIMIT:
             raise InvalidSavedState(f"saved link toggle for vport {toggle.vport_index}: a link event carries a "
                                     f"24-bit vport index")
+
+
+@dataclass(frozen=True)
+class CheckedState:
+    """A saved device state `check_device_state` accepted for a BAR0 layout, a pool and an MSI-X vector count: a
+    restore of that same state object with the same three (`ManaDevice.restore(checked=)`) does not check it again."""
+
+    state: mana_driver_pb2.ManaDeviceSavedState
+    layout: Bar0Layout
+    pool: Region
+    msix_count: int
+
+    def covers(self, state: mana_driver_pb2.ManaDeviceSavedState, layout: Bar0Layout, pool: Region,
+               msix_count: int) -> bool:
+        return self.state is state and (self.layout, self.pool, self.msix_count) == (layout, pool, msix_count)
+
+
+def check_device_state(state: mana_driver_pb2.ManaDeviceSavedState, layout: Bar0Layout, pool: Region,
+                       msix_count: int) -> CheckedState:
+    """Every check of a saved device state (with gdma state) before anything of it is used: its GDMA driver state
+    (`validate_gdma_state`) and each kept vport's (`validate_vport_state`); InvalidSavedState, else what passed."""
+    validate_gdma_state(state.gdma, layout, pool, msix_count)
+    for v in state.vports:
+        validate_vport_state(v, layout, pool, state.gdma.db_id, state.gdma.num_msix)
+    return CheckedState(state, layout, pool, msix_count)
 
 
 def check_hwc_block(block: DmaBuffer) -> None:

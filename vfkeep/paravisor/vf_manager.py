@@ -27,12 +27,14 @@ from typing import Callable
 
 from ..contract import POOL_EXHAUSTED, NicConfig, NicRestore, RestorePath, SaveOutcome
 from ..driver.backing import DeviceBacking, DmaClients
-from ..driver.errors import DEVICE_ERRORS, DeviceMissing, SaveFailed
+from ..driver.errors import DEVICE_ERRORS, DeviceMissing, InvalidSavedState, SaveFailed
+from ..driver.gdma_driver import bar0_layout
 from ..driver.mana import RESTORE_FIRST_READ, ManaDevice, fresh_vectors, restore_vectors
+from ..driver.save_restore import CheckedState, check_device_state
 from ..driver.vport import VportConfig
 from ..guest.ring import ChannelLayout, NicChannel, RingError
 from ..log import kv
-from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory
+from ..memory import DmaError, DmaManager, GuestMemory, OutOfPoolMemory, Region
 from ..proto import mana_driver_pb2
 from ..vfio_user.backing import (PendingAttach, VfioBacking, attach_ahead, open_vfio, presence_probe,
                                  reset_method_setter)
@@ -97,6 +99,21 @@ def attach_ahead_for(cfg: NicConfig, mem: GuestMemory, saved: mana_driver_pb2.Ma
         return None
 
 
+def check_ahead(ahead: PendingAttach, saved: mana_driver_pb2.ManaSavedState, pool: Region) -> CheckedState | None:
+    """`saved`'s device state checked against what the device answered to the attach sent ahead (its register map
+    and MSI-X vector count) and this boot's `pool`, once that attach settled (`PendingAttach.settle`, before the
+    servicing's go): the keepalive restore then does not check it again. None when the attach failed or the state
+    does not pass: the restore meets the same error itself, where it handles it."""
+    answers = ahead.answers()
+    if answers is None:
+        return None
+    bar0, msix, regmap = answers
+    try:
+        return check_device_state(saved.mana_device, bar0_layout(bar0.size, regmap or b""), pool, msix.count)
+    except (*DEVICE_ERRORS, InvalidSavedState):
+        return None
+
+
 def _cancel(ahead: PendingAttach, pci_id: str) -> None:
     """An attach sent ahead that the NIC's path does not use: disconnected (once the device has taken it)."""
     try:
@@ -153,13 +170,14 @@ class VfManager:
     def create(cls, cfg: NicConfig, mem: GuestMemory, dma: DmaManager, *, saved, keepalive: bool,
                force_fallback: str | None, datapath_keepalive: bool = False,
                channel: NicChannel | None = None, relay_thread: RelayThread | None = None,
-               ahead: PendingAttach | None = None) -> "VfManager":
+               ahead: PendingAttach | None = None, checked: CheckedState | None = None) -> "VfManager":
         """Bring the NIC up by the decision table. Never raises: a NIC that cannot come up is reported
         with its error (and shows as DeviceMissing at the next save). `datapath_keepalive` (DESIGN D7)
         puts the vport in the pool so a keepalive save keeps it running. `channel`: the NIC's guest rings,
         attached already (else its relay start attaches them); `relay_thread`: the thread its first relay runs on
         (started already, else the relay starts one); `ahead`: the keepalive restore's attach, sent already
-        (`attach_ahead_for`; cancelled first on any other path)."""
+        (`attach_ahead_for`; cancelled first on any other path); `checked`: the saved device state's checks made
+        ahead (`check_ahead`)."""
         vf = cls(cfg, mem, dma)
         vf.channel, vf.relay_thread = channel, relay_thread
         vf.keepalive = keepalive
@@ -172,7 +190,7 @@ class VfManager:
             if force_fallback:
                 vf._fallback(force_fallback)
             elif saved is not None and keepalive:
-                vf._keepalive_restore(saved, ahead)
+                vf._keepalive_restore(saved, ahead, checked)
             elif saved is not None:
                 kv(log, logging.WARNING, "have saved state from keepalive but restoring on an unsupported host",
                    pci_id=vf.pci_id)
@@ -188,11 +206,12 @@ class VfManager:
         vf.create_ms = round((time.perf_counter() - t) * 1000, 3)
         return vf
 
-    def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState, ahead: PendingAttach | None = None) -> None:
+    def _keepalive_restore(self, saved: mana_driver_pb2.ManaSavedState, ahead: PendingAttach | None = None,
+                           checked: CheckedState | None = None) -> None:
         kv(log, logging.INFO, "restoring gdma driver", pci_id=self.pci_id, base_pfn=saved.mana_device.gdma.mem.base_pfn)
         try:
             backing = self._open(persistent=True, restore=True, irqs=restore_vectors(saved.mana_device), ahead=ahead)
-            self.dev = ManaDevice.restore(backing, self.pci_id, saved.mana_device, defer_probe=True)
+            self.dev = ManaDevice.restore(backing, self.pci_id, saved.mana_device, defer_probe=True, checked=checked)
             self.hwc_persistent = True
             self.vport = self.dev.vports.get(0) or self._open_vport(self.dev, self.hwc_persistent)
         except DeviceMissing:

@@ -715,6 +715,13 @@ class PendingAttach:
         cancelled)."""
         return self._dev._sock.fileno()
 
+    def answers(self) -> tuple[RegionInfo, IrqInfo, bytes | None] | None:
+        """What the device answered to the attach `settle` finished (`finish`'s result without the device): None
+        before, or when it failed."""
+        if self._settled is None or self._settled[0] is None:
+            return None
+        return self._settled[0][1:]
+
     def settle(self) -> bool:
         """Read what the device has answered so far, without waiting; once every answer is in, finish the attach
         now (`finish` then returns what it made, or raises what it raised). True once settled (or finished or
