@@ -40,9 +40,9 @@ class DeviceKind(Protocol):
     """One keepalive device kind in the worker. The worker calls, in this order:
 
     - restore (spec §3): `prepare()` before the saved state is fetched, `attach_ahead(state, config)` once it is
-      decoded, `settle_ahead()` while the worker still waits for the host's go, `configure(dma)` once the DMA manager exists and has restored its state (step 2),
-      `restore(previous, config)` (steps 4 and 6: NVMe, then networking), the DMA manager's validation
-      (step 7), then `start()` (step 8: guest IO moves again);
+      decoded, `settle_ahead()` while the worker still waits for the host's go, `configure(dma)` once the DMA
+      manager exists and has restored its state (step 2), `restore(previous, config)` (steps 4 and 6: NVMe, then
+      networking), the DMA manager's validation (step 7), then `start()` (step 8: guest IO moves again);
     - save (spec §2.1-2.2): `stop()` (guest IO stops), the emulation-platform state and the DMA manager's
       (steps 1-2), then `save(keepalive, state)` per kind (steps 3 and 5: NVMe before MANA, destructive);
       if the servicing then fails, `revive()` and `start()` (DESIGN D4); once the host has the state,

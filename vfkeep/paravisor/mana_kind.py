@@ -122,6 +122,7 @@ class ManaKind:
         saved = mana_states_by_pci_id(previous.state)
 
         def create(cfg: NicConfig) -> VfManager:
+            self.ahead_saved.pop(cfg.index, None)
             match = next((s for s in saved if s.pci_id == cfg.pci_id), None)
             kv(log, logging.INFO, "nic saved state lookup", pci_id=cfg.pci_id, found=match is not None,
                keepalive_config=config.canonical)

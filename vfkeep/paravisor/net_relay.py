@@ -355,4 +355,5 @@ class NetRelay:
         kv(log, logging.ERROR, "relay stopped by an error", pci_id=self.pci_id, error=self.error)
 
     def inspect(self) -> dict:
-        return {**asdict(self.stats), "running": self._thread is not None and self._thread.is_alive(), "error": self.error}
+        running = self._thread is not None and self._thread.is_alive()
+        return {**asdict(self.stats), "running": running, "error": self.error}
