@@ -736,7 +736,7 @@ class PendingAttach:
             if not all(msg_id in answered for msg_id, _ in self._sent):
                 return False
             self._settled = (self.finish(), None)
-        except Exception as e:  # noqa: BLE001 - kept for `finish`, whose caller handles it as if raised there
+        except (VfioClientError, OSError) as e:  # kept for `finish`: its caller handles it as if raised there
             if self._dev is not None:  # the read failed (finish cleans up after itself)
                 self._take().close()
                 self._close_efds()
