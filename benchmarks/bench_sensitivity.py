@@ -23,7 +23,17 @@ cell between the servicings (`undisturbed`). A lower bound: with no servicing at
 longest gap in its window, reads more than one median round trip (`undisturbed_blackout_ms`, printed beside it).
 The device round trips a path waits for are the fewest any of its servicings in the cell waited for (a slow
 servicing whose blackout outlasted a deferred request does not raise the floor). The fixed costs are measured in
-micro-benchmarks after the cells. Reported: median / floor per path.
+micro-benchmarks after the cells, each as the 10th percentile of its samples (`at_best`): on a 2-CPU machine shared
+with other work a sample also waits for a CPU another process holds, which the step does not need, and the median
+counted that (a reconnect read 1.4-2.8 ms by median at load 6-8 while its client and its device each used 0.55-0.75
+ms of CPU; its 10th percentile 1.1-1.25). The median of each sampled cost is kept beside it in the JSON
+(`*_median_ms`). The scrub is measured on worker RAM that is not in the CPU's caches, as a servicing's scrub finds
+it: nothing touches most of it between two servicings, seconds apart while other work runs, and OpenHCL's VTL2 RAM
+is larger than any cache (the host's scrub inside a servicing took 0.84-1.3 ms of CPU); before each sample a buffer
+twice the largest cache is written. Measured warm, the same 7 MiB stayed in a 32 MiB cache and read 0.19-0.33 ms,
+less than a servicing can pay. The reconnect is measured after 5 ms idle, as between two workers (the device has
+served the last client's disconnect and waits, the client was blocked), not back to back. Reported: median / floor
+per path.
 A servicing the guest traffic did not measure is counted per path (`unmeasured`), not a failed run.
 Results: results/sensitivity.json and .png.
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
 import os
 import statistics
 import struct
@@ -43,6 +54,7 @@ from vfkeep import proc
 from vfkeep.device.main import start_device
 from vfkeep.device.timing import MAX_FLR_MS, MAX_HWC_LATENCY_MS, DeviceTiming
 from vfkeep.driver.mana import ManaDevice
+from vfkeep.guest.stats import percentile
 from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.paravisor.vf_manager import nic_dma_clients
@@ -141,39 +153,62 @@ def handoff_ms(blob: bytes, n: int) -> float:
             child.stdin.write(frame)
             child.stdout.read(1)
             samples.append(time.perf_counter() - t)
-        return statistics.median(samples) * 1000
+        return at_best([x * 1000 for x in samples])
     finally:
         child.stdin.close()
         proc.end(child)
 
 
-def scrub_ms(mem: GuestMemory, n: int) -> float:
-    """Worker RAM filled at memset speed."""
+def cache_bytes() -> int:
+    """The largest CPU cache the kernel reports (sysfs), or 32 MiB when it reports none."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]])
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def at_best(samples: list[float]) -> float:
+    """A fixed cost from its samples: their 10th percentile (nearest rank), what the step costs when no other
+    process held a CPU it needed (the module docstring says why not the median)."""
+    return percentile(sorted(samples), 10)
+
+
+def scrub_ms(mem: GuestMemory, n: int) -> tuple[float, float]:
+    """Worker RAM filled at memset speed as a servicing finds it: not in the CPU's caches. Before each sample a
+    buffer twice the largest cache is written, which evicts it. (at best, median)"""
     region = mem.layout.worker
     view = mem.view(region.base_pfn * 4096, region.pages * 4096)
     buf = (ctypes.c_char * len(view)).from_buffer(view)
+    evict = ctypes.create_string_buffer(2 * cache_bytes())
     samples = []
     for _ in range(n):
+        ctypes.memset(evict, 0x5A, len(evict))
         t = time.perf_counter()
         ctypes.memset(buf, 0xDB, len(view))
-        samples.append(time.perf_counter() - t)
+        samples.append((time.perf_counter() - t) * 1000)
     del buf
     view.release()
-    return statistics.median(samples) * 1000
+    return at_best(samples), statistics.median(samples)
 
 
-def reconnect_ms(sock: str, mem: GuestMemory, n: int) -> float:
+def reconnect_ms(sock: str, mem: GuestMemory, n: int) -> tuple[float, float]:
     """vfio-user reconnect of a kept device as a keepalive restore does it: connect, then VERSION, DEVICE_GET_INFO,
     one DMA_MAP, REGION_INFO, IRQ_INFO, the read of the 40-byte register map and SET_IRQS for the HWC's vector and
-    a kept vport's, all pipelined (one round trip)."""
+    a kept vport's, all pipelined (one round trip). Each after 5 ms idle, as in a servicing: the device has served
+    the last client's disconnect and waits, the client process was blocked. (at best, median)"""
     samples = []
     for _ in range(n):
+        time.sleep(0.005)
         t = time.perf_counter()
         dev, *_ = VfioDevice.restore_mapped(sock, mem, REGION_BAR0, IRQ_MSIX, read=(0, 40), irqs=(0, 1))
-        samples.append(time.perf_counter() - t)
+        samples.append((time.perf_counter() - t) * 1000)
         dev.close()
-        time.sleep(0.005)  # the device sees the disconnect while idle, as between two workers
-    return statistics.median(samples) * 1000
+    return at_best(samples), statistics.median(samples)
 
 
 def request_ms(sock: str, mem: GuestMemory, n: int) -> float:
@@ -183,10 +218,12 @@ def request_ms(sock: str, mem: GuestMemory, n: int) -> float:
     try:
         for _ in range(10):
             dev.gdma.verify_vf_driver_version()
-        t = time.perf_counter()
+        samples = []
         for _ in range(n):
+            t = time.perf_counter()
             dev.gdma.verify_vf_driver_version()
-        return (time.perf_counter() - t) / n * 1000
+            samples.append((time.perf_counter() - t) * 1000)
+        return at_best(samples)
     finally:
         dev.shutdown()
 
@@ -197,8 +234,10 @@ def fixed_costs(blob: bytes, n: int = 200) -> dict:
         sock = os.path.join(tmp, "nic.sock")
         device = start_device(sock, "--timing", "natural", "--reset-method", "none", "--run-dir", tmp)
         try:
-            costs = {"request_ms": request_ms(sock, mem, n), "reconnect_ms": reconnect_ms(sock, mem, n // 4),
-                     "scrub_ms": scrub_ms(mem, n // 4), "handoff_ms": handoff_ms(blob, n)}
+            costs = {"request_ms": request_ms(sock, mem, n)}
+            costs["reconnect_ms"], costs["reconnect_median_ms"] = reconnect_ms(sock, mem, n // 2)
+            costs["scrub_ms"], costs["scrub_median_ms"] = scrub_ms(mem, n // 4)
+            costs["handoff_ms"] = handoff_ms(blob, n)
         finally:
             proc.end(device)
     costs = {k: round(v, 4) for k, v in costs.items()}
@@ -296,9 +335,10 @@ def counts_markdown(rows: list[dict], costs: dict) -> str:
         lines.append(f"| {path} | {r['hwc_requests']:g} | {r['smc_messages']:g} | {r['device_resets']:g} | "
                      f"{r['critical_hwc_requests']:g} / {r['critical_smc_messages']:g} / "
                      f"{r['critical_device_resets']:g} |")
-    lines += ["", f"Floor = {costs['fixed_ms']:.3f} ms fixed (handoff {costs['handoff_ms']:.3f}: a "
-                  f"{costs['blob_bytes']}-byte saved state to a prelaunched process, parsed; scrub {costs['scrub_ms']:.3f}: "
-                  f"{WORKER_PAGES} pages at memset speed; vfio-user reconnect {costs['reconnect_ms']:.3f})",
+    lines += ["", f"Floor = {costs['fixed_ms']:.3f} ms fixed, each cost the 10th percentile of its samples (handoff "
+                  f"{costs['handoff_ms']:.3f}: a {costs['blob_bytes']}-byte saved state to a prelaunched process, "
+                  f"parsed; scrub {costs['scrub_ms']:.3f}: {WORKER_PAGES} pages at memset speed, not in the cache; "
+                  f"vfio-user reconnect {costs['reconnect_ms']:.3f})",
               f"  + {costs['request_ms']:.3f} ms per device round trip waited for (HWC request or SMC message) + the "
               "modelled latency per HWC request + the FLR wait per FLR waited for",
               f"  + one data round trip, the guest's RTT p50 with no servicing: "
