@@ -205,3 +205,36 @@ def test_save_hands_the_state_ahead_on_the_last_frame_before_decoding_it():
                                [SaveStateAnswer(TransferStatus.FAILURE)] if limit == MAX_CHUNK else [])
         finally:
             peer.close()
+
+
+def test_save_knows_the_last_frame_by_how_its_text_begins():
+    """`save(ahead=)` acts on the last frame before parsing it, by how its JSON text begins: a SUCCESS written with
+    other spacing (a foreign worker) is not recognised (no `ahead`; the state is still taken), and one that begins as
+    SUCCESS but decodes as MORE_DATA (a second `status` key) is WorkerFailed after the `ahead`."""
+    import json
+
+    import pytest
+
+    from vfkeep.contract import _HEADER, Save
+    from vfkeep.host.worker_proc import WorkerFailed
+
+    def frame(text: str) -> bytes:
+        return _HEADER.pack(len(text), 5) + text.encode() + b"state"
+
+    spaced = frame(json.dumps({"type": "save_state", "status": TransferStatus.SUCCESS.value}))
+    twice = frame('{"type":"save_state","status":%d,"status":%d}' % (TransferStatus.SUCCESS.value,
+                                                                   TransferStatus.MORE_DATA.value))
+    for raw, expect_ok in ((spaced, True), (twice, False)):
+        peer = _Peer()
+        try:
+            peer.theirs.send_frame(raw)
+            seen = []
+            if expect_ok:
+                last, state = peer.host_side.save(Save(2), 5.0, ahead=seen.append, answer=False)
+                assert state == b"state" and last.status is TransferStatus.SUCCESS and seen == []
+            else:
+                with pytest.raises(WorkerFailed, match="begins as SUCCESS and decodes as MORE_DATA"):
+                    peer.host_side.save(Save(2), 5.0, ahead=seen.append, answer=False)
+                assert seen == [b"state"]
+        finally:
+            peer.close()

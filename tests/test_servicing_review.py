@@ -186,13 +186,16 @@ class _FakeWorker:
         """Its REQUEST_DATA read and checked before the save, as `take_state_request` does."""
         self._state_request, self._request_ready = RestoreStateRequest().to_json(), True
 
-    def recv(self, timeout, *expected, grace=0.0, peek=None):
+    def recv(self, timeout, *expected, grace=0.0, first=None):
+        from vfkeep.contract import _HEADER, Channel
         from vfkeep.host.worker_proc import WorkerFailed
         if self.fail_with or not self.replies:
             raise WorkerFailed(self.fail_with or f"worker {self.generation} did not answer within {timeout} s")
         msg = self.replies.pop(0)
-        if peek is not None:
-            peek(msg.to_json())
+        if first is not None:  # the frame's JSON text and payload, as `Channel.recv` shows them
+            frame = Channel.frame(msg.to_json())
+            n, _ = _HEADER.unpack_from(frame)
+            first(frame[_HEADER.size:_HEADER.size + n], frame[_HEADER.size + n:])
         return msg
 
     def request(self, msg, timeout, *expected, grace=0.0):
@@ -479,8 +482,8 @@ def test_the_host_sends_the_go_right_after_the_scrub_and_decodes_the_report_afte
     order = []
 
     class Decoding(_FakeWorker):
-        def recv(self, timeout, *expected, grace=0.0, peek=None):
-            msg = super().recv(timeout, *expected, grace=grace, peek=peek)  # (`peek` sees the frame first)
+        def recv(self, timeout, *expected, grace=0.0, first=None):
+            msg = super().recv(timeout, *expected, grace=grace, first=first)  # (`first` sees the frame first)
             order.append("decode")
             return msg
 

@@ -755,8 +755,11 @@ class Host:
                 self.mem.scrub_worker_ram()
                 if offered and not self._stopping.is_set():
                     try:
+                        # Stamped before it is sent: the woken worker often takes this CPU at once, and a stamp
+                        # taken after the send came when the host got it back (up to 6 ms later under load).
+                        go = time.monotonic_ns()
                         new.hand_over(handed, timeout_s)  # (only the go)
-                        early["go"] = time.monotonic_ns()
+                        early["go"] = go
                     except WorkerFailed:  # gone: not this save's failure; the hand_over below meets it again
                         return
                     # The state is kept now whatever the report holds: the old worker's answer at once (so it releases

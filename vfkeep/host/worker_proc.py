@@ -1,6 +1,7 @@
 """One worker process as the host sees it: the child, its channel, its generation."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,10 @@ log = logging.getLogger("vfkeep.host.worker")
 
 #: The SUCCESS answer to a kept state, made once: it leaves right after the go, inside the guest's blackout.
 _KEPT_FRAME = Channel.frame(SaveStateAnswer(TransferStatus.SUCCESS).to_json())
+#: How the JSON text of the old worker's last message (SUCCESS) begins, as `Channel.frame` makes it: `save` knows the
+#: last frame by it before parsing it.
+_SAVED_START = json.dumps({"type": SaveState.kind, "status": TransferStatus.SUCCESS.value},
+                          separators=(",", ":")).encode()[:-1]
 
 
 class WorkerFailed(Exception):
@@ -89,26 +94,24 @@ class WorkerProcess:
         except ChannelClosed as e:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) is gone: {e}") from None
 
-    def recv(self, timeout: float | None, *expected: type[Message], grace: float = 0.0, peek=None) -> Message:
+    def recv(self, timeout: float | None, *expected: type[Message], grace: float = 0.0, first=None) -> Message:
         """Next message, which must be of one of the `expected` types, within `timeout` (+ `grace`, which errors
         do not mention: the timeout is the one the user gave). A late `inspect` reply (its request timed out) is
         skipped: the worker never sends one unasked, and taking it for the answer to the next request (a save!)
-        would end a worker that is doing fine. `peek(frame)` sees the frame (parsed JSON) before it is checked and
-        decoded."""
+        would end a worker that is doing fine. `first(text, payload)` sees each frame before it is parsed
+        (`Channel.recv`)."""
         deadline = None if timeout is None else time.monotonic() + timeout + grace
         while True:
-            msg = self._recv_one(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout)
+            msg = self._recv_one(None if deadline is None else max(0.0, deadline - time.monotonic()), timeout, first)
             if isinstance(msg, dict) and msg.get("type") == InspectReply.kind and InspectReply not in expected:
                 kv(log, logging.WARNING, "skipping a late inspect reply", generation=self.generation)
                 continue
             break
-        if peek is not None:
-            peek(msg)
         return self._check(msg, expected)
 
-    def _recv_one(self, remaining: float | None, timeout: float | None):
+    def _recv_one(self, remaining: float | None, timeout: float | None, first=None):
         try:
-            return self.chan.recv(remaining)
+            return self.chan.recv(remaining, first)
         except ChannelTimeout:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout:g} s") from None
         except ChannelClosed as e:
@@ -156,9 +159,9 @@ class WorkerProcess:
             return None
 
     # -- the saved-state transfer (servicing spec §2.5) -------------------------------------------
-    def _recv_by(self, deadline: float, timeout: float, *expected: type[Message], peek=None) -> Message:
+    def _recv_by(self, deadline: float, timeout: float, *expected: type[Message], first=None) -> Message:
         """`recv` against the deadline of a whole exchange; errors name its `timeout`."""
-        return self.recv(timeout, *expected, grace=deadline - time.monotonic() - timeout, peek=peek)
+        return self.recv(timeout, *expected, grace=deadline - time.monotonic() - timeout, first=first)
 
     def save(self, request: Save, timeout: float, grace: float = 0.0, max_bytes: int = MAX_SERVICING_STATE,
              ahead=None, answer: bool = True) -> tuple[SaveState, bytes | None]:
@@ -167,26 +170,30 @@ class WorkerProcess:
         (answered FAILURE: the worker then reports its failed save). A chunk that breaks the protocol is
         WorkerFailed; a worker gone after its complete state is not (the state is kept). `timeout` (+ `grace`)
         bounds the whole exchange. `ahead(state)` is called with the state as soon as the last chunk's frame says
-        SUCCESS, before that message is decoded (the report it carries) and answered; with `answer` False the
-        SUCCESS answer waits for `answer_kept`, which `ahead` may call already: from that frame on the state is
-        kept, whatever the report holds."""
+        SUCCESS (its JSON text begins as a SUCCESS `save_state`'s does: `_SAVED_START`), before that text is parsed
+        (the report it carries) and answered; with `answer` False the SUCCESS answer waits for `answer_kept`, which
+        `ahead` may call already: from that frame on the state is kept, whatever the report holds (a message that
+        then decodes as anything but SUCCESS is WorkerFailed). A frame made otherwise (a foreign worker's JSON
+        spacing) is not recognised: its state is handed over after the decode, as without `ahead`."""
         deadline = time.monotonic() + timeout + grace
         self.send(request)
         parts: list[bytes] = []
         size = 0
+        went_ahead = False
 
-        def last_chunk(frame) -> None:
-            if ahead is None or not isinstance(frame, dict):
-                return
-            payload = frame.get("payload", b"")
-            if frame.get("type") == SaveState.kind and \
-                    frame.get("status") == TransferStatus.SUCCESS.value and isinstance(payload, bytes) and \
+        def last_chunk(text: bytes, payload: bytes) -> None:
+            nonlocal went_ahead
+            end = len(_SAVED_START)
+            if ahead is not None and text.startswith(_SAVED_START) and text[end:end + 1] in (b",", b"}") and \
                     len(payload) <= MAX_CHUNK and size + len(payload) <= max_bytes:
-                self._answer_due = True
+                self._answer_due = went_ahead = True
                 ahead(b"".join((*parts, payload)))
 
         while True:
-            msg = self._recv_by(deadline, timeout, SaveState, peek=last_chunk)
+            msg = self._recv_by(deadline, timeout, SaveState, first=last_chunk)
+            if went_ahead and msg.status is not TransferStatus.SUCCESS:
+                raise WorkerFailed(f"worker {self.generation} sent a save_state whose frame begins as SUCCESS and "
+                                   f"decodes as {msg.status.name}")
             if msg.status is TransferStatus.FAILURE:
                 if msg.payload:
                     raise WorkerFailed(f"worker {self.generation} sent a FAILURE save_state with a payload")
