@@ -2,6 +2,7 @@
 temporary files and worker logs (issue 17)."""
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -13,8 +14,8 @@ import click
 import pytest
 from rich.console import Console
 
-from helpers import CLEAN_ENV, interrupt, wait_for
-from servicing_helpers import HostRun, live_processes, SESSION
+from helpers import CLEAN_ENV
+from servicing_helpers import HostRun
 from vfkeep import cli, proc
 from vfkeep.host import render
 from vfkeep.host.console import HostConsole
@@ -260,18 +261,6 @@ def test_the_suite_fails_when_a_test_leaves_something_in_the_temp_dir(tmp_path):
     assert "left 1 entries in its temp dir" in r.stdout and "leaked-by-test-" in r.stdout, r.stdout
 
 
-def test_interrupted_demo_leaves_nothing_in_the_temp_dir(tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(tmp_path / "report"), "--timing", "natural"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**CLEAN_ENV, "TMPDIR": str(tmp)})
-    wait_for(lambda: len(live_processes(SESSION, child.pid)) >= 3, child=child)  # demo + device + worker
-    stdout, _ = interrupt(child, signal.SIGINT)
-    assert child.returncode == 130 and "temporary run dir removed" in stdout
-    assert os.listdir(tmp) == []
-
-
 # `vfkeep demo` / `vfkeep chaos` with what they drive stubbed (no host): how each ends when something fails.
 _ENDINGS = '''
 import os, sys
@@ -294,6 +283,8 @@ class Demo:
         pass
 
     def run(self):
+        if case == "demo-write":
+            return {"machine": {"cpus": 2}, "runs": []}
         return {"machine": {"cpus": 2}, "runs": [{"mode": "keepalive", "expectations_failed": ["the device saw an FLR"]},
                                                  {"mode": "reset", "expectations_failed": ["no ESTABLISH_HWC"]}]}
 
@@ -308,6 +299,10 @@ class Campaign(chaos.Campaign):
 
 
 demo.Demo, demo.plot, demo.table, demo.verdict = Demo, lambda *a: None, lambda r: "", lambda *a: (True, ["held"])
+if case == "demo-write":
+    def write_report(*args):
+        raise OSError(28, "No space left on device")
+    demo.write_report = write_report
 chaos.Campaign, chaos.print_summary = Campaign, lambda *a: None
 if case == "chaos-violation":
     chaos.run_campaign = lambda *a: {"servicings": 16, "run_dir_kept": "/tmp/vfk-chaos-run-1", "violations": [
@@ -319,6 +314,7 @@ main([case.split("-")[0], "--out", os.path.join(sys.argv[2], "report")] if case.
 
 @pytest.mark.parametrize("case, line", [
     ("demo-boot", "vfkeep: demo: host exited with 1 during boot (see TMP/vfkeep-demo-*/host.log)"),
+    ("demo-write", "vfkeep: demo: cannot write the report to TMP/report: No space left on device"),
     ("demo-unexpected", "vfkeep: demo: unexpected: keepalive: the device saw an FLR (and 1 more above) "
                         "(see TMP/vfkeep-demo-*/host.log)"),
     ("chaos-boot", "vfkeep: chaos: stopped after 0 servicings: host not ready within 60 s "
@@ -334,3 +330,26 @@ def test_demo_and_chaos_end_a_failure_in_the_one_line_form(tmp_path, case, line)
     assert r.returncode == 1, (r.stdout, r.stderr)
     (got,) = r.stderr.splitlines()
     assert fnmatch.fnmatchcase(got, line.replace("TMP", str(tmp_path))), got
+    if case == "demo-write":  # every process had ended: nothing of it is left either
+        assert not glob.glob(str(tmp_path / "vfkeep-demo-*"))
+
+
+@pytest.mark.parametrize("option, value, cause", [
+    ("--out", "/proc/vfkeep-report", "cannot write /proc/vfkeep-report: /proc refuses new entries"),
+    ("--out", "FILE/report", "cannot create FILE/report: FILE is not a directory"),
+    ("--out", "FILE", "Directory 'FILE' is a file"),
+    ("--json", "/proc/vfkeep.json", "cannot write /proc/vfkeep.json: /proc refuses new entries")])
+def test_demo_refuses_a_report_path_it_cannot_write_before_starting_anything(tmp_path, option, value, cause):
+    """`--out /proc/x` ran the whole demo, then failed and left its temporary run dir (root may write anywhere by
+    the permission bits, /proc takes no new entries): refused up front, exit 2, one line, nothing started."""
+    (tmp_path / "file").write_text("")
+    value = value.replace("FILE", str(tmp_path / "file"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run(proc.vfkeep_argv("demo", option, value), capture_output=True, text=True, timeout=60,
+                       env={**CLEAN_ENV, "TMPDIR": str(tmp)}, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"vfkeep: demo: Invalid value for '{option}': "
+                           + cause.replace("FILE", str(tmp_path / "file"))), line
+    assert os.listdir(tmp) == [] and sorted(os.listdir(tmp_path)) == ["file", "tmp"]

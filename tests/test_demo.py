@@ -1,14 +1,17 @@
 """`vfkeep demo` end to end: exit status, results.json schema, the plot, and no process left behind."""
+import glob
 import json
 import os
+import pathlib
 import signal
 import statistics
 import subprocess
 
 import pytest
-from helpers import CLEAN_ENV, interrupt, run_to_end, wait_for
+from helpers import CLEAN_ENV, run_to_end, wait_for
 from servicing_helpers import SESSION, live_processes, pid_alive
 from vfkeep import proc
+from vfkeep.proc import end
 from vfkeep.demo import verdict
 from vfkeep.device.timing import DeviceTiming
 from vfkeep.servicing_paths import HWC_REQUESTS
@@ -168,15 +171,30 @@ def test_verdict_a_reversal_the_timing_model_predicts():
                                      "custom timing (HWC 4 ms/request, FLR 10 ms))")
 
 
-def test_demo_interrupted_leaves_nothing(tmp_path):
-    """Ctrl-C while the demo's host, worker, device and agent run: exit 130, every process ended."""
+def test_demo_interrupted_during_a_servicing_leaves_nothing(tmp_path):
+    """Ctrl-C while a servicing's next worker starts: one line, exit 130, every process ended, the temporary run
+    dir removed; at once (the VM's stop had waited 10 s for the worker that saved to shut its NICs down)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     child = subprocess.Popen(proc.vfkeep_argv("demo", "--out", str(tmp_path / "report"), "--timing", "natural"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: len(session_members(child.pid)) >= 4, child=child)  # demo + device + worker + traffic agent
-    stdout, stderr = interrupt(child, signal.SIGINT)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**CLEAN_ENV, "TMPDIR": str(tmp)})
+
+    def servicing() -> bool:  # the first servicing's prelaunched worker (generation 2) is starting
+        logs = glob.glob(str(tmp / "vfkeep-demo-*" / "host.log"))
+        return bool(logs) and 'msg="worker spawned" generation=2 ' in pathlib.Path(logs[0]).read_text()
+
+    wait_for(servicing, child=child)
+    try:
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=8)  # a stop that waits 10 s somewhere exceeds it
+    finally:
+        if child.poll() is None:
+            end(child)
     assert child.returncode == 130, stderr
-    assert "interrupted" in stdout
-    assert session_members(child.pid) == []
+    assert stderr.strip().splitlines() == ["vfkeep: demo: interrupted (SIGINT); every process ended, temporary run "
+                                           "dir removed"], stderr
+    assert session_members(child.pid) == [] and os.listdir(tmp) == []
     assert not (tmp_path / "report" / "results.json").exists()
 
 

@@ -5,12 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from helpers import CLEAN_ENV, interrupt, wait_for
 from servicing_helpers import SESSION, HostRun, children_of, live_processes, pid_alive
-from vfkeep import proc
+from vfkeep import proc, rpc
 
 
 def start(*args: str, env: dict | None = None, preexec_fn=None) -> subprocess.Popen:
@@ -108,3 +109,97 @@ def test_interrupted_chaos_keeps_its_run_dir_as_interrupted_and_writes_a_partial
     data = json.loads(report.read_text())
     assert data["interrupted"] and data["run_dir_kept"] == str(keep) and data["servicings"] < 100
     assert (keep / "host.log").exists() and not proc.processes_mentioning(str(tmp_path))
+
+
+def _servicing_until(h: HostRun, phase: str, **request) -> tuple[threading.Thread, list]:
+    """A servicing requested on a thread of its own, returned once the host is in its `phase`; the list gets
+    its result or its refusal."""
+    out: list = []
+
+    def service():
+        try:
+            out.append(h.service(wait=120, **request))
+        except rpc.RpcError as e:
+            out.append(e)
+
+    t = threading.Thread(target=service)
+    t.start()
+    wait_for(lambda: (h.status(wait=5)["servicing"] or {}).get("phase") == phase or bool(out))
+    assert not out, out
+    return t, out
+
+
+def _host_log(h: HostRun) -> str:
+    with open(os.path.join(h.run_dir, "host.log")) as f:
+        return f.read()
+
+
+def test_an_interrupt_during_the_prelaunch_ends_the_starting_worker_and_saves_nothing(tmp_path):
+    """Ctrl-C while the next worker starts (here: never, it says no hello): the servicing ends before its save and
+    the VM stops in order. The stop waited 10 s for a safe point, then ended the current worker, and the prelaunch
+    kept waiting up to a minute for the hello."""
+    h = HostRun(tmp_path / "run")
+    t, out = _servicing_until(h, "prelaunch", mana_keepalive=True, next_worker_cmd=SILENT_WORKER)
+    try:
+        wait_for(lambda: len(h.children()) >= 3)  # device, worker, the next worker
+        kids = h.children()
+        os.kill(h.pid, signal.SIGINT)
+        assert h.reap(30) == 130, h.logs()
+    finally:
+        t.join(60)
+        if h.child.poll() is None:
+            h.kill()
+    assert isinstance(out[0], rpc.Refused) and "servicing abandoned before the save" in str(out[0]), out
+    log = _host_log(h)
+    assert 'phase=save' not in log and "did not shut down cleanly" not in log
+    assert 'msg="worker shut down" generation=1 ' in log  # the current worker, in order
+    assert not [k for k in kids if pid_alive(k)] and not proc.processes_mentioning(h.run_dir)
+
+
+def test_an_interrupt_during_a_save_dismisses_the_worker_that_saved(tmp_path):
+    """Ctrl-C during a save: the save completes (a safe point), no new worker restores, and the worker that saved,
+    idle since (it answers nothing more), is dismissed at once. The teardown asked it to shut its NICs down and
+    waited 10 s for the answer. (A reset save with 300 ms HWC requests: seconds long, so it is caught.)"""
+    h = HostRun(tmp_path / "run", "--hwc-latency-ms", "300")
+    t, out = _servicing_until(h, "save", mana_keepalive=False)
+    try:
+        kids = h.children()
+        os.kill(h.pid, signal.SIGINT)
+        assert h.reap(30) == 130, h.logs()
+    finally:
+        t.join(60)
+        if h.child.poll() is None:
+            h.kill()
+    assert isinstance(out[0], rpc.Refused) and "servicing abandoned: the host is stopping" in str(out[0]), out
+    log = _host_log(h)
+    assert "did not shut down cleanly" not in log and 'msg="worker shut down" generation=1 exit_status=0' in log
+    assert not [k for k in kids if pid_alive(k)] and not proc.processes_mentioning(h.run_dir)
+
+
+_INTERRUPTED_IMPORT = '''
+import importlib, os, signal
+from vfkeep import cli
+
+real = importlib.import_module
+
+
+def import_module(name, *args):
+    if name == "vfkeep.demo":
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the command's module is imported
+    return real(name, *args)
+
+
+importlib.import_module = import_module
+cli.main(["demo", "--help"], prog_name="vfkeep")
+'''
+
+
+def test_an_interrupt_while_a_long_command_imports_its_module_is_taken_after_the_import(tmp_path):
+    """A script's `vfkeep demo &` passes SIGINT ignored, and the demo took it only once its module (0.5-1 s of
+    imports) was in: one sent meanwhile was lost. Now it is taken from before the import, held until the import is
+    done (raised inside it, one came out as a RuntimeError of a dataclass), then ends the command."""
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT], capture_output=True, text=True, timeout=60,
+                       env=CLEAN_ENV, stdin=subprocess.DEVNULL,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 130 and last_line(r.stderr) == "vfkeep: demo: interrupted (SIGINT)", (r.stdout, r.stderr)
+    assert "Usage" not in r.stdout

@@ -34,6 +34,11 @@ COMMANDS: dict[str, str] = {
     "chaos": "vfkeep.chaos:chaos_command",
 }
 
+#: Long-running commands that end as Ctrl-C does on SIGINT, SIGTERM and SIGHUP (`proc.signals_interrupt`), taken
+#: before their module is imported: its 0.5-1 s of imports lost a SIGINT the command inherited ignored (a script's
+#: `vfkeep demo &`). The children (worker, devices) keep the signals' default actions.
+TAKE_INTERRUPTS = frozenset({"demo", "chaos", "smoke", "run", "service"})
+
 
 def failure_line(command: str, e: click.ClickException) -> str:
     """Every failure's one line (stderr): `vfkeep: COMMAND: cause`; a usage error adds where the help is."""
@@ -72,7 +77,12 @@ class LazyGroup(click.Group):
         if name in COMMANDS:
             mod, attr = COMMANDS[name].split(":")
             try:
-                return getattr(importlib.import_module(mod), attr)
+                if name not in TAKE_INTERRUPTS:
+                    return getattr(importlib.import_module(mod), attr)
+                from . import proc
+                proc.signals_interrupt()
+                with proc.interrupts_held():  # (raised inside an import, one came out as a RuntimeError)
+                    return getattr(importlib.import_module(mod), attr)
             except (ImportError, AttributeError) as e:  # not built yet
                 raise click.ClickException(f"command {name!r} is unavailable: {e}") from e
         return super().get_command(ctx, name)
@@ -127,9 +137,41 @@ def output_file(ctx, param, value):
         raise click.BadParameter(f"{value} is a directory")
     if not os.path.isdir(where):
         raise click.BadParameter(f"cannot write {value}: directory {where} does not exist")
-    if not os.access(value if os.path.exists(value) else where, os.W_OK):
-        raise click.BadParameter(f"cannot write {value}: permission denied")
+    if os.path.exists(value):
+        if not os.access(value, os.W_OK):
+            raise click.BadParameter(f"cannot write {value}: permission denied")
+    else:
+        _try_creating(value, where, directory=False)
     return value
+
+
+def output_dir(ctx, param, value):
+    """A report directory (`demo --out DIR`, created with its parents), checked as `output_file` is: the
+    nearest existing one is a directory in which we can create what the report needs."""
+    if value is None:
+        return value
+    base = path = os.path.abspath(value)
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise click.BadParameter(f"cannot create {value}: {base} is not a directory")
+    _try_creating(value, base, directory=base != path)
+    return value
+
+
+def _try_creating(value: str, where: str, directory: bool) -> None:
+    """Create and remove a scratch file (`directory`: directory) in `where`, as writing `value` will create one
+    there. Permission bits are not enough: root may write anywhere by them, but /proc takes no new entries."""
+    probe = os.path.join(where, f".vfkeep-probe-{os.getpid()}")
+    try:
+        if directory:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        else:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+    except OSError as e:
+        raise click.BadParameter(f"cannot write {value}: {where} refuses new entries ({e.strerror})") from None
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -20,7 +20,6 @@ import pathlib
 import platform
 import resource
 import shutil
-import signal
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ from rich.table import Table
 from . import __version__
 from . import log as vlog
 from . import proc
-from .cli import one_line, output_file
+from .cli import one_line, output_dir, output_file
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host import render
 from .host.traffic import DEFAULT_SIZE
@@ -406,12 +405,18 @@ def _range(values: list) -> str:
     return f"{min(values):.0f}–{max(values):.0f}" if values else "-"
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def write_report(report: dict, out_dir: pathlib.Path, json_path: str | None) -> None:
+    """OUT/timeline.png, OUT/results.json and the --json copy."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(report, out_dir / "timeline.png")
+    text = json.dumps(report, indent=1) + "\n"
+    (out_dir / "results.json").write_text(text)
+    if json_path:
+        pathlib.Path(json_path).write_text(text)
 
 
 @click.command("demo")
-@click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="demo-report", show_default=True, type=click.Path(file_okay=False), callback=output_dir,
               help="directory for timeline.png and results.json")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=output_file,
               help="also write the results JSON here")
@@ -435,13 +440,12 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
     console = render.console()  # lines are not wrapped when piped (a table still fits its width)
     timing = timing_from(timing, hwc_latency_ms, flr_ms)
     load = os.getloadavg()[0]
-    run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
-    vlog.setup("host", run_dir)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # whatever was inherited (nohup, `&`): ours
-        signal.signal(sig, _interrupt)
+    proc.signals_interrupt()  # (before the run dir exists: an interrupt from here on removes it)
     t0, cpu_before = time.monotonic(), cpu_seconds()
-    report = demo = None
+    report = demo = run_dir = None
     try:
+        run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-")
+        vlog.setup("host", run_dir)
         err = Console(stderr=True)  # (not on a terminal: no progress at all, not even the empty line it leaves)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=not err.is_terminal) as progress:
@@ -461,16 +465,18 @@ def demo_command(out, json_path, timing, hwc_latency_ms, flr_ms, rate, nics, nvm
             report["verdict"] = {"ordering_held": held, "lines": lines}
             demo.step("writing the report")
             out_dir = pathlib.Path(out)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            plot(report, out_dir / "timeline.png")
-            text = json.dumps(report, indent=1) + "\n"
-            (out_dir / "results.json").write_text(text)
-            if json_path:
-                pathlib.Path(json_path).write_text(text)
-    except KeyboardInterrupt:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing to look at: the user stopped it
-        console.print("[yellow]interrupted; every process ended, temporary run dir removed[/yellow]")
-        raise SystemExit(130) from None
+            try:
+                write_report(report, out_dir, json_path)
+            except OSError as e:  # (checked up front, `output_dir`: e.g. the disk filled up meanwhile)
+                shutil.rmtree(run_dir, ignore_errors=True)  # every process has ended; its logs do not explain it
+                raise click.ClickException(f"cannot write the report to {out_dir}: {e.strerror or e}") from e
+    except KeyboardInterrupt as e:
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to look at: the user stopped it
+        e.note = "every process ended, temporary run dir removed"
+        raise
+    except click.ClickException:
+        raise
     except Exception as e:
         kv(log, logging.ERROR, "demo failed", error=repr(e))
         raise click.ClickException(f"{one_line(e)} (see {os.path.join(run_dir, 'host.log')})") from e

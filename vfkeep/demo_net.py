@@ -23,7 +23,6 @@ import logging
 import os
 import pathlib
 import shutil
-import signal
 import tempfile
 import time
 
@@ -32,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import log as vlog
-from . import netns
+from . import netns, proc
 from .cli import one_line
 from .device.timing import DeviceTiming
 from .guest.netload import Pinger, TcpStream
@@ -240,10 +239,6 @@ def problems(report: dict) -> list[str]:
     return out
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine: dict) -> None:
     """The `vfkeep demo --network` command body (`machine`: demo.machine()): run, print, write; exit 1 on a
     problem."""
@@ -252,7 +247,7 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
         raise click.ClickException(reason)
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-net-")
     vlog.setup("host", run_dir)
-    signal.signal(signal.SIGTERM, _interrupt)
+    proc.signals_interrupt()  # (SIGTERM and SIGHUP too: the namespaces must go)
     t0 = time.monotonic()
     demo = NetDemo(run_dir, timing, machine=machine)
     try:
@@ -271,9 +266,9 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
         (out_dir / "network.json").write_text(text)
         if json_path:
             pathlib.Path(json_path).write_text(text)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted; every process and namespace ended; logs in {run_dir}[/yellow]")
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        e.note = f"every process and namespace ended; logs in {run_dir}"
+        raise
     except Exception as e:
         kv(log, logging.ERROR, "network demo failed", error=repr(e))
         raise click.ClickException(f"network demo: {one_line(e)} (see {os.path.join(run_dir, 'host.log')})") from e

@@ -1,6 +1,7 @@
 """Child-process helpers: children die with their parent (PR_SET_PDEATHSIG), and are ended by PID."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -8,7 +9,7 @@ import select
 import signal
 import subprocess
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -58,6 +59,17 @@ def vfkeep_argv(*args: str) -> list[str]:
 
 #: The signals `signals_interrupt` turns into Interrupted.
 INTERRUPTS = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """The interrupt signals wait until the block ends (on this thread), then act: one that arrives meanwhile is
+    raised where the block ends, not in the middle of what it does."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _take_interrupts() -> None:

@@ -311,6 +311,8 @@ class Host:
         if self._servicing is not None:
             kv(log, logging.WARNING, "stop requested during a servicing; waiting for a safe point",
                phase=self.servicing_phase(), limit_s=safe_point_s)
+            if self.servicing_phase() == "prelaunch":
+                self._abandon_prelaunch()
             if not self._idle.wait(safe_point_s):
                 kv(log, logging.ERROR, "servicing did not reach a safe point in time; ending its workers",
                    phase=self.servicing_phase())
@@ -329,6 +331,13 @@ class Host:
                 kv(log, logging.ERROR, "teardown failed", error=repr(e))
             self._actor.join(timeout=30)
         self.events.close()
+
+    def _abandon_prelaunch(self) -> None:
+        """A stop during the prelaunch: nothing is saved yet, so the next worker, still starting (1-2 s of imports,
+        up to HELLO_TIMEOUT_S when hung), is ended now and the servicing ends before its save (`_service_one`)."""
+        nxt = self._starting
+        if nxt is not None and nxt is not self.worker and not nxt.handed_over:
+            nxt.kill()
 
     def _servicing_workers(self):
         """Workers a servicing in progress may be waiting on (current and prelaunched)."""
@@ -494,7 +503,9 @@ class Host:
         if self.guest_net is not None:
             self.guest_net.end_bridges()
         if self.worker is not None:
-            if self.worker.alive():
+            if self.worker.state_taken:  # saved for a servicing the stop abandoned: it answers no shutdown
+                self.worker.dismiss(5.0)  # (asked anyway, the teardown waited 10 s for the Bye)
+            elif self.worker.alive():
                 try:
                     self.worker.request(Shutdown(), 10.0, Bye)
                 except WorkerFailed as e:
@@ -558,8 +569,8 @@ class Host:
     def _start_worker(self, extra_env: dict[str, str], worker_cmd: str | None, configured: list[int]) -> WorkerProcess:
         """Spawn a worker and wait for its hello (imports done); a worker that does not come up is ended."""
         w = self._starting = self._spawn_worker(extra_env, worker_cmd, configured)
-        if self._stopping.is_set() and not self._booted.is_set():
-            w.kill()  # an interrupted boot's stop came during the spawn, before it could see this worker to end it
+        if self._stopping.is_set() and (not self._booted.is_set() or self.servicing_phase() == "prelaunch"):
+            w.kill()  # an interrupted boot's (prelaunch's) stop came during the spawn, before it could see this worker
         try:
             w.wait_hello(HELLO_TIMEOUT_S)
         except WorkerFailed:
@@ -721,7 +732,13 @@ class Host:
             except WorkerFailed as e:
                 if new is not None:
                     new.end()
+                if self._stopping.is_set():  # (its stop ended it: `_abandon_prelaunch`)
+                    raise HostError("servicing abandoned before the save: the host is stopping") from None
                 raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
+        if self._stopping.is_set():  # the last point where the old worker is untouched: no save
+            if new is not None:
+                new.end()
+            raise HostError("servicing abandoned before the save: the host is stopping")
         prelaunch_ms = _ms(t_pre, time.perf_counter())
         retiring: WorkerProcess | None = None  # the old worker once the next one runs, until `_retire` ends it
         self._phase("save")

@@ -60,6 +60,11 @@ class WorkerProcess:
         return self.child.pid
 
     @property
+    def state_taken(self) -> bool:
+        """`save` took its complete state: it idles, answering nothing more, until `dismiss` (or `end`)."""
+        return self._answer_due or self._answer_sent
+
+    @property
     def handed_over(self) -> bool:
         """The state transfer to this worker ended (SUCCESS sent): it restores."""
         return self._handed_over
