@@ -129,6 +129,21 @@ def _servicing_until(h: HostRun, phase: str, **request) -> tuple[threading.Threa
     return t, out
 
 
+def _interrupt_host(h: HostRun, t: threading.Thread, ready=lambda kids: True) -> list[int]:
+    """Ctrl-C to the host once `ready(its children)`: it must exit 130; the servicing thread `t` is joined. Returns
+    the children it had then (each must be gone afterwards)."""
+    try:
+        wait_for(lambda: ready(h.children()))
+        kids = h.children()
+        os.kill(h.pid, signal.SIGINT)
+        assert h.reap(30) == 130, h.logs()
+    finally:
+        t.join(60)
+        if h.child.poll() is None:
+            h.kill()
+    return kids
+
+
 def _host_log(h: HostRun) -> str:
     with open(os.path.join(h.run_dir, "host.log")) as f:
         return f.read()
@@ -140,15 +155,7 @@ def test_an_interrupt_during_the_prelaunch_ends_the_starting_worker_and_saves_no
     kept waiting up to a minute for the hello."""
     h = HostRun(tmp_path / "run")
     t, out = _servicing_until(h, "prelaunch", mana_keepalive=True, next_worker_cmd=SILENT_WORKER)
-    try:
-        wait_for(lambda: len(h.children()) >= 3)  # device, worker, the next worker
-        kids = h.children()
-        os.kill(h.pid, signal.SIGINT)
-        assert h.reap(30) == 130, h.logs()
-    finally:
-        t.join(60)
-        if h.child.poll() is None:
-            h.kill()
+    kids = _interrupt_host(h, t, lambda kids: len(kids) >= 3)  # device, worker, the next worker
     assert isinstance(out[0], rpc.Refused) and "servicing abandoned before the save" in str(out[0]), out
     log = _host_log(h)
     assert 'phase=save' not in log and "did not shut down cleanly" not in log
@@ -162,14 +169,7 @@ def test_an_interrupt_during_a_save_dismisses_the_worker_that_saved(tmp_path):
     waited 10 s for the answer. (A reset save with 300 ms HWC requests: seconds long, so it is caught.)"""
     h = HostRun(tmp_path / "run", "--hwc-latency-ms", "300")
     t, out = _servicing_until(h, "save", mana_keepalive=False)
-    try:
-        kids = h.children()
-        os.kill(h.pid, signal.SIGINT)
-        assert h.reap(30) == 130, h.logs()
-    finally:
-        t.join(60)
-        if h.child.poll() is None:
-            h.kill()
+    kids = _interrupt_host(h, t)
     assert isinstance(out[0], rpc.Refused) and "servicing abandoned: the host is stopping" in str(out[0]), out
     log = _host_log(h)
     assert "did not shut down cleanly" not in log and 'msg="worker shut down" generation=1 exit_status=0' in log

@@ -405,12 +405,14 @@ def _range(values: list) -> str:
     return f"{min(values):.0f}–{max(values):.0f}" if values else "-"
 
 
-def write_report(report: dict, out_dir: pathlib.Path, json_path: str | None) -> None:
-    """OUT/timeline.png, OUT/results.json and the --json copy."""
+def write_report(report: dict, out_dir: pathlib.Path, json_path: str | None,
+                 names: tuple[str, str] = ("timeline.png", "results.json"), draw=None) -> None:
+    """OUT/timeline.png, OUT/results.json (`names`) and the --json copy; `draw(report, path)` makes the picture
+    (this module's `plot` unless given: the network demo has its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot(report, out_dir / "timeline.png")
+    (draw or plot)(report, out_dir / names[0])
     text = json.dumps(report, indent=1) + "\n"
-    (out_dir / "results.json").write_text(text)
+    (out_dir / names[1]).write_text(text)
     if json_path:
         pathlib.Path(json_path).write_text(text)
 

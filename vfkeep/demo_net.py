@@ -18,7 +18,6 @@ windows shaded) and `<out>/network.json`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -33,6 +32,7 @@ from rich.table import Table
 from . import log as vlog
 from . import netns, proc
 from .cli import one_line
+from .demo import write_report
 from .device.timing import DeviceTiming
 from .guest.netload import Pinger, TcpStream
 from .host.vmm import Host, HostConfig
@@ -260,12 +260,7 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
         report["processes"] = demo.processes
         report["wall_s"] = round(time.monotonic() - t0, 1)
         out_dir = pathlib.Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plot(report, out_dir / "network.png")
-        text = json.dumps(report, indent=1) + "\n"
-        (out_dir / "network.json").write_text(text)
-        if json_path:
-            pathlib.Path(json_path).write_text(text)
+        write_report(report, out_dir, json_path, ("network.png", "network.json"), draw=plot)
     except KeyboardInterrupt as e:
         e.note = f"every process and namespace ended; logs in {run_dir}"
         raise
