@@ -213,6 +213,9 @@ class _FakeWorker:
     def take_state_request(self, wait_s):
         return False  # (the scripted replies hold it, for start to read)
 
+    def wait_message(self, timeout_s):
+        pass  # (the scripted replies are there already)
+
     start = WorkerProcess.start
     _recv_by = WorkerProcess._recv_by
 
@@ -471,13 +474,17 @@ def test_a_next_worker_whose_state_request_is_not_in_yet_gets_the_whole_state_af
     assert new.sent == [Start(servicing=True), RestoreState(5, TransferStatus.SUCCESS, b"state")]
 
 
-def test_the_host_sends_the_go_right_after_the_scrub_and_decodes_the_report_after_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("nvme", [False, True])
+def test_the_host_sends_the_go_right_after_the_scrub_and_decodes_the_report_after_it(tmp_path, monkeypatch, nvme):
     """Once the old worker's last chunk says SUCCESS (it has saved and released its devices) the state goes ahead
     and worker RAM is scrubbed, and the go follows the scrub at once: nothing but the scrub stands between the
     state's arrival and the go. The old worker's answer (spec §2.5: once, SUCCESS: the state is kept whatever the
-    report holds) follows, then the host yields its CPU (the woken worker may be queued on it), and only then is the
-    last message's report decoded."""
+    report holds) follows, and only then is the last message's report decoded. With NVMe controllers the answer
+    goes at once (the old worker then releases the handles the next one attaches to) and the host yields its CPU
+    (the woken worker may be queued on it); without, the host first waits for the next worker's first message
+    (`wait_message`, bounded), off the CPUs its restore needs."""
     from vfkeep.contract import STATE_GO, RestoreCompleted, RestoreState
+    from vfkeep.host.vmm import DEFAULT_TIMEOUT_S, QUIET_AFTER_GO_S
 
     order = []
 
@@ -493,12 +500,16 @@ def test_the_host_sends_the_go_right_after_the_scrub_and_decodes_the_report_afte
     for w, who in ((old, "old"), (new, "new")):
         w.sent = types.SimpleNamespace(append=lambda m, who=who: order.append((who, m)),
                                        extend=lambda ms, who=who: order.extend((who, m) for m in ms))
+    new.wait_message = lambda timeout_s: order.append(("wait", timeout_s))
     host = _fake_host(tmp_path, monkeypatch, old, [new], scrub=lambda: order.append("scrub"))
+    host.config.nvme = int(nvme)  # (what the branch is decided by; no controller is spawned here)
     monkeypatch.setattr(os, "sched_yield", lambda: order.append("yield"))
     assert host._service(mana_keepalive=True)["ok"] is True
     assert order[0] == ("new", Start(servicing=True)) and order[1][0] == "old" and isinstance(order[1][1], Save)
+    answer = ("old", SaveStateAnswer(TransferStatus.SUCCESS))
     assert order[2:] == [("new", RestoreState(5, TransferStatus.MORE_DATA, b"state")), "scrub", ("new", STATE_GO),
-                         ("old", SaveStateAnswer(TransferStatus.SUCCESS)), "yield", "decode"], order
+                         *([answer, "yield"] if nvme else [("wait", min(QUIET_AFTER_GO_S, DEFAULT_TIMEOUT_S)), answer]),
+                         "decode"], order
 
 
 class _MalformedLastMessage(_FakeWorker):

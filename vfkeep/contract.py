@@ -678,13 +678,14 @@ class Channel:
                 raise ChannelClosed("peer closed the channel")
             self._buf += chunk
 
-    def ready(self) -> bool:
-        """A whole frame is buffered or the peer has sent more: a `recv` now would not wait for it to send."""
+    def ready(self, timeout: float = 0.0) -> bool:
+        """A whole frame is buffered or the peer has sent more (or closed): a `recv` now would not wait for it to
+        send. `timeout`: how long to wait for that (seconds)."""
         if len(self._buf) >= _HEADER.size:
             n, p = _HEADER.unpack_from(self._buf)
             if len(self._buf) >= _HEADER.size + n + p:
                 return True
-        return bool(select.select([self.sock], [], [], 0)[0])
+        return bool(select.select([self.sock], [], [], timeout)[0])
 
     def close(self) -> None:
         self.sock.close()

@@ -53,6 +53,9 @@ HELLO_TIMEOUT_S = 60.0
 #: How long the host waits for a prelaunched worker's REQUEST_DATA before it asks for the save (it comes within
 #: a millisecond; one that does not is read inside the window, as without prelaunch).
 STATE_REQUEST_WAIT_S = 0.05
+#: After the go of a servicing with no NVMe controller, how long at most the host waits for the next worker's first
+#: message (its restore's end) before it answers the old worker and decodes its report (`hand_ahead`).
+QUIET_AFTER_GO_S = 0.1
 BOOT_TIMEOUT_S = 60.0
 #: Guest RAM beyond the channel rings (guest buffers), and worker RAM for ephemeral DMA: vport queues and
 #: packet buffers take about 450 pages per NIC (256 TX + 512 RX buffers of 2 KiB, queues).
@@ -774,17 +777,26 @@ class Host:
                     try:
                         # Stamped before it is sent: the woken worker often takes this CPU at once, and a stamp
                         # taken after the send came when the host got it back (up to 6 ms later under load).
-                        go = time.monotonic_ns()
+                        go, t_go = time.monotonic_ns(), time.perf_counter()
                         new.hand_over(handed, timeout_s)  # (only the go)
-                        early["go"] = go
+                        # The restore's time (`timeout`) runs from the go, the wait below included.
+                        early.update(go=go, t_go=t_go, deadline=time.monotonic() + timeout_s)
                     except WorkerFailed:  # gone: not this save's failure; the hand_over below meets it again
                         return
-                    # The state is kept now whatever the report holds: the old worker's answer at once (so it releases
-                    # what it still holds, e.g. NVMe handles the next worker attaches to), then the woken worker, often
-                    # queued on this CPU (the scheduler places a wakee by its waker), runs before the decode and
-                    # the bookkeeping below.
-                    old.answer_kept()
-                    os.sched_yield()
+                    # The state is kept now whatever the report holds. With NVMe controllers the old worker's answer
+                    # goes at once (it then releases what it still holds: NVMe handles the next worker attaches to)
+                    # and the woken worker, often queued on this CPU (the scheduler places a wakee by its waker),
+                    # runs before the decode and the bookkeeping below. Without, the next worker needs nothing of
+                    # the old one, and the host keeps off the two CPUs until the next worker's first message (its
+                    # restore's end) or QUIET_AFTER_GO_S: the old worker's answer (its wake-up) and the report's
+                    # decode and bookkeeping took 0.3-0.6 ms of CPU right after the go, when the next worker's
+                    # restore and the device serving its attach need them (inside the guest's blackout).
+                    if self.config.nvme:
+                        old.answer_kept()
+                        os.sched_yield()
+                    else:
+                        new.wait_message(min(QUIET_AFTER_GO_S, timeout_s))
+                        old.answer_kept()
 
             try:
                 saved, blob = old.save(request, timeout_s, grace=1.0, ahead=hand_ahead if new is not None else None,
@@ -856,8 +868,8 @@ class Host:
                     new = self._start_worker({}, None, configured)
             self.worker, self.configured = new, configured
             started = None
-            t_handoff = time.perf_counter()
-            deadline = time.monotonic() + timeout_s
+            t_handoff = early.get("t_go") or time.perf_counter()  # (the handoff ends with the go)
+            deadline = early.get("deadline") or time.monotonic() + timeout_s
             try:
                 try:
                     if handed is not None:

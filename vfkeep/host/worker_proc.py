@@ -239,6 +239,13 @@ class WorkerProcess:
             kv(log, logging.WARNING, "worker gone before the answer to its complete state; keeping the state",
                generation=self.generation, error=str(e))
 
+    def wait_message(self, timeout_s: float) -> None:
+        """Until the worker has sent something or gone (its channel readable), `timeout_s` at most; nothing read."""
+        try:
+            self.chan.ready(timeout_s)
+        except (OSError, ValueError):  # (closed: what follows meets it)
+            pass
+
     def begin_servicing(self) -> None:
         """`start` a prelaunched worker as the next one of a servicing before the saved state exists: it
         requests the state (REQUEST_DATA) and waits for it, so `start(blob)` answers a request already there."""
