@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo demo-net test install proto bench clean deps-net fuzz fuzz-ci mutation chaos
+.PHONY: demo demo-net test install proto bench clean deps-net fuzz fuzz-ci mutation chaos soak
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -71,6 +71,13 @@ CHAOS_SERVICINGS ?= 100
 CHAOS_SEED ?= 1
 chaos: $(STAMP)
 	$(VENV)/bin/vfkeep chaos --servicings $(CHAOS_SERVICINGS) --seed $(CHAOS_SEED) --json chaos-report.json
+
+# Leak soak: SOAK_SERVICINGS consecutive keepalive servicings on one host, then the pool, worker RAM, processes and
+# fds must be as before (tests/test_servicing_soak.py; the suite runs 16).
+SOAK_SERVICINGS ?= 50
+soak: $(TSTAMP)
+	VFKEEP_SOAK_SERVICINGS=$(SOAK_SERVICINGS) $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/test_servicing_soak.py::test_keepalive_servicings_no_leaks
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-report chaos-report.json

@@ -6,8 +6,9 @@ import signal
 import subprocess
 import time
 
-from vfkeep import proc
+from vfkeep import proc, rpc
 from vfkeep.proc import stat_fields
+from vfkeep.host.control import HostClient
 from vfkeep.host.detached import DetachedHost
 from vfkeep.vfio_user.control import control_call
 
@@ -50,11 +51,15 @@ class HostRun(DetachedHost):
         return subprocess.run(proc.vfkeep_argv(*args), capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
-        """`vfkeep stop`, then check the host exited cleanly and ended every child."""
+        """`stop` over the control socket, then check the host exited cleanly and ended every child. (Not `vfkeep
+        stop`: its Python start-up cost 1-2 s per test; test_cli_surface and test_host_sigkill run the command.)"""
         kids = self.children()
-        r = self.cli("stop", "--run-dir", self.run_dir)
-        assert r.returncode == 0, r.stderr
-        assert self.reap(30) == 0, self.logs()
+        try:
+            HostClient.stop(self, wait=30)
+        except rpc.RpcError:
+            self.kill()  # (a host that cannot be asked to stop is ended, and the test fails)
+            raise
+        assert self.reap(60) == 0, self.logs()
         alive = [p for p in kids if pid_alive(p)]
         assert not alive, f"children left behind: {alive}"
 

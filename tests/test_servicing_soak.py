@@ -1,5 +1,7 @@
-"""50 consecutive keepalive servicings on one host: every one keepalive, no FLR, identical pool usage, no
-leaked processes or file descriptors; and the host's children die with it."""
+"""Consecutive keepalive servicings on one host: every one keepalive, no FLR, identical pool usage, no leaked
+processes or file descriptors; and the host's children die with it. The suite runs 16 servicings (a leak of a
+page, an fd or a process per servicing shows after one; `make chaos` checks the same after each of 100); `make
+soak` runs 50 or $VFKEEP_SOAK_SERVICINGS."""
 import os
 import signal
 import time
@@ -9,7 +11,7 @@ import pytest
 from servicing_helpers import HostRun, children_of, kill_host, pid_alive
 from vfkeep.proc import open_fd_count, processes_mentioning
 
-SERVICINGS = 50
+SERVICINGS = int(os.environ.get("VFKEEP_SOAK_SERVICINGS", "16"))
 
 
 def fd_count(pid: int) -> int:
@@ -23,8 +25,8 @@ def fd_count(pid: int) -> int:
 
 # Each servicing waits for the next prelaunched worker to start (a Python start-up: ~0.5 s of CPU); at load 8 on
 # the 2 CPUs that was 2.4 s per servicing, and 50 of them passed the suite's 120 s default while none hung.
-@pytest.mark.timeout(360)
-def test_50_keepalive_servicings_no_leaks(tmp_path):
+@pytest.mark.timeout(max(120, 7 * SERVICINGS))
+def test_keepalive_servicings_no_leaks(tmp_path):
     h = HostRun(tmp_path / "run")
     try:
         run_dir = h.run_dir
@@ -38,7 +40,7 @@ def test_50_keepalive_servicings_no_leaks(tmp_path):
             n = r["nics"][0]
             assert r["ok"], r
             assert (n["restore_path"], n["device_reset"], n["hwc_established"]) == ("keepalive", False, False), (i, r)
-            if i % 10 == 9:
+            if i % 8 == 7:
                 assert h.probe()["ok"], i
         assert h.reset_count() == 0
         assert h.inspect("worker/generation") == SERVICINGS + 1
