@@ -145,7 +145,8 @@ def _console_exec(host: Host, peer: str) -> None:
     from vfkeep.host.console import HostConsole
     buf = io.StringIO()
     c = HostConsole(host, Console(file=buf, width=200))
-    c.onecmd(f"exec 0 ping -c 2 -i 0.05 -W 5 {peer}")
+    # -w: until both replies came (with -W ping waits only two RTTs once one came: a reply lost at load 9)
+    c.onecmd(f"exec 0 ping -c 2 -i 0.05 -w 10 {peer}")
     c.onecmd("exec 0 ip -o addr show eth0")
     c.onecmd("exec 7 true")
     out = buf.getvalue()
@@ -196,7 +197,7 @@ def test_next_run_removes_a_dead_runs_namespaces(tmp_path, root_ifaces):
         second = HostRun(tmp_path / "run", "--guest", "netns")
         with open(os.path.join(second.run_dir, "host.stderr")) as f:
             assert f"network namespaces vfk-{rid}-g0, vfk-{rid}-w0" in f.read()
-        r = second.cli("exec", "--run-dir", second.run_dir, "0", "ping", "-c", "2", "-i", "0.05", "-W", "5",
+        r = second.cli("exec", "--run-dir", second.run_dir, "0", "ping", "-c", "2", "-i", "0.05", "-w", "10",
                        netns.peer_address(0))
         assert r.returncode == 0, r.stdout + r.stderr
         second.stop()

@@ -470,17 +470,24 @@ class Host:
                 record_created(self.run_dir, disk)  # so a SIGKILLed host's next run or stop removes it
                 self._temp_disks.append(disk)
             self.nvme_devices.append(NvmeDeviceProcess.spawn(i, self.run_dir, disk, cfg.disk_size, cfg.timing))
-        for d in [*self.devices, *self.nvme_devices]:
-            d.wait_ready(BOOT_TIMEOUT_S)
-        if self.guest_net is not None:
-            for i in range(cfg.nics):
-                self.guest_net.wire_up(i)
-            try:
-                self.guest_net.start_bridges(self.mem, self.channel_layout, self.channels,
-                                             [nic_mac(i) for i in range(cfg.nics)])
-            except GuestNetError as e:
-                raise HostError(str(e)) from None
-        self.worker = self._start_worker({}, None, self.configured)
+        # The first worker's imports (1-2 s of CPU) run while the devices start up: it connects to them only when
+        # `start` tells it to, once every device answered.
+        first = self._spawn_early({}, None, self.configured)
+        try:
+            for d in [*self.devices, *self.nvme_devices]:
+                d.wait_ready(BOOT_TIMEOUT_S)
+            if self.guest_net is not None:
+                for i in range(cfg.nics):
+                    self.guest_net.wire_up(i)
+                try:
+                    self.guest_net.start_bridges(self.mem, self.channel_layout, self.channels,
+                                                 [nic_mac(i) for i in range(cfg.nics)])
+                except GuestNetError as e:
+                    raise HostError(str(e)) from None
+        except BaseException:
+            first.end()  # (not the host's worker yet: nobody else would end it)
+            raise
+        self.worker = self._hello(first)
         started = self.worker.start(None, BOOT_TIMEOUT_S)
         need = (HWC_BUFFER_PAGES + (KEPT_VPORT_PAGES if cfg.datapath_keepalive else 0)) * cfg.nics
         if pool < need:
@@ -571,9 +578,17 @@ class Host:
 
     def _start_worker(self, extra_env: dict[str, str], worker_cmd: str | None, configured: list[int]) -> WorkerProcess:
         """Spawn a worker and wait for its hello (imports done); a worker that does not come up is ended."""
+        return self._hello(self._spawn_early(extra_env, worker_cmd, configured))
+
+    def _spawn_early(self, extra_env: dict[str, str], worker_cmd: str | None, configured: list[int]) -> WorkerProcess:
+        """Spawn a worker as the one a stop during the boot (prelaunch) ends; its hello is `_hello`'s to wait for."""
         w = self._starting = self._spawn_worker(extra_env, worker_cmd, configured)
         if self._stopping.is_set() and (not self._booted.is_set() or self.servicing_phase() == "prelaunch"):
             w.kill()  # an interrupted boot's (prelaunch's) stop came during the spawn, before it could see this worker
+        return w
+
+    def _hello(self, w: WorkerProcess) -> WorkerProcess:
+        """Wait for a spawned worker's hello; one that does not come up is ended."""
         try:
             w.wait_hello(HELLO_TIMEOUT_S)
         except WorkerFailed:
