@@ -151,8 +151,8 @@ def _host_log(h: HostRun) -> str:
 
 def test_an_interrupt_during_the_prelaunch_ends_the_starting_worker_and_saves_nothing(tmp_path):
     """Ctrl-C while the next worker starts (here: never, it says no hello): the servicing ends before its save and
-    the VM stops in order. The stop waited 10 s for a safe point, then ended the current worker, and the prelaunch
-    kept waiting up to a minute for the hello."""
+    the VM stops in order, and says so. The stop waited 10 s for a safe point, then ended the current worker, and the
+    prelaunch kept waiting up to a minute for the hello; then the stop said it was waiting up to 10 s."""
     h = HostRun(tmp_path / "run")
     t, out = _servicing_until(h, "prelaunch", mana_keepalive=True, next_worker_cmd=SILENT_WORKER)
     kids = _interrupt_host(h, t, lambda kids: len(kids) >= 3)  # device, worker, the next worker
@@ -160,6 +160,9 @@ def test_an_interrupt_during_the_prelaunch_ends_the_starting_worker_and_saves_no
     log = _host_log(h)
     assert 'phase=save' not in log and "did not shut down cleanly" not in log
     assert 'msg="worker shut down" generation=1 ' in log  # the current worker, in order
+    with open(os.path.join(h.run_dir, "host.stderr")) as f:  # it said it waited up to 10 s for a safe point
+        assert "a servicing is in progress (phase prelaunch): abandoned before its save, the next worker ended\n" \
+            in f.read()
     assert not [k for k in kids if pid_alive(k)] and not proc.processes_mentioning(h.run_dir)
 
 
@@ -203,3 +206,36 @@ def test_an_interrupt_while_a_long_command_imports_its_module_is_taken_after_the
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert r.returncode == 130 and last_line(r.stderr) == "vfkeep: demo: interrupted (SIGINT)", (r.stdout, r.stderr)
     assert "Usage" not in r.stdout
+
+
+def test_a_stop_during_boot_does_not_wait_for_a_device_still_starting(tmp_path, monkeypatch):
+    """Ctrl-C while the boot waits for its devices' first answer (their imports: seconds with 5 devices on 2 loaded
+    CPUs) waited for every device to answer, up to 4.9 s after the signal, and for one that never does, the boot's
+    minute. The wait now ends at the stop (here: a device that never answers)."""
+    from vfkeep.host import devices
+    from vfkeep.host.vmm import Host, HostConfig
+
+    real = proc.vfkeep_argv
+    silent = [sys.executable, "-c", "import time; time.sleep(300)"]
+    monkeypatch.setattr(devices.proc, "vfkeep_argv", lambda *a: silent if a[0] == "device" else real(*a))
+    host = Host(HostConfig(run_dir=str(tmp_path), nics=1))
+    failed: list = []
+
+    def boot():
+        try:
+            host.start()
+        except Exception as e:  # noqa: BLE001 - what the boot raised is the test's result
+            failed.append(e)
+
+    t = threading.Thread(target=boot)
+    t.start()
+    wait_for(lambda: host.devices)
+    device = host.devices[0].child
+    try:
+        host.stop()
+        t.join(30)
+        assert not t.is_alive() and device.poll() is not None
+        assert len(failed) == 1 and "start-up abandoned, the host is stopping" in str(failed[0]), failed
+    finally:
+        proc.end(device)
+        t.join(60)

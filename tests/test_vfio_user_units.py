@@ -247,6 +247,27 @@ def test_interrupts_raised_in_a_coalescing_block_are_signalled_once_at_its_end()
     t.drop_all()
 
 
+def test_a_held_interrupt_does_not_follow_its_vectors_fd_number_to_a_new_eventfd():
+    """The table held (vector: fd number) and signalled at the block's end if the vector's fd still had that number:
+    a vector closed and given a new eventfd within one block (its new fd received after the close, as the lowest
+    free number: the old one's) woke the new eventfd's owner for an interrupt raised for the old one (a spurious
+    wake-up; never a lost one)."""
+    t = _table()
+    old = os.eventfd(0, os.EFD_NONBLOCK)
+    t.set_irqs(0x24, p.IRQ_MSIX, 1, 1, b"", [old])
+    with t.coalescing():
+        assert t.trigger(1) is True
+        t.drop_all()  # (closes `old`: its number is free)
+        new = os.eventfd(0, os.EFD_NONBLOCK)
+        assert new == old  # the case: the new eventfd has the old one's number
+        t.set_irqs(0x24, p.IRQ_MSIX, 1, 1, b"", [new])
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(new)
+    assert t.delivered == 0
+    assert t.trigger(1) is True and os.eventfd_read(new) == 1  # its own interrupts reach it
+    t.drop_all()
+
+
 def test_a_bursts_interrupts_are_signalled_before_its_replies_are_sent(tmp_path):
     """A client that has its reply finds the interrupts the same burst raised signalled already, and consumes them
     before it arms and sleeps (the MANA driver clears vector 0 before each HWC request). Signalled at the end of

@@ -342,7 +342,9 @@ def _serve(host, run_dir: str, console: bool) -> int:
             signal.signal(sig, on_signal)  # (a no-op now that stop is set)
         kv(log, logging.INFO, "host stopping", exit_status=code)
         phase = host.servicing_phase()
-        if phase is not None:
+        if phase == "prelaunch":  # (`Host.stop` ends the starting worker: there is nothing to wait for)
+            say("a servicing is in progress (phase prelaunch): abandoned before its save, the next worker ended")
+        elif phase is not None:
             say(f"a servicing is in progress (phase {phase}); waiting up to {host_safe_point_s():g} s for it to "
                 "reach a safe point")
         host.stop()

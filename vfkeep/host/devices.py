@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 
 from .. import proc, rpc
@@ -84,11 +85,14 @@ class DeviceProcess:
            timing=timing.to_dict())
         return cls(index, child, sock, stderr_path)
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, cancel: threading.Event) -> None:
         """Until the device answers `ping`; DeviceFailed as soon as it exits (with the last line it printed,
-        which names the cause) or when it stays silent for `timeout` seconds."""
+        which names the cause), when it stays silent for `timeout` seconds, or within a ping's 0.2 s once
+        `cancel` is set (a stop during boot must not wait for a device still importing: seconds under load)."""
         deadline = time.monotonic() + timeout
         while True:
+            if cancel.is_set():
+                raise DeviceFailed(f"device {self.kind}{self.index}: start-up abandoned, the host is stopping")
             if self.child.poll() is not None:
                 raise DeviceFailed(f"device {self.kind}{self.index} exited with status {self.child.returncode} during "
                                    f"start-up: {last_line(self.stderr_path) or 'no message'} (see {self.stderr_path})")

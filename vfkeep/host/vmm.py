@@ -8,6 +8,7 @@ request threads.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -475,7 +476,7 @@ class Host:
         first = self._spawn_early({}, None, self.configured)
         try:
             for d in [*self.devices, *self.nvme_devices]:
-                d.wait_ready(BOOT_TIMEOUT_S)
+                d.wait_ready(BOOT_TIMEOUT_S, self._stopping)
             if self.guest_net is not None:
                 for i in range(cfg.nics):
                     self.guest_net.wire_up(i)
@@ -1026,6 +1027,9 @@ class Host:
             nvme_out.append(NvmeResult(n.pci_id, n.restore_path, seen["device_reset"], seen["controller_enabled"],
                                        n.error, reason, RestorePath.KEEPALIVE if nvme else RestorePath.FRESH,
                                        tuple(seen["admin_commands"])))
+        for dev in (*self.devices, *self.nvme_devices):  # the servicing's lines each holds since the disconnect
+            with contextlib.suppress(rpc.RpcError):  # (in its log when we answer; a dead device has none to write)
+                dev.call("write_log")
         return ServicingResult(ok, bool(mana), bool(nvme), tuple(out), unclaimed, phases, blackout_ms, frames_lost,
                                self.config.timing.to_dict(), error, servicing_status(not ok, degraded),
                                tuple(nvme_out), io_blackout_ms, io_errors)

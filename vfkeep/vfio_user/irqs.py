@@ -28,7 +28,8 @@ class IrqTable:
         self._pending: set[tuple[int, int]] = set()
         self.delivered = 0
         self.latched = 0
-        self._held: dict[tuple[int, int], int] | None = None  # `coalescing`: vector -> eventfd, to signal at the end
+        #: `coalescing`: the vectors to signal at the end, in the order they were raised (a dict as an ordered set).
+        self._held: dict[tuple[int, int], None] | None = None
 
     # -- device side ----------------------------------------------------------------------------
     def trigger(self, vector: int, index: int = IRQ_MSIX) -> bool:
@@ -43,7 +44,7 @@ class IrqTable:
                 self.latched += 1
             return False
         if self._held is not None:
-            self._held[key] = fd
+            self._held[key] = None
             return True
         self._signal(key, fd)
         return True
@@ -53,7 +54,8 @@ class IrqTable:
         """Interrupts raised inside the block are signalled at its end, once per vector (the server handles a
         burst of client messages in one: the client is woken once, after the device has done the whole burst,
         not in the middle of it). A vector whose eventfd was replaced or removed meanwhile is not signalled: its
-        old driver is gone. Latching is unchanged (an unassigned vector latches at once)."""
+        old driver is gone (`_close` forgets it, whatever number the next eventfd gets). Latching is unchanged (an
+        unassigned vector latches at once)."""
         if self._held is not None:
             yield
             return
@@ -62,7 +64,7 @@ class IrqTable:
             yield
         finally:
             held, self._held = self._held, None
-            self._signal_still_assigned(held)
+            self._signal_keys(held)
 
     def signal_held(self) -> None:
         """Signal what the enclosing `coalescing` block has held so far, now (it goes on holding what comes
@@ -72,13 +74,11 @@ class IrqTable:
         is sent, before the step's end)."""
         if self._held:
             held, self._held = self._held, {}
-            self._signal_still_assigned(held)
+            self._signal_keys(held)
 
-    def _signal_still_assigned(self, held: dict[tuple[int, int], int]) -> None:
-        """Signal each held (vector: eventfd) whose eventfd is still the assigned one (its old driver is gone)."""
-        for key, fd in held.items():
-            if self._fds.get(key) == fd:
-                self._signal(key, fd)
+    def _signal_keys(self, held: dict[tuple[int, int], None]) -> None:
+        for key in held:
+            self._signal(key, self._fds[key])
 
     def assigned(self, vector: int, index: int = IRQ_MSIX) -> bool:
         return (index, vector) in self._fds
@@ -151,9 +151,12 @@ class IrqTable:
             self._close(key)
 
     def _close(self, key: tuple[int, int]) -> None:
+        """Close `key`'s eventfd; an interrupt held for it goes with it (to its old driver, gone)."""
         fd = self._fds.pop(key, None)
         if fd is not None:
             close_fds([fd])
+            if self._held:
+                self._held.pop(key, None)
 
     def _signal(self, key: tuple[int, int], fd: int) -> None:
         try:

@@ -106,6 +106,7 @@ class VfioUserServer:
         self.control.register("epoch", lambda: {"epoch": self.epoch, "connected": self.connected})
         self.control.register("get_reset_method", lambda: {"value": device.reset_method})
         self.control.register("set_reset_method", self._set_reset_method)
+        self.control.register("write_log", self._write_log)
         self._handlers = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
@@ -197,6 +198,13 @@ class VfioUserServer:
                 self._flr("client disconnected")
         finally:  # whatever the device did, the next client must be accepted
             self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    @staticmethod
+    def _write_log() -> dict:
+        """Write the lines a disconnect holds (`DISCONNECT_LINES_HELD_S`) now: the host asks once a servicing's
+        result is measured, so whoever reads this device's log once `service` returns finds the servicing in it."""
+        write_held_lines()
+        return {}
 
     def _flr(self, why: str) -> None:
         self.device.reset()
