@@ -19,6 +19,7 @@ import time
 from vfkeep import proc
 from vfkeep.device.timing import PRESETS
 
+from .args import at_least, report_path
 from .bench_servicing import PATHS, service_rounds
 from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
@@ -92,9 +93,9 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=20, help="servicings per path and configuration")
+    ap.add_argument("--repeat", type=at_least(1, int), default=20, help="servicings per path and configuration")
     ap.add_argument("--rate", type=float, default=5000, help="guest frames/s during the servicings")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/blackout.json)")
+    ap.add_argument("--out", type=report_path, help="JSON path (default benchmarks/results/blackout.json)")
     args = ap.parse_args(argv)
     t = time.monotonic()
     rows = run(args.repeat, args.rate)

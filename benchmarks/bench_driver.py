@@ -33,6 +33,8 @@ from vfkeep.paravisor.vf_manager import fresh_mana_device, nic_dma_clients, rele
 from vfkeep.vfio_user import control_call
 from vfkeep.vfio_user.backing import open_vfio, reset_method_setter
 
+from .args import at_least, report_path
+
 LAYOUT = MemoryLayout(guest_pages=16, worker_pages=2048, pool_pages=64)
 PCI_ID = "bench0"
 RESULTS = pathlib.Path(__file__).parent / "results" / "driver.json"
@@ -193,9 +195,9 @@ def report(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=9, help="bring-up samples per path and timing")
-    ap.add_argument("--frames", type=int, default=20000, help="frames per data-path run")
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--repeat", type=at_least(1, int), default=9, help="bring-up samples per path and timing")
+    ap.add_argument("--frames", type=at_least(1, int), default=20000, help="frames per data-path run")
+    ap.add_argument("--out", type=lambda text: pathlib.Path(report_path(text)), default=RESULTS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # the NoReset -> FLR retry warns by design
     results = run(args.repeat, args.frames)

@@ -19,6 +19,7 @@ import time
 from vfkeep import proc
 from vfkeep.device.timing import DeviceTiming
 
+from .args import at_least, report_path
 from .bench_servicing import PATHS, add_timing_arguments, service_rounds, timing_of
 from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
@@ -101,10 +102,10 @@ def plot(rows: list[dict], path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=10, help="servicings per path and rate")
+    ap.add_argument("--repeat", type=at_least(1, int), default=10, help="servicings per path and rate")
     ap.add_argument("--rates", default="1000,10000,50000", help="comma-separated offered frames/s")
     add_timing_arguments(ap)
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/loss_vs_load.json)")
+    ap.add_argument("--out", type=report_path, help="JSON path (default benchmarks/results/loss_vs_load.json)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",")]
     t = time.monotonic()

@@ -36,6 +36,8 @@ import time
 
 from vfkeep import proc
 
+from .args import at_least, report_path
+
 RESULTS = pathlib.Path(__file__).parent / "results" / "nvme.json"
 LAYOUT_STR = "guest=256,worker=1024,pool=512"
 BLOCK = 512
@@ -229,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         _child(sys.argv[2])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=at_least(1, int), default=5)
     ap.add_argument("--timing", default="realistic")
     ap.add_argument("--iops-seconds", type=float, default=2.0)
-    ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--out", type=lambda text: pathlib.Path(report_path(text)), default=RESULTS)
     args = ap.parse_args(argv)
     from vfkeep import proc
     from vfkeep.memory import GuestMemory, MemoryLayout

@@ -64,6 +64,7 @@ from vfkeep.vfio_user import VfioDevice
 from vfkeep.vfio_user.backing import open_vfio
 from vfkeep.vfio_user.protocol import IRQ_MSIX, REGION_BAR0
 
+from .args import at_least, report_path
 from .traffic_host import TrafficHost, pyplot, summary, write
 
 LATENCIES = (0.0, 0.25, 1.0, 4.0)
@@ -396,28 +397,15 @@ def _ms_list(limit: float):
     return parse
 
 
-def _at_least(minimum: float, kind=float):
-    """argparse type: a number >= `minimum`."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
-        return value
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latencies", type=_ms_list(MAX_HWC_LATENCY_MS), default=list(LATENCIES),
                     help=f"HWC latencies, ms, comma-separated (default: {','.join(f'{x:g}' for x in LATENCIES)})")
     ap.add_argument("--flrs", type=_ms_list(MAX_FLR_MS), default=list(FLRS),
                     help=f"FLR waits, ms, comma-separated (default: {','.join(f'{x:g}' for x in FLRS)})")
-    ap.add_argument("--repeat", type=_at_least(1, int), default=10, help="servicings per path and cell")
-    ap.add_argument("--rate", type=_at_least(1), default=10000, help="guest frames/s during the servicings")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/sensitivity.json)")
+    ap.add_argument("--repeat", type=at_least(1, int), default=10, help="servicings per path and cell")
+    ap.add_argument("--rate", type=at_least(1), default=10000, help="guest frames/s during the servicings")
+    ap.add_argument("--out", type=report_path, help="JSON path (default benchmarks/results/sensitivity.json)")
     args = ap.parse_args(argv)
     t = time.monotonic()
     rows, costs = run(args.latencies, args.flrs, args.repeat, args.rate)

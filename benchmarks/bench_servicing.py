@@ -29,6 +29,8 @@ from vfkeep import proc
 from vfkeep.device.timing import PRESETS, DeviceTiming, timing_from
 from vfkeep.host.detached import DetachedHost
 
+from .args import at_least, report_path
+
 RESULTS = pathlib.Path(__file__).parent / "results" / "servicing.json"
 PHASES = ("save", "handoff", "restore", "total")
 #: Servicing requests per path, measured in this order so each leaves the worker the next one expects:
@@ -139,10 +141,11 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=5, help="servicings per path and configuration (median reported)")
+    ap.add_argument("--repeat", type=at_least(1, int), default=5,
+                    help="servicings per path and configuration (median reported)")
     ap.add_argument("--nics", default="1,2,4,8", help="comma-separated NIC counts")
     add_timing_arguments(ap)
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", type=report_path, default=str(RESULTS))
     args = ap.parse_args(argv)
     nic_counts = [int(x) for x in args.nics.split(",")]
     t = time.monotonic()

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from vfkeep import proc
 from vfkeep.device.timing import timing_from
 
+from .args import report_path
 from .traffic_host import TrafficHost, pyplot, save_plot, summary, write
 
 #: main before issue 16 (batched data path): the "previous" path of the side-by-side comparison.
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="measurement window per rate and size")
     ap.add_argument("--servicings", type=int, default=3,
                     help="keepalive servicings per rate for the loss-across-servicing part (0: skip it)")
-    ap.add_argument("--out", help="JSON path (default benchmarks/results/throughput.json)")
+    ap.add_argument("--out", type=report_path, help="JSON path (default benchmarks/results/throughput.json)")
     args = ap.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",")]
     t = time.monotonic()

@@ -32,6 +32,8 @@ from vfkeep.device.timing import timing_from
 from vfkeep.host.vmm import Host, HostConfig
 from vfkeep.servicing_paths import FOLLOWS_ITSELF, ORDER, preparing, request, unexpected, wait_steady
 
+from .args import at_least, report_path
+
 #: (label, process, message[, key=value the line must carry]) in the order they happen in a servicing;
 #: `old`/`new` are the worker saved and the one that restores. A path shows the ones it passes.
 MILESTONES = [
@@ -113,12 +115,12 @@ def summarize(samples: list[dict[str, float]]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--repeat", type=at_least(1, int), default=10)
     ap.add_argument("--rate", type=float, default=5000)
     ap.add_argument("--timing", default="realistic")
     ap.add_argument("--hwc-latency-ms", type=float)
     ap.add_argument("--flr-ms", type=float)
-    ap.add_argument("--json")
+    ap.add_argument("--json", type=report_path)
     ap.add_argument("--keep", metavar="DIR", help="run in DIR and keep it (every log, for a closer look)")
     ap.add_argument("--paths", default=",".join(ORDER),
                     help="comma-separated paths of ORDER (default: all, in ORDER's order) or one path, which then "
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             step = "" if row["step_ms"] is None else f"{row['step_ms']:7.2f}"
             print(f"  {row['at_ms']:22.2f}  {step:>7}  {row['milestone']}")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # (`report_path` allows new ones)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     if wrong:

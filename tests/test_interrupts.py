@@ -68,7 +68,7 @@ def test_interrupted_start_up_stops_the_host(tmp_path, how):
     assert child.returncode == 130, err
     if how == "--detach":
         assert last_line(err) == (f"vfkeep: run: interrupted (SIGINT); the host starting in the background (pid "
-                                  f"{host}) was stopped, every child ended"), err
+                                  f"{host}) was stopped, every child ended (log: {run_dir / 'host.log'})"), err
     else:
         assert last_line(err).startswith("vfkeep: run: interrupted (SIGINT) during start-up; every child ended"), err
     assert not pid_alive(host) and not [k for k in kids if pid_alive(k)]
@@ -239,3 +239,25 @@ def test_a_stop_during_boot_does_not_wait_for_a_device_still_starting(tmp_path, 
     finally:
         proc.end(device)
         t.join(60)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_host_client_command_is_interrupted_as_the_long_ones_are(tmp_path, sig):
+    """`vfkeep events &` (SIGINT inherited ignored) streamed on through `kill -INT`, and SIGTERM killed it without
+    a line: only demo, chaos, smoke, run and service took the signals. Here the host takes the connection and never
+    answers, so the command is certainly past its imports and waiting when the signal comes."""
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "host.sock"))
+    listener.listen(1)
+    child = start("events", "--run-dir", str(tmp_path), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        listener.settimeout(60)
+        conn, _ = listener.accept()
+        _, err = interrupt(child, sig)
+        conn.close()
+    finally:
+        listener.close()
+    assert child.returncode == 128 + sig, err
+    assert last_line(err) == f"vfkeep: events: interrupted ({signal.Signals(sig).name})", err

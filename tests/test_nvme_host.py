@@ -342,6 +342,14 @@ def test_require_keepalive_covers_the_nvme_controllers(host):
     assert r.returncode == 0, r.stderr + r.stdout
 
 
+@pytest.mark.parametrize("cmd", ["start", "stop", "stats"])
+def test_a_disk_the_host_does_not_have_is_bad_usage(host, cmd):
+    """`disk start --disk 1` on a host with one disk was the host's refusal, exit 1 (`probe 1`: exit 2)."""
+    r = host.cli("disk", cmd, "--disk", "1", "--run-dir", host.run_dir)
+    assert r.returncode == 2 and r.stderr.startswith(f"vfkeep: disk {cmd}: Invalid value for --disk: disk 1 out of "
+                                                     "range: the host has 1 disk(s)"), r.stderr
+
+
 def test_every_block_verifies_after_the_servicings(host):
     host.disk("verify")
     (st,) = host.disk("stats")["disks"]

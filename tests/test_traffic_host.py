@@ -70,8 +70,10 @@ def _start_stats_stop_and_service(host):
 def test_bad_requests(host):
     r = host.cli("traffic", "--run-dir", host.run_dir, "stats", "--nic", "0")
     assert r.returncode != 0 and "start traffic first" in r.stderr
-    r = host.cli("traffic", "--run-dir", host.run_dir, "start", "--nic", "3")
-    assert r.returncode != 0 and "nic 3 out of range" in r.stderr
+    for cmd in ("start", "stop", "stats"):  # bad usage (exit 2), as `probe 3` is; it was the host's refusal (1)
+        r = host.cli("traffic", "--run-dir", host.run_dir, cmd, "--nic", "3")
+        assert r.returncode == 2 and r.stderr.startswith(f"vfkeep: traffic {cmd}: Invalid value for --nic: NIC 3 out "
+                                                         "of range: the host has 1 NIC(s)"), r.stderr
     r = host.cli("traffic", "--run-dir", host.run_dir, "start", "--size", "10")
     assert r.returncode != 0 and "--size" in r.stderr
     assert traffic(host, "stats") == {"nics": [], "last_servicing": None}

@@ -34,10 +34,11 @@ COMMANDS: dict[str, str] = {
     "chaos": "vfkeep.chaos:chaos_command",
 }
 
-#: Long-running commands that end as Ctrl-C does on SIGINT, SIGTERM and SIGHUP (`proc.signals_interrupt`), taken
-#: before their module is imported: its 0.5-1 s of imports lost a SIGINT the command inherited ignored (a script's
-#: `vfkeep demo &`). The children (worker, devices) keep the signals' default actions.
-TAKE_INTERRUPTS = frozenset({"demo", "chaos", "smoke", "run", "service"})
+#: The host's children (worker, devices), which keep the signals' default actions. Every other command ends as
+#: Ctrl-C does on SIGINT, SIGTERM and SIGHUP (`proc.signals_interrupt`), taken before its module is imported: its
+#: 0.5-1 s of imports lost a SIGINT the command inherited ignored (a script's `vfkeep demo &`), and a command left
+#: with the defaults (`events`, `traffic stats`, ...) ignored such a SIGINT to its end, and died of SIGTERM silently.
+DEFAULT_SIGNALS = frozenset({"worker", "device", "nvme-device"})
 
 
 def failure_line(command: str, e: click.ClickException) -> str:
@@ -77,7 +78,7 @@ class LazyGroup(click.Group):
         if name in COMMANDS:
             mod, attr = COMMANDS[name].split(":")
             try:
-                if name not in TAKE_INTERRUPTS:
+                if name in DEFAULT_SIGNALS:
                     return getattr(importlib.import_module(mod), attr)
                 from . import proc
                 proc.signals_interrupt()

@@ -167,7 +167,8 @@ def _detach(argv: list[str], run_dir: str) -> None:
             raise
     except KeyboardInterrupt as e:
         pid = f" (pid {child.pid})" if child else ""
-        e.note = f"the host starting in the background{pid} was stopped, every child ended"
+        log = f" (log: {log_path})" if child else ""
+        e.note = f"the host starting in the background{pid} was stopped, every child ended{log}"
         raise
 
 

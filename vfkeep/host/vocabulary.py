@@ -302,6 +302,7 @@ nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="o
 @click.pass_context
 def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
     """Start (or re-pace) traffic; starts the NIC's agent on first use."""
+    _in_range(_target(ctx, run_dir), nic, "NIC", "--nic")
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "start", rate=rate, size=size,
                                                                       nic=nic, backpressure=backpressure, wait=60))
     if as_json:
@@ -318,6 +319,7 @@ def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
 @click.pass_context
 def traffic_stop(ctx, nic, as_json, run_dir):
     """Stop sending (agents keep running, and keep their records, until the host stops)."""
+    _in_range(_target(ctx, run_dir), nic, "NIC", "--nic")
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stop", nic=nic, wait=60))
     if as_json:
         return _print_json(ctx, result)
@@ -337,6 +339,7 @@ def traffic_stop(ctx, nic, as_json, run_dir):
 @click.pass_context
 def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
     """Delivery since the last start, per NIC, and what the last servicing cost the guest."""
+    _in_range(_target(ctx, run_dir), nic, "NIC", "--nic")
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stats", nic=nic,
                                                                       settle_ms=settle_ms, wait=120))
     if as_json:
@@ -374,6 +377,7 @@ disk_option = click.option("--disk", type=click.IntRange(0), default=None, help=
 @click.pass_context
 def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
     """Start (or re-pace) disk IO; starts the disk's agent on first use."""
+    _in_range(_target(ctx, run_dir), disk, "disk", "--disk")
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "start", rate=rate, qd=qd,
                                                                       read_pct=read_pct, disk=disk, wait=60))
     if as_json:
@@ -390,6 +394,7 @@ def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
 @click.pass_context
 def disk_stop(ctx, disk, as_json, run_dir):
     """Stop submitting (requests in flight still complete; agents keep their records until the host stops)."""
+    _in_range(_target(ctx, run_dir), disk, "disk", "--disk")
     result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "stop", disk=disk, wait=60))
     if as_json:
         return _print_json(ctx, result)
@@ -409,6 +414,7 @@ def disk_stop(ctx, disk, as_json, run_dir):
 def disk_stats(ctx, disk, verify, as_json, run_dir):
     """IO per disk since its agent started, and what the last servicing cost the guest's disks."""
     target = _target(ctx, run_dir)
+    _in_range(target, disk, "disk", "--disk")
 
     def get():
         checked = target.call("disk", "verify", disk=disk, wait=180)["disks"] if verify else None
@@ -444,6 +450,17 @@ def _disk_failure(target, d: dict) -> str:
 
 def _log(target) -> str:
     return os.path.join(target.run_dir, LOG_NAME)
+
+
+def _in_range(target, index: int | None, what: str, option: str) -> None:
+    """A NIC or disk the host does not have is bad usage (exit 2), as for probe and `service --nics`: only the host
+    knows how many it has. (A host without disks refuses disk commands itself, saying how to get some.)"""
+    if index is None:
+        return
+    status = target.call("status")
+    count = status["nics"] if what == "NIC" else len(status["nvme_devices"])
+    if index >= count and (count or what == "NIC"):
+        raise click.BadParameter(f"{what} {index} out of range: the host has {count} {what}(s)", param_hint=option)
 
 
 def _json_errors(as_json: bool, fn):
