@@ -1,13 +1,14 @@
 """A run dir (or a socket path) may hold other people's files: vfkeep removes or replaces only what it created
 itself, and only when nothing uses it (new-user review, items 1-5, 7, 10)."""
 import os
+import signal
 import socket
 import subprocess
 
 import pytest
 
-from helpers import vfkeep
-from servicing_helpers import HostRun
+from helpers import vfkeep, wait_for
+from servicing_helpers import HostRun, pid_alive
 from vfkeep.host import leftovers
 from vfkeep.sockets import SocketPathError, listen_unix
 
@@ -174,3 +175,33 @@ def test_run_refuses_disks_that_would_lose_data_before_anything_starts(tmp_path,
     assert sorted(os.listdir(run)) == ["nvme0.disk", "nvme1.disk"]
     assert unchanged(tmp_path / "a.img") and unchanged(run / "nvme0.disk") and unchanged(run / "nvme1.disk")
 
+
+
+@pytest.mark.parametrize("mode", ["--no-console", "--detach"])
+def test_a_second_host_starting_in_the_same_run_dir_is_refused(tmp_path, mode):
+    """Two `run`s started together both passed the pidfile and socket checks, booted, and their devices fought
+    over nic0.sock: one host was left running without its pidfile. The run dir is held (an flock on the directory,
+    as a starting host holds it), so a second one stops before anything starts."""
+    import fcntl
+
+    from vfkeep import proc
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    child = subprocess.Popen(proc.vfkeep_argv("run", "--run-dir", str(run_dir), mode), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _, err = child.communicate(timeout=60)
+    finally:
+        os.close(held)
+        if child.poll() is None:
+            proc.end(child)
+        if (run_dir / "host.pid").exists():  # (a host the detach started anyway: ended, and the test fails)
+            pid = int((run_dir / "host.pid").read_text())
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: not pid_alive(pid), 60)
+    assert child.returncode == 1 and err == (f"vfkeep: run: a host is already running in {run_dir} (starting); stop "
+                                             f"it with `vfkeep stop --run-dir {run_dir}`\n"), err
+    assert os.listdir(run_dir) == []

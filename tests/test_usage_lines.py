@@ -44,3 +44,20 @@ def test_a_second_traffic_start_says_it_re_paced(host):
         assert r.returncode == 0 and r.stdout.strip().endswith("; re-paced: it was running at 500 frames/s"), r
     finally:
         host.traffic("stop")
+
+
+NOT_FINITE = [("service", "--timeout", "nan"), ("service", "--timeout", "inf"), ("stop", "--timeout", "nan"),
+              ("events", "--timeout", "nan"), ("exec", "--timeout", "nan", "0", "true"),
+              ("traffic", "start", "--rate", "nan"), ("traffic", "stats", "--settle-ms", "nan"),
+              ("disk", "start", "--rate", "nan"), ("run", "--hwc-latency-ms", "nan"), ("demo", "--rate", "nan")]
+
+
+@pytest.mark.parametrize("argv", NOT_FINITE, ids=" ".join)
+def test_a_number_that_is_not_finite_is_bad_usage(tmp_path, argv):
+    """nan passed every range check: `service --timeout nan` was the host's internal error, `stop --timeout nan`
+    would never give up, `traffic start --rate nan` the agent's refusal (exit 1)."""
+    r = vfkeep(*argv, "--run-dir" if argv[0] != "demo" else "--out", str(tmp_path / "x"))
+    name = " ".join(argv[:2]) if argv[0] in ("traffic", "disk") else argv[0]
+    assert r.returncode == 2 and r.stderr.startswith(f"vfkeep: {name}: Invalid value for ") \
+        and f"{argv[-1] if argv[0] != 'exec' else 'nan'!r} is not a finite number" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -126,6 +127,17 @@ class LazyGroup(click.Group):
         else:
             click.echo(failure_line(ctx.meta.get("vfkeep.command", ""), e), err=True)
         sys.exit(e.exit_code)
+
+
+class FloatRange(click.FloatRange):
+    """click's FloatRange that also refuses nan, which passes every bound check (`service --timeout nan` was the
+    host's internal error, `stop --timeout nan` never gave up), and inf where no bound stops it."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def output_file(ctx, param, value):

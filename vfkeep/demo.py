@@ -32,7 +32,7 @@ from rich.table import Table
 from . import __version__
 from . import log as vlog
 from . import proc
-from .cli import one_line, output_dir, output_file
+from .cli import FloatRange, one_line, output_dir, output_file
 from .device.timing import DeviceTiming, timing_from, timing_options
 from .host import render
 from .host.traffic import DEFAULT_SIZE
@@ -423,7 +423,7 @@ def write_report(report: dict, out_dir: pathlib.Path, json_path: str | None,
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=output_file,
               help="also write the results JSON here")
 @timing_options("realistic")
-@click.option("--rate", type=click.FloatRange(min=1, max=200_000), default=5000, show_default=True,
+@click.option("--rate", type=FloatRange(min=1, max=200_000), default=5000, show_default=True,
               help="guest frames per second per NIC")
 @click.option("--nics", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--nvme", type=click.IntRange(0, 4), default=0, show_default=True,

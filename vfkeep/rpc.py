@@ -44,6 +44,8 @@ MAX_LINE = 1 << 20
 SEND_TIMEOUT_S = 5.0
 #: `timeout=` default of `RpcClient.call` (and HostClient's `wait=`): the client's own timeout.
 DEFAULT_TIMEOUT: Any = object()
+#: How often `RpcClient.call` calls its `patience` while a reply is awaited.
+PATIENCE_S = 1.0
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -408,8 +410,11 @@ class RpcClient:
         except OSError as e:
             raise Unavailable(f"cannot connect to {self.path}: {e}") from None
 
-    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
-        """Send one request and return its result; the error reply raised as its RpcError subclass."""
+    def call(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+             patience: Callable[[], None] | None = None) -> Any:
+        """Send one request and return its result; the error reply raised as its RpcError subclass.
+        `patience()` is called every PATIENCE_S while the reply is awaited; it may raise to stop waiting (a peer
+        that cannot answer, say)."""
         timeout = self.timeout if timeout is DEFAULT_TIMEOUT else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -417,7 +422,17 @@ class RpcClient:
             try:
                 send_all(self.sock, encode({"id": rid, "cmd": cmd, "args": args or {}}), deadline)
                 while True:
-                    reply = self._read_line(deadline, cmd)
+                    if patience is None:
+                        reply = self._read_line(deadline, cmd)
+                    else:
+                        glance = time.monotonic() + PATIENCE_S
+                        try:
+                            reply = self._read_line(glance if deadline is None else min(deadline, glance), cmd)
+                        except TimeoutError:
+                            if deadline is not None and time.monotonic() >= deadline:
+                                raise
+                            patience()
+                            continue
                     if isinstance(reply, dict) and "ok" in reply and reply.get("id") in (rid, None):
                         break  # anything else (an event, a late reply) is not ours
             except TimeoutError:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import click
 
+from ..cli import FloatRange
+
 #: Longest modelled HWC latency accepted: the HWC request timeout (a slower device would time out every request).
 MAX_HWC_LATENCY_MS = 10_000.0
 MAX_FLR_MS = 60_000.0
@@ -74,9 +76,9 @@ def timing_options(default_preset: str):
     """Click options `--timing PRESET`, `--hwc-latency-ms MS`, `--flr-ms MS` (arguments `timing`,
     `hwc_latency_ms`, `flr_ms`; `timing_from(...)` turns them into a `DeviceTiming`)."""
     def decorate(fn):
-        fn = click.option("--flr-ms", type=click.FloatRange(0, MAX_FLR_MS), default=None,
+        fn = click.option("--flr-ms", type=FloatRange(0, MAX_FLR_MS), default=None,
                           help="modelled wait after an FLR [default: the preset's]")(fn)
-        fn = click.option("--hwc-latency-ms", type=click.FloatRange(0, MAX_HWC_LATENCY_MS), default=None,
+        fn = click.option("--hwc-latency-ms", type=FloatRange(0, MAX_HWC_LATENCY_MS), default=None,
                           help="modelled latency of each HWC request [default: the preset's]")(fn)
         return click.option("--timing", type=click.Choice(sorted(PRESETS)), default=default_preset,
                             show_default=True, help="device timing preset: natural = nothing modelled; "

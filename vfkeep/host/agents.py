@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ class Agent:
         that are None are left out (the agent's defaults apply)."""
         try:
             return rpc.call(self.control, cmd, {k: v for k, v in args.items() if v is not None}, timeout=wait)
+        except rpc.Timeout:  # alive (it took the request), but busy or stuck: say so, and where to look
+            raise self.error(f"{self.noun} {self.index}: its agent (pid {self.child.pid}) did not answer {cmd!r} "
+                             f"within {wait:g} s: overloaded or stuck (its log: "
+                             f"{os.path.splitext(self.control)[0]}.log)") from None
         except rpc.RpcError as e:
             raise self.error(f"{self.noun} {self.index}: {e}") from None
 

@@ -1,6 +1,7 @@
 """Host-side CLI commands (DESIGN §10): run, service, inspect, stop, state decode."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 
 import click
 
+from ..cli import FloatRange
 from .. import log as vlog
 from .. import proc, rpc
 from ..device.timing import timing_from, timing_options
@@ -85,6 +87,23 @@ def _is_host(pid: int) -> bool:
             return b"vfkeep" in f.read()
     except OSError:
         return False
+
+
+def lock_run_dir(run_dir: str) -> int:
+    """Hold `run_dir` for this process's life (an flock on the directory itself: no file to leave behind, gone
+    with the process however it ends). Two `run`s started together both passed `claim_run_dir`'s checks, booted,
+    and their devices fought over the same sockets, one host left running without its pidfile."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if not isinstance(e, BlockingIOError):
+            fail(f"run: cannot lock --run-dir {run_dir}: {e.strerror}")
+        pid = _pidfile_pid(run_dir)
+        who = f"pid {pid}" if pid is not None and _is_host(pid) else "starting"
+        fail(f"run: a host is already running in {run_dir} ({who}); stop it with `vfkeep stop --run-dir {run_dir}`")
+    return fd
 
 
 def claim_run_dir(run_dir: str, keep: tuple[str, ...] = ()) -> str | None:
@@ -183,6 +202,8 @@ def _wait_detached(child: subprocess.Popen, run_dir: str, stderr_path: str, log_
         try:
             status = control.HostClient(run_dir, wait=2.0).status()
         except rpc.RpcError:
+            status = None
+        if status is None or status["host_pid"] != child.pid:  # (not another host: ours then fails, saying why)
             time.sleep(0.05)
             continue
         click.echo(f"vfkeep host running: pid {status['host_pid']}, run dir {run_dir}, log {log_path}")
@@ -249,10 +270,12 @@ def run_command(run_dir, detach, no_console, nics, backend, pool_pages, timing, 
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         fail(f"run: cannot create --run-dir {run_dir}: {e.strerror}", 2)
+    lock = lock_run_dir(run_dir)  # (held until this process exits)
     cleaned = claim_run_dir(run_dir, keep=tuple(config.disks))
     if cleaned:
         click.echo(f"vfkeep: {cleaned}", err=True)
     if detach:
+        os.close(lock)  # the host it starts takes it (and says so if another one got it first)
         _detach(_run_argv(config, timing, hwc_latency_ms, flr_ms, worker_env), run_dir)
         return
     sys.exit(_serve(Host(config), run_dir, console=not no_console))
@@ -388,27 +411,41 @@ def _pidfile_pid(run_dir: str) -> int | None:
         return None
 
 
-def _running(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie (the host may be the caller's unreaped child)."""
+def process_state(pid: int) -> str | None:
+    """`pid`'s state letter in /proc (R, S, D, T stopped, Z zombie, ...); None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            return f.read().rpartition(")")[2].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+        return None
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (the host may be the caller's unreaped child)."""
+    return process_state(pid) not in (None, "Z")
 
 
 @click.command("events")
 @run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line, as the control socket sends them")
 @click.option("--count", type=click.IntRange(1), default=None, help="exit after this many events")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=None,
               help="exit when no event came for this many seconds")
 def events_command(run_dir, as_json, count, timeout):
     """Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping)
     until it stops. The control socket's `events` command (docs/control-api.md)."""
     seen = 0
+    log_path = os.path.join(os.path.abspath(run_dir), LOG_NAME)
     try:
-        for event in control.HostClient(run_dir).events(timeout):
+        stream = control.HostClient(run_dir).events(timeout)
+    except rpc.Timeout as e:  # it took the connection: a host, hung or too busy to answer (not "no events")
+        raise click.ClickException(f"the host did not answer: {e} (host log: {log_path})") from None
+    except rpc.Unavailable as e:
+        raise click.ClickException(no_host(run_dir, e)) from None
+    except rpc.RpcError as e:
+        raise click.ClickException(f"{e} (host log: {log_path})") from None
+    try:
+        for event in stream:
             if as_json:
                 click.echo(json.dumps(event))
             else:
@@ -417,12 +454,10 @@ def events_command(run_dir, as_json, count, timeout):
             seen += 1
             if count is not None and seen >= count:
                 return
-    except rpc.Timeout:
+    except rpc.Timeout:  # --timeout: no event came for that long
         return
     except rpc.RpcError as e:
-        if isinstance(e, rpc.Unavailable) and not seen:
-            raise click.ClickException(no_host(run_dir, e)) from None
-        raise click.ClickException(f"{e} (host log: {os.path.join(os.path.abspath(run_dir), LOG_NAME)})") from None
+        raise click.ClickException(f"{e} (host log: {log_path})") from None
 
 
 def _plain(v) -> str:

@@ -64,13 +64,15 @@ class HostClient:
     """Requests to the host in `run_dir`, each on a connection of its own (so any thread may use it).
 
     `wait`: seconds to wait for an answer (None: as long as it takes, e.g. a servicing); every method takes
-    `wait=` to override it. Errors are `vfkeep.rpc` errors: `Unavailable` when no host answers, `Refused`
-    when the host said no.
+    `wait=` to override it. `patience`: called every second while an answer is awaited, it may raise to stop
+    waiting (`rpc.RpcClient.call`). Errors are `vfkeep.rpc` errors: `Unavailable` when no host answers,
+    `Timeout` when it took the request but did not answer in time, `Refused` when the host said no.
     """
 
-    def __init__(self, run_dir: str, wait: float | None = None):
+    def __init__(self, run_dir: str, wait: float | None = None, patience: Callable[[], None] | None = None):
         self.run_dir = os.path.abspath(run_dir)
         self.wait = wait
+        self.patience = patience
 
     @property
     def path(self) -> str:
@@ -78,7 +80,10 @@ class HostClient:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, wait: float | None = rpc.DEFAULT_TIMEOUT) -> Any:
         try:
-            return rpc.call(self.path, cmd, args, timeout=self.wait if wait is rpc.DEFAULT_TIMEOUT else wait)
+            with rpc.RpcClient(self.path, self.wait if wait is rpc.DEFAULT_TIMEOUT else wait) as client:
+                return client.call(cmd, args, patience=self.patience)
+        except rpc.Timeout:
+            raise
         except rpc.Unavailable as e:
             raise type(e)(f"no host answering in {self.run_dir}: {e}") from None
 
@@ -108,10 +113,23 @@ class HostClient:
         return self.call("exec", {"nic": nic, "argv": argv, "timeout": timeout}, wait)
 
     def events(self, timeout: float | None = None):
-        """The host's events as they come (dicts, see host/events.py) until it stops; `timeout` bounds the wait
-        for each (rpc.Timeout)."""
-        with rpc.RpcClient(self.path, timeout=5.0 if self.wait is None else self.wait) as client:
+        """Subscribe now (errors, a host that never answers included, are raised here: rpc.Timeout after
+        `wait`, 5 s by default), then an iterator of the host's events (dicts, see host/events.py) until it
+        stops; `timeout` bounds the wait for each (rpc.Timeout from the iterator: quiet, not a failure)."""
+        try:
+            client = rpc.RpcClient(self.path, timeout=5.0 if self.wait is None else self.wait)
+        except rpc.Unavailable as e:
+            raise rpc.Unavailable(f"no host answering in {self.run_dir}: {e}") from None
+        try:
             client.call("events")
+        except BaseException:
+            client.close()
+            raise
+        return self._pushed(client, timeout)
+
+    @staticmethod
+    def _pushed(client: rpc.RpcClient, timeout: float | None):
+        with client:
             while (event := client.pushed(timeout)) is not None:
                 yield event
 

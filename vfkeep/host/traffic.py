@@ -13,7 +13,7 @@ from ..guest.agent import AgentError, spawn_agent
 from ..guest.ring import ChannelLayout, NicChannel
 from ..log import kv
 from ..memory import GuestMemory
-from .agents import Agent, AgentPool
+from .agents import AGENT_TIMEOUT_S, Agent, AgentPool
 
 log = logging.getLogger("vfkeep.host.traffic")
 
@@ -104,7 +104,8 @@ class GuestTraffic(AgentPool):
             window = {"since_ns": since_ns, "until_ns": until_ns, "settle_ms": settle}
             if since_ns is None:
                 window = {"since_mark": START_MARK, "until_ns": until_ns, "settle_ms": settle}
-            return {"nic": a.index, "pid": a.child.pid, **self._measured(a.index, a.call("stats", **window))}
+            reply = a.call("stats", wait=AGENT_TIMEOUT_S + settle / 1000, **window)  # (it may settle that long)
+            return {"nic": a.index, "pid": a.child.pid, **self._measured(a.index, reply)}
 
         return {"nics": self.each(one, self.running(nic)), "last_servicing": self.last_servicing}
 

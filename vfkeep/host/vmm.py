@@ -207,8 +207,8 @@ class HostConfig:
 def _timeout(value: float | None) -> float:
     if value is None:
         return DEFAULT_TIMEOUT_S
-    if value <= 0:
-        raise HostError(f"timeout must be positive, got {value}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:  # (nan too: a control client's)
+        raise HostError(f"timeout must be a positive number of seconds, got {value!r}")
     return NO_TIMEOUT_S if value >= NO_TIMEOUT_HINT_S else float(value)
 
 

@@ -9,6 +9,7 @@ context object). So names, options, defaults, help and output are the same by co
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,12 +20,13 @@ from typing import Any
 
 import click
 
+from ..cli import FloatRange
 from .. import kill_points, rpc
 from ..contract import SAVE_TEST_CONFIGS
 from ..proc import signals_interrupt
 from . import control, render
 from .commands import (LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running, default_run_dir,
-                       no_host, parse_nic_list, remove_dead_hosts_leftovers)
+                       no_host, parse_nic_list, process_state, remove_dead_hosts_leftovers)
 from .tamper import TAMPER_MODES
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 
@@ -34,6 +36,10 @@ HOST_COMMANDS = ("service", "inspect", "status", "probe", "traffic", "disk", "ex
 EXIT_NO_KEEPALIVE = 3
 #: What `traffic stats|stop` and `disk stats|stop` say when no agent runs yet (rather than an empty table).
 NO_TRAFFIC = "no traffic agent running; start traffic first (`vfkeep traffic start`)"
+#: How long `traffic stats` / `disk stats` wait for the host: its agents answer within 30 s each, plus the settle
+#: (at most 60 s); `disk stats --verify` first waits this long for the read-back.
+STATS_WAIT_S = 120.0
+VERIFY_WAIT_S = 180.0
 NO_DISK_IO = "no disk agent running; start disk IO first (`vfkeep disk start`)"
 
 
@@ -55,13 +61,24 @@ class RemoteTarget:
         self.log = os.path.join(self.run_dir, LOG_NAME)
 
     def call(self, method: str, *args, wait: float | None = None, **kwargs) -> Any:
-        client = control.HostClient(self.run_dir, wait)
+        client = control.HostClient(self.run_dir, wait, patience=self._not_stopped)
         try:
             return getattr(client, method)(*args, **kwargs)
+        except rpc.Timeout as e:  # it took the request: a host, busy or hung (not "is a host running?")
+            raise CommandError(f"the host did not answer: {e} (host log: {self.log})", e.type) from None
         except rpc.Unavailable as e:
             raise CommandError(no_host(self.run_dir, e), type(e).__name__) from None
         except rpc.RpcError as e:  # the host says "METHOD: why"; the failure line names the command already
             raise CommandError(f"{str(e).removeprefix(method + ': ')} (host log: {self.log})", e.type) from None
+
+
+    def _not_stopped(self) -> None:
+        """While an answer is awaited: a host stopped by SIGSTOP (Ctrl-Z in its console's terminal) answers nothing
+        until it is continued, so say so (`status` waited 30 s for it, `service` for ever)."""
+        pid = _pidfile_pid(self.run_dir)
+        if pid is not None and process_state(pid) == "T":
+            raise CommandError(f"host pid {pid} is stopped (SIGSTOP, or Ctrl-Z in its terminal) and answers nothing "
+                               f"until continued: `kill -CONT {pid}` (host log: {self.log})", "Stopped")
 
 
 class LocalTarget:
@@ -153,6 +170,19 @@ def json_error(e: click.ClickException) -> None:
     sys.exit(e.exit_code)
 
 
+@contextlib.contextmanager
+def _waiting(ctx: click.Context, as_json: bool, text: str):
+    """A spinner on stderr while a request that may take seconds runs (an overloaded agent took 5-16 s to
+    answer `traffic stats`, with nothing shown). Only on a terminal: nothing with --json, piped or in the console."""
+    from rich.console import Console
+    err = Console(stderr=True)
+    if as_json or ctx.find_object(LocalTarget) is not None or not err.is_terminal:
+        yield
+        return
+    with err.status(text):
+        yield
+
+
 def _print_json(ctx: click.Context, data: Any) -> None:
     _echo(ctx, json.dumps(data))
 
@@ -161,7 +191,7 @@ def _print_json(ctx: click.Context, data: Any) -> None:
 @host_command("service")
 @click.option("--mana-keepalive", is_flag=True, help="host allows MANA keepalive for this servicing")
 @click.option("--nvme-keepalive", "-n", is_flag=True, help="host allows NVMe keepalive for this servicing")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SEC",
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=None, metavar="SEC",
               help="the worker must have saved, and the next one restored, within SEC seconds each (a replacement "
                    "without state then gets the default) [default: 60]")
 @click.option("--test-config", type=UpperChoice(SAVE_TEST_CONFIGS), metavar="HOOK",
@@ -288,7 +318,7 @@ nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="o
 
 
 @traffic_group.command("start")
-@click.option("--rate", type=click.FloatRange(min=1, max=1_000_000), default=DEFAULT_RATE, show_default=True,
+@click.option("--rate", type=FloatRange(min=1, max=1_000_000), default=DEFAULT_RATE, show_default=True,
               help="frames per second per NIC")
 @click.option("--size", type=click.IntRange(60, 2044), default=DEFAULT_SIZE, show_default=True,
               help="frame size in bytes")
@@ -302,9 +332,9 @@ nic_option = click.option("--nic", type=click.IntRange(0), default=None, help="o
 @click.pass_context
 def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
     """Start (or re-pace) traffic; starts the NIC's agent on first use."""
-    _in_range(_target(ctx, run_dir), nic, "NIC", "--nic")
-    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "start", rate=rate, size=size,
-                                                                      nic=nic, backpressure=backpressure, wait=60))
+    target = _target(ctx, run_dir)
+    result = _request(as_json, target, nic, lambda: target.call("traffic", "start", rate=rate, size=size, nic=nic,
+                                                                backpressure=backpressure, wait=60))
     if as_json:
         return _print_json(ctx, result)
     for n in result["nics"]:
@@ -319,8 +349,8 @@ def traffic_start(ctx, rate, size, backpressure, nic, as_json, run_dir):
 @click.pass_context
 def traffic_stop(ctx, nic, as_json, run_dir):
     """Stop sending (agents keep running, and keep their records, until the host stops)."""
-    _in_range(_target(ctx, run_dir), nic, "NIC", "--nic")
-    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stop", nic=nic, wait=60))
+    target = _target(ctx, run_dir)
+    result = _request(as_json, target, nic, lambda: target.call("traffic", "stop", nic=nic, wait=60))
     if as_json:
         return _print_json(ctx, result)
     if not result["nics"]:
@@ -331,7 +361,7 @@ def traffic_stop(ctx, nic, as_json, run_dir):
 
 @traffic_group.command("stats")
 @nic_option
-@click.option("--settle-ms", type=click.FloatRange(0, 60_000), default=None,
+@click.option("--settle-ms", type=FloatRange(0, 60_000), default=None,
               help="wait up to this long for frames still in flight [default: 10 x the NIC's measured RTT p99, "
                    "100-2000 ms; the wait ends as soon as every frame came back]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (errors too)")
@@ -339,9 +369,10 @@ def traffic_stop(ctx, nic, as_json, run_dir):
 @click.pass_context
 def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
     """Delivery since the last start, per NIC, and what the last servicing cost the guest."""
-    _in_range(_target(ctx, run_dir), nic, "NIC", "--nic")
-    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("traffic", "stats", nic=nic,
-                                                                      settle_ms=settle_ms, wait=120))
+    target = _target(ctx, run_dir)
+    with _waiting(ctx, as_json, f"traffic stats: waiting for the agents' counts (at most {STATS_WAIT_S:g} s)"):
+        result = _request(as_json, target, nic, lambda: target.call("traffic", "stats", nic=nic, settle_ms=settle_ms,
+                                                                    wait=STATS_WAIT_S))
     if as_json:
         return _print_json(ctx, result)
     if not result["nics"]:
@@ -366,7 +397,7 @@ disk_option = click.option("--disk", type=click.IntRange(0), default=None, help=
 
 
 @disk_group.command("start")
-@click.option("--rate", type=click.FloatRange(min=0, max=1_000_000), default=0, show_default=True,
+@click.option("--rate", type=FloatRange(min=0, max=1_000_000), default=0, show_default=True,
               help="requests per second per disk (0: as fast as the queue depth allows)")
 @click.option("--qd", type=click.IntRange(1, 64), default=8, show_default=True, help="requests in flight per disk")
 @click.option("--read-pct", type=click.IntRange(0, 100), default=50, show_default=True,
@@ -377,9 +408,9 @@ disk_option = click.option("--disk", type=click.IntRange(0), default=None, help=
 @click.pass_context
 def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
     """Start (or re-pace) disk IO; starts the disk's agent on first use."""
-    _in_range(_target(ctx, run_dir), disk, "disk", "--disk")
-    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "start", rate=rate, qd=qd,
-                                                                      read_pct=read_pct, disk=disk, wait=60))
+    target = _target(ctx, run_dir)
+    result = _request(as_json, target, disk, lambda: target.call("disk", "start", rate=rate, qd=qd,
+                                                                 read_pct=read_pct, disk=disk, wait=60), "disk")
     if as_json:
         return _print_json(ctx, result)
     for d in result["disks"]:
@@ -394,8 +425,8 @@ def disk_start(ctx, rate, qd, read_pct, disk, as_json, run_dir):
 @click.pass_context
 def disk_stop(ctx, disk, as_json, run_dir):
     """Stop submitting (requests in flight still complete; agents keep their records until the host stops)."""
-    _in_range(_target(ctx, run_dir), disk, "disk", "--disk")
-    result = _json_errors(as_json, lambda: _target(ctx, run_dir).call("disk", "stop", disk=disk, wait=60))
+    target = _target(ctx, run_dir)
+    result = _request(as_json, target, disk, lambda: target.call("disk", "stop", disk=disk, wait=60), "disk")
     if as_json:
         return _print_json(ctx, result)
     if not result["disks"]:
@@ -414,16 +445,18 @@ def disk_stop(ctx, disk, as_json, run_dir):
 def disk_stats(ctx, disk, verify, as_json, run_dir):
     """IO per disk since its agent started, and what the last servicing cost the guest's disks."""
     target = _target(ctx, run_dir)
-    _in_range(target, disk, "disk", "--disk")
 
     def get():
-        checked = target.call("disk", "verify", disk=disk, wait=180)["disks"] if verify else None
-        stats = target.call("disk", "stats", disk=disk, wait=120)
+        checked = target.call("disk", "verify", disk=disk, wait=VERIFY_WAIT_S)["disks"] if verify else None
+        stats = target.call("disk", "stats", disk=disk, wait=STATS_WAIT_S)
         if checked is not None:  # what the read-back found (its stats are in `disks`)
             stats["verify"] = [{k: v for k, v in d.items() if k != "stats"} for d in checked]
         return stats
 
-    result = _json_errors(as_json, get)
+    what = "read-back and counts" if verify else "counts"
+    with _waiting(ctx, as_json, f"disk stats: waiting for the agents' {what} (at most "
+                  f"{STATS_WAIT_S + (VERIFY_WAIT_S if verify else 0):g} s)"):
+        result = _request(as_json, target, disk, get, "disk")
     failed = [d for d in result["disks"] if d["errors"] or d["verify_errors"] or d["duplicates"]]
     if as_json:
         _print_json(ctx, result)
@@ -452,20 +485,23 @@ def _log(target) -> str:
     return os.path.join(target.run_dir, LOG_NAME)
 
 
-def _in_range(target, index: int | None, what: str, option: str) -> None:
-    """A NIC or disk the host does not have is bad usage (exit 2), as for probe and `service --nics`: only the host
-    knows how many it has. (A host without disks refuses disk commands itself, saying how to get some.)"""
-    if index is None:
-        return
-    status = target.call("status")
-    count = status["nics"] if what == "NIC" else len(status["nvme_devices"])
-    if index >= count and (count or what == "NIC"):
-        raise click.BadParameter(f"{what} {index} out of range: the host has {count} {what}(s)", param_hint=option)
-
-
-def _json_errors(as_json: bool, fn):
+def _request(as_json: bool, target, index: int | None, fn, what: str = "NIC"):
+    """fn() (a traffic or disk request for `index`, or every one: None), its errors JSON under --json. A NIC or
+    disk the host does not have is bad usage (exit 2), as for probe and `service --nics`; only the host knows
+    how many it has, so it is asked only once it refused the request (no round trip when it succeeds; a host
+    without disks refuses disk commands itself, saying how to get some)."""
     try:
-        return fn()
+        try:
+            return fn()
+        except CommandError as e:
+            if index is None or e.kind != "Refused":
+                raise
+            status = target.call("status")
+            count = status["nics"] if what == "NIC" else len(status["nvme_devices"])
+            if index >= count and (count or what == "NIC"):
+                raise click.BadParameter(f"{what} {index} out of range: the host has {count} {what}(s)",
+                                         param_hint=f"--{what.lower()}") from None
+            raise
     except click.ClickException as e:
         if not as_json:
             raise
@@ -473,7 +509,7 @@ def _json_errors(as_json: bool, fn):
 
 
 @host_command("exec", context_settings={"ignore_unknown_options": True})
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SEC", help="the command is ended after SEC seconds")
 @click.argument("nic", type=click.IntRange(0))
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -497,7 +533,7 @@ def exec_command(ctx, run_dir, as_json, timeout, nic, argv):
 
 
 @host_command("stop")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--timeout", type=FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SEC", help="wait SEC seconds for the host to exit")
 def stop_command(ctx, run_dir, as_json, timeout):
     """Stop the host (NICs shut down, every child ended) and wait for it to exit; says what it stopped. With
@@ -507,7 +543,7 @@ def stop_command(ctx, run_dir, as_json, timeout):
     try:
         reply = target.call("stop", wait=30)
     except CommandError as e:
-        if e.kind not in ("Unavailable", "Timeout"):
+        if e.kind not in ("Unavailable", "Timeout", "Stopped"):
             raise
         pid = _pidfile_pid(run_dir)
         if pid is None or not _is_host(pid):
@@ -518,17 +554,23 @@ def stop_command(ctx, run_dir, as_json, timeout):
             _echo(ctx, json.dumps(out) if as_json else
                   f"no host running in {run_dir}; {removed or 'nothing to stop'}")
             return
-        os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting)
+        os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting, or stopped by SIGSTOP)
+        if e.kind == "Stopped":
+            os.kill(pid, signal.SIGCONT)  # (then it takes the SIGTERM: the same orderly stop)
         reply = {"host_pid": pid, "servicing_phase": None}
     pid = reply["host_pid"]
     if reply.get("servicing_phase") and not as_json:
         _echo(ctx, f"host pid {pid}: a servicing is in progress (phase {reply['servicing_phase']}); it stops once "
                    "the servicing reaches a safe point")
     deadline = time.monotonic() + timeout
-    while _running(pid):
-        if time.monotonic() > deadline:
-            raise CommandError(f"host pid {pid} still running after {timeout:g} s (see {run_dir}/{LOG_NAME})")
-        time.sleep(0.05)
+    try:
+        while _running(pid):
+            if time.monotonic() > deadline:
+                raise CommandError(f"host pid {pid} still running after {timeout:g} s (see {run_dir}/{LOG_NAME})")
+            time.sleep(0.05)
+    except KeyboardInterrupt as e:
+        e.note = f"host pid {pid} was asked to stop and goes on stopping (log: {run_dir}/{LOG_NAME})"
+        raise
     if as_json:
         _print_json(ctx, {"stopped": pid, "run_dir": run_dir, "servicing_phase": reply.get("servicing_phase")})
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from vfkeep import log as vlog
+from vfkeep.cli import FloatRange
 from vfkeep.vfio_user.control import start_device_process
 from vfkeep.vfio_user.server import VfioUserServer, serve_until_stopped
 from vfkeep.sockets import SocketPathError
@@ -53,10 +54,10 @@ class _Size(click.ParamType):
 @click.option("--reset-method", type=click.Choice(RESET_METHODS), default="none", show_default=True)
 @click.option("--timing", type=click.Choice(sorted(TIMINGS)), default="natural", show_default=True,
               help="preset of the modelled costs below (realistic: enable 100, disable 20, FLR 100, admin 1 ms)")
-@click.option("--enable-ms", type=click.FloatRange(0), default=None, help="CC.EN 0->1 until CSTS.RDY")
-@click.option("--disable-ms", type=click.FloatRange(0), default=None, help="CC.EN 1->0 until CSTS.RDY=0")
-@click.option("--flr-ms", type=click.FloatRange(0), default=None, help="function-level reset")
-@click.option("--admin-ms", type=click.FloatRange(0), default=None, help="latency of each admin command")
+@click.option("--enable-ms", type=FloatRange(0), default=None, help="CC.EN 0->1 until CSTS.RDY")
+@click.option("--disable-ms", type=FloatRange(0), default=None, help="CC.EN 1->0 until CSTS.RDY=0")
+@click.option("--flr-ms", type=FloatRange(0), default=None, help="function-level reset")
+@click.option("--admin-ms", type=FloatRange(0), default=None, help="latency of each admin command")
 @click.option("--msix", type=click.IntRange(1, 2048), default=16, show_default=True, help="MSI-X vectors")
 @click.option("--max-io-queues", type=click.IntRange(1, 1024), default=16, show_default=True)
 @click.option("--pci-id", default=None, help="device name for logs [default: socket file name]")

@@ -1,0 +1,249 @@
+"""A host command never hangs silently and never lies about why it waited: one request per traffic/disk command (the
+NIC/disk range asked only after a refusal), a host that takes the connection and never answers is named as such
+(not "is a host running?", not a silent exit 0), and a long `traffic stats` shows that it waits, on a terminal only.
+Against a fake host (an rpc server in this process), so the waits are certain whatever the machine's load."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from helpers import CLEAN_ENV
+from servicing_helpers import HostRun, pid_alive
+from vfkeep import proc, rpc
+from vfkeep.host import agents, control
+from vfkeep.host.traffic import GuestTraffic, TrafficError
+from vfkeep.host.vocabulary import CommandError, RemoteTarget
+
+NO_TRAFFIC = {"nics": [], "last_servicing": None}
+
+
+@contextlib.contextmanager
+def fake_host(run_dir, **handlers):
+    """A host control socket in `run_dir` answering `handlers`; yields the list of commands it was sent."""
+    seen: list[str] = []
+
+    def recorded(name, fn):
+        def handler(**args):
+            seen.append(name)
+            return fn(**args)
+        return handler
+
+    server = control.serve(str(run_dir), {n: recorded(n, fn) for n, fn in handlers.items()}, refused=(TrafficError,))
+    server.start()
+    try:
+        yield seen
+    finally:
+        server.close()
+
+
+def vfkeep(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(proc.vfkeep_argv(*args), capture_output=True, text=True, timeout=timeout, env=CLEAN_ENV,
+                          stdin=subprocess.DEVNULL)
+
+
+def status(**_):
+    return {"nics": 1, "nvme_devices": [{"pci_id": "a100:00:00.0"}]}
+
+
+@pytest.mark.parametrize("argv", [("traffic", "stats", "--nic", "0"), ("traffic", "stop", "--nic", "0"),
+                                  ("disk", "stop", "--disk", "0")])
+def test_a_traffic_or_disk_command_is_one_request(tmp_path, argv):
+    """`--nic N`/`--disk N` cost a `status` request before every command (and, before it, outside the command's
+    JSON errors)."""
+    with fake_host(tmp_path, status=status, traffic=lambda action, **a: NO_TRAFFIC,
+                   disk=lambda action, **a: {"disks": [], "last_servicing": None}) as seen:
+        r = vfkeep(*argv, "--run-dir", str(tmp_path), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["nics" if argv[0] == "traffic" else "disks"] == [], r
+    assert seen == [argv[0]]
+
+
+def test_a_nic_the_host_refuses_and_does_not_have_is_bad_usage_in_json_too(tmp_path):
+    def refuse(action, nic=None, **_):
+        raise TrafficError(f"nic {nic!r} out of range [0, 1)" if nic else f"no traffic agent on nic {nic}")
+
+    with fake_host(tmp_path, status=status, traffic=refuse) as seen:
+        r = vfkeep("traffic", "stats", "--nic", "3", "--run-dir", str(tmp_path), "--json")
+        assert r.returncode == 2 and r.stderr == "" and seen == ["traffic", "status"], r
+        assert json.loads(r.stdout) == {"ok": False, "error": {"type": "Usage", "message": "Invalid value for --nic: "
+                                                               "NIC 3 out of range: the host has 1 NIC(s)"}}
+        r = vfkeep("traffic", "stats", "--nic", "0", "--run-dir", str(tmp_path))  # in range: the host's refusal
+        assert r.returncode == 1 and r.stderr.startswith("vfkeep: traffic stats: no traffic agent on nic 0 (host log"), r
+    r = vfkeep("traffic", "stats", "--nic", "3", "--run-dir", str(tmp_path / "nohost"), "--json")
+    assert r.returncode == 1 and r.stderr == "" and json.loads(r.stdout)["error"]["type"] == "Unavailable", r
+
+
+@contextlib.contextmanager
+def silent_host(run_dir):
+    """A socket that takes connections and never answers (a hung host); yields the connections it took."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(os.path.join(run_dir, "host.sock"))
+    listener.listen(4)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            if select.select([listener], [], [], 0.1)[0]:
+                taken.append(listener.accept()[0])
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield taken
+    finally:
+        stop.set()
+        t.join(5)
+        for c in taken:
+            c.close()
+        listener.close()
+
+
+def test_events_from_a_host_that_never_answers_fails_naming_it(tmp_path):
+    """It exited 0 with no line after 5 s (the subscription's timeout was taken for `--timeout`'s quiet end)."""
+    with silent_host(str(tmp_path)) as taken:
+        r = vfkeep("events", "--run-dir", str(tmp_path))
+    assert taken and r.returncode == 1 and r.stdout == "", r
+    (line,) = r.stderr.splitlines()
+    assert line == (f"vfkeep: events: the host did not answer: events on {tmp_path}/host.sock: no reply within 5.0 s "
+                    f"(host log: {tmp_path}/host.log)"), line
+
+
+def test_a_host_that_does_not_answer_in_time_is_not_called_absent(tmp_path):
+    """A timeout said "no host answering in DIR ...; is a host running? (`vfkeep run ...`)" of a host that is."""
+    with silent_host(str(tmp_path)):
+        with pytest.raises(CommandError) as e:
+            RemoteTarget(str(tmp_path)).call("status", wait=0.3)
+    assert e.value.kind == "Timeout"
+    assert e.value.message == (f"the host did not answer: status on {tmp_path}/host.sock: no reply within 0.3 s "
+                               f"(host log: {tmp_path}/host.log)")
+
+
+def test_an_agent_that_does_not_answer_is_named_with_its_log(tmp_path, monkeypatch):
+    """Its timeout said only "stats on DIR/guest-agent-0.sock: no reply within 30.0 s"; and a `--settle-ms` longer
+    than the agent timeout was cut short by it."""
+    monkeypatch.setattr(agents, "AGENT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("vfkeep.host.traffic.AGENT_TIMEOUT_S", 0.3)
+    settled = threading.Event()
+
+    def stats(settle_ms=0, **_):
+        if settle_ms == 0:
+            threading.Event().wait(5)  # never in time
+        settled.wait(settle_ms / 1000)  # as an agent whose frames do not all come back
+        return {"sent": 0}
+
+    path = str(tmp_path / "guest-agent-0.sock")
+    server = rpc.ThreadedServer(path, rpc.Dispatcher(agents.log, {"stats": stats}))
+    server.start()
+    child = proc.spawn(["sleep", "60"])
+    try:
+        pool = GuestTraffic(str(tmp_path), None, None, [None])
+        pool._agents[0] = agents.Agent(0, child, path, TrafficError, "nic")
+        with pytest.raises(TrafficError) as e:
+            pool.stats(nic=0, settle_ms=0)
+        assert str(e.value) == (f"nic 0: its agent (pid {child.pid}) did not answer 'stats' within 0.3 s: overloaded "
+                                f"or stuck (its log: {tmp_path}/guest-agent-0.log)")
+        t0 = time.monotonic()
+        (st,) = pool.stats(nic=0, settle_ms=600)["nics"]
+        assert st["sent"] == 0 and time.monotonic() - t0 >= 0.6
+    finally:
+        proc.end(child)
+        server.close()
+
+
+def read_until(fd: int, text: bytes, timeout: float) -> bytes:
+    """What the terminal `fd` showed until `text` appeared (or the timeout, or its writer closed it)."""
+    out, deadline = b"", time.monotonic() + timeout
+    while text not in out and (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: every writer closed it
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("json_flag", [False, True])
+def test_traffic_stats_shows_that_it_waits_on_a_terminal_only(tmp_path, json_flag):
+    """An overloaded agent took 5-16 s to answer `traffic stats`, with nothing shown meanwhile. The fake host
+    answers only once the terminal showed the wait (or after 20 s: then nothing was shown)."""
+    shown = threading.Event()
+
+    def traffic(action, **_):
+        shown.wait(20)
+        return NO_TRAFFIC
+
+    if json_flag:
+        shown.set()  # nothing to wait for: whatever the terminal shows until the command ended is all it shows
+    master, slave = pty.openpty()
+    with fake_host(tmp_path, status=status, traffic=traffic):
+        child = subprocess.Popen(proc.vfkeep_argv("traffic", "stats", "--run-dir", str(tmp_path),
+                                                  *(["--json"] if json_flag else [])),
+                                 stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, text=True,
+                                 env={**CLEAN_ENV, "TERM": "xterm", "COLUMNS": "120"})
+        os.close(slave)
+        try:
+            screen = read_until(master, b"waiting for the agents", 60)
+            shown.set()
+            out, _ = child.communicate(timeout=60)
+            screen += read_until(master, b"\x00", 1)  # the rest (the spinner's line cleared)
+        finally:
+            os.close(master)
+            if child.poll() is None:
+                proc.end(child)
+    assert child.returncode == 0
+    if json_flag:
+        assert json.loads(out) == NO_TRAFFIC and b"waiting" not in screen, screen
+    else:
+        assert out.startswith("no traffic agent running") and b"traffic stats: waiting for the agents' counts (at " \
+            b"most 120 s)" in screen, screen
+
+
+def test_a_stopped_host_is_named_at_once(tmp_path):
+    """A host stopped by SIGSTOP (Ctrl-Z in its console's terminal) took the request and answered nothing: `status`
+    waited 30 s and then called it absent, `service` waited for ever."""
+    child = proc.spawn(["sleep", "120"])
+    try:
+        (tmp_path / "host.pid").write_text(f"{child.pid}\n")
+        os.kill(child.pid, signal.SIGSTOP)
+        with silent_host(str(tmp_path)):
+            r = vfkeep("status", "--run-dir", str(tmp_path), timeout=20)
+            s = vfkeep("service", "--run-dir", str(tmp_path), "--json", timeout=20)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        proc.end(child)
+    stopped = (f"host pid {child.pid} is stopped (SIGSTOP, or Ctrl-Z in its terminal) and answers nothing until "
+               f"continued: `kill -CONT {child.pid}` (host log: {tmp_path}/host.log)")
+    assert r.returncode == 1 and r.stderr == f"vfkeep: status: {stopped}\n", r
+    assert s.returncode == 1 and json.loads(s.stdout) == {"ok": False, "error": {"type": "Stopped",
+                                                                                  "message": stopped}}, s
+
+
+def test_stop_ends_a_stopped_host_in_order(tmp_path):
+    """`vfkeep stop` of a SIGSTOPped host waited 30 s for its answer, then sent a SIGTERM it could not act on and
+    gave up after 60 more, the host left stopped."""
+    h = HostRun(tmp_path / "run")
+    kids = h.children()
+    try:
+        os.kill(h.pid, signal.SIGSTOP)
+        r = vfkeep("stop", "--run-dir", h.run_dir, timeout=50)
+        assert r.returncode == 0 and r.stdout == (f"stopped host pid {h.pid} in {h.run_dir} (NICs shut down, every "
+                                                  "device and agent ended)\n"), r
+        assert h.reap(30) == 143 and not [p for p in kids if pid_alive(p)]
+        assert "host stopped" in h.logs()  # in order: its own teardown ran
+    finally:
+        if h.child.poll() is None:
+            os.kill(h.pid, signal.SIGCONT)
+            h.kill()
