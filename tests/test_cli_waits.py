@@ -247,3 +247,29 @@ def test_stop_ends_a_stopped_host_in_order(tmp_path):
         if h.child.poll() is None:
             os.kill(h.pid, signal.SIGCONT)
             h.kill()
+
+
+def test_a_host_that_goes_away_mid_request_is_not_called_absent(tmp_path):
+    """A host that died during `service` was "no host answering in DIR: ... closed the connection before replying to
+    'service'; is a host running? (`vfkeep run ...`)", without the log that says why it died."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "host.sock"))
+    listener.listen(1)
+
+    def take_one_request_and_die():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(60)
+            while b"\n" not in conn.recv(4096):
+                pass
+
+    t = threading.Thread(target=take_one_request_and_die, daemon=True)
+    t.start()
+    try:
+        r = vfkeep("service", "--run-dir", str(tmp_path))
+    finally:
+        t.join(60)
+        listener.close()
+    assert r.returncode == 1 and r.stderr == (
+        f"vfkeep: service: the host in {tmp_path} went away before answering: {tmp_path}/host.sock closed the "
+        f"connection before replying to 'service' (it stopped or died; host log: {tmp_path}/host.log)\n"), r

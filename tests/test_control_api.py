@@ -117,3 +117,24 @@ def test_nic_state_event_when_a_nic_changes(host):
         assert change["restore_path"] == "fallback" and change["cause"] == "servicing" and change["error"]
     finally:
         sub.close()
+
+
+def test_a_failed_save_has_a_replacement_phase_not_a_handoff(host):
+    """With no state handed over the result's `phases_ms.handoff` is null and `replacement` is the time spent
+    ending the failed worker and starting one without state; the events (and `status`) called it `handoff`."""
+    sub = Line(host.path)
+    try:
+        sub.read()
+        sub.send({"cmd": "events"})
+        assert sub.read()["ok"]
+        result = host.service(mana_keepalive=True, test_config="SERVICING_SAVE_CRASH")  # (the worker dies)
+        events = []
+        while not events or events[-1]["event"] != "servicing_completed":
+            events.append(sub.read())
+    finally:
+        sub.close()
+    phases = [e["data"]["phase"] for e in events if e["event"] == "phase_done"]
+    assert result["status"] == "failed" and result["phases_ms"]["handoff"] is None, result
+    assert phases == ["prelaunch", "save", "replacement", "restore", "measure"], phases
+    by_phase = {e["data"]["phase"]: e["data"]["ms"] for e in events if e["event"] == "phase_done"}
+    assert by_phase["replacement"] >= 0 and result["phases_ms"]["replacement"] is not None, (by_phase, result)

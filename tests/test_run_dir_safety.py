@@ -205,3 +205,14 @@ def test_a_second_host_starting_in_the_same_run_dir_is_refused(tmp_path, mode):
     assert child.returncode == 1 and err == (f"vfkeep: run: a host is already running in {run_dir} (starting); stop "
                                              f"it with `vfkeep stop --run-dir {run_dir}`\n"), err
     assert os.listdir(run_dir) == []
+
+
+def test_the_commands_a_failure_suggests_work_for_a_run_dir_with_a_space(tmp_path):
+    """`(vfkeep run --run-dir /tmp/my vm --detach)`: pasted, that started a host in /tmp/my ('vm': an extra
+    argument)."""
+    import shlex
+
+    run_dir = str(tmp_path / "my vm")
+    r = vfkeep("status", "--run-dir", run_dir)
+    suggested = r.stderr.split("`")[1]
+    assert r.returncode == 1 and shlex.split(suggested) == ["vfkeep", "run", "--run-dir", run_dir, "--detach"], r

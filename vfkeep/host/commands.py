@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,7 +72,12 @@ def fail(message: str, code: int = 1) -> None:
 
 def no_host(run_dir: str, e: rpc.Unavailable) -> str:
     """Why a command found no host in `run_dir`, and how to start one there."""
-    return f"{e}; is a host running? (`vfkeep run --run-dir {os.path.abspath(run_dir)} --detach`)"
+    return f"{e}; is a host running? (`vfkeep run --run-dir {shlex.quote(os.path.abspath(run_dir))} --detach`)"
+
+
+def stop_hint(run_dir: str) -> str:
+    """The command that stops the host in `run_dir`, quoted for a shell (a run dir may hold a space)."""
+    return f"`vfkeep stop --run-dir {shlex.quote(run_dir)}`"
 
 
 def pidfile_path(run_dir: str) -> str:
@@ -93,16 +99,18 @@ def lock_run_dir(run_dir: str) -> int:
     """Hold `run_dir` for this process's life (an flock on the directory itself: no file to leave behind, gone
     with the process however it ends). Two `run`s started together both passed `claim_run_dir`'s checks, booted,
     and their devices fought over the same sockets, one host left running without its pidfile."""
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = None
     try:
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if not isinstance(e, BlockingIOError):
             fail(f"run: cannot lock --run-dir {run_dir}: {e.strerror}")
         pid = _pidfile_pid(run_dir)
         who = f"pid {pid}" if pid is not None and _is_host(pid) else "starting"
-        fail(f"run: a host is already running in {run_dir} ({who}); stop it with `vfkeep stop --run-dir {run_dir}`")
+        fail(f"run: a host is already running in {run_dir} ({who}); stop it with {stop_hint(run_dir)}")
     return fd
 
 
@@ -112,14 +120,14 @@ def claim_run_dir(run_dir: str, keep: tuple[str, ...] = ()) -> str | None:
     files). Returns a note about what was cleaned up, if anything."""
     pid = _pidfile_pid(run_dir)
     if pid is not None and pid != os.getpid() and _is_host(pid):
-        fail(f"run: a host is already running in {run_dir} (pid {pid}); stop it with `vfkeep stop --run-dir {run_dir}`")
+        fail(f"run: a host is already running in {run_dir} (pid {pid}); stop it with {stop_hint(run_dir)}")
     if os.path.exists(control.socket_path(run_dir)):
         try:
             control.HostClient(run_dir, wait=2.0).status()
         except rpc.Unavailable:
             pass  # stale: removed below
         else:
-            fail(f"run: a host is already running in {run_dir}; stop it with `vfkeep stop --run-dir {run_dir}`")
+            fail(f"run: a host is already running in {run_dir}; stop it with {stop_hint(run_dir)}")
     return remove_dead_hosts_leftovers(run_dir, "run", keep)
 
 
@@ -433,7 +441,8 @@ def _running(pid: int) -> bool:
               help="exit when no event came for this many seconds")
 def events_command(run_dir, as_json, count, timeout):
     """Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping)
-    until it stops. The control socket's `events` command (docs/control-api.md)."""
+    until it stops (exit 0). The control socket's `events` command (docs/control-api.md); a host that does not
+    answer it within 5 s is a failure (exit 1)."""
     seen = 0
     log_path = os.path.join(os.path.abspath(run_dir), LOG_NAME)
     try:

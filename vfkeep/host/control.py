@@ -28,6 +28,14 @@ class HostRunning(Exception):
     """Another host already serves this run directory."""
 
 
+class HostGone(rpc.Unavailable):
+    """The host took the request and closed the connection without an answer: it stopped or died meanwhile."""
+
+    @property
+    def type(self) -> str:
+        return "Unavailable"
+
+
 def socket_path(run_dir: str) -> str:
     return os.path.join(run_dir, SOCKET_NAME)
 
@@ -80,12 +88,16 @@ class HostClient:
 
     def call(self, cmd: str, args: dict[str, Any] | None = None, wait: float | None = rpc.DEFAULT_TIMEOUT) -> Any:
         try:
-            with rpc.RpcClient(self.path, self.wait if wait is rpc.DEFAULT_TIMEOUT else wait) as client:
-                return client.call(cmd, args, patience=self.patience)
-        except rpc.Timeout:
-            raise
+            client = rpc.RpcClient(self.path, self.wait if wait is rpc.DEFAULT_TIMEOUT else wait)
         except rpc.Unavailable as e:
-            raise type(e)(f"no host answering in {self.run_dir}: {e}") from None
+            raise rpc.Unavailable(f"no host answering in {self.run_dir}: {e}") from None
+        with client:
+            try:
+                return client.call(cmd, args, patience=self.patience)
+            except rpc.Timeout:
+                raise
+            except rpc.Unavailable as e:
+                raise HostGone(f"the host in {self.run_dir} went away before answering: {e}") from None
 
     def status(self, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:
         return self.call("status", None, wait)

@@ -20,7 +20,7 @@ from typing import Any
 #: kind -> what its data holds (the API documentation's list).
 KINDS = {
     "servicing_started": "servicing (number), mana_keepalive, nvme_keepalive, nics (pci ids configured next)",
-    "phase_done": "servicing, phase (prelaunch|save|handoff|restore), ms",
+    "phase_done": "servicing, phase (prelaunch|save|handoff or replacement|restore|measure), ms",
     "servicing_completed": "servicing, status, ok, error, phases_ms, nics [{pci_id, restore_path, reason}]",
     "nic_state": "pci_id, restore_path, error, worker_generation, cause (boot|servicing|replacement)",
     "host_stopping": "cause",

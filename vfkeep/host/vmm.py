@@ -867,7 +867,7 @@ class Host:
                 handed, io_at_handoff = early["handed"], early["io"]
             else:
                 handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
-                self._phase("handoff")
+                self._phase("handoff" if saved is not None else "replacement")  # (as the result's phases_ms)
                 if saved is None:
                     old.end()
                     self._lost_requests = self._disk_positions()

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -66,8 +67,10 @@ class RemoteTarget:
             return getattr(client, method)(*args, **kwargs)
         except rpc.Timeout as e:  # it took the request: a host, busy or hung (not "is a host running?")
             raise CommandError(f"the host did not answer: {e} (host log: {self.log})", e.type) from None
+        except control.HostGone as e:  # (not "is a host running?": it was, and its log may say why it went)
+            raise CommandError(f"{e} (it stopped or died; host log: {self.log})", e.type) from None
         except rpc.Unavailable as e:
-            raise CommandError(no_host(self.run_dir, e), type(e).__name__) from None
+            raise CommandError(no_host(self.run_dir, e), e.type) from None
         except rpc.RpcError as e:  # the host says "METHOD: why"; the failure line names the command already
             raise CommandError(f"{str(e).removeprefix(method + ': ')} (host log: {self.log})", e.type) from None
 
@@ -192,8 +195,9 @@ def _print_json(ctx: click.Context, data: Any) -> None:
 @click.option("--mana-keepalive", is_flag=True, help="host allows MANA keepalive for this servicing")
 @click.option("--nvme-keepalive", "-n", is_flag=True, help="host allows NVMe keepalive for this servicing")
 @click.option("--timeout", type=FloatRange(min=0, min_open=True), default=None, metavar="SEC",
-              help="the worker must have saved, and the next one restored, within SEC seconds each (a replacement "
-                   "without state then gets the default) [default: 60]")
+              help="the worker must have saved, and the next one restored, within SEC seconds each (the next "
+                   "worker's start-up has 60 s whatever SEC; a replacement without state then gets the default) "
+                   "[default: 60]")
 @click.option("--test-config", type=UpperChoice(SAVE_TEST_CONFIGS), metavar="HOOK",
               help="test hook for the current worker's save: " + "|".join(SAVE_TEST_CONFIGS))
 @click.option("--next-env", multiple=True, metavar="KEY=VAL", help="environment of the next worker only")
@@ -231,8 +235,8 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
             test_config=test_config and test_config.upper(), next_env=_env_pairs(next_env, "--next-env"),
             next_worker_cmd=next_worker_cmd, nics=nics, tamper=tamper, kill_point=kill_point)
     except KeyboardInterrupt as e:
-        e.note = (f"the servicing carries on in the host (`vfkeep status --run-dir {target.run_dir}` shows it; its "
-                  "result, once done: `inspect last_servicing`)")
+        e.note = (f"the servicing carries on in the host (`vfkeep status --run-dir {shlex.quote(target.run_dir)}` shows "
+                  "it; its result, once done: `inspect last_servicing`)")
         raise
     if as_json:
         _print_json(ctx, result)
