@@ -91,6 +91,39 @@ def test_interrupted_service_says_the_servicing_carries_on(tmp_path):
         h.stop()
 
 
+def test_interrupted_stop_says_the_host_goes_on_stopping(tmp_path):
+    """`vfkeep stop` interrupted while it waited for the host to exit said only "interrupted (SIGINT)": the host,
+    asked to stop, goes on stopping (here it waits for a stuck save to reach a safe point)."""
+    h = HostRun(tmp_path / "run")
+    servicing = threading.Thread(target=lambda: _quietly(h.service, test_config="SERVICING_SAVE_STUCK", timeout=5))
+    servicing.start()
+    child = None
+    try:
+        wait_for(lambda: (h.status()["servicing"] or {}).get("phase") == "save")
+        child = start("stop", "--run-dir", h.run_dir)
+        line = child.stdout.readline()  # (the pipe's end: the test's deadline is the host's stuck save, 5 s)
+        assert line.startswith(f"host pid {h.pid}: a servicing is in progress (phase save)"), line
+        _, err = interrupt(child, signal.SIGINT)
+        assert child.returncode == 130 and last_line(err) == (
+            f"vfkeep: stop: interrupted (SIGINT); host pid {h.pid} was asked to stop and goes on stopping (log: "
+            f"{h.run_dir}/host.log)"), err
+        assert h.reap(60) == 0
+    finally:
+        if child is not None and child.poll() is None:
+            proc.end(child)
+        if h.child.poll() is None:
+            h.kill()
+        servicing.join(60)
+
+
+def _quietly(fn, **kwargs):
+    """fn(**kwargs), its failure ignored (a servicing the host abandons as it stops)."""
+    try:
+        fn(**kwargs)
+    except rpc.RpcError:
+        pass
+
+
 def test_interrupted_chaos_keeps_its_run_dir_as_interrupted_and_writes_a_partial_report(tmp_path):
     """Item 11: chaos said `Aborted!` (exit 1) and 'run dir kept in /tmp/vfk-chaos-failed-PID', no --json."""
     import glob
