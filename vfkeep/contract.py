@@ -2,7 +2,7 @@
 
 The host (`vfkeep.host`) and the worker (`vfkeep.paravisor`) import only this module from each other's
 side: the host process never loads driver, gdma or vfio-user code, and a worker of another version
-(`--worker-cmd`) only has to speak what is written here. Standard library only.
+(`--worker-cmd`) only has to speak what is written here. Standard library only (and `save_hooks`, names).
 
 Channel: a socketpair the host creates; the worker inherits its end as `--channel-fd`. A frame is two
 little-endian u32 lengths (JSON, payload), a JSON object `{"type": KIND, ...fields}` and that many raw
@@ -45,6 +45,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .save_hooks import SAVE_TEST_CONFIGS  # (the hooks a save request may carry: a name both sides share)
+
 # -- environment variables the host sets and the worker reads (servicing spec §1, DESIGN §10) -----------
 MANA_KEEPALIVE_ENV = "OPENHCL_MANA_KEEP_ALIVE"
 NVME_KEEPALIVE_ENV = "OPENHCL_NVME_KEEP_ALIVE"
@@ -59,8 +61,6 @@ DATAPATH_KEEPALIVE_ENV = "VFKEEP_DATAPATH_KEEPALIVE"
 STRICT_POOL_ENV = "VFKEEP_STRICT_POOL"
 #: Servicing test hooks (spec §2.4), also settable per save request.
 TEST_CONFIG_ENV = "VFKEEP_TEST_CONFIG"
-#: The hooks a save request may carry (`Save.test_config`; the worker matches them case-insensitively).
-SAVE_TEST_CONFIGS = ("SERVICING_SAVE_FAIL", "SERVICING_SAVE_STUCK", "SERVICING_SAVE_CRASH")
 
 
 class RestorePath(enum.StrEnum):

@@ -23,7 +23,6 @@ from ..device.timing import timing_from, timing_options
 from ..log import kv
 from ..proc import Interrupted, signals_interrupt
 from . import control, leftovers, render
-from .decode import UndecodableState, decode_file
 
 log = logging.getLogger("vfkeep.host")
 
@@ -487,6 +486,7 @@ def decode_command(file, as_json):
     <run-dir>/servicing_state.bin; after `service --tamper` that is the tampered blob, and the old worker's own
     save is <run-dir>/servicing_state.untampered.bin).
     Exit 2 when the file is not a ServicingState (empty, truncated, not protobuf, no init_state)."""
+    from .decode import UndecodableState, decode_file  # (protobuf: no other command needs it)
     try:
         data = decode_file(file)
     except UndecodableState as e:
@@ -497,4 +497,4 @@ def decode_command(file, as_json):
     if as_json:
         click.echo(json.dumps(data))
     else:
-        render.print_tree(data, os.path.basename(file), render.console())
+        render.print_tree(data, os.path.basename(file), render.stdout())

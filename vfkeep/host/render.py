@@ -3,18 +3,23 @@
 On a terminal: rich tables and trees, and a table wider than the terminal falls back to lines. Piped (or
 `plain=True`): plain `key: value` lines, never wrapped or cut, one record per line where that reads, so
 `grep` and `cut` work on it. `--json` is the machine form; these are for people.
+
+rich is imported only to draw (about a third of a light command's start-up CPU): a command piped, or one that
+fails before it prints, never loads it (`stdout()`).
 """
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
-from rich.tree import Tree
+import os
+import sys
+from typing import TYPE_CHECKING, Any
 
 from ..device.timing import DeviceTiming
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.tree import Tree
 
 PATH_STYLE = {"keepalive": "green", "fresh": "yellow", "fallback": "red"}
 STATUS_STYLE = {"ok": "green", "degraded": "yellow", "failed": "red"}
@@ -22,15 +27,44 @@ STATUS_STYLE = {"ok": "green", "degraded": "yellow", "failed": "red"}
 
 def console() -> Console:
     """stdout as rich sees it; `plain(c)` tells whether to write lines instead of tables."""
+    from rich.console import Console
     return Console(highlight=False, soft_wrap=True)
 
 
-def plain(c: Console) -> bool:
+class PlainOutput:
+    """stdout where rich would see no terminal: it takes the plain lines only, so rich is not imported."""
+
+    is_terminal = False
+
+    @property
+    def file(self):
+        return sys.stdout
+
+
+def no_terminal(file) -> bool:
+    """rich would surely see no terminal on `file` (so need not be imported to ask): it is no tty and neither
+    of rich's overrides (TTY_COMPATIBLE, FORCE_COLOR) is set."""
+    if file is None or "TTY_COMPATIBLE" in os.environ or "FORCE_COLOR" in os.environ:
+        return False
+    isatty = getattr(file, "isatty", None)
+    try:
+        return isatty is not None and not isatty()
+    except ValueError:  # closed: rich says "no terminal" too
+        return True
+
+
+def stdout() -> Console | PlainOutput:
+    """Where a command's human output goes: `console()`, or a `PlainOutput` where rich would see no terminal."""
+    return PlainOutput() if no_terminal(sys.stdout) else console()
+
+
+def plain(c: Console | PlainOutput) -> bool:
     return not c.is_terminal
 
 
 def fits(c: Console, renderable) -> bool:
     """The renderable's natural width (unconstrained) fits the console: nothing would be wrapped or cut."""
+    from rich.measure import Measurement
     return Measurement.get(c, c.options.update_width(1 << 16), renderable).maximum <= c.width
 
 
@@ -41,7 +75,7 @@ def value(v: Any) -> str:
     return str(v)
 
 
-def _line(c: Console, text: str) -> None:
+def _line(c: Console | PlainOutput, text: str) -> None:
     c.file.write(text + "\n")  # as is: no markup, no wrapping, no cutting
     c.file.flush()
 
@@ -63,6 +97,7 @@ def _summary(result: dict) -> str:
 
 
 def servicing_table(result: dict) -> Table:
+    from rich.table import Table
     status = _status(result)
     style = STATUS_STYLE.get(status, "red")
     t = Table(title=f"servicing [{style}]{status}[/{style}]  {_summary(result)}", title_justify="left")
@@ -105,9 +140,8 @@ def nvme_lines(result: dict) -> list[str]:
             f"{_why(n)}" for n in result.get("nvme") or []]
 
 
-def print_servicing(result: dict, c: Console) -> None:
-    table = servicing_table(result)
-    if plain(c) or not fits(c, table):
+def print_servicing(result: dict, c: Console | PlainOutput) -> None:
+    if plain(c) or not fits(c, table := servicing_table(result)):
         for line in servicing_lines(result):
             _line(c, line)
     else:
@@ -137,6 +171,7 @@ def _stats_row(r: dict) -> dict:
 
 
 def stats_table(rows: list[dict], title: str) -> Table:
+    from rich.table import Table
     t = Table(title=title, title_justify="left")
     for _, header in STATS_COLUMNS:
         t.add_column(header, justify="right", no_wrap=True)
@@ -146,9 +181,8 @@ def stats_table(rows: list[dict], title: str) -> Table:
     return t
 
 
-def print_stats(rows: list[dict], title: str, c: Console) -> None:
-    table = stats_table(rows, title)
-    if plain(c) or not fits(c, table):
+def print_stats(rows: list[dict], title: str, c: Console | PlainOutput) -> None:
+    if plain(c) or not fits(c, table := stats_table(rows, title)):
         for r in rows:
             row = _stats_row(r)
             _line(c, f"{title}: " + " ".join(f"{k}={row[k]}" for k, _ in STATS_COLUMNS))
@@ -168,19 +202,24 @@ def _disk_row(r: dict) -> dict:
             "p50": _ms(lat.get("p50")), "p99": _ms(lat.get("p99")), "io_blackout_ms": _ms(r["io_blackout_ms"])}
 
 
-def print_disk_stats(rows: list[dict], title: str, c: Console) -> None:
+def disk_stats_table(rows: list[dict], title: str) -> Table:
+    from rich.table import Table
     t = Table(title=title, title_justify="left")
     for _, header in DISK_COLUMNS:
         t.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         row = _disk_row(r)
         t.add_row(*(str(row[k]) for k, _ in DISK_COLUMNS))
-    if plain(c) or not fits(c, t):
+    return t
+
+
+def print_disk_stats(rows: list[dict], title: str, c: Console | PlainOutput) -> None:
+    if plain(c) or not fits(c, table := disk_stats_table(rows, title)):
         for r in rows:
             row = _disk_row(r)
             _line(c, f"{title}: " + " ".join(f"{k}={row[k]}" for k, _ in DISK_COLUMNS))
     else:
-        c.print(t)
+        c.print(table)
 
 
 def verify_line(v: dict) -> str:
@@ -200,6 +239,7 @@ def _ms(v: float | None) -> str:
 # -- trees ---------------------------------------------------------------------------------------------------
 def tree(data: Any, label: str = "") -> Tree:
     """A rich tree of nested dicts/lists; scalars inline."""
+    from rich.tree import Tree
     root = Tree(label or "·")
     _fill(root, data)
     return root
@@ -223,7 +263,7 @@ def tree_lines(data: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def print_tree(data: Any, label: str, c: Console, path: str = "") -> None:
+def print_tree(data: Any, label: str, c: Console | PlainOutput, path: str = "") -> None:
     """A tree (lines prefixed by `path`, the sub-tree's own path), or one leaf's value alone."""
     if not isinstance(data, (dict, list)):
         _line(c, data if isinstance(data, str) else value(data))

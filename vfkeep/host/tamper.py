@@ -5,10 +5,13 @@ Saved state is untrusted input (DESIGN §6); these are the ways tests prove the 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..log import kv
-from ..memory import PAGE_SIZE, MemoryLayout
-from ..proto import nvme_driver_pb2, underhill_pb2
+
+if TYPE_CHECKING:  # (the CLI's `service --tamper` takes TAMPER_MODES: no protobuf and guest memory for it)
+    from ..memory import MemoryLayout
+    from ..proto import nvme_driver_pb2
 
 log = logging.getLogger("vfkeep.host.tamper")
 
@@ -22,6 +25,7 @@ def _pfn_outside_pool(d, layout: MemoryLayout) -> None:
 
 
 def _mem_len(d, layout: MemoryLayout) -> None:
+    from ..memory import PAGE_SIZE
     _admin(d).mem_len += PAGE_SIZE
 
 
@@ -92,6 +96,7 @@ def tamper_blob(blob: bytes, mode: str, layout: MemoryLayout) -> bytes:
     elif mode == "corrupt":
         out = b"\x0f" + blob[1:]
     elif mode in TAMPER_MODES:
+        from ..proto import underhill_pb2
         state = underhill_pb2.ServicingState.FromString(blob)
         init = state.init_state
         if mode.startswith("firmware-"):

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from typing import TYPE_CHECKING
 
-from ..guest.agent import AgentError, spawn_agent
-from ..guest.ring import ChannelLayout, NicChannel
 from ..log import kv
-from ..memory import GuestMemory
 from .agents import AGENT_TIMEOUT_S, Agent, AgentPool
+
+if TYPE_CHECKING:  # (the CLI's `traffic start` takes the defaults below: no guest code for it)
+    from ..guest.ring import ChannelLayout, NicChannel
+    from ..memory import GuestMemory
 
 log = logging.getLogger("vfkeep.host.traffic")
 
@@ -55,6 +57,7 @@ class GuestTraffic(AgentPool):
         self._rtt_p99_ms: dict[int, float] = {}
 
     def _spawn(self, nic: int) -> tuple[subprocess.Popen, str]:
+        from ..guest.agent import AgentError, spawn_agent
         tx, rx = self.channels[nic].bell_fds()
         path = os.path.join(self.run_dir, f"guest-agent-{nic}.sock")
         try:

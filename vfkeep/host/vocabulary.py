@@ -23,8 +23,8 @@ import click
 
 from ..cli import FloatRange
 from .. import kill_points, rpc
-from ..contract import SAVE_TEST_CONFIGS
 from ..proc import signals_interrupt
+from ..save_hooks import SAVE_TEST_CONFIGS
 from . import control, render
 from .commands import (LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running, default_run_dir,
                        no_host, parse_nic_list, process_state, remove_dead_hosts_leftovers)
@@ -112,7 +112,7 @@ class ConsoleStop(Exception):
 def _console(ctx: click.Context):
     """Where a command prints: the console's output in the console, stdout otherwise."""
     local = ctx.find_object(LocalTarget)
-    return local.out if local is not None and local.out is not None else render.console()
+    return local.out if local is not None and local.out is not None else render.stdout()
 
 
 def _echo(ctx: click.Context, text: str, err: bool = False) -> None:
@@ -177,12 +177,12 @@ def json_error(e: click.ClickException) -> None:
 def _waiting(ctx: click.Context, as_json: bool, text: str):
     """A spinner on stderr while a request that may take seconds runs (an overloaded agent took 5-16 s to
     answer `traffic stats`, with nothing shown). Only on a terminal: nothing with --json, piped or in the console."""
-    from rich.console import Console
-    err = Console(stderr=True)
-    if as_json or ctx.find_object(LocalTarget) is not None or not err.is_terminal:
+    if as_json or ctx.find_object(LocalTarget) is not None or render.no_terminal(sys.stderr):
         yield
         return
-    with err.status(text):
+    from rich.console import Console
+    err = Console(stderr=True)
+    with err.status(text) if err.is_terminal else contextlib.nullcontext():
         yield
 
 
@@ -563,11 +563,11 @@ def stop_command(ctx, run_dir, as_json, timeout):
             os.kill(pid, signal.SIGCONT)  # (then it takes the SIGTERM: the same orderly stop)
         reply = {"host_pid": pid, "servicing_phase": None}
     pid = reply["host_pid"]
-    if reply.get("servicing_phase") and not as_json:
-        _echo(ctx, f"host pid {pid}: a servicing is in progress (phase {reply['servicing_phase']}); it stops once "
-                   "the servicing reaches a safe point")
     deadline = time.monotonic() + timeout
-    try:
+    try:  # (the host was asked to stop: an interrupt even while the next line is written says so)
+        if reply.get("servicing_phase") and not as_json:
+            _echo(ctx, f"host pid {pid}: a servicing is in progress (phase {reply['servicing_phase']}); it stops "
+                       "once the servicing reaches a safe point")
         while _running(pid):
             if time.monotonic() > deadline:
                 raise CommandError(f"host pid {pid} still running after {timeout:g} s (see {run_dir}/{LOG_NAME})")
