@@ -73,7 +73,7 @@ chaos: $(STAMP)
 	$(VENV)/bin/vfkeep chaos --servicings $(CHAOS_SERVICINGS) --seed $(CHAOS_SEED) --json chaos-report.json
 
 # Leak soak: SOAK_SERVICINGS consecutive keepalive servicings on one host, then the pool, worker RAM, processes and
-# fds must be as before (tests/test_servicing_soak.py; the suite runs 16).
+# fds must be as before (tests/test_servicing_soak.py; the suite runs 8).
 SOAK_SERVICINGS ?= 50
 soak: $(TSTAMP)
 	VFKEEP_SOAK_SERVICINGS=$(SOAK_SERVICINGS) $(PY) -m pytest -q -p no:cacheprovider \

@@ -64,6 +64,24 @@ class HostRun(DetachedHost):
         assert not alive, f"children left behind: {alive}"
 
 
+#: How long a guest's losses may take to meet the drop counters once its traffic stopped.
+ACCOUNTING_SETTLE_S = 15.0
+
+
+def until_accounted(read, slack: int = 0):
+    """`read()` -> (traffic stats of a NIC, frames its drop counters account for, ...), read again until the guest's
+    losses exceed the count by `slack` at most (match it, by default), for ACCOUNTING_SETTLE_S at most; returns the
+    last reading. A frame still on its way counts as lost until it arrives, and on a loaded machine a starved guest
+    agent, relay or device may hold the last ones longer than any one fixed wait (one reading after a 500 ms settle
+    failed that way); a loss no counter accounts for, or a frame counted twice, never agrees, and the caller's
+    assertion then shows the numbers."""
+    deadline = time.monotonic() + ACCOUNTING_SETTLE_S
+    while True:
+        got = read()
+        if got[1] <= got[0]["frames_lost"] <= got[1] + slack or time.monotonic() > deadline:
+            return got
+
+
 def kill_host(h: HostRun) -> list[int]:
     """SIGKILL the host; returns its children, each gone."""
     kids = h.children()

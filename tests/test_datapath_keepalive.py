@@ -8,7 +8,7 @@ import pytest
 
 from driver_helpers import InProcessBench, loopback, same_payloads
 from driver_helpers import numbered_frames as frames
-from servicing_helpers import HostRun
+from servicing_helpers import HostRun, until_accounted
 from test_traffic_host import DEVICE_DROPS
 from vfkeep.contract import NicConfig, RestorePath
 from vfkeep.driver.errors import HwcTimeout, RestoreError
@@ -273,13 +273,17 @@ def test_failed_deferred_probe_takes_the_fallback_and_counts_what_it_stranded(tm
         assert nic["restore_path"] == "fallback" and "GDMA_GENERATE_TEST_EQE" in nic["error"], r
         assert nic["device_reset"] and host.inspect("worker/nics/0/vport")["persistent"]
         traffic(host, "stop")
-        s = traffic(host, "stats", "--settle-ms", "500")["nics"][0]
+
+        def read():
+            s = traffic(host, "stats", "--settle-ms", "100")["nics"][0]
+            counters = host.device_control(0, "counters")["counters"]
+            relay = host.inspect("worker/nics/0/relay")
+            rings = host.inspect("host/rings/0")
+            return s, (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + relay["tx_stranded"]
+                       + sum(counters[k] for k in DEVICE_DROPS)), relay, rings
+
+        s, counted, relay, rings = until_accounted(read)
         assert s["received"] > 0
-        counters = host.device_control(0, "counters")["counters"]
-        relay = host.inspect("worker/nics/0/relay")
-        rings = host.inspect("host/rings/0")
-        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + relay["tx_stranded"]
-                   + sum(counters[k] for k in DEVICE_DROPS))
         assert s["frames_lost"] == counted, (s["frames_lost"], relay, rings)
     except BaseException:
         host.kill()
@@ -337,7 +341,10 @@ def test_queue_memory_a_failed_teardown_leaked_is_freed_after_the_fallback_flr(b
 def test_blocking_guest_sender_loses_nothing_across_data_path_keepalive_servicings(tmp_path):
     """The guest's blocking sender (`traffic start --backpressure`): frames that find the tx ring full wait in the
     guest queue, so across data-path keepalive servicings no frame is refused by the ring, none is lost, and
-    those that arrive keep their order; what the blocked sender did not send is reported, not lost."""
+    those that arrive keep their order; what the blocked sender did not send is reported, not lost.
+    The claim is the send side's: a frame missing at the end may only be one the guest's own receiver left no
+    room for (its rx ring full: the agent's receiver starved of CPU on a loaded machine, 4096 slots at 20k fps
+    are 0.2 s), which the ring counts; any other loss (stranded in a worker, dropped by the device) fails."""
     host = HostRun(tmp_path / "run", "--datapath-keepalive")
     try:
         traffic(host, "start", "--rate", "20000", "--size", "64", "--backpressure")
@@ -346,8 +353,10 @@ def test_blocking_guest_sender_loses_nothing_across_data_path_keepalive_servicin
             assert r["ok"] and r["nics"][0]["restore_path"] == "keepalive", r
         traffic(host, "stop")
         s = traffic(host, "stats", "--settle-ms", "10000")["nics"][0]
-        assert s["settled"] and s["frames_lost"] == 0 and s["received"] == s["sent"] > 0
         assert s["lost_tx_ring_full"] == s["lost_guest_queue"] == s["rings"]["tx"]["dropped_full"] == 0
+        receiver_full = s["rings"]["rx"]["dropped_full"]  # since the run began: the window is the whole run
+        assert s["received"] > 0 and s["settled"] == (receiver_full == 0), s  # (a refused frame never arrives)
+        assert s["frames_lost"] == receiver_full and s["received"] + receiver_full == s["sent"], s
         assert s["duplicated"] == s["reordered"] == 0
         assert s["agent"]["backpressure"] and s["backpressured"] >= 0
     except BaseException:

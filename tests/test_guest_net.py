@@ -19,7 +19,7 @@ from vfkeep.host.devices import nic_mac
 from vfkeep.host.vmm import Host, HostConfig
 from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
 
-from netns_helpers import assert_nothing_left, interfaces, needs_netns
+from netns_helpers import assert_nothing_left, escaped_taps, interfaces, needs_netns
 from servicing_helpers import HostRun, pid_alive
 
 #: Lost replies must be inside the servicing window, give or take a request in flight when it began.
@@ -222,4 +222,4 @@ def test_network_demo(tmp_path, root_ifaces):
     assert "TCP survived" in r.stdout and report["wall_s"] < 90
     assert not [p for p in report["processes"] if pid_alive(p["pid"])]
     assert netns.list_run(report["guest"]["netns"].split("-")[1]) == []
-    assert interfaces() - root_ifaces == set()
+    assert escaped_taps(root_ifaces) == set()

@@ -111,6 +111,21 @@ def test_tx_stranded_on_abandon(relay_bench):
     assert relay.stats.rx_frames == 0
 
 
+def test_a_drain_that_finds_the_device_gone_still_hands_back_what_it_completed(relay_bench):
+    """A device removed after it handled the relay's sends (chaos seed 1: a relay starved of CPU had not looked at
+    their completions when the removal was found): its TX completions and the frames that came back are in
+    memory, so the stop's drain reaps and hands them on before it reports the device gone; nothing is stranded."""
+    relay, channel, bench = relay_bench(slots=16)
+    sent = numbered_frames(12)
+    assert channel.tx.push_many(sent) == 12
+    assert relay._pump() == 12  # the relay's own pass, on this thread: the in-process loopback answers at once
+    bench.device.removed = True
+    relay._guarded(relay._drain)
+    assert relay.device_missing and relay.datapath.tx_outstanding == 0
+    assert [f[12:] for f in channel.rx.pop_many(16)] == [f[12:] for f in sent] and relay.stats.rx_frames == 12
+    bench.device.removed = False  # (for the fixture's orderly shutdown)
+
+
 def test_guest_frames_leave_the_tx_ring_after_their_copy_and_before_the_doorbell(relay_bench, monkeypatch):
     """The relay copies guest frames straight from their ring slots (no copy in between), so it may release the
     slots only once the frames are in TX buffers — and does so before the SQ doorbell: a worker killed between

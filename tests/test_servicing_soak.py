@@ -1,5 +1,5 @@
 """Consecutive keepalive servicings on one host: every one keepalive, no FLR, identical pool usage, no leaked
-processes or file descriptors; and the host's children die with it. The suite runs 16 servicings (a leak of a
+processes or file descriptors; and the host's children die with it. The suite runs 8 servicings (a leak of a
 page, an fd or a process per servicing shows after one; `make chaos` checks the same after each of 100); `make
 soak` runs 50 or $VFKEEP_SOAK_SERVICINGS."""
 import os
@@ -11,7 +11,7 @@ import pytest
 from servicing_helpers import HostRun, children_of, kill_host, pid_alive
 from vfkeep.proc import open_fd_count, processes_mentioning
 
-SERVICINGS = int(os.environ.get("VFKEEP_SOAK_SERVICINGS", "16"))
+SERVICINGS = int(os.environ.get("VFKEEP_SOAK_SERVICINGS", "8"))
 
 
 def fd_count(pid: int) -> int:

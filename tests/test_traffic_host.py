@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from servicing_helpers import HostRun, pid_alive
+from servicing_helpers import HostRun, pid_alive, until_accounted
 
 #: Device counters of frames the device dropped (each is also a QUERY_STATS-style counter of its own).
 DEVICE_DROPS = ("tx_dropped_link_down", "rx_dropped_link_down", "in_discards_no_wqe", "rx_dropped_unmapped",
@@ -114,14 +114,17 @@ def _every_drop_is_counted(host):
 def _lost_and_counted(host):
     """Guest stats of the whole run once traffic stopped, checked: every lost frame is in exactly one drop
     counter, none arrived twice or out of nowhere. Returns (stats, device counters, rings)."""
-    # Lost frames never arrive, so settling waits the whole time; 500 ms is plenty for frames in flight.
-    s = traffic(host, "stats", "--settle-ms", "500")["nics"][0]
-    counters = host.device_control(0, "counters")["counters"]
-    rings = host.inspect("host/rings/0")
-    relay = host.inspect("worker/nics/0/relay")
-    device_drops = sum(counters[k] for k in DEVICE_DROPS)
-    counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
-               + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"] + relay["tx_stranded"])
+    def read():
+        s = traffic(host, "stats", "--settle-ms", "100")["nics"][0]
+        counters = host.device_control(0, "counters")["counters"]
+        rings = host.inspect("host/rings/0")
+        relay = host.inspect("worker/nics/0/relay")
+        device_drops = sum(counters[k] for k in DEVICE_DROPS)
+        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
+                   + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"] + relay["tx_stranded"])
+        return s, counted, counters, rings, relay
+
+    s, counted, counters, rings, relay = until_accounted(read)
     assert s["frames_lost"] == counted, (s["frames_lost"], rings, {k: counters[k] for k in DEVICE_DROPS}, relay)
     assert s["duplicated"] == 0 and s["unknown"] == 0
     return s, counters, rings
@@ -171,15 +174,19 @@ def _vf_reset_under_traffic(host):
         assert time.monotonic() < deadline, host.inspect("worker/nics/0/relay")
         time.sleep(0.05)
     traffic(host, "stop")
-    s = traffic(host, "stats", "--settle-ms", "500")["nics"][0]
     assert host.inspect("worker/generation") == generation and host.inspect("last_servicing") is None
 
-    counters = host.device_control(0, "counters")["counters"]
-    rings = host.inspect("host/rings/0")
-    relay = host.inspect("worker/nics/0/relay")
-    device_drops = sum(counters[k] for k in DEVICE_DROPS)
-    counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
-               + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"])
+    def read():
+        s = traffic(host, "stats", "--settle-ms", "100")["nics"][0]
+        counters = host.device_control(0, "counters")["counters"]
+        rings = host.inspect("host/rings/0")
+        relay = host.inspect("worker/nics/0/relay")
+        device_drops = sum(counters[k] for k in DEVICE_DROPS)
+        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
+                   + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"])
+        return s, counted, counters, rings, relay
+
+    s, counted, counters, rings, relay = until_accounted(read)
     assert s["frames_lost"] > 0 and s["frames_lost"] == counted, (s["frames_lost"], rings,
                                                                   {k: counters[k] for k in DEVICE_DROPS}, relay)
     assert counters["reset_count"] == 1 and s["duplicated"] == 0 and s["unknown"] == 0

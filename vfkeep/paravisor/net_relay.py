@@ -327,14 +327,28 @@ class NetRelay:
         Then, on a stop with `last_batch` (servicing, shutdown; not an abandon), what the guest queued meanwhile
         — frames that came in during the relay's last wait or while the worker read the save request (the
         relay's thread waiting for the GIL) — goes out as one batch, brought back by one more read: the guest
-        gets them now, not from the next worker's relay, and its blackout starts at its next frame."""
-        self.datapath.sync()
+        gets them now, not from the next worker's relay, and its blackout starts at its next frame.
+
+        A read of all ones (the device is gone: DeviceMissing) still came after every doorbell, and a removed
+        device writes nothing more, so what it completed before it went is in memory for good: reaped and handed
+        to the guest all the same, so that only the sends it never took are `tx_stranded` (an abandon) — a relay
+        that had not yet looked at them lost them uncounted."""
+        try:
+            self.datapath.sync()
+        except DeviceMissing:
+            self.datapath.send([])
+            self._hand_back()
+            raise
         self.datapath.send([])  # reap the TX completions
         if self._last_batch and len(self.channel.tx) and self.datapath.tx_free:
             with self.datapath.doorbells_batched():
                 self._pump()  # (receives first: what came back frees RX buffers for what it sends)
             self.datapath.sync()
             self.datapath.send([])
+        self._hand_back()
+
+    def _hand_back(self) -> None:
+        """What the vport received, to the guest (bounded: a wire backend may keep delivering)."""
         for _ in range(DRAIN_MAX_BATCHES):
             if not self._receive():
                 break
