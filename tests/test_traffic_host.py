@@ -111,9 +111,9 @@ def _every_drop_is_counted(host):
     assert r["frames_lost"] <= s["frames_lost"]
 
 
-def _lost_and_counted(host):
-    """Guest stats of the whole run once traffic stopped, checked: every lost frame is in exactly one drop
-    counter, none arrived twice or out of nowhere. Returns (stats, device counters, rings)."""
+def _accounted(host, stranded: bool):
+    """The guest's stats and the drop counters, re-read until the losses meet them (`until_accounted`):
+    (stats, frames counted, device counters, rings, relay). `stranded`: sends the device never took count too."""
     def read():
         s = traffic(host, "stats", "--settle-ms", "100")["nics"][0]
         counters = host.device_control(0, "counters")["counters"]
@@ -121,10 +121,16 @@ def _lost_and_counted(host):
         relay = host.inspect("worker/nics/0/relay")
         device_drops = sum(counters[k] for k in DEVICE_DROPS)
         counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
-                   + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"] + relay["tx_stranded"])
+                   + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"]
+                   + (relay["tx_stranded"] if stranded else 0))
         return s, counted, counters, rings, relay
+    return until_accounted(read)
 
-    s, counted, counters, rings, relay = until_accounted(read)
+
+def _lost_and_counted(host):
+    """Guest stats of the whole run once traffic stopped, checked: every lost frame is in exactly one drop
+    counter, none arrived twice or out of nowhere. Returns (stats, device counters, rings)."""
+    s, counted, counters, rings, relay = _accounted(host, stranded=True)
     assert s["frames_lost"] == counted, (s["frames_lost"], rings, {k: counters[k] for k in DEVICE_DROPS}, relay)
     assert s["duplicated"] == 0 and s["unknown"] == 0
     return s, counters, rings
@@ -175,18 +181,7 @@ def _vf_reset_under_traffic(host):
         time.sleep(0.05)
     traffic(host, "stop")
     assert host.inspect("worker/generation") == generation and host.inspect("last_servicing") is None
-
-    def read():
-        s = traffic(host, "stats", "--settle-ms", "100")["nics"][0]
-        counters = host.device_control(0, "counters")["counters"]
-        rings = host.inspect("host/rings/0")
-        relay = host.inspect("worker/nics/0/relay")
-        device_drops = sum(counters[k] for k in DEVICE_DROPS)
-        counted = (rings["tx"]["dropped_full"] + rings["rx"]["dropped_full"] + device_drops
-                   + relay["tx_dropped_bad_frame"] + relay["rx_dropped_too_big"])
-        return s, counted, counters, rings, relay
-
-    s, counted, counters, rings, relay = until_accounted(read)
+    s, counted, counters, rings, relay = _accounted(host, stranded=False)
     assert s["frames_lost"] > 0 and s["frames_lost"] == counted, (s["frames_lost"], rings,
                                                                   {k: counters[k] for k in DEVICE_DROPS}, relay)
     assert counters["reset_count"] == 1 and s["duplicated"] == 0 and s["unknown"] == 0
