@@ -62,22 +62,31 @@ def _flows_again(h, timeout: float) -> None:
 def test_frames_sent_into_a_removed_device_are_counted(tmp_path):
     """chaos seed 1, servicings 45/54/91: frames the relay had posted when the device disappeared (its
     doorbells go nowhere) died with the torn-down vport uncounted. They are `tx_stranded`, as for an
-    abandoned relay."""
-    h = HostRun(tmp_path / "run")
-    try:
-        h.traffic("start", rate=3000, size=128)
-        _wait(lambda: h.traffic("status")["agents"][0]["received"] > 300, 10, "traffic flows")
-        h.device_control(0, "surprise_removal", on=True)
-        _wait(lambda: h.inspect("worker/nics/0/missing"), 10, "the worker sees the device gone")
-        h.device_control(0, "surprise_removal", on=False)
-        _wait(lambda: not h.inspect("worker/nics/0/missing"), 15, "the device is back (hot-add)")
-        _flows_again(h, 10)
-        s, counted = _lost_and_counted(h, None, [])
-        assert s["frames_lost"] > 0  # the removal did cost frames
-        assert s["frames_lost"] == counted, (s, counted)
-        assert s["duplicated"] == 0 and s["unknown"] == 0
-    finally:
-        h.stop()
+    abandoned relay. A removal the worker sees before the guest's next send strands nothing (a starved guest
+    agent on a loaded machine: CI saw 0 lost once), so the scenario is repeated on a fresh host, at most
+    REMOVALS times, until a removal strands frames; the losses must equal the counters every time."""
+    for attempt in range(REMOVALS):
+        h = HostRun(tmp_path / f"run{attempt}")
+        try:
+            h.traffic("start", rate=3000, size=128)
+            _flows_again(h, 10)
+            h.device_control(0, "surprise_removal", on=True)
+            _wait(lambda: h.inspect("worker/nics/0/missing"), 10, "the worker sees the device gone")
+            h.device_control(0, "surprise_removal", on=False)
+            _wait(lambda: not h.inspect("worker/nics/0/missing"), 15, "the device is back (hot-add)")
+            _flows_again(h, 10)
+            s, counted = _lost_and_counted(h, None, [])
+            assert s["frames_lost"] == counted, (s, counted)
+            assert s["duplicated"] == 0 and s["unknown"] == 0
+        finally:
+            h.stop()
+        if s["frames_lost"] > 0:
+            return  # the removal did cost frames, each one counted
+    pytest.fail(f"none of {REMOVALS} removals stranded a frame")
+
+
+#: Surprise removals tried until one strands frames (each alone: 55-398 of 3000 frames/s, 8 of 8 at load 0).
+REMOVALS = 5
 
 
 def test_a_nic_whose_last_init_attempt_failed_is_retried(tmp_path):
