@@ -273,3 +273,158 @@ def test_a_host_that_goes_away_mid_request_is_not_called_absent(tmp_path):
     assert r.returncode == 1 and r.stderr == (
         f"vfkeep: service: the host in {tmp_path} went away before answering: {tmp_path}/host.sock closed the "
         f"connection before replying to 'service' (it stopped or died; host log: {tmp_path}/host.log)\n"), r
+
+
+def test_a_stopped_agent_is_named_at_once(tmp_path, monkeypatch):
+    """A guest agent stopped by SIGSTOP took the request and answered nothing: `traffic stats` (and `stop`, `status`,
+    a servicing's window) waited out the agent timeout, 30 s, then called it "overloaded or stuck". Here the timeout
+    is 20 s: the agent must be named long before it."""
+    monkeypatch.setattr("vfkeep.host.traffic.AGENT_TIMEOUT_S", 20.0)
+    path = str(tmp_path / "guest-agent-0.sock")
+    listener = socket.socket(socket.AF_UNIX)  # takes the request, as a stopped process's socket does
+    listener.bind(path)
+    listener.listen(4)
+    child = proc.spawn(["sleep", "120"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        pool = GuestTraffic(str(tmp_path), None, None, [None])
+        pool._agents[0] = agents.Agent(0, child, path, TrafficError, "nic")
+        t0 = time.monotonic()
+        with pytest.raises(TrafficError) as e:
+            pool.stats(nic=0, settle_ms=0)
+        assert time.monotonic() - t0 < 15
+        with pytest.raises(TrafficError) as s:
+            pool.status()
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        proc.end(child)
+        listener.close()
+    stopped = (f"nic 0: its agent pid {child.pid} is stopped (SIGSTOP) and answers nothing until continued: "
+               f"`kill -CONT {child.pid}` (its log: {tmp_path}/guest-agent-0.log)")
+    assert str(e.value) == stopped and str(s.value) == stopped
+
+
+@contextlib.contextmanager
+def events_host(run_dir):
+    """A host control socket in `run_dir` that serves `events` from the bus it yields."""
+    from vfkeep.host.events import EventBus
+    bus = EventBus()
+    server = control.serve(str(run_dir), {}, refused=(), events=bus)
+    server.start()
+    try:
+        yield bus
+    finally:
+        bus.close(drain_s=5)
+        server.close()
+
+
+class Lines:
+    """A child's pipe read line by line with a timeout (`next(timeout)`: '' at its end or after it), then `rest()`."""
+
+    def __init__(self, pipe):
+        self.fd, self.buf = pipe.fileno(), b""
+
+    def next(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf and select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                break
+            self.buf += chunk
+        line, sep, self.buf = self.buf.partition(b"\n")
+        if not sep:
+            self.buf = line
+            return ""
+        return (line + sep).decode()
+
+    def rest(self, timeout: float) -> str:
+        out = []
+        while line := self.next(timeout):
+            out.append(line)
+        return "".join(out) + self.buf.decode()
+
+
+def test_events_names_a_stopped_host_and_fails_when_it_dies(tmp_path):
+    """An events stream from a host stopped by SIGSTOP waited silently for ever, and when the host then died
+    (SIGKILL: no host_stopping event) it exited 0 with no line, as after an orderly stop."""
+    host = proc.spawn(["sleep", "120"])  # the host's process, as the pidfile names it
+    (tmp_path / "host.pid").write_text(f"{host.pid}\n")
+    log = f"{tmp_path}/host.log"
+    child = None
+    try:
+        with events_host(tmp_path) as bus:
+            child = subprocess.Popen(proc.vfkeep_argv("events", "--run-dir", str(tmp_path), "--json"),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CLEAN_ENV,
+                                     stdin=subprocess.DEVNULL)
+            out, err = Lines(child.stdout), Lines(child.stderr)
+            deadline = time.monotonic() + 60
+            while bus.subscribers == 0:
+                assert time.monotonic() < deadline and child.poll() is None, "events never subscribed"
+                time.sleep(0.02)
+            os.kill(host.pid, signal.SIGSTOP)
+            assert err.next(15) == (
+                f"vfkeep: events: host pid {host.pid} is stopped (SIGSTOP, or Ctrl-Z in its terminal) and answers "
+                f"nothing until continued: `kill -CONT {host.pid}`; waiting for it (host log: {log})\n")
+            os.kill(host.pid, signal.SIGCONT)
+            assert err.next(15) == f"vfkeep: events: host pid {host.pid} continued\n"
+            bus.publish("nic_state", pci_id="x", restore_path="fresh", error=None, worker_generation=2, cause="boot")
+            assert json.loads(out.next(15))["event"] == "nic_state"
+            os.kill(host.pid, signal.SIGKILL)  # it dies: the stream ends without host_stopping
+            host.wait(10)
+        child.wait(30)
+        last = out.rest(10)
+    finally:
+        if child is not None and child.poll() is None:
+            proc.end(child)
+        proc.end(host)
+    assert child.returncode == 1 and json.loads(last) == {"ok": False, "error": {"type": "Error", "message": (
+        f"host pid {host.pid} died without stopping in order (killed, or it crashed; host log: {log})")}}
+
+
+def test_events_ends_with_the_hosts_stop(tmp_path):
+    """The host's last event reaches the stream before the host exits (the stream's writer could see the end before
+    writing what it held, and the host exit before the writer ran): exit 0 after host_stopping."""
+    h = HostRun(tmp_path / "run")
+    child = None
+    try:
+        child = subprocess.Popen(proc.vfkeep_argv("events", "--run-dir", h.run_dir, "--json"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CLEAN_ENV,
+                                 stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while h.status()["event_subscribers"] == 0:
+            assert time.monotonic() < deadline and child.poll() is None, "events never subscribed"
+            time.sleep(0.02)
+        h.stop()
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child is not None and child.poll() is None:
+            proc.end(child)
+        if h.child.poll() is None:
+            h.kill()
+    assert child.returncode == 0 and err == "", err
+    assert [json.loads(ln)["event"] for ln in out.splitlines()] == ["host_stopping"]
+
+
+def test_a_stopping_host_waits_for_its_streams_to_pass_on_the_last_event():
+    """`EventBus.close` ends the subscriptions and waits (bounded) until their readers are done with them: the host
+    process exits right after it, and a reader that had not yet written host_stopping lost it."""
+    from vfkeep.host.events import EventBus
+    bus = EventBus()
+    sub = bus.subscribe()
+    got: list[dict] = []
+    reading = threading.Event()
+
+    def reader():
+        reading.wait(10)
+        while (e := sub.next(0.1)) is not None or not sub.closed:
+            if e is not None:
+                got.append(e)
+        sub.close()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    bus.publish("host_stopping", cause="stop requested", servicing_phase=None)
+    threading.Timer(0.2, reading.set).start()  # the reader runs only once close() began
+    bus.close(drain_s=20)
+    assert [e["event"] for e in got] == ["host_stopping"]
+    t.join(10)

@@ -167,6 +167,21 @@ def stat_fields(pid: int | str) -> list[str] | None:
         return None
 
 
+def process_state(pid: int) -> str | None:
+    """`pid`'s state letter (R, S, D, T stopped, Z zombie, ...); None when there is no such process."""
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def stopped_line(who: str, pid: int, how: str = "SIGSTOP") -> str | None:
+    """What to tell someone waiting for `pid` to answer when it is stopped by a signal (`how`): it answers nothing
+    until continued, so waiting out a timeout only hides that. None while it is not stopped. Called as the
+    `patience` of an rpc call (`vfkeep.rpc`), it names a stopped peer within a second."""
+    if process_state(pid) != "T":
+        return None
+    return f"{who} pid {pid} is stopped ({how}) and answers nothing until continued: `kill -CONT {pid}`"
+
+
 def age_s(pid: int | str = "self") -> float:
     """Seconds since the process started (for the current one: interpreter start-up and imports included)."""
     start_ticks = int(stat_fields(pid)[19])

@@ -283,13 +283,17 @@ class ThreadedServer:
                     return
 
             def push(self, source) -> None:
-                """Write the source's lines until it ends or the client hangs up (EOF on its end)."""
+                """Write the source's lines until it ends or the client hangs up (EOF on its end). What the source
+                holds when it ends is written first: the host's last event (host_stopping) was lost when this
+                thread saw the end before it had written it."""
                 try:
-                    while not source.closed:
+                    while True:
                         item = source.next(0.25)
                         if item is not None:
                             self.wfile.write(encode(item))
                             self.wfile.flush()
+                        elif source.closed:
+                            return
                         elif select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
                             return
                 finally:
@@ -448,13 +452,20 @@ class RpcClient:
         message = str(err.get("message", f"{cmd} failed"))
         raise cls(message) if cls else _OtherError(str(err.get("type")), message)
 
-    def pushed(self, timeout: float | None = None) -> Any:
+    def pushed(self, timeout: float | None = None, patience: Callable[[], None] | None = None) -> Any:
         """The next line the server pushed after a `Stream` reply (parsed); None once it closed the
-        connection; Timeout when none came within `timeout` seconds."""
+        connection; Timeout when none came within `timeout` seconds. `patience` as for `call`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             try:
-                return self._read_line(deadline, "stream")
+                while True:
+                    glance = deadline if patience is None else time.monotonic() + PATIENCE_S
+                    try:
+                        return self._read_line(glance if deadline is None else min(deadline, glance), "stream")
+                    except TimeoutError:
+                        if patience is None or (deadline is not None and time.monotonic() >= deadline):
+                            raise
+                        patience()
             except TimeoutError:
                 raise Timeout(f"{self.path}: nothing pushed within {timeout} s") from None
             except Unavailable:

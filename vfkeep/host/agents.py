@@ -33,13 +33,23 @@ class Agent:
         """One request on a connection of its own, so concurrent callers never share a socket; arguments
         that are None are left out (the agent's defaults apply)."""
         try:
-            return rpc.call(self.control, cmd, {k: v for k, v in args.items() if v is not None}, timeout=wait)
+            with rpc.RpcClient(self.control, wait) as client:
+                return client.call(cmd, {k: v for k, v in args.items() if v is not None}, patience=self._not_stopped)
         except rpc.Timeout:  # alive (it took the request), but busy or stuck: say so, and where to look
             raise self.error(f"{self.noun} {self.index}: its agent (pid {self.child.pid}) did not answer {cmd!r} "
-                             f"within {wait:g} s: overloaded or stuck (its log: "
-                             f"{os.path.splitext(self.control)[0]}.log)") from None
+                             f"within {wait:g} s: overloaded or stuck (its log: {self.log})") from None
         except rpc.RpcError as e:
             raise self.error(f"{self.noun} {self.index}: {e}") from None
+
+    def _not_stopped(self) -> None:
+        """While an answer is awaited: an agent stopped by SIGSTOP answers nothing until continued; it was named
+        only once the 30 s timeout ran out, as "overloaded or stuck"."""
+        if line := proc.stopped_line(f"{self.noun} {self.index}: its agent", self.child.pid):
+            raise self.error(f"{line} (its log: {self.log})")
+
+    @property
+    def log(self) -> str:
+        return f"{os.path.splitext(self.control)[0]}.log"
 
 
 class AgentPool:

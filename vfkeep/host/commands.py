@@ -57,6 +57,8 @@ run_dir_option = click.option("--run-dir", default=default_run_dir, show_default
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 PIDFILE = "host.pid"
 LOG_NAME = "host.log"
+#: How a host is stopped, as a failure line says (`proc.stopped_line`): the console's Ctrl-Z stops it too.
+HOST_STOPPED_BY = "SIGSTOP, or Ctrl-Z in its terminal"
 #: `vfkeep run --detach` waits this long for the host it started to answer.
 DETACH_READY_S = 60.0
 #: ... and, interrupted, this long for it to stop (its boot wait and orderly stop) before it is killed.
@@ -418,18 +420,9 @@ def _pidfile_pid(run_dir: str) -> int | None:
         return None
 
 
-def process_state(pid: int) -> str | None:
-    """`pid`'s state letter in /proc (R, S, D, T stopped, Z zombie, ...); None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
 def _running(pid: int) -> bool:
     """True while `pid` exists and is not a zombie (the host may be the caller's unreaped child)."""
-    return process_state(pid) not in (None, "Z")
+    return proc.process_state(pid) not in (None, "Z")
 
 
 @click.command("events")
@@ -441,17 +434,32 @@ def _running(pid: int) -> bool:
 def events_command(run_dir, as_json, count, timeout):
     """Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping)
     until it stops (exit 0). The control socket's `events` command (docs/control-api.md); a host that does not
-    answer it within 5 s is a failure (exit 1)."""
+    answer it within 5 s, or that dies without stopping, is a failure (exit 1); one stopped by SIGSTOP is named
+    on stderr within seconds, and the stream goes on once it is continued."""
     seen = 0
     log_path = os.path.join(os.path.abspath(run_dir), LOG_NAME)
+    pid = _pidfile_pid(run_dir)  # (written before the host serves its socket)
+    said: list[str] = []  # the line said while the host is stopped
+
+    def watch() -> None:
+        """Every second without an event: a stopped host sends nothing until continued. Say so, and when it
+        continues, rather than wait in silence (a stream that may wait for hours cannot take it as a failure)."""
+        line = proc.stopped_line("host", pid, HOST_STOPPED_BY) if pid is not None else None
+        if line and not said:
+            click.echo(f"vfkeep: events: {line}; waiting for it (host log: {log_path})", err=True)
+        elif said and not line:
+            click.echo(f"vfkeep: events: host pid {pid} continued", err=True)
+        said[:] = [line] if line else []
+
     try:
-        stream = control.HostClient(run_dir).events(timeout)
+        stream = control.HostClient(run_dir, patience=watch).events(timeout)
     except rpc.Timeout as e:  # it took the connection: a host, hung or too busy to answer (not "no events")
         raise click.ClickException(f"the host did not answer: {e} (host log: {log_path})") from None
     except rpc.Unavailable as e:
         raise click.ClickException(no_host(run_dir, e)) from None
     except rpc.RpcError as e:
         raise click.ClickException(f"{e} (host log: {log_path})") from None
+    stopping = False
     try:
         for event in stream:
             if as_json:
@@ -459,6 +467,7 @@ def events_command(run_dir, as_json, count, timeout):
             else:
                 when = time.strftime("%H:%M:%S", time.localtime(event["ts"])) + f".{int(event['ts'] % 1 * 1000):03d}"
                 click.echo(f"{when} {event['event']} " + " ".join(f"{k}={_plain(v)}" for k, v in event["data"].items()))
+            stopping = stopping or event["event"] == "host_stopping"
             seen += 1
             if count is not None and seen >= count:
                 return
@@ -466,6 +475,20 @@ def events_command(run_dir, as_json, count, timeout):
         return
     except rpc.RpcError as e:
         raise click.ClickException(f"{e} (host log: {log_path})") from None
+    if not stopping:  # the stream ended without the host saying it stops: it died (SIGKILL, a crash)
+        raise click.ClickException(_stream_ended(pid, log_path))
+
+
+def _stream_ended(pid: int | None, log_path: str) -> str:
+    """Why an event stream ended without a host_stopping event."""
+    if pid is None:
+        return f"the host closed the event stream without stopping (host log: {log_path})"
+    deadline = time.monotonic() + 2.0
+    while _running(pid) and time.monotonic() < deadline:  # (its socket closes before it is gone)
+        time.sleep(0.02)
+    if _running(pid):
+        return f"host pid {pid} closed the event stream without stopping (host log: {log_path})"
+    return f"host pid {pid} died without stopping in order (killed, or it crashed; host log: {log_path})"
 
 
 def _plain(v) -> str:

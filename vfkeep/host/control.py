@@ -127,7 +127,8 @@ class HostClient:
     def events(self, timeout: float | None = None):
         """Subscribe now (errors, a host that never answers included, are raised here: rpc.Timeout after
         `wait`, 5 s by default), then an iterator of the host's events (dicts, see host/events.py) until it
-        stops; `timeout` bounds the wait for each (rpc.Timeout from the iterator: quiet, not a failure)."""
+        stops; `timeout` bounds the wait for each (rpc.Timeout from the iterator: quiet, not a failure).
+        `patience` is called every second without an event."""
         try:
             client = rpc.RpcClient(self.path, timeout=5.0 if self.wait is None else self.wait)
         except rpc.Unavailable as e:
@@ -137,12 +138,12 @@ class HostClient:
         except BaseException:
             client.close()
             raise
-        return self._pushed(client, timeout)
+        return self._pushed(client, timeout, self.patience)
 
     @staticmethod
-    def _pushed(client: rpc.RpcClient, timeout: float | None):
+    def _pushed(client: rpc.RpcClient, timeout: float | None, patience: Callable[[], None] | None):
         with client:
-            while (event := client.pushed(timeout)) is not None:
+            while (event := client.pushed(timeout, patience)) is not None:
                 yield event
 
     def stop(self, wait: float | None = rpc.DEFAULT_TIMEOUT) -> dict:

@@ -26,6 +26,8 @@ KINDS = {
     "host_stopping": "cause",
 }
 QUEUE_LEN = 1024
+#: How long a stopping host waits for its subscribers' readers to pass on what they hold (host_stopping).
+DRAIN_S = 1.0
 
 
 class Subscription:
@@ -37,6 +39,7 @@ class Subscription:
         self._cond = threading.Condition()
         self._dropped = 0
         self.closed = False
+        self.done = threading.Event()  # its reader is done with it (`close`)
 
     def _put(self, event: dict) -> None:
         with self._cond:
@@ -56,10 +59,12 @@ class Subscription:
             return event
 
     def close(self) -> None:
+        """The reader is done (it passed on every event it will)."""
         self._bus._remove(self)
         with self._cond:
             self.closed = True
             self._cond.notify_all()
+        self.done.set()
 
 
 class EventBus:
@@ -93,11 +98,15 @@ class EventBus:
         for sub in subs:
             sub._put(event)
 
-    def close(self) -> None:
-        """Ends every subscription (the host is stopping)."""
+    def close(self, drain_s: float = DRAIN_S) -> None:
+        """Ends every subscription (the host is stopping), then waits up to `drain_s` for their readers to be done:
+        the process may exit next, and a `vfkeep events` that missed host_stopping says the host died."""
         with self._lock:
             subs, self._subs = self._subs, []
         for sub in subs:
             with sub._cond:
                 sub.closed = True
                 sub._cond.notify_all()
+        deadline = time.monotonic() + drain_s
+        for sub in subs:
+            sub.done.wait(max(0.0, deadline - time.monotonic()))

@@ -23,11 +23,11 @@ import click
 
 from ..cli import FloatRange
 from .. import kill_points, rpc
-from ..proc import signals_interrupt
+from ..proc import signals_interrupt, stopped_line
 from ..save_hooks import SAVE_TEST_CONFIGS
 from . import control, render
-from .commands import (LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running, default_run_dir,
-                       no_host, parse_nic_list, process_state, remove_dead_hosts_leftovers)
+from .commands import (HOST_STOPPED_BY, LOG_NAME, _env_pairs, _is_host, _nonempty_run_dir, _pidfile_pid, _running,
+                       default_run_dir, no_host, parse_nic_list, remove_dead_hosts_leftovers)
 from .tamper import TAMPER_MODES
 from .traffic import DEFAULT_RATE, DEFAULT_SIZE
 
@@ -79,9 +79,8 @@ class RemoteTarget:
         """While an answer is awaited: a host stopped by SIGSTOP (Ctrl-Z in its console's terminal) answers nothing
         until it is continued, so say so (`status` waited 30 s for it, `service` for ever)."""
         pid = _pidfile_pid(self.run_dir)
-        if pid is not None and process_state(pid) == "T":
-            raise CommandError(f"host pid {pid} is stopped (SIGSTOP, or Ctrl-Z in its terminal) and answers nothing "
-                               f"until continued: `kill -CONT {pid}` (host log: {self.log})", "Stopped")
+        if pid is not None and (line := stopped_line("host", pid, HOST_STOPPED_BY)):
+            raise CommandError(f"{line} (host log: {self.log})", "Stopped")
 
 
 class LocalTarget:
