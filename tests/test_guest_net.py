@@ -3,6 +3,8 @@ worker -> MANA vport -> device -> TAP -> peer namespace, across every servicing 
 behind on any exit path. Root only (CAP_NET_ADMIN); skipped with that reason otherwise."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import signal
@@ -206,20 +208,110 @@ def test_next_run_removes_a_dead_runs_namespaces(tmp_path, root_ifaces):
     assert_nothing_left(rid, root_ifaces, marker=first.run_dir)
 
 
+@contextlib.contextmanager
+def demo_net(tmp_path, *args: str):
+    """`vfkeep demo --network ARGS` started in a session of its own (a terminal's Ctrl-C, or pytest's, reaches it only
+    through the test), its temporary run dir under `tmp_path`. However the test ends, the demo is interrupted and
+    waited for (not SIGKILLed 0.25 s after a Ctrl-C, as `subprocess.run` does: that left its namespaces), and its
+    namespaces are removed."""
+    child = subprocess.Popen(proc.vfkeep_argv("demo", "--network", "--timing", "natural", *args),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)}, stdin=subprocess.DEVNULL)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+        for run_dir in glob.glob(str(tmp_path / "vfkeep-demo-net-*")):
+            netns.cleanup_run(netns.run_id(run_dir))
+
+
 @needs_netns
 def test_network_demo(tmp_path, root_ifaces):
     """`vfkeep demo --network`: every path survived, JSON carries the per-path numbers, nothing is left."""
     out = tmp_path / "out"
-    r = subprocess.run(proc.vfkeep_argv("demo", "--network", "--out", str(out), "--timing", "natural"),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    with demo_net(tmp_path, "--out", str(out)) as child:
+        stdout, stderr = child.communicate(timeout=120)
+    assert child.returncode == 0, stdout + stderr
     report = json.loads((out / "network.json").read_text())
     assert [p["path"] for p in report["paths"]] == list(ORDER)
     for p in report["paths"]:
         assert {"ping_lost", "ping_max_gap_ms", "tcp_survived", "tcp_retransmits", "tcp_bytes"} <= set(p)
         assert p["tcp_survived"] and p["tcp_bytes"] > 0 and p["ping_lost_outside_window"] == 0
     assert report["tcp"]["ok"] and (out / "network.png").stat().st_size > 10_000
-    assert "TCP survived" in r.stdout and report["wall_s"] < 90
+    assert "TCP survived" in stdout and report["wall_s"] < 90
     assert not [p for p in report["processes"] if pid_alive(p["pid"])]
     assert netns.list_run(report["guest"]["netns"].split("-")[1]) == []
     assert escaped_taps(root_ifaces) == set()
+    assert glob.glob(str(tmp_path / "vfkeep-demo-net-*")) == []
+
+
+def _wait_for(what: str, ready, child, timeout: float = 60):
+    """ready() until it is true (returns it), while `child` runs."""
+    deadline = time.monotonic() + timeout
+    while not (got := ready()):
+        assert child.poll() is None, f"ended before {what}: {child.communicate()}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.01)
+    return got
+
+
+def _log_says(run_dir: str, text: str) -> bool:
+    try:
+        with open(os.path.join(run_dir, "host.log")) as f:
+            return text in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@needs_netns
+@pytest.mark.parametrize("point", ["namespaces", "servicing"])
+def test_a_network_demo_interrupted_twice_leaves_nothing(tmp_path, root_ifaces, point):
+    """Ctrl-C pressed twice (the terminal signals the demo's whole process group): the second one cut the demo's
+    cleanup short and left its two namespaces (`vfk-*-g0`, `-w0`), while it said they were removed; its temporary
+    run dir was kept. Interrupted while its namespaces are being set up, and once a servicing is done (its guest's
+    ping and TCP running)."""
+    with demo_net(tmp_path) as child:
+        run_dir = _wait_for("a run dir", lambda: glob.glob(str(tmp_path / "vfkeep-demo-net-*")), child)[0]
+        rid = netns.run_id(run_dir)
+        if point == "namespaces":
+            _wait_for("a namespace", lambda: netns.list_run(rid), child)
+        else:
+            _wait_for("a servicing", lambda: _log_says(run_dir, "servicing done"), child, timeout=90)
+        os.killpg(child.pid, signal.SIGINT)
+        time.sleep(0.05)  # (the second press; not a wait for anything)
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert_nothing_left(rid, root_ifaces, marker=run_dir)
+    assert err.splitlines()[-1] == ("vfkeep: demo: interrupted (SIGINT); every process and namespace ended, temporary "
+                                    "run dir removed"), err
+    assert not os.path.exists(run_dir)
+
+
+@needs_netns
+def test_a_run_interrupted_twice_during_set_up_leaves_nothing(tmp_path, root_ifaces):
+    """`vfkeep run --guest netns` taking Ctrl-C twice while it creates its namespaces: every namespace, TAP and
+    process goes."""
+    run_dir = str(tmp_path / "run")
+    rid = netns.run_id(run_dir)
+    child = subprocess.Popen(proc.vfkeep_argv("run", "--no-console", "--guest", "netns", "--timing", "natural",
+                                              "--run-dir", run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for("a namespace", lambda: netns.list_run(rid), child)
+        os.killpg(child.pid, signal.SIGINT)
+        time.sleep(0.05)  # (the second press)
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        proc.end(child)
+        netns.cleanup_run(rid)
+    assert child.returncode == 130, err
+    assert err.splitlines()[-1].startswith("vfkeep: run: interrupted (SIGINT) during start-up; every child ended"), err
+    assert_nothing_left(rid, root_ifaces, marker=run_dir)

@@ -245,9 +245,9 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
     console = Console()
     if reason := netns.unavailable_reason(("ip", "ping")):
         raise click.ClickException(reason)
+    proc.signals_interrupt(once=True)  # (SIGTERM and SIGHUP too, and a second one never cuts the cleanup short)
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-net-")
     vlog.setup("host", run_dir)
-    proc.signals_interrupt()  # (SIGTERM and SIGHUP too: the namespaces must go)
     t0 = time.monotonic()
     demo = NetDemo(run_dir, timing, machine=machine)
     try:
@@ -262,7 +262,12 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
         out_dir = pathlib.Path(out)
         write_report(report, out_dir, json_path, ("network.png", "network.json"), draw=plot)
     except KeyboardInterrupt as e:
-        e.note = f"every process and namespace ended; logs in {run_dir}"
+        if left := netns.list_run(netns.run_id(run_dir)):  # (the host removes them best effort: never say it did)
+            e.note = (f"every process ended, but namespaces {', '.join(left)} could not be removed (`ip netns del "
+                      f"NAME`; see {os.path.join(run_dir, 'host.log')})")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing to look at: the user stopped it
+            e.note = "every process and namespace ended, temporary run dir removed"
         raise
     except Exception as e:
         kv(log, logging.ERROR, "network demo failed", error=repr(e))

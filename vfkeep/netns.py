@@ -127,7 +127,9 @@ def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.C
     """Run `ip [-n NETNS] ARGS`; NetnsError with ip's message on failure when `check`."""
     argv = ["ip", *(("-n", netns) if netns else ()), *args]
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=IP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        # (in a process group of its own: a terminal's Ctrl-C killed the `ip netns del` of a cleanup it started)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=IP_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                           process_group=0)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NetnsError(f"{' '.join(argv)}: {e}") from None
     if check and r.returncode:

@@ -40,25 +40,38 @@ class Interrupted(KeyboardInterrupt):
         return "stop requested" if self.signum is None else signal.Signals(self.signum).name
 
 
+#: The signals `signals_interrupt` turns into Interrupted.
+INTERRUPTS = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+
+
 def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
-def signals_interrupt() -> None:
+def _noted(signum, frame):
+    """An interrupt after the first (`signals_interrupt(once=True)`): the command is already ending."""
+
+
+def _interrupt_once(signum, frame):
+    for sig in INTERRUPTS:
+        signal.signal(sig, _noted)
+    raise Interrupted(signum)
+
+
+def signals_interrupt(once: bool = False) -> None:
     """SIGINT, SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N.
     SIGINT whatever the command inherited: a script's `&` (or nohup) passes it ignored, Python then installs no
-    KeyboardInterrupt handler, and Ctrl-C or `kill -INT` would be lost on a long-running command."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    KeyboardInterrupt handler, and Ctrl-C or `kill -INT` would be lost on a long-running command.
+    `once`: only the first one interrupts, and the cleanup it starts runs to its end whatever comes next (a second
+    Ctrl-C cut `demo --network`'s short: its host's network namespaces stayed, and it said they were removed).
+    (A no-op handler, not SIG_IGN, which the children it still starts would inherit.)"""
+    for sig in INTERRUPTS:
+        signal.signal(sig, _interrupt_once if once else _interrupt)
 
 
 def vfkeep_argv(*args: str) -> list[str]:
     """argv that runs the `vfkeep` CLI with the current interpreter."""
     return [sys.executable, "-m", "vfkeep.cli", *args]
-
-
-#: The signals `signals_interrupt` turns into Interrupted.
-INTERRUPTS = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
 
 @contextlib.contextmanager
