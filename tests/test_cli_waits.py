@@ -55,16 +55,38 @@ def status(**_):
     return {"nics": 1, "nvme_devices": [{"pci_id": "a100:00:00.0"}]}
 
 
+DISK = {"disk": 0, "pid": 1, "rate": 0, "qd": 8, "read_pct": 50, "errors": 0, "verify_errors": 0, "duplicates": 0}
+
+
 @pytest.mark.parametrize("argv", [("traffic", "stats", "--nic", "0"), ("traffic", "stop", "--nic", "0"),
-                                  ("disk", "stop", "--disk", "0")])
+                                  ("traffic", "start", "--nic", "0"), ("disk", "stop", "--disk", "0"),
+                                  ("disk", "start", "--disk", "0"), ("disk", "stats", "--disk", "0")])
 def test_a_traffic_or_disk_command_is_one_request(tmp_path, argv):
     """`--nic N`/`--disk N` cost a `status` request before every command (and, before it, outside the command's
     JSON errors)."""
     with fake_host(tmp_path, status=status, traffic=lambda action, **a: NO_TRAFFIC,
-                   disk=lambda action, **a: {"disks": [], "last_servicing": None}) as seen:
+                   disk=lambda action, **a: {"disks": [DISK] if action == "start" else [], "last_servicing": None}
+                   ) as seen:
         r = vfkeep(*argv, "--run-dir", str(tmp_path), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["nics" if argv[0] == "traffic" else "disks"] == [], r
+    assert r.returncode == 0, r
+    assert json.loads(r.stdout)["nics" if argv[0] == "traffic" else "disks"] == ([DISK] if argv[:2] == ("disk", "start")
+                                                                                 else []), r
     assert seen == [argv[0]]
+
+
+def test_a_disk_the_host_refuses_and_does_not_have_is_bad_usage(tmp_path):
+    """The disk half of the NIC test below: the host is asked how many disks it has only once it refused one."""
+    def refuse(action, disk=None, **_):
+        raise TrafficError(f"disk {disk!r} out of range [0, 1)" if disk else f"no disk agent on disk {disk}")
+
+    with fake_host(tmp_path, status=status, disk=refuse) as seen:
+        r = vfkeep("disk", "stats", "--disk", "3", "--run-dir", str(tmp_path))
+        assert r.returncode == 2 and seen == ["disk", "status"], r
+        assert r.stderr == ("vfkeep: disk stats: Invalid value for --disk: disk 3 out of range: the host has 1 disk(s) "
+                            "(`vfkeep disk stats --help`)\n"), r
+        r = vfkeep("disk", "stop", "--disk", "0", "--run-dir", str(tmp_path), "--json")  # in range: the refusal
+        assert r.returncode == 1 and seen[2:] == ["disk", "status"], r
+        assert json.loads(r.stdout)["error"]["message"].startswith("no disk agent on disk 0 (host log"), r
 
 
 def test_a_nic_the_host_refuses_and_does_not_have_is_bad_usage_in_json_too(tmp_path):
@@ -133,6 +155,7 @@ def test_an_agent_that_does_not_answer_is_named_with_its_log(tmp_path, monkeypat
     than the agent timeout was cut short by it."""
     monkeypatch.setattr(agents, "AGENT_TIMEOUT_S", 0.3)
     monkeypatch.setattr("vfkeep.host.traffic.AGENT_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(agents.Agent.call, "__defaults__", (0.3,))  # (the default wait, bound at its definition)
     settled = threading.Event()
 
     def stats(settle_ms=0, **_):

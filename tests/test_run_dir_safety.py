@@ -207,6 +207,36 @@ def test_a_second_host_starting_in_the_same_run_dir_is_refused(tmp_path, mode):
     assert os.listdir(run_dir) == []
 
 
+#: `vfkeep run ARGV...` with the real uid root and the effective uid `nobody`: click's check that --run-dir is
+#: readable (access(2): the real uid) passes, the open of the run dir for its lock (the effective uid) fails, as any
+#: failure that check cannot foresee would (the dir made unreadable in between, no fd left). What `run` loads is
+#: loaded first: `nobody` may not read the interpreter's own library under /root.
+AS_NOBODY = """
+import os, sys
+import vfkeep.cli, vfkeep.device.backends, vfkeep.host.commands, vfkeep.host.vmm, vfkeep.netns
+os.seteuid(65534)
+sys.argv = ["vfkeep", "run", *sys.argv[1:]]
+vfkeep.cli.main()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run `vfkeep run` as a user who may not open the run dir")
+def test_a_run_dir_that_cannot_be_locked_is_one_line():
+    """Opening the run dir for its lock raised out of `run`: a traceback, not the one line naming the cause."""
+    import sys
+    import tempfile
+
+    run_dir = tempfile.mkdtemp(prefix="vfkeep-test-lock-", dir="/tmp")  # (root's, 0700: nobody may open it)
+    try:
+        r = subprocess.run([sys.executable, "-c", AS_NOBODY, "--run-dir", run_dir, "--no-console"], capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+        left = os.listdir(run_dir)
+    finally:
+        os.rmdir(run_dir)
+    assert r.returncode == 1 and r.stderr == f"vfkeep: run: cannot lock --run-dir {run_dir}: Permission denied\n", r
+    assert left == []
+
+
 def test_the_commands_a_failure_suggests_work_for_a_run_dir_with_a_space(tmp_path):
     """`(vfkeep run --run-dir /tmp/my vm --detach)`: pasted, that started a host in /tmp/my ('vm': an extra
     argument)."""
