@@ -148,10 +148,15 @@ def test_restore_stuck_replaced_with_same_state(host):
 
 def test_one_state_change_at_a_time(host):
     """Spec §13: only one servicing may be in progress."""
-    slow = threading.Thread(target=host.service, kwargs={"timeout": 1.0, "test_config": "SERVICING_SAVE_STUCK"})
+    slow = threading.Thread(target=host.service, kwargs={"timeout": 3.0, "test_config": "SERVICING_SAVE_STUCK"})
     slow.start()
     try:
-        time.sleep(0.3)  # the stuck save holds the host for about 2 s
+        # The first servicing is surely in progress (its save is stuck for 3 s) before the second is asked for:
+        # a fixed wait let a loaded machine send the second first.
+        deadline = time.monotonic() + 30
+        while (host.status(wait=5)["servicing"] or {}).get("phase") != "save":
+            assert time.monotonic() < deadline and slow.is_alive(), "the first servicing never reached its save"
+            time.sleep(0.02)
         with pytest.raises(rpc.Refused, match="a servicing is already in progress"):
             host.service()
     finally:
