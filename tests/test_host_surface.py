@@ -488,16 +488,16 @@ def _stuck_save(host, seconds: float) -> threading.Thread:
 
 
 def test_reads_answer_during_a_stuck_save(shared):
+    """Each read is answered while the save is stuck, not once it ended: the save is still in progress after each
+    reply (a wall-clock bound on the reply measured the machine's load, not whether the read waited)."""
     t = _stuck_save(shared, 4.0)
     try:
         for op, args in (("inspect", {}), ("status", {}), ("traffic", {"action": "status"})):
-            start = time.monotonic()
             reply = shared.call(op, args, wait=5)
-            assert time.monotonic() - start < 1.0, op
+            assert reply is not None, op
+            assert shared.status(wait=5)["servicing"]["phase"] == "save", op
         tree = shared.inspect()
         assert tree["servicing"]["phase"] == "save" and tree["worker"]["alive"]
-        assert shared.status()["servicing"]["phase"] == "save"
-        assert reply is not None
     finally:
         t.join()
     assert shared.status()["servicing"] is None
