@@ -156,9 +156,10 @@ def test_a_replacement_does_not_resume_a_kept_vport_its_killed_predecessor_moved
     posted (tx_outstanding -16) and re-read receive completions its predecessor had delivered (28 frames
     twice, 29 lost). Once guest IO moved since the handoff, the saved state is stale: the replacement starts
     without it (the NIC comes back through FLR, DESIGN D4), and what the killed worker held is lost with it
-    (at most the vport's buffers), never delivered twice. The HWC is stalled for the first 50 ms of the
-    restore, so the killed worker's relay surely ran first (and moved fewer frames than its queues hold: a
-    stale state that far behind is caught by the overflow check of the CQ)."""
+    (at most the vport's buffers), never delivered twice. The HWC is stalled until the restoring worker's relay
+    has moved the guest's tx ring (so it surely ran before the kill; a fixed 50 ms from the request could end
+    before a loaded machine's restore began), and moved fewer frames than its queues hold (a stale state that
+    far behind is caught by the overflow check of the CQ)."""
     h = HostRun(tmp_path / "run", "--datapath-keepalive")
     try:
         h.service(mana_keepalive=True)  # the vport is in the pool from now on
@@ -166,12 +167,22 @@ def test_a_replacement_does_not_resume_a_kept_vport_its_killed_predecessor_moved
         _wait(lambda: h.traffic("status")["agents"][0]["received"] > 100, 10, "traffic flows")
         before = {"device": h.device_control(0, "counters")["counters"]}
         h.device_control(0, "hwc_stall", on=True)
-        unstall = threading.Timer(0.05, lambda: h.device_control(0, "hwc_stall", on=False))
-        unstall.start()
+        done: dict = {}
+        svc = threading.Thread(target=lambda: done.update(h.service(mana_keepalive=True, kill_point="restore.hwc")))
+        svc.start()
         try:
-            r = h.service(mana_keepalive=True, kill_point="restore.hwc")
+            # The old worker's relay stopped in the save; a move of the tx ring's worker side after the restore
+            # began is the new worker's relay (its HWC probe, and the kill after it, wait for the stall's end).
+            _wait(lambda: (h.status(wait=5)["servicing"] or {}).get("phase") == "restore" or not svc.is_alive(),
+                  60, "the restore begins")
+            head = h.inspect("host/rings/0/tx/head")
+            _wait(lambda: h.inspect("host/rings/0/tx/head") > head or not svc.is_alive(), 8,
+                  "the restoring worker's relay moves frames")
+            assert svc.is_alive(), done
         finally:
-            unstall.join()
+            h.device_control(0, "hwc_stall", on=False)
+            svc.join(120)
+        r = done
         assert "restore.hwc" in h.worker_log(h.status()["worker"]["generation"] - 1)
         n = r["nics"][0]
         assert n["restore_path"] != "keepalive", r  # not the stale state
