@@ -74,14 +74,19 @@ BOOT_FAILURES = {
 }
 
 
+#: "Fast": well before the boot's readiness wait (BOOT_TIMEOUT_S, 60 s) would have ended it. A tighter bound measured
+#: the machine (a bad-usage run, two Python start-ups, took 6.4 s at load 9).
+FAST_S = 40
+
+
 @pytest.mark.parametrize("case", sorted(BOOT_FAILURES))
 def test_boot_failure_ends_run_fast_with_one_line(tmp_path, case):
     args, cause, code = BOOT_FAILURES[case]
     run_dir = str(tmp_path / "run")
     t = time.monotonic()
-    r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", *args, timeout=30)
+    r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", *args, timeout=90)
     took = time.monotonic() - t
-    assert r.returncode == code and took < 10, (r.returncode, took, r.stderr)
+    assert r.returncode == code and took < FAST_S, (r.returncode, took, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and cause in lines[0], r.stderr
     if code == 1:  # it got as far as starting processes: the line names the log to read
@@ -119,11 +124,12 @@ def test_device_failing_at_start_up_ends_run_fast(tmp_path):
     try:
         run_dir = str(tmp_path / "run")
         t = time.monotonic()
-        r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", "--backend", f"tap:{name}")
+        r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural", "--backend", f"tap:{name}",
+                timeout=90)
         took = time.monotonic() - t
     finally:
         os.close(fd)
-    assert r.returncode == 1 and took < 10, (took, r.stderr)
+    assert r.returncode == 1 and took < FAST_S, (took, r.stderr)
     (line,) = r.stderr.strip().splitlines()
     assert "device nic0 exited" in line and "busy" in line and "device-nic0.stderr" in line, line
     assert not proc.processes_mentioning(run_dir) and leftovers(run_dir) == []
@@ -162,7 +168,7 @@ def test_detach_returns_with_host_running_and_signals_stop_it_in_order(tmp_path,
     run_dir = str(tmp_path / "run")
     t = time.monotonic()
     r = cli("run", "--detach", "--run-dir", run_dir, "--timing", "natural")
-    assert r.returncode == 0 and time.monotonic() - t < 20, r.stderr
+    assert r.returncode == 0 and time.monotonic() - t < FAST_S, r.stderr
     with open(os.path.join(run_dir, "host.pid")) as f:
         pid = int(f.read())
     try:
@@ -293,9 +299,11 @@ def test_console_ctrl_c_during_a_stuck_servicing_waits_for_a_safe_point_then_sto
             time.sleep(0.05)
         t = time.monotonic()
         con.send(b"\x03")
-        out = con.expect("VM stopped", timeout=40)
+        out = con.expect("VM stopped", timeout=55)
         assert "interrupted during a servicing (phase save)" in out and "waiting up to 10 s" in out
-        assert con.wait() == 130 and time.monotonic() - t < 25
+        # cut off after the safe-point wait, well before the save's own 60 s timeout (25 s was within a loaded
+        # machine's reach of the 10 s wait plus an orderly stop)
+        assert con.wait() == 130 and time.monotonic() - t < 50
     finally:
         if pid_alive(con.pid):
             os.kill(con.pid, signal.SIGKILL)
