@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import LineChild
+from helpers import LineChild, wait_for
 from vfkeep import rpc
 from vfkeep.guest.agent import TXQUEUELEN, AgentClient, AgentError, guest_mac, spawn_agent
 from vfkeep.guest.ring import ChannelLayout, NicChannel
@@ -42,6 +42,8 @@ if opt.get("after_pid"):  # prelaunched successor: take over pause_ms after the 
     pidfd = os.pidfd_open(opt["after_pid"])
     select.select([pidfd], [], [])
     time.sleep(opt["pause_ms"] / 1000)
+    while opt.get("go_file") and not os.path.exists(opt["go_file"]):  # and once the test says so
+        time.sleep(0.001)
     print("resumed", time.monotonic_ns(), flush=True)
 handled = forwarded = dropped = 0
 first_ns = last_ns = None
@@ -150,15 +152,21 @@ def test_steady_traffic_all_delivered(env):
     assert r.finish()["forwarded"] == st["sent"]
 
 
-def test_servicing_pause_queues_frames_then_delivers_them(env):
+def test_servicing_pause_queues_frames_then_delivers_them(env, tmp_path):
     """The relay stops (its process exits), a prelaunched successor takes over 300 ms later: the
-    guest's frames wait in the ring, arrive in order, nothing is lost, and the blackout is the pause."""
+    guest's frames wait in the ring, arrive in order, nothing is lost, and the blackout is the pause.
+    The successor also waits until the guest sent 400 frames into the pause (200 ms of its pacing): a sender
+    starved of CPU for most of a fixed pause sent fewer, and its first frame came so late that the successor's
+    deliveries fell into the pause's early bins."""
     mem, ch, agent, client, reflector, _ = env
+    go = tmp_path / "go"
     old = reflector(exit_after=600)
-    new = reflector(after_pid=old.proc.pid, pause_ms=300, report_after=600)
+    new = reflector(after_pid=old.proc.pid, pause_ms=300, report_after=600, go_file=str(go))
     client.start(rate=2000, size=128)
     stopped = old.counters()  # exits by itself after 600 frames (~0.3 s in)
     client.mark("service-start", t_ns=stopped["last_ns"])
+    wait_for(lambda: client.stats(since_mark="service-start")["sent"] > 400, 30)
+    go.touch()
     resumed_ns = int(new.line().split()[1])
     client.mark("service-end", t_ns=resumed_ns)
     assert new.line() == "report"  # traffic flows through the new one
