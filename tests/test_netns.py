@@ -179,7 +179,11 @@ def test_bridge_carries_real_ping_and_tcp(rid, tmp_path):
         try:
             stream.wait_connected()
             assert pinger.wait_replies(20, 10)
-            time.sleep(0.3)
+            # (a fixed 0.3 s more let a starved sender or receiver stay under the 100 kB asserted below)
+            deadline = time.monotonic() + 30
+            while stream.received() <= 100_000:
+                assert time.monotonic() < deadline, "the stream carried no 100 kB"
+                time.sleep(0.05)
         finally:
             pinger.stop()
             result = stream.close()
