@@ -65,13 +65,18 @@ def test_demo(tmp_path):
     assert list(runs) == list(MODES)
     for mode, run in runs.items():
         assert run["timing"] == timing and run["expectations_failed"] == []
-        assert len(run["blackout_ms_all"]) == 2 and run["blackout_ms"] == statistics.median(run["blackout_ms_all"])
-        assert run["frames_lost"] == sum(run["frames_lost_all"]) >= 0
+        # A servicing whose window the guest sent nothing in (its agent starved of CPU for all of a data-path
+        # keepalive's few ms, at load 16) has no blackout and no loss: the medians and sums are of the measured.
+        measured = [b for b in run["blackout_ms_all"] if b is not None]
+        assert len(run["blackout_ms_all"]) == 2 and run["measured"] == len(measured)
+        assert run["blackout_ms"] == (statistics.median(measured) if measured else None)
+        lost = [n for n in run["frames_lost_all"] if n is not None]
+        assert len(lost) == len(measured) and run["frames_lost"] == (sum(lost) if lost else None)
         assert run["hwc_requests"] > 0 and run["timeline"]["bins"]
         for r in run["results"]:
             assert RESULT_KEYS <= set(r), set(r)
         (t,) = run["median_servicing"]["traffic"]
-        assert t["sent"] > 0
+        assert t["sent"] > 0 if measured else t["sent"] == 0  # (the median servicing is a measured one)
     assert [runs[m]["device_resets"] for m in MODES] == [1, 0, 0, 0]
     assert [runs[m]["restore_path"] for m in MODES] == ["fresh", "fresh", "keepalive", "keepalive"]
     assert [runs[m]["hwc_established"] for m in MODES] == [True, True, False, False]
