@@ -170,12 +170,12 @@ def test_fault_hooks_over_the_control_channel(mana, mem):
     dev = mana()
     dev.ctl("fail_request", type="ESTABLISH_HWC", mode="from_epoch", epoch=2)
     port = dev.connect(mem)
-    drv = driver(port, mem, timeout=1.0)
+    drv = driver(port, mem)
     drv.bring_up()  # epoch 1: fine
     assert drv.destroy_hwc().status == 0
     port.close()
     port = dev.connect(mem)  # epoch 2: ESTABLISH_HWC fails from now on
-    drv = driver(port, mem, timeout=1.0)
+    drv = driver(port, mem)
     assert drv.establish_hwc().status == 1
     assert dev.ctl("clear_faults")["cleared"] == 1
     assert drv.establish_hwc().status == 0
