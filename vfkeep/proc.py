@@ -131,7 +131,14 @@ class NotReady(Exception):
         self.returncode = returncode
 
 
-def spawn_ready(argv: Sequence[str], *, pass_fds: Sequence[int] = (), timeout: float = 10.0) -> subprocess.Popen:
+#: How long a child started with `spawn_ready` (or a device emulator) has to say it is ready: a Python start-up,
+#: ~0.5 s of CPU, took many seconds on a loaded 2-CPU machine; a child that exits first is seen at once. As the
+#: host's boot gives its devices and first worker (BOOT_TIMEOUT_S).
+READY_TIMEOUT_S = 60.0
+
+
+def spawn_ready(argv: Sequence[str], *, pass_fds: Sequence[int] = (),
+                timeout: float = READY_TIMEOUT_S) -> subprocess.Popen:
     """`spawn` a child with `--ready-fd N` appended and return once it writes `ready` there (its sockets
     listen); otherwise end it and raise NotReady. No pipe end is left open on any path."""
     ready_r, ready_w = os.pipe()

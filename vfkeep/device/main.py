@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from vfkeep import log as vlog
+from vfkeep.proc import READY_TIMEOUT_S
 from vfkeep.vfio_user.control import start_device_process
 from vfkeep.vfio_user.server import VfioUserServer, serve_until_stopped
 from vfkeep.sockets import SocketPathError
@@ -71,7 +72,7 @@ def device_command(socket_path, control_path, reset_method, timing, hwc_latency_
 
 
 def start_device(socket_path: str | os.PathLike, *args: str, control_path: str | os.PathLike | None = None,
-                 timeout: float = 10.0, **popen_kwargs) -> subprocess.Popen:
+                 timeout: float = READY_TIMEOUT_S, **popen_kwargs) -> subprocess.Popen:
     """Run `vfkeep device --socket PATH [--control PATH] ARGS...` as a child; return when it answers."""
     return start_device_process("device", socket_path, args, control_path, timeout, "device", **popen_kwargs)
 

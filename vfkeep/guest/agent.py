@@ -55,7 +55,7 @@ from typing import Any
 from .. import rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import NotReady, freeze_heap, spawn_ready
+from ..proc import READY_TIMEOUT_S, NotReady, freeze_heap, spawn_ready
 from .ring import ChannelLayout, NicChannel, RingError
 from .stats import MIN_FRAME, TrafficStats, parse_frames, percentile, windowed_delivery
 
@@ -558,7 +558,7 @@ class AgentClient:
 # -- process -------------------------------------------------------------------------------------
 def spawn_agent(mem: GuestMemory | int, mem_layout: MemoryLayout, channel_layout: ChannelLayout, nic: int,
                 tx_fd: int, rx_fd: int, control_path: str, run_dir: str | None = None,
-                ready_timeout: float = 10.0) -> subprocess.Popen:
+                ready_timeout: float = READY_TIMEOUT_S) -> subprocess.Popen:
     """Start the agent for NIC `nic` (it dies with the caller) and return once its control socket listens.
 
     The agent reports readiness on a pipe, so there is no window in which the socket path does not

@@ -31,7 +31,7 @@ import threading
 from .. import netns, rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import NotReady, spawn_ready
+from ..proc import READY_TIMEOUT_S, NotReady, spawn_ready
 from .agent import AgentError
 from .ring import ChannelLayout, NicChannel, RingError
 
@@ -135,7 +135,7 @@ def control_server(path: str, bridge: Bridge, quitting: threading.Event) -> rpc.
 # -- process -------------------------------------------------------------------------------------
 def spawn_bridge(mem: GuestMemory, channel_layout: ChannelLayout, nic: int, tx_fd: int, rx_fd: int, *,
                  ns: str, mac: bytes, address: str, control_path: str, run_dir: str | None = None,
-                 ready_timeout: float = 10.0) -> subprocess.Popen:
+                 ready_timeout: float = READY_TIMEOUT_S) -> subprocess.Popen:
     """Start the bridge of NIC `nic` in namespace `ns` (it dies with the caller); returns once its TAP is up
     and its control socket listens, else AgentError (with its exit status)."""
     argv = [sys.executable, "-m", "vfkeep.guest.bridge", "--memfd", str(mem.fd), "--layout", mem.layout.to_str(),

@@ -30,7 +30,7 @@ import threading
 from .. import rpc
 from ..log import kv, setup
 from ..memory.guest_memory import GuestMemory, MemoryLayout
-from ..proc import NotReady, spawn_ready
+from ..proc import READY_TIMEOUT_S, NotReady, spawn_ready
 from .block import BlockChannel, BlockLayout
 from .disk_io import DiskIo
 from .ring import RingError
@@ -75,7 +75,7 @@ def control_server(path: str, io: DiskIo, quitting: threading.Event) -> rpc.Thre
 
 def spawn_disk_agent(mem: GuestMemory, block_layout: BlockLayout, disk: int, request_fd: int, completion_fd: int,
                      control_path: str, *, lbas: int, block_size: int = 512, run_dir: str | None = None,
-                     ready_timeout: float = 10.0) -> subprocess.Popen:
+                     ready_timeout: float = READY_TIMEOUT_S) -> subprocess.Popen:
     """Start the agent of disk `disk` (it dies with the caller); return once its control socket listens."""
     argv = [sys.executable, "-m", "vfkeep.guest.disk_agent", "--memfd", str(mem.fd), "--layout",
             mem.layout.to_str(), "--block-layout", block_layout.to_str(), "--disk", str(disk), "--request-fd",

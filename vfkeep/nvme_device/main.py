@@ -14,6 +14,7 @@ import click
 
 from vfkeep import log as vlog
 from vfkeep.cli import FloatRange
+from vfkeep.proc import READY_TIMEOUT_S
 from vfkeep.vfio_user.control import start_device_process
 from vfkeep.vfio_user.server import VfioUserServer, serve_until_stopped
 from vfkeep.sockets import SocketPathError
@@ -85,7 +86,7 @@ def nvme_device_command(socket_path, control_path, disk, size, namespaces, block
 
 
 def start_nvme_device(socket_path: str | os.PathLike, *args: str, control_path: str | os.PathLike | None = None,
-                      timeout: float = 10.0, **popen_kwargs) -> subprocess.Popen:
+                      timeout: float = READY_TIMEOUT_S, **popen_kwargs) -> subprocess.Popen:
     """Run `vfkeep nvme-device --socket PATH [--control PATH] ARGS...` as a child; return when it answers."""
     return start_device_process("nvme-device", socket_path, args, control_path, timeout, "nvme device", **popen_kwargs)
 
