@@ -322,7 +322,7 @@ def test_a_stopped_agent_is_named_at_once(tmp_path, monkeypatch):
         os.kill(child.pid, signal.SIGCONT)
         proc.end(child)
         listener.close()
-    stopped = (f"nic 0: its agent pid {child.pid} is stopped (SIGSTOP) and answers nothing until continued: "
+    stopped = (f"nic 0: its agent (pid {child.pid}) is stopped (SIGSTOP) and answers nothing until continued: "
                f"`kill -CONT {child.pid}` (its log: {tmp_path}/guest-agent-0.log)")
     assert str(e.value) == stopped and str(s.value) == stopped
 
@@ -451,3 +451,56 @@ def test_a_stopping_host_waits_for_its_streams_to_pass_on_the_last_event():
     bus.close(drain_s=20)
     assert [e["event"] for e in got] == ["host_stopping"]
     t.join(10)
+
+
+def test_a_stopped_worker_is_named_at_once(tmp_path):
+    """A worker stopped by SIGSTOP answered nothing: a save waited out its timeout (60 s), an `inspect` 20 s, and
+    then said only that it did not answer."""
+    from vfkeep.contract import Channel, Hello
+    from vfkeep.host.worker_proc import WorkerFailed, WorkerProcess
+
+    ours, theirs = Channel.pair()
+    child = proc.spawn(["sleep", "120"])
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        worker = WorkerProcess(child, ours, 3, ["sleep"])
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailed) as e:
+            worker.recv(10, Hello)
+        assert time.monotonic() - t0 < 8
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        proc.end(child)
+        ours.sock.close()
+        theirs.sock.close()
+    assert str(e.value) == (f"worker 3 (pid {child.pid}) is stopped (SIGSTOP) and answers nothing until continued: "
+                            f"`kill -CONT {child.pid}`")
+
+
+def test_status_names_stopped_children_and_service_refuses_a_stopped_device(tmp_path):
+    """`status` showed a stopped worker or device as `alive: true` and nothing else; a servicing then waited on a
+    stopped device until its worker's timeouts ran out."""
+    h = HostRun(tmp_path / "run")
+    try:
+        st = h.status()
+        worker, device = st["worker"]["pid"], st["devices"][0]["pid"]
+        os.kill(worker, signal.SIGSTOP)
+        os.kill(device, signal.SIGSTOP)
+        try:
+            warnings = h.status()["warnings"]
+            r = vfkeep("service", "--run-dir", h.run_dir, "--mana-keepalive", timeout=30)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+            os.kill(device, signal.SIGCONT)
+        assert h.status()["warnings"] == []
+        h.stop()
+    finally:
+        if h.child.poll() is None:
+            h.kill()
+    assert warnings == [f"worker 1 (pid {worker}) is stopped (SIGSTOP) and answers nothing until continued: `kill -CONT "
+                        f"{worker}`", f"device {st['devices'][0]['pci_id']} (pid {device}) is stopped (SIGSTOP) and "
+                        f"answers nothing until continued: `kill -CONT {device}`"]
+    assert r.returncode == 1 and r.stderr == (
+        f"vfkeep: service: device {st['devices'][0]['pci_id']} (pid {device}) is stopped (SIGSTOP) and answers nothing "
+        f"until continued: `kill -CONT {device}`: a servicing needs every device running (host log: {h.run_dir}/"
+        "host.log)\n"), r

@@ -194,12 +194,12 @@ def process_state(pid: int) -> str | None:
 
 
 def stopped_line(who: str, pid: int, how: str = "SIGSTOP") -> str | None:
-    """What to tell someone waiting for `pid` to answer when it is stopped by a signal (`how`): it answers nothing
-    until continued, so waiting out a timeout only hides that. None while it is not stopped. Called as the
-    `patience` of an rpc call (`vfkeep.rpc`), it names a stopped peer within a second."""
+    """What to tell someone waiting for process `pid` (`who`, its name in the line) to answer when it is stopped by
+    a signal (`how`): it answers nothing until continued, so waiting out a timeout only hides that. None while it is
+    not stopped. Called as the `patience` of an rpc call (`vfkeep.rpc`), it names a stopped peer within a second."""
     if process_state(pid) != "T":
         return None
-    return f"{who} pid {pid} is stopped ({how}) and answers nothing until continued: `kill -CONT {pid}`"
+    return f"{who} is stopped ({how}) and answers nothing until continued: `kill -CONT {pid}`"
 
 
 def age_s(pid: int | str = "self") -> float:

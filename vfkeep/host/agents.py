@@ -44,7 +44,7 @@ class Agent:
     def _not_stopped(self) -> None:
         """While an answer is awaited: an agent stopped by SIGSTOP answers nothing until continued; it was named
         only once the 30 s timeout ran out, as "overloaded or stuck"."""
-        if line := proc.stopped_line(f"{self.noun} {self.index}: its agent", self.child.pid):
+        if line := proc.stopped_line(f"{self.noun} {self.index}: its agent (pid {self.child.pid})", self.child.pid):
             raise self.error(f"{line} (its log: {self.log})")
 
     @property

@@ -444,7 +444,7 @@ def events_command(run_dir, as_json, count, timeout):
     def watch() -> None:
         """Every second without an event: a stopped host sends nothing until continued. Say so, and when it
         continues, rather than wait in silence (a stream that may wait for hours cannot take it as a failure)."""
-        line = proc.stopped_line("host", pid, HOST_STOPPED_BY) if pid is not None else None
+        line = proc.stopped_line(f"host pid {pid}", pid, HOST_STOPPED_BY) if pid is not None else None
         if line and not said:
             click.echo(f"vfkeep: events: {line}; waiting for it (host log: {log_path})", err=True)
         elif said and not line:

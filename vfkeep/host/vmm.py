@@ -688,6 +688,10 @@ class Host:
         if deaths := self._report_dead_devices():
             raise HostError(f"{'; '.join(deaths)}: a servicing needs every device running; stop the VM and run it "
                             "again")
+        stopped = [line for d in [*self.devices, *self.nvme_devices]
+                   if (line := proc.stopped_line(f"device {d.pci_id} (pid {d.child.pid})", d.child.pid))]
+        if stopped:  # (its worker's save or restore would wait out their timeouts on it)
+            raise HostError(f"{'; '.join(stopped)}: a servicing needs every device running")
         self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None,
                            "number": self.servicings + 1}
         self._idle.clear()
@@ -1088,7 +1092,22 @@ class Host:
                 "servicing": self._servicing_view(), "servicings": self.servicings,
                 "last_servicing_ok": None if last is None else last["result"]["ok"],
                 "last_servicing_status": None if last is None else last["result"]["status"],
-                "warnings": list(self.warnings), "event_subscribers": self.events.subscribers}
+                "warnings": self.warnings + self._stopped_children(), "event_subscribers": self.events.subscribers}
+
+    def _stopped_children(self) -> list[str]:
+        """A line for each child process stopped by SIGSTOP: it answers nothing until continued, while `alive`
+        says only that it exists (status showed a stopped worker or device as alive, and nothing else)."""
+        named = [] if self.worker is None else [(f"worker {self.worker.generation} (pid {self.worker.pid})",
+                                                 self.worker.pid)]
+        named += [(f"device {d.pci_id} (pid {d.child.pid})", d.child.pid) for d in [*self.devices, *self.nvme_devices]]
+        if self.guest_net is not None:
+            named += [(f"nic {b.nic}: its guest bridge (pid {b.child.pid})", b.child.pid)
+                      for b in list(self.guest_net.bridges.values())]
+        for pool in (self.guest_traffic, self.guest_disks):
+            if pool is not None:
+                named += [(f"{pool.noun} {a.index}: its {pool.what} (pid {a.child.pid})", a.child.pid)
+                          for a in pool.running()]
+        return [line for who, pid in named if (line := proc.stopped_line(who, pid))]
 
     def _servicing_view(self) -> dict | None:
         """The servicing in progress for status/inspect: {"phase", "phase_s", "elapsed_s"}, None when idle."""
@@ -1115,7 +1134,7 @@ class Host:
                          "memory": self.mem.layout.to_str(),
                          "channel": self.channel_layout.to_str() if self.channel_layout else None,
                          "block_channel": self.block_layout.to_str() if self.block_layout else None,
-                         "warnings": list(self.warnings),
+                         "warnings": self.warnings + self._stopped_children(),
                          "rings": [{"nic": c.nic, "tx": c.tx.stats().to_dict(), "rx": c.rx.stats().to_dict()}
                                    for c in self.channels]},
                 "servicing": self._servicing_view(), "last_servicing": self.last_servicing,

@@ -79,7 +79,7 @@ class RemoteTarget:
         """While an answer is awaited: a host stopped by SIGSTOP (Ctrl-Z in its console's terminal) answers nothing
         until it is continued, so say so (`status` waited 30 s for it, `service` for ever)."""
         pid = _pidfile_pid(self.run_dir)
-        if pid is not None and (line := stopped_line("host", pid, HOST_STOPPED_BY)):
+        if pid is not None and (line := stopped_line(f"host pid {pid}", pid, HOST_STOPPED_BY)):
             raise CommandError(f"{line} (host log: {self.log})", "Stopped")
 
 

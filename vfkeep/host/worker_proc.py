@@ -26,6 +26,10 @@ _SAVED_START = json.dumps({"type": SaveState.kind, "status": TransferStatus.SUCC
                           separators=(",", ":")).encode()[:-1]
 
 
+#: While a message is awaited, how often the worker is looked at for being stopped (`_recv_watched`).
+STOPPED_CHECK_S = 1.0
+
+
 class WorkerFailed(Exception):
     """The worker died, closed its channel, answered wrongly or not in time."""
 
@@ -116,7 +120,7 @@ class WorkerProcess:
 
     def _recv_one(self, remaining: float | None, timeout: float | None, first=None):
         try:
-            return self.chan.recv(remaining, first)
+            return self._recv_watched(remaining, first)
         except ChannelTimeout:
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) did not answer within {timeout:g} s") from None
         except ChannelClosed as e:
@@ -124,6 +128,21 @@ class WorkerProcess:
                                f"{self.exit_note()}") from None
         except ValueError as e:  # not JSON (a foreign --worker-cmd, or a torn write)
             raise WorkerFailed(f"worker {self.generation} (pid {self.pid}) sent an unreadable message: {e}") from None
+
+    def _recv_watched(self, remaining: float | None, first=None):
+        """`chan.recv`, looking every STOPPED_CHECK_S whether the worker is stopped (SIGSTOP): it answers nothing
+        until continued, and a save waited out its whole timeout (60 s) and an `inspect` 20 s for it, then said only
+        that it did not answer. (A partial frame stays buffered across the looks.)"""
+        deadline = None if remaining is None else time.monotonic() + remaining
+        while True:
+            left = STOPPED_CHECK_S if deadline is None else min(STOPPED_CHECK_S, deadline - time.monotonic())
+            try:
+                return self.chan.recv(max(0.0, left), first)
+            except ChannelTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                if line := proc.stopped_line(f"worker {self.generation} (pid {self.pid})", self.pid):
+                    raise WorkerFailed(line) from None
 
     def _check(self, msg, expected: tuple[type[Message], ...]) -> Message:
         if not isinstance(msg, dict):
