@@ -244,6 +244,7 @@ def test_a_stopped_host_is_named_at_once(tmp_path):
         with silent_host(str(tmp_path)):
             r = vfkeep("status", "--run-dir", str(tmp_path), timeout=20)
             s = vfkeep("service", "--run-dir", str(tmp_path), "--json", timeout=20)
+            e = vfkeep("events", "--run-dir", str(tmp_path), timeout=20)
     finally:
         os.kill(child.pid, signal.SIGCONT)
         proc.end(child)
@@ -252,6 +253,7 @@ def test_a_stopped_host_is_named_at_once(tmp_path):
     assert r.returncode == 1 and r.stderr == f"vfkeep: status: {stopped}\n", r
     assert s.returncode == 1 and json.loads(s.stdout) == {"ok": False, "error": {"type": "Stopped",
                                                                                   "message": stopped}}, s
+    assert e.returncode == 1 and e.stderr == f"vfkeep: events: {stopped}\n", e  # (was 5 s, then "did not answer")
 
 
 def test_stop_ends_a_stopped_host_in_order(tmp_path):

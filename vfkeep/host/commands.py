@@ -434,8 +434,8 @@ def _running(pid: int) -> bool:
 def events_command(run_dir, as_json, count, timeout):
     """Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping)
     until it stops (exit 0). The control socket's `events` command (docs/control-api.md); a host that does not
-    answer it within 5 s, or that dies without stopping, is a failure (exit 1); one stopped by SIGSTOP is named
-    on stderr within seconds, and the stream goes on once it is continued."""
+    answer it within 5 s, is stopped (SIGSTOP) when asked, or dies without stopping is a failure (exit 1); one
+    stopped mid-stream is named on stderr within seconds, and the stream goes on once it is continued."""
     seen = 0
     log_path = os.path.join(os.path.abspath(run_dir), LOG_NAME)
     pid = _pidfile_pid(run_dir)  # (written before the host serves its socket)
@@ -451,8 +451,16 @@ def events_command(run_dir, as_json, count, timeout):
             click.echo(f"vfkeep: events: host pid {pid} continued", err=True)
         said[:] = [line] if line else []
 
+    def refuse() -> None:
+        """While the subscription is awaited: a stopped host is a failure, as for every command (not 5 s of
+        silence, then "did not answer")."""
+        if pid is not None and (line := proc.stopped_line(f"host pid {pid}", pid, HOST_STOPPED_BY)):
+            e = click.ClickException(f"{line} (host log: {log_path})")
+            e.kind = "Stopped"  # (its JSON error type, as for the other commands)
+            raise e
+
     try:
-        stream = control.HostClient(run_dir, patience=watch).events(timeout)
+        stream = control.HostClient(run_dir, patience=refuse).events(timeout, patience=watch)
     except rpc.Timeout as e:  # it took the connection: a host, hung or too busy to answer (not "no events")
         raise click.ClickException(f"the host did not answer: {e} (host log: {log_path})") from None
     except rpc.Unavailable as e:

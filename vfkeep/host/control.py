@@ -124,21 +124,21 @@ class HostClient:
         """Run `argv` in guest `nic`'s network namespace (`--guest netns`): `{returncode, stdout, stderr, timed_out}`."""
         return self.call("exec", {"nic": nic, "argv": argv, "timeout": timeout}, wait)
 
-    def events(self, timeout: float | None = None):
+    def events(self, timeout: float | None = None, patience: Callable[[], None] | None = None):
         """Subscribe now (errors, a host that never answers included, are raised here: rpc.Timeout after
-        `wait`, 5 s by default), then an iterator of the host's events (dicts, see host/events.py) until it
-        stops; `timeout` bounds the wait for each (rpc.Timeout from the iterator: quiet, not a failure).
-        `patience` is called every second without an event."""
+        `wait`, 5 s by default; the client's `patience` as for any call), then an iterator of the host's events
+        (dicts, see host/events.py) until it stops; `timeout` bounds the wait for each (rpc.Timeout from the
+        iterator: quiet, not a failure). `patience` is called every second without an event."""
         try:
             client = rpc.RpcClient(self.path, timeout=5.0 if self.wait is None else self.wait)
         except rpc.Unavailable as e:
             raise rpc.Unavailable(f"no host answering in {self.run_dir}: {e}") from None
         try:
-            client.call("events")
+            client.call("events", patience=self.patience)
         except BaseException:
             client.close()
             raise
-        return self._pushed(client, timeout, self.patience)
+        return self._pushed(client, timeout, patience)
 
     @staticmethod
     def _pushed(client: rpc.RpcClient, timeout: float | None, patience: Callable[[], None] | None):
