@@ -479,30 +479,34 @@ def test_a_stopped_worker_is_named_at_once(tmp_path):
                             f"`kill -CONT {child.pid}`")
 
 
-def test_status_names_stopped_children_and_service_refuses_a_stopped_device(tmp_path):
-    """`status` showed a stopped worker or device as `alive: true` and nothing else; a servicing then waited on a
-    stopped device until its worker's timeouts ran out."""
+def test_stopped_children_are_named_and_stopped_in_order(tmp_path):
+    """`status` showed a stopped worker, device or agent as `alive: true` and nothing else; a servicing then waited
+    on a stopped device until its worker's timeouts ran out; and the host's stop waited 10 s for the stopped
+    worker's NIC shutdown (which never came: 'NICs shut down' was not true), then 5 s for each other child."""
     h = HostRun(tmp_path / "run")
     try:
+        h.traffic("start", rate=100)
         st = h.status()
-        worker, device = st["worker"]["pid"], st["devices"][0]["pid"]
-        os.kill(worker, signal.SIGSTOP)
-        os.kill(device, signal.SIGSTOP)
-        try:
-            warnings = h.status()["warnings"]
-            r = vfkeep("service", "--run-dir", h.run_dir, "--mana-keepalive", timeout=30)
-        finally:
-            os.kill(worker, signal.SIGCONT)
-            os.kill(device, signal.SIGCONT)
-        assert h.status()["warnings"] == []
-        h.stop()
+        worker, (device, pci) = st["worker"]["pid"], (st["devices"][0]["pid"], st["devices"][0]["pci_id"])
+        agent = h.traffic("status")["agents"][0]["pid"]
+        for pid in (worker, device, agent):
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30  # (a signal is acted on once its process runs)
+        while not all(proc.process_state(p) == "T" for p in (worker, device, agent)):
+            assert time.monotonic() < deadline, "not stopped"
+            time.sleep(0.01)
+        warnings = h.status()["warnings"]
+        r = vfkeep("service", "--run-dir", h.run_dir, "--mana-keepalive", timeout=30)
+        h.stop()  # (still stopped: the host continues them, and ends every one)
     finally:
         if h.child.poll() is None:
             h.kill()
-    assert warnings == [f"worker 1 (pid {worker}) is stopped (SIGSTOP) and answers nothing until continued: `kill -CONT "
-                        f"{worker}`", f"device {st['devices'][0]['pci_id']} (pid {device}) is stopped (SIGSTOP) and "
-                        f"answers nothing until continued: `kill -CONT {device}`"]
+    line = "is stopped (SIGSTOP) and answers nothing until continued: `kill -CONT"
+    assert warnings == [f"worker 1 (pid {worker}) {line} {worker}`", f"device {pci} (pid {device}) {line} {device}`",
+                        f"nic 0: its traffic agent (pid {agent}) {line} {agent}`"]
     assert r.returncode == 1 and r.stderr == (
-        f"vfkeep: service: device {st['devices'][0]['pci_id']} (pid {device}) is stopped (SIGSTOP) and answers nothing "
-        f"until continued: `kill -CONT {device}`: a servicing needs every device running (host log: {h.run_dir}/"
-        "host.log)\n"), r
+        f"vfkeep: service: device {pci} (pid {device}) {line} {device}`: a servicing needs every device running (host "
+        f"log: {h.run_dir}/host.log)\n"), r
+    logs = h.logs()
+    assert "did not shut down cleanly" not in logs
+    assert f'msg="traffic agent ended" nic=0 pid={agent} exit_status=0' in logs, logs

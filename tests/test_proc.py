@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from servicing_helpers import pid_alive
-from vfkeep.proc import Interrupted, NotReady, end, open_fd_count, signals_interrupt, spawn, spawn_ready
+from vfkeep.proc import Interrupted, NotReady, end, open_fd_count, signals_interrupt, spawn, spawn_ready, stat_fields
 
 CHILD = """
 import argparse, os, sys, time
@@ -108,3 +108,41 @@ def test_a_session_child_leads_its_own_session_and_takes_interrupts():
     finally:
         end(child)
     assert child.returncode == -signal.SIGTERM
+
+
+#: A child as the guest agent is: SIGTERM sets an event its main thread waits on without a timeout, while other
+#: threads run.
+WAITS_FOR_SIGTERM = """
+import signal, sys, threading, time
+quit = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: quit.set())
+for _ in range(4):
+    threading.Thread(target=lambda: [time.sleep(0.0005) for _ in iter(int, 1)], daemon=True).start()
+print("ready", flush=True)
+quit.wait()
+sys.exit(0)
+"""
+
+
+def test_end_continues_a_stopped_child_so_it_acts_on_sigterm():
+    """A SIGTERM sent to a stopped child was taken, once it was continued, by whichever of its threads ran first, and
+    Python runs handlers only on the main thread: a main thread waiting without a timeout never ran it, and the child
+    ended only at the SIGKILL (the guest agent, at every `vfkeep stop` of a host whose agent was stopped)."""
+    import time
+
+    c = spawn([sys.executable, "-c", WAITS_FOR_SIGTERM], stdout=subprocess.PIPE)
+    try:
+        assert c.stdout.readline() == b"ready\n"
+        os.kill(c.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30  # (stopped as a user's SIGSTOP leaves it: every thread)
+        while not all((stat_fields(f"{c.pid}/task/{t}") or ["T"])[0] == "T" for t in os.listdir(f"/proc/{c.pid}/task")):
+            assert time.monotonic() < deadline, "not stopped"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        assert end(c, timeout=20) == 0  # (-9 after the 20 s when the handler never ran)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if c.poll() is None:
+            os.kill(c.pid, signal.SIGKILL)
+            c.wait()
+        c.stdout.close()

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import shlex
+import signal
 import threading
 import time
 import uuid
@@ -507,6 +508,11 @@ class Host:
            paths=",".join(n.restore_path for n in (*started.nics, *started.nvme)))
 
     def _teardown(self) -> None:
+        for who, pid in self._children():  # continued, a stopped child stops in order as the others do (the worker
+            if proc.process_state(pid) == "T":  # shuts its NICs down): it was ended after timeouts
+                kv(log, logging.WARNING, "continuing a stopped child to stop it", child=who)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         if self.guest_traffic is not None:  # the guest first: no frames pushed at a NIC shutting down
             self.guest_traffic.close()
         if self.guest_disks is not None:
@@ -1097,6 +1103,10 @@ class Host:
     def _stopped_children(self) -> list[str]:
         """A line for each child process stopped by SIGSTOP: it answers nothing until continued, while `alive`
         says only that it exists (status showed a stopped worker or device as alive, and nothing else)."""
+        return [line for who, pid in self._children() if (line := proc.stopped_line(who, pid))]
+
+    def _children(self) -> list[tuple[str, int]]:
+        """(name, pid) of every child process: worker, devices, guest bridges and agents."""
         named = [] if self.worker is None else [(f"worker {self.worker.generation} (pid {self.worker.pid})",
                                                  self.worker.pid)]
         named += [(f"device {d.pci_id} (pid {d.child.pid})", d.child.pid) for d in [*self.devices, *self.nvme_devices]]
@@ -1107,7 +1117,7 @@ class Host:
             if pool is not None:
                 named += [(f"{pool.noun} {a.index}: its {pool.what} (pid {a.child.pid})", a.child.pid)
                           for a in pool.running()]
-        return [line for who, pid in named if (line := proc.stopped_line(who, pid))]
+        return named
 
     def _servicing_view(self) -> dict | None:
         """The servicing in progress for status/inspect: {"phase", "phase_s", "elapsed_s"}, None when idle."""

@@ -557,9 +557,9 @@ def stop_command(ctx, run_dir, as_json, timeout):
             _echo(ctx, json.dumps(out) if as_json else
                   f"no host running in {run_dir}; {removed or 'nothing to stop'}")
             return
-        os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting, or stopped by SIGSTOP)
         if e.kind == "Stopped":
-            os.kill(pid, signal.SIGCONT)  # (then it takes the SIGTERM: the same orderly stop)
+            os.kill(pid, signal.SIGCONT)  # (first: proc.end says why; then it takes the SIGTERM, the same orderly stop)
+        os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting, or stopped by SIGSTOP)
         reply = {"host_pid": pid, "servicing_phase": None}
     pid = reply["host_pid"]
     deadline = time.monotonic() + timeout
