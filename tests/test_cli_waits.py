@@ -510,3 +510,20 @@ def test_stopped_children_are_named_and_stopped_in_order(tmp_path):
     logs = h.logs()
     assert "did not shut down cleanly" not in logs
     assert f'msg="traffic agent ended" nic=0 pid={agent} exit_status=0' in logs, logs
+
+
+def test_a_host_still_starting_is_not_called_absent(tmp_path):
+    """Between its pidfile and its control socket (a boot takes seconds), a host was "no host answering ...; is a host
+    running? (`vfkeep run ...`)"."""
+    import sys
+
+    host = proc.spawn([sys.executable, "-c", "import time; time.sleep(120)", "vfkeep", "run"])  # (its pid is a host's)
+    try:
+        (tmp_path / "host.pid").write_text(f"{host.pid}\n")
+        r = vfkeep("status", "--run-dir", str(tmp_path))
+    finally:
+        proc.end(host)
+    assert r.returncode == 1 and r.stderr == (
+        f"vfkeep: status: no host answering in {tmp_path}: cannot connect to {tmp_path}/host.sock: No such file or "
+        f"directory; host pid {host.pid} runs there but its control socket is not up: still starting, or the socket "
+        f"was removed (host log: {tmp_path}/host.log)\n"), r

@@ -72,7 +72,12 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def no_host(run_dir: str, e: rpc.Unavailable) -> str:
-    """Why a command found no host in `run_dir`, and how to start one there."""
+    """Why a command found no host in `run_dir`, and how to start one there; or, when its pidfile names a live host,
+    that this one does not answer yet (it was "is a host running? (`vfkeep run ...`)" of a host still booting)."""
+    pid = _pidfile_pid(run_dir)
+    if pid is not None and _is_host(pid):
+        return (f"{e}; host pid {pid} runs there but its control socket is not up: still starting, or the socket was "
+                f"removed (host log: {os.path.join(os.path.abspath(run_dir), LOG_NAME)})")
     return f"{e}; is a host running? (`vfkeep run --run-dir {shlex.quote(os.path.abspath(run_dir))} --detach`)"
 
 
