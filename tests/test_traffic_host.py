@@ -43,14 +43,20 @@ def _start_stats_stop_and_service(host):
     agent_pid = nic["pid"]
     assert agent_pid in host.children()
 
-    r = host.service(mana_keepalive=True)
-    assert r["nics"][0]["restore_path"] == "keepalive"
     # The servicing window is measured by the guest: a blackout of about the servicing, nothing lost at
     # 2k frames/s (the ring holds the servicing window's frames; the relay drains the vport before the save).
+    # A guest agent starved of CPU through the whole window sent nothing in it and has no numbers for it (None):
+    # the servicing is repeated (3 at most) until the guest measured one.
+    for _ in range(3):
+        r = host.service(mana_keepalive=True)
+        assert r["nics"][0]["restore_path"] == "keepalive"
+        assert (r["blackout_ms"] is None) == (r["frames_lost"] is None), r
+        if r["blackout_ms"] is not None:
+            break
     assert 0 < r["blackout_ms"] < 5000
     assert r["frames_lost"] == 0
 
-    stats = traffic(host, "stats", "--settle-ms", "2000")
+    stats = traffic(host, "stats", "--settle-ms", "10000")  # (until every frame came back: 2000 could end first)
     (s,) = stats["nics"]
     assert s["sent"] > 0 and s["frames_lost"] == 0 and s["duplicated"] == 0 and s["settled"]
     (window,) = stats["last_servicing"]
