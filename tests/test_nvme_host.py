@@ -75,7 +75,7 @@ def test_keepalive_servicing_during_io_issues_no_queue_identify_or_aer(host):
     done = host.disk("stats")["disks"][0]["completed"]
     # what was fetched before the delay completed and the next 16 (delayed) went out
     wait_for(lambda: host.disk("stats")["disks"][0]["completed"] > done and host.inspect(relay_at)["inflight"] == 16,
-             10)
+             30)  # (10 s was three of the delayed bursts: within reach of a loaded machine's disk agent)
     try:
         r, log = window(host, mana_keepalive=True, nvme_keepalive=True, timeout=10)
     finally:
