@@ -1,6 +1,5 @@
 """Driver against the emulator core in the same process (no transport): bring-up, data path, save and
 restore, refusals, typed errors. The process-level acceptance tests are in test_driver_process.py."""
-import threading
 
 import pytest
 
@@ -326,10 +325,16 @@ def test_lost_interrupt_is_survived_and_reported(bench, mem, monkeypatch):
     seq = bench.device.command_log.seq
     monkeypatch.setattr(bench.irqs, "trigger", lambda vector: None)  # the device's MSI-X goes nowhere
     control.hwc_stall(bench.device)
-    unstall = threading.Timer(0.03, control.hwc_stall, (bench.device, False))  # answers while the driver sleeps
-    unstall.start()
-    dev.bnic.query_dev_config()  # found by the re-poll when the 20 + 40 ms interrupt waits expire
-    unstall.join()
+    sleep = dev.gdma.irq.wait
+
+    def answer_then_sleep(vector, timeout):
+        """The device answers as the driver goes to sleep (a 30 ms timer could answer before the request was
+        sent on a loaded machine: the first poll found it, and no interrupt was missed)."""
+        control.hwc_stall(bench.device, False)
+        return sleep(vector, timeout)
+
+    monkeypatch.setattr(dev.gdma.irq, "wait", answer_then_sleep)
+    dev.bnic.query_dev_config()  # found by the re-poll when the interrupt wait expires
     report = [e for e in bench.device.command_log.since(seq) if e["name"] == "SMC_MSG_TYPE_REPORT_HWC_TIMEOUT"]
     assert report and report[0]["interrupt_loss"] == 1 and report[0]["last_cmd_failed"] == 0
     assert not dev.gdma.hwc_failure
