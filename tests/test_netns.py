@@ -91,7 +91,7 @@ def test_namespace_lifecycle_ends_what_runs_inside(rid):
     assert ns_links(name) == ["lo"]
     child = subprocess.Popen(netns.exec_argv(name, ["sleep", "60"]))
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while child.pid not in netns.pids(name) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert child.pid in netns.pids(name)
