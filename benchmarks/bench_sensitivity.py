@@ -10,17 +10,38 @@ guest traffic at --rate frames/s, one warm-up round, then --repeat rounds of one
 cell sees the same machine load. Per path: the guest's blackout (median, p95) and frames lost, and the HWC
 requests, SMC messages and FLRs the device counted.
 
-The floor of a path is what its necessary steps cost at best: the fixed costs every servicing pays
-(handing the saved state to a prelaunched worker and parsing it, scrubbing worker RAM at memset speed,
-reconnecting over vfio-user as a keepalive restore does: one pipelined batch of VERSION, DEVICE_GET_INFO, DMA_MAP,
-REGION_INFO and IRQ_INFO, one register-map read, one pipelined pair of SET_IRQS), plus per device
-round trip (HWC request or SMC message) the measured cost of one request at zero modelled latency, plus
-the modelled latency per HWC request and the modelled FLR wait per FLR, counting only the round trips and
-FLRs the device logged before the guest's blackout ended (the ones the data path waited for), plus one data
-round trip: the blackout ends only when a frame the guest sent comes back, guest -> relay -> device -> relay ->
-guest, so the floor counts the guest's RTT p50 of the undisturbed traffic at the same rate, measured in the same
-cell between the servicings (`undisturbed`). A lower bound: with no servicing at all the blackout metric, the
-longest gap in its window, reads more than one median round trip (`undisturbed_blackout_ms`, printed beside it).
+The floor of a path is the critical path of its necessary steps, each at its best (`floor_terms`), in a
+servicing's order from the guest's last frame back (its blackout's start) to its first frame back:
+1. save tail: the old worker's save after its relay stopped, before its state leaves (the DMA manager's state, the
+   device's, the servicing state encoded and framed). Measured for keepalive+datapath (`save_kept`, in
+   `kept_steps_ms`), whose save sends the device nothing; on the other paths that part of the save is mostly device
+   requests (the vport's teardown, or the shutdown), counted in 5., and the rest is left out (0: a lower bound).
+2. handoff: the saved state to a prelaunched process that parses it and answers one byte: the two process
+   wake-ups of a servicing's handoff, the state's to the host and the host's go to the next worker. (The next
+   worker's parse itself runs during the scrub: a few us counted in series.)
+3. scrub and reconnect: worker RAM filled at memset speed; the vfio-user reconnect of a kept device as a keepalive
+   restore makes it (one pipelined batch of VERSION, DEVICE_GET_INFO, DMA_MAP, REGION_INFO and IRQ_INFO, one
+   register-map read, one pipelined pair of SET_IRQS). On the keepalive paths the next worker sends that attach
+   once it has the state, while the host scrubs (`ManaKind.attach_ahead`), so the two can overlap and the floor
+   counts the larger; they do not always overlap on two CPUs shared with the guest agent and the device (the
+   attach went out before the go in 78 of 159 traced data-path keepalive servicings in session 13), but the
+   design allows it, so the larger is the lower bound. On the reset paths the next worker opens its device only
+   after the go: their sum.
+4. restore: the next worker's work from the go to its relay running. For keepalive+datapath measured whole
+   (`restore_kept`: the DMA manager and the device with its kept vport restored from the attach made ahead, the
+   validation, the relay started); on the other paths the relay's start alone (`relay_start`, every path pays it):
+   the rest of their restore runs among device requests counted in 5., and its own CPU is left out.
+5. the device: per device round trip (HWC request or SMC message) the measured cost of one request at zero
+   modelled latency, plus the modelled latency per HWC request and the modelled FLR wait per FLR, counting only the
+   round trips and FLRs the device logged before the guest's blackout ended (the ones the data path waited for).
+6. one data round trip: the blackout ends only when a frame the guest sent comes back, guest -> relay -> device ->
+   relay -> guest, so the floor counts the guest's RTT p50 of the undisturbed traffic at the same rate, measured
+   in the same cell between the servicings (`undisturbed`). A lower bound: with no servicing at all the blackout
+   metric, the longest gap in its window, reads more than one median round trip (`undisturbed_blackout_ms`,
+   printed beside it).
+Up to session 13 the floor of every path was 2. + scrub + reconnect + 5. + 6.: a lower bound but not the critical
+path (it counted the reconnect in series and left out 1. and 4.). Each row keeps that floor and its ratio beside
+the new ones (`old_floor_ms`, `over_old_floor`), so a ratio that moved because the floor changed reads as such.
 The device round trips a path waits for are the fewest any of its servicings in the cell waited for (a slow
 servicing whose blackout outlasted a deferred request does not raise the floor). The fixed costs are measured in
 micro-benchmarks, a batch before the first cell and one after each, each cost the 10th percentile of its samples of
@@ -33,7 +54,10 @@ it: nothing touches most of it between two servicings, seconds apart while other
 is larger than any cache (the host's scrub inside a servicing took 0.84-1.3 ms of CPU); before each sample a buffer
 twice the largest cache is written. Measured warm, the same 7 MiB stayed in a 32 MiB cache and read 0.19-0.33 ms,
 less than a servicing can pay. The reconnect is measured after 5 ms idle, as between two workers (the device has
-served the last client's disconnect and waits, the client was blocked), not back to back. Reported: median / floor
+served the last client's disconnect and waits, the client was blocked), not back to back. The save tail and the
+restore are measured in a process that has run them before: an old worker has rehearsed its save
+(`Worker._warm_save_path`), but a new worker restores once in its life, in a new process, and pays more than this
+(a lower bound). Reported: median / floor
 per path. A floor above its path's median is not a lower bound: the run says so (`floors_above_median`).
 A servicing the guest traffic did not measure is counted per path (`unmeasured`), not a failed run.
 Results: results/sensitivity.json and .png.
@@ -44,6 +68,7 @@ import argparse
 import ctypes
 import glob
 import os
+import select
 import statistics
 import struct
 import subprocess
@@ -52,13 +77,21 @@ import tempfile
 import time
 
 from vfkeep import proc
+from vfkeep.contract import Channel, NicConfig, save_state_messages
 from vfkeep.device.main import start_device
 from vfkeep.device.timing import MAX_FLR_MS, MAX_HWC_LATENCY_MS, DeviceTiming
 from vfkeep.driver.mana import ManaDevice
+from vfkeep.guest.ring import ChannelLayout, NicChannel
 from vfkeep.guest.stats import percentile
-from vfkeep.host.vmm import WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
+from vfkeep.host.vmm import DEFAULT_RING_SLOTS, WORKER_BASE_PAGES, WORKER_PAGES_PER_NIC
 from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
+from vfkeep.paravisor.device_kind import PreviousState
+from vfkeep.paravisor.mana_kind import ManaKind
+from vfkeep.paravisor.options import KeepAliveConfig
+from vfkeep.paravisor.servicing import (begin_servicing_state, decode_servicing_state, finish_servicing_state,
+                                        reference_time)
 from vfkeep.paravisor.vf_manager import nic_dma_clients
+from vfkeep.proto import underhill_pb2
 from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected, wait_steady
 from vfkeep.vfio_user.control import control_call
 from vfkeep.vfio_user import VfioDevice
@@ -231,18 +264,134 @@ def request_ms(sock: str, mem: GuestMemory, n: int) -> list[float]:
         dev.shutdown()
 
 
-FIXED = ("request", "reconnect", "scrub", "handoff")
+#: The guest rings of the kept-state servicings (`kept_steps_ms`): one NIC's, as the host lays them out.
+CHANNELS = ChannelLayout(nics=1, slots=DEFAULT_RING_SLOTS)
+ENABLED = KeepAliveConfig.ENABLED_HOST_AND_PRIVATE_POOL_PRESENT
+
+
+def _generation(sock: str, mem: GuestMemory, rings: NicChannel) -> ManaKind:
+    """A worker generation's networking for one NIC with data-path keepalive, prepared as a prelaunched worker
+    prepares it (guest rings attached, relay thread started); its own doorbell fds (closed with its rings)."""
+    tx, rx = (os.dup(fd) for fd in rings.bell_fds())
+    kind = ManaKind([NicConfig(0, "bench0", sock, tx, rx)], mem, CHANNELS.to_str(), datapath_keepalive=True)
+    kind.prepare()
+    return kind
+
+
+def _resume(kind: ManaKind, path: str):
+    """Start the NIC's relay (as `ManaKind.start`) and wait until it has resumed; the NIC's VF manager, checked to
+    have come up on `path`."""
+    (vf,) = kind.vf_managers
+    vf.start_traffic(CHANNELS.to_str())
+    if vf.restore_path != path or not vf.wait_resumed(time.monotonic() + 1.0):
+        raise RuntimeError(f"the NIC did not come up on the {path} path and resume: {vf.restore_report()}")
+    return vf
+
+
+def _started(kind: ManaKind, dma: DmaManager) -> None:
+    """The rest of a worker's start once its relays run: the deferred probe and the monitor (`VfManager.run`), then
+    its rehearsal of the save (`Worker._warm_save_path`), all outside the measured steps."""
+    for vf in kind.vf_managers:
+        vf.run()
+    dma.save()
+    kind.rehearse_save(underhill_pb2.ServicingState())
+
+
+def _settle(kind: ManaKind, timeout_s: float = 5.0) -> None:
+    """Wait until the device has answered every attach sent ahead (`ManaKind.settle_ahead`), as a next worker does
+    while the host scrubs."""
+    deadline = time.monotonic() + timeout_s
+    while waiting := kind.settle_ahead():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the device did not answer the attach sent ahead in {timeout_s} s")
+        poller = select.poll()
+        for fd in waiting:
+            poller.register(fd, select.POLLIN)
+        poller.poll(100)
+
+
+def kept_steps_ms(sock: str, mem: GuestMemory, n: int) -> dict[str, list[float]]:
+    """The workers' own steps of a data-path keepalive servicing, each sample one servicing of one NIC run in this
+    process with the workers' code (`ManaKind`, `DmaManager`) against the device process (samples, ms):
+    - `save_kept`: the old worker's save after its relay stopped (the guest's last frames are back): the DMA
+      manager's state, the device's with its HWC and kept vport, the servicing state completed and encoded, and the
+      host's messages framed (their send is the handoff's);
+    - `restore_kept`: the next worker's restore from the go to its relay running (the attach sent ahead and
+      answered and the DMA state checked ahead, as the host's scrub leaves them): the DMA manager and the device
+      restored, the validation, the relay started;
+    - `relay_start`: the end of `restore_kept`, from the relay's start to it running (every path pays it).
+    Each worker generation follows the last, as in servicings; the save path rehearsed as a worker does. Measured
+    in a process that has run them before (a new worker restores once in its life, cold: more than this). A device
+    request (HWC or SMC) inside the steps is an error: their round trips are counted apart."""
+    ctl = sock + ".ctl"
+    rings = NicChannel.create(mem, CHANNELS, 0)
+    samples: dict[str, list[float]] = {"save_kept": [], "restore_kept": [], "relay_start": []}
+    kind, dma = _generation(sock, mem, rings), DmaManager(mem)
+    try:
+        kind.configure(dma)
+        kind.restore(PreviousState(), ENABLED)
+        dma.validate_restore()
+        _resume(kind, "fresh")
+        _started(kind, dma)
+        for i in range(n + 1):  # the first servicing warms up and is not counted
+            state = underhill_pb2.ServicingState()
+            begin_servicing_state(state, nics=kind.emuplat(), correlation_id=None,
+                                  vm_stop_reference_time=reference_time())
+            kind.stop()
+            seq = control_call(ctl, "command_log", since=1 << 62)["last_seq"]
+            t = time.perf_counter()
+            dma_state = dma.save()
+            outcomes = kind.save(True, state)
+            finish_servicing_state(state, dma_state=dma_state, flush_logs_us=0)
+            blob = state.SerializeToString()
+            for msg in save_state_messages(blob, tuple(outcomes), {"total": 0.0}):
+                Channel.frame(msg.to_json())
+            save_ms = (time.perf_counter() - t) * 1000
+            for vf in kind.vf_managers:
+                vf.channel.close()
+            decoded = decode_servicing_state(blob, downlevel=False)
+            mem.scrub_worker_ram()
+            kind, dma = _generation(sock, mem, rings), DmaManager(mem)
+            kind.attach_ahead(decoded, ENABLED)
+            dma.prepare_restore(decoded.init_state.dma_manager_state)
+            _settle(kind)
+            go = time.monotonic_ns()
+            dma.restore(decoded.init_state.dma_manager_state)
+            kind.configure(dma)
+            kind.restore(PreviousState(decoded), ENABLED)
+            dma.validate_restore()
+            start = time.monotonic_ns()
+            vf = _resume(kind, "keepalive")
+            requests = [e["name"] for e in control_call(ctl, "command_log", since=seq)["entries"]
+                        if e["kind"] in ("hwc", "smc")]
+            if requests:
+                raise RuntimeError(f"device requests inside the kept-state steps: {requests}")
+            if i:
+                samples["save_kept"].append(save_ms)
+                samples["restore_kept"].append((vf.relay.running_ns - go) / 1e6)
+                samples["relay_start"].append((vf.relay.running_ns - start) / 1e6)
+            _started(kind, dma)
+        return samples
+    finally:
+        kind.shutdown()
+        for vf in kind.vf_managers:
+            if vf.channel is not None:
+                vf.channel.close()
+        rings.close()
+
+
+FIXED = ("request", "reconnect", "scrub", "handoff", "save_kept", "restore_kept", "relay_start")
 
 
 def fixed_cost_samples(blob: bytes | None, n: int = 200) -> dict[str, list[float]]:
     """One batch of samples of each fixed cost, ms (the handoff's only once a cell gave a saved state, `blob`)."""
-    layout = MemoryLayout(guest_pages=16, worker_pages=WORKER_PAGES, pool_pages=512)
+    layout = MemoryLayout(guest_pages=CHANNELS.total_pages, worker_pages=WORKER_PAGES, pool_pages=512)
     with tempfile.TemporaryDirectory(prefix="vfkeep-bench-") as tmp, GuestMemory.create(layout) as mem:
         sock = os.path.join(tmp, "nic.sock")
         device = start_device(sock, "--timing", "natural", "--reset-method", "none", "--run-dir", tmp)
         try:
             batch = {"request": request_ms(sock, mem, n), "reconnect": reconnect_ms(sock, mem, n // 2),
-                     "scrub": scrub_ms(mem, n // 4)}
+                     **kept_steps_ms(sock, mem, n // 8), "scrub": scrub_ms(mem, n // 4)}
         finally:
             proc.end(device)
     batch["handoff"] = handoff_ms(blob, n) if blob else []
@@ -261,17 +410,44 @@ def fixed_costs(batches: list[dict[str, list[float]]], blob_bytes: int) -> dict:
         costs[f"{name}_ms"] = round(at_best(pooled), 4)
         costs[f"{name}_median_ms"] = round(statistics.median(pooled), 4)
         costs[f"{name}_batches_ms"] = [round(at_best(sorted(b[name])), 4) for b in batches if b[name]]
-    costs["fixed_ms"] = round(costs["handoff_ms"] + costs["scrub_ms"] + costs["reconnect_ms"], 4)
     costs["blob_bytes"] = blob_bytes
     return costs
 
 
-def floor_ms(counts: dict, timing: DeviceTiming, costs: dict, rtt_ms: float) -> float:
-    """The least a servicing can cost whose data path waited for these device round trips and then carried one
-    frame around (`rtt_ms`, the undisturbed traffic's; see the module docstring)."""
+#: The paths whose next worker sends its device attach ahead, while the host scrubs (`ManaKind.attach_ahead`: saved
+#: state and keepalive enabled): their reconnect can overlap the scrub.
+ATTACH_AHEAD = frozenset({"keepalive", "keepalive+datapath"})
+#: The path whose workers save and restore the kept state with no device request (DESIGN D7): its save's end and its
+#: restore are measured whole (`kept_steps_ms`).
+KEPT_STATE = "keepalive+datapath"
+
+
+def floor_terms(path: str, counts: dict, timing: DeviceTiming, costs: dict, rtt_ms: float) -> dict[str, float]:
+    """The floor of a servicing on `path` whose data path waited for these device round trips and then carried one
+    frame around (`rtt_ms`, the undisturbed traffic's), step by step along its critical path (ms; the module
+    docstring says why each is there); the floor is their sum."""
     hwc, smc, flr = (counts[f"critical_{k}"] for k in ("hwc_requests", "smc_messages", "device_resets"))
-    return (costs["fixed_ms"] + (hwc + smc) * costs["request_ms"] + hwc * timing.hwc_latency_ms
-            + flr * timing.flr_ms + rtt_ms)
+    kept = path == KEPT_STATE
+    scrub, reconnect = costs["scrub_ms"], costs["reconnect_ms"]
+    return {"save_tail": costs["save_kept_ms"] if kept else 0.0,
+            "handoff": costs["handoff_ms"],
+            "scrub_reconnect": max(scrub, reconnect) if path in ATTACH_AHEAD else scrub + reconnect,
+            "restore": costs["restore_kept_ms"] if kept else costs["relay_start_ms"],
+            "device": (hwc + smc) * costs["request_ms"] + hwc * timing.hwc_latency_ms + flr * timing.flr_ms,
+            "data_rtt": rtt_ms}
+
+
+def floor_ms(path: str, counts: dict, timing: DeviceTiming, costs: dict, rtt_ms: float) -> float:
+    """The least a servicing on `path` can cost (`floor_terms`, summed)."""
+    return sum(floor_terms(path, counts, timing, costs, rtt_ms).values())
+
+
+def old_floor_ms(counts: dict, timing: DeviceTiming, costs: dict, rtt_ms: float) -> float:
+    """The floor as defined up to session 13, for every path: handoff, scrub and reconnect in series, the device
+    round trips and one data round trip; no save tail, no restore. Printed beside the floor so that a ratio that
+    moved because the floor changed reads as such."""
+    terms = floor_terms("reset", counts, timing, costs, rtt_ms)
+    return terms["handoff"] + terms["scrub_reconnect"] + terms["device"] + terms["data_rtt"]
 
 
 # -- run, summarise, plot ---------------------------------------------------------------------------------------
@@ -300,11 +476,14 @@ def run(latencies: list[float], flrs: list[float], repeat: int, rate: float) -> 
         for path in ORDER:
             s, unmeasured = samples[path]
             counts = {k: (min if k.startswith("critical_") else statistics.median)(x[k] for x in s) for k in COUNTS}
-            floor = floor_ms(counts, timing, costs, meta["datapath_rtt_ms"])
+            terms = floor_terms(path, counts, timing, costs, meta["datapath_rtt_ms"])
+            floor, old = sum(terms.values()), old_floor_ms(counts, timing, costs, meta["datapath_rtt_ms"])
             blackout = summary([x["blackout_ms"] for x in s])
             rows.append({"timing": timing.to_dict(), "path": path, "blackout_ms": blackout,
                          "frames_lost": summary([x["frames_lost"] for x in s]), **counts,
                          "floor_ms": round(floor, 3), "over_floor": round(blackout["median"] / floor, 2),
+                         "floor_terms_ms": {k: round(v, 4) for k, v in terms.items()},
+                         "old_floor_ms": round(old, 3), "over_old_floor": round(blackout["median"] / old, 2),
                          "unmeasured": unmeasured, **meta})
     return rows, costs
 
@@ -337,8 +516,9 @@ def floors_above_median(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], ratios: list[dict]) -> str:
     n = rows[0]["blackout_ms"]["n"] + rows[0]["unmeasured"]
-    lines = [f"Guest blackout, ms: median / p95 of {n} servicings per path, (Nx) = median / the path's floor; the last "
-             "two columns: median / keepalive+datapath's.",
+    lines = [f"Guest blackout, ms: median / p95 of {n} servicings per path, (Nx; old Mx) = median / the path's floor "
+             "and / the floor as defined up to session 13 (`old_floor_ms`); the last two columns: median / "
+             "keepalive+datapath's.",
              "", "| FLR ms | HWC ms/request | " + " | ".join(ORDER) + " | reset / kp+dp | reset-flr / kp+dp |",
              "|---:|---:|" + "---:|" * (len(ORDER) + 2)]
     for ratio in ratios:
@@ -346,7 +526,8 @@ def markdown(rows: list[dict], ratios: list[dict]) -> str:
                 if (r["timing"]["flr_ms"], r["timing"]["hwc_latency_ms"]) == (ratio["flr_ms"], ratio["hwc_latency_ms"])}
         lines.append(f"| {ratio['flr_ms']:g} | {ratio['hwc_latency_ms']:g} | " + " | ".join(
             f"{cell[p]['blackout_ms']['median']:.1f} / {cell[p]['blackout_ms']['p95']:.1f} "
-            f"({cell[p]['over_floor']:.1f}x{', %d unmeasured' % cell[p]['unmeasured'] if cell[p]['unmeasured'] else ''})"
+            f"({cell[p]['over_floor']:.2f}x; old {cell[p]['over_old_floor']:.2f}x"
+            f"{', %d unmeasured' % cell[p]['unmeasured'] if cell[p]['unmeasured'] else ''})"
             for p in ORDER)
             + f" | {ratio['reset_over_datapath']:.1f}x | {ratio['reset-flr_over_datapath']:.1f}x |")
     if bad := floors_above_median(rows):
@@ -368,14 +549,21 @@ def counts_markdown(rows: list[dict], costs: dict) -> str:
         lines.append(f"| {path} | {r['hwc_requests']:g} | {r['smc_messages']:g} | {r['device_resets']:g} | "
                      f"{r['critical_hwc_requests']:g} / {r['critical_smc_messages']:g} / "
                      f"{r['critical_device_resets']:g} |")
-    lines += ["", f"Floor = {costs['fixed_ms']:.3f} ms fixed, each cost the 10th percentile of its samples (handoff "
-                  f"{costs['handoff_ms']:.3f}: a {costs['blob_bytes']}-byte saved state to a prelaunched process, "
-                  f"parsed; scrub {costs['scrub_ms']:.3f}: {WORKER_PAGES} pages at memset speed, not in the cache; "
-                  f"vfio-user reconnect {costs['reconnect_ms']:.3f})",
-              f"  + {costs['request_ms']:.3f} ms per device round trip waited for (HWC request or SMC message) + the "
+    c = costs
+    lines += ["", "Floor (each cost the 10th percentile of its samples, ms) = the old worker's save after its relay "
+                  f"stopped (keepalive+datapath: {c['save_kept_ms']:.3f}; other paths: 0, their device requests are "
+                  "counted below)",
+              f"  + handoff {c['handoff_ms']:.3f} (a {c['blob_bytes']}-byte saved state to a prelaunched process, "
+              "parsed, one byte back)",
+              f"  + scrub {c['scrub_ms']:.3f} ({WORKER_PAGES} pages at memset speed, not in the cache) and vfio-user "
+              f"reconnect {c['reconnect_ms']:.3f}: the larger of the two for keepalive and keepalive+datapath (the "
+              "next worker's attach goes ahead during the scrub), their sum for the reset paths",
+              f"  + the next worker's restore from the go to its relay running (keepalive+datapath: "
+              f"{c['restore_kept_ms']:.3f}; other paths: the relay's start, {c['relay_start_ms']:.3f})",
+              f"  + {c['request_ms']:.3f} per device round trip waited for (HWC request or SMC message) + the "
               "modelled latency per HWC request + the FLR wait per FLR waited for",
-              f"  + one data round trip, the guest's RTT p50 with no servicing: "
-              f"{_spread(rows, 'datapath_rtt_ms')}.",
+              f"  + one data round trip, the guest's RTT p50 with no servicing: {_spread(rows, 'datapath_rtt_ms')}.",
+              "Old floor (up to session 13): handoff + scrub + reconnect + the round trips + one data round trip.",
               f"A lower bound: with no servicing the blackout metric (the longest gap) reads "
               f"{_spread(rows, 'undisturbed_blackout_ms')}."]
     return "\n".join(lines)

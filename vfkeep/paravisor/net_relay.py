@@ -108,6 +108,9 @@ class NetRelay:
         #: has its first frames back (`_resume`) or the relay ends, stamped with this time (`kv_at`) — formatting
         #: and writing it first took the relay 0.1-0.2 ms of CPU inside the guest's blackout.
         self._running: tuple[int, int, int] | None = None
+        #: When the relay's loop started (time.monotonic_ns(); None before): the end of a restore's window up to its
+        #: relay running (`bench_sensitivity` measures the restore's steps to it).
+        self.running_ns: int | None = None
         #: The thread the relay runs on, once started (made here only without one started ahead: a thread object
         #: costs 20-40 us of CPU in the restore's window).
         self._thread: threading.Thread | None = None
@@ -182,6 +185,7 @@ class NetRelay:
             if fd != tx_bell.fd:
                 answer.register(fd, select.POLLIN)
         self._running = (time.monotonic_ns(), self.channel.tx.head, self.channel.rx.tail)
+        self.running_ns = self._running[0]
         moved = False
         rx_before = self.stats.rx_frames
         while not self._stopping:
