@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 
@@ -264,8 +265,8 @@ def test_stop_ends_a_stopped_host_in_order(tmp_path):
     try:
         os.kill(h.pid, signal.SIGSTOP)
         r = vfkeep("stop", "--run-dir", h.run_dir, timeout=50)
-        assert r.returncode == 0 and r.stdout == (f"stopped host pid {h.pid} in {h.run_dir} (NICs shut down, every "
-                                                  "device and agent ended)\n"), r
+        assert r.returncode == 0 and r.stdout == (f"stopped host pid {h.pid} in {h.run_dir}: worker 1 (pid "
+                                                  f"{kids[-1]}) shut 1 NIC down; every device and agent ended\n"), r
         assert h.reap(30) == 143 and not [p for p in kids if pid_alive(p)]
         assert "host stopped" in h.logs()  # in order: its own teardown ran
     finally:
@@ -427,7 +428,7 @@ def test_events_ends_with_the_hosts_stop(tmp_path):
         if h.child.poll() is None:
             h.kill()
     assert child.returncode == 0 and err == "", err
-    assert [json.loads(ln)["event"] for ln in out.splitlines()] == ["host_stopping"]
+    assert [json.loads(ln)["event"] for ln in out.splitlines()] == ["host_stopping", "host_stopped"]
 
 
 def test_a_stopping_host_waits_for_its_streams_to_pass_on_the_last_event():
@@ -527,3 +528,70 @@ def test_a_host_still_starting_is_not_called_absent(tmp_path):
         f"vfkeep: status: no host answering in {tmp_path}: cannot connect to {tmp_path}/host.sock: No such file or "
         f"directory; host pid {host.pid} runs there but its control socket is not up: still starting, or the socket "
         f"was removed (host log: {tmp_path}/host.log)\n"), r
+
+
+@pytest.mark.parametrize("nics", [0, 2])
+def test_stop_says_what_the_stop_did_to_the_nics(tmp_path, nics):
+    """`vfkeep stop` said "NICs shut down" whatever happened: with no NIC at all, a worker that had died or one that
+    never answered its shutdown. It now says what the host's teardown reports (its host_stopped event)."""
+    h = HostRun(tmp_path / "run", nics=nics)
+    try:
+        st = h.status()
+        worker, pcis = st["worker"]["pid"], [d["pci_id"] for d in st["devices"]]
+        r = vfkeep("stop", "--run-dir", h.run_dir, "--json")
+        assert h.reap(30) == 0
+    finally:
+        if h.child.poll() is None:
+            h.kill()
+    assert r.returncode == 0, r
+    summary = f"worker 1 (pid {worker}) " + ("had no NIC to shut down" if nics == 0 else "shut 2 NICs down")
+    assert json.loads(r.stdout) == {"stopped": h.pid, "run_dir": h.run_dir, "servicing_phase": None, "outcome": {
+        "worker": "shut_down", "nics_shut_down": pcis, "nvme_shut_down": [], "summary": summary}}, r
+
+
+class _Worker:
+    """A worker as the teardown sees it, in the state `how`."""
+
+    def __init__(self, how: str):
+        from vfkeep.host.worker_proc import WorkerFailed
+        self.how, self.generation, self.pid, self.failed = how, 4, 4242, WorkerFailed
+        self.state_taken = how == "saved"
+        self.child = subprocess.CompletedProcess([], -9 if how == "dead" else 0)
+        self.asked = []
+
+    def alive(self):
+        return self.how != "dead"
+
+    def dismiss(self, timeout):
+        self.asked.append("dismiss")
+
+    def request(self, msg, timeout, reply):
+        self.asked.append(type(msg).__name__)
+        if self.how == "silent":
+            raise self.failed("worker 4 (pid 4242) did not answer within 10 s")
+
+    def end(self):
+        return self.child.returncode
+
+
+@pytest.mark.parametrize("how, worker, summary", [
+    ("dead", "dead", "worker 4 (pid 4242) had exited (killed by SIGKILL): its 2 NICs were not shut down"),
+    ("silent", "no_shutdown", "worker 4 (pid 4242) did not confirm its shutdown (worker 4 (pid 4242) did not answer "
+                              "within 10 s); it was ended: its 2 NICs were perhaps not shut down"),
+    ("saved", "abandoned_servicing", "worker 4 (pid 4242) had saved its state for the servicing the stop abandoned: "
+                                     "its 2 NICs were left as saved, not shut down"),
+    (None, "none", "no worker was running: no NIC was shut down"),
+    ("answers", "shut_down", "worker 4 (pid 4242) shut 2 NICs down"),
+])
+def test_the_stop_outcome_says_whether_the_nics_were_shut_down(tmp_path, how, worker, summary):
+    """What `vfkeep stop` prints (the host_stopped event's summary) for each state the teardown finds the worker in:
+    it said "NICs shut down" for every one."""
+    from vfkeep.host.vmm import Host, HostConfig
+
+    host = Host(HostConfig(run_dir=str(tmp_path), nics=2))
+    host.devices = [types.SimpleNamespace(pci_id=p) for p in ("a1:00.0", "a2:00.0")]
+    host.worker = None if how is None else _Worker(how)
+    out = host._end_worker()
+    shut = ["a1:00.0", "a2:00.0"] if worker == "shut_down" else []
+    assert out == {"worker": worker, "nics_shut_down": shut, "nvme_shut_down": [], "summary": summary}
+    assert host.worker is None

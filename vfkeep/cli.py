@@ -44,7 +44,8 @@ SUMMARIES: dict[str, str] = {
     "run": "Start the VM: guest memory, device processes, rings, worker; console unless --detach/--no-console.",
     "service": "Service the paravisor: save the worker, start the next one, restore; print the servicing result.",
     "inspect": "Live tree of the host, worker, devices and last servicing; PATH selects a sub-tree (worker/nics/0).",
-    "stop": "Stop the host (NICs shut down, every child ended) and wait for it to exit; says what it stopped.",
+    "stop": "Stop the host (its worker shuts its NICs down, every child ends) and wait for it to exit; says what "
+            "the stop did (which NICs were shut down, or why none was).",
     "events": "Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping) until "
               "it stops (exit 0).",
     "status": "Host, worker and device processes at a glance, and the servicing in progress (answers during one).",

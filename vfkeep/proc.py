@@ -183,6 +183,13 @@ def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
     return proc.returncode
 
 
+def exit_description(code: int | None) -> str:
+    """An exit status as a person reads it: `exit status N`, `killed by SIGKILL` (Popen's negative codes)."""
+    if code is None:
+        return "still running"
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+
 def stat_fields(pid: int | str) -> list[str] | None:
     """/proc/<pid>/stat after the command name (state, ppid, pgrp, session, ...); None once the process is gone."""
     try:

@@ -386,7 +386,9 @@ def _serve(host, run_dir: str, console: bool) -> int:
             say(f"a servicing is in progress (phase {phase}); waiting up to {host_safe_point_s():g} s for it to "
                 "reach a safe point")
         host.stop()
-        say("VM stopped: the worker shut its NICs down, then every device and agent ended")
+        done = host.stop_outcome
+        say(f"VM stopped: {done['summary']}, then every device and agent ended" if done["worker"] != "unknown"
+            else f"VM stopped: {done['summary']}")
         return code
     finally:
         stop.set()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -131,7 +130,7 @@ class DeviceProcess:
         code = self.child.poll()
         if code is None:
             return None
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        how = proc.exit_description(code)
         log_path = os.path.join(os.path.dirname(self.socket), f"device-{self.kind}{self.index}.log")
         return f"device {self.kind}{self.index} ({self.pci_id}, pid {self.child.pid}) died, {how} (see {log_path})"
 

@@ -24,6 +24,8 @@ KINDS = {
     "servicing_completed": "servicing, status, ok, error, phases_ms, nics [{pci_id, restore_path, reason}]",
     "nic_state": "pci_id, restore_path, error, worker_generation, cause (boot|servicing|replacement)",
     "host_stopping": "cause",
+    "host_stopped": "worker (shut_down|none|dead|no_shutdown|abandoned_servicing|unknown), nics_shut_down, "
+                    "nvme_shut_down (pci ids), summary",
 }
 QUEUE_LEN = 1024
 #: How long a stopping host waits for its subscribers' readers to pass on what they hold (host_stopping).

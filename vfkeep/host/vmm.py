@@ -250,6 +250,9 @@ class Host:
         self._booted = threading.Event()
         self._starting: WorkerProcess | None = None  # the worker spawned last (during boot: the one it waits for)
         self._idle.set()
+        #: What the stop did to the devices (`_teardown`): {"worker", "nics_shut_down", "nvme_shut_down",
+        #: "summary"}; None until a teardown ran. `vfkeep stop` gets it in the host_stopped event.
+        self.stop_outcome: dict | None = None
         #: What the control socket's `events` streams (host/events.py); `_nic_states` is the last NIC state
         #: published per pci_id, so `nic_state` is sent on changes only.
         self.events = EventBus()
@@ -335,6 +338,10 @@ class Host:
             except Exception as e:  # noqa: BLE001 - teardown is best effort, children end regardless
                 kv(log, logging.ERROR, "teardown failed", error=repr(e))
             self._actor.join(timeout=30)
+        if self.stop_outcome is None:  # (no teardown ran to its end: nothing is known to have been shut down)
+            self.stop_outcome = stop_outcome("unknown", [], [], "the teardown did not complete (host log): no NIC "
+                                             "is known to have been shut down")
+        self.events.publish("host_stopped", **self.stop_outcome)
         self.events.close()
 
     def _abandon_prelaunch(self) -> None:
@@ -519,17 +526,7 @@ class Host:
             self.guest_disks.close()
         if self.guest_net is not None:
             self.guest_net.end_bridges()
-        if self.worker is not None:
-            if self.worker.state_taken:  # saved for a servicing the stop abandoned: it answers no shutdown
-                self.worker.dismiss(5.0)  # (asked anyway, the teardown waited 10 s for the Bye)
-            elif self.worker.alive():
-                try:
-                    self.worker.request(Shutdown(), 10.0, Bye)
-                except WorkerFailed as e:
-                    kv(log, logging.WARNING, "worker did not shut down cleanly", error=str(e))
-            code = self.worker.end()
-            kv(log, logging.INFO, "worker shut down", generation=self.worker.generation, exit_status=code)
-            self.worker = None
+        outcome = self._end_worker()
         for d in [*self.devices, *self.nvme_devices]:
             kv(log, logging.INFO, "device ended", pci_id=d.pci_id, exit_status=d.end())
         for path in self._temp_disks:
@@ -545,7 +542,42 @@ class Host:
             c.close()
         if self.mem is not None:
             self.mem.close()
-        kv(log, logging.INFO, "host stopped", servicings=self.servicings)
+        self.stop_outcome = outcome
+        kv(log, logging.INFO, "host stopped", servicings=self.servicings, worker=outcome["worker"],
+           nics_shut_down=len(outcome["nics_shut_down"]))
+
+    def _end_worker(self) -> dict:
+        """The teardown's end of the worker: a normal shutdown of its NICs (and NVMe controllers) when it can take
+        one; what happened (`stop_outcome`), which `vfkeep stop` says instead of "NICs shut down" whatever the case."""
+        nics = [self.devices[i].pci_id for i in self.configured if i < len(self.devices)]
+        nvme = [d.pci_id for d in self.nvme_devices]
+        owned = " and ".join(filter(None, (_count(len(nics), "NIC"), nvme and _count(len(nvme), "NVMe controller"))))
+        its = f"its {owned} {'were' if len(nics) + len(nvme) > 1 else 'was'}" if nics or nvme else None
+        if self.worker is None:
+            return stop_outcome("none", [], [], "no worker was running: no NIC was shut down")
+        w = f"worker {self.worker.generation} (pid {self.worker.pid})"
+        if self.worker.state_taken:  # saved for a servicing the stop abandoned: it answers no shutdown
+            self.worker.dismiss(5.0)  # (asked anyway, the teardown waited 10 s for the Bye)
+            outcome = stop_outcome("abandoned_servicing", [], [], f"{w} had saved its state for the servicing the "
+                                   f"stop abandoned: {f'{its} left as saved, not shut down' if its else 'it had no NIC'}")
+        elif self.worker.alive():
+            try:
+                self.worker.request(Shutdown(), 10.0, Bye)
+            except WorkerFailed as e:
+                kv(log, logging.WARNING, "worker did not shut down cleanly", error=str(e))
+                outcome = stop_outcome("no_shutdown", [], [], f"{w} did not confirm its shutdown ({e}); it was ended"
+                                       + (f": {its} perhaps not shut down" if its else ""))
+            else:
+                outcome = stop_outcome("shut_down", nics, nvme,
+                                       f"{w} shut {owned} down" if its else f"{w} had no NIC to shut down")
+        else:
+            how = proc.exit_description(self.worker.child.returncode)
+            outcome = stop_outcome("dead", [], [], f"{w} had exited ({how}): "
+                                   + (f"{its} not shut down" if its else "it had no NIC"))
+        code = self.worker.end()
+        kv(log, logging.INFO, "worker shut down", generation=self.worker.generation, exit_status=code)
+        self.worker = None
+        return outcome
 
     # -- workers ---------------------------------------------------------------------------------
     def worker_env(self, extra: dict[str, str]) -> dict[str, str]:
@@ -1217,6 +1249,17 @@ class Host:
                     got.add(parsed.seq)
         received = len(want & got)
         return {"nic": nic, "sent": pushed, "received": received, "ok": received == count}
+
+
+def stop_outcome(worker: str, nics: list[str], nvme: list[str], summary: str) -> dict:
+    """What a host's stop did (the host_stopped event's data): `worker` is how its worker ended (shut_down: it
+    confirmed the normal shutdown of `nics` / `nvme`; none, dead, no_shutdown, abandoned_servicing, unknown:
+    nothing was shut down); `summary`, the sentence `vfkeep stop` prints."""
+    return {"worker": worker, "nics_shut_down": nics, "nvme_shut_down": nvme, "summary": summary}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}" if n else f"no {noun}"
 
 
 def _keepalive_config(w: WorkerProcess | None, kind: str) -> str | None:

@@ -539,15 +539,17 @@ def exec_command(ctx, run_dir, as_json, timeout, nic, argv):
 @click.option("--timeout", type=FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               metavar="SEC", help="wait SEC seconds for the host to exit")
 def stop_command(ctx, run_dir, as_json, timeout):
-    """Stop the host (NICs shut down, every child ended) and wait for it to exit; says what it stopped. With
-    no host running it says so and exits 0. In the console: stop this VM, as `quit`."""
+    """Stop the host (its worker shuts its NICs down, every child ends) and wait for it to exit; says what the
+    stop did (which NICs were shut down, or why none was). With no host running it says so and exits 0. In the
+    console: stop this VM, as `quit`."""
     target = _target(ctx, run_dir)
     run_dir = target.run_dir
+    outcome = _StopOutcome(run_dir, target)
     try:
         reply = target.call("stop", wait=30)
     except CommandError as e:
         if e.kind not in ("Unavailable", "Timeout", "Stopped"):
-            raise
+            raise  # (the reader thread, a daemon, goes with this process)
         pid = _pidfile_pid(run_dir)
         if pid is None or not _is_host(pid):
             # a SIGKILLed host's leftovers: what the next `run` would remove
@@ -559,6 +561,7 @@ def stop_command(ctx, run_dir, as_json, timeout):
             return
         if e.kind == "Stopped":
             os.kill(pid, signal.SIGCONT)  # (first: proc.end says why; then it takes the SIGTERM, the same orderly stop)
+            outcome.subscribe()  # (it answers again: what its stop does is still worth hearing)
         os.kill(pid, signal.SIGTERM)  # alive but not answering (e.g. still booting, or stopped by SIGSTOP)
         reply = {"host_pid": pid, "servicing_phase": None}
     pid = reply["host_pid"]
@@ -574,10 +577,55 @@ def stop_command(ctx, run_dir, as_json, timeout):
     except KeyboardInterrupt as e:
         e.note = f"host pid {pid} was asked to stop and goes on stopping (log: {run_dir}/{LOG_NAME})"
         raise
+    done = outcome.close()
     if as_json:
-        _print_json(ctx, {"stopped": pid, "run_dir": run_dir, "servicing_phase": reply.get("servicing_phase")})
+        _print_json(ctx, {"stopped": pid, "run_dir": run_dir, "servicing_phase": reply.get("servicing_phase"),
+                          "outcome": done})
+    elif done is None:  # (an old host, one still booting, or one that died meanwhile: it said nothing)
+        _echo(ctx, f"stopped host pid {pid} in {run_dir}; it did not report what its stop did (host log: "
+                   f"{run_dir}/{LOG_NAME})")
     else:
-        _echo(ctx, f"stopped host pid {pid} in {run_dir} (NICs shut down, every device and agent ended)")
+        _echo(ctx, f"stopped host pid {pid} in {run_dir}: {done['summary']}"
+                   + ("; every device and agent ended" if done["worker"] != "unknown" else ""))
+
+
+class _StopOutcome:
+    """What a stopping host says its stop did: its host_stopped event (`Host.stop_outcome`), read from an event
+    subscription taken before the stop is asked for (`vfkeep stop` printed "NICs shut down" whatever happened:
+    with no NIC, a worker that had died, or one whose saved state the stop abandoned)."""
+
+    def __init__(self, run_dir: str, target):
+        self.run_dir = run_dir
+        self.target = target
+        self.outcome: dict | None = None
+        self._reader: Any = None
+        self._client: Any = None
+        if isinstance(target, RemoteTarget):
+            self.subscribe()
+
+    def subscribe(self) -> None:
+        import threading
+        try:
+            stream = control.HostClient(self.run_dir, wait=5.0, patience=self.target._not_stopped).events()
+        except (rpc.RpcError, CommandError):  # no host, one not answering or stopped: the stop says why
+            return
+        self._stream = stream
+        self._reader = threading.Thread(target=self._read, name="stop-outcome", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                if event["event"] == "host_stopped":
+                    self.outcome = event["data"]
+        except (rpc.RpcError, OSError, ValueError):
+            pass  # (the stream broke: the host died; nothing was said)
+
+    def close(self) -> dict | None:
+        """The outcome, once the stream ended (called once the host exited: its end closed the stream)."""
+        if self._reader is not None:
+            self._reader.join(10.0)
+        return self.outcome
 
 
 COMMAND_OBJECTS: dict[str, click.Command] = {
