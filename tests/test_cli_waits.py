@@ -498,6 +498,8 @@ def test_stopped_children_are_named_and_stopped_in_order(tmp_path):
             time.sleep(0.01)
         warnings = h.status()["warnings"]
         r = vfkeep("service", "--run-dir", h.run_dir, "--mana-keepalive", timeout=30)
+        p = vfkeep("probe", "--run-dir", h.run_dir, "0", timeout=30)
+        shown = h.inspect("devices/0", wait=30)  # (its counters were asked for: 5 s, then "no reply within 5.0 s")
         h.stop()  # (still stopped: the host continues them, and ends every one)
     finally:
         if h.child.poll() is None:
@@ -508,6 +510,12 @@ def test_stopped_children_are_named_and_stopped_in_order(tmp_path):
     assert r.returncode == 1 and r.stderr == (
         f"vfkeep: service: device {pci} (pid {device}) {line} {device}`: a servicing needs every device running (host "
         f"log: {h.run_dir}/host.log)\n"), r
+    # probe named none of them: "0/8 frames came back" after its 2 s; inspect waited 5 s for the device's counters
+    assert p.returncode == 1 and p.stderr == (
+        f"vfkeep: probe: worker 1 (pid {worker}) {line} {worker}`; device {pci} (pid {device}) {line} {device}`; "
+        f"nic 0: its traffic agent (pid {agent}) {line} {agent}`: a probe of nic 0 needs them running (host log: "
+        f"{h.run_dir}/host.log)\n"), p
+    assert shown["error"] == f"device {pci} (pid {device}) {line} {device}`" and "counters" not in shown, shown
     logs = h.logs()
     assert "did not shut down cleanly" not in logs
     assert f'msg="traffic agent ended" nic=0 pid={agent} exit_status=0' in logs, logs

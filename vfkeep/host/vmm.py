@@ -726,9 +726,7 @@ class Host:
         if deaths := self._report_dead_devices():
             raise HostError(f"{'; '.join(deaths)}: a servicing needs every device running; stop the VM and run it "
                             "again")
-        stopped = [line for d in [*self.devices, *self.nvme_devices]
-                   if (line := proc.stopped_line(f"device {d.pci_id} (pid {d.child.pid})", d.child.pid))]
-        if stopped:  # (its worker's save or restore would wait out their timeouts on it)
+        if stopped := self._stopped_children(self._named_devices()):  # (its worker's save or restore would wait out their timeouts on it)
             raise HostError(f"{'; '.join(stopped)}: a servicing needs every device running")
         self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None,
                            "number": self.servicings + 1}
@@ -1132,24 +1130,37 @@ class Host:
                 "last_servicing_status": None if last is None else last["result"]["status"],
                 "warnings": self.warnings + self._stopped_children(), "event_subscribers": self.events.subscribers}
 
-    def _stopped_children(self) -> list[str]:
-        """A line for each child process stopped by SIGSTOP: it answers nothing until continued, while `alive`
-        says only that it exists (status showed a stopped worker or device as alive, and nothing else)."""
-        return [line for who, pid in self._children() if (line := proc.stopped_line(who, pid))]
+    def _stopped_children(self, named: list[tuple[str, int]] | None = None) -> list[str]:
+        """A line for each child process (of `named`, (name, pid) pairs; default: every child) stopped by SIGSTOP:
+        it answers nothing until continued, while `alive` says only that it exists (status showed a stopped worker
+        or device as alive, and nothing else; probe and inspect waited out their timeouts on it)."""
+        return [line for who, pid in (self._children() if named is None else named)
+                if (line := proc.stopped_line(who, pid))]
 
     def _children(self) -> list[tuple[str, int]]:
         """(name, pid) of every child process: worker, devices, guest bridges and agents."""
-        named = [] if self.worker is None else [(f"worker {self.worker.generation} (pid {self.worker.pid})",
-                                                 self.worker.pid)]
-        named += [(f"device {d.pci_id} (pid {d.child.pid})", d.child.pid) for d in [*self.devices, *self.nvme_devices]]
+        named = self._named_worker() + self._named_devices()
         if self.guest_net is not None:
             named += [(f"nic {b.nic}: its guest bridge (pid {b.child.pid})", b.child.pid)
                       for b in list(self.guest_net.bridges.values())]
         for pool in (self.guest_traffic, self.guest_disks):
-            if pool is not None:
-                named += [(f"{pool.noun} {a.index}: its {pool.what} (pid {a.child.pid})", a.child.pid)
-                          for a in pool.running()]
+            named += self._named_agents(pool)
         return named
+
+    @staticmethod
+    def _named_agents(pool, index: int | None = None) -> list[tuple[str, int]]:
+        """(name, pid) of the running agents of `pool` (guest traffic or disks; None: none), or of its `index`."""
+        return [] if pool is None else [(f"{pool.noun} {a.index}: its {pool.what} (pid {a.child.pid})", a.child.pid)
+                                        for a in pool.running() if index is None or a.index == index]
+
+    def _named_worker(self) -> list[tuple[str, int]]:
+        w = self.worker
+        return [] if w is None else [(f"worker {w.generation} (pid {w.pid})", w.pid)]
+
+    def _named_devices(self, devices=None) -> list[tuple[str, int]]:
+        """(name, pid) of `devices` (default: every MANA and NVMe device process)."""
+        return [(f"device {d.pci_id} (pid {d.child.pid})", d.child.pid)
+                for d in ([*self.devices, *self.nvme_devices] if devices is None else devices)]
 
     def _servicing_view(self) -> dict | None:
         """The servicing in progress for status/inspect: {"phase", "phase_s", "elapsed_s"}, None when idle."""
@@ -1182,11 +1193,14 @@ class Host:
                 "servicing": self._servicing_view(), "last_servicing": self.last_servicing,
                 **({"guest_net": self.guest_net.status()} if self.guest_net else {})}
 
-    @staticmethod
-    def _devices_tree(processes: list[DeviceProcess]) -> list[dict]:
+    def _devices_tree(self, processes: list[DeviceProcess]) -> list[dict]:
         devices = []
         for d in processes:
             entry = {"pci_id": d.pci_id, "pid": d.child.pid, "socket": d.socket, "alive": d.alive()}
+            if stopped := self._stopped_children(self._named_devices([d])):  # (its counters: 5 s of silence)
+                entry["error"] = stopped[0]
+                devices.append(entry)
+                continue
             try:
                 entry["counters"] = d.call("counters")
             except Exception as e:  # noqa: BLE001 - a dead device is shown, not fatal
@@ -1222,6 +1236,10 @@ class Host:
         if nic not in self.configured:  # nothing would answer: say why rather than "0 of N came back"
             raise HostError(f"nic {nic} is not configured in the worker (configured: "
                             f"{','.join(map(str, self.configured)) or 'none'}; `service --nics` chooses them)")
+        named = self._named_worker() + self._named_devices(self.devices[nic:nic + 1])
+        if stopped := self._stopped_children(named + self._named_agents(self.guest_traffic, nic)):  # (the frames would not come back: "0/8", after 2 s)
+            them = "them" if len(stopped) > 1 else "it"
+            raise HostError(f"{'; '.join(stopped)}: a probe of nic {nic} needs {them} running")
         if self.guest_traffic is not None and self.guest_traffic.has_agent(nic):
             # The rings are single-producer/single-consumer and the agent is the guest's producer and consumer:
             # it probes (refused while its traffic runs).
