@@ -2,6 +2,7 @@
 NIC says so, and a worker that wrote no stderr is not pointed at a .stderr file that does not exist."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -113,3 +114,26 @@ def test_a_save_that_timed_out_reports_no_handoff(host):
                                              - phases["total"]) < 1.0, phases
     summary = render._summary(result)
     assert "save failed after " in summary and "handoff none (no state handed over)" in summary, summary
+
+
+def test_inspect_of_a_path_the_tree_lacks_is_bad_usage(host):
+    """It exited 1 as a host failure would, naming the host log (nothing there explains a typo); a PATH that is not
+    in the tree is bad usage, exit 2, as for click's own checks, and says what the tree has there."""
+    r = vfkeep("inspect", "--run-dir", host.run_dir, "worker/nope")
+    assert r.returncode == 2 and r.stdout == "", r
+    line = _one_line(r)
+    assert line.startswith("vfkeep: inspect: Invalid value for PATH: 'worker/nope': no 'nope' here (have: ") \
+        and line.endswith(") (`vfkeep inspect --help`)") and "host.log" not in line, line
+    j = vfkeep("inspect", "--run-dir", host.run_dir, "--json", "devices/9")
+    assert j.returncode == 2 and json.loads(j.stdout) == {"ok": False, "error": {
+        "type": "Usage", "message": "Invalid value for PATH: 'devices/9': no '9' here (have: 0..1)"}}, j
+
+
+def test_python_dash_m_vfkeep_is_the_command():
+    """`python -m vfkeep --help` said "No module named vfkeep.__main__"."""
+    import subprocess
+    import sys
+    from helpers import CLEAN_ENV
+    r = subprocess.run([sys.executable, "-m", "vfkeep", "--help"], capture_output=True, text=True, timeout=60,
+                       env=CLEAN_ENV, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: vfkeep [OPTIONS] COMMAND"), r

@@ -47,10 +47,11 @@ NO_DISK_IO = "no disk agent running; start disk IO first (`vfkeep disk start`)"
 class CommandError(click.ClickException):
     """A command's failure; `kind` is the error type shown under --json (an rpc error type, or Usage)."""
 
-    def __init__(self, message: str, kind: str = "Error", exit_code: int = 1):
+    def __init__(self, message: str, kind: str = "Error", exit_code: int = 1, reason: str | None = None):
         super().__init__(message)
         self.kind = kind
         self.exit_code = exit_code
+        self.reason = message if reason is None else reason  # the host's own words (no log named)
 
 
 # -- targets ---------------------------------------------------------------------------------------------
@@ -72,7 +73,8 @@ class RemoteTarget:
         except rpc.Unavailable as e:
             raise CommandError(no_host(self.run_dir, e), e.type) from None
         except rpc.RpcError as e:  # the host says "METHOD: why"; the failure line names the command already
-            raise CommandError(f"{str(e).removeprefix(method + ': ')} (host log: {self.log})", e.type) from None
+            why = str(e).removeprefix(method + ': ')
+            raise CommandError(f"{why} (host log: {self.log})", e.type, reason=why) from None
 
 
     def _not_stopped(self) -> None:
@@ -101,7 +103,7 @@ class LocalTarget:
         try:
             return getattr(self.host, method)(*args, **kwargs)
         except (HostError, TrafficError, DiskError, ValueError, TypeError) as e:
-            raise CommandError(f"{method}: {e}", "Refused") from None
+            raise CommandError(f"{method}: {e}", "Refused", reason=str(e)) from None
 
 
 class ConsoleStop(Exception):
@@ -265,8 +267,14 @@ def service_command(ctx, run_dir, as_json, mana_keepalive, nvme_keepalive, timeo
 @host_command("inspect")
 @click.argument("path", required=False)
 def inspect_command(ctx, run_dir, as_json, path):
-    """Live tree of the host, worker, devices and last servicing; PATH selects a sub-tree (worker/nics/0)."""
-    data = _target(ctx, run_dir).call("inspect", path, wait=60)
+    """Live tree of the host, worker, devices and last servicing; PATH selects a sub-tree (worker/nics/0).
+    A PATH the tree does not have is bad usage (exit 2), its error listing what there is."""
+    try:
+        data = _target(ctx, run_dir).call("inspect", path, wait=60)
+    except CommandError as e:  # (only the host knows its tree; it refuses a path it lacks: `path 'P': no ...`)
+        if path and e.kind == "Refused" and e.reason.startswith(f"path {path!r}: "):
+            raise click.BadParameter(e.reason.removeprefix("path "), param_hint="PATH") from None
+        raise
     if as_json:
         _print_json(ctx, data)
     else:

@@ -1,0 +1,5 @@
+"""`python -m vfkeep`: the `vfkeep` command."""
+from .cli import main
+
+if __name__ == "__main__":
+    main(prog_name="vfkeep")
