@@ -42,7 +42,7 @@ def main() -> None:
         replay = BlockRelay.saved_requests(storvsp_pb2.SavedBlockRequests.FromString(
             base64.b64decode(start["requests"])))
     disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=saved, save_restore_supported=p["keepalive"],
-                         cpu_count=2, ready_timeout_s=10)
+                         cpu_count=2, ready_timeout_s=60)
     relay = BlockRelay(channel, disk.driver, pci_id="nvme0")
     relay.start(replay)
     print(json.dumps({"path": disk.restore_path, "error": disk.error, "replay": len(replay),

@@ -96,7 +96,7 @@ def setup(memfd, layout, sock, p, saved=None, dma_state=None):
         dma.restore(dma_state)
     cfg = NvmeConfig(0, p["pci_id"], sock)
     disk = create_device(cfg, mem, dma, saved=saved, save_restore_supported=True, cpu_count=2,
-                         io_queues=p.get("io_queues", 2), ready_timeout_s=10)
+                         io_queues=p.get("io_queues", 2), ready_timeout_s=60)
     return mem, dma, disk
 
 

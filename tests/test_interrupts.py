@@ -93,25 +93,33 @@ def test_interrupted_service_says_the_servicing_carries_on(tmp_path):
 
 def test_interrupted_stop_says_the_host_goes_on_stopping(tmp_path):
     """`vfkeep stop` interrupted while it waited for the host to exit said only "interrupted (SIGINT)": the host,
-    asked to stop, goes on stopping (here it waits for a stuck save to reach a safe point)."""
+    asked to stop, goes on stopping (here it waits for a stuck save to reach a safe point).
+
+    The host is held (SIGSTOP) from the line on until the interrupted `stop` exited: it cannot exit first, however
+    late the interrupt is taken on a loaded machine (the save was stuck for only 5 s, after which the host stopped and
+    the `stop` could end on its own before the interrupt came, or start too late to see the servicing)."""
     h = HostRun(tmp_path / "run")
-    servicing = threading.Thread(target=lambda: _quietly(h.service, test_config="SERVICING_SAVE_STUCK", timeout=5))
+    servicing = threading.Thread(target=lambda: _quietly(h.service, test_config="SERVICING_SAVE_STUCK", timeout=300,
+                                                         wait=400))
     servicing.start()
     child = None
     try:
         wait_for(lambda: (h.status()["servicing"] or {}).get("phase") == "save")
         child = start("stop", "--run-dir", h.run_dir)
-        line = child.stdout.readline()  # (the pipe's end: the test's deadline is the host's stuck save, 5 s)
+        line = child.stdout.readline()  # (said once the host answered the stop, which waits for a safe point)
+        os.kill(h.pid, signal.SIGSTOP)
         assert line.startswith(f"host pid {h.pid}: a servicing is in progress (phase save)"), line
         _, err = interrupt(child, signal.SIGINT)
         assert child.returncode == 130 and last_line(err) == (
             f"vfkeep: stop: interrupted (SIGINT); host pid {h.pid} was asked to stop and goes on stopping (log: "
             f"{h.run_dir}/host.log)"), err
-        assert h.reap(60) == 0
+        os.kill(h.pid, signal.SIGCONT)
+        assert h.reap(120) == 0  # (its safe-point wait, 10 s, then the stuck worker ended)
     finally:
         if child is not None and child.poll() is None:
             proc.end(child)
         if h.child.poll() is None:
+            os.kill(h.pid, signal.SIGCONT)
             h.kill()
         servicing.join(60)
 

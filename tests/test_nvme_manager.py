@@ -19,6 +19,9 @@ from vfkeep.proto import nvme_driver_pb2
 from vfkeep.vfio_user import control_call
 
 LAYOUT = MemoryLayout(guest_pages=64, worker_pages=1024, pool_pages=512)
+#: How long the driver waits for CSTS.RDY to change (enable, reset): a wait on the device process, which on a
+#: loaded machine took more than 5 s to be scheduled; the wait ends as soon as RDY changes.
+READY_S = proc.READY_TIMEOUT_S
 BLOCKS = 64
 
 
@@ -36,7 +39,7 @@ def ctl(sock, cmd, **args):
 
 def bring_up(sock, mem, **kw):
     dma = DmaManager(mem, strict_pool=False)
-    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, cpu_count=2, ready_timeout_s=5,
+    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, cpu_count=2, ready_timeout_s=READY_S,
                          **{"saved": None, "save_restore_supported": True, **kw})
     return dma, disk
 
@@ -69,7 +72,7 @@ def saved(sock, mem):
 def restore(sock, mem, state, dma_state, **kw):
     dma = DmaManager(mem, strict_pool=False)
     dma.restore(dma_state)
-    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, cpu_count=2, ready_timeout_s=5,
+    disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, cpu_count=2, ready_timeout_s=READY_S,
                          **{"save_restore_supported": True, **kw})
     return dma, disk
 
@@ -174,13 +177,13 @@ def test_a_fallback_that_cannot_reset_the_controller_never_hands_its_pages_out(s
         m.setattr(nvme_manager, "open_vfio", unreachable)
         m.setattr(nvme_manager, "reset_method_setter", unreachable)
         create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, save_restore_supported=True,
-                      cpu_count=2, ready_timeout_s=5)
+                      cpu_count=2, ready_timeout_s=READY_S)
     assert ctl(sock, "state")["enabled"] and controller_pages(sock) == queues  # it still runs them
     free = allocatable_pool_pages(dma)
     assert free and not free & queues
     assert dma.inspect()["pool"]["leaked_pages"] == 3 * 69 and dma.validate_restore() == []
     disk = create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=None, save_restore_supported=True,
-                         cpu_count=2, ready_timeout_s=5)  # a later fresh init resets it: the pages come back
+                         cpu_count=2, ready_timeout_s=READY_S)  # a later fresh init resets it: the pages come back
     assert disk.restore_path == P.FRESH and dma.inspect()["pool"]["leaked_pages"] == 0
     assert read_back(disk.driver, mem) == bytes([7]) * (BLOCKS * 512)
     disk.driver.shutdown()
@@ -198,7 +201,7 @@ def test_a_fallback_whose_fresh_init_fails_leaves_the_controller_disabled_and_fr
     dma.restore(dma_state)
     with pytest.raises(DEVICE_ERRORS):
         create_device(NvmeConfig(0, "nvme0", sock), mem, dma, saved=state, save_restore_supported=True,
-                      cpu_count=2, ready_timeout_s=5)
+                      cpu_count=2, ready_timeout_s=READY_S)
     st = ctl(sock, "state")
     assert not st["enabled"] and not st["ready"] and st["sqs"] == [] and st["cqs"] == []
     assert dma.inspect()["pool"]["leaked_pages"] == 0
@@ -364,11 +367,12 @@ def test_a_teardown_whose_reset_does_not_complete_keeps_the_queue_memory(tmp_pat
     1 past the driver's timeout), the controller may still write them, so they stay allocated (the reference
     keeps its VFIO handle then) instead of going back to the allocator for the next buffer."""
     path = str(tmp_path / "nvme0.sock")
-    p = start_nvme_device(path, "--run-dir", str(tmp_path), "--size", "1M", "--disable-ms", "5000")
+    p = start_nvme_device(path, "--run-dir", str(tmp_path), "--size", "1M", "--disable-ms", "600000")
     try:
         dma = DmaManager(mem, strict_pool=False)
         disk = create_device(NvmeConfig(0, "nvme0", path), mem, dma, saved=None, save_restore_supported=True,
-                             cpu_count=2, ready_timeout_s=0.3)
+                             cpu_count=2, ready_timeout_s=READY_S)  # (the enable: RDY=1 comes when it comes)
+        disk.driver.ready_timeout_s = 0.3  # the reset's wait, which the disable (10 minutes) outlasts
         queues = controller_pages(path)
         assert queues and not allocatable_pool_pages(dma) & queues
         disk.driver.shutdown()
