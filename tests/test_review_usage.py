@@ -127,6 +127,9 @@ def test_inspect_of_a_path_the_tree_lacks_is_bad_usage(host):
     j = vfkeep("inspect", "--run-dir", host.run_dir, "--json", "devices/9")
     assert j.returncode == 2 and json.loads(j.stdout) == {"ok": False, "error": {
         "type": "Usage", "message": "Invalid value for PATH: 'devices/9': no '9' here (have: 0..1)"}}, j
+    leaf = vfkeep("inspect", "--run-dir", host.run_dir, "worker/generation/x")  # (was "(have: none)")
+    assert leaf.returncode == 2 and _one_line(leaf).startswith(
+        "vfkeep: inspect: Invalid value for PATH: 'worker/generation/x': 'worker/generation' is a value ("), leaf
 
 
 def test_python_dash_m_vfkeep_is_the_command():

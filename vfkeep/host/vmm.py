@@ -1292,15 +1292,15 @@ def _select(tree, path: str | None):
     if not path:
         return tree
     node = tree
-    for part in [p for p in path.strip("/").split("/") if p]:
+    parts = [p for p in path.strip("/").split("/") if p]
+    for i, part in enumerate(parts):
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
-        else:
-            if isinstance(node, dict):
-                keys = ", ".join(sorted(node))
-            else:
-                keys = f"0..{len(node) - 1}" if isinstance(node, list) else "none"
+        elif isinstance(node, (dict, list)):
+            keys = ", ".join(sorted(node)) if isinstance(node, dict) else f"0..{len(node) - 1}" if node else "nothing"
             raise HostError(f"path {path!r}: no {part!r} here (have: {keys})")
+        else:  # (was "no 'x' here (have: none)")
+            raise HostError(f"path {path!r}: {'/'.join(parts[:i])!r} is a value ({json.dumps(node)}), not a tree")
     return node
