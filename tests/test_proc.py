@@ -146,3 +146,43 @@ def test_end_continues_a_stopped_child_so_it_acts_on_sigterm():
             os.kill(c.pid, signal.SIGKILL)
             c.wait()
         c.stdout.close()
+
+
+#: A child as a `--worker-cmd` wrapper script is: it starts a process of its own (printed), then waits.
+LEAVES_A_CHILD = "sleep 300 & echo $!; wait"
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    import time
+    deadline = time.monotonic() + seconds
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("how", ["end", "kill_group"])
+def test_what_a_child_started_in_its_group_is_ended_with_it(how):
+    """A child command's own children (a wrapper's) are in its process group but inherit neither its
+    PR_SET_PDEATHSIG nor its SIGTERM: ended by PID only, the wrapper went and `sleep` ran on under init
+    (`service --next-worker-cmd "sh -c 'sleep 1000'"` left it after the host gave up on the worker)."""
+    c = spawn(["sh", "-c", LEAVES_A_CHILD], stdout=subprocess.PIPE)
+    grandchild = int(c.stdout.readline())
+    try:
+        assert os.getpgid(grandchild) == c.pid
+        if how == "end":
+            end(c, timeout=10)
+        else:
+            from vfkeep.proc import kill_group
+            kill_group(c)
+            c.wait(10)
+        assert c.returncode is not None
+        assert _gone_within(grandchild, 10), "the child's own child outlived it"
+    finally:
+        if pid_alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+        if c.poll() is None:
+            c.kill()
+            c.wait()
+        c.stdout.close()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from servicing_helpers import HostRun
+from servicing_helpers import HostRun, pid_alive
 from vfkeep.rpc import Refused
 
 ESTABLISH, DESTROY = "SMC_MSG_TYPE_ESTABLISH_HWC", "SMC_MSG_TYPE_DESTROY_HWC"
@@ -453,3 +453,25 @@ def test_unparsable_pool_config_no_pool(tmp_path):
         assert h.probe()["ok"]
     finally:
         h.stop()
+
+
+def test_a_worker_wrappers_own_processes_end_with_the_worker(host, tmp_path):
+    """`--next-worker-cmd` may be a wrapper script that starts processes of its own: when the host ends that worker
+    (the next servicing retires it), they end too, not only the worker's pid (they ran on under init)."""
+    pidfile = tmp_path / "wrapper-child.pid"
+    wrapper = (f"sh -c 'sleep 300 & echo $! > {pidfile}; exec {sys.executable} -m vfkeep.cli worker \"$@\"' "
+               "wrapper")
+    r = host.service(next_worker_cmd=wrapper)
+    assert r["ok"], r
+    child = int(pidfile.read_text())
+    assert pid_alive(child)
+    try:
+        r = host.service()  # the wrapper's worker is saved, dismissed and ended
+        assert r["ok"], r
+        deadline = time.monotonic() + 30
+        while pid_alive(child):
+            assert time.monotonic() < deadline, "the worker wrapper's own process outlived the worker"
+            time.sleep(0.05)
+    finally:
+        if pid_alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -1,4 +1,5 @@
-"""Child-process helpers: children die with their parent (PR_SET_PDEATHSIG), and are ended by PID."""
+"""Child-process helpers: children die with their parent (PR_SET_PDEATHSIG), and are ended by PID, then what is
+left of their process group."""
 from __future__ import annotations
 
 import contextlib
@@ -114,6 +115,7 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), env: dict[str, s
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
+    child.own_group = True  # (its pid is its process group's id: `end` and `kill_group` end the group too)
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)  # (a held interrupt's handler runs here)
     except BaseException:
@@ -168,7 +170,8 @@ def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
     """End a child by PID: SIGTERM, then SIGKILL after `timeout`; reap it. A child stopped by SIGSTOP is continued:
     it ended only at the SIGKILL (`vfkeep stop` took 5 s more per stopped child). The SIGTERM is for the child's
     main thread itself: sent to the process, a continued child took it on whichever of its threads ran first, and
-    Python runs its handlers on the main thread only: one waiting without a timeout (the guest agent) never did."""
+    Python runs its handlers on the main thread only: one waiting without a timeout (the guest agent) never did.
+    Then what is left of a `spawn`ed child's process group is SIGKILLed (`_end_rest_of_group`)."""
     if proc.poll() is None:
         try:
             proc.send_signal(signal.SIGCONT)
@@ -180,6 +183,7 @@ def end(proc: subprocess.Popen, timeout: float = 5.0) -> int | None:
             proc.wait()
         except ProcessLookupError:
             pass
+    _end_rest_of_group(proc)
     return proc.returncode
 
 
@@ -188,6 +192,32 @@ def exit_description(code: int | None) -> str:
     if code is None:
         return "still running"
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+
+
+def _end_rest_of_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left in the process group of a `spawn`ed child that has ended: the processes a child
+    command started and left behind (a `--worker-cmd "sh -c '...'"` wrapper's own children: the wrapper ended by
+    PID, `sleep 1000` ran on under init). They inherit neither the child's PR_SET_PDEATHSIG nor its signals.
+    While any of them lives the group id (the child's pid) cannot be reused; once none does, killpg finds none."""
+    if getattr(proc, "own_group", False):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a `spawn`ed child that has not been reaped, with everything in its process group (any thread may
+    call it; whoever reaps the child then finds it dead). A child not from `spawn`: the child alone."""
+    if proc.returncode is not None:
+        return
+    try:
+        if getattr(proc, "own_group", False):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def stat_fields(pid: int | str) -> list[str] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import time
 
@@ -362,12 +361,9 @@ class WorkerProcess:
             return None
 
     def kill(self) -> None:
-        """SIGKILL from any thread: whoever waits on this worker's channel gets WorkerFailed (and ends it)."""
-        if self.child.returncode is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL from any thread, with its process group (what a `--worker-cmd` wrapper started): whoever waits
+        on this worker's channel gets WorkerFailed (and ends it)."""
+        proc.kill_group(self.child)
 
     def end(self) -> int | None:
         """End by PID (SIGTERM, then SIGKILL) and release the channel; an empty stderr file goes too."""
