@@ -138,3 +138,16 @@ def test_a_failed_save_has_a_replacement_phase_not_a_handoff(host):
     assert phases == ["prelaunch", "save", "replacement", "restore", "measure"], phases
     by_phase = {e["data"]["phase"]: e["data"]["ms"] for e in events if e["event"] == "phase_done"}
     assert by_phase["replacement"] >= 0 and result["phases_ms"]["replacement"] is not None, (by_phase, result)
+
+
+def test_events_count_not_reached_within_timeout_is_a_failure(host):
+    """`vfkeep events --count N --timeout T` on a quiet host exited 0 with nothing printed, as if it had the N
+    events a script waited for; without --count a quiet timeout stays a plain end (exit 0)."""
+    asked = subprocess.run(proc.vfkeep_argv("events", "--run-dir", host.run_dir, "--count", "1", "--timeout", "0.5"),
+                           capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 1 and asked.stdout == "", asked
+    assert asked.stderr == (f"vfkeep: events: no event for 0.5 s, 0 of the 1 asked for with --count (host log: "
+                            f"{host.run_dir}/host.log)\n"), asked
+    quiet = subprocess.run(proc.vfkeep_argv("events", "--run-dir", host.run_dir, "--timeout", "0.5"),
+                           capture_output=True, text=True, timeout=60)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", ""), quiet

@@ -437,7 +437,8 @@ def _running(pid: int) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line, as the control socket sends them")
 @click.option("--count", type=click.IntRange(1), default=None, help="exit after this many events")
 @click.option("--timeout", type=FloatRange(min=0, min_open=True), default=None,
-              help="exit when no event came for this many seconds")
+              help="exit when no event came for this many seconds (exit 0; with --count, before that many events "
+              "came: exit 1)")
 def events_command(run_dir, as_json, count, timeout):
     """Stream the host's events (servicing started, phase done, completed, NIC state changes, stopping)
     until it stops (exit 0). The control socket's `events` command (docs/control-api.md); a host that does not
@@ -487,6 +488,9 @@ def events_command(run_dir, as_json, count, timeout):
             if count is not None and seen >= count:
                 return
     except rpc.Timeout:  # --timeout: no event came for that long
+        if count is not None:  # (fewer than asked: a script waiting for N events must not take this as success)
+            raise click.ClickException(f"no event for {timeout:g} s, {seen} of the {count} asked for with --count "
+                                       f"(host log: {log_path})") from None
         return
     except rpc.RpcError as e:
         raise click.ClickException(f"{e} (host log: {log_path})") from None
