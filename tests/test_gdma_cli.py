@@ -68,3 +68,23 @@ def test_nvme_layout_matches_spec():
     assert table.exit_code == 0 and "NVMe wire structs" in table.output and "iocqes" in table.output
     bad = CliRunner().invoke(main, ["layout", "--device", "scsi"])
     assert bad.exit_code == 2 and "scsi" in bad.output
+
+
+@pytest.mark.parametrize("device", ["mana", "nvme"])
+def test_piped_output_cuts_no_name(device):
+    """Piped on 80 columns the tables folded field names onto a second line (`vf_gdma_sriov_share` twice: two
+    different fields) and cut constant names with `…`. Piped, every struct field and constant is one whole line."""
+    data = json.loads(CliRunner().invoke(main, ["layout", "--device", device, "--json"]).output)
+    result = CliRunner().invoke(main, ["layout", "--device", device], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = set(result.output.splitlines())
+    for name, s in data["structs"].items():
+        assert f"{name}: {s['size']} bytes" in lines
+        for field, f in s["fields"].items():
+            assert f"{name}.{field}: offset {f['offset']}, {f['size']} bytes" in lines
+        for field, b in s["bitfields"].items():
+            assert any(line.startswith(f"{name}.{field}: bit") and line.endswith(f"width {b['width']}")
+                       for line in lines), (name, field)
+    for name, value in data["constants"].items():
+        assert f"{name}: {value} ({hex(value)})" in lines
+    assert "…" not in result.output

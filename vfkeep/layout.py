@@ -7,6 +7,7 @@ Python.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -34,7 +35,28 @@ def layout_data(device: str = "mana") -> dict[str, Any]:
     return {"structs": {name: struct_layout(cls) for name, cls in structs.items()}, "constants": constants}
 
 
+def _plain_lines(data: dict[str, Any], title: str) -> list[str]:
+    """Piped: one `key: value` line per struct, field and constant, never cut or folded (a grep for a field name
+    finds it whole), as the host commands print when piped."""
+    lines = [f"{title} wire structs"]
+    for name, s in data["structs"].items():
+        lines.append(f"{name}: {s['size']} bytes")
+        lines += [f"{name}.{field}: offset {f['offset']}, {f['size']} bytes" for field, f in s["fields"].items()]
+        for field, b in s["bitfields"].items():
+            hi = b["bit"] + b["width"] - 1
+            span = f"bit {hi}" if b["width"] == 1 else f"bits {b['bit']}–{hi}"
+            lines.append(f"{name}.{field}: {span}, width {b['width']}")
+    lines.append(f"{title} constants")
+    lines += [f"{name}: {value} ({hex(value)})" for name, value in data["constants"].items()]
+    return lines
+
+
 def _print_tables(data: dict[str, Any], title: str) -> None:
+    from .host.render import no_terminal
+
+    if no_terminal(sys.stdout):
+        click.echo("\n".join(_plain_lines(data, title)))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -71,7 +93,9 @@ def _print_tables(data: dict[str, Any], title: str) -> None:
               help="Whose wire formats: the MANA adapter's (GDMA) or the NVMe controller's.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def layout_command(device: str, as_json: bool) -> None:
-    """Print MANA (GDMA) or NVMe wire layouts (struct sizes, field offsets, bitfields) and named constants."""
+    """Print MANA (GDMA) or NVMe wire layouts (struct sizes, field offsets, bitfields) and named constants.
+
+    Tables on a terminal; piped, one `name: value` line per struct field and constant."""
     data = layout_data(device)
     if as_json:
         click.echo(json.dumps(data, indent=2))
