@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from vfkeep import netns, proc
 from vfkeep.device.timing import PRESETS
-from vfkeep.guest.netload import Pinger, TcpStream
+from vfkeep.guest.netload import Pinger, TcpStream, lost_outside
 from vfkeep.host.devices import nic_mac
 from vfkeep.host.vmm import Host, HostConfig
 from vfkeep.servicing_paths import ORDER, REQUESTS, unexpected
@@ -132,9 +132,8 @@ def test_tcp_and_ping_survive_every_servicing_path(tmp_path, root_ifaces):
     # At least what moved after the servicings (4 x 500 kB); how much more depends on how fast they were.
     assert tcp["ok"] and tcp["received"] == tcp["sent"] >= sum(flowing), tcp
     assert tcp["sender_error"] is None and tcp["receiver_error"] is None
-    outside = [(s, t) for s, t in pinger.lost()
-               if not any(w0 - MARGIN_NS <= t <= w1 + MARGIN_NS for w0, w1 in windows)]
-    assert outside == [], (outside, windows)
+    outside = lost_outside(pinger.lost_flights(), windows, MARGIN_NS)
+    assert outside == [], (outside, windows, pinger.lost_flights())
     assert pinger.window(0, time.monotonic_ns())["sent"] > 100
     assert_nothing_left(rid, root_ifaces, marker=run_dir)
 
@@ -249,6 +248,7 @@ def test_network_demo(tmp_path, root_ifaces):
         assert {"ping_lost", "ping_max_gap_ms", "tcp_survived", "tcp_retransmits", "tcp_bytes"} <= set(p)
         assert p["tcp_survived"] and p["tcp_bytes"] > 0 and p["ping_lost_outside_window"] == 0
     assert report["tcp"]["ok"] and (out / "network.png").stat().st_size > 10_000
+    assert isinstance(report["drops"]["in_discards_no_wqe"], int), report["drops"]  # where a loss would be
     # its wall time is the run's (how short it is is the machine's load: 90 s was within reach at load 16+)
     assert "TCP survived" in stdout and 0 < report["wall_s"] <= took
     assert not [p for p in report["processes"] if pid_alive(p["pid"])]
@@ -321,3 +321,49 @@ def test_a_run_interrupted_twice_during_set_up_leaves_nothing(tmp_path, root_ifa
     assert child.returncode == 130, err
     assert err.splitlines()[-1].startswith("vfkeep: run: interrupted (SIGINT) during start-up; every child ended"), err
     assert_nothing_left(rid, root_ifaces, marker=run_dir)
+
+
+def _pinger(interval_s: float, replies: dict[int, tuple[int, int]], transmitted: int):
+    """A Pinger's records without a ping process: seq -> (send, receive) in ns."""
+    import threading
+
+    from vfkeep.guest.netload import Reply
+    p = Pinger.__new__(Pinger)
+    p.interval, p.transmitted, p.start_ns, p.stop_ns = interval_s, transmitted, 0, None
+    p.replies = {s: Reply(s, t, r) for s, (t, r) in replies.items()}
+    p._lock = threading.Lock()
+    return p
+
+
+def test_a_loss_is_placed_by_its_flight_not_its_send_time():
+    """On a loaded machine a request waits in the guest's queues, the relay and the device: at an RTT of 300 ms, the
+    requests sent 300-200 ms before a reset servicing were in flight when it dropped the vport's frames. By send time
+    (100 ms of margin) they were "lost outside the servicing window" (22 at once in a suite run at load 10-20); their
+    flight, from the send to the next reply that came, meets the window. A loss far from any window still counts."""
+    ms = 1_000_000
+    lost_seqs = set(range(20, 31)) | {80}  # the first 11: replies due inside the window [500, 600] ms; 80: alone
+    replies = {s: (s * 10 * ms, (s * 10 + 300) * ms) for s in range(1, 101) if s not in lost_seqs}
+    p = _pinger(0.01, replies, 100)
+    flights = p.lost_flights()
+    assert [seq for seq, _, _ in flights] == sorted(lost_seqs)
+    assert flights[0] == (20, 200 * ms, 610 * ms) and flights[-1] == (80, 800 * ms, 1110 * ms)
+    windows = [(500 * ms, 600 * ms)]
+    by_send = [s for s, t in p.lost() if not any(w0 - 100 * ms <= t <= w1 + 100 * ms for w0, w1 in windows)]
+    assert by_send == [*range(20, 31), 80]  # the old measurement
+    assert lost_outside(flights, windows, 100 * ms) == [(80, 800 * ms)]
+    # a flight no later reply closed meets every window after its send (and none before it)
+    assert lost_outside([(5, 900 * ms, None)], windows, 0) == [(5, 900 * ms)]
+    assert lost_outside([(5, 400 * ms, None)], windows, 0) == []
+
+
+def test_a_loss_outside_the_windows_names_the_device_drops():
+    """A ping loss no servicing explains is shown with the device's receive drops (at load 10-20: 61 frames found
+    no posted receive buffer while the worker's relay waited for a CPU)."""
+    from vfkeep.demo_net import problems
+    path = {"path": "reset", "expectations_failed": [], "tcp_survived": True, "ping_lost_outside_window": 2}
+    report = {"paths": [path], "tcp": {"ok": True}, "drops": {"in_discards_no_wqe": 61}}
+    assert problems(report) == [
+        "reset: 2 ping replies lost outside the servicing window",
+        "the device dropped 61 received frames for want of a posted receive buffer (in_discards_no_wqe: the "
+        "worker's relay did not keep up)"]
+    assert problems({**report, "paths": [{**path, "ping_lost_outside_window": 0}]}) == []

@@ -18,6 +18,7 @@ and keeps (seq, send, receive) in CLOCK_MONOTONIC ns, the clock the host marks s
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import random
 import re
@@ -296,6 +297,15 @@ _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [\d.]+: icmp_seq=(\d+) ttl=
 _SUMMARY = re.compile(r"^(\d+) packets transmitted")
 
 
+def lost_outside(flights: list[tuple[int, int, int | None]], windows: list[tuple[int, int]],
+                 margin_ns: int) -> list[tuple[int, int]]:
+    """(seq, send time) of the lost requests (`Pinger.lost_flights`) whose flight, from their send to the next reply
+    that came, meets none of `windows` (servicing windows, each widened by `margin_ns`): a loss no servicing explains.
+    A flight still open (no later reply) meets every window after its send."""
+    return [(seq, sent) for seq, sent, until in flights
+            if not any(sent <= w1 + margin_ns and (until is None or until >= w0 - margin_ns) for w0, w1 in windows)]
+
+
 def parse_reply(line: str, wall_to_mono_ns: int) -> Reply | None:
     """A `ping -D` reply line as monotonic (seq, send, receive); None for any other line (and DUP!)."""
     m = _REPLY.match(line.strip())
@@ -384,6 +394,21 @@ class Pinger:
         until = None if self.stop_ns is None else self.stop_ns - IN_FLIGHT_NS
         return [(s, t) for s, t in sorted(self.sent_times().items())
                 if s not in answered and (until is None or t < until)]
+
+    def lost_flights(self) -> list[tuple[int, int, int | None]]:
+        """(seq, send time, until) of every request `lost` returns: `until` is when the reply to the next request that
+        was answered arrived (None: none was). The path is first in, first out both ways, so a lost request (or its
+        reply) was lost somewhere in [send time, until]: when it was sent says little on its own, for under load a
+        request waits in the guest's queues, the relay and the device for hundreds of milliseconds before its reply
+        can come (or be lost to a servicing that began meanwhile)."""
+        with self._lock:
+            replies = dict(self.replies)
+        answered = sorted(replies)
+        out = []
+        for seq, sent in self.lost():
+            i = bisect.bisect_right(answered, seq)
+            out.append((seq, sent, replies[answered[i]].recv_ns if i < len(answered) else None))
+        return out
 
     def window(self, since_ns: int, until_ns: int) -> dict:
         """Requests sent in [since, until): sent, lost, and the longest time without a reply then. Requests
