@@ -341,3 +341,47 @@ def test_frames_a_killed_worker_rang_into_a_downed_link_are_not_sent_again(mem, 
             replacement.shutdown()
         channel.close()
         bench.device.close()
+
+
+def test_a_fault_fired_by_a_late_phase_event_does_not_outlive_its_servicing(tmp_path):
+    """CI (chaos seed 1, servicing 23, keepalive + data path): the surprise removal armed for the restore was fired
+    by the campaign's event thread while the host had already answered the servicing; `_disarm` found nothing to
+    undo yet, the fault's timer was registered after it, and the device stayed removed into the checks: the guest's
+    last sends waited in the SQ of a removed device and were counted lost (3 frames, no drop counter). A fault being
+    fired now holds `_disarm` off until it can be undone, and a phase event read once the servicing is over fires
+    nothing."""
+    from vfkeep.chaos import Campaign
+
+    calls: list[tuple[str, bool | None]] = []
+    in_action, release = threading.Event(), threading.Event()
+
+    def device(nic, cmd, **args):
+        calls.append((cmd, args.get("on")))
+        if cmd == "surprise_removal" and args.get("on"):
+            in_action.set()
+            assert release.wait(10), "the test never released the fault"
+
+    c = Campaign(str(tmp_path / "run"), nics=1, seed=1)
+    c.device = device
+    with c._lock:
+        c._armed = True
+    c._arm({"kind": "surprise_removal", "nic": 0, "trigger": "restore", "ms": 500})
+    events = threading.Thread(target=c._fire, args=("restore",))  # the event thread, reading phase_done late
+    events.start()
+    assert in_action.wait(10)
+    disarm = threading.Thread(target=c._disarm)  # the servicing was answered meanwhile
+    disarm.start()
+    disarm.join(0.2)
+    assert disarm.is_alive(), "disarm returned while a fault was being fired"
+    release.set()
+    events.join(10)
+    disarm.join(10)
+    assert not events.is_alive() and not disarm.is_alive()
+    assert calls == [("surprise_removal", True), ("surprise_removal", False), ("clear_faults", None)], calls
+    assert c._undo == [] and c._pending == {}
+
+    c._arm({"kind": "surprise_removal", "nic": 0, "trigger": "restore", "ms": 500})  # armed, then the servicing ends
+    c._disarm()
+    c._pending["restore"] = [lambda: calls.append(("late", None))]  # (as if armed again without a servicing)
+    c._fire("restore")
+    assert ("late", None) not in calls, "a phase event fired a fault outside any servicing"

@@ -185,7 +185,10 @@ class Campaign:
     _log_offsets: dict[str, int] = field(default_factory=dict)
     _pending: dict[str, list] = field(default_factory=dict)
     _undo: list = field(default_factory=list)
+    #: Held while faults are armed, fired or disarmed: `_disarm` waits for a fault being fired, so none outlives
+    #: its servicing into the invariant checks.
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _armed: bool = False  # between a servicing's arming and its `_disarm`: phase events fire faults only then
     _events: rpc.RpcClient | None = None
     _relay_seen: dict[int, dict] = field(default_factory=dict)
     _relay_drops_before: int = 0
@@ -221,10 +224,19 @@ class Campaign:
                 return
             if event.get("event") == "phase_done":
                 phase = {"save": "handoff", "handoff": "restore"}.get(event["data"].get("phase"))
-                with self._lock:
-                    actions = self._pending.pop(phase, []) if phase else []
-                for action in actions:
-                    action()
+                if phase:
+                    self._fire(phase)
+
+    def _fire(self, trigger: str) -> None:
+        """Fire the faults armed for `trigger`, unless the servicing is over: a phase event read late (after the
+        host answered the servicing) fires nothing, and one being fired holds `_disarm` off until it is undone.
+        (A surprise removal fired by a late event once outlived its servicing: the guest's last sends waited in
+        the SQ of a removed device while the checks counted them lost.)"""
+        with self._lock:
+            if not self._armed:
+                return
+            for action in self._pending.pop(trigger, []):
+                action()
 
     def device(self, nic: int, cmd: str, **args):
         return control_call(os.path.join(self.run_dir, f"nic{nic}.sock.ctl"), cmd, timeout=10, **args)
@@ -260,13 +272,12 @@ class Campaign:
         if self.nvme:
             self.host.disk("start", rate=DISK_RATE, qd=4)
         time.sleep(0.05)
+        with self._lock:
+            self._armed = True
         for f in faults:
             if "trigger" in f:
                 self._arm(f)
-        with self._lock:
-            now = self._pending.pop("before", [])
-        for action in now:
-            action()
+        self._fire("before")
         t0 = time.monotonic()
         result, error = None, None
         try:
@@ -356,6 +367,7 @@ class Campaign:
         """After the servicing: faults whose phase never came are dropped, timed undos run now, and
         one-shot rules that found no request are cleared."""
         with self._lock:
+            self._armed = False
             self._pending.clear()
             undo, self._undo = self._undo, []
         for timer, action in undo:
