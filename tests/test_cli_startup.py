@@ -3,6 +3,7 @@ importing rich, protobuf, the guest agent and the DMA manager (about 0.35 s of C
 machine, every time), none of which they need to ask the host and print its answer (rich draws on a terminal
 only). `vfkeep --help` imported every command for its one-line summaries (~0.9 s of CPU)."""
 import io
+import os
 import json
 import subprocess
 import sys
@@ -84,3 +85,18 @@ def test_help_summaries_are_the_commands_own():
         cmd = cli.main.get_command(ctx, name)
         assert cmd.short_help is None and not cmd.hidden and not cmd.deprecated, name
         assert cmd.get_short_help_str(1 << 16) == summary, name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["traffic", "--help"], ["disk", "--help"], ["state", "--help"]])
+def test_help_listings_show_whole_summaries_at_80_columns(argv):
+    """`vfkeep --help` (and each group's) cut most summaries at 80 columns with "...": they are wrapped whole."""
+    r = subprocess.run([sys.executable, "-m", "vfkeep", *argv], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    listing = r.stdout.split("Commands:\n", 1)[1]
+    assert max(map(len, listing.splitlines())) <= 80 and "..." not in listing, listing
+    group = cli.main if argv == ["--help"] else cli.main.get_command(click.Context(cli.main), argv[0])
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        summary = cli.SUMMARIES[name] if group is cli.main else group.get_command(ctx, name).get_short_help_str(1 << 16)
+        assert " ".join(summary.split()) in " ".join(listing.split()), (name, listing)

@@ -97,16 +97,27 @@ def interrupted_line(command: str, e: KeyboardInterrupt) -> tuple[str, int]:
             f"{'; ' + note if note else ''}", 128 + signum)
 
 
-class LazyGroup(click.Group):
+class WholeSummaries(click.Group):
+    """A group whose `--help` lists each subcommand with its whole summary, wrapped: click cut it at the terminal's
+    width with "..." (at 80 columns, most of them)."""
+
+    def summaries(self, ctx) -> list[tuple[str, str]]:
+        return [(n, c.get_short_help_str(1 << 16)) for n in self.list_commands(ctx)
+                if (c := self.get_command(ctx, n)) is not None and not c.hidden]
+
+    def format_commands(self, ctx, formatter):
+        if rows := self.summaries(ctx):
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class LazyGroup(WholeSummaries):
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
 
-    def format_commands(self, ctx, formatter):
+    def summaries(self, ctx) -> list[tuple[str, str]]:
         """The listing of `vfkeep --help`, from `SUMMARIES`: no command is imported for it."""
-        names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max(map(len, names))
-        with formatter.section("Commands"):
-            formatter.write_dl([(n, click.Command(n, help=SUMMARIES[n]).get_short_help_str(limit)) for n in names])
+        return [(n, SUMMARIES[n]) for n in self.list_commands(ctx)]
 
     def get_command(self, ctx, name):
         if name in COMMANDS:

@@ -16,7 +16,7 @@ import time
 
 import click
 
-from ..cli import FloatRange
+from ..cli import FloatRange, WholeSummaries
 from .. import log as vlog
 from .. import proc, rpc
 from ..device.timing import timing_from, timing_options
@@ -515,7 +515,7 @@ def _plain(v) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) or v is None or isinstance(v, bool) else str(v)
 
 
-@click.group("state")
+@click.group("state", cls=WholeSummaries)
 def state_group():
     """Saved servicing state."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from ..cli import FloatRange
+from ..cli import FloatRange, WholeSummaries
 from .. import kill_points, rpc
 from ..proc import signals_interrupt, stopped_line
 from ..save_hooks import SAVE_TEST_CONFIGS
@@ -316,7 +316,7 @@ def probe_command(ctx, run_dir, as_json, nic, count):
                            f"(logs: {where}worker-*.log, {where}device-nic{r['nic']}.log)")
 
 
-@click.group("traffic")
+@click.group("traffic", cls=WholeSummaries)
 @target_run_dir_option("the host's run directory (also accepted after the subcommand)")
 @click.pass_context
 def traffic_group(ctx, run_dir):
@@ -394,7 +394,7 @@ def traffic_stats(ctx, nic, settle_ms, as_json, run_dir):
         render.print_stats(result["last_servicing"], "last servicing window", c)
 
 
-@click.group("disk")
+@click.group("disk", cls=WholeSummaries)
 @target_run_dir_option("the host's run directory (also accepted after the subcommand)")
 @click.pass_context
 def disk_group(ctx, run_dir):
