@@ -113,10 +113,12 @@ def test_refusals_and_failed_results_end_in_the_same_line(tmp_path):
         (line,) = r.stderr.splitlines()
         assert r.returncode == 1 and line.startswith("vfkeep: disk start: this host has no NVMe disks"), line
         assert line.endswith(f"(host log: {h.run_dir}/host.log)"), line
-        for cmd in (("traffic", "stats"), ("traffic", "stop")):  # nothing to show is said, not an empty table
+        for cmd in (("traffic", "stats"), ("traffic", "stop")):  # (not "start traffic first": it cannot, no NIC)
             r = vfkeep(*cmd, "--run-dir", h.run_dir)
-            assert r.returncode == 0 and r.stdout == "no traffic agent running; start traffic first (`vfkeep " \
-                "traffic start`)\n", r.stdout
+            (line,) = r.stderr.splitlines()
+            assert r.returncode == 1 and r.stdout == "" and line == (f"vfkeep: {' '.join(cmd)}: this host has no "
+                                                                     "NICs: start it with `vfkeep run --nics N` (host "
+                                                                     f"log: {h.run_dir}/host.log)"), r
         r = vfkeep("run", "--run-dir", h.run_dir, "--nics", "0", "--detach")
         (line,) = r.stderr.splitlines()
         assert r.returncode == 1 and line.startswith(f"vfkeep: run: a host is already running in {h.run_dir}"), line

@@ -279,3 +279,24 @@ def test_console_traffic_completion():
     assert c.completenames("tr") == ["traffic"]
     assert c.completedefault("st", "traffic st", 8, 10) == ["start", "stats", "stop"]
     assert c.completedefault("--r", "traffic start --r", 14, 17) == ["--rate"]
+
+
+def test_a_host_without_devices_says_so(host):
+    """`run --nics 0` without `--nvme`: a VM with nothing to keep alive. `service --require-keepalive` exited 0 (every
+    NIC kept alive, of none), `traffic stats|stop` said to start traffic, which `traffic start` then refused, and
+    `service --nics 0` named the host's NICs as "0 to -1"."""
+    before = host.status()["servicings"]
+    r = host.cli("service", "--run-dir", host.run_dir, "--mana-keepalive", "--require-keepalive")
+    assert (r.returncode, r.stdout) == (2, ""), r
+    assert r.stderr == ("vfkeep: service: Invalid value for --require-keepalive: the host has no NIC and no NVMe "
+                        "controller: nothing to keep alive (`vfkeep service --help`)\n"), r.stderr
+    r = host.cli("service", "--run-dir", host.run_dir, "--nics", "0")
+    assert r.returncode == 2 and r.stderr.startswith("vfkeep: service: Invalid value for --nics: NIC 0 out of range: "
+                                                     "the host has no NICs (`vfkeep service --help`)"), r.stderr
+    assert host.status()["servicings"] == before
+    r = host.cli("service", "--run-dir", host.run_dir, "--mana-keepalive")
+    assert r.returncode == 0 and "no NIC or NVMe controller: nothing was kept alive or restored" in r.stdout, r
+    for action in ("start", "stats", "stop"):
+        r = host.cli("traffic", action, "--run-dir", host.run_dir)
+        assert r.returncode == 1 and r.stderr.startswith(f"vfkeep: traffic {action}: this host has no NICs: start "
+                                                         "it with `vfkeep run --nics N`"), r

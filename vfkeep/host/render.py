@@ -148,6 +148,8 @@ def print_servicing(result: dict, c: Console | PlainOutput) -> None:
         c.print(table)
         for line in nvme_lines(result):
             _line(c, line)
+    if not result["nics"] and not result.get("nvme"):
+        _line(c, "no NIC or NVMe controller: nothing was kept alive or restored")
     for u in result["unclaimed_pool_allocations"]:
         _line(c, f"unclaimed pool allocation freed: {u['device']} base_pfn {u['base_pfn']} ({u['pages']} pages, "
                  f"tag {u['tag']!r})")

@@ -403,6 +403,8 @@ class Host:
         thread that spawned them); stop/stats/timeline/status answer at once, even during a servicing."""
         if self.guest_traffic is None:
             raise HostError("host is not booted")
+        if not self.config.nics:  # (`stats` and `stop` said to start traffic first)
+            raise HostError("this host has no NICs: start it with `vfkeep run --nics N`")
         if self.guest_net is not None and action == "start":
             raise HostError("this host's guest is a network namespace per NIC (--guest netns): its bridges own the "
                             "rings; use `exec N CMD` (e.g. ping) instead of traffic agents")
