@@ -300,3 +300,27 @@ def test_a_host_without_devices_says_so(host):
         r = host.cli("traffic", action, "--run-dir", host.run_dir)
         assert r.returncode == 1 and r.stderr.startswith(f"vfkeep: traffic {action}: this host has no NICs: start "
                                                          "it with `vfkeep run --nics N`"), r
+
+
+def test_servicings_counted_are_those_started_and_status_shows_the_last(host):
+    """Requests refused for their arguments' types were counted as servicings (an internal error after
+    `servicing_started`, with no `servicing_completed`), and a servicing whose next worker did not start ("servicing
+    not attempted") was counted while `last_servicing_ok` still told of the one before it, or was null."""
+    before = host.status()["servicings"]
+    for args, message in (({"next_env": "x"}, "next_env must be"), ({"next_env": {"A": 1}}, "next_env must be"),
+                          ({"next_worker_cmd": 5}, "next_worker_cmd must be"), ({"test_config": 5}, "test config"),
+                          ({"mana_keepalive": "yes"}, "mana_keepalive must be"),
+                          ({"nvme_keepalive": 1}, "nvme_keepalive must be")):
+        with pytest.raises(rpc.Refused, match=message):
+            host.service(**args)
+    assert host.status()["servicings"] == before
+    assert host.service(mana_keepalive=True)["ok"]
+    with pytest.raises(rpc.Refused, match="servicing failed before the save: the next worker did not start"):
+        host.service(next_worker_cmd="false")
+    status = host.status()
+    assert (status["servicings"], status["last_servicing_ok"], status["last_servicing_status"]) == \
+        (before + 2, False, "failed"), status
+    last = host.inspect("last_servicing/result")
+    assert last["error"].startswith("servicing failed before the save: the next worker did not start"), last
+    assert (last["status"], last["nics"], last["phases_ms"]["save"]) == ("failed", [], None), last
+    assert host.service()["ok"] and host.status()["last_servicing_status"] == "ok"

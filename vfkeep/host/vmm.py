@@ -722,7 +722,7 @@ class Host:
                 self.warnings.append(death)
         return deaths
 
-    def _service(self, *args, **kwargs) -> dict:
+    def _service(self, mana_keepalive: bool = False, nvme_keepalive: bool = False, *args, **kwargs) -> dict:
         if self._stopping.is_set():
             raise HostError("host is stopping")
         if deaths := self._report_dead_devices():
@@ -734,12 +734,10 @@ class Host:
                            "number": self.servicings + 1}
         self._idle.clear()
         try:
-            return self._service_one(*args, **kwargs)
+            return self._service_one(mana_keepalive, nvme_keepalive, *args, **kwargs)
         except HostError as e:
-            if self._servicing["number"] == self.servicings:  # it had started: say how it ended
-                self.events.publish("servicing_completed", servicing=self.servicings, status="failed", ok=False,
-                                    error=str(e), phases_ms={}, nics=[], nvme=[], io_blackout_ms=None,
-                                    io_errors=None)
+            if self._servicing["number"] == self.servicings:  # it had started: it failed, before any result
+                self._record_failed(str(e), mana_keepalive, nvme_keepalive)
             raise
         finally:
             self._servicing = None
@@ -751,6 +749,15 @@ class Host:
                      tamper: str | None = None, kill_point: str | None = None) -> dict:
         """One servicing (DESIGN §1): prelaunch, save, scrub, hand the blob over, restore; D4 on failure."""
         timeout_s = _timeout(timeout)
+        # Checked before it counts as a servicing: a value of the wrong type failed after `servicing_started`.
+        for name, flag in (("mana_keepalive", mana_keepalive), ("nvme_keepalive", nvme_keepalive)):
+            if not isinstance(flag, bool):
+                raise HostError(f"{name} must be true or false, got {flag!r}")
+        if next_env is not None and not (isinstance(next_env, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in next_env.items())):
+            raise HostError(f"next_env must be an object of strings, {{KEY: VALUE}}, got {next_env!r}")
+        if next_worker_cmd is not None and not isinstance(next_worker_cmd, str):
+            raise HostError(f"next_worker_cmd must be a command line (a string), got {next_worker_cmd!r}")
         if kill_point is not None:
             try:
                 kill_points.check(kill_point)
@@ -758,7 +765,8 @@ class Host:
                 raise HostError(str(e)) from None
         if tamper is not None and tamper not in TAMPER_MODES:
             raise HostError(f"unknown tamper mode {tamper!r}; known: {', '.join(TAMPER_MODES)}")
-        if test_config is not None and test_config.upper() not in SAVE_TEST_CONFIGS:
+        if test_config is not None and (not isinstance(test_config, str) or test_config.upper() not in
+                                        SAVE_TEST_CONFIGS):
             raise HostError(f"unknown test config {test_config!r}; known: {', '.join(SAVE_TEST_CONFIGS)}")
         if nics is not None:
             if not isinstance(nics, list) or not nics:
@@ -795,7 +803,8 @@ class Host:
                     new.end()
                 if self._stopping.is_set():  # (its stop ended it: `_abandon_prelaunch`)
                     raise HostError("servicing abandoned before the save: the host is stopping") from None
-                raise HostError(f"next worker did not start, servicing not attempted: {e}") from None
+                raise HostError(f"servicing failed before the save: the next worker did not start (the current "
+                                f"worker, untouched, runs on): {e}") from None
         if self._stopping.is_set():  # the last point where the old worker is untouched: no save
             if new is not None:
                 new.end()
@@ -1075,6 +1084,23 @@ class Host:
         return ServicingResult(ok, bool(mana), bool(nvme), tuple(out), unclaimed, phases, blackout_ms, frames_lost,
                                self.config.timing.to_dict(), error, servicing_status(not ok, degraded),
                                tuple(nvme_out), io_blackout_ms, io_errors)
+
+    def _record_failed(self, error: str, mana: bool, nvme: bool) -> None:
+        """A servicing that started and failed without a result (its next worker did not start, or the host's stop
+        abandoned it) is the last servicing as any failed one: `status` told of the one before it."""
+        result = ServicingResult(False, bool(mana), bool(nvme), (), (), dict.fromkeys(
+            ("save", "handoff", "replacement", "restore", "total")), timing=self.config.timing.to_dict(), error=error,
+            status=servicing_status(True, []))
+        self.last_servicing = {"result": result.to_json(), "at": time.time(), "window_ns": None,
+                               "prelaunch": self.config.prelaunch, "prelaunch_ms": None,
+                               "worker_generation": self.worker.generation if self.worker is not None else None,
+                               "save_outcomes": None, "worker_save_phases_ms": None, "worker_restore_phases_ms": None,
+                               "worker_nics": None}
+        with open(os.path.join(self.run_dir, "last_servicing.json"), "w") as f:
+            json.dump(self.last_servicing, f, indent=1)
+        self.events.publish("servicing_completed", servicing=self.servicings, status=str(result.status), ok=False,
+                            error=error, phases_ms=result.phases_ms, nics=[], nvme=[], io_blackout_ms=None,
+                            io_errors=None)
 
     def _traffic_window(self, start_ns: int, end_ns: int) -> tuple[float | None, int | None]:
         """Blackout and frames lost in [start_ns, end_ns] (CLOCK_MONOTONIC), from the guest traffic agents
