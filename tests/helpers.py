@@ -7,6 +7,7 @@ import logging
 import os
 import select
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 
@@ -59,6 +60,62 @@ class LineChild:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode()
+
+
+#: `vfkeep ARGS` (argv[3:]) as `python -m vfkeep.cli` runs it, but held once Python finalizes it: when the
+#: finalization clears `__main__` (after it has put back the signals' default actions: their handlers no longer run)
+#: it writes `finalizing` on fd argv[1] and waits until fd argv[2] is closed (a minute at most).
+_HELD_AT_FINALIZATION = r"""
+import os, select, sys
+
+
+class _Held:
+    def __del__(self, said=int(sys.argv[1]), go=int(sys.argv[2]), write=os.write, wait=select.select):
+        write(said, b"finalizing\n")
+        wait([go], [], [], 60)
+
+
+_held = _Held()
+from vfkeep.cli import main
+main(sys.argv[3:], prog_name="vfkeep")
+"""
+
+
+class HeldAtFinalization:
+    """A `vfkeep` command (`argv(...)`, started with `pass_fds`, then `started()`) that stops once Python is
+    finalizing it, after its last line: `reached()` returns then, and a signal the test sends lands exactly there;
+    `release()` (or leaving the block) lets it end."""
+
+    def __init__(self):
+        self._said_r, self._said_w = os.pipe()
+        self._go_r, self._go_w = os.pipe()
+        self.pass_fds = (self._said_w, self._go_r)
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-c", _HELD_AT_FINALIZATION, str(self._said_w), str(self._go_r), *args]
+
+    def started(self) -> None:
+        """The child has its ends of the pipes: ours of them go (its exit is then an end of file here)."""
+        self._close("_said_w", "_go_r")
+
+    def reached(self, child: subprocess.Popen, timeout: float = 60) -> None:
+        assert select.select([self._said_r], [], [], timeout)[0], f"pid {child.pid} not finalizing within {timeout} s"
+        assert os.read(self._said_r, 64) == b"finalizing\n", f"pid {child.pid} ended before its finalization"
+
+    def release(self) -> None:
+        self._close("_go_w")
+
+    def _close(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) is not None:
+                os.close(getattr(self, name))
+                setattr(self, name, None)
+
+    def __enter__(self) -> "HeldAtFinalization":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close("_said_r", "_said_w", "_go_r", "_go_w")
 
 
 def run_json(argv: Sequence[str], pass_fds: Sequence[int], timeout: float) -> dict:

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers import CLEAN_ENV, interrupt, wait_for
+from helpers import CLEAN_ENV, HeldAtFinalization, interrupt, wait_for
 from servicing_helpers import SESSION, HostRun, children_of, live_processes, pid_alive
 from vfkeep import proc, rpc
 
@@ -48,6 +48,54 @@ def test_a_command_started_with_sigint_ignored_is_still_interrupted_by_it(tmp_pa
     assert child.returncode == 130, err
     assert last_line(err).startswith("vfkeep: smoke: interrupted (SIGINT)")
     assert os.listdir(tmp_path) == [] and live_processes(SESSION, child.pid) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_interrupt_once_python_finalizes_a_command_changes_nothing(tmp_path, sig):
+    """Ctrl-C on `vfkeep smoke` (as on any command but the host's children), then `sig` once Python is finalizing
+    it: the finalization had put back the signals' default actions (its handlers no longer run), and that killed it
+    (status -2 or -15) after its line said what it did. Now a signal then is ignored: exit 130 as said."""
+    with HeldAtFinalization() as held:
+        child = subprocess.Popen(held.argv("smoke"), pass_fds=held.pass_fds, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True, stdin=subprocess.DEVNULL,
+                                 env={**CLEAN_ENV, "TMPDIR": str(tmp_path)})
+        held.started()
+        try:
+            wait_for(lambda: len(live_processes(SESSION, child.pid)) >= 2, child=child)  # smoke + its test device
+            child.send_signal(signal.SIGINT)
+            held.reached(child)
+            child.send_signal(sig)
+            held.release()
+            _, err = child.communicate(timeout=60)
+        finally:
+            held.release()
+            if child.poll() is None:
+                proc.end(child)
+    assert child.returncode == 130, err
+    assert last_line(err).startswith("vfkeep: smoke: interrupted (SIGINT); every process ended"), err
+    assert os.listdir(tmp_path) == [] and live_processes(SESSION, child.pid) == []
+
+
+def test_a_signal_once_python_finalizes_a_finished_command_changes_nothing():
+    """`vfkeep layout` done, all its output written: a Ctrl-C while Python finalized it killed it (status -2). Its
+    status is its own."""
+    with HeldAtFinalization() as held:
+        child = subprocess.Popen(held.argv("layout", "--device", "nvme"), pass_fds=held.pass_fds,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                 env=CLEAN_ENV)
+        held.started()
+        try:
+            held.reached(child)
+            child.send_signal(signal.SIGINT)
+            held.release()
+            out, err = child.communicate(timeout=60)
+        finally:
+            held.release()
+            if child.poll() is None:
+                proc.end(child)
+    assert child.returncode == 0 and err == "", err
+    assert out == subprocess.run(proc.vfkeep_argv("layout", "--device", "nvme"), capture_output=True, text=True,
+                                 env=CLEAN_ENV, timeout=60).stdout
 
 
 #: A worker that never answers: the boot waits for it (up to a minute).

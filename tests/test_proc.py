@@ -96,6 +96,29 @@ def test_an_interrupt_while_a_child_starts_ends_the_child(sig, session, monkeypa
     assert e.value.signum == sig and proc.returncode is not None and not pid_alive(proc.pid)
 
 
+def test_only_the_first_interrupt_raises():
+    """SIGINT, SIGTERM or SIGHUP ends the command once: the ones after it are noted, not raised (a second Ctrl-C cut
+    `demo --network`'s cleanup short, its namespaces left while it said they were removed)."""
+    main = threading.main_thread().ident
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signals_interrupt()
+        with pytest.raises(Interrupted) as e:
+            signal.pthread_kill(main, signal.SIGTERM)
+            signal.getsignal(signal.SIGTERM)  # (the handler runs by the time a call returns)
+        raised = []
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            try:
+                signal.pthread_kill(main, sig)
+                signal.getsignal(sig)
+            except Interrupted as later:
+                raised.append(later.signum)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert e.value.signum == signal.SIGTERM and raised == []
+
+
 def test_a_session_child_leads_its_own_session_and_takes_interrupts():
     """`spawn(session=True)` (the `run --detach` host): a session of its own, and the interrupts `spawn` held
     while starting it are not held in it (a host that ignored SIGTERM could not be stopped)."""

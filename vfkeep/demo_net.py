@@ -271,7 +271,7 @@ def network_demo(out: str, json_path: str | None, timing: DeviceTiming, machine:
     console = Console()
     if reason := netns.unavailable_reason(("ip", "ping")):
         raise click.ClickException(reason)
-    proc.signals_interrupt(once=True)  # (SIGTERM and SIGHUP too, and a second one never cuts the cleanup short)
+    proc.signals_interrupt()  # (SIGTERM and SIGHUP too, and a second one never cuts the cleanup short)
     run_dir = tempfile.mkdtemp(prefix="vfkeep-demo-net-")
     vlog.setup("host", run_dir)
     t0 = time.monotonic()

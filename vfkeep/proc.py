@@ -2,6 +2,7 @@
 left of their process group."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -46,28 +47,37 @@ INTERRUPTS = frozenset((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
 
 def _interrupt(signum, frame):
-    raise Interrupted(signum)
-
-
-def _noted(signum, frame):
-    """An interrupt after the first (`signals_interrupt(once=True)`): the command is already ending."""
-
-
-def _interrupt_once(signum, frame):
     for sig in INTERRUPTS:
         signal.signal(sig, _noted)
     raise Interrupted(signum)
 
 
-def signals_interrupt(once: bool = False) -> None:
+def _noted(signum, frame):
+    """An interrupt after the first: the command is already ending, its cleanup runs to its end."""
+
+
+def _ignored_from_exit() -> None:
+    """At the interpreter's exit (atexit), the interrupt signals are ignored until the process is gone: Python's
+    finalization then puts back their default actions (SIG_DFL, in place of the handlers it no longer runs), and one
+    that came after that killed the command once it had said how it ended (status -2 instead of its own)."""
+    for sig in INTERRUPTS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def signals_interrupt() -> None:
     """SIGINT, SIGTERM and SIGHUP interrupt this command as Ctrl-C does: its cleanup runs, then exit 128 + N.
     SIGINT whatever the command inherited: a script's `&` (or nohup) passes it ignored, Python then installs no
     KeyboardInterrupt handler, and Ctrl-C or `kill -INT` would be lost on a long-running command.
-    `once`: only the first one interrupts, and the cleanup it starts runs to its end whatever comes next (a second
-    Ctrl-C cut `demo --network`'s short: its host's network namespaces stayed, and it said they were removed).
-    (A no-op handler, not SIG_IGN, which the children it still starts would inherit.)"""
+    Only the first one interrupts: the cleanup it starts runs to its end whatever comes next, and so does the
+    process's exit (a second Ctrl-C cut `demo --network`'s cleanup short: its host's network namespaces stayed, and
+    it said they were removed; one that came while Python was finalizing killed it, status -2 after its line). (A
+    no-op handler, not SIG_IGN, which the children its cleanup may still start would inherit; SIG_IGN only from the
+    interpreter's exit on: `_ignored_from_exit`, registered again at each call so that it runs before the exit
+    functions registered until then, logging's flush among them.)"""
     for sig in INTERRUPTS:
-        signal.signal(sig, _interrupt_once if once else _interrupt)
+        signal.signal(sig, _interrupt)
+    atexit.unregister(_ignored_from_exit)
+    atexit.register(_ignored_from_exit)
 
 
 def vfkeep_argv(*args: str) -> list[str]:
