@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -38,6 +39,41 @@ def test_names_and_addresses():
     assert netns.peer_address(1) == "198.18.1.1"
     with pytest.raises(ValueError, match="nic 256 out of range"):
         netns.guest_ns(rid, 256)
+
+
+#: `ip -V` (ip(8)'s version: no root needed) COUNT times through `netns.ip`, while a thread signals SIGINT to the
+#: process group, as a terminal's Ctrl-C pressed again and again does (SIGINT's handler: a no-op, as after the first
+#: interrupt); prints how many failed.
+_IP_UNDER_CTRL_C = r"""
+import os, signal, sys, threading
+from vfkeep import netns
+
+signal.signal(signal.SIGINT, lambda *_: None)
+done = threading.Event()
+
+def ctrl_c():
+    while not done.is_set():
+        os.killpg(0, signal.SIGINT)
+
+threading.Thread(target=ctrl_c, daemon=True).start()
+failed = 0
+for _ in range(int(sys.argv[1])):
+    try:
+        netns.ip("-V")
+    except netns.NetnsError:
+        failed += 1
+done.set()
+print(failed)
+"""
+
+
+def test_an_ip_command_is_not_killed_by_a_ctrl_c_at_its_start():
+    """`netns.ip` runs ip(8) in a process group of its own, but from its fork to its `setpgid` it is still in ours:
+    a second Ctrl-C then killed the `ip netns del` of `demo --network`'s cleanup (a namespace left, and said so);
+    under a stream of SIGINTs, 1 `ip` in 2 died of one."""
+    r = subprocess.run([sys.executable, "-c", _IP_UNDER_CTRL_C, "300"], capture_output=True, text=True, timeout=120,
+                       start_new_session=True, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and r.stdout.split() == ["0"], (r.stdout, r.stderr)
 
 
 def test_delete_refuses_a_namespace_vfkeep_does_not_own():

@@ -27,6 +27,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 
+from . import proc
 from .log import kv
 
 log = logging.getLogger("vfkeep.netns")
@@ -127,9 +128,13 @@ def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.C
     """Run `ip [-n NETNS] ARGS`; NetnsError with ip's message on failure when `check`."""
     argv = ["ip", *(("-n", netns) if netns else ()), *args]
     try:
-        # (in a process group of its own: a terminal's Ctrl-C killed the `ip netns del` of a cleanup it started)
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=IP_TIMEOUT_S, stdin=subprocess.DEVNULL,
-                           process_group=0)
+        # In a process group of its own: a terminal's Ctrl-C killed the `ip netns del` of a cleanup it started. And
+        # with the interrupts held (inherited, they stay held in it to its end): from its fork to its setpgid it is
+        # still in ours, and with SIGINT's default action by then (subprocess resets handlers): a second Ctrl-C
+        # killed a cleanup's `ip netns del` there (a namespace left; 1 `ip` in 2 under a stream of SIGINTs).
+        with proc.interrupts_held():
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=IP_TIMEOUT_S, stdin=subprocess.DEVNULL,
+                               process_group=0)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise NetnsError(f"{' '.join(argv)}: {e}") from None
     if check and r.returncode:
