@@ -213,8 +213,9 @@ def _timeout(value: float | None) -> float:
     return NO_TIMEOUT_S if value >= NO_TIMEOUT_HINT_S else float(value)
 
 
-def _ms(a: float, b: float) -> float:
-    return round((b - a) * 1000, 3)
+def _ms(a_ns: int, b_ns: int) -> float:
+    """Milliseconds between two CLOCK_MONOTONIC stamps: a phase's `phase_done` event and `phases_ms` entry alike."""
+    return round((b_ns - a_ns) / 1e6, 3)
 
 
 class Host:
@@ -243,7 +244,7 @@ class Host:
         self.servicings = 0
         #: Boot-time problems the user should know about (e.g. a pool too small for keepalive); in inspect.
         self.warnings: list[str] = []
-        #: The servicing in progress: {"phase", "since"} (phase names as in phases_ms), None when idle.
+        #: The servicing in progress: {"phase", "since_ns"} (phase names as in phases_ms), None when idle.
         self._servicing: dict | None = None
         self._stopping = threading.Event()
         self._idle = threading.Event()  # clear while a servicing runs on the actor
@@ -679,17 +680,18 @@ class Host:
             self.guest_disks.requeue(lost)
 
     # -- servicing -------------------------------------------------------------------------------
-    def _phase(self, name: str, at_ns: int | None = None) -> None:
+    def _phase(self, name: str, at_ns: int | None = None) -> int:
         """The servicing enters phase `name`, now or (`at_ns`, CLOCK_MONOTONIC) when that happened: a phase whose
-        start was on the critical path is entered once the path is done, its line stamped with its start."""
+        start was on the critical path is entered once the path is done, its line stamped with its start. Returns
+        the stamp, the one the result's `phases_ms` is measured from too: the event's `ms` is the same number."""
+        at_ns = time.monotonic_ns() if at_ns is None else at_ns
         s = self._servicing
         if s is None:  # (a servicing driven by hand, as unit tests do)
-            return
-        at_ns = time.monotonic_ns() if at_ns is None else at_ns
-        self.events.publish("phase_done", servicing=s["number"], phase=s["phase"],
-                            ms=round((at_ns / 1e9 - s["since"]) * 1000, 3))
-        s.update(phase=name, since=at_ns / 1e9)
+            return at_ns
+        self.events.publish("phase_done", servicing=s["number"], phase=s["phase"], ms=_ms(s["since_ns"], at_ns))
+        s.update(phase=name, since_ns=at_ns)
         kv_at(log, logging.INFO, at_ns, "servicing phase", phase=name)
+        return at_ns
 
     def _prune_worker_logs(self) -> None:
         """Keep the logs of the last `keep_worker_logs` worker generations (the run dir must not grow forever)."""
@@ -730,7 +732,7 @@ class Host:
                             "again")
         if stopped := self._stopped_children(self._named_devices()):  # (its worker's save or restore would wait out their timeouts on it)
             raise HostError(f"{'; '.join(stopped)}: a servicing needs every device running")
-        self._servicing = {"phase": "prelaunch", "since": time.monotonic(), "started": time.time(), "next": None,
+        self._servicing = {"phase": "prelaunch", "since_ns": time.monotonic_ns(), "started": time.time(), "next": None,
                            "number": self.servicings + 1}
         self._idle.clear()
         try:
@@ -789,7 +791,9 @@ class Host:
             next_env[kill_points.KILL_POINT_ENV] = kill_point
         configured = self.configured if nics is None else sorted(set(nics))
 
-        t_pre = time.perf_counter()
+        t_pre = time.monotonic_ns()
+        if self._servicing is not None:  # the prelaunch phase starts here: its event's ms is `prelaunch_ms`
+            self._servicing["since_ns"] = t_pre
         new = None
         if self.config.prelaunch:
             try:
@@ -809,21 +813,20 @@ class Host:
             if new is not None:
                 new.end()
             raise HostError("servicing abandoned before the save: the host is stopping")
-        prelaunch_ms = _ms(t_pre, time.perf_counter())
         retiring: WorkerProcess | None = None  # the old worker once the next one runs, until `_retire` ends it
-        self._phase("save")
 
         try:
+            # The host's lines are written once the next worker has started (or the servicing ended): each one
+            # formatted and written in the window is CPU taken from the blackout (the save phase's own line too).
+            vlog.hold_lines()
             # Save: the old worker stops its relay and saves (spec §2.2).
-            t0, window_start = time.perf_counter(), time.monotonic_ns()
+            t0 = window_start = self._phase("save")
+            prelaunch_ms = _ms(t_pre, t0)
             correlation_id = str(uuid.uuid4())
             blob, saved = None, None
             request = Save(capability_word(mana_keepalive=bool(mana_keepalive), nvme_keepalive=bool(nvme_keepalive)),
                            timeout_hint(DEFAULT_TIMEOUT_S if timeout is None else timeout), correlation_id, test_config,
                            kill_point if kill_point in kill_points.SAVE_POINTS else None)
-            # The host's lines are written once the next worker has started (or the servicing ended): see
-            # `vlog.hold_lines`; each one formatted and written in the window is CPU taken from the blackout.
-            vlog.hold_lines()
             early: dict = {}
 
             def hand_ahead(state: bytes) -> None:
@@ -833,7 +836,7 @@ class Host:
                 message's report is decoded after those (a malformed one no longer holds the complete state back: see
                 below), then the bookkeeping. No go while the host is stopping, nor to a worker the state could not
                 go ahead to (then as before: after the decode)."""
-                early.update(t=time.perf_counter(), mono=time.monotonic_ns())
+                early.update(mono=time.monotonic_ns())
                 handed = tamper_blob(state, tamper, self.mem.layout) if tamper else state
                 early.update(state=state, handed=handed)
                 offered = new.offer_state(handed)
@@ -844,10 +847,10 @@ class Host:
                     try:
                         # Stamped before it is sent: the woken worker often takes this CPU at once, and a stamp
                         # taken after the send came when the host got it back (up to 6 ms later under load).
-                        go, t_go = time.monotonic_ns(), time.perf_counter()
+                        go = time.monotonic_ns()
                         new.hand_over(handed, timeout_s)  # (only the go)
                         # The restore's time (`timeout`) runs from the go, the wait below included.
-                        early.update(go=go, t_go=t_go, deadline=time.monotonic() + timeout_s)
+                        early.update(go=go, deadline=time.monotonic() + timeout_s)
                     except WorkerFailed:  # gone: not this save's failure; the hand_over below meets it again
                         return
                     # The state is kept now whatever the report holds. With NVMe controllers the old worker's answer
@@ -884,13 +887,13 @@ class Host:
                 else:
                     kv(log, logging.ERROR, "worker failed during save; starting a new worker anyway (D4)",
                        error=str(e))
-            t_saved = early.get("t") or time.perf_counter()
+            t_saved = early.get("mono") or time.monotonic_ns()
 
             if saved is not None and saved.status is TransferStatus.FAILURE:
                 # Spec §2.4: the old worker keeps running (it revived its NICs); no new worker.
                 if new is not None:
                     new.end()
-                self._phase("measure")
+                self._phase("measure", at_ns=t_saved)
                 window = (window_start, time.monotonic_ns())
                 phases = {"save": _ms(t0, t_saved), "handoff": None, "replacement": None, "restore": None,
                           "total": _ms(t0, t_saved)}
@@ -918,7 +921,7 @@ class Host:
                 handed, io_at_handoff = early["handed"], early["io"]
             else:
                 handed = tamper_blob(blob, tamper, self.mem.layout) if blob is not None and tamper else blob
-                self._phase("handoff" if saved is not None else "replacement")  # (as the result's phases_ms)
+                self._phase("handoff" if saved is not None else "replacement", at_ns=t_saved)  # (as phases_ms)
                 if saved is None:
                     old.end()
                     self._lost_requests = self._disk_positions()
@@ -935,7 +938,7 @@ class Host:
                     new = self._start_worker({}, None, configured)
             self.worker, self.configured = new, configured
             started = None
-            t_handoff = early.get("t_go") or time.perf_counter()  # (the handoff ends with the go)
+            t_handoff = early.get("go") or time.monotonic_ns()  # (the handoff ends with the go)
             deadline = early.get("deadline") or time.monotonic() + timeout_s
             try:
                 try:
@@ -946,7 +949,7 @@ class Host:
                         old.answer_kept()
                     if saved is not None and early:
                         self._phase("handoff", at_ns=early["mono"])
-                    self._phase("restore", at_ns=early.get("go"))
+                    self._phase("restore", at_ns=t_handoff)
                 started = new.start(handed, timeout_s, deadline)
             except WorkerFailed as e:
                 # The new worker hung or died before it finished restoring: replace it, with the same blob
@@ -962,13 +965,14 @@ class Host:
                     again = None
                 started = self._replace_worker(again, next_worker_cmd, configured, timeout_s, errors)
             finally:
-                t_done, window = time.perf_counter(), (window_start, time.monotonic_ns())
+                t_done = time.monotonic_ns()
+                window = (window_start, t_done)
                 vlog.write_held_lines()
                 if saved is not None:
                     self._keep_handed_state(blob, handed)
                     retiring = old
             self._requeue_lost()
-            self._phase("measure")
+            self._phase("measure", at_ns=t_done)
             if started.error:
                 errors.append(started.error)
             # No state handed over (the save failed, D4): no handoff phase; ending the failed worker and starting
@@ -1195,7 +1199,7 @@ class Host:
         s = self._servicing
         if s is None:
             return None
-        return {"phase": s["phase"], "phase_s": round(time.monotonic() - s["since"], 3),
+        return {"phase": s["phase"], "phase_s": round((time.monotonic_ns() - s["since_ns"]) / 1e9, 3),
                 "elapsed_s": round(time.time() - s["started"], 3)}
 
     def _inspect_host_side(self) -> dict:
