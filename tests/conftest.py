@@ -1,14 +1,17 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from vfkeep import proc
 from vfkeep.memory import GuestMemory
 from vfkeep.proc import end
 
@@ -35,6 +38,18 @@ def pytest_configure(config):
     os.environ[SUITE_TMP_ENV] = os.environ["TMPDIR"] = suite_tmp
     tempfile.tempdir = None  # recomputed from TMPDIR on next use
     config.add_cleanup(lambda: shutil.rmtree(suite_tmp, ignore_errors=True))
+
+
+@pytest.fixture(autouse=True)
+def _interrupt_handlers_restored():
+    """A command run in-process (click's CliRunner) installs vfkeep's interrupt handlers (`proc.signals_interrupt`)
+    in pytest itself: after one Ctrl-C they ignore the next, and SIGTERM too, for the rest of the session. Each test
+    leaves pytest's handlers as it found them, and the exit hook that ignores interrupts unregistered."""
+    saved = {sig: signal.getsignal(sig) for sig in proc.INTERRUPTS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    atexit.unregister(proc._ignored_from_exit)
 
 
 def pytest_sessionfinish(session, exitstatus):
