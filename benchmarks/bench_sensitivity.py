@@ -56,8 +56,9 @@ twice the largest cache is written. Measured warm, the same 7 MiB stayed in a 32
 less than a servicing can pay. The reconnect is measured after 5 ms idle, as between two workers (the device has
 served the last client's disconnect and waits, the client was blocked), not back to back. The save tail and the
 restore are measured in a process that has run them before: an old worker has rehearsed its save
-(`Worker._warm_save_path`), but a new worker restores once in its life, in a new process, and pays more than this
-(a lower bound). Reported: median / floor
+(`Worker._warm_save_path`) and a prelaunched next worker its restore, on scratch things before its hello
+(`Worker.rehearse_restore`), but that restore then runs after an idle spell, its caches cold, and pays more than
+this (a lower bound). Reported: median / floor
 per path. A floor above its path's median is not a lower bound: the run says so (`floors_above_median`).
 A servicing the guest traffic did not measure is counted per path (`unmeasured`), not a failed run.
 Results: results/sensitivity.json and .png.
@@ -321,7 +322,8 @@ def kept_steps_ms(sock: str, mem: GuestMemory, n: int) -> dict[str, list[float]]
       restored, the validation, the relay started;
     - `relay_start`: the end of `restore_kept`, from the relay's start to it running (every path pays it).
     Each worker generation follows the last, as in servicings; the save path rehearsed as a worker does. Measured
-    in a process that has run them before (a new worker restores once in its life, cold: more than this). A device
+    in a process that has run them before, back to back (a next worker restores once in its life, after its
+    rehearsal on scratch things and an idle spell: more than this). A device
     request (HWC or SMC) inside the steps is an error: their round trips are counted apart."""
     ctl = sock + ".ctl"
     rings = NicChannel.create(mem, CHANNELS, 0)

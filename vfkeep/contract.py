@@ -57,6 +57,9 @@ POOL_OVERRIDE_ENV = "OPENHCL_ENABLE_VTL2_GPA_POOL"
 POOL_CONFIG_ENV = "OPENHCL_IGVM_VTL2_GPA_POOL_CONFIG"
 #: "1": keep the vport data path across MANA keepalive (DESIGN D7, a vfkeep option).
 DATAPATH_KEEPALIVE_ENV = "VFKEEP_DATAPATH_KEEPALIVE"
+#: "1": the worker is prelaunched as a servicing's next one (seconds before the state comes): it may rehearse its
+#: restore before its hello (`Worker.rehearse_restore`); a worker started inside a blackout must not.
+PRELAUNCHED_ENV = "VFKEEP_PRELAUNCHED"
 #: "1": unrestored pool allocations fail the restore, as in OpenHCL (DESIGN D3).
 STRICT_POOL_ENV = "VFKEEP_STRICT_POOL"
 #: Servicing test hooks (spec §2.4), also settable per save request.

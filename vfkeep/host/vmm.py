@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from .. import __version__, kill_points, netns, proc, rpc
 from .. import log as vlog
 from ..contract import (DATAPATH_KEEPALIVE_ENV, MANA_KEEPALIVE_ENV, NO_TIMEOUT_HINT_S, NO_TIMEOUT_S,
-                        NVME_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, SAVE_TEST_CONFIGS, Bye, Inspect,
-                        InspectReply, NicConfig, NicResult, NicRestore, NvmeConfig, NvmeResult, RestorePath, Save,
+                        NVME_KEEPALIVE_ENV, POOL_CONFIG_ENV, POOL_OVERRIDE_ENV, PRELAUNCHED_ENV, SAVE_TEST_CONFIGS, Bye,
+                        Inspect, InspectReply, NicConfig, NicResult, NicRestore, NvmeConfig, NvmeResult, RestorePath, Save,
                         SaveState, ServicingResult, Shutdown, Started, TransferStatus, UnclaimedAllocation,
                         capability_word, timeout_hint)
 from ..device.timing import PRESETS, DeviceTiming
@@ -797,7 +797,8 @@ class Host:
         new = None
         if self.config.prelaunch:
             try:
-                new = self._servicing["next"] = self._start_worker(next_env, next_worker_cmd, configured)
+                new = self._servicing["next"] = self._start_worker({**next_env, PRELAUNCHED_ENV: "1"},
+                                                                   next_worker_cmd, configured)
                 # It asks for the saved state now; the host reads that request now and answers it once it has the
                 # state, so no start/request round trip is left inside the window (spec §2.5 order unchanged).
                 new.begin_servicing()
