@@ -5,7 +5,7 @@ against its own things: a MANA emulator served on a thread of this process over 
 scratch guest memory (its own memfd, pool and guest rings): a fresh init, a data-path keepalive save, the restore of
 that state (attach sent ahead, DMA manager, device, validation), the relay started and the deferred probe; then all
 of it torn down. Nothing the worker owns is touched (the real device, pool and guest memory); logging is off while
-it runs. Measured (README, "Tenth round"): go -> relay running 4.90 -> 4.25 ms pooled over 7 traced pairs.
+it runs. Measured (README, "Eleventh round"): go -> relay running 4.90 -> 4.25 ms pooled over 7 traced pairs.
 """
 from __future__ import annotations
 
