@@ -1,5 +1,6 @@
 """A next worker's rehearsal of the kept-vport restore (`rehearse_kept_restore`, `Worker.rehearse_restore`): it runs
 the real path on scratch things, leaves nothing behind, fires no kill point, and a failing one changes nothing."""
+import gc
 import glob
 import logging
 import os
@@ -31,6 +32,7 @@ def test_a_rehearsal_takes_the_fresh_then_the_keepalive_path_and_leaves_nothing_
         paths.append([vf.restore_path for vf in self.vf_managers])
 
     monkeypatch.setattr(ManaKind, "restore", restore)
+    gc.collect()  # (the rehearsal collects: what earlier tests left for the collector must not count as its own)
     fds, threads = open_fds(), set(threading.enumerate())
     scratch = glob.glob(os.path.join(tempfile.gettempdir(), "vfkeep-rehearsal-*"))
     rehearsal.rehearse_kept_restore()
