@@ -69,7 +69,6 @@ import argparse
 import ctypes
 import glob
 import os
-import select
 import statistics
 import struct
 import subprocess
@@ -78,7 +77,7 @@ import tempfile
 import time
 
 from vfkeep import proc
-from vfkeep.contract import Channel, NicConfig, save_state_messages
+from vfkeep.contract import Channel, save_state_messages
 from vfkeep.device.main import start_device
 from vfkeep.device.timing import MAX_FLR_MS, MAX_HWC_LATENCY_MS, DeviceTiming
 from vfkeep.driver.mana import ManaDevice
@@ -89,6 +88,7 @@ from vfkeep.memory import DmaManager, GuestMemory, MemoryLayout
 from vfkeep.paravisor.device_kind import PreviousState
 from vfkeep.paravisor.mana_kind import ManaKind
 from vfkeep.paravisor.options import KeepAliveConfig
+from vfkeep.paravisor.rehearsal import generation, resume, settle
 from vfkeep.paravisor.servicing import (begin_servicing_state, decode_servicing_state, finish_servicing_state,
                                         reference_time)
 from vfkeep.paravisor.vf_manager import nic_dma_clients
@@ -270,25 +270,6 @@ CHANNELS = ChannelLayout(nics=1, slots=DEFAULT_RING_SLOTS)
 ENABLED = KeepAliveConfig.ENABLED_HOST_AND_PRIVATE_POOL_PRESENT
 
 
-def _generation(sock: str, mem: GuestMemory, rings: NicChannel) -> ManaKind:
-    """A worker generation's networking for one NIC with data-path keepalive, prepared as a prelaunched worker
-    prepares it (guest rings attached, relay thread started); its own doorbell fds (closed with its rings)."""
-    tx, rx = (os.dup(fd) for fd in rings.bell_fds())
-    kind = ManaKind([NicConfig(0, "bench0", sock, tx, rx)], mem, CHANNELS.to_str(), datapath_keepalive=True)
-    kind.prepare()
-    return kind
-
-
-def _resume(kind: ManaKind, path: str):
-    """Start the NIC's relay (as `ManaKind.start`) and wait until it has resumed; the NIC's VF manager, checked to
-    have come up on `path`."""
-    (vf,) = kind.vf_managers
-    vf.start_traffic(CHANNELS.to_str())
-    if vf.restore_path != path or not vf.wait_resumed(time.monotonic() + 1.0):
-        raise RuntimeError(f"the NIC did not come up on the {path} path and resume: {vf.restore_report()}")
-    return vf
-
-
 def _started(kind: ManaKind, dma: DmaManager) -> None:
     """The rest of a worker's start once its relays run: the deferred probe and the monitor (`VfManager.run`), then
     its rehearsal of the save (`Worker._warm_save_path`), all outside the measured steps."""
@@ -296,19 +277,6 @@ def _started(kind: ManaKind, dma: DmaManager) -> None:
         vf.run()
     dma.save()
     kind.rehearse_save(underhill_pb2.ServicingState())
-
-
-def _settle(kind: ManaKind, timeout_s: float = 5.0) -> None:
-    """Wait until the device has answered every attach sent ahead (`ManaKind.settle_ahead`), as a next worker does
-    while the host scrubs."""
-    deadline = time.monotonic() + timeout_s
-    while waiting := kind.settle_ahead():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the device did not answer the attach sent ahead in {timeout_s} s")
-        poller = select.poll()
-        for fd in waiting:
-            poller.register(fd, select.POLLIN)
-        poller.poll(100)
 
 
 def kept_steps_ms(sock: str, mem: GuestMemory, n: int) -> dict[str, list[float]]:
@@ -328,12 +296,12 @@ def kept_steps_ms(sock: str, mem: GuestMemory, n: int) -> dict[str, list[float]]
     ctl = sock + ".ctl"
     rings = NicChannel.create(mem, CHANNELS, 0)
     samples: dict[str, list[float]] = {"save_kept": [], "restore_kept": [], "relay_start": []}
-    kind, dma = _generation(sock, mem, rings), DmaManager(mem)
+    kind, dma = generation(sock, mem, rings, CHANNELS), DmaManager(mem)
     try:
         kind.configure(dma)
         kind.restore(PreviousState(), ENABLED)
         dma.validate_restore()
-        _resume(kind, "fresh")
+        resume(kind, "fresh", CHANNELS)
         _started(kind, dma)
         for i in range(n + 1):  # the first servicing warms up and is not counted
             state = underhill_pb2.ServicingState()
@@ -353,17 +321,17 @@ def kept_steps_ms(sock: str, mem: GuestMemory, n: int) -> dict[str, list[float]]
                 vf.channel.close()
             decoded = decode_servicing_state(blob, downlevel=False)
             mem.scrub_worker_ram()
-            kind, dma = _generation(sock, mem, rings), DmaManager(mem)
+            kind, dma = generation(sock, mem, rings, CHANNELS), DmaManager(mem)
             kind.attach_ahead(decoded, ENABLED)
             dma.prepare_restore(decoded.init_state.dma_manager_state)
-            _settle(kind)
+            settle(kind)
             go = time.monotonic_ns()
             dma.restore(decoded.init_state.dma_manager_state)
             kind.configure(dma)
             kind.restore(PreviousState(decoded), ENABLED)
             dma.validate_restore()
             start = time.monotonic_ns()
-            vf = _resume(kind, "keepalive")
+            vf = resume(kind, "keepalive", CHANNELS)
             requests = [e["name"] for e in control_call(ctl, "command_log", since=seq)["entries"]
                         if e["kind"] in ("hwc", "smc")]
             if requests:

@@ -70,29 +70,45 @@ def rehearse_kept_restore() -> None:
         logging.disable(logging.NOTSET)
 
 
-def _generation(sock: str, mem: GuestMemory, rings: NicChannel) -> ManaKind:
+def generation(sock: str, mem: GuestMemory, rings: NicChannel, channels: ChannelLayout = CHANNELS) -> ManaKind:
+    """A worker generation's networking for one NIC with data-path keepalive, prepared as a prelaunched worker
+    prepares it (guest rings attached, relay thread started); its own doorbell fds (closed with its rings). Also
+    `benchmarks.bench_sensitivity`'s, which times these steps against a device process."""
     tx, rx = (os.dup(fd) for fd in rings.bell_fds())
-    kind = ManaKind([NicConfig(0, "rehearsal", sock, tx, rx)], mem, CHANNELS.to_str(), datapath_keepalive=True)
+    kind = ManaKind([NicConfig(0, "rehearsal", sock, tx, rx)], mem, channels.to_str(), datapath_keepalive=True)
     kind.prepare()
     return kind
 
 
-def _resume(kind: ManaKind, path: str) -> None:
+def resume(kind: ManaKind, path: str, channels: ChannelLayout = CHANNELS):
+    """Start the NIC's relay (as `ManaKind.start`) and wait until it has resumed; the NIC's VF manager, checked to
+    have come up on `path`."""
     (vf,) = kind.vf_managers
-    vf.start_traffic(CHANNELS.to_str())
+    vf.start_traffic(channels.to_str())
     if vf.restore_path != path or not vf.wait_resumed(time.monotonic() + WAIT_S):
         raise RehearsalFailed(f"the scratch NIC did not come up on the {path} path: {vf.restore_report()}")
+    return vf
+
+
+def settle(kind: ManaKind) -> None:
+    """Wait until the device has answered every attach sent ahead (`ManaKind.settle_ahead`), as a next worker does
+    while the host scrubs."""
+    deadline = time.monotonic() + WAIT_S
+    while waiting := kind.settle_ahead():
+        if time.monotonic() > deadline:
+            raise RehearsalFailed("the device did not answer the attach sent ahead")
+        select.select(waiting, [], [], 0.1)
 
 
 def _servicing(sock: str, mem: GuestMemory, rings: NicChannel) -> None:
     enabled = KeepAliveConfig.ENABLED_HOST_AND_PRIVATE_POOL_PRESENT
-    kind = _generation(sock, mem, rings)
+    kind = generation(sock, mem, rings)
     try:
         dma = DmaManager(mem)
         kind.configure(dma)
         kind.restore(PreviousState(), enabled)
         dma.validate_restore()
-        _resume(kind, "fresh")
+        resume(kind, "fresh")
         state = underhill_pb2.ServicingState()
         begin_servicing_state(state, nics=kind.emuplat(), correlation_id=None, vm_stop_reference_time=reference_time())
         kind.stop()
@@ -102,21 +118,17 @@ def _servicing(sock: str, mem: GuestMemory, rings: NicChannel) -> None:
         decoded = decode_servicing_state(state.SerializeToString(), downlevel=False)
     finally:
         _close(kind)
-    kind = _generation(sock, mem, rings)
+    kind = generation(sock, mem, rings)
     try:
         dma = DmaManager(mem)
         kind.attach_ahead(decoded, enabled)
         dma.prepare_restore(decoded.init_state.dma_manager_state)
-        deadline = time.monotonic() + WAIT_S
-        while waiting := kind.settle_ahead():
-            if time.monotonic() > deadline:
-                raise RehearsalFailed("the scratch device did not answer the attach sent ahead")
-            select.select(waiting, [], [], 0.1)
+        settle(kind)
         dma.restore(decoded.init_state.dma_manager_state)
         kind.configure(dma)
         kind.restore(PreviousState(decoded), enabled)
         dma.validate_restore()
-        _resume(kind, "keepalive")
+        resume(kind, "keepalive")
         for vf in kind.vf_managers:  # (as `ManaKind.start`: the deferred probe, which the shutdown needs)
             vf.run()
     finally:
