@@ -84,7 +84,7 @@ def test_a_failing_rehearsal_is_one_warning_and_the_worker_goes_on(monkeypatch, 
     def fail():
         raise RuntimeError("scratch device gone")
 
-    monkeypatch.setattr(worker_module, "rehearse_kept_restore", fail)
+    monkeypatch.setattr(rehearsal, "rehearse_kept_restore", fail)
     with GuestMemory.create(LAYOUT) as mem:
         w, chans = _worker(monkeypatch, mem, prelaunched=True)
         try:
@@ -102,7 +102,7 @@ def test_a_failing_rehearsal_is_one_warning_and_the_worker_goes_on(monkeypatch, 
 def test_only_a_prelaunched_worker_with_data_path_keepalive_rehearses(monkeypatch):
     """Not a worker started inside a blackout (no prelaunch, a D4 replacement), which would pay for it there."""
     calls = []
-    monkeypatch.setattr(worker_module, "rehearse_kept_restore", lambda: calls.append(1))
+    monkeypatch.setattr(rehearsal, "rehearse_kept_restore", lambda: calls.append(1))
     with GuestMemory.create(LAYOUT) as mem:
         for prelaunched, datapath_keepalive, expected in ((True, True, 1), (True, False, 0), (False, True, 0)):
             calls.clear()

@@ -34,7 +34,6 @@ from .mana_kind import ManaKind
 from .nvme_kind import NvmeKind
 from .nvme_manager import always_flr_from_env
 from .options import KeepAliveConfig, WorkerOptions, effective_keepalive
-from .rehearsal import rehearse_kept_restore
 from .servicing import (ServicingStateError, TestConfig, begin_servicing_state, decode_servicing_state,
                         finish_servicing_state, parse_test_config, reference_time, test_config_from_env)
 
@@ -473,10 +472,12 @@ class Worker:
         if not (self.prelaunched and self.mana.datapath_keepalive and self.options.mana_keepalive.is_enabled
                 and self.mana.nic_configs):
             return
+        from . import rehearsal  # (here: its MANA emulator is 0.1 s of imports a worker that does not rehearse,
+        #                           a replacement started inside the blackout among them, must not pay)
         t = time.perf_counter()
         try:
             with kill_points.disarmed():
-                rehearse_kept_restore()
+                rehearsal.rehearse_kept_restore()
         except Exception as e:  # noqa: BLE001 - a rehearsal: the restore itself reports what fails there
             kv(log, logging.WARNING, "rehearsing the kept-vport restore failed", error=f"{type(e).__name__}: {e}")
             return
